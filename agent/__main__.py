@@ -1,0 +1,75 @@
+"""Agent entry point: ``python3 -m agent`` as PID 1 in the guest (or, for tests, on a host).
+
+As PID 1 it mounts what the guest needs, reaps orphans, serves gRPC on a guest-local unix
+socket and exposes it to the host over the virtio-serial port ``agent.0`` when present,
+otherwise over vsock. ``--listen unix:PATH`` serves only that address (tests on the host).
+If anything fatal happens as PID 1 the VM is powered off so the host sees QEMU exit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import threading
+import traceback
+
+LOCAL_SOCKET = "/run/pysandbox-agent.sock"
+
+
+def _serve_in_guest() -> None:
+    from agent import pid1
+    from agent.channel import VSOCK_PORT
+    from agent.serial_relay import SerialRelay, find_serial_port
+    from agent.server import AgentService, make_server
+
+    pid1.early_mounts()
+    reaper = pid1.Reaper()
+    reaper.install()
+    port = find_serial_port()
+    transport = "serial" if port is not None else "vsock"
+    server = make_server(AgentService(transport=transport))
+    if port is not None:
+        server.add_insecure_port(f"unix:{LOCAL_SOCKET}")
+        server.start()
+        print(f"pysandbox-agent: ready on {port}", flush=True)
+        SerialRelay(port, LOCAL_SOCKET).serve_forever()
+    else:
+        server.add_insecure_port(f"vsock:4294967295:{VSOCK_PORT}")  # VMADDR_CID_ANY
+        server.start()
+        print(f"pysandbox-agent: ready on vsock port {VSOCK_PORT}", flush=True)
+        server.wait_for_termination()
+
+
+def _serve_on(address: str) -> None:
+    from agent.server import AgentService, make_server
+
+    server = make_server(AgentService(transport="unix", power_off=lambda: os._exit(0)))
+    server.add_insecure_port(address)
+    server.start()
+    print(f"pysandbox-agent: ready on {address}", flush=True)
+    server.wait_for_termination()
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Run the agent; see the module docstring."""
+    parser = argparse.ArgumentParser(prog="pysandbox-agent")
+    parser.add_argument("--listen", help="serve only this gRPC address (host-side testing)")
+    args = parser.parse_args(argv)
+    if args.listen:
+        _serve_on(args.listen)
+        return
+    try:
+        _serve_in_guest()
+    except BaseException:
+        traceback.print_exc()
+        print("pysandbox-agent: fatal error, powering off", file=sys.stderr, flush=True)
+        if os.getpid() == 1:
+            from agent import pid1
+
+            threading.Timer(0.0, pid1.power_off).run()
+        raise
+
+
+if __name__ == "__main__":
+    main()

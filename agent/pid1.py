@@ -1,0 +1,99 @@
+"""Duties of the agent as the guest's PID 1: early mounts, reaping orphans, power-off.
+
+The initramfs has already mounted /dev, /proc and /sys and switched to the read-only root.
+Everything writable the agent needs lives on tmpfs mounted here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import threading
+from collections.abc import Callable
+
+from agent import syscalls
+
+#: Guest directory under which host shares are mounted.
+SHARE_ROOT = "/run/pysandbox"
+
+
+def _is_mountpoint(path: str) -> bool:
+    with open("/proc/self/mountinfo", encoding="utf-8") as mountinfo:
+        return any(line.split()[4] == path for line in mountinfo)
+
+
+def early_mounts() -> None:
+    """Mount the writable and pseudo filesystems the agent and containers rely on.
+
+    Idempotent: a filesystem already mounted at its target is left alone.
+    """
+    nosuid_nodev = syscalls.MS_NOSUID | syscalls.MS_NODEV
+    table: list[tuple[str, str, str, int, str]] = [
+        ("tmpfs", "/run", "tmpfs", nosuid_nodev, "mode=0755"),
+        ("tmpfs", "/tmp", "tmpfs", nosuid_nodev, "mode=1777"),
+        (
+            "devpts",
+            "/dev/pts",
+            "devpts",
+            syscalls.MS_NOSUID | syscalls.MS_NOEXEC,
+            "newinstance,ptmxmode=0666,mode=0620",
+        ),
+        ("tmpfs", "/dev/shm", "tmpfs", nosuid_nodev, "mode=1777"),
+        ("cgroup2", "/sys/fs/cgroup", "cgroup2", nosuid_nodev | syscalls.MS_NOEXEC, ""),
+    ]
+    for source, target, fstype, flags, data in table:
+        os.makedirs(target, exist_ok=True)
+        if not _is_mountpoint(target):
+            syscalls.mount(source, target, fstype, flags, data)
+    os.makedirs(SHARE_ROOT, mode=0o700, exist_ok=True)
+
+
+class Reaper:
+    """Reaps every child of PID 1 and dispatches exit statuses to registered waiters.
+
+    The agent inherits orphans from every container, so it must wait for *any* child.
+    Callers that spawn a process register a callback for its pid *before* it can exit
+    (hold :attr:`lock` across spawn and :meth:`watch`); statuses of unwatched pids are dropped.
+    """
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self._waiters: dict[int, Callable[[int], None]] = {}
+        self._wakeup = threading.Event()
+
+    def watch(self, pid: int, callback: Callable[[int], None]) -> None:
+        """Call ``callback(raw_wait_status)`` once ``pid`` exits. Hold :attr:`lock` around it."""
+        self._waiters[pid] = callback
+
+    def install(self) -> None:
+        """Start reaping on SIGCHLD (must be called from the main thread)."""
+        signal.signal(signal.SIGCHLD, lambda _sig, _frame: self._wakeup.set())
+        threading.Thread(target=self._loop, name="reaper", daemon=True).start()
+
+    def _loop(self) -> None:
+        while True:
+            self._wakeup.wait(1.0)
+            self._wakeup.clear()
+            self.reap_once()
+
+    def reap_once(self) -> None:
+        """Collect every exited child now, without blocking."""
+        while True:
+            with self.lock:
+                try:
+                    pid, status = os.waitpid(-1, os.WNOHANG)
+                except ChildProcessError:
+                    return
+                if pid == 0:
+                    return
+                callback = self._waiters.pop(pid, None)
+            if callback is not None:
+                with contextlib.suppress(Exception):
+                    callback(status)
+
+
+def power_off() -> None:
+    """Sync and power the VM off. Never returns."""
+    os.sync()
+    syscalls.power_off()

@@ -1,0 +1,160 @@
+"""The agent's gRPC façade: validates each request, does the work, shapes the reply.
+
+Handlers never let an exception escape as a crash: bad input becomes INVALID_ARGUMENT,
+a precondition failure FAILED_PRECONDITION, anything else INTERNAL with a one-line message.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import re
+import threading
+from collections.abc import Callable
+from concurrent import futures
+from typing import NoReturn
+
+import grpc
+
+from agent import pid1, syscalls
+from agent.limits import GRPC_OPTIONS, MAX_MESSAGE_BYTES, MAX_READ_BYTES
+from agent.proto import agent_pb2 as pb
+from agent.proto import agent_pb2_grpc as pb_grpc
+from agent.version import AGENT_VERSION, PROTOCOL_VERSION
+
+_TAG_RE = re.compile(r"^[A-Za-z0-9_.-]{1,36}$")
+
+
+def _abort(context: grpc.ServicerContext, code: grpc.StatusCode, message: str) -> NoReturn:
+    context.abort(code, message)
+    raise AssertionError("unreachable")  # context.abort always raises
+
+
+class AgentService(pb_grpc.AgentServicer):
+    """Implements the Agent service of agent.proto.
+
+    ``transport`` is reported in GuestDetails; ``power_off`` is called (from a helper thread,
+    after the Shutdown reply has been sent) to stop the VM; ``share_root`` is the only guest
+    directory under which MountShare may mount.
+    """
+
+    def __init__(
+        self,
+        transport: str,
+        power_off: Callable[[], None] = pid1.power_off,
+        share_root: str = pid1.SHARE_ROOT,
+    ) -> None:
+        self._transport = transport
+        self._power_off = power_off
+        self._share_root = share_root.rstrip("/")
+        self._shares: dict[str, str] = {}  # path -> tag
+        self._lock = threading.Lock()
+
+    def Health(self, request: pb.HealthRequest, context: grpc.ServicerContext) -> pb.HealthResponse:
+        with open("/proc/uptime", encoding="ascii") as uptime:
+            seconds = float(uptime.read().split()[0])
+        return pb.HealthResponse(status=pb.HealthResponse.SERVING, uptime_seconds=seconds)
+
+    def Version(
+        self, request: pb.VersionRequest, context: grpc.ServicerContext
+    ) -> pb.VersionResponse:
+        return pb.VersionResponse(agent_version=AGENT_VERSION, protocol_version=PROTOCOL_VERSION)
+
+    def GuestDetails(
+        self, request: pb.GuestDetailsRequest, context: grpc.ServicerContext
+    ) -> pb.GuestDetailsResponse:
+        mem_total = 0
+        with open("/proc/meminfo", encoding="ascii") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemTotal:"):
+                    mem_total = int(line.split()[1]) * 1024
+                    break
+        with self._lock:
+            shares = [pb.MountedShare(tag=tag, path=path) for path, tag in self._shares.items()]
+        return pb.GuestDetailsResponse(
+            kernel_release=platform.release(),
+            mem_total_bytes=mem_total,
+            cpus=os.cpu_count() or 1,
+            transport=self._transport,
+            shares=shares,
+            python_version=platform.python_version(),
+        )
+
+    def MountShare(
+        self, request: pb.MountShareRequest, context: grpc.ServicerContext
+    ) -> pb.MountShareResponse:
+        if not _TAG_RE.match(request.tag):
+            _abort(context, grpc.StatusCode.INVALID_ARGUMENT, f"invalid share tag {request.tag!r}")
+        path = os.path.normpath(request.path)
+        if not path.startswith(self._share_root + "/") or path != request.path.rstrip("/"):
+            _abort(
+                context,
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"share path {request.path!r} must be a normalised path under {self._share_root}",
+            )
+        with self._lock:
+            mounted = self._shares.get(path)
+            if mounted == request.tag:
+                return pb.MountShareResponse()
+            if mounted is not None:
+                _abort(
+                    context,
+                    grpc.StatusCode.FAILED_PRECONDITION,
+                    f"{path} already holds share {mounted!r}",
+                )
+            flags = syscalls.MS_RDONLY if request.readonly else 0
+            try:
+                os.makedirs(path, mode=0o755, exist_ok=True)
+                syscalls.mount(request.tag, path, "virtiofs", flags)
+            except OSError as exc:
+                _abort(context, grpc.StatusCode.INTERNAL, f"mounting share: {exc}")
+            self._shares[path] = request.tag
+        return pb.MountShareResponse()
+
+    def ReadFile(
+        self, request: pb.ReadFileRequest, context: grpc.ServicerContext
+    ) -> pb.ReadFileResponse:
+        if not os.path.isabs(request.path):
+            _abort(context, grpc.StatusCode.INVALID_ARGUMENT, "path must be absolute")
+        limit = min(request.max_bytes or MAX_READ_BYTES, MAX_READ_BYTES)
+        try:
+            with open(request.path, "rb") as handle:
+                data = handle.read(limit + 1)
+        except FileNotFoundError:
+            _abort(context, grpc.StatusCode.NOT_FOUND, f"{request.path}: no such file")
+        except OSError as exc:
+            _abort(context, grpc.StatusCode.FAILED_PRECONDITION, f"reading {request.path}: {exc}")
+        return pb.ReadFileResponse(data=data[:limit], truncated=len(data) > limit)
+
+    def WriteFile(
+        self, request: pb.WriteFileRequest, context: grpc.ServicerContext
+    ) -> pb.WriteFileResponse:
+        if not os.path.isabs(request.path):
+            _abort(context, grpc.StatusCode.INVALID_ARGUMENT, "path must be absolute")
+        try:
+            fd = os.open(request.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(request.data)
+        except OSError as exc:
+            _abort(context, grpc.StatusCode.FAILED_PRECONDITION, f"writing {request.path}: {exc}")
+        return pb.WriteFileResponse()
+
+    def Shutdown(
+        self, request: pb.ShutdownRequest, context: grpc.ServicerContext
+    ) -> pb.ShutdownResponse:
+        timer = threading.Timer(0.2, self._power_off)
+        timer.daemon = True
+        timer.start()
+        return pb.ShutdownResponse()
+
+
+def make_server(service: AgentService, max_workers: int = 16) -> grpc.Server:
+    """A gRPC server carrying ``service``, with the shared size limits; ports not yet bound."""
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="rpc"),
+        options=GRPC_OPTIONS,
+        maximum_concurrent_rpcs=256,
+    )
+    pb_grpc.add_AgentServicer_to_server(service, server)  # type: ignore[no-untyped-call]
+    assert MAX_MESSAGE_BYTES > MAX_READ_BYTES
+    return server

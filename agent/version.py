@@ -1,0 +1,15 @@
+"""Agent and protocol versions, part of the agent's published surface.
+
+The host refuses an agent whose protocol MAJOR differs from :data:`PROTOCOL_VERSION`'s.
+"""
+
+AGENT_VERSION = "0.1.0"
+PROTOCOL_VERSION = "1.0"
+
+
+def protocol_major(version: str) -> int:
+    """Return the MAJOR of a "MAJOR.MINOR" protocol string; ValueError when malformed."""
+    major, _, minor = version.partition(".")
+    if not major.isdigit() or not minor.isdigit() or len(version) > 16:
+        raise ValueError(f"malformed protocol version {version[:32]!r}")
+    return int(major)

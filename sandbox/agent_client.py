@@ -1,0 +1,144 @@
+"""Host-side client of the guest agent: deadlines on every call, replies treated as untrusted.
+
+Connects to a pod's agent proxy socket (``unix:<pod>/agent.sock``). Every method applies a
+deadline, converts gRPC failures into :class:`~sandbox.errors.AgentError` carrying the RPC name,
+and checks the shape of what came back before handing it on.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import grpc
+
+from agent.limits import DEFAULT_RPC_TIMEOUT, GRPC_OPTIONS, MAX_READ_BYTES
+from agent.proto import agent_pb2 as pb
+from agent.proto import agent_pb2_grpc as pb_grpc
+from agent.version import PROTOCOL_VERSION, protocol_major
+from sandbox.errors import AgentError, AgentTimeout
+
+_T = TypeVar("_T")
+
+
+@dataclass(frozen=True)
+class GuestInfo:
+    """What GuestDetails and Version told us, validated."""
+
+    agent_version: str
+    protocol_version: str
+    kernel_release: str
+    mem_total_bytes: int
+    cpus: int
+    transport: str
+    shares: tuple[tuple[str, str], ...]
+    python_version: str
+
+
+def _bounded(text: str, name: str, limit: int = 256) -> str:
+    if len(text) > limit or not text.isprintable():
+        raise AgentError(f"agent sent an invalid {name} ({len(text)} chars)")
+    return text
+
+
+class AgentClient:
+    """A connection to one agent. Cheap to create; close() when done (or use ``with``)."""
+
+    def __init__(self, address: str, timeout: float = DEFAULT_RPC_TIMEOUT) -> None:
+        self.address = address
+        self.timeout = timeout
+        self._channel = grpc.insecure_channel(address, options=GRPC_OPTIONS)
+        self._stub: Any = pb_grpc.AgentStub(self._channel)  # type: ignore[no-untyped-call]
+
+    def __enter__(self) -> AgentClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def _call(self, name: str, request: Any, timeout: float | None = None) -> Any:
+        method: Callable[..., Any] = getattr(self._stub, name)
+        try:
+            return method(request, timeout=timeout or self.timeout, wait_for_ready=True)
+        except grpc.RpcError as exc:
+            code = exc.code() if isinstance(exc, grpc.Call) else None
+            details = exc.details() if isinstance(exc, grpc.Call) else str(exc)
+            if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+                waited = timeout or self.timeout
+                raise AgentTimeout(f"agent did not answer {name} within {waited:g}s") from exc
+            raise AgentError(f"agent {name} failed: {details or code}") from exc
+
+    def health(self, timeout: float | None = None) -> float:
+        """Return the guest's uptime in seconds once the agent is serving."""
+        reply = self._call("Health", pb.HealthRequest(), timeout)
+        if reply.status != pb.HealthResponse.SERVING:
+            raise AgentError(f"agent reports status {reply.status}, not SERVING")
+        return float(reply.uptime_seconds)
+
+    def wait_healthy(self, timeout: float, alive: Callable[[], bool] = lambda: True) -> float:
+        """Poll Health until it answers, ``timeout`` runs out, or ``alive()`` turns false."""
+        deadline = time.monotonic() + timeout
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise AgentTimeout(f"agent not healthy within {timeout:g}s")
+            if not alive():
+                raise AgentError("the VM exited before its agent became healthy")
+            try:
+                return self.health(timeout=min(remaining, 1.0))
+            except AgentTimeout:
+                continue
+
+    def info(self) -> GuestInfo:
+        """Version and guest details, checked for protocol compatibility and sanity."""
+        version = self._call("Version", pb.VersionRequest())
+        try:
+            major = protocol_major(version.protocol_version)
+        except ValueError as exc:
+            raise AgentError(f"agent sent a malformed protocol version: {exc}") from exc
+        if major != protocol_major(PROTOCOL_VERSION):
+            raise AgentError(
+                f"agent speaks protocol {version.protocol_version}, host needs "
+                f"{PROTOCOL_VERSION}: rebuild the guest image with 'make guest-image'"
+            )
+        details = self._call("GuestDetails", pb.GuestDetailsRequest())
+        if len(details.shares) > 1024:
+            raise AgentError("agent reported an implausible number of shares")
+        return GuestInfo(
+            agent_version=_bounded(version.agent_version, "agent version"),
+            protocol_version=version.protocol_version,
+            kernel_release=_bounded(details.kernel_release, "kernel release"),
+            mem_total_bytes=int(details.mem_total_bytes),
+            cpus=int(details.cpus),
+            transport=_bounded(details.transport, "transport"),
+            shares=tuple(
+                (_bounded(s.tag, "share tag"), _bounded(s.path, "share path", 4096))
+                for s in details.shares
+            ),
+            python_version=_bounded(details.python_version, "python version"),
+        )
+
+    def mount_share(self, tag: str, path: str, readonly: bool = False) -> None:
+        """Mount virtio-fs ``tag`` at guest ``path`` (under /run/pysandbox)."""
+        self._call("MountShare", pb.MountShareRequest(tag=tag, path=path, readonly=readonly))
+
+    def read_file(self, path: str, max_bytes: int = MAX_READ_BYTES) -> bytes:
+        """Read a guest file (at most ``max_bytes``)."""
+        reply = self._call("ReadFile", pb.ReadFileRequest(path=path, max_bytes=max_bytes))
+        data = bytes(reply.data)
+        if len(data) > max_bytes:
+            raise AgentError(f"agent returned {len(data)} bytes for a {max_bytes}-byte read")
+        return data
+
+    def write_file(self, path: str, data: bytes) -> None:
+        """Write a guest file."""
+        self._call("WriteFile", pb.WriteFileRequest(path=path, data=data))
+
+    def shutdown(self) -> None:
+        """Ask the agent to power the VM off."""
+        self._call("Shutdown", pb.ShutdownRequest(), timeout=5.0)

@@ -1,0 +1,161 @@
+"""Per-pod agent proxy: many host clients, one agent channel.
+
+A virtio-serial port carries exactly one byte stream, yet several host processes talk to a
+pod's agent at once (CLI verbs, each container's shim). This small daemon owns the single
+channel to the guest and serves the agent's gRPC API on ``<pod>/agent.sock``, forwarding every
+call, unary or streaming, as opaque bytes (a generic gRPC proxy: it needs no knowledge of the
+messages, so it never lags the proto).
+
+Upstream it relays a private unix socket to QEMU's chardev socket, running the channel
+handshake (:mod:`agent.channel`) on every new connection. The daemon exits when the VM's QEMU
+process (``--vm-pid``) is gone, so it never outlives its pod.
+
+Run as ``python -m sandbox.agent_proxy --serial S --listen L --vm-pid P [--vsock CID]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import signal
+import socket
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from concurrent import futures
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from agent.channel import VSOCK_PORT, HandshakeError, host_handshake
+from agent.limits import GRPC_OPTIONS
+
+SERVICE_PREFIX = "/pysandbox.agent.v1.Agent/"
+_HANDSHAKE_TIMEOUT = 10.0
+_CHUNK = 65536
+
+
+class _Forwarder(grpc.GenericRpcHandler):  # type: ignore[type-arg]
+    """Forwards every Agent method to ``channel`` as a raw-bytes stream-stream call."""
+
+    def __init__(self, channel: grpc.Channel) -> None:
+        self._channel = channel
+
+    def service(
+        self, handler_call_details: grpc.HandlerCallDetails
+    ) -> "grpc.RpcMethodHandler[bytes, bytes] | None":
+        method: str = handler_call_details.method
+        if not method.startswith(SERVICE_PREFIX):
+            return None
+        multicallable = self._channel.stream_stream(method, None, None)
+
+        def forward(requests: Iterator[bytes], context: grpc.ServicerContext) -> Iterator[bytes]:
+            call: Any = multicallable(
+                requests, timeout=context.time_remaining(), wait_for_ready=True
+            )
+            context.add_callback(call.cancel)
+            try:
+                yield from call
+            except grpc.RpcError as exc:
+                if exc.code() != grpc.StatusCode.CANCELLED or context.is_active():
+                    context.abort(exc.code(), exc.details() or "agent call failed")
+
+        return grpc.stream_stream_rpc_method_handler(forward)
+
+
+def _pump(source: socket.socket, sink: socket.socket) -> None:
+    try:
+        while data := source.recv(_CHUNK):
+            sink.sendall(data)
+    except OSError:
+        pass
+    finally:
+        for sock in (source, sink):
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+
+
+class SerialRelay:
+    """Relays connections on ``listen_path`` to the QEMU chardev socket, one at a time."""
+
+    def __init__(self, listen_path: Path, serial_path: Path) -> None:
+        self._serial_path = serial_path
+        self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        with contextlib.suppress(FileNotFoundError):
+            listen_path.unlink()
+        self._listener.bind(str(listen_path))
+        os.chmod(listen_path, 0o600)
+        self._listener.listen(4)
+
+    def serve_forever(self) -> None:
+        while True:
+            client, _ = self._listener.accept()
+            try:
+                upstream = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                upstream.settimeout(_HANDSHAKE_TIMEOUT)
+                upstream.connect(str(self._serial_path))
+                leftover = host_handshake(upstream, _HANDSHAKE_TIMEOUT)
+                if leftover:
+                    client.sendall(leftover)
+            except (OSError, HandshakeError) as exc:
+                print(f"agent-proxy: channel handshake failed: {exc}", file=sys.stderr, flush=True)
+                client.close()
+                time.sleep(0.2)
+                continue
+            back = threading.Thread(target=_pump, args=(upstream, client), daemon=True)
+            back.start()
+            _pump(client, upstream)
+            back.join()
+            client.close()
+            upstream.close()
+
+
+def _watch_vm(pid: int) -> None:
+    """Exit the process once ``pid`` is gone."""
+    while True:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            os._exit(0)
+        except PermissionError:
+            pass
+        time.sleep(0.5)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Run the proxy daemon; see the module docstring."""
+    parser = argparse.ArgumentParser(prog="pysandbox-agent-proxy")
+    parser.add_argument("--listen", type=Path, required=True)
+    parser.add_argument("--serial", type=Path, help="QEMU chardev socket of the agent port")
+    parser.add_argument("--vsock-cid", type=int, help="guest CID when the agent is on vsock")
+    parser.add_argument("--vm-pid", type=int, required=True)
+    args = parser.parse_args(argv)
+    signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
+    threading.Thread(target=_watch_vm, args=(args.vm_pid,), daemon=True).start()
+    if args.vsock_cid is not None:
+        upstream = f"vsock:{args.vsock_cid}:{VSOCK_PORT}"
+    else:
+        relay_path = args.listen.with_name("agent-relay.sock")
+        relay = SerialRelay(relay_path, args.serial)
+        threading.Thread(target=relay.serve_forever, daemon=True).start()
+        upstream = f"unix:{relay_path}"
+    channel = grpc.insecure_channel(upstream, options=GRPC_OPTIONS)
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=64, thread_name_prefix="proxy"),
+        handlers=[_Forwarder(channel)],
+        options=GRPC_OPTIONS,
+    )
+    with contextlib.suppress(FileNotFoundError):
+        args.listen.unlink()
+    server.add_insecure_port(f"unix:{args.listen}")
+    server.start()
+    os.chmod(args.listen, 0o600)
+    print("agent-proxy: ready", flush=True)
+    server.wait_for_termination()
+
+
+if __name__ == "__main__":
+    main()

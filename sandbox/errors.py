@@ -1,0 +1,40 @@
+"""Errors of the host runtime.
+
+::
+
+    SandboxError                 every failure the CLI reports as one line
+     ├── NotFoundError           unknown container or pod id
+     ├── StateError              invalid state or transition, duplicate id
+     ├── ConfigError             bad flags, malformed config, missing guest image
+     └── AgentError              the agent failed, timed out or answered nonsense
+          └── AgentTimeout
+
+Messages are lowercase, name what failed and, where there is one, what to do about it.
+``hypervisor.errors.HypervisorError`` is reported the same way by the CLI.
+"""
+
+
+class SandboxError(Exception):
+    """Base of every error the CLI turns into a one-line message and a non-zero exit."""
+
+    exit_code = 1
+
+
+class NotFoundError(SandboxError):
+    """An id names no container or pod."""
+
+
+class StateError(SandboxError):
+    """The object exists but is in the wrong state for the request, or already exists."""
+
+
+class ConfigError(SandboxError):
+    """Invalid user input: flags, bundle, config.json, image."""
+
+
+class AgentError(SandboxError):
+    """The guest agent failed a call or could not be reached."""
+
+
+class AgentTimeout(AgentError):
+    """The guest agent did not answer within the deadline."""
