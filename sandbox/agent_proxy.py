@@ -46,7 +46,7 @@ class _Forwarder(grpc.GenericRpcHandler):  # type: ignore[type-arg]
 
     def service(
         self, handler_call_details: grpc.HandlerCallDetails
-    ) -> "grpc.RpcMethodHandler[bytes, bytes] | None":
+    ) -> grpc.RpcMethodHandler[bytes, bytes] | None:
         method: str = handler_call_details.method
         if not method.startswith(SERVICE_PREFIX):
             return None

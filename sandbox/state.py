@@ -1,0 +1,95 @@
+"""Persisted runtime state under ``--root``: validated ids, atomic JSON, per-object locks.
+
+Layout (all directories 0700, files 0600)::
+
+    <root>/<container-id>/state.json     one directory per container
+    <root>/p/<digest>/pod.json           one directory per pod (digest: see pod_dir_name)
+    <root>/locks/<name>.lock             flock(2) files, one per object
+    <root>/logs/                         console logs kept after a failed boot
+
+Pod directories are named by a short digest of the pod id, not the id itself, because they
+hold unix sockets whose paths must stay under the kernel's 108-byte limit even below long
+roots like /run/containerd/runc/k8s.io with 64-character ids.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import re
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from sandbox.errors import ConfigError
+
+DEFAULT_ROOT = Path("/run/pysandbox")
+_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,1023}$")
+MAX_STATE_BYTES = 1024 * 1024
+
+
+def validate_id(value: str, kind: str = "container") -> str:
+    """Return ``value`` if it is a safe id (no '/', no '..', printable); else ConfigError."""
+    if not _ID_RE.match(value) or ".." in value:
+        raise ConfigError(
+            f"invalid {kind} id {value[:80]!r}: use letters, digits, '_', '.', '+', '-' "
+            "(no '/', no '..', at most 1024 characters)"
+        )
+    return value
+
+
+def pod_dir_name(pod_id: str) -> str:
+    """Directory name of a pod: 16 hex digits of sha256(pod id)."""
+    return hashlib.sha256(pod_id.encode()).hexdigest()[:16]
+
+
+def ensure_dir(path: Path) -> Path:
+    """Create ``path`` (and parents) with mode 0700 if missing; return it."""
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    return path
+
+
+def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
+    """Write ``data`` to ``path`` atomically (temp file + fsync + rename), mode 0600."""
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            json.dump(data, handle, indent=1, sort_keys=True)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    """Read a state file written by :func:`write_json_atomic`; ConfigError when corrupt."""
+    with open(path, "rb") as handle:
+        raw = handle.read(MAX_STATE_BYTES + 1)
+    if len(raw) > MAX_STATE_BYTES:
+        raise ConfigError(f"state file {path} is larger than {MAX_STATE_BYTES} bytes")
+    try:
+        data = json.loads(raw)
+    except ValueError as exc:
+        raise ConfigError(f"state file {path} is corrupt: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"state file {path} is corrupt: not a JSON object")
+    return data
+
+
+@contextlib.contextmanager
+def locked(root: Path, name: str) -> Iterator[None]:
+    """Hold an exclusive flock named ``name`` under ``root`` for the duration of the block."""
+    lock_dir = ensure_dir(root / "locks")
+    fd = os.open(lock_dir / f"{name}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
