@@ -41,30 +41,62 @@ def early_mounts() -> None:
         ),
         ("tmpfs", "/dev/shm", "tmpfs", nosuid_nodev, "mode=1777"),
         ("cgroup2", "/sys/fs/cgroup", "cgroup2", nosuid_nodev | syscalls.MS_NOEXEC, ""),
+        ("mqueue", "/dev/mqueue", "mqueue", nosuid_nodev | syscalls.MS_NOEXEC, ""),
     ]
     for source, target, fstype, flags, data in table:
         os.makedirs(target, exist_ok=True)
         if not _is_mountpoint(target):
             syscalls.mount(source, target, fstype, flags, data)
     os.makedirs(SHARE_ROOT, mode=0o700, exist_ok=True)
+    enable_cgroup_controllers()
+
+
+#: Parent cgroup of every container in the guest.
+CGROUP_PARENT = "/sys/fs/cgroup/pysandbox"
+
+
+def enable_cgroup_controllers() -> None:
+    """Delegate cpu, memory and pids to :data:`CGROUP_PARENT` and its children."""
+    os.makedirs(CGROUP_PARENT, exist_ok=True)
+    for directory in ("/sys/fs/cgroup", CGROUP_PARENT):
+        with open(f"{directory}/cgroup.controllers", encoding="ascii") as handle:
+            available = set(handle.read().split())
+        wanted = [c for c in ("cpu", "memory", "pids") if c in available]
+        with open(f"{directory}/cgroup.subtree_control", "w", encoding="ascii") as handle:
+            handle.write(" ".join(f"+{c}" for c in wanted))
 
 
 class Reaper:
     """Reaps every child of PID 1 and dispatches exit statuses to registered waiters.
 
     The agent inherits orphans from every container, so it must wait for *any* child.
-    Callers that spawn a process register a callback for its pid *before* it can exit
-    (hold :attr:`lock` across spawn and :meth:`watch`); statuses of unwatched pids are dropped.
+    Callers register a callback for a pid with :meth:`watch`. A status that arrives before
+    anyone watches its pid (an orphan, or a process that exited before its spawner learnt its
+    pid) is kept, up to :data:`MAX_UNCLAIMED` of them, and delivered when the pid is watched.
     """
+
+    MAX_UNCLAIMED = 4096
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
         self._waiters: dict[int, Callable[[int], None]] = {}
+        self._unclaimed: dict[int, int] = {}
         self._wakeup = threading.Event()
 
     def watch(self, pid: int, callback: Callable[[int], None]) -> None:
-        """Call ``callback(raw_wait_status)`` once ``pid`` exits. Hold :attr:`lock` around it."""
-        self._waiters[pid] = callback
+        """Call ``callback(raw_wait_status)`` once ``pid`` exits (at once if it already has)."""
+        with self.lock:
+            status = self._unclaimed.pop(pid, None)
+            if status is None:
+                self._waiters[pid] = callback
+                return
+        callback(status)
+
+    def forget(self, pid: int) -> None:
+        """Stop watching ``pid`` and drop any status kept for it."""
+        with self.lock:
+            self._waiters.pop(pid, None)
+            self._unclaimed.pop(pid, None)
 
     def install(self) -> None:
         """Start reaping on SIGCHLD (must be called from the main thread)."""
@@ -88,6 +120,10 @@ class Reaper:
                 if pid == 0:
                     return
                 callback = self._waiters.pop(pid, None)
+                if callback is None:
+                    if len(self._unclaimed) >= self.MAX_UNCLAIMED:
+                        self._unclaimed.pop(next(iter(self._unclaimed)))
+                    self._unclaimed[pid] = status
             if callback is not None:
                 with contextlib.suppress(Exception):
                     callback(status)

@@ -6,23 +6,26 @@ a precondition failure FAILED_PRECONDITION, anything else INTERNAL with a one-li
 
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
 import re
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent import futures
 from typing import NoReturn
 
 import grpc
 
 from agent import pid1, syscalls
+from agent.containers import ContainerError, ContainerManager
 from agent.limits import GRPC_OPTIONS, MAX_MESSAGE_BYTES, MAX_READ_BYTES
 from agent.proto import agent_pb2 as pb
 from agent.proto import agent_pb2_grpc as pb_grpc
 from agent.version import AGENT_VERSION, PROTOCOL_VERSION
 
 _TAG_RE = re.compile(r"^[A-Za-z0-9_.-]{1,36}$")
+_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,1023}$")
 
 
 def _abort(context: grpc.ServicerContext, code: grpc.StatusCode, message: str) -> NoReturn:
@@ -43,7 +46,9 @@ class AgentService(pb_grpc.AgentServicer):
         transport: str,
         power_off: Callable[[], None] = pid1.power_off,
         share_root: str = pid1.SHARE_ROOT,
+        containers: ContainerManager | None = None,
     ) -> None:
+        self._containers = containers
         self._transport = transport
         self._power_off = power_off
         self._share_root = share_root.rstrip("/")
@@ -146,6 +151,144 @@ class AgentService(pb_grpc.AgentServicer):
         timer.daemon = True
         timer.start()
         return pb.ShutdownResponse()
+
+    # -- containers ----------------------------------------------------------------------------
+
+    def _manager(self, context: grpc.ServicerContext) -> ContainerManager:
+        if self._containers is None:
+            _abort(context, grpc.StatusCode.UNIMPLEMENTED, "this agent runs no containers")
+        return self._containers
+
+    def _check_id(self, context: grpc.ServicerContext, *ids: str) -> None:
+        for value in ids:
+            if value and (not _ID_RE.match(value) or ".." in value):
+                _abort(context, grpc.StatusCode.INVALID_ARGUMENT, f"invalid id {value[:80]!r}")
+
+    def CreateContainer(
+        self, request: pb.CreateContainerRequest, context: grpc.ServicerContext
+    ) -> pb.CreateContainerResponse:
+        self._check_id(context, request.container_id)
+        with _container_errors(context):
+            pid = self._manager(context).create(
+                request.container_id, request.oci_spec, request.rootfs
+            )
+        return pb.CreateContainerResponse(pid=pid)
+
+    def StartContainer(
+        self, request: pb.ContainerRequest, context: grpc.ServicerContext
+    ) -> pb.Empty:
+        with _container_errors(context):
+            self._manager(context).start(request.container_id)
+        return pb.Empty()
+
+    def ExecProcess(
+        self, request: pb.ExecProcessRequest, context: grpc.ServicerContext
+    ) -> pb.ProcessResponse:
+        self._check_id(context, request.container_id, request.exec_id)
+        with _container_errors(context):
+            pid = self._manager(context).exec(
+                request.container_id, request.exec_id, request.process
+            )
+        return pb.ProcessResponse(pid=pid)
+
+    def SignalProcess(
+        self, request: pb.SignalProcessRequest, context: grpc.ServicerContext
+    ) -> pb.Empty:
+        with _container_errors(context):
+            self._manager(context).signal(
+                request.container_id, request.exec_id, request.signal, request.all
+            )
+        return pb.Empty()
+
+    def WaitProcess(
+        self, request: pb.ProcessRef, context: grpc.ServicerContext
+    ) -> pb.WaitProcessResponse:
+        manager = self._manager(context)
+        with _container_errors(context):
+            while context.is_active():
+                remaining = context.time_remaining()
+                proc = manager.wait(
+                    request.container_id, request.exec_id, min(remaining or 5.0, 5.0)
+                )
+                if proc is not None:
+                    oom = manager.oom_killed(request.container_id) if not request.exec_id else False
+                    return pb.WaitProcessResponse(
+                        status=proc.status, signal=proc.signal, oom_killed=oom
+                    )
+        _abort(context, grpc.StatusCode.DEADLINE_EXCEEDED, "process still running")
+
+    def WriteStdin(self, request: pb.WriteStdinRequest, context: grpc.ServicerContext) -> pb.Empty:
+        with _container_errors(context):
+            self._manager(context).write_stdin(request.container_id, request.exec_id, request.data)
+        return pb.Empty()
+
+    def CloseStdin(self, request: pb.ProcessRef, context: grpc.ServicerContext) -> pb.Empty:
+        with _container_errors(context):
+            self._manager(context).close_stdin(request.container_id, request.exec_id)
+        return pb.Empty()
+
+    def _stream(
+        self, request: pb.ProcessRef, context: grpc.ServicerContext, which: str
+    ) -> Iterator[pb.Chunk]:
+        with _container_errors(context):
+            chunks = self._manager(context).read_stream(
+                request.container_id, request.exec_id, which
+            )
+            for data in chunks:
+                yield pb.Chunk(data=data)
+
+    def ReadStdout(
+        self, request: pb.ProcessRef, context: grpc.ServicerContext
+    ) -> Iterator[pb.Chunk]:
+        return self._stream(request, context, "stdout")
+
+    def ReadStderr(
+        self, request: pb.ProcessRef, context: grpc.ServicerContext
+    ) -> Iterator[pb.Chunk]:
+        return self._stream(request, context, "stderr")
+
+    def TtyWinResize(
+        self, request: pb.TtyWinResizeRequest, context: grpc.ServicerContext
+    ) -> pb.Empty:
+        with _container_errors(context):
+            self._manager(context).resize(
+                request.container_id, request.exec_id, request.rows, request.cols
+            )
+        return pb.Empty()
+
+    def RemoveContainer(
+        self, request: pb.ContainerRequest, context: grpc.ServicerContext
+    ) -> pb.Empty:
+        with _container_errors(context):
+            self._manager(context).remove(request.container_id)
+        return pb.Empty()
+
+    def ListProcesses(
+        self, request: pb.ContainerRequest, context: grpc.ServicerContext
+    ) -> pb.ListProcessesResponse:
+        with _container_errors(context):
+            pids = self._manager(context).pids(request.container_id)
+        return pb.ListProcessesResponse(pids=pids)
+
+    def ContainerStatus(
+        self, request: pb.ContainerRequest, context: grpc.ServicerContext
+    ) -> pb.ContainerStatusResponse:
+        with _container_errors(context):
+            container = self._manager(context).get(request.container_id)
+        return pb.ContainerStatusResponse(
+            status=container.status, pid=container.init.pid, exit_status=container.init.status
+        )
+
+
+@contextlib.contextmanager
+def _container_errors(context: grpc.ServicerContext) -> Iterator[None]:
+    """Answer ContainerError with its status code and OSError with INTERNAL."""
+    try:
+        yield
+    except ContainerError as exc:
+        _abort(context, getattr(grpc.StatusCode, exc.code), str(exc))
+    except OSError as exc:
+        _abort(context, grpc.StatusCode.INTERNAL, str(exc))
 
 
 def make_server(service: AgentService, max_workers: int = 16) -> grpc.Server:

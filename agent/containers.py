@@ -1,0 +1,405 @@
+"""Container bookkeeping in the guest: spawn, start, exec, signal, wait, stdio, remove.
+
+The agent only manages processes; applying the OCI spec is the job of the in-guest runtime
+``agent.oci`` (``python3 -m agent.oci.init`` / ``agent.oci.exec``), which the agent spawns with
+the spec on fd 3 and a control socket on fd 4 (see docs/oci-in-guest.md for that contract).
+
+Exit statuses come from the PID 1 reaper (:class:`agent.pid1.Reaper`); the container's pid is
+the one the runtime reports in its ``ready`` line.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import json
+import os
+import signal
+import socket
+import struct
+import sys
+import termios
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from agent import pid1
+
+MAX_SPEC_BYTES = 1024 * 1024
+READY_TIMEOUT = 60.0
+_CHUNK = 64 * 1024
+
+
+class ContainerError(Exception):
+    """A request the agent refuses; ``code`` is the gRPC status name to answer with."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass
+class Process:
+    """One process the agent started: a container's init or an exec."""
+
+    pid: int
+    terminal: bool
+    stdin: int | None  # write end (pipe) or the pty master
+    stdout: int | None  # read end (pipe) or a dup of the pty master
+    stderr: int | None
+    exited: threading.Event = field(default_factory=threading.Event)
+    status: int = 0
+    signal: int = 0
+
+    def on_exit(self, raw: int) -> None:
+        if os.WIFSIGNALED(raw):
+            self.signal = os.WTERMSIG(raw)
+            self.status = 128 + self.signal
+        else:
+            self.status = os.WEXITSTATUS(raw)
+        self.exited.set()
+
+
+@dataclass
+class Container:
+    """A container and its processes."""
+
+    id: str
+    rootfs: str
+    cgroup: str
+    init: Process
+    control: socket.socket | None
+    started: bool = False
+    execs: dict[str, Process] = field(default_factory=dict)
+
+    @property
+    def status(self) -> str:
+        if self.init.exited.is_set():
+            return "stopped"
+        return "running" if self.started else "created"
+
+
+def _set_cloexec_pipe() -> tuple[int, int]:
+    return os.pipe2(os.O_CLOEXEC)
+
+
+def _ignore_status(_status: int) -> None:
+    """Reaper callback for processes whose exit status nobody needs."""
+
+
+def _ready_pid(line: str) -> int | None:
+    """The pid of a ``ready <pid>`` line, or None when the line is anything else."""
+    parts = line.split()
+    if len(parts) == 2 and parts[0] == "ready" and parts[1].isdigit() and int(parts[1]) > 0:
+        return int(parts[1])
+    return None
+
+
+def _close(fd: int | None) -> None:
+    if fd is not None:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+
+
+class ContainerManager:
+    """All containers of this guest. Thread-safe."""
+
+    def __init__(self, reaper: pid1.Reaper, cgroup_parent: str = pid1.CGROUP_PARENT) -> None:
+        self._reaper = reaper
+        self._cgroup_parent = cgroup_parent
+        self._containers: dict[str, Container] = {}
+        self._lock = threading.Lock()
+
+    # -- helpers -----------------------------------------------------------------------------
+
+    def get(self, container_id: str) -> Container:
+        with self._lock:
+            container = self._containers.get(container_id)
+        if container is None:
+            raise ContainerError("NOT_FOUND", f"container {container_id} does not exist")
+        return container
+
+    def process(self, container_id: str, exec_id: str) -> Process:
+        container = self.get(container_id)
+        if not exec_id:
+            return container.init
+        proc = container.execs.get(exec_id)
+        if proc is None:
+            raise ContainerError(
+                "NOT_FOUND", f"process {exec_id} does not exist in container {container_id}"
+            )
+        return proc
+
+    def _spawn(
+        self, module: str, args: list[str], payload: bytes, terminal: bool
+    ) -> tuple[Process, socket.socket]:
+        """Run the in-guest runtime and wait for its ``ready`` line; return the process."""
+        payload_fd = os.memfd_create("oci-spec", os.MFD_CLOEXEC)
+        os.write(payload_fd, payload)
+        os.lseek(payload_fd, 0, os.SEEK_SET)
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        ours.set_inheritable(False)
+        theirs.set_inheritable(False)
+        child_fds: list[int] = []
+        stderr_r: int | None
+        if terminal:
+            master, slave = os.openpty()  # both non-inheritable (PEP 446)
+            stdio = (slave, slave, slave)
+            child_fds = [slave]
+            stdin_w, stdout_r, stderr_r = master, os.dup(master), None
+        else:
+            in_r, stdin_w = _set_cloexec_pipe()
+            stdout_r, out_w = _set_cloexec_pipe()
+            stderr_r, err_w = _set_cloexec_pipe()
+            stdio = (in_r, out_w, err_w)
+            child_fds = [in_r, out_w, err_w]
+        actions = [
+            (os.POSIX_SPAWN_DUP2, stdio[0], 0),
+            (os.POSIX_SPAWN_DUP2, stdio[1], 1),
+            (os.POSIX_SPAWN_DUP2, stdio[2], 2),
+            (os.POSIX_SPAWN_DUP2, payload_fd, 3),
+            (os.POSIX_SPAWN_DUP2, theirs.fileno(), 4),
+        ]
+        argv = [sys.executable, "-m", module, *args]
+        env = {
+            "PATH": "/usr/sbin:/usr/bin:/sbin:/bin",
+            "PYTHONPATH": os.environ.get("PYTHONPATH", ""),
+        }
+        try:
+            runtime_pid = os.posix_spawn(sys.executable, argv, env, file_actions=actions)
+        finally:
+            for fd in child_fds:
+                _close(fd)
+            _close(payload_fd)
+            theirs.close()
+        ours.settimeout(READY_TIMEOUT)
+        line = b""
+        try:
+            while not line.endswith(b"\n") and len(line) < 8192:
+                chunk = ours.recv(8192 - len(line))
+                if not chunk:
+                    break
+                line += chunk
+        except OSError as exc:
+            line = f"error in-guest runtime did not report: {exc}".encode()
+        text = line.decode(errors="replace").strip()
+        pid = _ready_pid(text)
+        if pid is not None:
+            ours.settimeout(None)
+            proc = Process(pid, terminal, stdin_w, stdout_r, None if terminal else stderr_r)
+            if pid != runtime_pid:
+                # The runtime forked (pid namespace); its own exit status means nothing.
+                self._reaper.watch(runtime_pid, _ignore_status)
+            self._reaper.watch(pid, proc.on_exit)
+            return proc, ours
+        for leftover in (stdin_w, stdout_r, stderr_r):
+            _close(leftover)
+        ours.close()
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(runtime_pid, signal.SIGKILL)
+        self._reaper.watch(runtime_pid, _ignore_status)
+        if text.startswith("error "):
+            raise ContainerError("FAILED_PRECONDITION", text[len("error ") :])
+        raise ContainerError(
+            "INTERNAL", f"in-guest runtime failed without a message (said {text[:200]!r})"
+        )
+
+    # -- RPC operations ----------------------------------------------------------------------
+
+    def create(self, container_id: str, spec_bytes: bytes, rootfs: str) -> int:
+        if len(spec_bytes) > MAX_SPEC_BYTES:
+            raise ContainerError("INVALID_ARGUMENT", "oci spec larger than 1 MiB")
+        try:
+            spec: dict[str, Any] = json.loads(spec_bytes)
+            if not isinstance(spec, dict):
+                raise ValueError("not an object")
+        except ValueError as exc:
+            raise ContainerError("INVALID_ARGUMENT", f"malformed oci spec: {exc}") from exc
+        rootfs = os.path.normpath(rootfs)
+        if not rootfs.startswith(pid1.SHARE_ROOT + "/") or not os.path.isdir(rootfs):
+            raise ContainerError(
+                "INVALID_ARGUMENT", f"rootfs {rootfs!r} is not a directory under {pid1.SHARE_ROOT}"
+            )
+        with self._lock:
+            if container_id in self._containers:
+                raise ContainerError("ALREADY_EXISTS", f"container {container_id} already exists")
+            self._containers[container_id] = None  # type: ignore[assignment]  # reserve the id
+        try:
+            spec.setdefault("root", {})["path"] = rootfs
+            process = spec.get("process") or {}
+            terminal = bool(process.get("terminal", False)) if isinstance(process, dict) else False
+            cgroup = f"{self._cgroup_parent}/{container_id}"
+            proc, control = self._spawn(
+                "agent.oci.init",
+                ["--bundle-fd", "3", "--sync-fd", "4", "--cgroup", cgroup],
+                json.dumps(spec).encode(),
+                terminal,
+            )
+        except BaseException:
+            with self._lock:
+                self._containers.pop(container_id, None)
+            raise
+        with self._lock:
+            self._containers[container_id] = Container(container_id, rootfs, cgroup, proc, control)
+        return proc.pid
+
+    def start(self, container_id: str) -> None:
+        container = self.get(container_id)
+        if container.started or container.control is None:
+            raise ContainerError(
+                "FAILED_PRECONDITION",
+                f"container {container_id} is {container.status}, not created",
+            )
+        try:
+            container.control.sendall(b"start\n")
+        except OSError as exc:
+            raise ContainerError("FAILED_PRECONDITION", f"starting container: {exc}") from exc
+        container.control.close()
+        container.control = None
+        container.started = True
+
+    def exec(self, container_id: str, exec_id: str, process_json: bytes) -> int:
+        container = self.get(container_id)
+        if container.status != "running":
+            raise ContainerError(
+                "FAILED_PRECONDITION",
+                f"container {container_id} is {container.status}, not running",
+            )
+        if not exec_id or exec_id in container.execs:
+            raise ContainerError("ALREADY_EXISTS", f"exec id {exec_id!r} is empty or in use")
+        try:
+            process = json.loads(process_json)
+            if not isinstance(process, dict):
+                raise ValueError("not an object")
+        except ValueError as exc:
+            raise ContainerError("INVALID_ARGUMENT", f"malformed process json: {exc}") from exc
+        proc, control = self._spawn(
+            "agent.oci.exec",
+            [
+                "--target-pid",
+                str(container.init.pid),
+                "--process-fd",
+                "3",
+                "--sync-fd",
+                "4",
+                "--cgroup",
+                container.cgroup,
+            ],
+            json.dumps(process).encode(),
+            bool(process.get("terminal", False)),
+        )
+        control.sendall(b"start\n")
+        control.close()
+        container.execs[exec_id] = proc
+        return proc.pid
+
+    def signal(self, container_id: str, exec_id: str, signum: int, all_processes: bool) -> None:
+        if not 0 < signum < 65:
+            raise ContainerError("INVALID_ARGUMENT", f"invalid signal {signum}")
+        if all_processes:
+            container = self.get(container_id)
+            for pid in self.pids(container_id):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signum)
+            if container.control is not None and signum == signal.SIGKILL:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(container.init.pid, signum)
+            return
+        proc = self.process(container_id, exec_id)
+        if not proc.exited.is_set():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(proc.pid, signum)
+
+    def wait(self, container_id: str, exec_id: str, timeout: float | None) -> Process | None:
+        proc = self.process(container_id, exec_id)
+        return proc if proc.exited.wait(timeout) else None
+
+    def oom_killed(self, container_id: str) -> bool:
+        container = self.get(container_id)
+        try:
+            with open(f"{container.cgroup}/memory.events", encoding="ascii") as events:
+                for line in events:
+                    key, _, value = line.partition(" ")
+                    if key == "oom_kill" and int(value) > 0:
+                        return True
+        except OSError:
+            pass
+        return False
+
+    def write_stdin(self, container_id: str, exec_id: str, data: bytes) -> None:
+        proc = self.process(container_id, exec_id)
+        if proc.stdin is None:
+            raise ContainerError("FAILED_PRECONDITION", "stdin is closed")
+        view = memoryview(data)
+        try:
+            while view:
+                view = view[os.write(proc.stdin, view) :]
+        except OSError as exc:
+            raise ContainerError("FAILED_PRECONDITION", f"writing stdin: {exc}") from exc
+
+    def close_stdin(self, container_id: str, exec_id: str) -> None:
+        proc = self.process(container_id, exec_id)
+        if proc.terminal:
+            if proc.stdin is not None:
+                with contextlib.suppress(OSError):
+                    os.write(proc.stdin, b"\x04")  # EOF on a terminal in canonical mode
+            return
+        fd, proc.stdin = proc.stdin, None
+        _close(fd)
+
+    def read_stream(self, container_id: str, exec_id: str, which: str) -> Iterator[bytes]:
+        proc = self.process(container_id, exec_id)
+        fd = proc.stdout if which == "stdout" else proc.stderr
+        if fd is None:
+            return
+        while True:
+            try:
+                data = os.read(fd, _CHUNK)
+            except OSError as exc:
+                if exc.errno == errno.EIO:  # pty: the last holder of the slave is gone
+                    return
+                raise
+            if not data:
+                return
+            yield data
+
+    def resize(self, container_id: str, exec_id: str, rows: int, cols: int) -> None:
+        proc = self.process(container_id, exec_id)
+        if not proc.terminal or proc.stdin is None:
+            raise ContainerError("FAILED_PRECONDITION", "process has no terminal")
+        fcntl.ioctl(proc.stdin, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
+
+    def pids(self, container_id: str) -> list[int]:
+        container = self.get(container_id)
+        try:
+            with open(f"{container.cgroup}/cgroup.procs", encoding="ascii") as procs:
+                found = [int(line) for line in procs if line.strip()]
+        except OSError:
+            found = []
+        if not found and not container.init.exited.is_set():
+            found = [container.init.pid]
+        return found
+
+    def remove(self, container_id: str) -> None:
+        container = self.get(container_id)
+        with (
+            contextlib.suppress(OSError),
+            open(f"{container.cgroup}/cgroup.kill", "w", encoding="ascii") as kill,
+        ):
+            kill.write("1")
+        for proc in (container.init, *container.execs.values()):
+            if not proc.exited.is_set():
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(proc.pid, signal.SIGKILL)
+        container.init.exited.wait(10)
+        for proc in (container.init, *container.execs.values()):
+            for fd in {proc.stdin, proc.stdout, proc.stderr}:
+                _close(fd)
+        if container.control is not None:
+            container.control.close()
+        with contextlib.suppress(OSError):
+            os.rmdir(container.cgroup)
+        with self._lock:
+            self._containers.pop(container_id, None)
