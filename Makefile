@@ -27,3 +27,34 @@ $(PROTO_OUT): agent/proto/agent.proto $(VENV)/.installed
 		--grpc_python_out=. agent/proto/agent.proto
 
 include guest-image/guest-image.mk
+
+PYTEST := $(VENV)/bin/pytest
+
+# The README's second command: everything set up, then the whole suite (VM tests included).
+test: deps guest-image
+	$(PYTEST) -q tests
+
+unit: deps
+	$(PYTEST) -q tests/unit
+
+integration: deps guest-image
+	$(PYTEST) -q tests/integration
+
+lint: deps
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy sandbox agent hypervisor
+
+check: deps
+	$(VENV)/bin/pysandbox check
+
+# The README's first command: install what is missing, build the guest image, run a workload.
+demo: deps guest-image
+	$(VENV)/bin/pysandbox check
+	$(VENV)/bin/pysandbox run --rm default echo "hello from a pysandbox VM"
+
+bench: deps guest-image floor-image
+	$(PY) bench/run.py
+
+clean:
+	rm -rf $(VENV) build $(PROTO_OUT) agent/proto/agent_pb2.pyi

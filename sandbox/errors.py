@@ -38,3 +38,19 @@ class AgentError(SandboxError):
 
 class AgentTimeout(AgentError):
     """The guest agent did not answer within the deadline."""
+
+
+def describe(exc: BaseException) -> tuple[str, int]:
+    """One-line message and exit status for any exception reaching the CLI boundary.
+
+    Known errors keep their message; an unexpected one is named by type so that a bug still
+    reports without a traceback (``--debug`` shows it).
+    """
+    if isinstance(exc, SandboxError):
+        return str(exc), exc.exit_code
+    module = type(exc).__module__
+    if module.startswith("hypervisor"):
+        return str(exc), 1
+    if isinstance(exc, OSError):
+        return f"{exc.strerror or exc}{f': {exc.filename}' if exc.filename else ''}", 1
+    return f"internal error: {type(exc).__name__}: {exc} (rerun with --debug for details)", 1

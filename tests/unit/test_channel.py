@@ -122,9 +122,19 @@ def fake_guest(tmp_path: Path) -> Iterator[Path]:
 
 def _start_proxy(chardev: Path, listen: Path) -> subprocess.Popen[bytes]:
     proc = subprocess.Popen(
-        [sys.executable, "-m", "sandbox.agent_proxy", "--serial", str(chardev),
-         "--listen", str(listen), "--vm-pid", str(os.getpid())],
-        cwd=ROOT, stdout=subprocess.PIPE,
+        [
+            sys.executable,
+            "-m",
+            "sandbox.agent_proxy",
+            "--serial",
+            str(chardev),
+            "--listen",
+            str(listen),
+            "--vm-pid",
+            str(os.getpid()),
+        ],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
     )
     assert proc.stdout is not None
     assert proc.stdout.readline().strip() == b"agent-proxy: ready"
@@ -162,7 +172,7 @@ def test_many_concurrent_clients_share_one_channel(fake_guest: Path, tmp_path: P
             with AgentClient(f"unix:{listen}", timeout=10) as client:
                 for _ in range(5):
                     client.health()
-        except BaseException as exc:  # noqa: BLE001 - collected for the assertion below
+        except BaseException as exc:
             errors.append(exc)
 
     threads = [threading.Thread(target=worker) for _ in range(8)]

@@ -1,0 +1,21 @@
+"""The in-guest mini-runc: applies an OCI runtime spec and execs the container's process.
+
+``python3 -m agent.oci.init`` creates a container, ``python3 -m agent.oci.exec`` runs one more
+process in it; docs/oci-in-guest.md states the contract with the agent. Modules:
+
+- :mod:`agent.oci.spec` parses and validates the OCI config subset into plain typed records;
+- :mod:`agent.oci.syscalls` is the seam every side effect goes through (real and recording);
+- :mod:`agent.oci.rootfs`, :mod:`~agent.oci.cgroups`, :mod:`~agent.oci.capabilities`,
+  :mod:`~agent.oci.seccomp` implement the steps; :mod:`agent.oci.process` the per-process part
+  shared by init and exec; :mod:`agent.oci.init` and :mod:`agent.oci.exec` order them.
+
+Exceptions (all in :mod:`agent.oci.errors`)::
+
+    OciError                 base; .exit_code is what the runtime exits with (1)
+     ├── SpecError           the spec is invalid; raised before any side effect
+     ├── SetupError          a setup step failed; the message names the step and the errno text
+     └── ExecError           the program cannot be run; exit_code 127 (not found) or 126
+
+The package imports only the stdlib modules it needs (no dataclasses/typing/argparse at run
+time): it starts under TCG emulation, where every import costs tens of milliseconds.
+"""

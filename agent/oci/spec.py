@@ -1,0 +1,718 @@
+"""Typed parsing and validation of the OCI runtime-spec subset the runtime applies.
+
+:func:`parse_spec` turns config.json (already decoded) into a :class:`Spec`; :func:`parse_process`
+does the same for the ``process`` object alone (``agent.oci.exec``). Everything that can be
+checked without touching the system is checked here -- names of namespaces, capabilities,
+rlimits, mount options, sysctls, the seccomp profile (compiled to BPF now) -- so an invalid spec
+fails before anything was mounted. Errors are :class:`~agent.oci.errors.SpecError` whose message
+names the field (``process.user.uid: expected an unsigned integer, got "x"``) or repeats runc's
+wording where runc has one (``unknown namespace type "bogus"``).
+
+Records are plain classes with ``__slots__`` rather than dataclasses: importing dataclasses
+costs more than the whole parse under TCG emulation.
+
+Ignored, on purpose: hooks (run by the host side), annotations, apparmor/selinux labels (the
+guest kernel has no LSM policy), linux.cgroupsPath (the agent chooses the cgroup), consoleSize
+(the agent resizes the pty), intelRdt, personality, blockIO/hugepage/network resources.
+"""
+
+from __future__ import annotations
+
+from agent.oci import capabilities, seccomp
+from agent.oci import syscalls as sc
+from agent.oci.errors import SpecError
+from agent.oci.seccomp import Filter as SeccompFilter
+
+UINT64_MAX = (1 << 64) - 1
+
+#: OCI namespace type -> clone flag.
+NAMESPACES = {
+    "pid": sc.CLONE_NEWPID,
+    "network": sc.CLONE_NEWNET,
+    "mount": sc.CLONE_NEWNS,
+    "ipc": sc.CLONE_NEWIPC,
+    "uts": sc.CLONE_NEWUTS,
+    "user": sc.CLONE_NEWUSER,
+    "cgroup": sc.CLONE_NEWCGROUP,
+    "time": 0x80,  # CLONE_NEWTIME; offsets are not supported
+}
+
+RLIMITS = {
+    "RLIMIT_CPU": 0,
+    "RLIMIT_FSIZE": 1,
+    "RLIMIT_DATA": 2,
+    "RLIMIT_STACK": 3,
+    "RLIMIT_CORE": 4,
+    "RLIMIT_RSS": 5,
+    "RLIMIT_NPROC": 6,
+    "RLIMIT_NOFILE": 7,
+    "RLIMIT_MEMLOCK": 8,
+    "RLIMIT_AS": 9,
+    "RLIMIT_LOCKS": 10,
+    "RLIMIT_SIGPENDING": 11,
+    "RLIMIT_MSGQUEUE": 12,
+    "RLIMIT_NICE": 13,
+    "RLIMIT_RTPRIO": 14,
+    "RLIMIT_RTTIME": 15,
+}
+
+#: Mount option -> (clears the flag?, flag). Options not listed here go to the data string.
+MOUNT_OPTIONS = {
+    "async": (True, sc.MS_SYNCHRONOUS),
+    "atime": (True, sc.MS_NOATIME),
+    "bind": (False, sc.MS_BIND),
+    "defaults": (False, 0),
+    "dev": (True, sc.MS_NODEV),
+    "diratime": (True, sc.MS_NODIRATIME),
+    "dirsync": (False, sc.MS_DIRSYNC),
+    "exec": (True, sc.MS_NOEXEC),
+    "iversion": (False, sc.MS_I_VERSION),
+    "lazytime": (False, sc.MS_LAZYTIME),
+    "loud": (True, sc.MS_SILENT),
+    "mand": (False, sc.MS_MANDLOCK),
+    "noatime": (False, sc.MS_NOATIME),
+    "nodev": (False, sc.MS_NODEV),
+    "nodiratime": (False, sc.MS_NODIRATIME),
+    "noexec": (False, sc.MS_NOEXEC),
+    "noiversion": (True, sc.MS_I_VERSION),
+    "nolazytime": (True, sc.MS_LAZYTIME),
+    "nomand": (True, sc.MS_MANDLOCK),
+    "norelatime": (True, sc.MS_RELATIME),
+    "nostrictatime": (True, sc.MS_STRICTATIME),
+    "nosuid": (False, sc.MS_NOSUID),
+    "nosymfollow": (False, sc.MS_NOSYMFOLLOW),
+    "rbind": (False, sc.MS_BIND | sc.MS_REC),
+    "relatime": (False, sc.MS_RELATIME),
+    "remount": (False, sc.MS_REMOUNT),
+    "ro": (False, sc.MS_RDONLY),
+    "rw": (True, sc.MS_RDONLY),
+    "silent": (False, sc.MS_SILENT),
+    "strictatime": (False, sc.MS_STRICTATIME),
+    "suid": (True, sc.MS_NOSUID),
+    "sync": (False, sc.MS_SYNCHRONOUS),
+}
+
+PROPAGATION = {
+    "private": sc.MS_PRIVATE,
+    "rprivate": sc.MS_PRIVATE | sc.MS_REC,
+    "shared": sc.MS_SHARED,
+    "rshared": sc.MS_SHARED | sc.MS_REC,
+    "slave": sc.MS_SLAVE,
+    "rslave": sc.MS_SLAVE | sc.MS_REC,
+    "unbindable": sc.MS_UNBINDABLE,
+    "runbindable": sc.MS_UNBINDABLE | sc.MS_REC,
+}
+
+#: Options runc accepts that change nothing here.
+_IGNORED_OPTIONS = frozenset({"tmpcopyup", "notmpcopyup"})
+_UNSUPPORTED_OPTIONS = frozenset({"idmap", "ridmap"})
+
+#: sysctl prefix -> namespace that must be private for the container to set it (as runc).
+_SYSCTL_NAMESPACES = (
+    ("kernel.msgmax", "ipc"),
+    ("kernel.msgmnb", "ipc"),
+    ("kernel.msgmni", "ipc"),
+    ("kernel.sem", "ipc"),
+    ("kernel.shmall", "ipc"),
+    ("kernel.shmmax", "ipc"),
+    ("kernel.shmmni", "ipc"),
+    ("kernel.shm_rmid_forced", "ipc"),
+    ("fs.mqueue.", "ipc"),
+    ("net.", "network"),
+    ("kernel.hostname", "uts"),
+    ("kernel.domainname", "uts"),
+)
+
+#: Devices every container gets (runc's defaults), (path, major, minor).
+DEFAULT_DEVICES = (
+    ("/dev/null", 1, 3),
+    ("/dev/zero", 1, 5),
+    ("/dev/full", 1, 7),
+    ("/dev/random", 1, 8),
+    ("/dev/urandom", 1, 9),
+    ("/dev/tty", 5, 0),
+)
+
+
+class Namespace:
+    """One entry of linux.namespaces: create (``path is None``) or join."""
+
+    __slots__ = ("flag", "path", "type")
+
+    def __init__(self, type: str, flag: int, path: str | None) -> None:
+        self.type = type
+        self.flag = flag
+        self.path = path
+
+
+class IdMapping:
+    __slots__ = ("container_id", "host_id", "size")
+
+    def __init__(self, container_id: int, host_id: int, size: int) -> None:
+        self.container_id = container_id
+        self.host_id = host_id
+        self.size = size
+
+    def line(self) -> str:
+        return f"{self.container_id} {self.host_id} {self.size}\n"
+
+
+class Mount:
+    """One entry of ``mounts`` with its options split into flags, propagation and data."""
+
+    __slots__ = ("bind", "data", "destination", "flags", "propagation", "source", "type")
+
+    def __init__(
+        self,
+        destination: str,
+        type: str,
+        source: str,
+        flags: int,
+        propagation: tuple[int, ...],
+        data: str,
+        bind: bool,
+    ) -> None:
+        self.destination = destination
+        self.type = type
+        self.source = source
+        self.flags = flags
+        self.propagation = propagation
+        self.data = data
+        self.bind = bind
+
+
+class Device:
+    __slots__ = ("gid", "major", "minor", "mode", "path", "type", "uid")
+
+    def __init__(
+        self, path: str, type: str, major: int, minor: int, mode: int, uid: int, gid: int
+    ) -> None:
+        self.path = path
+        self.type = type
+        self.major = major
+        self.minor = minor
+        self.mode = mode
+        self.uid = uid
+        self.gid = gid
+
+
+class Rlimit:
+    __slots__ = ("hard", "name", "resource", "soft")
+
+    def __init__(self, name: str, resource: int, soft: int, hard: int) -> None:
+        self.name = name
+        self.resource = resource
+        self.soft = soft
+        self.hard = hard
+
+
+class User:
+    __slots__ = ("additional_gids", "gid", "uid", "umask")
+
+    def __init__(
+        self, uid: int, gid: int, umask: int | None, additional_gids: tuple[int, ...]
+    ) -> None:
+        self.uid = uid
+        self.gid = gid
+        self.umask = umask
+        self.additional_gids = additional_gids
+
+
+class Capabilities:
+    """The five capability sets as bitmasks."""
+
+    __slots__ = ("ambient", "bounding", "effective", "inheritable", "permitted")
+
+    def __init__(
+        self, bounding: int, effective: int, inheritable: int, permitted: int, ambient: int
+    ) -> None:
+        self.bounding = bounding
+        self.effective = effective
+        self.inheritable = inheritable
+        self.permitted = permitted
+        self.ambient = ambient
+
+
+class Process:
+    """The OCI ``process`` object (plus the pysandbox ``seccomp`` extension for exec)."""
+
+    __slots__ = (
+        "args",
+        "capabilities",
+        "cwd",
+        "env",
+        "no_new_privileges",
+        "oom_score_adj",
+        "rlimits",
+        "seccomp",
+        "terminal",
+        "user",
+    )
+
+    def __init__(
+        self,
+        args: list[str],
+        env: list[str],
+        cwd: str,
+        user: User,
+        terminal: bool = False,
+        capabilities: Capabilities | None = None,
+        rlimits: tuple[Rlimit, ...] = (),
+        no_new_privileges: bool = False,
+        oom_score_adj: int | None = None,
+        seccomp: SeccompFilter | None = None,
+    ) -> None:
+        self.args = args
+        self.env = env
+        self.cwd = cwd
+        self.user = user
+        self.terminal = terminal
+        self.capabilities = capabilities
+        self.rlimits = rlimits
+        self.no_new_privileges = no_new_privileges
+        self.oom_score_adj = oom_score_adj
+        self.seccomp = seccomp
+
+
+class Resources:
+    """linux.resources, already in cgroup v2 terms: file name -> value, in write order."""
+
+    __slots__ = ("files",)
+
+    def __init__(self, files: list[tuple[str, str]]) -> None:
+        self.files = files
+
+
+class Spec:
+    __slots__ = (
+        "devices",
+        "domainname",
+        "gid_mappings",
+        "hostname",
+        "masked_paths",
+        "mounts",
+        "namespaces",
+        "process",
+        "readonly_paths",
+        "resources",
+        "root_path",
+        "root_readonly",
+        "rootfs_propagation",
+        "seccomp",
+        "sysctls",
+        "uid_mappings",
+    )
+
+    def __init__(
+        self,
+        root_path: str,
+        process: Process,
+        *,
+        root_readonly: bool = False,
+        hostname: str = "",
+        domainname: str = "",
+        mounts: tuple[Mount, ...] = (),
+        namespaces: tuple[Namespace, ...] = (),
+        uid_mappings: tuple[IdMapping, ...] = (),
+        gid_mappings: tuple[IdMapping, ...] = (),
+        devices: tuple[Device, ...] = (),
+        masked_paths: tuple[str, ...] = (),
+        readonly_paths: tuple[str, ...] = (),
+        sysctls: tuple[tuple[str, str], ...] = (),
+        resources: Resources | None = None,
+        rootfs_propagation: int | None = None,
+        seccomp: SeccompFilter | None = None,
+    ) -> None:
+        self.root_path = root_path
+        self.process = process
+        self.root_readonly = root_readonly
+        self.hostname = hostname
+        self.domainname = domainname
+        self.mounts = mounts
+        self.namespaces = namespaces
+        self.uid_mappings = uid_mappings
+        self.gid_mappings = gid_mappings
+        self.devices = devices
+        self.masked_paths = masked_paths
+        self.readonly_paths = readonly_paths
+        self.sysctls = sysctls
+        self.resources = resources
+        self.rootfs_propagation = rootfs_propagation
+        self.seccomp = seccomp
+
+    def namespace(self, type: str) -> Namespace | None:
+        for entry in self.namespaces:
+            if entry.type == type:
+                return entry
+        return None
+
+
+# -- JSON access with the field path in every message ------------------------------------
+
+
+def _show(value: object) -> str:
+    if isinstance(value, str):
+        return f'"{value}"'
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, dict):
+        return "an object"
+    if isinstance(value, list):
+        return "an array"
+    return str(value)
+
+
+def _obj(value: object, where: str) -> dict[str, object]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise SpecError(f"{where}: expected an object, got {_show(value)}")
+    return value
+
+
+def _list(value: object, where: str) -> list[object]:
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise SpecError(f"{where}: expected an array, got {_show(value)}")
+    return value
+
+
+def _str(value: object, where: str, default: str = "") -> str:
+    if value is None:
+        return default
+    if not isinstance(value, str):
+        raise SpecError(f"{where}: expected a string, got {_show(value)}")
+    return value
+
+
+def _bool(value: object, where: str) -> bool:
+    if value is None:
+        return False
+    if not isinstance(value, bool):
+        raise SpecError(f"{where}: expected true or false, got {_show(value)}")
+    return value
+
+
+def _int(value: object, where: str, low: int, high: int, default: int | None = None) -> int:
+    if value is None and default is not None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise SpecError(f"{where}: expected an integer, got {_show(value)}")
+    if not low <= value <= high:
+        raise SpecError(f"{where}: {value} is out of range [{low}, {high}]")
+    return value
+
+
+def _uint32(value: object, where: str, default: int | None = None) -> int:
+    return _int(value, where, 0, 0xFFFFFFFF, default)
+
+
+def _strings(value: object, where: str) -> list[str]:
+    return [_str(item, f"{where}[{i}]") for i, item in enumerate(_list(value, where))]
+
+
+def _abspath(value: object, where: str) -> str:
+    path = _str(value, where)
+    if not path.startswith("/"):
+        raise SpecError(f"{where}: {_show(path)} is not an absolute path")
+    if "\x00" in path:
+        raise SpecError(f"{where}: path contains a NUL byte")
+    return path
+
+
+# -- the sections -------------------------------------------------------------------------
+
+
+def parse_user(value: object, where: str) -> User:
+    user = _obj(value, where)
+    umask = user.get("umask")
+    return User(
+        uid=_uint32(user.get("uid"), f"{where}.uid", 0),
+        gid=_uint32(user.get("gid"), f"{where}.gid", 0),
+        umask=None if umask is None else _int(umask, f"{where}.umask", 0, 0o777),
+        additional_gids=tuple(
+            _uint32(gid, f"{where}.additionalGids[{i}]")
+            for i, gid in enumerate(_list(user.get("additionalGids"), f"{where}.additionalGids"))
+        ),
+    )
+
+
+def parse_capabilities(value: object, where: str) -> Capabilities | None:
+    if value is None:
+        return None
+    caps = _obj(value, where)
+    sets = {
+        name: capabilities.mask(_strings(caps.get(name), f"{where}.{name}"))
+        for name in ("bounding", "effective", "inheritable", "permitted", "ambient")
+    }
+    return Capabilities(**sets)
+
+
+def parse_rlimits(value: object, where: str) -> tuple[Rlimit, ...]:
+    result: list[Rlimit] = []
+    seen: set[str] = set()
+    for i, item in enumerate(_list(value, where)):
+        entry = _obj(item, f"{where}[{i}]")
+        name = _str(entry.get("type"), f"{where}[{i}].type")
+        resource = RLIMITS.get(name)
+        if resource is None:
+            raise SpecError(f'unknown rlimit type "{name}"')
+        if name in seen:
+            raise SpecError(f'duplicate rlimit type "{name}"')
+        seen.add(name)
+        soft = _int(entry.get("soft"), f"{where}[{i}].soft", 0, UINT64_MAX)
+        hard = _int(entry.get("hard"), f"{where}[{i}].hard", 0, UINT64_MAX)
+        if soft > hard:
+            raise SpecError(f"{where}[{i}]: soft limit {soft} of {name} exceeds hard limit {hard}")
+        result.append(Rlimit(name, resource, soft, hard))
+    return tuple(result)
+
+
+def parse_process(value: object, where: str = "process") -> Process:
+    """An OCI ``process`` object; ``seccomp`` (an OCI linux.seccomp object) is an extension."""
+    if value is None:
+        raise SpecError(f"{where}: missing")
+    proc = _obj(value, where)
+    args = _strings(proc.get("args"), f"{where}.args")
+    if not args or not args[0]:
+        raise SpecError(f"{where}.args: must not be empty")
+    env = _strings(proc.get("env"), f"{where}.env")
+    for i, entry in enumerate(env):
+        if "=" not in entry or entry.startswith("=") or "\x00" in entry:
+            raise SpecError(f'{where}.env[{i}]: "{entry}" is not of the form KEY=value')
+    cwd = _abspath(proc.get("cwd", "/") or "/", f"{where}.cwd")
+    oom = proc.get("oomScoreAdj")
+    profile = proc.get("seccomp")
+    return Process(
+        args=args,
+        env=env,
+        cwd=cwd,
+        user=parse_user(proc.get("user"), f"{where}.user"),
+        terminal=_bool(proc.get("terminal"), f"{where}.terminal"),
+        capabilities=parse_capabilities(proc.get("capabilities"), f"{where}.capabilities"),
+        rlimits=parse_rlimits(proc.get("rlimits"), f"{where}.rlimits"),
+        no_new_privileges=_bool(proc.get("noNewPrivileges"), f"{where}.noNewPrivileges"),
+        oom_score_adj=None if oom is None else _int(oom, f"{where}.oomScoreAdj", -1000, 1000),
+        seccomp=None if profile is None else seccomp.compile(_obj(profile, f"{where}.seccomp")),
+    )
+
+
+def parse_mount(value: object, where: str) -> Mount:
+    entry = _obj(value, where)
+    destination = _abspath(entry.get("destination"), f"{where}.destination")
+    fstype = _str(entry.get("type"), f"{where}.type")
+    source = _str(entry.get("source"), f"{where}.source")
+    flags = 0
+    propagation: list[int] = []
+    data: list[str] = []
+    for option in _strings(entry.get("options"), f"{where}.options"):
+        if option in MOUNT_OPTIONS:
+            clear, flag = MOUNT_OPTIONS[option]
+            flags = flags & ~flag if clear else flags | flag
+        elif option in PROPAGATION:
+            propagation.append(PROPAGATION[option])
+        elif option in _UNSUPPORTED_OPTIONS:
+            raise SpecError(f'mount {destination}: option "{option}" is not supported')
+        elif option not in _IGNORED_OPTIONS:
+            data.append(option)
+    bind = fstype == "bind" or bool(flags & sc.MS_BIND)
+    if bind:
+        flags |= sc.MS_BIND
+        if not source.startswith("/"):
+            raise SpecError(
+                f'mount {destination}: bind mount source "{source}" is not an absolute path'
+            )
+    elif not fstype:
+        raise SpecError(f"{where}.type: required for a mount that is not a bind mount")
+    return Mount(destination, fstype, source, flags, tuple(propagation), ",".join(data), bind)
+
+
+def parse_namespaces(value: object, where: str) -> tuple[Namespace, ...]:
+    result: list[Namespace] = []
+    for i, item in enumerate(_list(value, where)):
+        entry = _obj(item, f"{where}[{i}]")
+        kind = _str(entry.get("type"), f"{where}[{i}].type")
+        flag = NAMESPACES.get(kind)
+        if flag is None:
+            raise SpecError(f'unknown namespace type "{kind}"')
+        if any(ns.type == kind for ns in result):
+            raise SpecError(f'duplicate namespace type "{kind}"')
+        path = entry.get("path")
+        result.append(
+            Namespace(kind, flag, None if not path else _abspath(path, f"{where}[{i}].path"))
+        )
+    return tuple(result)
+
+
+def parse_mappings(value: object, where: str) -> tuple[IdMapping, ...]:
+    result = []
+    for i, item in enumerate(_list(value, where)):
+        entry = _obj(item, f"{where}[{i}]")
+        result.append(
+            IdMapping(
+                _uint32(entry.get("containerID"), f"{where}[{i}].containerID"),
+                _uint32(entry.get("hostID"), f"{where}[{i}].hostID"),
+                _int(entry.get("size"), f"{where}[{i}].size", 1, 0xFFFFFFFF),
+            )
+        )
+    return tuple(result)
+
+
+def parse_devices(value: object, where: str) -> tuple[Device, ...]:
+    result = []
+    for i, item in enumerate(_list(value, where)):
+        entry = _obj(item, f"{where}[{i}]")
+        at = f"{where}[{i}]"
+        path = _abspath(entry.get("path"), f"{at}.path")
+        kind = _str(entry.get("type"), f"{at}.type")
+        if kind not in ("c", "b", "u", "p"):
+            raise SpecError(f'{at}.type: unknown device type "{kind}" (want c, b, u or p)')
+        needs_numbers = kind != "p"
+        major = _int(entry.get("major"), f"{at}.major", 0, 0xFFFFFFFF, None if needs_numbers else 0)
+        minor = _int(entry.get("minor"), f"{at}.minor", 0, 0xFFFFFFFF, None if needs_numbers else 0)
+        result.append(
+            Device(
+                path,
+                "c" if kind == "u" else kind,
+                major,
+                minor,
+                _int(entry.get("fileMode"), f"{at}.fileMode", 0, 0o7777, 0o666),
+                _uint32(entry.get("uid"), f"{at}.uid", 0),
+                _uint32(entry.get("gid"), f"{at}.gid", 0),
+            )
+        )
+    return tuple(result)
+
+
+def parse_sysctls(value: object, where: str, private: set[str]) -> tuple[tuple[str, str], ...]:
+    result = []
+    for key, raw in _obj(value, where).items():
+        setting = _str(raw, f"{where}.{key}")
+        if not key or "/" in key or ".." in key or key.startswith(".") or "\x00" in key:
+            raise SpecError(f'sysctl "{key}" is not a valid name')
+        needed = next((ns for prefix, ns in _SYSCTL_NAMESPACES if key.startswith(prefix)), None)
+        if needed is None:
+            raise SpecError(f'sysctl "{key}" is not in a separate kernel namespace')
+        if needed not in private:
+            raise SpecError(
+                f'sysctl "{key}" is not allowed as it conflicts with the host\'s {needed} '
+                "namespace (the container has no private one)"
+            )
+        result.append((key, setting))
+    return tuple(result)
+
+
+def _cpu_weight(shares: int) -> int:
+    # runc's conversion of cgroup v1 shares [2, 262144] to v2 weight [1, 10000].
+    return 1 + ((shares - 2) * 9999) // 262142
+
+
+def parse_resources(value: object, where: str) -> Resources | None:
+    if value is None:
+        return None
+    res = _obj(value, where)
+    files: list[tuple[str, str]] = []
+    memory = _obj(res.get("memory"), f"{where}.memory")
+    if memory.get("reservation") is not None:
+        reservation = _int(memory["reservation"], f"{where}.memory.reservation", -1, 1 << 62)
+        files.append(("memory.low", "max" if reservation == -1 else str(reservation)))
+    limit = None
+    if memory.get("limit") is not None:
+        limit = _int(memory["limit"], f"{where}.memory.limit", -1, 1 << 62)
+        files.append(("memory.max", "max" if limit == -1 else str(limit)))
+    if memory.get("swap") is not None:
+        # OCI swap is memory+swap (v1 memsw); v2 memory.swap.max is swap alone.
+        total = _int(memory["swap"], f"{where}.memory.swap", -1, 1 << 62)
+        if total == -1:
+            files.append(("memory.swap.max", "max"))
+        elif limit is None or limit == -1:
+            raise SpecError(f"{where}.memory.swap: set without a memory limit")
+        elif total < limit:
+            raise SpecError(f"{where}.memory.swap: {total} is less than the memory limit {limit}")
+        else:
+            files.append(("memory.swap.max", str(total - limit)))
+    pids = _obj(res.get("pids"), f"{where}.pids")
+    if pids.get("limit") is not None:
+        pids_limit = _int(pids["limit"], f"{where}.pids.limit", -(1 << 62), 1 << 62)
+        files.append(("pids.max", "max" if pids_limit <= 0 else str(pids_limit)))
+    cpu = _obj(res.get("cpu"), f"{where}.cpu")
+    if cpu.get("shares") is not None:
+        shares = _int(cpu["shares"], f"{where}.cpu.shares", 0, UINT64_MAX)
+        if shares:
+            files.append(("cpu.weight", str(_cpu_weight(max(2, min(shares, 262144))))))
+    if cpu.get("quota") is not None or cpu.get("period") is not None:
+        quota = _int(cpu.get("quota"), f"{where}.cpu.quota", -1, 1 << 62, -1)
+        period = _int(cpu.get("period"), f"{where}.cpu.period", 0, 1 << 32, 100000) or 100000
+        files.append(("cpu.max", f"{'max' if quota <= 0 else quota} {period}"))
+    if cpu.get("cpus"):
+        files.append(("cpuset.cpus", _str(cpu["cpus"], f"{where}.cpu.cpus")))
+    if cpu.get("mems"):
+        files.append(("cpuset.mems", _str(cpu["mems"], f"{where}.cpu.mems")))
+    for key, raw in _obj(res.get("unified"), f"{where}.unified").items():
+        setting = _str(raw, f"{where}.unified.{key}")
+        controller, dot, rest = key.partition(".")
+        if not dot or not controller or not rest or "/" in key or controller == "cgroup":
+            raise SpecError(f'{where}.unified: invalid cgroup file name "{key}"')
+        files.append((key, setting))
+    return Resources(files)
+
+
+def parse_spec(config: object) -> Spec:
+    """Validate a decoded config.json. Raises :class:`SpecError`; touches nothing."""
+    top = _obj(config, "config")
+    root = _obj(top.get("root"), "root")
+    if root.get("path") is None:
+        raise SpecError("root.path: missing")
+    root_path = _abspath(root.get("path"), "root.path").rstrip("/") or "/"
+    linux = _obj(top.get("linux"), "linux")
+    namespaces = parse_namespaces(linux.get("namespaces"), "linux.namespaces")
+    private = {ns.type for ns in namespaces}
+    uid_mappings = parse_mappings(linux.get("uidMappings"), "linux.uidMappings")
+    gid_mappings = parse_mappings(linux.get("gidMappings"), "linux.gidMappings")
+    user_ns = next((ns for ns in namespaces if ns.type == "user"), None)
+    if user_ns is not None and user_ns.path is None and not (uid_mappings and gid_mappings):
+        raise SpecError("user namespaces enabled, but no uid or gid mappings found")
+    if (uid_mappings or gid_mappings) and (user_ns is None or user_ns.path is not None):
+        raise SpecError("uid/gid mappings need a new user namespace in linux.namespaces")
+    hostname = _str(top.get("hostname"), "hostname")
+    domainname = _str(top.get("domainname"), "domainname")
+    if (hostname or domainname) and "uts" not in private:
+        what = "hostname" if hostname else "domainname"
+        raise SpecError(f"unable to set {what} without a private UTS namespace")
+    propagation_name = _str(linux.get("rootfsPropagation"), "linux.rootfsPropagation")
+    rootfs_propagation = None
+    if propagation_name:
+        rootfs_propagation = PROPAGATION.get(propagation_name)
+        if rootfs_propagation is None:
+            raise SpecError(f'unknown rootfs propagation "{propagation_name}"')
+    profile = linux.get("seccomp")
+    return Spec(
+        root_path,
+        parse_process(top.get("process")),
+        root_readonly=_bool(root.get("readonly"), "root.readonly"),
+        hostname=hostname,
+        domainname=domainname,
+        mounts=tuple(
+            parse_mount(item, f"mounts[{i}]")
+            for i, item in enumerate(_list(top.get("mounts"), "mounts"))
+        ),
+        namespaces=namespaces,
+        uid_mappings=uid_mappings,
+        gid_mappings=gid_mappings,
+        devices=parse_devices(linux.get("devices"), "linux.devices"),
+        masked_paths=tuple(
+            _abspath(p, f"linux.maskedPaths[{i}]")
+            for i, p in enumerate(_list(linux.get("maskedPaths"), "linux.maskedPaths"))
+        ),
+        readonly_paths=tuple(
+            _abspath(p, f"linux.readonlyPaths[{i}]")
+            for i, p in enumerate(_list(linux.get("readonlyPaths"), "linux.readonlyPaths"))
+        ),
+        sysctls=parse_sysctls(linux.get("sysctl"), "linux.sysctl", private),
+        resources=parse_resources(linux.get("resources"), "linux.resources"),
+        rootfs_propagation=rootfs_propagation,
+        seccomp=None if profile is None else seccomp.compile(_obj(profile, "linux.seccomp")),
+    )

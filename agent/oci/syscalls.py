@@ -1,0 +1,845 @@
+"""The seam: every side effect of the runtime goes through a :class:`Syscalls` object.
+
+:class:`LinuxSyscalls` does the real thing (``os`` where the stdlib has it, ctypes on libc for
+the rest). :class:`RecordingSyscalls` records every call that changes something as a readable
+tuple and answers queries from a small in-memory file system, so unit tests assert the exact
+order of mounts, setuid, capset, seccomp... without root.
+
+Queries (``kind``, ``readlink``, ``mount_flags``, ``fs_magic``, ``read_text``, ``access_x``,
+``getpid``) are not recorded: the tests are about what the runtime *does*.
+
+Every real wrapper raises :class:`OSError` whose ``strerror`` reads
+``<what was attempted>: <errno text>``, so a :class:`~agent.oci.errors.SetupError` built from
+it says what failed.
+"""
+
+from __future__ import annotations
+
+import abc
+import ctypes
+import os
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import NoReturn
+
+CLONE_NEWNS = 0x00020000
+CLONE_NEWCGROUP = 0x02000000
+CLONE_NEWUTS = 0x04000000
+CLONE_NEWIPC = 0x08000000
+CLONE_NEWUSER = 0x10000000
+CLONE_NEWPID = 0x20000000
+CLONE_NEWNET = 0x40000000
+
+MS_RDONLY = 0x1
+MS_NOSUID = 0x2
+MS_NODEV = 0x4
+MS_NOEXEC = 0x8
+MS_SYNCHRONOUS = 0x10
+MS_REMOUNT = 0x20
+MS_MANDLOCK = 0x40
+MS_DIRSYNC = 0x80
+MS_NOSYMFOLLOW = 0x100
+MS_NOATIME = 0x400
+MS_NODIRATIME = 0x800
+MS_BIND = 0x1000
+MS_MOVE = 0x2000
+MS_REC = 0x4000
+MS_SILENT = 0x8000
+MS_UNBINDABLE = 1 << 17
+MS_PRIVATE = 1 << 18
+MS_SLAVE = 1 << 19
+MS_SHARED = 1 << 20
+MS_RELATIME = 1 << 21
+MS_I_VERSION = 1 << 23
+MS_STRICTATIME = 1 << 24
+MS_LAZYTIME = 1 << 25
+MNT_DETACH = 0x2
+
+#: statvfs f_flag bits that a bind remount must keep (they may be locked in a user namespace).
+_ST_TO_MS = (
+    (0x1, MS_RDONLY),
+    (0x2, MS_NOSUID),
+    (0x4, MS_NODEV),
+    (0x8, MS_NOEXEC),
+    (0x400, MS_NOATIME),
+    (0x800, MS_NODIRATIME),
+    (0x1000, MS_RELATIME),
+)
+
+_FLAG_NAMES = (
+    (MS_RDONLY, "ro"),
+    (MS_NOSUID, "nosuid"),
+    (MS_NODEV, "nodev"),
+    (MS_NOEXEC, "noexec"),
+    (MS_SYNCHRONOUS, "sync"),
+    (MS_REMOUNT, "remount"),
+    (MS_MANDLOCK, "mand"),
+    (MS_DIRSYNC, "dirsync"),
+    (MS_NOSYMFOLLOW, "nosymfollow"),
+    (MS_NOATIME, "noatime"),
+    (MS_NODIRATIME, "nodiratime"),
+    (MS_BIND, "bind"),
+    (MS_MOVE, "move"),
+    (MS_REC, "rec"),
+    (MS_SILENT, "silent"),
+    (MS_UNBINDABLE, "unbindable"),
+    (MS_PRIVATE, "private"),
+    (MS_SLAVE, "slave"),
+    (MS_SHARED, "shared"),
+    (MS_RELATIME, "relatime"),
+    (MS_I_VERSION, "iversion"),
+    (MS_STRICTATIME, "strictatime"),
+    (MS_LAZYTIME, "lazytime"),
+)
+
+CGROUP2_SUPER_MAGIC = 0x63677270
+
+PR_SET_KEEPCAPS = 8
+PR_CAPBSET_DROP = 24
+PR_SET_NO_NEW_PRIVS = 38
+PR_CAP_AMBIENT = 47
+PR_CAP_AMBIENT_RAISE = 2
+PR_CAP_AMBIENT_CLEAR_ALL = 4
+TIOCSCTTY = 0x540E
+_LINUX_CAPABILITY_VERSION_3 = 0x20080522
+_SECCOMP_SET_MODE_FILTER = 1
+_CLOSE_RANGE_CLOEXEC = 1 << 2
+
+#: Raw syscall numbers glibc has no wrapper for, per ``os.uname().machine``.
+_RAW_SYSCALLS = {
+    "x86_64": {"pivot_root": 155, "seccomp": 317},
+    "aarch64": {"pivot_root": 41, "seccomp": 277},
+}
+
+
+def mount_flags_str(flags: int) -> str:
+    """``MS_BIND|MS_REC`` -> ``"bind|rec"`` (for recordings and messages)."""
+    names = [name for bit, name in _FLAG_NAMES if flags & bit]
+    rest = flags & ~sum(bit for bit, _ in _FLAG_NAMES)
+    if rest:
+        names.append(hex(rest))
+    return "|".join(names) or "0"
+
+
+class Syscalls(abc.ABC):
+    """Everything the runtime does to the system. Paths are absolute."""
+
+    # -- mounts and files -----------------------------------------------------------------
+    @abc.abstractmethod
+    def mount(
+        self, source: str | None, target: str, fstype: str | None, flags: int, data: str | None
+    ) -> None: ...
+
+    @abc.abstractmethod
+    def umount2(self, target: str, flags: int) -> None: ...
+
+    @abc.abstractmethod
+    def pivot_root(self, new_root: str, put_old: str) -> None: ...
+
+    @abc.abstractmethod
+    def chroot(self, path: str) -> None: ...
+
+    @abc.abstractmethod
+    def chdir(self, path: str) -> None: ...
+
+    @abc.abstractmethod
+    def fchdir(self, fd: int) -> None: ...
+
+    @abc.abstractmethod
+    def open(self, path: str, flags: int) -> int: ...
+
+    @abc.abstractmethod
+    def close(self, fd: int) -> None: ...
+
+    @abc.abstractmethod
+    def mkdir(self, path: str, mode: int) -> None: ...
+
+    @abc.abstractmethod
+    def create_file(self, path: str, mode: int) -> None:
+        """Create ``path`` as an empty regular file if it does not exist (never truncates)."""
+
+    @abc.abstractmethod
+    def mknod(self, path: str, mode: int, major: int, minor: int) -> None: ...
+
+    @abc.abstractmethod
+    def chown(self, path: str, uid: int, gid: int) -> None: ...
+
+    @abc.abstractmethod
+    def symlink(self, target: str, path: str) -> None: ...
+
+    @abc.abstractmethod
+    def unlink(self, path: str) -> None: ...
+
+    @abc.abstractmethod
+    def write_file(self, path: str, data: str) -> None:
+        """Write ``data`` to an existing file (proc, sysfs and cgroup files)."""
+
+    # -- namespaces and processes ---------------------------------------------------------
+    @abc.abstractmethod
+    def unshare(self, flags: int) -> None: ...
+
+    @abc.abstractmethod
+    def setns(self, fd: int, nstype: int) -> None: ...
+
+    @abc.abstractmethod
+    def fork(self) -> int: ...
+
+    @abc.abstractmethod
+    def pipe(self) -> tuple[int, int]:
+        """A close-on-exec pipe (read end, write end)."""
+
+    @abc.abstractmethod
+    def read(self, fd: int, size: int) -> bytes: ...
+
+    @abc.abstractmethod
+    def write(self, fd: int, data: bytes) -> None:
+        """Write all of ``data``."""
+
+    @abc.abstractmethod
+    def waitpid(self, pid: int) -> int:
+        """Block until ``pid`` exits; return its raw wait status."""
+
+    @abc.abstractmethod
+    def sethostname(self, name: str) -> None: ...
+
+    @abc.abstractmethod
+    def setdomainname(self, name: str) -> None: ...
+
+    @abc.abstractmethod
+    def setsid(self) -> None: ...
+
+    @abc.abstractmethod
+    def set_controlling_tty(self, fd: int) -> None: ...
+
+    # -- credentials ----------------------------------------------------------------------
+    @abc.abstractmethod
+    def setgroups(self, gids: list[int]) -> None: ...
+
+    @abc.abstractmethod
+    def setresgid(self, gid: int) -> None: ...
+
+    @abc.abstractmethod
+    def setresuid(self, uid: int) -> None: ...
+
+    @abc.abstractmethod
+    def set_keepcaps(self, keep: bool) -> None: ...
+
+    @abc.abstractmethod
+    def capbset_drop(self, cap: int) -> None: ...
+
+    @abc.abstractmethod
+    def capset(self, effective: int, permitted: int, inheritable: int) -> None: ...
+
+    @abc.abstractmethod
+    def ambient_clear(self) -> None: ...
+
+    @abc.abstractmethod
+    def ambient_raise(self, cap: int) -> None: ...
+
+    @abc.abstractmethod
+    def set_no_new_privs(self) -> None: ...
+
+    @abc.abstractmethod
+    def setrlimit(self, resource: int, soft: int, hard: int) -> None: ...
+
+    @abc.abstractmethod
+    def umask(self, mask: int) -> None: ...
+
+    @abc.abstractmethod
+    def seccomp_load(self, program: bytes, flags: int) -> None:
+        """Install a classic BPF program (``struct sock_filter`` array) as a seccomp filter."""
+
+    # -- the end --------------------------------------------------------------------------
+    @abc.abstractmethod
+    def cloexec_from(self, fd: int) -> None:
+        """Mark every descriptor >= ``fd`` close-on-exec."""
+
+    @abc.abstractmethod
+    def reset_signals(self) -> None:
+        """Default dispositions and an empty mask (Python ignores SIGPIPE and SIGXFSZ)."""
+
+    @abc.abstractmethod
+    def execve(self, path: str, argv: list[str], env: list[str]) -> NoReturn: ...
+
+    # -- queries (not recorded) -----------------------------------------------------------
+    @abc.abstractmethod
+    def kind(self, path: str) -> str | None:
+        """lstat: "dir", "file", "link", "chr", "blk", "fifo", "sock", or None if absent."""
+
+    @abc.abstractmethod
+    def readlink(self, path: str) -> str: ...
+
+    @abc.abstractmethod
+    def mount_flags(self, path: str) -> int:
+        """The MS_* flags (ro, nosuid, nodev, noexec, atime) of the mount holding ``path``."""
+
+    @abc.abstractmethod
+    def fs_magic(self, path: str) -> int:
+        """statfs f_type of ``path``."""
+
+    @abc.abstractmethod
+    def read_text(self, path: str) -> str: ...
+
+    @abc.abstractmethod
+    def access_x(self, path: str) -> bool:
+        """Whether the current credentials may execute ``path``."""
+
+    @abc.abstractmethod
+    def getpid(self) -> int: ...
+
+
+class _CapHeader(ctypes.Structure):
+    _fields_ = (("version", ctypes.c_uint32), ("pid", ctypes.c_int))
+
+
+class _CapData(ctypes.Structure):
+    _fields_ = (
+        ("effective", ctypes.c_uint32),
+        ("permitted", ctypes.c_uint32),
+        ("inheritable", ctypes.c_uint32),
+    )
+
+
+class _Rlimit(ctypes.Structure):
+    _fields_ = (("cur", ctypes.c_uint64), ("max", ctypes.c_uint64))
+
+
+class _SockFprog(ctypes.Structure):
+    _fields_ = (("len", ctypes.c_ushort), ("filter", ctypes.c_void_p))
+
+
+_KINDS = {
+    0o040000: "dir",
+    0o100000: "file",
+    0o120000: "link",
+    0o020000: "chr",
+    0o060000: "blk",
+    0o010000: "fifo",
+    0o140000: "sock",
+}
+
+
+class LinuxSyscalls(Syscalls):
+    """The real system calls."""
+
+    def __init__(self) -> None:
+        # CDLL(None): the symbols already loaded in the interpreter, libc among them; unlike
+        # ctypes.util.find_library it forks no ldconfig.
+        self._libc = ctypes.CDLL(None, use_errno=True)
+        self._raw = _RAW_SYSCALLS.get(os.uname().machine, {})
+
+    def _check(self, result: int, what: str) -> None:
+        if result == -1:
+            err = ctypes.get_errno()
+            raise OSError(err, f"{what}: {os.strerror(err)}")
+
+    @staticmethod
+    def _wrap(exc: OSError, what: str) -> OSError:
+        return OSError(exc.errno, f"{what}: {os.strerror(exc.errno or 0)}")
+
+    def _rawcall(self, name: str, *args: object) -> int:
+        number = self._raw.get(name)
+        if number is None:
+            raise OSError(38, f"{name}: no syscall number for {os.uname().machine}")
+        return int(self._libc.syscall(ctypes.c_long(number), *args))
+
+    def mount(
+        self, source: str | None, target: str, fstype: str | None, flags: int, data: str | None
+    ) -> None:
+        result = self._libc.mount(
+            source.encode() if source is not None else None,
+            target.encode(),
+            fstype.encode() if fstype is not None else None,
+            ctypes.c_ulong(flags),
+            data.encode() if data else None,
+        )
+        self._check(
+            result,
+            f"mount {source or 'none'} on {target}"
+            + (f" type {fstype}" if fstype else "")
+            + f" ({mount_flags_str(flags)}{',' + data if data else ''})",
+        )
+
+    def umount2(self, target: str, flags: int) -> None:
+        self._check(self._libc.umount2(target.encode(), flags), f"umount {target}")
+
+    def pivot_root(self, new_root: str, put_old: str) -> None:
+        result = self._rawcall("pivot_root", new_root.encode(), put_old.encode())
+        self._check(result, f"pivot_root {new_root}")
+
+    def chroot(self, path: str) -> None:
+        try:
+            os.chroot(path)
+        except OSError as exc:
+            raise self._wrap(exc, f"chroot {path}") from exc
+
+    def chdir(self, path: str) -> None:
+        try:
+            os.chdir(path)
+        except OSError as exc:
+            raise self._wrap(exc, f"chdir to {path}") from exc
+
+    def fchdir(self, fd: int) -> None:
+        os.fchdir(fd)
+
+    def open(self, path: str, flags: int) -> int:
+        try:
+            return os.open(path, flags | os.O_CLOEXEC)
+        except OSError as exc:
+            raise self._wrap(exc, f"open {path}") from exc
+
+    def close(self, fd: int) -> None:
+        os.close(fd)
+
+    def mkdir(self, path: str, mode: int) -> None:
+        try:
+            os.mkdir(path, mode)
+        except FileExistsError:
+            pass
+        except OSError as exc:
+            raise self._wrap(exc, f"mkdir {path}") from exc
+
+    def create_file(self, path: str, mode: int) -> None:
+        try:
+            os.close(os.open(path, os.O_CREAT | os.O_WRONLY | os.O_CLOEXEC | os.O_NOFOLLOW, mode))
+        except OSError as exc:
+            raise self._wrap(exc, f"create {path}") from exc
+
+    def mknod(self, path: str, mode: int, major: int, minor: int) -> None:
+        try:
+            os.mknod(path, mode, os.makedev(major, minor))
+        except OSError as exc:
+            raise self._wrap(exc, f"mknod {path}") from exc
+
+    def chown(self, path: str, uid: int, gid: int) -> None:
+        try:
+            os.chown(path, uid, gid, follow_symlinks=False)
+        except OSError as exc:
+            raise self._wrap(exc, f"chown {path}") from exc
+
+    def symlink(self, target: str, path: str) -> None:
+        try:
+            os.symlink(target, path)
+        except OSError as exc:
+            raise self._wrap(exc, f"symlink {path} -> {target}") from exc
+
+    def unlink(self, path: str) -> None:
+        try:
+            os.unlink(path)
+        except OSError as exc:
+            raise self._wrap(exc, f"unlink {path}") from exc
+
+    def write_file(self, path: str, data: str) -> None:
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+        except OSError as exc:
+            raise self._wrap(exc, f"open {path}") from exc
+        try:
+            os.write(fd, data.encode())
+        except OSError as exc:
+            raise self._wrap(exc, f"write {data!r} to {path}") from exc
+        finally:
+            os.close(fd)
+
+    def unshare(self, flags: int) -> None:
+        self._check(self._libc.unshare(flags), f"unshare({flags:#x})")
+
+    def setns(self, fd: int, nstype: int) -> None:
+        self._check(self._libc.setns(fd, nstype), f"setns({nstype:#x})")
+
+    def fork(self) -> int:
+        return os.fork()
+
+    def pipe(self) -> tuple[int, int]:
+        return os.pipe2(os.O_CLOEXEC)
+
+    def read(self, fd: int, size: int) -> bytes:
+        return os.read(fd, size)
+
+    def write(self, fd: int, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+
+    def waitpid(self, pid: int) -> int:
+        while True:
+            try:
+                return os.waitpid(pid, 0)[1]
+            except InterruptedError:
+                continue
+
+    def sethostname(self, name: str) -> None:
+        raw = name.encode()
+        self._check(self._libc.sethostname(raw, len(raw)), f"sethostname {name}")
+
+    def setdomainname(self, name: str) -> None:
+        raw = name.encode()
+        self._check(self._libc.setdomainname(raw, len(raw)), f"setdomainname {name}")
+
+    def setsid(self) -> None:
+        try:
+            os.setsid()
+        except OSError as exc:
+            raise self._wrap(exc, "setsid") from exc
+
+    def set_controlling_tty(self, fd: int) -> None:
+        self._check(
+            self._libc.ioctl(fd, ctypes.c_ulong(TIOCSCTTY), 0), f"ioctl(TIOCSCTTY) on fd {fd}"
+        )
+
+    def setgroups(self, gids: list[int]) -> None:
+        try:
+            os.setgroups(gids)
+        except OSError as exc:
+            raise self._wrap(exc, f"setgroups {gids}") from exc
+
+    def setresgid(self, gid: int) -> None:
+        try:
+            os.setresgid(gid, gid, gid)
+        except OSError as exc:
+            raise self._wrap(exc, f"setgid {gid}") from exc
+
+    def setresuid(self, uid: int) -> None:
+        try:
+            os.setresuid(uid, uid, uid)
+        except OSError as exc:
+            raise self._wrap(exc, f"setuid {uid}") from exc
+
+    def _prctl(self, what: str, option: int, arg2: int = 0, arg3: int = 0) -> None:
+        result = self._libc.prctl(
+            option, ctypes.c_ulong(arg2), ctypes.c_ulong(arg3), ctypes.c_ulong(0), ctypes.c_ulong(0)
+        )
+        self._check(result, what)
+
+    def set_keepcaps(self, keep: bool) -> None:
+        self._prctl("prctl(PR_SET_KEEPCAPS)", PR_SET_KEEPCAPS, int(keep))
+
+    def capbset_drop(self, cap: int) -> None:
+        self._prctl(f"prctl(PR_CAPBSET_DROP, {cap})", PR_CAPBSET_DROP, cap)
+
+    def capset(self, effective: int, permitted: int, inheritable: int) -> None:
+        header = _CapHeader(_LINUX_CAPABILITY_VERSION_3, 0)
+        data = (_CapData * 2)()
+        for index in (0, 1):
+            shift = 32 * index
+            data[index].effective = (effective >> shift) & 0xFFFFFFFF
+            data[index].permitted = (permitted >> shift) & 0xFFFFFFFF
+            data[index].inheritable = (inheritable >> shift) & 0xFFFFFFFF
+        self._check(self._libc.capset(ctypes.byref(header), data), "capset")
+
+    def ambient_clear(self) -> None:
+        self._prctl("prctl(PR_CAP_AMBIENT_CLEAR_ALL)", PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL)
+
+    def ambient_raise(self, cap: int) -> None:
+        self._prctl(
+            f"prctl(PR_CAP_AMBIENT_RAISE, {cap})", PR_CAP_AMBIENT, PR_CAP_AMBIENT_RAISE, cap
+        )
+
+    def set_no_new_privs(self) -> None:
+        self._prctl("prctl(PR_SET_NO_NEW_PRIVS)", PR_SET_NO_NEW_PRIVS, 1)
+
+    def setrlimit(self, resource: int, soft: int, hard: int) -> None:
+        limit = _Rlimit(soft, hard)
+        self._check(
+            self._libc.setrlimit(resource, ctypes.byref(limit)),
+            f"setrlimit({resource}, {soft}, {hard})",
+        )
+
+    def umask(self, mask: int) -> None:
+        os.umask(mask)
+
+    def seccomp_load(self, program: bytes, flags: int) -> None:
+        buffer = ctypes.create_string_buffer(program, len(program))
+        prog = _SockFprog(len(program) // 8, ctypes.addressof(buffer))
+        result = self._rawcall(
+            "seccomp",
+            ctypes.c_uint(_SECCOMP_SET_MODE_FILTER),
+            ctypes.c_uint(flags),
+            ctypes.byref(prog),
+        )
+        self._check(result, "seccomp(SECCOMP_SET_MODE_FILTER)")
+
+    def cloexec_from(self, fd: int) -> None:
+        close_range = getattr(self._libc, "close_range", None)
+        if close_range is not None and (
+            close_range(ctypes.c_uint(fd), ctypes.c_uint(0xFFFFFFFF), _CLOSE_RANGE_CLOEXEC) == 0
+        ):
+            return
+        # Older kernel or libc: walk the descriptor table.
+        for name in os.listdir("/proc/self/fd"):
+            number = int(name)
+            if number >= fd:
+                try:
+                    os.set_inheritable(number, False)
+                except OSError:
+                    pass
+
+    def reset_signals(self) -> None:
+        for signum in range(1, 65):
+            if signum not in (9, 19, 32, 33):  # SIGKILL, SIGSTOP, glibc-reserved
+                self._libc.signal(signum, ctypes.c_void_p(0))  # SIG_DFL
+        empty = ctypes.create_string_buffer(128)
+        self._libc.sigprocmask(2, empty, None)  # SIG_SETMASK
+
+    def execve(self, path: str, argv: list[str], env: list[str]) -> NoReturn:
+        environ = {}
+        for entry in env:
+            key, _, value = entry.partition("=")
+            environ[key] = value
+        try:
+            os.execve(path, argv, environ)
+        except OSError as exc:
+            raise self._wrap(exc, f"exec {path}") from exc
+
+    def kind(self, path: str) -> str | None:
+        try:
+            mode = os.lstat(path).st_mode
+        except OSError:
+            return None
+        return _KINDS.get(mode & 0o170000, "other")
+
+    def readlink(self, path: str) -> str:
+        return os.readlink(path)
+
+    def mount_flags(self, path: str) -> int:
+        flags = os.statvfs(path).f_flag
+        return sum(ms for st, ms in _ST_TO_MS if flags & st)
+
+    def fs_magic(self, path: str) -> int:
+        buffer = ctypes.create_string_buffer(256)
+        self._check(self._libc.statfs(path.encode(), buffer), f"statfs {path}")
+        return ctypes.c_long.from_buffer(buffer).value
+
+    def read_text(self, path: str) -> str:
+        with open(path, encoding="utf-8") as handle:
+            return handle.read()
+
+    def access_x(self, path: str) -> bool:
+        return os.access(path, os.X_OK)
+
+    def getpid(self) -> int:
+        return os.getpid()
+
+
+class FakeExec(BaseException):
+    """Raised by :meth:`RecordingSyscalls.execve` in place of replacing the process."""
+
+    def __init__(self, path: str, argv: list[str], env: list[str]) -> None:
+        super().__init__(path)
+        self.path = path
+        self.argv = argv
+        self.env = env
+
+
+class RecordingSyscalls(Syscalls):
+    """A fake that records side effects as tuples and keeps a tiny in-memory file system.
+
+    ``fs`` maps absolute paths to kinds (``"dir"``, ``"file"``, ``"chr"``...) or, for symlinks,
+    ``"link:<target>"``; calls that create files update it. ``reads`` maps a descriptor to the
+    bytes later ``read`` calls return (empty once consumed: end of file). ``fail`` maps a call
+    name to an errno: that call raises. ``fork_result`` is what ``fork`` returns (0: we are the
+    child, so the recording continues in the container's process).
+    """
+
+    def __init__(
+        self,
+        fs: dict[str, str] | None = None,
+        reads: dict[int, bytes] | None = None,
+        fork_result: int = 0,
+        pid: int = 1,
+    ) -> None:
+        self.calls: list[tuple[object, ...]] = []
+        self.fs: dict[str, str] = {"/": "dir"}
+        self.fs.update(fs or {})
+        self.reads = dict(reads or {})
+        self.texts: dict[str, str] = {}
+        self.flags: dict[str, int] = {}
+        self.magic: dict[str, int] = {}
+        self.not_executable: set[str] = set()
+        self.fail: dict[str, int] = {}
+        self.fork_result = fork_result
+        self.pid = pid
+        self._next_fd = 10
+
+    def _record(self, *call: object) -> None:
+        self.calls.append(call)
+        error = self.fail.get(str(call[0]))
+        if error is not None:
+            raise OSError(error, f"{call[0]}: {os.strerror(error)}")
+
+    def _fd(self) -> int:
+        self._next_fd += 1
+        return self._next_fd
+
+    def names(self) -> list[str]:
+        """Just the call names, in order."""
+        return [str(call[0]) for call in self.calls]
+
+    def mount(
+        self, source: str | None, target: str, fstype: str | None, flags: int, data: str | None
+    ) -> None:
+        self._record("mount", source, target, fstype, mount_flags_str(flags), data or "")
+
+    def umount2(self, target: str, flags: int) -> None:
+        self._record("umount2", target, flags)
+
+    def pivot_root(self, new_root: str, put_old: str) -> None:
+        self._record("pivot_root", new_root, put_old)
+
+    def chroot(self, path: str) -> None:
+        self._record("chroot", path)
+
+    def chdir(self, path: str) -> None:
+        self._record("chdir", path)
+
+    def fchdir(self, fd: int) -> None:
+        self._record("fchdir", fd)
+
+    def open(self, path: str, flags: int) -> int:
+        self._record("open", path)
+        return self._fd()
+
+    def close(self, fd: int) -> None:
+        self._record("close", fd)
+
+    def mkdir(self, path: str, mode: int) -> None:
+        self._record("mkdir", path, oct(mode))
+        self.fs.setdefault(path, "dir")
+
+    def create_file(self, path: str, mode: int) -> None:
+        self._record("create_file", path)
+        self.fs.setdefault(path, "file")
+
+    def mknod(self, path: str, mode: int, major: int, minor: int) -> None:
+        self._record("mknod", path, oct(mode), major, minor)
+        self.fs[path] = "chr"
+
+    def chown(self, path: str, uid: int, gid: int) -> None:
+        self._record("chown", path, uid, gid)
+
+    def symlink(self, target: str, path: str) -> None:
+        self._record("symlink", target, path)
+        self.fs[path] = f"link:{target}"
+
+    def unlink(self, path: str) -> None:
+        self._record("unlink", path)
+        self.fs.pop(path, None)
+
+    def write_file(self, path: str, data: str) -> None:
+        self._record("write_file", path, data)
+
+    def unshare(self, flags: int) -> None:
+        self._record("unshare", flags)
+
+    def setns(self, fd: int, nstype: int) -> None:
+        self._record("setns", fd, nstype)
+
+    def fork(self) -> int:
+        self._record("fork")
+        return self.fork_result
+
+    def pipe(self) -> tuple[int, int]:
+        self._record("pipe")
+        return self._fd(), self._fd()
+
+    def read(self, fd: int, size: int) -> bytes:
+        self._record("read", fd)
+        data = self.reads.get(fd, b"")
+        self.reads[fd] = data[size:]
+        return data[:size]
+
+    def write(self, fd: int, data: bytes) -> None:
+        self._record("write", fd, data)
+
+    def waitpid(self, pid: int) -> int:
+        self._record("waitpid", pid)
+        return 0
+
+    def sethostname(self, name: str) -> None:
+        self._record("sethostname", name)
+
+    def setdomainname(self, name: str) -> None:
+        self._record("setdomainname", name)
+
+    def setsid(self) -> None:
+        self._record("setsid")
+
+    def set_controlling_tty(self, fd: int) -> None:
+        self._record("set_controlling_tty", fd)
+
+    def setgroups(self, gids: list[int]) -> None:
+        self._record("setgroups", list(gids))
+
+    def setresgid(self, gid: int) -> None:
+        self._record("setresgid", gid)
+
+    def setresuid(self, uid: int) -> None:
+        self._record("setresuid", uid)
+
+    def set_keepcaps(self, keep: bool) -> None:
+        self._record("set_keepcaps", keep)
+
+    def capbset_drop(self, cap: int) -> None:
+        self._record("capbset_drop", cap)
+
+    def capset(self, effective: int, permitted: int, inheritable: int) -> None:
+        self._record("capset", hex(effective), hex(permitted), hex(inheritable))
+
+    def ambient_clear(self) -> None:
+        self._record("ambient_clear")
+
+    def ambient_raise(self, cap: int) -> None:
+        self._record("ambient_raise", cap)
+
+    def set_no_new_privs(self) -> None:
+        self._record("set_no_new_privs")
+
+    def setrlimit(self, resource: int, soft: int, hard: int) -> None:
+        self._record("setrlimit", resource, soft, hard)
+
+    def umask(self, mask: int) -> None:
+        self._record("umask", oct(mask))
+
+    def seccomp_load(self, program: bytes, flags: int) -> None:
+        self._record("seccomp_load", len(program) // 8, flags)
+
+    def cloexec_from(self, fd: int) -> None:
+        self._record("cloexec_from", fd)
+
+    def reset_signals(self) -> None:
+        self._record("reset_signals")
+
+    def execve(self, path: str, argv: list[str], env: list[str]) -> NoReturn:
+        self._record("execve", path, list(argv))
+        raise FakeExec(path, list(argv), list(env))
+
+    def kind(self, path: str) -> str | None:
+        value = self.fs.get(path)
+        if value is not None and value.startswith("link:"):
+            return "link"
+        return value
+
+    def readlink(self, path: str) -> str:
+        value = self.fs.get(path, "")
+        if not value.startswith("link:"):
+            raise OSError(22, f"readlink {path}: {os.strerror(22)}")
+        return value[len("link:") :]
+
+    def mount_flags(self, path: str) -> int:
+        return self.flags.get(path, 0)
+
+    def fs_magic(self, path: str) -> int:
+        return self.magic.get(path, 0)
+
+    def read_text(self, path: str) -> str:
+        text = self.texts.get(path)
+        if text is None:
+            raise FileNotFoundError(2, f"open {path}: {os.strerror(2)}")
+        return text
+
+    def access_x(self, path: str) -> bool:
+        return self.fs.get(path) == "file" and path not in self.not_executable
+
+    def getpid(self) -> int:
+        return self.pid

@@ -1,0 +1,75 @@
+"""Errors of the hypervisor layer.
+
+::
+
+    HypervisorError              every failure of this package (one-line message)
+     ├── LaunchError             QEMU missing, failed to start, or exited before QMP answered
+     ├── QMPError                a QMP connection or command failed (carries command and reply)
+     ├── VirtiofsdError          virtiofsd missing, failed to start, or socket never appeared
+     ├── AccelError              invalid accelerator request (e.g. PYSANDBOX_ACCEL=bogus)
+     └── HypervisorTimeout       a bounded wait expired (socket, QMP, process exit)
+
+Messages are lowercase, one line, say what failed and, where there is one, what to do.
+Causes are chained with ``raise ... from exc``; ``BaseException`` (KeyboardInterrupt,
+cancellation) is never wrapped.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+
+class HypervisorError(Exception):
+    """Base of every error raised by :mod:`hypervisor`."""
+
+
+class LaunchError(HypervisorError):
+    """QEMU could not be started, or exited before it was ready.
+
+    ``exitcode`` is the process exit status (negative: killed by that signal; None: still
+    running or never started), ``argv`` the command line, ``log`` the stderr log file and
+    ``log_tail`` its last lines (for the caller's report).
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        exitcode: int | None = None,
+        argv: Sequence[str] = (),
+        log: Path | None = None,
+        log_tail: str = "",
+    ) -> None:
+        super().__init__(message)
+        self.exitcode = exitcode
+        self.argv = list(argv)
+        self.log = log
+        self.log_tail = log_tail
+
+
+class QMPError(HypervisorError):
+    """A QMP connection or command failed.
+
+    ``command`` is the command being executed (None for connect), ``reply`` the error
+    reply QEMU sent, if any.
+    """
+
+    def __init__(
+        self, message: str, *, command: str | None = None, reply: object | None = None
+    ) -> None:
+        super().__init__(message)
+        self.command = command
+        self.reply = reply
+
+
+class VirtiofsdError(HypervisorError):
+    """virtiofsd is missing, failed to start, or never created its socket."""
+
+
+class AccelError(HypervisorError):
+    """The requested accelerator is invalid or unusable."""
+
+
+class HypervisorTimeout(HypervisorError):
+    """A bounded wait (socket, QMP, process exit) expired."""

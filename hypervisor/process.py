@@ -1,0 +1,141 @@
+"""Processes identified by pid *and* start time, waitable from any process.
+
+QEMU and virtiofsd outlive the CLI invocation that spawned them, so a later process must
+wait for and signal a pid that is not its child. A pid alone can be reused; a
+:class:`ProcessHandle` pairs it with the start time from ``/proc/<pid>/stat`` (field 22,
+clock ticks since boot) and never signals a process whose start time differs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+POLL_INTERVAL = 0.02
+
+
+def start_time(pid: int) -> int | None:
+    """Start time of ``pid`` in clock ticks since boot; None if gone or a zombie."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_bytes()
+    except OSError:
+        return None
+    # The command name (field 2) may hold spaces and parentheses: split after the last ')'.
+    fields = stat[stat.rfind(b")") + 2 :].split()
+    if not fields or fields[0] == b"Z":
+        return None  # a zombie has exited; it only waits for its parent to reap it
+    return int(fields[19])
+
+
+def reap(pid: int) -> int | None:
+    """Collect ``pid`` if it is our exited child; its wait status, or None."""
+    with contextlib.suppress(ChildProcessError, OSError):
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done == pid:
+            return status
+    return None
+
+
+@dataclass(frozen=True)
+class ProcessHandle:
+    """A process we started (or re-attached to): ``pid`` + ``start`` time.
+
+    All methods work from any process, child or not; none raises if the process is gone.
+    """
+
+    pid: int
+    start: int
+
+    @classmethod
+    def of(cls, pid: int) -> ProcessHandle:
+        """Handle of the live process ``pid``; ProcessLookupError if it is gone."""
+        started = start_time(pid)
+        if started is None:
+            raise ProcessLookupError(pid)
+        return cls(pid, started)
+
+    @classmethod
+    def from_json(cls, data: Any) -> ProcessHandle | None:
+        """Parse :meth:`to_json` output; None for anything malformed."""
+        if not isinstance(data, dict):
+            return None
+        pid, started = data.get("pid"), data.get("start")
+        if isinstance(pid, int) and isinstance(started, int) and pid > 0:
+            return cls(pid, started)
+        return None
+
+    def to_json(self) -> dict[str, int]:
+        return {"pid": self.pid, "start": self.start}
+
+    def alive(self) -> bool:
+        """True while this very process exists and has not exited (zombies count as gone)."""
+        return start_time(self.pid) == self.start
+
+    def signal(self, signum: int) -> bool:
+        """Send ``signum`` if the process is still this one; True if it was sent."""
+        if not self.alive():
+            return False
+        try:
+            os.kill(self.pid, signum)
+        except ProcessLookupError:
+            return False
+        return True
+
+    def wait(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` seconds for the process to end (reaping it if it is our
+        child); True if it has ended."""
+        deadline = time.monotonic() + timeout
+        while self.alive():
+            reap(self.pid)
+            if not self.alive():
+                break
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(POLL_INTERVAL)
+        reap(self.pid)
+        return True
+
+    def terminate(self, timeout: float = 3.0) -> bool:
+        """SIGTERM, wait up to ``timeout``; then SIGKILL and wait up to 5 s.
+
+        Idempotent. True if the process is gone afterwards.
+        """
+        if not self.alive():
+            reap(self.pid)
+            return True
+        self.signal(signal.SIGTERM)
+        if self.wait(timeout):
+            return True
+        return self.kill()
+
+    def kill(self, timeout: float = 5.0) -> bool:
+        """SIGKILL and wait up to ``timeout``. Idempotent; True if the process is gone."""
+        self.signal(signal.SIGKILL)
+        return self.wait(timeout)
+
+
+def remove_quietly(*paths: Path | None) -> None:
+    """Unlink each path that exists; never raises for a missing file."""
+    for path in paths:
+        if path is not None:
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+
+
+def log_tail(path: Path, lines: int = 10, limit: int = 4096) -> str:
+    """The last ``lines`` lines (at most ``limit`` bytes) of ``path``; "" if unreadable."""
+    try:
+        with path.open("rb") as handle:
+            handle.seek(0, os.SEEK_END)
+            size = handle.tell()
+            handle.seek(max(0, size - limit))
+            data = handle.read()
+    except OSError:
+        return ""
+    text = data.decode(errors="replace").strip()
+    return "\n".join(text.splitlines()[-lines:])

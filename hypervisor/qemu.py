@@ -1,0 +1,330 @@
+"""QEMU driver: spawn, control over QMP, stop, and re-attach from another process.
+
+Lifecycle of :class:`QemuVM`::
+
+    start(paused=True)  Popen(new session) -> wait for QMP (bounded; fail fast if QEMU
+                        exits: LaunchError with exit code and log tail) -> query-status
+    resume()            QMP cont
+    status()            QMP query-status while the process lives, else "shutdown"
+    stop(timeout)       QMP quit -> wait -> SIGTERM -> wait -> SIGKILL; then cleanup
+    kill()              SIGKILL; then cleanup
+    cleanup             remove the QMP socket, agent socket and pidfile (only once QEMU
+                        is gone; idempotent)
+
+QEMU runs in its own session and outlives the Python process that started it (the CLI
+exits after ``create``). A later process re-attaches with :meth:`QemuVM.attach` using the
+same :class:`VMConfig` and the recorded pid (and start time, to survive pid reuse).
+QMP is opened per operation: QEMU's monitor serves one client at a time, so holding a
+connection would lock out every other process.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+from hypervisor.base import SHUTDOWN, Hypervisor
+from hypervisor.errors import HypervisorError, LaunchError, QMPError
+from hypervisor.process import ProcessHandle, log_tail, remove_quietly, start_time
+from hypervisor.qemu_args import VMConfig, build_argv
+from hypervisor.qmp import QMP
+
+QEMU_BINARY = "qemu-system-x86_64"
+#: Environment override for the QEMU binary (absolute path or name on PATH).
+ENV_QEMU = "PYSANDBOX_QEMU"
+DEFAULT_LAUNCH_TIMEOUT = 10.0
+DEFAULT_QMP_TIMEOUT = 5.0
+
+
+def find_qemu() -> Path:
+    """Locate ``qemu-system-x86_64`` ($PYSANDBOX_QEMU, then PATH).
+
+    Raises LaunchError naming the package to install.
+    """
+    wanted = os.environ.get(ENV_QEMU) or QEMU_BINARY
+    found = shutil.which(wanted)
+    if found is None:
+        raise LaunchError(f"{wanted} not found; install it with 'apt-get install qemu-system-x86'")
+    return Path(found)
+
+
+class QemuVM(Hypervisor):
+    """One QEMU process running the VM described by ``config``.
+
+    Not started by the constructor. Use :meth:`start` (this process spawns QEMU) or
+    :meth:`attach` (QEMU was spawned by another process). ``pid``/``handle`` identify the
+    process for persistence.
+    """
+
+    def __init__(
+        self,
+        config: VMConfig,
+        *,
+        qemu_binary: str | Path | None = None,
+        launch_timeout: float = DEFAULT_LAUNCH_TIMEOUT,
+        qmp_timeout: float = DEFAULT_QMP_TIMEOUT,
+    ) -> None:
+        self.config = config
+        self.qemu_binary = qemu_binary
+        self.launch_timeout = launch_timeout
+        self.qmp_timeout = qmp_timeout
+        self.argv: list[str] = []
+        self._handle: ProcessHandle | None = None
+        self._popen: subprocess.Popen[bytes] | None = None
+
+    # -- identity ------------------------------------------------------------------------
+
+    @classmethod
+    def attach(
+        cls,
+        config: VMConfig,
+        pid: int,
+        start: int | None = None,
+        *,
+        qmp_timeout: float = DEFAULT_QMP_TIMEOUT,
+    ) -> QemuVM:
+        """Re-attach to a QEMU spawned earlier (possibly by another process).
+
+        ``start`` is the start time recorded at spawn (:attr:`handle`); without it the pid is
+        trusted only if its command line names ``config.qmp_socket``. If the process is gone
+        or the pid was reused, the VM reports ``shutdown`` and :meth:`stop` only cleans up.
+        """
+        vm = cls(config, qmp_timeout=qmp_timeout)
+        current = start_time(pid)
+        if start is None and current is not None and _cmdline_mentions(pid, config.qmp_socket):
+            start = current
+        # A start time of -1 never matches: the handle is then permanently "gone".
+        vm._handle = ProcessHandle(pid, start if start is not None else -1)
+        return vm
+
+    @property
+    def handle(self) -> ProcessHandle:
+        """pid + start time of QEMU (persist it to re-attach). HypervisorError if unstarted."""
+        if self._handle is None:
+            raise HypervisorError(f"vm {self.config.name} was not started")
+        return self._handle
+
+    @property
+    def pid(self) -> int:
+        """QEMU's pid. HypervisorError if the VM was never started or attached."""
+        return self.handle.pid
+
+    @property
+    def console_log(self) -> Path:
+        return self.config.console_log
+
+    @property
+    def log_path(self) -> Path:
+        """QEMU's own stdout/stderr log."""
+        return self.config.stderr_log
+
+    def pids(self) -> list[int]:
+        return [self._handle.pid] if self._handle is not None and self._alive() else []
+
+    def _alive(self) -> bool:
+        if self._handle is None:
+            return False
+        if self._popen is not None and self._popen.poll() is not None:
+            return False
+        return self._handle.alive()
+
+    @property
+    def exitcode(self) -> int | None:
+        """QEMU's exit status when this process spawned it and it has exited; else None."""
+        return None if self._popen is None else self._popen.poll()
+
+    # -- start ---------------------------------------------------------------------------
+
+    def start(self, *, paused: bool = True) -> None:
+        """Spawn QEMU and return once QMP answers ``query-status``.
+
+        With ``paused`` (default) the guest stays in ``prelaunch`` until :meth:`resume`.
+        Raises LaunchError (exit code, argv, log tail) if QEMU is missing, exits early or
+        QMP is not reachable within ``launch_timeout``; nothing is left running then.
+        """
+        if self._handle is not None:
+            raise HypervisorError(f"vm {self.config.name} was already started")
+        binary = Path(self.qemu_binary) if self.qemu_binary else find_qemu()
+        for path in (self.config.kernel, self.config.initrd, self.config.rootfs):
+            if path is not None and not path.is_file():
+                raise LaunchError(f"cannot start vm {self.config.name}: {path} does not exist")
+        self.argv = build_argv(self.config, binary, paused=paused)
+        # Stale sockets from a crashed run would make QEMU's listen() fail.
+        remove_quietly(*self.config.sockets(), self.config.pidfile)
+        log = self.log_path
+        try:
+            with log.open("wb") as log_file:
+                self._popen = subprocess.Popen(
+                    self.argv,
+                    stdin=subprocess.DEVNULL,
+                    stdout=log_file,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                    close_fds=True,
+                    cwd="/",
+                )
+        except OSError as exc:
+            raise LaunchError(
+                f"cannot start qemu for vm {self.config.name}: {exc.strerror or exc}: "
+                f"{exc.filename or binary}",
+                argv=self.argv,
+                log=log,
+            ) from exc
+        started = start_time(self._popen.pid)
+        self._handle = ProcessHandle(self._popen.pid, started if started is not None else -1)
+        try:
+            self._wait_for_qmp()
+        except BaseException:
+            self.kill()
+            raise
+
+    def _launch_failure(self, what: str) -> LaunchError:
+        code = self.exitcode
+        tail = log_tail(self.log_path)
+        detail = f": {tail.splitlines()[-1]}" if tail else ""
+        return LaunchError(
+            f"qemu for vm {self.config.name} {what}{detail} (see {self.log_path})",
+            exitcode=code,
+            argv=self.argv,
+            log=self.log_path,
+            log_tail=tail,
+        )
+
+    def _wait_for_qmp(self) -> None:
+        deadline = time.monotonic() + self.launch_timeout
+        last: Exception | None = None
+        while True:
+            if not self._alive():
+                raise self._launch_failure(f"exited with status {self.exitcode} during startup")
+            if self.config.qmp_socket.exists():
+                try:
+                    with self._qmp(timeout=min(self.qmp_timeout, 2.0)) as qmp:
+                        qmp.execute("query-status")
+                    return
+                except HypervisorError as exc:
+                    last = exc
+            if time.monotonic() >= deadline:
+                error = self._launch_failure(f"did not answer qmp within {self.launch_timeout:g}s")
+                raise error from last
+            time.sleep(0.01)
+
+    # -- control -------------------------------------------------------------------------
+
+    def _qmp(self, timeout: float | None = None) -> QMP:
+        return QMP.connect(
+            self.config.qmp_socket, timeout=self.qmp_timeout if timeout is None else timeout
+        )
+
+    def qmp_execute(self, command: str, arguments: dict[str, object] | None = None) -> object:
+        """Run one QMP command on a fresh connection (QMPError/HypervisorTimeout on failure)."""
+        if not self._alive():
+            raise QMPError(
+                f"qmp {command} impossible: vm {self.config.name} is not running",
+                command=command,
+            )
+        with self._qmp() as qmp:
+            return qmp.execute(command, arguments)
+
+    def resume(self) -> None:
+        """QMP ``cont``: run a guest that is in ``prelaunch`` or ``paused``."""
+        self.qmp_execute("cont")
+
+    def pause(self) -> None:
+        """QMP ``stop``: freeze the vCPUs (status becomes ``paused``)."""
+        self.qmp_execute("stop")
+
+    def status(self) -> str:
+        """QEMU's run state, or ``shutdown`` once the process is gone (never raises then)."""
+        if not self._alive():
+            return SHUTDOWN
+        try:
+            reply = self.qmp_execute("query-status")
+        except HypervisorError:
+            if not self._alive():
+                return SHUTDOWN
+            raise
+        if not isinstance(reply, dict) or not isinstance(reply.get("status"), str):
+            raise QMPError(f"qmp query-status gave {reply!r}", command="query-status")
+        return str(reply["status"])
+
+    def wait(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` seconds for QEMU to exit; True if it has."""
+        if self._popen is not None:
+            try:
+                self._popen.wait(timeout)
+            except subprocess.TimeoutExpired:
+                return False
+            return True
+        if self._handle is None:
+            return True
+        return self._handle.wait(timeout)
+
+    # -- stop ----------------------------------------------------------------------------
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """QMP ``quit``, wait ``timeout``; then SIGTERM (3 s), then SIGKILL; then cleanup.
+
+        ``quit`` stops QEMU at once (the guest is not asked to shut down; power it off
+        through the agent first for a clean guest shutdown). Idempotent.
+        """
+        try:
+            if self._alive():
+                with (
+                    contextlib.suppress(HypervisorError),
+                    self._qmp(timeout=min(timeout, self.qmp_timeout)) as qmp,
+                ):
+                    qmp.quit()
+                if not self.wait(timeout):
+                    self._signal(signal.SIGTERM)
+                    if not self.wait(3.0):
+                        self._signal(signal.SIGKILL)
+                        self.wait(5.0)
+        finally:
+            self._cleanup()
+
+    def kill(self) -> None:
+        """SIGKILL QEMU (if it is still this process) and clean up. Idempotent."""
+        try:
+            if self._alive():
+                self._signal(signal.SIGKILL)
+                self.wait(5.0)
+        finally:
+            self._cleanup()
+
+    def _signal(self, signum: int) -> None:
+        # Signals only the recorded process (pid + start time); waiting goes through
+        # wait() so that Popen, not a stray waitpid, collects our child's exit status.
+        if self._handle is not None:
+            self._handle.signal(signum)
+
+    def _cleanup(self) -> None:
+        if self._alive():
+            return  # never pull sockets from under a live QEMU
+        if _listening(self.config.qmp_socket):
+            return  # another QEMU serves these paths (our pid was stale or reused)
+        remove_quietly(*self.config.sockets(), self.config.pidfile)
+
+
+def _listening(path: Path) -> bool:
+    """True if something accepts connections on unix socket ``path``."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(0.5)
+        try:
+            sock.connect(str(path))
+        except OSError:
+            return False
+    return True
+
+
+def _cmdline_mentions(pid: int, path: Path) -> bool:
+    try:
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+    return str(path).replace(",", ",,").encode() in raw

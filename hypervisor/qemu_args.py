@@ -1,0 +1,483 @@
+"""QEMU command line as typed values.
+
+Every QEMU option is a small frozen dataclass whose :meth:`argv` renders exactly the
+arguments it stands for; :func:`vm_options` chooses the options a :class:`VMConfig` needs,
+in a fixed order, and :func:`build_argv` flattens them. No helper mutates a shared list, so
+the golden tests in ``tests/unit/test_qemu_args.py`` can pin the whole command line.
+
+Values embedded in a ``key=value,...`` option string go through :func:`escape` (QEMU
+doubles commas). Paths are rendered as given: callers pass absolute paths.
+
+Device naming: ``pc`` and ``q35`` put virtio devices on PCI (``virtio-blk-pci``...);
+``microvm`` has no PCI and uses virtio-mmio (``virtio-blk-device``...), for which QEMU
+needs ``-global virtio-mmio.force-legacy=false`` so vhost-user devices work.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, Protocol
+
+Accelerator = Literal["tcg", "kvm"]
+MachineType = Literal["pc", "q35", "microvm"]
+Bus = Literal["pci", "mmio"]
+
+ACCELERATORS: tuple[Accelerator, ...] = ("tcg", "kvm")
+MACHINES: tuple[MachineType, ...] = ("pc", "q35", "microvm")
+
+#: ``-sandbox`` seccomp policy (QEMU 7.2 accepts it; measured to still boot with
+#: virtio-fs, virtio-serial and a file console): no obsolete syscalls, no setuid,
+#: no fork/exec, no scheduler/affinity changes.
+SANDBOX_POLICY = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
+
+#: Maximum length of a virtio-fs tag (bytes), fixed by the virtio spec.
+MAX_FS_TAG = 36
+#: Id of the shared memory backend required by vhost-user devices.
+MEMORY_BACKEND_ID = "mem"
+
+
+def escape(value: str | Path) -> str:
+    """Escape ``value`` for use inside a QEMU ``key=value,...`` option (commas doubled)."""
+    return str(value).replace(",", ",,")
+
+
+def bus_of(machine: MachineType) -> Bus:
+    """The virtio transport of ``machine``: ``mmio`` for microvm, ``pci`` otherwise."""
+    return "mmio" if machine == "microvm" else "pci"
+
+
+def virtio_device(kind: str, bus: Bus) -> str:
+    """QEMU device name for virtio ``kind`` on ``bus`` (``virtio-blk`` -> ``virtio-blk-pci``)."""
+    return f"{kind}-pci" if bus == "pci" else f"{kind}-device"
+
+
+class QemuOption(Protocol):
+    """Anything that renders a part of the QEMU command line."""
+
+    def argv(self) -> list[str]: ...
+
+
+# -- global behaviour ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Name:
+    """``-name``: shows in QMP ``query-name`` and in error messages."""
+
+    name: str
+
+    def argv(self) -> list[str]:
+        return ["-name", escape(self.name)]
+
+
+@dataclass(frozen=True)
+class NoDefaults:
+    """``-nodefaults``: no default NIC, VGA, serial, parallel, floppy or CD-ROM."""
+
+    def argv(self) -> list[str]:
+        return ["-nodefaults"]
+
+
+@dataclass(frozen=True)
+class NoUserConfig:
+    """``-no-user-config``: ignore host-wide QEMU configuration files."""
+
+    def argv(self) -> list[str]:
+        return ["-no-user-config"]
+
+
+@dataclass(frozen=True)
+class DisplayNone:
+    """``-display none``: no graphical window, no VNC."""
+
+    def argv(self) -> list[str]:
+        return ["-display", "none"]
+
+
+@dataclass(frozen=True)
+class NoReboot:
+    """``-no-reboot``: a guest reboot (or ``panic=-1``) makes QEMU exit instead."""
+
+    def argv(self) -> list[str]:
+        return ["-no-reboot"]
+
+
+@dataclass(frozen=True)
+class Paused:
+    """``-S``: create the VM in the ``prelaunch`` state; QMP ``cont`` runs it."""
+
+    def argv(self) -> list[str]:
+        return ["-S"]
+
+
+@dataclass(frozen=True)
+class Sandbox:
+    """``-sandbox``: QEMU's seccomp filter (:data:`SANDBOX_POLICY`)."""
+
+    policy: str = SANDBOX_POLICY
+
+    def argv(self) -> list[str]:
+        return ["-sandbox", self.policy]
+
+
+@dataclass(frozen=True)
+class PidFile:
+    """``-pidfile``: QEMU writes (and locks) its pid there."""
+
+    path: Path
+
+    def argv(self) -> list[str]:
+        return ["-pidfile", str(self.path)]
+
+
+@dataclass(frozen=True)
+class GlobalProperty:
+    """``-global driver.property=value``."""
+
+    driver: str
+    prop: str
+    value: str
+
+    def argv(self) -> list[str]:
+        return ["-global", f"{self.driver}.{self.prop}={escape(self.value)}"]
+
+
+# -- machine, CPU, memory ------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Machine:
+    """``-machine TYPE[,memory-backend=ID]``."""
+
+    type: MachineType = "pc"
+    memory_backend: str | None = None
+
+    def argv(self) -> list[str]:
+        value: str = self.type
+        if self.memory_backend is not None:
+            value += f",memory-backend={self.memory_backend}"
+        return ["-machine", value]
+
+
+@dataclass(frozen=True)
+class Accel:
+    """``-accel``: ``tcg,thread=multi`` (one host thread per vCPU) or ``kvm``."""
+
+    kind: Accelerator
+
+    def argv(self) -> list[str]:
+        return ["-accel", "tcg,thread=multi" if self.kind == "tcg" else "kvm"]
+
+
+@dataclass(frozen=True)
+class Cpu:
+    """``-cpu MODEL``; :meth:`for_accel` gives ``max`` under TCG, ``host`` under KVM."""
+
+    model: str
+
+    @classmethod
+    def for_accel(cls, accel: Accelerator) -> Cpu:
+        return cls("host" if accel == "kvm" else "max")
+
+    def argv(self) -> list[str]:
+        return ["-cpu", self.model]
+
+
+@dataclass(frozen=True)
+class Smp:
+    """``-smp N``."""
+
+    cpus: int
+
+    def argv(self) -> list[str]:
+        return ["-smp", str(self.cpus)]
+
+
+@dataclass(frozen=True)
+class Memory:
+    """``-m SIZE``, plus a shared memfd backend when ``shared`` (required by vhost-user).
+
+    With ``shared`` the :class:`Machine` must name :data:`MEMORY_BACKEND_ID` as its
+    ``memory-backend``; :func:`vm_options` does that.
+    """
+
+    size_mib: int
+    shared: bool = False
+
+    def argv(self) -> list[str]:
+        args = ["-m", f"{self.size_mib}M"]
+        if self.shared:
+            args += [
+                "-object",
+                f"memory-backend-memfd,id={MEMORY_BACKEND_ID},size={self.size_mib}M,share=on",
+            ]
+        return args
+
+
+# -- boot ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Kernel:
+    """``-kernel``: a bzImage, or an ELF vmlinux with a PVH note (faster under TCG)."""
+
+    path: Path
+
+    def argv(self) -> list[str]:
+        return ["-kernel", str(self.path)]
+
+
+@dataclass(frozen=True)
+class Initrd:
+    """``-initrd``."""
+
+    path: Path
+
+    def argv(self) -> list[str]:
+        return ["-initrd", str(self.path)]
+
+
+@dataclass(frozen=True)
+class Append:
+    """``-append``: the kernel command line, passed as one argument."""
+
+    cmdline: str
+
+    def argv(self) -> list[str]:
+        return ["-append", self.cmdline]
+
+
+# -- devices -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RootDrive:
+    """A raw image, read-only, on virtio-blk (the guest's ``/dev/vda``)."""
+
+    path: Path
+    bus: Bus = "pci"
+    id: str = "root"
+
+    def argv(self) -> list[str]:
+        return [
+            "-drive",
+            f"file={escape(self.path)},if=none,id={self.id},format=raw,readonly=on",
+            "-device",
+            f"{virtio_device('virtio-blk', self.bus)},drive={self.id}",
+        ]
+
+
+@dataclass(frozen=True)
+class ConsoleLog:
+    """The first serial port written to a file (truncated at start)."""
+
+    path: Path
+    id: str = "console"
+
+    def argv(self) -> list[str]:
+        return [
+            "-chardev",
+            f"file,id={self.id},path={escape(self.path)}",
+            "-serial",
+            f"chardev:{self.id}",
+        ]
+
+
+@dataclass(frozen=True)
+class QMPSocket:
+    """QMP on a unix socket QEMU listens on (``server=on,wait=off``)."""
+
+    path: Path
+    id: str = "qmp"
+
+    def argv(self) -> list[str]:
+        return [
+            "-chardev",
+            f"socket,id={self.id},path={escape(self.path)},server=on,wait=off",
+            "-mon",
+            f"chardev={self.id},mode=control",
+        ]
+
+
+@dataclass(frozen=True)
+class AgentSerialPort:
+    """The agent channel over virtio-serial: QEMU listens on ``path``.
+
+    The guest sees a port named ``name`` (``/dev/vport0p1``, name in
+    ``/sys/class/virtio-ports/vport0p1/name``).
+    """
+
+    path: Path
+    bus: Bus = "pci"
+    name: str = "agent.0"
+    id: str = "agent"
+
+    def argv(self) -> list[str]:
+        return [
+            "-device",
+            f"{virtio_device('virtio-serial', self.bus)},id=vser0",
+            "-chardev",
+            f"socket,id={self.id},path={escape(self.path)},server=on,wait=off",
+            "-device",
+            f"virtserialport,bus=vser0.0,chardev={self.id},name={escape(self.name)}",
+        ]
+
+
+@dataclass(frozen=True)
+class VsockDevice:
+    """``vhost-vsock`` with guest context id ``cid`` (needs ``/dev/vhost-vsock`` on the host)."""
+
+    cid: int
+    bus: Bus = "pci"
+
+    def argv(self) -> list[str]:
+        return ["-device", f"{virtio_device('vhost-vsock', self.bus)},guest-cid={self.cid}"]
+
+
+@dataclass(frozen=True)
+class VirtioFsShare:
+    """A virtio-fs share served by virtiofsd on ``socket``; the guest mounts ``tag``."""
+
+    tag: str
+    socket: Path
+    index: int = 0
+    bus: Bus = "pci"
+    queue_size: int = 1024
+
+    def argv(self) -> list[str]:
+        chardev = f"fs{self.index}"
+        return [
+            "-chardev",
+            f"socket,id={chardev},path={escape(self.socket)}",
+            "-device",
+            f"{virtio_device('vhost-user-fs', self.bus)},chardev={chardev},"
+            f"tag={escape(self.tag)},queue-size={self.queue_size}",
+        ]
+
+
+# -- the VM --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class VMConfig:
+    """Everything needed to build one VM's command line.
+
+    ``agent_socket`` selects the virtio-serial agent transport (QEMU listens on that unix
+    socket), ``vsock_cid`` the vhost-vsock one; at most one may be set. ``shares`` are
+    ``(tag, virtiofsd socket)`` pairs; any share switches guest RAM to a shared memfd.
+    ``qemu_log`` receives QEMU's stdout/stderr (default: next to ``console_log``).
+    Invalid values raise ``ValueError`` (a caller bug, not a runtime condition).
+    """
+
+    name: str
+    kernel: Path
+    cmdline: str
+    qmp_socket: Path
+    console_log: Path
+    initrd: Path | None = None
+    rootfs: Path | None = None
+    memory_mib: int = 512
+    cpus: int = 1
+    accel: Accelerator = "tcg"
+    cpu: str | None = None
+    machine: MachineType = "pc"
+    agent_socket: Path | None = None
+    vsock_cid: int | None = None
+    shares: tuple[tuple[str, Path], ...] = ()
+    pidfile: Path | None = None
+    qemu_log: Path | None = None
+    sandbox: bool = True
+    extra: tuple[QemuOption, ...] = field(default=(), compare=False)
+
+    def __post_init__(self) -> None:
+        if self.accel not in ACCELERATORS:
+            raise ValueError(f"accel must be one of {ACCELERATORS}, not {self.accel!r}")
+        if self.machine not in MACHINES:
+            raise ValueError(f"machine must be one of {MACHINES}, not {self.machine!r}")
+        if self.memory_mib < 64:
+            raise ValueError(f"memory_mib {self.memory_mib} is below 64")
+        if self.cpus < 1:
+            raise ValueError(f"cpus {self.cpus} is below 1")
+        if self.agent_socket is not None and self.vsock_cid is not None:
+            raise ValueError("set agent_socket (virtio-serial) or vsock_cid, not both")
+        if self.vsock_cid is not None and self.vsock_cid < 3:
+            raise ValueError(f"vsock cid {self.vsock_cid} is reserved (use 3 or more)")
+        tags = [tag for tag, _ in self.shares]
+        if len(set(tags)) != len(tags):
+            raise ValueError(f"duplicate virtio-fs tags in {tags}")
+        for tag in tags:
+            if not tag or len(tag.encode()) > MAX_FS_TAG:
+                raise ValueError(f"virtio-fs tag {tag!r} must be 1..{MAX_FS_TAG} bytes")
+
+    @property
+    def agent_transport(self) -> Literal["serial", "vsock"] | None:
+        """``serial``, ``vsock`` or None (no agent channel)."""
+        if self.agent_socket is not None:
+            return "serial"
+        if self.vsock_cid is not None:
+            return "vsock"
+        return None
+
+    @property
+    def stderr_log(self) -> Path:
+        """Where QEMU's stdout and stderr go."""
+        if self.qemu_log is not None:
+            return self.qemu_log
+        return self.console_log.with_name(f"{self.console_log.stem}-qemu.log")
+
+    def sockets(self) -> tuple[Path, ...]:
+        """The unix sockets QEMU creates (and that are removed after it exits)."""
+        return tuple(p for p in (self.qmp_socket, self.agent_socket) if p is not None)
+
+
+def vm_options(config: VMConfig, *, paused: bool = True) -> list[QemuOption]:
+    """The typed options for ``config``, in command-line order."""
+    bus = bus_of(config.machine)
+    shared_memory = bool(config.shares)
+    options: list[QemuOption] = [
+        Name(config.name),
+        Machine(config.machine, MEMORY_BACKEND_ID if shared_memory else None),
+        Accel(config.accel),
+        Cpu(config.cpu) if config.cpu else Cpu.for_accel(config.accel),
+        Smp(config.cpus),
+        Memory(config.memory_mib, shared=shared_memory),
+        NoDefaults(),
+        NoUserConfig(),
+        DisplayNone(),
+        NoReboot(),
+    ]
+    if config.sandbox:
+        options.append(Sandbox())
+    if config.machine == "microvm":
+        options.append(GlobalProperty("virtio-mmio", "force-legacy", "false"))
+    options.append(Kernel(config.kernel))
+    if config.initrd is not None:
+        options.append(Initrd(config.initrd))
+    options.append(Append(config.cmdline))
+    options.append(ConsoleLog(config.console_log))
+    options.append(QMPSocket(config.qmp_socket))
+    if config.rootfs is not None:
+        options.append(RootDrive(config.rootfs, bus))
+    if config.agent_socket is not None:
+        options.append(AgentSerialPort(config.agent_socket, bus))
+    if config.vsock_cid is not None:
+        options.append(VsockDevice(config.vsock_cid, bus))
+    for index, (tag, socket) in enumerate(config.shares):
+        options.append(VirtioFsShare(tag, socket, index, bus))
+    if config.pidfile is not None:
+        options.append(PidFile(config.pidfile))
+    options.extend(config.extra)
+    if paused:
+        options.append(Paused())
+    return options
+
+
+def build_argv(
+    config: VMConfig, qemu_binary: str | Path = "qemu-system-x86_64", *, paused: bool = True
+) -> list[str]:
+    """The full QEMU command line for ``config`` (``paused``: start in ``prelaunch``)."""
+    argv = [str(qemu_binary)]
+    for option in vm_options(config, paused=paused):
+        argv += option.argv()
+    return argv

@@ -1,0 +1,132 @@
+"""A small synchronous QMP client with a timeout on everything.
+
+Wraps :class:`qemu.qmp.QMPClient` (asyncio) in a private event loop, so callers stay
+synchronous and nothing touches a global loop. Every failure becomes
+:class:`~hypervisor.errors.QMPError` (with ``command`` and ``reply``) or
+:class:`~hypervisor.errors.HypervisorTimeout`, chained to the original exception.
+
+Usage::
+
+    with QMP.connect(path, timeout=5.0) as qmp:
+        qmp.execute("cont")
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Coroutine
+from pathlib import Path
+from types import TracebackType
+from typing import Any, TypeVar
+
+from qemu.qmp import ExecuteError, QMPClient
+from qemu.qmp import QMPError as _LibQMPError
+
+from hypervisor.errors import HypervisorTimeout, QMPError
+
+_T = TypeVar("_T")
+DEFAULT_TIMEOUT = 5.0
+#: Errors that mean "the connection went away" (expected after ``quit``).
+DISCONNECT_ERRORS = (EOFError, ConnectionError, BrokenPipeError)
+
+# qemu.qmp logs a traceback at ERROR level when QEMU hangs up after "quit"; that is normal.
+logging.getLogger("qemu.qmp").setLevel(logging.CRITICAL)
+
+
+class QMP:
+    """One QMP connection to a unix socket. Not thread-safe. Close it (or use ``with``)."""
+
+    def __init__(self, path: Path, *, timeout: float = DEFAULT_TIMEOUT) -> None:
+        self.path = path
+        self.timeout = timeout
+        self._loop = asyncio.new_event_loop()
+        self._client = QMPClient(f"pysandbox:{path.name}")
+        self._connected = False
+
+    @classmethod
+    def connect(cls, path: Path, *, timeout: float = DEFAULT_TIMEOUT) -> QMP:
+        """Connect, read the greeting and negotiate capabilities within ``timeout`` seconds.
+
+        Raises QMPError if the socket refuses or the handshake fails, HypervisorTimeout if
+        it takes too long. Nothing is left open on failure.
+        """
+        qmp = cls(path, timeout=timeout)
+        try:
+            qmp._run(qmp._client.connect(str(path)), timeout, "connect")
+        except BaseException:
+            qmp.close()
+            raise
+        qmp._connected = True
+        return qmp
+
+    def _run(self, coro: Coroutine[Any, Any, _T], timeout: float, what: str) -> _T:
+        try:
+            return self._loop.run_until_complete(asyncio.wait_for(coro, timeout))
+        except TimeoutError as exc:
+            raise HypervisorTimeout(
+                f"qmp {what} on {self.path} timed out after {timeout:g}s; "
+                "is qemu hung? stop it and check its log"
+            ) from exc
+        except ExecuteError as exc:
+            raise QMPError(
+                f"qmp command {what} failed: {exc.error_class}: {exc}",
+                command=what,
+                reply=exc.received,
+            ) from exc
+        except (_LibQMPError, OSError, EOFError) as exc:
+            raise QMPError(
+                f"qmp {what} on {self.path} failed: {exc}; is qemu running?", command=what
+            ) from exc
+
+    def execute(
+        self,
+        command: str,
+        arguments: dict[str, object] | None = None,
+        *,
+        timeout: float | None = None,
+    ) -> object:
+        """Run ``command`` and return its ``return`` value.
+
+        Raises QMPError on an error reply or a broken connection, HypervisorTimeout after
+        ``timeout`` (default: the connection's) seconds.
+        """
+        return self._run(
+            self._client.execute(command, arguments),
+            self.timeout if timeout is None else timeout,
+            command,
+        )
+
+    def quit(self, *, timeout: float | None = None) -> None:
+        """Send ``quit``; QEMU hanging up before or after the reply counts as success."""
+        try:
+            self.execute("quit", timeout=timeout)
+        except QMPError as exc:
+            if exc.reply is not None:
+                raise
+            # The reply raced with the hang-up: EOF/reset/ExecInterrupted are all fine.
+
+    def close(self) -> None:
+        """Disconnect and free the loop. Idempotent; never raises for a dead peer."""
+        if self._loop.is_closed():
+            return
+        with contextlib.suppress(Exception):
+            self._loop.run_until_complete(
+                asyncio.wait_for(self._client.disconnect(), DEFAULT_TIMEOUT)
+            )
+        with contextlib.suppress(Exception):
+            self._loop.run_until_complete(self._loop.shutdown_asyncgens())
+        self._loop.close()
+        self._connected = False
+
+    def __enter__(self) -> QMP:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()

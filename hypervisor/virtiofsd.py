@@ -1,0 +1,265 @@
+"""virtiofsd driver: serve one host directory to one VM over a vhost-user socket.
+
+Debian 12 ships the C virtiofsd of QEMU 7.2 at ``/usr/lib/qemu/virtiofsd``. Facts that
+shape this driver (measured):
+
+- It must run as root here: it takes a lock/pid file in the fixed directory
+  ``/var/run/virtiofsd/`` named after the socket path (``/`` replaced by ``.``), so several
+  instances coexist as long as their socket paths differ; a second instance on the same
+  socket path fails. The file stays behind after SIGKILL; :meth:`Virtiofsd.stop` removes it.
+- ``-o sandbox=namespace`` (default) forks: the pid we hold is the parent, the server runs
+  as its child in new mount/pid/net namespaces and dies with it (PR_SET_PDEATHSIG).
+- It exits by itself when QEMU disconnects, so after a VM stops it is usually gone already.
+- On SIGTERM (or SIGKILL) it leaves its socket and pid file behind; :meth:`Virtiofsd.stop`
+  removes them (only those of its own instance).
+- It serves exactly one vhost-user connection: one instance per VM and share.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import subprocess
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Literal
+
+from hypervisor.errors import VirtiofsdError
+from hypervisor.process import ProcessHandle, log_tail, remove_quietly, start_time
+
+CacheMode = Literal["auto", "always", "none"]
+SandboxMode = Literal["namespace", "chroot"]
+
+#: Where the binary is looked for, in order, before PATH.
+CANDIDATES = (Path("/usr/lib/qemu/virtiofsd"), Path("/usr/libexec/virtiofsd"))
+#: Environment override for the binary.
+ENV_VIRTIOFSD = "PYSANDBOX_VIRTIOFSD"
+#: virtiofsd's fixed lock/pid directory.
+PID_DIR = Path("/var/run/virtiofsd")
+DEFAULT_START_TIMEOUT = 5.0
+DEFAULT_STOP_TIMEOUT = 1.0
+
+
+def find_virtiofsd() -> Path:
+    """Locate virtiofsd ($PYSANDBOX_VIRTIOFSD, the Debian/Fedora paths, then PATH).
+
+    Raises VirtiofsdError naming the package to install.
+    """
+    override = os.environ.get(ENV_VIRTIOFSD)
+    if override:
+        found = shutil.which(override)
+        if found is None:
+            raise VirtiofsdError(f"{ENV_VIRTIOFSD}={override} is not an executable")
+        return Path(found)
+    for candidate in CANDIDATES:
+        if os.access(candidate, os.X_OK):
+            return candidate
+    found = shutil.which("virtiofsd")
+    if found is None:
+        raise VirtiofsdError(
+            "virtiofsd not found; install it with 'apt-get install qemu-system-common'"
+        )
+    return Path(found)
+
+
+def pid_file_for(socket_path: Path) -> Path:
+    """The lock/pid file virtiofsd creates for ``socket_path`` under :data:`PID_DIR`."""
+    return PID_DIR / (str(socket_path).replace("/", ".") + ".pid")
+
+
+class Virtiofsd:
+    """One virtiofsd process sharing ``shared_dir`` on ``socket_path``.
+
+    ``start`` returns once the socket exists (QEMU can connect); ``stop`` is idempotent.
+    ``xattr`` enables extended attributes (needed for file capabilities and SELinux labels
+    in container images; off by default, as in virtiofsd). ``options`` are extra ``-o``
+    values passed as is.
+    """
+
+    def __init__(
+        self,
+        socket_path: Path,
+        shared_dir: Path,
+        *,
+        log_path: Path | None = None,
+        cache: CacheMode = "auto",
+        sandbox: SandboxMode = "namespace",
+        xattr: bool = False,
+        options: Sequence[str] = (),
+        binary: Path | None = None,
+        start_timeout: float = DEFAULT_START_TIMEOUT,
+    ) -> None:
+        self.socket_path = socket_path
+        self.shared_dir = shared_dir
+        self.log_path = log_path
+        self.cache = cache
+        self.sandbox = sandbox
+        self.xattr = xattr
+        self.options = tuple(options)
+        self.binary = binary
+        self.start_timeout = start_timeout
+        self._handle: ProcessHandle | None = None
+        self._popen: subprocess.Popen[bytes] | None = None
+        # Only files created by our instance are removed: a failed start must not delete
+        # the socket or pid file of another virtiofsd serving the same path.
+        self._owns_files = False
+
+    @classmethod
+    def attach(
+        cls, socket_path: Path, shared_dir: Path, pid: int, start: int | None = None
+    ) -> Virtiofsd:
+        """Re-attach to a virtiofsd started earlier (possibly by another process).
+
+        Without ``start`` the pid is trusted only if its command line names
+        ``socket_path``. A gone or reused pid makes :meth:`stop` only clean up.
+        """
+        fs = cls(socket_path, shared_dir)
+        current = start_time(pid)
+        if start is None and current is not None:
+            try:
+                cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+            except OSError:
+                cmdline = b""
+            if str(socket_path).encode() in cmdline:
+                start = current
+        fs._handle = ProcessHandle(pid, start if start is not None else -1)
+        fs._owns_files = True
+        return fs
+
+    def owner(self) -> int | None:
+        """Pid of a live virtiofsd already serving :attr:`socket_path` (from its pid file)."""
+        try:
+            pid = int(pid_file_for(self.socket_path).read_text().strip())
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except (OSError, ValueError):
+            return None
+        if start_time(pid) is None or str(self.socket_path).encode() not in cmdline:
+            return None
+        return pid
+
+    def argv(self, binary: Path) -> list[str]:
+        """The virtiofsd command line."""
+        args = [
+            str(binary),
+            f"--socket-path={self.socket_path}",
+            "-o",
+            f"source={self.shared_dir}",
+            "-o",
+            f"cache={self.cache}",
+            "-o",
+            f"sandbox={self.sandbox}",
+        ]
+        if self.xattr:
+            args += ["-o", "xattr"]
+        for option in self.options:
+            args += ["-o", option]
+        return args
+
+    @property
+    def handle(self) -> ProcessHandle:
+        """pid + start time (persist it to re-attach). VirtiofsdError if not started."""
+        if self._handle is None:
+            raise VirtiofsdError(f"virtiofsd for {self.socket_path} was not started")
+        return self._handle
+
+    @property
+    def pid(self) -> int:
+        return self.handle.pid
+
+    def alive(self) -> bool:
+        if self._handle is None:
+            return False
+        if self._popen is not None and self._popen.poll() is not None:
+            return False
+        return self._handle.alive()
+
+    def start(self) -> None:
+        """Spawn virtiofsd and wait (bounded) until its socket exists.
+
+        Raises VirtiofsdError if the binary is missing, the directory does not exist, or
+        virtiofsd exits or does not create the socket in time (nothing left running then).
+        """
+        if self._handle is not None:
+            raise VirtiofsdError(f"virtiofsd for {self.socket_path} was already started")
+        if not self.shared_dir.is_dir():
+            raise VirtiofsdError(f"cannot share {self.shared_dir}: not a directory")
+        binary = self.binary or find_virtiofsd()
+        argv = self.argv(binary)
+        other = self.owner()
+        if other is not None:
+            raise VirtiofsdError(
+                f"{self.socket_path} is already served by virtiofsd pid {other}; "
+                "stop it or use another socket path"
+            )
+        remove_quietly(self.socket_path)  # stale from a crash: virtiofsd would fail to bind
+        try:
+            log = self.log_path.open("wb") if self.log_path is not None else None
+            with log if log is not None else contextlib.nullcontext():
+                self._popen = subprocess.Popen(
+                    argv,
+                    stdin=subprocess.DEVNULL,
+                    stdout=log if log is not None else subprocess.DEVNULL,
+                    stderr=subprocess.STDOUT if log is not None else subprocess.DEVNULL,
+                    start_new_session=True,
+                    close_fds=True,
+                    cwd="/",
+                )
+        except OSError as exc:
+            raise VirtiofsdError(
+                f"cannot start virtiofsd for {self.shared_dir}: {exc.strerror or exc}: "
+                f"{exc.filename or binary}"
+            ) from exc
+        started = start_time(self._popen.pid)
+        self._handle = ProcessHandle(self._popen.pid, started if started is not None else -1)
+        try:
+            self._wait_for_socket()
+        except BaseException:
+            self._owns_files = self.owner() in (None, self.pid)
+            self.stop()
+            raise
+
+    def _failure(self, what: str) -> VirtiofsdError:
+        where = f" (see {self.log_path})" if self.log_path is not None else ""
+        tail = ""
+        if self.log_path is not None:
+            last = log_tail(self.log_path, lines=1)
+            tail = f": {last}" if last else ""
+        return VirtiofsdError(f"virtiofsd for {self.shared_dir} {what}{tail}{where}")
+
+    def _wait_for_socket(self) -> None:
+        deadline = time.monotonic() + self.start_timeout
+        while not self.socket_path.exists():
+            if not self.alive():
+                code = self._popen.poll() if self._popen is not None else None
+                raise self._failure(f"exited with status {code} during startup")
+            if time.monotonic() >= deadline:
+                raise self._failure(
+                    f"did not create {self.socket_path} within {self.start_timeout:g}s"
+                )
+            time.sleep(0.005)
+        self._owns_files = True
+
+    def wait(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` seconds for virtiofsd to exit; True if it has."""
+        if self._popen is not None:
+            try:
+                self._popen.wait(timeout)
+            except subprocess.TimeoutExpired:
+                return False
+            return True
+        return self._handle is None or self._handle.wait(timeout)
+
+    def stop(self, timeout: float = DEFAULT_STOP_TIMEOUT) -> None:
+        """SIGTERM, wait ``timeout``, then SIGKILL; remove the socket and pid file it made.
+
+        Idempotent; never raises for a process that is already gone.
+        """
+        try:
+            if self._handle is not None and self.alive():
+                self._handle.terminate(timeout)
+                self.wait(1.0)
+        finally:
+            if self._owns_files and not self.alive():
+                remove_quietly(self.socket_path, pid_file_for(self.socket_path))

@@ -1,0 +1,154 @@
+"""``pysandbox check``: can this host run sandboxes, and if not, what fixes it.
+
+Each check yields a line with a verdict and, when something is missing, the command that
+fixes it. The report is "ok" when every *required* check passes; informational ones (such as
+vhost-vsock, for which virtio-serial is a full substitute) never fail it.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from hypervisor import accel
+from hypervisor.errors import HypervisorError
+from hypervisor.image import ImageError, find_image, validate
+
+
+@dataclass(frozen=True)
+class Check:
+    """One line of the report."""
+
+    name: str
+    ok: bool
+    detail: str
+    fix: str = ""
+    required: bool = True
+
+
+@dataclass
+class Report:
+    """All checks; ``ok`` when every required check passed."""
+
+    checks: list[Check] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return all(c.ok for c in self.checks if c.required)
+
+    def render(self) -> str:
+        lines = []
+        for check in self.checks:
+            mark = "ok" if check.ok else ("FAIL" if check.required else "info")
+            lines.append(f"[{mark:>4}] {check.name}: {check.detail}")
+            if check.fix and not check.ok:
+                lines.append(f"       fix: {check.fix}")
+        verdict = "this host can run pysandbox" if self.ok else "this host cannot run pysandbox"
+        lines.append(verdict)
+        return "\n".join(lines)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "ok": self.ok,
+            "checks": [
+                {
+                    "name": c.name,
+                    "ok": c.ok,
+                    "detail": c.detail,
+                    "fix": c.fix,
+                    "required": c.required,
+                }
+                for c in self.checks
+            ],
+        }
+
+
+def _qemu() -> Check:
+    from hypervisor.qemu import find_qemu
+
+    try:
+        binary = find_qemu()
+        out = subprocess.run(
+            [binary, "--version"], capture_output=True, text=True, timeout=10, check=False
+        ).stdout.splitlines()
+        version = out[0] if out else "unknown version"
+    except (HypervisorError, OSError, subprocess.TimeoutExpired) as exc:
+        return Check("qemu", False, str(exc), "apt-get install qemu-system-x86")
+    return Check("qemu", True, f"{binary} ({version})")
+
+
+def _virtiofsd() -> Check:
+    from hypervisor.virtiofsd import find_virtiofsd
+
+    try:
+        return Check("virtiofsd", True, str(find_virtiofsd()))
+    except HypervisorError as exc:
+        return Check("virtiofsd", False, str(exc), "apt-get install qemu-system-common")
+
+
+def _accel() -> Check:
+    try:
+        report = accel.detect()
+    except HypervisorError as exc:
+        return Check("acceleration", False, str(exc), "set PYSANDBOX_ACCEL to kvm, tcg or auto")
+    return Check("acceleration", True, f"{report.chosen} ({report.reason})")
+
+
+def _vsock() -> Check:
+    if accel.has_vhost_vsock():
+        return Check("agent channel", True, "vsock (/dev/vhost-vsock present)", required=False)
+    return Check(
+        "agent channel",
+        True,
+        "virtio-serial (/dev/vhost-vsock missing; vsock would need 'modprobe vhost_vsock')",
+        required=False,
+    )
+
+
+def _image() -> Check:
+    try:
+        image = find_image()
+        validate(image, verify_hashes=True)
+    except ImageError as exc:
+        return Check("guest image", False, str(exc), "make guest-image")
+    kernel = image.manifest.get("kernel", {})
+    return Check(
+        "guest image",
+        True,
+        f"{image.dir} (kernel {kernel.get('version', '?')}, boot {image.boot})",
+    )
+
+
+def _boot(root: Path) -> Check:
+    from sandbox.errors import SandboxError
+    from sandbox.pod import Pod
+
+    pod_id = f"check-{int(time.time() * 1000)}"
+    started = time.monotonic()
+    try:
+        pod = Pod.boot(root, pod_id)
+    except (SandboxError, HypervisorError) as exc:
+        return Check("boot", False, str(exc), "see the console log named above")
+    try:
+        with pod.client() as agent:
+            info = agent.info()
+        elapsed = time.monotonic() - started
+    finally:
+        pod.stop()
+    return Check(
+        "boot",
+        True,
+        f"agent {info.agent_version} healthy in {elapsed:.2f}s "
+        f"({info.kernel_release}, {info.transport})",
+    )
+
+
+def run_checks(boot: bool = False, root: Path | None = None) -> Report:
+    """Run every check; with ``boot`` also boot a throwaway pod under ``root``."""
+    report = Report([_qemu(), _virtiofsd(), _accel(), _vsock(), _image()])
+    if boot and report.ok and root is not None:
+        report.checks.append(_boot(root))
+    return report

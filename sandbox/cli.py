@@ -1,0 +1,99 @@
+"""The ``pysandbox`` command line: parse, delegate, report.
+
+Every verb is a thin function that loads what it needs (imports are lazy so that quick verbs
+start fast), calls into the library and prints the result. Any expected failure surfaces as
+one line ``pysandbox: <message>`` on stderr (and, with ``--log-format json``, one JSON line in
+the ``--log`` file) and a non-zero exit status; never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import NoReturn
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports usage errors as one line and exits 2 (like runc)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"pysandbox: {message} (see '{self.prog} --help')\n")
+
+
+def _global_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--root", type=Path, default=None, help="state directory")
+    parser.add_argument("--log", type=Path, default=None, help="log file")
+    parser.add_argument("--log-format", choices=["text", "json"], default="text")
+    parser.add_argument("--systemd-cgroup", action="store_true", help="accepted, ignored")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The full argument parser (exposed for tests and documentation)."""
+    parser = _Parser(prog="pysandbox", description="VM-isolated OCI container runtime")
+    _global_flags(parser)
+    verbs = parser.add_subparsers(dest="verb", metavar="COMMAND", parser_class=_Parser)
+    verbs.required = True
+
+    check = verbs.add_parser("check", help="report whether this host can run sandboxes")
+    check.add_argument("--json", action="store_true", help="machine-readable report")
+    check.add_argument("--boot", action="store_true", help="also boot a VM and reach its agent")
+
+    pod = verbs.add_parser("pod", help="boot, inspect and stop pod VMs directly")
+    pod_verbs = pod.add_subparsers(dest="pod_verb", metavar="ACTION", parser_class=_Parser)
+    pod_verbs.required = True
+    boot = pod_verbs.add_parser("boot", help="boot a pod VM and wait for its agent")
+    boot.add_argument("pod_id")
+    boot.add_argument("--memory", type=int, default=None, help="guest memory in MiB")
+    info = pod_verbs.add_parser("info", help="query a pod VM's agent")
+    info.add_argument("pod_id")
+    stop = pod_verbs.add_parser("stop", help="stop a pod VM and remove everything it started")
+    stop.add_argument("pod_id")
+    pod_verbs.add_parser("list", help="list pod VMs")
+    return parser
+
+
+def _log_error(args: argparse.Namespace, message: str) -> None:
+    log: Path | None = getattr(args, "log", None)
+    if log is None:
+        return
+    now = datetime.datetime.now(datetime.UTC).isoformat()
+    if getattr(args, "log_format", "text") == "json":
+        line = json.dumps({"level": "error", "msg": message, "time": now})
+    else:
+        line = f"{now} error: {message}"
+    try:
+        with open(log, "a", encoding="utf-8") as handle:
+            handle.write(line + "\n")
+    except OSError:
+        pass
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    from sandbox import commands
+
+    handler: Callable[[argparse.Namespace], int] = commands.HANDLERS[args.verb]
+    return handler(args)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Entry point of the ``pysandbox`` console script."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        code = _dispatch(args)
+    except KeyboardInterrupt:
+        code = 130
+    except Exception as exc:
+        if args.debug:
+            raise
+        from sandbox.errors import describe
+
+        message, code = describe(exc)
+        _log_error(args, message)
+        print(f"pysandbox: {message}", file=sys.stderr)
+    sys.exit(code)

@@ -1,0 +1,315 @@
+"""A pod: one VM (QEMU + virtiofsd + agent proxy) that the pod's containers share.
+
+Lifecycle::
+
+    boot():  reserve dir -> virtiofsd -> QEMU (paused) -> agent proxy -> cont -> agent healthy
+                -> mount the pod share in the guest -> status "running"
+    stop():  agent Shutdown -> QEMU exits -> proxy, virtiofsd stopped -> dir removed
+    destroy(): kill whatever the record names (any state, after any crash) -> dir removed
+
+Every process is recorded in pod.json (pid + start time) the moment it exists, so that
+``destroy`` can always clean up, whichever step failed and whichever process was killed.
+A boot that fails tears everything down, keeps the serial console log under
+``<root>/logs/`` and names it in the error.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from hypervisor.process import ProcessHandle
+from hypervisor.qemu_args import Accelerator
+from sandbox import state
+from sandbox.agent_client import AgentClient
+from sandbox.errors import AgentError, ConfigError, NotFoundError, SandboxError, StateError
+
+#: Guest path of the pod's virtio-fs share (container rootfs live below it).
+GUEST_SHARE = "/run/pysandbox/shared"
+SHARE_TAG = "pod"
+DEFAULT_MEMORY_MIB = 512
+DEFAULT_BOOT_TIMEOUT = 60.0
+_PROCESS_NAMES = ("qemu", "virtiofsd", "proxy")
+
+
+def boot_timeout() -> float:
+    """Seconds to wait for the agent: $PYSANDBOX_BOOT_TIMEOUT or the default."""
+    raw = os.environ.get("PYSANDBOX_BOOT_TIMEOUT")
+    if not raw:
+        return DEFAULT_BOOT_TIMEOUT
+    try:
+        value = float(raw)
+    except ValueError as exc:
+        raise ConfigError(f"PYSANDBOX_BOOT_TIMEOUT={raw!r} is not a number of seconds") from exc
+    if value <= 0:
+        raise ConfigError("PYSANDBOX_BOOT_TIMEOUT must be positive")
+    return value
+
+
+@dataclass
+class Pod:
+    """A pod VM as recorded under ``<root>/p/<digest>/pod.json``."""
+
+    root: Path
+    id: str
+    record: dict[str, Any]
+
+    # -- paths -------------------------------------------------------------------------------
+
+    @property
+    def dir(self) -> Path:
+        return self.root / "p" / state.pod_dir_name(self.id)
+
+    @property
+    def shared_dir(self) -> Path:
+        """Host directory exported to the guest at :data:`GUEST_SHARE`."""
+        return self.dir / "shared"
+
+    @property
+    def agent_address(self) -> str:
+        return f"unix:{self.dir / 'agent.sock'}"
+
+    @property
+    def console_log(self) -> Path:
+        return self.dir / "console.log"
+
+    @property
+    def status(self) -> str:
+        return str(self.record.get("status", "unknown"))
+
+    def process(self, name: str) -> ProcessHandle | None:
+        return ProcessHandle.from_json(self.record.get("processes", {}).get(name))
+
+    def client(self, timeout: float | None = None) -> AgentClient:
+        """A client of this pod's agent (through the pod's agent proxy)."""
+        return (
+            AgentClient(self.agent_address)
+            if timeout is None
+            else AgentClient(self.agent_address, timeout)
+        )
+
+    def save(self) -> None:
+        state.write_json_atomic(self.dir / "pod.json", self.record)
+
+    def _remember(self, name: str, ref: ProcessHandle) -> None:
+        self.record.setdefault("processes", {})[name] = ref.to_json()
+        self.save()
+
+    # -- loading -----------------------------------------------------------------------------
+
+    @classmethod
+    def load(cls, root: Path, pod_id: str) -> Pod:
+        """The recorded pod ``pod_id``; NotFoundError when there is none."""
+        state.validate_id(pod_id, "pod")
+        pod = cls(root, pod_id, {})
+        try:
+            record = state.read_json(pod.dir / "pod.json")
+        except FileNotFoundError:
+            raise NotFoundError(f"pod {pod_id} does not exist") from None
+        if record.get("id") != pod_id:
+            raise StateError(f"pod directory {pod.dir} belongs to another pod")
+        pod.record = record
+        return pod
+
+    @classmethod
+    def list(cls, root: Path) -> list[Pod]:
+        pods = []
+        base = root / "p"
+        for entry in sorted(base.iterdir()) if base.is_dir() else []:
+            with contextlib.suppress(OSError, SandboxError):
+                record = state.read_json(entry / "pod.json")
+                pods.append(cls(root, str(record["id"]), record))
+        return pods
+
+    # -- boot --------------------------------------------------------------------------------
+
+    @classmethod
+    def boot(
+        cls,
+        root: Path,
+        pod_id: str,
+        *,
+        memory_mib: int = DEFAULT_MEMORY_MIB,
+        timeout: float | None = None,
+    ) -> Pod:
+        """Boot a new pod VM and return once its agent is healthy and the share mounted.
+
+        Raises StateError if the pod exists, ConfigError for a missing or invalid guest image
+        or bad settings, AgentError/AgentTimeout if the agent is not reached (the error names
+        the kept console log). On any failure nothing the boot started is left running.
+        """
+        from hypervisor import accel as accel_mod
+        from hypervisor.image import ImageError, find_image
+
+        state.validate_id(pod_id, "pod")
+        if not 128 <= memory_mib <= 65536:
+            raise ConfigError(f"pod memory {memory_mib} MiB is outside 128..65536")
+        try:
+            image = find_image()
+        except ImageError as exc:
+            raise ConfigError(str(exc)) from exc
+        chosen = accel_mod.detect()
+        pod = cls(root, pod_id, {})
+        state.ensure_dir(root / "p")
+        try:
+            pod.dir.mkdir(mode=0o700)
+        except FileExistsError:
+            raise StateError(f"pod {pod_id} already exists") from None
+        pod.record = {
+            "id": pod_id,
+            "status": "booting",
+            "created": time.time(),
+            "accel": chosen.chosen,
+            "memory_mib": memory_mib,
+            "image": str(image.dir),
+            "processes": {},
+        }
+        pod.shared_dir.mkdir(mode=0o711)
+        pod.save()
+        try:
+            pod._start(image, chosen.chosen, memory_mib, timeout or boot_timeout())
+        except BaseException as exc:
+            kept = pod._keep_console_log()
+            pod.destroy()
+            if isinstance(exc, AgentError) and kept is not None:
+                raise type(exc)(f"{exc}; serial console log kept at {kept}") from exc
+            raise
+        return pod
+
+    def _start(self, image: Any, accel_name: Accelerator, memory_mib: int, timeout: float) -> None:
+        from hypervisor.qemu import QemuVM
+        from hypervisor.qemu_args import VMConfig
+        from hypervisor.virtiofsd import Virtiofsd
+
+        fs = Virtiofsd(
+            socket_path=self.dir / "virtiofsd.sock",
+            shared_dir=self.shared_dir,
+            log_path=self.dir / "virtiofsd.log",
+        )
+        fs.start()
+        self._remember("virtiofsd", ProcessHandle.of(fs.pid))
+        config = VMConfig(
+            name=f"pysandbox-{state.pod_dir_name(self.id)}",
+            kernel=image.kernel,
+            initrd=image.initrd,
+            rootfs=image.rootfs,
+            cmdline=kernel_cmdline(),
+            memory_mib=memory_mib,
+            accel=accel_name,
+            qmp_socket=self.dir / "qmp.sock",
+            agent_socket=self.dir / "agent-serial.sock",
+            shares=((SHARE_TAG, self.dir / "virtiofsd.sock"),),
+            console_log=self.console_log,
+            pidfile=self.dir / "qemu.pid",
+        )
+        vm = QemuVM(config)
+        vm.start()
+        self._remember("qemu", ProcessHandle.of(vm.pid))
+        proxy = self._start_proxy(vm.pid)
+        self._remember("proxy", ProcessHandle.of(proxy))
+        vm.resume()
+        qemu = self.process("qemu")
+        assert qemu is not None
+        with self.client() as agent:
+            agent.wait_healthy(timeout, alive=qemu.alive)
+            agent.mount_share(SHARE_TAG, GUEST_SHARE)
+        self.record["status"] = "running"
+        self.save()
+
+    def _start_proxy(self, vm_pid: int) -> int:
+        log = open(self.dir / "proxy.log", "ab")  # noqa: SIM115 - handed to the child
+        with log:
+            proc = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "sandbox.agent_proxy",
+                    "--listen",
+                    str(self.dir / "agent.sock"),
+                    "--serial",
+                    str(self.dir / "agent-serial.sock"),
+                    "--vm-pid",
+                    str(vm_pid),
+                ],
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=log,
+                start_new_session=True,
+                cwd="/",
+                env={**os.environ, "PYTHONPATH": _import_root()},
+            )
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        proc.stdout.close()
+        if line.strip() != b"agent-proxy: ready":
+            proc.kill()
+            proc.wait()
+            raise AgentError(f"agent proxy failed to start; see {self.dir / 'proxy.log'}")
+        return proc.pid
+
+    def _keep_console_log(self) -> Path | None:
+        if not self.console_log.exists():
+            return None
+        logs = state.ensure_dir(self.root / "logs")
+        kept = logs / f"{self.id}-console.log"
+        with contextlib.suppress(OSError):
+            shutil.copyfile(self.console_log, kept)
+            return kept
+        return None
+
+    # -- stop --------------------------------------------------------------------------------
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Power the VM off through its agent, then clean up everything (as :meth:`destroy`)."""
+        qemu = self.process("qemu")
+        if qemu is not None and qemu.alive() and self.status == "running":
+            with contextlib.suppress(AgentError), self.client(timeout=5.0) as agent:
+                agent.shutdown()
+                qemu.wait(timeout)
+        self.destroy()
+
+    def destroy(self) -> None:
+        """Stop every recorded process (QEMU first), remove sockets and the pod directory.
+
+        Works in any state and after any crash; idempotent.
+        """
+        for name in _PROCESS_NAMES:
+            ref = self.process(name)
+            if ref is not None:
+                ref.terminate(timeout=2.0)
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def kernel_cmdline() -> str:
+    """The guest kernel command line (tuned for fast boots under TCG; see host-facts)."""
+    return " ".join(
+        [
+            "console=ttyS0",
+            "quiet",
+            "panic=-1",
+            "cryptomgr.notests",
+            "tsc=reliable",
+            "no_timer_check",
+            "noreplace-smp",
+            "i8042.noaux",
+            "i8042.nomux",
+            "i8042.nopnp",
+            "i8042.dumbkbd",
+            "8250.nr_uarts=1",
+            "mitigations=off",
+            "audit=0",
+            "initcall_blacklist=init_kprobe_trace,crypto_kdf108_init,load_system_certificate_list",
+        ]
+    )
+
+
+def _import_root() -> str:
+    """The directory holding the ``sandbox`` and ``agent`` packages (for child processes)."""
+    return str(Path(__file__).resolve().parent.parent)
