@@ -3,7 +3,11 @@
 The port is one byte pipe shared by successive host connections. The relay loops forever:
 wait for a SYNC line (discarding stale bytes, see :mod:`agent.channel`), answer ACK, open a
 fresh connection to the agent's gRPC server on a guest-local unix socket, and pump bytes both
-ways until the host disconnects (the port reads EOF) — then start over. One session at a time.
+ways until the host disconnects — then start over. One session at a time.
+
+A host disconnect shows as EOF on the port, and the port then stays at EOF until it is
+reopened, so the relay reopens it. Writes are non-blocking (a write while no host is connected
+would otherwise block forever), so a session can always be torn down promptly.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ from pathlib import Path
 from agent.channel import SERIAL_PORT_NAME, SyncScanner, ack_line
 
 _CHUNK = 65536
-_IDLE_POLL_SECONDS = 0.02
+_REOPEN_BACKOFF = (0.02, 0.05, 0.1, 0.2)
 
 
 def find_serial_port(name: str = SERIAL_PORT_NAME, sysfs: Path = Path("/sys")) -> Path | None:
@@ -37,12 +41,46 @@ def find_serial_port(name: str = SERIAL_PORT_NAME, sysfs: Path = Path("/sys")) -
     return None
 
 
-def _write_all(fd: int, data: bytes, lock: threading.Lock) -> None:
-    with lock:
-        view = memoryview(data)
-        while view:
-            written = os.write(fd, view)
-            view = view[written:]
+class _Session:
+    """One host connection: the upstream socket and the thread copying it to the port."""
+
+    def __init__(self, fd: int, upstream: socket.socket, lock: threading.Lock) -> None:
+        self.fd = fd
+        self.upstream = upstream
+        self.closed = threading.Event()
+        self._lock = lock
+        self.writer = threading.Thread(target=self._pump, name="serial-writer", daemon=True)
+
+    def write(self, data: bytes) -> bool:
+        """Write all of ``data`` to the port; False if the session closed first."""
+        with self._lock:
+            view = memoryview(data)
+            while view:
+                if self.closed.is_set():
+                    return False
+                try:
+                    view = view[os.write(self.fd, view) :]
+                except BlockingIOError:
+                    select.select([], [self.fd], [], 0.1)
+                except OSError:
+                    return False
+        return True
+
+    def _pump(self) -> None:
+        while not self.closed.is_set():
+            try:
+                data = self.upstream.recv(_CHUNK)
+            except OSError:
+                return
+            if not data or not self.write(data):
+                return
+
+    def close(self) -> None:
+        self.closed.set()
+        with contextlib.suppress(OSError):
+            self.upstream.shutdown(socket.SHUT_RDWR)
+        self.writer.join(5.0)
+        self.upstream.close()
 
 
 class SerialRelay:
@@ -52,13 +90,16 @@ class SerialRelay:
         self._port_path = port_path
         self._server_path = server_path
         self._write_lock = threading.Lock()
-        self._writer: threading.Thread | None = None
+
+    def _open(self) -> int:
+        return os.open(self._port_path, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
 
     def serve_forever(self) -> None:
         """Run the relay; never returns under normal operation."""
-        fd = os.open(self._port_path, os.O_RDWR | os.O_CLOEXEC)
+        fd = self._open()
         scanner = SyncScanner()
-        upstream: socket.socket | None = None
+        session: _Session | None = None
+        idle_eofs = 0
         while True:
             readable, _, _ = select.select([fd], [], [], 1.0)
             if not readable:
@@ -68,69 +109,55 @@ class SerialRelay:
             except OSError as exc:
                 if exc.errno in (errno.EAGAIN, errno.EINTR):
                     continue
-                raise
+                chunk = b""
             if not chunk:
-                # Host went away (or none is connected): end the session, idle briefly.
-                if upstream is not None:
-                    _close(upstream)
-                    upstream = None
+                # The host went away (or none is connected yet): end the session and reopen
+                # the port, which otherwise stays at EOF.
+                if session is not None:
+                    _log("host disconnected; session closed")
+                    session.close()
+                    session = None
+                os.close(fd)
+                time.sleep(_REOPEN_BACKOFF[min(idle_eofs, len(_REOPEN_BACKOFF) - 1)])
+                idle_eofs += 1
+                fd = self._open()
                 scanner = SyncScanner()
-                time.sleep(_IDLE_POLL_SECONDS)
                 continue
-            if upstream is None:
-                found = scanner.feed(chunk)
-                if found is None:
-                    continue
-                nonce, rest = found
-                upstream = self._open_session(fd, nonce)
-                chunk = rest
-                if not chunk:
-                    continue
-            else:
-                # A new SYNC mid-session means the host reconnected without us seeing EOF.
-                found = scanner.feed(chunk)
-                if found is not None:
-                    _close(upstream)
-                    nonce, chunk = found
-                    upstream = self._open_session(fd, nonce)
-                    if not chunk:
-                        continue
+            idle_eofs = 0
+            found = scanner.feed(chunk)
+            if found is not None:
+                # A SYNC opens a session; one arriving mid-session means the host reconnected
+                # without the port ever reading EOF.
+                if session is not None:
+                    session.close()
+                nonce, chunk = found
+                session = self._open_session(fd, nonce)
+            if session is None or not chunk:
+                continue
             try:
-                upstream.sendall(chunk)
+                session.upstream.sendall(chunk)
             except OSError:
-                _close(upstream)
-                upstream = None
+                session.close()
+                session = None
                 scanner = SyncScanner()
 
-    def _open_session(self, fd: int, nonce: str) -> socket.socket:
-        previous = self._writer
-        if previous is not None:
-            previous.join()  # its last bytes must precede our ACK
+    def _open_session(self, fd: int, nonce: str) -> _Session | None:
         upstream = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        upstream.connect(self._server_path)
-        _write_all(fd, ack_line(nonce), self._write_lock)
-        writer = threading.Thread(
-            target=self._pump_to_port, args=(upstream, fd), name="serial-writer", daemon=True
-        )
-        writer.start()
-        self._writer = writer
-        return upstream
-
-    def _pump_to_port(self, upstream: socket.socket, fd: int) -> None:
-        while True:
-            try:
-                data = upstream.recv(_CHUNK)
-            except OSError:
-                return
-            if not data:
-                return
-            try:
-                _write_all(fd, data, self._write_lock)
-            except OSError:
-                return
+        try:
+            upstream.connect(self._server_path)
+        except OSError as exc:
+            _log(f"cannot reach the local gRPC server: {exc}")
+            upstream.close()
+            return None
+        session = _Session(fd, upstream, self._write_lock)
+        if not session.write(ack_line(nonce)):
+            session.close()
+            return None
+        session.writer.start()
+        _log(f"host session {nonce[:8]} opened")
+        return session
 
 
-def _close(sock: socket.socket) -> None:
-    with contextlib.suppress(OSError):
-        sock.shutdown(socket.SHUT_RDWR)
-    sock.close()
+def _log(message: str) -> None:
+    """One line on the guest console (rare events only: session changes)."""
+    print(f"pysandbox-agent: channel: {message}", flush=True)

@@ -88,12 +88,26 @@ class Pod:
         return ProcessHandle.from_json(self.record.get("processes", {}).get(name))
 
     def client(self, timeout: float | None = None) -> AgentClient:
-        """A client of this pod's agent (through the pod's agent proxy)."""
-        return (
-            AgentClient(self.agent_address)
-            if timeout is None
-            else AgentClient(self.agent_address, timeout)
-        )
+        """A client of this pod's agent, through the pod's agent proxy.
+
+        If the proxy died (killed, crashed) while the VM runs, a new one is started first;
+        it resynchronises the serial channel, so the agent is reachable again.
+        """
+        if self.status == "running":
+            self._ensure_proxy()
+        if timeout is None:
+            return AgentClient(self.agent_address)
+        return AgentClient(self.agent_address, timeout)
+
+    def _ensure_proxy(self) -> None:
+        proxy, qemu = self.process("proxy"), self.process("qemu")
+        if qemu is None or not qemu.alive() or (proxy is not None and proxy.alive()):
+            return
+        with state.locked(self.root, f"pod-{state.pod_dir_name(self.id)}"):
+            self.record = state.read_json(self.dir / "pod.json")
+            proxy = self.process("proxy")
+            if proxy is None or not proxy.alive():
+                self._remember("proxy", ProcessHandle.of(self._start_proxy(qemu.pid)))
 
     def save(self) -> None:
         state.write_json_atomic(self.dir / "pod.json", self.record)

@@ -262,10 +262,14 @@ class Syscalls(abc.ABC):
     @abc.abstractmethod
     def execve(self, path: str, argv: list[str], env: list[str]) -> NoReturn: ...
 
+    @abc.abstractmethod
+    def exit_now(self, code: int) -> NoReturn:
+        """_exit(2): leave a forked helper without running the parent's cleanup."""
+
     # -- queries (not recorded) -----------------------------------------------------------
     @abc.abstractmethod
-    def kind(self, path: str) -> str | None:
-        """lstat: "dir", "file", "link", "chr", "blk", "fifo", "sock", or None if absent."""
+    def kind(self, path: str, follow: bool = False) -> str | None:
+        """(l)stat: "dir", "file", "link", "chr", "blk", "fifo", "sock", or None if absent."""
 
     @abc.abstractmethod
     def readlink(self, path: str) -> str: ...
@@ -592,9 +596,12 @@ class LinuxSyscalls(Syscalls):
         except OSError as exc:
             raise self._wrap(exc, f"exec {path}") from exc
 
-    def kind(self, path: str) -> str | None:
+    def exit_now(self, code: int) -> NoReturn:
+        os._exit(code)
+
+    def kind(self, path: str, follow: bool = False) -> str | None:
         try:
-            mode = os.lstat(path).st_mode
+            mode = os.stat(path, follow_symlinks=follow).st_mode
         except OSError:
             return None
         return _KINDS.get(mode & 0o170000, "other")
@@ -632,21 +639,29 @@ class FakeExec(BaseException):
         self.env = env
 
 
+class FakeExit(BaseException):  # noqa: N818 - it is how the fake's exit_now "does not return"
+    """Raised by :meth:`RecordingSyscalls.exit_now`."""
+
+    def __init__(self, code: int) -> None:
+        super().__init__(code)
+        self.code = code
+
+
 class RecordingSyscalls(Syscalls):
     """A fake that records side effects as tuples and keeps a tiny in-memory file system.
 
     ``fs`` maps absolute paths to kinds (``"dir"``, ``"file"``, ``"chr"``...) or, for symlinks,
     ``"link:<target>"``; calls that create files update it. ``reads`` maps a descriptor to the
     bytes later ``read`` calls return (empty once consumed: end of file). ``fail`` maps a call
-    name to an errno: that call raises. ``fork_result`` is what ``fork`` returns (0: we are the
-    child, so the recording continues in the container's process).
+    name to an errno: that call raises. ``forks`` are what successive ``fork`` calls return,
+    0 once exhausted (0: we are the child, so the recording follows the container's process).
     """
 
     def __init__(
         self,
         fs: dict[str, str] | None = None,
         reads: dict[int, bytes] | None = None,
-        fork_result: int = 0,
+        forks: list[int] | None = None,
         pid: int = 1,
     ) -> None:
         self.calls: list[tuple[object, ...]] = []
@@ -658,7 +673,7 @@ class RecordingSyscalls(Syscalls):
         self.magic: dict[str, int] = {}
         self.not_executable: set[str] = set()
         self.fail: dict[str, int] = {}
-        self.fork_result = fork_result
+        self.forks = list(forks or [])
         self.pid = pid
         self._next_fd = 10
 
@@ -737,7 +752,7 @@ class RecordingSyscalls(Syscalls):
 
     def fork(self) -> int:
         self._record("fork")
-        return self.fork_result
+        return self.forks.pop(0) if self.forks else 0
 
     def pipe(self) -> tuple[int, int]:
         self._record("pipe")
@@ -814,11 +829,23 @@ class RecordingSyscalls(Syscalls):
         self._record("execve", path, list(argv))
         raise FakeExec(path, list(argv), list(env))
 
-    def kind(self, path: str) -> str | None:
+    def exit_now(self, code: int) -> NoReturn:
+        self._record("exit_now", code)
+        raise FakeExit(code)
+
+    def kind(self, path: str, follow: bool = False) -> str | None:
         value = self.fs.get(path)
-        if value is not None and value.startswith("link:"):
-            return "link"
-        return value
+        for _ in range(40):
+            if value is None or not value.startswith("link:"):
+                return value
+            if not follow:
+                return "link"
+            target = value[len("link:") :]
+            if not target.startswith("/"):
+                target = os.path.join(os.path.dirname(path), target)
+            path = os.path.normpath(target)
+            value = self.fs.get(path)
+        return None
 
     def readlink(self, path: str) -> str:
         value = self.fs.get(path, "")

@@ -1,0 +1,5 @@
+"""``python -m sandbox`` is the ``pysandbox`` command."""
+
+from sandbox.cli import main
+
+main()

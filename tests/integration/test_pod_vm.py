@@ -1,0 +1,141 @@
+"""A pod VM boots under QEMU, its agent answers, its virtio-fs share works both ways, and
+stopping it leaves nothing behind."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from hypervisor.image import find_image
+from sandbox.errors import AgentError, AgentTimeout, NotFoundError
+from sandbox.pod import GUEST_SHARE, Pod
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _pysandbox(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "sandbox", *args],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        cwd=ROOT,
+        env={**os.environ, **(env or {})},
+    )
+
+
+def _assert_gone(pod: Pod, refs: list[object]) -> None:
+    for ref in refs:
+        assert not ref.alive(), f"{ref} still running"  # type: ignore[attr-defined]
+    assert not pod.dir.exists(), f"{pod.dir} left behind"
+
+
+def test_agent_reports_guest_details(shared_pod: Pod) -> None:
+    image = find_image()
+    with shared_pod.client() as agent:
+        info = agent.info()
+        assert agent.health() > 0
+    assert info.protocol_version.startswith("1.")
+    assert info.transport == "serial"  # no vhost-vsock on these hosts
+    assert info.kernel_release == image.manifest["kernel"]["release"]
+    assert ("pod", GUEST_SHARE) in info.shares
+    assert 400 * 2**20 < info.mem_total_bytes <= 512 * 2**20
+
+
+def test_virtiofs_share_read_and_written_from_guest(shared_pod: Pod) -> None:
+    payload = os.urandom(200_000)
+    (shared_pod.shared_dir / "from-host.bin").write_bytes(payload)
+    with shared_pod.client() as agent:
+        assert agent.read_file(f"{GUEST_SHARE}/from-host.bin") == payload
+        agent.write_file(f"{GUEST_SHARE}/from-guest.txt", b"written in the guest\n")
+    assert (shared_pod.shared_dir / "from-guest.txt").read_bytes() == b"written in the guest\n"
+
+
+def test_malformed_requests_get_errors_and_agent_survives(shared_pod: Pod) -> None:
+    with shared_pod.client() as agent:
+        with pytest.raises(AgentError, match="must be a normalised path under"):
+            agent.mount_share("pod", "/etc")
+        with pytest.raises(AgentError, match="invalid share tag"):
+            agent.mount_share("../../x", f"{GUEST_SHARE}/x")
+        with pytest.raises(AgentError, match="no such file"):
+            agent.read_file("/does/not/exist")
+        assert agent.health() > 0
+
+
+def test_stop_leaves_no_process_socket_or_directory(pod_factory) -> None:  # type: ignore[no-untyped-def]
+    pod = pod_factory()
+    refs = [pod.process(name) for name in ("qemu", "virtiofsd", "proxy")]
+    assert all(ref is not None and ref.alive() for ref in refs)
+    pod.stop()
+    _assert_gone(pod, refs)
+
+
+def test_destroy_after_everything_was_killed(pod_factory) -> None:  # type: ignore[no-untyped-def]
+    pod = pod_factory()
+    refs = [pod.process(name) for name in ("qemu", "virtiofsd", "proxy")]
+    for ref in refs:
+        assert ref is not None
+        ref.signal(signal.SIGKILL)
+    Pod.load(pod.root, pod.id).destroy()
+    _assert_gone(pod, refs)
+
+
+def test_agent_reachable_after_proxy_restart(pod_factory) -> None:  # type: ignore[no-untyped-def]
+    pod = pod_factory()
+    proxy = pod.process("proxy")
+    assert proxy is not None
+    proxy.kill()
+    # The next client finds the proxy dead, starts a new one, which resynchronises the
+    # serial channel (stale bytes from the old session are discarded).
+    with pod.client() as agent:
+        assert agent.health() > 0
+    new_proxy = pod.process("proxy")
+    assert new_proxy is not None and new_proxy != proxy and new_proxy.alive()
+
+
+def test_boot_timeout_kills_vm_and_names_console_log(vm_root: Path) -> None:
+    with pytest.raises(AgentTimeout, match=r"console log kept at (\S+)") as caught:
+        Pod.boot(vm_root, "too-slow", timeout=0.5)
+    kept = Path(str(caught.value).rsplit(" ", 1)[1])
+    assert kept.exists()
+    pod = Pod(vm_root, "too-slow", {})
+    assert not pod.dir.exists()
+    with pytest.raises(NotFoundError):
+        Pod.load(vm_root, "too-slow")
+
+
+def test_cli_boot_info_stop(vm_root: Path) -> None:
+    booted = _pysandbox("--root", str(vm_root), "pod", "boot", "cli-pod")
+    assert booted.returncode == 0, booted.stderr
+    assert "running" in booted.stdout
+    try:
+        info = _pysandbox("--root", str(vm_root), "pod", "info", "cli-pod")
+        assert info.returncode == 0, info.stderr
+        details = json.loads(info.stdout)
+        assert details["transport"] == "serial" and details["status"] == "running"
+        listed = _pysandbox("--root", str(vm_root), "pod", "list")
+        assert "cli-pod\trunning" in listed.stdout
+        dup = _pysandbox("--root", str(vm_root), "pod", "boot", "cli-pod")
+        assert dup.returncode != 0 and "already exists" in dup.stderr
+    finally:
+        stopped = _pysandbox("--root", str(vm_root), "pod", "stop", "cli-pod")
+    assert stopped.returncode == 0, stopped.stderr
+    gone = _pysandbox("--root", str(vm_root), "pod", "info", "cli-pod")
+    assert gone.returncode == 1 and gone.stderr.strip() == "pysandbox: pod cli-pod does not exist"
+    assert "Traceback" not in gone.stderr
+
+
+def test_missing_image_is_reported_with_the_fix(tmp_path: Path) -> None:
+    env = {"PYSANDBOX_GUEST_IMAGE": str(tmp_path / "nowhere")}
+    booted = _pysandbox("--root", str(tmp_path / "root"), "pod", "boot", "x", env=env)
+    assert booted.returncode == 1
+    assert "make guest-image" in booted.stderr and "Traceback" not in booted.stderr
+    assert not list((tmp_path / "root").glob("p/*"))
+    check = _pysandbox("check", env=env)
+    assert check.returncode == 1 and "fix: make guest-image" in check.stdout
