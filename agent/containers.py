@@ -15,6 +15,7 @@ import errno
 import fcntl
 import json
 import os
+import shutil
 import signal
 import socket
 import struct
@@ -28,6 +29,8 @@ from typing import Any
 from agent import pid1
 
 MAX_SPEC_BYTES = 1024 * 1024
+#: Guest directory holding per-container overlay layers (on the /run tmpfs).
+OVERLAY_ROOT = "/run/pysandbox-overlay"
 READY_TIMEOUT = 60.0
 _CHUNK = 64 * 1024
 
@@ -208,7 +211,35 @@ class ContainerManager:
 
     # -- RPC operations ----------------------------------------------------------------------
 
-    def create(self, container_id: str, spec_bytes: bytes, rootfs: str) -> int:
+    def _overlay(self, container_id: str, lower: str) -> str:
+        """Mount an overlay of ``lower`` with a tmpfs-backed upper layer; return its path."""
+        from agent import kmod, syscalls
+
+        kmod.ensure("overlay")
+        base = f"{OVERLAY_ROOT}/{container_id}"
+        for sub in ("upper", "work", "rootfs"):
+            os.makedirs(f"{base}/{sub}", mode=0o755, exist_ok=True)
+        syscalls.mount(
+            "overlay",
+            f"{base}/rootfs",
+            "overlay",
+            0,
+            f"lowerdir={lower},upperdir={base}/upper,workdir={base}/work",
+        )
+        return f"{base}/rootfs"
+
+    def _drop_overlay(self, container_id: str) -> None:
+        from agent import syscalls
+
+        base = f"{OVERLAY_ROOT}/{container_id}"
+        if os.path.isdir(base):
+            with contextlib.suppress(OSError):
+                syscalls.umount(f"{base}/rootfs", syscalls.MNT_DETACH)
+            shutil.rmtree(base, ignore_errors=True)
+
+    def create(
+        self, container_id: str, spec_bytes: bytes, rootfs: str, overlay: bool = False
+    ) -> int:
         if len(spec_bytes) > MAX_SPEC_BYTES:
             raise ContainerError("INVALID_ARGUMENT", "oci spec larger than 1 MiB")
         try:
@@ -227,6 +258,8 @@ class ContainerManager:
                 raise ContainerError("ALREADY_EXISTS", f"container {container_id} already exists")
             self._containers[container_id] = None  # type: ignore[assignment]  # reserve the id
         try:
+            if overlay:
+                rootfs = self._overlay(container_id, rootfs)
             spec.setdefault("root", {})["path"] = rootfs
             process = spec.get("process") or {}
             terminal = bool(process.get("terminal", False)) if isinstance(process, dict) else False
@@ -238,6 +271,7 @@ class ContainerManager:
                 terminal,
             )
         except BaseException:
+            self._drop_overlay(container_id)
             with self._lock:
                 self._containers.pop(container_id, None)
             raise
@@ -401,5 +435,6 @@ class ContainerManager:
             container.control.close()
         with contextlib.suppress(OSError):
             os.rmdir(container.cgroup)
+        self._drop_overlay(container_id)
         with self._lock:
             self._containers.pop(container_id, None)

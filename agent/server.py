@@ -170,7 +170,7 @@ class AgentService(pb_grpc.AgentServicer):
         self._check_id(context, request.container_id)
         with _container_errors(context):
             pid = self._manager(context).create(
-                request.container_id, request.oci_spec, request.rootfs
+                request.container_id, request.oci_spec, request.rootfs, request.overlay
             )
         return pb.CreateContainerResponse(pid=pid)
 

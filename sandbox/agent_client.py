@@ -8,9 +8,9 @@ and checks the shape of what came back before handing it on.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, Self
 
 import grpc
 
@@ -19,8 +19,6 @@ from agent.proto import agent_pb2 as pb
 from agent.proto import agent_pb2_grpc as pb_grpc
 from agent.version import PROTOCOL_VERSION, protocol_major
 from sandbox.errors import AgentError, AgentTimeout
-
-_T = TypeVar("_T")
 
 
 @dataclass(frozen=True)
@@ -52,7 +50,7 @@ class AgentClient:
         self._channel = grpc.insecure_channel(address, options=GRPC_OPTIONS)
         self._stub: Any = pb_grpc.AgentStub(self._channel)  # type: ignore[no-untyped-call]
 
-    def __enter__(self) -> AgentClient:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -142,3 +140,102 @@ class AgentClient:
     def shutdown(self) -> None:
         """Ask the agent to power the VM off."""
         self._call("Shutdown", pb.ShutdownRequest(), timeout=5.0)
+
+
+#: Deadline of one WaitProcess call; waits longer than this are retried.
+WAIT_SLICE_SECONDS = 30.0
+
+
+class ContainerClient(AgentClient):
+    """The container RPCs of the agent, with the same deadline and error rules."""
+
+    def create_container(
+        self, container_id: str, spec: bytes, rootfs: str, overlay: bool = False
+    ) -> int:
+        request = pb.CreateContainerRequest(
+            container_id=container_id, oci_spec=spec, rootfs=rootfs, overlay=overlay
+        )
+        reply = self._call("CreateContainer", request, timeout=120.0)
+        return int(reply.pid)
+
+    def start_container(self, container_id: str) -> None:
+        self._call("StartContainer", pb.ContainerRequest(container_id=container_id))
+
+    def exec_process(self, container_id: str, exec_id: str, process: bytes) -> int:
+        request = pb.ExecProcessRequest(container_id=container_id, exec_id=exec_id, process=process)
+        return int(self._call("ExecProcess", request, timeout=120.0).pid)
+
+    def signal(self, container_id: str, exec_id: str, signum: int, all: bool = False) -> None:
+        request = pb.SignalProcessRequest(
+            container_id=container_id, exec_id=exec_id, signal=signum, all=all
+        )
+        self._call("SignalProcess", request)
+
+    def wait_process(
+        self, container_id: str, exec_id: str = "", timeout: float | None = None
+    ) -> tuple[int, int, bool]:
+        """Block until the process exits: (status, signal, oom_killed).
+
+        ``timeout`` None waits forever (in slices, so a dead channel is still noticed).
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        ref = pb.ProcessRef(container_id=container_id, exec_id=exec_id)
+        while True:
+            slice_ = WAIT_SLICE_SECONDS
+            if deadline is not None:
+                slice_ = min(slice_, max(deadline - time.monotonic(), 0.01))
+            try:
+                reply = self._call("WaitProcess", ref, timeout=slice_)
+            except AgentTimeout:
+                if deadline is not None and time.monotonic() >= deadline:
+                    raise
+                continue
+            status, sig = int(reply.status), int(reply.signal)
+            if not 0 <= status <= 255 or not 0 <= sig <= 64:
+                raise AgentError(f"agent reported an impossible exit status {status}/{sig}")
+            return status, sig, bool(reply.oom_killed)
+
+    def write_stdin(self, container_id: str, exec_id: str, data: bytes) -> None:
+        request = pb.WriteStdinRequest(container_id=container_id, exec_id=exec_id, data=data)
+        self._call("WriteStdin", request, timeout=300.0)
+
+    def close_stdin(self, container_id: str, exec_id: str = "") -> None:
+        self._call("CloseStdin", pb.ProcessRef(container_id=container_id, exec_id=exec_id))
+
+    def read_stream(self, container_id: str, exec_id: str, which: str) -> Iterator[bytes]:
+        """Chunks of the process's stdout or stderr until EOF (no deadline: it follows the
+        process's lifetime; the caller cancels by closing the client)."""
+        method = self._stub.ReadStdout if which == "stdout" else self._stub.ReadStderr
+        ref = pb.ProcessRef(container_id=container_id, exec_id=exec_id)
+        try:
+            for chunk in method(ref, wait_for_ready=True):
+                data = bytes(chunk.data)
+                if len(data) > MAX_READ_BYTES:
+                    raise AgentError(f"agent sent an oversized {which} chunk")
+                yield data
+        except grpc.RpcError as exc:
+            code = exc.code() if isinstance(exc, grpc.Call) else None
+            if code == grpc.StatusCode.CANCELLED:
+                return
+            details = exc.details() if isinstance(exc, grpc.Call) else str(exc)
+            raise AgentError(f"agent Read{which.capitalize()} failed: {details or code}") from exc
+
+    def resize(self, container_id: str, exec_id: str, rows: int, cols: int) -> None:
+        request = pb.TtyWinResizeRequest(
+            container_id=container_id, exec_id=exec_id, rows=rows, cols=cols
+        )
+        self._call("TtyWinResize", request)
+
+    def remove_container(self, container_id: str) -> None:
+        self._call("RemoveContainer", pb.ContainerRequest(container_id=container_id), 30.0)
+
+    def list_processes(self, container_id: str) -> list[int]:
+        reply = self._call("ListProcesses", pb.ContainerRequest(container_id=container_id))
+        if len(reply.pids) > 65536:
+            raise AgentError("agent reported an implausible number of processes")
+        return [int(pid) for pid in reply.pids]
+
+    def container_status(self, container_id: str) -> tuple[str, int, int]:
+        reply = self._call("ContainerStatus", pb.ContainerRequest(container_id=container_id))
+        status = _bounded(reply.status, "container status", 16)
+        return status, int(reply.pid), int(reply.exit_status)

@@ -53,9 +53,10 @@ class _Forwarder(grpc.GenericRpcHandler):  # type: ignore[type-arg]
         multicallable = self._channel.stream_stream(method, None, None)
 
         def forward(requests: Iterator[bytes], context: grpc.ServicerContext) -> Iterator[bytes]:
-            call: Any = multicallable(
-                requests, timeout=context.time_remaining(), wait_for_ready=True
-            )
+            remaining = context.time_remaining()
+            # Without a client deadline gRPC reports an enormous remaining time; pass none on.
+            timeout = remaining if remaining is not None and remaining < 1e6 else None
+            call: Any = multicallable(requests, timeout=timeout, wait_for_ready=True)
             context.add_callback(call.cancel)
             try:
                 yield from call

@@ -54,6 +54,11 @@ def build_parser() -> argparse.ArgumentParser:
     stop = pod_verbs.add_parser("stop", help="stop a pod VM and remove everything it started")
     stop.add_argument("pod_id")
     pod_verbs.add_parser("list", help="list pod VMs")
+
+    from sandbox.run_options import add_arguments as add_run_arguments
+
+    run = verbs.add_parser("run", help="run a command in a container in a fresh VM")
+    add_run_arguments(run)
     return parser
 
 

@@ -67,7 +67,14 @@ def cmd_pod(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_run(args: argparse.Namespace) -> int:
+    from sandbox.run import run
+
+    return run(args, _root(args))
+
+
 HANDLERS: dict[str, Callable[[argparse.Namespace], int]] = {
     "check": cmd_check,
     "pod": cmd_pod,
+    "run": cmd_run,
 }

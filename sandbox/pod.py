@@ -27,8 +27,8 @@ from typing import Any
 
 from hypervisor.process import ProcessHandle
 from hypervisor.qemu_args import Accelerator
-from sandbox import state
-from sandbox.agent_client import AgentClient
+from sandbox import hostfs, state
+from sandbox.agent_client import ContainerClient
 from sandbox.errors import AgentError, ConfigError, NotFoundError, SandboxError, StateError
 
 #: Guest path of the pod's virtio-fs share (container rootfs live below it).
@@ -87,7 +87,7 @@ class Pod:
     def process(self, name: str) -> ProcessHandle | None:
         return ProcessHandle.from_json(self.record.get("processes", {}).get(name))
 
-    def client(self, timeout: float | None = None) -> AgentClient:
+    def client(self, timeout: float | None = None) -> ContainerClient:
         """A client of this pod's agent, through the pod's agent proxy.
 
         If the proxy died (killed, crashed) while the VM runs, a new one is started first;
@@ -96,8 +96,8 @@ class Pod:
         if self.status == "running":
             self._ensure_proxy()
         if timeout is None:
-            return AgentClient(self.agent_address)
-        return AgentClient(self.agent_address, timeout)
+            return ContainerClient(self.agent_address)
+        return ContainerClient(self.agent_address, timeout)
 
     def _ensure_proxy(self) -> None:
         proxy, qemu = self.process("proxy"), self.process("qemu")
@@ -202,6 +202,9 @@ class Pod:
         from hypervisor.qemu_args import VMConfig
         from hypervisor.virtiofsd import Virtiofsd
 
+        # Bind mounts of container root filesystems made later must reach virtiofsd's
+        # mount namespace: make the shared directory a shared mount first.
+        hostfs.make_shared_mountpoint(self.shared_dir)
         fs = Virtiofsd(
             socket_path=self.dir / "virtiofsd.sock",
             shared_dir=self.shared_dir,
@@ -298,6 +301,11 @@ class Pod:
             ref = self.process(name)
             if ref is not None:
                 ref.terminate(timeout=2.0)
+        hostfs.unmount_tree(self.dir)
+        left = hostfs.mounts_below(self.dir)
+        if left:
+            # Never rmtree across a mount: it would delete a user's rootfs or volume.
+            raise StateError(f"cannot remove pod {self.id}: still mounted: {', '.join(left)}")
         shutil.rmtree(self.dir, ignore_errors=True)
 
 

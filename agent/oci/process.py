@@ -46,7 +46,7 @@ class Sync:
         if self.reported:
             return
         self.reported = True
-        try:
+        try:  # noqa: SIM105 - contextlib is one more import at start
             self.sys.write(self.fd, f"error {' '.join(message.split())}\n".encode())
         except OSError:
             pass
@@ -190,7 +190,7 @@ def _execve(sys: Syscalls, executable: str, argv: list[str], env: list[str]) -> 
     except OSError as exc:
         # Too late for the sync socket (the agent is no longer reading): say it on stderr.
         message = f"pysandbox: exec {executable}: {exc.strerror}\n"
-        try:
+        try:  # noqa: SIM105 - contextlib is one more import at start
             sys.write(2, message.encode())
         except OSError:
             pass

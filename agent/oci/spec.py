@@ -298,7 +298,6 @@ class Spec:
         "root_path",
         "root_readonly",
         "rootfs_propagation",
-        "seccomp",
         "sysctls",
         "uid_mappings",
     )
@@ -321,7 +320,6 @@ class Spec:
         sysctls: tuple[tuple[str, str], ...] = (),
         resources: Resources | None = None,
         rootfs_propagation: int | None = None,
-        seccomp: SeccompFilter | None = None,
     ) -> None:
         self.root_path = root_path
         self.process = process
@@ -338,7 +336,6 @@ class Spec:
         self.sysctls = sysctls
         self.resources = resources
         self.rootfs_propagation = rootfs_propagation
-        self.seccomp = seccomp
 
     def namespace(self, type: str) -> Namespace | None:
         for entry in self.namespaces:
@@ -670,6 +667,10 @@ def parse_spec(config: object) -> Spec:
     linux = _obj(top.get("linux"), "linux")
     namespaces = parse_namespaces(linux.get("namespaces"), "linux.namespaces")
     private = {ns.type for ns in namespaces}
+    mount_ns = next((ns for ns in namespaces if ns.type == "mount"), None)
+    if mount_ns is None or mount_ns.path is not None:
+        # Without a mount namespace of its own, pivot_root would move the guest's root.
+        raise SpecError('linux.namespaces: a new "mount" namespace is required')
     uid_mappings = parse_mappings(linux.get("uidMappings"), "linux.uidMappings")
     gid_mappings = parse_mappings(linux.get("gidMappings"), "linux.gidMappings")
     user_ns = next((ns for ns in namespaces if ns.type == "user"), None)
@@ -688,10 +689,14 @@ def parse_spec(config: object) -> Spec:
         rootfs_propagation = PROPAGATION.get(propagation_name)
         if rootfs_propagation is None:
             raise SpecError(f'unknown rootfs propagation "{propagation_name}"')
+    process = parse_process(top.get("process"))
     profile = linux.get("seccomp")
+    if profile is not None:
+        # A filter belongs to a process: linux.seccomp is applied as the process's.
+        process.seccomp = seccomp.compile(_obj(profile, "linux.seccomp"))
     return Spec(
         root_path,
-        parse_process(top.get("process")),
+        process,
         root_readonly=_bool(root.get("readonly"), "root.readonly"),
         hostname=hostname,
         domainname=domainname,
@@ -714,5 +719,4 @@ def parse_spec(config: object) -> Spec:
         sysctls=parse_sysctls(linux.get("sysctl"), "linux.sysctl", private),
         resources=parse_resources(linux.get("resources"), "linux.resources"),
         rootfs_propagation=rootfs_propagation,
-        seccomp=None if profile is None else seccomp.compile(_obj(profile, "linux.seccomp")),
     )

@@ -574,7 +574,7 @@ class LinuxSyscalls(Syscalls):
         for name in os.listdir("/proc/self/fd"):
             number = int(name)
             if number >= fd:
-                try:
+                try:  # noqa: SIM105 - contextlib is one more import at start
                     os.set_inheritable(number, False)
                 except OSError:
                     pass
@@ -639,7 +639,7 @@ class FakeExec(BaseException):
         self.env = env
 
 
-class FakeExit(BaseException):  # noqa: N818 - it is how the fake's exit_now "does not return"
+class FakeExit(BaseException):
     """Raised by :meth:`RecordingSyscalls.exit_now`."""
 
     def __init__(self, code: int) -> None:
@@ -654,7 +654,8 @@ class RecordingSyscalls(Syscalls):
     ``"link:<target>"``; calls that create files update it. ``reads`` maps a descriptor to the
     bytes later ``read`` calls return (empty once consumed: end of file). ``fail`` maps a call
     name to an errno: that call raises. ``forks`` are what successive ``fork`` calls return,
-    0 once exhausted (0: we are the child, so the recording follows the container's process).
+    0 once exhausted (0: we are the child, so the recording follows the container's process);
+    ``statuses`` the raw wait status ``waitpid`` returns per pid (default 0).
     """
 
     def __init__(
@@ -674,6 +675,7 @@ class RecordingSyscalls(Syscalls):
         self.not_executable: set[str] = set()
         self.fail: dict[str, int] = {}
         self.forks = list(forks or [])
+        self.statuses: dict[int, int] = {}
         self.pid = pid
         self._next_fd = 10
 
@@ -769,7 +771,7 @@ class RecordingSyscalls(Syscalls):
 
     def waitpid(self, pid: int) -> int:
         self._record("waitpid", pid)
-        return 0
+        return self.statuses.get(pid, 0)
 
     def sethostname(self, name: str) -> None:
         self._record("sethostname", name)

@@ -1,0 +1,357 @@
+"""``python3 -m agent.oci.init``: create a container from an OCI spec and run its process.
+
+Usage::
+
+    python3 -m agent.oci.init --bundle-fd SPECFD --sync-fd SYNCFD [--cgroup DIR]
+
+SPECFD carries config.json (``root.path`` absolute); SYNCFD is a socket on which the runtime
+writes one line, ``ready <pid>`` or ``error <message>``, and then waits for ``start``. fds 0-2
+are the container's stdio. The full contract is in docs/oci-in-guest.md.
+
+Processes: the runtime (A) forks the container's process (B) after unsharing the namespaces,
+because a new pid namespace applies to children only. B reports ``ready <B's pid as the agent
+sees it>``, A exits (0, or B's status if B failed before ready) and the agent, as PID 1 or a
+subreaper, inherits B. B becomes the user's program through execve, so the pid in ``ready``
+is the program's, signals sent to it reach the program, and its wait status is the container's.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+from agent.oci import cgroups, rootfs
+from agent.oci import process as proc_steps
+from agent.oci import spec as spec_mod
+from agent.oci import syscalls as sc
+from agent.oci.capabilities import DEFAULT_LAST_CAP
+from agent.oci.errors import OciError, SetupError, SpecError
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from agent.oci.spec import IdMapping, Spec
+    from agent.oci.syscalls import Syscalls
+
+USAGE = "usage: python3 -m agent.oci.init --bundle-fd SPECFD --sync-fd SYNCFD [--cgroup DIR]"
+
+#: The order runc (nsexec) joins namespaces given by path: user first, mount last.
+JOIN_ORDER = ("user", "ipc", "uts", "network", "pid", "cgroup", "time", "mount")
+
+
+def last_cap(sys: Syscalls) -> int:
+    """The highest capability number this kernel knows."""
+    try:
+        return int(sys.read_text("/proc/sys/kernel/cap_last_cap").strip())
+    except (OSError, ValueError):
+        return DEFAULT_LAST_CAP
+
+
+def create_container(sys: Syscalls, spec: Spec, sync: proc_steps.Sync, cgroup: str | None) -> int:
+    """Apply ``spec``, in order. Returns an exit code (real runs end in execve instead).
+
+    The spec was validated as a whole before this is called, so an error here is a failure of
+    the system, not of the spec.
+    """
+    cap_last = last_cap(sys)  # read now: after pivot_root the guest's /proc is gone
+    process = spec.process
+
+    # ---- in the runtime process (A) --------------------------------------------------------
+    # 1. oom_score_adj first: every process forked below inherits it, and lowering it needs
+    #    CAP_SYS_RESOURCE in the guest's user namespace, which we only have out here.
+    if process.oom_score_adj is not None:
+        _write(sys, "/proc/self/oom_score_adj", str(process.oom_score_adj), "oom_score_adj")
+    # 2. cgroup before any namespace: the path is in the agent's view of the hierarchy (a
+    #    cgroup namespace would hide it) and so the container starts inside its limits.
+    #    Limits are written before joining, so it is never inside without them.
+    if cgroup is not None and cgroups.usable(sys, cgroup):
+        cgroups.create(sys, cgroup)
+        if spec.resources is not None:
+            cgroups.set_limits(sys, cgroup, spec.resources)
+        cgroups.join(sys, cgroup)
+    # 3. Join namespaces given by path, user namespace first: the others are owned by it and
+    #    setns into them needs its capabilities (the order of runc's nsexec).
+    _join_namespaces(sys, spec)
+    # 4. A new user namespace, mapped by a helper that stays outside: only a process with
+    #    CAP_SETUID in the parent namespace may write a uid_map with more than its own id.
+    user_ns = spec.namespace("user")
+    if user_ns is not None and user_ns.path is None:
+        _unshare_user_namespace(sys, spec)
+    # 5. The other new namespaces (owned by the new user namespace, if any). The pid
+    #    namespace only applies to children: hence the fork.
+    flags = 0
+    for ns in spec.namespaces:
+        if ns.path is None and ns.type != "user":
+            flags |= ns.flag
+    if flags:
+        try:
+            sys.unshare(flags)
+        except OSError as exc:
+            raise SetupError.from_os("unsharing namespaces", exc) from exc
+    # 6. Fork B, the container's process. A tells B its pid as the agent sees it, then waits
+    #    until B has reported and exits, so that the agent inherits B.
+    pid_r, pid_w = sys.pipe()
+    done_r, done_w = sys.pipe()
+    child = sys.fork()
+    if child != 0:
+        return supervise(sys, child, pid_r, pid_w, done_r, done_w)
+
+    # ---- in the container's process (B) ----------------------------------------------------
+    sys.close(pid_w)
+    sys.close(done_r)
+    # 7. Our pid in the agent's pid namespace (getpid() says 1 here).
+    my_pid = int(sys.read(pid_r, 32).decode() or "0")
+    sys.close(pid_r)
+    # 8. A session of our own; with a terminal, fd 0 (the pty slave) becomes our
+    #    controlling terminal, so ^C and job control reach the container.
+    try:
+        sys.setsid()
+        if process.terminal:
+            sys.set_controlling_tty(0)
+    except OSError as exc:
+        raise SetupError.from_os("setting up the session", exc) from exc
+    # 9. umask 0 while building the rootfs, so the modes in the spec are the modes we get.
+    sys.umask(0)
+    root = spec.root_path
+    try:
+        # 10. No mount event of ours may reach the guest: make every mount a slave (or what
+        #     rootfsPropagation says) before mounting anything.
+        sys.mount(None, "/", None, sc.MS_REC | (spec.rootfs_propagation or sc.MS_SLAVE), None)
+        # 11. pivot_root refuses a new root whose parent mount is shared.
+        rootfs.make_parent_private(sys, root)
+        # 12. pivot_root also needs the new root to be a mount point: bind it onto itself.
+        sys.mount(root, root, None, sc.MS_BIND | sc.MS_REC, None)
+    except OSError as exc:
+        raise SetupError.from_os("preparing the rootfs", exc) from exc
+    # 13. The spec's mounts, in order: later ones may sit on earlier ones (/dev, /dev/pts).
+    for mount in spec.mounts:
+        rootfs.mount_entry(sys, root, mount)
+    # 14. Device nodes, into the /dev the mounts built (unless /dev is a bind of the guest's
+    #     /dev). mknod is not allowed in a user namespace: bind the guest's nodes there.
+    dev_is_bind = any(m.destination == "/dev" and m.bind for m in spec.mounts)
+    if not dev_is_bind:
+        in_userns = user_ns is not None
+        for device in _devices(spec):
+            rootfs.create_device(sys, root, device, bind=in_userns)
+        # 15. /dev/fd, /dev/std*, /dev/ptmx -> pts/ptmx; /dev/console when there is a pty.
+        rootfs.dev_symlinks(sys, root)
+        if process.terminal:
+            rootfs.bind_console(sys, root)
+    # 16. Switch root. From here on every path is inside the container.
+    rootfs.pivot_root(sys, root)
+    # 17. An explicit rootfsPropagation (e.g. shared) applies to the new / as well.
+    if spec.rootfs_propagation is not None:
+        try:
+            sys.mount(None, "/", None, spec.rootfs_propagation, None)
+        except OSError as exc:
+            raise SetupError.from_os("setting rootfs propagation", exc) from exc
+    # 18. Names of the private UTS namespace (validated to exist).
+    try:
+        if spec.hostname:
+            sys.sethostname(spec.hostname)
+        if spec.domainname:
+            sys.setdomainname(spec.domainname)
+    except OSError as exc:
+        raise SetupError.from_os("setting the hostname", exc) from exc
+    # 19. sysctls through the container's /proc, before readonlyPaths make /proc/sys read-only.
+    for key, value in spec.sysctls:
+        _write(sys, "/proc/sys/" + key.replace(".", "/"), value, f"sysctl {key}")
+    # 20. readonlyPaths, then 21. maskedPaths (masks may sit inside read-only paths).
+    for path in spec.readonly_paths:
+        rootfs.readonly_path(sys, path)
+    for path in spec.masked_paths:
+        rootfs.mask_path(sys, path)
+    # 22. Root read-only last: the steps above may create mount points and device nodes in it.
+    if spec.root_readonly:
+        rootfs.remount_root_readonly(sys)
+    # 23. The process itself: rlimits, no_new_privs, capabilities, user, umask, cwd, lookup.
+    #     (apparmorProfile and selinuxLabel are ignored: the guest kernel enforces no LSM.)
+    executable, env = proc_steps.finalize(sys, process, cap_last)
+    # 24. Tell A we are fine (it may exit now), then ready / start / execve.
+    sys.write(done_w, b"k")
+    sys.close(done_w)
+    return proc_steps.run_after_start(sys, sync, process, my_pid, executable, env)
+
+
+def _write(sys: Syscalls, path: str, value: str, what: str) -> None:
+    try:
+        sys.write_file(path, value)
+    except OSError as exc:
+        raise SetupError.from_os(f"setting {what}", exc) from exc
+
+
+def _devices(spec: Spec) -> list[spec_mod.Device]:
+    """runc's default devices, then linux.devices (which win on the same path)."""
+    wanted = {d.path for d in spec.devices}
+    result = [
+        spec_mod.Device(path, "c", major, minor, 0o666, 0, 0)
+        for path, major, minor in spec_mod.DEFAULT_DEVICES
+        if path not in wanted
+    ]
+    result.extend(spec.devices)
+    return result
+
+
+def _join_namespaces(sys: Syscalls, spec: Spec) -> None:
+    # Open every file first: joining the mount namespace changes what the paths mean.
+    opened: list[tuple[int, int, str]] = []
+    try:
+        for kind in JOIN_ORDER:
+            ns = spec.namespace(kind)
+            if ns is not None and ns.path is not None:
+                opened.append((sys.open(ns.path, os.O_RDONLY), ns.flag, ns.path))
+        for fd, flag, _path in opened:
+            sys.setns(fd, flag)
+    except OSError as exc:
+        raise SetupError.from_os("joining namespace", exc) from exc
+    finally:
+        for fd, _flag, _path in opened:
+            sys.close(fd)
+
+
+def _mapped(mappings: tuple[IdMapping, ...], container_id: int) -> bool:
+    return any(m.container_id <= container_id < m.container_id + m.size for m in mappings)
+
+
+def _unshare_user_namespace(sys: Syscalls, spec: Spec) -> None:
+    """unshare(CLONE_NEWUSER), with a helper child writing our maps from outside."""
+    go_r, go_w = sys.pipe()
+    target = sys.getpid()
+    helper = sys.fork()
+    if helper == 0:
+        # The helper: wait for the unshare, write the maps, report through the exit status
+        # (errno for uid_map, 128 + errno for gid_map).
+        sys.close(go_w)
+        sys.read(go_r, 1)
+        code = 0
+        try:
+            sys.write_file(f"/proc/{target}/uid_map", "".join(m.line() for m in spec.uid_mappings))
+        except OSError as exc:
+            code = exc.errno or 1
+        if not code:
+            try:
+                sys.write_file(
+                    f"/proc/{target}/gid_map", "".join(m.line() for m in spec.gid_mappings)
+                )
+            except OSError as exc:
+                code = 128 + (exc.errno or 1)
+        sys.exit_now(code)
+    sys.close(go_r)
+    try:
+        sys.unshare(sc.CLONE_NEWUSER)
+    except OSError as exc:
+        sys.close(go_w)
+        sys.waitpid(helper)
+        raise SetupError.from_os("unsharing the user namespace", exc) from exc
+    sys.write(go_w, b"g")
+    sys.close(go_w)
+    status = sys.waitpid(helper)
+    code = os.WEXITSTATUS(status) if os.WIFEXITED(status) else 255
+    if code:
+        which = "gid_map" if code > 128 else "uid_map"
+        reason = os.strerror(code - 128 if code > 128 else code)
+        raise SetupError(f"user namespace: writing {which}: {reason}")
+    # Become the namespace's root when it has one, so files we create are owned by it.
+    try:
+        if _mapped(spec.gid_mappings, 0):
+            sys.setresgid(0)
+        if _mapped(spec.uid_mappings, 0):
+            sys.setresuid(0)
+    except OSError as exc:
+        raise SetupError.from_os("user namespace: becoming its root", exc) from exc
+
+
+def supervise(sys: Syscalls, child: int, pid_r: int, pid_w: int, done_r: int, done_w: int) -> int:
+    """A after the fork: hand B its pid, wait for its report, exit like B if B failed."""
+    sys.close(pid_r)
+    sys.close(done_w)
+    sys.write(pid_w, str(child).encode())
+    sys.close(pid_w)
+    ok = sys.read(done_r, 1)
+    sys.close(done_r)
+    if ok:
+        return 0  # B reported ready; the agent inherits it when we exit
+    status = sys.waitpid(child)  # B failed and wrote the error line
+    if os.WIFEXITED(status):
+        return os.WEXITSTATUS(status)
+    return 128 + os.WTERMSIG(status) if os.WIFSIGNALED(status) else 1
+
+
+def run(sys: Syscalls, config: bytes, sync_fd: int, cgroup: str | None) -> int:
+    """Validate, then create. Every failure becomes one ``error`` line and an exit code."""
+    sync = proc_steps.Sync(sys, sync_fd)
+    try:
+        try:
+            decoded = json.loads(config)
+        except ValueError as exc:
+            raise SpecError(f"config.json is not valid JSON: {exc}") from exc
+        spec = spec_mod.parse_spec(decoded)
+        return create_container(sys, spec, sync, cgroup)
+    except OciError as exc:
+        return fail(sys, sync, exc.message, exc.exit_code)
+    except OSError as exc:
+        return fail(sys, sync, exc.strerror or str(exc), 1)
+    except Exception as exc:
+        return fail(sys, sync, f"internal error: {type(exc).__name__}: {exc}", 1)
+
+
+def fail(sys: Syscalls, sync: proc_steps.Sync, message: str, code: int) -> int:
+    if sync.reported:
+        # After ready the agent no longer reads the socket: the container's stderr it is.
+        try:  # noqa: SIM105 - contextlib is one more import at start
+            sys.write(2, f"pysandbox: {message}\n".encode())
+        except OSError:
+            pass
+    sync.error(message)
+    return code
+
+
+def parse_args(argv: list[str], names: tuple[str, ...]) -> dict[str, str]:
+    """``--name VALUE`` / ``--name=VALUE`` pairs (argparse costs more than the whole start)."""
+    result: dict[str, str] = {}
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        key, eq, value = arg.partition("=")
+        if key[2:] not in names or not key.startswith("--"):
+            raise ValueError(f"unknown argument {arg!r}")
+        if not eq:
+            i += 1
+            if i >= len(argv):
+                raise ValueError(f"{arg} needs a value")
+            value = argv[i]
+        result[key[2:]] = value
+        i += 1
+    return result
+
+
+def read_all(fd: int) -> bytes:
+    chunks = []
+    while True:
+        chunk = os.read(fd, 65536)
+        if not chunk:
+            break
+        chunks.append(chunk)
+    os.close(fd)
+    return b"".join(chunks)
+
+
+def main(argv: list[str]) -> int:
+    try:
+        args = parse_args(argv, ("bundle-fd", "sync-fd", "cgroup"))
+        spec_fd = int(args["bundle-fd"])
+        sync_fd = int(args["sync-fd"])
+    except (KeyError, ValueError) as exc:
+        os.write(2, f"agent.oci.init: {exc}\n{USAGE}\n".encode())
+        return 2
+    try:
+        config = read_all(spec_fd)
+    except OSError as exc:
+        proc_steps.Sync(sc.LinuxSyscalls(), sync_fd).error(f"reading the spec: {exc.strerror}")
+        return 1
+    return run(sc.LinuxSyscalls(), config, sync_fd, args.get("cgroup") or None)
+
+
+if __name__ == "__main__":
+    import sys
+
+    os._exit(main(sys.argv[1:]))

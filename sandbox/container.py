@@ -1,0 +1,194 @@
+"""Putting a container into a pod VM: its files into the pod share, its spec into guest terms,
+and its stdio between host fds and the agent.
+
+Host paths never reach the guest: the rootfs and every bind-mount source are bind-mounted
+below ``<pod>/shared/<container-id>/`` and the spec is rewritten to the guest paths under
+``/run/pysandbox/shared``. Namespace paths are host paths too: the network namespace is the
+VM's own (pod networking brings the pod netns to the VM, not into the guest), and a
+namespace shared with another container of the pod is rewritten to that container's guest
+init process.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import os
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from sandbox import hostfs
+from sandbox.agent_client import ContainerClient
+from sandbox.errors import ConfigError
+from sandbox.pod import GUEST_SHARE, Pod
+
+_BIND_TYPES = {"bind", "rbind"}
+
+
+def _is_bind(mount: dict[str, Any]) -> bool:
+    options = mount.get("options") or []
+    return mount.get("type") in _BIND_TYPES or "bind" in options or "rbind" in options
+
+
+def share_container_files(
+    pod: Pod,
+    container_id: str,
+    spec: dict[str, Any],
+    bundle: Path,
+    guest_pids: Callable[[str], int | None] = lambda _path: None,
+    rootfs_readonly: bool | None = None,
+) -> tuple[str, dict[str, Any]]:
+    """Expose the rootfs and bind-mount sources to the guest; return (guest rootfs, spec).
+
+    ``spec`` is not modified; the returned copy carries guest paths. ``guest_pids`` maps a
+    host namespace path (``/proc/<pid>/ns/<type>``) of another container of this pod to that
+    container's guest pid, or None when it does not belong to the pod.
+    ``rootfs_readonly`` overrides root.readonly for the host bind (an overlay in the guest
+    wants a read-only lower layer under a writable root).
+    On failure everything already mounted for this container is unmounted again.
+    """
+    spec = copy.deepcopy(spec)
+    root = spec.get("root")
+    if not isinstance(root, dict) or not isinstance(root.get("path"), str):
+        raise ConfigError("config.json: root.path is required")
+    rootfs = Path(root["path"])
+    if not rootfs.is_absolute():
+        rootfs = bundle / rootfs
+    if not rootfs.is_dir():
+        raise ConfigError(f"rootfs {rootfs} is not a directory")
+    base = pod.shared_dir / container_id
+    try:
+        base.mkdir(mode=0o755)
+    except FileExistsError:
+        raise ConfigError(f"container {container_id} already has files in pod {pod.id}") from None
+    guest_base = f"{GUEST_SHARE}/{container_id}"
+    try:
+        if rootfs_readonly is None:
+            rootfs_readonly = bool(root.get("readonly"))
+        hostfs.bind_into(base, "rootfs", rootfs, readonly=rootfs_readonly)
+        (base / "mounts").mkdir(mode=0o755)
+        for index, mount in enumerate(spec.get("mounts") or []):
+            if not isinstance(mount, dict) or not _is_bind(mount):
+                continue
+            source = Path(str(mount.get("source", "")))
+            if not source.is_absolute():
+                source = bundle / source
+            if not source.exists():
+                raise ConfigError(f"bind mount source {source} does not exist")
+            readonly = "ro" in (mount.get("options") or [])
+            hostfs.bind_into(base / "mounts", str(index), source, readonly)
+            mount["source"] = f"{guest_base}/mounts/{index}"
+        _rewrite_namespaces(spec, guest_pids)
+        linux = spec.get("linux")
+        if isinstance(linux, dict):
+            linux.pop("cgroupsPath", None)  # the agent places the container in the guest
+    except BaseException:
+        unshare_container_files(pod, container_id)
+        raise
+    return f"{guest_base}/rootfs", spec
+
+
+def _rewrite_namespaces(spec: dict[str, Any], guest_pids: Callable[[str], int | None]) -> None:
+    linux = spec.get("linux")
+    if not isinstance(linux, dict):
+        return
+    rewritten = []
+    for ns in linux.get("namespaces") or []:
+        if not isinstance(ns, dict):
+            raise ConfigError("config.json: linux.namespaces entries must be objects")
+        path = ns.get("path")
+        if path:
+            if ns.get("type") == "network":
+                ns = {"type": "network"}  # the VM boundary is the network boundary
+            else:
+                pid = guest_pids(str(path))
+                if pid is None:
+                    raise ConfigError(
+                        f"namespace path {path} does not belong to a container of this pod"
+                    )
+                ns = {"type": ns["type"], "path": f"/proc/{pid}/ns/{_ns_file(ns['type'])}"}
+        rewritten.append(ns)
+    linux["namespaces"] = rewritten
+
+
+def _ns_file(kind: str) -> str:
+    return {"network": "net", "mount": "mnt"}.get(kind, kind)
+
+
+def unshare_container_files(pod: Pod, container_id: str) -> None:
+    """Unmount and remove ``<pod>/shared/<container-id>``; idempotent."""
+    base = pod.shared_dir / container_id
+    hostfs.unmount_tree(base)
+    if hostfs.mounts_below(base):
+        return  # never delete through a mount
+    import shutil
+
+    shutil.rmtree(base, ignore_errors=True)
+
+
+class StdioRelay:
+    """Copies a process's stdout/stderr from the agent to host fds, and host stdin to it.
+
+    ``start()`` launches one thread per stream; ``join()`` waits until both output streams
+    reached EOF (after the process exited), so no output is lost.
+    """
+
+    def __init__(
+        self,
+        client: ContainerClient,
+        container_id: str,
+        exec_id: str,
+        stdin: int | None,
+        stdout: int,
+        stderr: int,
+        terminal: bool,
+    ) -> None:
+        self._client = client
+        self._ids = (container_id, exec_id)
+        self._stdin, self._stdout, self._stderr = stdin, stdout, stderr
+        self._terminal = terminal
+        self._threads: list[threading.Thread] = []
+        self.errors: list[BaseException] = []
+
+    def start(self) -> None:
+        streams = [("stdout", self._stdout)]
+        if not self._terminal:
+            streams.append(("stderr", self._stderr))
+        for which, fd in streams:
+            thread = threading.Thread(target=self._copy_out, args=(which, fd), daemon=True)
+            thread.start()
+            self._threads.append(thread)
+        if self._stdin is not None:
+            threading.Thread(target=self._copy_in, daemon=True).start()
+
+    def _copy_out(self, which: str, fd: int) -> None:
+        try:
+            for data in self._client.read_stream(*self._ids, which):
+                _write_all(fd, data)
+        except BrokenPipeError:
+            pass
+        except BaseException as exc:  # reported by join()
+            self.errors.append(exc)
+
+    def _copy_in(self) -> None:
+        assert self._stdin is not None
+        with contextlib.suppress(BaseException):
+            while True:
+                data = os.read(self._stdin, 65536)
+                if not data:
+                    break
+                self._client.write_stdin(*self._ids, data)
+        with contextlib.suppress(BaseException):
+            self._client.close_stdin(*self._ids)
+
+    def join(self, timeout: float | None = None) -> None:
+        for thread in self._threads:
+            thread.join(timeout)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]

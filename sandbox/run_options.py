@@ -1,0 +1,28 @@
+"""Command-line options of ``pysandbox run`` (kept free of heavy imports: the CLI parser
+loads it for every verb)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of ``pysandbox run``."""
+    parser.add_argument("image", help="'default', or a root filesystem directory")
+    parser.add_argument("command", nargs=argparse.REMAINDER, help="command and arguments")
+    parser.add_argument("-e", "--env", action="append", default=[], metavar="K=V")
+    parser.add_argument("--env-file", action="append", default=[], type=Path)
+    parser.add_argument("-w", "--workdir", default=None)
+    parser.add_argument("-u", "--user", default=None, metavar="UID[:GID]")
+    parser.add_argument("-v", "--volume", action="append", default=[], metavar="HOST:GUEST[:ro]")
+    parser.add_argument("-i", "--interactive", action="store_true", help="keep stdin open")
+    parser.add_argument("-t", "--tty", action="store_true", help="allocate a terminal")
+    parser.add_argument("--memory", default=None, help="memory limit, e.g. 256m")
+    parser.add_argument("--cpus", type=float, default=None, help="CPU limit, e.g. 0.5")
+    parser.add_argument("--pids-limit", type=int, default=1024)
+    parser.add_argument("--timeout", type=float, default=None, help="kill after N seconds")
+    parser.add_argument("--name", default=None)
+    parser.add_argument("--read-only", action="store_true", help="read-only root filesystem")
+    parser.add_argument("--rm", action="store_true", help="accepted: runs are always removed")
+    parser.add_argument("--network", choices=["none"], default="none")
