@@ -20,8 +20,12 @@ from typing import NoReturn
 class _Parser(argparse.ArgumentParser):
     """argparse that reports usage errors as one line and exits 2 (like runc)."""
 
+    usage_status_125 = False
+
     def error(self, message: str) -> NoReturn:
-        self.exit(2, f"pysandbox: {message} (see '{self.prog} --help')\n")
+        # docker's code for `run` misuse is 125; runc's for everything else is 2.
+        status = 125 if self.prog.endswith(" run") or self.usage_status_125 else 2
+        self.exit(status, f"pysandbox: {message} (see '{self.prog} --help')\n")
 
 
 def _global_flags(parser: argparse.ArgumentParser) -> None:
@@ -85,9 +89,26 @@ def _dispatch(args: argparse.Namespace) -> int:
     return handler(args)
 
 
+def _verb_of(argv: list[str]) -> str | None:
+    """The subcommand in ``argv``, skipping global flags and their values."""
+    takes_value = {"--root", "--log", "--log-format"}
+    skip = False
+    for token in argv:
+        if skip:
+            skip = False
+        elif token in takes_value:
+            skip = True
+        elif not token.startswith("-"):
+            return token
+    return None
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """Entry point of the ``pysandbox`` console script."""
+    argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
+    if isinstance(parser, _Parser):
+        parser.usage_status_125 = _verb_of(argv) == "run"
     args = parser.parse_args(argv)
     try:
         code = _dispatch(args)

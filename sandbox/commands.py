@@ -68,9 +68,17 @@ def cmd_pod(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from sandbox.run import run
+    """``run`` reports its own failures with docker's 125 (126/127 for the command)."""
+    from sandbox.errors import describe
+    from sandbox.run import EXIT_RUNTIME, RunError, run
 
-    return run(args, _root(args))
+    try:
+        return run(args, _root(args))
+    except RunError:
+        raise
+    except Exception as exc:
+        message, _ = describe(exc)
+        raise RunError(message, EXIT_RUNTIME) from exc
 
 
 HANDLERS: dict[str, Callable[[argparse.Namespace], int]] = {
