@@ -22,6 +22,7 @@ import struct
 import sys
 import termios
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -74,6 +75,7 @@ class Container:
     cgroup: str
     init: Process
     control: socket.socket | None
+    seccomp: Any = None  # the spec's linux.seccomp, applied to every exec as runc does
     started: bool = False
     execs: dict[str, Process] = field(default_factory=dict)
 
@@ -309,6 +311,8 @@ class ContainerManager:
                 raise ValueError("not an object")
         except ValueError as exc:
             raise ContainerError("INVALID_ARGUMENT", f"malformed process json: {exc}") from exc
+        if container.seccomp is not None and "seccomp" not in process:
+            process["seccomp"] = container.seccomp
         proc, control = self._spawn(
             "agent.oci.exec",
             [
@@ -415,6 +419,72 @@ class ContainerManager:
         if not found and not container.init.exited.is_set():
             found = [container.init.pid]
         return found
+
+    def _freeze(self, container_id: str, frozen: bool) -> None:
+        container = self.get(container_id)
+        if container.status != "running":
+            raise ContainerError(
+                "FAILED_PRECONDITION",
+                f"container {container_id} is {container.status}, not running",
+            )
+        with open(f"{container.cgroup}/cgroup.freeze", "w", encoding="ascii") as freeze:
+            freeze.write("1" if frozen else "0")
+        for _ in range(500):  # the kernel freezes asynchronously; wait for it, bounded
+            with open(f"{container.cgroup}/cgroup.events", encoding="ascii") as events:
+                if f"frozen {int(frozen)}" in events.read():
+                    return
+            time.sleep(0.01)
+        raise ContainerError("DEADLINE_EXCEEDED", f"container {container_id} did not freeze")
+
+    def pause(self, container_id: str) -> None:
+        self._freeze(container_id, True)
+
+    def resume(self, container_id: str) -> None:
+        self._freeze(container_id, False)
+
+    def update(self, container_id: str, resources_json: bytes) -> None:
+        from agent.oci import cgroups
+        from agent.oci.errors import OciError
+        from agent.oci.spec import parse_resources
+        from agent.oci.syscalls import LinuxSyscalls
+
+        container = self.get(container_id)
+        if len(resources_json) > 64 * 1024:
+            raise ContainerError("INVALID_ARGUMENT", "resources larger than 64 KiB")
+        try:
+            resources = parse_resources(json.loads(resources_json), "resources")
+            if resources is not None:
+                cgroups.set_limits(LinuxSyscalls(), container.cgroup, resources)
+        except ValueError as exc:
+            raise ContainerError("INVALID_ARGUMENT", f"malformed resources: {exc}") from exc
+        except OciError as exc:
+            raise ContainerError("INVALID_ARGUMENT", str(exc)) from exc
+
+    def stats(self, container_id: str) -> dict[str, int]:
+        container = self.get(container_id)
+
+        def read(name: str) -> str:
+            try:
+                with open(f"{container.cgroup}/{name}", encoding="ascii") as handle:
+                    return handle.read()
+            except OSError:
+                return ""
+
+        def keyed(text: str, key: str) -> int:
+            for line in text.splitlines():
+                name, _, value = line.partition(" ")
+                if name == key and value.strip().isdigit():
+                    return int(value)
+            return 0
+
+        limit = read("memory.max").strip()
+        return {
+            "cpu_usage_usec": keyed(read("cpu.stat"), "usage_usec"),
+            "memory_usage_bytes": int(read("memory.current").strip() or 0),
+            "memory_limit_bytes": int(limit) if limit.isdigit() else 0,
+            "pids_current": int(read("pids.current").strip() or 0),
+            "oom_kills": keyed(read("memory.events"), "oom_kill"),
+        }
 
     def remove(self, container_id: str) -> None:
         container = self.get(container_id)

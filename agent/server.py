@@ -279,6 +279,34 @@ class AgentService(pb_grpc.AgentServicer):
             status=container.status, pid=container.init.pid, exit_status=container.init.status
         )
 
+    def PauseContainer(
+        self, request: pb.ContainerRequest, context: grpc.ServicerContext
+    ) -> pb.Empty:
+        with _container_errors(context):
+            self._manager(context).pause(request.container_id)
+        return pb.Empty()
+
+    def ResumeContainer(
+        self, request: pb.ContainerRequest, context: grpc.ServicerContext
+    ) -> pb.Empty:
+        with _container_errors(context):
+            self._manager(context).resume(request.container_id)
+        return pb.Empty()
+
+    def UpdateContainer(
+        self, request: pb.UpdateContainerRequest, context: grpc.ServicerContext
+    ) -> pb.Empty:
+        with _container_errors(context):
+            self._manager(context).update(request.container_id, request.resources)
+        return pb.Empty()
+
+    def StatsContainer(
+        self, request: pb.ContainerRequest, context: grpc.ServicerContext
+    ) -> pb.StatsContainerResponse:
+        with _container_errors(context):
+            stats = self._manager(context).stats(request.container_id)
+        return pb.StatsContainerResponse(**stats)
+
 
 @contextlib.contextmanager
 def _container_errors(context: grpc.ServicerContext) -> Iterator[None]:

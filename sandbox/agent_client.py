@@ -239,3 +239,23 @@ class ContainerClient(AgentClient):
         reply = self._call("ContainerStatus", pb.ContainerRequest(container_id=container_id))
         status = _bounded(reply.status, "container status", 16)
         return status, int(reply.pid), int(reply.exit_status)
+
+    def pause_container(self, container_id: str) -> None:
+        self._call("PauseContainer", pb.ContainerRequest(container_id=container_id))
+
+    def resume_container(self, container_id: str) -> None:
+        self._call("ResumeContainer", pb.ContainerRequest(container_id=container_id))
+
+    def update_container(self, container_id: str, resources: bytes) -> None:
+        request = pb.UpdateContainerRequest(container_id=container_id, resources=resources)
+        self._call("UpdateContainer", request)
+
+    def stats_container(self, container_id: str) -> dict[str, int]:
+        reply = self._call("StatsContainer", pb.ContainerRequest(container_id=container_id))
+        return {
+            "cpu_usage_usec": int(reply.cpu_usage_usec),
+            "memory_usage_bytes": int(reply.memory_usage_bytes),
+            "memory_limit_bytes": int(reply.memory_limit_bytes),
+            "pids_current": int(reply.pids_current),
+            "oom_kills": int(reply.oom_kills),
+        }

@@ -54,6 +54,9 @@ def create_container(sys: Syscalls, spec: Spec, sync: proc_steps.Sync, cgroup: s
     """
     cap_last = last_cap(sys)  # read now: after pivot_root the guest's /proc is gone
     process = spec.process
+    # 0. The one check of the spec that needs the file system, before any side effect.
+    if sys.kind(spec.root_path, follow=True) != "dir":
+        raise SpecError(f"root.path: {spec.root_path} is not a directory")
 
     # ---- in the runtime process (A) --------------------------------------------------------
     # 1. oom_score_adj first: every process forked below inherits it, and lowering it needs
@@ -98,7 +101,7 @@ def create_container(sys: Syscalls, spec: Spec, sync: proc_steps.Sync, cgroup: s
     # ---- in the container's process (B) ----------------------------------------------------
     sys.close(pid_w)
     sys.close(done_r)
-    # 7. Our pid in the agent's pid namespace (getpid() says 1 here).
+    # 7. Our pid in the agent's pid namespace (getpid() says 1 in a new pid namespace).
     my_pid = int(sys.read(pid_r, 32).decode() or "0")
     sys.close(pid_r)
     # 8. A session of our own; with a terminal, fd 0 (the pty slave) becomes our

@@ -135,7 +135,13 @@ def finalize(sys: Syscalls, proc: Process, last_cap: int) -> tuple[str, list[str
             sys.set_keepcaps(True)
         # 7. Groups, then gid, then uid: each of the first two needs the privilege the last
         #    one gives up.
-        sys.setgroups(list(user.additional_gids))
+        try:
+            sys.setgroups(list(user.additional_gids))
+        except PermissionError:
+            # A joined user namespace may deny setgroups (/proc/self/setgroups is "deny");
+            # with no groups asked for there is nothing to lose, as with runc.
+            if user.additional_gids:
+                raise
         sys.setresgid(user.gid)
         sys.setresuid(user.uid)
         if caps is not None:

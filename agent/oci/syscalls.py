@@ -488,8 +488,12 @@ class LinuxSyscalls(Syscalls):
             raise self._wrap(exc, "setsid") from exc
 
     def set_controlling_tty(self, fd: int) -> None:
+        if self._libc.ioctl(fd, ctypes.c_ulong(TIOCSCTTY), 0) == 0:
+            return
+        # EPERM: the tty is still the controlling terminal of another session (a spawner
+        # that opened it without O_NOCTTY). Steal it: we still have CAP_SYS_ADMIN here.
         self._check(
-            self._libc.ioctl(fd, ctypes.c_ulong(TIOCSCTTY), 0), f"ioctl(TIOCSCTTY) on fd {fd}"
+            self._libc.ioctl(fd, ctypes.c_ulong(TIOCSCTTY), 1), f"ioctl(TIOCSCTTY) on fd {fd}"
         )
 
     def setgroups(self, gids: list[int]) -> None:

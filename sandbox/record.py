@@ -1,0 +1,144 @@
+"""The persisted record of one container and its state machine.
+
+``<root>/<id>/state.json`` holds what every verb needs: bundle, pod, shim process, status.
+Status is stored, then corrected by what can be observed: a container whose shim is gone
+has stopped, whatever the file says (the shim writes the exit status before it exits).
+
+Transitions (runc's)::
+
+    creating -> created -> running <-> paused
+        \\          \\         \\
+         `----------`---------`--> stopped  (exit, kill, or a failed step)
+"""
+
+from __future__ import annotations
+
+import datetime
+import enum
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from hypervisor.process import ProcessHandle
+from sandbox import state
+from sandbox.errors import NotFoundError, StateError
+
+
+class Status(enum.StrEnum):
+    """OCI container status (plus the transient ``creating``)."""
+
+    CREATING = "creating"
+    CREATED = "created"
+    RUNNING = "running"
+    PAUSED = "paused"
+    STOPPED = "stopped"
+
+    def can_start(self) -> bool:
+        return self is Status.CREATED
+
+    def can_kill(self) -> bool:
+        return self in (Status.CREATED, Status.RUNNING, Status.PAUSED)
+
+    def can_pause(self) -> bool:
+        return self is Status.RUNNING
+
+    def can_resume(self) -> bool:
+        return self is Status.PAUSED
+
+    def can_exec(self) -> bool:
+        return self is Status.RUNNING
+
+    def can_delete(self) -> bool:
+        return self in (Status.STOPPED, Status.CREATED, Status.CREATING)
+
+
+@dataclass
+class ContainerRecord:
+    """A container as stored on disk."""
+
+    root: Path
+    id: str
+    data: dict[str, Any]
+
+    @property
+    def dir(self) -> Path:
+        return self.root / self.id
+
+    @property
+    def pod_id(self) -> str:
+        return str(self.data["pod_id"])
+
+    @property
+    def shim(self) -> ProcessHandle | None:
+        return ProcessHandle.from_json(self.data.get("shim"))
+
+    @property
+    def status(self) -> Status:
+        stored = Status(self.data.get("status", "stopped"))
+        if stored in (Status.CREATED, Status.RUNNING, Status.PAUSED):
+            shim = self.shim
+            if shim is None or not shim.alive():
+                return Status.STOPPED
+        return stored
+
+    def set_status(self, status: Status) -> None:
+        self.data["status"] = status.value
+        self.save()
+
+    def save(self) -> None:
+        state.write_json_atomic(self.dir / "state.json", self.data)
+
+    def oci_state(self) -> dict[str, Any]:
+        """The OCI state document ``pysandbox state`` prints."""
+        status = self.status
+        shim = self.shim
+        return {
+            "ociVersion": "1.0.2",
+            "id": self.id,
+            "status": "created" if status is Status.CREATING else status.value,
+            "pid": shim.pid if shim is not None and status is not Status.STOPPED else 0,
+            "bundle": self.data.get("bundle", ""),
+            "rootfs": self.data.get("rootfs", ""),
+            "created": self.data.get("created", ""),
+            "annotations": self.data.get("annotations", {}),
+            "owner": "",
+        }
+
+    @classmethod
+    def new(cls, root: Path, container_id: str, data: dict[str, Any]) -> ContainerRecord:
+        """Reserve ``<root>/<id>``; StateError if the id is taken."""
+        state.validate_id(container_id)
+        record = cls(root, container_id, {
+            "id": container_id,
+            "status": Status.CREATING.value,
+            "created": datetime.datetime.now(datetime.UTC).isoformat(),
+            **data,
+        })
+        try:
+            record.dir.mkdir(mode=0o700)
+        except FileExistsError:
+            raise StateError(f"container {container_id} already exists") from None
+        record.save()
+        return record
+
+    @classmethod
+    def load(cls, root: Path, container_id: str) -> ContainerRecord:
+        """The record of ``container_id``; NotFoundError when there is none."""
+        state.validate_id(container_id)
+        path = root / container_id / "state.json"
+        try:
+            data = state.read_json(path)
+        except FileNotFoundError:
+            raise NotFoundError(f"container {container_id} does not exist") from None
+        return cls(root, container_id, data)
+
+    @classmethod
+    def all(cls, root: Path) -> list[ContainerRecord]:
+        records = []
+        for entry in sorted(root.iterdir()) if root.is_dir() else []:
+            if (entry / "state.json").is_file():
+                try:
+                    records.append(cls.load(root, entry.name))
+                except Exception:
+                    continue
+        return records

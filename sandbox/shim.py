@@ -1,0 +1,161 @@
+"""The per-container host shim (design decision 3).
+
+Clients (conmon, containerd's runc shim) wait on the pid written to ``--pid-file`` and take its
+exit status as the container's. The container runs inside a VM, so that pid is this small
+process: it relays the container's stdio between its own fds (inherited from ``create``/
+``exec``) or a host pty (whose master went to ``--console-socket``) and the guest agent, waits
+for the process to exit, records the exit status and exits with it (128+N for signal N).
+
+Started by :func:`spawn` in a new session; when the spawning CLI exits it is reparented to the
+caller's subreaper. It reports ``ready`` (or ``error <message>``) on fd 3 before relaying.
+"""
+
+from __future__ import annotations
+
+import argparse
+import array
+import contextlib
+import fcntl
+import os
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import termios
+import threading
+from pathlib import Path
+
+from hypervisor.process import ProcessHandle
+from sandbox import state
+from sandbox.errors import AgentError, ConfigError
+
+_READY_TIMEOUT = 30.0
+
+
+def spawn(
+    root: Path,
+    container_id: str,
+    pod_address: str,
+    exec_id: str = "",
+    terminal: bool = False,
+    console_socket: Path | None = None,
+) -> ProcessHandle:
+    """Start a shim inheriting this process's stdio; return it once it reported ready."""
+    ready_r, ready_w = os.pipe()
+    argv = [
+        sys.executable,
+        "-m",
+        "sandbox.shim",
+        "--root",
+        str(root),
+        "--id",
+        container_id,
+        "--agent",
+        pod_address,
+        "--exec-id",
+        exec_id,
+        "--ready-fd",
+        "3",
+    ]
+    if terminal:
+        argv.append("--terminal")
+    if console_socket is not None:
+        argv += ["--console-socket", str(console_socket)]
+    try:
+        proc = subprocess.Popen(
+            argv,
+            pass_fds=(ready_w,),
+            start_new_session=True,
+            cwd="/",
+            env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)},
+            preexec_fn=lambda: os.dup2(ready_w, 3),
+        )
+    finally:
+        os.close(ready_w)
+    with os.fdopen(ready_r, "rb") as ready:
+        line = ready.readline(4096).decode(errors="replace").strip()
+    if line != "ready":
+        with contextlib.suppress(OSError):
+            proc.kill()
+        proc.wait()
+        raise AgentError(line.removeprefix("error ") or "container shim failed to start")
+    handle = ProcessHandle.of(proc.pid)
+    proc.returncode = 0  # we never wait for it: its subreaper does (silences Popen.__del__)
+    return handle
+
+
+def _send_console(console_socket: Path, master: int) -> None:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.connect(str(console_socket))
+        fds = array.array("i", [master])
+        sock.sendmsg([b"/dev/ptmx"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds)])
+
+
+def _exit_file(root: Path, container_id: str, exec_id: str) -> Path:
+    return root / container_id / (f"exec-{exec_id}.exit" if exec_id else "exit")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of ``python -m sandbox.shim``; see the module docstring."""
+    parser = argparse.ArgumentParser(prog="pysandbox-shim")
+    parser.add_argument("--root", type=Path, required=True)
+    parser.add_argument("--id", required=True)
+    parser.add_argument("--agent", required=True)
+    parser.add_argument("--exec-id", default="")
+    parser.add_argument("--terminal", action="store_true")
+    parser.add_argument("--console-socket", type=Path)
+    parser.add_argument("--ready-fd", type=int, required=True)
+    args = parser.parse_args(argv)
+    ready = os.fdopen(args.ready_fd, "wb", buffering=0)
+    signal.signal(signal.SIGPIPE, signal.SIG_IGN)
+    try:
+        from sandbox.agent_client import ContainerClient
+        from sandbox.container import StdioRelay
+
+        client = ContainerClient(args.agent)
+        stdin: int | None = 0
+        stdout, stderr = 1, 2
+        if args.terminal:
+            if args.console_socket is None:
+                raise ConfigError("a terminal needs --console-socket")
+            master, slave = os.openpty()
+            _send_console(args.console_socket, master)
+            os.close(master)
+            fcntl.ioctl(slave, termios.TIOCSCTTY, 0)  # SIGWINCH reaches us on resize
+            tty_attrs = termios.tcgetattr(slave)
+            tty_attrs[3] &= ~(termios.ECHO | termios.ICANON | termios.ISIG | termios.IEXTEN)
+            tty_attrs[1] &= ~termios.OPOST
+            termios.tcsetattr(slave, termios.TCSANOW, tty_attrs)
+            stdin = stdout = stderr = slave
+
+            def resize(*_: object) -> None:
+                rows, cols = struct.unpack(
+                    "HHHH", fcntl.ioctl(slave, termios.TIOCGWINSZ, b"\0" * 8)
+                )[:2]
+                if rows and cols:
+                    with contextlib.suppress(AgentError):
+                        client.resize(args.id, args.exec_id, rows, cols)
+
+            signal.signal(signal.SIGWINCH, lambda *_: threading.Thread(target=resize).start())
+        relay = StdioRelay(client, args.id, args.exec_id, stdin, stdout, stderr, args.terminal)
+    except Exception as exc:
+        ready.write(f"error {exc}\n".encode())
+        sys.exit(1)
+    ready.write(b"ready\n")
+    ready.close()
+    relay.start()
+    try:
+        status, _sig, oom = client.wait_process(args.id, args.exec_id)
+    except AgentError:
+        status, oom = 137, False  # the VM is gone: the container was killed with it
+    relay.join(30)
+    with contextlib.suppress(OSError):
+        state.write_json_atomic(
+            _exit_file(args.root, args.id, args.exec_id), {"status": status, "oom": oom}
+        )
+    os._exit(status)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,542 @@
+"""The exact order of side effects of agent.oci.init and agent.oci.exec, without root.
+
+Every test drives the runtime's ``run`` with a :class:`RecordingSyscalls` and compares the
+recorded calls with the sequence the OCI spec (and runc's ordering) requires.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+from typing import Any
+
+import pytest
+
+from agent.oci import exec as exec_mod
+from agent.oci import init
+from agent.oci import syscalls as sc
+
+SYNC = 4
+CGROUP = "/sys/fs/cgroup/pysandbox/c1"
+# RecordingSyscalls hands out descriptors from 11: the two pipes of the fork are 11-14.
+PID_R, PID_W, DONE_R, DONE_W = 11, 12, 13, 14
+
+
+def typical_spec(**changes: Any) -> dict[str, Any]:
+    spec: dict[str, Any] = {
+        "ociVersion": "1.0.2",
+        "process": {
+            "args": ["sh", "-c", "echo hi"],
+            "env": ["PATH=/bin", "A=b"],
+            "cwd": "/work",
+            "user": {"uid": 1000, "gid": 1000, "additionalGids": [10]},
+            "capabilities": {
+                "bounding": ["CAP_KILL", "CAP_CHOWN"],
+                "effective": ["CAP_KILL"],
+                "permitted": ["CAP_KILL"],
+                "inheritable": [],
+                "ambient": [],
+            },
+            "rlimits": [{"type": "RLIMIT_NOFILE", "soft": 100, "hard": 200}],
+            "noNewPrivileges": True,
+            "oomScoreAdj": 100,
+        },
+        "root": {"path": "/r", "readonly": True},
+        "hostname": "box",
+        "mounts": [
+            {
+                "destination": "/proc",
+                "type": "proc",
+                "source": "proc",
+                "options": ["nosuid", "noexec", "nodev"],
+            },
+            {
+                "destination": "/dev",
+                "type": "tmpfs",
+                "source": "tmpfs",
+                "options": ["nosuid", "mode=755"],
+            },
+            {
+                "destination": "/data",
+                "type": "bind",
+                "source": "/host/data",
+                "options": ["rbind", "ro", "rprivate"],
+            },
+        ],
+        "linux": {
+            "namespaces": [{"type": t} for t in ("pid", "mount", "uts", "ipc", "network")],
+            "resources": {"memory": {"limit": 1048576}, "pids": {"limit": 10}},
+            "sysctl": {"net.ipv4.ip_forward": "1"},
+            "maskedPaths": ["/proc/kcore", "/sys/firmware", "/absent"],
+            "readonlyPaths": ["/proc/sys"],
+            "seccomp": {
+                "defaultAction": "SCMP_ACT_ALLOW",
+                "syscalls": [{"names": ["mkdir"], "action": "SCMP_ACT_ERRNO"}],
+            },
+        },
+    }
+    spec.update(changes)
+    return spec
+
+
+def fake(**kwargs: Any) -> sc.RecordingSyscalls:
+    """A system with /r as rootfs, cgroup2 at /sys/fs/cgroup, and a container /bin/sh.
+
+    The fake file system is flat: paths seen after pivot_root (/proc/kcore, /bin/sh) are
+    listed next to those before it (/r/proc).
+    """
+    kwargs.setdefault("reads", {PID_R: b"4242", SYNC: b"start\n"})
+    system = sc.RecordingSyscalls(
+        fs={
+            "/r": "dir",
+            "/r/proc": "dir",
+            "/r/dev": "dir",
+            "/host/data": "dir",
+            "/sys/fs/cgroup": "dir",
+            "/sys/fs/cgroup/pysandbox": "dir",
+            "/proc/kcore": "file",
+            "/sys/firmware": "dir",
+            "/proc/sys": "dir",
+            "/bin/sh": "file",
+            "/work": "dir",
+        },
+        **kwargs,
+    )
+    for name in ("null", "zero", "full", "random", "urandom", "tty"):
+        system.fs[f"/dev/{name}"] = "chr"  # the guest's device nodes
+    system.magic["/sys/fs/cgroup/pysandbox"] = sc.CGROUP2_SUPER_MAGIC
+    system.texts["/proc/sys/kernel/cap_last_cap"] = "40\n"
+    system.texts["/etc/passwd"] = (
+        "root:x:0:0::/root:/bin/sh\nuser:x:1000:1000::/home/user:/bin/sh\n"
+    )
+    system.texts["/proc/self/mountinfo"] = (
+        "22 1 8:1 / / rw,relatime shared:1 - ext4 /dev/vda rw\n"
+        "30 22 0:5 / /proc rw,nosuid shared:12 - proc proc rw\n"
+    )
+    return system
+
+
+def run_init(
+    system: sc.RecordingSyscalls, spec: dict[str, Any], cgroup: str | None = CGROUP
+) -> sc.FakeExec:
+    with pytest.raises(sc.FakeExec) as info:
+        init.run(system, json.dumps(spec).encode(), SYNC, cgroup)
+    return info.value
+
+
+def drops_except(*kept: int) -> list[tuple[object, ...]]:
+    return [("capbset_drop", cap) for cap in range(41) if cap not in kept]
+
+
+def test_typical_container_in_order() -> None:
+    system = fake()
+    execd = run_init(system, typical_spec())
+    assert execd.path == "/bin/sh"
+    assert execd.argv == ["sh", "-c", "echo hi"]
+    assert execd.env == ["PATH=/bin", "A=b", "HOME=/home/user"]
+    new_namespaces = (
+        sc.CLONE_NEWPID | sc.CLONE_NEWNS | sc.CLONE_NEWUTS | sc.CLONE_NEWIPC | sc.CLONE_NEWNET
+    )
+    assert system.calls == [
+        # A: inherited settings, cgroup with limits before joining, namespaces, fork.
+        ("write_file", "/proc/self/oom_score_adj", "100"),
+        ("mkdir", CGROUP, "0o755"),
+        ("write_file", f"{CGROUP}/memory.max", "1048576"),
+        ("write_file", f"{CGROUP}/pids.max", "10"),
+        ("write_file", f"{CGROUP}/cgroup.procs", "0"),
+        ("unshare", new_namespaces),
+        ("pipe",),
+        ("pipe",),
+        ("fork",),
+        # B: learn its pid, own session.
+        ("close", PID_W),
+        ("close", DONE_R),
+        ("read", PID_R),
+        ("close", PID_R),
+        ("setsid",),
+        ("umask", "0o0"),
+        # Rootfs: propagation, parent private (it is shared), bind, mounts in order.
+        ("mount", None, "/", None, "rec|slave", ""),
+        ("mount", None, "/", None, "private", ""),
+        ("mount", "/r", "/r", None, "bind|rec", ""),
+        ("mount", "proc", "/r/proc", "proc", "nosuid|nodev|noexec", ""),
+        ("mount", "tmpfs", "/r/dev", "tmpfs", "nosuid", "mode=755"),
+        ("mkdir", "/r/data", "0o755"),
+        ("mount", "/host/data", "/r/data", None, "bind|rec", ""),
+        ("mount", None, "/r/data", None, "ro|remount|bind", ""),
+        ("mount", None, "/r/data", None, "rec|private", ""),
+        # Devices into the new /dev, then its links.
+        ("mknod", "/r/dev/null", "0o20666", 1, 3),
+        ("chown", "/r/dev/null", 0, 0),
+        ("mknod", "/r/dev/zero", "0o20666", 1, 5),
+        ("chown", "/r/dev/zero", 0, 0),
+        ("mknod", "/r/dev/full", "0o20666", 1, 7),
+        ("chown", "/r/dev/full", 0, 0),
+        ("mknod", "/r/dev/random", "0o20666", 1, 8),
+        ("chown", "/r/dev/random", 0, 0),
+        ("mknod", "/r/dev/urandom", "0o20666", 1, 9),
+        ("chown", "/r/dev/urandom", 0, 0),
+        ("mknod", "/r/dev/tty", "0o20666", 5, 0),
+        ("chown", "/r/dev/tty", 0, 0),
+        ("symlink", "/proc/self/fd", "/r/dev/fd"),
+        ("symlink", "/proc/self/fd/0", "/r/dev/stdin"),
+        ("symlink", "/proc/self/fd/1", "/r/dev/stdout"),
+        ("symlink", "/proc/self/fd/2", "/r/dev/stderr"),
+        ("symlink", "pts/ptmx", "/r/dev/ptmx"),
+        # pivot_root(".", ".") and detach the old root.
+        ("open", "/"),
+        ("open", "/r"),
+        ("fchdir", 16),
+        ("pivot_root", ".", "."),
+        ("fchdir", 15),
+        ("mount", None, ".", None, "rec|slave", ""),
+        ("umount2", ".", sc.MNT_DETACH),
+        ("chdir", "/"),
+        ("close", 15),
+        ("close", 16),
+        # Inside: names, sysctls, read-only and masked paths, read-only root.
+        ("sethostname", "box"),
+        ("write_file", "/proc/sys/net/ipv4/ip_forward", "1"),
+        ("mount", "/proc/sys", "/proc/sys", None, "bind|rec", ""),
+        ("mount", None, "/proc/sys", None, "ro|remount|bind", ""),
+        ("mount", "/dev/null", "/proc/kcore", None, "bind", ""),
+        ("mount", "tmpfs", "/sys/firmware", "tmpfs", "ro", ""),
+        ("mount", None, "/", None, "ro|remount|bind", ""),
+        # The process: rlimits, nnp, bounding set, keepcaps + ids, capset, umask, cwd.
+        ("setrlimit", 7, 100, 200),
+        ("set_no_new_privs",),
+        *drops_except(0, 5),
+        ("set_keepcaps", True),
+        ("setgroups", [10]),
+        ("setresgid", 1000),
+        ("setresuid", 1000),
+        ("set_keepcaps", False),
+        ("capset", "0x20", "0x20", "0x0"),
+        ("ambient_clear",),
+        ("umask", "0o22"),
+        ("chdir", "/work"),
+        # Release A; ready; start; exec with seccomp last (nnp).
+        ("write", DONE_W, b"k"),
+        ("close", DONE_W),
+        ("cloexec_from", 3),
+        ("write", SYNC, b"ready 4242\n"),
+        ("read", SYNC),
+        ("reset_signals",),
+        ("seccomp_load", 9, 0),
+        ("execve", "/bin/sh", ["sh", "-c", "echo hi"]),
+    ]
+
+
+def test_seccomp_without_nnp_is_loaded_before_capabilities_are_dropped() -> None:
+    spec = typical_spec()
+    spec["process"]["noNewPrivileges"] = False
+    system = fake()
+    run_init(system, spec)
+    names = system.names()
+    assert "set_no_new_privs" not in names
+    assert names.index("seccomp_load") < names.index("capbset_drop")
+    assert names.index("setrlimit") < names.index("seccomp_load")
+    assert names.count("seccomp_load") == 1
+
+
+def test_the_runtime_process_hands_over_the_pid_and_exits_0() -> None:
+    system = fake(forks=[4242], reads={DONE_R: b"k"})
+    assert init.run(system, json.dumps(typical_spec()).encode(), SYNC, CGROUP) == 0
+    after_fork = system.calls[system.names().index("fork") + 1 :]
+    assert after_fork == [
+        ("close", PID_R),
+        ("close", DONE_W),
+        ("write", PID_W, b"4242"),
+        ("close", PID_W),
+        ("read", DONE_R),
+        ("close", DONE_R),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("status", "code"), [(127 << 8, 127), (1 << 8, 1), (9, 128 + 9)], ids=["127", "1", "sig9"]
+)
+def test_the_runtime_process_exits_like_a_child_that_failed(status: int, code: int) -> None:
+    system = fake(forks=[4242], reads={DONE_R: b""})
+    system.statuses[4242] = status
+    assert init.run(system, json.dumps(typical_spec()).encode(), SYNC, CGROUP) == code
+    assert system.calls[-1] == ("waitpid", 4242)
+    assert not any(call[0] == "write" and call[1] == SYNC for call in system.calls)
+
+
+def test_invalid_spec_writes_one_error_and_touches_nothing() -> None:
+    spec = typical_spec()
+    spec["linux"]["namespaces"].append({"type": "bogus"})
+    system = fake()
+    assert init.run(system, json.dumps(spec).encode(), SYNC, CGROUP) == 1
+    assert system.calls == [("write", SYNC, b'error unknown namespace type "bogus"\n')]
+
+
+def test_missing_rootfs_is_an_error_before_any_side_effect() -> None:
+    system = fake()
+    del system.fs["/r"]
+    assert init.run(system, json.dumps(typical_spec()).encode(), SYNC, CGROUP) == 1
+    assert system.calls == [("write", SYNC, b"error root.path: /r is not a directory\n")]
+
+
+def test_invalid_json_is_a_spec_error() -> None:
+    system = fake()
+    assert init.run(system, b"{nope", SYNC, None) == 1
+    assert len(system.calls) == 1
+    written = system.calls[0][2]
+    assert isinstance(written, bytes) and written.startswith(b"error config.json is not valid JSON")
+
+
+def test_program_not_found_is_reported_before_ready_with_127() -> None:
+    spec = typical_spec()
+    spec["process"]["args"] = ["nope"]
+    system = fake()
+    assert init.run(system, json.dumps(spec).encode(), SYNC, CGROUP) == 127
+    assert system.calls[-1] == (
+        "write",
+        SYNC,
+        b'error exec: "nope": executable file not found in $PATH\n',
+    )
+    assert "cloexec_from" not in system.names()
+
+
+def test_eof_instead_of_start_exits_1_without_exec() -> None:
+    system = fake(reads={PID_R: b"4242", SYNC: b""})
+    assert init.run(system, json.dumps(typical_spec()).encode(), SYNC, CGROUP) == 1
+    assert system.calls[-2:] == [("write", SYNC, b"ready 4242\n"), ("read", SYNC)]
+
+
+def test_a_failing_mount_is_one_error_line() -> None:
+    system = fake()
+    system.fail["mount"] = errno.EPERM
+    assert init.run(system, json.dumps(typical_spec()).encode(), SYNC, CGROUP) == 1
+    assert system.calls[-1] == (
+        "write",
+        SYNC,
+        b"error preparing the rootfs: mount: Operation not permitted\n",
+    )
+
+
+def test_no_cgroup_v2_means_no_cgroup_calls() -> None:
+    system = fake()
+    system.magic.clear()
+    run_init(system, typical_spec())
+    assert not any(str(call[1:2]).startswith("('/sys/fs/cgroup") for call in system.calls)
+
+
+def test_terminal_gets_a_controlling_tty_and_a_console() -> None:
+    spec = typical_spec()
+    spec["process"]["terminal"] = True
+    system = fake()
+    system.fs["/proc/self/fd/0"] = "link:/dev/pts/3"
+    run_init(system, spec)
+    names = system.names()
+    assert names[names.index("setsid") + 1] == "set_controlling_tty"
+    assert ("create_file", "/r/dev/console") in system.calls
+    assert ("mount", "/dev/pts/3", "/r/dev/console", None, "bind", "") in system.calls
+    assert system.calls.index(("mount", "/dev/pts/3", "/r/dev/console", None, "bind", "")) < (
+        names.index("pivot_root")
+    )
+
+
+def test_namespaces_given_by_path_are_joined_user_first_before_unsharing() -> None:
+    spec = typical_spec()
+    spec["linux"]["namespaces"] = [
+        {"type": "mount"},
+        {"type": "network", "path": "/proc/77/ns/net"},
+        {"type": "pid"},
+        {"type": "user", "path": "/proc/77/ns/user"},
+        {"type": "uts"},
+    ]
+    system = fake(reads={13: b"4242", SYNC: b"start\n"})
+    run_init(system, spec)
+    start = system.names().index("write_file", 3)  # after oom + cgroup setup
+    joined = [c for c in system.calls[start:] if c[0] in ("open", "setns", "close", "unshare")][:7]
+    assert joined == [
+        ("open", "/proc/77/ns/user"),
+        ("open", "/proc/77/ns/net"),
+        ("setns", 11, sc.CLONE_NEWUSER),
+        ("setns", 12, sc.CLONE_NEWNET),
+        ("close", 11),
+        ("close", 12),
+        ("unshare", sc.CLONE_NEWNS | sc.CLONE_NEWPID | sc.CLONE_NEWUTS),
+    ]
+
+
+def userns_spec() -> dict[str, Any]:
+    spec = typical_spec()
+    spec["linux"]["namespaces"].append({"type": "user"})
+    spec["linux"]["uidMappings"] = [{"containerID": 0, "hostID": 100000, "size": 65536}]
+    spec["linux"]["gidMappings"] = [{"containerID": 0, "hostID": 100000, "size": 65536}]
+    return spec
+
+
+def test_user_namespace_is_mapped_by_a_helper_outside_it() -> None:
+    # pipes: go 11-12, then the fork's 13-16
+    system = fake(forks=[555], pid=321, reads={13: b"4242", SYNC: b"start\n"})
+    run_init(system, userns_spec(), cgroup=None)
+    calls = system.calls
+    begin = calls.index(("pipe",))
+    assert calls[begin : begin + 10] == [
+        ("pipe",),
+        ("fork",),
+        ("close", 11),
+        ("unshare", sc.CLONE_NEWUSER),
+        ("write", 12, b"g"),
+        ("close", 12),
+        ("waitpid", 555),
+        ("setresgid", 0),
+        ("setresuid", 0),
+        (
+            "unshare",
+            sc.CLONE_NEWPID | sc.CLONE_NEWNS | sc.CLONE_NEWUTS | sc.CLONE_NEWIPC | sc.CLONE_NEWNET,
+        ),
+    ]
+    # mknod is not allowed in a user namespace: the guest's nodes are bound instead.
+    assert "mknod" not in system.names()
+    assert ("mount", "/dev/null", "/r/dev/null", None, "bind", "") in calls
+
+
+def test_the_map_helper_writes_the_maps_of_its_parent() -> None:
+    system = fake(forks=[0], pid=321)
+    with pytest.raises(sc.FakeExit) as info:
+        init.run(system, json.dumps(userns_spec()).encode(), SYNC, None)
+    assert info.value.code == 0
+    assert system.calls[-5:] == [
+        ("close", 12),
+        ("read", 11),
+        ("write_file", "/proc/321/uid_map", "0 100000 65536\n"),
+        ("write_file", "/proc/321/gid_map", "0 100000 65536\n"),
+        ("exit_now", 0),
+    ]
+
+
+def test_failed_map_helper_is_an_error() -> None:
+    system = fake(forks=[555])
+    system.statuses[555] = errno.EPERM << 8
+    assert init.run(system, json.dumps(userns_spec()).encode(), SYNC, None) == 1
+    assert system.calls[-1] == (
+        "write",
+        SYNC,
+        b"error user namespace: writing uid_map: Operation not permitted\n",
+    )
+
+
+def test_pivot_root_on_initramfs_falls_back_to_move_and_chroot() -> None:
+    system = fake()
+    system.fail["pivot_root"] = errno.EINVAL
+    run_init(system, typical_spec())
+    at = system.names().index("pivot_root")
+    assert system.calls[at + 1 : at + 4] == [
+        ("mount", "/r", "/", None, "move", ""),
+        ("chroot", "."),
+        ("chdir", "/"),
+    ]
+
+
+def test_bind_remount_retries_with_locked_flags() -> None:
+    system = fake()
+    system.flags["/r/data"] = sc.MS_NOSUID | sc.MS_NODEV
+    original = system.mount
+    attempts: list[str] = []
+
+    def mount(
+        source: str | None, target: str, fstype: str | None, flags: int, data: str | None
+    ) -> None:
+        if target == "/r/data" and flags & sc.MS_REMOUNT and not flags & sc.MS_NOSUID:
+            attempts.append("refused")
+            raise PermissionError(errno.EPERM, "locked")
+        original(source, target, fstype, flags, data)
+
+    system.mount = mount  # type: ignore[method-assign]
+    run_init(system, typical_spec())
+    assert attempts == ["refused"]
+    assert ("mount", None, "/r/data", None, "ro|nosuid|nodev|remount|bind", "") in system.calls
+
+
+def test_symlinked_mount_target_stays_inside_the_rootfs() -> None:
+    spec = typical_spec()
+    spec["mounts"][2]["destination"] = "/data/x"
+    system = fake()
+    system.fs["/r/data"] = "link:/etc/../../../host"
+    run_init(system, spec)
+    assert ("mount", "/host/data", "/r/host/x", None, "bind|rec", "") in system.calls
+
+
+# -- exec -----------------------------------------------------------------------------------
+
+
+def exec_fake(**kwargs: Any) -> sc.RecordingSyscalls:
+    system = fake(**kwargs)
+    for name in ("user", "ipc", "uts", "net", "pid", "cgroup", "mnt"):
+        system.fs[f"/proc/99/ns/{name}"] = f"link:{name}:[4026532{len(name)}00]"
+        system.fs[f"/proc/self/ns/{name}"] = f"link:{name}:[4026531{len(name)}00]"
+    # The container shares our user namespace: setns into it would be EINVAL.
+    system.fs["/proc/99/ns/user"] = system.fs["/proc/self/ns/user"]
+    system.fs["/proc/99"] = "dir"
+    return system
+
+
+def test_exec_joins_the_container_in_order() -> None:
+    process = typical_spec()["process"]
+    process["seccomp"] = typical_spec()["linux"]["seccomp"]
+    process["terminal"] = True
+    # 6 namespaces + root: fds 11-17; then the fork's pipes 18-21.
+    system = exec_fake(reads={18: b"4243", SYNC: b"start\n"})
+    with pytest.raises(sc.FakeExec):
+        exec_mod.run(system, json.dumps(process).encode(), 99, SYNC, CGROUP)
+    calls = system.calls
+    assert (
+        calls[:22]
+        == [
+            ("write_file", "/proc/self/oom_score_adj", "100"),
+            ("write_file", f"{CGROUP}/cgroup.procs", "0"),
+            ("open", "/proc/99/ns/ipc"),
+            ("open", "/proc/99/ns/uts"),
+            ("open", "/proc/99/ns/net"),
+            ("open", "/proc/99/ns/pid"),
+            ("open", "/proc/99/ns/cgroup"),
+            ("open", "/proc/99/ns/mnt"),
+            ("open", "/proc/99/root"),
+            ("setns", 11, sc.CLONE_NEWIPC),
+            ("setns", 12, sc.CLONE_NEWUTS),
+            ("setns", 13, sc.CLONE_NEWNET),
+            ("setns", 14, sc.CLONE_NEWPID),
+            ("setns", 15, sc.CLONE_NEWCGROUP),
+            ("setns", 16, sc.CLONE_NEWNS),
+            ("fchdir", 17),
+            ("chroot", "."),
+            ("chdir", "/"),
+            *[("close", fd) for fd in range(11, 18)],
+        ][:22]
+    )
+    names = system.names()
+    fork = names.index("fork")
+    assert names[fork + 1 : fork + 7] == [
+        "close",
+        "close",
+        "read",
+        "close",
+        "setsid",
+        "set_controlling_tty",
+    ]
+    assert names[-8:] == [
+        "write",  # release A
+        "close",
+        "cloexec_from",
+        "write",  # ready
+        "read",  # start
+        "reset_signals",
+        "seccomp_load",
+        "execve",
+    ]
+    assert ("write", SYNC, b"ready 4243\n") in calls
+    assert "mount" not in names and "pivot_root" not in names
+
+
+def test_exec_into_a_vanished_container_is_an_error() -> None:
+    system = exec_fake()
+    del system.fs["/proc/99"]
+    process = typical_spec()["process"]
+    assert exec_mod.run(system, json.dumps(process).encode(), 99, SYNC, None) == 1
+    assert system.calls == [("write", SYNC, b"error container process 99 does not exist\n")]
