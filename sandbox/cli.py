@@ -14,7 +14,7 @@ import json
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 
 class _Parser(argparse.ArgumentParser):
@@ -63,7 +63,59 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = verbs.add_parser("run", help="run a command in a container in a fresh VM")
     add_run_arguments(run)
+    _runtime_verbs(verbs)
     return parser
+
+
+def _runtime_verbs(verbs: Any) -> None:
+    """The runc-compatible verbs (see ../shared/cli-contract.md)."""
+    create = verbs.add_parser("create", help="create a container from an OCI bundle")
+    create.add_argument("--bundle", "-b", type=Path, default=Path("."))
+    create.add_argument("--pid-file", type=Path)
+    create.add_argument("--console-socket", type=Path)
+    create.add_argument("--no-pivot", action="store_true")
+    create.add_argument("--no-new-keyring", action="store_true")
+    create.add_argument("--preserve-fds", type=int, default=0)
+    create.add_argument("id")
+    verbs.add_parser("start", help="start a created container").add_argument("id")
+    verbs.add_parser("state", help="print a container's OCI state").add_argument("id")
+    kill = verbs.add_parser("kill", help="signal a container")
+    kill.add_argument("--all", "-a", action="store_true")
+    kill.add_argument("id")
+    kill.add_argument("signal", nargs="?", default="TERM")
+    delete = verbs.add_parser("delete", help="delete a container")
+    delete.add_argument("--force", "-f", action="store_true")
+    delete.add_argument("id")
+    exec_ = verbs.add_parser("exec", help="run a process in a running container")
+    exec_.add_argument("--process", "-p", type=Path)
+    exec_.add_argument("--detach", "-d", action="store_true")
+    exec_.add_argument("--pid-file", type=Path)
+    exec_.add_argument("--tty", "-t", action="store_true")
+    exec_.add_argument("--console-socket", type=Path)
+    exec_.add_argument("--env", "-e", action="append", default=[])
+    exec_.add_argument("--cwd")
+    exec_.add_argument("--user", "-u")
+    exec_.add_argument("--preserve-fds", type=int, default=0)
+    exec_.add_argument("id")
+    exec_.add_argument("command", nargs=argparse.REMAINDER)
+    ps = verbs.add_parser("ps", help="list a container's processes")
+    ps.add_argument("--format", "-f", choices=["table", "json"], default="table")
+    ps.add_argument("id")
+    listing = verbs.add_parser("list", help="list containers")
+    listing.add_argument("--format", "-f", choices=["table", "json"], default="table")
+    listing.add_argument("--quiet", "-q", action="store_true")
+    verbs.add_parser("pause", help="freeze a container").add_argument("id")
+    verbs.add_parser("resume", help="thaw a paused container").add_argument("id")
+    update = verbs.add_parser("update", help="change a container's resource limits")
+    update.add_argument("--resources", "-r", help="JSON file of linux.resources, or -")
+    update.add_argument("--memory", help="memory limit in bytes")
+    update.add_argument("--pids-limit", type=int)
+    update.add_argument("--cpu-quota", type=int)
+    update.add_argument("--cpu-period", type=int)
+    update.add_argument("id")
+    verbs.add_parser("features", help="print the runtime's features as JSON")
+    spec = verbs.add_parser("spec", help="write a default config.json")
+    spec.add_argument("--bundle", "-b", type=Path, default=Path("."))
 
 
 def _log_error(args: argparse.Namespace, message: str) -> None:

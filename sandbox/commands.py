@@ -6,8 +6,10 @@ import argparse
 import json
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from sandbox import state
+from sandbox.errors import ConfigError, SandboxError
 
 
 def _root(args: argparse.Namespace) -> Path:
@@ -72,6 +74,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     from sandbox.errors import describe
     from sandbox.run import EXIT_RUNTIME, RunError, run
 
+    if args.bundle is not None:
+        return _run_bundle(args)
     try:
         return run(args, _root(args))
     except RunError:
@@ -81,8 +85,262 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise RunError(message, EXIT_RUNTIME) from exc
 
 
+def _run_bundle(args: argparse.Namespace) -> int:
+    """runc's ``run``: create + start, then (unless --detach) wait for the container."""
+    from sandbox import runtime
+    from sandbox.record import ContainerRecord
+
+    root = _root(args)
+    record = runtime.create(root, args.image, args.bundle, args.pid_file, args.console_socket)
+    runtime.start(root, args.image)
+    if args.detach:
+        return 0
+    shim = record.shim
+    if shim is not None:
+        shim.wait(float("inf"))
+    code = _exit_status(ContainerRecord.load(root, args.image))
+    runtime.delete(root, args.image, force=True)
+    return code
+
+
+def _exit_status(record: Any) -> int:
+    try:
+        data = state.read_json(record.dir / "exit")
+    except (OSError, ValueError, SandboxError):
+        return 255
+    status = data.get("status")
+    return status if isinstance(status, int) else 255
+
+
+def cmd_create(args: argparse.Namespace) -> int:
+    from sandbox import runtime
+
+    runtime.create(_root(args), args.id, args.bundle, args.pid_file, args.console_socket)
+    return 0
+
+
+def cmd_start(args: argparse.Namespace) -> int:
+    from sandbox import runtime
+
+    runtime.start(_root(args), args.id)
+    return 0
+
+
+def cmd_state(args: argparse.Namespace) -> int:
+    from sandbox.record import ContainerRecord
+
+    print(json.dumps(ContainerRecord.load(_root(args), args.id).oci_state(), indent=2))
+    return 0
+
+
+def cmd_kill(args: argparse.Namespace) -> int:
+    from sandbox import runtime
+
+    runtime.kill(_root(args), args.id, runtime.parse_signal(args.signal), args.all)
+    return 0
+
+
+def cmd_delete(args: argparse.Namespace) -> int:
+    from sandbox import runtime
+
+    runtime.delete(_root(args), args.id, args.force)
+    return 0
+
+
+def _exec_process(args: argparse.Namespace) -> dict[str, Any]:
+    from sandbox.record import ContainerRecord
+    from sandbox.runtime import load_bundle
+
+    if args.process is not None:
+        try:
+            process = json.loads(Path(args.process).read_bytes())
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"cannot read process file {args.process}: {exc}") from exc
+        if not isinstance(process, dict) or not process.get("args"):
+            raise ConfigError(f"process file {args.process}: args is required")
+        return process
+    if not args.command:
+        raise ConfigError("exec needs --process FILE or a command")
+    record = ContainerRecord.load(_root(args), args.id)
+    base = load_bundle(Path(record.data["bundle"]))["process"]
+    process = {
+        key: base[key]
+        for key in ("env", "cwd", "user", "capabilities", "noNewPrivileges", "rlimits")
+        if key in base
+    }
+    process["args"] = list(args.command)
+    process["terminal"] = args.tty
+    process["env"] = [*process.get("env", []), *args.env]
+    if args.cwd:
+        process["cwd"] = args.cwd
+    if args.user:
+        uid, _, gid = args.user.partition(":")
+        if not uid.isdigit() or (gid and not gid.isdigit()):
+            raise ConfigError(f"invalid --user {args.user!r}: use UID[:GID]")
+        process["user"] = {"uid": int(uid), "gid": int(gid or 0)}
+    return process
+
+
+def cmd_exec(args: argparse.Namespace) -> int:
+    from sandbox import runtime
+
+    process = _exec_process(args)
+    if args.tty:
+        process["terminal"] = True
+    return runtime.exec_process(
+        _root(args), args.id, process, args.detach, args.pid_file, args.console_socket
+    )
+
+
+def cmd_ps(args: argparse.Namespace) -> int:
+    from sandbox import runtime
+
+    pids = runtime.processes(_root(args), args.id)
+    if args.format == "json":
+        print(json.dumps(pids))
+    else:
+        print("PID")
+        for pid in pids:
+            print(pid)
+    return 0
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    from sandbox.record import ContainerRecord
+
+    states = [r.oci_state() for r in ContainerRecord.all(_root(args))]
+    if args.format == "json":
+        print(json.dumps(states))
+    elif args.quiet:
+        for item in states:
+            print(item["id"])
+    else:
+        print(f"{'ID':<24} {'PID':<8} {'STATUS':<10} {'BUNDLE':<40} CREATED")
+        for item in states:
+            print(
+                f"{item['id']:<24} {item['pid']:<8} {item['status']:<10} "
+                f"{item['bundle']:<40} {item['created']}"
+            )
+    return 0
+
+
+def cmd_pause(args: argparse.Namespace) -> int:
+    from sandbox import runtime
+
+    runtime.set_paused(_root(args), args.id, paused=args.verb == "pause")
+    return 0
+
+
+def cmd_update(args: argparse.Namespace) -> int:
+    import sys
+
+    from sandbox import runtime
+
+    resources: dict[str, Any] = {}
+    if args.resources:
+        try:
+            raw = sys.stdin.read() if args.resources == "-" else Path(args.resources).read_text()
+            resources = json.loads(raw)
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"cannot read resources {args.resources}: {exc}") from exc
+        if not isinstance(resources, dict):
+            raise ConfigError("resources must be a JSON object (OCI linux.resources)")
+    if args.memory:
+        if not args.memory.isdigit():
+            raise ConfigError(f"invalid --memory {args.memory!r}: give bytes")
+        resources.setdefault("memory", {})["limit"] = int(args.memory)
+    if args.pids_limit is not None:
+        resources.setdefault("pids", {})["limit"] = args.pids_limit
+    if args.cpu_quota is not None:
+        resources.setdefault("cpu", {})["quota"] = args.cpu_quota
+    if args.cpu_period is not None:
+        resources.setdefault("cpu", {})["period"] = args.cpu_period
+    runtime.update(_root(args), args.id, resources)
+    return 0
+
+
+def cmd_features(args: argparse.Namespace) -> int:
+    from sandbox.spec import DEFAULT_CAPABILITIES
+
+    print(
+        json.dumps(
+            {
+                "ociVersionMin": "1.0.0",
+                "ociVersionMax": "1.1.0",
+                "hooks": [
+                    "prestart",
+                    "createRuntime",
+                    "createContainer",
+                    "startContainer",
+                    "poststart",
+                    "poststop",
+                ],
+                "mountOptions": [
+                    "ro",
+                    "rw",
+                    "bind",
+                    "rbind",
+                    "nosuid",
+                    "nodev",
+                    "noexec",
+                    "private",
+                    "rprivate",
+                    "shared",
+                    "rshared",
+                    "slave",
+                    "rslave",
+                ],
+                "linux": {
+                    "namespaces": ["cgroup", "ipc", "mount", "network", "pid", "user", "uts"],
+                    "capabilities": DEFAULT_CAPABILITIES,
+                    "cgroup": {"v1": False, "v2": True, "systemd": False},
+                    "seccomp": {
+                        "enabled": True,
+                        "actions": [
+                            "SCMP_ACT_ALLOW",
+                            "SCMP_ACT_ERRNO",
+                            "SCMP_ACT_KILL",
+                            "SCMP_ACT_KILL_PROCESS",
+                            "SCMP_ACT_KILL_THREAD",
+                            "SCMP_ACT_LOG",
+                            "SCMP_ACT_TRACE",
+                            "SCMP_ACT_TRAP",
+                        ],
+                    },
+                },
+                "annotations": {"org.pysandbox.isolation": "vm"},
+            },
+            indent=2,
+        )
+    )
+    return 0
+
+
+def cmd_spec(args: argparse.Namespace) -> int:
+    from sandbox.spec import default_spec
+
+    target = args.bundle / "config.json"
+    if target.exists():
+        raise ConfigError(f"{target} already exists; remove it first")
+    target.write_text(json.dumps(default_spec(), indent=2) + "\n")
+    return 0
+
+
 HANDLERS: dict[str, Callable[[argparse.Namespace], int]] = {
     "check": cmd_check,
     "pod": cmd_pod,
     "run": cmd_run,
+    "create": cmd_create,
+    "start": cmd_start,
+    "state": cmd_state,
+    "kill": cmd_kill,
+    "delete": cmd_delete,
+    "exec": cmd_exec,
+    "ps": cmd_ps,
+    "list": cmd_list,
+    "pause": cmd_pause,
+    "resume": cmd_pause,
+    "update": cmd_update,
+    "features": cmd_features,
+    "spec": cmd_spec,
 }

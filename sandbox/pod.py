@@ -287,7 +287,12 @@ class Pod:
         """Power the VM off through its agent, then clean up everything (as :meth:`destroy`)."""
         qemu = self.process("qemu")
         if qemu is not None and qemu.alive() and self.status == "running":
-            with contextlib.suppress(AgentError), self.client(timeout=5.0) as agent:
+            # No proxy restart here: stop may run under the pod lock; a dead proxy just
+            # means the hard stop below.
+            with (
+                contextlib.suppress(AgentError),
+                ContainerClient(self.agent_address, 5.0) as agent,
+            ):
                 agent.shutdown()
                 qemu.wait(timeout)
         self.destroy()

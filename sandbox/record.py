@@ -108,12 +108,16 @@ class ContainerRecord:
     def new(cls, root: Path, container_id: str, data: dict[str, Any]) -> ContainerRecord:
         """Reserve ``<root>/<id>``; StateError if the id is taken."""
         state.validate_id(container_id)
-        record = cls(root, container_id, {
-            "id": container_id,
-            "status": Status.CREATING.value,
-            "created": datetime.datetime.now(datetime.UTC).isoformat(),
-            **data,
-        })
+        record = cls(
+            root,
+            container_id,
+            {
+                "id": container_id,
+                "status": Status.CREATING.value,
+                "created": datetime.datetime.now(datetime.UTC).isoformat(),
+                **data,
+            },
+        )
         try:
             record.dir.mkdir(mode=0o700)
         except FileExistsError:

@@ -26,3 +26,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--read-only", action="store_true", help="read-only root filesystem")
     parser.add_argument("--rm", action="store_true", help="accepted: runs are always removed")
     parser.add_argument("--network", choices=["none"], default="none")
+    parser.add_argument(
+        "--bundle",
+        "-b",
+        type=Path,
+        default=None,
+        help="run an OCI bundle (runc's run): IMAGE is then the container id",
+    )
+    parser.add_argument("--detach", "-d", action="store_true")
+    parser.add_argument("--pid-file", type=Path, default=None)
+    parser.add_argument("--console-socket", type=Path, default=None)

@@ -7,7 +7,7 @@ process: it relays the container's stdio between its own fds (inherited from ``c
 for the process to exit, records the exit status and exits with it (128+N for signal N).
 
 Started by :func:`spawn` in a new session; when the spawning CLI exits it is reparented to the
-caller's subreaper. It reports ``ready`` (or ``error <message>``) on fd 3 before relaying.
+caller's subreaper. It reports ``ready`` (or ``error <message>``) on ``--ready-fd`` before relaying.
 """
 
 from __future__ import annotations
@@ -56,7 +56,7 @@ def spawn(
         "--exec-id",
         exec_id,
         "--ready-fd",
-        "3",
+        str(ready_w),
     ]
     if terminal:
         argv.append("--terminal")
@@ -69,7 +69,6 @@ def spawn(
             start_new_session=True,
             cwd="/",
             env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)},
-            preexec_fn=lambda: os.dup2(ready_w, 3),
         )
     finally:
         os.close(ready_w)
