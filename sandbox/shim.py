@@ -115,6 +115,10 @@ def main(argv: list[str] | None = None) -> None:
         client = ContainerClient(args.agent)
         stdin: int | None = 0
         stdout, stderr = 1, 2
+
+        def resize(*_: object) -> None:
+            """Without a terminal there is nothing to resize."""
+
         if args.terminal:
             if args.console_socket is None:
                 raise ConfigError("a terminal needs --console-socket")
@@ -144,6 +148,8 @@ def main(argv: list[str] | None = None) -> None:
     ready.write(b"ready\n")
     ready.close()
     relay.start()
+    if args.terminal:
+        resize()  # the size the caller set before we became the terminal's session leader
     try:
         status, _sig, oom = client.wait_process(args.id, args.exec_id)
     except AgentError:

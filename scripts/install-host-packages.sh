@@ -4,7 +4,7 @@
 set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
 runtime_pkgs=(qemu-system-x86 qemu-system-common python3 python3-venv python3-dev gcc make
-              busybox-static iproute2 procps)
+              busybox-static iproute2 procps podman containerd)
 mapfile -t image_pkgs < <(grep -v '^\s*#' "$here/guest-image/host-packages.txt" 2>/dev/null | grep -v '^\s*$' || true)
 wanted=("${runtime_pkgs[@]}" "${image_pkgs[@]}")
 missing=()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import itertools
 import json
@@ -38,7 +39,10 @@ def busybox_spec(*args: str, **process: Any) -> dict[str, Any]:
 
 
 def run_container(
-    pod: Pod, spec: dict[str, Any], stdin: bytes | None = None, overlay: bool = True,
+    pod: Pod,
+    spec: dict[str, Any],
+    stdin: bytes | None = None,
+    overlay: bool = True,
     timeout: float = 120.0,
 ) -> Result:
     """Create, start and wait for a container in ``pod``; remove it afterwards."""
@@ -83,8 +87,6 @@ def run_container(
         unshare_container_files(pod, cid)
         for fd in (out_r, err_r, in_r):
             if fd is not None:
-                try:
+                with contextlib.suppress(OSError):
                     os.close(fd)
-                except OSError:
-                    pass
     return Result(status, sig, oom, b"".join(chunks[out_r]), b"".join(chunks[err_r]))

@@ -10,9 +10,19 @@ from sandbox.spec import DEFAULT_CAPABILITIES
 from tests.integration.helpers import busybox_spec, run_container
 
 CAP_NUMBERS = {
-    "CAP_CHOWN": 0, "CAP_DAC_OVERRIDE": 1, "CAP_FOWNER": 3, "CAP_FSETID": 4, "CAP_KILL": 5,
-    "CAP_SETGID": 6, "CAP_SETUID": 7, "CAP_SETPCAP": 8, "CAP_NET_BIND_SERVICE": 10,
-    "CAP_NET_RAW": 13, "CAP_SYS_CHROOT": 18, "CAP_MKNOD": 27, "CAP_AUDIT_WRITE": 29,
+    "CAP_CHOWN": 0,
+    "CAP_DAC_OVERRIDE": 1,
+    "CAP_FOWNER": 3,
+    "CAP_FSETID": 4,
+    "CAP_KILL": 5,
+    "CAP_SETGID": 6,
+    "CAP_SETUID": 7,
+    "CAP_SETPCAP": 8,
+    "CAP_NET_BIND_SERVICE": 10,
+    "CAP_NET_RAW": 13,
+    "CAP_SYS_CHROOT": 18,
+    "CAP_MKNOD": 27,
+    "CAP_AUDIT_WRITE": 29,
     "CAP_SETFCAP": 31,
 }
 
@@ -32,9 +42,12 @@ def test_killed_by_signal_reports_128_plus_n(shared_pod: Pod) -> None:
 
 def test_user_groups_env_cwd_hostname(shared_pod: Pod) -> None:
     spec = busybox_spec(
-        "sh", "-c", "id; pwd; echo $GREETING; hostname",
+        "sh",
+        "-c",
+        "id; pwd; echo $GREETING; hostname",
         user={"uid": 1000, "gid": 1001, "additionalGids": [2000]},
-        env=["PATH=/bin:/usr/bin", "GREETING=hello there"], cwd="/tmp",
+        env=["PATH=/bin:/usr/bin", "GREETING=hello there"],
+        cwd="/tmp",
     )
     spec["hostname"] = "box-7"
     lines = run_container(shared_pod, spec).out.splitlines()
@@ -52,8 +65,10 @@ def test_capabilities_match_the_spec(shared_pod: Pod) -> None:
 
 
 def test_no_new_privs_and_seccomp_default_profile(shared_pod: Pod) -> None:
-    script = "grep NoNewPrivs /proc/self/status; grep Seccomp: /proc/self/status; " \
-             "mount -t tmpfs none /mnt 2>&1; echo rc=$?"
+    script = (
+        "grep NoNewPrivs /proc/self/status; grep Seccomp: /proc/self/status; "
+        "mount -t tmpfs none /mnt 2>&1; echo rc=$?"
+    )
     out = run_container(shared_pod, busybox_spec("sh", "-c", script)).out
     assert "NoNewPrivs:\t1" in out and "Seccomp:\t2" in out
     assert "permission denied" in out.lower() and "rc=1" in out
@@ -77,19 +92,27 @@ def test_rlimits(shared_pod: Pod) -> None:
 
 
 def test_masked_and_readonly_paths(shared_pod: Pod) -> None:
-    script = "wc -c < /proc/timer_list; ls /proc/acpi | wc -l; " \
-             "echo 1 > /proc/sys/kernel/domainname 2>&1 && echo wrote || echo refused"
+    script = (
+        "wc -c < /proc/timer_list; ls /proc/acpi | wc -l; "
+        "echo 1 > /proc/sys/kernel/domainname 2>&1 && echo wrote || echo refused"
+    )
     out = run_container(shared_pod, busybox_spec("sh", "-c", script)).out.split()
     assert out == ["0", "0", "refused"]
 
 
 def test_readonly_root(shared_pod: Pod) -> None:
-    spec = busybox_spec("sh", "-c", "touch /x 2>/dev/null && echo writable || echo readonly; "
-                        "touch /tmp/x 2>/dev/null && echo tmp-writable || echo tmp-ro")
+    spec = busybox_spec(
+        "sh",
+        "-c",
+        "touch /x 2>/dev/null && echo writable || echo readonly; "
+        "touch /tmp/x 2>/dev/null && echo tmp-writable || echo tmp-ro",
+    )
     spec["root"]["readonly"] = True
     spec["mounts"].append({"destination": "/tmp", "type": "tmpfs", "source": "tmpfs"})
     assert run_container(shared_pod, spec, overlay=False).out.split() == [
-        "readonly", "tmp-writable"]
+        "readonly",
+        "tmp-writable",
+    ]
 
 
 def test_overlay_root_is_writable_and_thrown_away(shared_pod: Pod) -> None:
@@ -115,8 +138,9 @@ def test_pids_limit(shared_pod: Pod) -> None:
 
 
 def test_stdin_is_relayed_and_eof_delivered(shared_pod: Pod) -> None:
-    result = run_container(shared_pod, busybox_spec("sh", "-c", "cat; echo end"),
-                           stdin=b"line one\nline two\n")
+    result = run_container(
+        shared_pod, busybox_spec("sh", "-c", "cat; echo end"), stdin=b"line one\nline two\n"
+    )
     assert result.stdout == b"line one\nline two\nend\n"
 
 

@@ -15,7 +15,10 @@ ROOT = Path(__file__).resolve().parents[2]
 def run(root: Path, *args: str, stdin: bytes | None = None) -> subprocess.CompletedProcess[bytes]:
     return subprocess.run(
         [sys.executable, "-m", "sandbox", "--root", str(root), "run", *args],
-        input=stdin, capture_output=True, timeout=300, cwd=ROOT,
+        input=stdin,
+        capture_output=True,
+        timeout=300,
+        cwd=ROOT,
     )
 
 
@@ -40,9 +43,23 @@ def test_output_and_exit_code(root: Path) -> None:
 def test_env_workdir_user_and_stdin(root: Path, tmp_path: Path) -> None:
     env_file = tmp_path / "env"
     env_file.write_text("FROM_FILE=yes\n# comment\n")
-    done = run(root, "-i", "-e", "A=1", "--env-file", str(env_file), "-w", "/tmp",
-               "-u", "1000:1000", "default", "sh", "-c", 'echo "$A $FROM_FILE"; pwd; id -u; cat',
-               stdin=b"piped in\n")
+    done = run(
+        root,
+        "-i",
+        "-e",
+        "A=1",
+        "--env-file",
+        str(env_file),
+        "-w",
+        "/tmp",
+        "-u",
+        "1000:1000",
+        "default",
+        "sh",
+        "-c",
+        'echo "$A $FROM_FILE"; pwd; id -u; cat',
+        stdin=b"piped in\n",
+    )
     assert done.returncode == 0, done.stderr
     assert done.stdout.decode().splitlines() == ["1 yes", "/tmp", "1000", "piped in"]
 
@@ -52,9 +69,18 @@ def test_volumes_read_write_and_read_only(root: Path, tmp_path: Path) -> None:
     rw.mkdir()
     ro.mkdir()
     (ro / "input.txt").write_text("from the host\n")
-    done = run(root, "-v", f"{rw}:/out", "-v", f"{ro}:/in:ro", "default", "sh", "-c",
-               "cat /in/input.txt; echo result > /out/r.txt; "
-               "touch /in/nope 2>/dev/null && echo ro-broken || echo ro-ok")
+    done = run(
+        root,
+        "-v",
+        f"{rw}:/out",
+        "-v",
+        f"{ro}:/in:ro",
+        "default",
+        "sh",
+        "-c",
+        "cat /in/input.txt; echo result > /out/r.txt; "
+        "touch /in/nope 2>/dev/null && echo ro-broken || echo ro-ok",
+    )
     assert done.returncode == 0, done.stderr
     assert done.stdout == b"from the host\nro-ok\n"
     assert (rw / "r.txt").read_text() == "result\n"
@@ -65,8 +91,13 @@ def test_volumes_read_write_and_read_only(root: Path, tmp_path: Path) -> None:
 def test_host_files_outside_volumes_are_not_reachable(root: Path, tmp_path: Path) -> None:
     secret = tmp_path / "secret.txt"
     secret.write_text("host secret\n")
-    done = run(root, "default", "sh", "-c", f"cat {secret} /proc/1/root{secret} 2>&1; "
-               "ls /work /run/pysandbox 2>&1; true")
+    done = run(
+        root,
+        "default",
+        "sh",
+        "-c",
+        f"cat {secret} /proc/1/root{secret} 2>&1; ls /work /run/pysandbox 2>&1; true",
+    )
     assert b"host secret" not in done.stdout
     assert b"No such file or directory" in done.stdout
 
@@ -74,8 +105,10 @@ def test_host_files_outside_volumes_are_not_reachable(root: Path, tmp_path: Path
 def test_command_not_found_is_127(root: Path) -> None:
     done = run(root, "default", "no-such-command")
     assert done.returncode == 127
-    assert done.stderr.strip() == \
-        b'pysandbox: exec: "no-such-command": executable file not found in $PATH'
+    assert (
+        done.stderr.strip()
+        == b'pysandbox: exec: "no-such-command": executable file not found in $PATH'
+    )
     assert _leftovers(root) == []
 
 
@@ -86,8 +119,17 @@ def test_timeout_kills_and_exits_124(root: Path) -> None:
 
 
 def test_memory_limit_reports_oom(root: Path) -> None:
-    done = run(root, "--memory", "24m", "default", "dd", "if=/dev/zero", "of=/dev/null",
-               "bs=64M", "count=1")
+    done = run(
+        root,
+        "--memory",
+        "24m",
+        "default",
+        "dd",
+        "if=/dev/zero",
+        "of=/dev/null",
+        "bs=64M",
+        "count=1",
+    )
     assert done.returncode == 137 and b"out of memory" in done.stderr
 
 
@@ -102,9 +144,7 @@ def test_memory_limit_reports_oom(root: Path) -> None:
         (["--bogus-flag", "default", "true"], b"unrecognized arguments"),
     ],
 )
-def test_bad_input_one_line_error_nothing_left(
-    root: Path, args: list[str], message: bytes
-) -> None:
+def test_bad_input_one_line_error_nothing_left(root: Path, args: list[str], message: bytes) -> None:
     done = run(root, *args)
     assert done.returncode == 125
     assert message in done.stderr and b"Traceback" not in done.stderr

@@ -1,0 +1,218 @@
+"""podman drives pysandbox as its OCI runtime, unchanged (conmon, pid file, console socket)."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import pty
+import select
+import shutil
+import struct
+import subprocess
+import tarfile
+import termios
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from sandbox import images
+
+ROOT = Path(__file__).resolve().parents[2]
+RUNTIME = str(ROOT / ".venv" / "bin" / "pysandbox")
+IMAGE = "localhost/pysandbox-busybox:latest"
+CONF = """[containers]
+default_ulimits = ["nofile=1024:1024"]
+[engine]
+cgroup_manager = "cgroupfs"
+events_logger = "file"
+"""
+
+
+@pytest.fixture(scope="module")
+def podman(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[str]]:
+    """A podman with private storage and config, the busybox image imported."""
+    if shutil.which("podman") is None:
+        pytest.fail("podman is missing: run 'make deps' (scripts/install-host-packages.sh)")
+    base = Path(tmp_path_factory.mktemp("podman"))
+    conf = base / "containers.conf"
+    conf.write_text(CONF)
+    os.environ["CONTAINERS_CONF"] = str(conf)
+    cmd = [
+        "podman",
+        "--root",
+        str(base / "storage"),
+        "--runroot",
+        str(base / "run"),
+        "--runtime",
+        RUNTIME,
+    ]
+    tar = base / "busybox.tar"
+    with tarfile.open(tar, "w") as archive:
+        archive.add(images.ensure_default_image(), arcname=".")
+    subprocess.run([*cmd, "import", "-q", str(tar), IMAGE], check=True, capture_output=True)
+    yield cmd
+    subprocess.run([*cmd, "rm", "-af", "-t", "0"], capture_output=True, timeout=120)
+    subprocess.run(
+        [
+            "podman",
+            "--root",
+            str(base / "storage"),
+            "--runroot",
+            str(base / "run"),
+            "system",
+            "reset",
+            "-f",
+        ],
+        capture_output=True,
+        timeout=120,
+    )
+    os.environ.pop("CONTAINERS_CONF", None)
+
+
+def pm(podman: list[str], *args: str, timeout: float = 180) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*podman, *args], capture_output=True, text=True, timeout=timeout)
+
+
+def test_run_echo_and_exit_code(podman: list[str]) -> None:
+    done = pm(podman, "run", "--rm", IMAGE, "echo", "hi")
+    assert (done.returncode, done.stdout) == (0, "hi\n"), done.stderr
+    assert pm(podman, "run", "--rm", IMAGE, "sh", "-c", "exit 3").returncode == 3
+
+
+def test_env_workdir_user_readonly(podman: list[str]) -> None:
+    done = pm(
+        podman,
+        "run",
+        "--rm",
+        "-e",
+        "FOO=bar",
+        "-w",
+        "/tmp",
+        "-u",
+        "1000:1000",
+        "--read-only",
+        IMAGE,
+        "sh",
+        "-c",
+        "echo $FOO; pwd; id -u; touch /x 2>/dev/null || echo ro",
+    )
+    assert done.stdout.split() == ["bar", "/tmp", "1000", "ro"], done.stderr
+
+
+def test_volume_read_and_write(podman: list[str], tmp_path: Path) -> None:
+    (tmp_path / "in").write_text("from host\n")
+    done = pm(
+        podman,
+        "run",
+        "--rm",
+        "-v",
+        f"{tmp_path}:/v",
+        IMAGE,
+        "sh",
+        "-c",
+        "cat /v/in; echo from guest > /v/out",
+    )
+    assert done.stdout == "from host\n", done.stderr
+    assert (tmp_path / "out").read_text() == "from guest\n"
+
+
+def test_memory_limit_reaches_the_guest_cgroup(podman: list[str]) -> None:
+    done = pm(
+        podman,
+        "run",
+        "--rm",
+        "--memory",
+        "32m",
+        IMAGE,
+        "sh",
+        "-c",
+        "cat /sys/fs/cgroup$(cut -d: -f3 /proc/self/cgroup)/memory.max",
+    )
+    assert done.stdout.strip() == str(32 * 2**20), done.stderr
+
+
+def test_detached_exec_logs_pause_stop_rm(podman: list[str]) -> None:
+    name = "pysandbox-detached"
+    started = pm(
+        podman,
+        "run",
+        "-d",
+        "--name",
+        name,
+        IMAGE,
+        "sh",
+        "-c",
+        'echo started; trap "echo got-term; exit 0" TERM; while true; do sleep 1; done',
+    )
+    assert started.returncode == 0, started.stderr
+    try:
+        exec_ = pm(podman, "exec", name, "sh", "-c", "echo in-exec; exit 5")
+        assert (exec_.returncode, exec_.stdout) == (5, "in-exec\n"), exec_.stderr
+        assert pm(podman, "pause", name).returncode == 0
+        status = pm(podman, "inspect", "--format", "{{.State.Status}}", name).stdout.strip()
+        assert status == "paused"
+        assert pm(podman, "unpause", name).returncode == 0
+        assert pm(podman, "stop", "-t", "10", name).returncode == 0
+        logs = pm(podman, "logs", name).stdout
+        assert logs == "started\ngot-term\n"
+        code = pm(podman, "inspect", "--format", "{{.State.ExitCode}}", name).stdout.strip()
+        assert code == "0"
+    finally:
+        assert pm(podman, "rm", "-f", name).returncode == 0
+
+
+def test_kill_reports_signal_exit(podman: list[str]) -> None:
+    name = "pysandbox-killed"
+    assert pm(podman, "run", "-d", "--name", name, IMAGE, "sleep", "600").returncode == 0
+    try:
+        assert pm(podman, "kill", name).returncode == 0
+        pm(podman, "wait", name, timeout=60)
+        code = pm(podman, "inspect", "--format", "{{.State.ExitCode}}", name).stdout.strip()
+        assert code == "137"
+    finally:
+        pm(podman, "rm", "-f", name)
+
+
+def test_interactive_tty(podman: list[str]) -> None:
+    pid, fd = pty.fork()
+    if pid == 0:
+        fcntl.ioctl(0, termios.TIOCSWINSZ, struct.pack("HHHH", 33, 101, 0, 0))
+        os.execvp(
+            podman[0],
+            [
+                *podman,
+                "run",
+                "--rm",
+                "-it",
+                IMAGE,
+                "sh",
+                "-c",
+                "tty; stty size; read line; echo got:$line",
+            ],
+        )
+    output = b""
+    sent = False
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        ready, _, _ = select.select([fd], [], [], 1.0)
+        if ready:
+            try:
+                data = os.read(fd, 4096)
+            except OSError:
+                break
+            if not data:
+                break
+            output += data
+        if not sent and b"/dev/" in output:
+            os.write(fd, b"typed\r")
+            sent = True
+    else:
+        os.kill(pid, 9)
+    _, status = os.waitpid(pid, 0)
+    text = output.decode(errors="replace")
+    # The terminal is the container's console; its size is the one podman gave the pty.
+    assert "/dev/console" in text and "got:typed" in text, text
+    assert "33 101" in text, text  # the size podman's terminal has reached the guest pty
+    assert os.waitstatus_to_exitcode(status) == 0
