@@ -1,0 +1,105 @@
+"""The CLI surface: parsing, errors as one line, JSON log lines, default specs, signals."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from agent.oci import seccomp
+from agent.oci.spec import parse_spec
+from sandbox.errors import ConfigError
+from sandbox.runtime import load_bundle, parse_signal, pod_of
+from sandbox.spec import default_seccomp, default_spec
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def cli(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "sandbox", *args], capture_output=True,
+                          text=True, timeout=60, cwd=cwd,
+                          env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
+
+
+def test_default_spec_is_accepted_by_the_guest_runtime() -> None:
+    spec = default_spec(["echo", "hi"], rootfs="/rootfs")
+    parsed = parse_spec(spec)
+    assert parsed.root_path == "/rootfs"
+    seccomp.compile(default_seccomp())
+
+
+def test_unknown_container_one_line_error_and_json_log(tmp_path: Path) -> None:
+    log = tmp_path / "log.json"
+    done = cli("--root", str(tmp_path), "--log", str(log), "--log-format", "json",
+               "state", "nope")
+    assert done.returncode == 1
+    assert done.stderr == "pysandbox: container nope does not exist\n"
+    entry = json.loads(log.read_text().splitlines()[-1])
+    assert entry["level"] == "error" and entry["msg"] == "container nope does not exist"
+    assert "time" in entry
+
+
+def test_usage_errors_exit_2_and_run_misuse_125(tmp_path: Path) -> None:
+    done = cli("--root", str(tmp_path), "frobnicate")
+    assert done.returncode == 2 and done.stderr.count("\n") == 1
+    done = cli("--root", str(tmp_path), "run", "--memory")
+    assert done.returncode == 125 and "Traceback" not in done.stderr
+
+
+def test_bundle_errors(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="has no config.json"):
+        load_bundle(tmp_path)
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(ConfigError, match="is not valid JSON"):
+        load_bundle(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({"process": {}}))
+    with pytest.raises(ConfigError, match=r"process.args is required"):
+        load_bundle(tmp_path)
+    done = cli("--root", str(tmp_path / "r"), "create", "--bundle", str(tmp_path), "c1")
+    assert done.returncode == 1 and "process.args is required" in done.stderr
+    assert not (tmp_path / "r" / "c1").exists()
+
+
+def test_delete_force_of_unknown_id_succeeds(tmp_path: Path) -> None:
+    assert cli("--root", str(tmp_path), "delete", "--force", "ghost").returncode == 0
+    assert cli("--root", str(tmp_path), "delete", "ghost").returncode == 1
+
+
+def test_spec_writes_default_config_once(tmp_path: Path) -> None:
+    assert cli("spec", "--bundle", str(tmp_path)).returncode == 0
+    assert json.loads((tmp_path / "config.json").read_text())["ociVersion"]
+    again = cli("spec", "--bundle", str(tmp_path))
+    assert again.returncode == 1 and "already exists" in again.stderr
+
+
+def test_features_is_json() -> None:
+    done = cli("features")
+    assert done.returncode == 0 and "seccomp" in json.loads(done.stdout)["linux"]
+
+
+@pytest.mark.parametrize(("text", "number"), [("9", 9), ("KILL", 9), ("SIGTERM", 15),
+                                              ("term", 15), ("SIGUSR1", 10)])
+def test_parse_signal(text: str, number: int) -> None:
+    assert parse_signal(text) == number
+
+
+@pytest.mark.parametrize("bad", ["0", "65", "SIGNOPE", "", "-1"])
+def test_parse_signal_rejects(bad: str) -> None:
+    with pytest.raises(ConfigError, match="invalid signal"):
+        parse_signal(bad)
+
+
+def test_pods_from_cri_annotations() -> None:
+    sandbox = {"annotations": {"io.kubernetes.cri.container-type": "sandbox",
+                               "io.kubernetes.cri.sandbox-id": "pod1"}}
+    member = {"annotations": {"io.kubernetes.cri.container-type": "container",
+                              "io.kubernetes.cri.sandbox-id": "pod1"}}
+    crio = {"annotations": {"io.kubernetes.cri-o.ContainerType": "container",
+                            "io.kubernetes.cri-o.SandboxID": "pod2"}}
+    assert pod_of("pause", sandbox) == ("pod1", True)
+    assert pod_of("app", member) == ("pod1", False)
+    assert pod_of("app2", crio) == ("pod2", False)
+    assert pod_of("lonely", {}) == ("lonely", True)

@@ -1,0 +1,89 @@
+"""State store, container records and the container state machine."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from sandbox import state
+from sandbox.errors import ConfigError, NotFoundError, StateError
+from sandbox.record import ContainerRecord, Status
+
+
+@pytest.mark.parametrize("bad", ["", "../x", "a/b", "..", "x..y", "-lead", "a b", "x" * 1025])
+def test_invalid_ids_are_refused(bad: str) -> None:
+    with pytest.raises(ConfigError, match="invalid container id"):
+        state.validate_id(bad)
+
+
+@pytest.mark.parametrize("good", ["c1", "a" * 64, "pod_1.x+y-z"])
+def test_valid_ids(good: str) -> None:
+    assert state.validate_id(good) == good
+
+
+def test_pod_dir_name_is_short_and_stable() -> None:
+    long_id = "f" * 64
+    assert state.pod_dir_name(long_id) == state.pod_dir_name(long_id)
+    assert len(state.pod_dir_name(long_id)) == 16
+    base = "/run/containerd/runc/k8s.io/p/"
+    assert len(base + state.pod_dir_name(long_id) + "/agent-serial.sock") < 108
+
+
+def test_atomic_write_and_corrupt_read(tmp_path: Path) -> None:
+    path = tmp_path / "state.json"
+    state.write_json_atomic(path, {"a": 1})
+    assert state.read_json(path) == {"a": 1}
+    assert oct(path.stat().st_mode & 0o777) == "0o600"
+    assert [p.name for p in tmp_path.iterdir()] == ["state.json"]
+    path.write_text("{broken")
+    with pytest.raises(ConfigError, match="is corrupt"):
+        state.read_json(path)
+    path.write_text("[1]")
+    with pytest.raises(ConfigError, match="not a JSON object"):
+        state.read_json(path)
+
+
+def test_lock_excludes_concurrent_holders(tmp_path: Path) -> None:
+    order: list[str] = []
+
+    def holder(name: str) -> None:
+        with state.locked(tmp_path, "x"):
+            order.append(f"{name}-in")
+            time.sleep(0.1)
+            order.append(f"{name}-out")
+
+    threads = [threading.Thread(target=holder, args=(n,)) for n in "ab"]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert order[0][0] == order[1][0] and order[2][0] == order[3][0]
+
+
+def test_state_machine_guards() -> None:
+    assert Status.CREATED.can_start() and not Status.RUNNING.can_start()
+    assert Status.RUNNING.can_pause() and not Status.CREATED.can_pause()
+    assert Status.PAUSED.can_resume() and not Status.RUNNING.can_resume()
+    assert not Status.STOPPED.can_kill() and Status.PAUSED.can_kill()
+    assert Status.STOPPED.can_delete() and not Status.RUNNING.can_delete()
+    assert Status.RUNNING.can_exec() and not Status.PAUSED.can_exec()
+
+
+def test_record_lifecycle_and_oci_state(tmp_path: Path) -> None:
+    record = ContainerRecord.new(tmp_path, "c1", {"bundle": "/b", "pod_id": "c1"})
+    with pytest.raises(StateError, match="container c1 already exists"):
+        ContainerRecord.new(tmp_path, "c1", {"bundle": "/b", "pod_id": "c1"})
+    loaded = ContainerRecord.load(tmp_path, "c1")
+    assert loaded.oci_state()["status"] == "created"  # creating is reported as created
+    record.set_status(Status.RUNNING)
+    # No shim process recorded: a "running" container without its shim has stopped.
+    doc = ContainerRecord.load(tmp_path, "c1").oci_state()
+    assert (doc["status"], doc["pid"], doc["id"], doc["bundle"]) == ("stopped", 0, "c1", "/b")
+    assert json.loads(json.dumps(doc)) == doc
+    with pytest.raises(NotFoundError, match="container nope does not exist"):
+        ContainerRecord.load(tmp_path, "nope")
+    assert [r.id for r in ContainerRecord.all(tmp_path)] == ["c1"]
