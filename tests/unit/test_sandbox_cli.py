@@ -50,7 +50,7 @@ def test_usage_errors_exit_2_and_run_misuse_125(tmp_path: Path) -> None:
 
 
 def test_bundle_errors(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match="has no config.json"):
+    with pytest.raises(ConfigError, match=r"has no config\.json"):
         load_bundle(tmp_path)
     (tmp_path / "config.json").write_text("{not json")
     with pytest.raises(ConfigError, match="is not valid JSON"):
