@@ -858,18 +858,8 @@ def test_cgroup_is_created_and_joined(
     assert "0::/\n" in result.stdout
 
 
-def test_cgroup_limits(rootfs: Path, runtimes: list[Runtime], cgroup_dir: Path) -> None:
-    controllers = (cgroup_dir.parent.parent / "cgroup.controllers").read_text().split()
-    if not {"memory", "pids"} <= set(controllers):
-        pytest.skip(f"memory and pids controllers not available in {cgroup_dir.parent.parent}")
-    subtree = cgroup_dir.parent.parent / "cgroup.subtree_control"
-    subtree.write_text("+memory +pids")
-    cgroup_dir.parent.mkdir(exist_ok=True)
-    (cgroup_dir.parent / "cgroup.subtree_control").write_text("+memory +pids")
-    spec = sh(rootfs, "cat /sys/fs/cgroup/memory.max /sys/fs/cgroup/pids.max")
-    spec["linux"]["resources"] = {"memory": {"limit": 64 << 20}, "pids": {"limit": 32}}
-    result = run(runtimes, spec, cgroup=str(cgroup_dir))
-    assert result.stdout == f"{64 << 20}\n32\n"
+# cgroup limits need cgroup v2 controllers, which these hosts lack: they are tested in the
+# VM (tests/integration/test_containers.py::test_cgroup_limits_written).
 
 
 def test_exec_into_a_user_namespace_container(userns_rootfs: Path, runtimes: list[Runtime]) -> None:

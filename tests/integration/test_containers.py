@@ -158,3 +158,12 @@ def test_missing_executable_error_and_pod_still_usable(shared_pod: Pod) -> None:
     with pytest.raises(AgentError, match="bogus"):
         run_container(shared_pod, spec)
     assert run_container(shared_pod, busybox_spec("echo", "still fine")).out == "still fine\n"
+
+
+def test_cgroup_limits_written(shared_pod: Pod) -> None:
+    spec = busybox_spec("sh", "-c", "cat /sys/fs/cgroup/memory.max /sys/fs/cgroup/pids.max "
+                        "/sys/fs/cgroup/cpu.max")
+    spec["linux"]["resources"]["memory"] = {"limit": 64 << 20}
+    spec["linux"]["resources"]["pids"] = {"limit": 32}
+    spec["linux"]["resources"]["cpu"] = {"quota": 50000, "period": 100000}
+    assert run_container(shared_pod, spec).out.split() == [str(64 << 20), "32", "50000", "100000"]
