@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -22,9 +25,12 @@ def run(root: Path, *args: str, stdin: bytes | None = None) -> subprocess.Comple
     )
 
 
-@pytest.fixture
-def root(vm_root: Path) -> Path:
-    return vm_root
+@pytest.fixture(scope="module")
+def root(vm_root: Path) -> Iterator[Path]:
+    """A --root of its own: the leftover checks must not see other tests' pods."""
+    path = Path(tempfile.mkdtemp(prefix="psr-", dir="/tmp"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
 
 
 def _leftovers(root: Path) -> list[str]:
