@@ -32,7 +32,7 @@ PYTEST := $(VENV)/bin/pytest
 
 # The README's second command: everything set up, then the whole suite (VM tests included).
 test: deps guest-image
-	$(PYTEST) -q tests
+	$(PYTEST) -q -rs tests
 
 unit: deps
 	$(PYTEST) -q tests/unit
