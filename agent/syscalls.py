@@ -7,10 +7,11 @@ failure names what was attempted.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import os
 
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+# The soname directly: ctypes.util.find_library costs a subprocess or two at boot and finds
+# nothing in the guest (no ldconfig cache, no compiler).
+_libc = ctypes.CDLL("libc.so.6", use_errno=True)
 
 MS_RDONLY = 0x1
 MS_NOSUID = 0x2
