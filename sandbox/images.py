@@ -1,26 +1,50 @@
 """Images for ``pysandbox run``: where a root filesystem and its defaults come from.
 
-Supported today: the built-in ``default`` image (busybox, built locally from Debian's
-busybox-static on first use, so it works offline) and a plain root filesystem directory.
-An image resolves to a read-only host directory plus its configuration (argv, env, cwd, user).
+An image name is one of:
+
+- ``default``: busybox, built locally from Debian's busybox-static on first use (offline);
+- a plain root filesystem directory, used in place;
+- an OCI image layout directory, an oci-archive or a docker-archive tarball (see
+  ``sandbox.image_formats``), optionally ``PATH:NAME`` to pick one image of several.
+
+Layouts and archives are unpacked once into the image store (:data:`IMAGE_STORE`,
+``$PYSANDBOX_IMAGE_STORE``) as ``sha256/<hex>/rootfs`` plus ``sha256/<hex>/config.json`` (the
+image config), keyed by the manifest digest (OCI) or the config digest (docker-archive).
+An entry is built in a temporary directory next to it and renamed into place only once
+complete, so an entry that exists is complete; a later run with the same image reuses it.
+``sha256/`` is private to root: images may carry setuid-root files.
+
+An image resolves to a read-only host directory plus its configuration (argv, env, cwd, user);
+:func:`resolve_user` turns the user into ids using the image's own passwd and group files.
 """
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import errno
 import os
 import shutil
 import subprocess
 import sys
 import tempfile
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
+from sandbox import image_formats
 from sandbox.errors import ConfigError
+from sandbox.image_unpack import ImageError, Unpacker, apply_blob, hash_blob, mismatch, read_in_root
 
 IMAGE_STORE = Path(os.environ.get("PYSANDBOX_IMAGE_STORE", "/var/lib/pysandbox/images"))
 DEFAULT_IMAGE = "default"
 _BUSYBOX_CANDIDATES = (Path("/bin/busybox"), Path("/usr/bin/busybox"))
-DEFAULT_ENV = ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"]
+DEFAULT_PATH = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+DEFAULT_ENV = [DEFAULT_PATH]
+MAX_ID = 2**32 - 2
+_TMP_PREFIX = ".tmp-"
 
 
 @dataclass(frozen=True)
@@ -37,27 +61,349 @@ class Image:
 
 
 def resolve(name: str, progress: bool = False) -> Image:
-    """Resolve ``name`` (``default`` or a rootfs directory); ConfigError when unusable."""
+    """Resolve an image name (see the module docstring); ConfigError when unusable.
+
+    ``progress`` allows a progress line on stderr while an image is unpacked (shown only
+    when stderr is a terminal). Unpacking happens at most once per image; on failure
+    nothing is left in the store.
+    """
     if name == DEFAULT_IMAGE:
         return Image(DEFAULT_IMAGE, ensure_default_image(progress))
-    path = Path(name)
-    if not path.exists():
-        raise ConfigError(f"image {name} not found: give 'default' or a root filesystem directory")
-    if path.is_dir():
-        if (path / "oci-layout").exists():
-            raise ConfigError(
-                f"image {name}: OCI image layouts are not supported yet; "
-                "unpack it to a root filesystem directory"
-            )
-        if not any((path / d).exists() for d in ("bin", "usr", "sbin")):
-            raise ConfigError(
-                f"image {name} does not look like a root filesystem (no bin, sbin or usr)"
-            )
-        return Image(str(path), path.resolve())
-    raise ConfigError(
-        f"image {name}: image archives are not supported yet; "
-        "unpack it to a root filesystem directory"
+    path, ref = _split_ref(name)
+    if path is None:
+        raise ConfigError(
+            f"image {name} not found: give 'default', a root filesystem directory, an OCI "
+            "image layout, or a docker-archive/oci-archive tarball (registries are not supported)"
+        )
+    if ref == "":
+        raise ConfigError(f"image {name}: empty image name after ':'")
+    try:
+        if path.is_dir() and _is_layout(path):
+            return _from_source(name, image_formats.DirectorySource(path), ref, progress)
+        if path.is_dir():
+            if ref is not None:
+                raise ConfigError(
+                    f"image {name}: {path} is a root filesystem directory; ':{ref}' only "
+                    "selects an image inside an OCI layout or an archive"
+                )
+            if not any((path / d).exists() for d in ("bin", "usr", "sbin")):
+                raise ConfigError(
+                    f"image {name} does not look like a root filesystem (no bin, sbin or usr)"
+                )
+            return Image(str(path), path.resolve())
+        if path.is_file():
+            with image_formats.ArchiveSource(path) as source:
+                return _from_source(name, source, ref, progress)
+    except ImageError as exc:
+        raise ConfigError(f"image {name}: {exc}") from None
+    raise ConfigError(f"image {name}: not a directory or a regular file")
+
+
+def _split_ref(name: str) -> tuple[Path | None, str | None]:
+    """``name`` as a path, or ``PATH:REF`` when ``name`` itself does not exist."""
+    if os.path.lexists(name):
+        return Path(name), None
+    for position, char in enumerate(name):
+        if char == ":" and position and os.path.exists(name[:position]):
+            return Path(name[:position]), name[position + 1 :]
+    return None, None
+
+
+def _is_layout(path: Path) -> bool:
+    """Whether a directory is an OCI layout or an unpacked docker-archive (not a rootfs)."""
+    if (path / "oci-layout").is_file():
+        return True
+    if (path / "index.json").is_file() and (path / "blobs").is_dir():
+        return True
+    return (path / "manifest.json").is_file() and not (path / "bin").exists()
+
+
+def _from_source(name: str, source: image_formats.Source, ref: str | None, progress: bool) -> Image:
+    plan = image_formats.load(source, ref)
+    store = IMAGE_STORE / "sha256"
+    entry = store / plan.key.partition(":")[2]
+    if not _complete(entry):
+        _build(name, source, plan, store, entry, progress)
+    config = plan.config
+    env = list(config.env)
+    if not any(item.startswith("PATH=") for item in env):
+        env.insert(0, DEFAULT_PATH)
+    return Image(
+        name,
+        entry / "rootfs",
+        entrypoint=list(config.entrypoint),
+        cmd=list(config.cmd),
+        env=env,
+        cwd=config.cwd,
+        user=config.user,
     )
+
+
+def _complete(entry: Path) -> bool:
+    return (entry / "rootfs").is_dir() and (entry / "config.json").is_file()
+
+
+def _build(
+    name: str,
+    source: image_formats.Source,
+    plan: image_formats.Plan,
+    store: Path,
+    entry: Path,
+    progress: bool,
+) -> None:
+    """Unpack ``plan`` into a temporary directory of ``store`` and rename it to ``entry``."""
+    try:
+        store.mkdir(parents=True, exist_ok=True)
+        os.chmod(store, 0o700)
+        _sweep(store)
+        if entry.exists():  # incomplete: not made by this code; set it aside and rebuild
+            aside = Path(tempfile.mkdtemp(prefix=_tmp_prefix(entry.name), dir=store))
+            os.rename(entry, aside / "old")
+            _remove_tree(aside)
+        work = Path(tempfile.mkdtemp(prefix=_tmp_prefix(entry.name), dir=store))
+    except OSError as exc:
+        raise ConfigError(
+            f"image {name}: cannot write the image store {store}: {exc.strerror}; "
+            "set PYSANDBOX_IMAGE_STORE to a writable directory"
+        ) from None
+    shown = _Progress(progress and sys.stderr.isatty())
+    try:
+        rootfs = work / "rootfs"
+        rootfs.mkdir()
+        with Unpacker(rootfs) as unpacker:
+            for position, layer in enumerate(plan.layers, 1):
+                label = f"layer {position}/{len(plan.layers)}"
+                _apply_layer(source, layer, unpacker, label, shown)
+            unpacker.finish()
+            notes = unpacker.notes
+        (work / "config.json").write_bytes(plan.config_bytes)
+        _sync(work)
+        try:
+            os.rename(work, entry)
+        except OSError as exc:
+            if exc.errno not in (errno.EEXIST, errno.ENOTEMPTY) or not _complete(entry):
+                raise
+            _remove_tree(work)  # another run unpacked the same image meanwhile
+        shown.finish(f"unpacked {name} ({len(plan.layers)} layers)")
+        for note in notes:
+            shown.note(f"image {name}: {note}")
+    except BaseException as exc:
+        shown.finish("")
+        _remove_tree(work)
+        if isinstance(exc, ImageError):
+            raise
+        if isinstance(exc, OSError):
+            raise ConfigError(
+                f"image {name}: cannot unpack into {store}: {exc.strerror or exc}"
+            ) from None
+        raise
+
+
+def _apply_layer(
+    source: image_formats.Source,
+    layer: image_formats.Layer,
+    unpacker: Unpacker,
+    label: str,
+    shown: _Progress,
+) -> None:
+    """Verify one layer blob, then apply it (checking the same digests over what is applied)."""
+    what = f"{label} ({layer.path})"
+    size = source.size(layer.path)
+    if size != layer.size:
+        raise ImageError(f"{what} is {size} bytes, its descriptor says {layer.size}")
+    check_plain = layer.digest is None and layer.diff_id is not None
+    with source.open(layer.path) as blob:
+        stored, plain = hash_blob(
+            blob, what, decompress=check_plain, on_read=shown.start(f"checking {label}", size)
+        )
+    if layer.digest is not None and stored != layer.digest:
+        raise mismatch(what, layer.digest, stored)
+    if check_plain and layer.diff_id is not None and plain != layer.diff_id:
+        raise mismatch(what, layer.diff_id, plain or "")
+    with source.open(layer.path) as blob:
+        apply_blob(
+            unpacker,
+            blob,
+            what,
+            expect_digest=stored,
+            expect_diff_id=layer.diff_id,
+            on_read=shown.start(f"unpacking {label}", size),
+        )
+
+
+def _tmp_prefix(key_hex: str) -> str:
+    return f"{_TMP_PREFIX}{key_hex[:12]}-{os.getpid()}-"
+
+
+def _sweep(store: Path) -> None:
+    """Remove temporary directories left by runs that died (their pid is gone)."""
+    for child in store.iterdir():
+        if not child.name.startswith(_TMP_PREFIX):
+            continue
+        fields = child.name.split("-")
+        if len(fields) < 3 or not fields[2].isdigit() or _alive(int(fields[2])):
+            continue
+        _remove_tree(child)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _remove_tree(path: Path) -> None:
+    """Remove a tree we made, even where an image left directories without write permission."""
+
+    def retry(function: Callable[..., Any], failed: str, _exc: Any) -> None:
+        with contextlib.suppress(OSError):
+            os.chmod(os.path.dirname(failed), 0o700)
+            function(failed)
+
+    if path.exists():
+        shutil.rmtree(path, onerror=retry)
+
+
+def _sync(path: Path) -> None:
+    """Flush the filesystem holding ``path`` so that the rename never lands before the data."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.syncfs(fd) != 0:
+            os.sync()
+    except (OSError, AttributeError):
+        os.sync()
+    finally:
+        os.close(fd)
+
+
+class _Progress:
+    """One rewritten line on stderr (``unpacking layer 2/5 (12.3 MB) 40%``), when enabled."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+        self._label = ""
+        self._total = 0
+        self._last = 0.0
+        self._dirty = False
+
+    def start(self, label: str, total: int) -> Callable[[int], None] | None:
+        """Show ``label`` and return the callback to report bytes done (None when disabled)."""
+        if not self.enabled:
+            return None
+        self._label, self._total = label, total
+        self._show(0)
+        return self._update
+
+    def _update(self, done: int) -> None:
+        now = time.monotonic()
+        if now - self._last >= 0.1:
+            self._last = now
+            self._show(done)
+
+    def _show(self, done: int) -> None:
+        percent = f" {min(100, done * 100 // self._total)}%" if self._total else ""
+        size = _human(self._total)
+        sys.stderr.write(f"\rpysandbox: {self._label} ({size}){percent}\x1b[K")
+        sys.stderr.flush()
+        self._dirty = True
+
+    def finish(self, text: str) -> None:
+        """Replace the line with ``text`` (or clear it when empty)."""
+        if not self.enabled or not (self._dirty or text):
+            return
+        sys.stderr.write("\r\x1b[K" + (f"pysandbox: {text}\n" if text else ""))
+        sys.stderr.flush()
+        self._dirty = False
+
+    def note(self, text: str) -> None:
+        """A line worth knowing about the unpacked image."""
+        if self.enabled:
+            print(f"pysandbox: {text}", file=sys.stderr)
+
+
+def _human(size: int) -> str:
+    """``12.3 MB``, ``4.0 kB``, ``512 B`` (decimal units)."""
+    if size >= 1_000_000:
+        return f"{size / 1e6:.1f} MB"
+    if size >= 1_000:
+        return f"{size / 1e3:.1f} kB"
+    return f"{size} B"
+
+
+def resolve_user(rootfs: Path, user: str) -> tuple[int, int]:
+    """(uid, gid) for a ``USER[:GROUP]`` spec (image ``User`` or ``--user``), docker-style.
+
+    USER and GROUP are numbers or names. Names are looked up in the image's ``/etc/passwd``
+    and ``/etc/group``, read with symlinks resolved inside ``rootfs`` only (nothing outside
+    it is opened). Without GROUP the gid is the user's passwd entry's, or 0 for a numeric
+    uid the image does not list (as runc does). ``""`` is (0, 0). ConfigError for an unknown
+    name, a malformed spec or an id outside 0..2**32-2.
+    """
+    if not user:
+        return 0, 0
+    user_part, has_group, group_part = user.partition(":")
+    if not user_part or (has_group and not group_part):
+        raise ConfigError(f"invalid user {user!r}: use USER, USER:GROUP, UID or UID:GID")
+    passwd = _id_file(rootfs, "etc/passwd", user)
+    uid: int | None = None
+    gid = 0
+    if user_part.isdigit():
+        uid = _id(user_part, user)
+        for fields in passwd:
+            if len(fields) >= 4 and fields[2] == user_part and fields[3].isdigit():
+                gid = _id(fields[3], user)
+                break
+    else:
+        for fields in passwd:
+            if len(fields) >= 4 and fields[0] == user_part:
+                if not (fields[2].isdigit() and fields[3].isdigit()):
+                    raise ConfigError(f"{rootfs}/etc/passwd: malformed entry for {user_part!r}")
+                uid, gid = _id(fields[2], user), _id(fields[3], user)
+                break
+        if uid is None:
+            raise ConfigError(
+                f"unknown user {user_part!r}: not in {rootfs}/etc/passwd; "
+                "use a numeric UID[:GID] or a user the image defines"
+            )
+    if has_group:
+        if group_part.isdigit():
+            gid = _id(group_part, user)
+        else:
+            for fields in _id_file(rootfs, "etc/group", user):
+                if len(fields) >= 3 and fields[0] == group_part and fields[2].isdigit():
+                    gid = _id(fields[2], user)
+                    break
+            else:
+                raise ConfigError(
+                    f"unknown group {group_part!r}: not in {rootfs}/etc/group; "
+                    "use a numeric GID or a group the image defines"
+                )
+    return uid, gid
+
+
+def _id(text: str, spec: str) -> int:
+    value = int(text)
+    if value > MAX_ID:
+        raise ConfigError(f"invalid user {spec!r}: id {value} is out of range (0..{MAX_ID})")
+    return value
+
+
+def _id_file(rootfs: Path, path: str, spec: str) -> list[list[str]]:
+    """Lines of a passwd/group file of the image, split on ':'; [] when it has none."""
+    try:
+        data = read_in_root(rootfs, path, image_formats.MAX_JSON)
+    except ImageError as exc:
+        raise ConfigError(f"user {spec!r}: cannot read {rootfs}/{path}: {exc}") from None
+    except OSError as exc:
+        raise ConfigError(f"user {spec!r}: cannot read {rootfs}/{path}: {exc.strerror}") from None
+    if data is None:
+        return []
+    return [line.split(":") for line in data.decode("utf-8", "replace").splitlines()]
 
 
 def ensure_default_image(progress: bool = False) -> Path:
