@@ -21,6 +21,7 @@ def _serve_in_guest() -> None:
     from agent import pid1
     from agent.channel import VSOCK_PORT
     from agent.containers import ContainerManager
+    from agent.network import NetworkManager
     from agent.serial_relay import SerialRelay, find_serial_port
     from agent.server import AgentService, make_server
 
@@ -30,7 +31,12 @@ def _serve_in_guest() -> None:
     port = find_serial_port()
     transport = "serial" if port is not None else "vsock"
     server = make_server(
-        AgentService(transport=transport, containers=ContainerManager(reaper)), max_workers=64
+        AgentService(
+            transport=transport,
+            containers=ContainerManager(reaper),
+            network=NetworkManager(reaper),
+        ),
+        max_workers=64,
     )
     if port is not None:
         server.add_insecure_port(f"unix:{LOCAL_SOCKET}")

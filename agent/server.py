@@ -20,6 +20,7 @@ import grpc
 from agent import pid1, syscalls
 from agent.containers import ContainerError, ContainerManager
 from agent.limits import GRPC_OPTIONS, MAX_MESSAGE_BYTES, MAX_READ_BYTES
+from agent.network import NetworkError, NetworkManager
 from agent.proto import agent_pb2 as pb
 from agent.proto import agent_pb2_grpc as pb_grpc
 from agent.version import AGENT_VERSION, PROTOCOL_VERSION
@@ -47,8 +48,10 @@ class AgentService(pb_grpc.AgentServicer):
         power_off: Callable[[], None] = pid1.power_off,
         share_root: str = pid1.SHARE_ROOT,
         containers: ContainerManager | None = None,
+        network: NetworkManager | None = None,
     ) -> None:
         self._containers = containers
+        self._network = network
         self._transport = transport
         self._power_off = power_off
         self._share_root = share_root.rstrip("/")
@@ -306,6 +309,39 @@ class AgentService(pb_grpc.AgentServicer):
         with _container_errors(context):
             stats = self._manager(context).stats(request.container_id)
         return pb.StatsContainerResponse(**stats)
+
+    # -- network -------------------------------------------------------------------------------
+
+    def ConfigureNetwork(
+        self, request: pb.ConfigureNetworkRequest, context: grpc.ServicerContext
+    ) -> pb.ConfigureNetworkResponse:
+        if self._network is None:
+            _abort(context, grpc.StatusCode.UNIMPLEMENTED, "this agent configures no network")
+        from agent import network
+
+        settings = network.Settings(
+            interfaces=tuple(
+                network.Interface(nic.name, nic.mac, nic.mtu, tuple(nic.addresses))
+                for nic in request.interfaces
+            ),
+            routes=tuple(
+                network.Route(r.destination, r.gateway, r.device, r.metric) for r in request.routes
+            ),
+            dns_servers=tuple(request.dns_servers),
+            dns_search=tuple(request.dns_search),
+            dns_options=tuple(request.dns_options),
+            hosts=tuple((h.address, tuple(h.names)) for h in request.hosts),
+            hostname=request.hostname,
+        )
+        try:
+            outcome = self._network.configure(settings)
+        except NetworkError as exc:
+            _abort(context, getattr(grpc.StatusCode, exc.code), str(exc))
+        except OSError as exc:
+            _abort(context, grpc.StatusCode.INTERNAL, f"configuring the network: {exc}")
+        return pb.ConfigureNetworkResponse(
+            resolv_conf=outcome.resolv_conf, hosts=outcome.hosts, interfaces=outcome.interfaces
+        )
 
 
 @contextlib.contextmanager

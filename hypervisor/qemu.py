@@ -147,6 +147,8 @@ class QemuVM(Hypervisor):
         With ``paused`` (default) the guest stays in ``prelaunch`` until :meth:`resume`.
         Raises LaunchError (exit code, argv, log tail) if QEMU is missing, exits early or
         QMP is not reachable within ``launch_timeout``; nothing is left running then.
+        The tap fds of ``config.nics`` are inherited by QEMU; the caller still owns (and
+        closes) its own copies.
         """
         if self._handle is not None:
             raise HypervisorError(f"vm {self.config.name} was already started")
@@ -167,6 +169,7 @@ class QemuVM(Hypervisor):
                     stderr=subprocess.STDOUT,
                     start_new_session=True,
                     close_fds=True,
+                    pass_fds=self.config.pass_fds(),
                     cwd="/",
                 )
         except OSError as exc:

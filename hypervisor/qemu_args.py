@@ -15,6 +15,7 @@ needs ``-global virtio-mmio.force-legacy=false`` so vhost-user devices work.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Protocol
@@ -356,6 +357,105 @@ class VirtioFsShare:
         ]
 
 
+# -- network -------------------------------------------------------------------------------
+
+#: Guest-visible addresses of QEMU user networking (slirp), pinned on the command line so the
+#: agent can configure the guest statically (no DHCP in the guest).
+USER_NET_CIDR = "10.0.2.0/24"
+USER_NET_HOST = "10.0.2.2"
+USER_NET_DNS = "10.0.2.3"
+
+_MAC_RE = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
+
+
+@dataclass(frozen=True)
+class TapNetdev:
+    """``-netdev tap,id=ID,fd=FD``: a tap device the caller opened and QEMU inherits.
+
+    No helper script, no ``vhost`` (the hosts lack ``/dev/vhost-net``); QEMU probes the fd
+    for ``IFF_VNET_HDR`` itself and uses offloads when it is set.
+    """
+
+    id: str
+    fd: int
+
+    def argv(self) -> list[str]:
+        return ["-netdev", f"tap,id={self.id},fd={self.fd}"]
+
+
+@dataclass(frozen=True)
+class UserNetdev:
+    """``-netdev user``: QEMU's user-mode (slirp) stack, outbound NAT from the guest.
+
+    The gateway (``host``) also reaches the host's loopback; see docs/networking.md.
+    IPv6 is off: the agent configures IPv4 only.
+    """
+
+    id: str
+    net: str = USER_NET_CIDR
+    host: str = USER_NET_HOST
+    dns: str = USER_NET_DNS
+
+    def argv(self) -> list[str]:
+        return [
+            "-netdev",
+            f"user,id={self.id},net={self.net},host={self.host},dns={self.dns},ipv6=off",
+        ]
+
+
+@dataclass(frozen=True)
+class VirtioNet:
+    """A virtio-net NIC on netdev ``netdev`` with MAC ``mac`` (no PXE option ROM on PCI).
+
+    ``mtu`` sets ``host_mtu``: the device advertises it (VIRTIO_NET_F_MTU) to the guest.
+    """
+
+    netdev: str
+    mac: str
+    bus: Bus = "pci"
+    mtu: int | None = None
+
+    def argv(self) -> list[str]:
+        value = f"{virtio_device('virtio-net', self.bus)},netdev={self.netdev},mac={self.mac}"
+        if self.mtu is not None:
+            value += f",host_mtu={self.mtu}"
+        if self.bus == "pci":
+            value += ",romfile="
+        return ["-device", value]
+
+
+@dataclass(frozen=True)
+class NicConfig:
+    """One guest NIC: ``backend`` ``tap`` (``fd`` of an open tap) or ``user`` (slirp)."""
+
+    mac: str
+    backend: Literal["tap", "user"] = "tap"
+    fd: int | None = None
+    mtu: int | None = None
+
+    def __post_init__(self) -> None:
+        if not _MAC_RE.match(self.mac):
+            raise ValueError(f"nic mac {self.mac!r} must be six lowercase hex pairs")
+        if self.backend == "tap" and (self.fd is None or self.fd < 0):
+            raise ValueError("a tap nic needs the fd of an open tap device")
+        if self.backend == "user" and self.fd is not None:
+            raise ValueError("a user-mode nic takes no fd")
+        if self.backend not in ("tap", "user"):
+            raise ValueError(f"nic backend must be tap or user, not {self.backend!r}")
+        if self.mtu is not None and not 68 <= self.mtu <= 65535:
+            raise ValueError(f"nic mtu {self.mtu} is outside 68..65535")
+
+    def options(self, index: int, bus: Bus) -> list[QemuOption]:
+        netdev = f"net{index}"
+        backend: QemuOption
+        if self.backend == "tap":
+            assert self.fd is not None
+            backend = TapNetdev(netdev, self.fd)
+        else:
+            backend = UserNetdev(netdev)
+        return [backend, VirtioNet(netdev, self.mac, bus, self.mtu)]
+
+
 # -- the VM --------------------------------------------------------------------------------
 
 
@@ -367,6 +467,8 @@ class VMConfig:
     socket), ``vsock_cid`` the vhost-vsock one; at most one may be set. ``shares`` are
     ``(tag, virtiofsd socket)`` pairs; any share switches guest RAM to a shared memfd.
     ``qemu_log`` receives QEMU's stdout/stderr (default: next to ``console_log``).
+    ``nics`` are the guest's network cards, in PCI order; tap fds are passed to QEMU
+    (:meth:`pass_fds`).
     Invalid values raise ``ValueError`` (a caller bug, not a runtime condition).
     """
 
@@ -388,6 +490,7 @@ class VMConfig:
     pidfile: Path | None = None
     qemu_log: Path | None = None
     sandbox: bool = True
+    nics: tuple[NicConfig, ...] = ()
     extra: tuple[QemuOption, ...] = field(default=(), compare=False)
 
     def __post_init__(self) -> None:
@@ -409,6 +512,9 @@ class VMConfig:
         for tag in tags:
             if not tag or len(tag.encode()) > MAX_FS_TAG:
                 raise ValueError(f"virtio-fs tag {tag!r} must be 1..{MAX_FS_TAG} bytes")
+        macs = [nic.mac for nic in self.nics]
+        if len(set(macs)) != len(macs):
+            raise ValueError(f"duplicate nic macs in {macs}")
 
     @property
     def agent_transport(self) -> Literal["serial", "vsock"] | None:
@@ -425,6 +531,10 @@ class VMConfig:
         if self.qemu_log is not None:
             return self.qemu_log
         return self.console_log.with_name(f"{self.console_log.stem}-qemu.log")
+
+    def pass_fds(self) -> tuple[int, ...]:
+        """The fds QEMU must inherit (tap devices named by ``fd=`` options)."""
+        return tuple(nic.fd for nic in self.nics if nic.fd is not None)
 
     def sockets(self) -> tuple[Path, ...]:
         """The unix sockets QEMU creates (and that are removed after it exits)."""
@@ -465,6 +575,8 @@ def vm_options(config: VMConfig, *, paused: bool = True) -> list[QemuOption]:
         options.append(VsockDevice(config.vsock_cid, bus))
     for index, (tag, socket) in enumerate(config.shares):
         options.append(VirtioFsShare(tag, socket, index, bus))
+    for index, nic in enumerate(config.nics):
+        options.extend(nic.options(index, bus))
     if config.pidfile is not None:
         options.append(PidFile(config.pidfile))
     options.extend(config.extra)

@@ -3,10 +3,14 @@ and its stdio between host fds and the agent.
 
 Host paths never reach the guest: the rootfs and every bind-mount source are bind-mounted
 below ``<pod>/shared/<container-id>/`` and the spec is rewritten to the guest paths under
-``/run/pysandbox/shared``. Namespace paths are host paths too: the network namespace is the
-VM's own (pod networking brings the pod netns to the VM, not into the guest), and a
-namespace shared with another container of the pod is rewritten to that container's guest
-init process.
+``/run/pysandbox/shared``. Namespace paths are host paths too. A network namespace given by
+path is the pod's network, which pod networking carries into the VM and the agent configures
+in the guest's root network namespace: the path becomes that of the agent's (PID 1's)
+network namespace, so the container joins it (a joined namespace, not the "host's", so
+``net.*`` sysctls stay allowed as runc allows them in a pod netns; docs/networking.md). A
+network namespace without a path stays a new, empty one (loopback only), as with runc. Any
+other namespace shared with another container of the pod is rewritten to that container's
+guest init process.
 """
 
 from __future__ import annotations
@@ -25,6 +29,8 @@ from sandbox.errors import ConfigError
 from sandbox.pod import GUEST_SHARE, Pod
 
 _BIND_TYPES = {"bind", "rbind"}
+#: The pod network in the guest: the root network namespace, where the agent (PID 1) runs.
+GUEST_POD_NETNS = "/proc/1/ns/net"
 
 
 def _is_bind(mount: dict[str, Any]) -> bool:
@@ -101,7 +107,7 @@ def _rewrite_namespaces(spec: dict[str, Any], guest_pids: Callable[[str], int | 
         path = ns.get("path")
         if path:
             if ns.get("type") == "network":
-                ns = {"type": "network"}  # the VM boundary is the network boundary
+                ns = {"type": "network", "path": GUEST_POD_NETNS}
             else:
                 pid = guest_pids(str(path))
                 if pid is None:

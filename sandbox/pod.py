@@ -2,13 +2,15 @@
 
 Lifecycle::
 
-    boot():  reserve dir -> virtiofsd -> QEMU (paused) -> agent proxy -> cont -> agent healthy
-                -> mount the pod share in the guest -> status "running"
+    boot():  reserve dir -> virtiofsd -> [taps in the pod netns] -> QEMU (paused) -> agent proxy
+                -> cont -> agent healthy -> mount the pod share in the guest
+                -> [configure the guest network] -> status "running"
     stop():  agent Shutdown -> QEMU exits -> proxy, virtiofsd stopped -> dir removed
     destroy(): kill whatever the record names (any state, after any crash) -> dir removed
 
-Every process is recorded in pod.json (pid + start time) the moment it exists, so that
-``destroy`` can always clean up, whichever step failed and whichever process was killed.
+Every process is recorded in pod.json (pid + start time) the moment it exists, and the
+network devices (sandbox/network.py) before they are created, so that ``destroy`` can always
+clean up, whichever step failed and whichever process was killed.
 A boot that fails tears everything down, keeps the serial console log under
 ``<root>/logs/`` and names it in the error.
 """
@@ -16,6 +18,7 @@ A boot that fails tears everything down, keeps the serial console log under
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import shutil
 import subprocess
@@ -27,7 +30,7 @@ from typing import Any
 
 from hypervisor.process import ProcessHandle
 from hypervisor.qemu_args import Accelerator
-from sandbox import hostfs, state
+from sandbox import hostfs, network, state
 from sandbox.agent_client import ContainerClient
 from sandbox.errors import AgentError, ConfigError, NotFoundError, SandboxError, StateError
 
@@ -152,8 +155,18 @@ class Pod:
         *,
         memory_mib: int = DEFAULT_MEMORY_MIB,
         timeout: float | None = None,
+        netns: Path | None = None,
+        user_network: bool = False,
+        hostname: str = "",
     ) -> Pod:
         """Boot a new pod VM and return once its agent is healthy and the share mounted.
+
+        Network (docs/networking.md): with ``netns`` the interfaces of that network namespace
+        are carried into the guest (tap + tc redirect, one virtio-net NIC each) and the agent
+        gives the guest their MACs, addresses and routes; with ``user_network`` the guest gets
+        QEMU user-mode networking (outbound NAT, 10.0.2.15/24). Neither: loopback only.
+        ``hostname`` is the guest's (root UTS namespace) and, with user networking, goes into
+        the hosts file written for containers.
 
         Raises StateError if the pod exists, ConfigError for a missing or invalid guest image
         or bad settings, AgentError/AgentTimeout if the agent is not reached (the error names
@@ -163,6 +176,10 @@ class Pod:
         from hypervisor.image import ImageError, find_image
 
         state.validate_id(pod_id, "pod")
+        if netns is not None and user_network:
+            raise ConfigError("a pod gets either a network namespace or user networking, not both")
+        if netns is not None:
+            network.check_netns(netns)
         if not 128 <= memory_mib <= 65536:
             raise ConfigError(f"pod memory {memory_mib} MiB is outside 128..65536")
         try:
@@ -188,7 +205,15 @@ class Pod:
         pod.shared_dir.mkdir(mode=0o711)
         pod.save()
         try:
-            pod._start(image, chosen.chosen, memory_mib, timeout or boot_timeout())
+            pod._start(
+                image,
+                chosen.chosen,
+                memory_mib,
+                timeout or boot_timeout(),
+                netns=netns,
+                user_network=user_network,
+                hostname=hostname,
+            )
         except BaseException as exc:
             kept = pod._keep_console_log()
             pod.destroy()
@@ -197,9 +222,19 @@ class Pod:
             raise
         return pod
 
-    def _start(self, image: Any, accel_name: Accelerator, memory_mib: int, timeout: float) -> None:
+    def _start(
+        self,
+        image: Any,
+        accel_name: Accelerator,
+        memory_mib: int,
+        timeout: float,
+        *,
+        netns: Path | None = None,
+        user_network: bool = False,
+        hostname: str = "",
+    ) -> None:
         from hypervisor.qemu import QemuVM
-        from hypervisor.qemu_args import VMConfig
+        from hypervisor.qemu_args import NicConfig, VMConfig
         from hypervisor.virtiofsd import Virtiofsd
 
         # Bind mounts of container root filesystems made later must reach virtiofsd's
@@ -212,6 +247,23 @@ class Pod:
         )
         fs.start()
         self._remember("virtiofsd", ProcessHandle.of(fs.pid))
+        guest_network: network.NetworkConfig | None = None
+        nics: tuple[NicConfig, ...] = ()
+        tap_fds: tuple[int, ...] = ()
+        if netns is not None:
+            attached = network.attach(netns, self.record, self.save)  # recorded, then created
+            guest_network, tap_fds = attached.config, attached.tap_fds
+            nics = tuple(
+                NicConfig(nic.mac, "tap", fd, nic.mtu)
+                for nic, fd in zip(attached.config.interfaces, tap_fds, strict=True)
+            )
+            if hostname:
+                guest_network = dataclasses.replace(guest_network, hostname=hostname)
+        elif user_network:
+            self.record["network"] = {"mode": "user"}
+            self.save()
+            guest_network = network.user_network_config(hostname)
+            nics = (NicConfig(network.USER_MAC, "user"),)
         config = VMConfig(
             name=f"pysandbox-{state.pod_dir_name(self.id)}",
             kernel=image.kernel,
@@ -225,9 +277,14 @@ class Pod:
             shares=((SHARE_TAG, self.dir / "virtiofsd.sock"),),
             console_log=self.console_log,
             pidfile=self.dir / "qemu.pid",
+            nics=nics,
         )
         vm = QemuVM(config)
-        vm.start()
+        try:
+            vm.start()
+        finally:
+            for fd in tap_fds:
+                os.close(fd)  # QEMU holds the taps now; they vanish when it exits
         self._remember("qemu", ProcessHandle.of(vm.pid))
         proxy = self._start_proxy(vm.pid)
         self._remember("proxy", ProcessHandle.of(proxy))
@@ -237,6 +294,12 @@ class Pod:
         with self.client() as agent:
             agent.wait_healthy(timeout, alive=qemu.alive)
             agent.mount_share(SHARE_TAG, GUEST_SHARE)
+            if guest_network is not None:
+                files = agent.configure_network(guest_network)
+                self.record["network"]["guest_files"] = {
+                    "resolv_conf": files.resolv_conf,
+                    "hosts": files.hosts,
+                }
         self.record["status"] = "running"
         self.save()
 
@@ -306,6 +369,8 @@ class Pod:
             ref = self.process(name)
             if ref is not None:
                 ref.terminate(timeout=2.0)
+        # After QEMU is gone (its taps with it): the qdiscs and filters in the pod netns.
+        network.detach(self.record.get("network"))
         hostfs.unmount_tree(self.dir)
         left = hostfs.mounts_below(self.dir)
         if left:

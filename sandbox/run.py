@@ -131,6 +131,10 @@ def build_spec(args: argparse.Namespace, image: images.Image) -> dict[str, Any]:
     if args.pids_limit <= 0:
         raise RunError(f"invalid --pids-limit {args.pids_limit}: must be positive")
     resources["pids"] = {"limit": args.pids_limit}
+    if args.network == "user":
+        # Share the guest's root network namespace, where the agent configures the NIC.
+        linux = spec["linux"]
+        linux["namespaces"] = [ns for ns in linux["namespaces"] if ns.get("type") != "network"]
     return spec
 
 
@@ -166,7 +170,13 @@ def run(args: argparse.Namespace, root: Path) -> int:
     if "memory" in spec["linux"]["resources"]:
         memory_mib = max(memory_mib, spec["linux"]["resources"]["memory"]["limit"] // 2**20 + 256)
     pod_id = args.name or f"run-{secrets.token_hex(6)}"
-    pod = Pod.boot(root, pod_id, memory_mib=min(memory_mib, 65536))
+    pod = Pod.boot(
+        root,
+        pod_id,
+        memory_mib=min(memory_mib, 65536),
+        user_network=args.network == "user",
+        hostname=str(spec.get("hostname") or ""),
+    )
     try:
         return _run_in_pod(args, pod, spec, image)
     finally:
@@ -181,6 +191,7 @@ def _run_in_pod(
     guest_rootfs, guest_spec = share_container_files(
         pod, CONTAINER_ID, spec, image.rootfs.parent, rootfs_readonly=True
     )
+    guest_spec["mounts"] += _network_file_mounts(pod)
     with pod.client() as client:
         try:
             client.create_container(
@@ -220,6 +231,24 @@ def _run_in_pod(
         with contextlib.suppress(AgentError):
             client.remove_container(CONTAINER_ID)
         return status
+
+
+def _network_file_mounts(pod: Pod) -> list[dict[str, Any]]:
+    """Bind mounts of the resolv.conf and hosts the agent wrote (guest paths: added to the
+    spec after its host paths were rewritten)."""
+    files = (pod.record.get("network") or {}).get("guest_files") or {}
+    mounts = []
+    for destination, key in (("/etc/resolv.conf", "resolv_conf"), ("/etc/hosts", "hosts")):
+        if files.get(key):
+            mounts.append(
+                {
+                    "destination": destination,
+                    "type": "bind",
+                    "source": files[key],
+                    "options": ["rbind", "ro", "nosuid", "nodev", "noexec"],
+                }
+            )
+    return mounts
 
 
 def _resize(client: ContainerClient) -> None:

@@ -25,7 +25,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--name", default=None)
     parser.add_argument("--read-only", action="store_true", help="read-only root filesystem")
     parser.add_argument("--rm", action="store_true", help="accepted: runs are always removed")
-    parser.add_argument("--network", choices=["none"], default="none")
+    parser.add_argument(
+        "--network",
+        choices=["none", "user"],
+        default="none",
+        help="none: loopback only (default); user: outbound NAT through QEMU user networking",
+    )
     parser.add_argument(
         "--bundle",
         "-b",

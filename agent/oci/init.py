@@ -90,6 +90,12 @@ def create_container(sys: Syscalls, spec: Spec, sync: proc_steps.Sync, cgroup: s
             sys.unshare(flags)
         except OSError as exc:
             raise SetupError.from_os("unsharing namespaces", exc) from exc
+    # 5b. A new network namespace has its loopback up, as runc sets it up ("loopback only").
+    if flags & sc.CLONE_NEWNET:
+        try:
+            sys.loopback_up()
+        except OSError as exc:
+            raise SetupError.from_os("bringing up loopback", exc) from exc
     # 6. Fork B, the container's process. A tells B its pid as the agent sees it, then waits
     #    until B has reported and exits, so that the agent inherits B.
     pid_r, pid_w = sys.pipe()

@@ -183,6 +183,10 @@ class Syscalls(abc.ABC):
     def setns(self, fd: int, nstype: int) -> None: ...
 
     @abc.abstractmethod
+    def loopback_up(self) -> None:
+        """Bring ``lo`` of the current network namespace up (SIOCSIFFLAGS IFF_UP)."""
+
+    @abc.abstractmethod
     def fork(self) -> int: ...
 
     @abc.abstractmethod
@@ -451,6 +455,20 @@ class LinuxSyscalls(Syscalls):
 
     def setns(self, fd: int, nstype: int) -> None:
         self._check(self._libc.setns(fd, nstype), f"setns({nstype:#x})")
+
+    def loopback_up(self) -> None:
+        import fcntl
+        import socket
+        import struct
+
+        siocgifflags, siocsifflags, iff_up = 0x8913, 0x8914, 0x1
+        try:
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+                ifreq = fcntl.ioctl(sock, siocgifflags, struct.pack("16sH22x", b"lo", 0))
+                flags = struct.unpack("16sH22x", ifreq)[1]
+                fcntl.ioctl(sock, siocsifflags, struct.pack("16sH22x", b"lo", flags | iff_up))
+        except OSError as exc:
+            raise self._wrap(exc, "bringing up lo") from None
 
     def fork(self) -> int:
         return os.fork()
@@ -755,6 +773,9 @@ class RecordingSyscalls(Syscalls):
 
     def setns(self, fd: int, nstype: int) -> None:
         self._record("setns", fd, nstype)
+
+    def loopback_up(self) -> None:
+        self._record("loopback_up")
 
     def fork(self) -> int:
         self._record("fork")

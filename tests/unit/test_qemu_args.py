@@ -221,3 +221,56 @@ def test_stderr_log_defaults_next_to_console_log() -> None:
 def test_invalid_config_raises_value_error(overrides: dict[str, object]) -> None:
     with pytest.raises(ValueError):
         config(**overrides)
+
+
+def test_nics_tap_and_user_golden() -> None:
+    from hypervisor.qemu_args import NicConfig
+
+    cfg = config(
+        nics=(
+            NicConfig("be:5f:58:e1:19:a1", "tap", fd=5, mtu=1400),
+            NicConfig("52:54:00:12:34:56", "user"),
+        ),
+        pidfile=D / "qemu.pid",
+    )
+    argv = build_argv(cfg, "qemu")
+    start = argv.index("-netdev")
+    assert argv[start : argv.index("-pidfile")] == [
+        "-netdev", "tap,id=net0,fd=5",
+        "-device", "virtio-net-pci,netdev=net0,mac=be:5f:58:e1:19:a1,host_mtu=1400,romfile=",
+        "-netdev", "user,id=net1,net=10.0.2.0/24,host=10.0.2.2,dns=10.0.2.3,ipv6=off",
+        "-device", "virtio-net-pci,netdev=net1,mac=52:54:00:12:34:56,romfile=",
+    ]  # fmt: skip
+    assert cfg.pass_fds() == (5,)
+    assert config().pass_fds() == ()
+
+
+def test_nic_on_microvm_is_a_virtio_mmio_device() -> None:
+    from hypervisor.qemu_args import NicConfig
+
+    argv = build_argv(config(machine="microvm", nics=(NicConfig("02:00:00:00:00:01", fd=3),)))
+    assert "virtio-net-device,netdev=net0,mac=02:00:00:00:00:01" in argv
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"mac": "BE:5F:58:E1:19:A1", "fd": 3}, "six lowercase hex pairs"),
+        ({"mac": "02:00:00:00:00:01"}, "needs the fd of an open tap"),
+        ({"mac": "02:00:00:00:00:01", "backend": "user", "fd": 3}, "takes no fd"),
+        ({"mac": "02:00:00:00:00:01", "fd": 3, "mtu": 20}, "outside 68..65535"),
+    ],
+)
+def test_nic_validation(kwargs: dict[str, object], message: str) -> None:
+    from hypervisor.qemu_args import NicConfig
+
+    with pytest.raises(ValueError, match=message):
+        NicConfig(**kwargs)  # type: ignore[arg-type]
+
+
+def test_duplicate_nic_macs_are_refused() -> None:
+    from hypervisor.qemu_args import NicConfig
+
+    nic = NicConfig("02:00:00:00:00:01", fd=3)
+    with pytest.raises(ValueError, match="duplicate nic macs"):
+        config(nics=(nic, NicConfig("02:00:00:00:00:01", fd=4)))

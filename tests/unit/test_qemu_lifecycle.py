@@ -335,3 +335,25 @@ def test_unwritable_log_dir_is_a_launch_error(workdir: Path, fake_qemu: Path) ->
     bad = VMConfig(**{**config.__dict__, "console_log": workdir / "missing" / "console.log"})
     with pytest.raises(LaunchError, match="No such file or directory"):
         QemuVM(bad, qemu_binary=fake_qemu).start()
+
+
+def test_tap_fds_of_nics_are_inherited(workdir: Path, fake_qemu: Path, vms: list[QemuVM]) -> None:
+    import dataclasses
+
+    from hypervisor.qemu_args import NicConfig
+
+    read_end, write_end = os.pipe()  # stands in for an open tap (not inheritable: PEP 446)
+    try:
+        config = dataclasses.replace(
+            make_config(workdir), nics=(NicConfig("02:00:00:00:00:01", fd=write_end),)
+        )
+        vm = QemuVM(config, qemu_binary=fake_qemu)
+        vms.append(vm)
+        vm.start()
+        assert f"tap,id=net0,fd={write_end}" in vm.argv
+        inherited = os.readlink(f"/proc/{vm.pid}/fd/{write_end}")
+        assert inherited == os.readlink(f"/proc/self/fd/{write_end}")
+        vm.kill()
+    finally:
+        os.close(read_end)
+        os.close(write_end)

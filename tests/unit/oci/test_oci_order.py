@@ -145,6 +145,7 @@ def test_typical_container_in_order() -> None:
         ("write_file", f"{CGROUP}/pids.max", "10"),
         ("write_file", f"{CGROUP}/cgroup.procs", "0"),
         ("unshare", new_namespaces),
+        ("loopback_up",),  # a new network namespace gets lo up, as with runc
         ("pipe",),
         ("pipe",),
         ("fork",),
