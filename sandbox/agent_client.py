@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, Self
+from typing import TYPE_CHECKING, Any, Self
 
 import grpc
 
@@ -19,6 +19,12 @@ from agent.proto import agent_pb2 as pb
 from agent.proto import agent_pb2_grpc as pb_grpc
 from agent.version import PROTOCOL_VERSION, protocol_major
 from sandbox.errors import AgentError, AgentTimeout
+
+if TYPE_CHECKING:
+    from sandbox.network import NetworkConfig
+
+#: Where the agent writes resolv.conf and hosts (agent.proto, ConfigureNetwork).
+GUEST_NETWORK_DIR = "/run/pysandbox-network"
 
 
 @dataclass(frozen=True)
@@ -33,6 +39,14 @@ class GuestInfo:
     transport: str
     shares: tuple[tuple[str, str], ...]
     python_version: str
+
+
+@dataclass(frozen=True)
+class GuestNetworkFiles:
+    """Guest paths of the resolv.conf and hosts ConfigureNetwork wrote ("" when not written)."""
+
+    resolv_conf: str
+    hosts: str
 
 
 def _bounded(text: str, name: str, limit: int = 256) -> str:
@@ -140,6 +154,33 @@ class AgentClient:
     def shutdown(self) -> None:
         """Ask the agent to power the VM off."""
         self._call("Shutdown", pb.ShutdownRequest(), timeout=5.0)
+
+    def configure_network(self, config: NetworkConfig) -> GuestNetworkFiles:
+        """Configure the guest's pod network (ConfigureNetwork); the guest files written."""
+        request = pb.ConfigureNetworkRequest(
+            interfaces=[
+                pb.NetworkInterface(name=n.name, mac=n.mac, mtu=n.mtu, addresses=n.addresses)
+                for n in config.interfaces
+            ],
+            routes=[
+                pb.NetworkRoute(
+                    destination=r.destination, gateway=r.gateway, device=r.device, metric=r.metric
+                )
+                for r in config.routes
+            ],
+            dns_servers=config.dns_servers,
+            dns_search=config.dns_search,
+            hostname=config.hostname,
+        )
+        reply = self._call("ConfigureNetwork", request, timeout=60.0)
+        files = GuestNetworkFiles(
+            resolv_conf=_bounded(reply.resolv_conf, "resolv.conf path"),
+            hosts=_bounded(reply.hosts, "hosts path"),
+        )
+        for path in (files.resolv_conf, files.hosts):
+            if path and not path.startswith(GUEST_NETWORK_DIR + "/"):
+                raise AgentError(f"agent wrote network files outside {GUEST_NETWORK_DIR}")
+        return files
 
 
 #: Deadline of one WaitProcess call; waits longer than this are retried.

@@ -11,19 +11,26 @@ away with the pod's sandbox container, or with the last container of the pod.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import secrets
 import signal as signals
+import struct
 import subprocess
+import termios
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sandbox import shim, state
 from sandbox.container import share_container_files, unshare_container_files
 from sandbox.errors import AgentError, ConfigError, NotFoundError, SandboxError, StateError
+from sandbox.network import netns_path_of
 from sandbox.pod import Pod
 from sandbox.record import ContainerRecord, Status
+
+if TYPE_CHECKING:
+    from sandbox.agent_client import ContainerClient
 
 MAX_CONFIG_BYTES = 4 * 1024 * 1024
 SANDBOX_TYPE_KEYS = ("io.kubernetes.cri.container-type", "io.kubernetes.cri-o.ContainerType")
@@ -141,7 +148,8 @@ def create(
     try:
         with _pod_lock(root, pod_id):
             if owns_pod:
-                pod = Pod.boot(root, pod_id)
+                # The pod's network namespace (CNI, podman) is carried into the VM.
+                pod = Pod.boot(root, pod_id, netns=netns_path_of(spec))
             else:
                 try:
                     pod = Pod.load(root, pod_id)
@@ -185,10 +193,41 @@ def start(root: Path, container_id: str) -> None:
         raise StateError(f"cannot start container {container_id}: it is {record.status}")
     pod = Pod.load(root, record.pod_id)
     with pod.client() as client:
+        if record.data.get("terminal"):
+            _sync_terminal_size(record, client)
         client.start_container(container_id)
     record.set_status(Status.RUNNING)
     with contextlib.suppress(SandboxError):
         _run_hooks(load_bundle(Path(record.data["bundle"])), "poststart", record)
+
+
+def _sync_terminal_size(record: ContainerRecord, client: ContainerClient) -> None:
+    """Give the guest terminal the size the caller set on its pty master, before start.
+
+    The shim relays later changes on SIGWINCH, asynchronously; this makes the first size
+    certain when the process starts (``stty size`` as the first command sees it). The
+    shim's pty slave is its fd :data:`shim.TERMINAL_FD`; a shim that is gone or not this
+    one (pid reuse) is left alone.
+    """
+    handle = record.shim
+    if handle is None or not handle.alive():
+        return
+    try:
+        fd = os.open(
+            f"/proc/{handle.pid}/fd/{shim.TERMINAL_FD}", os.O_RDONLY | os.O_NOCTTY | os.O_NONBLOCK
+        )
+    except OSError:
+        return
+    try:
+        if not os.isatty(fd) or not handle.alive():
+            return
+        rows, cols = struct.unpack("HHHH", fcntl.ioctl(fd, termios.TIOCGWINSZ, b"\0" * 8))[:2]
+    except OSError:
+        return
+    finally:
+        os.close(fd)
+    if rows and cols:
+        client.resize(record.id, "", rows, cols)
 
 
 def parse_signal(text: str) -> int:

@@ -8,6 +8,13 @@ for the process to exit, records the exit status and exits with it (128+N for si
 
 Started by :func:`spawn` in a new session; when the spawning CLI exits it is reparented to the
 caller's subreaper. It reports ``ready`` (or ``error <message>``) on ``--ready-fd`` before relaying.
+
+Clients also signal that pid directly: containerd's runc shim kills exec processes with
+kill(2) on the pid of their ``--pid-file`` (``ctr task kill --exec-id``, and SIGKILL when a
+CRI ExecSync, e.g. a probe, times out). So the shim forwards the catchable signals in
+:data:`FORWARDED_SIGNALS` to its process in the guest, and a watcher process it forks first
+kills that process if the shim dies before it (SIGKILL cannot be caught); otherwise the
+guest process would outlive what the client believes is gone.
 """
 
 from __future__ import annotations
@@ -25,12 +32,29 @@ import sys
 import termios
 import threading
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from hypervisor.process import ProcessHandle
 from sandbox import state
 from sandbox.errors import AgentError, ConfigError
 
+if TYPE_CHECKING:
+    from sandbox.agent_client import ContainerClient
+
 _READY_TIMEOUT = 30.0
+#: Signals sent to the shim that are meant for its process in the guest.
+FORWARDED_SIGNALS = (
+    signal.SIGHUP,
+    signal.SIGINT,
+    signal.SIGQUIT,
+    signal.SIGUSR1,
+    signal.SIGUSR2,
+    signal.SIGALRM,
+    signal.SIGTERM,
+)
+_WATCHER_DISMISS = b"d"
+#: In a shim with a terminal, the fd that holds the host pty slave.
+TERMINAL_FD = 0
 
 
 def spawn(
@@ -91,6 +115,70 @@ def _send_console(console_socket: Path, master: int) -> None:
         sock.sendmsg([b"/dev/ptmx"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds)])
 
 
+def _start_watcher(agent: str, container_id: str, exec_id: str, keep_closed: int) -> int:
+    """Fork the process that kills the guest process if this shim dies before it.
+
+    Called before anything opens gRPC channels, threads or the terminal (fork-safe). The
+    watcher blocks reading a pipe whose only write end the shim holds: a byte written there
+    (:func:`_dismiss_watcher`) means the shim is done and the watcher just exits; EOF means
+    the shim died first, so the watcher sends SIGKILL to the guest process. Returns the
+    write end.
+    """
+    read_end, write_end = os.pipe()
+    if os.fork() != 0:
+        os.close(read_end)
+        return write_end
+    status = 0
+    try:
+        os.close(write_end)
+        os.close(keep_closed)  # the spawner's ready pipe: only the shim answers on it
+        devnull = os.open(os.devnull, os.O_RDWR)
+        for fd in (0, 1, 2):  # never hold the container's stdio (clients wait for its EOF)
+            os.dup2(devnull, fd)
+        os.close(devnull)
+        for signum in FORWARDED_SIGNALS:
+            signal.signal(signum, signal.SIG_IGN)
+        if os.read(read_end, 1) != _WATCHER_DISMISS:
+            from sandbox.agent_client import ContainerClient
+
+            ContainerClient(agent, timeout=5.0).signal(container_id, exec_id, signal.SIGKILL)
+    except BaseException:
+        status = 1
+    finally:
+        os._exit(status)
+
+
+def _dismiss_watcher(write_end: int) -> None:
+    with contextlib.suppress(OSError):
+        os.write(write_end, _WATCHER_DISMISS)
+        os.close(write_end)
+
+
+def _forward_signals(
+    client: ContainerClient, container_id: str, exec_id: str, watcher: int, done: threading.Event
+) -> None:
+    """Relay :data:`FORWARDED_SIGNALS` received by the shim to its guest process.
+
+    A signal that cannot be delivered (the agent no longer knows the process, or the VM is
+    gone) while the process has not been seen to exit takes its default action on the shim
+    instead: it exits with 128+N, as the process would have.
+    """
+
+    def forward(signum: int) -> None:
+        try:
+            client.signal(container_id, exec_id, signum)
+        except AgentError:
+            if not done.is_set():
+                _dismiss_watcher(watcher)
+                os._exit(128 + signum)
+
+    def handler(signum: int, _frame: object) -> None:
+        threading.Thread(target=forward, args=(signum,), daemon=True).start()
+
+    for signum in FORWARDED_SIGNALS:
+        signal.signal(signum, handler)
+
+
 def _exit_file(root: Path, container_id: str, exec_id: str) -> Path:
     return root / container_id / (f"exec-{exec_id}.exit" if exec_id else "exit")
 
@@ -106,6 +194,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--console-socket", type=Path)
     parser.add_argument("--ready-fd", type=int, required=True)
     args = parser.parse_args(argv)
+    watcher = _start_watcher(args.agent, args.id, args.exec_id, args.ready_fd)
     ready = os.fdopen(args.ready_fd, "wb", buffering=0)
     signal.signal(signal.SIGPIPE, signal.SIG_IGN)
     try:
@@ -130,6 +219,12 @@ def main(argv: list[str] | None = None) -> None:
             tty_attrs[3] &= ~(termios.ECHO | termios.ICANON | termios.ISIG | termios.IEXTEN)
             tty_attrs[1] &= ~termios.OPOST
             termios.tcsetattr(slave, termios.TCSANOW, tty_attrs)
+            # The terminal is our fd 0, where `start` reads the size the caller set on the
+            # master before the process runs (see runtime.start): a SIGWINCH relayed later
+            # could lose the race with the process's first look at its terminal.
+            os.dup2(slave, TERMINAL_FD)
+            os.close(slave)
+            slave = TERMINAL_FD
             stdin = stdout = stderr = slave
 
             def resize(*_: object) -> None:
@@ -143,8 +238,11 @@ def main(argv: list[str] | None = None) -> None:
             signal.signal(signal.SIGWINCH, lambda *_: threading.Thread(target=resize).start())
         relay = StdioRelay(client, args.id, args.exec_id, stdin, stdout, stderr, args.terminal)
     except Exception as exc:
+        _dismiss_watcher(watcher)  # nothing runs yet: the caller tears the container down
         ready.write(f"error {exc}\n".encode())
         sys.exit(1)
+    done = threading.Event()
+    _forward_signals(client, args.id, args.exec_id, watcher, done)
     ready.write(b"ready\n")
     ready.close()
     relay.start()
@@ -154,11 +252,13 @@ def main(argv: list[str] | None = None) -> None:
         status, _sig, oom = client.wait_process(args.id, args.exec_id)
     except AgentError:
         status, oom = 137, False  # the VM is gone: the container was killed with it
+    done.set()
     relay.join(30)
     with contextlib.suppress(OSError):
         state.write_json_atomic(
             _exit_file(args.root, args.id, args.exec_id), {"status": status, "oom": oom}
         )
+    _dismiss_watcher(watcher)
     os._exit(status)
 
 

@@ -161,8 +161,9 @@ def test_missing_executable_error_and_pod_still_usable(shared_pod: Pod) -> None:
 
 
 def test_cgroup_limits_written(shared_pod: Pod) -> None:
-    spec = busybox_spec("sh", "-c", "cat /sys/fs/cgroup/memory.max /sys/fs/cgroup/pids.max "
-                        "/sys/fs/cgroup/cpu.max")
+    spec = busybox_spec(
+        "sh", "-c", "cat /sys/fs/cgroup/memory.max /sys/fs/cgroup/pids.max /sys/fs/cgroup/cpu.max"
+    )
     spec["linux"]["resources"]["memory"] = {"limit": 64 << 20}
     spec["linux"]["resources"]["pids"] = {"limit": 32}
     spec["linux"]["resources"]["cpu"] = {"quota": 50000, "period": 100000}

@@ -19,9 +19,14 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def cli(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "sandbox", *args], capture_output=True,
-                          text=True, timeout=60, cwd=cwd,
-                          env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
+    return subprocess.run(
+        [sys.executable, "-m", "sandbox", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=cwd,
+        env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"},
+    )
 
 
 def test_default_spec_is_accepted_by_the_guest_runtime() -> None:
@@ -33,8 +38,7 @@ def test_default_spec_is_accepted_by_the_guest_runtime() -> None:
 
 def test_unknown_container_one_line_error_and_json_log(tmp_path: Path) -> None:
     log = tmp_path / "log.json"
-    done = cli("--root", str(tmp_path), "--log", str(log), "--log-format", "json",
-               "state", "nope")
+    done = cli("--root", str(tmp_path), "--log", str(log), "--log-format", "json", "state", "nope")
     assert done.returncode == 1
     assert done.stderr == "pysandbox: container nope does not exist\n"
     entry = json.loads(log.read_text().splitlines()[-1])
@@ -80,8 +84,9 @@ def test_features_is_json() -> None:
     assert done.returncode == 0 and "seccomp" in json.loads(done.stdout)["linux"]
 
 
-@pytest.mark.parametrize(("text", "number"), [("9", 9), ("KILL", 9), ("SIGTERM", 15),
-                                              ("term", 15), ("SIGUSR1", 10)])
+@pytest.mark.parametrize(
+    ("text", "number"), [("9", 9), ("KILL", 9), ("SIGTERM", 15), ("term", 15), ("SIGUSR1", 10)]
+)
 def test_parse_signal(text: str, number: int) -> None:
     assert parse_signal(text) == number
 
@@ -93,12 +98,24 @@ def test_parse_signal_rejects(bad: str) -> None:
 
 
 def test_pods_from_cri_annotations() -> None:
-    sandbox = {"annotations": {"io.kubernetes.cri.container-type": "sandbox",
-                               "io.kubernetes.cri.sandbox-id": "pod1"}}
-    member = {"annotations": {"io.kubernetes.cri.container-type": "container",
-                              "io.kubernetes.cri.sandbox-id": "pod1"}}
-    crio = {"annotations": {"io.kubernetes.cri-o.ContainerType": "container",
-                            "io.kubernetes.cri-o.SandboxID": "pod2"}}
+    sandbox = {
+        "annotations": {
+            "io.kubernetes.cri.container-type": "sandbox",
+            "io.kubernetes.cri.sandbox-id": "pod1",
+        }
+    }
+    member = {
+        "annotations": {
+            "io.kubernetes.cri.container-type": "container",
+            "io.kubernetes.cri.sandbox-id": "pod1",
+        }
+    }
+    crio = {
+        "annotations": {
+            "io.kubernetes.cri-o.ContainerType": "container",
+            "io.kubernetes.cri-o.SandboxID": "pod2",
+        }
+    }
     assert pod_of("pause", sandbox) == ("pod1", True)
     assert pod_of("app", member) == ("pod1", False)
     assert pod_of("app2", crio) == ("pod2", False)

@@ -1,0 +1,383 @@
+"""The Kubernetes path: a kubelet-like client drives containerd's CRI API with the ``pysandbox``
+runtime handler, and the whole pod runs in one VM.
+
+The CRI messages come from tests/integration/cri/cri_subset.proto (our own subset of
+k8s.io/cri-api runtime/v1, same package and field numbers); the stubs are generated into a
+temporary directory here, never committed. The pod uses the node's network (no CNI needed).
+"""
+
+from __future__ import annotations
+
+import importlib
+import re
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import grpc
+import pytest
+
+from tests.integration import containerd_env
+from tests.integration.containerd_env import HANDLER, IMAGE, Containerd, wait_until
+
+PROTO_DIR = Path(__file__).resolve().parent / "cri"
+CRI_NAMESPACE = "k8s.io"
+POD_SUBNET = "10.250.77.0/24"
+GATEWAY = "10.250.77.1"  # the containerd namespace of the CRI plugin
+# `<RFC 3339 time> <stream> <P|F> <text>`: the CRI container log format.
+CRI_LOG_LINE = re.compile(r"^(\S+) (stdout|stderr) ([PF]) (.*)$")
+
+
+@dataclass
+class Cri:
+    """CRI stubs bound to a private containerd."""
+
+    pb: Any
+    runtime: Any
+    images: Any
+    daemon: Containerd
+    log_dir: Path
+    netns: str  # containerd's network namespace: the "node" network and the CNI bridge
+
+    @property
+    def runtime_root(self) -> Path:
+        """The runtime's --root for the CRI namespace."""
+        return self.daemon.runtime_root / CRI_NAMESPACE
+
+
+def _generate_stubs(out: Path) -> tuple[ModuleType, ModuleType]:
+    from grpc_tools import protoc  # type: ignore[import-untyped]
+
+    status = protoc.main(
+        [
+            "grpc_tools.protoc",
+            f"-I{PROTO_DIR}",
+            f"--python_out={out}",
+            f"--grpc_python_out={out}",
+            str(PROTO_DIR / "cri_subset.proto"),
+        ]
+    )
+    if status != 0:
+        raise RuntimeError(f"protoc failed on cri_subset.proto ({status})")
+    sys.path.insert(0, str(out))
+    try:
+        return importlib.import_module("cri_subset_pb2"), importlib.import_module(
+            "cri_subset_pb2_grpc"
+        )
+    finally:
+        sys.path.remove(str(out))
+
+
+@pytest.fixture(scope="module")
+def cri(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cri]:
+    """A private containerd and CRI stubs talking to it over its socket.
+
+    containerd runs in a network namespace of the test's: the "node" network of host-network
+    pods, and where the CNI bridge for pod networks is set up (the host's is never touched).
+    """
+    pb, pb_grpc = _generate_stubs(tmp_path_factory.mktemp("cri-stubs"))
+    with (
+        containerd_env.network_namespace() as netns,
+        containerd_env.running(
+            lambda: request.session.testsfailed > 0, netns=netns, cni_subnet=POD_SUBNET
+        ) as daemon,
+    ):
+        channel = grpc.insecure_channel(f"unix://{daemon.address}")
+        try:
+            yield Cri(
+                pb,
+                pb_grpc.RuntimeServiceStub(channel),
+                pb_grpc.ImageServiceStub(channel),
+                daemon,
+                tmp_path_factory.mktemp("pod-logs"),
+                netns,
+            )
+        finally:
+            channel.close()
+
+
+def _pod_config(cri: Cri, name: str, network: int | None = None) -> Any:
+    pb = cri.pb
+    network = pb.NODE if network is None else network
+    uid = uuid.uuid4().hex
+    log_dir = cri.log_dir / f"default_{name}_{uid}"
+    log_dir.mkdir()
+    return pb.PodSandboxConfig(
+        metadata=pb.PodSandboxMetadata(name=name, uid=uid, namespace="default", attempt=0),
+        hostname=name if network == pb.POD else "",  # kubelet: none with the node's network
+        log_directory=str(log_dir),
+        labels={"app": name},
+        linux=pb.LinuxPodSandboxConfig(
+            cgroup_parent=f"/pysandbox-test/pod{uid}",
+            security_context=pb.LinuxSandboxSecurityContext(
+                namespace_options=pb.NamespaceOption(network=network, pid=pb.CONTAINER, ipc=pb.POD)
+            ),
+        ),
+    )
+
+
+def _container_config(cri: Cri, name: str, script: str, network: int | None = None) -> Any:
+    pb = cri.pb
+    network = pb.NODE if network is None else network
+    return pb.ContainerConfig(
+        metadata=pb.ContainerMetadata(name=name, attempt=0),
+        image=pb.ImageSpec(image=IMAGE),
+        command=["sh", "-c", script],
+        envs=[pb.KeyValue(key="CONTAINER", value=name)],
+        log_path=f"{name}/0.log",
+        linux=pb.LinuxContainerConfig(
+            security_context=pb.LinuxContainerSecurityContext(
+                namespace_options=pb.NamespaceOption(network=network, pid=pb.CONTAINER, ipc=pb.POD)
+            )
+        ),
+    )
+
+
+def _status(cri: Cri, cid: str) -> Any:
+    return cri.runtime.ContainerStatus(
+        cri.pb.ContainerStatusRequest(container_id=cid), timeout=30
+    ).status
+
+
+def _wait_exited(cri: Cri, cid: str, timeout: float = 60) -> Any:
+    """The status of ``cid`` once it has exited."""
+    exited = cri.pb.CONTAINER_EXITED
+    assert wait_until(lambda: _status(cri, cid).state == exited, timeout), _status(cri, cid)
+    return _status(cri, cid)
+
+
+def _exec(cri: Cri, cid: str, *cmd: str) -> Any:
+    return cri.runtime.ExecSync(
+        cri.pb.ExecSyncRequest(container_id=cid, cmd=list(cmd), timeout=60), timeout=90
+    )
+
+
+def _log_lines(path: Path) -> list[tuple[str, str, str]]:
+    """(stream, tag, text) of every line of a CRI log file, checking the format."""
+    lines = []
+    for line in path.read_text().splitlines():
+        match = CRI_LOG_LINE.match(line)
+        assert match, f"not a CRI log line: {line!r}"
+        stamp, stream, tag, text = match.groups()
+        assert re.match(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?(Z|[+-]\d\d:\d\d)$", stamp), line
+        lines.append((stream, tag, text))
+    return lines
+
+
+def _qemu_processes(root: Path) -> list[str]:
+    return [p for p in containerd_env.processes_mentioning(str(root)) if "qemu-system" in p]
+
+
+def test_cri_version_and_images(cri: Cri) -> None:
+    version = cri.runtime.Version(cri.pb.VersionRequest(version="v1"), timeout=30)
+    assert version.runtime_name == "containerd"
+    assert version.runtime_api_version.startswith("v1")
+    for image in (IMAGE, containerd_env.PAUSE_IMAGE):
+        found = cri.images.ImageStatus(
+            cri.pb.ImageStatusRequest(image=cri.pb.ImageSpec(image=image)), timeout=30
+        ).image
+        assert image in found.repo_tags, found
+
+
+def test_pod_with_containers_in_one_vm(cri: Cri) -> None:
+    """RunPodSandbox, three containers, ExecSync, status, logs, update, stop, remove."""
+    pb, rt = cri.pb, cri.runtime
+    config = _pod_config(cri, "onevm")
+    started = time.monotonic()
+    pod_id = rt.RunPodSandbox(
+        pb.RunPodSandboxRequest(config=config, runtime_handler=HANDLER), timeout=180
+    ).pod_sandbox_id
+    boot_seconds = time.monotonic() - started
+    removed = False
+    try:
+        status = rt.PodSandboxStatus(
+            pb.PodSandboxStatusRequest(pod_sandbox_id=pod_id), timeout=30
+        ).status
+        assert status.state == pb.SANDBOX_READY
+        assert status.runtime_handler == HANDLER
+        # The sandbox (pause) container booted the pod's VM: one pod dir, one QEMU.
+        assert len(list((cri.runtime_root / "p").glob("*"))) == 1
+        assert len(_qemu_processes(cri.runtime_root)) == 1
+
+        ids: dict[str, str] = {}
+        scripts = {
+            "app": "echo app-started; echo app-err >&2; exec sleep 1000",
+            "ok": "cat /proc/sys/kernel/random/boot_id; echo $CONTAINER; exit 0",
+            "fail": "echo failing; exit 3",
+        }
+        for name, script in scripts.items():
+            ids[name] = rt.CreateContainer(
+                pb.CreateContainerRequest(
+                    pod_sandbox_id=pod_id,
+                    config=_container_config(cri, name, script),
+                    sandbox_config=config,
+                ),
+                timeout=120,
+            ).container_id
+            assert _status(cri, ids[name]).state == pb.CONTAINER_CREATED
+            rt.StartContainer(pb.StartContainerRequest(container_id=ids[name]), timeout=120)
+
+        assert _status(cri, ids["app"]).state == pb.CONTAINER_RUNNING
+        for name, code in (("ok", 0), ("fail", 3)):
+            final = _wait_exited(cri, ids[name])
+            assert (final.exit_code, final.reason) == (code, "Completed" if code == 0 else "Error")
+            # Not finished_at >= started_at: containerd takes started_at when `start` returns,
+            # after the guest process may already have exited (a fast container, as with runc).
+            assert final.started_at > 0 and final.finished_at > 0
+
+        # ExecSync: stdout, stderr and the exit code come back.
+        done = _exec(cri, ids["app"], "sh", "-c", "echo out-$CONTAINER; echo err >&2; exit 2")
+        assert (done.stdout, done.stderr, done.exit_code) == (b"out-app\n", b"err\n", 2)
+
+        # Same guest kernel (boot id) in every container; still one VM for the whole pod.
+        app_boot = _exec(cri, ids["app"], "cat", "/proc/sys/kernel/random/boot_id").stdout
+        log_dir = Path(config.log_directory)
+        ok_lines = _log_lines(log_dir / "ok" / "0.log")
+        assert [text for _, _, text in ok_lines] == [app_boot.decode().strip(), "ok"]
+        assert len(list((cri.runtime_root / "p").glob("*"))) == 1
+        assert len(_qemu_processes(cri.runtime_root)) == 1
+
+        # Container logs in CRI format, both streams, full lines.
+        app_lines = _log_lines(log_dir / "app" / "0.log")
+        assert ("stdout", "F", "app-started") in app_lines
+        assert ("stderr", "F", "app-err") in app_lines
+        assert _log_lines(log_dir / "fail" / "0.log") == [("stdout", "F", "failing")]
+
+        # UpdateContainerResources reaches the container's cgroup in the guest.
+        rt.UpdateContainerResources(
+            pb.UpdateContainerResourcesRequest(
+                container_id=ids["app"],
+                linux=pb.LinuxContainerResources(memory_limit_in_bytes=64 * 2**20),
+            ),
+            timeout=60,
+        )
+        limit = _exec(
+            cri,
+            ids["app"],
+            "sh",
+            "-c",
+            "cat /sys/fs/cgroup$(cut -d: -f3 /proc/self/cgroup)/memory.max",
+        )
+        assert limit.stdout.decode().strip() == str(64 * 2**20), limit
+
+        # StopContainer: sleep as PID 1 ignores SIGTERM, so the grace period ends in SIGKILL.
+        rt.StopContainer(pb.StopContainerRequest(container_id=ids["app"], timeout=2), timeout=60)
+        stopped = _status(cri, ids["app"])
+        assert (stopped.state, stopped.exit_code) == (pb.CONTAINER_EXITED, 137)
+        for cid in ids.values():
+            rt.RemoveContainer(pb.RemoveContainerRequest(container_id=cid), timeout=60)
+        listed = rt.ListContainers(
+            pb.ListContainersRequest(filter=pb.ContainerFilter(pod_sandbox_id=pod_id)), timeout=30
+        )
+        assert list(listed.containers) == []
+
+        rt.StopPodSandbox(pb.StopPodSandboxRequest(pod_sandbox_id=pod_id), timeout=120)
+        rt.RemovePodSandbox(pb.RemovePodSandboxRequest(pod_sandbox_id=pod_id), timeout=120)
+        removed = True
+    finally:
+        if not removed:
+            for call, req in (
+                (rt.StopPodSandbox, pb.StopPodSandboxRequest),
+                (rt.RemovePodSandbox, pb.RemovePodSandboxRequest),
+            ):
+                try:
+                    call(req(pod_sandbox_id=pod_id), timeout=120)
+                except grpc.RpcError as exc:
+                    print(f"cleanup of pod {pod_id}: {exc}")
+    _assert_pod_gone(cri, pod_id)
+    print(f"\nRunPodSandbox took {boot_seconds:.1f}s")
+
+
+def test_pod_network_through_cni(cri: Cri) -> None:
+    """A pod network (CNI bridge in the test's namespace): the pod IP containerd reports is
+    on the container's interface in the VM, the pod reaches its gateway, and the node's side
+    reaches a server in the pod."""
+    pb, rt = cri.pb, cri.runtime
+    config = _pod_config(cri, "netpod", network=pb.POD)
+    pod_id = rt.RunPodSandbox(
+        pb.RunPodSandboxRequest(config=config, runtime_handler=HANDLER), timeout=180
+    ).pod_sandbox_id
+    try:
+        status = rt.PodSandboxStatus(
+            pb.PodSandboxStatusRequest(pod_sandbox_id=pod_id), timeout=30
+        ).status
+        pod_ip = status.network.ip
+        assert pod_ip.startswith(POD_SUBNET.rsplit(".", 1)[0] + "."), status
+        server = (
+            "printf '#!/bin/sh\\necho hello-from-$(hostname)\\n' > /tmp/hello; "
+            "chmod +x /tmp/hello; exec nc -ll -p 7777 -e /tmp/hello"
+        )
+        cid = rt.CreateContainer(
+            pb.CreateContainerRequest(
+                pod_sandbox_id=pod_id,
+                config=_container_config(cri, "web", server, network=pb.POD),
+                sandbox_config=config,
+            ),
+            timeout=120,
+        ).container_id
+        rt.StartContainer(pb.StartContainerRequest(container_id=cid), timeout=120)
+
+        addresses = _exec(cri, cid, "ip", "-4", "-o", "addr", "show")
+        assert f" {pod_ip}/" in addresses.stdout.decode(), addresses
+        assert _exec(cri, cid, "hostname").stdout == b"netpod\n"
+        ping = _exec(cri, cid, "ping", "-c", "1", "-W", "5", GATEWAY)
+        assert ping.exit_code == 0, ping
+
+        def connect() -> str:
+            done = subprocess.run(
+                [
+                    "nsenter",
+                    f"--net=/run/netns/{cri.netns}",
+                    "/bin/busybox",
+                    "nc",
+                    "-w",
+                    "5",
+                    pod_ip,
+                    "7777",
+                ],
+                capture_output=True,
+                text=True,
+                timeout=30,
+            )
+            return done.stdout
+
+        assert wait_until(lambda: connect() == "hello-from-netpod\n", 30, interval=1)
+        rt.StopContainer(pb.StopContainerRequest(container_id=cid, timeout=1), timeout=60)
+        rt.RemoveContainer(pb.RemoveContainerRequest(container_id=cid), timeout=60)
+    finally:
+        rt.StopPodSandbox(pb.StopPodSandboxRequest(pod_sandbox_id=pod_id), timeout=120)
+        rt.RemovePodSandbox(pb.RemovePodSandboxRequest(pod_sandbox_id=pod_id), timeout=120)
+    _assert_pod_gone(cri, pod_id)
+    # CNI DEL ran: only loopback and the bridge are left in the node's namespace.
+    links = subprocess.run(
+        ["ip", "-n", cri.netns, "-o", "link", "show"], capture_output=True, text=True, check=True
+    ).stdout
+    names = sorted(line.split(":")[1].strip().split("@")[0] for line in links.splitlines())
+    assert names == sorted(["lo", containerd_env.CNI_BRIDGE]), links
+
+
+def _assert_pod_gone(cri: Cri, pod_id: str) -> None:
+    root = cri.runtime_root
+    assert wait_until(lambda: not containerd_env.processes_mentioning(str(root)), 20), (
+        containerd_env.processes_mentioning(str(root))
+    )
+    shim = f"-id {pod_id} -address {cri.daemon.address}"
+    assert wait_until(lambda: not containerd_env.processes_mentioning(shim), 20), (
+        containerd_env.processes_mentioning(shim)
+    )
+    assert list((root / "p").glob("*")) == []
+    assert containerd_env.mounts_below(root) == []
+    assert containerd_env.mounts_below(cri.daemon.base / "state") == []
+    listed = subprocess.run(
+        [containerd_env.RUNTIME, "--root", str(root), "list", "-q"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert listed.stdout.split() == []
