@@ -26,7 +26,7 @@ from typing import Any
 from sandbox import images, state
 from sandbox.agent_client import ContainerClient
 from sandbox.container import StdioRelay, share_container_files, unshare_container_files
-from sandbox.errors import AgentError, SandboxError
+from sandbox.errors import AgentError, ConfigError, SandboxError
 from sandbox.pod import DEFAULT_MEMORY_MIB, Pod
 from sandbox.spec import default_spec
 
@@ -78,11 +78,13 @@ def _env(args: argparse.Namespace, base: list[str]) -> list[str]:
     return [f"{k}={v}" for k, v in merged.items()]
 
 
-def _user(spec_user: str) -> dict[str, Any]:
-    uid, _, gid = spec_user.partition(":")
-    if not uid.isdigit() or (gid and not gid.isdigit()):
-        raise RunError(f"invalid user {spec_user!r}: use numeric UID or UID:GID")
-    return {"uid": int(uid), "gid": int(gid or uid)}
+def _user(rootfs: Path, spec_user: str) -> dict[str, Any]:
+    """The spec's ``process.user`` for ``-u``/the image's ``User``: names resolved in the image."""
+    try:
+        uid, gid = images.resolve_user(rootfs, spec_user)
+    except ConfigError as exc:
+        raise RunError(str(exc)) from None
+    return {"uid": uid, "gid": gid}
 
 
 def _volumes(args: argparse.Namespace) -> list[dict[str, Any]]:
@@ -117,7 +119,7 @@ def build_spec(args: argparse.Namespace, image: images.Image) -> dict[str, Any]:
     if not process["cwd"].startswith("/"):
         raise RunError(f"invalid working directory {process['cwd']!r}: must be absolute")
     if args.user or image.user:
-        process["user"] = _user(args.user or image.user)
+        process["user"] = _user(image.rootfs, args.user or image.user)
     spec["root"]["readonly"] = args.read_only
     spec["hostname"] = args.name or "pysandbox"
     spec["mounts"] += _volumes(args)

@@ -70,6 +70,13 @@ def test_env_workdir_user_and_stdin(root: Path, tmp_path: Path) -> None:
     assert done.stdout.decode().splitlines() == ["1 yes", "/tmp", "1000", "piped in"]
 
 
+def test_user_name_from_the_image_passwd(root: Path) -> None:
+    # The default image lists nobody as 65534:65534; -u takes names as docker does.
+    done = run(root, "-u", "nobody", "default", "sh", "-c", "id -u; id -g")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.decode().split() == ["65534", "65534"]
+
+
 def test_volumes_read_write_and_read_only(root: Path, tmp_path: Path) -> None:
     rw, ro = tmp_path / "rw", tmp_path / "ro"
     rw.mkdir()
@@ -147,6 +154,8 @@ def test_memory_limit_reports_oom(root: Path) -> None:
         (["-v", "/tmp:/x:bogus", "default", "true"], b"invalid volume"),
         (["--memory", "lots", "default", "true"], b"invalid size"),
         (["-e", "1BAD=x", "default", "true"], b"invalid environment variable"),
+        (["-u", "ghost", "default", "true"], b"unknown user 'ghost'"),
+        (["-u", "1000:", "default", "true"], b"invalid user"),
         (["--bogus-flag", "default", "true"], b"unrecognized arguments"),
     ],
 )
