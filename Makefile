@@ -55,6 +55,8 @@ demo: deps guest-image
 
 bench: deps guest-image floor-image
 	$(PY) bench/run.py
+	$(PY) bench/cli.py
+	$(PY) bench/network.py
 
 clean:
 	rm -rf $(VENV) build $(PROTO_OUT) agent/proto/agent_pb2.pyi

@@ -1,0 +1,330 @@
+"""pysandbox CLI benchmark: verb start-up, runc-style create+start, and ``pysandbox run``.
+
+Run from the repository root as root with the project venv (``make bench`` runs it after
+bench/run.py)::
+
+    .venv/bin/python bench/cli.py [--runs N] [--out DIR]
+
+Three groups, every figure the median of ``--runs`` (default 5) runs, alternated with its
+floor so that host noise hits both alike, reported as a ratio of medians:
+
+* **verb start-up** (issue: ``state``/``kill``/``delete`` must not import what they do not
+  use): ``pysandbox state ID`` of a running container, ``pysandbox kill ID CONT`` (one RPC
+  to its agent) and ``pysandbox delete --force`` of an unknown id (start-up + lookup: a
+  real delete is dominated by the VM shutting down) — against ``python -c pass`` of the
+  same interpreter.
+* **create + start to first output**: ``pysandbox run --bundle`` (runc's ``run``: create,
+  start, wait) of a bundle whose process prints one line — time from spawn to that line on
+  stdout, and to exit — against ``runc run`` (or ``crun run``) of the very same bundle.
+* **pysandbox run IMAGE true** wall time against ``runc run`` of the same rootfs and against
+  the boot floor (the same QEMU and kernel booting a busybox initramfs that prints a marker;
+  ``bench/run.py``'s floor).
+
+Writes ``<out>/<YYYY-MM-DD>-cli.json`` and prints a table. Everything started is removed in
+``finally`` (containers with ``delete --force``, the private roots).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from bench.run import floor_config, run_floor  # noqa: E402
+from hypervisor import accel as accel_mod  # noqa: E402
+from hypervisor.image import find_image  # noqa: E402
+from hypervisor.qemu import find_qemu  # noqa: E402
+from sandbox import images  # noqa: E402
+from sandbox.pod import DEFAULT_MEMORY_MIB, kernel_cmdline  # noqa: E402
+from sandbox.spec import default_spec  # noqa: E402
+
+PYSANDBOX = [sys.executable, "-m", "sandbox"]
+TIMEOUT = 120.0
+
+
+def summary(values: list[float]) -> dict[str, float]:
+    return {
+        "median": round(statistics.median(values), 4),
+        "min": round(min(values), 4),
+        "max": round(max(values), 4),
+    }
+
+
+def oci_runtime() -> str:
+    """runc (containerd's default) if installed, else crun.
+
+    crun 1.8 refuses to run at all on these hosts' hybrid cgroup mounts ("cgroups in hybrid
+    mode not supported"), even without cgroup settings; runc runs.
+    """
+    for name in ("runc", "crun"):
+        path = shutil.which(name)
+        if path:
+            return path
+    raise SystemExit("bench/cli.py needs crun or runc for the comparison: apt-get install crun")
+
+
+def timed(argv: list[str], check: bool = True) -> float:
+    """Seconds from spawn to exit of ``argv`` (output discarded)."""
+    t0 = time.perf_counter()
+    done = subprocess.run(argv, capture_output=True, timeout=TIMEOUT, env=_env())
+    elapsed = time.perf_counter() - t0
+    if check and done.returncode != 0:
+        raise RuntimeError(f"{argv[2:]} failed ({done.returncode}): {done.stderr.decode()[-300:]}")
+    return elapsed
+
+
+def first_output(argv: list[str]) -> tuple[float, float]:
+    """(seconds to the first stdout line, seconds to exit) of ``argv``; it must exit 0."""
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(
+        argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=_env()
+    )
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    t_line = time.perf_counter() - t0
+    _, err = proc.communicate(timeout=TIMEOUT)
+    t_exit = time.perf_counter() - t0
+    if proc.returncode != 0 or not line:
+        raise RuntimeError(f"{argv} failed ({proc.returncode}): {err.decode()[-300:]}")
+    return t_line, t_exit
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": str(REPO)}
+
+
+def make_bundle(work: Path, args: list[str]) -> Path:
+    """A bundle with a private copy of the default busybox rootfs and ``args`` as process.
+
+    Beside it, ``reference_bundle(bundle)`` holds the same spec for crun/runc minus
+    ``linux.resources``: these hosts mount cgroups in hybrid mode, where crun refuses any
+    cgroup setting ("cgroups in hybrid mode not supported"). pysandbox applies the limits in
+    the guest's cgroup v2, so the comparison slightly favours the reference.
+    """
+    bundle = work / "bundle"
+    shutil.copytree(images.ensure_default_image(), bundle / "rootfs", symlinks=True)
+    spec = default_spec(args, rootfs="rootfs")
+    (bundle / "config.json").write_text(json.dumps(spec))
+    reference = reference_bundle(bundle)
+    reference.mkdir()
+    spec["root"]["path"] = str(bundle / "rootfs")
+    spec["linux"].pop("resources", None)
+    (reference / "config.json").write_text(json.dumps(spec))
+    return bundle
+
+
+def reference_bundle(bundle: Path) -> Path:
+    return bundle.with_name("reference-bundle")
+
+
+@contextlib.contextmanager
+def running_container(root: Path, bundle: Path, container_id: str) -> Iterator[str]:
+    """A created and started pysandbox container (its process sleeps); deleted at the end."""
+    try:
+        # The container's shim inherits our stdio: files, not pipes we would wait on for EOF.
+        with tempfile.TemporaryFile() as err:
+            done = subprocess.run(
+                [
+                    *PYSANDBOX,
+                    "--root",
+                    str(root),
+                    "run",
+                    "--bundle",
+                    str(bundle),
+                    "-d",
+                    container_id,
+                ],
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=err,
+                timeout=TIMEOUT,
+                env=_env(),
+            )
+            if done.returncode != 0:
+                err.seek(0)
+                raise RuntimeError(f"run -d failed: {err.read().decode()[-300:]}")
+        yield container_id
+    finally:
+        subprocess.run(
+            [*PYSANDBOX, "--root", str(root), "delete", "--force", container_id],
+            capture_output=True,
+            timeout=TIMEOUT,
+            env=_env(),
+        )
+
+
+def alternate(runs: int, kinds: dict[str, Callable[[], Any]]) -> dict[str, list[Any]]:
+    """Run each of ``kinds`` once per round, in order, for ``runs`` rounds."""
+    results: dict[str, list[Any]] = {name: [] for name in kinds}
+    for _ in range(runs):
+        for name, fn in kinds.items():
+            results[name].append(fn())
+    return results
+
+
+def bench_verbs(runs: int, work: Path) -> dict[str, Any]:
+    root = work / "root-verbs"
+    bundle = make_bundle(work / "verbs", ["sleep", "3600"])
+    base = [*PYSANDBOX, "--root", str(root)]
+    with running_container(root, bundle, f"bench-verbs-{os.getpid()}") as cid:
+        raw = alternate(
+            runs * 2,
+            {
+                "python -c pass": lambda: timed([sys.executable, "-c", "pass"]),
+                "pysandbox state": lambda: timed([*base, "state", cid]),
+                "pysandbox kill CONT": lambda: timed([*base, "kill", cid, "CONT"]),
+                "pysandbox delete --force (unknown id)": lambda: timed(
+                    [*base, "delete", "--force", "no-such-container"]
+                ),
+            },
+        )
+    stats = {name: summary(values) for name, values in raw.items()}
+    floor = stats["python -c pass"]["median"]
+    return {
+        "seconds": stats,
+        "ratio_to_python": {
+            name: round(s["median"] / floor, 2)
+            for name, s in stats.items()
+            if name != "python -c pass"
+        },
+    }
+
+
+def bench_create_start(runs: int, work: Path, oci: str) -> dict[str, Any]:
+    bundle = make_bundle(work / "create-start", ["echo", "ready"])
+    root, oci_root = work / "root-cs", work / "root-oci"
+    counter = iter(range(10**6))
+
+    def pysandbox() -> tuple[float, float]:
+        cid = f"bench-cs-{os.getpid()}-{next(counter)}"
+        return first_output([*PYSANDBOX, "--root", str(root), "run", "--bundle", str(bundle), cid])
+
+    def reference() -> tuple[float, float]:
+        cid = f"bench-oci-{os.getpid()}-{next(counter)}"
+        return first_output(
+            [oci, "--root", str(oci_root), "run", "--bundle", str(reference_bundle(bundle)), cid]
+        )
+
+    raw = alternate(runs, {"oci": reference, "pysandbox": pysandbox})
+    oci_first = summary([r[0] for r in raw["oci"]])
+    ours_first = summary([r[0] for r in raw["pysandbox"]])
+    return {
+        "reference_runtime": oci,
+        "seconds_to_first_output": {"reference": oci_first, "pysandbox": ours_first},
+        "seconds_to_exit": {
+            "reference": summary([r[1] for r in raw["oci"]]),
+            "pysandbox": summary([r[1] for r in raw["pysandbox"]]),
+        },
+        "ratio_first_output": round(ours_first["median"] / oci_first["median"], 2),
+    }
+
+
+def bench_run(runs: int, work: Path, oci: str) -> dict[str, Any]:
+    bundle = make_bundle(work / "run", ["true"])
+    oci_root, run_root = work / "root-run-oci", work / "root-run"
+    image = find_image()
+    floor_cfg = floor_config(
+        image, work, accel_mod.detect().chosen, DEFAULT_MEMORY_MIB, kernel_cmdline()
+    )
+    qemu = find_qemu()
+    counter = iter(range(10**6))
+
+    def reference() -> float:
+        cid = f"bench-run-oci-{os.getpid()}-{next(counter)}"
+        return timed(
+            [oci, "--root", str(oci_root), "run", "--bundle", str(reference_bundle(bundle)), cid]
+        )
+
+    raw = alternate(
+        runs,
+        {
+            "floor": lambda: run_floor(floor_cfg, qemu, TIMEOUT)["ready"],
+            "oci": reference,
+            "pysandbox": lambda: timed(
+                [*PYSANDBOX, "--root", str(run_root), "run", str(bundle / "rootfs"), "true"]
+            ),
+        },
+    )
+    stats = {name: summary(values) for name, values in raw.items()}
+    ours = stats["pysandbox"]["median"]
+    return {
+        "reference_runtime": oci,
+        "seconds": stats,
+        "ratio_to_floor": round(ours / stats["floor"]["median"], 2),
+        "ratio_to_reference": round(ours / stats["oci"]["median"], 2),
+    }
+
+
+def _row(label: str, stats: dict[str, float]) -> str:
+    return f"{label:<48} {stats['median']:8.3f} {stats['min']:8.3f} {stats['max']:8.3f}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="pysandbox CLI benchmark")
+    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--out", type=Path, default=REPO / "bench" / "results")
+    parser.add_argument("--no-json", action="store_true")
+    args = parser.parse_args(argv)
+    if args.runs < 1:
+        parser.error("--runs must be at least 1")
+    oci = oci_runtime()
+    work = Path(tempfile.mkdtemp(prefix="psb-bench-cli-", dir="/tmp"))
+    started = time.time()
+    try:
+        verbs = bench_verbs(args.runs, work)
+        create_start = bench_create_start(args.runs, work, oci)
+        run = bench_run(args.runs, work, oci)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+    print(f"{f'seconds (median of {args.runs}+ runs)':<48} {'median':>8} {'min':>8} {'max':>8}")
+    for name, stats in verbs["seconds"].items():
+        print(_row(name, stats))
+    for name, ratio in verbs["ratio_to_python"].items():
+        print(f"  {name} / python -c pass: {ratio:.2f}x")
+    cs = create_start["seconds_to_first_output"]
+    print(_row(f"{Path(oci).name} run: spawn -> first output", cs["reference"]))
+    print(_row("pysandbox run --bundle: spawn -> first output", cs["pysandbox"]))
+    print(f"  ratio: {create_start['ratio_first_output']:.2f}x")
+    print(_row("floor: bare QEMU boot to marker", run["seconds"]["floor"]))
+    print(_row(f"{Path(oci).name} run ROOTFS true", run["seconds"]["oci"]))
+    print(_row("pysandbox run ROOTFS true", run["seconds"]["pysandbox"]))
+    print(
+        f"  ratio to floor: {run['ratio_to_floor']:.2f}x, to {Path(oci).name}: "
+        f"{run['ratio_to_reference']:.2f}x"
+    )
+    result = {
+        "date": datetime.datetime.fromtimestamp(started, datetime.UTC).strftime(
+            "%Y-%m-%dT%H:%M:%SZ"
+        ),
+        "loadavg_at_start": [round(x, 2) for x in os.getloadavg()],
+        "runs": args.runs,
+        "verbs": verbs,
+        "create_start": create_start,
+        "run_true": run,
+    }
+    if not args.no_json:
+        args.out.mkdir(parents=True, exist_ok=True)
+        name = datetime.date.today().isoformat() + "-cli.json"
+        (args.out / name).write_text(json.dumps(result, indent=2) + "\n")
+        print(f"wrote {args.out / name}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
