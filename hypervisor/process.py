@@ -14,7 +14,10 @@ import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import subprocess
 
 POLL_INTERVAL = 0.02
 
@@ -117,6 +120,58 @@ class ProcessHandle:
         """SIGKILL and wait up to ``timeout``. Idempotent; True if the process is gone."""
         self.signal(signal.SIGKILL)
         return self.wait(timeout)
+
+
+def attached(pid: int, start: int | None, mentions: bytes) -> ProcessHandle:
+    """The handle of a process spawned earlier, maybe by another process, for re-attaching.
+
+    ``start`` is the start time recorded at spawn. Without it the pid is trusted only if its
+    command line contains ``mentions`` (e.g. its socket path, as written on that command
+    line). A handle that cannot be trusted gets start time -1, which never matches: it is
+    then permanently "gone", so nothing is ever signalled through it.
+    """
+    current = start_time(pid)
+    if start is None and current is not None:
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            cmdline = b""
+        if mentions in cmdline:
+            start = current
+    return ProcessHandle(pid, start if start is not None else -1)
+
+
+class SpawnedProcess:
+    """What a driver of one host process (QEMU, virtiofsd) has in common: the process's
+    :class:`ProcessHandle` (set by ``start`` or ``attach``) and, when this process spawned
+    it, its ``Popen`` (so that its exit is seen, and reaped, at once)."""
+
+    _handle: ProcessHandle | None = None
+    _popen: subprocess.Popen[bytes] | None = None
+
+    def _not_started(self) -> Exception:
+        """The error :attr:`handle` raises before ``start``/``attach``."""
+        raise NotImplementedError
+
+    @property
+    def handle(self) -> ProcessHandle:
+        """pid + start time (persist it to re-attach); :meth:`_not_started` if unstarted."""
+        if self._handle is None:
+            raise self._not_started()
+        return self._handle
+
+    @property
+    def pid(self) -> int:
+        """The process's pid; :meth:`_not_started` if never started or attached."""
+        return self.handle.pid
+
+    def _running(self) -> bool:
+        """True while the process exists and has not exited (a zombie child counts as exited)."""
+        if self._handle is None:
+            return False
+        if self._popen is not None and self._popen.poll() is not None:
+            return False
+        return self._handle.alive()
 
 
 def remove_quietly(*paths: Path | None) -> None:

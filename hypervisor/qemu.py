@@ -31,7 +31,14 @@ from pathlib import Path
 
 from hypervisor.base import SHUTDOWN, Hypervisor
 from hypervisor.errors import HypervisorError, LaunchError, QMPError
-from hypervisor.process import ProcessHandle, log_tail, remove_quietly, start_time
+from hypervisor.process import (
+    ProcessHandle,
+    SpawnedProcess,
+    attached,
+    log_tail,
+    remove_quietly,
+    start_time,
+)
 from hypervisor.qemu_args import VMConfig, build_argv
 from hypervisor.qmp import QMP
 
@@ -54,7 +61,7 @@ def find_qemu() -> Path:
     return Path(found)
 
 
-class QemuVM(Hypervisor):
+class QemuVM(SpawnedProcess, Hypervisor):
     """One QEMU process running the VM described by ``config``.
 
     Not started by the constructor. Use :meth:`start` (this process spawns QEMU) or
@@ -96,24 +103,12 @@ class QemuVM(Hypervisor):
         or the pid was reused, the VM reports ``shutdown`` and :meth:`stop` only cleans up.
         """
         vm = cls(config, qmp_timeout=qmp_timeout)
-        current = start_time(pid)
-        if start is None and current is not None and _cmdline_mentions(pid, config.qmp_socket):
-            start = current
-        # A start time of -1 never matches: the handle is then permanently "gone".
-        vm._handle = ProcessHandle(pid, start if start is not None else -1)
+        # QEMU doubles the commas of option values on its command line.
+        vm._handle = attached(pid, start, str(config.qmp_socket).replace(",", ",,").encode())
         return vm
 
-    @property
-    def handle(self) -> ProcessHandle:
-        """pid + start time of QEMU (persist it to re-attach). HypervisorError if unstarted."""
-        if self._handle is None:
-            raise HypervisorError(f"vm {self.config.name} was not started")
-        return self._handle
-
-    @property
-    def pid(self) -> int:
-        """QEMU's pid. HypervisorError if the VM was never started or attached."""
-        return self.handle.pid
+    def _not_started(self) -> Exception:
+        return HypervisorError(f"vm {self.config.name} was not started")
 
     @property
     def console_log(self) -> Path:
@@ -128,11 +123,7 @@ class QemuVM(Hypervisor):
         return [self._handle.pid] if self._handle is not None and self._alive() else []
 
     def _alive(self) -> bool:
-        if self._handle is None:
-            return False
-        if self._popen is not None and self._popen.poll() is not None:
-            return False
-        return self._handle.alive()
+        return self._running()
 
     @property
     def exitcode(self) -> int | None:
@@ -323,11 +314,3 @@ def _listening(path: Path) -> bool:
         except OSError:
             return False
     return True
-
-
-def _cmdline_mentions(pid: int, path: Path) -> bool:
-    try:
-        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
-        return False
-    return str(path).replace(",", ",,").encode() in raw

@@ -27,7 +27,14 @@ from pathlib import Path
 from typing import Literal
 
 from hypervisor.errors import VirtiofsdError
-from hypervisor.process import ProcessHandle, log_tail, remove_quietly, start_time
+from hypervisor.process import (
+    ProcessHandle,
+    SpawnedProcess,
+    attached,
+    log_tail,
+    remove_quietly,
+    start_time,
+)
 
 CacheMode = Literal["auto", "always", "none"]
 SandboxMode = Literal["namespace", "chroot"]
@@ -69,7 +76,7 @@ def pid_file_for(socket_path: Path) -> Path:
     return PID_DIR / (str(socket_path).replace("/", ".") + ".pid")
 
 
-class Virtiofsd:
+class Virtiofsd(SpawnedProcess):
     """One virtiofsd process sharing ``shared_dir`` on ``socket_path``.
 
     ``start`` returns once the socket exists (QEMU can connect); ``stop`` is idempotent.
@@ -116,15 +123,7 @@ class Virtiofsd:
         ``socket_path``. A gone or reused pid makes :meth:`stop` only clean up.
         """
         fs = cls(socket_path, shared_dir)
-        current = start_time(pid)
-        if start is None and current is not None:
-            try:
-                cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-            except OSError:
-                cmdline = b""
-            if str(socket_path).encode() in cmdline:
-                start = current
-        fs._handle = ProcessHandle(pid, start if start is not None else -1)
+        fs._handle = attached(pid, start, str(socket_path).encode())
         fs._owns_files = True
         return fs
 
@@ -157,23 +156,12 @@ class Virtiofsd:
             args += ["-o", option]
         return args
 
-    @property
-    def handle(self) -> ProcessHandle:
-        """pid + start time (persist it to re-attach). VirtiofsdError if not started."""
-        if self._handle is None:
-            raise VirtiofsdError(f"virtiofsd for {self.socket_path} was not started")
-        return self._handle
-
-    @property
-    def pid(self) -> int:
-        return self.handle.pid
+    def _not_started(self) -> Exception:
+        return VirtiofsdError(f"virtiofsd for {self.socket_path} was not started")
 
     def alive(self) -> bool:
-        if self._handle is None:
-            return False
-        if self._popen is not None and self._popen.poll() is not None:
-            return False
-        return self._handle.alive()
+        """True while this virtiofsd runs."""
+        return self._running()
 
     def start(self) -> None:
         """Spawn virtiofsd and wait (bounded) until its socket exists.
