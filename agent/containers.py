@@ -56,6 +56,8 @@ class Process:
     exited: threading.Event = field(default_factory=threading.Event)
     status: int = 0
     signal: int = 0
+    #: The container cgroup's oom_kill count when the process was started (execs only).
+    oom_kills_before: int = 0
 
     def on_exit(self, raw: int) -> None:
         if os.WIFSIGNALED(raw):
@@ -77,12 +79,16 @@ class Container:
     control: socket.socket | None
     seccomp: Any = None  # the spec's linux.seccomp, applied to every exec as runc does
     started: bool = False
+    paused: bool = False
     execs: dict[str, Process] = field(default_factory=dict)
 
     @property
     def status(self) -> str:
+        """ "created", "running", "paused" or "stopped" (the OCI states)."""
         if self.init.exited.is_set():
             return "stopped"
+        if self.paused:
+            return "paused"
         return "running" if self.started else "created"
 
 
@@ -277,8 +283,12 @@ class ContainerManager:
             with self._lock:
                 self._containers.pop(container_id, None)
             raise
+        linux = spec.get("linux")
+        seccomp = linux.get("seccomp") if isinstance(linux, dict) else None
         with self._lock:
-            self._containers[container_id] = Container(container_id, rootfs, cgroup, proc, control)
+            self._containers[container_id] = Container(
+                container_id, rootfs, cgroup, proc, control, seccomp=seccomp
+            )
         return proc.pid
 
     def start(self, container_id: str) -> None:
@@ -313,6 +323,7 @@ class ContainerManager:
             raise ContainerError("INVALID_ARGUMENT", f"malformed process json: {exc}") from exc
         if container.seccomp is not None and "seccomp" not in process:
             process["seccomp"] = container.seccomp
+        oom_kills_before = self._oom_kills(container)
         proc, control = self._spawn(
             "agent.oci.exec",
             [
@@ -328,6 +339,7 @@ class ContainerManager:
             json.dumps(process).encode(),
             bool(process.get("terminal", False)),
         )
+        proc.oom_kills_before = oom_kills_before
         control.sendall(b"start\n")
         control.close()
         container.execs[exec_id] = proc
@@ -354,17 +366,28 @@ class ContainerManager:
         proc = self.process(container_id, exec_id)
         return proc if proc.exited.wait(timeout) else None
 
-    def oom_killed(self, container_id: str) -> bool:
-        container = self.get(container_id)
+    @staticmethod
+    def _oom_kills(container: Container) -> int:
+        """The oom_kill count of the container's cgroup (0 when it cannot be read)."""
         try:
             with open(f"{container.cgroup}/memory.events", encoding="ascii") as events:
                 for line in events:
                     key, _, value = line.partition(" ")
-                    if key == "oom_kill" and int(value) > 0:
-                        return True
+                    if key == "oom_kill" and value.strip().isdigit():
+                        return int(value)
         except OSError:
             pass
-        return False
+        return 0
+
+    def oom_killed(self, container_id: str, exec_id: str = "") -> bool:
+        """Whether the OOM killer struck: for the init process, anywhere in the container
+        (as containerd reports OOMKilled); for an exec, the exec was killed by SIGKILL and the
+        container's OOM kill count grew while it ran."""
+        container = self.get(container_id)
+        if not exec_id:
+            return self._oom_kills(container) > 0
+        proc = self.process(container_id, exec_id)
+        return proc.signal == signal.SIGKILL and self._oom_kills(container) > proc.oom_kills_before
 
     def write_stdin(self, container_id: str, exec_id: str, data: bytes) -> None:
         proc = self.process(container_id, exec_id)
@@ -421,20 +444,26 @@ class ContainerManager:
         return found
 
     def _freeze(self, container_id: str, frozen: bool) -> None:
+        """Freeze or thaw the container's cgroup and wait until the kernel reports it.
+
+        Allowed while running or paused (both directions are idempotent).
+        """
         container = self.get(container_id)
-        if container.status != "running":
+        if container.status not in ("running", "paused"):
             raise ContainerError(
                 "FAILED_PRECONDITION",
                 f"container {container_id} is {container.status}, not running",
             )
         with open(f"{container.cgroup}/cgroup.freeze", "w", encoding="ascii") as freeze:
             freeze.write("1" if frozen else "0")
+        container.paused = frozen
         for _ in range(500):  # the kernel freezes asynchronously; wait for it, bounded
             with open(f"{container.cgroup}/cgroup.events", encoding="ascii") as events:
                 if f"frozen {int(frozen)}" in events.read():
                     return
             time.sleep(0.01)
-        raise ContainerError("DEADLINE_EXCEEDED", f"container {container_id} did not freeze")
+        verb = "freeze" if frozen else "thaw"
+        raise ContainerError("DEADLINE_EXCEEDED", f"container {container_id} did not {verb}")
 
     def pause(self, container_id: str) -> None:
         self._freeze(container_id, True)

@@ -214,7 +214,7 @@ class AgentService(pb_grpc.AgentServicer):
                     request.container_id, request.exec_id, min(remaining or 5.0, 5.0)
                 )
                 if proc is not None:
-                    oom = manager.oom_killed(request.container_id) if not request.exec_id else False
+                    oom = manager.oom_killed(request.container_id, request.exec_id)
                     return pb.WaitProcessResponse(
                         status=proc.status, signal=proc.signal, oom_killed=oom
                     )

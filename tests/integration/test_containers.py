@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import json
+import signal
+import time
+
+import grpc
 import pytest
 
+from agent.proto import agent_pb2 as pb
+from agent.proto import agent_pb2_grpc as pb_grpc
 from sandbox.errors import AgentError
 from sandbox.pod import Pod
 from sandbox.spec import DEFAULT_CAPABILITIES
-from tests.integration.helpers import busybox_spec, run_container
+from tests.integration.helpers import busybox_spec, live_container, run_container
 
 CAP_NUMBERS = {
     "CAP_CHOWN": 0,
@@ -129,12 +136,29 @@ def test_memory_limit_oom_is_reported(shared_pod: Pod) -> None:
     assert result.signal == 9 and result.oom
 
 
+def test_oom_of_an_exec_is_reported_for_that_exec(shared_pod: Pod) -> None:
+    spec = busybox_spec("sh", "-c", "echo ready; exec sleep 1000")
+    spec["linux"]["resources"]["memory"] = {"limit": 16 * 2**20, "swap": 16 * 2**20}
+    with live_container(shared_pod, spec) as box:
+        box.stdout.wait_for(b"ready\n")
+        fits = box.exec("fits", "true")
+        assert (fits.status, fits.signal, fits.oom) == (0, 0, False)
+        hog = box.exec("hog", "dd", "if=/dev/zero", "of=/dev/null", "bs=64M", "count=1")
+        assert (hog.status, hog.signal, hog.oom) == (137, 9, True)
+        assert box.client.stats_container(box.cid)["oom_kills"] == 1
+        after = box.exec("after", "true")
+        assert (after.status, after.oom) == (0, False)
+        assert box.client.container_status(box.cid)[0] == "running"
+
+
 def test_pids_limit(shared_pod: Pod) -> None:
     script = "for i in 1 2 3 4 5 6 7 8; do sleep 3 & done 2>&1; wait"
     spec = busybox_spec("sh", "-c", script)
     spec["linux"]["resources"]["pids"] = {"limit": 4}
-    out = run_container(shared_pod, spec).out + run_container(shared_pod, spec).stderr.decode()
+    result = run_container(shared_pod, spec)
+    out = result.out + result.stderr.decode()
     assert "can't fork" in out or "Resource temporarily unavailable" in out
+    assert not result.oom
 
 
 def test_stdin_is_relayed_and_eof_delivered(shared_pod: Pod) -> None:
@@ -145,9 +169,16 @@ def test_stdin_is_relayed_and_eof_delivered(shared_pod: Pod) -> None:
 
 
 def test_large_output_without_loss(shared_pod: Pod) -> None:
-    size = 32 * 2**20
-    result = run_container(shared_pod, busybox_spec("head", "-c", str(size), "/dev/urandom"))
-    assert result.status == 0 and len(result.stdout) == size
+    # 100 MiB+ of position-dependent text: any lost, repeated or reordered chunk shows up.
+    count = 14_000_000
+    expected = "".join(f"{n}\n" for n in range(1, count + 1)).encode()
+    assert len(expected) > 100 * 2**20
+    started = time.monotonic()
+    result = run_container(shared_pod, busybox_spec("seq", "1", str(count)), timeout=300)
+    elapsed = time.monotonic() - started
+    print(f"\n{len(expected) / 2**20:.0f} MiB through stdout in {elapsed:.1f}s")
+    assert result.status == 0 and len(result.stdout) == len(expected)
+    assert result.stdout == expected
 
 
 def test_missing_executable_error_and_pod_still_usable(shared_pod: Pod) -> None:
@@ -168,3 +199,245 @@ def test_cgroup_limits_written(shared_pod: Pod) -> None:
     spec["linux"]["resources"]["pids"] = {"limit": 32}
     spec["linux"]["resources"]["cpu"] = {"quota": 50000, "period": 100000}
     assert run_container(shared_pod, spec).out.split() == [str(64 << 20), "32", "50000", "100000"]
+
+
+def _cgroup_path(cid: str) -> str:
+    return f"/sys/fs/cgroup/pysandbox/{cid}"
+
+
+def test_exec_runs_in_the_container_with_its_own_exit_code(shared_pod: Pod) -> None:
+    spec = busybox_spec("sh", "-c", "echo shared > /tmp/from-init; echo ready; exec sleep 1000")
+    spec["root"]["readonly"] = False
+    with live_container(shared_pod, spec) as box:
+        box.stdout.wait_for(b"ready\n")
+        script = "cat /tmp/from-init /proc/1/comm; hostname; echo oops >&2; exit 5"
+        result = box.exec("e1", "sh", "-c", script)
+        assert (result.status, result.signal) == (5, 0)
+        assert (result.stdout, result.stderr) == (b"shared\nsleep\npysandbox\n", b"oops\n")
+        # exec's process fields: user, umask, oom_score_adj, cwd, env.
+        result = box.exec(
+            "e2",
+            "sh",
+            "-c",
+            "id -u; umask; cat /proc/self/oom_score_adj; pwd; echo $WHO",
+            user={"uid": 1234, "gid": 1234, "umask": 0o077},
+            oomScoreAdj=700,
+            cwd="/tmp",
+            env=["PATH=/bin", "WHO=exec"],
+        )
+        assert result.out.split() == ["1234", "0077", "700", "/tmp", "exec"]
+        with pytest.raises(AgentError, match="in use"):
+            box.start_exec("e1", "true")
+        with pytest.raises(AgentError, match=r'exec: "nope": executable file not found'):
+            box.start_exec("e3", "nope")
+        assert box.client.container_status(box.cid)[0] == "running"
+        assert box.exec("e3", "true").status == 0
+
+
+def test_exec_gets_the_containers_seccomp_profile(shared_pod: Pod) -> None:
+    # A seccomp filter is per process: it does not come with setns. As runc does, every exec
+    # gets the container's profile, or an exec'd process would escape it.
+    spec = busybox_spec("sh", "-c", "echo ready; sleep 1000")
+    spec["root"]["readonly"] = False
+    spec["linux"]["seccomp"] = {
+        "defaultAction": "SCMP_ACT_ALLOW",
+        "architectures": ["SCMP_ARCH_X86_64"],
+        "syscalls": [{"names": ["mkdir", "mkdirat"], "action": "SCMP_ACT_ERRNO", "errnoRet": 13}],
+    }
+    with live_container(shared_pod, spec) as box:
+        box.stdout.wait_for(b"ready\n")
+        result = box.exec("e1", "sh", "-c", "grep Seccomp: /proc/self/status; mkdir /tmp/d 2>&1")
+        assert "Seccomp:\t2" in result.out and "Permission denied" in result.out
+        assert result.status == 1
+
+
+def test_signal_one_exec_then_kill_all_ends_the_container(shared_pod: Pod) -> None:
+    spec = busybox_spec("sh", "-c", "sleep 1000 & sleep 1000 & echo ready; wait")
+    with live_container(shared_pod, spec) as box:
+        box.stdout.wait_for(b"ready\n")
+        victim, _, _ = box.start_exec("victim", "sleep", "1000")
+        bystander, _, _ = box.start_exec("bystander", "sleep", "1000")
+        box.client.signal(box.cid, "victim", signal.SIGTERM)
+        assert box.client.wait_process(box.cid, "victim", 30) == (128 + 15, 15, False)
+        pids = set(box.client.list_processes(box.cid))
+        assert victim not in pids and {box.pid, bystander} <= pids and len(pids) >= 4
+        assert box.client.container_status(box.cid)[0] == "running"
+        box.client.signal(box.cid, "victim", signal.SIGTERM)  # already exited: a no-op
+        box.client.signal(box.cid, "", signal.SIGKILL, all=True)
+        assert box.client.wait_process(box.cid, "", 30)[:2] == (137, 9)
+        assert box.client.wait_process(box.cid, "bystander", 30)[:2] == (137, 9)
+        assert box.client.container_status(box.cid)[0] == "stopped"
+        deadline = time.monotonic() + 10
+        while box.client.list_processes(box.cid) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert box.client.list_processes(box.cid) == []
+
+
+def test_sysctls_are_set_in_the_containers_namespaces_only(shared_pod: Pod) -> None:
+    keys = {
+        "net.ipv4.ip_forward": "1",
+        "net.ipv4.ping_group_range": "0\t2147483647",
+        "kernel.shm_rmid_forced": "1",
+    }
+    paths = ["/proc/sys/" + key.replace(".", "/") for key in keys]
+    spec = busybox_spec("cat", *paths)
+    spec["linux"]["sysctl"] = keys
+    with shared_pod.client() as agent:
+        guest_before = [agent.read_file(path) for path in paths]
+        assert run_container(shared_pod, spec).out.splitlines() == list(keys.values())
+        assert [agent.read_file(path) for path in paths] == guest_before
+    assert guest_before != [f"{value}\n".encode() for value in keys.values()]
+    spec["linux"]["sysctl"] = {"vm.swappiness": "10"}
+    with pytest.raises(AgentError, match=r"sysctl \"vm\.swappiness\" is not in a separate kernel"):
+        run_container(shared_pod, spec)
+    spec["linux"]["sysctl"] = {"net.ipv4.ip_forward": "1"}
+    spec["linux"]["namespaces"] = [n for n in spec["linux"]["namespaces"] if n["type"] != "network"]
+    with pytest.raises(AgentError, match=r"net\.ipv4\.ip_forward"):
+        run_container(shared_pod, spec)
+
+
+def test_oom_score_adj_and_umask(shared_pod: Pod) -> None:
+    script = (
+        "cat /proc/self/oom_score_adj; umask; touch /tmp/f; mkdir /tmp/d; stat -c %a /tmp/f /tmp/d"
+    )
+    spec = busybox_spec("sh", "-c", script, user={"uid": 0, "gid": 0, "umask": 0o027})
+    spec["process"]["oomScoreAdj"] = 500
+    spec["mounts"].append({"destination": "/tmp", "type": "tmpfs", "source": "tmpfs"})
+    assert run_container(shared_pod, spec).out.split() == ["500", "0027", "640", "750"]
+    spec["process"]["user"] = {"uid": 0, "gid": 0}
+    del spec["process"]["oomScoreAdj"]
+    assert run_container(shared_pod, spec).out.split() == ["0", "0022", "644", "755"]
+
+
+def test_terminal_resize_reaches_the_program(shared_pod: Pod) -> None:
+    script = (
+        "trap 'stty size; exit 0' WINCH; stty size; echo ready; "
+        "i=0; while [ $i -lt 600 ]; do sleep 0.1; i=$((i+1)); done; exit 3"
+    )
+    spec = busybox_spec("sh", "-c", script)
+    spec["process"]["terminal"] = True
+    with live_container(shared_pod, spec) as box:
+        assert b"40 100" not in box.stdout.wait_for(b"ready")
+        box.client.resize(box.cid, "", 40, 100)
+        assert box.client.wait_process(box.cid, "", 60)[:2] == (0, 0)
+        assert b"ready\r\n40 100\r\n" in box.stdout.wait_closed()
+        assert box.stderr.wait_closed() == b""
+
+
+def test_exec_with_terminal_resize_and_stdin(shared_pod: Pod) -> None:
+    with live_container(shared_pod, busybox_spec("sh", "-c", "echo ready; sleep 1000")) as box:
+        box.stdout.wait_for(b"ready\n")
+        with pytest.raises(AgentError, match="no terminal"):
+            box.client.resize(box.cid, "", 10, 10)
+        script = "stty size; echo ready; read line; echo got $line; stty size; exit 4"
+        _, out, _ = box.start_exec("tty", "sh", "-c", script, terminal=True, stdin=True)
+        assert b"30 90" not in out.wait_for(b"ready")
+        box.client.resize(box.cid, "tty", 30, 90)
+        box.client.write_stdin(box.cid, "tty", b"hello\n")
+        assert box.client.wait_process(box.cid, "tty", 60)[:2] == (4, 0)
+        assert out.wait_closed().endswith(b"hello\r\ngot hello\r\n30 90\r\n")  # echo, then us
+
+
+def test_stats_and_update_resources(shared_pod: Pod) -> None:
+    spec = busybox_spec("sh", "-c", "sleep 1000 & sleep 1000 & echo ready; wait")
+    spec["linux"]["resources"]["memory"] = {"limit": 64 << 20}
+    spec["linux"]["resources"]["pids"] = {"limit": 32}
+    with live_container(shared_pod, spec) as box:
+        box.stdout.wait_for(b"ready\n")
+        deadline = time.monotonic() + 10
+        while (stats := box.client.stats_container(box.cid))["pids_current"] != 3:
+            assert time.monotonic() < deadline, stats  # sh and its two sleeps
+            time.sleep(0.1)
+        assert stats["memory_limit_bytes"] == 64 << 20
+        assert 0 < stats["memory_usage_bytes"] < 64 << 20
+        assert stats["cpu_usage_usec"] > 0 and stats["oom_kills"] == 0
+        resources = {
+            "memory": {"limit": 96 << 20},
+            "pids": {"limit": 50},
+            "cpu": {"quota": 20000, "period": 100000},
+        }
+        box.client.update_container(box.cid, json.dumps(resources).encode())
+        limits = "/sys/fs/cgroup/memory.max /sys/fs/cgroup/pids.max /sys/fs/cgroup/cpu.max"
+        expected = [str(96 << 20), "50", "20000", "100000"]
+        assert box.exec("read1", "sh", "-c", f"cat {limits}").out.split() == expected
+        assert box.client.stats_container(box.cid)["memory_limit_bytes"] == 96 << 20
+        with pytest.raises(AgentError, match="malformed resources"):
+            box.client.update_container(box.cid, b"{not json")
+        bad_swap = {"memory": {"limit": 128 << 20, "swap": 32 << 20}}
+        with pytest.raises(AgentError, match="less than the memory limit"):
+            box.client.update_container(box.cid, json.dumps(bad_swap).encode())
+        assert box.exec("read2", "sh", "-c", f"cat {limits}").out.split() == expected
+
+
+def test_pause_and_resume(shared_pod: Pod) -> None:
+    spec = busybox_spec("sh", "-c", "while :; do echo tick; sleep 0.1; done")
+    with live_container(shared_pod, spec) as box:
+        box.stdout.wait_for(b"tick\n")
+        box.client.pause_container(box.cid)
+        assert b"frozen 1" in box.client.read_file(f"{_cgroup_path(box.cid)}/cgroup.events")
+        time.sleep(0.5)  # output already in flight reaches us
+        output, cpu = box.stdout.data, box.client.stats_container(box.cid)["cpu_usage_usec"]
+        time.sleep(2)
+        assert box.stdout.data == output
+        assert box.client.stats_container(box.cid)["cpu_usage_usec"] == cpu
+        assert box.client.container_status(box.cid)[0] == "paused"
+        with pytest.raises(AgentError, match="is paused, not running"):
+            box.exec("while-paused", "true")  # runc refuses too; it would hang in the freezer
+        box.client.resume_container(box.cid)
+        assert box.client.container_status(box.cid)[0] == "running"
+        assert b"frozen 0" in box.client.read_file(f"{_cgroup_path(box.cid)}/cgroup.events")
+        box.stdout.wait_for(output + b"tick\ntick\n", timeout=30)
+        # A paused container can be removed (crictl rm -f): everything is killed.
+        box.client.pause_container(box.cid)
+        box.client.remove_container(box.cid)
+        with pytest.raises(AgentError, match="does not exist"):
+            box.client.container_status(box.cid)
+        assert box.stdout.wait_closed(timeout=30).startswith(output)
+
+
+def test_pause_of_a_stopped_container_is_refused(shared_pod: Pod) -> None:
+    with live_container(shared_pod, busybox_spec("true")) as box:
+        assert box.client.wait_process(box.cid, "", 30)[:2] == (0, 0)
+        with pytest.raises(AgentError, match="stopped, not running"):
+            box.client.pause_container(box.cid)
+        with pytest.raises(AgentError, match="stopped, not running"):
+            box.exec("late", "true")
+
+
+def test_malformed_container_requests_get_errors_and_agent_survives(shared_pod: Pod) -> None:
+    rootfs = "/run/pysandbox/none"
+    with shared_pod.client() as client:
+        with pytest.raises(AgentError, match="malformed oci spec"):
+            client.create_container("bad1", b"{not json", rootfs)
+        with pytest.raises(AgentError, match="malformed oci spec: not an object"):
+            client.create_container("bad2", b"[1, 2]", rootfs)
+        with pytest.raises(AgentError, match="larger than 1 MiB"):
+            client.create_container("bad3", b" " * (3 << 19), rootfs)
+        with pytest.raises(AgentError, match="invalid id"):
+            client.create_container("../escape", b"{}", rootfs)
+        with pytest.raises(AgentError, match="is not a directory under"):
+            client.create_container("bad4", b"{}", "/etc")
+        with pytest.raises(AgentError, match="does not exist"):
+            client.start_container("never-created")
+        with pytest.raises(AgentError, match="does not exist"):
+            client.signal("never-created", "", signal.SIGKILL)
+    spec = busybox_spec("true")
+    spec["process"]["args"] = "true"
+    with pytest.raises(AgentError, match=r"process\.args"):
+        run_container(shared_pod, spec)
+    with live_container(shared_pod, busybox_spec("sh", "-c", "echo ready; sleep 1000")) as box:
+        box.stdout.wait_for(b"ready\n")
+        with pytest.raises(AgentError, match="malformed process json"):
+            box.client.exec_process(box.cid, "e1", b"{oops")
+        with pytest.raises(AgentError, match="invalid signal"):
+            box.client.signal(box.cid, "", 99)
+        assert box.exec("e1", "echo", "fine").out == "fine\n"
+    # A message over the 4 MiB limit is refused at the pod's socket; the agent carries on.
+    options = [("grpc.max_send_message_length", 16 << 20)]
+    with grpc.insecure_channel(shared_pod.agent_address, options=options) as channel:
+        stub = pb_grpc.AgentStub(channel)  # type: ignore[no-untyped-call]
+        request = pb.WriteFileRequest(path="/tmp/huge", data=b"x" * (5 << 20))
+        with pytest.raises(grpc.RpcError) as caught:
+            stub.WriteFile(request, timeout=60)
+        assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED  # type: ignore[attr-defined]
+    assert run_container(shared_pod, busybox_spec("echo", "still fine")).out == "still fine\n"
