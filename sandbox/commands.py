@@ -136,7 +136,15 @@ def cmd_state(args: argparse.Namespace) -> int:
 def cmd_kill(args: argparse.Namespace) -> int:
     from sandbox import runtime
 
-    runtime.kill(_root(args), args.id, runtime.parse_signal(args.signal), args.all)
+    root = _root(args)
+    try:
+        signum = runtime.parse_signal(args.signal)
+    except ConfigError:
+        from sandbox.record import ContainerRecord
+
+        ContainerRecord.load(root, args.id)  # an unknown id is reported first, as runc does
+        raise
+    runtime.kill(root, args.id, signum, args.all)
     return 0
 
 
@@ -151,6 +159,7 @@ def _exec_process(args: argparse.Namespace) -> dict[str, Any]:
     from sandbox.record import ContainerRecord
     from sandbox.runtime import load_bundle
 
+    record = ContainerRecord.load(_root(args), args.id)  # an unknown id first, as runc
     if args.process is not None:
         try:
             process = json.loads(Path(args.process).read_bytes())
@@ -161,7 +170,6 @@ def _exec_process(args: argparse.Namespace) -> dict[str, Any]:
         return process
     if not args.command:
         raise ConfigError("exec needs --process FILE or a command")
-    record = ContainerRecord.load(_root(args), args.id)
     base = load_bundle(Path(record.data["bundle"]))["process"]
     process = {
         key: base[key]

@@ -1,0 +1,593 @@
+"""The runc CLI surface, driven as containerd and conmon drive it: ``pysandbox`` subprocesses.
+
+One VM carries the whole lifecycle (create → state → start → exec in every form → ps → list →
+pause/resume → update → kill → delete) and the failed creates that join its pod. Errors that
+need no VM (unknown ids, bad bundles) are checked against an empty root. A failed create that
+already booted its pod, and ``delete --force`` after QEMU, virtiofsd or the shim were killed
+with SIGKILL, each cost one boot: they are the cleanup paths a client cannot do itself.
+
+Containers are created through :data:`CONMON`, a small subreaper standing in for conmon/the
+containerd shim: it runs the runtime command, then waits for the pid of ``--pid-file`` and
+reports its exit status, which must be the container's.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import stat
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from sandbox import images, state
+from sandbox.spec import default_spec
+
+pytestmark = pytest.mark.vm
+
+ROOT = Path(__file__).resolve().parents[2]
+RUNTIME = str(ROOT / ".venv" / "bin" / "pysandbox")
+
+#: A subreaper like conmon: runs argv[3:] with stdout/stderr to argv[2], prints "rc N"; then
+#: (on success) waits for the pid in the pid file argv[1] and prints "exit N" with its status.
+CONMON = r"""
+import ctypes, os, sys, subprocess
+ctypes.CDLL(None).prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER
+pid_file, out = sys.argv[1], sys.argv[2]
+with open(out, "ab") as sink:
+    rc = subprocess.run(sys.argv[3:], stdin=subprocess.DEVNULL, stdout=sink, stderr=sink).returncode
+print("rc", rc, flush=True)
+if rc == 0:
+    pid = int(open(pid_file).read())
+    while True:
+        done, status = os.wait()
+        if done == pid:
+            code = os.waitstatus_to_exitcode(status)
+            print("exit", code if code >= 0 else 128 - code, flush=True)
+            break
+"""
+
+
+@dataclass
+class Conmon:
+    """A running :data:`CONMON` and what it reported."""
+
+    proc: subprocess.Popen[str]
+    pid_file: Path
+    out: Path
+
+    def rc(self) -> int:
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline().split()
+        assert line and line[0] == "rc", f"conmon said {line!r}; output: {self.output()}"
+        return int(line[1])
+
+    def exit_status(self, timeout: float = 60.0) -> int:
+        assert self.proc.stdout is not None
+        self.proc.wait(timeout)
+        line = self.proc.stdout.readline().split()
+        assert line and line[0] == "exit", line
+        return int(line[1])
+
+    @property
+    def pid(self) -> int:
+        return int(self.pid_file.read_text())
+
+    def output(self) -> str:
+        return self.out.read_text(errors="replace") if self.out.exists() else ""
+
+
+class Runtime:
+    """``pysandbox --root R`` as a client runs it."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    def argv(self, *args: str) -> list[str]:
+        return [RUNTIME, "--root", str(self.root), *args]
+
+    def __call__(
+        self, *args: str, stdin: str | None = None, timeout: float = 120.0
+    ) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            self.argv(*args),
+            input=stdin,
+            stdin=None if stdin is not None else subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+
+    def ok(self, *args: str, stdin: str | None = None) -> str:
+        done = self(*args, stdin=stdin)
+        assert done.returncode == 0, f"{args}: rc {done.returncode}: {done.stderr}"
+        assert done.stderr == "", done.stderr
+        return done.stdout
+
+    def state(self, cid: str) -> dict[str, Any]:
+        result: dict[str, Any] = json.loads(self.ok("state", cid))
+        return result
+
+    def fails(self, *args: str, match: str, tmp: Path) -> str:
+        """Run a call that must fail the runc way: non-zero, one line on stderr, no
+        traceback, and exactly one JSON line in the ``--log`` file; return the message."""
+        log = tmp / f"log-{time.monotonic_ns()}.json"
+        done = self("--log", str(log), "--log-format", "json", *args)
+        assert done.returncode != 0, f"{args} succeeded: {done.stdout}"
+        assert "Traceback" not in done.stderr, done.stderr
+        assert done.stderr.startswith("pysandbox: ") and done.stderr.count("\n") == 1, done.stderr
+        message = done.stderr.removeprefix("pysandbox: ").strip()
+        assert match in message, f"{args}: {message!r} does not say {match!r}"
+        lines = log.read_text().splitlines()
+        assert len(lines) == 1, lines
+        entry = json.loads(lines[0])
+        assert entry["level"] == "error" and entry["msg"] == message and entry["time"]
+        return message
+
+    def conmon(self, pid_file: Path, out: Path, *args: str) -> Conmon:
+        proc = subprocess.Popen(
+            [sys.executable, "-c", CONMON, str(pid_file), str(out), *self.argv(*args)],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        return Conmon(proc, pid_file, out)
+
+
+@pytest.fixture
+def runtime(vm_root: Path) -> Iterator[Runtime]:
+    """A runtime with a root of its own (short: sockets live below it); torn down after."""
+    root = Path(tempfile.mkdtemp(prefix="rt", dir=vm_root))
+    yield Runtime(root)
+    for entry in sorted(root.iterdir()):
+        if (entry / "state.json").exists():
+            subprocess.run(
+                [RUNTIME, "--root", str(root), "delete", "--force", entry.name],
+                capture_output=True,
+                timeout=120,
+                check=False,
+            )
+    from sandbox.pod import Pod
+
+    for pod in Pod.list(root):
+        with contextlib.suppress(Exception):
+            pod.destroy()
+    if not mounts_below(root):
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def make_bundle(
+    base: Path, args: list[str], annotations: dict[str, str] | None = None, **extra: Any
+) -> Path:
+    """A bundle running ``args`` in the default busybox image (read-only root)."""
+    bundle = base / f"bundle-{time.monotonic_ns()}"
+    bundle.mkdir()
+    spec = default_spec(args, rootfs=str(images.ensure_default_image()))
+    if annotations:
+        spec["annotations"] = annotations
+    spec.update(extra)
+    (bundle / "config.json").write_text(json.dumps(spec))
+    return bundle
+
+
+def mounts_below(path: Path) -> list[str]:
+    prefix = str(path)
+    with open("/proc/self/mountinfo", encoding="utf-8") as handle:
+        points = [line.split()[4] for line in handle]
+    return [p for p in points if p == prefix or p.startswith(prefix + "/")]
+
+
+def processes_mentioning(text: str) -> list[str]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        with contextlib.suppress(OSError):
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            if text in cmdline and (entry / "stat").read_text().split(")")[-1].split()[0] != "Z":
+                found.append(f"{entry.name}: {cmdline.strip()}")
+    return found
+
+
+def wait_until(check: Callable[[], object], timeout: float = 30.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.1)
+    return True
+
+
+def alive(pid: int) -> bool:
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return False
+    return fields[0] != "Z"
+
+
+def pod_dir(root: Path, pod_id: str) -> Path:
+    return root / "p" / state.pod_dir_name(pod_id)
+
+
+def assert_nothing_left(runtime: Runtime, cid: str, pod_id: str | None = None) -> None:
+    """No record, pod directory, process, mount or socket of ``cid`` (and its pod)."""
+    root = runtime.root
+    assert not (root / cid).exists(), f"state directory of {cid} is left"
+    shim = f"--root {root} --id {cid} "
+    assert wait_until(lambda: not processes_mentioning(shim), 15), processes_mentioning(shim)
+    if pod_id is not None:
+        where = str(pod_dir(root, pod_id))
+        assert wait_until(lambda: not processes_mentioning(where), 15), processes_mentioning(where)
+        assert not Path(where).exists(), f"pod directory {where} is left"
+    if pod_id is not None:  # each test's root holds one pod at a time
+        assert mounts_below(root) == []
+        sockets = [str(p) for p in root.rglob("*") if stat.S_ISSOCK(p.lstat().st_mode)]
+        assert sockets == [], sockets
+    else:  # the pod lives on: nothing of this container in it
+        assert [m for m in mounts_below(root) if cid in m.split("/")] == []
+    listed = runtime.ok("list", "--quiet").split()
+    assert cid not in listed
+
+
+# -- the lifecycle, one VM --------------------------------------------------------------------
+
+CONTAINER_SCRIPT = (
+    "trap 'echo got-usr1' USR1; trap 'echo got-usr2' USR2; trap 'echo got-term; exit 3' TERM; "
+    "echo started; while :; do sleep 0.2; done"
+)
+
+
+def test_runc_lifecycle_on_one_vm(runtime: Runtime, tmp_path: Path) -> None:
+    cid = "life"
+    bundle = make_bundle(
+        tmp_path, ["sh", "-c", CONTAINER_SCRIPT], annotations={"org.example.key": "value"}
+    )
+    init = runtime.conmon(
+        tmp_path / "init.pid",
+        tmp_path / "init.out",
+        "create",
+        "--bundle",
+        str(bundle),
+        "--pid-file",
+        str(tmp_path / "init.pid"),
+        cid,
+    )
+    assert init.rc() == 0, init.output()
+    pid = init.pid
+    assert alive(pid)
+
+    created = runtime.state(cid)
+    assert created["ociVersion"].startswith("1.")
+    assert created["id"] == cid and created["status"] == "created"
+    assert created["pid"] == pid
+    assert created["bundle"] == str(bundle.resolve())
+    assert created["annotations"] == {"org.example.key": "value"}
+    assert "started" not in init.output()
+
+    # A duplicate id is refused and leaves the existing container alone.
+    runtime.fails(
+        "create", "--bundle", str(bundle), cid, match=f"{cid} already exists", tmp=tmp_path
+    )
+    assert runtime.state(cid)["status"] == "created"
+    runtime.fails("exec", cid, "true", match="it is created", tmp=tmp_path)
+
+    runtime.ok("start", cid)
+    assert runtime.state(cid)["status"] == "running"
+    assert wait_until(lambda: "started" in init.output()), init.output()
+    runtime.fails("start", cid, match="it is running", tmp=tmp_path)
+
+    # exec, argv form: --env, --cwd, --user; the exit status is the process's.
+    out = runtime.ok(
+        "exec",
+        "--env",
+        "FOO=bar baz",
+        "--cwd",
+        "/tmp",
+        "--user",
+        "1000:1001",
+        cid,
+        "sh",
+        "-c",
+        'echo "$FOO"; pwd; id -u; id -g',
+    )
+    assert out.split("\n")[:4] == ["bar baz", "/tmp", "1000", "1001"]
+    done = runtime("exec", cid, "sh", "-c", "echo to-stderr >&2; exit 7")
+    assert done.returncode == 7 and done.stderr == "to-stderr\n"
+
+    # exec --process file.json (containerd's and conmon's form), attached.
+    process = {
+        "args": ["sh", "-c", 'echo "proc $X $(pwd) $(id -u)"'],
+        "env": ["PATH=/bin:/usr/bin", "X=y"],
+        "cwd": "/etc",
+        "user": {"uid": 5, "gid": 5},
+        "terminal": False,
+    }
+    (tmp_path / "process.json").write_text(json.dumps(process))
+    assert runtime.ok("exec", "--process", str(tmp_path / "process.json"), cid) == "proc y /etc 5\n"
+
+    # exec --detach --pid-file: the pid is a host process whose exit status is the process's;
+    # clients kill(2) it directly (containerd does for exec ids).
+    (tmp_path / "sleep.json").write_text(json.dumps({**process, "args": ["sleep", "1000"]}))
+    sleeper = runtime.conmon(
+        tmp_path / "exec1.pid",
+        tmp_path / "exec1.out",
+        "exec",
+        "--process",
+        str(tmp_path / "sleep.json"),
+        "--detach",
+        "--pid-file",
+        str(tmp_path / "exec1.pid"),
+        cid,
+    )
+    assert sleeper.rc() == 0, sleeper.output()
+    (tmp_path / "exit.json").write_text(json.dumps({**process, "args": ["sh", "-c", "exit 4"]}))
+    quick = runtime.conmon(
+        tmp_path / "exec2.pid",
+        tmp_path / "exec2.out",
+        "exec",
+        "--process",
+        str(tmp_path / "exit.json"),
+        "--detach",
+        "--pid-file",
+        str(tmp_path / "exec2.pid"),
+        cid,
+    )
+    assert quick.rc() == 0, quick.output()
+    assert quick.exit_status() == 4
+    stay = runtime.conmon(
+        tmp_path / "exec3.pid",
+        tmp_path / "exec3.out",
+        "exec",
+        "--detach",
+        "--pid-file",
+        str(tmp_path / "exec3.pid"),
+        cid,
+        "sleep",
+        "1000",
+    )
+    assert stay.rc() == 0, stay.output()
+
+    pids = json.loads(runtime.ok("ps", "--format", "json", cid))
+    assert isinstance(pids, list) and all(isinstance(p, int) for p in pids)
+    assert len(pids) >= 4, pids  # sh, its sleep, and the two detached sleeps
+    os.kill(sleeper.pid, signal.SIGTERM)
+    assert sleeper.exit_status() == 128 + signal.SIGTERM
+    assert wait_until(
+        lambda: len(json.loads(runtime.ok("ps", "--format", "json", cid))) < len(pids)
+    )
+    assert runtime.ok("ps", cid).startswith("PID\n")
+
+    listed = json.loads(runtime.ok("list", "--format", "json"))
+    assert [(s["id"], s["status"], s["pid"]) for s in listed] == [(cid, "running", pid)]
+    assert runtime.ok("list", "--quiet") == f"{cid}\n"
+    table = runtime.ok("list").splitlines()
+    assert table[0].split()[:3] == ["ID", "PID", "STATUS"] and table[1].split()[:3] == [
+        cid,
+        str(pid),
+        "running",
+    ]
+
+    runtime.ok("pause", cid)
+    assert runtime.state(cid)["status"] == "paused"
+    runtime.fails("exec", cid, "true", match="it is paused", tmp=tmp_path)
+    runtime.fails("pause", cid, match="it is paused", tmp=tmp_path)
+    runtime.ok("resume", cid)
+    assert runtime.state(cid)["status"] == "running"
+    runtime.fails("resume", cid, match="it is running", tmp=tmp_path)
+
+    # update: a resources file, and stdin as containerd's CRI plugin passes it.
+    (tmp_path / "resources.json").write_text(json.dumps({"memory": {"limit": 200 * 1024 * 1024}}))
+    runtime.ok("update", "--resources", str(tmp_path / "resources.json"), cid)
+    assert runtime.ok("exec", cid, "cat", "/sys/fs/cgroup/memory.max") == f"{200 << 20}\n"
+    runtime.ok("update", "--resources", "-", cid, stdin=json.dumps({"pids": {"limit": 77}}))
+    assert runtime.ok("exec", cid, "cat", "/sys/fs/cgroup/pids.max") == "77\n"
+    runtime.ok("update", "--memory", str(150 << 20), cid)
+    assert runtime.ok("exec", cid, "cat", "/sys/fs/cgroup/memory.max") == f"{150 << 20}\n"
+
+    # A container joining this pod whose create fails after it joined leaves the pod as it
+    # was: no record, no files in the pod share, not a member, and the VM still serves.
+    join = {"io.kubernetes.cri.container-type": "container", "io.kubernetes.cri.sandbox-id": cid}
+    bad_root = make_bundle(tmp_path, ["true"], annotations=join)
+    spec = json.loads((bad_root / "config.json").read_text())
+    spec["root"]["path"] = str(tmp_path / "missing-rootfs")
+    (bad_root / "config.json").write_text(json.dumps(spec))
+    runtime.fails(
+        "create", "--bundle", str(bad_root), "joiner1", match="is not a directory", tmp=tmp_path
+    )
+    hook = tmp_path / "failing-hook"
+    hook.write_text("#!/bin/sh\necho hook-refuses >&2\nexit 1\n")
+    hook.chmod(0o755)
+    bad_hook = make_bundle(
+        tmp_path,
+        ["sleep", "1000"],
+        annotations=join,
+        hooks={"createRuntime": [{"path": str(hook)}]},
+    )
+    runtime.fails(
+        "create",
+        "--bundle",
+        str(bad_hook),
+        "--pid-file",
+        str(tmp_path / "j.pid"),
+        "joiner2",
+        match="hook-refuses",
+        tmp=tmp_path,
+    )
+    assert not (tmp_path / "j.pid").exists()
+    for joiner in ("joiner1", "joiner2"):
+        assert_nothing_left(runtime, joiner)
+        assert not (pod_dir(runtime.root, cid) / "shared" / joiner).exists()
+    pod_record = json.loads((pod_dir(runtime.root, cid) / "pod.json").read_text())
+    assert pod_record["containers"] == [cid]
+    assert runtime.ok("exec", cid, "echo", "still-here") == "still-here\n"
+
+    # Signals: SIGNAME, NAME and numbers; kill --all reaches exec'd processes too.
+    runtime.ok("kill", cid, "SIGUSR1")
+    assert wait_until(lambda: "got-usr1" in init.output()), init.output()
+    runtime.ok("kill", cid, "usr2")
+    assert wait_until(lambda: "got-usr2" in init.output()), init.output()
+    runtime.ok("kill", cid, str(int(signal.SIGUSR1)))
+    assert wait_until(lambda: init.output().count("got-usr1") == 2), init.output()
+    runtime.fails("kill", cid, "SIGNOPE", match="invalid signal", tmp=tmp_path)
+    assert alive(pid) and runtime.state(cid)["status"] == "running"
+    runtime.ok("kill", "--all", cid, "TERM")
+    assert init.exit_status() == 3
+    assert "got-term" in init.output()
+    assert stay.exit_status() in (128 + signal.SIGTERM, 128 + signal.SIGKILL)
+
+    stopped = runtime.state(cid)
+    assert stopped["status"] == "stopped" and stopped["pid"] == 0
+    runtime.fails("start", cid, match="it is stopped", tmp=tmp_path)
+    runtime.fails("exec", cid, "true", match="it is stopped", tmp=tmp_path)
+    runtime.fails("pause", cid, match="it is stopped", tmp=tmp_path)
+    runtime.fails("kill", cid, "9", match="not running", tmp=tmp_path)
+    runtime.ok("kill", "--all", cid, "9")  # containerd's shutdown path: no error when stopped
+
+    runtime.ok("delete", cid)
+    assert_nothing_left(runtime, cid, pod_id=cid)
+    runtime.fails("state", cid, match=f"container {cid} does not exist", tmp=tmp_path)
+    runtime.ok("delete", "--force", cid)  # containerd's cleanup after delete: still success
+
+
+def test_features_and_spec(runtime: Runtime, tmp_path: Path) -> None:
+    features = json.loads(runtime.ok("features"))
+    assert features["ociVersionMin"] <= features["ociVersionMax"]
+    assert "pid" in features["linux"]["namespaces"]
+    assert features["linux"]["cgroup"]["v2"] is True
+    runtime_dir = tmp_path / "b"
+    runtime_dir.mkdir()
+    assert runtime.ok("spec", "--bundle", str(runtime_dir)) == ""
+    spec = json.loads((runtime_dir / "config.json").read_text())
+    assert spec["ociVersion"] and spec["process"]["args"] and spec["root"]["path"] == "rootfs"
+    runtime.fails("spec", "--bundle", str(runtime_dir), match="already exists", tmp=tmp_path)
+
+
+# -- errors without a VM ----------------------------------------------------------------------
+
+
+def test_errors_are_one_line_logged_once_and_leave_nothing(
+    runtime: Runtime, tmp_path: Path
+) -> None:
+    missing = "container nope does not exist"
+    for args in (
+        ["state", "nope"],
+        ["start", "nope"],
+        ["kill", "nope"],
+        ["kill", "nope", "9"],
+        ["delete", "nope"],
+        ["exec", "nope", "true"],
+        ["exec", "--process", str(tmp_path / "p.json"), "--detach", "nope"],
+        ["ps", "--format", "json", "nope"],
+        ["pause", "nope"],
+        ["resume", "nope"],
+        ["update", "--memory", "1000000", "nope"],
+    ):
+        runtime.fails(*args, match=missing, tmp=tmp_path)
+    runtime.ok("delete", "--force", "nope")
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    runtime.fails("create", "--bundle", str(empty), "c1", match="has no config.json", tmp=tmp_path)
+    malformed = tmp_path / "malformed"
+    malformed.mkdir()
+    (malformed / "config.json").write_text('{"process": {"args": ["sh"]')
+    runtime.fails(
+        "create", "--bundle", str(malformed), "c2", match="is not valid JSON", tmp=tmp_path
+    )
+    no_args = make_bundle(tmp_path, ["sh"])
+    spec = json.loads((no_args / "config.json").read_text())
+    del spec["process"]["args"]
+    (no_args / "config.json").write_text(json.dumps(spec))
+    runtime.fails(
+        "create", "--bundle", str(no_args), "c3", match="process.args is required", tmp=tmp_path
+    )
+    good = make_bundle(tmp_path, ["sh"])
+    runtime.fails(
+        "create", "--bundle", str(good), "../escape", match="invalid container id", tmp=tmp_path
+    )
+    tty = make_bundle(tmp_path, ["sh"])
+    spec = json.loads((tty / "config.json").read_text())
+    spec["process"]["terminal"] = True
+    (tty / "config.json").write_text(json.dumps(spec))
+    runtime.fails("create", "--bundle", str(tty), "c4", match="--console-socket", tmp=tmp_path)
+    runtime.fails("kill", "nope", "NOTASIGNAL", match="does not exist", tmp=tmp_path)
+    for cid in ("c1", "c2", "c3", "c4", "nope"):
+        assert_nothing_left(runtime, cid, pod_id=cid)
+    assert sorted(p.name for p in runtime.root.iterdir()) in ([], ["locks"], ["locks", "p"])
+    assert not (runtime.root / "p").exists() or list((runtime.root / "p").iterdir()) == []
+
+
+# -- cleanup after failures, one VM each ------------------------------------------------------
+
+
+def test_failed_create_after_boot_undoes_the_pod(runtime: Runtime, tmp_path: Path) -> None:
+    hook = tmp_path / "hook"
+    hook.write_text("#!/bin/sh\necho no-thanks >&2\nexit 2\n")
+    hook.chmod(0o755)
+    bundle = make_bundle(
+        tmp_path, ["sleep", "1000"], hooks={"createRuntime": [{"path": str(hook)}]}
+    )
+    runtime.fails(
+        "create",
+        "--bundle",
+        str(bundle),
+        "--pid-file",
+        str(tmp_path / "pid"),
+        "hooked",
+        match="no-thanks",
+        tmp=tmp_path,
+    )
+    assert not (tmp_path / "pid").exists()
+    assert_nothing_left(runtime, "hooked", pod_id="hooked")
+
+
+def _recorded_pid(runtime: Runtime, cid: str, victim: str) -> int:
+    if victim == "shim":
+        record = json.loads((runtime.root / cid / "state.json").read_text())
+        return int(record["shim"]["pid"])
+    pod = json.loads((pod_dir(runtime.root, cid) / "pod.json").read_text())
+    return int(pod["processes"][victim]["pid"])
+
+
+@pytest.mark.parametrize("victim", ["qemu", "virtiofsd", "shim"])
+def test_delete_force_after_sigkill(runtime: Runtime, tmp_path: Path, victim: str) -> None:
+    cid = f"k-{victim}"
+    bundle = make_bundle(tmp_path, ["sleep", "1000"])
+    init = runtime.conmon(
+        tmp_path / "pid",
+        tmp_path / "out",
+        "create",
+        "--bundle",
+        str(bundle),
+        "--pid-file",
+        str(tmp_path / "pid"),
+        cid,
+    )
+    assert init.rc() == 0, init.output()
+    runtime.ok("start", cid)
+    pod = json.loads((pod_dir(runtime.root, cid) / "pod.json").read_text())
+    pids = [int(ref["pid"]) for ref in pod["processes"].values()]
+    pids.append(_recorded_pid(runtime, cid, "shim"))
+    assert all(alive(p) for p in pids)
+
+    os.kill(_recorded_pid(runtime, cid, victim), signal.SIGKILL)
+    if victim == "shim":
+        assert init.exit_status() == 128 + signal.SIGKILL
+        assert wait_until(lambda: runtime.state(cid)["status"] == "stopped")
+    runtime.ok("delete", "--force", cid)
+    assert wait_until(lambda: not any(alive(p) for p in pids), 15), [p for p in pids if alive(p)]
+    assert_nothing_left(runtime, cid, pod_id=cid)
+    if victim != "shim":
+        assert init.exit_status() in (128 + signal.SIGKILL, 128 + signal.SIGTERM)
+    runtime.fails("state", cid, match="does not exist", tmp=tmp_path)
