@@ -46,7 +46,14 @@ class ContainerError(Exception):
 
 @dataclass
 class Process:
-    """One process the agent started: a container's init or an exec."""
+    """One process the agent started: a container's init or an exec.
+
+    Its stdio fds belong to this record and are closed as soon as they are useless, so that
+    finished processes (health-probe execs, say) hold nothing in the agent: stdin when the
+    process exits (or the host closes it), stdout/stderr when a reader reached EOF. RPCs never
+    use these numbers directly but :meth:`borrow` a duplicate, so a concurrent close cannot
+    hand the number to another file under a reader or writer.
+    """
 
     pid: int
     terminal: bool
@@ -58,14 +65,31 @@ class Process:
     signal: int = 0
     #: The container cgroup's oom_kill count when the process was started (execs only).
     oom_kills_before: int = 0
+    _fds_lock: threading.Lock = field(default_factory=threading.Lock)
 
     def on_exit(self, raw: int) -> None:
+        """Reaper callback: record the wait status, release stdin (nobody reads it now)."""
         if os.WIFSIGNALED(raw):
             self.signal = os.WTERMSIG(raw)
             self.status = 128 + self.signal
         else:
             self.status = os.WEXITSTATUS(raw)
+        self.release("stdin")
         self.exited.set()
+
+    def borrow(self, which: str) -> int | None:
+        """A new fd for ``which`` ("stdin", "stdout" or "stderr") that the caller must close;
+        None when that stream is closed."""
+        with self._fds_lock:
+            fd: int | None = getattr(self, which)
+            return None if fd is None else os.dup(fd)
+
+    def release(self, which: str) -> None:
+        """Close the agent's fd of ``which`` (borrowed duplicates stay valid). Idempotent."""
+        with self._fds_lock:
+            fd: int | None = getattr(self, which)
+            setattr(self, which, None)
+        _close(fd)
 
 
 @dataclass
@@ -390,47 +414,65 @@ class ContainerManager:
         return proc.signal == signal.SIGKILL and self._oom_kills(container) > proc.oom_kills_before
 
     def write_stdin(self, container_id: str, exec_id: str, data: bytes) -> None:
+        """Write all of ``data``; FAILED_PRECONDITION once stdin is closed or the process
+        exited."""
         proc = self.process(container_id, exec_id)
-        if proc.stdin is None:
+        fd = proc.borrow("stdin")
+        if fd is None:
             raise ContainerError("FAILED_PRECONDITION", "stdin is closed")
         view = memoryview(data)
         try:
             while view:
-                view = view[os.write(proc.stdin, view) :]
+                view = view[os.write(fd, view) :]
         except OSError as exc:
             raise ContainerError("FAILED_PRECONDITION", f"writing stdin: {exc}") from exc
+        finally:
+            _close(fd)
 
     def close_stdin(self, container_id: str, exec_id: str) -> None:
+        """EOF on stdin: the pipe is closed; a terminal gets ^D (it stays open for output)."""
         proc = self.process(container_id, exec_id)
         if proc.terminal:
-            if proc.stdin is not None:
+            fd = proc.borrow("stdin")
+            if fd is not None:
                 with contextlib.suppress(OSError):
-                    os.write(proc.stdin, b"\x04")  # EOF on a terminal in canonical mode
+                    os.write(fd, b"\x04")  # EOF on a terminal in canonical mode
+                _close(fd)
             return
-        fd, proc.stdin = proc.stdin, None
-        _close(fd)
+        proc.release("stdin")
 
     def read_stream(self, container_id: str, exec_id: str, which: str) -> Iterator[bytes]:
+        """The stream's bytes until EOF; at EOF the agent's fd is released (a reader that
+        stops early leaves it open for the next reader)."""
         proc = self.process(container_id, exec_id)
-        fd = proc.stdout if which == "stdout" else proc.stderr
+        fd = proc.borrow(which)
         if fd is None:
             return
-        while True:
-            try:
-                data = os.read(fd, _CHUNK)
-            except OSError as exc:
-                if exc.errno == errno.EIO:  # pty: the last holder of the slave is gone
+        try:
+            while True:
+                try:
+                    data = os.read(fd, _CHUNK)
+                except OSError as exc:
+                    if exc.errno != errno.EIO:  # pty: EIO once the last slave holder is gone
+                        raise
+                    data = b""
+                if not data:
+                    proc.release(which)
                     return
-                raise
-            if not data:
-                return
-            yield data
+                yield data
+        finally:
+            _close(fd)
 
     def resize(self, container_id: str, exec_id: str, rows: int, cols: int) -> None:
+        """Set the terminal's size; FAILED_PRECONDITION without a terminal (or after exit)."""
         proc = self.process(container_id, exec_id)
-        if not proc.terminal or proc.stdin is None:
+        fd = proc.borrow("stdin") if proc.terminal else None
+        if fd is None:
             raise ContainerError("FAILED_PRECONDITION", "process has no terminal")
-        fcntl.ioctl(proc.stdin, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
+        try:
+            fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
+        finally:
+            _close(fd)
 
     def pids(self, container_id: str) -> list[int]:
         container = self.get(container_id)
@@ -528,8 +570,8 @@ class ContainerManager:
                     os.kill(proc.pid, signal.SIGKILL)
         container.init.exited.wait(10)
         for proc in (container.init, *container.execs.values()):
-            for fd in {proc.stdin, proc.stdout, proc.stderr}:
-                _close(fd)
+            for which in ("stdin", "stdout", "stderr"):
+                proc.release(which)
         if container.control is not None:
             container.control.close()
         with contextlib.suppress(OSError):

@@ -181,9 +181,12 @@ class LiveContainer:
             self.client.close_stdin(self.cid, exec_id)
         return pid, out, err
 
-    def exec(self, exec_id: str, *args: str, timeout: float = 60.0, **process: Any) -> Result:
-        """Run ``args`` in the container to completion; its status and output."""
-        _pid, out, err = self.start_exec(exec_id, *args, **process)
+    def exec(
+        self, exec_id: str, *args: str, timeout: float = 60.0, stdin: bool = False, **process: Any
+    ) -> Result:
+        """Run ``args`` in the container to completion; its status and output. Its stdin is
+        closed first unless ``stdin`` (then it stays open, as with no ``-i``)."""
+        _pid, out, err = self.start_exec(exec_id, *args, stdin=stdin, **process)
         status, sig, oom = self.client.wait_process(self.cid, exec_id, timeout)
         return Result(status, sig, oom, out.wait_closed(), err.wait_closed())
 

@@ -455,3 +455,26 @@ def test_malformed_container_requests_get_errors_and_agent_survives(shared_pod: 
             stub.WriteFile(request, timeout=60)
         assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED  # type: ignore[attr-defined]
     assert run_container(shared_pod, busybox_spec("echo", "still fine")).out == "still fine\n"
+
+
+def test_finished_execs_release_the_agents_file_descriptors(shared_pod: Pod) -> None:
+    # Health probes exec into long-running containers every few seconds: what an exec holds in
+    # the agent (pipes, pty) must be released once it exited and its output was read, or the
+    # agent runs out of file descriptors. This container sees the guest's /proc (no pid
+    # namespace) and may inspect the agent (PID 1).
+    spec = busybox_spec("sh", "-c", "echo ready; exec sleep 1000")
+    spec["linux"]["namespaces"] = [n for n in spec["linux"]["namespaces"] if n["type"] != "pid"]
+    caps = [*DEFAULT_CAPABILITIES, "CAP_SYS_PTRACE"]
+    spec["process"]["capabilities"] = {k: caps for k in ("bounding", "effective", "permitted")}
+    agent_fds = "ls /proc/1/fd | wc -l"
+    with live_container(shared_pod, spec) as box:
+        box.stdout.wait_for(b"ready\n")
+        before = int(box.exec("count0", "sh", "-c", agent_fds).out)
+        for n in range(12):
+            box.exec(f"probe{n}", "true")  # stdin closed by the host
+            box.exec(f"quiet{n}", "true", stdin=True)
+            _, out, _ = box.start_exec(f"tty{n}", "true", terminal=True, stdin=True)
+            assert box.client.wait_process(box.cid, f"tty{n}", 60)[:2] == (0, 0)
+            out.wait_closed()
+        after = int(box.exec("count1", "sh", "-c", agent_fds).out)
+        assert after - before < 4, (before, after)
