@@ -1,0 +1,124 @@
+"""The agent's container bookkeeping (agent/containers.py) without a VM: stdio fd ownership
+and OOM attribution, on real pipes and a fake cgroup directory."""
+
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+
+import pytest
+
+from agent import pid1
+from agent.containers import Container, ContainerError, ContainerManager, Process
+
+
+def _pipes_process() -> tuple[Process, int, int]:
+    """A Process with pipe stdio; also returns the child's ends (stdin read, stdout write)."""
+    in_r, in_w = os.pipe()
+    out_r, out_w = os.pipe()
+    err_r, err_w = os.pipe()
+    os.close(err_w)
+    return Process(123, False, in_w, out_r, err_r), in_r, out_w
+
+
+def _open_fds() -> set[int]:
+    return {int(fd) for fd in os.listdir("/proc/self/fd")}
+
+
+def _manager(tmp_path: Path, proc: Process) -> ContainerManager:
+    manager = ContainerManager(pid1.Reaper(), cgroup_parent=str(tmp_path))
+    (tmp_path / "c1").mkdir()
+    container = Container("c1", "/run/pysandbox/c1/rootfs", str(tmp_path / "c1"), proc, None)
+    container.started = True
+    manager._containers["c1"] = container
+    return manager
+
+
+def test_exit_releases_stdin_and_eof_releases_stdout(tmp_path: Path) -> None:
+    before = _open_fds()
+    proc, in_r, out_w = _pipes_process()
+    manager = _manager(tmp_path, proc)
+    manager.write_stdin("c1", "", b"abc")
+    assert os.read(in_r, 10) == b"abc"
+    os.write(out_w, b"out")
+    os.close(out_w)
+    assert list(manager.read_stream("c1", "", "stdout")) == [b"out"]
+    assert list(manager.read_stream("c1", "", "stderr")) == []
+    assert proc.stdout is None and proc.stderr is None  # released at EOF
+    proc.on_exit(7 << 8)
+    assert (proc.status, proc.signal, proc.stdin) == (7, 0, None)
+    assert os.read(in_r, 10) == b""  # the child's stdin sees EOF
+    os.close(in_r)
+    with pytest.raises(ContainerError, match="stdin is closed"):
+        manager.write_stdin("c1", "", b"late")
+    assert list(manager.read_stream("c1", "", "stdout")) == []
+    assert _open_fds() == before
+
+
+def test_a_reader_that_stops_early_leaves_the_stream_for_the_next(tmp_path: Path) -> None:
+    proc, in_r, out_w = _pipes_process()
+    manager = _manager(tmp_path, proc)
+    os.write(out_w, b"first")
+    stream = manager.read_stream("c1", "", "stdout")
+    assert next(stream) == b"first"
+    stream.close()  # the host cancelled the RPC
+    os.write(out_w, b"second")
+    os.close(out_w)
+    assert list(manager.read_stream("c1", "", "stdout")) == [b"second"]
+    for which in ("stdin", "stdout", "stderr"):
+        proc.release(which)
+    os.close(in_r)
+
+
+def test_borrowed_fd_survives_a_concurrent_close(tmp_path: Path) -> None:
+    proc, in_r, out_w = _pipes_process()
+    borrowed = proc.borrow("stdout")
+    assert borrowed is not None
+    proc.release("stdout")  # e.g. RemoveContainer while a stream is being read
+    os.write(out_w, b"still ours")
+    assert os.read(borrowed, 20) == b"still ours"
+    for fd in (borrowed, in_r, out_w):
+        os.close(fd)
+    proc.release("stdin")
+    proc.release("stderr")
+
+
+def _oom_kills(tmp_path: Path, count: int) -> None:
+    (tmp_path / "c1" / "memory.events").write_text(
+        f"low 0\nhigh 0\nmax 3\noom {count}\noom_kill {count}\noom_group_kill 0\n"
+    )
+
+
+def test_oom_is_attributed_to_the_exec_that_was_killed_while_it_grew(tmp_path: Path) -> None:
+    init, in_r, out_w = _pipes_process()
+    manager = _manager(tmp_path, init)
+    _oom_kills(tmp_path, 0)
+    assert not manager.oom_killed("c1")
+    container = manager.get("c1")
+    for name, before, raw in (("hog", 0, signal.SIGKILL), ("other", 0, 1 << 8), ("old", 1, 9)):
+        proc = Process(200, False, None, None, None, oom_kills_before=before)
+        proc.on_exit(raw)
+        container.execs[name] = proc
+    _oom_kills(tmp_path, 1)
+    assert manager.oom_killed("c1", "hog")  # SIGKILLed while the count went 0 -> 1
+    assert not manager.oom_killed("c1", "other")  # exited normally
+    assert not manager.oom_killed("c1", "old")  # the kill happened before it started
+    assert manager.oom_killed("c1")  # the container as a whole (containerd's OOMKilled)
+    for which in ("stdin", "stdout", "stderr"):
+        init.release(which)
+    os.close(in_r)
+    os.close(out_w)
+
+
+def test_paused_container_refuses_exec(tmp_path: Path) -> None:
+    init, in_r, out_w = _pipes_process()
+    manager = _manager(tmp_path, init)
+    manager.get("c1").paused = True
+    assert manager.get("c1").status == "paused"
+    with pytest.raises(ContainerError, match="is paused, not running"):
+        manager.exec("c1", "e1", b"{}")
+    for which in ("stdin", "stdout", "stderr"):
+        init.release(which)
+    os.close(in_r)
+    os.close(out_w)
