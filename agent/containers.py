@@ -370,10 +370,21 @@ class ContainerManager:
         return proc.pid
 
     def signal(self, container_id: str, exec_id: str, signum: int, all_processes: bool) -> None:
+        """Signal one process, or every process of the container (``all_processes``).
+
+        SIGKILL to all goes through ``cgroup.kill``, which also catches processes forked while
+        the signal is being delivered; other signals go to each pid in ``cgroup.procs``.
+        """
         if not 0 < signum < 65:
             raise ContainerError("INVALID_ARGUMENT", f"invalid signal {signum}")
         if all_processes:
             container = self.get(container_id)
+            if signum == signal.SIGKILL:
+                with (
+                    contextlib.suppress(OSError),
+                    open(f"{container.cgroup}/cgroup.kill", "w", encoding="ascii") as kill,
+                ):
+                    kill.write("1")
             for pid in self.pids(container_id):
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signum)

@@ -287,6 +287,23 @@ def test_signal_one_exec_then_kill_all_ends_the_container(shared_pod: Pod) -> No
         assert box.client.list_processes(box.cid) == []
 
 
+def test_kill_all_catches_processes_forked_meanwhile(shared_pod: Pod) -> None:
+    # Without a pid namespace killing the init kills nothing else: a kill of "all" processes
+    # must reach every one, including those a fork loop creates while it is delivered.
+    script = "sh -c 'while :; do sleep 100 & done' 2>/dev/null & echo ready; wait"
+    spec = busybox_spec("sh", "-c", script)
+    spec["linux"]["namespaces"] = [n for n in spec["linux"]["namespaces"] if n["type"] != "pid"]
+    spec["linux"]["resources"]["pids"] = {"limit": 40}
+    with live_container(shared_pod, spec) as box:
+        box.stdout.wait_for(b"ready\n")
+        time.sleep(1)  # let the fork loop fill the pids limit
+        assert len(box.client.list_processes(box.cid)) > 10
+        box.client.signal(box.cid, "", signal.SIGKILL, all=True)
+        assert box.client.wait_process(box.cid, "", 30)[:2] == (137, 9)
+        time.sleep(1)  # survivors, if any, would still be there (sleep 100)
+        assert box.client.list_processes(box.cid) == []
+
+
 def test_sysctls_are_set_in_the_containers_namespaces_only(shared_pod: Pod) -> None:
     keys = {
         "net.ipv4.ip_forward": "1",
