@@ -49,6 +49,17 @@ class GuestNetworkFiles:
     hosts: str
 
 
+#: Largest pid a Linux guest can hand out (PID_MAX_LIMIT on 64-bit).
+_PID_MAX = 4 * 1024 * 1024
+
+
+def _pid(value: int, what: str) -> int:
+    """``value`` as a guest pid; AgentError unless 1 <= value <= PID_MAX_LIMIT."""
+    if not 0 < value <= _PID_MAX:
+        raise AgentError(f"agent reported an impossible pid {value} for {what}")
+    return int(value)
+
+
 def _bounded(text: str, name: str, limit: int = 256) -> str:
     if len(text) > limit or not text.isprintable():
         raise AgentError(f"agent sent an invalid {name} ({len(text)} chars)")
@@ -193,20 +204,31 @@ class ContainerClient(AgentClient):
     def create_container(
         self, container_id: str, spec: bytes, rootfs: str, overlay: bool = False
     ) -> int:
+        """CreateContainer: set up ``container_id`` from config.json bytes ``spec`` on guest
+        directory ``rootfs`` (through a throwaway overlay when ``overlay``); its init's guest pid,
+        blocked before execve until :meth:`start_container`. AgentError with the in-guest
+        runtime's message on failure (nothing is left behind in the guest)."""
         request = pb.CreateContainerRequest(
             container_id=container_id, oci_spec=spec, rootfs=rootfs, overlay=overlay
         )
         reply = self._call("CreateContainer", request, timeout=120.0)
-        return int(reply.pid)
+        return _pid(reply.pid, f"container {container_id}")
 
     def start_container(self, container_id: str) -> None:
+        """StartContainer: let the created container's init execve its program."""
         self._call("StartContainer", pb.ContainerRequest(container_id=container_id))
 
     def exec_process(self, container_id: str, exec_id: str, process: bytes) -> int:
+        """ExecProcess: run OCI ``process`` JSON in the running container as ``exec_id``
+        (with the container's seccomp profile); the exec's guest pid."""
         request = pb.ExecProcessRequest(container_id=container_id, exec_id=exec_id, process=process)
-        return int(self._call("ExecProcess", request, timeout=120.0).pid)
+        reply = self._call("ExecProcess", request, timeout=120.0)
+        return _pid(reply.pid, f"exec {exec_id} of container {container_id}")
 
     def signal(self, container_id: str, exec_id: str, signum: int, all: bool = False) -> None:
+        """SignalProcess: ``signum`` to one process, or with ``all`` to every process of the
+        container (SIGKILL then also reaches processes forked meanwhile). A no-op for a
+        process that already exited."""
         request = pb.SignalProcessRequest(
             container_id=container_id, exec_id=exec_id, signal=signum, all=all
         )
@@ -237,10 +259,13 @@ class ContainerClient(AgentClient):
             return status, sig, bool(reply.oom_killed)
 
     def write_stdin(self, container_id: str, exec_id: str, data: bytes) -> None:
+        """WriteStdin: all of ``data`` (at most 1 MiB); AgentError once stdin is closed or
+        the process exited."""
         request = pb.WriteStdinRequest(container_id=container_id, exec_id=exec_id, data=data)
         self._call("WriteStdin", request, timeout=300.0)
 
     def close_stdin(self, container_id: str, exec_id: str = "") -> None:
+        """CloseStdin: EOF on the process's stdin (^D on a terminal)."""
         self._call("CloseStdin", pb.ProcessRef(container_id=container_id, exec_id=exec_id))
 
     def read_stream(self, container_id: str, exec_id: str, which: str) -> Iterator[bytes]:
@@ -262,36 +287,49 @@ class ContainerClient(AgentClient):
             raise AgentError(f"agent Read{which.capitalize()} failed: {details or code}") from exc
 
     def resize(self, container_id: str, exec_id: str, rows: int, cols: int) -> None:
+        """TtyWinResize: set the process's terminal size (the program gets SIGWINCH);
+        AgentError without a terminal."""
         request = pb.TtyWinResizeRequest(
             container_id=container_id, exec_id=exec_id, rows=rows, cols=cols
         )
         self._call("TtyWinResize", request)
 
     def remove_container(self, container_id: str) -> None:
+        """RemoveContainer: kill every process, release its guest resources. Idempotent
+        (AgentError only for an id the agent never had)."""
         self._call("RemoveContainer", pb.ContainerRequest(container_id=container_id), 30.0)
 
     def list_processes(self, container_id: str) -> list[int]:
+        """ListProcesses: guest pids of the container's processes (validated)."""
         reply = self._call("ListProcesses", pb.ContainerRequest(container_id=container_id))
         if len(reply.pids) > 65536:
             raise AgentError("agent reported an implausible number of processes")
-        return [int(pid) for pid in reply.pids]
+        return [_pid(pid, f"a process of container {container_id}") for pid in reply.pids]
 
     def container_status(self, container_id: str) -> tuple[str, int, int]:
+        """ContainerStatus: ("created" | "running" | "paused" | "stopped", init pid, exit
+        status)."""
         reply = self._call("ContainerStatus", pb.ContainerRequest(container_id=container_id))
         status = _bounded(reply.status, "container status", 16)
         return status, int(reply.pid), int(reply.exit_status)
 
     def pause_container(self, container_id: str) -> None:
+        """PauseContainer: freeze every process; returns once frozen."""
         self._call("PauseContainer", pb.ContainerRequest(container_id=container_id))
 
     def resume_container(self, container_id: str) -> None:
+        """ResumeContainer: thaw a paused container."""
         self._call("ResumeContainer", pb.ContainerRequest(container_id=container_id))
 
     def update_container(self, container_id: str, resources: bytes) -> None:
+        """UpdateContainer: apply OCI linux.resources JSON to the container's cgroup;
+        AgentError for malformed or refused values."""
         request = pb.UpdateContainerRequest(container_id=container_id, resources=resources)
         self._call("UpdateContainer", request)
 
     def stats_container(self, container_id: str) -> dict[str, int]:
+        """StatsContainer: cpu_usage_usec, memory_usage_bytes, memory_limit_bytes (0 = no
+        limit), pids_current and oom_kills of the container's cgroup."""
         reply = self._call("StatsContainer", pb.ContainerRequest(container_id=container_id))
         return {
             "cpu_usage_usec": int(reply.cpu_usage_usec),
