@@ -132,6 +132,28 @@ def _ready_pid(line: str) -> int | None:
     return None
 
 
+def _remove_cgroup(path: str, timeout: float = 5.0) -> None:
+    """Kill what is left in cgroup ``path`` and remove it; a missing cgroup is fine.
+
+    ``rmdir`` fails with EBUSY until the last killed process has exited (cgroup.kill is
+    asynchronous), so it is retried for up to ``timeout`` seconds; after that the empty
+    cgroup is left (and reused by a container of the same id).
+    """
+    with contextlib.suppress(OSError), open(f"{path}/cgroup.kill", "w", encoding="ascii") as kill:
+        kill.write("1")
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            os.rmdir(path)
+            return
+        except FileNotFoundError:
+            return
+        except OSError as exc:
+            if exc.errno != errno.EBUSY or time.monotonic() >= deadline:
+                return
+        time.sleep(0.01)
+
+
 def _close(fd: int | None) -> None:
     if fd is not None:
         with contextlib.suppress(OSError):
@@ -303,6 +325,8 @@ class ContainerManager:
                 terminal,
             )
         except BaseException:
+            # The runtime may have created (and joined) the cgroup before it failed.
+            _remove_cgroup(f"{self._cgroup_parent}/{container_id}")
             self._drop_overlay(container_id)
             with self._lock:
                 self._containers.pop(container_id, None)
@@ -585,8 +609,7 @@ class ContainerManager:
                 proc.release(which)
         if container.control is not None:
             container.control.close()
-        with contextlib.suppress(OSError):
-            os.rmdir(container.cgroup)
+        _remove_cgroup(container.cgroup)
         self._drop_overlay(container_id)
         with self._lock:
             self._containers.pop(container_id, None)

@@ -495,3 +495,19 @@ def test_finished_execs_release_the_agents_file_descriptors(shared_pod: Pod) -> 
             out.wait_closed()
         after = int(box.exec("count1", "sh", "-c", agent_fds).out)
         assert after - before < 4, (before, after)
+
+
+def test_removed_and_failed_containers_leave_no_cgroup(shared_pod: Pod) -> None:
+    with pytest.raises(AgentError, match="executable file not found"):
+        run_container(shared_pod, busybox_spec("no-such-cmd"))  # fails after joining its cgroup
+    spec = busybox_spec("sh", "-c", "sleep 1000 & sleep 1000 & echo ready; wait")
+    spec["linux"]["namespaces"] = [n for n in spec["linux"]["namespaces"] if n["type"] != "pid"]
+    with live_container(shared_pod, spec) as box:
+        box.stdout.wait_for(b"ready\n")  # removed with processes that do not die with the init
+    # Without a cgroup namespace the container sees the whole guest hierarchy: only its own
+    # cgroup is left below the agent's.
+    lister = busybox_spec("find", "/sys/fs/cgroup/pysandbox", "-mindepth", "1", "-type", "d")
+    lister["linux"]["namespaces"] = [
+        n for n in lister["linux"]["namespaces"] if n["type"] != "cgroup"
+    ]
+    assert len(run_container(shared_pod, lister).out.split()) == 1
