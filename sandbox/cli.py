@@ -63,6 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = verbs.add_parser("run", help="run a command in a container in a fresh VM")
     add_run_arguments(run)
+    from sandbox.run_options import add_detached_verbs
+
+    add_detached_verbs(verbs)
     _runtime_verbs(verbs)
     return parser
 
@@ -98,9 +101,10 @@ def _runtime_verbs(verbs: Any) -> None:
     exec_.add_argument("--preserve-fds", type=int, default=0)
     exec_.add_argument("id")
     exec_.add_argument("command", nargs=argparse.REMAINDER)
-    ps = verbs.add_parser("ps", help="list a container's processes")
+    ps = verbs.add_parser("ps", help="list a container's processes (without ID: detached runs)")
     ps.add_argument("--format", "-f", choices=["table", "json"], default="table")
-    ps.add_argument("id")
+    ps.add_argument("--all", "-a", action="store_true", help="without ID: stopped runs too")
+    ps.add_argument("id", nargs="?", default=None)
     listing = verbs.add_parser("list", help="list containers")
     listing.add_argument("--format", "-f", choices=["table", "json"], default="table")
     listing.add_argument("--quiet", "-q", action="store_true")

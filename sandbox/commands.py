@@ -203,6 +203,8 @@ def cmd_exec(args: argparse.Namespace) -> int:
 def cmd_ps(args: argparse.Namespace) -> int:
     from sandbox import runtime
 
+    if args.id is None:
+        return cmd_run_ps(args)
     pids = runtime.processes(_root(args), args.id)
     if args.format == "json":
         print(json.dumps(pids))
@@ -210,6 +212,40 @@ def cmd_ps(args: argparse.Namespace) -> int:
         print("PID")
         for pid in pids:
             print(pid)
+    return 0
+
+
+def cmd_run_ps(args: argparse.Namespace) -> int:
+    """``ps`` without an id: the detached runs (``-a``: stopped ones too)."""
+    from sandbox import detached
+
+    runs = detached.list_runs(_root(args), args.all)
+    print(detached.dumps_runs(runs) if args.format == "json" else detached.render_runs(runs))
+    return 0
+
+
+def cmd_logs(args: argparse.Namespace) -> int:
+    from sandbox import detached
+
+    detached.print_logs(_root(args), args.name, args.follow)
+    return 0
+
+
+def cmd_stop(args: argparse.Namespace) -> int:
+    from sandbox import detached
+
+    for name in args.names:
+        detached.stop(_root(args), name, args.time)
+        print(name)
+    return 0
+
+
+def cmd_rm(args: argparse.Namespace) -> int:
+    from sandbox import detached
+
+    for name in args.names:
+        detached.remove(_root(args), name, args.force)
+        print(name)
     return 0
 
 
@@ -345,6 +381,9 @@ HANDLERS: dict[str, Callable[[argparse.Namespace], int]] = {
     "delete": cmd_delete,
     "exec": cmd_exec,
     "ps": cmd_ps,
+    "logs": cmd_logs,
+    "stop": cmd_stop,
+    "rm": cmd_rm,
     "list": cmd_list,
     "pause": cmd_pause,
     "resume": cmd_pause,

@@ -163,22 +163,20 @@ def _exit_code_for(error: AgentError) -> int:
 
 
 def run(args: argparse.Namespace, root: Path) -> int:
-    """Run one container in a fresh VM; return its exit status."""
+    """Run one container in a fresh VM; return its exit status.
+
+    With ``-d`` the run is detached instead (see :mod:`sandbox.detached`): its name is
+    printed and 0 returned once the process started.
+    """
     if args.name is not None:
         state.validate_id(args.name, "name")
+    if args.detach:
+        from sandbox import detached
+
+        return detached.run_detached(args, root)
     image = images.resolve(args.image, progress=True)
     spec = build_spec(args, image)
-    memory_mib = DEFAULT_MEMORY_MIB
-    if "memory" in spec["linux"]["resources"]:
-        memory_mib = max(memory_mib, spec["linux"]["resources"]["memory"]["limit"] // 2**20 + 256)
-    pod_id = args.name or f"run-{secrets.token_hex(6)}"
-    pod = Pod.boot(
-        root,
-        pod_id,
-        memory_mib=min(memory_mib, 65536),
-        user_network=args.network == "user",
-        hostname=str(spec.get("hostname") or ""),
-    )
+    pod = boot_pod(root, args.name or f"run-{secrets.token_hex(6)}", args, spec)
     try:
         return _run_in_pod(args, pod, spec, image)
     finally:
@@ -187,25 +185,50 @@ def run(args: argparse.Namespace, root: Path) -> int:
         pod.stop()
 
 
-def _run_in_pod(
-    args: argparse.Namespace, pod: Pod, spec: dict[str, Any], image: images.Image
+def boot_pod(root: Path, pod_id: str, args: argparse.Namespace, spec: dict[str, Any]) -> Pod:
+    """Boot the VM of a run: memory sized for the spec's limit, the run's network and
+    hostname. On failure nothing is left running (Pod.boot's contract)."""
+    memory_mib = DEFAULT_MEMORY_MIB
+    if "memory" in spec["linux"]["resources"]:
+        memory_mib = max(memory_mib, spec["linux"]["resources"]["memory"]["limit"] // 2**20 + 256)
+    return Pod.boot(
+        root,
+        pod_id,
+        memory_mib=min(memory_mib, 65536),
+        user_network=args.network == "user",
+        hostname=str(spec.get("hostname") or ""),
+    )
+
+
+def create_in_pod(
+    pod: Pod, container_id: str, spec: dict[str, Any], image: images.Image, read_only: bool
 ) -> int:
+    """Share the image read-only and create the container in the guest (an overlay with a
+    guest-memory upper layer unless ``read_only``); return its guest pid.
+
+    A command that cannot be run raises RunError with docker's 126/127. The caller undoes
+    the share on failure (``unshare_container_files``).
+    """
     guest_rootfs, guest_spec = share_container_files(
-        pod, CONTAINER_ID, spec, image.rootfs.parent, rootfs_readonly=True
+        pod, container_id, spec, image.rootfs.parent, rootfs_readonly=True
     )
     guest_spec["mounts"] += _network_file_mounts(pod)
     with pod.client() as client:
         try:
-            client.create_container(
-                CONTAINER_ID,
-                json.dumps(guest_spec).encode(),
-                guest_rootfs,
-                overlay=not args.read_only,
+            return client.create_container(
+                container_id, json.dumps(guest_spec).encode(), guest_rootfs, overlay=not read_only
             )
         except AgentError as exc:
             raise RunError(
                 str(exc).removeprefix("agent CreateContainer failed: "), _exit_code_for(exc)
             ) from exc
+
+
+def _run_in_pod(
+    args: argparse.Namespace, pod: Pod, spec: dict[str, Any], image: images.Image
+) -> int:
+    create_in_pod(pod, CONTAINER_ID, spec, image, args.read_only)
+    with pod.client() as client:
         stdin = sys.stdin.fileno() if args.interactive else None
         relay = StdioRelay(
             client, CONTAINER_ID, "", stdin, sys.stdout.fileno(), sys.stderr.fileno(), args.tty

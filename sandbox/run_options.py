@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import Any
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -41,3 +42,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--detach", "-d", action="store_true")
     parser.add_argument("--pid-file", type=Path, default=None)
     parser.add_argument("--console-socket", type=Path, default=None)
+
+
+def add_detached_verbs(verbs: Any) -> None:
+    """``logs``, ``stop`` and ``rm`` for detached runs (``ps`` without an id lists them)."""
+    logs = verbs.add_parser("logs", help="print a detached run's stdout and stderr")
+    logs.add_argument("--follow", "-f", action="store_true", help="until the run stops")
+    logs.add_argument("name")
+    stop = verbs.add_parser("stop", help="stop detached runs: SIGTERM, SIGKILL after --time")
+    stop.add_argument("--time", "-t", type=float, default=10.0, help="seconds (default 10)")
+    stop.add_argument("names", nargs="+", metavar="NAME")
+    rm = verbs.add_parser("rm", help="remove detached runs and everything they have")
+    rm.add_argument("--force", "-f", action="store_true", help="kill a running one first")
+    rm.add_argument("names", nargs="+", metavar="NAME")

@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
+import fcntl
+import hashlib
+import json
 import os
+import pty
+import select
 import shutil
+import signal
+import struct
 import subprocess
 import sys
 import tempfile
-from collections.abc import Iterator
+import termios
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -23,6 +32,41 @@ def run(root: Path, *args: str, stdin: bytes | None = None) -> subprocess.Comple
         timeout=300,
         cwd=ROOT,
     )
+
+
+def cli(root: Path, *args: str) -> subprocess.CompletedProcess[bytes]:
+    """A pysandbox verb other than run (ps, logs, stop, rm)."""
+    return subprocess.run(
+        [sys.executable, "-m", "sandbox", "--root", str(root), *args],
+        capture_output=True,
+        timeout=120,
+        cwd=ROOT,
+    )
+
+
+def _wait_until(predicate: Callable[[], bool], timeout: float = 60.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.2)
+    return True
+
+
+def _processes_of(root: Path) -> list[str]:
+    """Command lines of live processes naming ``root`` (shims, monitors, QEMU, virtiofsd)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes()
+            status = (entry / "status").read_text()
+        except OSError:
+            continue
+        if str(root).encode() in cmdline and "\nState:\tZ" not in status:
+            found.append(cmdline.replace(b"\0", b" ").decode(errors="replace"))
+    return found
 
 
 @pytest.fixture(scope="module")
@@ -157,6 +201,8 @@ def test_memory_limit_reports_oom(root: Path) -> None:
         (["-u", "ghost", "default", "true"], b"unknown user 'ghost'"),
         (["-u", "1000:", "default", "true"], b"invalid user"),
         (["--bogus-flag", "default", "true"], b"unrecognized arguments"),
+        (["-d", "-t", "default", "sh"], b"-d cannot be combined with -i or -t"),
+        (["-d", "--name", "a/b", "default", "true"], b"invalid name id"),
     ],
 )
 def test_bad_input_one_line_error_nothing_left(root: Path, args: list[str], message: bytes) -> None:
@@ -166,3 +212,181 @@ def test_bad_input_one_line_error_nothing_left(root: Path, args: list[str], mess
     assert len(done.stderr.strip().splitlines()) == 1
     assert _leftovers(root) == []
     assert os.path.exists(root)
+
+
+def test_command_found_but_not_executable_is_126(root: Path, tmp_path: Path) -> None:
+    script = tmp_path / "script"
+    script.write_text("#!/bin/sh\necho should not run\n")
+    script.chmod(0o644)
+    done = run(root, "-v", f"{tmp_path}:/x:ro", "default", "/x/script")
+    assert done.returncode == 126
+    assert done.stderr.strip() == b'pysandbox: exec: "/x/script": permission denied'
+    assert done.stdout == b""
+    assert _leftovers(root) == []
+
+
+def test_cpus_hostname_and_death_by_signal(root: Path) -> None:
+    # --cpus reaches the container's cgroup, --name is the hostname, and a process killed
+    # by a signal (here a real stack overflow: SIGSEGV, which even a PID 1 dies of) is
+    # reported as 128+N.
+    done = run(
+        root,
+        "--cpus",
+        "0.5",
+        "--name",
+        "box-1",
+        "default",
+        "sh",
+        "-c",
+        "cat /sys/fs/cgroup/cpu.max; hostname; ulimit -s 64; f() { f; }; f",
+    )
+    assert done.returncode == 128 + signal.SIGSEGV, done.stderr
+    assert done.stdout.decode().splitlines() == ["50000 100000", "box-1"]
+    assert _leftovers(root) == []
+
+
+def test_sigint_is_forwarded_and_exit_status_is_130(root: Path) -> None:
+    script = 'trap "echo got INT; exit 130" INT; echo ready; while :; do sleep 0.2; done'
+    argv = [sys.executable, "-m", "sandbox", "--root", str(root), "run", "default", "sh", "-c"]
+    proc = subprocess.Popen(
+        [*argv, script],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        cwd=ROOT,
+    )
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline() == b"ready\n"
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert (proc.returncode, out, err) == (130, b"got INT\n", b"")
+    assert _leftovers(root) == []
+
+
+def test_large_output_arrives_intact(root: Path) -> None:
+    size = 64 * 1024 * 1024
+    done = run(
+        root,
+        "default",
+        "sh",
+        "-c",
+        f"head -c {size} /dev/urandom > /tmp/blob; md5sum < /tmp/blob >&2; cat /tmp/blob",
+    )
+    assert done.returncode == 0, done.stderr
+    assert len(done.stdout) == size
+    assert hashlib.md5(done.stdout).hexdigest() == done.stderr.split()[0].decode()
+
+
+def _read_until(master: int, output: bytearray, marker: bytes, timeout: float = 120.0) -> bool:
+    """Read the pty master into ``output`` until ``marker`` shows up (or EOF/timeout)."""
+    deadline = time.monotonic() + timeout
+    while marker not in output:
+        left = deadline - time.monotonic()
+        if left <= 0 or not select.select([master], [], [], left)[0]:
+            return False
+        try:
+            chunk = os.read(master, 65536)
+        except OSError:  # EIO: the child side is closed
+            return False
+        if not chunk:
+            return False
+        output += chunk
+    return True
+
+
+def _set_size(fd: int, rows: int, cols: int) -> None:
+    fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
+
+
+def test_tty_is_a_real_terminal_that_follows_resizes(root: Path) -> None:
+    script = 'tty; stty size; echo ready; read line; stty size; echo "got $line"; exit 7'
+    argv = [sys.executable, "-m", "sandbox", "--root", str(root), "run", "-i", "-t"]
+    pid, master = pty.fork()
+    if pid == 0:  # the child: pysandbox run on the pty slave, as from a terminal
+        try:
+            _set_size(0, 31, 97)
+            os.chdir(ROOT)
+            os.execv(sys.executable, [*argv, "default", "sh", "-c", script])
+        finally:
+            os._exit(127)
+    output = bytearray()
+    try:
+        assert _read_until(master, output, b"ready"), bytes(output)
+        _set_size(master, 40, 120)  # SIGWINCH to run, which resizes the guest terminal
+        time.sleep(1.0)
+        os.write(master, b"hello\r")
+        assert _read_until(master, output, b"got hello"), bytes(output)
+        _read_until(master, output, b"\0", timeout=30)  # to EOF
+    finally:
+        _, status = os.waitpid(pid, 0)
+        os.close(master)
+    assert os.waitstatus_to_exitcode(status) == 7, bytes(output)
+    lines = bytes(output).decode(errors="replace").replace("\r", "").split("\n")
+    assert lines[0] in ("/dev/console", "/dev/pts/0"), lines  # runc's console: a terminal
+    assert lines[1:3] == ["31 97", "ready"], lines
+    assert "40 120" in lines and "got hello" in lines, lines
+    assert _leftovers(root) == []
+
+
+def _runs(root: Path) -> dict[str, dict[str, object]]:
+    listing = cli(root, "ps", "-a", "--format", "json")
+    assert listing.returncode == 0, listing.stderr
+    return {item["name"]: item for item in json.loads(listing.stdout)}
+
+
+def test_detached_runs_ps_logs_stop_rm(root: Path) -> None:
+    # A detached run keeps run's defaults (a throwaway writable layer over the read-only
+    # image), logs both streams, and is stopped with SIGTERM (handled here: exit 3).
+    script = (
+        "echo out; echo err >&2; echo layer > /written && cat /written; "
+        'trap "echo term; exit 3" TERM; echo ready; while :; do sleep 0.2; done'
+    )
+    started = run(root, "-d", "--name", "web", "default", "sh", "-c", script)
+    assert (started.returncode, started.stdout) == (0, b"web\n"), started.stderr
+    # --timeout kills a detached run (SIGKILL: 128+9); --rm removes one once it exits.
+    short = run(root, "-d", "--timeout", "1", "--name", "short", "default", "sleep", "1000")
+    assert short.returncode == 0, short.stderr
+    once = run(root, "-d", "--rm", "--name", "once", "default", "sh", "-c", "exit 5")
+    assert once.returncode == 0, once.stderr
+
+    listing = cli(root, "ps")
+    assert listing.returncode == 0 and listing.stdout.startswith(b"NAME"), listing.stderr
+    assert b"web " in listing.stdout and b"running" in listing.stdout
+    assert _wait_until(lambda: b"ready" in cli(root, "logs", "web").stdout)
+    logged = cli(root, "logs", "web").stdout.decode().splitlines()
+    assert sorted(logged) == ["err", "layer", "out", "ready"], logged
+    processes = cli(root, "ps", "web")  # runc's ps with an id keeps working
+    assert processes.returncode == 0 and processes.stdout.startswith(b"PID\n")
+
+    refused = cli(root, "rm", "web")
+    assert refused.returncode == 1
+    assert refused.stderr == b"pysandbox: run web is running: stop it first or use rm -f\n"
+    unknown = cli(root, "logs", "nope")
+    assert (unknown.returncode, unknown.stderr) == (1, b"pysandbox: no such run: nope\n")
+
+    stopped = cli(root, "stop", "web")
+    assert (stopped.returncode, stopped.stdout) == (0, b"web\n"), stopped.stderr
+    assert _wait_until(lambda: "once" not in _runs(root) and not (root / "once").exists())
+    assert _wait_until(lambda: _runs(root)["short"]["status"] == "stopped")
+    runs = _runs(root)
+    assert sorted(runs) == ["short", "web"]
+    assert (runs["web"]["exit_code"], runs["short"]["exit_code"]) == (3, 128 + signal.SIGKILL)
+    assert cli(root, "ps").stdout.count(b"\n") == 1  # the header: nothing is running
+    assert cli(root, "logs", "web").stdout.decode().splitlines()[-1] == "term"
+    # Stopped runs keep their record and log, not their VM, mounts or processes.
+    assert _wait_until(lambda: _leftovers(root) == [] and _processes_of(root) == [])
+    image = Path(json.loads((root / "web" / "state.json").read_text())["rootfs"])
+    assert image.is_dir() and not (image / "written").exists()
+
+    assert cli(root, "rm", "web", "short").returncode == 0
+    busy = run(root, "-d", "--name", "busy", "default", "sleep", "1000")
+    assert busy.returncode == 0, busy.stderr
+    forced = cli(root, "rm", "-f", "busy")
+    assert (forced.returncode, forced.stdout) == (0, b"busy\n"), forced.stderr
+    assert _runs(root) == {}
+    assert not any((root / name).exists() for name in ("web", "short", "once", "busy"))
+    assert _leftovers(root) == [] and _processes_of(root) == []

@@ -1,0 +1,339 @@
+"""Detached runs: ``pysandbox run -d``, and ``ps``, ``logs``, ``stop``, ``rm`` for them.
+
+A detached run is a runtime container (:mod:`sandbox.runtime`'s record, shim, start, kill
+and delete) whose pod, spec and guest container are made the way ``run`` makes them: the
+same :func:`sandbox.run.build_spec` (limits, no network, hardened defaults), the same VM
+sizing, the image shared read-only under a throwaway writable layer in guest memory. The
+run's name is its container id and its pod id. Only the per-container shim differs from a
+``create``: its stdin is /dev/null and its stdout and stderr are appended to
+``<root>/<name>/run.log``, which ``logs`` prints.
+
+A small monitor process (``python -m sandbox.detached``) waits for the shim to exit (the
+process ended, ``stop``, ``--timeout``), then powers the VM off and unmounts everything,
+keeping the record, the log and the exit status until ``rm`` (or removes all of it for
+``--rm``). ``stop`` and ``rm`` do the same work themselves, so nothing depends on the
+monitor being alive; a per-run lock keeps them from racing with it.
+
+Files under ``<root>/<name>/``: ``state.json`` (the runtime record, with a ``run`` entry:
+image, command, flags), ``config.json`` (the spec, so ``exec`` works too), ``run.log``,
+``exit`` (written by the shim).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import secrets
+import select
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from hypervisor.process import ProcessHandle
+from sandbox import images, runtime, shim, state
+from sandbox.container import unshare_container_files
+from sandbox.errors import NotFoundError, SandboxError, StateError
+from sandbox.pod import Pod
+from sandbox.record import ContainerRecord, Status
+from sandbox.run import RunError, boot_pod, build_spec, create_in_pod
+
+LOG_NAME = "run.log"
+EXIT_NAME = "exit"
+DEFAULT_STOP_SECONDS = 10
+
+
+def run_detached(args: argparse.Namespace, root: Path) -> int:
+    """Create and start a detached run; print its name; return 0.
+
+    Failures raise (RunError with docker's 125/126/127, or any SandboxError) after
+    everything this call created was removed again, the name included.
+    """
+    if args.interactive or args.tty:
+        raise RunError("-d cannot be combined with -i or -t: a detached run has no terminal")
+    image = images.resolve(args.image, progress=True)
+    spec = build_spec(args, image)
+    name = args.name or f"run-{secrets.token_hex(6)}"
+    command = [str(a) for a in spec["process"]["args"]]
+    record = ContainerRecord.new(
+        root,
+        name,
+        {
+            "bundle": str(root / name),
+            "pod_id": name,
+            "owns_pod": True,
+            "terminal": False,
+            "annotations": {},
+            "rootfs": str(image.rootfs),
+            "run": {
+                "image": args.image,
+                "command": command,
+                "remove": bool(args.rm),
+                "timeout": args.timeout,
+            },
+        },
+    )
+    try:
+        state.write_json_atomic(record.dir / "config.json", spec)
+        pod = boot_pod(root, name, args, spec)
+    except BaseException:
+        # No VM of ours exists: the pod id may even be another run's, so no runtime.delete.
+        shutil.rmtree(record.dir, ignore_errors=True)
+        raise
+    try:
+        pod.record["containers"] = [name]
+        pod.save()
+        try:
+            record.data["guest_pid"] = create_in_pod(pod, name, spec, image, args.read_only)
+        except BaseException:
+            unshare_container_files(pod, name)
+            raise
+        handle = _spawn_logging_shim(root, name, pod.agent_address, record.dir / LOG_NAME)
+        record.data["shim"] = handle.to_json()
+        record.set_status(Status.CREATED)
+        runtime.start(root, name)
+        _spawn_monitor(root, name)
+    except BaseException:
+        with contextlib.suppress(Exception):
+            runtime.delete(root, name, force=True)
+        raise
+    print(name, flush=True)
+    return 0
+
+
+def _spawn_logging_shim(root: Path, name: str, agent: str, log: Path) -> ProcessHandle:
+    """``shim.spawn`` with stdin from /dev/null and stdout+stderr appended to ``log``.
+
+    The shim inherits this process's fds 0-2, so they are pointed at the log for the
+    duration of the spawn and restored afterwards (even on failure).
+    """
+    log_fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+    null_fd = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = [os.dup(fd) for fd in (0, 1, 2)]
+    try:
+        os.dup2(null_fd, 0)
+        os.dup2(log_fd, 1)
+        os.dup2(log_fd, 2)
+        return shim.spawn(root, name, agent)
+    finally:
+        for fd, copy in zip((0, 1, 2), saved, strict=True):
+            os.dup2(copy, fd)
+            os.close(copy)
+        os.close(log_fd)
+        os.close(null_fd)
+
+
+def _spawn_monitor(root: Path, name: str) -> None:
+    """Start the monitor (see the module docstring) in a session of its own."""
+    devnull = subprocess.DEVNULL
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "sandbox.detached", "--root", str(root), name],
+        stdin=devnull,
+        stdout=devnull,
+        stderr=devnull,
+        start_new_session=True,
+        cwd="/",
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)},
+    )
+    proc.returncode = 0  # never waited for here: it outlives this CLI (silences Popen.__del__)
+
+
+@contextlib.contextmanager
+def _run_lock(root: Path, name: str) -> Iterator[None]:
+    with state.locked(root, f"run-{state.pod_dir_name(name)}"):
+        yield
+
+
+def load_run(root: Path, name: str) -> ContainerRecord:
+    """The record of detached run ``name``; NotFoundError when there is no such run."""
+    try:
+        record = ContainerRecord.load(root, name)
+    except NotFoundError:
+        raise NotFoundError(f"no such run: {name}") from None
+    if not isinstance(record.data.get("run"), dict):
+        raise NotFoundError(f"no such run: {name} (a runtime container: use kill/delete)")
+    return record
+
+
+def exit_status(record: ContainerRecord) -> int | None:
+    """The exit status the shim recorded, or None (still running, or never started)."""
+    with contextlib.suppress(OSError, ValueError, SandboxError):
+        status = state.read_json(record.dir / EXIT_NAME).get("status")
+        if isinstance(status, int):
+            return status
+    return None
+
+
+def _wait_shim(record: ContainerRecord, timeout: float | None) -> bool:
+    """Wait until the run's shim is gone; True if it is. ``None`` waits forever."""
+    handle = record.shim
+    if handle is None:
+        return True
+    try:
+        pidfd = os.pidfd_open(handle.pid)
+    except OSError:
+        return not handle.alive()
+    try:
+        if not handle.alive():  # the pidfd may name a reused pid: check after opening it
+            return True
+        poller = select.poll()
+        poller.register(pidfd, select.POLLIN)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while handle.alive():
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            if left == 0.0:
+                return False
+            poller.poll(None if left is None else int(left * 1000) + 1)
+        return True
+    finally:
+        os.close(pidfd)
+
+
+def _release(root: Path, name: str) -> None:
+    """Once the run's process is gone: power its VM off and unmount its files, keeping the
+    record, log and exit status (or, for ``--rm``, removing everything). Takes the run
+    lock; idempotent; a run already removed is left alone."""
+    with _run_lock(root, name):
+        try:
+            record = load_run(root, name)
+        except NotFoundError:
+            return
+        if record.data["run"].get("remove"):
+            runtime.delete(root, name, force=True)
+            return
+        try:
+            pod = Pod.load(root, record.pod_id)
+        except NotFoundError:
+            return
+        with contextlib.suppress(SandboxError):
+            unshare_container_files(pod, name)
+        pod.stop()
+
+
+def stop(root: Path, name: str, seconds: float = DEFAULT_STOP_SECONDS) -> None:
+    """docker's stop: SIGTERM to the run's process, SIGKILL to all of it after ``seconds``;
+    then release the VM (see :func:`_release`). A stopped run is left as it is."""
+    record = load_run(root, name)
+    if record.status in (Status.CREATED, Status.RUNNING, Status.PAUSED):
+        with contextlib.suppress(StateError):
+            if record.status is Status.PAUSED:
+                runtime.set_paused(root, name, paused=False)
+            runtime.kill(root, name, signal.SIGTERM)
+        if not _wait_shim(record, seconds):
+            with contextlib.suppress(SandboxError):
+                runtime.kill(root, name, signal.SIGKILL, all_processes=True)
+            if not _wait_shim(record, 15.0):
+                handle = record.shim
+                if handle is not None:
+                    handle.kill()
+    _release(root, name)
+
+
+def remove(root: Path, name: str, force: bool = False) -> None:
+    """docker's rm: remove a stopped run (with ``force``, a running one: killed first) and
+    everything it has: VM, mounts, record, log."""
+    with _run_lock(root, name):
+        record = load_run(root, name)
+        if not force and record.status is not Status.STOPPED:
+            raise StateError(f"run {name} is {record.status}: stop it first or use rm -f")
+        runtime.delete(root, name, force=True)
+
+
+def list_runs(root: Path, all_runs: bool) -> list[dict[str, Any]]:
+    """Detached runs (only running ones unless ``all_runs``), oldest first."""
+    runs: list[dict[str, Any]] = []
+    for record in ContainerRecord.all(root):
+        info = record.data.get("run")
+        if not isinstance(info, dict):
+            continue
+        status = record.status
+        if not all_runs and status is Status.STOPPED:
+            continue
+        code = exit_status(record) if status is Status.STOPPED else None
+        runs.append(
+            {
+                "name": record.id,
+                "status": status.value,
+                "exit_code": code,
+                "image": str(info.get("image", "")),
+                "command": [str(a) for a in info.get("command") or []],
+                "created": str(record.data.get("created", "")),
+            }
+        )
+    runs.sort(key=lambda item: str(item["created"]))
+    return runs
+
+
+def dumps_runs(runs: list[dict[str, Any]]) -> str:
+    """``ps --format json``: the list of :func:`list_runs`."""
+    return json.dumps(runs)
+
+
+def render_runs(runs: list[dict[str, Any]]) -> str:
+    """The ``ps`` table of :func:`list_runs`."""
+    lines = [f"{'NAME':<24} {'STATUS':<14} {'CREATED':<20} {'IMAGE':<16} COMMAND"]
+    for item in runs:
+        status = item["status"]
+        if status == Status.STOPPED.value:
+            code = item["exit_code"]
+            status = "exited" if code is None else f"exited ({code})"
+        command = " ".join(item["command"])
+        if len(command) > 40:
+            command = command[:37] + "..."
+        created = item["created"][:19].replace("T", " ")
+        lines.append(f"{item['name']:<24} {status:<14} {created:<20} {item['image']:<16} {command}")
+    return "\n".join(lines)
+
+
+def print_logs(root: Path, name: str, follow: bool = False) -> None:
+    """Copy the run's log to stdout; with ``follow``, keep copying until the run stopped."""
+    record = load_run(root, name)
+    out = sys.stdout.buffer
+    try:
+        log = open(record.dir / LOG_NAME, "rb")  # noqa: SIM115 (closed below)
+    except FileNotFoundError:
+        return
+    with log:
+        while True:
+            chunk = log.read(1 << 20)
+            if chunk:
+                out.write(chunk)
+                continue
+            out.flush()
+            if not follow or record.status is Status.STOPPED:
+                break
+            time.sleep(0.2)
+        out.flush()
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m sandbox.detached --root ROOT NAME``: the monitor of one run."""
+    parser = argparse.ArgumentParser(prog="pysandbox-run-monitor")
+    parser.add_argument("--root", type=Path, required=True)
+    parser.add_argument("name")
+    args = parser.parse_args(argv)
+    for signum in (signal.SIGHUP, signal.SIGINT):
+        signal.signal(signum, signal.SIG_IGN)
+    try:
+        record = load_run(args.root, args.name)
+        timeout = record.data["run"].get("timeout")
+        limit = float(timeout) if isinstance(timeout, int | float) else None
+        if not _wait_shim(record, limit):
+            with contextlib.suppress(SandboxError):
+                runtime.kill(args.root, args.name, signal.SIGKILL, all_processes=True)
+            _wait_shim(record, None)
+        _release(args.root, args.name)
+    except Exception:
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
