@@ -195,6 +195,19 @@ def test_large_output_without_loss(shared_pod: Pod, tmp_path: Path) -> None:
     assert result.stdout == block * copies
 
 
+def test_stdin_stdout_and_stderr_at_once_without_deadlock(shared_pod: Pod) -> None:
+    # The host writes stdin while the process echoes it to both outputs: every pipe fills up
+    # at some point, and each side must keep draining the others.
+    data = os.urandom(8 * 2**20)
+    with live_container(shared_pod, busybox_spec("tee", "/dev/stderr"), stdin=True) as box:
+        for offset in range(0, len(data), 2**20):
+            box.client.write_stdin(box.cid, "", data[offset : offset + 2**20])
+        box.client.close_stdin(box.cid)
+        assert box.client.wait_process(box.cid, "", 120)[:2] == (0, 0)
+        assert box.stdout.wait_closed() == data
+        assert box.stderr.wait_closed() == data
+
+
 def test_missing_executable_error_and_pod_still_usable(shared_pod: Pod) -> None:
     with pytest.raises(AgentError, match=r'exec: "no-such-cmd": executable file not found'):
         run_container(shared_pod, busybox_spec("no-such-cmd"))
