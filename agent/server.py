@@ -155,6 +155,18 @@ class AgentService(pb_grpc.AgentServicer):
         timer.start()
         return pb.ShutdownResponse()
 
+    def Restored(self, request: pb.RestoredRequest, context: grpc.ServicerContext) -> pb.Empty:
+        from agent import restore
+
+        try:
+            restore.reseed(request.entropy)
+            restore.set_clock(request.realtime_ns)
+        except ValueError as exc:
+            _abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        except OSError as exc:
+            _abort(context, grpc.StatusCode.FAILED_PRECONDITION, f"restoring: {exc}")
+        return pb.Empty()
+
     # -- containers ----------------------------------------------------------------------------
 
     def _manager(self, context: grpc.ServicerContext) -> ContainerManager:

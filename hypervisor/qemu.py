@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 
 from hypervisor.base import SHUTDOWN, Hypervisor
-from hypervisor.errors import HypervisorError, LaunchError, QMPError
+from hypervisor.errors import HypervisorError, HypervisorTimeout, LaunchError, QMPError
 from hypervisor.process import (
     ProcessHandle,
     SpawnedProcess,
@@ -39,7 +39,7 @@ from hypervisor.process import (
     remove_quietly,
     start_time,
 )
-from hypervisor.qemu_args import VMConfig, build_argv
+from hypervisor.qemu_args import VirtioFsShare, VMConfig, build_argv, bus_of
 from hypervisor.qmp import QMP
 
 QEMU_BINARY = "qemu-system-x86_64"
@@ -224,6 +224,59 @@ class QemuVM(SpawnedProcess, Hypervisor):
             )
         with self._qmp() as qmp:
             return qmp.execute(command, arguments)
+
+    def wait_incoming(self, timeout: float) -> None:
+        """Wait until a VM started with ``incoming_fd`` has loaded its state (``paused``).
+
+        LaunchError if QEMU exits or ends in another state (an incompatible or corrupt
+        state file), HypervisorTimeout after ``timeout`` seconds.
+        """
+        deadline = time.monotonic() + timeout
+        while True:
+            status = self.status()
+            if status == "paused":
+                return
+            if status not in ("inmigrate", "prelaunch"):
+                raise self._launch_failure(f"loading the saved state ended in {status!r}")
+            if time.monotonic() >= deadline:
+                raise HypervisorTimeout(
+                    f"vm {self.config.name} did not load its saved state in {timeout:g}s"
+                )
+            time.sleep(0.01)
+
+    def save_state(self, fd: int, timeout: float) -> None:
+        """Pause the guest and write its whole state to ``fd`` (QMP ``migrate`` to an fd).
+
+        The VM stays paused afterwards. QMPError if the migration fails (e.g. a device that
+        cannot be migrated), HypervisorTimeout after ``timeout`` seconds.
+        """
+        deadline = time.monotonic() + timeout
+        with self._qmp() as qmp:
+            qmp.execute("stop")
+            qmp.execute("getfd", {"fdname": "pysandbox-state"}, fd=fd)
+            qmp.execute("migrate", {"uri": "fd:pysandbox-state"})
+            while True:
+                reply = qmp.execute("query-migrate")
+                status = reply.get("status") if isinstance(reply, dict) else None
+                if status == "completed":
+                    return
+                if status in ("failed", "cancelled", None):
+                    detail = reply.get("error-desc", status) if isinstance(reply, dict) else reply
+                    raise QMPError(
+                        f"saving vm {self.config.name} failed: {detail}", command="migrate"
+                    )
+                if time.monotonic() >= deadline:
+                    raise HypervisorTimeout(
+                        f"saving vm {self.config.name} took more than {timeout:g}s"
+                    )
+                time.sleep(0.02)
+
+    def hotplug_share(self, tag: str, socket: Path, index: int = 0) -> None:
+        """Add a virtio-fs share served on ``socket`` to the VM (QMPError on failure)."""
+        share = VirtioFsShare(tag, socket, index, bus_of(self.config.machine))
+        with self._qmp() as qmp:
+            for command, arguments in share.hotplug():
+                qmp.execute(command, arguments)
 
     def resume(self) -> None:
         """QMP ``cont``: run a guest that is in ``prelaunch`` or ``paused``."""

@@ -123,6 +123,16 @@ class Sandbox:
 
 
 @dataclass(frozen=True)
+class Incoming:
+    """``-incoming fd:N``: load a saved VM state from inherited fd ``N`` instead of booting."""
+
+    fd: int
+
+    def argv(self) -> list[str]:
+        return ["-incoming", f"fd:{self.fd}"]
+
+
+@dataclass(frozen=True)
 class PidFile:
     """``-pidfile``: QEMU writes (and locks) its pid there."""
 
@@ -356,6 +366,35 @@ class VirtioFsShare:
             f"tag={escape(self.tag)},queue-size={self.queue_size}",
         ]
 
+    def hotplug(self) -> list[tuple[str, dict[str, object]]]:
+        """The QMP commands that add this share to a running VM (same devices as argv)."""
+        chardev = f"fs{self.index}"
+        return [
+            (
+                "chardev-add",
+                {
+                    "id": chardev,
+                    "backend": {
+                        "type": "socket",
+                        "data": {
+                            "addr": {"type": "unix", "data": {"path": str(self.socket)}},
+                            "server": False,
+                        },
+                    },
+                },
+            ),
+            (
+                "device_add",
+                {
+                    "driver": virtio_device("vhost-user-fs", self.bus),
+                    "id": f"{chardev}dev",
+                    "chardev": chardev,
+                    "tag": self.tag,
+                    "queue-size": self.queue_size,
+                },
+            ),
+        ]
+
 
 # -- network -------------------------------------------------------------------------------
 
@@ -468,7 +507,10 @@ class VMConfig:
     ``(tag, virtiofsd socket)`` pairs; any share switches guest RAM to a shared memfd.
     ``qemu_log`` receives QEMU's stdout/stderr (default: next to ``console_log``).
     ``nics`` are the guest's network cards, in PCI order; tap fds are passed to QEMU
-    (:meth:`pass_fds`).
+    (:meth:`pass_fds`). ``shared_memory`` puts guest RAM in a shared memfd even without
+    shares (a VM that gets virtio-fs hot-plugged later, e.g. one restored from a template).
+    ``incoming_fd`` makes QEMU load a saved VM state from that (inherited) fd instead of
+    booting (``-incoming fd:N``); the command line must then be the saved VM's.
     Invalid values raise ``ValueError`` (a caller bug, not a runtime condition).
     """
 
@@ -491,6 +533,8 @@ class VMConfig:
     qemu_log: Path | None = None
     sandbox: bool = True
     nics: tuple[NicConfig, ...] = ()
+    shared_memory: bool = False
+    incoming_fd: int | None = None
     extra: tuple[QemuOption, ...] = field(default=(), compare=False)
 
     def __post_init__(self) -> None:
@@ -533,8 +577,9 @@ class VMConfig:
         return self.console_log.with_name(f"{self.console_log.stem}-qemu.log")
 
     def pass_fds(self) -> tuple[int, ...]:
-        """The fds QEMU must inherit (tap devices named by ``fd=`` options)."""
-        return tuple(nic.fd for nic in self.nics if nic.fd is not None)
+        """The fds QEMU must inherit (tap devices named by ``fd=`` options, incoming state)."""
+        fds = tuple(nic.fd for nic in self.nics if nic.fd is not None)
+        return fds + ((self.incoming_fd,) if self.incoming_fd is not None else ())
 
     def sockets(self) -> tuple[Path, ...]:
         """The unix sockets QEMU creates (and that are removed after it exits)."""
@@ -544,7 +589,7 @@ class VMConfig:
 def vm_options(config: VMConfig, *, paused: bool = True) -> list[QemuOption]:
     """The typed options for ``config``, in command-line order."""
     bus = bus_of(config.machine)
-    shared_memory = bool(config.shares)
+    shared_memory = bool(config.shares) or config.shared_memory
     options: list[QemuOption] = [
         Name(config.name),
         Machine(config.machine, MEMORY_BACKEND_ID if shared_memory else None),
@@ -580,6 +625,8 @@ def vm_options(config: VMConfig, *, paused: bool = True) -> list[QemuOption]:
     if config.pidfile is not None:
         options.append(PidFile(config.pidfile))
     options.extend(config.extra)
+    if config.incoming_fd is not None:
+        options.append(Incoming(config.incoming_fd))
     if paused:
         options.append(Paused())
     return options

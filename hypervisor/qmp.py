@@ -86,12 +86,19 @@ class QMP:
         arguments: dict[str, object] | None = None,
         *,
         timeout: float | None = None,
+        fd: int | None = None,
     ) -> object:
         """Run ``command`` and return its ``return`` value.
 
-        Raises QMPError on an error reply or a broken connection, HypervisorTimeout after
-        ``timeout`` (default: the connection's) seconds.
+        ``fd`` is passed to QEMU with the command (SCM_RIGHTS; ``getfd``/``add-fd`` take it);
+        it stays open here. Raises QMPError on an error reply or a broken connection,
+        HypervisorTimeout after ``timeout`` (default: the connection's) seconds.
         """
+        if fd is not None:
+            try:
+                self._client.send_fd_scm(fd)
+            except (_LibQMPError, OSError) as exc:
+                raise QMPError(f"qmp {command}: passing fd failed: {exc}", command=command) from exc
         return self._run(
             self._client.execute(command, arguments),
             self.timeout if timeout is None else timeout,

@@ -150,6 +150,10 @@ class AgentClient:
         """Mount virtio-fs ``tag`` at guest ``path`` (under /run/pysandbox)."""
         self._call("MountShare", pb.MountShareRequest(tag=tag, path=path, readonly=readonly))
 
+    def restored(self, entropy: bytes, realtime_ns: int) -> None:
+        """Tell a guest restored from a template VM to reseed its CRNG and set its clock."""
+        self._call("Restored", pb.RestoredRequest(entropy=entropy, realtime_ns=realtime_ns))
+
     def read_file(self, path: str, max_bytes: int = MAX_READ_BYTES) -> bytes:
         """Read a guest file (at most ``max_bytes``)."""
         reply = self._call("ReadFile", pb.ReadFileRequest(path=path, max_bytes=max_bytes))

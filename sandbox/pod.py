@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+import secrets
 import shutil
 import subprocess
 import sys
@@ -30,7 +31,7 @@ from typing import Any
 
 from hypervisor.process import ProcessHandle
 from hypervisor.qemu_args import Accelerator
-from sandbox import hostfs, network, state
+from sandbox import hostfs, network, state, template
 from sandbox.agent_client import ContainerClient
 from sandbox.errors import AgentError, ConfigError, NotFoundError, SandboxError, StateError
 
@@ -264,6 +265,11 @@ class Pod:
             self.save()
             guest_network = network.user_network_config(hostname)
             nics = (NicConfig(network.USER_MAC, "user"),)
+        if not nics and template.enabled():
+            deadline = time.monotonic() + timeout
+            if self._restore(image, accel_name, memory_mib, timeout):
+                return
+            timeout = max(0.1, deadline - time.monotonic())  # one budget for the whole boot
         config = VMConfig(
             name=f"pysandbox-{state.pod_dir_name(self.id)}",
             kernel=image.kernel,
@@ -300,39 +306,85 @@ class Pod:
                     "resolv_conf": files.resolv_conf,
                     "hosts": files.hosts,
                 }
+        self.record["boot"] = "cold"
         self.record["status"] = "running"
         self.save()
 
+    def _restore(
+        self, image: Any, accel_name: Accelerator, memory_mib: int, timeout: float
+    ) -> bool:
+        """Start this pod's VM from the template for its machine (sandbox/template.py).
+
+        True once the agent is healthy, told it was restored and the share is mounted.
+        False if no template can be had or restoring it fails: whatever this attempt started
+        is stopped and forgotten (a template that failed to restore is discarded) and the
+        caller cold boots. Agent failures after a successful restore are raised.
+        """
+        from hypervisor.errors import HypervisorError, HypervisorTimeout
+        from hypervisor.qemu import QemuVM
+
+        cmdline = kernel_cmdline()
+        try:
+            state_file = template.ensure(image, accel_name, memory_mib, cmdline, timeout)
+            fd = os.open(state_file, os.O_RDONLY | os.O_CLOEXEC)
+        except (template.TemplateError, OSError) as exc:
+            self._note(f"no template, cold boot: {exc}")
+            return False
+        config = template.vm_config(
+            image,
+            accel_name,
+            memory_mib,
+            cmdline,
+            self.dir,
+            name=f"pysandbox-{state.pod_dir_name(self.id)}",
+            incoming_fd=fd,
+        )
+        vm = QemuVM(config)
+        try:
+            try:
+                vm.start()
+            finally:
+                os.close(fd)
+            self._remember("qemu", ProcessHandle.of(vm.pid))
+            self._remember("proxy", ProcessHandle.of(self._start_proxy(vm.pid)))
+            vm.wait_incoming(timeout)
+            vm.hotplug_share(SHARE_TAG, self.dir / "virtiofsd.sock")
+            vm.resume()
+        except (HypervisorError, AgentError, OSError) as exc:
+            # Only a state QEMU could not load is the template's fault: discard it then.
+            if isinstance(exc, HypervisorError) and not isinstance(exc, HypervisorTimeout):
+                template.discard(state_file)
+                self._note(f"restoring {state_file} failed, template discarded: {exc}")
+            else:
+                self._note(f"restoring {state_file} failed: {exc}")
+            for name in ("proxy", "qemu"):
+                ref = self.process(name)
+                if ref is not None:
+                    ref.terminate(timeout=2.0)
+                self.record["processes"].pop(name, None)
+            self.save()
+            for leftover in config.sockets():
+                with contextlib.suppress(FileNotFoundError):
+                    leftover.unlink()
+            return False
+        qemu = self.process("qemu")
+        assert qemu is not None
+        with self.client() as agent:
+            agent.wait_healthy(timeout, alive=qemu.alive)
+            agent.restored(secrets.token_bytes(64), time.time_ns())
+            agent.mount_share(SHARE_TAG, GUEST_SHARE)
+        self.record["boot"] = "restored"
+        self.record["status"] = "running"
+        self.save()
+        return True
+
+    def _note(self, text: str) -> None:
+        """Append a line to the pod's boot notes (``boot.log`` in its directory)."""
+        with contextlib.suppress(OSError), open(self.dir / "boot.log", "a") as log:
+            log.write(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} {text}\n")
+
     def _start_proxy(self, vm_pid: int) -> int:
-        log = open(self.dir / "proxy.log", "ab")  # noqa: SIM115 - handed to the child
-        with log:
-            proc = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "sandbox.agent_proxy",
-                    "--listen",
-                    str(self.dir / "agent.sock"),
-                    "--serial",
-                    str(self.dir / "agent-serial.sock"),
-                    "--vm-pid",
-                    str(vm_pid),
-                ],
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.PIPE,
-                stderr=log,
-                start_new_session=True,
-                cwd="/",
-                env={**os.environ, "PYTHONPATH": _import_root()},
-            )
-        assert proc.stdout is not None
-        line = proc.stdout.readline()
-        proc.stdout.close()
-        if line.strip() != b"agent-proxy: ready":
-            proc.kill()
-            proc.wait()
-            raise AgentError(f"agent proxy failed to start; see {self.dir / 'proxy.log'}")
-        return proc.pid
+        return start_proxy(self.dir, vm_pid)
 
     def _keep_console_log(self) -> Path | None:
         if not self.console_log.exists():
@@ -377,6 +429,43 @@ class Pod:
             # Never rmtree across a mount: it would delete a user's rootfs or volume.
             raise StateError(f"cannot remove pod {self.id}: still mounted: {', '.join(left)}")
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def start_proxy(directory: Path, vm_pid: int) -> int:
+    """Start the agent proxy of the VM whose files are in ``directory``; its pid once ready.
+
+    It serves ``directory/agent.sock`` and relays to QEMU's ``agent-serial.sock``; its log
+    is ``proxy.log``. AgentError if it does not report ready.
+    """
+    log = open(directory / "proxy.log", "ab")  # noqa: SIM115 - handed to the child
+    with log:
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "sandbox.agent_proxy",
+                "--listen",
+                str(directory / "agent.sock"),
+                "--serial",
+                str(directory / "agent-serial.sock"),
+                "--vm-pid",
+                str(vm_pid),
+            ],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=log,
+            start_new_session=True,
+            cwd="/",
+            env={**os.environ, "PYTHONPATH": _import_root()},
+        )
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    proc.stdout.close()
+    if line.strip() != b"agent-proxy: ready":
+        proc.kill()
+        proc.wait()
+        raise AgentError(f"agent proxy failed to start; see {directory / 'proxy.log'}")
+    return proc.pid
 
 
 def kernel_cmdline() -> str:

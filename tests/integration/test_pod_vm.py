@@ -99,7 +99,10 @@ def test_agent_reachable_after_proxy_restart(pod_factory) -> None:  # type: igno
     assert new_proxy is not None and new_proxy != proxy and new_proxy.alive()
 
 
-def test_boot_timeout_kills_vm_and_names_console_log(vm_root: Path) -> None:
+def test_boot_timeout_kills_vm_and_names_console_log(
+    vm_root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("PYSANDBOX_TEMPLATES", "0")  # a cold boot (restores: test_template.py)
     with pytest.raises(AgentTimeout, match=r"console log kept at (\S+)") as caught:
         Pod.boot(vm_root, "too-slow", timeout=0.5)
     kept = Path(str(caught.value).rsplit(" ", 1)[1])

@@ -1,0 +1,101 @@
+"""Pods restored from a template VM (sandbox/template.py): each one a distinct, working machine
+with the right clock; a template that cannot be restored is discarded and the pod cold boots."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from sandbox import template
+from sandbox.pod import Pod
+from tests.integration.helpers import busybox_spec, run_container
+
+#: How old the template must be before the clock check: a restored guest that did not set its
+#: clock would be at least this far behind the host.
+TEMPLATE_AGE = 8.0
+
+
+@pytest.fixture
+def template_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """A private template directory, so that these tests build their own template."""
+    directory = tmp_path / "templates"
+    monkeypatch.setenv("PYSANDBOX_TEMPLATE_DIR", str(directory))
+    monkeypatch.setenv("PYSANDBOX_TEMPLATES", "1")
+    yield directory
+
+
+def _state_files(directory: Path) -> list[Path]:
+    return sorted(directory.glob(f"*/{template.STATE_FILE}"))
+
+
+def _processes_mentioning(text: str) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if text.encode() in (entry / "cmdline").read_bytes():
+                    found.append(int(entry.name))
+            except OSError:
+                pass
+    return found
+
+
+def _guest_check(pod: Pod) -> tuple[int, bytes]:
+    """(guest time in seconds, a fresh kernel UUID) and the share working, from inside."""
+    (pod.shared_dir / "from-host.txt").write_text("host wrote this\n")
+    with pod.client() as agent:
+        assert agent.read_file("/run/pysandbox/shared/from-host.txt") == b"host wrote this\n"
+        uuid = agent.read_file("/proc/sys/kernel/random/uuid").strip()
+    result = run_container(pod, busybox_spec("date", "+%s"))
+    assert result.status == 0, result.stderr
+    return int(result.out), uuid
+
+
+def test_restored_pods_are_distinct_machines_with_the_right_clock(
+    template_dir: Path, pod_factory: Callable[..., Pod]
+) -> None:
+    first = pod_factory()  # builds the template, then restores from it
+    assert first.record["boot"] == "restored"
+    [state_file] = _state_files(template_dir)
+    assert _processes_mentioning(str(template_dir)) == [], "template VM left running"
+    built = state_file.stat().st_mtime
+    time.sleep(max(0.0, built + TEMPLATE_AGE - time.time()))
+
+    second = pod_factory()
+    assert second.record["boot"] == "restored"
+    assert _state_files(template_dir) == [state_file]  # reused, not rebuilt
+    checks = [_guest_check(pod) for pod in (first, second)]
+    for guest_time, _ in checks:
+        # Without Restored the guest clock would be TEMPLATE_AGE behind (the saved clock).
+        assert abs(guest_time - time.time()) < 3
+    # Without the CRNG reseed both clones draw the same "random" UUID.
+    assert checks[0][1] != checks[1][1]
+
+
+def test_unloadable_template_is_discarded_and_the_pod_cold_boots(
+    template_dir: Path, pod_factory: Callable[..., Pod]
+) -> None:
+    pod_factory().destroy()  # build a template
+    [state_file] = _state_files(template_dir)
+    with open(state_file, "r+b") as state:
+        state.write(os.urandom(4096))  # QEMU refuses a state with a bad header
+
+    pod = pod_factory()
+    assert pod.record["boot"] == "cold"
+    assert "template discarded" in (pod.dir / "boot.log").read_text()
+    assert _state_files(template_dir) == []
+    _guest_check(pod)
+    assert pod_factory().record["boot"] == "restored"  # rebuilt on the next boot
+
+
+def test_templates_can_be_turned_off(
+    template_dir: Path, pod_factory: Callable[..., Pod], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("PYSANDBOX_TEMPLATES", "0")
+    pod = pod_factory()
+    assert pod.record["boot"] == "cold"
+    assert not template_dir.exists()
