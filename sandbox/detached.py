@@ -303,15 +303,14 @@ def print_logs(root: Path, name: str, follow: bool = False) -> None:
         return
     with log:
         while True:
-            chunk = log.read(1 << 20)
-            if chunk:
+            # Checked before draining: once stopped, everything is in the file.
+            last = not follow or record.status is Status.STOPPED
+            while chunk := log.read(1 << 20):
                 out.write(chunk)
-                continue
             out.flush()
-            if not follow or record.status is Status.STOPPED:
-                break
+            if last:
+                return
             time.sleep(0.2)
-        out.flush()
 
 
 def main(argv: list[str] | None = None) -> None:

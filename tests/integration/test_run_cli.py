@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
+import io
 import json
 import os
 import pty
@@ -13,6 +14,7 @@ import signal
 import struct
 import subprocess
 import sys
+import tarfile
 import tempfile
 import termios
 import time
@@ -368,8 +370,15 @@ def test_detached_runs_ps_logs_stop_rm(root: Path) -> None:
     unknown = cli(root, "logs", "nope")
     assert (unknown.returncode, unknown.stderr) == (1, b"pysandbox: no such run: nope\n")
 
+    follow = subprocess.Popen(
+        [sys.executable, "-m", "sandbox", "--root", str(root), "logs", "-f", "web"],
+        stdout=subprocess.PIPE,
+        cwd=ROOT,
+    )
     stopped = cli(root, "stop", "web")
     assert (stopped.returncode, stopped.stdout) == (0, b"web\n"), stopped.stderr
+    followed, _ = follow.communicate(timeout=30)  # logs -f ends when the run has stopped
+    assert follow.returncode == 0 and followed.endswith(b"term\n"), followed
     assert _wait_until(lambda: "once" not in _runs(root) and not (root / "once").exists())
     assert _wait_until(lambda: _runs(root)["short"]["status"] == "stopped")
     runs = _runs(root)
@@ -390,3 +399,71 @@ def test_detached_runs_ps_logs_stop_rm(root: Path) -> None:
     assert _runs(root) == {}
     assert not any((root / name).exists() for name in ("web", "short", "once", "busy"))
     assert _leftovers(root) == [] and _processes_of(root) == []
+
+
+def _docker_archive(path: Path) -> Path:
+    """A one-layer docker-archive (what ``docker save`` writes) holding only /etc/passwd."""
+
+    def tar_of(members: dict[str, bytes]) -> bytes:
+        buffer = io.BytesIO()
+        with tarfile.open(fileobj=buffer, mode="w") as tar:
+            for name, data in members.items():
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+        return buffer.getvalue()
+
+    layer = tar_of({"etc/passwd": b"root:x:0:0:root:/:/bin/sh\n"})
+    layer_hex = hashlib.sha256(layer).hexdigest()
+    config = json.dumps(
+        {
+            "architecture": {"x86_64": "amd64", "aarch64": "arm64"}[os.uname().machine],
+            "os": "linux",
+            "config": {"Cmd": ["sh"]},
+            "rootfs": {"type": "layers", "diff_ids": [f"sha256:{layer_hex}"]},
+        }
+    ).encode()
+    config_hex = hashlib.sha256(config).hexdigest()
+    manifest = [
+        {"Config": f"{config_hex}.json", "RepoTags": ["t:1"], "Layers": [f"{layer_hex}.tar"]}
+    ]
+    path.write_bytes(
+        tar_of(
+            {
+                f"{config_hex}.json": config,
+                f"{layer_hex}.tar": layer,
+                "manifest.json": json.dumps(manifest).encode(),
+            }
+        )
+    )
+    return path
+
+
+def test_unpack_progress_only_when_stderr_is_a_terminal(root: Path, tmp_path: Path) -> None:
+    # The image is unpacked, then -u fails before any VM boots: no VM needed to see stderr.
+    archive = _docker_archive(tmp_path / "image.tar")
+    argv = [sys.executable, "-m", "sandbox", "--root", str(root), "run", "-u", "ghost"]
+    env = {**os.environ, "PYSANDBOX_IMAGE_STORE": str(tmp_path / "store-1")}
+    piped = subprocess.run(
+        [*argv, str(archive), "true"], capture_output=True, timeout=60, cwd=ROOT, env=env
+    )
+    assert piped.returncode == 125
+    assert piped.stderr.startswith(b"pysandbox: unknown user 'ghost'"), piped.stderr
+    assert piped.stderr.count(b"\n") == 1
+    assert (tmp_path / "store-1" / "sha256").is_dir()  # it was unpacked, silently
+
+    master, slave = os.openpty()
+    env["PYSANDBOX_IMAGE_STORE"] = str(tmp_path / "store-2")
+    try:
+        shown = subprocess.run(
+            [*argv, str(archive), "true"], stderr=slave, timeout=60, cwd=ROOT, env=env
+        )
+        os.close(slave)
+        output = bytearray()
+        _read_until(master, output, b"\0", timeout=10)  # everything written, to EOF
+    finally:
+        os.close(master)
+    assert shown.returncode == 125
+    text = bytes(output).decode()
+    assert "pysandbox: unpacking layer 1/1 (" in text and "unpacked " in text, text
+    assert text.replace("\r\n", "\n").split("\n")[-2].startswith("pysandbox: unknown user 'ghost'")
