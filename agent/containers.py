@@ -105,6 +105,7 @@ class Container:
     started: bool = False
     paused: bool = False
     execs: dict[str, Process] = field(default_factory=dict)
+    starting: set[str] = field(default_factory=set)  # exec ids being spawned
 
     @property
     def status(self) -> str:
@@ -355,20 +356,33 @@ class ContainerManager:
         container.started = True
 
     def exec(self, container_id: str, exec_id: str, process_json: bytes) -> int:
+        """Run one more process in the running container; its pid (see ExecProcess)."""
         container = self.get(container_id)
         if container.status != "running":
             raise ContainerError(
                 "FAILED_PRECONDITION",
                 f"container {container_id} is {container.status}, not running",
             )
-        if not exec_id or exec_id in container.execs:
-            raise ContainerError("ALREADY_EXISTS", f"exec id {exec_id!r} is empty or in use")
         try:
             process = json.loads(process_json)
             if not isinstance(process, dict):
                 raise ValueError("not an object")
         except ValueError as exc:
             raise ContainerError("INVALID_ARGUMENT", f"malformed process json: {exc}") from exc
+        with self._lock:  # reserve the id: two concurrent requests must not both run
+            if not exec_id or exec_id in container.execs or exec_id in container.starting:
+                raise ContainerError("ALREADY_EXISTS", f"exec id {exec_id!r} is empty or in use")
+            container.starting.add(exec_id)
+        try:
+            proc = self._start_exec(container, process)
+            container.execs[exec_id] = proc
+        finally:
+            with self._lock:
+                container.starting.discard(exec_id)
+        return proc.pid
+
+    def _start_exec(self, container: Container, process: dict[str, Any]) -> Process:
+        """Spawn agent.oci.exec for ``process`` in ``container`` and let it run."""
         if container.seccomp is not None and "seccomp" not in process:
             process["seccomp"] = container.seccomp
         oom_kills_before = self._oom_kills(container)
@@ -388,10 +402,15 @@ class ContainerManager:
             bool(process.get("terminal", False)),
         )
         proc.oom_kills_before = oom_kills_before
-        control.sendall(b"start\n")
-        control.close()
-        container.execs[exec_id] = proc
-        return proc.pid
+        try:
+            control.sendall(b"start\n")
+        except OSError as exc:  # the runtime died between ready and start
+            for which in ("stdin", "stdout", "stderr"):
+                proc.release(which)
+            raise ContainerError("FAILED_PRECONDITION", f"starting the process: {exc}") from exc
+        finally:
+            control.close()
+        return proc
 
     def signal(self, container_id: str, exec_id: str, signum: int, all_processes: bool) -> None:
         """Signal one process, or every process of the container (``all_processes``).
@@ -501,9 +520,11 @@ class ContainerManager:
     def resize(self, container_id: str, exec_id: str, rows: int, cols: int) -> None:
         """Set the terminal's size; FAILED_PRECONDITION without a terminal (or after exit)."""
         proc = self.process(container_id, exec_id)
-        fd = proc.borrow("stdin") if proc.terminal else None
-        if fd is None:
+        if not proc.terminal:
             raise ContainerError("FAILED_PRECONDITION", "process has no terminal")
+        fd = proc.borrow("stdin")
+        if fd is None:
+            raise ContainerError("FAILED_PRECONDITION", "the process's terminal is closed")
         try:
             fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
         finally:

@@ -380,6 +380,10 @@ def test_exec_with_terminal_resize_and_stdin(shared_pod: Pod) -> None:
         box.client.write_stdin(box.cid, "tty", b"hello\n")
         assert box.client.wait_process(box.cid, "tty", 60)[:2] == (4, 0)
         assert out.wait_closed().endswith(b"hello\r\ngot hello\r\n30 90\r\n")  # echo, then us
+        with pytest.raises(AgentError, match="terminal is closed"):
+            box.client.resize(box.cid, "tty", 10, 10)  # it exited
+        with pytest.raises(AgentError, match="stdin is closed"):
+            box.client.write_stdin(box.cid, "tty", b"late\n")
 
 
 def test_stats_and_update_resources(shared_pod: Pod) -> None:
