@@ -54,7 +54,8 @@ demo: deps guest-image
 	$(VENV)/bin/pysandbox run --rm default echo "hello from a pysandbox VM"
 
 bench: deps guest-image floor-image
-	$(PY) bench/run.py
+	$(PY) bench/run.py --boot restored
+	$(PY) bench/run.py --boot cold
 	$(PY) bench/cli.py
 	$(PY) bench/network.py
 

@@ -24,8 +24,11 @@ substituting it for ``sandbox.pod.kernel_cmdline`` in this process only.
 Memory: PSS (``/proc/PID/smaps_rollup``, summed over each process tree) of QEMU, virtiofsd
 and the host agent proxy of one idle pod, ``--settle`` seconds after it booted.
 
-Prints a table and writes ``<out>/<YYYY-MM-DD>-boot.json``. Every VM is time-boxed and
-torn down in ``finally``; the private ``--root`` is removed at the end.
+Pods: ``--boot restored`` (default) restores each pod from the template VM
+(sandbox/template.py; built before timing starts), ``--boot cold`` boots each from scratch.
+
+Prints a table and writes ``<out>/<YYYY-MM-DD>-boot-<restored|cold>.json``. Every VM is
+time-boxed and torn down in ``finally``; the private ``--root`` is removed at the end.
 """
 
 from __future__ import annotations
@@ -58,7 +61,7 @@ from hypervisor.image import GuestImage, find_image, floor_initrd  # noqa: E402
 from hypervisor.process import ProcessHandle, start_time  # noqa: E402
 from hypervisor.qemu import QemuVM, find_qemu  # noqa: E402
 from hypervisor.qemu_args import VMConfig, build_argv  # noqa: E402
-from sandbox import hostfs  # noqa: E402
+from sandbox import hostfs, template  # noqa: E402
 from sandbox import pod as pod_module  # noqa: E402
 from sandbox.agent_client import AgentClient  # noqa: E402
 from sandbox.pod import DEFAULT_MEMORY_MIB, Pod, kernel_cmdline  # noqa: E402
@@ -391,6 +394,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-memory", action="store_true", help="skip the PSS measurement")
     parser.add_argument("--no-json", action="store_true", help="only print the table")
     parser.add_argument(
+        "--boot",
+        choices=("restored", "cold"),
+        default="restored",
+        help="pods restored from a template VM (default; built before timing) or cold booted",
+    )
+    parser.add_argument(
         "--cmdline",
         choices=("pod", "manifest"),
         default="pod",
@@ -408,6 +417,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.cmdline == "manifest":
         cmdline = str(image.manifest.get("kernel", {}).get("cmdline") or cmdline)
         pod_module.kernel_cmdline = lambda: cmdline
+    os.environ["PYSANDBOX_TEMPLATES"] = "1" if args.boot == "restored" else "0"
+    if args.boot == "restored":  # build (or find) the template before anything is timed
+        template.ensure(image, accel, args.memory_mib, cmdline, args.timeout)
     root = args.root or Path(tempfile.mkdtemp(prefix="psb-bench-", dir="/tmp"))
     own_root = args.root is None
     workdir = Path(tempfile.mkdtemp(prefix="psb-floor-", dir="/tmp"))
@@ -449,7 +461,9 @@ def main(argv: list[str] | None = None) -> int:
     ratio_spawn = pod_stats["spawn_to_health"]["median"] / floor_ready["median"]
 
     print()
-    print(f"kernel command line from: {args.cmdline} ({accel}, {args.memory_mib} MiB)")
+    print(
+        f"pods: {args.boot}; kernel command line: {args.cmdline} ({accel}, {args.memory_mib} MiB)"
+    )
     print(
         f"{'boot (seconds, ' + str(args.runs) + ' runs each)':<44} {'median':>7} "
         f"{'min':>7} {'max':>7}"
@@ -498,6 +512,7 @@ def main(argv: list[str] | None = None) -> int:
             "kernel": image.manifest.get("kernel", {}).get("release"),
             "sizes": image.manifest.get("sizes"),
         },
+        "boot": args.boot,
         "cmdline_source": args.cmdline,
         "kernel_cmdline": cmdline,
         "floor_argv": build_argv(floor_cfg, qemu, paused=False)[1:],
@@ -523,7 +538,8 @@ def main(argv: list[str] | None = None) -> int:
         }
     if not args.no_json:
         args.out.mkdir(parents=True, exist_ok=True)
-        name = args.name or f"{time.strftime('%Y-%m-%d', time.gmtime(started))}-boot.json"
+        day = time.strftime("%Y-%m-%d", time.gmtime(started))
+        name = args.name or f"{day}-boot-{args.boot}.json"
         path = args.out / name
         path.write_text(json.dumps(result, indent=2) + "\n")
         print(f"\nwrote {path}")
