@@ -179,8 +179,8 @@ def _wait_shim(record: ContainerRecord, timeout: float | None) -> bool:
         return True
     try:
         pidfd = os.pidfd_open(handle.pid)
-    except OSError:
-        return not handle.alive()
+    except OSError:  # gone already, or no pidfds (Linux < 5.3): poll
+        return handle.wait(float("inf") if timeout is None else timeout)
     try:
         if not handle.alive():  # the pidfd may name a reused pid: check after opening it
             return True

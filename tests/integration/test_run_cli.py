@@ -396,8 +396,11 @@ def test_detached_runs_ps_logs_stop_rm(root: Path) -> None:
     assert busy.returncode == 0, busy.stderr
     forced = cli(root, "rm", "-f", "busy")
     assert (forced.returncode, forced.stdout) == (0, b"busy\n"), forced.stderr
+    missing = run(root, "-d", "--name", "bad", "default", "no-such-command")
+    assert missing.returncode == 127 and missing.stdout == b"", missing.stderr
+    assert missing.stderr.count(b"\n") == 1 and b"executable file not found" in missing.stderr
     assert _runs(root) == {}
-    assert not any((root / name).exists() for name in ("web", "short", "once", "busy"))
+    assert not any((root / n).exists() for n in ("web", "short", "once", "busy", "bad"))
     assert _leftovers(root) == [] and _processes_of(root) == []
 
 
