@@ -33,6 +33,9 @@ MAX_SPEC_BYTES = 1024 * 1024
 #: Guest directory holding per-container overlay layers (on the /run tmpfs).
 OVERLAY_ROOT = "/run/pysandbox-overlay"
 READY_TIMEOUT = 60.0
+#: Exited execs whose status a WaitProcess has returned are forgotten once this many newer
+#: ones exist: a container probed by an exec every few seconds must not grow the agent forever.
+MAX_COLLECTED_EXECS = 256
 _CHUNK = 64 * 1024
 
 
@@ -65,6 +68,8 @@ class Process:
     signal: int = 0
     #: The container cgroup's oom_kill count when the process was started (execs only).
     oom_kills_before: int = 0
+    #: A WaitProcess has returned its exit status.
+    collected: bool = False
     _fds_lock: threading.Lock = field(default_factory=threading.Lock)
 
     def on_exit(self, raw: int) -> None:
@@ -379,7 +384,24 @@ class ContainerManager:
         finally:
             with self._lock:
                 container.starting.discard(exec_id)
+        self._forget_old_execs(container)
         return proc.pid
+
+    def _forget_old_execs(self, container: Container) -> None:
+        """Drop the oldest collected execs beyond :data:`MAX_COLLECTED_EXECS`."""
+        with self._lock:
+            collected = [
+                exec_id
+                for exec_id, proc in container.execs.items()
+                if proc.collected and proc.exited.is_set()
+            ]
+            dropped = [
+                container.execs.pop(exec_id)
+                for exec_id in collected[: max(0, len(collected) - MAX_COLLECTED_EXECS)]
+            ]
+        for proc in dropped:
+            for which in ("stdin", "stdout", "stderr"):
+                proc.release(which)
 
     def _start_exec(self, container: Container, process: dict[str, Any]) -> Process:
         """Spawn agent.oci.exec for ``process`` in ``container`` and let it run."""
@@ -441,8 +463,12 @@ class ContainerManager:
                 os.kill(proc.pid, signum)
 
     def wait(self, container_id: str, exec_id: str, timeout: float | None) -> Process | None:
+        """The process once it exited (marked collected), or None after ``timeout``."""
         proc = self.process(container_id, exec_id)
-        return proc if proc.exited.wait(timeout) else None
+        if not proc.exited.wait(timeout):
+            return None
+        proc.collected = True
+        return proc
 
     @staticmethod
     def _oom_kills(container: Container) -> int:

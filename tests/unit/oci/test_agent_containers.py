@@ -122,3 +122,30 @@ def test_paused_container_refuses_exec(tmp_path: Path) -> None:
         init.release(which)
     os.close(in_r)
     os.close(out_w)
+
+
+def test_collected_execs_are_forgotten_beyond_the_bound(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from agent import containers
+
+    monkeypatch.setattr(containers, "MAX_COLLECTED_EXECS", 3)
+    init, in_r, out_w = _pipes_process()
+    manager = _manager(tmp_path, init)
+    container = manager.get("c1")
+    for n in range(6):
+        proc = Process(300 + n, False, None, None, None)
+        proc.on_exit(0)
+        container.execs[f"e{n}"] = proc
+    running = Process(400, False, None, None, None)
+    container.execs["running"] = running
+    for name in ("e0", "e1", "e2", "e3", "e4"):  # e5 exited but nobody has its status yet
+        assert manager.wait("c1", name, 0) is not None
+    manager._forget_old_execs(container)
+    assert list(container.execs) == ["e2", "e3", "e4", "e5", "running"]
+    with pytest.raises(ContainerError, match="does not exist"):
+        manager.wait("c1", "e0", 0)
+    for which in ("stdin", "stdout", "stderr"):
+        init.release(which)
+    os.close(in_r)
+    os.close(out_w)
