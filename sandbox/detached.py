@@ -223,7 +223,7 @@ def stop(root: Path, name: str, seconds: float = DEFAULT_STOP_SECONDS) -> None:
     then release the VM (see :func:`_release`). A stopped run is left as it is."""
     record = load_run(root, name)
     if record.status in (Status.CREATED, Status.RUNNING, Status.PAUSED):
-        with contextlib.suppress(StateError):
+        with contextlib.suppress(SandboxError):  # it may be ending meanwhile
             if record.status is Status.PAUSED:
                 runtime.set_paused(root, name, paused=False)
             runtime.kill(root, name, signal.SIGTERM)

@@ -470,3 +470,10 @@ def test_unpack_progress_only_when_stderr_is_a_terminal(root: Path, tmp_path: Pa
     text = bytes(output).decode()
     assert "pysandbox: unpacking layer 1/1 (" in text and "unpacked " in text, text
     assert text.replace("\r\n", "\n").split("\n")[-2].startswith("pysandbox: unknown user 'ghost'")
+
+
+@pytest.mark.parametrize("verb", [["logs"], ["stop"], ["rm"], ["rm", "-f"], ["logs", "-f"]])
+def test_run_verbs_on_an_unknown_name_fail_in_one_line(root: Path, verb: list[str]) -> None:
+    done = cli(root, *verb, "ghost-run")
+    assert (done.returncode, done.stdout) == (1, b"")
+    assert done.stderr == b"pysandbox: no such run: ghost-run\n"
