@@ -304,8 +304,11 @@ def _set_size(fd: int, rows: int, cols: int) -> None:
     fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
 
 
-def test_tty_is_a_real_terminal_that_follows_resizes(root: Path) -> None:
-    script = 'tty; stty size; echo ready; read line; stty size; echo "got $line"; exit 7'
+def test_tty_is_a_real_terminal_with_resize_and_ctrl_c(root: Path) -> None:
+    script = (
+        'tty; stty size; echo ready; read line; stty size; echo "got $line"; '
+        'trap "echo got INT; exit 130" INT; echo waiting; while :; do sleep 0.2; done'
+    )
     argv = [sys.executable, "-m", "sandbox", "--root", str(root), "run", "-i", "-t"]
     pid, master = pty.fork()
     if pid == 0:  # the child: pysandbox run on the pty slave, as from a terminal
@@ -321,16 +324,18 @@ def test_tty_is_a_real_terminal_that_follows_resizes(root: Path) -> None:
         _set_size(master, 40, 120)  # SIGWINCH to run, which resizes the guest terminal
         time.sleep(1.0)
         os.write(master, b"hello\r")
-        assert _read_until(master, output, b"got hello"), bytes(output)
+        assert _read_until(master, output, b"waiting"), bytes(output)
+        os.write(master, b"\x03")  # Ctrl-C: the guest terminal makes it SIGINT
         _read_until(master, output, b"\0", timeout=30)  # to EOF
     finally:
         _, status = os.waitpid(pid, 0)
         os.close(master)
-    assert os.waitstatus_to_exitcode(status) == 7, bytes(output)
+    assert os.waitstatus_to_exitcode(status) == 130, bytes(output)
     lines = bytes(output).decode(errors="replace").replace("\r", "").split("\n")
     assert lines[0] in ("/dev/console", "/dev/pts/0"), lines  # runc's console: a terminal
-    assert lines[1:3] == ["31 97", "ready"], lines
-    assert "40 120" in lines and "got hello" in lines, lines
+    # The guest terminal echoes the typed line, and Ctrl-C as ^C.
+    expected = ["31 97", "ready", "hello", "40 120", "got hello", "waiting", "^Cgot INT", ""]
+    assert lines[1:] == expected, lines
     assert _leftovers(root) == []
 
 
