@@ -25,7 +25,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--timeout", type=float, default=None, help="kill after N seconds")
     parser.add_argument("--name", default=None)
     parser.add_argument("--read-only", action="store_true", help="read-only root filesystem")
-    parser.add_argument("--rm", action="store_true", help="accepted: runs are always removed")
+    parser.add_argument(
+        "--rm",
+        action="store_true",
+        help="with -d: remove the run once it exits (foreground runs are always removed)",
+    )
     parser.add_argument(
         "--network",
         choices=["none", "user"],
@@ -39,7 +43,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="run an OCI bundle (runc's run): IMAGE is then the container id",
     )
-    parser.add_argument("--detach", "-d", action="store_true")
+    parser.add_argument(
+        "--detach",
+        "-d",
+        action="store_true",
+        help="run in the background and print its name (see ps, logs, stop, rm)",
+    )
     parser.add_argument("--pid-file", type=Path, default=None)
     parser.add_argument("--console-socket", type=Path, default=None)
 
