@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import threading
 import time
 from pathlib import Path
 
@@ -259,6 +260,32 @@ def test_exec_runs_in_the_container_with_its_own_exit_code(shared_pod: Pod) -> N
             box.start_exec("e3", "nope")
         assert box.client.container_status(box.cid)[0] == "running"
         assert box.exec("e3", "true").status == 0
+
+
+def test_concurrent_execs_with_one_id_run_once(shared_pod: Pod) -> None:
+    spec = busybox_spec("sh", "-c", "echo ready; exec sleep 1000")
+    with live_container(shared_pod, spec) as box:
+        box.stdout.wait_for(b"ready\n")
+        process = json.dumps({**box.spec["process"], "args": ["sleep", "1000"]}).encode()
+        outcomes: list[str] = []
+
+        def attempt() -> None:
+            try:
+                box.client.exec_process(box.cid, "twin", process)
+                outcomes.append("started")
+            except AgentError as exc:
+                outcomes.append("in use" if "in use" in str(exc) else str(exc))
+
+        threads = [threading.Thread(target=attempt) for _ in range(2)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(120)
+        assert sorted(outcomes) == ["in use", "started"]
+        deadline = time.monotonic() + 10  # the exec runtimes themselves exit after "ready"
+        while len(pids := box.client.list_processes(box.cid)) != 2:
+            assert time.monotonic() < deadline, pids  # sleep (init) and one twin
+            time.sleep(0.1)
 
 
 def test_exec_gets_the_containers_seccomp_profile(shared_pod: Pod) -> None:
