@@ -52,10 +52,16 @@ DEFAULT_CAPS = ["CAP_AUDIT_WRITE", "CAP_KILL", "CAP_NET_BIND_SERVICE"]
 
 
 @pytest.fixture(scope="module", autouse=True)
-def subreaper() -> None:
-    """Become a subreaper, as the agent is PID 1: the runtime's child is reparented to us."""
+def subreaper() -> Iterator[None]:
+    """Become a subreaper, as the agent is PID 1: the runtime's child is reparented to us.
+
+    Only for this module: later tests' orphans (QEMU of a finished CLI) must go to init,
+    which reaps them, not to pytest, which would leave them as zombies.
+    """
     libc = ctypes.CDLL(None, use_errno=True)
     assert libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0
+    yield
+    libc.prctl(PR_SET_CHILD_SUBREAPER, 0, 0, 0, 0)
 
 
 @pytest.fixture(scope="module")
