@@ -13,15 +13,15 @@ Transitions (runc's)::
 
 from __future__ import annotations
 
-import datetime
 import enum
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from hypervisor.process import ProcessHandle
 from sandbox import state
 from sandbox.errors import NotFoundError, StateError
+
+if TYPE_CHECKING:
+    from hypervisor.process import ProcessHandle
 
 
 class Status(enum.StrEnum):
@@ -52,13 +52,20 @@ class Status(enum.StrEnum):
         return self in (Status.STOPPED, Status.CREATED, Status.CREATING)
 
 
-@dataclass
 class ContainerRecord:
-    """A container as stored on disk."""
+    """A container as stored on disk.
 
-    root: Path
-    id: str
-    data: dict[str, Any]
+    A plain class, not a dataclass: ``state``, ``kill`` and ``delete`` load records on every
+    call, and the dataclasses module costs those short-lived processes more than the record.
+    """
+
+    def __init__(self, root: Path, container_id: str, data: dict[str, Any]) -> None:
+        self.root = root
+        self.id = container_id
+        self.data = data
+
+    def __repr__(self) -> str:
+        return f"ContainerRecord(root={self.root!r}, id={self.id!r}, data={self.data!r})"
 
     @property
     def dir(self) -> Path:
@@ -70,6 +77,10 @@ class ContainerRecord:
 
     @property
     def shim(self) -> ProcessHandle | None:
+        if self.data.get("shim") is None:
+            return None
+        from hypervisor.process import ProcessHandle
+
         return ProcessHandle.from_json(self.data.get("shim"))
 
     @property
@@ -107,6 +118,8 @@ class ContainerRecord:
     @classmethod
     def new(cls, root: Path, container_id: str, data: dict[str, Any]) -> ContainerRecord:
         """Reserve ``<root>/<id>``; StateError if the id is taken."""
+        import datetime
+
         state.validate_id(container_id)
         record = cls(
             root,

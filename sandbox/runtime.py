@@ -14,23 +14,19 @@ import contextlib
 import fcntl
 import json
 import os
-import secrets
 import signal as signals
 import struct
-import subprocess
 import termios
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from sandbox import shim, state
-from sandbox.container import share_container_files, unshare_container_files
+from sandbox import state
 from sandbox.errors import AgentError, ConfigError, NotFoundError, SandboxError, StateError
-from sandbox.network import netns_path_of
-from sandbox.pod import Pod
 from sandbox.record import ContainerRecord, Status
 
 if TYPE_CHECKING:
     from sandbox.agent_client import ContainerClient
+    from sandbox.pod import Pod
 
 MAX_CONFIG_BYTES = 4 * 1024 * 1024
 SANDBOX_TYPE_KEYS = ("io.kubernetes.cri.container-type", "io.kubernetes.cri-o.ContainerType")
@@ -70,6 +66,14 @@ def pod_of(container_id: str, spec: dict[str, Any]) -> tuple[str, bool]:
     return str(sandbox_id), False
 
 
+def _load_pod(root: Path, pod_id: str) -> Pod:
+    """The recorded pod (imported here: verbs that never reach a pod, e.g. for an unknown
+    id, do not pay for the gRPC client, QEMU and network modules)."""
+    from sandbox.pod import Pod
+
+    return Pod.load(root, pod_id)
+
+
 def _pod_lock(root: Path, pod_id: str) -> contextlib.AbstractContextManager[None]:
     return state.locked(root, f"pod-{state.pod_dir_name(pod_id)}")
 
@@ -92,6 +96,8 @@ def _guest_pid_lookup(root: Path, pod: Pod) -> Any:
 
 def _run_hooks(spec: dict[str, Any], name: str, record: ContainerRecord) -> None:
     """Run the OCI hooks ``name`` on the host with the state on stdin (runtime spec)."""
+    import subprocess
+
     for hook in (spec.get("hooks") or {}).get(name) or []:
         path = hook.get("path")
         if not isinstance(path, str) or not os.path.isabs(path):
@@ -125,6 +131,11 @@ def create(
 
     On any failure everything this call started is undone and the id is free again.
     """
+    from sandbox import shim
+    from sandbox.container import share_container_files
+    from sandbox.network import netns_path_of
+    from sandbox.pod import Pod
+
     state.validate_id(container_id)
     bundle = bundle.resolve()
     spec = load_bundle(bundle)
@@ -181,6 +192,8 @@ def create(
 
 
 def _write_pid_file(path: Path, pid: int) -> None:
+    import secrets
+
     tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}")
     tmp.write_text(str(pid))
     os.replace(tmp, path)
@@ -191,7 +204,7 @@ def start(root: Path, container_id: str) -> None:
     record = ContainerRecord.load(root, container_id)
     if not record.status.can_start():
         raise StateError(f"cannot start container {container_id}: it is {record.status}")
-    pod = Pod.load(root, record.pod_id)
+    pod = _load_pod(root, record.pod_id)
     with pod.client() as client:
         if record.data.get("terminal"):
             _sync_terminal_size(record, client)
@@ -209,6 +222,8 @@ def _sync_terminal_size(record: ContainerRecord, client: ContainerClient) -> Non
     shim's pty slave is its fd :data:`shim.TERMINAL_FD`; a shim that is gone or not this
     one (pid reuse) is left alone.
     """
+    from sandbox import shim
+
     handle = record.shim
     if handle is None or not handle.alive():
         return
@@ -251,7 +266,7 @@ def kill(root: Path, container_id: str, signum: int, all_processes: bool = False
         if all_processes:
             return
         raise StateError(f"container {container_id} is not running")
-    with Pod.load(root, record.pod_id).client() as client:
+    with _load_pod(root, record.pod_id).client() as client:
         client.signal(container_id, "", signum, all_processes)
 
 
@@ -270,36 +285,56 @@ def delete(root: Path, container_id: str, force: bool = False) -> None:
         )
     pod: Pod | None = None
     with contextlib.suppress(NotFoundError):
-        pod = Pod.load(root, record.pod_id)
+        pod = _load_pod(root, record.pod_id)
     _teardown(root, record, pod)
     with contextlib.suppress(SandboxError, OSError, KeyError):
         _run_hooks(load_bundle(Path(record.data["bundle"])), "poststop", record)
 
 
 def _teardown(root: Path, record: ContainerRecord, pod: Pod | None) -> None:
-    """Undo everything a container has: guest state, mounts, shim, pod membership, record."""
-    if pod is not None:
+    """Undo everything a container has: guest state, mounts, shim, pod membership, record.
+
+    The container that owns its pod takes the VM with it, and with the VM everything of the
+    container in the guest: no guest call is made first (in a broken pod, e.g. virtiofsd
+    killed, it would only wait out its deadline). A member of a pod that lives on is
+    removed from the guest and the pod share.
+    """
+    from sandbox.container import unshare_container_files
+
+    owner = bool(record.data.get("owns_pod"))
+    if pod is not None and not owner:
         qemu = pod.process("qemu")
         if qemu is not None and qemu.alive():
             with contextlib.suppress(SandboxError), pod.client(timeout=10.0) as client:
                 client.remove_container(record.id)
         unshare_container_files(pod, record.id)
-    shim_ref = record.shim
-    if shim_ref is not None:
-        shim_ref.terminate(timeout=2.0)
     if pod is not None:
         with _pod_lock(root, pod.id):
             with contextlib.suppress(SandboxError, OSError):
-                pod = Pod.load(root, pod.id)
+                pod = _load_pod(root, pod.id)
             members = [c for c in pod.record.get("containers", []) if c != record.id]
             pod.record["containers"] = members
-            if record.data.get("owns_pod") or not members:
-                pod.stop()
+            if owner or not members:
+                _stop_pod(pod)
             else:
                 pod.save()
+    shim_ref = record.shim
+    if shim_ref is not None:
+        shim_ref.terminate(timeout=2.0)  # after its VM is gone it has exited already
     import shutil
 
     shutil.rmtree(record.dir, ignore_errors=True)
+
+
+def _stop_pod(pod: Pod) -> None:
+    """Stop a pod's VM: cleanly through its agent, or, when its virtiofsd is gone (nothing
+    the guest still holds can reach the host any more, and the guest would hang on the
+    share until the deadline), at once."""
+    virtiofsd = pod.process("virtiofsd")
+    if virtiofsd is not None and not virtiofsd.alive():
+        pod.destroy()
+    else:
+        pod.stop()
 
 
 def exec_process(
@@ -318,7 +353,11 @@ def exec_process(
     terminal = bool(process.get("terminal"))
     if terminal and detach and console_socket is None:
         raise ConfigError("exec with a terminal needs --console-socket")
-    pod = Pod.load(root, record.pod_id)
+    pod = _load_pod(root, record.pod_id)
+    import secrets
+
+    from sandbox import shim
+
     exec_id = f"exec-{secrets.token_hex(8)}"
     with pod.client() as client:
         client.exec_process(container_id, exec_id, json.dumps(process).encode())
@@ -350,7 +389,7 @@ def set_paused(root: Path, container_id: str, paused: bool) -> None:
     if not allowed:
         verb = "pause" if paused else "resume"
         raise StateError(f"cannot {verb} container {container_id}: it is {record.status}")
-    with Pod.load(root, record.pod_id).client() as client:
+    with _load_pod(root, record.pod_id).client() as client:
         if paused:
             client.pause_container(container_id)
         else:
@@ -363,7 +402,7 @@ def update(root: Path, container_id: str, resources: dict[str, Any]) -> None:
     record = ContainerRecord.load(root, container_id)
     if record.status is Status.STOPPED:
         raise StateError(f"cannot update container {container_id}: it is stopped")
-    with Pod.load(root, record.pod_id).client() as client:
+    with _load_pod(root, record.pod_id).client() as client:
         client.update_container(container_id, json.dumps(resources).encode())
 
 
@@ -373,7 +412,7 @@ def processes(root: Path, container_id: str) -> list[int]:
     if record.status is Status.STOPPED:
         return []
     try:
-        with Pod.load(root, record.pod_id).client() as client:
+        with _load_pod(root, record.pod_id).client() as client:
             return client.list_processes(container_id)
     except (AgentError, NotFoundError):
         return []

@@ -16,11 +16,9 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import hashlib
 import json
 import os
 import re
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -44,6 +42,8 @@ def validate_id(value: str, kind: str = "container") -> str:
 
 def pod_dir_name(pod_id: str) -> str:
     """Directory name of a pod: 16 hex digits of sha256(pod id)."""
+    import hashlib  # here, not above: quick verbs that never reach a pod skip OpenSSL
+
     return hashlib.sha256(pod_id.encode()).hexdigest()[:16]
 
 
@@ -55,6 +55,8 @@ def ensure_dir(path: Path) -> Path:
 
 def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
     """Write ``data`` to ``path`` atomically (temp file + fsync + rename), mode 0600."""
+    import tempfile
+
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
