@@ -286,6 +286,7 @@ def test_runc_lifecycle_on_one_vm(runtime: Runtime, tmp_path: Path) -> None:
     assert runtime.state(cid)["status"] == "running"
     assert wait_until(lambda: "started" in init.output()), init.output()
     runtime.fails("start", cid, match="it is running", tmp=tmp_path)
+    runtime.fails("delete", cid, match="use --force", tmp=tmp_path)
 
     # exec, argv form: --env, --cwd, --user; the exit status is the process's.
     out = runtime.ok(
@@ -526,6 +527,46 @@ def test_errors_are_one_line_logged_once_and_leave_nothing(
         assert_nothing_left(runtime, cid, pod_id=cid)
     assert sorted(p.name for p in runtime.root.iterdir()) in ([], ["locks"], ["locks", "p"])
     assert not (runtime.root / "p").exists() or list((runtime.root / "p").iterdir()) == []
+
+
+#: Modules the quick verbs must not load before they reach a pod (or at all).
+HEAVY_MODULES = (
+    "grpc",
+    "sandbox.agent_client",
+    "sandbox.pod",
+    "sandbox.container",
+    "sandbox.network",
+    "sandbox.images",
+    "sandbox.shim",
+    "hypervisor.qemu_args",
+)
+
+
+def test_quick_verbs_import_only_what_they_use(runtime: Runtime) -> None:
+    stopped = runtime.root / "gone"
+    stopped.mkdir()
+    record = {"id": "gone", "status": "running", "pod_id": "gone", "bundle": "/nonexistent"}
+    record["shim"] = {"pid": 1, "start": 1}  # not init's start time: a shim that exited
+    (stopped / "state.json").write_text(json.dumps(record))
+    for args in (
+        ["state", "nope"],
+        ["kill", "nope", "9"],
+        ["delete", "nope"],
+        ["delete", "--force", "nope"],
+        ["state", "gone"],
+        ["kill", "--all", "gone", "9"],
+    ):
+        done = subprocess.run(
+            [sys.executable, "-X", "importtime", "-m", "sandbox", *runtime.argv(*args)[1:]],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            cwd=ROOT,
+        )
+        loaded = {line.split("|")[-1].strip() for line in done.stderr.splitlines() if "|" in line}
+        heavy = sorted(m for m in loaded if m.split(".")[0] == "grpc" or m in HEAVY_MODULES)
+        assert heavy == [], f"{args} imports {heavy}"
+    assert runtime.state("gone")["status"] == "stopped"
 
 
 # -- cleanup after failures, one VM each ------------------------------------------------------
