@@ -115,8 +115,25 @@ def _exit_status(record: Any) -> int:
 def cmd_create(args: argparse.Namespace) -> int:
     from sandbox import runtime
 
+    _undo_on_termination()
     runtime.create(_root(args), args.id, args.bundle, args.pid_file, args.console_socket)
     return 0
+
+
+def _undo_on_termination() -> None:
+    """Make SIGTERM/SIGHUP end this call the way Ctrl-C does: as an exception, so that a
+    create that is stopped half-way undoes what it started (the default action would leave
+    a booting VM behind for ``delete --force`` to find). Exit status 128+N; a second signal
+    is ignored while the undo runs."""
+    import signal
+
+    def stop(signum: int, _frame: object) -> None:
+        for each in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
+            signal.signal(each, signal.SIG_IGN)
+        raise SystemExit(128 + signum)
+
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, stop)
 
 
 def cmd_start(args: argparse.Namespace) -> int:

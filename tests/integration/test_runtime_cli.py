@@ -592,6 +592,22 @@ def test_failed_create_after_boot_undoes_the_pod(runtime: Runtime, tmp_path: Pat
     assert not (tmp_path / "pid").exists()
     assert_nothing_left(runtime, "hooked", pod_id="hooked")
 
+    # A create stopped with SIGTERM while its VM boots undoes it, as a failure does.
+    with open(tmp_path / "create.err", "w+") as err:
+        create = subprocess.Popen(
+            runtime.argv("create", "--bundle", str(make_bundle(tmp_path, ["true"])), "termed"),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=err,
+        )
+        booting = pod_dir(runtime.root, "termed") / "pod.json"
+        assert wait_until(booting.exists, 60)
+        create.send_signal(signal.SIGTERM)
+        assert create.wait(60) == 128 + signal.SIGTERM
+        err.seek(0)
+        assert "Traceback" not in err.read()
+    assert_nothing_left(runtime, "termed", pod_id="termed")
+
 
 def _recorded_pid(runtime: Runtime, cid: str, victim: str) -> int:
     if victim == "shim":
