@@ -327,11 +327,13 @@ def _teardown(root: Path, record: ContainerRecord, pod: Pod | None) -> None:
 
 
 def _stop_pod(pod: Pod) -> None:
-    """Stop a pod's VM: cleanly through its agent, or, when its virtiofsd is gone (nothing
-    the guest still holds can reach the host any more, and the guest would hang on the
-    share until the deadline), at once."""
-    virtiofsd = pod.process("virtiofsd")
-    if virtiofsd is not None and not virtiofsd.alive():
+    """Stop a pod's VM: cleanly through its agent, or at once when its virtiofsd or agent
+    proxy is gone. Without virtiofsd the guest hangs on the share until the deadline; without
+    the proxy the agent cannot be asked (and ``stop`` runs under the pod lock, which a new
+    proxy needs). Nothing is lost either way: the share is not write-back cached, so what the
+    guest wrote is on the host already."""
+    processes = [pod.process(name) for name in ("virtiofsd", "proxy")]
+    if any(ref is not None and not ref.alive() for ref in processes):
         pod.destroy()
     else:
         pod.stop()

@@ -3,8 +3,9 @@
 One VM carries the whole lifecycle (create → state → start → exec in every form → ps → list →
 pause/resume → update → kill → delete) and the failed creates that join its pod. Errors that
 need no VM (unknown ids, bad bundles) are checked against an empty root. A failed create that
-already booted its pod, and ``delete --force`` after QEMU, virtiofsd or the shim were killed
-with SIGKILL, each cost one boot: they are the cleanup paths a client cannot do itself.
+already booted its pod, and ``delete --force`` after QEMU, virtiofsd, the agent proxy or the
+shim were killed with SIGKILL, each cost one boot: they are the cleanup paths a client cannot
+do itself.
 
 Containers are created through :data:`CONMON`, a small subreaper standing in for conmon/the
 containerd shim: it runs the runtime command, then waits for the pid of ``--pid-file`` and
@@ -617,7 +618,7 @@ def _recorded_pid(runtime: Runtime, cid: str, victim: str) -> int:
     return int(pod["processes"][victim]["pid"])
 
 
-@pytest.mark.parametrize("victim", ["qemu", "virtiofsd", "shim"])
+@pytest.mark.parametrize("victim", ["qemu", "virtiofsd", "proxy", "shim"])
 def test_delete_force_after_sigkill(runtime: Runtime, tmp_path: Path, victim: str) -> None:
     cid = f"k-{victim}"
     bundle = make_bundle(tmp_path, ["sleep", "1000"])
