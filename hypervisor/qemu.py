@@ -271,6 +271,19 @@ class QemuVM(SpawnedProcess, Hypervisor):
                     )
                 time.sleep(0.02)
 
+    def release_zero_pages(self) -> int:
+        """Free the guest-RAM pages that hold only zeros (hypervisor/zeropages.py); bytes freed.
+
+        Only while the VM is paused (after :meth:`wait_incoming`, before :meth:`resume`).
+        0 if its RAM is not a memfd; OSError if the memfd cannot be punched.
+        """
+        from hypervisor import zeropages
+
+        if self.status() != "paused":
+            raise HypervisorError(f"vm {self.config.name} must be paused to release zero pages")
+        memfd = zeropages.find_ram_memfd(self.pid)
+        return 0 if memfd is None else zeropages.punch_zero_pages(memfd)
+
     def hotplug_share(self, tag: str, socket: Path, index: int = 0) -> None:
         """Add a virtio-fs share served on ``socket`` to the VM (QMPError on failure)."""
         share = VirtioFsShare(tag, socket, index, bus_of(self.config.machine))
