@@ -20,11 +20,17 @@ class _Parser(argparse.ArgumentParser):
     """argparse that reports usage errors as one line and exits 2 (like runc)."""
 
     usage_status_125 = False
+    #: The --log/--log-format of this call (found before parsing): usage errors go there
+    #: too, as every error does (containerd reports what its shim finds in that file).
+    log_flags: argparse.Namespace | None = None
 
     def error(self, message: str) -> NoReturn:
         # docker's code for `run` misuse is 125; runc's for everything else is 2.
         status = 125 if self.prog.endswith(" run") or self.usage_status_125 else 2
-        self.exit(status, f"pysandbox: {message} (see '{self.prog} --help')\n")
+        text = f"{message} (see '{self.prog} --help')"
+        if _Parser.log_flags is not None:
+            _log_error(_Parser.log_flags, text)
+        self.exit(status, f"pysandbox: {text}\n")
 
 
 def _global_flags(parser: argparse.ArgumentParser) -> None:
@@ -180,9 +186,27 @@ def _verb_of(argv: list[str]) -> str | None:
     return None
 
 
+def _log_flags(argv: list[str]) -> argparse.Namespace:
+    """``--log`` and ``--log-format`` among the global flags of ``argv`` (before the verb)."""
+    found = argparse.Namespace(log=None, log_format="text")
+    tokens = iter(argv)
+    for token in tokens:
+        name, equals, value = token.partition("=")
+        if name in ("--root", "--log", "--log-format"):
+            value = value if equals else next(tokens, "")
+            if name == "--log" and value:
+                found.log = Path(value)
+            elif name == "--log-format":
+                found.log_format = value
+        elif not token.startswith("-"):
+            break
+    return found
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """Entry point of the ``pysandbox`` console script."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    _Parser.log_flags = _log_flags(argv)
     verb = _verb_of(argv)
     parser = build_parser(only=verb)
     if isinstance(parser, _Parser):

@@ -524,6 +524,9 @@ def test_errors_are_one_line_logged_once_and_leave_nothing(
     (tty / "config.json").write_text(json.dumps(spec))
     runtime.fails("create", "--bundle", str(tty), "c4", match="--console-socket", tmp=tmp_path)
     runtime.fails("kill", "nope", "NOTASIGNAL", match="does not exist", tmp=tmp_path)
+    # Usage errors too: one line, and logged (containerd reports what the log file says).
+    runtime.fails("create", "--no-such-flag", "c5", match="unrecognized arguments", tmp=tmp_path)
+    runtime.fails("kill", match="required: id", tmp=tmp_path)
     for cid in ("c1", "c2", "c3", "c4", "nope"):
         assert_nothing_left(runtime, cid, pod_id=cid)
     assert sorted(p.name for p in runtime.root.iterdir()) in ([], ["locks"], ["locks", "p"])
