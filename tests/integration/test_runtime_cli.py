@@ -434,6 +434,33 @@ def test_runc_lifecycle_on_one_vm(runtime: Runtime, tmp_path: Path) -> None:
     assert pod_record["containers"] == [cid]
     assert runtime.ok("exec", cid, "echo", "still-here") == "still-here\n"
 
+    # Created, never started: killed then deleted (podman rm -f), or deleted outright.
+    member = make_bundle(tmp_path, ["sleep", "1000"], annotations=join)
+    for joiner in ("joiner3", "joiner4"):
+        pid_file = tmp_path / f"{joiner}.pid"
+        joined = runtime.conmon(
+            pid_file,
+            tmp_path / f"{joiner}.out",
+            "create",
+            "--bundle",
+            str(member),
+            "--pid-file",
+            str(pid_file),
+            joiner,
+        )
+        assert joined.rc() == 0, joined.output()
+        assert runtime.state(joiner)["status"] == "created"
+        if joiner == "joiner3":
+            runtime.ok("kill", joiner, "KILL")
+            assert joined.exit_status() == 128 + signal.SIGKILL
+            assert runtime.state(joiner)["status"] == "stopped"
+        runtime.ok("delete", joiner)
+        if joiner == "joiner4":
+            assert joined.exit_status() in (128 + signal.SIGTERM, 128 + signal.SIGKILL)
+        assert_nothing_left(runtime, joiner)
+    assert json.loads((pod_dir(runtime.root, cid) / "pod.json").read_text())["containers"] == [cid]
+    assert runtime.ok("exec", cid, "echo", "still-here") == "still-here\n"
+
     # Signals: SIGNAME, NAME and numbers; kill --all reaches exec'd processes too.
     runtime.ok("kill", cid, "SIGUSR1")
     assert wait_until(lambda: "got-usr1" in init.output()), init.output()
