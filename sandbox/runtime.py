@@ -379,9 +379,29 @@ def exec_process(
 
         relay = StdioRelay(client, container_id, exec_id, 0, 1, 2, terminal)
         relay.start()
+        _forward_signals(client, container_id, exec_id)
         status, _sig, _oom = client.wait_process(container_id, exec_id)
         relay.join(30)
         return status
+
+
+def _forward_signals(client: ContainerClient, container_id: str, exec_id: str) -> None:
+    """Relay the signals an attached ``exec`` gets (Ctrl-C, a supervisor's SIGTERM) to its
+    process in the guest, as ``runc exec`` does; the call then returns the process's status."""
+    import signal
+    import threading
+
+    from sandbox.shim import FORWARDED_SIGNALS
+
+    def send(signum: int) -> None:
+        with contextlib.suppress(AgentError):
+            client.signal(container_id, exec_id, signum)
+
+    def handler(signum: int, _frame: object) -> None:
+        threading.Thread(target=send, args=(signum,), daemon=True).start()
+
+    for signum in FORWARDED_SIGNALS:
+        signal.signal(signum, handler)
 
 
 def set_paused(root: Path, container_id: str, paused: bool) -> None:

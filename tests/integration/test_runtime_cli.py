@@ -309,6 +309,24 @@ def test_runc_lifecycle_on_one_vm(runtime: Runtime, tmp_path: Path) -> None:
     done = runtime("exec", cid, "sh", "-c", "echo to-stderr >&2; exit 7")
     assert done.returncode == 7 and done.stderr == "to-stderr\n"
 
+    # An attached exec relays the signals it gets to its process (runc exec does).
+    attached = subprocess.Popen(
+        runtime.argv(
+            "exec",
+            cid,
+            "sh",
+            "-c",
+            "trap 'echo got-int; exit 5' INT; echo ready; while :; do sleep 0.1; done",
+        ),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert attached.stdout is not None and attached.stdout.readline() == "ready\n"
+    attached.send_signal(signal.SIGINT)
+    assert attached.wait(60) == 5
+    assert attached.stdout.read() == "got-int\n"
+
     # exec --process file.json (containerd's and conmon's form), attached.
     process = {
         "args": ["sh", "-c", 'echo "proc $X $(pwd) $(id -u)"'],
