@@ -40,6 +40,7 @@ from sandbox.errors import AgentError, ConfigError
 
 if TYPE_CHECKING:
     from sandbox.agent_client import ContainerClient
+    from sandbox.container import StdioRelay
 
 _READY_TIMEOUT = 30.0
 #: Signals sent to the shim that are meant for its process in the guest.
@@ -183,6 +184,68 @@ def _exit_file(root: Path, container_id: str, exec_id: str) -> Path:
     return root / container_id / (f"exec-{exec_id}.exit" if exec_id else "exit")
 
 
+def _wait(
+    client: ContainerClient, args: argparse.Namespace, relay: StdioRelay, out: tuple[int, int]
+) -> tuple[int, bool, list[StdioRelay]]:
+    """Wait for the process: (status, oom, the relays to join).
+
+    The agent proxy is a host process of its own: if it dies (or is killed) the calls in
+    flight fail while the VM and the process run on. Then a new proxy is started (as any
+    verb would) and the wait and the output relay resume; at most a chunk of output in flight
+    is lost. Only when the VM is gone has the process gone with it (status 137).
+    """
+    from sandbox.container import StdioRelay
+
+    relays = [relay]
+    for _ in range(_MAX_RECONNECTS):
+        try:
+            status, _sig, oom = client.wait_process(args.id, args.exec_id)
+            return status, oom, relays
+        except AgentError as exc:
+            if not _transport_error(exc) or not _agent_back(args.root, args.id):
+                break
+        if relays[-1].errors:  # its streams broke with the connection: read them again
+            relays.append(StdioRelay(client, args.id, args.exec_id, None, *out, args.terminal))
+            relays[-1].start()
+    return 137, False, relays  # the VM is gone: the container was killed with it
+
+
+_MAX_RECONNECTS = 100
+
+
+def _transport_error(exc: AgentError) -> bool:
+    """Whether ``exc`` is the connection failing (not the agent answering an error)."""
+    import grpc
+
+    cause = exc.__cause__
+    return isinstance(cause, grpc.Call) and cause.code() in (
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.CANCELLED,
+    )
+
+
+def _agent_back(root: Path, container_id: str) -> bool:
+    """Reach the agent of the container's pod again, through a new proxy if the old one
+    died; False if the container or its VM is gone."""
+    import time
+
+    from sandbox.errors import SandboxError
+    from sandbox.pod import Pod
+    from sandbox.record import ContainerRecord
+
+    time.sleep(0.2)
+    try:
+        pod = Pod.load(root, ContainerRecord.load(root, container_id).pod_id)
+        qemu = pod.process("qemu")
+        if qemu is None or not qemu.alive():
+            return False
+        with pod.client(timeout=10.0) as agent:
+            agent.health()
+    except (SandboxError, OSError):
+        return False
+    return True
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point of ``python -m sandbox.shim``; see the module docstring."""
     parser = argparse.ArgumentParser(prog="pysandbox-shim")
@@ -248,12 +311,10 @@ def main(argv: list[str] | None = None) -> None:
     relay.start()
     if args.terminal:
         resize()  # the size the caller set before we became the terminal's session leader
-    try:
-        status, _sig, oom = client.wait_process(args.id, args.exec_id)
-    except AgentError:
-        status, oom = 137, False  # the VM is gone: the container was killed with it
+    status, oom, relays = _wait(client, args, relay, (stdout, stderr))
     done.set()
-    relay.join(30)
+    for each in relays:
+        each.join(30)
     with contextlib.suppress(OSError):
         state.write_json_atomic(
             _exit_file(args.root, args.id, args.exec_id), {"status": status, "oom": oom}
