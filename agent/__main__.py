@@ -32,7 +32,7 @@ def _serve_in_guest() -> None:
         AgentService(
             transport=transport,
             containers=ContainerManager(reaper),
-            network=NetworkManager(reaper),
+            network=NetworkManager(reaper, load_nic_driver=_load_virtio_net),
         ),
         max_workers=64,
     )
@@ -46,6 +46,12 @@ def _serve_in_guest() -> None:
         server.start()
         print(f"pysandbox-agent: ready on vsock port {VSOCK_PORT}", flush=True)
         server.wait_for_termination()
+
+
+def _load_virtio_net() -> None:
+    from agent import kmod
+
+    kmod.ensure("virtio_net")
 
 
 def _serve_on(address: str) -> None:

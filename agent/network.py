@@ -194,7 +194,10 @@ class NetworkManager:
         network_dir: str = NETWORK_DIR,
         nic_wait: float = NIC_WAIT_SECONDS,
         sethostname: Callable[[str], None] = socket.sethostname,
+        load_nic_driver: Callable[[], None] | None = None,
     ) -> None:
+        """``load_nic_driver`` is called before NICs are looked for: a VM restored from a
+        template gets its NICs hot-plugged after /init ran, so nothing loaded virtio_net."""
         if runner is None:
             if reaper is None:
                 raise ValueError("a reaper or a runner is required")
@@ -204,6 +207,7 @@ class NetworkManager:
         self._dir = network_dir
         self._nic_wait = nic_wait
         self._sethostname = sethostname
+        self._load_nic_driver = load_nic_driver
         self._lock = threading.Lock()
 
     def _ip(self, *args: str, tolerate_exists: bool = False) -> None:
@@ -218,11 +222,17 @@ class NetworkManager:
         with self._lock:
             outcome = Outcome()
             self._ip("link", "set", "dev", "lo", "up")
+            if settings.interfaces and self._load_nic_driver is not None:
+                try:
+                    self._load_nic_driver()
+                except OSError as exc:
+                    raise NetworkError("INTERNAL", f"loading the NIC driver: {exc}") from exc
             current = self._find_nics(settings.interfaces)
             self._rename(settings.interfaces, current)
             for nic in settings.interfaces:
                 self._setup_nic(nic)
                 outcome.interfaces.append(nic.name)
+            self._wait_carrier([nic.name for nic in settings.interfaces])
             # Routes out of a device first: a gateway must be reachable when its route is added.
             for route in sorted(settings.routes, key=lambda r: bool(r.gateway)):
                 self._add_route(route)
@@ -274,6 +284,29 @@ class NetworkManager:
         for cidr in nic.addresses:
             self._ip("addr", "add", cidr, "dev", nic.name, tolerate_exists=True)
         self._ip("link", "set", "dev", nic.name, "up")
+
+    def _wait_carrier(self, names: Sequence[str]) -> None:
+        """Wait (bounded by the NIC wait) until each NIC's operational state is up.
+
+        A NIC hot-plugged into a restored VM has carrier at once but becomes operational
+        (``RUNNING``, its qdisc active) only when the kernel's link watcher runs, up to a
+        second later; the pod's containers must not start before. A NIC without a readable
+        ``operstate`` is not waited for.
+        """
+        deadline = time.monotonic() + self._nic_wait
+        pending = list(names)
+        while pending and time.monotonic() < deadline:
+            still = []
+            for name in pending:
+                try:
+                    with open(f"{self._sys_class_net}/{name}/operstate", encoding="ascii") as f:
+                        if f.read().strip() not in ("up", "unknown"):
+                            still.append(name)
+                except OSError:
+                    continue
+            pending = still
+            if pending:
+                time.sleep(0.02)
 
     def _add_route(self, route: Route) -> None:
         dest = ipaddress.ip_network(route.destination)

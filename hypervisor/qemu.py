@@ -39,7 +39,7 @@ from hypervisor.process import (
     remove_quietly,
     start_time,
 )
-from hypervisor.qemu_args import VirtioFsShare, VMConfig, build_argv, bus_of
+from hypervisor.qemu_args import NicConfig, VirtioFsShare, VMConfig, build_argv, bus_of
 from hypervisor.qmp import QMP
 
 QEMU_BINARY = "qemu-system-x86_64"
@@ -290,6 +290,12 @@ class QemuVM(SpawnedProcess, Hypervisor):
         with self._qmp() as qmp:
             for command, arguments in share.hotplug():
                 qmp.execute(command, arguments)
+
+    def hotplug_nic(self, nic: NicConfig, index: int) -> None:
+        """Add network card ``index`` to the VM (its tap fd is passed over QMP); QMPError."""
+        with self._qmp() as qmp:
+            for command, arguments, fd in nic.hotplug(index, bus_of(self.config.machine)):
+                qmp.execute(command, arguments, fd=fd)
 
     def resume(self) -> None:
         """QMP ``cont``: run a guest that is in ``prelaunch`` or ``paused``."""

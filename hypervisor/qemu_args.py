@@ -494,6 +494,39 @@ class NicConfig:
             backend = UserNetdev(netdev)
         return [backend, VirtioNet(netdev, self.mac, bus, self.mtu)]
 
+    def hotplug(self, index: int, bus: Bus) -> list[tuple[str, dict[str, object], int | None]]:
+        """The QMP commands that add this NIC to a running VM, as (command, arguments, fd to
+        pass with it); the same netdev and device :meth:`options` puts on a command line."""
+        netdev = f"net{index}"
+        commands: list[tuple[str, dict[str, object], int | None]] = []
+        if self.backend == "tap":
+            fdname = f"tap{index}"
+            commands.append(("getfd", {"fdname": fdname}, self.fd))
+            commands.append(("netdev_add", {"type": "tap", "id": netdev, "fd": fdname}, None))
+        else:
+            user = UserNetdev(netdev)
+            arguments: dict[str, object] = {
+                "type": "user",
+                "id": netdev,
+                "net": user.net,
+                "host": user.host,
+                "dns": user.dns,
+                "ipv6": False,
+            }
+            commands.append(("netdev_add", arguments, None))
+        device: dict[str, object] = {
+            "driver": virtio_device("virtio-net", bus),
+            "id": f"{netdev}dev",
+            "netdev": netdev,
+            "mac": self.mac,
+        }
+        if self.mtu is not None:
+            device["host_mtu"] = self.mtu
+        if bus == "pci":
+            device["romfile"] = ""
+        commands.append(("device_add", device, None))
+        return commands
+
 
 # -- the VM --------------------------------------------------------------------------------
 

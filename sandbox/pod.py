@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from hypervisor.process import ProcessHandle
-from hypervisor.qemu_args import Accelerator
+from hypervisor.qemu_args import Accelerator, NicConfig
 from sandbox import hostfs, network, state, template
 from sandbox.agent_client import ContainerClient
 from sandbox.errors import AgentError, ConfigError, NotFoundError, SandboxError, StateError
@@ -234,8 +234,6 @@ class Pod:
         user_network: bool = False,
         hostname: str = "",
     ) -> None:
-        from hypervisor.qemu import QemuVM
-        from hypervisor.qemu_args import NicConfig, VMConfig
         from hypervisor.virtiofsd import Virtiofsd
 
         # Bind mounts of container root filesystems made later must reach virtiofsd's
@@ -265,11 +263,44 @@ class Pod:
             self.save()
             guest_network = network.user_network_config(hostname)
             nics = (NicConfig(network.USER_MAC, "user"),)
-        if not nics and template.enabled():
-            deadline = time.monotonic() + timeout
-            if self._restore(image, accel_name, memory_mib, timeout):
-                return
-            timeout = max(0.1, deadline - time.monotonic())  # one budget for the whole boot
+        try:
+            boot = "cold"
+            if template.enabled():
+                deadline = time.monotonic() + timeout
+                if self._restore(image, accel_name, memory_mib, timeout, nics):
+                    boot = "restored"
+                else:
+                    timeout = max(0.1, deadline - time.monotonic())  # one budget for the boot
+            if boot == "cold":
+                self._cold_start(image, accel_name, memory_mib, nics)
+        finally:
+            for fd in tap_fds:
+                os.close(fd)  # QEMU holds the taps now; they vanish when it exits
+        qemu = self.process("qemu")
+        assert qemu is not None
+        with self.client() as agent:
+            agent.wait_healthy(timeout, alive=qemu.alive)
+            if boot == "restored":
+                # A clone of the template: its own randomness and the current time first.
+                agent.restored(secrets.token_bytes(64), time.time_ns())
+            agent.mount_share(SHARE_TAG, GUEST_SHARE)
+            if guest_network is not None:
+                files = agent.configure_network(guest_network)
+                self.record["network"]["guest_files"] = {
+                    "resolv_conf": files.resolv_conf,
+                    "hosts": files.hosts,
+                }
+        self.record["boot"] = boot
+        self.record["status"] = "running"
+        self.save()
+
+    def _cold_start(
+        self, image: Any, accel_name: Accelerator, memory_mib: int, nics: tuple[NicConfig, ...]
+    ) -> None:
+        """Boot the VM from scratch (share and NICs on the command line) and let it run."""
+        from hypervisor.qemu import QemuVM
+        from hypervisor.qemu_args import VMConfig
+
         config = VMConfig(
             name=f"pysandbox-{state.pod_dir_name(self.id)}",
             kernel=image.kernel,
@@ -286,39 +317,25 @@ class Pod:
             nics=nics,
         )
         vm = QemuVM(config)
-        try:
-            vm.start()
-        finally:
-            for fd in tap_fds:
-                os.close(fd)  # QEMU holds the taps now; they vanish when it exits
+        vm.start()
         self._remember("qemu", ProcessHandle.of(vm.pid))
-        proxy = self._start_proxy(vm.pid)
-        self._remember("proxy", ProcessHandle.of(proxy))
+        self._remember("proxy", ProcessHandle.of(self._start_proxy(vm.pid)))
         vm.resume()
-        qemu = self.process("qemu")
-        assert qemu is not None
-        with self.client() as agent:
-            agent.wait_healthy(timeout, alive=qemu.alive)
-            agent.mount_share(SHARE_TAG, GUEST_SHARE)
-            if guest_network is not None:
-                files = agent.configure_network(guest_network)
-                self.record["network"]["guest_files"] = {
-                    "resolv_conf": files.resolv_conf,
-                    "hosts": files.hosts,
-                }
-        self.record["boot"] = "cold"
-        self.record["status"] = "running"
-        self.save()
 
     def _restore(
-        self, image: Any, accel_name: Accelerator, memory_mib: int, timeout: float
+        self,
+        image: Any,
+        accel_name: Accelerator,
+        memory_mib: int,
+        timeout: float,
+        nics: tuple[NicConfig, ...],
     ) -> bool:
         """Start this pod's VM from the template for its machine (sandbox/template.py).
 
-        True once the agent is healthy, told it was restored and the share is mounted.
-        False if no template can be had or restoring it fails: whatever this attempt started
-        is stopped and forgotten (a template that failed to restore is discarded) and the
-        caller cold boots. Agent failures after a successful restore are raised.
+        True once the restored VM runs with the share and ``nics`` hot-plugged (the caller
+        then waits for the agent and sends ``Restored``). False if no template can be had or
+        restoring fails: whatever this attempt started is stopped and forgotten and the
+        caller cold boots; a state file QEMU could not load is discarded.
         """
         from hypervisor.errors import HypervisorError, HypervisorTimeout
         from hypervisor.qemu import QemuVM
@@ -340,6 +357,7 @@ class Pod:
             incoming_fd=fd,
         )
         vm = QemuVM(config)
+        loaded = False
         try:
             try:
                 vm.start()
@@ -348,6 +366,7 @@ class Pod:
             self._remember("qemu", ProcessHandle.of(vm.pid))
             self._remember("proxy", ProcessHandle.of(self._start_proxy(vm.pid)))
             vm.wait_incoming(timeout)
+            loaded = True
             started = time.monotonic()
             released = vm.release_zero_pages()  # loading touched all RAM; paused: safe now
             self._note(
@@ -355,10 +374,13 @@ class Pod:
                 f" in {time.monotonic() - started:.3f}s"
             )
             vm.hotplug_share(SHARE_TAG, self.dir / "virtiofsd.sock")
+            for index, nic in enumerate(nics):
+                vm.hotplug_nic(nic, index)
             vm.resume()
         except (HypervisorError, AgentError, OSError) as exc:
             # Only a state QEMU could not load is the template's fault: discard it then.
-            if isinstance(exc, HypervisorError) and not isinstance(exc, HypervisorTimeout):
+            unloadable = isinstance(exc, HypervisorError) and not isinstance(exc, HypervisorTimeout)
+            if unloadable and not loaded:
                 template.discard(state_file)
                 self._note(f"restoring {state_file} failed, template discarded: {exc}")
             else:
@@ -373,15 +395,6 @@ class Pod:
                 with contextlib.suppress(FileNotFoundError):
                     leftover.unlink()
             return False
-        qemu = self.process("qemu")
-        assert qemu is not None
-        with self.client() as agent:
-            agent.wait_healthy(timeout, alive=qemu.alive)
-            agent.restored(secrets.token_bytes(64), time.time_ns())
-            agent.mount_share(SHARE_TAG, GUEST_SHARE)
-        self.record["boot"] = "restored"
-        self.record["status"] = "running"
-        self.save()
         return True
 
     def _note(self, text: str) -> None:

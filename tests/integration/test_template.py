@@ -99,3 +99,20 @@ def test_templates_can_be_turned_off(
     pod = pod_factory()
     assert pod.record["boot"] == "cold"
     assert not template_dir.exists()
+
+
+def test_network_cards_are_hot_plugged_into_restored_pods(
+    template_dir: Path, pod_factory: Callable[..., Pod]
+) -> None:
+    from sandbox import network
+
+    pod = pod_factory(user_network=True, hostname="restored-net")
+    assert pod.record["boot"] == "restored"
+    with pod.client() as agent:
+        assert agent.read_file("/sys/class/net/eth0/address").strip() == network.USER_MAC.encode()
+        assert agent.read_file("/sys/class/net/eth0/operstate").strip() == b"up"
+    spec = busybox_spec("ip", "-4", "-o", "addr", "show", "eth0")
+    # Share the guest's network, as `run --network user` does.
+    spec["linux"]["namespaces"] = [n for n in spec["linux"]["namespaces"] if n["type"] != "network"]
+    result = run_container(pod, spec)
+    assert "10.0.2.15/24" in result.out, result.stderr
