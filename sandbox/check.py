@@ -108,6 +108,22 @@ def _vsock() -> Check:
     )
 
 
+def _templates() -> Check:
+    from sandbox import template
+
+    if not template.enabled():
+        return Check("pod start", True, "cold boots (PYSANDBOX_TEMPLATES=0)", required=False)
+    directory = template.template_dir()
+    saved = sorted(directory.glob(f"*/{template.STATE_FILE}")) if directory.is_dir() else []
+    return Check(
+        "pod start",
+        True,
+        f"restored from template VMs in {directory} ({len(saved)} saved; "
+        "the first pod of each memory size builds one)",
+        required=False,
+    )
+
+
 def _image() -> Check:
     try:
         image = find_image()
@@ -142,13 +158,13 @@ def _boot(root: Path) -> Check:
         "boot",
         True,
         f"agent {info.agent_version} healthy in {elapsed:.2f}s "
-        f"({info.kernel_release}, {info.transport})",
+        f"({info.kernel_release}, {info.transport}, {pod.record.get('boot', '?')})",
     )
 
 
 def run_checks(boot: bool = False, root: Path | None = None) -> Report:
     """Run every check; with ``boot`` also boot a throwaway pod under ``root``."""
-    report = Report([_qemu(), _virtiofsd(), _accel(), _vsock(), _image()])
+    report = Report([_qemu(), _virtiofsd(), _accel(), _vsock(), _image(), _templates()])
     if boot and report.ok and root is not None:
         report.checks.append(_boot(root))
     return report

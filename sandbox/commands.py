@@ -47,6 +47,7 @@ def cmd_pod(args: argparse.Namespace) -> int:
                 {
                     "id": pod.id,
                     "status": pod.status,
+                    "boot": pod.record.get("boot"),
                     "accel": pod.record.get("accel"),
                     "agent_version": info.agent_version,
                     "protocol_version": info.protocol_version,
