@@ -170,6 +170,9 @@ def run(args: argparse.Namespace, root: Path) -> int:
     """
     if args.name is not None:
         state.validate_id(args.name, "name")
+    for flag, value in (("--pid-file", args.pid_file), ("--console-socket", args.console_socket)):
+        if value is not None:
+            raise RunError(f"{flag} is a runc flag: it needs --bundle DIR (an OCI bundle)")
     if args.detach:
         from sandbox import detached
 

@@ -201,6 +201,7 @@ def test_memory_limit_reports_oom(root: Path) -> None:
         (["--memory", "lots", "default", "true"], b"invalid size"),
         (["-e", "1BAD=x", "default", "true"], b"invalid environment variable"),
         (["-u", "ghost", "default", "true"], b"unknown user 'ghost'"),
+        (["--pid-file", "/tmp/x.pid", "default", "true"], b"--pid-file is a runc flag"),
         (["-u", "1000:", "default", "true"], b"invalid user"),
         (["--bogus-flag", "default", "true"], b"unrecognized arguments"),
         (["-d", "-t", "default", "sh"], b"-d cannot be combined with -i or -t"),
