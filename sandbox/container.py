@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import errno
 import os
 import threading
 from collections.abc import Callable
@@ -170,9 +171,17 @@ class StdioRelay:
             threading.Thread(target=self._copy_in, daemon=True).start()
 
     def _copy_out(self, which: str, fd: int) -> None:
+        full = False  # the output file reached its size limit: keep draining, drop the rest
         try:
             for data in self._client.read_stream(*self._ids, which):
-                _write_all(fd, data)
+                if full:
+                    continue
+                try:
+                    _write_all(fd, data)
+                except OSError as exc:
+                    if exc.errno != errno.EFBIG:
+                        raise
+                    full = True
         except BrokenPipeError:
             pass
         except BaseException as exc:  # reported by join()

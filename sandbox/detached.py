@@ -25,6 +25,7 @@ import argparse
 import contextlib
 import json
 import os
+import resource
 import secrets
 import select
 import shutil
@@ -42,7 +43,7 @@ from sandbox.container import unshare_container_files
 from sandbox.errors import NotFoundError, SandboxError, StateError
 from sandbox.pod import Pod
 from sandbox.record import ContainerRecord, Status
-from sandbox.run import RunError, boot_pod, build_spec, create_in_pod
+from sandbox.run import RunError, boot_pod, build_spec, create_in_pod, parse_size
 
 LOG_NAME = "run.log"
 EXIT_NAME = "exit"
@@ -57,6 +58,9 @@ def run_detached(args: argparse.Namespace, root: Path) -> int:
     """
     if args.interactive or args.tty:
         raise RunError("-d cannot be combined with -i or -t: a detached run has no terminal")
+    log_limit = parse_size(args.log_max_size)
+    if log_limit < 4096:
+        raise RunError(f"invalid --log-max-size {args.log_max_size!r}: at least 4k")
     image = images.resolve(args.image, progress=True)
     spec = build_spec(args, image)
     name = args.name or f"run-{secrets.token_hex(6)}"
@@ -96,6 +100,8 @@ def run_detached(args: argparse.Namespace, root: Path) -> int:
             raise
         handle = _spawn_logging_shim(root, name, pod.agent_address, record.dir / LOG_NAME)
         record.data["shim"] = handle.to_json()
+        # The guest writes the log: bound it (the shim drops output beyond; EFBIG, not a kill).
+        resource.prlimit(handle.pid, resource.RLIMIT_FSIZE, (log_limit, log_limit))
         record.set_status(Status.CREATED)
         runtime.start(root, name)
         _spawn_monitor(root, name)

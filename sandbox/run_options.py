@@ -20,6 +20,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-i", "--interactive", action="store_true", help="keep stdin open")
     parser.add_argument("-t", "--tty", action="store_true", help="allocate a terminal")
     parser.add_argument("--memory", default=None, help="memory limit, e.g. 256m")
+    parser.add_argument(
+        "--log-max-size",
+        default="64m",
+        help="with -d: the most the run's log keeps (default 64m); later output is dropped",
+    )
     parser.add_argument("--cpus", type=float, default=None, help="CPU limit, e.g. 0.5")
     parser.add_argument("--pids-limit", type=int, default=1024)
     parser.add_argument("--timeout", type=float, default=None, help="kill after N seconds")

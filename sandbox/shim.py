@@ -260,6 +260,8 @@ def main(argv: list[str] | None = None) -> None:
     watcher = _start_watcher(args.agent, args.id, args.exec_id, args.ready_fd)
     ready = os.fdopen(args.ready_fd, "wb", buffering=0)
     signal.signal(signal.SIGPIPE, signal.SIG_IGN)
+    # A capped output file (RLIMIT_FSIZE, run -d's log) fails writes with EFBIG instead.
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     try:
         from sandbox.agent_client import ContainerClient
         from sandbox.container import StdioRelay

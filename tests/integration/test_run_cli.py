@@ -410,6 +410,23 @@ def test_detached_runs_ps_logs_stop_rm(root: Path) -> None:
     assert _leftovers(root) == [] and _processes_of(root) == []
 
 
+def test_detached_log_is_capped_and_the_run_goes_on(root: Path) -> None:
+    # The guest writes the host-side log: --log-max-size bounds it; output beyond is
+    # dropped (the process neither blocks nor dies), and the run keeps its exit status.
+    script = "head -c 1000000 /dev/zero | tr '\\0' x; echo; echo done >&2; exit 3"
+    started = run(
+        root, "-d", "--log-max-size", "64k", "--name", "chatty", "default", "sh", "-c", script
+    )
+    assert started.returncode == 0, started.stderr
+    assert _wait_until(lambda: _runs(root)["chatty"]["status"] == "stopped")
+    assert _runs(root)["chatty"]["exit_code"] == 3
+    log = root / "chatty" / "run.log"
+    assert log.stat().st_size == 64 * 1024
+    assert set(log.read_bytes()) == {ord("x")}
+    assert cli(root, "rm", "chatty").returncode == 0
+    assert _leftovers(root) == [] and _processes_of(root) == []
+
+
 def _docker_archive(path: Path) -> Path:
     """A one-layer docker-archive (what ``docker save`` writes) holding only /etc/passwd."""
 
