@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from sandbox import state
-from sandbox.errors import ConfigError, SandboxError
+from sandbox.errors import ConfigError
 
 
 def _root(args: argparse.Namespace) -> Path:
@@ -99,18 +99,10 @@ def _run_bundle(args: argparse.Namespace) -> int:
     shim = record.shim
     if shim is not None:
         shim.wait(float("inf"))
-    code = _exit_status(ContainerRecord.load(root, args.image))
+    code = ContainerRecord.load(root, args.image).exit_status()
+    code = 255 if code is None else code
     runtime.delete(root, args.image, force=True)
     return code
-
-
-def _exit_status(record: Any) -> int:
-    try:
-        data = state.read_json(record.dir / "exit")
-    except (OSError, ValueError, SandboxError):
-        return 255
-    status = data.get("status")
-    return status if isinstance(status, int) else 255
 
 
 def cmd_create(args: argparse.Namespace) -> int:

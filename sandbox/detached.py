@@ -46,7 +46,6 @@ from sandbox.record import ContainerRecord, Status
 from sandbox.run import RunError, boot_pod, build_spec, create_in_pod, parse_size
 
 LOG_NAME = "run.log"
-EXIT_NAME = "exit"
 DEFAULT_STOP_SECONDS = 10
 
 
@@ -169,15 +168,6 @@ def load_run(root: Path, name: str) -> ContainerRecord:
     return record
 
 
-def exit_status(record: ContainerRecord) -> int | None:
-    """The exit status the shim recorded, or None (still running, or never started)."""
-    with contextlib.suppress(OSError, ValueError, SandboxError):
-        status = state.read_json(record.dir / EXIT_NAME).get("status")
-        if isinstance(status, int):
-            return status
-    return None
-
-
 def _wait_shim(record: ContainerRecord, timeout: float | None) -> bool:
     """Wait until the run's shim is gone; True if it is. ``None`` waits forever."""
     handle = record.shim
@@ -263,7 +253,7 @@ def list_runs(root: Path, all_runs: bool) -> list[dict[str, Any]]:
         status = record.status
         if not all_runs and status is Status.STOPPED:
             continue
-        code = exit_status(record) if status is Status.STOPPED else None
+        code = record.exit_status() if status is Status.STOPPED else None
         runs.append(
             {
                 "name": record.id,

@@ -18,10 +18,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from sandbox import state
-from sandbox.errors import NotFoundError, StateError
+from sandbox.errors import NotFoundError, SandboxError, StateError
 
 if TYPE_CHECKING:
     from hypervisor.process import ProcessHandle
+
+#: Where the shim (sandbox/shim.py) records the exit status of a container's init process.
+EXIT_FILE = "exit"
 
 
 class Status(enum.StrEnum):
@@ -91,6 +94,15 @@ class ContainerRecord:
             if shim is None or not shim.alive():
                 return Status.STOPPED
         return stored
+
+    def exit_status(self) -> int | None:
+        """The exit status the shim recorded (its ``exit`` file), or None if there is none
+        yet (still running, never started) or it is unreadable."""
+        try:
+            status = state.read_json(self.dir / EXIT_FILE).get("status")
+        except (OSError, ValueError, SandboxError):
+            return None
+        return status if isinstance(status, int) else None
 
     def set_status(self, status: Status) -> None:
         self.data["status"] = status.value

@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING
 from hypervisor.process import ProcessHandle
 from sandbox import state
 from sandbox.errors import AgentError, ConfigError
+from sandbox.record import EXIT_FILE
 
 if TYPE_CHECKING:
     from sandbox.agent_client import ContainerClient
@@ -181,7 +182,7 @@ def _forward_signals(
 
 
 def _exit_file(root: Path, container_id: str, exec_id: str) -> Path:
-    return root / container_id / (f"exec-{exec_id}.exit" if exec_id else "exit")
+    return root / container_id / (f"exec-{exec_id}.exit" if exec_id else EXIT_FILE)
 
 
 def _wait(
