@@ -232,17 +232,24 @@ class QemuVM(SpawnedProcess, Hypervisor):
         state file), HypervisorTimeout after ``timeout`` seconds.
         """
         deadline = time.monotonic() + timeout
-        while True:
-            status = self.status()
-            if status == "paused":
-                return
-            if status not in ("inmigrate", "prelaunch"):
-                raise self._launch_failure(f"loading the saved state ended in {status!r}")
-            if time.monotonic() >= deadline:
-                raise HypervisorTimeout(
-                    f"vm {self.config.name} did not load its saved state in {timeout:g}s"
-                )
-            time.sleep(0.01)
+        try:
+            with self._qmp() as qmp:  # one connection for the whole poll
+                while True:
+                    reply = qmp.execute("query-status")
+                    status = reply.get("status") if isinstance(reply, dict) else None
+                    if status == "paused":
+                        return
+                    if status not in ("inmigrate", "prelaunch"):
+                        raise self._launch_failure(f"loading the saved state ended in {status!r}")
+                    if time.monotonic() >= deadline:
+                        raise HypervisorTimeout(
+                            f"vm {self.config.name} did not load its saved state in {timeout:g}s"
+                        )
+                    time.sleep(0.01)
+        except QMPError:
+            if not self._alive():
+                raise self._launch_failure("exited while loading its saved state") from None
+            raise
 
     def save_state(self, fd: int, timeout: float) -> None:
         """Pause the guest and write its whole state to ``fd`` (QMP ``migrate`` to an fd).

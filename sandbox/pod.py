@@ -299,21 +299,15 @@ class Pod:
     ) -> None:
         """Boot the VM from scratch (share and NICs on the command line) and let it run."""
         from hypervisor.qemu import QemuVM
-        from hypervisor.qemu_args import VMConfig
 
-        config = VMConfig(
+        config = template.vm_config(
+            image,
+            accel_name,
+            memory_mib,
+            kernel_cmdline(),
+            self.dir,
             name=f"pysandbox-{state.pod_dir_name(self.id)}",
-            kernel=image.kernel,
-            initrd=image.initrd,
-            rootfs=image.rootfs,
-            cmdline=kernel_cmdline(),
-            memory_mib=memory_mib,
-            accel=accel_name,
-            qmp_socket=self.dir / "qmp.sock",
-            agent_socket=self.dir / "agent-serial.sock",
             shares=((SHARE_TAG, self.dir / "virtiofsd.sock"),),
-            console_log=self.console_log,
-            pidfile=self.dir / "qemu.pid",
             nics=nics,
         )
         vm = QemuVM(config)
@@ -385,15 +379,13 @@ class Pod:
                 self._note(f"restoring {state_file} failed, template discarded: {exc}")
             else:
                 self._note(f"restoring {state_file} failed: {exc}")
+            proxy = self.process("proxy")
+            if proxy is not None:
+                proxy.terminate(timeout=2.0)
+            vm.kill()  # also removes its sockets and pid file
             for name in ("proxy", "qemu"):
-                ref = self.process(name)
-                if ref is not None:
-                    ref.terminate(timeout=2.0)
                 self.record["processes"].pop(name, None)
             self.save()
-            for leftover in config.sockets():
-                with contextlib.suppress(FileNotFoundError):
-                    leftover.unlink()
             return False
         return True
 

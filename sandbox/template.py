@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from hypervisor.process import ProcessHandle
-from hypervisor.qemu_args import Accelerator, VMConfig, build_argv
+from hypervisor.qemu_args import Accelerator, NicConfig, VMConfig, build_argv
 from sandbox.errors import AgentError, SandboxError
 
 DEFAULT_TEMPLATE_DIR = Path("/var/lib/pysandbox/templates")
@@ -68,10 +68,14 @@ def vm_config(
     *,
     name: str = "pysandbox-template",
     incoming_fd: int | None = None,
+    shares: tuple[tuple[str, Path], ...] = (),
+    nics: tuple[NicConfig, ...] = (),
 ) -> VMConfig:
-    """The machine of a template, and of every pod restored from it (paths in ``directory``).
+    """The machine of a pod VM (paths in ``directory``): of a template and every pod
+    restored from it (no ``shares`` or ``nics``: they are hot-plugged), and of a pod booted
+    cold (with them on the command line).
 
-    The same function serves both sides so that their devices cannot differ.
+    One function serves all of them so that their machines cannot differ.
     """
     return VMConfig(
         name=name,
@@ -85,6 +89,8 @@ def vm_config(
         agent_socket=directory / "agent-serial.sock",
         console_log=directory / "console.log",
         pidfile=directory / "qemu.pid",
+        shares=shares,
+        nics=nics,
         shared_memory=True,
         incoming_fd=incoming_fd,
     )
