@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from sandbox import images
+from sandbox.hostfs import mounts_below
 
 ROOT = Path(__file__).resolve().parents[2]
 RUNTIME = str(ROOT / ".venv" / "bin" / "pysandbox")
@@ -315,14 +316,6 @@ def processes_mentioning(text: str) -> list[str]:
     return found
 
 
-def mounts_below(path: Path) -> list[str]:
-    """Mount points at or below ``path`` in this mount namespace."""
-    prefix = str(path)
-    with open("/proc/self/mountinfo", encoding="utf-8") as handle:
-        points = [line.split()[4] for line in handle]
-    return [p for p in points if p == prefix or p.startswith(prefix + "/")]
-
-
 def stop_containerd(daemon: Containerd, keep_log: bool) -> None:
     """Stop containerd (by its pid), its leftovers, and remove its directories."""
     if keep_log:
@@ -357,7 +350,7 @@ def stop_containerd(daemon: Containerd, keep_log: bool) -> None:
     for line in processes_mentioning(f"-address {daemon.address}"):
         with contextlib.suppress(OSError):
             os.kill(int(line.split(":", 1)[0]), signal.SIGKILL)
-    for point in reversed(mounts_below(daemon.base)):
+    for point in mounts_below(daemon.base):  # deepest first
         subprocess.run(["umount", "-l", point], capture_output=True, timeout=30)
     shutil.rmtree(daemon.base, ignore_errors=True)
 

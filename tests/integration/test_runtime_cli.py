@@ -32,6 +32,7 @@ from typing import Any
 import pytest
 
 from sandbox import images, state
+from sandbox.hostfs import mounts_below
 from sandbox.spec import default_spec
 
 pytestmark = pytest.mark.vm
@@ -179,13 +180,6 @@ def make_bundle(
     spec.update(extra)
     (bundle / "config.json").write_text(json.dumps(spec))
     return bundle
-
-
-def mounts_below(path: Path) -> list[str]:
-    prefix = str(path)
-    with open("/proc/self/mountinfo", encoding="utf-8") as handle:
-        points = [line.split()[4] for line in handle]
-    return [p for p in points if p == prefix or p.startswith(prefix + "/")]
 
 
 def processes_mentioning(text: str) -> list[str]:
