@@ -31,6 +31,7 @@ from typing import Any
 
 from sandbox import images
 from sandbox.hostfs import mounts_below
+from tests.integration.helpers import processes_mentioning
 
 ROOT = Path(__file__).resolve().parents[2]
 RUNTIME = str(ROOT / ".venv" / "bin" / "pysandbox")
@@ -301,19 +302,6 @@ def start_containerd(
         stop_containerd(daemon, keep_log=True)
         raise
     return daemon
-
-
-def processes_mentioning(text: str) -> list[str]:
-    """Command lines of live processes that contain ``text``."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
-            continue
-        with contextlib.suppress(OSError):
-            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            if text in cmdline:
-                found.append(f"{entry.name}: {cmdline.strip()}")
-    return found
 
 
 def stop_containerd(daemon: Containerd, keep_log: bool) -> None:

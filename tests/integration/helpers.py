@@ -10,6 +10,7 @@ import os
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from sandbox import images
@@ -223,3 +224,20 @@ def live_container(
                     thread.join(30)
     finally:
         unshare_container_files(pod, cid)
+
+
+def processes_mentioning(text: str, *, live_only: bool = False) -> list[str]:
+    """``"pid: command line"`` of every process but this one whose command line (arguments
+    joined by spaces) contains ``text``; with ``live_only``, zombies are left out."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            zombie = live_only and "\nState:\tZ" in (entry / "status").read_text()
+        except OSError:
+            continue
+        if text in cmdline and not zombie:
+            found.append(f"{entry.name}: {cmdline.strip()}")
+    return found

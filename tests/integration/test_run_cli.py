@@ -23,6 +23,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.integration.helpers import processes_mentioning
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -56,19 +58,8 @@ def _wait_until(predicate: Callable[[], bool], timeout: float = 60.0) -> bool:
 
 
 def _processes_of(root: Path) -> list[str]:
-    """Command lines of live processes naming ``root`` (shims, monitors, QEMU, virtiofsd)."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
-            continue
-        try:
-            cmdline = (entry / "cmdline").read_bytes()
-            status = (entry / "status").read_text()
-        except OSError:
-            continue
-        if str(root).encode() in cmdline and "\nState:\tZ" not in status:
-            found.append(cmdline.replace(b"\0", b" ").decode(errors="replace"))
-    return found
+    """Live processes naming ``root`` (shims, monitors, QEMU, virtiofsd)."""
+    return processes_mentioning(str(root), live_only=True)
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ import pytest
 
 from sandbox import template
 from sandbox.pod import Pod
-from tests.integration.helpers import busybox_spec, run_container
+from tests.integration.helpers import busybox_spec, processes_mentioning, run_container
 
 #: How old the template must be before the clock check: a restored guest that did not set its
 #: clock would be at least this far behind the host.
@@ -32,18 +32,6 @@ def _state_files(directory: Path) -> list[Path]:
     return sorted(directory.glob(f"*/{template.STATE_FILE}"))
 
 
-def _processes_mentioning(text: str) -> list[int]:
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                if text.encode() in (entry / "cmdline").read_bytes():
-                    found.append(int(entry.name))
-            except OSError:
-                pass
-    return found
-
-
 def _guest_check(pod: Pod) -> tuple[int, bytes]:
     """(guest time in seconds, a fresh kernel UUID) and the share working, from inside."""
     (pod.shared_dir / "from-host.txt").write_text("host wrote this\n")
@@ -61,7 +49,7 @@ def test_restored_pods_are_distinct_machines_with_the_right_clock(
     first = pod_factory()  # builds the template, then restores from it
     assert first.record["boot"] == "restored"
     [state_file] = _state_files(template_dir)
-    assert _processes_mentioning(str(template_dir)) == [], "template VM left running"
+    assert processes_mentioning(str(template_dir)) == [], "template VM left running"
     built = state_file.stat().st_mtime
     time.sleep(max(0.0, built + TEMPLATE_AGE - time.time()))
 
