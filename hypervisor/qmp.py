@@ -62,8 +62,13 @@ class QMP:
         return qmp
 
     def _run(self, coro: Coroutine[Any, Any, _T], timeout: float, what: str) -> _T:
+        task = self._loop.create_task(asyncio.wait_for(coro, timeout))
+        # A signal handler raising (SystemExit on SIGTERM) can abandon the task mid-call; it
+        # then fails when the connection closes, and asyncio would print its traceback
+        # ("Task exception was never retrieved") to stderr. Its outcome is retrieved here.
+        task.add_done_callback(_retrieve)
         try:
-            return self._loop.run_until_complete(asyncio.wait_for(coro, timeout))
+            return self._loop.run_until_complete(task)
         except TimeoutError as exc:
             raise HypervisorTimeout(
                 f"qmp {what} on {self.path} timed out after {timeout:g}s; "
@@ -137,3 +142,9 @@ class QMP:
         tb: TracebackType | None,
     ) -> None:
         self.close()
+
+
+def _retrieve(task: asyncio.Future[Any]) -> None:
+    """Mark ``task``'s exception as retrieved (whoever awaited it has handled it already)."""
+    if not task.cancelled():
+        task.exception()
