@@ -3,7 +3,7 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-PROTO_OUT := agent/proto/agent_pb2.py agent/proto/agent_pb2_grpc.py
+PROTO_OUT := agentapi/proto/agent_pb2.py agentapi/proto/agent_pb2_grpc.py
 
 .PHONY: deps host-packages venv proto guest-image check demo test unit integration lint bench clean
 
@@ -22,9 +22,9 @@ venv: $(VENV)/.installed
 
 proto: $(PROTO_OUT)
 
-$(PROTO_OUT): agent/proto/agent.proto $(VENV)/.installed
+$(PROTO_OUT): agentapi/proto/agent.proto $(VENV)/.installed
 	$(PY) -m grpc_tools.protoc -I. --python_out=. --pyi_out=. \
-		--grpc_python_out=. agent/proto/agent.proto
+		--grpc_python_out=. agentapi/proto/agent.proto
 
 include guest-image/guest-image.mk
 
@@ -43,7 +43,7 @@ integration: deps guest-image
 lint: deps
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	$(VENV)/bin/mypy sandbox agent hypervisor
+	$(VENV)/bin/mypy sandbox agent agentapi hypervisor
 
 check: deps
 	$(VENV)/bin/pysandbox check
@@ -60,4 +60,4 @@ bench: deps guest-image floor-image
 	$(PY) bench/network.py
 
 clean:
-	rm -rf $(VENV) build $(PROTO_OUT) agent/proto/agent_pb2.pyi
+	rm -rf $(VENV) build $(PROTO_OUT) agentapi/proto/agent_pb2.pyi

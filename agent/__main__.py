@@ -17,11 +17,11 @@ LOCAL_SOCKET = "/run/pysandbox-agent.sock"
 
 def _serve_in_guest() -> None:
     from agent import pid1
-    from agent.channel import VSOCK_PORT
     from agent.containers import ContainerManager
     from agent.network import NetworkManager
     from agent.serial_relay import SerialRelay, find_serial_port
     from agent.server import AgentService, make_server
+    from agentapi.channel import VSOCK_PORT
 
     pid1.early_mounts()
     reaper = pid1.Reaper()

@@ -1,7 +1,7 @@
 """Pod networking in the guest: NICs found by MAC, addresses, routes, DNS files.
 
 The host hands the guest one virtio-net NIC per interface of the pod's network namespace,
-with the same MAC (see sandbox/network.py); :meth:`NetworkManager.configure` gives each NIC
+with the same MAC (see sandbox/pod/network.py); :meth:`NetworkManager.configure` gives each NIC
 the name, MTU and addresses the interface had on the host, adds the routes, and writes
 resolv.conf/hosts below :data:`NETWORK_DIR` for containers to bind-mount. Everything happens
 in the guest's root network namespace, which containers that share the pod network run in.

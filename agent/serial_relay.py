@@ -1,7 +1,7 @@
 """Guest side of the virtio-serial transport: relays the port to the local gRPC server.
 
 The port is one byte pipe shared by successive host connections. The relay loops forever:
-wait for a SYNC line (discarding stale bytes, see :mod:`agent.channel`), answer ACK, open a
+wait for a SYNC line (discarding stale bytes, see :mod:`agentapi.channel`), answer ACK, open a
 fresh connection to the agent's gRPC server on a guest-local unix socket, and pump bytes both
 ways until the host disconnects — then start over. One session at a time.
 
@@ -21,7 +21,7 @@ import threading
 import time
 from pathlib import Path
 
-from agent.channel import SERIAL_PORT_NAME, SyncScanner, ack_line
+from agentapi.channel import SERIAL_PORT_NAME, SyncScanner, ack_line
 
 _CHUNK = 65536
 _REOPEN_BACKOFF = (0.02, 0.05, 0.1, 0.2)

@@ -19,11 +19,11 @@ import grpc
 
 from agent import pid1, syscalls
 from agent.containers import ContainerError, ContainerManager
-from agent.limits import GRPC_OPTIONS, MAX_MESSAGE_BYTES, MAX_READ_BYTES
 from agent.network import NetworkError, NetworkManager
-from agent.proto import agent_pb2 as pb
-from agent.proto import agent_pb2_grpc as pb_grpc
-from agent.version import AGENT_VERSION, PROTOCOL_VERSION
+from agentapi.limits import GRPC_OPTIONS, MAX_MESSAGE_BYTES, MAX_READ_BYTES
+from agentapi.proto import agent_pb2 as pb
+from agentapi.proto import agent_pb2_grpc as pb_grpc
+from agentapi.version import AGENT_VERSION, PROTOCOL_VERSION
 
 _TAG_RE = re.compile(r"^[A-Za-z0-9_.-]{1,36}$")
 _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,1023}$")

@@ -47,11 +47,11 @@ if str(REPO) not in sys.path:
 
 from bench.run import floor_config, run_floor  # noqa: E402
 from hypervisor import accel as accel_mod  # noqa: E402
-from hypervisor.image import find_image  # noqa: E402
+from hypervisor.guest_image import find_image  # noqa: E402
 from hypervisor.qemu import find_qemu  # noqa: E402
-from sandbox import images  # noqa: E402
-from sandbox.pod import DEFAULT_MEMORY_MIB, kernel_cmdline  # noqa: E402
-from sandbox.spec import default_spec  # noqa: E402
+from sandbox.image import store as images  # noqa: E402
+from sandbox.pod.lifecycle import DEFAULT_MEMORY_MIB, kernel_cmdline  # noqa: E402
+from sandbox.run.default_spec import default_spec  # noqa: E402
 
 PYSANDBOX = [sys.executable, "-m", "sandbox"]
 TIMEOUT = 120.0

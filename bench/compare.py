@@ -4,8 +4,9 @@
         after+noirq=/var/lib/pysandbox/guest:acpi=noirq
 
 Each ``NAME=IMAGE_DIR[:EXTRA KERNEL ARGS]`` is booted once per round, round after round, with
-``sandbox.pod.Pod.boot`` (the image through ``$PYSANDBOX_GUEST_IMAGE``, the extra arguments
-appended to ``sandbox.pod.kernel_cmdline()`` in this process only), so that host noise spreads
+``sandbox.pod.lifecycle.Pod.boot`` (the image through ``$PYSANDBOX_GUEST_IMAGE``, the extra
+arguments appended to ``sandbox.pod.lifecycle.kernel_cmdline()`` in this process only), so that
+host noise spreads
 over all variants alike. Prints median/min/max of spawn -> Health, the ``Pod.boot`` wall time
 and the guest uptime at Health; ``--json FILE`` also writes them. Probes as in ``run.py``.
 """
@@ -24,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import run as bench
 
-from sandbox import pod as pod_module
+from sandbox.pod import lifecycle as pod_module
 
 KEYS = ("spawn_to_health", "boot_wall", "guest_uptime_at_health")
 

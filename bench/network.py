@@ -47,7 +47,7 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from sandbox.pod import Pod  # noqa: E402
+from sandbox.pod.lifecycle import Pod  # noqa: E402
 from tests.integration.helpers import Result, busybox_spec, run_container  # noqa: E402
 from tests.integration.netns_topology import Topology, finish, topology  # noqa: E402
 

@@ -10,22 +10,22 @@ Boot (interleaved floor, pod, floor, pod, ... so that host noise hits both alike
   (``hypervisor.qemu_args.build_argv`` of a ``VMConfig`` without disk, agent port or share),
   booting ``floor-initramfs.cpio`` whose busybox ``/init`` prints ``PYSANDBOX-FLOOR-READY``
   on the serial console. Time: QEMU spawn -> marker in the console log.
-* pod: ``sandbox.pod.Pod.boot`` (virtiofsd, QEMU paused, agent proxy, cont, agent Health,
+* pod: ``sandbox.pod.lifecycle.Pod.boot`` (virtiofsd, QEMU paused, agent proxy, cont, agent Health,
   MountShare). Times: the whole ``Pod.boot`` call (wall), QEMU spawn -> Health answered,
   QMP ``cont`` -> Health answered, and spawn -> the agent's ``ready`` line on the console.
   The intermediate points come from wrapping ``QemuVM.start``, ``QemuVM.resume`` and
   ``AgentClient.wait_healthy`` in this process (measurement only, behaviour unchanged).
 
 Kernel command line: ``--cmdline pod`` (default) boots floor and pod with
-``sandbox.pod.kernel_cmdline()``, what pods use today; ``--cmdline manifest`` boots both with
-the image's ``manifest.json`` ``kernel.cmdline`` (the command line the image is tuned for),
-substituting it for ``sandbox.pod.kernel_cmdline`` in this process only.
+``sandbox.pod.lifecycle.kernel_cmdline()``, what pods use today; ``--cmdline manifest`` boots both
+with the image's ``manifest.json`` ``kernel.cmdline`` (the command line the image is tuned for),
+substituting it for ``sandbox.pod.lifecycle.kernel_cmdline`` in this process only.
 
 Memory: PSS (``/proc/PID/smaps_rollup``, summed over each process tree) of QEMU, virtiofsd
 and the host agent proxy of one idle pod, ``--settle`` seconds after it booted.
 
 Pods: ``--boot restored`` (default) restores each pod from the template VM
-(sandbox/template.py; built before timing starts), ``--boot cold`` boots each from scratch.
+(sandbox/pod/template.py; built before timing starts), ``--boot cold`` boots each from scratch.
 
 Prints a table and writes ``<out>/<YYYY-MM-DD>-boot-<restored|cold>.json``. Every VM is
 time-boxed and torn down in ``finally``; the private ``--root`` is removed at the end.
@@ -57,14 +57,19 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from hypervisor import accel as accel_mod  # noqa: E402
-from hypervisor.image import GuestImage, find_image, floor_initrd  # noqa: E402
+from hypervisor.guest_image import GuestImage, find_image, floor_initrd  # noqa: E402
 from hypervisor.process import ProcessHandle, start_time  # noqa: E402
 from hypervisor.qemu import QemuVM, find_qemu  # noqa: E402
 from hypervisor.qemu_args import VMConfig, build_argv  # noqa: E402
-from sandbox import hostfs, template  # noqa: E402
-from sandbox import pod as pod_module  # noqa: E402
-from sandbox.agent_client import AgentClient  # noqa: E402
-from sandbox.pod import DEFAULT_MEMORY_MIB, Pod, kernel_cmdline  # noqa: E402
+from sandbox.pod import lifecycle as pod_module  # noqa: E402
+from sandbox.pod.agent_client import AgentClient  # noqa: E402
+from sandbox.pod.lifecycle import (  # noqa: E402
+    DEFAULT_MEMORY_MIB,
+    Pod,
+    hostfs,
+    kernel_cmdline,
+    template,
+)
 
 FLOOR_MARKER = b"PYSANDBOX-FLOOR-READY"
 AGENT_MARKER = b"pysandbox-agent: ready"
@@ -403,7 +408,7 @@ def main(argv: list[str] | None = None) -> int:
         "--cmdline",
         choices=("pod", "manifest"),
         default="pod",
-        help="kernel command line of floor and pod: sandbox.pod's (default) or the image's",
+        help="kernel command line of floor and pod: the pod's (default) or the image's",
     )
     args = parser.parse_args(argv)
     if args.runs < 1:

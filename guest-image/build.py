@@ -587,11 +587,20 @@ def fetch_wheels(versions: dict[str, str], cache: Path) -> list[Path]:
     return wheels
 
 
+#: The Python packages that run in the guest: the agent and the host<->guest contract.
+GUEST_PACKAGES = ("agent", "agentapi")
+
+
 def copy_agent(dest: Path) -> None:
-    src = REPO / "agent"
+    """Copy the guest packages (:data:`GUEST_PACKAGES`) into ``dest``/<package>."""
     for generated in ("agent_pb2.py", "agent_pb2_grpc.py"):
-        if not (src / "proto" / generated).exists():
-            raise BuildError(f"agent/proto/{generated} missing: run 'make proto'")
+        if not (REPO / "agentapi/proto" / generated).exists():
+            raise BuildError(f"agentapi/proto/{generated} missing: run 'make proto'")
+    for package in GUEST_PACKAGES:
+        _copy_package(REPO / package, dest / package)
+
+
+def _copy_package(src: Path, dest: Path) -> None:
     for path in sorted(src.rglob("*")):
         rel = path.relative_to(src)
         if "__pycache__" in rel.parts or path.suffix in (".pyc", ".pyo"):
@@ -746,8 +755,8 @@ def inputs_hash(
     ):
         feed(name, (HERE / name).read_bytes())
     feed("hypervisor/pvh.py", (REPO / "hypervisor/pvh.py").read_bytes())
-    agent = REPO / "agent"
-    for path in sorted([*agent.rglob("*.py"), agent / "proto/agent.proto"]):
+    sources = [p for pkg in GUEST_PACKAGES for p in (REPO / pkg).rglob("*.py")]
+    for path in sorted([*sources, REPO / "agentapi/proto/agent.proto"]):
         if "__pycache__" not in path.parts:
             feed(str(path.relative_to(REPO)), path.read_bytes())
     feed("kernel", f"{flavour} {kernel_pkg} {kernel_version}".encode())
@@ -865,7 +874,7 @@ def build_into(
     site.mkdir()
     for wheel in wheels:
         install_wheel(wheel, site)
-    copy_agent(pysandbox / "agent")
+    copy_agent(pysandbox)
     shutil.copyfile(HERE / "agent_launcher.py", pysandbox / "agent_launcher.py")
     moddir = root / "lib/modules" / kver
     for mod in all_mods:

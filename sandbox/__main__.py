@@ -1,5 +1,5 @@
 """``python -m sandbox`` is the ``pysandbox`` command."""
 
-from sandbox.cli import main
+from sandbox.cli.main import main
 
 main()

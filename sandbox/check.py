@@ -15,7 +15,7 @@ from typing import Any
 
 from hypervisor import accel
 from hypervisor.errors import HypervisorError
-from hypervisor.image import ImageError, find_image, validate
+from hypervisor.guest_image import ImageError, find_image, validate
 
 
 @dataclass(frozen=True)
@@ -109,7 +109,7 @@ def _vsock() -> Check:
 
 
 def _templates() -> Check:
-    from sandbox import template
+    from sandbox.pod import template
 
     if not template.enabled():
         return Check("pod start", True, "cold boots (PYSANDBOX_TEMPLATES=0)", required=False)
@@ -140,7 +140,7 @@ def _image() -> Check:
 
 def _boot(root: Path) -> Check:
     from sandbox.errors import SandboxError
-    from sandbox.pod import Pod
+    from sandbox.pod.lifecycle import Pod
 
     pod_id = f"check-{int(time.time() * 1000)}"
     started = time.monotonic()

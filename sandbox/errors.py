@@ -6,12 +6,18 @@
      ├── NotFoundError           unknown container or pod id
      ├── StateError              invalid state or transition, duplicate id
      ├── ConfigError             bad flags, malformed config, missing guest image
+     ├── RunError                a failure of ``pysandbox run``, with docker's exit status
      └── AgentError              the agent failed, timed out or answered nonsense
           └── AgentTimeout
 
 Messages are lowercase, name what failed and, where there is one, what to do about it.
 ``hypervisor.errors.HypervisorError`` is reported the same way by the CLI.
 """
+
+#: Exit statuses of ``pysandbox run`` when the container's own status is not the answer
+#: (docker run's convention): pysandbox failed, the command cannot be run, it was not found,
+#: ``--timeout`` expired.
+EXIT_RUNTIME, EXIT_CANNOT_INVOKE, EXIT_NOT_FOUND, EXIT_TIMEOUT = 125, 126, 127, 124
 
 
 class SandboxError(Exception):
@@ -30,6 +36,14 @@ class StateError(SandboxError):
 
 class ConfigError(SandboxError):
     """Invalid user input: flags, bundle, config.json, image."""
+
+
+class RunError(SandboxError):
+    """A failure of ``run`` with the exit status docker would use."""
+
+    def __init__(self, message: str, exit_code: int = EXIT_RUNTIME) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
 
 
 class AgentError(SandboxError):

@@ -15,7 +15,6 @@ from agent.oci.errors import SpecError
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from agent.oci.spec import Capabilities
     from agent.oci.syscalls import Syscalls
 
 #: capability(7) names in kernel order: the index is the capability number.
@@ -62,6 +61,22 @@ NAMES = (
     "CAP_BPF",
     "CAP_CHECKPOINT_RESTORE",
 )
+
+
+class Capabilities:
+    """The five capability sets as bitmasks."""
+
+    __slots__ = ("ambient", "bounding", "effective", "inheritable", "permitted")
+
+    def __init__(
+        self, bounding: int, effective: int, inheritable: int, permitted: int, ambient: int
+    ) -> None:
+        self.bounding = bounding
+        self.effective = effective
+        self.inheritable = inheritable
+        self.permitted = permitted
+        self.ambient = ambient
+
 
 _NUMBERS = {name: number for number, name in enumerate(NAMES)}
 

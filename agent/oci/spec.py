@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from agent.oci import capabilities, seccomp
 from agent.oci import syscalls as sc
+from agent.oci.capabilities import Capabilities
 from agent.oci.errors import SpecError
 from agent.oci.seccomp import Filter as SeccompFilter
 
@@ -216,21 +217,6 @@ class User:
         self.gid = gid
         self.umask = umask
         self.additional_gids = additional_gids
-
-
-class Capabilities:
-    """The five capability sets as bitmasks."""
-
-    __slots__ = ("ambient", "bounding", "effective", "inheritable", "permitted")
-
-    def __init__(
-        self, bounding: int, effective: int, inheritable: int, permitted: int, ambient: int
-    ) -> None:
-        self.bounding = bounding
-        self.effective = effective
-        self.inheritable = inheritable
-        self.permitted = permitted
-        self.ambient = ambient
 
 
 class Process:

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from hypervisor.image import ImageError, find_image
-from sandbox.pod import Pod
+from hypervisor.guest_image import ImageError, find_image
+from sandbox.pod.lifecycle import Pod
 
 KEEP_LOGS = Path(os.environ.get("PYSANDBOX_KEEP_LOGS_DIR", "/tmp/pysandbox-test-logs"))
 

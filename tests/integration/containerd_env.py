@@ -29,8 +29,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sandbox import images
-from sandbox.hostfs import mounts_below
+from sandbox.image import store as images
+from sandbox.pod.hostfs import mounts_below
 from tests.integration.helpers import processes_mentioning
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -320,7 +320,7 @@ def stop_containerd(daemon: Containerd, keep_log: bool) -> None:
             daemon.proc.kill()
             daemon.proc.wait()
     # Whatever containers and pods failed tests left behind, then the shims of this daemon.
-    from sandbox.pod import Pod
+    from sandbox.pod.lifecycle import Pod
 
     for root in [p for p in daemon.runtime_root.iterdir() if p.is_dir()]:
         listed = subprocess.run(

@@ -13,12 +13,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sandbox import images
-from sandbox.agent_client import ContainerClient
-from sandbox.container import StdioRelay, share_container_files, unshare_container_files
 from sandbox.errors import AgentError
-from sandbox.pod import Pod
-from sandbox.spec import default_spec
+from sandbox.image import store as images
+from sandbox.pod.agent_client import ContainerClient
+from sandbox.pod.lifecycle import Pod
+from sandbox.pod.sharing import StdioRelay, share_container_files, unshare_container_files
+from sandbox.run.default_spec import default_spec
 
 _ids = itertools.count()
 

@@ -172,7 +172,7 @@ def test_detached_term_task_delete_container_delete(containerd: Containerd) -> N
         # The shim's pid is the one containerd reports: a host process of ours.
         pid = int(containerd.ctr("tasks", "ls").stdout.split(cid, 1)[1].split()[0])
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-        assert b"sandbox.shim" in cmdline, cmdline
+        assert b"sandbox.runtime.shim" in cmdline, cmdline
         done = containerd.ctr("tasks", "exec", "--exec-id", "x", cid, "sh", "-c", "exit 0")
         assert done.returncode == 0, done.stderr
         assert containerd.ctr("tasks", "kill", cid).returncode == 0  # SIGTERM by default

@@ -12,11 +12,11 @@ from pathlib import Path
 import grpc
 import pytest
 
-from agent.proto import agent_pb2 as pb
-from agent.proto import agent_pb2_grpc as pb_grpc
+from agentapi.proto import agent_pb2 as pb
+from agentapi.proto import agent_pb2_grpc as pb_grpc
 from sandbox.errors import AgentError
-from sandbox.pod import Pod
-from sandbox.spec import DEFAULT_CAPABILITIES
+from sandbox.pod.lifecycle import Pod
+from sandbox.run.default_spec import DEFAULT_CAPABILITIES
 from tests.integration.helpers import busybox_spec, live_container, run_container
 
 CAP_NUMBERS = {

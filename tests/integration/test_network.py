@@ -24,9 +24,9 @@ from typing import Any
 
 import pytest
 
-from sandbox import images, network
 from sandbox.errors import ConfigError
-from sandbox.pod import Pod
+from sandbox.image import store as images
+from sandbox.pod.lifecycle import Pod, network
 from tests.integration.helpers import Result, busybox_spec, run_container
 from tests.integration.netns_topology import Topology, finish, topology
 

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from hypervisor.image import find_image
+from hypervisor.guest_image import find_image
 from sandbox.errors import AgentError, AgentTimeout, NotFoundError
-from sandbox.pod import GUEST_SHARE, Pod
+from sandbox.pod.lifecycle import GUEST_SHARE, Pod
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from sandbox import images
+from sandbox.image import store as images
 
 ROOT = Path(__file__).resolve().parents[2]
 RUNTIME = str(ROOT / ".venv" / "bin" / "pysandbox")

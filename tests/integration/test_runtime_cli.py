@@ -31,9 +31,10 @@ from typing import Any
 
 import pytest
 
-from sandbox import images, state
-from sandbox.hostfs import mounts_below
-from sandbox.spec import default_spec
+from sandbox import store as state
+from sandbox.image import store as images
+from sandbox.pod.hostfs import mounts_below
+from sandbox.run.default_spec import default_spec
 
 pytestmark = pytest.mark.vm
 
@@ -159,7 +160,7 @@ def runtime(vm_root: Path) -> Iterator[Runtime]:
                 timeout=120,
                 check=False,
             )
-    from sandbox.pod import Pod
+    from sandbox.pod.lifecycle import Pod
 
     for pod in Pod.list(root):
         with contextlib.suppress(Exception):
@@ -575,12 +576,12 @@ def test_errors_are_one_line_logged_once_and_leave_nothing(
 #: Modules the quick verbs must not load before they reach a pod (or at all).
 HEAVY_MODULES = (
     "grpc",
-    "sandbox.agent_client",
-    "sandbox.pod",
-    "sandbox.container",
-    "sandbox.network",
-    "sandbox.images",
-    "sandbox.shim",
+    "sandbox.pod.agent_client",
+    "sandbox.pod.lifecycle",
+    "sandbox.pod.sharing",
+    "sandbox.pod.network",
+    "sandbox.image.store",
+    "sandbox.runtime.shim",
     "hypervisor.qemu_args",
 )
 

@@ -1,4 +1,4 @@
-"""Pods restored from a template VM (sandbox/template.py): each one a distinct, working machine
+"""Pods restored from a template VM (sandbox/pod/template.py): each one a distinct, working machine
 with the right clock; a template that cannot be restored is discarded and the pod cold boots."""
 
 from __future__ import annotations
@@ -10,8 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from sandbox import template
-from sandbox.pod import Pod
+from sandbox.pod.lifecycle import Pod, template
 from tests.integration.helpers import busybox_spec, processes_mentioning, run_container
 
 #: How old the template must be before the clock check: a restored guest that did not set its
@@ -92,7 +91,7 @@ def test_templates_can_be_turned_off(
 def test_network_cards_are_hot_plugged_into_restored_pods(
     template_dir: Path, pod_factory: Callable[..., Pod]
 ) -> None:
-    from sandbox import network
+    from sandbox.pod import network
 
     pod = pod_factory(user_network=True, hostname="restored-net")
     assert pod.record["boot"] == "restored"

@@ -10,11 +10,11 @@ from pathlib import Path
 import grpc
 import pytest
 
-from agent.proto import agent_pb2 as pb
-from agent.proto import agent_pb2_grpc as pb_grpc
 from agent.server import make_server
-from sandbox.agent_client import ContainerClient
+from agentapi.proto import agent_pb2 as pb
+from agentapi.proto import agent_pb2_grpc as pb_grpc
 from sandbox.errors import AgentError, AgentTimeout
+from sandbox.pod.agent_client import ContainerClient
 
 
 class HostileAgent(pb_grpc.AgentServicer):

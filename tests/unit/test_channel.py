@@ -18,10 +18,10 @@ from pathlib import Path
 
 import pytest
 
-from agent.channel import HandshakeError, SyncScanner, ack_line, host_handshake, sync_line
 from agent.serial_relay import SerialRelay
 from agent.server import AgentService, make_server
-from sandbox.agent_client import AgentClient
+from agentapi.channel import HandshakeError, SyncScanner, ack_line, host_handshake, sync_line
+from sandbox.pod.agent_client import AgentClient
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -125,7 +125,7 @@ def _start_proxy(chardev: Path, listen: Path) -> subprocess.Popen[bytes]:
         [
             sys.executable,
             "-m",
-            "sandbox.agent_proxy",
+            "sandbox.pod.agent_proxy",
             "--serial",
             str(chardev),
             "--listen",

@@ -9,8 +9,8 @@ from typing import Any
 
 import pytest
 
-from hypervisor import image as image_mod
-from hypervisor.image import ImageError, find_image, floor_initrd, validate
+from hypervisor import guest_image as image_mod
+from hypervisor.guest_image import ImageError, find_image, floor_initrd, validate
 
 FILES = {
     "vmlinux": b"\x7fELF kernel",

@@ -20,8 +20,10 @@ from typing import Any
 
 import pytest
 
-from sandbox import image_formats, image_unpack, images
 from sandbox.errors import ConfigError
+from sandbox.image import formats as image_formats
+from sandbox.image import store as images
+from sandbox.image import unpack as image_unpack
 
 OS, ARCH = image_formats.host_platform()
 AS_ROOT = os.geteuid() == 0

@@ -13,10 +13,10 @@ import pytest
 
 from agent import network as guest
 from agent.server import AgentService, make_server
-from sandbox import network
-from sandbox.agent_client import ContainerClient
-from sandbox.container import GUEST_POD_NETNS, _rewrite_namespaces
 from sandbox.errors import AgentError, ConfigError
+from sandbox.pod import network
+from sandbox.pod.agent_client import ContainerClient
+from sandbox.pod.sharing import GUEST_POD_NETNS, _rewrite_namespaces
 
 MAC_A, MAC_B = "be:5f:58:e1:19:a1", "02:00:00:00:00:02"
 

@@ -12,8 +12,8 @@ import pytest
 from agent.oci import seccomp
 from agent.oci.spec import parse_spec
 from sandbox.errors import ConfigError
-from sandbox.runtime import load_bundle, parse_signal, pod_of
-from sandbox.spec import default_seccomp, default_spec
+from sandbox.run.default_spec import default_seccomp, default_spec
+from sandbox.runtime.lifecycle import load_bundle, parse_signal, pod_of
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from sandbox import state
+from sandbox import store as state
 from sandbox.errors import ConfigError, NotFoundError, StateError
-from sandbox.record import ContainerRecord, Status
+from sandbox.runtime.record import ContainerRecord, Status
 
 
 @pytest.mark.parametrize("bad", ["", "../x", "a/b", "..", "x..y", "-lead", "a b", "x" * 1025])

@@ -9,7 +9,7 @@ import pytest
 
 from agent import restore
 from hypervisor.qemu_args import build_argv
-from sandbox import template
+from sandbox.pod import template
 
 IMAGE = SimpleNamespace(
     kernel=Path("/img/vmlinux"),

@@ -21,7 +21,7 @@ the root directory an :class:`Unpacker` was given, whatever the tar contains:
 - Owners are numeric ids from the tar (user and group *names* are ignored, never looked up on
   the host) and are applied only when running as root and only for ids in ``0..2**32-2``.
   Modes keep setuid/setgid/sticky bits: the store that holds unpacked images must therefore be
-  private to root (``sandbox.images`` creates it 0700).
+  private to root (``sandbox.image.store`` creates it 0700).
 
 Whiteouts follow the OCI image spec: ``.wh.NAME`` deletes ``NAME`` of lower layers,
 ``.wh..wh..opq`` empties its directory of everything lower layers put there; neither touches
@@ -69,7 +69,7 @@ _XZ_MAGIC = b"\xfd7zXZ\x00"
 class ImageError(Exception):
     """The image content is unusable.
 
-    The message is one lowercase clause that does not name the image; ``sandbox.images``
+    The message is one lowercase clause that does not name the image; ``sandbox.image.store``
     prefixes it with ``image NAME:`` and raises ``ConfigError``.
     """
 
@@ -256,7 +256,7 @@ def apply_blob(
 
     ``expect_digest`` is the sha256 of the blob as stored, ``expect_diff_id`` that of the
     uncompressed tar; either may be None. Callers verify the blob before calling this (see
-    ``sandbox.images``); the digests are checked again here over the very bytes that were
+    ``sandbox.image.store``); the digests are checked again here over the very bytes that were
     applied, so a file changed in between cannot slip through. On any error the root is in
     an undefined state and must be discarded.
     """

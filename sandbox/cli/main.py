@@ -73,11 +73,11 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     stop.add_argument("pod_id")
     pod_verbs.add_parser("list", help="list pod VMs")
 
-    from sandbox.run_options import add_arguments as add_run_arguments
+    from sandbox.run.options import add_arguments as add_run_arguments
 
     run = verbs.add_parser("run", help="run a command in a container in a fresh VM")
     add_run_arguments(run)
-    from sandbox.run_options import add_detached_verbs
+    from sandbox.run.options import add_detached_verbs
 
     add_detached_verbs(verbs)
     _runtime_verbs(verbs)
@@ -166,7 +166,7 @@ def _log_error(args: argparse.Namespace, message: str) -> None:
 
 
 def _dispatch(args: argparse.Namespace) -> int:
-    from sandbox import commands
+    from sandbox.cli import commands
 
     handler: Callable[[argparse.Namespace], int] = commands.HANDLERS[args.verb]
     return handler(args)

@@ -6,8 +6,8 @@ is per pod — the virtio-fs share (QEMU 7.2 cannot save a VM with vhost-user-fs
 network cards — with its RAM in a shared memfd so that virtio-fs can be hot-plugged after the
 restore. It is saved (QMP ``migrate`` to a file) as soon as its agent answers Health.
 
-A pod restored from it (:meth:`sandbox.pod.Pod.boot`): QEMU with the same command line plus
-``-incoming fd:N`` loads the state paused; the share is hot-plugged; the guest continues; the
+A pod restored from it (:meth:`sandbox.pod.lifecycle.Pod.boot`): QEMU with the same command line
+plus ``-incoming fd:N`` loads the state paused; the share is hot-plugged; the guest continues; the
 agent is told it was restored (``Restored``: CRNG reseeded from host entropy, clock set).
 
 Templates live in :func:`template_dir` under a key that covers everything the saved state
@@ -167,8 +167,8 @@ def _build(
 ) -> None:
     from hypervisor.errors import HypervisorError
     from hypervisor.qemu import QemuVM
-    from sandbox.agent_client import AgentClient
-    from sandbox.pod import start_proxy
+    from sandbox.pod import agent_proxy
+    from sandbox.pod.agent_client import AgentClient
 
     # The VM's sockets go in a short directory (unix socket paths are limited to 107 bytes);
     # the state is written next to its final place and renamed there once complete.
@@ -178,7 +178,7 @@ def _build(
     proxy: ProcessHandle | None = None
     try:
         vm.start()
-        proxy = ProcessHandle.of(start_proxy(work, vm.pid))
+        proxy = ProcessHandle.of(agent_proxy.start(work, vm.pid))
         vm.resume()
         with AgentClient(f"unix:{work / 'agent.sock'}") as agent:
             agent.wait_healthy(timeout, alive=lambda: bool(vm.pids()))

@@ -7,10 +7,10 @@ call, unary or streaming, as opaque bytes (a generic gRPC proxy: it needs no kno
 messages, so it never lags the proto).
 
 Upstream it relays a private unix socket to QEMU's chardev socket, running the channel
-handshake (:mod:`agent.channel`) on every new connection. The daemon exits when the VM's QEMU
+handshake (:mod:`agentapi.channel`) on every new connection. The daemon exits when the VM's QEMU
 process (``--vm-pid``) is gone, so it never outlives its pod.
 
-Run as ``python -m sandbox.agent_proxy --serial S --listen L --vm-pid P [--vsock CID]``.
+Run as ``python -m sandbox.pod.agent_proxy --serial S --listen L --vm-pid P [--vsock CID]``.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import contextlib
 import os
 import signal
 import socket
+import subprocess
 import sys
 import threading
 import time
@@ -30,12 +31,51 @@ from typing import Any
 
 import grpc
 
-from agent.channel import VSOCK_PORT, HandshakeError, host_handshake
-from agent.limits import GRPC_OPTIONS
+from agentapi.channel import VSOCK_PORT, HandshakeError, host_handshake
+from agentapi.limits import GRPC_OPTIONS
+from sandbox import IMPORT_ROOT
+from sandbox.errors import AgentError
 
 SERVICE_PREFIX = "/pysandbox.agent.v1.Agent/"
 _HANDSHAKE_TIMEOUT = 10.0
 _CHUNK = 65536
+
+
+def start(directory: Path, vm_pid: int) -> int:
+    """Start the agent proxy of the VM whose files are in ``directory``; its pid once ready.
+
+    It serves ``directory/agent.sock`` and relays to QEMU's ``agent-serial.sock``; its log
+    is ``proxy.log``. AgentError if it does not report ready.
+    """
+    log = open(directory / "proxy.log", "ab")  # noqa: SIM115 - handed to the child
+    with log:
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "sandbox.pod.agent_proxy",
+                "--listen",
+                str(directory / "agent.sock"),
+                "--serial",
+                str(directory / "agent-serial.sock"),
+                "--vm-pid",
+                str(vm_pid),
+            ],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=log,
+            start_new_session=True,
+            cwd="/",
+            env={**os.environ, "PYTHONPATH": IMPORT_ROOT},
+        )
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    proc.stdout.close()
+    if line.strip() != b"agent-proxy: ready":
+        proc.kill()
+        proc.wait()
+        raise AgentError(f"agent proxy failed to start; see {directory / 'proxy.log'}")
+    return proc.pid
 
 
 class _Forwarder(grpc.GenericRpcHandler):  # type: ignore[type-arg]

@@ -24,10 +24,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from sandbox import hostfs
-from sandbox.agent_client import ContainerClient
 from sandbox.errors import ConfigError
-from sandbox.pod import GUEST_SHARE, Pod
+from sandbox.pod import hostfs
+from sandbox.pod.agent_client import ContainerClient
+from sandbox.pod.lifecycle import GUEST_SHARE, Pod
 
 _BIND_TYPES = {"bind", "rbind"}
 #: The pod network in the guest: the root network namespace, where the agent (PID 1) runs.

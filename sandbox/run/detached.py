@@ -1,14 +1,14 @@
 """Detached runs: ``pysandbox run -d``, and ``ps``, ``logs``, ``stop``, ``rm`` for them.
 
-A detached run is a runtime container (:mod:`sandbox.runtime`'s record, shim, start, kill
+A detached run is a runtime container (:mod:`sandbox.runtime.lifecycle`'s record, shim, start, kill
 and delete) whose pod, spec and guest container are made the way ``run`` makes them: the
-same :func:`sandbox.run.build_spec` (limits, no network, hardened defaults), the same VM
+same :func:`sandbox.run.spec.build_spec` (limits, no network, hardened defaults), the same VM
 sizing, the image shared read-only under a throwaway writable layer in guest memory. The
 run's name is its container id and its pod id. Only the per-container shim differs from a
 ``create``: its stdin is /dev/null and its stdout and stderr are appended to
 ``<root>/<name>/run.log``, which ``logs`` prints.
 
-A small monitor process (``python -m sandbox.detached``) waits for the shim to exit (the
+A small monitor process (``python -m sandbox.run.detached``) waits for the shim to exit (the
 process ended, ``stop``, ``--timeout``), then powers the VM off and unmounts everything,
 keeping the record, the log and the exit status until ``rm`` (or removes all of it for
 ``--rm``). ``stop`` and ``rm`` do the same work themselves, so nothing depends on the
@@ -38,12 +38,17 @@ from pathlib import Path
 from typing import Any
 
 from hypervisor.process import ProcessHandle
-from sandbox import images, runtime, shim, state
-from sandbox.container import unshare_container_files
-from sandbox.errors import NotFoundError, SandboxError, StateError
-from sandbox.pod import Pod
-from sandbox.record import ContainerRecord, Status
-from sandbox.run import RunError, boot_pod, build_spec, create_in_pod, parse_size
+from sandbox import IMPORT_ROOT
+from sandbox import store as state
+from sandbox.errors import NotFoundError, RunError, SandboxError, StateError
+from sandbox.image import store as images
+from sandbox.pod.lifecycle import Pod
+from sandbox.pod.sharing import unshare_container_files
+from sandbox.run.launch import boot_pod, create_in_pod
+from sandbox.run.spec import build_spec, parse_size
+from sandbox.runtime import lifecycle as runtime
+from sandbox.runtime import shim
+from sandbox.runtime.record import ContainerRecord, Status
 
 LOG_NAME = "run.log"
 DEFAULT_STOP_SECONDS = 10
@@ -140,13 +145,13 @@ def _spawn_monitor(root: Path, name: str) -> None:
     """Start the monitor (see the module docstring) in a session of its own."""
     devnull = subprocess.DEVNULL
     proc = subprocess.Popen(
-        [sys.executable, "-m", "sandbox.detached", "--root", str(root), name],
+        [sys.executable, "-m", "sandbox.run.detached", "--root", str(root), name],
         stdin=devnull,
         stdout=devnull,
         stderr=devnull,
         start_new_session=True,
         cwd="/",
-        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)},
+        env={**os.environ, "PYTHONPATH": IMPORT_ROOT},
     )
     proc.returncode = 0  # never waited for here: it outlives this CLI (silences Popen.__del__)
 
@@ -310,7 +315,7 @@ def print_logs(root: Path, name: str, follow: bool = False) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """``python -m sandbox.detached --root ROOT NAME``: the monitor of one run."""
+    """``python -m sandbox.run.detached --root ROOT NAME``: the monitor of one run."""
     parser = argparse.ArgumentParser(prog="pysandbox-run-monitor")
     parser.add_argument("--root", type=Path, required=True)
     parser.add_argument("name")

@@ -20,13 +20,13 @@ import termios
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from sandbox import state
+from sandbox import store as state
 from sandbox.errors import AgentError, ConfigError, NotFoundError, SandboxError, StateError
-from sandbox.record import ContainerRecord, Status
+from sandbox.runtime.record import ContainerRecord, Status
 
 if TYPE_CHECKING:
-    from sandbox.agent_client import ContainerClient
-    from sandbox.pod import Pod
+    from sandbox.pod.agent_client import ContainerClient
+    from sandbox.pod.lifecycle import Pod
 
 MAX_CONFIG_BYTES = 4 * 1024 * 1024
 SANDBOX_TYPE_KEYS = ("io.kubernetes.cri.container-type", "io.kubernetes.cri-o.ContainerType")
@@ -69,7 +69,7 @@ def pod_of(container_id: str, spec: dict[str, Any]) -> tuple[str, bool]:
 def _load_pod(root: Path, pod_id: str) -> Pod:
     """The recorded pod (imported here: verbs that never reach a pod, e.g. for an unknown
     id, do not pay for the gRPC client, QEMU and network modules)."""
-    from sandbox.pod import Pod
+    from sandbox.pod.lifecycle import Pod
 
     return Pod.load(root, pod_id)
 
@@ -131,10 +131,10 @@ def create(
 
     On any failure everything this call started is undone and the id is free again.
     """
-    from sandbox import shim
-    from sandbox.container import share_container_files
-    from sandbox.network import netns_path_of
-    from sandbox.pod import Pod
+    from sandbox.pod.lifecycle import Pod
+    from sandbox.pod.network import netns_path_of
+    from sandbox.pod.sharing import share_container_files
+    from sandbox.runtime import shim
 
     state.validate_id(container_id)
     bundle = bundle.resolve()
@@ -222,7 +222,7 @@ def _sync_terminal_size(record: ContainerRecord, client: ContainerClient) -> Non
     shim's pty slave is its fd :data:`shim.TERMINAL_FD`; a shim that is gone or not this
     one (pid reuse) is left alone.
     """
-    from sandbox import shim
+    from sandbox.runtime import shim
 
     handle = record.shim
     if handle is None or not handle.alive():
@@ -299,7 +299,7 @@ def _teardown(root: Path, record: ContainerRecord, pod: Pod | None) -> None:
     killed, it would only wait out its deadline). A member of a pod that lives on is
     removed from the guest and the pod share.
     """
-    from sandbox.container import unshare_container_files
+    from sandbox.pod.sharing import unshare_container_files
 
     owner = bool(record.data.get("owns_pod"))
     if pod is not None and not owner:
@@ -358,7 +358,7 @@ def exec_process(
     pod = _load_pod(root, record.pod_id)
     import secrets
 
-    from sandbox import shim
+    from sandbox.runtime import shim
 
     exec_id = f"exec-{secrets.token_hex(8)}"
     with pod.client() as client:
@@ -375,7 +375,7 @@ def exec_process(
             if pid_file is not None:
                 _write_pid_file(pid_file, handle.pid)
             return 0
-        from sandbox.container import StdioRelay
+        from sandbox.pod.sharing import StdioRelay
 
         relay = StdioRelay(client, container_id, exec_id, 0, 1, 2, terminal)
         relay.start()
@@ -391,7 +391,7 @@ def _forward_signals(client: ContainerClient, container_id: str, exec_id: str) -
     import signal
     import threading
 
-    from sandbox.shim import FORWARDED_SIGNALS
+    from sandbox.runtime.shim import FORWARDED_SIGNALS
 
     def send(signum: int) -> None:
         with contextlib.suppress(AgentError):

@@ -17,13 +17,13 @@ import enum
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from sandbox import state
+from sandbox import store as state
 from sandbox.errors import NotFoundError, SandboxError, StateError
 
 if TYPE_CHECKING:
     from hypervisor.process import ProcessHandle
 
-#: Where the shim (sandbox/shim.py) records the exit status of a container's init process.
+#: Where the shim (sandbox/runtime/shim.py) records the exit status of a container's init process.
 EXIT_FILE = "exit"
 
 

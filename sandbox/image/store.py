@@ -5,7 +5,7 @@ An image name is one of:
 - ``default``: busybox, built locally from Debian's busybox-static on first use (offline);
 - a plain root filesystem directory, used in place;
 - an OCI image layout directory, an oci-archive or a docker-archive tarball (see
-  ``sandbox.image_formats``), optionally ``PATH:NAME`` to pick one image of several.
+  ``sandbox.image.formats``), optionally ``PATH:NAME`` to pick one image of several.
 
 Layouts and archives are unpacked once into the image store (:data:`IMAGE_STORE`,
 ``$PYSANDBOX_IMAGE_STORE``) as ``sha256/<hex>/rootfs`` plus ``sha256/<hex>/config.json`` (the
@@ -34,9 +34,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sandbox import image_formats
 from sandbox.errors import ConfigError
-from sandbox.image_unpack import ImageError, Unpacker, apply_blob, hash_blob, mismatch, read_in_root
+from sandbox.image import formats as image_formats
+from sandbox.image.unpack import ImageError, Unpacker, apply_blob, hash_blob, mismatch, read_in_root
 
 IMAGE_STORE = Path(os.environ.get("PYSANDBOX_IMAGE_STORE", "/var/lib/pysandbox/images"))
 DEFAULT_IMAGE = "default"

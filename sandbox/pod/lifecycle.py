@@ -9,7 +9,7 @@ Lifecycle::
     destroy(): kill whatever the record names (any state, after any crash) -> dir removed
 
 Every process is recorded in pod.json (pid + start time) the moment it exists, and the
-network devices (sandbox/network.py) before they are created, so that ``destroy`` can always
+network devices (sandbox/pod/network.py) before they are created, so that ``destroy`` can always
 clean up, whichever step failed and whichever process was killed.
 A boot that fails tears everything down, keeps the serial console log under
 ``<root>/logs/`` and names it in the error.
@@ -22,8 +22,6 @@ import dataclasses
 import os
 import secrets
 import shutil
-import subprocess
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,9 +29,10 @@ from typing import Any
 
 from hypervisor.process import ProcessHandle
 from hypervisor.qemu_args import Accelerator, NicConfig
-from sandbox import hostfs, network, state, template
-from sandbox.agent_client import ContainerClient
+from sandbox import store as state
 from sandbox.errors import AgentError, ConfigError, NotFoundError, SandboxError, StateError
+from sandbox.pod import agent_proxy, hostfs, network, template
+from sandbox.pod.agent_client import ContainerClient
 
 #: Guest path of the pod's virtio-fs share (container rootfs live below it).
 GUEST_SHARE = "/run/pysandbox/shared"
@@ -174,7 +173,7 @@ class Pod:
         the kept console log). On any failure nothing the boot started is left running.
         """
         from hypervisor import accel as accel_mod
-        from hypervisor.image import ImageError, find_image
+        from hypervisor.guest_image import ImageError, find_image
 
         state.validate_id(pod_id, "pod")
         if netns is not None and user_network:
@@ -324,7 +323,7 @@ class Pod:
         timeout: float,
         nics: tuple[NicConfig, ...],
     ) -> bool:
-        """Start this pod's VM from the template for its machine (sandbox/template.py).
+        """Start this pod's VM from the template for its machine (sandbox/pod/template.py).
 
         True once the restored VM runs with the share and ``nics`` hot-plugged (the caller
         then waits for the agent and sends ``Restored``). False if no template can be had or
@@ -395,7 +394,7 @@ class Pod:
             log.write(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} {text}\n")
 
     def _start_proxy(self, vm_pid: int) -> int:
-        return start_proxy(self.dir, vm_pid)
+        return agent_proxy.start(self.dir, vm_pid)
 
     def _keep_console_log(self) -> Path | None:
         if not self.console_log.exists():
@@ -442,43 +441,6 @@ class Pod:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
-def start_proxy(directory: Path, vm_pid: int) -> int:
-    """Start the agent proxy of the VM whose files are in ``directory``; its pid once ready.
-
-    It serves ``directory/agent.sock`` and relays to QEMU's ``agent-serial.sock``; its log
-    is ``proxy.log``. AgentError if it does not report ready.
-    """
-    log = open(directory / "proxy.log", "ab")  # noqa: SIM115 - handed to the child
-    with log:
-        proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "sandbox.agent_proxy",
-                "--listen",
-                str(directory / "agent.sock"),
-                "--serial",
-                str(directory / "agent-serial.sock"),
-                "--vm-pid",
-                str(vm_pid),
-            ],
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=log,
-            start_new_session=True,
-            cwd="/",
-            env={**os.environ, "PYTHONPATH": _import_root()},
-        )
-    assert proc.stdout is not None
-    line = proc.stdout.readline()
-    proc.stdout.close()
-    if line.strip() != b"agent-proxy: ready":
-        proc.kill()
-        proc.wait()
-        raise AgentError(f"agent proxy failed to start; see {directory / 'proxy.log'}")
-    return proc.pid
-
-
 def kernel_cmdline() -> str:
     """The guest kernel command line (tuned for fast boots under TCG; see host-facts)."""
     return " ".join(
@@ -503,8 +465,3 @@ def kernel_cmdline() -> str:
             "acpi=noirq",
         ]
     )
-
-
-def _import_root() -> str:
-    """The directory holding the ``sandbox`` and ``agent`` packages (for child processes)."""
-    return str(Path(__file__).resolve().parent.parent)

@@ -14,14 +14,14 @@ from typing import TYPE_CHECKING, Any, Self
 
 import grpc
 
-from agent.limits import DEFAULT_RPC_TIMEOUT, GRPC_OPTIONS, MAX_READ_BYTES
-from agent.proto import agent_pb2 as pb
-from agent.proto import agent_pb2_grpc as pb_grpc
-from agent.version import PROTOCOL_VERSION, protocol_major
+from agentapi.limits import DEFAULT_RPC_TIMEOUT, GRPC_OPTIONS, MAX_READ_BYTES
+from agentapi.proto import agent_pb2 as pb
+from agentapi.proto import agent_pb2_grpc as pb_grpc
+from agentapi.version import PROTOCOL_VERSION, protocol_major
 from sandbox.errors import AgentError, AgentTimeout
 
 if TYPE_CHECKING:
-    from sandbox.network import NetworkConfig
+    from sandbox.pod.network import NetworkConfig
 
 #: Where the agent writes resolv.conf and hosts (agent.proto, ConfigureNetwork).
 GUEST_NETWORK_DIR = "/run/pysandbox-network"

@@ -10,7 +10,7 @@ that both sides use to discard stale bytes before gRPC's HTTP/2 stream begins::
 
 The guest discards everything before a SYNC line; the host discards everything before the
 ACK carrying *its* nonce. After that the stream is a fresh gRPC connection. Scanning keeps
-only a small window in memory (:data:`agent.limits.SYNC_WINDOW_BYTES`), so a hostile peer
+only a small window in memory (:data:`agentapi.limits.SYNC_WINDOW_BYTES`), so a hostile peer
 cannot make either side buffer without bound; the host also bounds the bytes it will discard.
 
 vsock needs none of this: each vsock connection is its own stream.
@@ -23,7 +23,7 @@ import re
 import socket
 import time
 
-from agent.limits import SYNC_WINDOW_BYTES
+from agentapi.limits import SYNC_WINDOW_BYTES
 
 SYNC_PREFIX = b"PYSANDBOX-SYNC "
 ACK_PREFIX = b"PYSANDBOX-ACK "

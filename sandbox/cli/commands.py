@@ -8,7 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from sandbox import state
+from sandbox import store as state
 from sandbox.errors import ConfigError
 
 
@@ -29,7 +29,7 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_pod(args: argparse.Namespace) -> int:
-    from sandbox.pod import DEFAULT_MEMORY_MIB, Pod
+    from sandbox.pod.lifecycle import DEFAULT_MEMORY_MIB, Pod
 
     root = _root(args)
     if args.pod_verb == "boot":
@@ -72,13 +72,18 @@ def cmd_pod(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     """``run`` reports its own failures with docker's 125 (126/127 for the command)."""
-    from sandbox.errors import describe
-    from sandbox.run import EXIT_RUNTIME, RunError, run
+    from sandbox.errors import EXIT_RUNTIME, RunError, describe
 
     if args.bundle is not None:
         return _run_bundle(args)
     try:
-        return run(args, _root(args))
+        if args.detach:
+            from sandbox.run import detached
+
+            return detached.run_detached(args, _root(args))
+        from sandbox.run import foreground
+
+        return foreground.run(args, _root(args))
     except RunError:
         raise
     except Exception as exc:
@@ -88,8 +93,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def _run_bundle(args: argparse.Namespace) -> int:
     """runc's ``run``: create + start, then (unless --detach) wait for the container."""
-    from sandbox import runtime
-    from sandbox.record import ContainerRecord
+    from sandbox.runtime import lifecycle as runtime
+    from sandbox.runtime.record import ContainerRecord
 
     root = _root(args)
     record = runtime.create(root, args.image, args.bundle, args.pid_file, args.console_socket)
@@ -106,7 +111,7 @@ def _run_bundle(args: argparse.Namespace) -> int:
 
 
 def cmd_create(args: argparse.Namespace) -> int:
-    from sandbox import runtime
+    from sandbox.runtime import lifecycle as runtime
 
     _undo_on_termination()
     runtime.create(_root(args), args.id, args.bundle, args.pid_file, args.console_socket)
@@ -130,27 +135,27 @@ def _undo_on_termination() -> None:
 
 
 def cmd_start(args: argparse.Namespace) -> int:
-    from sandbox import runtime
+    from sandbox.runtime import lifecycle as runtime
 
     runtime.start(_root(args), args.id)
     return 0
 
 
 def cmd_state(args: argparse.Namespace) -> int:
-    from sandbox.record import ContainerRecord
+    from sandbox.runtime.record import ContainerRecord
 
     print(json.dumps(ContainerRecord.load(_root(args), args.id).oci_state(), indent=2))
     return 0
 
 
 def cmd_kill(args: argparse.Namespace) -> int:
-    from sandbox import runtime
+    from sandbox.runtime import lifecycle as runtime
 
     root = _root(args)
     try:
         signum = runtime.parse_signal(args.signal)
     except ConfigError:
-        from sandbox.record import ContainerRecord
+        from sandbox.runtime.record import ContainerRecord
 
         ContainerRecord.load(root, args.id)  # an unknown id is reported first, as runc does
         raise
@@ -159,15 +164,15 @@ def cmd_kill(args: argparse.Namespace) -> int:
 
 
 def cmd_delete(args: argparse.Namespace) -> int:
-    from sandbox import runtime
+    from sandbox.runtime import lifecycle as runtime
 
     runtime.delete(_root(args), args.id, args.force)
     return 0
 
 
 def _exec_process(args: argparse.Namespace) -> dict[str, Any]:
-    from sandbox.record import ContainerRecord
-    from sandbox.runtime import load_bundle
+    from sandbox.runtime.lifecycle import load_bundle
+    from sandbox.runtime.record import ContainerRecord
 
     record = ContainerRecord.load(_root(args), args.id)  # an unknown id first, as runc
     if args.process is not None:
@@ -200,7 +205,7 @@ def _exec_process(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_exec(args: argparse.Namespace) -> int:
-    from sandbox import runtime
+    from sandbox.runtime import lifecycle as runtime
 
     process = _exec_process(args)
     if args.tty:
@@ -211,7 +216,7 @@ def cmd_exec(args: argparse.Namespace) -> int:
 
 
 def cmd_ps(args: argparse.Namespace) -> int:
-    from sandbox import runtime
+    from sandbox.runtime import lifecycle as runtime
 
     if args.id is None:
         return cmd_run_ps(args)
@@ -227,7 +232,7 @@ def cmd_ps(args: argparse.Namespace) -> int:
 
 def cmd_run_ps(args: argparse.Namespace) -> int:
     """``ps`` without an id: the detached runs (``-a``: stopped ones too)."""
-    from sandbox import detached
+    from sandbox.run import detached
 
     runs = detached.list_runs(_root(args), args.all)
     print(detached.dumps_runs(runs) if args.format == "json" else detached.render_runs(runs))
@@ -235,14 +240,14 @@ def cmd_run_ps(args: argparse.Namespace) -> int:
 
 
 def cmd_logs(args: argparse.Namespace) -> int:
-    from sandbox import detached
+    from sandbox.run import detached
 
     detached.print_logs(_root(args), args.name, args.follow)
     return 0
 
 
 def cmd_stop(args: argparse.Namespace) -> int:
-    from sandbox import detached
+    from sandbox.run import detached
 
     for name in args.names:
         detached.stop(_root(args), name, args.time)
@@ -251,7 +256,7 @@ def cmd_stop(args: argparse.Namespace) -> int:
 
 
 def cmd_rm(args: argparse.Namespace) -> int:
-    from sandbox import detached
+    from sandbox.run import detached
 
     for name in args.names:
         detached.remove(_root(args), name, args.force)
@@ -260,7 +265,7 @@ def cmd_rm(args: argparse.Namespace) -> int:
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    from sandbox.record import ContainerRecord
+    from sandbox.runtime.record import ContainerRecord
 
     states = [r.oci_state() for r in ContainerRecord.all(_root(args))]
     if args.format == "json":
@@ -279,7 +284,7 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def cmd_pause(args: argparse.Namespace) -> int:
-    from sandbox import runtime
+    from sandbox.runtime import lifecycle as runtime
 
     runtime.set_paused(_root(args), args.id, paused=args.verb == "pause")
     return 0
@@ -288,7 +293,7 @@ def cmd_pause(args: argparse.Namespace) -> int:
 def cmd_update(args: argparse.Namespace) -> int:
     import sys
 
-    from sandbox import runtime
+    from sandbox.runtime import lifecycle as runtime
 
     resources: dict[str, Any] = {}
     if args.resources:
@@ -314,7 +319,7 @@ def cmd_update(args: argparse.Namespace) -> int:
 
 
 def cmd_features(args: argparse.Namespace) -> int:
-    from sandbox.spec import DEFAULT_CAPABILITIES
+    from sandbox.run.default_spec import DEFAULT_CAPABILITIES
 
     print(
         json.dumps(
@@ -371,7 +376,7 @@ def cmd_features(args: argparse.Namespace) -> int:
 
 
 def cmd_spec(args: argparse.Namespace) -> int:
-    from sandbox.spec import default_spec
+    from sandbox.run.default_spec import default_spec
 
     target = args.bundle / "config.json"
     if target.exists():

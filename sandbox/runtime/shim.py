@@ -35,13 +35,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from hypervisor.process import ProcessHandle
-from sandbox import state
+from sandbox import IMPORT_ROOT
+from sandbox import store as state
 from sandbox.errors import AgentError, ConfigError
-from sandbox.record import EXIT_FILE
+from sandbox.runtime.record import EXIT_FILE
 
 if TYPE_CHECKING:
-    from sandbox.agent_client import ContainerClient
-    from sandbox.container import StdioRelay
+    from sandbox.pod.agent_client import ContainerClient
+    from sandbox.pod.sharing import StdioRelay
 
 _READY_TIMEOUT = 30.0
 #: Signals sent to the shim that are meant for its process in the guest.
@@ -72,7 +73,7 @@ def spawn(
     argv = [
         sys.executable,
         "-m",
-        "sandbox.shim",
+        "sandbox.runtime.shim",
         "--root",
         str(root),
         "--id",
@@ -94,7 +95,7 @@ def spawn(
             pass_fds=(ready_w,),
             start_new_session=True,
             cwd="/",
-            env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)},
+            env={**os.environ, "PYTHONPATH": IMPORT_ROOT},
         )
     finally:
         os.close(ready_w)
@@ -141,7 +142,7 @@ def _start_watcher(agent: str, container_id: str, exec_id: str, keep_closed: int
         for signum in FORWARDED_SIGNALS:
             signal.signal(signum, signal.SIG_IGN)
         if os.read(read_end, 1) != _WATCHER_DISMISS:
-            from sandbox.agent_client import ContainerClient
+            from sandbox.pod.agent_client import ContainerClient
 
             ContainerClient(agent, timeout=5.0).signal(container_id, exec_id, signal.SIGKILL)
     except BaseException:
@@ -195,7 +196,7 @@ def _wait(
     verb would) and the wait and the output relay resume; at most a chunk of output in flight
     is lost. Only when the VM is gone has the process gone with it (status 137).
     """
-    from sandbox.container import StdioRelay
+    from sandbox.pod.sharing import StdioRelay
 
     relays = [relay]
     for _ in range(_MAX_RECONNECTS):
@@ -231,8 +232,8 @@ def _agent_back(root: Path, container_id: str) -> bool:
     import time
 
     from sandbox.errors import SandboxError
-    from sandbox.pod import Pod
-    from sandbox.record import ContainerRecord
+    from sandbox.pod.lifecycle import Pod
+    from sandbox.runtime.record import ContainerRecord
 
     time.sleep(0.2)
     try:
@@ -248,7 +249,7 @@ def _agent_back(root: Path, container_id: str) -> bool:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Entry point of ``python -m sandbox.shim``; see the module docstring."""
+    """Entry point of ``python -m sandbox.runtime.shim``; see the module docstring."""
     parser = argparse.ArgumentParser(prog="pysandbox-shim")
     parser.add_argument("--root", type=Path, required=True)
     parser.add_argument("--id", required=True)
@@ -264,8 +265,8 @@ def main(argv: list[str] | None = None) -> None:
     # A capped output file (RLIMIT_FSIZE, run -d's log) fails writes with EFBIG instead.
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     try:
-        from sandbox.agent_client import ContainerClient
-        from sandbox.container import StdioRelay
+        from sandbox.pod.agent_client import ContainerClient
+        from sandbox.pod.sharing import StdioRelay
 
         client = ContainerClient(args.agent)
         stdin: int | None = 0

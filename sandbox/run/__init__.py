@@ -1,0 +1,1 @@
+"""``pysandbox run``: one command, one fresh VM (foreground or detached), and its default spec."""

@@ -1,0 +1,130 @@
+"""``pysandbox run``: one command, one fresh VM, one container, secure defaults.
+
+Shares the runtime's code path (pod boot, file sharing, agent container RPCs); only the
+image resolution and the spec built from command-line options are specific to it.
+Exit status: the container's (128+N when killed by signal N); 125 when pysandbox itself
+fails, 126 when the command cannot be run, 127 when it is not found, 124 on --timeout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import secrets
+import signal
+import sys
+import termios
+import threading
+import tty
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from sandbox import store as state
+from sandbox.errors import EXIT_TIMEOUT, AgentError, RunError, SandboxError
+from sandbox.image import store as images
+from sandbox.pod.agent_client import ContainerClient
+from sandbox.pod.lifecycle import Pod
+from sandbox.pod.sharing import StdioRelay, unshare_container_files
+from sandbox.run.launch import CONTAINER_ID, boot_pod, create_in_pod
+from sandbox.run.spec import build_spec
+
+
+@contextlib.contextmanager
+def _raw_terminal(active: bool) -> Iterator[None]:
+    if not active:
+        yield
+        return
+    saved = termios.tcgetattr(sys.stdin.fileno())
+    tty.setraw(sys.stdin.fileno())
+    try:
+        yield
+    finally:
+        termios.tcsetattr(sys.stdin.fileno(), termios.TCSADRAIN, saved)
+
+
+def run(args: argparse.Namespace, root: Path) -> int:
+    """Run one container in a fresh VM; return its exit status.
+
+    (``-d`` runs are :func:`sandbox.run.detached.run_detached`.)
+    """
+    if args.name is not None:
+        state.validate_id(args.name, "name")
+    for flag, value in (("--pid-file", args.pid_file), ("--console-socket", args.console_socket)):
+        if value is not None:
+            raise RunError(f"{flag} is a runc flag: it needs --bundle DIR (an OCI bundle)")
+    image = images.resolve(args.image, progress=True)
+    spec = build_spec(args, image)
+    pod = boot_pod(root, args.name or f"run-{secrets.token_hex(6)}", args, spec)
+    try:
+        return _run_in_pod(args, pod, spec, image)
+    finally:
+        with contextlib.suppress(SandboxError):
+            unshare_container_files(pod, CONTAINER_ID)
+        pod.stop()
+
+
+def _run_in_pod(
+    args: argparse.Namespace, pod: Pod, spec: dict[str, Any], image: images.Image
+) -> int:
+    create_in_pod(pod, CONTAINER_ID, spec, image, args.read_only)
+    with pod.client() as client:
+        stdin = sys.stdin.fileno() if args.interactive else None
+        relay = StdioRelay(
+            client, CONTAINER_ID, "", stdin, sys.stdout.fileno(), sys.stderr.fileno(), args.tty
+        )
+        terminal = args.tty and sys.stdin.isatty()
+        with _raw_terminal(terminal), _forward_signals(client, terminal):
+            relay.start()
+            client.start_container(CONTAINER_ID)
+            if terminal:
+                _resize(client)
+            if not args.interactive:
+                client.close_stdin(CONTAINER_ID)
+            try:
+                status, _sig, oom = client.wait_process(CONTAINER_ID, "", args.timeout)
+            except AgentError:
+                if args.timeout is None:
+                    raise
+                client.signal(CONTAINER_ID, "", signal.SIGKILL, all=True)
+                relay.join(10)
+                print(f"pysandbox: timed out after {args.timeout:g}s; killed", file=sys.stderr)
+                return EXIT_TIMEOUT
+            relay.join(30)
+        if oom:
+            print("pysandbox: the container was killed: out of memory", file=sys.stderr)
+        with contextlib.suppress(AgentError):
+            client.remove_container(CONTAINER_ID)
+        return status
+
+
+def _resize(client: ContainerClient) -> None:
+    with contextlib.suppress(OSError, AgentError):
+        cols, rows = os.get_terminal_size(sys.stdin.fileno())
+        client.resize(CONTAINER_ID, "", rows, cols)
+
+
+@contextlib.contextmanager
+def _forward_signals(client: ContainerClient, terminal: bool) -> Iterator[None]:
+    """Forward SIGINT/SIGTERM/SIGHUP to the container (and window size changes)."""
+
+    def forward(signum: int, _frame: object) -> None:
+        threading.Thread(target=_signal_quietly, args=(client, signum), daemon=True).start()
+
+    wanted = [signal.SIGINT, signal.SIGTERM, signal.SIGHUP]
+    previous = {sig: signal.signal(sig, forward) for sig in wanted}
+    if terminal:
+        previous[signal.SIGWINCH] = signal.signal(
+            signal.SIGWINCH, lambda *_: threading.Thread(target=_resize, args=(client,)).start()
+        )
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _signal_quietly(client: ContainerClient, signum: int) -> None:
+    with contextlib.suppress(AgentError):
+        client.signal(CONTAINER_ID, "", signum)

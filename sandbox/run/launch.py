@@ -1,0 +1,86 @@
+"""The VM and the container of one run: boot the pod, share the image, create the container.
+
+Shared by the foreground (:mod:`sandbox.run.foreground`) and detached
+(:mod:`sandbox.run.detached`) runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+from sandbox.errors import EXIT_CANNOT_INVOKE, EXIT_NOT_FOUND, EXIT_RUNTIME, AgentError, RunError
+from sandbox.image import store as images
+from sandbox.pod.lifecycle import DEFAULT_MEMORY_MIB, Pod
+from sandbox.pod.sharing import share_container_files
+
+#: The container id of a foreground run inside its pod.
+CONTAINER_ID = "main"
+
+
+def _exit_code_for(error: AgentError) -> int:
+    text = str(error)
+    if "executable file not found" in text or "no such file or directory" in text.lower():
+        return EXIT_NOT_FOUND
+    if "permission denied" in text.lower():
+        return EXIT_CANNOT_INVOKE
+    return EXIT_RUNTIME
+
+
+def boot_pod(root: Path, pod_id: str, args: argparse.Namespace, spec: dict[str, Any]) -> Pod:
+    """Boot the VM of a run: memory sized for the spec's limit, the run's network and
+    hostname. On failure nothing is left running (Pod.boot's contract)."""
+    memory_mib = DEFAULT_MEMORY_MIB
+    if "memory" in spec["linux"]["resources"]:
+        memory_mib = max(memory_mib, spec["linux"]["resources"]["memory"]["limit"] // 2**20 + 256)
+    return Pod.boot(
+        root,
+        pod_id,
+        memory_mib=min(memory_mib, 65536),
+        user_network=args.network == "user",
+        hostname=str(spec.get("hostname") or ""),
+    )
+
+
+def create_in_pod(
+    pod: Pod, container_id: str, spec: dict[str, Any], image: images.Image, read_only: bool
+) -> int:
+    """Share the image read-only and create the container in the guest (an overlay with a
+    guest-memory upper layer unless ``read_only``); return its guest pid.
+
+    A command that cannot be run raises RunError with docker's 126/127. The caller undoes
+    the share on failure (``unshare_container_files``).
+    """
+    guest_rootfs, guest_spec = share_container_files(
+        pod, container_id, spec, image.rootfs.parent, rootfs_readonly=True
+    )
+    guest_spec["mounts"] += _network_file_mounts(pod)
+    with pod.client() as client:
+        try:
+            return client.create_container(
+                container_id, json.dumps(guest_spec).encode(), guest_rootfs, overlay=not read_only
+            )
+        except AgentError as exc:
+            raise RunError(
+                str(exc).removeprefix("agent CreateContainer failed: "), _exit_code_for(exc)
+            ) from exc
+
+
+def _network_file_mounts(pod: Pod) -> list[dict[str, Any]]:
+    """Bind mounts of the resolv.conf and hosts the agent wrote (guest paths: added to the
+    spec after its host paths were rewritten)."""
+    files = (pod.record.get("network") or {}).get("guest_files") or {}
+    mounts = []
+    for destination, key in (("/etc/resolv.conf", "resolv_conf"), ("/etc/hosts", "hosts")):
+        if files.get(key):
+            mounts.append(
+                {
+                    "destination": destination,
+                    "type": "bind",
+                    "source": files[key],
+                    "options": ["rbind", "ro", "nosuid", "nodev", "noexec"],
+                }
+            )
+    return mounts

@@ -1,0 +1,1 @@
+"""The runc-compatible container runtime: lifecycle verbs, container records, the host shim."""
