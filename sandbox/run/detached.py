@@ -45,7 +45,7 @@ from sandbox.image import store as images
 from sandbox.pod.lifecycle import Pod
 from sandbox.pod.sharing import unshare_container_files
 from sandbox.run.launch import boot_pod, create_in_pod
-from sandbox.run.spec import build_spec, parse_size
+from sandbox.run.spec import build_spec, check_options, parse_size
 from sandbox.runtime import lifecycle as runtime
 from sandbox.runtime import shim
 from sandbox.runtime.record import ContainerRecord, Status
@@ -60,6 +60,7 @@ def run_detached(args: argparse.Namespace, root: Path) -> int:
     Failures raise (RunError with docker's 125/126/127, or any SandboxError) after
     everything this call created was removed again, the name included.
     """
+    check_options(args)
     if args.interactive or args.tty:
         raise RunError("-d cannot be combined with -i or -t: a detached run has no terminal")
     log_limit = parse_size(args.log_max_size)

@@ -21,14 +21,13 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from sandbox import store as state
-from sandbox.errors import EXIT_TIMEOUT, AgentError, RunError, SandboxError
+from sandbox.errors import EXIT_TIMEOUT, AgentError, SandboxError
 from sandbox.image import store as images
 from sandbox.pod.agent_client import ContainerClient
 from sandbox.pod.lifecycle import Pod
 from sandbox.pod.sharing import StdioRelay, unshare_container_files
 from sandbox.run.launch import CONTAINER_ID, boot_pod, create_in_pod
-from sandbox.run.spec import build_spec
+from sandbox.run.spec import build_spec, check_options
 
 
 @contextlib.contextmanager
@@ -49,11 +48,7 @@ def run(args: argparse.Namespace, root: Path) -> int:
 
     (``-d`` runs are :func:`sandbox.run.detached.run_detached`.)
     """
-    if args.name is not None:
-        state.validate_id(args.name, "name")
-    for flag, value in (("--pid-file", args.pid_file), ("--console-socket", args.console_socket)):
-        if value is not None:
-            raise RunError(f"{flag} is a runc flag: it needs --bundle DIR (an OCI bundle)")
+    check_options(args)
     image = images.resolve(args.image, progress=True)
     spec = build_spec(args, image)
     pod = boot_pod(root, args.name or f"run-{secrets.token_hex(6)}", args, spec)

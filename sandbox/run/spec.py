@@ -12,12 +12,22 @@ import re
 from pathlib import Path
 from typing import Any
 
+from sandbox import store as state
 from sandbox.errors import ConfigError, RunError
 from sandbox.image import store as images
 from sandbox.run.default_spec import default_spec
 
 _SIZE_RE = re.compile(r"^(\d+)([bkmg]?)$", re.IGNORECASE)
 _ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+def check_options(args: argparse.Namespace) -> None:
+    """Refuse options of ``run`` that need no image to be judged (RunError/ConfigError)."""
+    if args.name is not None:
+        state.validate_id(args.name, "name")
+    for flag, value in (("--pid-file", args.pid_file), ("--console-socket", args.console_socket)):
+        if value is not None:
+            raise RunError(f"{flag} is a runc flag: it needs --bundle DIR (an OCI bundle)")
 
 
 def parse_size(text: str) -> int:
