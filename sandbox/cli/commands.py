@@ -93,12 +93,12 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def _run_bundle(args: argparse.Namespace) -> int:
     """runc's ``run``: create + start, then (unless --detach) wait for the container."""
-    from sandbox.runtime import lifecycle as runtime
+    from sandbox.runtime import create, delete, start
     from sandbox.runtime.record import ContainerRecord
 
     root = _root(args)
-    record = runtime.create(root, args.image, args.bundle, args.pid_file, args.console_socket)
-    runtime.start(root, args.image)
+    record = create.create(root, args.image, args.bundle, args.pid_file, args.console_socket)
+    start.start(root, args.image)
     if args.detach:
         return 0
     shim = record.shim
@@ -106,15 +106,15 @@ def _run_bundle(args: argparse.Namespace) -> int:
         shim.wait(float("inf"))
     code = ContainerRecord.load(root, args.image).exit_status()
     code = 255 if code is None else code
-    runtime.delete(root, args.image, force=True)
+    delete.delete(root, args.image, force=True)
     return code
 
 
 def cmd_create(args: argparse.Namespace) -> int:
-    from sandbox.runtime import lifecycle as runtime
+    from sandbox.runtime import create
 
     _undo_on_termination()
-    runtime.create(_root(args), args.id, args.bundle, args.pid_file, args.console_socket)
+    create.create(_root(args), args.id, args.bundle, args.pid_file, args.console_socket)
     return 0
 
 
@@ -135,9 +135,9 @@ def _undo_on_termination() -> None:
 
 
 def cmd_start(args: argparse.Namespace) -> int:
-    from sandbox.runtime import lifecycle as runtime
+    from sandbox.runtime import start
 
-    runtime.start(_root(args), args.id)
+    start.start(_root(args), args.id)
     return 0
 
 
@@ -149,78 +149,51 @@ def cmd_state(args: argparse.Namespace) -> int:
 
 
 def cmd_kill(args: argparse.Namespace) -> int:
-    from sandbox.runtime import lifecycle as runtime
+    from sandbox.runtime import kill
 
     root = _root(args)
     try:
-        signum = runtime.parse_signal(args.signal)
+        signum = kill.parse_signal(args.signal)
     except ConfigError:
         from sandbox.runtime.record import ContainerRecord
 
         ContainerRecord.load(root, args.id)  # an unknown id is reported first, as runc does
         raise
-    runtime.kill(root, args.id, signum, args.all)
+    kill.kill(root, args.id, signum, args.all)
     return 0
 
 
 def cmd_delete(args: argparse.Namespace) -> int:
-    from sandbox.runtime import lifecycle as runtime
+    from sandbox.runtime import delete
 
-    runtime.delete(_root(args), args.id, args.force)
+    delete.delete(_root(args), args.id, args.force)
     return 0
 
 
-def _exec_process(args: argparse.Namespace) -> dict[str, Any]:
-    from sandbox.runtime.lifecycle import load_bundle
-    from sandbox.runtime.record import ContainerRecord
-
-    record = ContainerRecord.load(_root(args), args.id)  # an unknown id first, as runc
-    if args.process is not None:
-        try:
-            process = json.loads(Path(args.process).read_bytes())
-        except (OSError, ValueError) as exc:
-            raise ConfigError(f"cannot read process file {args.process}: {exc}") from exc
-        if not isinstance(process, dict) or not process.get("args"):
-            raise ConfigError(f"process file {args.process}: args is required")
-        return process
-    if not args.command:
-        raise ConfigError("exec needs --process FILE or a command")
-    base = load_bundle(Path(record.data["bundle"]))["process"]
-    process = {
-        key: base[key]
-        for key in ("env", "cwd", "user", "capabilities", "noNewPrivileges", "rlimits")
-        if key in base
-    }
-    process["args"] = list(args.command)
-    process["terminal"] = args.tty
-    process["env"] = [*process.get("env", []), *args.env]
-    if args.cwd:
-        process["cwd"] = args.cwd
-    if args.user:
-        uid, _, gid = args.user.partition(":")
-        if not uid.isdigit() or (gid and not gid.isdigit()):
-            raise ConfigError(f"invalid --user {args.user!r}: use UID[:GID]")
-        process["user"] = {"uid": int(uid), "gid": int(gid or 0)}
-    return process
-
-
 def cmd_exec(args: argparse.Namespace) -> int:
-    from sandbox.runtime import lifecycle as runtime
+    from sandbox.runtime import exec
 
-    process = _exec_process(args)
-    if args.tty:
-        process["terminal"] = True
-    return runtime.exec_process(
+    process = exec.process_for(
+        _root(args),
+        args.id,
+        process_file=args.process,
+        command=list(args.command),
+        tty=args.tty,
+        env=list(args.env),
+        cwd=args.cwd,
+        user=args.user,
+    )
+    return exec.exec_process(
         _root(args), args.id, process, args.detach, args.pid_file, args.console_socket
     )
 
 
 def cmd_ps(args: argparse.Namespace) -> int:
-    from sandbox.runtime import lifecycle as runtime
+    from sandbox.runtime import control
 
     if args.id is None:
         return cmd_run_ps(args)
-    pids = runtime.processes(_root(args), args.id)
+    pids = control.processes(_root(args), args.id)
     if args.format == "json":
         print(json.dumps(pids))
     else:
@@ -284,16 +257,16 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def cmd_pause(args: argparse.Namespace) -> int:
-    from sandbox.runtime import lifecycle as runtime
+    from sandbox.runtime import control
 
-    runtime.set_paused(_root(args), args.id, paused=args.verb == "pause")
+    control.set_paused(_root(args), args.id, paused=args.verb == "pause")
     return 0
 
 
 def cmd_update(args: argparse.Namespace) -> int:
     import sys
 
-    from sandbox.runtime import lifecycle as runtime
+    from sandbox.runtime import control
 
     resources: dict[str, Any] = {}
     if args.resources:
@@ -314,64 +287,14 @@ def cmd_update(args: argparse.Namespace) -> int:
         resources.setdefault("cpu", {})["quota"] = args.cpu_quota
     if args.cpu_period is not None:
         resources.setdefault("cpu", {})["period"] = args.cpu_period
-    runtime.update(_root(args), args.id, resources)
+    control.update(_root(args), args.id, resources)
     return 0
 
 
 def cmd_features(args: argparse.Namespace) -> int:
-    from sandbox.run.default_spec import DEFAULT_CAPABILITIES
+    from sandbox.runtime.features import features
 
-    print(
-        json.dumps(
-            {
-                "ociVersionMin": "1.0.0",
-                "ociVersionMax": "1.1.0",
-                "hooks": [
-                    "prestart",
-                    "createRuntime",
-                    "createContainer",
-                    "startContainer",
-                    "poststart",
-                    "poststop",
-                ],
-                "mountOptions": [
-                    "ro",
-                    "rw",
-                    "bind",
-                    "rbind",
-                    "nosuid",
-                    "nodev",
-                    "noexec",
-                    "private",
-                    "rprivate",
-                    "shared",
-                    "rshared",
-                    "slave",
-                    "rslave",
-                ],
-                "linux": {
-                    "namespaces": ["cgroup", "ipc", "mount", "network", "pid", "user", "uts"],
-                    "capabilities": DEFAULT_CAPABILITIES,
-                    "cgroup": {"v1": False, "v2": True, "systemd": False},
-                    "seccomp": {
-                        "enabled": True,
-                        "actions": [
-                            "SCMP_ACT_ALLOW",
-                            "SCMP_ACT_ERRNO",
-                            "SCMP_ACT_KILL",
-                            "SCMP_ACT_KILL_PROCESS",
-                            "SCMP_ACT_KILL_THREAD",
-                            "SCMP_ACT_LOG",
-                            "SCMP_ACT_TRACE",
-                            "SCMP_ACT_TRAP",
-                        ],
-                    },
-                },
-                "annotations": {"org.pysandbox.isolation": "vm"},
-            },
-            indent=2,
-        )
-    )
+    print(json.dumps(features(), indent=2))
     return 0
 
 

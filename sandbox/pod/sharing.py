@@ -1,5 +1,4 @@
-"""Putting a container into a pod VM: its files into the pod share, its spec into guest terms,
-and its stdio between host fds and the agent.
+"""Putting a container into a pod VM: its files into the pod share, its spec into guest terms.
 
 Host paths never reach the guest: the rootfs and every bind-mount source are bind-mounted
 below ``<pod>/shared/<container-id>/`` and the spec is rewritten to the guest paths under
@@ -15,18 +14,13 @@ guest init process.
 
 from __future__ import annotations
 
-import contextlib
 import copy
-import errno
-import os
-import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from sandbox.errors import ConfigError
 from sandbox.pod import hostfs
-from sandbox.pod.agent_client import ContainerClient
 from sandbox.pod.lifecycle import GUEST_SHARE, Pod
 
 _BIND_TYPES = {"bind", "rbind"}
@@ -133,77 +127,3 @@ def unshare_container_files(pod: Pod, container_id: str) -> None:
     import shutil
 
     shutil.rmtree(base, ignore_errors=True)
-
-
-class StdioRelay:
-    """Copies a process's stdout/stderr from the agent to host fds, and host stdin to it.
-
-    ``start()`` launches one thread per stream; ``join()`` waits until both output streams
-    reached EOF (after the process exited), so no output is lost.
-    """
-
-    def __init__(
-        self,
-        client: ContainerClient,
-        container_id: str,
-        exec_id: str,
-        stdin: int | None,
-        stdout: int,
-        stderr: int,
-        terminal: bool,
-    ) -> None:
-        self._client = client
-        self._ids = (container_id, exec_id)
-        self._stdin, self._stdout, self._stderr = stdin, stdout, stderr
-        self._terminal = terminal
-        self._threads: list[threading.Thread] = []
-        self.errors: list[BaseException] = []
-
-    def start(self) -> None:
-        streams = [("stdout", self._stdout)]
-        if not self._terminal:
-            streams.append(("stderr", self._stderr))
-        for which, fd in streams:
-            thread = threading.Thread(target=self._copy_out, args=(which, fd), daemon=True)
-            thread.start()
-            self._threads.append(thread)
-        if self._stdin is not None:
-            threading.Thread(target=self._copy_in, daemon=True).start()
-
-    def _copy_out(self, which: str, fd: int) -> None:
-        full = False  # the output file reached its size limit: keep draining, drop the rest
-        try:
-            for data in self._client.read_stream(*self._ids, which):
-                if full:
-                    continue
-                try:
-                    _write_all(fd, data)
-                except OSError as exc:
-                    if exc.errno != errno.EFBIG:
-                        raise
-                    full = True
-        except BrokenPipeError:
-            pass
-        except BaseException as exc:  # reported by join()
-            self.errors.append(exc)
-
-    def _copy_in(self) -> None:
-        assert self._stdin is not None
-        with contextlib.suppress(BaseException):
-            while True:
-                data = os.read(self._stdin, 65536)
-                if not data:
-                    break
-                self._client.write_stdin(*self._ids, data)
-        with contextlib.suppress(BaseException):
-            self._client.close_stdin(*self._ids)
-
-    def join(self, timeout: float | None = None) -> None:
-        for thread in self._threads:
-            thread.join(timeout)
-
-
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view) :]

@@ -1,6 +1,6 @@
 """Detached runs: ``pysandbox run -d``, and ``ps``, ``logs``, ``stop``, ``rm`` for them.
 
-A detached run is a runtime container (:mod:`sandbox.runtime.lifecycle`'s record, shim, start, kill
+A detached run is a runtime container (:mod:`sandbox.runtime`'s record, shim, start, kill
 and delete) whose pod, spec and guest container are made the way ``run`` makes them: the
 same :func:`sandbox.run.spec.build_spec` (limits, no network, hardened defaults), the same VM
 sizing, the image shared read-only under a throwaway writable layer in guest memory. The
@@ -46,8 +46,7 @@ from sandbox.pod.lifecycle import Pod
 from sandbox.pod.sharing import unshare_container_files
 from sandbox.run.launch import boot_pod, create_in_pod
 from sandbox.run.spec import build_spec, check_options, parse_size
-from sandbox.runtime import lifecycle as runtime
-from sandbox.runtime import shim
+from sandbox.runtime import control, delete, kill, shim, start
 from sandbox.runtime.record import ContainerRecord, Status
 
 LOG_NAME = "run.log"
@@ -92,7 +91,7 @@ def run_detached(args: argparse.Namespace, root: Path) -> int:
         state.write_json_atomic(record.dir / "config.json", spec)
         pod = boot_pod(root, name, args, spec)
     except BaseException:
-        # No VM of ours exists: the pod id may even be another run's, so no runtime.delete.
+        # No VM of ours exists: the pod id may even be another run's, so no delete.delete.
         shutil.rmtree(record.dir, ignore_errors=True)
         raise
     try:
@@ -108,11 +107,11 @@ def run_detached(args: argparse.Namespace, root: Path) -> int:
         # The guest writes the log: bound it (the shim drops output beyond; EFBIG, not a kill).
         resource.prlimit(handle.pid, resource.RLIMIT_FSIZE, (log_limit, log_limit))
         record.set_status(Status.CREATED)
-        runtime.start(root, name)
+        start.start(root, name)
         _spawn_monitor(root, name)
     except BaseException:
         with contextlib.suppress(Exception):
-            runtime.delete(root, name, force=True)
+            delete.delete(root, name, force=True)
         raise
     print(name, flush=True)
     return 0
@@ -209,7 +208,7 @@ def _release(root: Path, name: str) -> None:
         except NotFoundError:
             return
         if record.data["run"].get("remove"):
-            runtime.delete(root, name, force=True)
+            delete.delete(root, name, force=True)
             return
         try:
             pod = Pod.load(root, record.pod_id)
@@ -227,11 +226,11 @@ def stop(root: Path, name: str, seconds: float = DEFAULT_STOP_SECONDS) -> None:
     if record.status in (Status.CREATED, Status.RUNNING, Status.PAUSED):
         with contextlib.suppress(SandboxError):  # it may be ending meanwhile
             if record.status is Status.PAUSED:
-                runtime.set_paused(root, name, paused=False)
-            runtime.kill(root, name, signal.SIGTERM)
+                control.set_paused(root, name, paused=False)
+            kill.kill(root, name, signal.SIGTERM)
         if not _wait_shim(record, seconds):
             with contextlib.suppress(SandboxError):
-                runtime.kill(root, name, signal.SIGKILL, all_processes=True)
+                kill.kill(root, name, signal.SIGKILL, all_processes=True)
             if not _wait_shim(record, 15.0):
                 handle = record.shim
                 if handle is not None:
@@ -246,7 +245,7 @@ def remove(root: Path, name: str, force: bool = False) -> None:
         record = load_run(root, name)
         if not force and record.status is not Status.STOPPED:
             raise StateError(f"run {name} is {record.status}: stop it first or use rm -f")
-        runtime.delete(root, name, force=True)
+        delete.delete(root, name, force=True)
 
 
 def list_runs(root: Path, all_runs: bool) -> list[dict[str, Any]]:
@@ -329,7 +328,7 @@ def main(argv: list[str] | None = None) -> None:
         limit = float(timeout) if isinstance(timeout, int | float) else None
         if not _wait_shim(record, limit):
             with contextlib.suppress(SandboxError):
-                runtime.kill(args.root, args.name, signal.SIGKILL, all_processes=True)
+                kill.kill(args.root, args.name, signal.SIGKILL, all_processes=True)
             _wait_shim(record, None)
         _release(args.root, args.name)
     except Exception:

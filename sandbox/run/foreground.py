@@ -25,7 +25,8 @@ from sandbox.errors import EXIT_TIMEOUT, AgentError, SandboxError
 from sandbox.image import store as images
 from sandbox.pod.agent_client import ContainerClient
 from sandbox.pod.lifecycle import Pod
-from sandbox.pod.sharing import StdioRelay, unshare_container_files
+from sandbox.pod.sharing import unshare_container_files
+from sandbox.pod.stdio import StdioRelay
 from sandbox.run.launch import CONTAINER_ID, boot_pod, create_in_pod
 from sandbox.run.spec import build_spec, check_options
 

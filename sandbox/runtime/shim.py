@@ -42,7 +42,7 @@ from sandbox.runtime.record import EXIT_FILE
 
 if TYPE_CHECKING:
     from sandbox.pod.agent_client import ContainerClient
-    from sandbox.pod.sharing import StdioRelay
+    from sandbox.pod.stdio import StdioRelay
 
 _READY_TIMEOUT = 30.0
 #: Signals sent to the shim that are meant for its process in the guest.
@@ -196,7 +196,7 @@ def _wait(
     verb would) and the wait and the output relay resume; at most a chunk of output in flight
     is lost. Only when the VM is gone has the process gone with it (status 137).
     """
-    from sandbox.pod.sharing import StdioRelay
+    from sandbox.pod.stdio import StdioRelay
 
     relays = [relay]
     for _ in range(_MAX_RECONNECTS):
@@ -266,7 +266,7 @@ def main(argv: list[str] | None = None) -> None:
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     try:
         from sandbox.pod.agent_client import ContainerClient
-        from sandbox.pod.sharing import StdioRelay
+        from sandbox.pod.stdio import StdioRelay
 
         client = ContainerClient(args.agent)
         stdin: int | None = 0

@@ -17,7 +17,8 @@ from sandbox.errors import AgentError
 from sandbox.image import store as images
 from sandbox.pod.agent_client import ContainerClient
 from sandbox.pod.lifecycle import Pod
-from sandbox.pod.sharing import StdioRelay, share_container_files, unshare_container_files
+from sandbox.pod.sharing import share_container_files, unshare_container_files
+from sandbox.pod.stdio import StdioRelay
 from sandbox.run.default_spec import default_spec
 
 _ids = itertools.count()

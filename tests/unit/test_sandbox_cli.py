@@ -13,7 +13,8 @@ from agent.oci import seccomp
 from agent.oci.spec import parse_spec
 from sandbox.errors import ConfigError
 from sandbox.run.default_spec import default_seccomp, default_spec
-from sandbox.runtime.lifecycle import load_bundle, parse_signal, pod_of
+from sandbox.runtime.bundle import load_bundle, pod_of
+from sandbox.runtime.kill import parse_signal
 
 ROOT = Path(__file__).resolve().parents[2]
 

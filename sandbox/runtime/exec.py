@@ -1,0 +1,129 @@
+"""``exec``: another process in a running container, attached or detached (runc exec)."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from sandbox.errors import AgentError, ConfigError, StateError
+from sandbox.runtime.bundle import load_bundle
+from sandbox.runtime.create import write_pid_file
+from sandbox.runtime.pods import load_pod
+from sandbox.runtime.record import ContainerRecord
+
+if TYPE_CHECKING:
+    from sandbox.pod.agent_client import ContainerClient
+
+
+def process_for(
+    root: Path,
+    container_id: str,
+    process_file: str | None,
+    command: list[str],
+    tty: bool,
+    env: list[str],
+    cwd: str | None,
+    user: str | None,
+) -> dict[str, Any]:
+    """The OCI ``process`` for ``runc exec``: ``--process FILE`` as given, or ``command``
+    with the container's env, cwd, user, capabilities, noNewPrivileges and rlimits, then
+    ``--env``/``--cwd``/``--user UID[:GID]``/``--tty``. NotFoundError for an unknown id
+    (checked first, as runc), ConfigError for unusable input.
+    """
+    record = ContainerRecord.load(root, container_id)
+    if process_file is not None:
+        try:
+            process = json.loads(Path(process_file).read_bytes())
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"cannot read process file {process_file}: {exc}") from exc
+        if not isinstance(process, dict) or not process.get("args"):
+            raise ConfigError(f"process file {process_file}: args is required")
+    else:
+        if not command:
+            raise ConfigError("exec needs --process FILE or a command")
+        base = load_bundle(Path(record.data["bundle"]))["process"]
+        process = {
+            key: base[key]
+            for key in ("env", "cwd", "user", "capabilities", "noNewPrivileges", "rlimits")
+            if key in base
+        }
+        process["args"] = command
+        process["terminal"] = tty
+        process["env"] = [*process.get("env", []), *env]
+        if cwd:
+            process["cwd"] = cwd
+        if user:
+            uid, _, gid = user.partition(":")
+            if not uid.isdigit() or (gid and not gid.isdigit()):
+                raise ConfigError(f"invalid --user {user!r}: use UID[:GID]")
+            process["user"] = {"uid": int(uid), "gid": int(gid or 0)}
+    if tty:
+        process["terminal"] = True
+    return process
+
+
+def exec_process(
+    root: Path,
+    container_id: str,
+    process: dict[str, Any],
+    detach: bool,
+    pid_file: Path | None = None,
+    console_socket: Path | None = None,
+) -> int:
+    """Run ``process`` in a running container. Detached: spawn a shim, write its pid, return
+    0. Attached: relay stdio here and return the process's exit status."""
+    record = ContainerRecord.load(root, container_id)
+    if not record.status.can_exec():
+        raise StateError(f"cannot exec in container {container_id}: it is {record.status}")
+    terminal = bool(process.get("terminal"))
+    if terminal and detach and console_socket is None:
+        raise ConfigError("exec with a terminal needs --console-socket")
+    pod = load_pod(root, record.pod_id)
+    import secrets
+
+    from sandbox.runtime import shim
+
+    exec_id = f"exec-{secrets.token_hex(8)}"
+    with pod.client() as client:
+        client.exec_process(container_id, exec_id, json.dumps(process).encode())
+        if detach:
+            handle = shim.spawn(
+                root,
+                container_id,
+                pod.agent_address,
+                exec_id=exec_id,
+                terminal=terminal,
+                console_socket=console_socket,
+            )
+            if pid_file is not None:
+                write_pid_file(pid_file, handle.pid)
+            return 0
+        from sandbox.pod.stdio import StdioRelay
+
+        relay = StdioRelay(client, container_id, exec_id, 0, 1, 2, terminal)
+        relay.start()
+        _forward_signals(client, container_id, exec_id)
+        status, _sig, _oom = client.wait_process(container_id, exec_id)
+        relay.join(30)
+        return status
+
+
+def _forward_signals(client: ContainerClient, container_id: str, exec_id: str) -> None:
+    """Relay the signals an attached ``exec`` gets (Ctrl-C, a supervisor's SIGTERM) to its
+    process in the guest, as ``runc exec`` does; the call then returns the process's status."""
+    import signal
+    import threading
+
+    from sandbox.runtime.shim import FORWARDED_SIGNALS
+
+    def send(signum: int) -> None:
+        with contextlib.suppress(AgentError):
+            client.signal(container_id, exec_id, signum)
+
+    def handler(signum: int, _frame: object) -> None:
+        threading.Thread(target=send, args=(signum,), daemon=True).start()
+
+    for signum in FORWARDED_SIGNALS:
+        signal.signal(signum, handler)
