@@ -20,7 +20,7 @@ def set_paused(root: Path, container_id: str, paused: bool) -> None:
     allowed = record.status.can_pause() if paused else record.status.can_resume()
     if not allowed:
         verb = "pause" if paused else "resume"
-        raise StateError(f"cannot {verb} container {container_id}: it is {record.status}")
+        raise StateError(f"{container_id}: {record.status.refusal(verb)}")
     with load_pod(root, record.pod_id).client() as client:
         if paused:
             client.pause_container(container_id)
@@ -33,7 +33,7 @@ def update(root: Path, container_id: str, resources: dict[str, Any]) -> None:
     """Apply OCI linux.resources to a live container."""
     record = ContainerRecord.load(root, container_id)
     if record.status is Status.STOPPED:
-        raise StateError(f"cannot update container {container_id}: it is stopped")
+        raise StateError(f"{container_id}: {record.status.refusal('update')}")
     with load_pod(root, record.pod_id).client() as client:
         client.update_container(container_id, json.dumps(resources).encode())
 

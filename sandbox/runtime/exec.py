@@ -76,7 +76,7 @@ def exec_process(
     0. Attached: relay stdio here and return the process's exit status."""
     record = ContainerRecord.load(root, container_id)
     if not record.status.can_exec():
-        raise StateError(f"cannot exec in container {container_id}: it is {record.status}")
+        raise StateError(f"{container_id}: {record.status.refusal('exec')}")
     terminal = bool(process.get("terminal"))
     if terminal and detach and console_socket is None:
         raise ConfigError("exec with a terminal needs --console-socket")

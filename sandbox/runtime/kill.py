@@ -35,6 +35,6 @@ def kill(root: Path, container_id: str, signum: int, all_processes: bool = False
     if not record.status.can_kill():
         if all_processes:
             return
-        raise StateError(f"container {container_id} is not running")
+        raise StateError(f"{container_id}: {record.status.refusal('kill')}")
     with load_pod(root, record.pod_id).client() as client:
         client.signal(container_id, "", signum, all_processes)

@@ -54,6 +54,23 @@ class Status(enum.StrEnum):
     def can_delete(self) -> bool:
         return self in (Status.STOPPED, Status.CREATED, Status.CREATING)
 
+    def refusal(self, verb: str) -> str:
+        """runc's words for refusing ``verb`` (start, kill, exec, pause, resume, update) in
+        this status. Clients parse them: containerd's shim takes "container not running"
+        from ``kill`` to mean the process has already finished (runc's libcontainer errors).
+        """
+        if verb == "start":
+            if self is Status.STOPPED:
+                return "cannot start a container that has stopped"
+            if self is Status.RUNNING:
+                return "cannot start an already running container"
+            return f"cannot start a container in the {self} state"
+        if verb == "exec":
+            return f"cannot exec in a {self} container"
+        if verb == "resume":
+            return "container not paused"
+        return "container not running"
+
 
 class ContainerRecord:
     """A container as stored on disk.
@@ -158,7 +175,7 @@ class ContainerRecord:
         try:
             data = state.read_json(path)
         except FileNotFoundError:
-            raise NotFoundError(f"container {container_id} does not exist") from None
+            raise NotFoundError(f"{container_id}: container does not exist") from None
         return cls(root, container_id, data)
 
     @classmethod

@@ -24,7 +24,7 @@ def start(root: Path, container_id: str) -> None:
     """Let a created container run its process."""
     record = ContainerRecord.load(root, container_id)
     if not record.status.can_start():
-        raise StateError(f"cannot start container {container_id}: it is {record.status}")
+        raise StateError(f"{container_id}: {record.status.refusal('start')}")
     pod = load_pod(root, record.pod_id)
     with pod.client() as client:
         if record.data.get("terminal"):

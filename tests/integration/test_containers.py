@@ -336,7 +336,9 @@ def test_kill_all_catches_processes_forked_meanwhile(shared_pod: Pod) -> None:
     spec["linux"]["resources"]["pids"] = {"limit": 40}
     with live_container(shared_pod, spec) as box:
         box.stdout.wait_for(b"ready\n")
-        time.sleep(1)  # let the fork loop fill the pids limit
+        deadline = time.monotonic() + 30  # let the fork loop fill the pids limit
+        while len(box.client.list_processes(box.cid)) <= 10 and time.monotonic() < deadline:
+            time.sleep(0.2)
         assert len(box.client.list_processes(box.cid)) > 10
         box.client.signal(box.cid, "", signal.SIGKILL, all=True)
         assert box.client.wait_process(box.cid, "", 30)[:2] == (137, 9)

@@ -278,12 +278,12 @@ def test_runc_lifecycle_on_one_vm(runtime: Runtime, tmp_path: Path) -> None:
         "create", "--bundle", str(bundle), cid, match=f"{cid} already exists", tmp=tmp_path
     )
     assert runtime.state(cid)["status"] == "created"
-    runtime.fails("exec", cid, "true", match="it is created", tmp=tmp_path)
+    runtime.fails("exec", cid, "true", match="cannot exec in a created container", tmp=tmp_path)
 
     runtime.ok("start", cid)
     assert runtime.state(cid)["status"] == "running"
     assert wait_until(lambda: "started" in init.output()), init.output()
-    runtime.fails("start", cid, match="it is running", tmp=tmp_path)
+    runtime.fails("start", cid, match="cannot start an already running container", tmp=tmp_path)
     runtime.fails("delete", cid, match="use --force", tmp=tmp_path)
 
     # exec, argv form: --env, --cwd, --user; the exit status is the process's.
@@ -395,11 +395,11 @@ def test_runc_lifecycle_on_one_vm(runtime: Runtime, tmp_path: Path) -> None:
 
     runtime.ok("pause", cid)
     assert runtime.state(cid)["status"] == "paused"
-    runtime.fails("exec", cid, "true", match="it is paused", tmp=tmp_path)
-    runtime.fails("pause", cid, match="it is paused", tmp=tmp_path)
+    runtime.fails("exec", cid, "true", match="cannot exec in a paused container", tmp=tmp_path)
+    runtime.fails("pause", cid, match="container not running", tmp=tmp_path)
     runtime.ok("resume", cid)
     assert runtime.state(cid)["status"] == "running"
-    runtime.fails("resume", cid, match="it is running", tmp=tmp_path)
+    runtime.fails("resume", cid, match="container not paused", tmp=tmp_path)
 
     # update: a resources file, and stdin as containerd's CRI plugin passes it.
     (tmp_path / "resources.json").write_text(json.dumps({"memory": {"limit": 200 * 1024 * 1024}}))
@@ -490,15 +490,15 @@ def test_runc_lifecycle_on_one_vm(runtime: Runtime, tmp_path: Path) -> None:
 
     stopped = runtime.state(cid)
     assert stopped["status"] == "stopped" and stopped["pid"] == 0
-    runtime.fails("start", cid, match="it is stopped", tmp=tmp_path)
-    runtime.fails("exec", cid, "true", match="it is stopped", tmp=tmp_path)
-    runtime.fails("pause", cid, match="it is stopped", tmp=tmp_path)
-    runtime.fails("kill", cid, "9", match="not running", tmp=tmp_path)
+    runtime.fails("start", cid, match="cannot start a container that has stopped", tmp=tmp_path)
+    runtime.fails("exec", cid, "true", match="cannot exec in a stopped container", tmp=tmp_path)
+    runtime.fails("pause", cid, match="container not running", tmp=tmp_path)
+    runtime.fails("kill", cid, "9", match="container not running", tmp=tmp_path)
     runtime.ok("kill", "--all", cid, "9")  # containerd's shutdown path: no error when stopped
 
     runtime.ok("delete", cid)
     assert_nothing_left(runtime, cid, pod_id=cid)
-    runtime.fails("state", cid, match=f"container {cid} does not exist", tmp=tmp_path)
+    runtime.fails("state", cid, match=f"{cid}: container does not exist", tmp=tmp_path)
     runtime.ok("delete", "--force", cid)  # containerd's cleanup after delete: still success
 
 
@@ -521,7 +521,7 @@ def test_features_and_spec(runtime: Runtime, tmp_path: Path) -> None:
 def test_errors_are_one_line_logged_once_and_leave_nothing(
     runtime: Runtime, tmp_path: Path
 ) -> None:
-    missing = "container nope does not exist"
+    missing = "nope: container does not exist"
     for args in (
         ["state", "nope"],
         ["start", "nope"],
