@@ -168,6 +168,7 @@ class PullDisplay:
 
 def _columns(stream: TextIO) -> int:
     try:
-        return os.get_terminal_size(stream.fileno()).columns
+        columns = os.get_terminal_size(stream.fileno()).columns
     except (OSError, ValueError):
-        return 100
+        columns = 0
+    return columns if columns > 0 else 100
