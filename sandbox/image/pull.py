@@ -434,6 +434,8 @@ def _fetch(
                 plan = image_formats.load(source, None, platform)
                 unpacked = images.install(ref.name, source, plan, progress=display.enabled)
             except ImageError as exc:
+                if "no space left on device" in str(exc).lower():
+                    raise PullError(_store_message(ref, str(exc), catalog.store)) from None
                 bad = _corrupt_blobs(source)
                 if not bad or attempt == 2:
                     raise PullError(_corrupt_message(ref, str(exc), bad)) from None
@@ -529,7 +531,7 @@ def _corrupt_message(ref: Reference, detail: str, bad: list[str]) -> str:
 
 
 def _store_message(ref: Reference, detail: str, store: Path) -> str:
-    if "No space left" in detail:
+    if "no space left" in detail.lower():
         return (
             f"pull {ref}: the image store {store} is full (no space left on device); "
             "free space there or set PYSANDBOX_IMAGE_STORE to a larger filesystem"
@@ -561,8 +563,8 @@ def explain(ref: Reference, error: SkopeoError, registry: RegistryOptions) -> Pu
             f"(skopeo login {host}) or give --authfile FILE"
         ),
         Failure.PLAIN_HTTP: (
-            f"{host} speaks plain HTTP: use --tls-verify=false for a local registry, or mark "
-            "it insecure in registries.conf"
+            f"use --tls-verify=false for a local registry, or mark {host} insecure in "
+            "registries.conf"
         ),
         Failure.TLS: (
             f"put {host}'s CA certificate in /etc/containers/certs.d/{host}/ca.crt, or use "
@@ -575,7 +577,8 @@ def explain(ref: Reference, error: SkopeoError, registry: RegistryOptions) -> Pu
         ),
         Failure.TRUNCATED: "the download was cut short; pull again",
         Failure.NO_SPACE: (
-            "free space in the image store or set PYSANDBOX_IMAGE_STORE to a larger filesystem"
+            f"the image store {images.IMAGE_STORE} is full: free space there or set "
+            "PYSANDBOX_IMAGE_STORE to a larger filesystem"
         ),
         Failure.TIMEOUT: f"check that {host} is up and reachable from this host",
         Failure.TOO_LARGE: "the registry is not a container registry or is misbehaving",

@@ -4,7 +4,8 @@ skopeo speaks the registry protocol and everything around it the way podman does
 both are built on the same library (containers/image): auth files
 (``$XDG_RUNTIME_DIR/containers/auth.json``, ``~/.docker/config.json``, ``--authfile``,
 ``$REGISTRY_AUTH_FILE``), ``registries.conf`` mirrors and insecure registries
-(``$CONTAINERS_REGISTRIES_CONF``), ``certs.d`` CA directories, proxies from the environment,
+(``$CONTAINERS_REGISTRIES_CONF``, ``~/.config/containers/registries.conf``,
+``/etc/containers/registries.conf``), ``certs.d`` CA directories, proxies from the environment,
 token and basic auth. Its environment is passed on unchanged. pysandbox never reads an auth
 file and never puts a credential on a command line; skopeo's error text is redacted
 (:func:`redact`) before it is shown.
@@ -92,8 +93,14 @@ class RegistryOptions:
     tls_verify: bool | None = None
 
     def flags(self, prefix: str = "") -> list[str]:
-        """skopeo flags; ``prefix`` is ``src-`` for ``copy``."""
+        """skopeo flags; ``prefix`` is ``src-`` for ``copy``. ``$CONTAINERS_REGISTRIES_CONF``
+        (podman's variable for another registries.conf) is passed on as
+        ``--registries-conf``, which skopeo 1.9 takes but does not read from the
+        environment itself."""
         flags: list[str] = []
+        conf = os.environ.get("CONTAINERS_REGISTRIES_CONF")
+        if conf:
+            flags.append(f"--registries-conf={conf}")
         if self.authfile is not None:
             flags.append(f"--{prefix}authfile={self.authfile}")
         if self.tls_verify is not None:
