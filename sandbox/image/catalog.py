@@ -345,7 +345,7 @@ def _in_use(entry: Path) -> bool:
     if not holders:
         return False
     point, root = max(holders, key=lambda item: len(item[0]))
-    inside = os.path.normpath(root + "/" + os.path.relpath(real, point))
+    inside = os.path.normpath(os.path.join(root, os.path.relpath(real, point)))
     return any(
         dev == device and (r == inside or r.startswith(inside + "/")) for dev, r, _ in mounts
     )
