@@ -268,6 +268,7 @@ def cmd_pull(args: argparse.Namespace) -> int:
     """Pull an image; print ``repository@digest`` (what pulls exactly this image again)."""
     from sandbox.image import pull
 
+    _undo_on_termination()  # SIGTERM/SIGHUP: stop skopeo, remove the partial download
     print(pull.pull(args.reference, pull.options_from(args)).pinned)
     return 0
 

@@ -29,6 +29,7 @@ Failures raise :class:`SkopeoError` with a :class:`Failure` kind and skopeo's me
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import enum
 import fcntl
 import json
@@ -37,6 +38,7 @@ import pty
 import re
 import selectors
 import shutil
+import signal
 import struct
 import subprocess
 import termios
@@ -53,6 +55,7 @@ SKOPEO = "skopeo"
 INSPECT_TIMEOUT = 120.0
 #: Bytes of skopeo's stderr kept for the error message (the end of it).
 STDERR_TAIL = 1 << 16
+_PR_SET_PDEATHSIG = 1
 #: The destination image name inside the temporary layout.
 LAYOUT_NAME = "pulled"
 
@@ -106,6 +109,12 @@ class RegistryOptions:
         if self.tls_verify is not None:
             flags.append(f"--{prefix}tls-verify={'true' if self.tls_verify else 'false'}")
         return flags
+
+
+def _die_with_parent() -> None:
+    """In the child: SIGKILL when pysandbox dies, however it dies (no orphan copy)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
 
 
 def available() -> bool:
@@ -237,7 +246,7 @@ def copy(
                 stdin=subprocess.DEVNULL,
                 stdout=slave,
                 stderr=subprocess.PIPE,
-                start_new_session=True,
+                preexec_fn=_die_with_parent,
             )
         except FileNotFoundError:
             raise SkopeoError(Failure.MISSING_TOOL, "apt-get install skopeo") from None
