@@ -299,17 +299,10 @@ def cmd_rmi(args: argparse.Namespace) -> int:
 
     catalog = Catalog()
     for target in args.targets:
-        name = target
-        if not _looks_like_digest(target):
-            name = parse_reference(target).name
-        for line in catalog.remove(name):
+        name = None if target.startswith("sha256:") else parse_reference(target).name
+        for line in catalog.remove(target, name):
             print(line)
     return 0
-
-
-def _looks_like_digest(text: str) -> bool:
-    hexpart = text.removeprefix("sha256:")
-    return len(hexpart) >= 6 and all(c in "0123456789abcdef" for c in hexpart)
 
 
 def cmd_list(args: argparse.Namespace) -> int:

@@ -216,14 +216,15 @@ class Catalog:
             if key in data["images"]:
                 data["names"][name] = {"id": key, "digest": digest}
 
-    def remove(self, what: str) -> list[str]:
-        """Remove a name (``REF``, normalised by the caller) or an image (its digest, id, or
-        an id prefix of 6+ hex digits) with every name of it; then images left without a
-        name and blobs no image lists. Returns lines for the user. NotFoundError when
-        nothing matches, StateError when a running container uses the image (nothing is
-        changed then)."""
+    def remove(self, what: str, name: str | None = None) -> list[str]:
+        """Remove the name ``name`` (``what`` normalised by the caller, when it is a valid
+        reference) if it is recorded, else the image ``what`` names by digest, id or id
+        prefix of 6+ hex digits, with every name of it; then images left without a name and
+        blobs no image lists. Returns lines for the user. NotFoundError when nothing
+        matches, StateError when a running container uses the image (nothing is changed
+        then)."""
         with self.locked(exclusive=True), self._editing() as data:
-            names, keys = self._matches(data, what)
+            names, keys = self._matches(data, what, name)
             if not names and not keys:
                 raise NotFoundError(f"image {what} is not in the store (see 'pysandbox images')")
             remaining = {
@@ -248,10 +249,12 @@ class Catalog:
             self._collect(data)
         return lines
 
-    def _matches(self, data: dict[str, Any], what: str) -> tuple[set[str], set[str]]:
-        """Names equal to ``what``; else image ids and registry digests it names."""
-        if what in data["names"]:
-            return {what}, set()
+    def _matches(
+        self, data: dict[str, Any], what: str, name: str | None
+    ) -> tuple[set[str], set[str]]:
+        """The recorded name ``name``; else image ids and registry digests ``what`` names."""
+        if name is not None and name in data["names"]:
+            return {name}, set()
         match = _HEX_PREFIX.fullmatch(what)
         if match is None:
             return set(), set()
@@ -315,16 +318,18 @@ def _tree_size(root: Path) -> int:
     return total
 
 
-def _in_use(entry: Path) -> bool:
+def _in_use(entry: Path, mountinfo: str | None = None) -> bool:
     """Whether anything under ``entry`` is mounted somewhere (a run shares its rootfs with
-    its VM through a bind mount). Read from /proc/self/mountinfo; the bind's root field is
-    the path inside the filesystem that holds ``entry``."""
+    its VM through a bind mount). Read from /proc/self/mountinfo (or ``mountinfo``, its
+    text); the bind's root field is the path inside the filesystem that holds ``entry``."""
     try:
-        lines = Path("/proc/self/mountinfo").read_text().splitlines()
+        if mountinfo is None:
+            mountinfo = Path("/proc/self/mountinfo").read_text()
         real = os.path.realpath(entry)
         device = os.stat(real).st_dev
     except OSError:
         return False
+    lines = mountinfo.splitlines()
     mounts = []
     for line in lines:
         fields = line.split()
