@@ -37,7 +37,7 @@ from typing import Any
 
 import pytest
 
-from sandbox import images
+from sandbox.image import store as images
 from tests.integration.registry import (
     Layout,
     Registry,

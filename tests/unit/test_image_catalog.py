@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from sandbox import images
 from sandbox.errors import ConfigError, NotFoundError, StateError
 from sandbox.image import catalog as catalog_module
+from sandbox.image import store as images
 from sandbox.image.catalog import Catalog
 
 
