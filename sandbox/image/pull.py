@@ -132,13 +132,13 @@ def options_from(args: argparse.Namespace) -> PullOptions:
 
 
 def resolve_image(args: argparse.Namespace) -> images.Image:
-    """The image of ``pysandbox run``: local names through ``sandbox.image.store.resolve``,
-    anything else pulled according to ``--pull`` (missing: only when the store lacks it;
-    always: check the registry; never: the store only)."""
+    """The image of ``pysandbox run``: local names (and anything written as a path) through
+    ``sandbox.image.store.resolve``, anything else pulled according to ``--pull`` (missing:
+    only when the store lacks it; always: check the registry; never: the store only)."""
     name: str = args.image
     quiet = bool(getattr(args, "quiet", False))
-    if images.is_local(name):
-        return images.resolve(name, progress=not quiet)
+    if images.is_local(name) or name.startswith(("/", "./", "../", "~")):
+        return images.resolve(name, progress=not quiet)  # a missing path: "not found"
     options = options_from(args)
     pulled = pull(name, options, getattr(args, "pull", None) or "missing")
     return stored_image(pulled)
