@@ -15,11 +15,12 @@ A pull, step by step:
 4. ``skopeo copy docker://REPO@P`` writes blobs into the store's shared blob directory (a
    blob already there is not fetched: layers are shared between images) and a temporary
    OCI layout; skopeo verifies each blob's digest as it arrives.
-5. The layout is read by ``sandbox.image.formats`` and unpacked by ``sandbox.image.store`` exactly
-   like a local OCI layout: manifest and config verified against their digests, each layer
-   hashed before and while it is applied, with the hostile-tar defences of
-   ``sandbox.image.unpack``. A blob of the store that fails its digest (a damaged disk, a
-   tampered file) is deleted and fetched once more; if it fails again the pull fails.
+5. The layout is read by ``sandbox.image.formats`` and unpacked by ``sandbox.image.store``
+   exactly like a local OCI layout (``sandbox.image.fetch``): manifest and config verified
+   against their digests, each layer hashed before and while it is applied, with the
+   hostile-tar defences of ``sandbox.image.unpack``. A blob of the store that fails its
+   digest (a damaged disk, a tampered file) is deleted and fetched once more; if it fails
+   again the pull fails.
 6. Only then is the name recorded (``sandbox.image.catalog``): a failed pull leaves no name,
    no store entry and no temporary directory; blobs it completed stay and are reused by the
    next pull (a restarted pull resumes), and ``rmi`` collects them if no image uses them.
@@ -33,24 +34,21 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import os
-import shutil
-import tempfile
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sandbox.errors import ConfigError, PullError
+from sandbox.errors import PullError
 from sandbox.image import formats as image_formats
 from sandbox.image import skopeo
 from sandbox.image import store as images
-from sandbox.image.catalog import LAYOUT_PREFIX, Catalog
+from sandbox.image.catalog import Catalog
+from sandbox.image.explain import explain
+from sandbox.image.fetch import fetch
 from sandbox.image.progress import PullDisplay
 from sandbox.image.reference import Reference, ReferenceError, is_digest, parse
-from sandbox.image.skopeo import Failure, RegistryOptions, SkopeoError
+from sandbox.image.skopeo import RegistryOptions, SkopeoError
 from sandbox.image.unpack import ImageError, short
 
 PULL_POLICIES = ("missing", "always", "never")
@@ -236,8 +234,8 @@ def _pull(
     if manifest_digest != digest:
         display.step(f"{ref}: {_platform_name(platform)} image {short(manifest_digest)}")
     layers = _layers(ref, manifest)
-    key, created, blobs, unpacked = _fetch(
-        ref, manifest_digest, layers, platform, options, catalog, display
+    key, created, blobs, unpacked = fetch(
+        ref, manifest_digest, layers, platform, options.registry, catalog, display
     )
     catalog.record(ref.name, ref.repository, digest, key, _platform_name(platform), blobs, created)
     elapsed = time.monotonic() - started
@@ -356,244 +354,3 @@ def _layers(ref: Reference, manifest: dict[str, Any]) -> list[tuple[str, int]]:
             raise PullError(f"pull {ref}: the manifest lists a malformed or non-sha256 layer")
         layers.append((digest, size))
     return layers
-
-
-# --- fetching ------------------------------------------------------------------------------
-
-
-class _LayoutSource(image_formats.DirectorySource):
-    """The temporary layout skopeo wrote, whose ``blobs/`` are the store's shared blobs."""
-
-    def __init__(self, layout: Path, blobs: Path) -> None:
-        super().__init__(layout)
-        self.blobs = blobs
-
-    def _path(self, path: str) -> Path:
-        resolved = super()._path(path)
-        relative = resolved.relative_to(self.root)
-        if relative.parts[:1] == ("blobs",):
-            return self.blobs.joinpath(*relative.parts[1:])
-        return resolved
-
-
-@contextmanager
-def _layout_dir(catalog: Catalog) -> Iterator[Path]:
-    """A temporary OCI layout directory in the store, removed afterwards; those of pulls
-    whose process died are removed first."""
-    try:
-        catalog.blobs.mkdir(parents=True, exist_ok=True)
-        os.chmod(catalog.blobs, 0o700)
-        for child in catalog.blobs.iterdir():
-            fields = child.name.removeprefix(LAYOUT_PREFIX).split("-")
-            stale = fields[0].isdigit() and not _alive(int(fields[0]))
-            if child.name.startswith(LAYOUT_PREFIX) and stale:
-                shutil.rmtree(child, ignore_errors=True)
-        path = Path(tempfile.mkdtemp(prefix=f"{LAYOUT_PREFIX}{os.getpid()}-", dir=catalog.blobs))
-    except OSError as exc:
-        raise PullError(
-            f"cannot write the image store {catalog.store}: {exc.strerror}; "
-            "set PYSANDBOX_IMAGE_STORE to a writable directory"
-        ) from None
-    try:
-        yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _fetch(
-    ref: Reference,
-    manifest_digest: str,
-    layers: list[tuple[str, int]],
-    platform: tuple[str, str],
-    options: PullOptions,
-    catalog: Catalog,
-    display: PullDisplay,
-) -> tuple[str, str, list[str], bool]:
-    """Copy and unpack; (image id, created, blobs, whether it was unpacked now)."""
-    if ":" in str(catalog.store):
-        raise PullError(
-            f"the image store path {catalog.store} contains ':', which skopeo cannot take; "
-            "set PYSANDBOX_IMAGE_STORE to another directory"
-        )
-    source_ref = ref.at(manifest_digest)
-    with _layout_dir(catalog) as layout:
-        for attempt in (1, 2):
-            _copy(ref, source_ref, layout, layers, options, catalog, display)
-            source = _LayoutSource(layout, catalog.blobs)
-            try:
-                plan = image_formats.load(source, None, platform)
-                unpacked = images.install(ref.name, source, plan, progress=display.enabled)
-            except ImageError as exc:
-                if "no space left on device" in str(exc).lower():
-                    raise PullError(_store_message(ref, str(exc), catalog.store)) from None
-                bad = _corrupt_blobs(source)
-                if not bad or attempt == 2:
-                    raise PullError(_corrupt_message(ref, str(exc), bad)) from None
-                for digest in bad:
-                    (catalog.blobs / "sha256" / digest.partition(":")[2]).unlink(missing_ok=True)
-                display.step(
-                    f"{ref}: {len(bad)} blob(s) in the store did not match their digest "
-                    f"({', '.join(short(d) for d in bad)}); fetching them again"
-                )
-                continue
-            except ConfigError as exc:
-                raise PullError(_store_message(ref, str(exc), catalog.store)) from None
-            blobs = [plan.key, _sha256(plan.config_bytes), *(d for d, _ in layers)]
-            created = _created(plan.config_bytes)
-            return plan.key, created, blobs, unpacked
-    raise AssertionError("unreachable")
-
-
-def _copy(
-    ref: Reference,
-    source_ref: Reference,
-    layout: Path,
-    layers: list[tuple[str, int]],
-    options: PullOptions,
-    catalog: Catalog,
-    display: PullDisplay,
-) -> None:
-    shared = catalog.blobs / "sha256"
-
-    def exists(digest: str) -> bool:
-        return (shared / digest.partition(":")[2]).is_file()
-
-    display.start_layers(layers, exists)
-    try:
-        skopeo.copy(
-            source_ref, layout, catalog.blobs, options.registry, display.on_bytes, display.tick
-        )
-    except SkopeoError as exc:
-        display.abandon()
-        raise explain(ref, exc, options.registry) from None
-    except BaseException:
-        display.abandon()
-        raise
-    display.end_layers()
-
-
-def _corrupt_blobs(source: _LayoutSource) -> list[str]:
-    """Blobs of the layout's image whose content does not hash to their digest."""
-    bad: list[str] = []
-    try:
-        _, index = image_formats.read_json(source, "index.json", "index")
-        digests = [m["digest"] for m in index.get("manifests", []) if isinstance(m, dict)]
-    except (ImageError, AttributeError, KeyError, TypeError):
-        return bad
-    for manifest_digest in digests:
-        if not isinstance(manifest_digest, str) or not is_digest(manifest_digest):
-            continue
-        if not _blob_ok(source, manifest_digest):
-            bad.append(manifest_digest)
-            continue
-        try:
-            _, manifest = image_formats.read_json(
-                source, image_formats.blob_path(manifest_digest), "manifest"
-            )
-            named = [manifest["config"], *manifest["layers"]]
-        except (ImageError, KeyError, TypeError):
-            continue
-        for descriptor in named:
-            digest = descriptor.get("digest") if isinstance(descriptor, dict) else None
-            if isinstance(digest, str) and is_digest(digest) and not _blob_ok(source, digest):
-                bad.append(digest)
-    return bad
-
-
-def _blob_ok(source: _LayoutSource, digest: str) -> bool:
-    sha = hashlib.sha256()
-    try:
-        with source.open(image_formats.blob_path(digest)) as file:
-            while chunk := file.read(1 << 20):
-                sha.update(chunk)
-    except (ImageError, OSError):
-        return False
-    return f"sha256:{sha.hexdigest()}" == digest
-
-
-def _corrupt_message(ref: Reference, detail: str, bad: list[str]) -> str:
-    if bad:
-        return (
-            f"pull {ref}: blob {short(bad[0])} still does not match its digest after fetching "
-            "it again; the registry serves bad data or the store's disk is failing"
-        )
-    return f"pull {ref}: the image is unusable: {detail}"
-
-
-def _store_message(ref: Reference, detail: str, store: Path) -> str:
-    if "no space left" in detail.lower():
-        return (
-            f"pull {ref}: the image store {store} is full (no space left on device); "
-            "free space there or set PYSANDBOX_IMAGE_STORE to a larger filesystem"
-        )
-    return f"pull {ref}: {detail}"
-
-
-def _created(config: bytes) -> str:
-    try:
-        value = json.loads(config).get("created")
-    except (ValueError, AttributeError):
-        return ""
-    return value if isinstance(value, str) else ""
-
-
-# --- errors --------------------------------------------------------------------------------
-
-
-def explain(ref: Reference, error: SkopeoError, registry: RegistryOptions) -> PullError:
-    """The one-line PullError for a failed skopeo call about ``ref``."""
-    host = ref.domain
-    kind = error.kind
-    if kind is Failure.NOT_FOUND:
-        return PullError(_not_found(ref, registry))
-    advice = {
-        Failure.MISSING_TOOL: "apt-get install skopeo (or run scripts/install-host-packages.sh)",
-        Failure.UNAUTHORIZED: (
-            f"the image does not exist or needs credentials: check the name, or log in "
-            f"(skopeo login {host}) or give --authfile FILE"
-        ),
-        Failure.PLAIN_HTTP: (
-            f"use --tls-verify=false for a local registry, or mark {host} insecure in "
-            "registries.conf"
-        ),
-        Failure.TLS: (
-            f"put {host}'s CA certificate in /etc/containers/certs.d/{host}/ca.crt, or use "
-            "--tls-verify=false for a local test registry"
-        ),
-        Failure.UNREACHABLE: f"check that {host} is up and reachable from this host",
-        Failure.DIGEST: (
-            "the registry's copy is corrupt or was tampered with; nothing was kept — "
-            "push the image again or use another registry"
-        ),
-        Failure.TRUNCATED: "the download was cut short; pull again",
-        Failure.NO_SPACE: (
-            f"the image store {images.IMAGE_STORE} is full: free space there or set "
-            "PYSANDBOX_IMAGE_STORE to a larger filesystem"
-        ),
-        Failure.TIMEOUT: f"check that {host} is up and reachable from this host",
-        Failure.TOO_LARGE: "the registry is not a container registry or is misbehaving",
-        Failure.OTHER: f"check the reference and the registry ({host})",
-    }[kind]
-    return PullError(f"pull {ref}: {kind.value} ({error.detail}); {advice}")
-
-
-def _not_found(ref: Reference, registry: RegistryOptions) -> str:
-    if ref.digest is not None:
-        return f"pull {ref}: {ref.repository} has no manifest {short(ref.digest)}; check the digest"
-    tags = skopeo.list_tags(ref, registry)
-    if tags:
-        listed = ", ".join(sorted(tags)[:10]) + (", …" if len(tags) > 10 else "")
-        return (
-            f"pull {ref}: {ref.repository} has no tag {ref.tag!r} (tags: {listed}); check the tag"
-        )
-    return f"pull {ref}: no image {ref.repository} in {ref.domain}; check the name"
