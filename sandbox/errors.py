@@ -7,6 +7,7 @@
      ├── StateError              invalid state or transition, duplicate id
      ├── ConfigError             bad flags, malformed config, missing guest image
      ├── RunError                a failure of ``pysandbox run``, with docker's exit status
+     ├── PullError               an image could not be pulled from a registry (exit 125)
      └── AgentError              the agent failed, timed out or answered nonsense
           └── AgentTimeout
 
@@ -44,6 +45,15 @@ class RunError(SandboxError):
     def __init__(self, message: str, exit_code: int = EXIT_RUNTIME) -> None:
         super().__init__(message)
         self.exit_code = exit_code
+
+
+class PullError(SandboxError):
+    """Pulling an image failed: the message names the reference, what failed and what to do.
+
+    Exit status 125, as podman's ``pull`` and ``run`` use for their own failures.
+    """
+
+    exit_code = 125
 
 
 class AgentError(SandboxError):

@@ -4,9 +4,12 @@
 set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
 runtime_pkgs=(qemu-system-x86 qemu-system-common python3 python3-venv python3-dev gcc make
-              busybox-static iproute2 procps podman containerd)
+              busybox-static iproute2 procps podman containerd
+              skopeo)                                  # `pysandbox pull`: the registry client
+# tests of `pysandbox pull`: a real registry on loopback (htpasswd auth, TLS via openssl)
+test_pkgs=(docker-registry apache2-utils openssl)
 mapfile -t image_pkgs < <(grep -v '^\s*#' "$here/guest-image/host-packages.txt" 2>/dev/null | grep -v '^\s*$' || true)
-wanted=("${runtime_pkgs[@]}" "${image_pkgs[@]}")
+wanted=("${runtime_pkgs[@]}" "${test_pkgs[@]}" "${image_pkgs[@]}")
 missing=()
 for pkg in "${wanted[@]}"; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")

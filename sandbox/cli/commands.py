@@ -237,6 +237,47 @@ def cmd_rm(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_pull(args: argparse.Namespace) -> int:
+    """Pull an image; print ``repository@digest`` (what pulls exactly this image again)."""
+    from sandbox.image import pull
+
+    _undo_on_termination()  # SIGTERM/SIGHUP: stop skopeo, remove the partial download
+    print(pull.pull(args.reference, pull.options_from(args)).pinned)
+    return 0
+
+
+def cmd_images(args: argparse.Namespace) -> int:
+    from sandbox.image.catalog import Catalog
+    from sandbox.image.store import human_size
+
+    rows = Catalog().rows()
+    if args.format == "json":
+        print(json.dumps([row.to_json() for row in rows], indent=2))
+    elif args.quiet:
+        for row in rows:
+            print(row.name)
+    else:
+        print(f"{'NAME':<40} {'DIGEST':<19} {'ID':<19} {'SIZE':>9}  CREATED")
+        for row in rows:
+            print(
+                f"{row.name:<40} {row.digest[:19]:<19} {row.id[:19]:<19} "
+                f"{human_size(row.size):>9}  {row.created[:19]}"
+            )
+    return 0
+
+
+def cmd_rmi(args: argparse.Namespace) -> int:
+    from sandbox.image.catalog import Catalog
+    from sandbox.image.pull import parse_reference
+
+    catalog = Catalog()
+    for target in args.targets:
+        name = None if target.startswith("sha256:") else parse_reference(target).name
+        for line in catalog.remove(target, name):
+            print(line)
+    return 0
+
+
 def cmd_list(args: argparse.Namespace) -> int:
     from sandbox.runtime.record import ContainerRecord
 
@@ -323,6 +364,9 @@ HANDLERS: dict[str, Callable[[argparse.Namespace], int]] = {
     "stop": cmd_stop,
     "rm": cmd_rm,
     "list": cmd_list,
+    "pull": cmd_pull,
+    "images": cmd_images,
+    "rmi": cmd_rmi,
     "pause": cmd_pause,
     "resume": cmd_pause,
     "update": cmd_update,

@@ -80,6 +80,9 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     from sandbox.run.options import add_detached_verbs
 
     add_detached_verbs(verbs)
+    from sandbox.image.options import add_image_verbs
+
+    add_image_verbs(verbs)
     _runtime_verbs(verbs)
     return parser
 

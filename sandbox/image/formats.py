@@ -272,18 +272,20 @@ class Plan:
     layers: tuple[Layer, ...]
 
 
-def load(source: Source, ref: str | None = None) -> Plan:
+def load(source: Source, ref: str | None = None, platform: tuple[str, str] | None = None) -> Plan:
     """Parse the layout or archive in ``source``; pick the image ``ref`` names, if given.
 
     OCI: ``ref`` matches the ``org.opencontainers.image.ref.name`` annotation of an
     ``index.json`` entry; without it the single image, or the one for this host's platform,
     is taken. docker-archive: ``ref`` matches one of the ``RepoTags``. The key is the
-    manifest digest (OCI) or the config digest (docker-archive).
+    manifest digest (OCI) or the config digest (docker-archive). ``platform`` (os, arch) is
+    the platform the image config must name (default :func:`host_platform`); the caller has
+    checked that the VM runs it.
     """
     if source.exists("index.json") and (
         source.exists("oci-layout") or not source.exists("manifest.json")
     ):
-        return _load_oci(source, ref)
+        return _load_oci(source, ref, platform)
     if source.exists("manifest.json"):
         return _load_docker(source, ref)
     raise ImageError(
@@ -377,7 +379,7 @@ def _read_blob_json(source: Source, desc: _Descriptor, what: str) -> tuple[bytes
 # --- OCI -----------------------------------------------------------------------------------
 
 
-def _load_oci(source: Source, ref: str | None) -> Plan:
+def _load_oci(source: Source, ref: str | None, platform: tuple[str, str] | None) -> Plan:
     if source.exists("oci-layout"):
         _, layout = read_json(source, "oci-layout", "layout file")
         version = layout.get("imageLayoutVersion") if isinstance(layout, dict) else None
@@ -413,7 +415,7 @@ def _load_oci(source: Source, ref: str | None) -> Plan:
                 layer.media_type,
             )
         )
-    return Plan("oci", desc.digest, config_bytes, parse_config(config), tuple(layers))
+    return Plan("oci", desc.digest, config_bytes, parse_config(config, platform), tuple(layers))
 
 
 def _pick_manifest(
@@ -563,9 +565,10 @@ def _choose_docker(manifest: list[Any], ref: str | None) -> dict[str, Any]:
 # --- image config --------------------------------------------------------------------------
 
 
-def parse_config(config: dict[str, Any]) -> ImageConfig:
-    """Run defaults from an image config; refuses an image for another OS or architecture."""
-    os_name, arch = host_platform()
+def parse_config(config: dict[str, Any], platform: tuple[str, str] | None = None) -> ImageConfig:
+    """Run defaults from an image config; refuses an image for another OS or architecture
+    than ``platform`` (default: :func:`host_platform`)."""
+    os_name, arch = platform or host_platform()
     image_os, image_arch = config.get("os"), config.get("architecture")
     if (isinstance(image_os, str) and image_os != os_name) or (
         isinstance(image_arch, str) and image_arch != arch

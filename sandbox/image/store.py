@@ -73,7 +73,7 @@ def resolve(name: str, progress: bool = False) -> Image:
     if path is None:
         raise ConfigError(
             f"image {name} not found: give 'default', a root filesystem directory, an OCI "
-            "image layout, or a docker-archive/oci-archive tarball (registries are not supported)"
+            "image layout, a docker-archive/oci-archive tarball or an image reference"
         )
     if ref == "":
         raise ConfigError(f"image {name}: empty image name after ':'")
@@ -99,6 +99,12 @@ def resolve(name: str, progress: bool = False) -> Image:
     raise ConfigError(f"image {name}: not a directory or a regular file")
 
 
+def is_local(name: str) -> bool:
+    """Whether ``name`` names the default image or something on this host (a path, or
+    ``PATH:NAME`` with an existing PATH) rather than an image in a registry."""
+    return name == DEFAULT_IMAGE or _split_ref(name)[0] is not None
+
+
 def _split_ref(name: str) -> tuple[Path | None, str | None]:
     """``name`` as a path, or ``PATH:REF`` when ``name`` itself does not exist."""
     if os.path.lexists(name):
@@ -120,11 +126,46 @@ def _is_layout(path: Path) -> bool:
 
 def _from_source(name: str, source: image_formats.Source, ref: str | None, progress: bool) -> Image:
     plan = image_formats.load(source, ref)
-    store = IMAGE_STORE / "sha256"
-    entry = store / plan.key.partition(":")[2]
-    if not _complete(entry):
-        _build(name, source, plan, store, entry, progress)
-    config = plan.config
+    install(name, source, plan, progress)
+    return image_from(name, entry_path(plan.key), plan.config)
+
+
+def entry_path(key: str) -> Path:
+    """The store entry of ``key`` (``sha256:<hex>``, validated by the caller)."""
+    return IMAGE_STORE / "sha256" / key.partition(":")[2]
+
+
+def is_complete(key: str) -> bool:
+    """Whether the store holds a complete entry for ``key``."""
+    return _complete(entry_path(key))
+
+
+def install(
+    name: str, source: image_formats.Source, plan: image_formats.Plan, progress: bool
+) -> bool:
+    """Unpack ``plan`` from ``source`` into the store unless its entry is complete already;
+    return whether it was unpacked now. ImageError for bad content, ConfigError for a store
+    that cannot be written; nothing is left in the store on failure."""
+    entry = entry_path(plan.key)
+    if _complete(entry):
+        return False
+    _build(name, source, plan, entry.parent, entry, progress)
+    return True
+
+
+def remove_entry(key: str) -> None:
+    """Remove the store entry of ``key``: renamed aside first (so that no run ever sees it
+    half-removed as complete), then deleted."""
+    entry = entry_path(key)
+    if not entry.exists():
+        return
+    aside = Path(tempfile.mkdtemp(prefix=_tmp_prefix(entry.name), dir=entry.parent))
+    os.rename(entry, aside / "old")
+    _remove_tree(aside)
+
+
+def image_from(name: str, entry: Path, config: image_formats.ImageConfig) -> Image:
+    """The :class:`Image` of a complete store entry with the run defaults of ``config``."""
     env = list(config.env)
     if not any(item.startswith("PATH=") for item in env):
         env.insert(0, DEFAULT_PATH)
@@ -307,7 +348,7 @@ class _Progress:
 
     def _show(self, done: int) -> None:
         percent = f" {min(100, done * 100 // self._total)}%" if self._total else ""
-        size = _human(self._total)
+        size = human_size(self._total)
         sys.stderr.write(f"\rpysandbox: {self._label} ({size}){percent}\x1b[K")
         sys.stderr.flush()
         self._dirty = True
@@ -326,7 +367,7 @@ class _Progress:
             print(f"pysandbox: {text}", file=sys.stderr)
 
 
-def _human(size: int) -> str:
+def human_size(size: int) -> str:
     """``12.3 MB``, ``4.0 kB``, ``512 B`` (decimal units)."""
     if size >= 1_000_000:
         return f"{size / 1e6:.1f} MB"

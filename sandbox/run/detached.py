@@ -41,7 +41,7 @@ from hypervisor.process import ProcessHandle
 from sandbox import IMPORT_ROOT
 from sandbox import store as state
 from sandbox.errors import NotFoundError, RunError, SandboxError, StateError
-from sandbox.image import store as images
+from sandbox.image import pull as image_pull
 from sandbox.pod.lifecycle import Pod
 from sandbox.pod.sharing import unshare_container_files
 from sandbox.run.launch import boot_pod, create_in_pod
@@ -65,7 +65,7 @@ def run_detached(args: argparse.Namespace, root: Path) -> int:
     log_limit = parse_size(args.log_max_size)
     if log_limit < 4096:
         raise RunError(f"invalid --log-max-size {args.log_max_size!r}: at least 4k")
-    image = images.resolve(args.image, progress=True)
+    image = image_pull.resolve_image(args)
     spec = build_spec(args, image)
     name = args.name or f"run-{secrets.token_hex(6)}"
     command = [str(a) for a in spec["process"]["args"]]

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from sandbox.errors import EXIT_TIMEOUT, AgentError, SandboxError
+from sandbox.image import pull as image_pull
 from sandbox.image import store as images
 from sandbox.pod.agent_client import ContainerClient
 from sandbox.pod.lifecycle import Pod
@@ -50,7 +51,7 @@ def run(args: argparse.Namespace, root: Path) -> int:
     (``-d`` runs are :func:`sandbox.run.detached.run_detached`.)
     """
     check_options(args)
-    image = images.resolve(args.image, progress=True)
+    image = image_pull.resolve_image(args)
     spec = build_spec(args, image)
     pod = boot_pod(root, args.name or f"run-{secrets.token_hex(6)}", args, spec)
     try:

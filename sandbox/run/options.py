@@ -10,7 +10,11 @@ from typing import Any
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of ``pysandbox run``."""
-    parser.add_argument("image", help="'default', or a root filesystem directory")
+    parser.add_argument(
+        "image",
+        help="'default', a root filesystem directory, an OCI layout or archive, "
+        "or an image reference (alpine, localhost:5000/x:1)",
+    )
     parser.add_argument("command", nargs=argparse.REMAINDER, help="command and arguments")
     parser.add_argument("-e", "--env", action="append", default=[], metavar="K=V")
     parser.add_argument("--env-file", action="append", default=[], type=Path)
@@ -54,6 +58,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="run in the background and print its name (see ps, logs, stop, rm)",
     )
+    from sandbox.image.options import add_pull_flags
+
+    add_pull_flags(parser, for_run=True)
     parser.add_argument("--pid-file", type=Path, default=None)
     parser.add_argument("--console-socket", type=Path, default=None)
 

@@ -456,7 +456,10 @@ def test_plain_directories_keep_working_and_reject_refs(tmp_path: Path, store: P
     (plain / "bin").mkdir(parents=True)
     with pytest.raises(ConfigError, match="is a root filesystem directory"):
         images.resolve(f"{plain}:latest")
-    with pytest.raises(ConfigError, match="registries are not supported"):
+    # Not a path: a registry reference, which `run` hands to sandbox.image.pull instead.
+    assert not images.is_local("docker.io/library/busybox:latest")
+    assert images.is_local(str(rootfs)) and images.is_local(images.DEFAULT_IMAGE)
+    with pytest.raises(ConfigError, match="not found: give 'default', a root filesystem"):
         images.resolve("docker.io/library/busybox:latest")
 
 

@@ -1,0 +1,123 @@
+"""The record of pulled images: names, listing, removal and blob collection (no registry)."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import pytest
+
+from sandbox.errors import ConfigError, NotFoundError, StateError
+from sandbox.image import catalog as catalog_module
+from sandbox.image import store as images
+from sandbox.image.catalog import Catalog
+
+
+def _digest(text: str) -> str:
+    return "sha256:" + hashlib.sha256(text.encode()).hexdigest()
+
+
+@pytest.fixture
+def store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.setattr(images, "IMAGE_STORE", tmp_path / "store")
+    return tmp_path / "store"
+
+
+def _image(store: Path, key: str, blobs: list[str], content: bytes = b"x" * 10) -> None:
+    """A complete store entry plus its blobs, as a pull leaves them."""
+    rootfs = store / "sha256" / key[7:] / "rootfs"
+    (rootfs / "bin").mkdir(parents=True)
+    (rootfs / "bin" / "sh").write_bytes(content)
+    (rootfs.parent / "config.json").write_text("{}")
+    for blob in blobs:
+        path = store / "blobs" / "sha256" / blob[7:]
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(blob)
+
+
+def test_record_list_and_remove_with_shared_blobs(store: Path) -> None:
+    shared, only_a, only_b = _digest("base"), _digest("a"), _digest("b")
+    key_a, key_b = _digest("manifest a"), _digest("manifest b")
+    _image(store, key_a, [shared, only_a, key_a])
+    _image(store, key_b, [shared, only_b, key_b], content=b"y" * 30)
+    stray = _digest("left by a failed pull")
+    (store / "blobs" / "sha256" / stray[7:]).write_text("stray")
+    catalog = Catalog()
+    catalog.record("r/a:1", "r/a", _digest("index a"), key_a, "linux/amd64",
+                   [shared, only_a, key_a], "2024-01-01T00:00:00Z")  # fmt: skip
+    catalog.record("r/b:1", "r/b", key_b, key_b, "linux/amd64", [shared, only_b, key_b], "")
+    catalog.add_name("r/b@" + key_b, key_b, key_b)
+
+    rows = {row.name: row for row in catalog.rows()}
+    assert sorted(rows) == ["r/a:1", "r/b:1", "r/b@" + key_b]
+    assert rows["r/a:1"].digest == _digest("index a") and rows["r/a:1"].id == key_a
+    assert rows["r/a:1"].size == 10 and rows["r/b:1"].size == 30
+    assert catalog.find("r/a:1", "linux/amd64") == (key_a, _digest("index a"))
+    assert catalog.find("r/a:1", "linux/386") is None
+    assert catalog.find_digest("r/b", key_b, "linux/amd64") == key_b
+
+    assert catalog.remove("r/a:1", "r/a:1") == ["untagged r/a:1", f"deleted {key_a}"]
+    assert not (store / "sha256" / key_a[7:]).exists()
+    left = sorted(os.listdir(store / "blobs" / "sha256"))
+    assert left == sorted(d[7:] for d in (shared, only_b, key_b))  # stray collected too
+
+    # An id prefix removes every name of the image.
+    assert catalog.remove(key_b[:15]) == [
+        "untagged r/b:1",
+        "untagged r/b@" + key_b,
+        f"deleted {key_b}",
+    ]
+    assert catalog.rows() == [] and os.listdir(store / "blobs" / "sha256") == []
+    with pytest.raises(NotFoundError, match="image r/a:1 is not in the store"):
+        catalog.remove("r/a:1", "r/a:1")
+
+
+def test_a_moved_name_leaves_the_old_image_listed_until_removed(store: Path) -> None:
+    old, new = _digest("old"), _digest("new")
+    _image(store, old, [old])
+    _image(store, new, [new])
+    catalog = Catalog()
+    catalog.record("r/x:1", "r/x", old, old, "linux/amd64", [old], "")
+    catalog.record("r/x:1", "r/x", new, new, "linux/amd64", [new], "")
+    assert [(row.name, row.id) for row in catalog.rows()] == [("r/x:1", new), ("<none>", old)]
+    assert catalog.remove(old) == [f"deleted {old}"]
+    assert [row.name for row in catalog.rows()] == ["r/x:1"]
+
+
+def test_an_ambiguous_prefix_is_refused(store: Path) -> None:
+    a, b = "sha256:abcdef" + "0" * 58, "sha256:abcdef" + "1" * 58
+    catalog = Catalog()
+    for name, key in (("r/a:1", a), ("r/b:1", b)):
+        _image(store, key, [key])
+        catalog.record(name, name[:3], key, key, "linux/amd64", [key], "")
+    with pytest.raises(ConfigError, match="abcdef matches 2 images; give more of the digest"):
+        catalog.remove("abcdef")
+    with pytest.raises(NotFoundError):
+        catalog.remove("abcde")  # fewer than 6 digits is no prefix
+    assert catalog.remove("abcdef0") == ["untagged r/a:1", f"deleted {a}"]
+
+
+def test_an_image_a_running_container_mounts_is_not_removed(
+    store: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    key = _digest("busy")
+    _image(store, key, [key])
+    catalog = Catalog()
+    catalog.record("r/busy:1", "r/busy", key, key, "linux/amd64", [key], "")
+    rootfs = os.path.realpath(store / "sha256" / key[7:] / "rootfs")
+    dev = os.stat(rootfs).st_dev
+    major, minor = os.major(dev), os.minor(dev)
+    mountinfo = (
+        f"27 1 {major}:{minor} / / rw,relatime - ext4 /dev/vda rw\n"
+        f"60 93 {major}:{minor} {rootfs} /run/p/shared/main/rootfs ro - ext4 /dev/vda rw\n"
+    )
+    assert catalog_module._in_use(store / "sha256" / key[7:], mountinfo)
+    other = f"27 1 {major}:{minor} / / rw,relatime - ext4 /dev/vda rw\n"
+    assert not catalog_module._in_use(store / "sha256" / key[7:], other)
+    real = catalog_module._in_use
+    monkeypatch.setattr(catalog_module, "_in_use", lambda entry: real(entry, mountinfo))
+    with pytest.raises(StateError, match="is used by a running container; stop it first"):
+        catalog.remove("r/busy:1", "r/busy:1")
+    assert [row.name for row in catalog.rows()] == ["r/busy:1"]  # nothing changed
+    assert (store / "sha256" / key[7:] / "rootfs").is_dir()
