@@ -41,9 +41,9 @@ def test_unknown_container_one_line_error_and_json_log(tmp_path: Path) -> None:
     log = tmp_path / "log.json"
     done = cli("--root", str(tmp_path), "--log", str(log), "--log-format", "json", "state", "nope")
     assert done.returncode == 1
-    assert done.stderr == "pysandbox: container nope does not exist\n"
+    assert done.stderr == "pysandbox: nope: container does not exist\n"
     entry = json.loads(log.read_text().splitlines()[-1])
-    assert entry["level"] == "error" and entry["msg"] == "container nope does not exist"
+    assert entry["level"] == "error" and entry["msg"] == "nope: container does not exist"
     assert "time" in entry
 
 

@@ -84,6 +84,6 @@ def test_record_lifecycle_and_oci_state(tmp_path: Path) -> None:
     doc = ContainerRecord.load(tmp_path, "c1").oci_state()
     assert (doc["status"], doc["pid"], doc["id"], doc["bundle"]) == ("stopped", 0, "c1", "/b")
     assert json.loads(json.dumps(doc)) == doc
-    with pytest.raises(NotFoundError, match="container nope does not exist"):
+    with pytest.raises(NotFoundError, match="nope: container does not exist"):
         ContainerRecord.load(tmp_path, "nope")
     assert [r.id for r in ContainerRecord.all(tmp_path)] == ["c1"]
