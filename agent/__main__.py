@@ -16,7 +16,7 @@ LOCAL_SOCKET = "/run/pysandbox-agent.sock"
 
 
 def _serve_in_guest() -> None:
-    from agent import pid1
+    from agent import kmod, pid1
     from agent.containers import ContainerManager
     from agent.network import NetworkManager
     from agent.serial_relay import SerialRelay, find_serial_port
@@ -24,6 +24,7 @@ def _serve_in_guest() -> None:
     from agentapi.channel import VSOCK_PORT
 
     pid1.early_mounts()
+    kmod.install_kernel_helper()
     reaper = pid1.Reaper()
     reaper.install()
     port = find_serial_port()

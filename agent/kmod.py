@@ -1,7 +1,11 @@
-"""Loading kernel modules on demand in the guest (there is no modprobe in the image).
+"""Loading kernel modules on demand in the guest.
 
-Modules and ``modules.dep`` live under /lib/modules/<release>/ in the read-only root. A module
-is loaded with finit_module(2) after its dependencies, in the order modules.dep gives.
+Modules, ``modules.dep`` and ``modules.alias`` live under /lib/modules/<release>/ in the
+read-only root. The agent loads what it needs itself (:func:`ensure`: finit_module(2) after
+the dependencies, in the order modules.dep gives). What the *kernel* asks for on behalf of a
+container (a privileged one creating a bridge: ``request_module("rtnl-link-bridge")``) goes to
+the kernel's usermode helper, which :func:`install_kernel_helper` points at the image's
+busybox modprobe (it resolves aliases through modules.alias).
 """
 
 from __future__ import annotations
@@ -14,6 +18,22 @@ import threading
 _SYS_FINIT_MODULE = 313  # x86_64
 _EEXIST = 17
 _lock = threading.Lock()
+
+
+#: The guest image's modprobe (guest-image/build.py MODPROBE_HELPER).
+MODPROBE = "/usr/lib/pysandbox/bin/modprobe"
+
+
+def install_kernel_helper(sysctl: str = "/proc/sys/kernel/modprobe") -> None:
+    """Make :data:`MODPROBE` the kernel's module loader (modprobe path, kernel/kmod.c).
+
+    Without it the kernel runs /sbin/modprobe, which the image lacks, and a container's
+    ``ip link add type bridge`` or ``brctl addbr`` fails ("Package not installed"). Does
+    nothing when the image has no helper (an image built before it existed).
+    """
+    if os.path.exists(MODPROBE):
+        with open(sysctl, "w", encoding="ascii") as knob:
+            knob.write(MODPROBE)
 
 
 def _loaded() -> set[str]:

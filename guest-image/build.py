@@ -39,7 +39,7 @@ import tempfile
 import time
 import zipfile
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -331,6 +331,7 @@ class Module:
     name: str  # canonical, underscores
     relpath: str  # relative to /lib/modules/<ver>
     depends: list[str]
+    aliases: list[str] = field(default_factory=list)  # modinfo alias= (e.g. rtnl-link-bridge)
 
 
 def modinfo(path: Path) -> dict[str, list[str]]:
@@ -376,7 +377,7 @@ def index_modules(moddir: Path, builtin: set[str]) -> dict[str, Module]:
         name = path.name[:-3].replace("-", "_")
         info = modinfo(path)
         deps = [d.replace("-", "_") for d in info.get("depends", [""])[0].split(",") if d]
-        modules[name] = Module(name, str(path.relative_to(moddir)), deps)
+        modules[name] = Module(name, str(path.relative_to(moddir)), deps, info.get("alias", []))
         for alias in info.get("alias", []):
             aliases.setdefault(alias.replace("-", "_"), []).append(name)
         for softdep in info.get("softdep", []):
@@ -431,6 +432,23 @@ def write_modules_dep(
         deps = " ".join(m.relpath for m in reversed(closure))
         lines.append(f"{mod.relpath}:{(' ' + deps) if deps else ''}")
     (moddir / "modules.dep").write_text("\n".join(lines) + "\n")
+
+
+def write_modules_alias(moddir: Path, modules: list[Module]) -> None:
+    """Write modules.alias (``alias PATTERN MODULE``) for the shipped modules, so that the
+    kernel's requests (``request_module("rtnl-link-bridge")``, ``net-pf-N``...) find them
+    through the guest's modprobe (busybox, see :data:`MODPROBE_HELPER`)."""
+    lines = [
+        f"alias {alias} {mod.name}"
+        for mod in sorted(modules, key=lambda m: m.name)
+        for alias in sorted(set(mod.aliases))
+    ]
+    (moddir / "modules.alias").write_text("\n".join(lines) + "\n")
+
+
+#: The guest's modprobe (a busybox applet link), which the agent makes the kernel's
+#: usermode helper (/proc/sys/kernel/modprobe): privileged containers get on-demand modules.
+MODPROBE_HELPER = "usr/lib/pysandbox/bin/modprobe"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -885,6 +903,8 @@ def build_into(
         if (moddir_src / name).exists():
             shutil.copyfile(moddir_src / name, moddir / name)
     write_modules_dep(moddir, all_mods, index, builtin)
+    write_modules_alias(moddir, all_mods)
+    (root / MODPROBE_HELPER).symlink_to("busybox")
     removed = check_and_prune_libs(root)
     if removed:
         log(f"removed extension modules without shipped libraries: {', '.join(sorted(removed))}")
