@@ -273,7 +273,8 @@ class ContainerManager:
 
     def _overlay(self, container_id: str, lower: str) -> str:
         """Mount an overlay of ``lower`` with a tmpfs-backed upper layer; return its path."""
-        from agent import kmod, syscalls
+        from agent import kmod
+        from agent.oci import syscalls
 
         kmod.ensure("overlay")
         base = f"{OVERLAY_ROOT}/{container_id}"
@@ -289,12 +290,12 @@ class ContainerManager:
         return f"{base}/rootfs"
 
     def _drop_overlay(self, container_id: str) -> None:
-        from agent import syscalls
+        from agent.oci import syscalls
 
         base = f"{OVERLAY_ROOT}/{container_id}"
         if os.path.isdir(base):
             with contextlib.suppress(OSError):
-                syscalls.umount(f"{base}/rootfs", syscalls.MNT_DETACH)
+                syscalls.umount2(f"{base}/rootfs", syscalls.MNT_DETACH)
             shutil.rmtree(base, ignore_errors=True)
 
     def create(

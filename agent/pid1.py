@@ -12,7 +12,7 @@ import signal
 import threading
 from collections.abc import Callable
 
-from agent import syscalls
+from agent.oci import syscalls
 
 #: Guest directory under which host shares are mounted.
 SHARE_ROOT = "/run/pysandbox"

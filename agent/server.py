@@ -17,9 +17,10 @@ from typing import NoReturn
 
 import grpc
 
-from agent import pid1, syscalls
+from agent import pid1
 from agent.containers import ContainerError, ContainerManager
 from agent.network import NetworkError, NetworkManager
+from agent.oci import syscalls
 from agentapi.limits import GRPC_OPTIONS, MAX_MESSAGE_BYTES, MAX_READ_BYTES
 from agentapi.proto import agent_pb2 as pb
 from agentapi.proto import agent_pb2_grpc as pb_grpc

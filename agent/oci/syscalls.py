@@ -11,6 +11,10 @@ Queries (``kind``, ``readlink``, ``mount_flags``, ``fs_magic``, ``read_text``, `
 Every real wrapper raises :class:`OSError` whose ``strerror`` reads
 ``<what was attempted>: <errno text>``, so a :class:`~agent.oci.errors.SetupError` built from
 it says what failed.
+
+The module-level :func:`mount`, :func:`umount2` and :func:`power_off` are the same wrappers for
+the agent itself (PID 1: early mounts, shares, overlays, power-off): the guest's one ctypes
+binding of libc.
 """
 
 from __future__ import annotations
@@ -55,6 +59,7 @@ MS_I_VERSION = 1 << 23
 MS_STRICTATIME = 1 << 24
 MS_LAZYTIME = 1 << 25
 MNT_DETACH = 0x2
+RB_POWER_OFF = 0x4321FEDC
 
 #: statvfs f_flag bits that a bind remount must keep (they may be locked in a user namespace).
 _ST_TO_MS = (
@@ -120,6 +125,55 @@ def mount_flags_str(flags: int) -> str:
     if rest:
         names.append(hex(rest))
     return "|".join(names) or "0"
+
+
+_libc: ctypes.CDLL | None = None
+
+
+def libc() -> ctypes.CDLL:
+    """The C library, loaded once. CDLL(None): the symbols already loaded in the interpreter,
+    libc among them; unlike ctypes.util.find_library it forks no ldconfig (there is none in
+    the guest)."""
+    global _libc
+    if _libc is None:
+        _libc = ctypes.CDLL(None, use_errno=True)
+    return _libc
+
+
+def check(result: int, what: str) -> None:
+    """OSError(errno, ``<what>: <errno text>``) when a libc call returned -1."""
+    if result == -1:
+        err = ctypes.get_errno()
+        raise OSError(err, f"{what}: {os.strerror(err)}")
+
+
+def mount(
+    source: str | None, target: str, fstype: str | None, flags: int = 0, data: str | None = None
+) -> None:
+    """mount(2); ``None`` passes NULL (a remount or propagation change has no source)."""
+    result = libc().mount(
+        source.encode() if source is not None else None,
+        target.encode(),
+        fstype.encode() if fstype is not None else None,
+        ctypes.c_ulong(flags),
+        data.encode() if data else None,
+    )
+    check(
+        result,
+        f"mount {source or 'none'} on {target}"
+        + (f" type {fstype}" if fstype else "")
+        + f" ({mount_flags_str(flags)}{',' + data if data else ''})",
+    )
+
+
+def umount2(target: str, flags: int = 0) -> None:
+    """umount2(2)."""
+    check(libc().umount2(target.encode(), flags), f"umount {target}")
+
+
+def power_off() -> None:
+    """reboot(RB_POWER_OFF): only returns on failure (raises). The caller syncs first."""
+    check(libc().reboot(RB_POWER_OFF), "reboot(RB_POWER_OFF)")
 
 
 class Syscalls(abc.ABC):
@@ -332,15 +386,11 @@ class LinuxSyscalls(Syscalls):
     """The real system calls."""
 
     def __init__(self) -> None:
-        # CDLL(None): the symbols already loaded in the interpreter, libc among them; unlike
-        # ctypes.util.find_library it forks no ldconfig.
-        self._libc = ctypes.CDLL(None, use_errno=True)
+        self._libc = libc()
         self._raw = _RAW_SYSCALLS.get(os.uname().machine, {})
 
     def _check(self, result: int, what: str) -> None:
-        if result == -1:
-            err = ctypes.get_errno()
-            raise OSError(err, f"{what}: {os.strerror(err)}")
+        check(result, what)
 
     @staticmethod
     def _wrap(exc: OSError, what: str) -> OSError:
@@ -355,22 +405,10 @@ class LinuxSyscalls(Syscalls):
     def mount(
         self, source: str | None, target: str, fstype: str | None, flags: int, data: str | None
     ) -> None:
-        result = self._libc.mount(
-            source.encode() if source is not None else None,
-            target.encode(),
-            fstype.encode() if fstype is not None else None,
-            ctypes.c_ulong(flags),
-            data.encode() if data else None,
-        )
-        self._check(
-            result,
-            f"mount {source or 'none'} on {target}"
-            + (f" type {fstype}" if fstype else "")
-            + f" ({mount_flags_str(flags)}{',' + data if data else ''})",
-        )
+        mount(source, target, fstype, flags, data)
 
     def umount2(self, target: str, flags: int) -> None:
-        self._check(self._libc.umount2(target.encode(), flags), f"umount {target}")
+        umount2(target, flags)
 
     def pivot_root(self, new_root: str, put_old: str) -> None:
         result = self._rawcall("pivot_root", new_root.encode(), put_old.encode())
