@@ -40,11 +40,33 @@ _CHUNK = 64 * 1024
 
 
 class ContainerError(Exception):
-    """A request the agent refuses; ``code`` is the gRPC status name to answer with."""
+    """A request the agent refuses or could not carry out.
 
-    def __init__(self, code: str, message: str) -> None:
+    ``code`` is the gRPC status name to answer with; ``reason`` the agent.proto
+    ``Failure.Reason`` name sent along (see :mod:`agent.oci.errors`), UNSPECIFIED when the
+    code says it all.
+    """
+
+    def __init__(self, code: str, message: str, reason: str = "UNSPECIFIED") -> None:
         super().__init__(message)
         self.code = code
+        self.reason = reason
+
+
+def _runtime_failure(text: str) -> ContainerError:
+    """The error for an ``error <REASON> <message>`` line of the in-guest runtime.
+
+    A spec the runtime refused is INVALID_ARGUMENT; any other failure (the program cannot be
+    run, a setup step failed) FAILED_PRECONDITION. A line without a known reason is the
+    runtime misbehaving: INTERNAL.
+    """
+    from agent.oci.errors import INVALID_SPEC, REASONS
+
+    reason, _, message = text.removeprefix("error ").partition(" ")
+    if reason not in REASONS or not message:
+        return ContainerError("INTERNAL", f"in-guest runtime failed with {text[:200]!r}")
+    code = "INVALID_ARGUMENT" if reason == INVALID_SPEC else "FAILED_PRECONDITION"
+    return ContainerError(code, message, reason)
 
 
 @dataclass
@@ -246,7 +268,7 @@ class ContainerManager:
                     break
                 line += chunk
         except OSError as exc:
-            line = f"error in-guest runtime did not report: {exc}".encode()
+            line = f"error UNSPECIFIED in-guest runtime did not report: {exc}".encode()
         text = line.decode(errors="replace").strip()
         pid = _ready_pid(text)
         if pid is not None:
@@ -264,7 +286,7 @@ class ContainerManager:
             os.kill(runtime_pid, signal.SIGKILL)
         self._reaper.watch(runtime_pid, _ignore_status)
         if text.startswith("error "):
-            raise ContainerError("FAILED_PRECONDITION", text[len("error ") :])
+            raise _runtime_failure(text)
         raise ContainerError(
             "INTERNAL", f"in-guest runtime failed without a message (said {text[:200]!r})"
         )
@@ -302,13 +324,15 @@ class ContainerManager:
         self, container_id: str, spec_bytes: bytes, rootfs: str, overlay: bool = False
     ) -> int:
         if len(spec_bytes) > MAX_SPEC_BYTES:
-            raise ContainerError("INVALID_ARGUMENT", "oci spec larger than 1 MiB")
+            raise ContainerError("INVALID_ARGUMENT", "oci spec larger than 1 MiB", "INVALID_SPEC")
         try:
             spec: dict[str, Any] = json.loads(spec_bytes)
             if not isinstance(spec, dict):
                 raise ValueError("not an object")
         except ValueError as exc:
-            raise ContainerError("INVALID_ARGUMENT", f"malformed oci spec: {exc}") from exc
+            raise ContainerError(
+                "INVALID_ARGUMENT", f"malformed oci spec: {exc}", "INVALID_SPEC"
+            ) from exc
         rootfs = os.path.normpath(rootfs)
         if not rootfs.startswith(pid1.SHARE_ROOT + "/") or not os.path.isdir(rootfs):
             raise ContainerError(
@@ -374,7 +398,9 @@ class ContainerManager:
             if not isinstance(process, dict):
                 raise ValueError("not an object")
         except ValueError as exc:
-            raise ContainerError("INVALID_ARGUMENT", f"malformed process json: {exc}") from exc
+            raise ContainerError(
+                "INVALID_ARGUMENT", f"malformed process json: {exc}", "INVALID_SPEC"
+            ) from exc
         with self._lock:  # reserve the id: two concurrent requests must not both run
             if not exec_id or exec_id in container.execs or exec_id in container.starting:
                 raise ContainerError("ALREADY_EXISTS", f"exec id {exec_id!r} is empty or in use")

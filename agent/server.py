@@ -21,6 +21,7 @@ from agent import pid1
 from agent.containers import ContainerError, ContainerManager
 from agent.network import NetworkError, NetworkManager
 from agent.oci import syscalls
+from agentapi import failure
 from agentapi.limits import GRPC_OPTIONS, MAX_MESSAGE_BYTES, MAX_READ_BYTES
 from agentapi.proto import agent_pb2 as pb
 from agentapi.proto import agent_pb2_grpc as pb_grpc
@@ -359,10 +360,12 @@ class AgentService(pb_grpc.AgentServicer):
 
 @contextlib.contextmanager
 def _container_errors(context: grpc.ServicerContext) -> Iterator[None]:
-    """Answer ContainerError with its status code and OSError with INTERNAL."""
+    """Answer ContainerError with its status code, message and Failure reason (trailing
+    metadata, :mod:`agentapi.failure`), and OSError with INTERNAL."""
     try:
         yield
     except ContainerError as exc:
+        context.set_trailing_metadata(failure.trailer(exc.reason))
         _abort(context, getattr(grpc.StatusCode, exc.code), str(exc))
     except OSError as exc:
         _abort(context, grpc.StatusCode.INTERNAL, str(exc))

@@ -4,7 +4,7 @@ The host refuses an agent whose protocol MAJOR differs from :data:`PROTOCOL_VERS
 """
 
 AGENT_VERSION = "0.1.0"
-PROTOCOL_VERSION = "1.1"  # 1.1: ConfigureNetwork
+PROTOCOL_VERSION = "1.2"  # 1.1: ConfigureNetwork; 1.2: Failure reasons in trailing metadata
 
 
 def protocol_major(version: str) -> int:

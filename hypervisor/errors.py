@@ -7,11 +7,13 @@
      ├── QMPError                a QMP connection or command failed (carries command and reply)
      ├── VirtiofsdError          virtiofsd missing, failed to start, or socket never appeared
      ├── AccelError              invalid accelerator request (e.g. PYSANDBOX_ACCEL=bogus)
+     ├── GuestImageError         the guest image is missing, incomplete, stale or corrupt
      └── HypervisorTimeout       a bounded wait expired (socket, QMP, process exit)
 
 Messages are lowercase, one line, say what failed and, where there is one, what to do.
 Causes are chained with ``raise ... from exc``; ``BaseException`` (KeyboardInterrupt,
-cancellation) is never wrapped.
+cancellation) is never wrapped. This package imports nothing from ``sandbox``; how the sandbox
+layer reports these errors is drawn in ``sandbox/errors.py``.
 """
 
 from __future__ import annotations
@@ -69,6 +71,11 @@ class VirtiofsdError(HypervisorError):
 
 class AccelError(HypervisorError):
     """The requested accelerator is invalid or unusable."""
+
+
+class GuestImageError(HypervisorError):
+    """The guest image is missing, incomplete, stale or corrupt (the message names the fix,
+    e.g. ``run 'make guest-image'``)."""
 
 
 class HypervisorTimeout(HypervisorError):

@@ -6,7 +6,7 @@ booted through PVH, or ``vmlinuz`` booted as a bzImage), ``initramfs.cpio``, the
 directory atomically, so a directory with a readable manifest is complete unless files were
 removed or altered afterwards (which :func:`validate` detects).
 
-Every failure raises :class:`ImageError` whose message is one lowercase line saying what is
+Every failure raises :class:`GuestImageError` whose message is one lowercase line saying what is
 wrong and the command that fixes it.
 """
 
@@ -18,6 +18,8 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, cast
+
+from hypervisor.errors import GuestImageError
 
 #: Where ``make guest-image`` puts the image unless told otherwise.
 DEFAULT_IMAGE_DIR = Path("/var/lib/pysandbox/guest")
@@ -32,10 +34,6 @@ FLOOR_INITRD_NAME = "floor-initramfs.cpio"
 
 BootMethod = Literal["pvh", "bzimage"]
 _FIX = "run 'make guest-image'"
-
-
-class ImageError(Exception):
-    """The guest image is missing, incomplete, stale or corrupt (message names the fix)."""
 
 
 @dataclass(frozen=True)
@@ -73,17 +71,17 @@ def _resolve_dir(directory: Path | str | None) -> Path:
 def _load_manifest(directory: Path) -> dict[str, Any]:
     path = directory / MANIFEST_NAME
     if not directory.is_dir():
-        raise ImageError(f"guest image not found in {directory}: {_FIX}")
+        raise GuestImageError(f"guest image not found in {directory}: {_FIX}")
     if not path.is_file():
-        raise ImageError(f"guest image in {directory} has no {MANIFEST_NAME}: {_FIX}")
+        raise GuestImageError(f"guest image in {directory} has no {MANIFEST_NAME}: {_FIX}")
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
-        raise ImageError(f"cannot read {path} ({exc}): {_FIX}") from exc
+        raise GuestImageError(f"cannot read {path} ({exc}): {_FIX}") from exc
     if not isinstance(data, dict):
-        raise ImageError(f"{path} is not a json object: {_FIX}")
+        raise GuestImageError(f"{path} is not a json object: {_FIX}")
     if data.get("format") != MANIFEST_FORMAT:
-        raise ImageError(
+        raise GuestImageError(
             f"{path} has format {data.get('format')!r}, expected {MANIFEST_FORMAT}: {_FIX}"
         )
     return cast(dict[str, Any], data)
@@ -93,24 +91,24 @@ def find_image(directory: Path | str | None = None) -> GuestImage:
     """Return the guest image in ``directory``, else ``$PYSANDBOX_GUEST_IMAGE``, else the default.
 
     Reads only the manifest: files are not checked (see :func:`validate`). Raises
-    :class:`ImageError` if the directory or its manifest is missing or unreadable, or the
+    :class:`GuestImageError` if the directory or its manifest is missing or unreadable, or the
     manifest lacks the kernel description.
     """
     root = _resolve_dir(directory)
     manifest = _load_manifest(root)
     kernel = manifest.get("kernel")
     if not isinstance(kernel, dict):
-        raise ImageError(f"{root / MANIFEST_NAME} has no kernel entry: {_FIX}")
+        raise GuestImageError(f"{root / MANIFEST_NAME} has no kernel entry: {_FIX}")
     kernel_file = kernel.get("file")
     boot = kernel.get("boot")
     if kernel_file not in ("vmlinux", "vmlinuz") or boot not in ("pvh", "bzimage"):
-        raise ImageError(
+        raise GuestImageError(
             f"{root / MANIFEST_NAME} has an invalid kernel entry "
             f"(file={kernel_file!r}, boot={boot!r}): {_FIX}"
         )
     files = manifest.get("files")
     if not isinstance(files, dict):
-        raise ImageError(f"{root / MANIFEST_NAME} has no files entry: {_FIX}")
+        raise GuestImageError(f"{root / MANIFEST_NAME} has no files entry: {_FIX}")
     return GuestImage(
         dir=root,
         kernel=root / str(kernel_file),
@@ -133,27 +131,29 @@ def validate(image: GuestImage, verify_hashes: bool = False) -> None:
     """Check that the kernel, initrd and rootfs exist and every manifest file is present.
 
     With ``verify_hashes`` also compare each file's sha256 with the manifest (reads ~120 MB).
-    Returns None if all is well; raises :class:`ImageError` naming the first problem found.
+    Returns None if all is well; raises :class:`GuestImageError` naming the first problem found.
     """
     required = {image.kernel.name, image.initrd.name, image.rootfs.name}
     missing_from_manifest = sorted(required - set(image.files))
     if missing_from_manifest:
-        raise ImageError(
+        raise GuestImageError(
             f"{image.dir / MANIFEST_NAME} does not list {', '.join(missing_from_manifest)}: {_FIX}"
         )
     for name in sorted(image.files):
         path = image.dir / name
         if not path.is_file():
-            raise ImageError(f"guest image file {path} is missing: {_FIX}")
+            raise GuestImageError(f"guest image file {path} is missing: {_FIX}")
     if verify_hashes:
         for name, expected in sorted(image.files.items()):
             path = image.dir / name
             try:
                 actual = _sha256(path)
             except OSError as exc:
-                raise ImageError(f"cannot read guest image file {path} ({exc}): {_FIX}") from exc
+                raise GuestImageError(
+                    f"cannot read guest image file {path} ({exc}): {_FIX}"
+                ) from exc
             if actual != expected:
-                raise ImageError(
+                raise GuestImageError(
                     f"guest image file {path} is corrupt (sha256 mismatch): "
                     f"run 'make guest-image GUEST_IMAGE_FLAGS=--force'"
                 )
@@ -163,9 +163,9 @@ def floor_initrd(image: GuestImage) -> Path:
     """Path of the busybox-only benchmark initramfs booted with ``image.kernel``.
 
     The floor /init prints ``PYSANDBOX-FLOOR-READY`` on the serial console and powers off.
-    Raises :class:`ImageError` if the file is absent.
+    Raises :class:`GuestImageError` if the file is absent.
     """
     path = image.dir / FLOOR_INITRD_NAME
     if not path.is_file():
-        raise ImageError(f"floor initramfs {path} is missing: run 'make floor-image'")
+        raise GuestImageError(f"floor initramfs {path} is missing: run 'make floor-image'")
     return path

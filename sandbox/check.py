@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from hypervisor import accel
-from hypervisor.errors import HypervisorError
-from hypervisor.guest_image import ImageError, find_image, validate
+from hypervisor.errors import GuestImageError, HypervisorError
+from hypervisor.guest_image import find_image, validate
 
 
 @dataclass(frozen=True)
@@ -128,7 +128,7 @@ def _image() -> Check:
     try:
         image = find_image()
         validate(image, verify_hashes=True)
-    except ImageError as exc:
+    except GuestImageError as exc:
         return Check("guest image", False, str(exc), "make guest-image")
     kernel = image.manifest.get("kernel", {})
     return Check(

@@ -1,24 +1,91 @@
-"""Errors of the host runtime.
+"""Errors of the host runtime: every exception class of ``sandbox``, and how the others arrive.
 
 ::
 
-    SandboxError                 every failure the CLI reports as one line
-     ├── NotFoundError           unknown container or pod id
+    SandboxError                 every failure the CLI reports as one line; .exit_code 1
+     ├── NotFoundError           unknown container, pod or run id
      ├── StateError              invalid state or transition, duplicate id
-     ├── ConfigError             bad flags, malformed config, missing guest image
-     ├── RunError                a failure of ``pysandbox run``, with docker's exit status
+     ├── ConfigError             bad flags, bundle, config.json, image name; no guest image
      ├── PullError               an image could not be pulled from a registry (exit 125)
-     └── AgentError              the agent failed, timed out or answered nonsense
-          └── AgentTimeout
+     ├── ImageError              an OCI image's content is unusable (sandbox.image; re-raised
+     │    │                      as ConfigError naming the image)
+     │    └── StreamError        reading or decompressing one of its blobs failed
+     ├── NetworkError            the pod's host network devices cannot be set up or removed
+     ├── TemplateError           a template VM cannot be built or restored (callers cold boot)
+     ├── AgentError              the agent failed a call, timed out or answered nonsense:
+     │    │                      .rpc .code .reason .detail .pod_id .container_id .exec_id
+     │    ├── AgentTimeout       no answer within the deadline (.code DEADLINE_EXCEEDED)
+     │    └── CommandError       the container's program cannot be run: .exit_code 127 when
+     │                           it is not found, 126 when it cannot be invoked (.reason says)
+     └── RunError                a failure of ``pysandbox run``: .exit_code 125 (pysandbox
+                                 failed), 126/127 (the command), 124 (--timeout)
 
-Messages are lowercase, name what failed and, where there is one, what to do about it.
-``hypervisor.errors.HypervisorError`` is reported the same way by the CLI.
+Two exceptions stay inside the module that raises them and are translated where it is called,
+so they never reach the CLI: ``sandbox.image.skopeo.SkopeoError`` (a skopeo call failed:
+``.kind``, ``.detail``) becomes a PullError in ``sandbox.image.explain``, and
+``sandbox.image.reference.ReferenceError`` (a ValueError: not a valid reference) a PullError in
+``sandbox.image.pull``.
+
+How failures of the other layers reach the CLI:
+
+- The guest agent answers a failed call with a gRPC status: a code, a message for people and,
+  where it knows one, a :class:`FailureReason` in the status's trailing metadata (agent.proto
+  ``Failure``; :mod:`agentapi.failure`). :class:`~sandbox.pod.agent_client.AgentClient` turns
+  it into an :class:`AgentError` carrying all three, and into a :class:`CommandError` when the
+  reason is that the program cannot be run. Nothing on the host reads the message to decide.
+- ``hypervisor`` keeps its own tree (``hypervisor/errors.py``: HypervisorError → LaunchError,
+  QMPError, VirtiofsdError, AccelError, HypervisorTimeout, GuestImageError), because that layer
+  does not import ``sandbox``. ``Pod.boot`` re-raises GuestImageError as ConfigError (it names
+  the fix, ``make guest-image``); any other HypervisorError reaches :func:`describe`, which
+  reports its message with exit status 1 (125 from ``run``).
+- OSError: its strerror and file name, exit 1. Anything else is a bug: ``internal error: ...``
+  (``--debug`` shows the traceback).
+
+Exit statuses: 1 for every error (runc's convention), except CommandError (127/126, from
+``create``, ``exec`` and ``run``; runc itself exits 1 from create and 255 from exec, the
+docker convention followed here is what docker, podman and a shell report) and ``run``'s own
+(:data:`EXIT_RUNTIME` and the rest, docker run's). Messages are lowercase, name what failed and,
+where there is one, what to do about it.
 """
+
+from __future__ import annotations
+
+import enum
+from typing import Any, Self
 
 #: Exit statuses of ``pysandbox run`` when the container's own status is not the answer
 #: (docker run's convention): pysandbox failed, the command cannot be run, it was not found,
 #: ``--timeout`` expired.
 EXIT_RUNTIME, EXIT_CANNOT_INVOKE, EXIT_NOT_FOUND, EXIT_TIMEOUT = 125, 126, 127, 124
+
+
+class FailureReason(enum.Enum):
+    """Why the agent failed a call, beyond the status code: agent.proto ``Failure.Reason``,
+    member for member (values are the proto names)."""
+
+    UNSPECIFIED = "UNSPECIFIED"
+    #: process.args[0] names no file or is not in $PATH.
+    EXECUTABLE_NOT_FOUND = "EXECUTABLE_NOT_FOUND"
+    #: process.args[0] is a directory or not executable by the process's user.
+    NOT_EXECUTABLE = "NOT_EXECUTABLE"
+    #: The spec or process JSON was refused by the guest.
+    INVALID_SPEC = "INVALID_SPEC"
+    #: A setup step (mounts, namespaces, cgroup, user...) failed in the guest.
+    SETUP_FAILED = "SETUP_FAILED"
+
+    @classmethod
+    def named(cls, name: str) -> FailureReason:
+        """The member called ``name``; UNSPECIFIED for a name this host does not know."""
+        return cls.__members__.get(name, cls.UNSPECIFIED)
+
+    @property
+    def command_status(self) -> int | None:
+        """The exit status that reports this reason for a command (127 not found, 126 cannot
+        be invoked); None when the reason is not about the command."""
+        return {
+            FailureReason.EXECUTABLE_NOT_FOUND: EXIT_NOT_FOUND,
+            FailureReason.NOT_EXECUTABLE: EXIT_CANNOT_INVOKE,
+        }.get(self)
 
 
 class SandboxError(Exception):
@@ -39,6 +106,82 @@ class ConfigError(SandboxError):
     """Invalid user input: flags, bundle, config.json, image."""
 
 
+class ImageError(SandboxError):
+    """An OCI image's content is unusable.
+
+    The message is one lowercase clause that does not name the image; ``sandbox.image.store``
+    prefixes it with ``image NAME:`` and raises ``ConfigError``.
+    """
+
+
+class StreamError(ImageError):
+    """Reading or decompressing a blob failed; the message already names the blob."""
+
+
+class NetworkError(SandboxError):
+    """Setting up or removing the pod's network devices failed."""
+
+
+class TemplateError(SandboxError):
+    """A template could not be built or restored (the caller may cold boot instead)."""
+
+
+class AgentError(SandboxError):
+    """The guest agent failed a call, could not be reached, or answered nonsense.
+
+    Fields (empty when not known, e.g. for a reply that failed the host's checks):
+    ``rpc`` the call ("CreateContainer"); ``code`` its gRPC status name ("FAILED_PRECONDITION",
+    "" when there was no status); ``reason`` the agent's :class:`FailureReason`; ``detail``
+    the agent's own message (or this error's message when the agent sent none); ``pod_id`` the
+    pod whose agent it was; ``container_id`` and ``exec_id`` what the call was about ("" for
+    a container's init process).
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        rpc: str = "",
+        code: str = "",
+        reason: FailureReason = FailureReason.UNSPECIFIED,
+        detail: str | None = None,
+        pod_id: str = "",
+        container_id: str = "",
+        exec_id: str = "",
+    ) -> None:
+        super().__init__(message)
+        self.rpc = rpc
+        self.code = code
+        self.reason = reason
+        self.detail = message if detail is None else detail
+        self.pod_id = pod_id
+        self.container_id = container_id
+        self.exec_id = exec_id
+
+    def amended(self, note: str) -> Self:
+        """The same error (class and fields) with ``; note`` added to its message."""
+        copy = type(self).__new__(type(self))
+        copy.__dict__.update(self.__dict__)
+        Exception.__init__(copy, f"{self}; {note}")
+        return copy
+
+
+class AgentTimeout(AgentError):
+    """The guest agent did not answer within the deadline."""
+
+
+class CommandError(AgentError):
+    """The container's program cannot be run (CreateContainer or ExecProcess failed with
+    ``reason`` EXECUTABLE_NOT_FOUND or NOT_EXECUTABLE); ``exit_code`` is 127 or 126."""
+
+    def __init__(self, message: str, *, reason: FailureReason, **fields: Any) -> None:
+        status = reason.command_status
+        if status is None:
+            raise ValueError(f"{reason.name} is not a reason why a command cannot run")
+        super().__init__(message, reason=reason, **fields)
+        self.exit_code = status
+
+
 class RunError(SandboxError):
     """A failure of ``run`` with the exit status docker would use."""
 
@@ -54,14 +197,6 @@ class PullError(SandboxError):
     """
 
     exit_code = 125
-
-
-class AgentError(SandboxError):
-    """The guest agent failed a call or could not be reached."""
-
-
-class AgentTimeout(AgentError):
-    """The guest agent did not answer within the deadline."""
 
 
 def describe(exc: BaseException) -> tuple[str, int]:

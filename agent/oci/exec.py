@@ -21,7 +21,7 @@ from agent.oci import init as init_mod
 from agent.oci import process as proc_steps
 from agent.oci import spec as spec_mod
 from agent.oci import syscalls as sc
-from agent.oci.errors import OciError, SetupError, SpecError
+from agent.oci.errors import SETUP_FAILED, SetupError, SpecError
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -132,12 +132,8 @@ def run(sys: Syscalls, payload: bytes, target: int, sync_fd: int, cgroup: str | 
             raise SpecError(f"process json is not valid JSON: {exc}") from exc
         process = spec_mod.parse_process(decoded)
         return exec_process(sys, process, target, sync, cgroup)
-    except OciError as exc:
-        return init_mod.fail(sys, sync, exc.message, exc.exit_code)
-    except OSError as exc:
-        return init_mod.fail(sys, sync, exc.strerror or str(exc), 1)
     except Exception as exc:
-        return init_mod.fail(sys, sync, f"internal error: {type(exc).__name__}: {exc}", 1)
+        return init_mod.fail(sys, sync, exc)
 
 
 def main(argv: list[str]) -> int:
@@ -154,7 +150,9 @@ def main(argv: list[str]) -> int:
     try:
         payload = init_mod.read_all(process_fd)
     except OSError as exc:
-        proc_steps.Sync(sc.LinuxSyscalls(), sync_fd).error(f"reading the process: {exc.strerror}")
+        proc_steps.Sync(sc.LinuxSyscalls(), sync_fd).error(
+            f"reading the process: {exc.strerror}", SETUP_FAILED
+        )
         return 1
     return run(sc.LinuxSyscalls(), payload, target, sync_fd, args.get("cgroup") or None)
 

@@ -25,7 +25,7 @@ from agent.oci import process as proc_steps
 from agent.oci import spec as spec_mod
 from agent.oci import syscalls as sc
 from agent.oci.capabilities import DEFAULT_LAST_CAP
-from agent.oci.errors import OciError, SetupError, SpecError
+from agent.oci.errors import SETUP_FAILED, OciError, SetupError, SpecError
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -295,23 +295,30 @@ def run(sys: Syscalls, config: bytes, sync_fd: int, cgroup: str | None) -> int:
             raise SpecError(f"config.json is not valid JSON: {exc}") from exc
         spec = spec_mod.parse_spec(decoded)
         return create_container(sys, spec, sync, cgroup)
-    except OciError as exc:
-        return fail(sys, sync, exc.message, exc.exit_code)
-    except OSError as exc:
-        return fail(sys, sync, exc.strerror or str(exc), 1)
     except Exception as exc:
-        return fail(sys, sync, f"internal error: {type(exc).__name__}: {exc}", 1)
+        return fail(sys, sync, exc)
 
 
-def fail(sys: Syscalls, sync: proc_steps.Sync, message: str, code: int) -> int:
+def fail(sys: Syscalls, sync: proc_steps.Sync, exc: Exception) -> int:
+    """Report ``exc`` (message and reason) to the agent; the runtime's exit code.
+
+    An :class:`OciError` keeps its reason and exit code; an OSError that escaped a step is a
+    setup failure; anything else is an internal error (UNSPECIFIED). All exit 1 but ExecError.
+    """
+    if isinstance(exc, OciError):
+        error = exc
+    elif isinstance(exc, OSError):
+        error = SetupError(exc.strerror or str(exc))
+    else:
+        error = OciError(f"internal error: {type(exc).__name__}: {exc}")
     if sync.reported:
         # After ready the agent no longer reads the socket: the container's stderr it is.
         try:  # noqa: SIM105 - contextlib is one more import at start
-            sys.write(2, f"pysandbox: {message}\n".encode())
+            sys.write(2, f"pysandbox: {error.message}\n".encode())
         except OSError:
             pass
-    sync.error(message)
-    return code
+    sync.error(error.message, error.reason)
+    return error.exit_code
 
 
 def parse_args(argv: list[str], names: tuple[str, ...]) -> dict[str, str]:
@@ -355,7 +362,9 @@ def main(argv: list[str]) -> int:
     try:
         config = read_all(spec_fd)
     except OSError as exc:
-        proc_steps.Sync(sc.LinuxSyscalls(), sync_fd).error(f"reading the spec: {exc.strerror}")
+        proc_steps.Sync(sc.LinuxSyscalls(), sync_fd).error(
+            f"reading the spec: {exc.strerror}", SETUP_FAILED
+        )
         return 1
     return run(sc.LinuxSyscalls(), config, sync_fd, args.get("cgroup") or None)
 

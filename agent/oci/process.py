@@ -9,7 +9,13 @@ from __future__ import annotations
 import errno
 
 from agent.oci import capabilities
-from agent.oci.errors import ExecError, SetupError
+from agent.oci.errors import (
+    EXECUTABLE_NOT_FOUND,
+    NOT_EXECUTABLE,
+    UNSPECIFIED,
+    ExecError,
+    SetupError,
+)
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -28,8 +34,9 @@ FIRST_STRAY_FD = 3
 class Sync:
     """The agent's side of the protocol, seen from the runtime (docs/oci-in-guest.md).
 
-    The runtime writes exactly one line, ``ready <pid>`` or ``error <message>``; after
-    ``ready`` it reads one line and runs the process only if that line is ``start``.
+    The runtime writes exactly one line, ``ready <pid>`` or ``error <REASON> <message>``
+    (REASON one of :data:`agent.oci.errors.REASONS`); after ``ready`` it reads one line and
+    runs the process only if that line is ``start``.
     """
 
     def __init__(self, sys: Syscalls, fd: int) -> None:
@@ -41,13 +48,14 @@ class Sync:
         self.sys.write(self.fd, f"ready {pid}\n".encode())
         self.reported = True
 
-    def error(self, message: str) -> None:
-        """Report a failure; never raises (the agent may be gone)."""
+    def error(self, message: str, reason: str = UNSPECIFIED) -> None:
+        """Report a failure and its reason; never raises (the agent may be gone)."""
         if self.reported:
             return
         self.reported = True
+        line = f"error {reason} {' '.join(message.split())}\n"
         try:  # noqa: SIM105 - contextlib is one more import at start
-            self.sys.write(self.fd, f"error {' '.join(message.split())}\n".encode())
+            self.sys.write(self.fd, line.encode())
         except OSError:
             pass
 
@@ -88,11 +96,14 @@ def lookup(sys: Syscalls, name: str, env: list[str]) -> str:
     if "/" in name:
         kind = sys.kind(name, follow=True)
         if kind is None:
-            raise ExecError(f'exec: "{name}": stat {name}: no such file or directory', 127)
+            raise ExecError(
+                f'exec: "{name}": stat {name}: no such file or directory',
+                EXECUTABLE_NOT_FOUND,
+            )
         if kind == "dir":
-            raise ExecError(f'exec: "{name}": is a directory', 126)
+            raise ExecError(f'exec: "{name}": is a directory', NOT_EXECUTABLE)
         if not sys.access_x(name):
-            raise ExecError(f'exec: "{name}": permission denied', 126)
+            raise ExecError(f'exec: "{name}": permission denied', NOT_EXECUTABLE)
         return name
     path = next((e[len("PATH=") :] for e in env if e.startswith("PATH=")), DEFAULT_PATH)
     for directory in path.split(":"):
@@ -100,7 +111,7 @@ def lookup(sys: Syscalls, name: str, env: list[str]) -> str:
         kind = sys.kind(candidate, follow=True)
         if kind is not None and kind != "dir" and sys.access_x(candidate):
             return candidate
-    raise ExecError(f'exec: "{name}": executable file not found in $PATH', 127)
+    raise ExecError(f'exec: "{name}": executable file not found in $PATH', EXECUTABLE_NOT_FOUND)
 
 
 def finalize(sys: Syscalls, proc: Process, last_cap: int) -> tuple[str, list[str]]:

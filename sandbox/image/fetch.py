@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from sandbox.errors import ConfigError, PullError
+from sandbox.errors import ConfigError, ImageError, PullError
 from sandbox.image import formats as image_formats
 from sandbox.image import skopeo
 from sandbox.image import store as images
@@ -26,7 +26,7 @@ from sandbox.image.explain import explain
 from sandbox.image.progress import PullDisplay
 from sandbox.image.reference import Reference, is_digest
 from sandbox.image.skopeo import RegistryOptions, SkopeoError
-from sandbox.image.unpack import ImageError, short
+from sandbox.image.unpack import short
 
 
 def _sha256(data: bytes) -> str:

@@ -13,7 +13,7 @@ Three formats, all read without unpacking anything to disk:
 with the digests each must have. Every JSON document read (``index.json``, manifests,
 configs, ``manifest.json``) is refused above :data:`MAX_JSON` bytes; every manifest, index and
 config referenced by digest is verified against it before it is parsed. Layers are verified by
-``sandbox.image.store`` as they are read. Errors are :class:`~sandbox.image.unpack.ImageError`.
+``sandbox.image.store`` as they are read. Errors are :class:`~sandbox.errors.ImageError`.
 """
 
 from __future__ import annotations
@@ -31,7 +31,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-from sandbox.image.unpack import ImageError, mismatch, short
+from sandbox.errors import ImageError
+from sandbox.image.unpack import mismatch, short
 
 MAX_JSON = 4 * 2**20
 MAX_INDEX_DEPTH = 4

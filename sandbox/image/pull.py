@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sandbox.errors import PullError
+from sandbox.errors import ImageError, PullError
 from sandbox.image import formats as image_formats
 from sandbox.image import skopeo
 from sandbox.image import store as images
@@ -49,7 +49,7 @@ from sandbox.image.fetch import fetch
 from sandbox.image.progress import PullDisplay
 from sandbox.image.reference import Reference, ReferenceError, is_digest, parse
 from sandbox.image.skopeo import RegistryOptions, SkopeoError
-from sandbox.image.unpack import ImageError, short
+from sandbox.image.unpack import short
 
 PULL_POLICIES = ("missing", "always", "never")
 TRANSPORT_PREFIX = "docker://"

@@ -34,9 +34,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sandbox.errors import ConfigError
+from sandbox.errors import ConfigError, ImageError
 from sandbox.image import formats as image_formats
-from sandbox.image.unpack import ImageError, Unpacker, apply_blob, hash_blob, mismatch, read_in_root
+from sandbox.image.unpack import Unpacker, apply_blob, hash_blob, mismatch, read_in_root
 
 IMAGE_STORE = Path(os.environ.get("PYSANDBOX_IMAGE_STORE", "/var/lib/pysandbox/images"))
 DEFAULT_IMAGE = "default"

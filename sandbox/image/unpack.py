@@ -51,6 +51,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+from sandbox.errors import ImageError, StreamError
+
 CHUNK = 1 << 20
 MAX_SYMLINKS = 40
 MAX_CACHED_DIRS = 256
@@ -64,18 +66,6 @@ _GZIP_MAGIC = b"\x1f\x8b"
 _ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 _BZIP2_MAGIC = b"BZh"
 _XZ_MAGIC = b"\xfd7zXZ\x00"
-
-
-class ImageError(Exception):
-    """The image content is unusable.
-
-    The message is one lowercase clause that does not name the image; ``sandbox.image.store``
-    prefixes it with ``image NAME:`` and raises ``ConfigError``.
-    """
-
-
-class StreamError(ImageError):
-    """Reading or decompressing a blob failed; the message already names the blob."""
 
 
 class Readable(Protocol):

@@ -2,7 +2,9 @@
 
 Connects to a pod's agent proxy socket (``unix:<pod>/agent.sock``). Every method applies a
 deadline, converts gRPC failures into :class:`~sandbox.errors.AgentError` carrying the RPC name,
-and checks the shape of what came back before handing it on.
+the status code, the agent's Failure reason (:mod:`agentapi.failure`) and the ids the call was
+about (:class:`~sandbox.errors.CommandError` when the reason is that the container's program
+cannot be run), and checks the shape of what came back before handing it on.
 """
 
 from __future__ import annotations
@@ -14,11 +16,12 @@ from typing import TYPE_CHECKING, Any, Self
 
 import grpc
 
+from agentapi import failure
 from agentapi.limits import DEFAULT_RPC_TIMEOUT, GRPC_OPTIONS, MAX_READ_BYTES
 from agentapi.proto import agent_pb2 as pb
 from agentapi.proto import agent_pb2_grpc as pb_grpc
 from agentapi.version import PROTOCOL_VERSION, protocol_major
-from sandbox.errors import AgentError, AgentTimeout
+from sandbox.errors import AgentError, AgentTimeout, CommandError, FailureReason
 
 if TYPE_CHECKING:
     from sandbox.pod.network import NetworkConfig
@@ -66,12 +69,53 @@ def _bounded(text: str, name: str, limit: int = 256) -> str:
     return text
 
 
-class AgentClient:
-    """A connection to one agent. Cheap to create; close() when done (or use ``with``)."""
+def _rpc_error(
+    exc: grpc.RpcError, rpc: str, request: Any, pod_id: str, waited: float | None = None
+) -> AgentError:
+    """The AgentError for a failed call ``rpc`` of ``request``: status code, message and
+    Failure reason from the status; the ids from the request (ours, not the guest's).
 
-    def __init__(self, address: str, timeout: float = DEFAULT_RPC_TIMEOUT) -> None:
+    DEADLINE_EXCEEDED is an AgentTimeout (naming ``waited``), a reason that the program cannot
+    run a CommandError.
+    """
+    call = exc if isinstance(exc, grpc.Call) else None
+    code = call.code() if call is not None else None
+    details = call.details() if call is not None else str(exc)
+    fields: dict[str, Any] = {
+        "rpc": rpc,
+        "code": code.name if code is not None else "",
+        "pod_id": pod_id,
+        "container_id": str(getattr(request, "container_id", "")),
+        "exec_id": str(getattr(request, "exec_id", "")),
+    }
+    if code == grpc.StatusCode.DEADLINE_EXCEEDED and waited is not None:
+        return AgentTimeout(f"agent did not answer {rpc} within {waited:g}s", **fields)
+    detail = _bounded_detail(details or str(code))
+    reason = FailureReason.named(failure.reason_of(call.trailing_metadata() if call else None))
+    message = f"agent {rpc} failed: {detail}"
+    if reason.command_status is not None:
+        return CommandError(message, reason=reason, detail=detail, **fields)
+    return AgentError(message, reason=reason, detail=detail, **fields)
+
+
+def _bounded_detail(text: str, limit: int = 4096) -> str:
+    """The agent's message as one line of at most ``limit`` characters."""
+    line = " ".join(text.split())
+    return line if len(line) <= limit else line[:limit] + "…"
+
+
+class AgentClient:
+    """A connection to one agent. Cheap to create; close() when done (or use ``with``).
+
+    ``pod_id`` (when given) is recorded in the errors of this client's calls.
+    """
+
+    def __init__(
+        self, address: str, timeout: float = DEFAULT_RPC_TIMEOUT, pod_id: str = ""
+    ) -> None:
         self.address = address
         self.timeout = timeout
+        self.pod_id = pod_id
         self._channel = grpc.insecure_channel(address, options=GRPC_OPTIONS)
         self._stub: Any = pb_grpc.AgentStub(self._channel)  # type: ignore[no-untyped-call]
 
@@ -86,15 +130,11 @@ class AgentClient:
 
     def _call(self, name: str, request: Any, timeout: float | None = None) -> Any:
         method: Callable[..., Any] = getattr(self._stub, name)
+        waited = timeout or self.timeout
         try:
-            return method(request, timeout=timeout or self.timeout, wait_for_ready=True)
+            return method(request, timeout=waited, wait_for_ready=True)
         except grpc.RpcError as exc:
-            code = exc.code() if isinstance(exc, grpc.Call) else None
-            details = exc.details() if isinstance(exc, grpc.Call) else str(exc)
-            if code == grpc.StatusCode.DEADLINE_EXCEEDED:
-                waited = timeout or self.timeout
-                raise AgentTimeout(f"agent did not answer {name} within {waited:g}s") from exc
-            raise AgentError(f"agent {name} failed: {details or code}") from exc
+            raise _rpc_error(exc, name, request, self.pod_id, waited) from exc
 
     def health(self, timeout: float | None = None) -> float:
         """Return the guest's uptime in seconds once the agent is serving."""
@@ -284,11 +324,9 @@ class ContainerClient(AgentClient):
                     raise AgentError(f"agent sent an oversized {which} chunk")
                 yield data
         except grpc.RpcError as exc:
-            code = exc.code() if isinstance(exc, grpc.Call) else None
-            if code == grpc.StatusCode.CANCELLED:
+            if isinstance(exc, grpc.Call) and exc.code() == grpc.StatusCode.CANCELLED:
                 return
-            details = exc.details() if isinstance(exc, grpc.Call) else str(exc)
-            raise AgentError(f"agent Read{which.capitalize()} failed: {details or code}") from exc
+            raise _rpc_error(exc, f"Read{which.capitalize()}", ref, self.pod_id) from exc
 
     def resize(self, container_id: str, exec_id: str, rows: int, cols: int) -> None:
         """TtyWinResize: set the process's terminal size (the program gets SIGWINCH);

@@ -4,7 +4,8 @@ A virtio-serial port carries exactly one byte stream, yet several host processes
 pod's agent at once (CLI verbs, each container's shim). This small daemon owns the single
 channel to the guest and serves the agent's gRPC API on ``<pod>/agent.sock``, forwarding every
 call, unary or streaming, as opaque bytes (a generic gRPC proxy: it needs no knowledge of the
-messages, so it never lags the proto).
+messages, so it never lags the proto). A failed call is answered with the agent's status code,
+message and Failure reason (:mod:`agentapi.failure`), the one trailing metadata entry passed on.
 
 Upstream it relays a private unix socket to QEMU's chardev socket, running the channel
 handshake (:mod:`agentapi.channel`) on every new connection. The daemon exits when the VM's QEMU
@@ -31,6 +32,7 @@ from typing import Any
 
 import grpc
 
+from agentapi import failure
 from agentapi.channel import VSOCK_PORT, HandshakeError, host_handshake
 from agentapi.limits import GRPC_OPTIONS
 from sandbox import IMPORT_ROOT
@@ -102,6 +104,7 @@ class _Forwarder(grpc.GenericRpcHandler):  # type: ignore[type-arg]
                 yield from call
             except grpc.RpcError as exc:
                 if exc.code() != grpc.StatusCode.CANCELLED or context.is_active():
+                    context.set_trailing_metadata(failure.forwarded(exc.trailing_metadata()))
                     context.abort(exc.code(), exc.details() or "agent call failed")
 
         return grpc.stream_stream_rpc_method_handler(forward)

@@ -30,7 +30,14 @@ from typing import Any
 from hypervisor.process import ProcessHandle
 from hypervisor.qemu_args import Accelerator, NicConfig
 from sandbox import store as state
-from sandbox.errors import AgentError, ConfigError, NotFoundError, SandboxError, StateError
+from sandbox.errors import (
+    AgentError,
+    ConfigError,
+    NotFoundError,
+    SandboxError,
+    StateError,
+    TemplateError,
+)
 from sandbox.pod import agent_proxy, hostfs, network, template
 from sandbox.pod.agent_client import ContainerClient
 
@@ -99,8 +106,8 @@ class Pod:
         if self.status == "running":
             self._ensure_proxy()
         if timeout is None:
-            return ContainerClient(self.agent_address)
-        return ContainerClient(self.agent_address, timeout)
+            return ContainerClient(self.agent_address, pod_id=self.id)
+        return ContainerClient(self.agent_address, timeout, pod_id=self.id)
 
     def _ensure_proxy(self) -> None:
         proxy, qemu = self.process("proxy"), self.process("qemu")
@@ -173,7 +180,8 @@ class Pod:
         the kept console log). On any failure nothing the boot started is left running.
         """
         from hypervisor import accel as accel_mod
-        from hypervisor.guest_image import ImageError, find_image
+        from hypervisor.errors import GuestImageError
+        from hypervisor.guest_image import find_image
 
         state.validate_id(pod_id, "pod")
         if netns is not None and user_network:
@@ -184,7 +192,7 @@ class Pod:
             raise ConfigError(f"pod memory {memory_mib} MiB is outside 128..65536")
         try:
             image = find_image()
-        except ImageError as exc:
+        except GuestImageError as exc:
             raise ConfigError(str(exc)) from exc
         chosen = accel_mod.detect()
         pod = cls(root, pod_id, {})
@@ -218,7 +226,7 @@ class Pod:
             kept = pod._keep_console_log()
             pod.destroy()
             if isinstance(exc, AgentError) and kept is not None:
-                raise type(exc)(f"{exc}; serial console log kept at {kept}") from exc
+                raise exc.amended(f"serial console log kept at {kept}") from exc
             raise
         return pod
 
@@ -337,7 +345,7 @@ class Pod:
         try:
             state_file = template.ensure(image, accel_name, memory_mib, cmdline, timeout)
             fd = os.open(state_file, os.O_RDONLY | os.O_CLOEXEC)
-        except (template.TemplateError, OSError) as exc:
+        except (TemplateError, OSError) as exc:
             self._note(f"no template, cold boot: {exc}")
             return False
         config = template.vm_config(

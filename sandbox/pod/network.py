@@ -39,7 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from sandbox.errors import ConfigError, SandboxError
+from sandbox.errors import ConfigError, NetworkError
 
 CLONE_NEWNET = 0x40000000
 NS_GET_NSTYPE = 0xB703  # _IO(0xb7, 0x3): which kind of namespace an nsfs fd is
@@ -67,10 +67,6 @@ USER_GATEWAY = "10.0.2.2"
 USER_DNS = "10.0.2.3"
 
 T = TypeVar("T")
-
-
-class NetworkError(SandboxError):
-    """Setting up or removing the pod's network devices failed."""
 
 
 @dataclass(frozen=True)

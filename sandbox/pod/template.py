@@ -33,7 +33,7 @@ from typing import Any
 
 from hypervisor.process import ProcessHandle
 from hypervisor.qemu_args import Accelerator, NicConfig, VMConfig, build_argv
-from sandbox.errors import AgentError, SandboxError
+from sandbox.errors import AgentError, TemplateError
 
 DEFAULT_TEMPLATE_DIR = Path("/var/lib/pysandbox/templates")
 STATE_FILE = "state"
@@ -43,10 +43,6 @@ KEEP = 4
 SAVE_TIMEOUT = 120.0
 #: Placeholder directory for per-VM paths when computing a key (they do not reach the state).
 _KEY_DIR = Path("/pysandbox-template")
-
-
-class TemplateError(SandboxError):
-    """A template could not be built or restored (the caller may cold boot instead)."""
 
 
 def enabled() -> bool:

@@ -11,22 +11,13 @@ import json
 from pathlib import Path
 from typing import Any
 
-from sandbox.errors import EXIT_CANNOT_INVOKE, EXIT_NOT_FOUND, EXIT_RUNTIME, AgentError, RunError
+from sandbox.errors import EXIT_RUNTIME, AgentError, CommandError, RunError
 from sandbox.image import store as images
 from sandbox.pod.lifecycle import DEFAULT_MEMORY_MIB, Pod
 from sandbox.pod.sharing import share_container_files
 
 #: The container id of a foreground run inside its pod.
 CONTAINER_ID = "main"
-
-
-def _exit_code_for(error: AgentError) -> int:
-    text = str(error)
-    if "executable file not found" in text or "no such file or directory" in text.lower():
-        return EXIT_NOT_FOUND
-    if "permission denied" in text.lower():
-        return EXIT_CANNOT_INVOKE
-    return EXIT_RUNTIME
 
 
 def boot_pod(root: Path, pod_id: str, args: argparse.Namespace, spec: dict[str, Any]) -> Pod:
@@ -50,7 +41,8 @@ def create_in_pod(
     """Share the image read-only and create the container in the guest (an overlay with a
     guest-memory upper layer unless ``read_only``); return its guest pid.
 
-    A command that cannot be run raises RunError with docker's 126/127. The caller undoes
+    Any failure raises RunError with the agent's message: docker's 127/126 when the command
+    is not found / cannot be run (the agent's CommandError), 125 otherwise. The caller undoes
     the share on failure (``unshare_container_files``).
     """
     guest_rootfs, guest_spec = share_container_files(
@@ -62,10 +54,10 @@ def create_in_pod(
             return client.create_container(
                 container_id, json.dumps(guest_spec).encode(), guest_rootfs, overlay=not read_only
             )
+        except CommandError as exc:
+            raise RunError(exc.detail, exc.exit_code) from exc
         except AgentError as exc:
-            raise RunError(
-                str(exc).removeprefix("agent CreateContainer failed: "), _exit_code_for(exc)
-            ) from exc
+            raise RunError(exc.detail, EXIT_RUNTIME) from exc
 
 
 def _network_file_mounts(pod: Pod) -> list[dict[str, Any]]:

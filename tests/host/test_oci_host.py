@@ -599,7 +599,7 @@ def test_seccomp_unknown_action_is_a_create_error(rootfs: Path, runtimes: list[R
     spec = make_spec(rootfs, ["true"])
     spec["linux"]["seccomp"] = {"defaultAction": "SCMP_ACT_BOGUS"}
     runtime = create(runtimes, spec)
-    assert runtime.reply == 'error seccomp: unknown action "SCMP_ACT_BOGUS"'
+    assert runtime.reply == 'error INVALID_SPEC seccomp: unknown action "SCMP_ACT_BOGUS"'
     assert runtime.runtime_status == 1
 
 
@@ -697,13 +697,15 @@ def test_terminal_is_the_controlling_tty(rootfs: Path, runtimes: list[Runtime]) 
 
 def test_not_found_is_a_create_error_with_127(rootfs: Path, runtimes: list[Runtime]) -> None:
     runtime = create(runtimes, make_spec(rootfs, ["nope"]))
-    assert runtime.reply == 'error exec: "nope": executable file not found in $PATH'
+    assert runtime.reply == (
+        'error EXECUTABLE_NOT_FOUND exec: "nope": executable file not found in $PATH'
+    )
     assert runtime.runtime_status == 127
 
 
 def test_not_executable_is_a_create_error_with_126(rootfs: Path, runtimes: list[Runtime]) -> None:
     runtime = create(runtimes, make_spec(rootfs, ["/data/file"]))
-    assert runtime.reply == 'error exec: "/data/file": permission denied'
+    assert runtime.reply == 'error NOT_EXECUTABLE exec: "/data/file": permission denied'
     assert runtime.runtime_status == 126
 
 
@@ -711,13 +713,15 @@ def test_bad_spec_fails_before_anything(rootfs: Path, runtimes: list[Runtime]) -
     spec = make_spec(rootfs, ["true"])
     spec["linux"]["namespaces"].append({"type": "bogus"})
     runtime = create(runtimes, spec)
-    assert runtime.reply == 'error unknown namespace type "bogus"'
+    assert runtime.reply == 'error INVALID_SPEC unknown namespace type "bogus"'
     assert runtime.runtime_status == 1
 
 
 def test_missing_cwd_is_a_create_error(rootfs: Path, runtimes: list[Runtime]) -> None:
     runtime = create(runtimes, make_spec(rootfs, ["true"], cwd="/nonexistent"))
-    assert runtime.reply.startswith("error chdir to cwd (/nonexistent) set in config.json")
+    assert runtime.reply.startswith(
+        "error SETUP_FAILED chdir to cwd (/nonexistent) set in config.json"
+    )
     assert runtime.runtime_status == 1
 
 
@@ -796,7 +800,9 @@ def test_exec_with_seccomp_and_a_missing_program(rootfs: Path, runtimes: list[Ru
         missing,
         ["--target-pid", str(init.pid), "--process-fd", "{payload}"],
     )
-    assert failed.reply == 'error exec: "nope": executable file not found in $PATH'
+    assert failed.reply == (
+        'error EXECUTABLE_NOT_FOUND exec: "nope": executable file not found in $PATH'
+    )
     assert failed.runtime_status == 127
 
 

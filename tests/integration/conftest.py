@@ -16,7 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from hypervisor.guest_image import ImageError, find_image
+from hypervisor.errors import GuestImageError
+from hypervisor.guest_image import find_image
 from sandbox.pod.lifecycle import Pod
 
 KEEP_LOGS = Path(os.environ.get("PYSANDBOX_KEEP_LOGS_DIR", "/tmp/pysandbox-test-logs"))
@@ -27,7 +28,7 @@ def _require_vm_host() -> None:
         pytest.fail("VM tests need root (virtiofsd); run them as root, as CI does")
     try:
         find_image()
-    except ImageError as exc:
+    except GuestImageError as exc:
         pytest.fail(f"VM tests need the guest image: {exc}")
 
 

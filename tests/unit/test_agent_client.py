@@ -1,20 +1,36 @@
-"""The host treats agent replies as untrusted: hostile answers become clean AgentErrors."""
+"""The host treats agent replies as untrusted: hostile answers become clean AgentErrors.
+
+A failed call's reason travels as a field (agent.proto ``Failure``): from the in-guest
+runtime's sync line through the real agent, its gRPC server and the pod's agent proxy into the
+host's error, never guessed from the message.
+"""
 
 from __future__ import annotations
 
+import json
+import os
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent import futures
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
 
-from agent.server import make_server
+import agent.oci.errors as oci_errors
+from agent import pid1
+from agent.containers import Container, ContainerManager, Process
+from agent.server import AgentService, make_server
+from agentapi import failure
 from agentapi.proto import agent_pb2 as pb
 from agentapi.proto import agent_pb2_grpc as pb_grpc
-from sandbox.errors import AgentError, AgentTimeout
+from sandbox.errors import AgentError, AgentTimeout, CommandError, FailureReason
 from sandbox.pod.agent_client import ContainerClient
+from sandbox.pod.agent_proxy import _Forwarder
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 class HostileAgent(pb_grpc.AgentServicer):
@@ -113,3 +129,208 @@ def test_no_agent_at_all_times_out(tmp_path: Path) -> None:
         client.health()
     assert time.monotonic() - started < 5
     assert threading.active_count() < 50
+
+
+# -- failure reasons -------------------------------------------------------------------------
+
+
+def test_the_reasons_are_the_same_on_both_sides_of_the_protocol() -> None:
+    proto = list(pb.Failure.Reason.keys())
+    assert [reason.value for reason in FailureReason] == proto
+    assert list(oci_errors.REASONS) == proto
+    assert (
+        FailureReason.EXECUTABLE_NOT_FOUND.command_status,
+        FailureReason.NOT_EXECUTABLE.command_status,
+    ) == (127, 126)
+
+
+class _WatchedReaper(pid1.Reaper):
+    """A reaper that is not installed (this is not PID 1) but remembers what to reap."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.watched: list[int] = []
+
+    def watch(self, pid: int, callback: Callable[[int], None]) -> None:
+        self.watched.append(pid)
+        super().watch(pid, callback)
+
+
+@pytest.fixture
+def guest(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, str]]:
+    """The real agent service and container manager, whose in-guest runtime is
+    tests/unit/fake_oci_runtime.py, with a running container "c1"; served directly
+    ("direct") and through the pod's agent proxy ("proxy")."""
+    monkeypatch.setenv("PYTHONPATH", str(REPO))
+    monkeypatch.setattr(pid1, "SHARE_ROOT", str(tmp_path))
+    (tmp_path / "rootfs").mkdir()
+    real_spawn = ContainerManager._spawn
+
+    def spawn(self: ContainerManager, module: str, *args: Any) -> Any:
+        assert module in ("agent.oci.init", "agent.oci.exec")
+        return real_spawn(self, "tests.unit.fake_oci_runtime", *args)
+
+    monkeypatch.setattr(ContainerManager, "_spawn", spawn)
+    reaper = _WatchedReaper()
+    manager = ContainerManager(reaper, cgroup_parent=str(tmp_path / "cgroups"))
+    init = Process(os.getpid(), False, None, None, None)
+    manager._containers["c1"] = Container("c1", str(tmp_path / "rootfs"), "", init, None)
+    manager._containers["c1"].started = True
+    server = make_server(AgentService(transport="unix", containers=manager))
+    direct = f"unix:{tmp_path / 'agent.sock'}"
+    server.add_insecure_port(direct)
+    server.start()
+    upstream = grpc.insecure_channel(direct)
+    proxy = grpc.server(futures.ThreadPoolExecutor(max_workers=4), handlers=[_Forwarder(upstream)])
+    proxied = f"unix:{tmp_path / 'proxy.sock'}"
+    proxy.add_insecure_port(proxied)
+    proxy.start()
+    yield {"direct": direct, "proxy": proxied, "rootfs": str(tmp_path / "rootfs")}
+    proxy.stop(0)
+    upstream.close()
+    server.stop(0)
+    for pid in reaper.watched:
+        os.waitpid(pid, 0)
+
+
+#: Sync lines of the in-guest runtime (docs/oci-in-guest.md) and what the host makes of them.
+RUNTIME_FAILURES = [
+    pytest.param(
+        'error EXECUTABLE_NOT_FOUND exec: "nope": executable file not found in $PATH',
+        (CommandError, 127, "FAILED_PRECONDITION", FailureReason.EXECUTABLE_NOT_FOUND),
+        'exec: "nope": executable file not found in $PATH',
+        id="not-found",
+    ),
+    pytest.param(
+        'error NOT_EXECUTABLE exec: "/x/script": permission denied',
+        (CommandError, 126, "FAILED_PRECONDITION", FailureReason.NOT_EXECUTABLE),
+        'exec: "/x/script": permission denied',
+        id="not-executable",
+    ),
+    pytest.param(
+        'error INVALID_SPEC unknown namespace type "bogus"',
+        (AgentError, 1, "INVALID_ARGUMENT", FailureReason.INVALID_SPEC),
+        'unknown namespace type "bogus"',
+        id="invalid-spec",
+    ),
+    pytest.param(
+        "error SETUP_FAILED chdir to cwd (/nope) set in config.json: No such file or directory",
+        (AgentError, 1, "FAILED_PRECONDITION", FailureReason.SETUP_FAILED),
+        "chdir to cwd (/nope) set in config.json: No such file or directory",
+        id="setup-failed",
+    ),
+    pytest.param(
+        "error BOGUS_REASON exec: executable file not found",
+        (AgentError, 1, "INTERNAL", FailureReason.UNSPECIFIED),
+        "in-guest runtime failed with 'error BOGUS_REASON exec: executable file not found'",
+        id="unknown-reason",
+    ),
+]
+
+
+@pytest.mark.parametrize("via", ["direct", "proxy"])
+@pytest.mark.parametrize(("line", "expected", "detail"), RUNTIME_FAILURES)
+def test_create_failure_reason_survives_the_round_trip(
+    guest: dict[str, str],
+    via: str,
+    line: str,
+    expected: tuple[type[AgentError], int, str, FailureReason],
+    detail: str,
+) -> None:
+    kind, exit_code, code, reason = expected
+    spec = json.dumps({"process": {"args": ["x"]}, "sync_line": line}).encode()
+    with ContainerClient(guest[via], timeout=30.0, pod_id="pod-1") as client:
+        with pytest.raises(AgentError) as caught:
+            client.create_container("c2", spec, guest["rootfs"])
+        assert client.container_status("c1")[0] == "running"  # the agent serves on
+    error = caught.value
+    assert type(error) is kind
+    assert (error.exit_code, error.code, error.reason) == (exit_code, code, reason)
+    assert (error.rpc, error.pod_id, error.container_id, error.exec_id) == (
+        "CreateContainer",
+        "pod-1",
+        "c2",
+        "",
+    )
+    assert error.detail == detail
+    assert str(error) == f"agent CreateContainer failed: {detail}"  # the message users know
+
+
+@pytest.mark.parametrize("via", ["direct", "proxy"])
+@pytest.mark.parametrize(("line", "expected", "detail"), RUNTIME_FAILURES[:3])
+def test_exec_failure_reason_survives_the_round_trip(
+    guest: dict[str, str],
+    via: str,
+    line: str,
+    expected: tuple[type[AgentError], int, str, FailureReason],
+    detail: str,
+) -> None:
+    kind, exit_code, code, reason = expected
+    process = json.dumps({"args": ["x"], "sync_line": line}).encode()
+    with (
+        ContainerClient(guest[via], timeout=30.0, pod_id="pod-1") as client,
+        pytest.raises(AgentError) as caught,
+    ):
+        client.exec_process("c1", "e1", process)
+    error = caught.value
+    assert type(error) is kind
+    assert (error.exit_code, error.code, error.reason) == (exit_code, code, reason)
+    assert (error.rpc, error.container_id, error.exec_id) == ("ExecProcess", "c1", "e1")
+    assert str(error) == f"agent ExecProcess failed: {detail}"
+
+
+#: Trailing metadata of a failed CreateContainer, by container id.
+TRAILERS: dict[str, tuple[tuple[str, bytes], ...]] = {
+    "text-only": (),
+    "field-only": failure.trailer("NOT_EXECUTABLE"),
+    "garbage": ((failure.METADATA_KEY, b"\xff\xff\xff"),),
+    # Valid (a repeated field: the last wins) but longer than a Failure needs to be.
+    "oversized": (
+        (failure.METADATA_KEY, pb.Failure(reason="NOT_EXECUTABLE").SerializeToString() * 40),
+    ),
+    "unknown": ((failure.METADATA_KEY, pb.Failure(reason=99).SerializeToString()),),  # type: ignore[arg-type]
+    "twice": failure.trailer("NOT_EXECUTABLE") * 2,
+}
+
+
+class ReasonAgent(pb_grpc.AgentServicer):
+    """Fails CreateContainer with the trailing metadata the container id names."""
+
+    def CreateContainer(
+        self, request: pb.CreateContainerRequest, context: grpc.ServicerContext
+    ) -> pb.CreateContainerResponse:
+        context.set_trailing_metadata(TRAILERS[request.container_id])
+        message = 'exec: "x": executable file not found in $PATH'
+        if request.container_id == "field-only":
+            message = "it did not work"
+        context.abort(grpc.StatusCode.FAILED_PRECONDITION, message)
+        raise AssertionError("unreachable")
+
+
+@pytest.fixture
+def reasons(tmp_path: Path) -> Iterator[ContainerClient]:
+    server = _serve(ReasonAgent(), tmp_path / "r.sock")
+    with ContainerClient(f"unix:{tmp_path / 'r.sock'}", timeout=5.0) as client:
+        yield client
+    server.stop(0)
+
+
+def test_the_reason_is_read_from_the_field_never_from_the_text(
+    reasons: ContainerClient,
+) -> None:
+    with pytest.raises(AgentError) as caught:
+        reasons.create_container("text-only", b"{}", "/r")
+    assert type(caught.value) is AgentError and caught.value.exit_code == 1
+    assert caught.value.reason is FailureReason.UNSPECIFIED
+    with pytest.raises(CommandError) as command:
+        reasons.create_container("field-only", b"{}", "/r")
+    assert (command.value.exit_code, command.value.detail) == (126, "it did not work")
+
+
+@pytest.mark.parametrize("case", ["garbage", "oversized", "unknown", "twice"])
+def test_a_malformed_failure_field_is_no_reason(reasons: ContainerClient, case: str) -> None:
+    with pytest.raises(AgentError) as caught:
+        reasons.create_container(case, b"{}", "/r")
+    assert type(caught.value) is AgentError
+    assert caught.value.reason is FailureReason.UNSPECIFIED
+    assert caught.value.code == "FAILED_PRECONDITION"

@@ -10,7 +10,8 @@ from typing import Any
 import pytest
 
 from hypervisor import guest_image as image_mod
-from hypervisor.guest_image import ImageError, find_image, floor_initrd, validate
+from hypervisor.errors import GuestImageError
+from hypervisor.guest_image import find_image, floor_initrd, validate
 
 FILES = {
     "vmlinux": b"\x7fELF kernel",
@@ -35,7 +36,7 @@ def _make(directory: Path, **overrides: Any) -> Path:
     return directory
 
 
-def _one_line_lowercase(exc: pytest.ExceptionInfo[ImageError]) -> str:
+def _one_line_lowercase(exc: pytest.ExceptionInfo[GuestImageError]) -> str:
     message = str(exc.value)
     assert "\n" not in message
     assert not message[0].isupper()
@@ -64,7 +65,7 @@ def test_find_image_from_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
 def test_find_image_default(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("PYSANDBOX_GUEST_IMAGE", raising=False)
     monkeypatch.setattr(image_mod, "DEFAULT_IMAGE_DIR", tmp_path / "nowhere")
-    with pytest.raises(ImageError) as exc:
+    with pytest.raises(GuestImageError) as exc:
         find_image()
     message = _one_line_lowercase(exc)
     assert message.startswith(f"guest image not found in {tmp_path / 'nowhere'}")
@@ -81,7 +82,7 @@ def test_bzimage_manifest(tmp_path: Path) -> None:
 def test_missing_manifest(tmp_path: Path) -> None:
     directory = _make(tmp_path / "img")
     (directory / "manifest.json").unlink()
-    with pytest.raises(ImageError, match=r"no manifest\.json: run 'make guest-image'"):
+    with pytest.raises(GuestImageError, match=r"no manifest\.json: run 'make guest-image'"):
         find_image(directory)
 
 
@@ -97,7 +98,7 @@ def test_missing_manifest(tmp_path: Path) -> None:
     ids=["format", "kernel-file", "boot", "no-kernel", "no-files"],
 )
 def test_bad_manifest(tmp_path: Path, overrides: dict[str, Any]) -> None:
-    with pytest.raises(ImageError) as exc:
+    with pytest.raises(GuestImageError) as exc:
         find_image(_make(tmp_path / "img", **overrides))
     assert "make guest-image" in _one_line_lowercase(exc)
 
@@ -105,7 +106,7 @@ def test_bad_manifest(tmp_path: Path, overrides: dict[str, Any]) -> None:
 def test_unparsable_manifest(tmp_path: Path) -> None:
     directory = _make(tmp_path / "img")
     (directory / "manifest.json").write_text("{not json")
-    with pytest.raises(ImageError, match="cannot read"):
+    with pytest.raises(GuestImageError, match="cannot read"):
         find_image(directory)
 
 
@@ -114,7 +115,7 @@ def test_missing_file(tmp_path: Path, name: str) -> None:
     directory = _make(tmp_path / "img")
     image = find_image(directory)
     (directory / name).unlink()
-    with pytest.raises(ImageError) as exc:
+    with pytest.raises(GuestImageError) as exc:
         validate(image, verify_hashes=False)
     message = _one_line_lowercase(exc)
     assert f"{directory / name} is missing" in message
@@ -124,7 +125,7 @@ def test_missing_file(tmp_path: Path, name: str) -> None:
 def test_file_not_in_manifest(tmp_path: Path) -> None:
     files = {n: hashlib.sha256(d).hexdigest() for n, d in FILES.items() if n != "root.erofs"}
     image = find_image(_make(tmp_path / "img", files=files))
-    with pytest.raises(ImageError, match=r"does not list root\.erofs"):
+    with pytest.raises(GuestImageError, match=r"does not list root\.erofs"):
         validate(image)
 
 
@@ -133,7 +134,7 @@ def test_hash_mismatch(tmp_path: Path) -> None:
     image = find_image(directory)
     (directory / "root.erofs").write_bytes(b"tampered")
     validate(image, verify_hashes=False)  # presence only: passes
-    with pytest.raises(ImageError) as exc:
+    with pytest.raises(GuestImageError) as exc:
         validate(image, verify_hashes=True)
     message = _one_line_lowercase(exc)
     assert "root.erofs is corrupt (sha256 mismatch)" in message
@@ -146,7 +147,7 @@ def test_floor_initrd_missing(tmp_path: Path) -> None:
     files = {n: h for n, h in find_image(directory).files.items() if n != "floor-initramfs.cpio"}
     image = find_image(_make(tmp_path / "img2", files=files))
     (image.dir / "floor-initramfs.cpio").unlink()
-    with pytest.raises(ImageError, match="run 'make floor-image'"):
+    with pytest.raises(GuestImageError, match="run 'make floor-image'"):
         floor_initrd(image)
 
 

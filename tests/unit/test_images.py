@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from sandbox.errors import ConfigError
+from sandbox.errors import ConfigError, ImageError
 from sandbox.image import formats as image_formats
 from sandbox.image import store as images
 from sandbox.image import unpack as image_unpack
@@ -531,7 +531,7 @@ def test_json_over_4_mib_is_refused(tmp_path: Path, store: Path) -> None:
 def test_zstd_layer_without_zstd_support_is_a_clear_error(tmp_path: Path, store: Path) -> None:
     try:
         image_unpack._zstd_reader(io.BytesIO(b""))
-    except image_unpack.ImageError:
+    except ImageError:
         pass
     else:
         pytest.skip("this python can decompress zstd")

@@ -270,14 +270,16 @@ def test_invalid_spec_writes_one_error_and_touches_nothing() -> None:
     spec["linux"]["namespaces"].append({"type": "bogus"})
     system = fake()
     assert init.run(system, json.dumps(spec).encode(), SYNC, CGROUP) == 1
-    assert system.calls == [("write", SYNC, b'error unknown namespace type "bogus"\n')]
+    assert system.calls == [("write", SYNC, b'error INVALID_SPEC unknown namespace type "bogus"\n')]
 
 
 def test_missing_rootfs_is_an_error_before_any_side_effect() -> None:
     system = fake()
     del system.fs["/r"]
     assert init.run(system, json.dumps(typical_spec()).encode(), SYNC, CGROUP) == 1
-    assert system.calls == [("write", SYNC, b"error root.path: /r is not a directory\n")]
+    assert system.calls == [
+        ("write", SYNC, b"error INVALID_SPEC root.path: /r is not a directory\n")
+    ]
 
 
 def test_invalid_json_is_a_spec_error() -> None:
@@ -285,7 +287,9 @@ def test_invalid_json_is_a_spec_error() -> None:
     assert init.run(system, b"{nope", SYNC, None) == 1
     assert len(system.calls) == 1
     written = system.calls[0][2]
-    assert isinstance(written, bytes) and written.startswith(b"error config.json is not valid JSON")
+    assert isinstance(written, bytes) and written.startswith(
+        b"error INVALID_SPEC config.json is not valid JSON"
+    )
 
 
 def test_program_not_found_is_reported_before_ready_with_127() -> None:
@@ -296,7 +300,7 @@ def test_program_not_found_is_reported_before_ready_with_127() -> None:
     assert system.calls[-1] == (
         "write",
         SYNC,
-        b'error exec: "nope": executable file not found in $PATH\n',
+        b'error EXECUTABLE_NOT_FOUND exec: "nope": executable file not found in $PATH\n',
     )
     assert "cloexec_from" not in system.names()
 
@@ -307,6 +311,36 @@ def test_eof_instead_of_start_exits_1_without_exec() -> None:
     assert system.calls[-2:] == [("write", SYNC, b"ready 4242\n"), ("read", SYNC)]
 
 
+@pytest.mark.parametrize(
+    ("program", "kind", "line"),
+    [
+        ("/bin/script", "file", b'error NOT_EXECUTABLE exec: "/bin/script": permission denied\n'),
+        ("/bin", "dir", b'error NOT_EXECUTABLE exec: "/bin": is a directory\n'),
+        (
+            "/no/such",
+            None,
+            b'error EXECUTABLE_NOT_FOUND exec: "/no/such": '
+            b"stat /no/such: no such file or directory\n",
+        ),
+    ],
+    ids=["not-executable", "directory", "missing-path"],
+)
+def test_a_program_that_cannot_run_is_reported_with_its_reason(
+    program: str, kind: str | None, line: bytes
+) -> None:
+    """The reason the agent passes to the host rides on the sync line; the exit code is the
+    one a shell gives (127 not found, 126 cannot be run)."""
+    spec = typical_spec()
+    spec["process"]["args"] = [program]
+    system = fake()
+    if kind is not None:
+        system.fs[program] = kind
+    system.not_executable.add(program)
+    code = 127 if kind is None else 126
+    assert init.run(system, json.dumps(spec).encode(), SYNC, CGROUP) == code
+    assert system.calls[-1] == ("write", SYNC, line)
+
+
 def test_a_failing_mount_is_one_error_line() -> None:
     system = fake()
     system.fail["mount"] = errno.EPERM
@@ -314,7 +348,7 @@ def test_a_failing_mount_is_one_error_line() -> None:
     assert system.calls[-1] == (
         "write",
         SYNC,
-        b"error preparing the rootfs: mount: Operation not permitted\n",
+        b"error SETUP_FAILED preparing the rootfs: mount: Operation not permitted\n",
     )
 
 
@@ -419,7 +453,7 @@ def test_failed_map_helper_is_an_error() -> None:
     assert system.calls[-1] == (
         "write",
         SYNC,
-        b"error user namespace: writing uid_map: Operation not permitted\n",
+        b"error SETUP_FAILED user namespace: writing uid_map: Operation not permitted\n",
     )
 
 
@@ -540,4 +574,6 @@ def test_exec_into_a_vanished_container_is_an_error() -> None:
     del system.fs["/proc/99"]
     process = typical_spec()["process"]
     assert exec_mod.run(system, json.dumps(process).encode(), 99, SYNC, None) == 1
-    assert system.calls == [("write", SYNC, b"error container process 99 does not exist\n")]
+    assert system.calls == [
+        ("write", SYNC, b"error SETUP_FAILED container process 99 does not exist\n")
+    ]
