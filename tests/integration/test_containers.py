@@ -14,7 +14,7 @@ import pytest
 
 from agentapi.proto import agent_pb2 as pb
 from agentapi.proto import agent_pb2_grpc as pb_grpc
-from sandbox.errors import AgentError
+from sandbox.errors import AgentError, CommandError, FailureReason
 from sandbox.pod.lifecycle import Pod
 from sandbox.run.default_spec import DEFAULT_CAPABILITIES
 from tests.integration.helpers import busybox_spec, live_container, run_container
@@ -210,12 +210,20 @@ def test_stdin_stdout_and_stderr_at_once_without_deadlock(shared_pod: Pod) -> No
 
 
 def test_missing_executable_error_and_pod_still_usable(shared_pod: Pod) -> None:
-    with pytest.raises(AgentError, match=r'exec: "no-such-cmd": executable file not found'):
+    with pytest.raises(CommandError, match=r'exec: "no-such-cmd": executable file not found') as e:
         run_container(shared_pod, busybox_spec("no-such-cmd"))
+    assert (e.value.reason, e.value.exit_code) == (FailureReason.EXECUTABLE_NOT_FOUND, 127)
+    with pytest.raises(CommandError, match=r'exec: "/etc/passwd": permission denied') as e:
+        run_container(shared_pod, busybox_spec("/etc/passwd"))
+    assert (e.value.reason, e.value.exit_code) == (FailureReason.NOT_EXECUTABLE, 126)
     spec = busybox_spec("true")
     spec["linux"]["namespaces"].append({"type": "bogus"})
-    with pytest.raises(AgentError, match="bogus"):
+    with pytest.raises(AgentError, match="bogus") as invalid:
         run_container(shared_pod, spec)
+    assert (invalid.value.reason, invalid.value.code) == (
+        FailureReason.INVALID_SPEC,
+        "INVALID_ARGUMENT",
+    )
     assert run_container(shared_pod, busybox_spec("echo", "still fine")).out == "still fine\n"
 
 
@@ -256,8 +264,9 @@ def test_exec_runs_in_the_container_with_its_own_exit_code(shared_pod: Pod) -> N
         assert result.out.split() == ["1234", "0077", "700", "/tmp", "exec"]
         with pytest.raises(AgentError, match="in use"):
             box.start_exec("e1", "true")
-        with pytest.raises(AgentError, match=r'exec: "nope": executable file not found'):
+        with pytest.raises(CommandError, match=r'exec: "nope": executable file not found') as e:
             box.start_exec("e3", "nope")
+        assert (e.value.rpc, e.value.exec_id, e.value.exit_code) == ("ExecProcess", "e3", 127)
         assert box.client.container_status(box.cid)[0] == "running"
         assert box.exec("e3", "true").status == 0
 

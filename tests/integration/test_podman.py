@@ -163,6 +163,26 @@ def test_detached_exec_logs_pause_stop_rm(podman: list[str]) -> None:
         assert pm(podman, "rm", "-f", name).returncode == 0
 
 
+@pytest.mark.parametrize(
+    ("command", "status", "says"),
+    [
+        ("no-such-cmd", 127, 'exec: "no-such-cmd": executable file not found in $PATH'),
+        ("/etc/passwd", 126, 'exec: "/etc/passwd": permission denied'),
+    ],
+    ids=["not-found", "not-executable"],
+)
+def test_a_command_that_cannot_run_exits_127_or_126(
+    podman: list[str], command: str, status: int, says: str
+) -> None:
+    """podman run's documented statuses (podman-run(1), "Exit Status": 127 the command
+    cannot be found, 126 it cannot be invoked), with runc's reason in the message. (podman
+    with runc itself cannot be the baseline here: runc fails on this host setting
+    RLIMIT_NPROC before it looks for the command.)"""
+    done = pm(podman, "run", "--rm", IMAGE, command)
+    assert done.returncode == status, done.stderr
+    assert says in done.stderr and "Traceback" not in done.stderr, done.stderr
+
+
 def test_kill_reports_signal_exit(podman: list[str]) -> None:
     name = "pysandbox-killed"
     assert pm(podman, "run", "-d", "--name", name, IMAGE, "sleep", "600").returncode == 0

@@ -707,3 +707,129 @@ def test_delete_force_after_sigkill(runtime: Runtime, tmp_path: Path, victim: st
     if victim != "shim":
         assert init.exit_status() in (128 + signal.SIGKILL, 128 + signal.SIGTERM)
     runtime.fails("state", cid, match="does not exist", tmp=tmp_path)
+
+
+# -- exec of a program that cannot run: the exit status is docker's, the reason runc's ---------
+
+
+@dataclass
+class RuncContainer:
+    """A runc container running ``sleep 1000`` on a copy of the default busybox image."""
+
+    root: Path
+    cid: str
+
+    def exec(self, *args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            ["runc", "--root", str(self.root), "exec", self.cid, *args],
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+
+
+@pytest.fixture
+def runc_container(tmp_path: Path) -> Iterator[RuncContainer]:
+    if shutil.which("runc") is None:
+        pytest.skip("needs runc on the host (apt install runc)")
+    bundle = tmp_path / "runc-bundle"
+    bundle.mkdir()
+    shutil.copytree(images.ensure_default_image(), bundle / "rootfs", symlinks=True)
+    subprocess.run(["runc", "spec"], cwd=bundle, check=True, timeout=30)
+    spec = json.loads((bundle / "config.json").read_text())
+    spec["process"].update(args=["sleep", "1000"], terminal=False)
+    (bundle / "config.json").write_text(json.dumps(spec))
+    container = RuncContainer(tmp_path / "runc-state", f"errors-{os.getpid()}")
+    subprocess.run(
+        [
+            "runc",
+            "--root",
+            str(container.root),
+            "run",
+            "-d",
+            "--bundle",
+            str(bundle),
+            container.cid,
+        ],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        check=True,
+        timeout=60,
+    )
+    yield container
+    subprocess.run(
+        ["runc", "--root", str(container.root), "delete", "--force", container.cid],
+        capture_output=True,
+        timeout=60,
+        check=False,
+    )
+
+
+def _runc_reason(stderr: str) -> str:
+    """The reason in runc exec's error line (``... unable to start container process: R``)."""
+    message = json.loads(stderr.strip().split(" msg=", 1)[1])  # a quoted string
+    return str(message).rsplit("unable to start container process: ", 1)[1]
+
+
+def test_exec_of_a_program_that_cannot_run_exits_127_or_126(
+    runtime: Runtime, runc_container: RuncContainer, tmp_path: Path
+) -> None:
+    """``exec`` of a missing program exits 127, of a file that is not executable 126 (docker
+    exec's statuses; runc exec exits 255 for both), with runc's reason in the one-line
+    message; in both argv and --process forms; the container runs on. ``create`` too."""
+    cid = "noexec"
+    bundle = make_bundle(tmp_path, ["sleep", "1000"])
+    init = runtime.conmon(
+        tmp_path / "pid",
+        tmp_path / "out",
+        "create",
+        "--bundle",
+        str(bundle),
+        "--pid-file",
+        str(tmp_path / "pid"),
+        cid,
+    )
+    assert init.rc() == 0, init.output()
+    runtime.ok("start", cid)
+    cases = [
+        (["no-such-cmd"], 127),
+        (["/no/such/file"], 127),
+        (["/etc/passwd"], 126),
+    ]
+    for args, status in cases:
+        runc = runc_container.exec(*args)
+        assert runc.returncode == 255, runc.stderr
+        reason = _runc_reason(runc.stderr)
+        done = runtime("exec", cid, *args)
+        assert (done.returncode, done.stdout) == (status, ""), done.stderr
+        assert done.stderr == f"pysandbox: agent ExecProcess failed: {reason}\n"
+        # containerd's and conmon's form: --process JSON, detached, with a pid file.
+        process = tmp_path / "process.json"
+        process.write_text(json.dumps({"args": args, "cwd": "/", "user": {"uid": 0, "gid": 0}}))
+        pid_file = tmp_path / "exec.pid"
+        detached = runtime(
+            "exec", "--process", str(process), "--detach", "--pid-file", str(pid_file), cid
+        )
+        assert (detached.returncode, detached.stdout) == (status, ""), detached.stderr
+        assert detached.stderr == done.stderr
+        assert not pid_file.exists()
+    # create of such a program (a container joining this pod: no boot) fails the same way,
+    # before "created" (runc's create exits 1 there), and leaves nothing of the joiner.
+    join = {"io.kubernetes.cri.container-type": "container", "io.kubernetes.cri.sandbox-id": cid}
+    for name, (args, status) in zip(("joiner1", "joiner2"), cases[1:], strict=True):
+        log = tmp_path / f"{name}.log.json"
+        bundle = make_bundle(tmp_path, args, annotations=join)
+        created = runtime(
+            "--log", str(log), "--log-format", "json", "create", "--bundle", str(bundle), name
+        )
+        assert created.returncode == status, created.stderr
+        assert created.stderr.startswith("pysandbox: agent CreateContainer failed: exec: ")
+        assert created.stderr.count("\n") == 1 and len(log.read_text().splitlines()) == 1
+        assert_nothing_left(runtime, name)
+    assert runtime.state(cid)["status"] == "running"
+    assert runtime("exec", cid, "true").returncode == 0
+    runtime.ok("delete", "--force", cid)
+    assert init.exit_status() in (128 + signal.SIGKILL, 128 + signal.SIGTERM)
+    assert_nothing_left(runtime, cid, pod_id=cid)
