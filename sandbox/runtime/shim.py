@@ -217,13 +217,7 @@ _MAX_RECONNECTS = 100
 
 def _transport_error(exc: AgentError) -> bool:
     """Whether ``exc`` is the connection failing (not the agent answering an error)."""
-    import grpc
-
-    cause = exc.__cause__
-    return isinstance(cause, grpc.Call) and cause.code() in (
-        grpc.StatusCode.UNAVAILABLE,
-        grpc.StatusCode.CANCELLED,
-    )
+    return exc.code in ("UNAVAILABLE", "CANCELLED")
 
 
 def _agent_back(root: Path, container_id: str) -> bool:
