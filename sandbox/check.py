@@ -158,7 +158,7 @@ def _boot(root: Path) -> Check:
         "boot",
         True,
         f"agent {info.agent_version} healthy in {elapsed:.2f}s "
-        f"({info.kernel_release}, {info.transport}, {pod.record.get('boot', '?')})",
+        f"({info.kernel_release}, {info.transport}, {pod.record.boot or '?'})",
     )
 
 

@@ -36,7 +36,7 @@ def cmd_pod(args: argparse.Namespace) -> int:
         pod = Pod.boot(root, args.pod_id, memory_mib=args.memory or DEFAULT_MEMORY_MIB)
         with pod.client() as agent:
             uptime = agent.health()
-        print(f"pod {pod.id} running (guest up {uptime:.2f}s, accel {pod.record['accel']})")
+        print(f"pod {pod.id} running (guest up {uptime:.2f}s, accel {pod.record.accel})")
     elif args.pod_verb == "info":
         pod = Pod.load(root, args.pod_id)
         with pod.client() as agent:
@@ -47,8 +47,8 @@ def cmd_pod(args: argparse.Namespace) -> int:
                 {
                     "id": pod.id,
                     "status": pod.status,
-                    "boot": pod.record.get("boot"),
-                    "accel": pod.record.get("accel"),
+                    "boot": pod.record.boot,
+                    "accel": pod.record.accel,
                     "agent_version": info.agent_version,
                     "protocol_version": info.protocol_version,
                     "kernel": info.kernel_release,
@@ -66,7 +66,7 @@ def cmd_pod(args: argparse.Namespace) -> int:
         Pod.load(root, args.pod_id).stop()
     elif args.pod_verb == "list":
         for pod in Pod.list(root):
-            print(f"{pod.id}\t{pod.status}\t{pod.record.get('accel', '?')}")
+            print(f"{pod.id}\t{pod.status}\t{pod.record.accel or '?'}")
     return 0
 
 

@@ -1,52 +1,56 @@
 """A pod: one VM (QEMU + virtiofsd + agent proxy) that the pod's containers share.
 
-Lifecycle::
+Lifecycle (statuses and their transitions: sandbox/pod/record.py)::
 
-    boot():  reserve dir -> virtiofsd -> [taps in the pod netns] -> QEMU (paused) -> agent proxy
-                -> cont -> agent healthy -> mount the pod share in the guest
-                -> [configure the guest network] -> status "running"
-    stop():  agent Shutdown -> QEMU exits -> proxy, virtiofsd stopped -> dir removed
-    destroy(): kill whatever the record names (any state, after any crash) -> dir removed
+    boot():  reserve dir [booting] -> shared mount -> virtiofsd -> [taps in the pod netns]
+                -> QEMU (paused) -> agent proxy -> cont -> agent healthy
+                -> mount the pod share in the guest -> [configure the guest network]
+                -> [running]
+    stop():  [stopping] agent Shutdown -> QEMU exits -> destroy()
+    destroy(): [stopping] undo what the record names in reverse order: QEMU, proxy, taps,
+                virtiofsd, mounts -> dir and record removed [stopped]; or, if something
+                could not be undone, [broken] (kept for a retry)
 
 Every process is recorded in pod.json (pid + start time) the moment it exists, and the
 network devices (sandbox/pod/network.py) before they are created, so that ``destroy`` can always
 clean up, whichever step failed and whichever process was killed.
-A boot that fails tears everything down, keeps the serial console log under
+A boot that fails is rolled back by ``destroy``, keeps the serial console log under
 ``<root>/logs/`` and names it in the error.
+
+The host processes come from ``self.drivers`` (sandbox/pod/drivers.py): QEMU, virtiofsd and
+the agent proxy, or a test's fake.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import os
 import secrets
 import shutil
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from hypervisor.process import ProcessHandle
-from hypervisor.qemu_args import Accelerator, NicConfig
+from hypervisor.qemu_args import Accelerator, NicConfig, VMConfig
 from sandbox import store as state
-from sandbox.errors import (
-    AgentError,
-    ConfigError,
-    NotFoundError,
-    SandboxError,
-    StateError,
-    TemplateError,
-)
-from sandbox.pod import agent_proxy, hostfs, network, template
+from sandbox.errors import AgentError, ConfigError, StateError, TemplateError
+from sandbox.pod import drivers as pod_drivers
+from sandbox.pod import hostfs, network, template
+from sandbox.pod import record as pod_record
 from sandbox.pod.agent_client import ContainerClient
+from sandbox.pod.drivers import Drivers
+from sandbox.pod.record import BootKind, PodRecord, PodStatus
 
 #: Guest path of the pod's virtio-fs share (container rootfs live below it).
 GUEST_SHARE = "/run/pysandbox/shared"
 SHARE_TAG = "pod"
 DEFAULT_MEMORY_MIB = 512
 DEFAULT_BOOT_TIMEOUT = 60.0
-_PROCESS_NAMES = ("qemu", "virtiofsd", "proxy")
 
 
 def boot_timeout() -> float:
@@ -65,17 +69,22 @@ def boot_timeout() -> float:
 
 @dataclass
 class Pod:
-    """A pod VM as recorded under ``<root>/p/<digest>/pod.json``."""
+    """A pod VM and its record (:class:`~sandbox.pod.record.PodRecord`, in ``pod.json``).
+
+    ``drivers`` start and stop its host processes (:mod:`sandbox.pod.drivers`; QEMU,
+    virtiofsd and the agent proxy unless a test installed a fake).
+    """
 
     root: Path
     id: str
-    record: dict[str, Any]
+    record: PodRecord
+    drivers: Drivers = field(default_factory=pod_drivers.current, repr=False, compare=False)
 
     # -- paths -------------------------------------------------------------------------------
 
     @property
     def dir(self) -> Path:
-        return self.root / "p" / state.pod_dir_name(self.id)
+        return pod_record.directory(self.root, self.id)
 
     @property
     def shared_dir(self) -> Path:
@@ -90,20 +99,66 @@ class Pod:
     def console_log(self) -> Path:
         return self.dir / "console.log"
 
+    # -- record ------------------------------------------------------------------------------
+
     @property
-    def status(self) -> str:
-        return str(self.record.get("status", "unknown"))
+    def status(self) -> PodStatus:
+        """The recorded status (a ``str``: ``"running"``...)."""
+        return self.record.status
 
     def process(self, name: str) -> ProcessHandle | None:
-        return ProcessHandle.from_json(self.record.get("processes", {}).get(name))
+        """The recorded process ``name`` (``qemu``, ``virtiofsd``, ``proxy``), if any."""
+        return self.record.processes.get(name)
+
+    def locked(self) -> contextlib.AbstractContextManager[None]:
+        """The pod's lock (:func:`sandbox.pod.record.lock`): hold it to change a record that
+        other processes change too (members, the proxy); reload the record inside it."""
+        return pod_record.lock(self.root, self.id)
+
+    def reload(self) -> None:
+        """Read the record again (after taking :meth:`locked`)."""
+        self.record = pod_record.load(self.root, self.id)
+
+    def save(self) -> None:
+        """Write the record (atomically; FileNotFoundError once the pod's directory is gone)."""
+        pod_record.save(self.root, self.record)
+
+    def _remember(self, name: str, ref: ProcessHandle) -> None:
+        # In memory first: a rollback tears down what the in-memory record names, so a
+        # process is stopped again even when saving the record fails.
+        self.record.processes[name] = ref
+        self.save()
+
+    def _forget(self, *names: str) -> None:
+        for name in names:
+            self.record.processes.pop(name, None)
+        self.save()
+
+    def _remember_network(self, network_record: dict[str, Any]) -> None:
+        self.record.network = network_record
+        self.save()
+
+    def _set_status(self, status: PodStatus) -> None:
+        """Guarded transition (StateError if illegal), then saved."""
+        self.record.transition(status)
+        self.save()
+
+    def _set_status_quietly(self, status: PodStatus) -> None:
+        """Guarded transition during a teardown: saved when possible, never recreating a
+        removed directory and never stopping the teardown because the disk is full."""
+        self.record.transition(status)
+        with contextlib.suppress(OSError):
+            self.save()
+
+    # -- agent -------------------------------------------------------------------------------
 
     def client(self, timeout: float | None = None) -> ContainerClient:
         """A client of this pod's agent, through the pod's agent proxy.
 
-        If the proxy died (killed, crashed) while the VM runs, a new one is started first;
-        it resynchronises the serial channel, so the agent is reachable again.
+        If the proxy died (killed, crashed) while the VM of a running pod runs, a new one is
+        started first; it resynchronises the serial channel, so the agent is reachable again.
         """
-        if self.status == "running":
+        if self.status is PodStatus.RUNNING:
             self._ensure_proxy()
         if timeout is None:
             return ContainerClient(self.agent_address, pod_id=self.id)
@@ -113,44 +168,26 @@ class Pod:
         proxy, qemu = self.process("proxy"), self.process("qemu")
         if qemu is None or not qemu.alive() or (proxy is not None and proxy.alive()):
             return
-        with state.locked(self.root, f"pod-{state.pod_dir_name(self.id)}"):
-            self.record = state.read_json(self.dir / "pod.json")
+        with self.locked():
+            self.reload()
+            if self.status is not PodStatus.RUNNING:
+                return  # going away: a new proxy would only race its teardown
             proxy = self.process("proxy")
             if proxy is None or not proxy.alive():
-                self._remember("proxy", ProcessHandle.of(self._start_proxy(qemu.pid)))
-
-    def save(self) -> None:
-        state.write_json_atomic(self.dir / "pod.json", self.record)
-
-    def _remember(self, name: str, ref: ProcessHandle) -> None:
-        self.record.setdefault("processes", {})[name] = ref.to_json()
-        self.save()
+                self._remember("proxy", self.drivers.start_proxy(self.dir, qemu.pid))
 
     # -- loading -----------------------------------------------------------------------------
 
     @classmethod
     def load(cls, root: Path, pod_id: str) -> Pod:
-        """The recorded pod ``pod_id``; NotFoundError when there is none."""
-        state.validate_id(pod_id, "pod")
-        pod = cls(root, pod_id, {})
-        try:
-            record = state.read_json(pod.dir / "pod.json")
-        except FileNotFoundError:
-            raise NotFoundError(f"pod {pod_id} does not exist") from None
-        if record.get("id") != pod_id:
-            raise StateError(f"pod directory {pod.dir} belongs to another pod")
-        pod.record = record
-        return pod
+        """The recorded pod ``pod_id``: NotFoundError when there is none, StateError when its
+        directory holds another pod, ConfigError for an invalid id or a corrupt record."""
+        return cls(root, pod_id, pod_record.load(root, pod_id))
 
     @classmethod
     def list(cls, root: Path) -> list[Pod]:
-        pods = []
-        base = root / "p"
-        for entry in sorted(base.iterdir()) if base.is_dir() else []:
-            with contextlib.suppress(OSError, SandboxError):
-                record = state.read_json(entry / "pod.json")
-                pods.append(cls(root, str(record["id"]), record))
-        return pods
+        """Every pod recorded under ``root`` (unreadable records skipped)."""
+        return [cls(root, record.id, record) for record in pod_record.all_records(root)]
 
     # -- boot --------------------------------------------------------------------------------
 
@@ -177,7 +214,9 @@ class Pod:
 
         Raises StateError if the pod exists, ConfigError for a missing or invalid guest image
         or bad settings, AgentError/AgentTimeout if the agent is not reached (the error names
-        the kept console log). On any failure nothing the boot started is left running.
+        the kept console log). On any failure (an exception, a signal turned into one) the
+        boot is rolled back: everything it started is stopped in reverse order
+        (:meth:`destroy`) and the pod's directory and record are gone.
         """
         from hypervisor import accel as accel_mod
         from hypervisor.errors import GuestImageError
@@ -195,24 +234,26 @@ class Pod:
         except GuestImageError as exc:
             raise ConfigError(str(exc)) from exc
         chosen = accel_mod.detect()
-        pod = cls(root, pod_id, {})
+        pod = cls(
+            root,
+            pod_id,
+            PodRecord(
+                id=pod_id,
+                status=PodStatus.BOOTING,
+                created=time.time(),
+                accel=chosen.chosen,
+                memory_mib=memory_mib,
+                image=str(image.dir),
+            ),
+        )
         state.ensure_dir(root / "p")
         try:
-            pod.dir.mkdir(mode=0o700)
+            pod.dir.mkdir(mode=0o700)  # reserves the id
         except FileExistsError:
             raise StateError(f"pod {pod_id} already exists") from None
-        pod.record = {
-            "id": pod_id,
-            "status": "booting",
-            "created": time.time(),
-            "accel": chosen.chosen,
-            "memory_mib": memory_mib,
-            "image": str(image.dir),
-            "processes": {},
-        }
-        pod.shared_dir.mkdir(mode=0o711)
-        pod.save()
         try:
+            pod.shared_dir.mkdir(mode=0o711)
+            pod.save()
             pod._start(
                 image,
                 chosen.chosen,
@@ -241,23 +282,23 @@ class Pod:
         user_network: bool = False,
         hostname: str = "",
     ) -> None:
-        from hypervisor.virtiofsd import Virtiofsd
-
-        # Bind mounts of container root filesystems made later must reach virtiofsd's
-        # mount namespace: make the shared directory a shared mount first.
+        """The boot steps, in order; each is recorded before or the moment it exists, so
+        that :meth:`destroy` undoes exactly what was done, whichever step fails."""
+        # 1. Bind mounts of container root filesystems made later must reach virtiofsd's
+        #    mount namespace: make the shared directory a shared mount first.
         hostfs.make_shared_mountpoint(self.shared_dir)
-        fs = Virtiofsd(
-            socket_path=self.dir / "virtiofsd.sock",
-            shared_dir=self.shared_dir,
-            log_path=self.dir / "virtiofsd.log",
+        # 2. virtiofsd before QEMU: a cold-booted QEMU connects to its socket at start.
+        fs = self.drivers.file_server(
+            self.dir / "virtiofsd.sock", self.shared_dir, self.dir / "virtiofsd.log"
         )
         fs.start()
-        self._remember("virtiofsd", ProcessHandle.of(fs.pid))
+        self._remember("virtiofsd", fs.handle)
+        # 3. The pod network's taps (recorded, then created) before QEMU, which opens them.
         guest_network: network.NetworkConfig | None = None
         nics: tuple[NicConfig, ...] = ()
         tap_fds: tuple[int, ...] = ()
         if netns is not None:
-            attached = network.attach(netns, self.record, self.save)  # recorded, then created
+            attached = network.attach(netns, self._remember_network)
             guest_network, tap_fds = attached.config, attached.tap_fds
             nics = tuple(
                 NicConfig(nic.mac, "tap", fd, nic.mtu)
@@ -266,61 +307,77 @@ class Pod:
             if hostname:
                 guest_network = dataclasses.replace(guest_network, hostname=hostname)
         elif user_network:
-            self.record["network"] = {"mode": "user"}
-            self.save()
+            self._remember_network({"mode": "user"})
             guest_network = network.user_network_config(hostname)
             nics = (NicConfig(network.USER_MAC, "user"),)
+        # 4. QEMU (paused), its agent proxy, then the guest runs: restored from the
+        #    template VM if there is one, else booted cold.
         try:
-            boot = "cold"
+            boot = BootKind.COLD
             if template.enabled():
                 deadline = time.monotonic() + timeout
                 if self._restore(image, accel_name, memory_mib, timeout, nics):
-                    boot = "restored"
+                    boot = BootKind.RESTORED
                 else:
                     timeout = max(0.1, deadline - time.monotonic())  # one budget for the boot
-            if boot == "cold":
+            if boot is BootKind.COLD:
                 self._cold_start(image, accel_name, memory_mib, nics)
         finally:
             for fd in tap_fds:
                 os.close(fd)  # QEMU holds the taps now; they vanish when it exits
         qemu = self.process("qemu")
         assert qemu is not None
+        # 5. The agent: healthy, told it was restored, the share mounted, the network set.
         with self.client() as agent:
             agent.wait_healthy(timeout, alive=qemu.alive)
-            if boot == "restored":
+            if boot is BootKind.RESTORED:
                 # A clone of the template: its own randomness and the current time first.
                 agent.restored(secrets.token_bytes(64), time.time_ns())
             agent.mount_share(SHARE_TAG, GUEST_SHARE)
             if guest_network is not None:
                 files = agent.configure_network(guest_network)
-                self.record["network"]["guest_files"] = {
-                    "resolv_conf": files.resolv_conf,
-                    "hosts": files.hosts,
+                self.record.network = {
+                    **(self.record.network or {}),
+                    "guest_files": {"resolv_conf": files.resolv_conf, "hosts": files.hosts},
                 }
-        self.record["boot"] = boot
-        self.record["status"] = "running"
-        self.save()
+        self.record.boot = boot
+        self._set_status(PodStatus.RUNNING)
+
+    def _vm_config(
+        self,
+        image: Any,
+        accel_name: Accelerator,
+        memory_mib: int,
+        cmdline: str,
+        **devices: Any,
+    ) -> VMConfig:
+        return template.vm_config(
+            image,
+            accel_name,
+            memory_mib,
+            cmdline,
+            self.dir,
+            name=f"pysandbox-{state.pod_dir_name(self.id)}",
+            **devices,
+        )
 
     def _cold_start(
         self, image: Any, accel_name: Accelerator, memory_mib: int, nics: tuple[NicConfig, ...]
     ) -> None:
         """Boot the VM from scratch (share and NICs on the command line) and let it run."""
-        from hypervisor.qemu import QemuVM
-
-        config = template.vm_config(
-            image,
-            accel_name,
-            memory_mib,
-            kernel_cmdline(),
-            self.dir,
-            name=f"pysandbox-{state.pod_dir_name(self.id)}",
-            shares=((SHARE_TAG, self.dir / "virtiofsd.sock"),),
-            nics=nics,
+        vm = self.drivers.hypervisor(
+            self._vm_config(
+                image,
+                accel_name,
+                memory_mib,
+                kernel_cmdline(),
+                shares=((SHARE_TAG, self.dir / "virtiofsd.sock"),),
+                nics=nics,
+            )
         )
-        vm = QemuVM(config)
         vm.start()
-        self._remember("qemu", ProcessHandle.of(vm.pid))
-        self._remember("proxy", ProcessHandle.of(self._start_proxy(vm.pid)))
+        self._remember("qemu", vm.handle)
+        self._remember("proxy", self.drivers.start_proxy(self.dir, vm.pid))
         vm.resume()
 
     def _restore(
@@ -335,37 +392,31 @@ class Pod:
 
         True once the restored VM runs with the share and ``nics`` hot-plugged (the caller
         then waits for the agent and sends ``Restored``). False if no template can be had or
-        restoring fails: whatever this attempt started is stopped and forgotten and the
-        caller cold boots; a state file QEMU could not load is discarded.
+        restoring fails: whatever this attempt started is stopped (QEMU, then its proxy) and
+        forgotten and the caller cold boots; a state file QEMU could not load is discarded.
         """
         from hypervisor.errors import HypervisorError, HypervisorTimeout
-        from hypervisor.qemu import QemuVM
 
         cmdline = kernel_cmdline()
         try:
-            state_file = template.ensure(image, accel_name, memory_mib, cmdline, timeout)
+            state_file = template.ensure(
+                image, accel_name, memory_mib, cmdline, timeout, self.drivers
+            )
             fd = os.open(state_file, os.O_RDONLY | os.O_CLOEXEC)
         except (TemplateError, OSError) as exc:
             self._note(f"no template, cold boot: {exc}")
             return False
-        config = template.vm_config(
-            image,
-            accel_name,
-            memory_mib,
-            cmdline,
-            self.dir,
-            name=f"pysandbox-{state.pod_dir_name(self.id)}",
-            incoming_fd=fd,
+        vm = self.drivers.hypervisor(
+            self._vm_config(image, accel_name, memory_mib, cmdline, incoming_fd=fd)
         )
-        vm = QemuVM(config)
         loaded = False
         try:
             try:
                 vm.start()
             finally:
                 os.close(fd)
-            self._remember("qemu", ProcessHandle.of(vm.pid))
-            self._remember("proxy", ProcessHandle.of(self._start_proxy(vm.pid)))
+            self._remember("qemu", vm.handle)
+            self._remember("proxy", self.drivers.start_proxy(self.dir, vm.pid))
             vm.wait_incoming(timeout)
             loaded = True
             started = time.monotonic()
@@ -386,13 +437,11 @@ class Pod:
                 self._note(f"restoring {state_file} failed, template discarded: {exc}")
             else:
                 self._note(f"restoring {state_file} failed: {exc}")
+            vm.kill()  # also removes its sockets and pid file
             proxy = self.process("proxy")
             if proxy is not None:
-                proxy.terminate(timeout=2.0)
-            vm.kill()  # also removes its sockets and pid file
-            for name in ("proxy", "qemu"):
-                self.record["processes"].pop(name, None)
-            self.save()
+                self.drivers.terminate("proxy", proxy)
+            self._forget("qemu", "proxy")
             return False
         return True
 
@@ -400,9 +449,6 @@ class Pod:
         """Append a line to the pod's boot notes (``boot.log`` in its directory)."""
         with contextlib.suppress(OSError), open(self.dir / "boot.log", "a") as log:
             log.write(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} {text}\n")
-
-    def _start_proxy(self, vm_pid: int) -> int:
-        return agent_proxy.start(self.dir, vm_pid)
 
     def _keep_console_log(self) -> Path | None:
         if not self.console_log.exists():
@@ -417,9 +463,11 @@ class Pod:
     # -- stop --------------------------------------------------------------------------------
 
     def stop(self, timeout: float = 10.0) -> None:
-        """Power the VM off through its agent, then clean up everything (as :meth:`destroy`)."""
+        """Power the VM of a running pod off through its agent (waiting up to ``timeout``
+        seconds for QEMU to exit), then tear everything down (:meth:`destroy`)."""
         qemu = self.process("qemu")
-        if qemu is not None and qemu.alive() and self.status == "running":
+        if self.status is PodStatus.RUNNING and qemu is not None and qemu.alive():
+            self._set_status_quietly(PodStatus.STOPPING)
             # No proxy restart here: stop may run under the pod lock; a dead proxy just
             # means the hard stop below.
             with (
@@ -431,22 +479,56 @@ class Pod:
         self.destroy()
 
     def destroy(self) -> None:
-        """Stop every recorded process (QEMU first), remove sockets and the pod directory.
+        """Undo everything the record names, in the reverse of the boot order; remove the
+        pod's directory and record.
 
-        Works in any state and after any crash; idempotent.
+        Works from the record alone, in any state and after any crash; idempotent (a pod
+        this object already destroyed is left alone). The order, and why:
+
+        1. QEMU, then its agent proxy (which only relays to QEMU and exits with it; stopped
+           after it, so no live VM is ever left without a proxy that a shim would restart);
+        2. the pod network's taps, qdiscs and filters (QEMU held the taps);
+        3. virtiofsd (QEMU was its only client);
+        4. every mount below the directory (container files, then the share itself);
+        5. the directory, only if nothing is mounted below it any more (never rmtree across
+           a mount: it would delete a user's rootfs or volume).
+
+        Every step runs even if an earlier one failed. If one failed, the pod is left
+        ``broken`` with its directory and record (a later ``destroy`` retries) and the first
+        failure is raised: StateError naming what is still mounted, NetworkError for a pod
+        network that could not be cleaned up.
         """
-        for name in _PROCESS_NAMES:
-            ref = self.process(name)
-            if ref is not None:
-                ref.terminate(timeout=2.0)
-        # After QEMU is gone (its taps with it): the qdiscs and filters in the pod netns.
-        network.detach(self.record.get("network"))
-        hostfs.unmount_tree(self.dir)
+        if self.status is PodStatus.STOPPED:
+            return
+        self._set_status_quietly(PodStatus.STOPPING)
+        failures: list[Exception] = []
+
+        def step(action: Callable[[], object]) -> None:
+            try:
+                action()
+            except Exception as exc:  # the remaining steps still run
+                failures.append(exc)
+
+        step(functools.partial(self._terminate, "qemu"))
+        step(functools.partial(self._terminate, "proxy"))
+        step(functools.partial(network.detach, self.record.network))
+        step(functools.partial(self._terminate, "virtiofsd"))
+        step(functools.partial(hostfs.unmount_tree, self.dir))
         left = hostfs.mounts_below(self.dir)
         if left:
-            # Never rmtree across a mount: it would delete a user's rootfs or volume.
-            raise StateError(f"cannot remove pod {self.id}: still mounted: {', '.join(left)}")
+            failures.append(
+                StateError(f"cannot remove pod {self.id}: still mounted: {', '.join(left)}")
+            )
+        if failures:
+            self._set_status_quietly(PodStatus.BROKEN)
+            raise failures[0]
         shutil.rmtree(self.dir, ignore_errors=True)
+        self.record.transition(PodStatus.STOPPED)
+
+    def _terminate(self, name: str) -> None:
+        ref = self.process(name)
+        if ref is not None:
+            self.drivers.terminate(name, ref)
 
 
 def kernel_cmdline() -> str:

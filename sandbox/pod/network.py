@@ -283,12 +283,13 @@ def _read_config() -> NetworkConfig:
 # -- attaching and detaching -----------------------------------------------------------------
 
 
-def attach(netns: Path, record: dict[str, Any], save: Callable[[], None]) -> Attachment:
+def attach(netns: Path, remember: Callable[[dict[str, Any]], None]) -> Attachment:
     """Carry the interfaces of ``netns`` to taps QEMU can use; return config and tap fds.
 
-    ``record["network"]`` is filled in and ``save()`` called before anything is created; on
-    failure whatever was created is removed again (and the record still allows
-    :func:`detach` after a crash).
+    ``remember`` is called with what is about to be created (the pod record's ``network``
+    entry, which :func:`detach` takes) before anything is created; on failure whatever was
+    created is removed again (and the recorded entry still allows :func:`detach` after a
+    crash).
     """
     nsfd = open_netns(netns)
     try:
@@ -297,13 +298,14 @@ def attach(netns: Path, record: dict[str, Any], save: Callable[[], None]) -> Att
             {"device": nic.name, "tap": tap_name(i)} for i, nic in enumerate(config.interfaces)
         ]
         in_netns(nsfd, lambda: _check_free(links))
-        record["network"] = {
-            "mode": "netns",
-            "netns": str(netns),
-            "identity": identity(nsfd),
-            "links": links,
-        }
-        save()
+        remember(
+            {
+                "mode": "netns",
+                "netns": str(netns),
+                "identity": identity(nsfd),
+                "links": links,
+            }
+        )
         try:
             fds = in_netns(nsfd, lambda: _create_links(links, config.interfaces))
         except BaseException:
@@ -415,7 +417,7 @@ def _remove_links(links: list[dict[str, str]]) -> list[str]:
 
 
 def detach(network: Any) -> None:
-    """Remove the taps, qdiscs and filters ``network`` (a pod record's "network") names.
+    """Remove the taps, qdiscs and filters ``network`` (a pod record's ``network``) names.
 
     Idempotent, and safe after any crash: a namespace that is gone took its devices with
     it; a path that now names another namespace is left alone. NetworkError if something

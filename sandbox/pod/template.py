@@ -29,11 +29,14 @@ import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from hypervisor.process import ProcessHandle
 from hypervisor.qemu_args import Accelerator, NicConfig, VMConfig, build_argv
 from sandbox.errors import AgentError, TemplateError
+
+if TYPE_CHECKING:
+    from sandbox.pod.drivers import Drivers
 
 DEFAULT_TEMPLATE_DIR = Path("/var/lib/pysandbox/templates")
 STATE_FILE = "state"
@@ -121,13 +124,23 @@ def _locked(path: Path) -> Iterator[None]:
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
-def ensure(image: Any, accel: Accelerator, memory_mib: int, cmdline: str, timeout: float) -> Path:
+def ensure(
+    image: Any,
+    accel: Accelerator,
+    memory_mib: int,
+    cmdline: str,
+    timeout: float,
+    drivers: Drivers | None = None,
+) -> Path:
     """The state file of the template for these inputs, built first if there is none.
 
-    TemplateError if building fails (nothing it started is left running; the template
-    VM's console log is kept next to the templates and named in the error).
+    The template VM and its agent proxy come from ``drivers`` (default: those of
+    :func:`sandbox.pod.drivers.current`). TemplateError if building fails (nothing it
+    started is left running; the template VM's console log is kept next to the templates
+    and named in the error).
     """
     from hypervisor.qemu import find_qemu
+    from sandbox.pod.drivers import current
 
     qemu = find_qemu()
     name = key(image, accel, memory_mib, cmdline, qemu)
@@ -138,7 +151,9 @@ def ensure(image: Any, accel: Accelerator, memory_mib: int, cmdline: str, timeou
         state_file = final / STATE_FILE
         with _locked(base / f"{name}.lock"):
             if not state_file.exists():
-                _build(image, accel, memory_mib, cmdline, timeout, base, final)
+                _build(
+                    image, accel, memory_mib, cmdline, timeout, base, final, drivers or current()
+                )
             os.utime(final)  # least recently used goes first in _prune
         _prune(base, keep=KEEP)
     except OSError as exc:
@@ -160,21 +175,20 @@ def _build(
     timeout: float,
     base: Path,
     final: Path,
+    drivers: Drivers,
 ) -> None:
     from hypervisor.errors import HypervisorError
-    from hypervisor.qemu import QemuVM
-    from sandbox.pod import agent_proxy
     from sandbox.pod.agent_client import AgentClient
 
     # The VM's sockets go in a short directory (unix socket paths are limited to 107 bytes);
     # the state is written next to its final place and renamed there once complete.
     work = Path(tempfile.mkdtemp(prefix="psb-template-", dir="/tmp"))
     staging = Path(tempfile.mkdtemp(prefix=f".build-{final.name[:12]}-", dir=base))
-    vm = QemuVM(vm_config(image, accel, memory_mib, cmdline, work))
+    vm = drivers.hypervisor(vm_config(image, accel, memory_mib, cmdline, work))
     proxy: ProcessHandle | None = None
     try:
         vm.start()
-        proxy = ProcessHandle.of(agent_proxy.start(work, vm.pid))
+        proxy = drivers.start_proxy(work, vm.pid)
         vm.resume()
         with AgentClient(f"unix:{work / 'agent.sock'}") as agent:
             agent.wait_healthy(timeout, alive=lambda: bool(vm.pids()))
@@ -195,10 +209,10 @@ def _build(
             f"building the template VM failed: {exc}; its console log is kept at {kept}"
         ) from exc
     finally:
-        if proxy is not None:
-            proxy.terminate(timeout=2.0)
         with contextlib.suppress(HypervisorError):
             vm.kill()
+        if proxy is not None:
+            drivers.terminate("proxy", proxy)
         shutil.rmtree(work, ignore_errors=True)
         shutil.rmtree(staging, ignore_errors=True)
 

@@ -95,7 +95,7 @@ def run_detached(args: argparse.Namespace, root: Path) -> int:
         shutil.rmtree(record.dir, ignore_errors=True)
         raise
     try:
-        pod.record["containers"] = [name]
+        pod.record.containers = [name]
         pod.save()
         try:
             record.data["guest_pid"] = create_in_pod(pod, name, spec, image, args.read_only)

@@ -63,7 +63,7 @@ def create_in_pod(
 def _network_file_mounts(pod: Pod) -> list[dict[str, Any]]:
     """Bind mounts of the resolv.conf and hosts the agent wrote (guest paths: added to the
     spec after its host paths were rewritten)."""
-    files = (pod.record.get("network") or {}).get("guest_files") or {}
+    files = pod.record.guest_files()
     mounts = []
     for destination, key in (("/etc/resolv.conf", "resolv_conf"), ("/etc/hosts", "hosts")):
         if files.get(key):

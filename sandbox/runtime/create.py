@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from sandbox import store as state
-from sandbox.errors import ConfigError, NotFoundError
+from sandbox.errors import ConfigError, NotFoundError, StateError
 from sandbox.runtime.bundle import load_bundle, pod_of
 from sandbox.runtime.delete import teardown
 from sandbox.runtime.hooks import run_hooks
@@ -35,6 +35,7 @@ def create(
     """
     from sandbox.pod.lifecycle import Pod
     from sandbox.pod.network import netns_path_of
+    from sandbox.pod.record import PodStatus
     from sandbox.pod.sharing import share_container_files
     from sandbox.runtime import shim
 
@@ -70,7 +71,11 @@ def create(
                     raise NotFoundError(
                         f"pod sandbox {pod_id} of container {container_id} does not exist"
                     ) from None
-            pod.record.setdefault("containers", []).append(container_id)
+                if pod.status is not PodStatus.RUNNING:
+                    raise StateError(
+                        f"pod sandbox {pod_id} of container {container_id} is {pod.status}"
+                    )
+            pod.record.containers.append(container_id)
             pod.save()
         rootfs, guest_spec = share_container_files(
             pod, container_id, spec, bundle, guest_pids=guest_pid_lookup(root, pod)

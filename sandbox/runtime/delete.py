@@ -61,8 +61,8 @@ def teardown(root: Path, record: ContainerRecord, pod: Pod | None) -> None:
         with pod_lock(root, pod.id):
             with contextlib.suppress(SandboxError, OSError):
                 pod = load_pod(root, pod.id)
-            members = [c for c in pod.record.get("containers", []) if c != record.id]
-            pod.record["containers"] = members
+            members = [c for c in pod.record.containers if c != record.id]
+            pod.record.containers = members
             if owner or not members:
                 stop_pod(pod)
             else:

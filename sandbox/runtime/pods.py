@@ -6,7 +6,6 @@ import contextlib
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from sandbox import store as state
 from sandbox.errors import SandboxError
 from sandbox.runtime.record import ContainerRecord
 
@@ -23,7 +22,10 @@ def load_pod(root: Path, pod_id: str) -> Pod:
 
 
 def pod_lock(root: Path, pod_id: str) -> contextlib.AbstractContextManager[None]:
-    return state.locked(root, f"pod-{state.pod_dir_name(pod_id)}")
+    """The pod's lock (:func:`sandbox.pod.record.lock`)."""
+    from sandbox.pod import record as pod_record
+
+    return pod_record.lock(root, pod_id)
 
 
 def guest_pid_lookup(root: Path, pod: Pod) -> Any:
@@ -31,7 +33,7 @@ def guest_pid_lookup(root: Path, pod: Pod) -> Any:
         parts = path.split("/")  # /proc/<pid>/ns/<type>
         if len(parts) != 5 or parts[1] != "proc" or not parts[2].isdigit():
             return None
-        for cid in pod.record.get("containers", []):
+        for cid in pod.record.containers:
             with contextlib.suppress(SandboxError):
                 record = ContainerRecord.load(root, cid)
                 shim_ref = record.shim

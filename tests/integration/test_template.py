@@ -46,14 +46,14 @@ def test_restored_pods_are_distinct_machines_with_the_right_clock(
     template_dir: Path, pod_factory: Callable[..., Pod]
 ) -> None:
     first = pod_factory()  # builds the template, then restores from it
-    assert first.record["boot"] == "restored"
+    assert first.record.boot == "restored"
     [state_file] = _state_files(template_dir)
     assert processes_mentioning(str(template_dir)) == [], "template VM left running"
     built = state_file.stat().st_mtime
     time.sleep(max(0.0, built + TEMPLATE_AGE - time.time()))
 
     second = pod_factory()
-    assert second.record["boot"] == "restored"
+    assert second.record.boot == "restored"
     assert _state_files(template_dir) == [state_file]  # reused, not rebuilt
     checks = [_guest_check(pod) for pod in (first, second)]
     for guest_time, _ in checks:
@@ -72,11 +72,11 @@ def test_unloadable_template_is_discarded_and_the_pod_cold_boots(
         state.write(os.urandom(4096))  # QEMU refuses a state with a bad header
 
     pod = pod_factory()
-    assert pod.record["boot"] == "cold"
+    assert pod.record.boot == "cold"
     assert "template discarded" in (pod.dir / "boot.log").read_text()
     assert _state_files(template_dir) == []
     _guest_check(pod)
-    assert pod_factory().record["boot"] == "restored"  # rebuilt on the next boot
+    assert pod_factory().record.boot == "restored"  # rebuilt on the next boot
 
 
 def test_templates_can_be_turned_off(
@@ -84,7 +84,7 @@ def test_templates_can_be_turned_off(
 ) -> None:
     monkeypatch.setenv("PYSANDBOX_TEMPLATES", "0")
     pod = pod_factory()
-    assert pod.record["boot"] == "cold"
+    assert pod.record.boot == "cold"
     assert not template_dir.exists()
 
 
@@ -94,7 +94,7 @@ def test_network_cards_are_hot_plugged_into_restored_pods(
     from sandbox.pod import network
 
     pod = pod_factory(user_network=True, hostname="restored-net")
-    assert pod.record["boot"] == "restored"
+    assert pod.record.boot == "restored"
     with pod.client() as agent:
         assert agent.read_file("/sys/class/net/eth0/address").strip() == network.USER_MAC.encode()
         assert agent.read_file("/sys/class/net/eth0/operstate").strip() == b"up"

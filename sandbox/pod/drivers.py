@@ -1,0 +1,112 @@
+"""The seam between the pod layer and the host processes of a VM.
+
+A pod (:mod:`sandbox.pod.lifecycle`) and a template VM (:mod:`sandbox.pod.template`) start
+and stop three kinds of host process — the VMM, virtiofsd and the agent proxy — only through
+a :class:`Drivers` object, so that unit tests can put a fake in their place and assert the
+order of every start and stop without root or a VM (``tests/unit/fake_drivers.py``).
+
+:func:`current` gives the drivers in use: :class:`HostDrivers` (QEMU, virtiofsd, the agent
+proxy daemon) unless a test installed others with :func:`installed`.
+"""
+
+from __future__ import annotations
+
+import abc
+import contextlib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    from hypervisor.base import Hypervisor
+    from hypervisor.process import ProcessHandle
+    from hypervisor.qemu_args import VMConfig
+
+#: Seconds a process gets to exit after SIGTERM before SIGKILL.
+TERMINATE_GRACE = 2.0
+
+
+class FileServer(Protocol):
+    """The virtio-fs daemon of one share, as a pod uses it (``hypervisor.virtiofsd``)."""
+
+    @property
+    def handle(self) -> ProcessHandle:
+        """pid + start time of the running daemon (to record)."""
+        ...
+
+    def start(self) -> None:
+        """Start serving; return once the VMM can connect. Raises (nothing left running)
+        when it cannot."""
+
+    def stop(self, timeout: float = ...) -> None:
+        """Stop it and remove its socket; idempotent."""
+
+
+class Drivers(abc.ABC):
+    """Makes and stops the host processes of a pod's VM."""
+
+    @abc.abstractmethod
+    def hypervisor(self, config: VMConfig) -> Hypervisor:
+        """An unstarted VM for ``config``."""
+
+    @abc.abstractmethod
+    def file_server(self, socket_path: Path, shared_dir: Path, log_path: Path) -> FileServer:
+        """An unstarted virtio-fs daemon sharing ``shared_dir`` on ``socket_path``."""
+
+    @abc.abstractmethod
+    def start_proxy(self, directory: Path, vm_pid: int) -> ProcessHandle:
+        """Start the agent proxy of the VM (VMM pid ``vm_pid``) whose sockets are in
+        ``directory``; it serves ``directory/agent.sock``. Returns once it is ready;
+        AgentError (nothing left running) when it does not become ready."""
+
+    @abc.abstractmethod
+    def terminate(self, name: str, process: ProcessHandle) -> None:
+        """Stop the recorded process ``name`` (``qemu``, ``virtiofsd``, ``proxy``): SIGTERM,
+        then SIGKILL after :data:`TERMINATE_GRACE` s. Never raises for a process that is gone
+        (or whose pid now belongs to another process: it is left alone)."""
+
+
+class HostDrivers(Drivers):
+    """The real thing: QEMU, virtiofsd and the agent proxy daemon."""
+
+    def hypervisor(self, config: VMConfig) -> Hypervisor:
+        from hypervisor.qemu import QemuVM
+
+        return QemuVM(config)
+
+    def file_server(self, socket_path: Path, shared_dir: Path, log_path: Path) -> FileServer:
+        from hypervisor.virtiofsd import Virtiofsd
+
+        return Virtiofsd(socket_path=socket_path, shared_dir=shared_dir, log_path=log_path)
+
+    def start_proxy(self, directory: Path, vm_pid: int) -> ProcessHandle:
+        from hypervisor.process import ProcessHandle
+        from sandbox.pod import agent_proxy
+
+        return ProcessHandle.of(agent_proxy.start(directory, vm_pid))
+
+    def terminate(self, name: str, process: ProcessHandle) -> None:
+        process.terminate(timeout=TERMINATE_GRACE)
+
+
+_installed: Drivers | None = None
+
+
+def current() -> Drivers:
+    """The drivers pods use in this process (:class:`HostDrivers` unless replaced)."""
+    global _installed
+    if _installed is None:
+        _installed = HostDrivers()
+    return _installed
+
+
+@contextlib.contextmanager
+def installed(drivers: Drivers) -> Iterator[Drivers]:
+    """Make ``drivers`` those of every pod in this process for the duration of the block
+    (tests); the previous ones come back afterwards."""
+    global _installed
+    previous, _installed = _installed, drivers
+    try:
+        yield drivers
+    finally:
+        _installed = previous

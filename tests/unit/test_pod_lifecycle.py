@@ -1,0 +1,294 @@
+"""Pod boot, stop and rollback ordering against fake drivers (tests/unit/fake_drivers.py).
+
+What a user relies on: a pod that booted runs with everything recorded; a pod that stops or
+fails to boot leaves nothing behind (no process, mount, directory or record), whichever step
+failed; and things are stopped in an order that never pulls a resource from under a user
+of it (QEMU before virtiofsd, mounts before the directory).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from hypervisor.errors import HypervisorTimeout, LaunchError, QMPError, VirtiofsdError
+from sandbox.errors import AgentError, NotFoundError, StateError
+from sandbox.pod.lifecycle import Pod
+from sandbox.pod.record import PodStatus
+from tests.unit.fake_drivers import Event, FakeDrivers, fixture_drivers
+
+
+@pytest.fixture
+def fake(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeDrivers]:
+    yield from fixture_drivers(tmp_path, monkeypatch)
+
+
+@pytest.fixture
+def root(tmp_path: Path) -> Path:
+    return tmp_path / "root"
+
+
+def on_disk(pod: Pod) -> dict[str, Any]:
+    data: dict[str, Any] = json.loads((pod.dir / "pod.json").read_text())
+    return data
+
+
+def teardown_events(fake: FakeDrivers, since: int) -> list[Event]:
+    """Stops and unmounts after event ``since``."""
+    return [e for e in fake.events[since:] if e[0] in ("terminate", "umount") or e[1] == "kill"]
+
+
+def assert_nothing_left(fake: FakeDrivers, root: Path, pod_id: str) -> None:
+    assert fake.alive() == []
+    assert fake.mounts.points == set()
+    assert Pod.list(root) == []
+    assert not any((root / "p").iterdir())
+    with pytest.raises(NotFoundError, match=f"pod {pod_id} does not exist"):
+        Pod.load(root, pod_id)
+
+
+def test_boot_starts_in_order_and_records_everything(fake: FakeDrivers, root: Path) -> None:
+    pod = Pod.boot(root, "p1")
+    shared = str(pod.shared_dir)
+    assert fake.events == [
+        ("mount", shared),  # the share is a shared mount before virtiofsd sees it
+        ("virtiofsd", "start"),  # before QEMU, which connects to its socket
+        ("qemu", "start", "cold"),
+        ("proxy", "start"),
+        ("qemu", "resume"),
+        ("agent", "Health"),
+        ("agent", "MountShare"),
+    ]
+    assert pod.status is PodStatus.RUNNING
+    record = on_disk(pod)
+    assert record["status"] == "running" and record["boot"] == "cold"
+    assert record["accel"] == "tcg" and record["memory_mib"] == 512
+    processes = record["processes"]
+    assert isinstance(processes, dict) and sorted(processes) == ["proxy", "qemu", "virtiofsd"]
+    assert sorted(fake.alive()) == ["proxy", "qemu", "virtiofsd"]
+    assert Pod.load(root, "p1").record == pod.record
+    with pytest.raises(StateError, match="pod p1 already exists"):
+        Pod.boot(root, "p1")
+    pod.destroy()
+
+
+def test_stop_powers_off_then_tears_down_in_reverse(fake: FakeDrivers, root: Path) -> None:
+    pod = Pod.boot(root, "p1")
+    shared = str(pod.shared_dir)
+    booted = len(fake.events)
+    pod.stop()
+    assert fake.events[booted:] == [
+        ("agent", "Shutdown"),
+        ("terminate", "qemu"),
+        ("terminate", "proxy"),
+        ("terminate", "virtiofsd"),
+        ("umount", shared, True),  # unmounted while the directory still existed
+    ]
+    assert pod.status is PodStatus.STOPPED
+    assert not pod.dir.exists()
+    assert_nothing_left(fake, root, "p1")
+    done = len(fake.events)
+    pod.destroy()  # idempotent
+    pod.stop()
+    assert len(fake.events) == done
+
+
+def test_destroy_without_the_agent(fake: FakeDrivers, root: Path) -> None:
+    pod = Pod.boot(root, "p1")
+    booted = len(fake.events)
+    Pod.load(root, "p1").destroy()  # e.g. delete --force from another process
+    assert [e for e in fake.events[booted:] if e[0] == "agent"] == []
+    assert teardown_events(fake, booted)[:3] == [
+        ("terminate", "qemu"),
+        ("terminate", "proxy"),
+        ("terminate", "virtiofsd"),
+    ]
+    assert_nothing_left(fake, root, "p1")
+    pod.destroy()  # a stale object: nothing recreated
+    assert_nothing_left(fake, root, "p1")
+
+
+# What each injected failure leaves started (and so what the rollback must stop, in order).
+FAILURES = [
+    ("mount", OSError(1, "mount: Operation not permitted"), []),
+    ("virtiofsd.start", VirtiofsdError("virtiofsd exited"), ["mount"]),
+    ("qemu.start", LaunchError("qemu exited with status 1"), ["mount", "virtiofsd"]),
+    ("proxy.start", AgentError("agent proxy failed"), ["mount", "virtiofsd", "qemu"]),
+    ("qemu.resume", QMPError("cont failed"), ["mount", "virtiofsd", "qemu", "proxy"]),
+    ("qemu.resume", KeyboardInterrupt(), ["mount", "virtiofsd", "qemu", "proxy"]),
+    ("agent.Health", "not yet", ["mount", "virtiofsd", "qemu", "proxy"]),
+    ("agent.MountShare", "no such tag", ["mount", "virtiofsd", "qemu", "proxy"]),
+    ("agent.ConfigureNetwork", "bad route", ["mount", "virtiofsd", "qemu", "proxy"]),
+]
+
+
+@pytest.mark.parametrize(
+    ("point", "failure", "started"),
+    FAILURES,
+    ids=[f"{p}-{i}" for i, (p, *_) in enumerate(FAILURES)],
+)
+def test_failed_boot_rolls_back_in_reverse_order(
+    fake: FakeDrivers, root: Path, point: str, failure: BaseException | str, started: list[str]
+) -> None:
+    fake.fail[point] = failure
+    user_network = point == "agent.ConfigureNetwork"
+    expected: type[BaseException] = AgentError if isinstance(failure, str) else type(failure)
+    with pytest.raises(expected) as raised:
+        Pod.boot(root, "p1", user_network=user_network)
+    undo: list[Event] = []
+    if "qemu" in started:
+        undo.append(("terminate", "qemu"))
+    if "proxy" in started:
+        undo.append(("terminate", "proxy"))
+    if "virtiofsd" in started:
+        undo.append(("terminate", "virtiofsd"))
+    teardown = teardown_events(fake, 0)
+    assert [e[:2] for e in teardown if e[0] == "terminate"] == undo
+    mounted = [e for e in fake.events if e[0] == "mount"]
+    unmounted = [e for e in teardown if e[0] == "umount"]
+    assert [e[1] for e in unmounted] == [e[1] for e in mounted]
+    assert all(e[2] for e in unmounted), "unmounted after the directory was removed"
+    assert_nothing_left(fake, root, "p1")
+    if point.startswith("agent."):
+        # The console log of a VM that did not come up is kept and named.
+        assert "serial console log kept at" in str(raised.value)
+        assert (root / "logs" / "p1-console.log").read_text().startswith("fake console")
+    fake.fail.clear()
+    Pod.boot(root, "p1").destroy()  # the id is free again
+
+
+def test_teardown_that_cannot_finish_leaves_the_pod_broken(
+    fake: FakeDrivers, root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pod = Pod.boot(root, "p1")
+    stuck = str(pod.shared_dir)
+
+    def busy(target: str) -> None:
+        raise OSError(16, f"umount {target}: busy")
+
+    monkeypatch.setattr("sandbox.pod.hostfs._umount", busy)
+    with pytest.raises(StateError, match=f"cannot remove pod p1: still mounted: {stuck}"):
+        pod.stop()
+    assert fake.alive() == []  # every process stopped all the same
+    broken = Pod.load(root, "p1")
+    assert broken.status is PodStatus.BROKEN and [p.id for p in Pod.list(root)] == ["p1"]
+    monkeypatch.setattr("sandbox.pod.hostfs._umount", fake.mounts._umount)
+    broken.destroy()  # retried: broken -> stopping -> stopped
+    assert str(broken.status) == "stopped"
+    assert_nothing_left(fake, root, "p1")
+
+
+def test_user_network_is_recorded(fake: FakeDrivers, root: Path) -> None:
+    pod = Pod.boot(root, "p1", user_network=True, hostname="web")
+    assert ("agent", "ConfigureNetwork") in fake.events
+    assert on_disk(pod)["network"] == {
+        "mode": "user",
+        "guest_files": {
+            "resolv_conf": "/run/pysandbox-network/resolv.conf",
+            "hosts": "/run/pysandbox-network/hosts",
+        },
+    }
+    assert pod.record.guest_files()["hosts"] == "/run/pysandbox-network/hosts"
+    pod.destroy()
+
+
+def test_a_dead_proxy_is_replaced_only_while_running(fake: FakeDrivers, root: Path) -> None:
+    pod = Pod.boot(root, "p1")
+    old = pod.process("proxy")
+    assert old is not None
+    fake.terminate("proxy", old)
+    with pod.client(timeout=2.0) as agent:
+        agent.health()
+    new = Pod.load(root, "p1").process("proxy")
+    assert new is not None and new != old and new.alive()
+    pod.record.transition(PodStatus.STOPPING)
+    pod.save()
+    fake.terminate("proxy", new)
+    starts = fake.events.count(("proxy", "start"))
+    with pytest.raises(AgentError), pod.client(timeout=1.0) as agent:
+        agent.health()
+    assert fake.events.count(("proxy", "start")) == starts
+    pod.destroy()
+    assert_nothing_left(fake, root, "p1")
+
+
+@pytest.fixture
+def templates(fake: FakeDrivers, monkeypatch: pytest.MonkeyPatch) -> FakeDrivers:
+    monkeypatch.setenv("PYSANDBOX_TEMPLATES", "1")
+    monkeypatch.setenv("PYSANDBOX_QEMU", sys.executable)  # only hashed into the template key
+    return fake
+
+
+def test_restored_pods_share_one_template(templates: FakeDrivers, root: Path) -> None:
+    fake = templates
+    first = Pod.boot(root, "p1")
+    build = [e for e in fake.events if e[0] in ("qemu", "proxy", "terminate")]
+    assert build[:6] == [
+        ("qemu", "start", "template"),
+        ("proxy", "start"),
+        ("qemu", "resume"),
+        ("qemu", "save_state"),
+        ("qemu", "kill"),  # the template VM, then its proxy
+        ("terminate", "proxy"),
+    ]
+    since = len(fake.events)
+    second = Pod.boot(root, "p2")
+    assert fake.events[since:] == [
+        ("mount", str(second.shared_dir)),
+        ("virtiofsd", "start"),
+        ("qemu", "start", "restore"),
+        ("proxy", "start"),
+        ("qemu", "wait_incoming"),
+        ("qemu", "release_zero_pages"),
+        ("qemu", "hotplug_share", "pod"),  # virtiofsd serves before the share is plugged
+        ("qemu", "resume"),
+        ("agent", "Health"),
+        ("agent", "Restored"),  # before anything else reaches the clone
+        ("agent", "MountShare"),
+    ]
+    assert first.record.boot == "restored" and on_disk(second)["boot"] == "restored"
+    first.stop()
+    second.stop()
+    assert fake.alive() == []
+
+
+def test_failed_restore_is_undone_then_cold_boots(templates: FakeDrivers, root: Path) -> None:
+    fake = templates
+    Pod.boot(root, "p0").stop()  # builds the template
+    template_dirs = [p for p in (root.parent / "templates").iterdir() if p.is_dir()]
+    assert len(template_dirs) == 1
+    fake.fail["qemu.wait_incoming"] = LaunchError("loading the saved state ended in 'failed'")
+    since = len(fake.events)
+    pod = Pod.boot(root, "p1")
+    events = [e for e in fake.events[since:] if e[0] in ("qemu", "proxy", "terminate")]
+    assert events == [
+        ("qemu", "start", "restore"),
+        ("proxy", "start"),
+        ("qemu", "wait_incoming"),
+        ("qemu", "kill"),
+        ("terminate", "proxy"),
+        ("qemu", "start", "cold"),
+        ("proxy", "start"),
+        ("qemu", "resume"),
+    ]
+    assert pod.record.boot == "cold"
+    assert not template_dirs[0].exists()  # a state QEMU cannot load is discarded
+    assert sorted(on_disk(pod)["processes"]) == ["proxy", "qemu", "virtiofsd"]
+    assert sorted(fake.alive()) == ["proxy", "qemu", "virtiofsd"]
+    pod.stop()
+    assert_nothing_left(fake, root, "p1")
+
+
+def test_restore_timeout_keeps_the_template(templates: FakeDrivers, root: Path) -> None:
+    fake = templates
+    Pod.boot(root, "p0").stop()
+    fake.fail["qemu.wait_incoming"] = HypervisorTimeout("did not load its saved state in 5s")
+    pod = Pod.boot(root, "p1")
+    assert pod.record.boot == "cold"
+    assert len([p for p in (root.parent / "templates").iterdir() if p.is_dir()]) == 1
+    pod.stop()

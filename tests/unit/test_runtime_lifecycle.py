@@ -1,0 +1,214 @@
+"""Container create, start and delete (sandbox/runtime/) against fake drivers.
+
+The container verbs drive the pod layer, which starts its processes through the fake of
+tests/unit/fake_drivers.py; the container's shim is a sleep process standing in for it.
+Checked: what each verb asks of the agent and the host, in order, and that a create that
+fails leaves no record, process, mount or pod behind (or, for a container joining a pod,
+leaves the pod as it was).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from hypervisor.errors import LaunchError
+from sandbox.errors import AgentError, NotFoundError, StateError
+from sandbox.pod.lifecycle import Pod
+from sandbox.pod.record import PodStatus
+from sandbox.runtime.create import create
+from sandbox.runtime.delete import delete
+from sandbox.runtime.record import ContainerRecord
+from sandbox.runtime.start import start
+from tests.unit.fake_drivers import Event, FakeDrivers, fixture_drivers
+
+SANDBOX = {"io.kubernetes.cri.container-type": "sandbox", "io.kubernetes.cri.sandbox-id": "pod"}
+MEMBER = {"io.kubernetes.cri.container-type": "container", "io.kubernetes.cri.sandbox-id": "pod"}
+
+
+@pytest.fixture
+def fake(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeDrivers]:
+    for fake in fixture_drivers(tmp_path, monkeypatch):
+        fake.install_shims(monkeypatch)
+        yield fake
+
+
+@pytest.fixture
+def root(tmp_path: Path) -> Path:
+    (tmp_path / "root").mkdir(mode=0o700)  # as the CLI makes --root
+    return tmp_path / "root"
+
+
+def bundle(tmp_path: Path, name: str, annotations: dict[str, str] | None = None) -> Path:
+    directory = tmp_path / "bundles" / name
+    (directory / "rootfs").mkdir(parents=True)
+    (directory / "volume").mkdir()
+    spec = {
+        "ociVersion": "1.0.2",
+        "process": {"args": ["sleep", "1000"], "cwd": "/"},
+        "root": {"path": "rootfs"},
+        "mounts": [
+            {"destination": "/data", "type": "bind", "source": "volume", "options": ["rbind"]}
+        ],
+        "annotations": annotations or {},
+    }
+    (directory / "config.json").write_text(json.dumps(spec))
+    return directory
+
+
+def since(fake: FakeDrivers, start: int, *kinds: str) -> list[Event]:
+    return [e for e in fake.events[start:] if not kinds or e[0] in kinds]
+
+
+def assert_gone(root: Path, container_id: str) -> None:
+    assert not (root / container_id).exists()
+    with pytest.raises(NotFoundError):
+        ContainerRecord.load(root, container_id)
+
+
+def test_create_start_delete(fake: FakeDrivers, root: Path, tmp_path: Path) -> None:
+    record = create(root, "c1", bundle(tmp_path, "c1"))
+    pod = Pod.load(root, "c1")
+    shared = pod.shared_dir
+    assert since(fake, 0, "mount", "agent", "shim") == [
+        ("mount", str(shared)),
+        ("agent", "Health"),
+        ("agent", "MountShare"),
+        ("mount", str(shared / "c1" / "rootfs")),  # the container's files into the share
+        ("mount", str(shared / "c1" / "mounts" / "0")),
+        ("agent", "CreateContainer"),  # after its files are there
+        ("shim", "spawn", "c1"),
+    ]
+    assert record.oci_state()["status"] == "created"
+    assert pod.record.containers == ["c1"] and pod.status is PodStatus.RUNNING
+
+    created = len(fake.events)
+    start(root, "c1")
+    assert since(fake, created) == [("agent", "StartContainer")]
+    assert ContainerRecord.load(root, "c1").oci_state()["status"] == "running"
+    with pytest.raises(StateError, match="cannot delete container c1: it is running"):
+        delete(root, "c1")
+
+    fake.shims["c1"].kill()  # the container exited
+    assert ContainerRecord.load(root, "c1").oci_state()["status"] == "stopped"
+    stopped = len(fake.events)
+    delete(root, "c1")
+    # The pod's own container takes the VM with it: no RemoveContainer, a clean power-off,
+    # then QEMU before virtiofsd, and every mount (deepest first) before the directory.
+    assert since(fake, stopped) == [
+        ("agent", "Shutdown"),
+        ("terminate", "qemu"),
+        ("terminate", "proxy"),
+        ("terminate", "virtiofsd"),
+        ("umount", str(shared / "c1" / "mounts" / "0"), True),
+        ("umount", str(shared / "c1" / "rootfs"), True),
+        ("umount", str(shared), True),
+    ]
+    assert_gone(root, "c1")
+    assert Pod.list(root) == [] and fake.alive() == [] and fake.mounts.points == set()
+
+
+def test_member_joins_and_leaves_a_pod(fake: FakeDrivers, root: Path, tmp_path: Path) -> None:
+    create(root, "sandbox", bundle(tmp_path, "sandbox", SANDBOX))
+    booted = len(fake.events)
+    create(root, "member", bundle(tmp_path, "member", MEMBER))
+    assert [e[0] for e in since(fake, booted)].count("qemu") == 0  # no second VM
+    assert Pod.load(root, "pod").record.containers == ["sandbox", "member"]
+    shared = Pod.load(root, "pod").shared_dir
+
+    joined = len(fake.events)
+    delete(root, "member", force=True)
+    assert since(fake, joined) == [
+        ("agent", "RemoveContainer"),  # out of the guest before its files leave the share
+        ("umount", str(shared / "member" / "mounts" / "0"), True),
+        ("umount", str(shared / "member" / "rootfs"), True),
+    ]
+    assert_gone(root, "member")
+    pod = Pod.load(root, "pod")
+    assert pod.record.containers == ["sandbox"] and pod.status is PodStatus.RUNNING
+    assert not (shared / "member").exists()
+    assert sorted(fake.alive()) == ["proxy", "qemu", "shim-sandbox", "virtiofsd"]
+
+    delete(root, "sandbox", force=True)
+    assert Pod.list(root) == [] and fake.alive() == [] and fake.mounts.points == set()
+
+
+ALL = ["qemu", "proxy", "virtiofsd"]
+
+
+@pytest.mark.parametrize(
+    ("point", "failure", "stopped"),
+    [
+        ("mount", OSError(2, "mount: No such file or directory"), []),
+        ("qemu.start", LaunchError("qemu exited with status 1"), ["virtiofsd"]),
+        ("agent.MountShare", "no such tag", ALL),
+        ("agent.CreateContainer", "exec format error", ALL),
+        ("shim.spawn", OSError(24, "Too many open files"), ALL),
+    ],
+)
+def test_failed_create_of_a_pod_leaves_nothing(
+    fake: FakeDrivers,
+    root: Path,
+    tmp_path: Path,
+    point: str,
+    failure: BaseException | str,
+    stopped: list[str],
+) -> None:
+    fake.fail[point] = failure
+    with pytest.raises(AgentError if isinstance(failure, str) else type(failure)):
+        create(root, "c1", bundle(tmp_path, "c1"))
+    assert_gone(root, "c1")
+    assert Pod.list(root) == [] and fake.alive() == [] and fake.mounts.points == set()
+    assert not any((root / "p").iterdir())
+    # What was started is stopped, QEMU first (the reverse of the boot order).
+    assert [e for e in fake.events if e[0] == "terminate"] == [("terminate", n) for n in stopped]
+    fake.fail.clear()
+    create(root, "c1", bundle(tmp_path, "c1-again"))  # the id is free again
+    delete(root, "c1", force=True)
+
+
+@pytest.mark.parametrize(
+    ("point", "failure"),
+    [
+        ("mount", OSError(2, "mount: No such file or directory")),
+        ("agent.CreateContainer", "exec format error"),
+        ("shim.spawn", OSError(24, "Too many open files")),
+    ],
+)
+def test_failed_join_leaves_the_pod_as_it_was(
+    fake: FakeDrivers, root: Path, tmp_path: Path, point: str, failure: BaseException | str
+) -> None:
+    create(root, "sandbox", bundle(tmp_path, "sandbox", SANDBOX))
+    before = sorted(fake.alive())
+    fake.fail[point] = failure
+    start = len(fake.events)
+    with pytest.raises(AgentError if isinstance(failure, str) else type(failure)):
+        create(root, "member", bundle(tmp_path, "member", MEMBER))
+    assert_gone(root, "member")
+    pod = Pod.load(root, "pod")
+    assert pod.record.containers == ["sandbox"] and pod.status is PodStatus.RUNNING
+    assert not (pod.shared_dir / "member").exists()
+    assert all(not p.startswith(str(pod.shared_dir / "member")) for p in fake.mounts.points)
+    assert sorted(fake.alive()) == before
+    if point != "mount":  # the guest saw the container: it is removed there too
+        assert ("agent", "RemoveContainer") in since(fake, start)
+    fake.fail.clear()
+    delete(root, "sandbox", force=True)
+    assert fake.alive() == []
+
+
+def test_joining_a_pod_that_is_not_running(fake: FakeDrivers, root: Path, tmp_path: Path) -> None:
+    create(root, "sandbox", bundle(tmp_path, "sandbox", SANDBOX))
+    pod = Pod.load(root, "pod")
+    pod.record.transition(PodStatus.STOPPING)
+    pod.record.transition(PodStatus.BROKEN)
+    pod.save()
+    with pytest.raises(StateError, match="pod sandbox pod of container member is broken"):
+        create(root, "member", bundle(tmp_path, "member", MEMBER))
+    assert_gone(root, "member")
+    assert Pod.load(root, "pod").record.containers == ["sandbox"]
+    delete(root, "sandbox", force=True)
+    assert Pod.list(root) == [] and fake.alive() == []
