@@ -14,6 +14,7 @@ import pytest
 
 from hypervisor.guest_image import find_image
 from sandbox.errors import AgentError, AgentTimeout, NotFoundError
+from sandbox.pod import record as pod_record
 from sandbox.pod.lifecycle import GUEST_SHARE, Pod
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -107,8 +108,7 @@ def test_boot_timeout_kills_vm_and_names_console_log(
         Pod.boot(vm_root, "too-slow", timeout=0.5)
     kept = Path(str(caught.value).rsplit(" ", 1)[1])
     assert kept.exists()
-    pod = Pod(vm_root, "too-slow", {})
-    assert not pod.dir.exists()
+    assert not pod_record.directory(vm_root, "too-slow").exists()
     with pytest.raises(NotFoundError):
         Pod.load(vm_root, "too-slow")
 
