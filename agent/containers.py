@@ -27,7 +27,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from agent import pid1
+from agent import cgroup_layout, pid1
 
 MAX_SPEC_BYTES = 1024 * 1024
 #: Guest directory holding per-container overlay layers (on the /run tmpfs).
@@ -125,7 +125,7 @@ class Container:
 
     id: str
     rootfs: str
-    cgroup: str
+    cgroup: str  # on cgroup2, in both layouts: procs, kill, freeze
     init: Process
     control: socket.socket | None
     seccomp: Any = None  # the spec's linux.seccomp, applied to every exec as runc does
@@ -133,6 +133,7 @@ class Container:
     paused: bool = False
     execs: dict[str, Process] = field(default_factory=dict)
     starting: set[str] = field(default_factory=set)  # exec ids being spawned
+    cgroup_v1: list[str] = field(default_factory=list)  # its v1 cgroups (v1 layout only)
 
     @property
     def status(self) -> str:
@@ -160,8 +161,9 @@ def _ready_pid(line: str) -> int | None:
     return None
 
 
-def _remove_cgroup(path: str, timeout: float = 5.0) -> None:
-    """Kill what is left in cgroup ``path`` and remove it; a missing cgroup is fine.
+def _remove_cgroup(path: str, v1_dirs: list[str], timeout: float = 5.0) -> None:
+    """Kill what is left in cgroup ``path`` and remove it and its ``v1_dirs``; a missing
+    cgroup is fine.
 
     ``rmdir`` fails with EBUSY until the last killed process has exited (cgroup.kill is
     asynchronous), so it is retried for up to ``timeout`` seconds; after that the empty
@@ -170,16 +172,17 @@ def _remove_cgroup(path: str, timeout: float = 5.0) -> None:
     with contextlib.suppress(OSError), open(f"{path}/cgroup.kill", "w", encoding="ascii") as kill:
         kill.write("1")
     deadline = time.monotonic() + timeout
-    while True:
-        try:
-            os.rmdir(path)
-            return
-        except FileNotFoundError:
-            return
-        except OSError as exc:
-            if exc.errno != errno.EBUSY or time.monotonic() >= deadline:
-                return
-        time.sleep(0.01)
+    for directory in [path, *v1_dirs]:
+        while True:
+            try:
+                os.rmdir(directory)
+                break
+            except FileNotFoundError:
+                break
+            except OSError as exc:
+                if exc.errno != errno.EBUSY or time.monotonic() >= deadline:
+                    break
+            time.sleep(0.01)
 
 
 def _close(fd: int | None) -> None:
@@ -191,9 +194,15 @@ def _close(fd: int | None) -> None:
 class ContainerManager:
     """All containers of this guest. Thread-safe."""
 
-    def __init__(self, reaper: pid1.Reaper, cgroup_parent: str = pid1.CGROUP_PARENT) -> None:
+    def __init__(
+        self,
+        reaper: pid1.Reaper,
+        cgroup_parent: str = pid1.CGROUP_PARENT,
+        layout: cgroup_layout.Layout | None = None,
+    ) -> None:
         self._reaper = reaper
         self._cgroup_parent = cgroup_parent
+        self._layout = layout or cgroup_layout.Layout(cgroup_parent)
         self._containers: dict[str, Container] = {}
         self._lock = threading.Lock()
 
@@ -338,6 +347,13 @@ class ContainerManager:
             raise ContainerError(
                 "INVALID_ARGUMENT", f"rootfs {rootfs!r} is not a directory under {pid1.SHARE_ROOT}"
             )
+        try:
+            self._layout.choose(cgroup_layout.requested(spec))
+        except ValueError as exc:
+            raise ContainerError("FAILED_PRECONDITION", str(exc)) from exc
+        except OSError as exc:
+            raise ContainerError("INTERNAL", f"setting up the guest's cgroups: {exc}") from exc
+        cgroup = f"{self._cgroup_parent}/{container_id}"
         with self._lock:
             if container_id in self._containers:
                 raise ContainerError("ALREADY_EXISTS", f"container {container_id} already exists")
@@ -348,16 +364,23 @@ class ContainerManager:
             spec.setdefault("root", {})["path"] = rootfs
             process = spec.get("process") or {}
             terminal = bool(process.get("terminal", False)) if isinstance(process, dict) else False
-            cgroup = f"{self._cgroup_parent}/{container_id}"
             proc, control = self._spawn(
                 "agent.oci.init",
-                ["--bundle-fd", "3", "--sync-fd", "4", "--cgroup", cgroup],
+                [
+                    "--bundle-fd",
+                    "3",
+                    "--sync-fd",
+                    "4",
+                    "--cgroup",
+                    cgroup,
+                    *self._layout.runtime_args(),
+                ],
                 json.dumps(spec).encode(),
                 terminal,
             )
         except BaseException:
             # The runtime may have created (and joined) the cgroup before it failed.
-            _remove_cgroup(f"{self._cgroup_parent}/{container_id}")
+            _remove_cgroup(cgroup, self._layout.v1_dirs(cgroup))
             self._drop_overlay(container_id)
             with self._lock:
                 self._containers.pop(container_id, None)
@@ -366,7 +389,13 @@ class ContainerManager:
         seccomp = linux.get("seccomp") if isinstance(linux, dict) else None
         with self._lock:
             self._containers[container_id] = Container(
-                container_id, rootfs, cgroup, proc, control, seccomp=seccomp
+                container_id,
+                rootfs,
+                cgroup,
+                proc,
+                control,
+                seccomp=seccomp,
+                cgroup_v1=self._layout.v1_dirs(cgroup),
             )
         return proc.pid
 
@@ -446,6 +475,7 @@ class ContainerManager:
                 "4",
                 "--cgroup",
                 container.cgroup,
+                *self._layout.runtime_args(),
             ],
             json.dumps(process).encode(),
             bool(process.get("terminal", False)),
@@ -500,15 +530,7 @@ class ContainerManager:
     @staticmethod
     def _oom_kills(container: Container) -> int:
         """The oom_kill count of the container's cgroup (0 when it cannot be read)."""
-        try:
-            with open(f"{container.cgroup}/memory.events", encoding="ascii") as events:
-                for line in events:
-                    key, _, value = line.partition(" ")
-                    if key == "oom_kill" and value.strip().isdigit():
-                        return int(value)
-        except OSError:
-            pass
-        return 0
+        return cgroup_layout.read_counters(container.cgroup, container.cgroup_v1)["oom_kills"]
 
     def oom_killed(self, container_id: str, exec_id: str = "") -> bool:
         """Whether the OOM killer struck: for the init process, anywhere in the container
@@ -633,8 +655,10 @@ class ContainerManager:
             raise ContainerError("INVALID_ARGUMENT", "resources larger than 64 KiB")
         try:
             resources = parse_resources(json.loads(resources_json), "resources")
-            if resources is not None:
-                cgroups.set_limits(LinuxSyscalls(), container.cgroup, resources)
+            v1_root = cgroup_layout.V1_ROOT if container.cgroup_v1 else None
+            own = cgroups.locate(LinuxSyscalls(), container.cgroup, v1_root)
+            if resources is not None and own is not None:
+                cgroups.set_limits(LinuxSyscalls(), own, resources)
         except ValueError as exc:
             raise ContainerError("INVALID_ARGUMENT", f"malformed resources: {exc}") from exc
         except OciError as exc:
@@ -642,29 +666,7 @@ class ContainerManager:
 
     def stats(self, container_id: str) -> dict[str, int]:
         container = self.get(container_id)
-
-        def read(name: str) -> str:
-            try:
-                with open(f"{container.cgroup}/{name}", encoding="ascii") as handle:
-                    return handle.read()
-            except OSError:
-                return ""
-
-        def keyed(text: str, key: str) -> int:
-            for line in text.splitlines():
-                name, _, value = line.partition(" ")
-                if name == key and value.strip().isdigit():
-                    return int(value)
-            return 0
-
-        limit = read("memory.max").strip()
-        return {
-            "cpu_usage_usec": keyed(read("cpu.stat"), "usage_usec"),
-            "memory_usage_bytes": int(read("memory.current").strip() or 0),
-            "memory_limit_bytes": int(limit) if limit.isdigit() else 0,
-            "pids_current": int(read("pids.current").strip() or 0),
-            "oom_kills": keyed(read("memory.events"), "oom_kill"),
-        }
+        return cgroup_layout.read_counters(container.cgroup, container.cgroup_v1)
 
     def remove(self, container_id: str) -> None:
         container = self.get(container_id)
@@ -683,7 +685,7 @@ class ContainerManager:
                 proc.release(which)
         if container.control is not None:
             container.control.close()
-        _remove_cgroup(container.cgroup)
+        _remove_cgroup(container.cgroup, container.cgroup_v1)
         self._drop_overlay(container_id)
         with self._lock:
             self._containers.pop(container_id, None)

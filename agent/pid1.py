@@ -48,22 +48,12 @@ def early_mounts() -> None:
         if not _is_mountpoint(target):
             syscalls.mount(source, target, fstype, flags, data)
     os.makedirs(SHARE_ROOT, mode=0o700, exist_ok=True)
-    enable_cgroup_controllers()
+    # No controller is enabled yet: a controller used on cgroup2 can no longer be mounted as
+    # cgroup v1, and the layout is chosen with the first container (agent.cgroup_layout).
 
 
-#: Parent cgroup of every container in the guest.
+#: Parent cgroup of every container in the guest (on cgroup2, in both layouts).
 CGROUP_PARENT = "/sys/fs/cgroup/pysandbox"
-
-
-def enable_cgroup_controllers() -> None:
-    """Delegate cpu, memory and pids to :data:`CGROUP_PARENT` and its children."""
-    os.makedirs(CGROUP_PARENT, exist_ok=True)
-    for directory in ("/sys/fs/cgroup", CGROUP_PARENT):
-        with open(f"{directory}/cgroup.controllers", encoding="ascii") as handle:
-            available = set(handle.read().split())
-        wanted = [c for c in ("cpu", "memory", "pids") if c in available]
-        with open(f"{directory}/cgroup.subtree_control", "w", encoding="ascii") as handle:
-            handle.write(" ".join(f"+{c}" for c in wanted))
 
 
 class Reaper:

@@ -3,6 +3,7 @@
 Usage::
 
     python3 -m agent.oci.exec --target-pid PID --process-fd FD --sync-fd SYNCFD [--cgroup DIR]
+                              [--cgroup-v1 ROOT]
 
 PID is the container's process (as the agent sees it), FD carries an OCI ``process`` object as
 JSON (with the pysandbox extension ``seccomp``: an OCI linux.seccomp object to apply, since a
@@ -30,7 +31,7 @@ if TYPE_CHECKING:
 
 USAGE = (
     "usage: python3 -m agent.oci.exec --target-pid PID --process-fd FD --sync-fd SYNCFD "
-    "[--cgroup DIR]"
+    "[--cgroup DIR] [--cgroup-v1 ROOT]"
 )
 
 #: /proc/PID/ns entries in the order nsenter joins them: user first (it owns the others),
@@ -48,7 +49,12 @@ NAMESPACES = (
 
 
 def exec_process(
-    sys: Syscalls, process: Process, target: int, sync: proc_steps.Sync, cgroup: str | None
+    sys: Syscalls,
+    process: Process,
+    target: int,
+    sync: proc_steps.Sync,
+    cgroup: str | None,
+    cgroup_v1: str | None = None,
 ) -> int:
     """Enter the container of ``target`` and become ``process``, in order."""
     cap_last = init_mod.last_cap(sys)
@@ -63,8 +69,9 @@ def exec_process(
         except OSError as exc:
             raise SetupError.from_os("setting oom_score_adj", exc) from exc
     # 2. The container's cgroup, by its path in the agent's view, before the cgroup namespace.
-    if cgroup is not None and cgroups.usable(sys, cgroup):
-        cgroups.join(sys, cgroup)
+    own = cgroups.locate(sys, cgroup, cgroup_v1) if cgroup is not None else None
+    if own is not None:
+        cgroups.join(sys, own)
     # 3. Open every namespace that differs from ours, and the container's root, before
     #    joining any: each setns changes what /proc/<pid> paths mean.
     opened: list[tuple[int, int]] = []
@@ -123,7 +130,14 @@ def exec_process(
     return proc_steps.run_after_start(sys, sync, process, my_pid, executable, env)
 
 
-def run(sys: Syscalls, payload: bytes, target: int, sync_fd: int, cgroup: str | None) -> int:
+def run(
+    sys: Syscalls,
+    payload: bytes,
+    target: int,
+    sync_fd: int,
+    cgroup: str | None,
+    cgroup_v1: str | None = None,
+) -> int:
     sync = proc_steps.Sync(sys, sync_fd)
     try:
         try:
@@ -131,14 +145,16 @@ def run(sys: Syscalls, payload: bytes, target: int, sync_fd: int, cgroup: str | 
         except ValueError as exc:
             raise SpecError(f"process json is not valid JSON: {exc}") from exc
         process = spec_mod.parse_process(decoded)
-        return exec_process(sys, process, target, sync, cgroup)
+        return exec_process(sys, process, target, sync, cgroup, cgroup_v1)
     except Exception as exc:
         return init_mod.fail(sys, sync, exc)
 
 
 def main(argv: list[str]) -> int:
     try:
-        args = init_mod.parse_args(argv, ("target-pid", "process-fd", "sync-fd", "cgroup"))
+        args = init_mod.parse_args(
+            argv, ("target-pid", "process-fd", "sync-fd", "cgroup", "cgroup-v1")
+        )
         target = int(args["target-pid"])
         process_fd = int(args["process-fd"])
         sync_fd = int(args["sync-fd"])
@@ -154,7 +170,14 @@ def main(argv: list[str]) -> int:
             f"reading the process: {exc.strerror}", SETUP_FAILED
         )
         return 1
-    return run(sc.LinuxSyscalls(), payload, target, sync_fd, args.get("cgroup") or None)
+    return run(
+        sc.LinuxSyscalls(),
+        payload,
+        target,
+        sync_fd,
+        args.get("cgroup") or None,
+        args.get("cgroup-v1") or None,
+    )
 
 
 if __name__ == "__main__":

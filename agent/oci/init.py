@@ -3,6 +3,7 @@
 Usage::
 
     python3 -m agent.oci.init --bundle-fd SPECFD --sync-fd SYNCFD [--cgroup DIR]
+                              [--cgroup-v1 ROOT]
 
 SPECFD carries config.json (``root.path`` absolute); SYNCFD is a socket on which the runtime
 writes one line, ``ready <pid>`` or ``error <message>``, and then waits for ``start``. fds 0-2
@@ -32,7 +33,10 @@ if TYPE_CHECKING:
     from agent.oci.spec import IdMapping, Spec
     from agent.oci.syscalls import Syscalls
 
-USAGE = "usage: python3 -m agent.oci.init --bundle-fd SPECFD --sync-fd SYNCFD [--cgroup DIR]"
+USAGE = (
+    "usage: python3 -m agent.oci.init --bundle-fd SPECFD --sync-fd SYNCFD [--cgroup DIR] "
+    "[--cgroup-v1 ROOT]"
+)
 
 #: The order runc (nsexec) joins namespaces given by path: user first, mount last.
 JOIN_ORDER = ("user", "ipc", "uts", "network", "pid", "cgroup", "time", "mount")
@@ -46,8 +50,17 @@ def last_cap(sys: Syscalls) -> int:
         return DEFAULT_LAST_CAP
 
 
-def create_container(sys: Syscalls, spec: Spec, sync: proc_steps.Sync, cgroup: str | None) -> int:
+def create_container(
+    sys: Syscalls,
+    spec: Spec,
+    sync: proc_steps.Sync,
+    cgroup: str | None,
+    cgroup_v1: str | None = None,
+) -> int:
     """Apply ``spec``, in order. Returns an exit code (real runs end in execve instead).
+
+    ``cgroup``/``cgroup_v1``: the container's cgroup and the guest's v1 root, as in
+    :func:`agent.oci.cgroups.locate`.
 
     The spec was validated as a whole before this is called, so an error here is a failure of
     the system, not of the spec.
@@ -66,11 +79,12 @@ def create_container(sys: Syscalls, spec: Spec, sync: proc_steps.Sync, cgroup: s
     # 2. cgroup before any namespace: the path is in the agent's view of the hierarchy (a
     #    cgroup namespace would hide it) and so the container starts inside its limits.
     #    Limits are written before joining, so it is never inside without them.
-    if cgroup is not None and cgroups.usable(sys, cgroup):
-        cgroups.create(sys, cgroup)
+    own = cgroups.locate(sys, cgroup, cgroup_v1) if cgroup is not None else None
+    if own is not None:
+        cgroups.create(sys, own)
         if spec.resources is not None:
-            cgroups.set_limits(sys, cgroup, spec.resources)
-        cgroups.join(sys, cgroup)
+            cgroups.set_limits(sys, own, spec.resources)
+        cgroups.join(sys, own)
     # 3. Join namespaces given by path, user namespace first: the others are owned by it and
     #    setns into them needs its capabilities (the order of runc's nsexec).
     _join_namespaces(sys, spec)
@@ -85,6 +99,12 @@ def create_container(sys: Syscalls, spec: Spec, sync: proc_steps.Sync, cgroup: s
     for ns in spec.namespaces:
         if ns.path is None and ns.type != "user":
             flags |= ns.flag
+    # 5a. A cgroup namespace even when the spec has none: the guest's hierarchy means nothing
+    #     to the client, and every runtime shows a container its own cgroup at /sys/fs/cgroup
+    #     (runc on v1 hosts by binding it, on v2 hosts through a private cgroup namespace).
+    #     Rooted at the cgroup joined in step 2. A cgroup namespace given by path is joined.
+    if own is not None and spec.namespace("cgroup") is None:
+        flags |= sc.CLONE_NEWCGROUP
     if flags:
         try:
             sys.unshare(flags)
@@ -133,7 +153,7 @@ def create_container(sys: Syscalls, spec: Spec, sync: proc_steps.Sync, cgroup: s
         raise SetupError.from_os("preparing the rootfs", exc) from exc
     # 13. The spec's mounts, in order: later ones may sit on earlier ones (/dev, /dev/pts).
     for mount in spec.mounts:
-        rootfs.mount_entry(sys, root, mount)
+        rootfs.mount_entry(sys, root, mount, own)
     # 14. Device nodes, into the /dev the mounts built (unless /dev is a bind of the guest's
     #     /dev). mknod is not allowed in a user namespace: bind the guest's nodes there.
     dev_is_bind = any(m.destination == "/dev" and m.bind for m in spec.mounts)
@@ -285,7 +305,9 @@ def supervise(sys: Syscalls, child: int, pid_r: int, pid_w: int, done_r: int, do
     return 128 + os.WTERMSIG(status) if os.WIFSIGNALED(status) else 1
 
 
-def run(sys: Syscalls, config: bytes, sync_fd: int, cgroup: str | None) -> int:
+def run(
+    sys: Syscalls, config: bytes, sync_fd: int, cgroup: str | None, cgroup_v1: str | None = None
+) -> int:
     """Validate, then create. Every failure becomes one ``error`` line and an exit code."""
     sync = proc_steps.Sync(sys, sync_fd)
     try:
@@ -294,7 +316,7 @@ def run(sys: Syscalls, config: bytes, sync_fd: int, cgroup: str | None) -> int:
         except ValueError as exc:
             raise SpecError(f"config.json is not valid JSON: {exc}") from exc
         spec = spec_mod.parse_spec(decoded)
-        return create_container(sys, spec, sync, cgroup)
+        return create_container(sys, spec, sync, cgroup, cgroup_v1)
     except Exception as exc:
         return fail(sys, sync, exc)
 
@@ -353,7 +375,7 @@ def read_all(fd: int) -> bytes:
 
 def main(argv: list[str]) -> int:
     try:
-        args = parse_args(argv, ("bundle-fd", "sync-fd", "cgroup"))
+        args = parse_args(argv, ("bundle-fd", "sync-fd", "cgroup", "cgroup-v1"))
         spec_fd = int(args["bundle-fd"])
         sync_fd = int(args["sync-fd"])
     except (KeyError, ValueError) as exc:
@@ -366,7 +388,13 @@ def main(argv: list[str]) -> int:
             f"reading the spec: {exc.strerror}", SETUP_FAILED
         )
         return 1
-    return run(sc.LinuxSyscalls(), config, sync_fd, args.get("cgroup") or None)
+    return run(
+        sc.LinuxSyscalls(),
+        config,
+        sync_fd,
+        args.get("cgroup") or None,
+        args.get("cgroup-v1") or None,
+    )
 
 
 if __name__ == "__main__":

@@ -19,11 +19,13 @@ from agent.oci.errors import SetupError
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from agent.oci.cgroups import Cgroup
     from agent.oci.spec import Device, Mount
     from agent.oci.syscalls import Syscalls
 
 #: Filesystems a user namespace may not be allowed to mount, and what to bind instead (runc).
-_BIND_FALLBACK = {"sysfs": "/sys", "mqueue": "/dev/mqueue", "cgroup2": "/sys/fs/cgroup"}
+#: A cgroup mount binds the container's own cgroup instead (:func:`cgroup_view`).
+_BIND_FALLBACK = {"sysfs": "/sys", "mqueue": "/dev/mqueue"}
 
 _S_IFCHR = 0o020000
 _S_IFBLK = 0o060000
@@ -115,8 +117,12 @@ def make_parent_private(sys: Syscalls, root: str) -> None:
         sys.mount(None, best, None, sc.MS_PRIVATE, None)
 
 
-def mount_entry(sys: Syscalls, root: str, mount: Mount) -> None:
-    """Create the target inside ``root`` and mount one ``mounts[]`` entry there."""
+def mount_entry(sys: Syscalls, root: str, mount: Mount, cgroup: Cgroup | None = None) -> None:
+    """Create the target inside ``root`` and mount one ``mounts[]`` entry there.
+
+    A ``cgroup``/``cgroup2`` entry shows the container's own ``cgroup`` (:func:`cgroup_view`);
+    without one (no usable cgroup) it is a plain cgroup2 mount.
+    """
     target = secure_join(sys, root, mount.destination)
     where = f"mount {mount.source or mount.type} on {mount.destination}"
     try:
@@ -135,6 +141,9 @@ def mount_entry(sys: Syscalls, root: str, mount: Mount) -> None:
             extra = mount.flags & ~(sc.MS_BIND | sc.MS_REC | sc.MS_REMOUNT)
             if extra:
                 _locked_remount(sys, target, extra)
+        elif mount.type in ("cgroup", "cgroup2") and cgroup is not None:
+            mkdir_all(sys, target)
+            cgroup_view(sys, cgroup, target, mount.flags)
         else:
             mkdir_all(sys, target)
             fstype = "cgroup2" if mount.type in ("cgroup", "cgroup2") else mount.type
@@ -145,8 +154,8 @@ def mount_entry(sys: Syscalls, root: str, mount: Mount) -> None:
                 fallback = _BIND_FALLBACK.get(fstype)
                 if exc.errno not in (errno.EPERM, errno.EBUSY) or fallback is None:
                     raise
-                # A user namespace without its own net/ipc/cgroup namespace may not mount
-                # sysfs/mqueue/cgroup2: show the guest's instead, with the same flags.
+                # A user namespace without its own net/ipc namespace may not mount
+                # sysfs/mqueue: show the guest's instead, with the same flags.
                 sys.mount(fallback, target, None, sc.MS_BIND | sc.MS_REC, None)
                 if mount.flags:
                     _locked_remount(sys, target, mount.flags)
@@ -154,6 +163,42 @@ def mount_entry(sys: Syscalls, root: str, mount: Mount) -> None:
             sys.mount(None, target, None, propagation, None)
     except OSError as exc:
         raise SetupError.from_os(where, exc) from exc
+
+
+def cgroup_view(sys: Syscalls, cgroup: Cgroup, target: str, flags: int) -> None:
+    """Show the container's own cgroup at ``target``, whatever the spec's cgroup namespace.
+
+    Runs in the container's cgroup namespace (the runtime always has one), so a cgroup file
+    system mounted here is rooted at the container's cgroup. v2 layout: cgroup2 at ``target``.
+    v1 layout: a tmpfs at ``target`` with one directory per hierarchy, named by its
+    controllers, and symlinks from each controller of a shared hierarchy (``cpu`` ->
+    ``cpu,cpuacct``), as systemd and runc lay it out; the tmpfs is made read-only last when
+    ``flags`` asks for it. A user namespace that may not mount a cgroup file system (EPERM)
+    gets a bind of the container's own cgroup directory instead.
+    """
+    if not cgroup.v1:
+        _cgroup_fs(sys, "cgroup2", "", cgroup.path, target, flags)
+        return
+    sys.mount("tmpfs", target, "tmpfs", flags & ~sc.MS_RDONLY, "mode=755")
+    for name, directory in cgroup.v1:
+        sys.mkdir(f"{target}/{name}", 0o555)
+        _cgroup_fs(sys, "cgroup", name, directory, f"{target}/{name}", flags)
+        if "," in name:
+            for controller in name.split(","):
+                sys.symlink(name, f"{target}/{controller}")
+    if flags & sc.MS_RDONLY:
+        _locked_remount(sys, target, flags)
+
+
+def _cgroup_fs(sys: Syscalls, fstype: str, data: str, own: str, target: str, flags: int) -> None:
+    try:
+        sys.mount(fstype, target, fstype, flags, data or None)
+    except OSError as exc:
+        if exc.errno not in (errno.EPERM, errno.EBUSY):
+            raise
+        sys.mount(own, target, None, sc.MS_BIND | sc.MS_REC, None)
+        if flags:
+            _locked_remount(sys, target, flags)
 
 
 def create_device(sys: Syscalls, root: str, device: Device, bind: bool) -> None:

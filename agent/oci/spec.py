@@ -13,7 +13,8 @@ costs more than the whole parse under TCG emulation.
 
 Ignored, on purpose: hooks (run by the host side), annotations, apparmor/selinux labels (the
 guest kernel has no LSM policy), linux.cgroupsPath (the agent chooses the cgroup), consoleSize
-(the agent resizes the pty), intelRdt, personality, blockIO/hugepage/network resources.
+(the agent resizes the pty), intelRdt, personality, network resources, blockIO per-device
+weights and throttles (they name host block devices, which do not exist in the guest).
 """
 
 from __future__ import annotations
@@ -261,12 +262,26 @@ class Process:
 
 
 class Resources:
-    """linux.resources, already in cgroup v2 terms: file name -> value, in write order."""
+    """linux.resources as cgroup files to write, for either cgroup version.
 
-    __slots__ = ("files",)
+    ``files``: cgroup v2 file name -> value, in write order, with runc's conversions (shares ->
+    ``cpu.weight``, memory+swap -> ``memory.swap.max``, blkio weight -> ``io.weight``).
+    ``v1_files``: the same limits as cgroup v1 files (``memory.limit_in_bytes``,
+    ``cpu.cfs_quota_us``...); the part of a name before its first dot is its controller.
+    ``unified``: True when ``linux.resources.unified`` was given: it has no v1 form.
+    """
 
-    def __init__(self, files: list[tuple[str, str]]) -> None:
+    __slots__ = ("files", "unified", "v1_files")
+
+    def __init__(
+        self,
+        files: list[tuple[str, str]],
+        v1_files: list[tuple[str, str]] | None = None,
+        unified: bool = False,
+    ) -> None:
         self.files = files
+        self.v1_files = v1_files if v1_files is not None else []
+        self.unified = unified
 
 
 class Spec:
@@ -593,19 +608,41 @@ def _cpu_weight(shares: int) -> int:
     return 1 + ((shares - 2) * 9999) // 262142
 
 
+def _io_weight(blkio_weight: int) -> int:
+    # runc's conversion of the v1 blkio weight [10, 1000] to the v2 io.weight [1, 10000].
+    return 1 + ((blkio_weight - 10) * 9999) // 990
+
+
+def _page_size(value: object, where: str) -> str:
+    """A hugetlb page size as the kernel names it in file names: "2MB", "1GB", "64KB"."""
+    size = _str(value, where)
+    number = size[:-2]
+    if not (number.isdigit() and size[-2:] in ("KB", "MB", "GB")):
+        raise SpecError(f'{where}: invalid hugepage size "{size}" (want e.g. "2MB" or "1GB")')
+    return size
+
+
 def parse_resources(value: object, where: str) -> Resources | None:
+    """linux.resources -> the files of both cgroup versions (see :class:`Resources`).
+
+    Conversions and v1 names are runc's (libcontainer/cgroups/fs and fs2). -1 means
+    "unlimited" for the memory values and quota, a pids limit <= 0 too.
+    """
     if value is None:
         return None
     res = _obj(value, where)
     files: list[tuple[str, str]] = []
+    v1: list[tuple[str, str]] = []
     memory = _obj(res.get("memory"), f"{where}.memory")
     if memory.get("reservation") is not None:
         reservation = _int(memory["reservation"], f"{where}.memory.reservation", -1, 1 << 62)
         files.append(("memory.low", "max" if reservation == -1 else str(reservation)))
+        v1.append(("memory.soft_limit_in_bytes", str(reservation)))
     limit = None
     if memory.get("limit") is not None:
         limit = _int(memory["limit"], f"{where}.memory.limit", -1, 1 << 62)
         files.append(("memory.max", "max" if limit == -1 else str(limit)))
+        v1.append(("memory.limit_in_bytes", str(limit)))
     if memory.get("swap") is not None:
         # OCI swap is memory+swap (v1 memsw); v2 memory.swap.max is swap alone.
         total = _int(memory["swap"], f"{where}.memory.swap", -1, 1 << 62)
@@ -617,30 +654,53 @@ def parse_resources(value: object, where: str) -> Resources | None:
             raise SpecError(f"{where}.memory.swap: {total} is less than the memory limit {limit}")
         else:
             files.append(("memory.swap.max", str(total - limit)))
+        v1.append(("memory.memsw.limit_in_bytes", str(total)))
     pids = _obj(res.get("pids"), f"{where}.pids")
     if pids.get("limit") is not None:
         pids_limit = _int(pids["limit"], f"{where}.pids.limit", -(1 << 62), 1 << 62)
         files.append(("pids.max", "max" if pids_limit <= 0 else str(pids_limit)))
+        v1.append(("pids.max", "max" if pids_limit <= 0 else str(pids_limit)))
     cpu = _obj(res.get("cpu"), f"{where}.cpu")
     if cpu.get("shares") is not None:
         shares = _int(cpu["shares"], f"{where}.cpu.shares", 0, UINT64_MAX)
         if shares:
             files.append(("cpu.weight", str(_cpu_weight(max(2, min(shares, 262144))))))
+            v1.append(("cpu.shares", str(shares)))
     if cpu.get("quota") is not None or cpu.get("period") is not None:
         quota = _int(cpu.get("quota"), f"{where}.cpu.quota", -1, 1 << 62, -1)
         period = _int(cpu.get("period"), f"{where}.cpu.period", 0, 1 << 32, 100000) or 100000
         files.append(("cpu.max", f"{'max' if quota <= 0 else quota} {period}"))
-    if cpu.get("cpus"):
-        files.append(("cpuset.cpus", _str(cpu["cpus"], f"{where}.cpu.cpus")))
-    if cpu.get("mems"):
-        files.append(("cpuset.mems", _str(cpu["mems"], f"{where}.cpu.mems")))
-    for key, raw in _obj(res.get("unified"), f"{where}.unified").items():
+        if cpu.get("period") is not None:
+            v1.append(("cpu.cfs_period_us", str(period)))
+        if cpu.get("quota") is not None:
+            v1.append(("cpu.cfs_quota_us", str(quota if quota > 0 else -1)))
+    for key in ("cpus", "mems"):
+        if cpu.get(key):
+            setting = _str(cpu[key], f"{where}.cpu.{key}")
+            files.append((f"cpuset.{key}", setting))
+            v1.append((f"cpuset.{key}", setting))
+    block_io = _obj(res.get("blockIO"), f"{where}.blockIO")
+    if block_io.get("weight") is not None:
+        weight = _int(block_io["weight"], f"{where}.blockIO.weight", 0, 1000)
+        if weight:
+            if weight < 10:
+                raise SpecError(f"{where}.blockIO.weight: {weight} is not in [10, 1000]")
+            files.append(("io.weight", f"default {_io_weight(weight)}"))
+            v1.append(("blkio.weight", str(weight)))
+    for i, item in enumerate(_list(res.get("hugepageLimits"), f"{where}.hugepageLimits")):
+        entry = _obj(item, f"{where}.hugepageLimits[{i}]")
+        size = _page_size(entry.get("pageSize"), f"{where}.hugepageLimits[{i}].pageSize")
+        bytes_ = _int(entry.get("limit"), f"{where}.hugepageLimits[{i}].limit", 0, UINT64_MAX)
+        files.append((f"hugetlb.{size}.max", str(bytes_)))
+        v1.append((f"hugetlb.{size}.limit_in_bytes", str(bytes_)))
+    unified = _obj(res.get("unified"), f"{where}.unified")
+    for key, raw in unified.items():
         setting = _str(raw, f"{where}.unified.{key}")
         controller, dot, rest = key.partition(".")
         if not dot or not controller or not rest or "/" in key or controller == "cgroup":
             raise SpecError(f'{where}.unified: invalid cgroup file name "{key}"')
         files.append((key, setting))
-    return Resources(files)
+    return Resources(files, v1, unified=bool(unified))
 
 
 def parse_spec(config: object) -> Spec:

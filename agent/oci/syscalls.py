@@ -344,6 +344,10 @@ class Syscalls(abc.ABC):
     def read_text(self, path: str) -> str: ...
 
     @abc.abstractmethod
+    def listdir(self, path: str) -> list[str]:
+        """Names in directory ``path`` (OSError if it cannot be read)."""
+
+    @abc.abstractmethod
     def access_x(self, path: str) -> bool:
         """Whether the current credentials may execute ``path``."""
 
@@ -682,6 +686,9 @@ class LinuxSyscalls(Syscalls):
         with open(path, encoding="utf-8") as handle:
             return handle.read()
 
+    def listdir(self, path: str) -> list[str]:
+        return os.listdir(path)
+
     def access_x(self, path: str) -> bool:
         return os.access(path, os.X_OK)
 
@@ -929,6 +936,13 @@ class RecordingSyscalls(Syscalls):
         if text is None:
             raise FileNotFoundError(2, f"open {path}: {os.strerror(2)}")
         return text
+
+    def listdir(self, path: str) -> list[str]:
+        if self.fs.get(path) != "dir":
+            raise FileNotFoundError(2, f"open {path}: {os.strerror(2)}")
+        return sorted(
+            p[len(path) + 1 :] for p in self.fs if os.path.dirname(p) == path and p != path
+        )
 
     def access_x(self, path: str) -> bool:
         return self.fs.get(path) == "file" and path not in self.not_executable

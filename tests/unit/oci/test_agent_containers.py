@@ -149,3 +149,31 @@ def test_collected_execs_are_forgotten_beyond_the_bound(
         init.release(which)
     os.close(in_r)
     os.close(out_w)
+
+
+def test_the_first_container_chooses_the_vms_cgroup_layout() -> None:
+    from agent import cgroup_layout
+
+    calls: list[tuple[str, str]] = []
+    layout = cgroup_layout.Layout("/sys/fs/cgroup/pysandbox", lambda v, p: calls.append((v, p)))
+    assert layout.runtime_args() == []
+    layout.choose(cgroup_layout.requested({"annotations": {"org.pysandbox.cgroup": "v1"}}))
+    layout.choose(cgroup_layout.requested({"annotations": {"org.pysandbox.cgroup": "v1"}}))
+    assert calls == [("v1", "/sys/fs/cgroup/pysandbox")]  # set up once
+    assert layout.runtime_args() == ["--cgroup-v1", "/run/cgroup-v1"]
+    with pytest.raises(ValueError, match="asks for cgroup v2 .* use cgroup v1"):
+        layout.choose(cgroup_layout.requested({}))  # no annotation: v2
+    with pytest.raises(ValueError, match='org.pysandbox.cgroup: "v3" is not "v1" or "v2"'):
+        cgroup_layout.requested({"annotations": {"org.pysandbox.cgroup": "v3"}})
+
+
+def test_a_layout_the_kernel_refuses_is_not_chosen() -> None:
+    from agent import cgroup_layout
+
+    def refuse(version: str, parent: str) -> None:
+        raise OSError(16, "Device or resource busy")
+
+    layout = cgroup_layout.Layout("/sys/fs/cgroup/pysandbox", refuse)
+    with pytest.raises(OSError):
+        layout.choose("v1")
+    assert layout.version is None

@@ -134,8 +134,15 @@ def test_typical_container_in_order() -> None:
     assert execd.path == "/bin/sh"
     assert execd.argv == ["sh", "-c", "echo hi"]
     assert execd.env == ["PATH=/bin", "A=b", "HOME=/home/user"]
+    # The spec has no cgroup namespace: the container gets one all the same, rooted at the
+    # cgroup it joined just before (its own cgroup is what it sees at /sys/fs/cgroup).
     new_namespaces = (
-        sc.CLONE_NEWPID | sc.CLONE_NEWNS | sc.CLONE_NEWUTS | sc.CLONE_NEWIPC | sc.CLONE_NEWNET
+        sc.CLONE_NEWPID
+        | sc.CLONE_NEWNS
+        | sc.CLONE_NEWUTS
+        | sc.CLONE_NEWIPC
+        | sc.CLONE_NEWNET
+        | sc.CLONE_NEWCGROUP
     )
     assert system.calls == [
         # A: inherited settings, cgroup with limits before joining, namespaces, fork.
@@ -357,6 +364,168 @@ def test_no_cgroup_v2_means_no_cgroup_calls() -> None:
     system.magic.clear()
     run_init(system, typical_spec())
     assert not any(str(call[1:2]).startswith("('/sys/fs/cgroup") for call in system.calls)
+    # ... and no cgroup namespace of its own: there is no cgroup of its own to root it at.
+    unshared = [call[1] for call in system.calls if call[0] == "unshare"]
+    assert unshared and not any(int(str(flags)) & sc.CLONE_NEWCGROUP for flags in unshared)
+
+
+CGROUP_MOUNT = {
+    "destination": "/sys/fs/cgroup",
+    "type": "cgroup",
+    "source": "cgroup",
+    "options": ["nosuid", "noexec", "nodev", "relatime", "ro"],
+}
+
+
+BASIC_NAMESPACES = sc.CLONE_NEWNS | sc.CLONE_NEWUTS | sc.CLONE_NEWNET
+
+
+def test_a_cgroup_mount_is_the_containers_own_cgroup_whatever_the_spec() -> None:
+    for namespaces in (["mount", "uts", "network"], ["mount", "uts", "network", "cgroup"]):
+        spec = typical_spec(mounts=[CGROUP_MOUNT])
+        spec["linux"]["namespaces"] = [{"type": t} for t in namespaces]
+        system = fake()
+        system.fs["/r/sys/fs/cgroup"] = "dir"
+        run_init(system, spec)
+        unshare = ("unshare", BASIC_NAMESPACES | sc.CLONE_NEWCGROUP)
+        joined = system.calls.index(("write_file", f"{CGROUP}/cgroup.procs", "0"))
+        assert joined < system.calls.index(unshare)
+        # Mounted in the new cgroup namespace: rooted at the container's cgroup.
+        flags = "ro|nosuid|nodev|noexec|relatime"
+        assert ("mount", "cgroup2", "/r/sys/fs/cgroup", "cgroup2", flags, "") in system.calls
+
+
+def test_a_cgroup_namespace_given_by_path_is_joined_not_replaced() -> None:
+    spec = typical_spec()
+    spec["linux"]["namespaces"] = [
+        {"type": "mount"},
+        {"type": "uts"},
+        {"type": "network"},
+        {"type": "cgroup", "path": "/proc/7/ns/cgroup"},
+    ]
+    system = fake()
+    system.fs["/proc/7/ns/cgroup"] = "file"
+    run_init(system, spec)
+    assert ("setns", 11, sc.CLONE_NEWCGROUP) in system.calls
+    assert ("unshare", BASIC_NAMESPACES) in system.calls
+
+
+def test_a_cgroup_mount_refused_in_a_user_namespace_binds_the_own_cgroup() -> None:
+    spec = userns_spec()
+    spec["mounts"] = [CGROUP_MOUNT]
+    system = fake(forks=[55, 0], reads={13: b"4242", SYNC: b"start\n"})
+    system.fs["/r/sys/fs/cgroup"] = "dir"
+    failing = sc.RecordingSyscalls.mount
+
+    def mount(self: Any, source: Any, target: str, fstype: Any, flags: int, data: Any) -> None:
+        failing(self, source, target, fstype, flags, data)
+        if fstype == "cgroup2":
+            raise PermissionError(1, "mount: Operation not permitted")
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(sc.RecordingSyscalls, "mount", mount)
+        run_init(system, spec)
+    assert ("mount", CGROUP, "/r/sys/fs/cgroup", None, "bind|rec", "") in system.calls
+
+
+def fake_v1() -> sc.RecordingSyscalls:
+    """:func:`fake` with the guest's v1 layout: hierarchies under /run/cgroup-v1."""
+    system = fake()
+    system.fs["/run/cgroup-v1"] = "dir"
+    for name in ("cpu,cpuacct", "cpuset", "memory", "pids"):
+        system.fs[f"/run/cgroup-v1/{name}"] = "dir"
+        system.fs[f"/run/cgroup-v1/{name}/pysandbox"] = "dir"
+    return system
+
+
+def test_v1_layout_limits_in_v1_files_and_a_v1_view() -> None:
+    spec = typical_spec(mounts=[CGROUP_MOUNT])
+    spec["linux"]["resources"] = {
+        "memory": {"limit": 1048576},
+        "pids": {"limit": 10},
+        "cpu": {"shares": 512, "quota": 50000, "period": 100000, "cpus": "0"},
+    }
+    system = fake_v1()
+    system.fs["/r/sys/fs/cgroup"] = "dir"
+    with pytest.raises(sc.FakeExec):
+        init.run(system, json.dumps(spec).encode(), SYNC, CGROUP, "/run/cgroup-v1")
+    v1 = "/run/cgroup-v1/{}/pysandbox/c1"
+    cpu, cpuset, memory, pids = (v1.format(n) for n in ("cpu,cpuacct", "cpuset", "memory", "pids"))
+    unshare = next(i for i, c in enumerate(system.calls) if c[0] == "unshare")
+    assert system.calls[1:unshare] == [
+        ("mkdir", CGROUP, "0o755"),
+        ("mkdir", cpu, "0o755"),
+        ("mkdir", cpuset, "0o755"),
+        ("mkdir", memory, "0o755"),
+        ("mkdir", pids, "0o755"),
+        ("write_file", f"{memory}/memory.limit_in_bytes", "1048576"),
+        ("write_file", f"{pids}/pids.max", "10"),
+        ("write_file", f"{cpu}/cpu.shares", "512"),
+        ("write_file", f"{cpu}/cpu.cfs_period_us", "100000"),
+        ("write_file", f"{cpu}/cpu.cfs_quota_us", "50000"),
+        ("write_file", f"{cpuset}/cpuset.cpus", "0"),
+        ("write_file", f"{CGROUP}/cgroup.procs", "0"),
+        ("write_file", f"{cpu}/cgroup.procs", "0"),
+        ("write_file", f"{cpuset}/cgroup.procs", "0"),
+        ("write_file", f"{memory}/cgroup.procs", "0"),
+        ("write_file", f"{pids}/cgroup.procs", "0"),
+    ]
+    assert system.calls[unshare][1] & sc.CLONE_NEWCGROUP  # type: ignore[operator]
+    flags = "ro|nosuid|nodev|noexec|relatime"
+    tmpfs = ("mount", "tmpfs", "/r/sys/fs/cgroup", "tmpfs", flags[3:], "mode=755")
+    first = system.calls.index(tmpfs)
+    assert system.calls[first + 1 : first + 12] == [
+        ("mkdir", "/r/sys/fs/cgroup/cpu,cpuacct", "0o555"),
+        ("mount", "cgroup", "/r/sys/fs/cgroup/cpu,cpuacct", "cgroup", flags, "cpu,cpuacct"),
+        ("symlink", "cpu,cpuacct", "/r/sys/fs/cgroup/cpu"),
+        ("symlink", "cpu,cpuacct", "/r/sys/fs/cgroup/cpuacct"),
+        ("mkdir", "/r/sys/fs/cgroup/cpuset", "0o555"),
+        ("mount", "cgroup", "/r/sys/fs/cgroup/cpuset", "cgroup", flags, "cpuset"),
+        ("mkdir", "/r/sys/fs/cgroup/memory", "0o555"),
+        ("mount", "cgroup", "/r/sys/fs/cgroup/memory", "cgroup", flags, "memory"),
+        ("mkdir", "/r/sys/fs/cgroup/pids", "0o555"),
+        ("mount", "cgroup", "/r/sys/fs/cgroup/pids", "cgroup", flags, "pids"),
+        ("mount", None, "/r/sys/fs/cgroup", None, "ro|nosuid|nodev|noexec|remount|bind|relatime", ""),
+    ]
+
+
+def test_v1_layout_refuses_unified_and_names_a_missing_hierarchy() -> None:
+    for resources, message in (
+        ({"unified": {"memory.high": "1"}}, "linux.resources.unified needs cgroup v2"),
+        (
+            {"blockIO": {"weight": 500}},
+            'cannot set blkio.weight: controller "blkio" is not mounted',
+        ),
+    ):
+        spec = typical_spec()
+        spec["linux"]["resources"] = resources
+        system = fake_v1()
+        code = init.run(system, json.dumps(spec).encode(), SYNC, CGROUP, "/run/cgroup-v1")
+        assert code == 1
+        error = [c for c in system.calls if c[0] == "write" and c[1] == SYNC][-1]
+        assert message in bytes(error[2]).decode()  # type: ignore[arg-type]
+
+
+def test_a_cpuset_the_vm_lacks_names_the_vms_cpus() -> None:
+    spec = typical_spec()
+    spec["linux"]["resources"] = {"cpu": {"cpus": "1"}}
+    system = fake()
+    system.texts["/sys/fs/cgroup/pysandbox/cpuset.cpus.effective"] = "0\n"
+    real_write = sc.RecordingSyscalls.write_file
+
+    def write_file(self: Any, path: str, data: str) -> None:
+        real_write(self, path, data)
+        if path.endswith("cpuset.cpus"):
+            raise OSError(22, "Invalid argument")
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(sc.RecordingSyscalls, "write_file", write_file)
+        assert init.run(system, json.dumps(spec).encode(), SYNC, CGROUP) == 1
+    error = [c for c in system.calls if c[0] == "write" and c[1] == SYNC][-1]
+    assert error[2] == (
+        b'error cgroup: cpuset.cpus "1" is not available: the VM has CPUs "0" '
+        b"(cpuset.cpus must be a subset of them)\n"
+    )
 
 
 def test_terminal_gets_a_controlling_tty_and_a_console() -> None:
@@ -394,7 +563,7 @@ def test_namespaces_given_by_path_are_joined_user_first_before_unsharing() -> No
         ("setns", 12, sc.CLONE_NEWNET),
         ("close", 11),
         ("close", 12),
-        ("unshare", sc.CLONE_NEWNS | sc.CLONE_NEWPID | sc.CLONE_NEWUTS),
+        ("unshare", sc.CLONE_NEWNS | sc.CLONE_NEWPID | sc.CLONE_NEWUTS | sc.CLONE_NEWCGROUP),
     ]
 
 

@@ -123,6 +123,39 @@ def test_resources_in_cgroup_v2_terms() -> None:
         ("cpuset.cpus", "0-1"),
         ("memory.high", "90"),
     ]
+    assert spec.resources.unified
+
+
+def test_resources_in_cgroup_v1_terms_as_runc_writes_them() -> None:
+    spec = parse(
+        linux__resources={
+            "memory": {"limit": 100, "swap": 150, "reservation": 50},
+            "pids": {"limit": 0},
+            "cpu": {"shares": 1024, "quota": 50000, "period": 100000, "cpus": "0", "mems": "0"},
+            "blockIO": {"weight": 500},
+            "hugepageLimits": [{"pageSize": "2MB", "limit": 4194304}],
+        }
+    )
+    assert spec.resources is not None and not spec.resources.unified
+    assert spec.resources.v1_files == [
+        ("memory.soft_limit_in_bytes", "50"),
+        ("memory.limit_in_bytes", "100"),
+        ("memory.memsw.limit_in_bytes", "150"),
+        ("pids.max", "max"),
+        ("cpu.shares", "1024"),
+        ("cpu.cfs_period_us", "100000"),
+        ("cpu.cfs_quota_us", "50000"),
+        ("cpuset.cpus", "0"),
+        ("cpuset.mems", "0"),
+        ("blkio.weight", "500"),
+        ("hugetlb.2MB.limit_in_bytes", "4194304"),
+    ]
+    # ... and their v2 forms: blkio weight 500 is io.weight 4950 (runc's conversion).
+    assert spec.resources.files[-3:] == [
+        ("cpuset.mems", "0"),
+        ("io.weight", "default 4950"),
+        ("hugetlb.2MB.max", "4194304"),
+    ]
 
 
 def test_linux_seccomp_becomes_the_process_filter() -> None:
@@ -266,6 +299,14 @@ def test_namespace_paths() -> None:
         (
             {"linux__resources": {"memory": {"limit": 100, "swap": 50}}},
             "linux.resources.memory.swap: 50 is less than the memory limit 100",
+        ),
+        (
+            {"linux__resources": {"blockIO": {"weight": 5}}},
+            "linux.resources.blockIO.weight: 5 is not in [10, 1000]",
+        ),
+        (
+            {"linux__resources": {"hugepageLimits": [{"pageSize": "2M/x", "limit": 1}]}},
+            'linux.resources.hugepageLimits[0].pageSize: invalid hugepage size "2M/x" (want e.g. "2MB" or "1GB")',
         ),
         (
             {"linux__resources": {"unified": {"cgroup.procs": "1"}}},
