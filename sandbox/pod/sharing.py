@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from sandbox.errors import ConfigError
-from sandbox.pod import hostfs
+from sandbox.pod import guest_cgroup, hostfs
 from sandbox.pod.lifecycle import GUEST_SHARE, Pod
 
 _BIND_TYPES = {"bind", "rbind"}
@@ -47,7 +47,8 @@ def share_container_files(
     host namespace path (``/proc/<pid>/ns/<type>``) of another container of this pod to that
     container's guest pid, or None when it does not belong to the pod.
     ``rootfs_readonly`` overrides root.readonly for the host bind (an overlay in the guest
-    wants a read-only lower layer under a writable root).
+    wants a read-only lower layer under a writable root). The copy names the VM's cgroup
+    layout (:func:`sandbox.guest_cgroup.resolve`).
     On failure everything already mounted for this container is unmounted again.
     """
     spec = copy.deepcopy(spec)
@@ -82,6 +83,7 @@ def share_container_files(
             hostfs.bind_into(base / "mounts", str(index), source, readonly)
             mount["source"] = f"{guest_base}/mounts/{index}"
         _rewrite_namespaces(spec, guest_pids)
+        guest_cgroup.resolve(spec)
         linux = spec.get("linux")
         if isinstance(linux, dict):
             linux.pop("cgroupsPath", None)  # the agent places the container in the guest

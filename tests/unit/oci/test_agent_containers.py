@@ -161,9 +161,9 @@ def test_the_first_container_chooses_the_vms_cgroup_layout() -> None:
     layout.choose(cgroup_layout.requested({"annotations": {"org.pysandbox.cgroup": "v1"}}))
     assert calls == [("v1", "/sys/fs/cgroup/pysandbox")]  # set up once
     assert layout.runtime_args() == ["--cgroup-v1", "/run/cgroup-v1"]
-    with pytest.raises(ValueError, match="asks for cgroup v2 .* use cgroup v1"):
+    with pytest.raises(ValueError, match=r"asks for cgroup v2 .* use cgroup v1"):
         layout.choose(cgroup_layout.requested({}))  # no annotation: v2
-    with pytest.raises(ValueError, match='org.pysandbox.cgroup: "v3" is not "v1" or "v2"'):
+    with pytest.raises(ValueError, match=r'org\.pysandbox\.cgroup: "v3" is not "v1" or "v2"'):
         cgroup_layout.requested({"annotations": {"org.pysandbox.cgroup": "v3"}})
 
 

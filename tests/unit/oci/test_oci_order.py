@@ -485,7 +485,14 @@ def test_v1_layout_limits_in_v1_files_and_a_v1_view() -> None:
         ("mount", "cgroup", "/r/sys/fs/cgroup/memory", "cgroup", flags, "memory"),
         ("mkdir", "/r/sys/fs/cgroup/pids", "0o555"),
         ("mount", "cgroup", "/r/sys/fs/cgroup/pids", "cgroup", flags, "pids"),
-        ("mount", None, "/r/sys/fs/cgroup", None, "ro|nosuid|nodev|noexec|remount|bind|relatime", ""),
+        (
+            "mount",
+            None,
+            "/r/sys/fs/cgroup",
+            None,
+            "ro|nosuid|nodev|noexec|remount|bind|relatime",
+            "",
+        ),
     ]
 
 

@@ -306,7 +306,8 @@ def test_namespace_paths() -> None:
         ),
         (
             {"linux__resources": {"hugepageLimits": [{"pageSize": "2M/x", "limit": 1}]}},
-            'linux.resources.hugepageLimits[0].pageSize: invalid hugepage size "2M/x" (want e.g. "2MB" or "1GB")',
+            'linux.resources.hugepageLimits[0].pageSize: invalid hugepage size "2M/x" '
+            '(want e.g. "2MB" or "1GB")',
         ),
         (
             {"linux__resources": {"unified": {"cgroup.procs": "1"}}},
