@@ -48,7 +48,7 @@ def share_container_files(
     container's guest pid, or None when it does not belong to the pod.
     ``rootfs_readonly`` overrides root.readonly for the host bind (an overlay in the guest
     wants a read-only lower layer under a writable root). The copy names the VM's cgroup
-    layout (:func:`sandbox.guest_cgroup.resolve`).
+    layout (:func:`sandbox.pod.guest_cgroup.resolve`).
     On failure everything already mounted for this container is unmounted again.
     """
     spec = copy.deepcopy(spec)
