@@ -48,7 +48,9 @@ JOIN = "io.kubernetes.cri.container-type", "io.kubernetes.cri.sandbox-id"
 
 def bundle(base: Path, name: str, cgroupns: bool, annotations: dict[str, str]) -> Path:
     """``sleep`` with :data:`RESOURCES`, no cgroup namespace unless ``cgroupns``."""
-    spec: dict[str, Any] = default_spec(["sleep", "1000"], rootfs=str(images.ensure_default_image()))
+    spec: dict[str, Any] = default_spec(
+        ["sleep", "1000"], rootfs=str(images.ensure_default_image())
+    )
     if not cgroupns:
         spec["linux"]["namespaces"] = [
             n for n in spec["linux"]["namespaces"] if n["type"] != "cgroup"

@@ -559,10 +559,12 @@ def test_removed_and_failed_containers_leave_no_cgroup(shared_pod: Pod) -> None:
     spec["linux"]["namespaces"] = [n for n in spec["linux"]["namespaces"] if n["type"] != "pid"]
     with live_container(shared_pod, spec) as box:
         box.stdout.wait_for(b"ready\n")  # removed with processes that do not die with the init
-    # Without a cgroup namespace the container sees the whole guest hierarchy: only its own
-    # cgroup is left below the agent's.
-    lister = busybox_spec("find", "/sys/fs/cgroup/pysandbox", "-mindepth", "1", "-type", "d")
-    lister["linux"]["namespaces"] = [
-        n for n in lister["linux"]["namespaces"] if n["type"] != "cgroup"
-    ]
+    # A cgroup mount shows a container only its own cgroup: the lister looks at the guest's
+    # whole hierarchy through the agent's root (no pid namespace, CAP_SYS_PTRACE). Only its
+    # own cgroup is left below the agent's.
+    where = "/proc/1/root/sys/fs/cgroup/pysandbox"
+    lister = busybox_spec("find", where, "-mindepth", "1", "-type", "d")
+    lister["linux"]["namespaces"] = [n for n in lister["linux"]["namespaces"] if n["type"] != "pid"]
+    for caps in lister["process"]["capabilities"].values():
+        caps.append("CAP_SYS_PTRACE")
     assert len(run_container(shared_pod, lister).out.split()) == 1

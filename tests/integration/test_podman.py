@@ -6,6 +6,7 @@ import fcntl
 import os
 import pty
 import select
+import shlex
 import shutil
 import struct
 import subprocess
@@ -18,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from sandbox.image import store as images
+from tests.integration.cgroup_view import READER, parse
 
 ROOT = Path(__file__).resolve().parents[2]
 RUNTIME = str(ROOT / ".venv" / "bin" / "pysandbox")
@@ -39,6 +41,16 @@ def podman(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[str]]:
     conf = base / "containers.conf"
     conf.write_text(CONF)
     os.environ["CONTAINERS_CONF"] = str(conf)
+    # podman (through conmon) runs the runtime with an environment of its own: a wrapper
+    # hands it this run's PYSANDBOX_* settings (the guest image under test, its templates).
+    runtime = base / "pysandbox"
+    settings = "".join(
+        f"export {key}={shlex.quote(value)}\n"
+        for key, value in os.environ.items()
+        if key.startswith("PYSANDBOX_")
+    )
+    runtime.write_text(f'#!/bin/sh\n{settings}exec {shlex.quote(RUNTIME)} "$@"\n')
+    runtime.chmod(0o755)
     cmd = [
         "podman",
         "--root",
@@ -46,7 +58,7 @@ def podman(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[str]]:
         "--runroot",
         str(base / "run"),
         "--runtime",
-        RUNTIME,
+        str(runtime),
     ]
     tar = base / "busybox.tar"
     with tarfile.open(tar, "w") as archive:
@@ -131,6 +143,67 @@ def test_memory_limit_reaches_the_guest_cgroup(podman: list[str]) -> None:
         "cat /sys/fs/cgroup$(cut -d: -f3 /proc/self/cgroup)/memory.max",
     )
     assert done.stdout.strip() == str(32 * 2**20), done.stderr
+
+
+def test_cgroup_limits_seen_inside_as_runc_shows_them_and_after_update(
+    podman: list[str],
+) -> None:
+    """podman's flags, as a program inside reads them (tests/integration/cgroup_view.py).
+
+    runc on this host gives the same numbers from v1 files for such a spec
+    (test_cgroups.py compares them side by side); the default guest layout gives them in v2
+    files, the v1 layout (annotation org.pysandbox.cgroup=v1) in v1 files.
+    """
+    limits = ["--memory", "64m", "--pids-limit", "100", "--cpus", "0.5", "--cpuset-cpus", "0"]
+    name = "pysandbox-cgroup"
+    started = pm(podman, "run", "-d", "--name", name, *limits, IMAGE, "sleep", "1000")
+    assert started.returncode == 0, started.stderr
+    try:
+        seen = parse(pm(podman, "exec", name, "sh", "-c", READER).stdout)
+        assert seen == {
+            "version": "v2",
+            "memory": str(64 << 20),
+            "pids": "100",
+            "quota": "50000",
+            "period": "100000",
+            "weight": "100",  # podman sets no shares: the default weight
+            "cpus": "0",
+            "mems": "0",
+            "direct": str(64 << 20),
+        }
+        updated = pm(podman, "update", "--memory", "96m", "--cpus", "0.25", name)
+        assert updated.returncode == 0, updated.stderr
+        seen = parse(pm(podman, "exec", name, "sh", "-c", READER).stdout)
+        assert (seen["memory"], seen["quota"], seen["direct"]) == (
+            str(96 << 20),
+            "25000",
+            str(96 << 20),
+        )
+    finally:
+        pm(podman, "rm", "-f", "-t", "0", name)
+    v1 = pm(
+        podman,
+        "run",
+        "--rm",
+        "--annotation",
+        "org.pysandbox.cgroup=v1",
+        *limits,
+        IMAGE,
+        "sh",
+        "-c",
+        READER,
+    )
+    assert parse(v1.stdout) == {
+        "version": "v1",
+        "memory": str(64 << 20),
+        "pids": "100",
+        "quota": "50000",
+        "period": "100000",
+        "shares": "1024",  # the v1 default, as runc shows it when podman sets none
+        "cpus": "0",
+        "mems": "0",
+        "direct": str(64 << 20),
+    }, v1.stderr
 
 
 def test_detached_exec_logs_pause_stop_rm(podman: list[str]) -> None:
