@@ -145,6 +145,12 @@ def test_memory_limit_reaches_the_guest_cgroup(podman: list[str]) -> None:
     assert done.stdout.strip() == str(32 * 2**20), done.stderr
 
 
+def read_limits(podman: list[str], name: str) -> dict[str, str]:
+    done = pm(podman, "exec", name, "sh", "-c", READER)
+    assert done.returncode == 0, done.stderr
+    return parse(done.stdout)
+
+
 def test_cgroup_limits_seen_inside_as_runc_shows_them_and_after_update(
     podman: list[str],
 ) -> None:
@@ -159,7 +165,7 @@ def test_cgroup_limits_seen_inside_as_runc_shows_them_and_after_update(
     started = pm(podman, "run", "-d", "--name", name, *limits, IMAGE, "sleep", "1000")
     assert started.returncode == 0, started.stderr
     try:
-        seen = parse(pm(podman, "exec", name, "sh", "-c", READER).stdout)
+        seen = read_limits(podman, name)
         assert seen == {
             "version": "v2",
             "memory": str(64 << 20),
@@ -173,7 +179,7 @@ def test_cgroup_limits_seen_inside_as_runc_shows_them_and_after_update(
         }
         updated = pm(podman, "update", "--memory", "96m", "--cpus", "0.25", name)
         assert updated.returncode == 0, updated.stderr
-        seen = parse(pm(podman, "exec", name, "sh", "-c", READER).stdout)
+        seen = read_limits(podman, name)
         assert (seen["memory"], seen["quota"], seen["direct"]) == (
             str(96 << 20),
             "25000",
@@ -193,6 +199,7 @@ def test_cgroup_limits_seen_inside_as_runc_shows_them_and_after_update(
         "-c",
         READER,
     )
+    assert v1.returncode == 0, v1.stderr
     assert parse(v1.stdout) == {
         "version": "v1",
         "memory": str(64 << 20),
