@@ -1,9 +1,10 @@
 """The guest's cgroup layout for containers: cgroup v2 (default) or v1, chosen once per VM.
 
-The host names the layout in each container's spec, annotation :data:`ANNOTATION` ("v1" or
-"v2"; absent means v2). The first container sets it up (:meth:`Layout.choose`); later ones
-must ask for the same, since a controller lives on one hierarchy only: once used on cgroup2
-it can no longer be mounted as cgroup v1 (EBUSY), and the reverse. docs/cgroups.md.
+The host may name the layout in a container's spec, annotation :data:`ANNOTATION` ("v1" or
+"v2"). The first container sets it up (:meth:`Layout.choose`; v2 when it names none); later
+ones get the same, and one naming the other layout is refused, since a controller lives on
+one hierarchy only: once used on cgroup2 it can no longer be mounted as cgroup v1 (EBUSY),
+and the reverse. docs/cgroups.md.
 
 Reading a container's usage for StatsContainer and OOM attribution also depends on the
 layout (:func:`read_counters`).
@@ -39,10 +40,13 @@ V1_HIERARCHIES = (
 VERSIONS = ("v1", "v2")
 
 
-def requested(spec: dict[str, object]) -> str:
-    """The layout a spec's annotation asks for; ValueError naming the annotation if invalid."""
+def requested(spec: dict[str, object]) -> str | None:
+    """The layout a spec's annotation asks for (None: no preference); ValueError naming the
+    annotation if it is not "v1" or "v2"."""
     annotations = spec.get("annotations")
-    value = annotations.get(ANNOTATION, "v2") if isinstance(annotations, dict) else "v2"
+    value = annotations.get(ANNOTATION) if isinstance(annotations, dict) else None
+    if value is None:
+        return None
     if value not in VERSIONS:
         raise ValueError(f'annotation {ANNOTATION}: "{value}" is not "v1" or "v2"')
     return str(value)
@@ -97,16 +101,17 @@ class Layout:
         self._set_up = setup or set_up
         self._lock = threading.Lock()
 
-    def choose(self, version: str) -> None:
-        """Set the layout up for ``version`` on first use; ValueError if another is in use.
+    def choose(self, version: str | None) -> None:
+        """Set the layout up for ``version`` (None: v2) on first use; afterwards None takes
+        the one in use and another version is a ValueError.
 
         OSError from the kernel leaves the layout unchosen (the next container retries).
         """
         with self._lock:
             if self.version is None:
-                self._set_up(version, self._parent)
-                self.version = version
-            elif self.version != version:
+                self._set_up(version or "v2", self._parent)
+                self.version = version or "v2"
+            elif version is not None and self.version != version:
                 raise ValueError(
                     f"the spec asks for cgroup {version} ({ANNOTATION}), but this VM's "
                     f"containers use cgroup {self.version}: a VM has one layout, chosen by its "
@@ -117,12 +122,14 @@ class Layout:
         """Extra arguments for agent.oci.init/exec: the v1 root in the v1 layout."""
         return ["--cgroup-v1", V1_ROOT] if self.version == "v1" else []
 
-    def v1_dirs(self, cgroup: str) -> list[str]:
-        """The container's directories in every v1 hierarchy ([] in the v2 layout)."""
+    def v1_dirs(self, cgroup: str) -> list[tuple[str, str]]:
+        """(hierarchy, directory) of a container's cgroup in every v1 hierarchy, as
+        agent.oci.cgroups.locate finds them ([] in the v2 layout)."""
         if self.version != "v1" or not os.path.isdir(V1_ROOT):
             return []
         relative = cgroup[len(os.path.dirname(self._parent)) :]
-        return [f"{V1_ROOT}/{name}{relative}" for name in sorted(os.listdir(V1_ROOT))]
+        names = sorted(n for n in os.listdir(V1_ROOT) if os.path.isdir(f"{V1_ROOT}/{n}"))
+        return [(name, f"{V1_ROOT}/{name}{relative}") for name in names]
 
 
 def _read(path: str) -> str:
@@ -150,10 +157,10 @@ def _number(text: str) -> int:
 _V1_UNLIMITED = 1 << 62
 
 
-def read_counters(cgroup: str, v1_dirs: list[str]) -> dict[str, int]:
+def read_counters(cgroup: str, v1_dirs: list[tuple[str, str]]) -> dict[str, int]:
     """cpu_usage_usec, memory_usage_bytes, memory_limit_bytes (0: none), pids_current and
-    oom_kills of a container, from its v2 cgroup or, when ``v1_dirs`` is not empty, its v1
-    ones. A counter that cannot be read is 0."""
+    oom_kills of a container, from its v2 cgroup or, when ``v1_dirs`` (hierarchy, directory)
+    is not empty, its v1 ones. A counter that cannot be read is 0."""
     if not v1_dirs:
         return {
             "cpu_usage_usec": _keyed(_read(f"{cgroup}/cpu.stat"), "usage_usec"),
@@ -163,10 +170,8 @@ def read_counters(cgroup: str, v1_dirs: list[str]) -> dict[str, int]:
             "oom_kills": _keyed(_read(f"{cgroup}/memory.events"), "oom_kill"),
         }
 
-    # v1_dirs are V1_ROOT/<hierarchy>/<parent>/<id>: the hierarchy is two levels up.
     def v1_at(controller: str, name: str) -> str:
-        for directory in v1_dirs:
-            hierarchy = directory[len(V1_ROOT) + 1 :].split("/", 1)[0]
+        for hierarchy, directory in v1_dirs:
             if controller in hierarchy.split(","):
                 return _read(f"{directory}/{name}")
         return ""

@@ -133,7 +133,8 @@ class Container:
     paused: bool = False
     execs: dict[str, Process] = field(default_factory=dict)
     starting: set[str] = field(default_factory=set)  # exec ids being spawned
-    cgroup_v1: list[str] = field(default_factory=list)  # its v1 cgroups (v1 layout only)
+    #: (hierarchy, directory) of its v1 cgroups (v1 layout only)
+    cgroup_v1: list[tuple[str, str]] = field(default_factory=list)
 
     @property
     def status(self) -> str:
@@ -161,7 +162,7 @@ def _ready_pid(line: str) -> int | None:
     return None
 
 
-def _remove_cgroup(path: str, v1_dirs: list[str], timeout: float = 5.0) -> None:
+def _remove_cgroup(path: str, v1_dirs: list[tuple[str, str]], timeout: float = 5.0) -> None:
     """Kill what is left in cgroup ``path`` and remove it and its ``v1_dirs``; a missing
     cgroup is fine.
 
@@ -172,7 +173,7 @@ def _remove_cgroup(path: str, v1_dirs: list[str], timeout: float = 5.0) -> None:
     with contextlib.suppress(OSError), open(f"{path}/cgroup.kill", "w", encoding="ascii") as kill:
         kill.write("1")
     deadline = time.monotonic() + timeout
-    for directory in [path, *v1_dirs]:
+    for directory in [path, *(directory for _hierarchy, directory in v1_dirs)]:
         while True:
             try:
                 os.rmdir(directory)
@@ -655,9 +656,8 @@ class ContainerManager:
             raise ContainerError("INVALID_ARGUMENT", "resources larger than 64 KiB")
         try:
             resources = parse_resources(json.loads(resources_json), "resources")
-            v1_root = cgroup_layout.V1_ROOT if container.cgroup_v1 else None
-            own = cgroups.locate(LinuxSyscalls(), container.cgroup, v1_root)
-            if resources is not None and own is not None:
+            if resources is not None:
+                own = cgroups.Cgroup(container.cgroup, container.cgroup_v1)
                 cgroups.set_limits(LinuxSyscalls(), own, resources)
         except ValueError as exc:
             raise ContainerError("INVALID_ARGUMENT", f"malformed resources: {exc}") from exc

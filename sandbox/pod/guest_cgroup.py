@@ -5,11 +5,11 @@ hierarchy), and decides once per VM with its first container. The host names the
 the spec it sends, annotation :data:`ANNOTATION`, from (first found):
 
 1. the same annotation in the client's config.json: ``v1``, ``v2`` or ``host``;
-2. the environment variable :data:`ENV` of the runtime process, same values;
-3. ``v2``.
+2. the environment variable :data:`ENV` of the runtime process, same values.
 
 ``host`` means the layout of the host's own ``/sys/fs/cgroup``: v1 on a cgroup v1 or hybrid
-host (where runc shows containers v1 files), v2 on a unified one.
+host (where runc shows containers v1 files), v2 on a unified one. With neither, the spec
+names no layout: the container gets its VM's, or v2 in a new VM.
 """
 
 from __future__ import annotations
@@ -36,19 +36,23 @@ def host_layout(mountinfo: str = "/proc/self/mountinfo") -> str:
 
 
 def resolve(spec: dict[str, Any]) -> None:
-    """Set :data:`ANNOTATION` in ``spec`` (a copy for the guest) to "v1" or "v2".
+    """Set :data:`ANNOTATION` in ``spec`` (a copy for the guest) to "v1" or "v2" when the
+    client or the environment chose a layout; leave it out otherwise.
 
     ConfigError naming the annotation or variable when its value is not one of
     :data:`CHOICES`.
     """
     annotations = spec.get("annotations")
-    if annotations is None:
-        annotations = spec["annotations"] = {}
-    if not isinstance(annotations, dict):
+    if annotations is not None and not isinstance(annotations, dict):
         raise ConfigError("config.json: annotations must be an object")
-    value, source = annotations.get(ANNOTATION), f"annotation {ANNOTATION}"
+    value, source = (annotations or {}).get(ANNOTATION), f"annotation {ANNOTATION}"
     if value is None:
-        value, source = os.environ.get(ENV) or "v2", ENV
+        value, source = os.environ.get(ENV) or None, f"environment variable {ENV}"
+    if value is None:
+        return
     if value not in CHOICES:
         raise ConfigError(f'{source}: "{value}" is not one of v1, v2, host')
-    annotations[ANNOTATION] = host_layout() if value == "host" else value
+    spec["annotations"] = {
+        **(annotations or {}),
+        ANNOTATION: host_layout() if value == "host" else value,
+    }

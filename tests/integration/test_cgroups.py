@@ -6,8 +6,8 @@ and under pysandbox in both guest layouts (v2, the default, and v1, chosen by an
 Inside each, :data:`cgroup_view.READER` reads the limits the way a program does, before and
 after ``update --resources``. runc on a v1 host shows v1 files: the v1 layout must read the
 same, file for file; the v2 layout the same limits in v2 files (shares as runc's cpu.weight).
-One VM per layout; the spec-with-a-cgroup-namespace variant and a layout conflict join the v2
-VM as a second container of its pod.
+One VM per layout; the spec-with-a-cgroup-namespace variant, a layout conflict and a container
+that names no layout join them as further containers of their pod.
 """
 
 from __future__ import annotations
@@ -178,3 +178,8 @@ def test_limits_seen_inside_as_runc_shows_them_before_and_after_update(
         assert (v1_before, v1_after) == (runc_before, runc_after)
     else:
         assert v1_before["version"] == "v1" and v1_before["memory"] == str(64 << 20)
+    # A container of the pod that names no layout gets its VM's (the annotation may be on
+    # the pod's first container only); with a cgroup namespace in its spec, the same view.
+    joiner = bundle(tmp_path, "v1join", True, {JOIN[0]: "container", JOIN[1]: "v1"})
+    pysandbox.create("v1join", joiner)
+    assert parse(pysandbox.ok("exec", "v1join", "sh", "-c", READER)) == v1_before

@@ -161,8 +161,10 @@ def test_the_first_container_chooses_the_vms_cgroup_layout() -> None:
     layout.choose(cgroup_layout.requested({"annotations": {"org.pysandbox.cgroup": "v1"}}))
     assert calls == [("v1", "/sys/fs/cgroup/pysandbox")]  # set up once
     assert layout.runtime_args() == ["--cgroup-v1", "/run/cgroup-v1"]
+    layout.choose(cgroup_layout.requested({}))  # no preference: the VM's layout
+    assert layout.version == "v1"
     with pytest.raises(ValueError, match=r"asks for cgroup v2 .* use cgroup v1"):
-        layout.choose(cgroup_layout.requested({}))  # no annotation: v2
+        layout.choose(cgroup_layout.requested({"annotations": {"org.pysandbox.cgroup": "v2"}}))
     with pytest.raises(ValueError, match=r'org\.pysandbox\.cgroup: "v3" is not "v1" or "v2"'):
         cgroup_layout.requested({"annotations": {"org.pysandbox.cgroup": "v3"}})
 
@@ -177,3 +179,37 @@ def test_a_layout_the_kernel_refuses_is_not_chosen() -> None:
     with pytest.raises(OSError):
         layout.choose("v1")
     assert layout.version is None
+
+
+def test_a_first_container_without_a_preference_gets_v2() -> None:
+    from agent import cgroup_layout
+
+    calls: list[str] = []
+    layout = cgroup_layout.Layout("/sys/fs/cgroup/pysandbox", lambda v, p: calls.append(v))
+    layout.choose(None)
+    assert calls == ["v2"] and layout.version == "v2"
+
+
+def test_v1_counters_come_from_the_v1_files(tmp_path: Path) -> None:
+    from agent import cgroup_layout
+
+    files = {
+        "memory/c1/memory.usage_in_bytes": "4096\n",
+        "memory/c1/memory.limit_in_bytes": "67108864\n",
+        "memory/c1/memory.oom_control": "oom_kill_disable 0\nunder_oom 0\noom_kill 2\n",
+        "cpu,cpuacct/c1/cpuacct.usage": "7000123\n",
+        "pids/c1/pids.current": "3\n",
+    }
+    for name, text in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    pairs = [(h, str(tmp_path / h / "c1")) for h in ("cpu,cpuacct", "memory", "pids")]
+    assert cgroup_layout.read_counters("/nonexistent", pairs) == {
+        "cpu_usage_usec": 7000,
+        "memory_usage_bytes": 4096,
+        "memory_limit_bytes": 67108864,
+        "pids_current": 3,
+        "oom_kills": 2,
+    }
+    (tmp_path / "memory/c1/memory.limit_in_bytes").write_text("9223372036854771712\n")
+    assert cgroup_layout.read_counters("/nonexistent", pairs)["memory_limit_bytes"] == 0
