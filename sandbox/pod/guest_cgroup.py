@@ -26,7 +26,7 @@ CHOICES = ("v1", "v2", "host")
 
 
 def host_layout(mountinfo: str = "/proc/self/mountinfo") -> str:
-    """ "v2" when the host's /sys/fs/cgroup is cgroup2, else "v1" (v1 or hybrid)."""
+    """The host's layout: "v2" when its /sys/fs/cgroup is cgroup2, else "v1" (v1 or hybrid)."""
     with open(mountinfo, encoding="utf-8") as handle:
         for line in handle:
             fields = line.split()
