@@ -16,7 +16,8 @@ import os
 import threading
 from collections.abc import Callable
 
-from agent import pid1, syscalls
+from agent import pid1
+from agent.oci import syscalls
 
 #: Spec annotation naming the layout the host wants for the VM's containers.
 ANNOTATION = "org.pysandbox.cgroup"
@@ -60,8 +61,10 @@ def set_up(version: str, parent: str = pid1.CGROUP_PARENT) -> None:
     kernel has is mounted under :data:`V1_ROOT` with a cgroup named like ``parent`` in it
     (cpuset ones copy their parent's CPUs and memory nodes: ``cgroup.clone_children``);
     ``parent`` on cgroup2 has no controller and serves to track, freeze and kill processes.
-    OSError if the kernel refuses.
+    Nothing when ``parent`` is not below a cgroup2 hierarchy. OSError if the kernel refuses.
     """
+    if not os.path.exists(f"{os.path.dirname(parent)}/cgroup.controllers"):
+        return  # not on cgroup2 (a test's directory): the runtime leaves cgroups alone too
     os.makedirs(parent, exist_ok=True)
     if version == "v2":
         for directory in (os.path.dirname(parent), parent):

@@ -530,7 +530,7 @@ def test_a_cpuset_the_vm_lacks_names_the_vms_cpus() -> None:
         assert init.run(system, json.dumps(spec).encode(), SYNC, CGROUP) == 1
     error = [c for c in system.calls if c[0] == "write" and c[1] == SYNC][-1]
     assert error[2] == (
-        b'error cgroup: cpuset.cpus "1" is not available: the VM has CPUs "0" '
+        b'error SETUP_FAILED cgroup: cpuset.cpus "1" is not available: the VM has CPUs "0" '
         b"(cpuset.cpus must be a subset of them)\n"
     )
 
