@@ -26,6 +26,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
 
+from hypervisor import fs_privileges
 from hypervisor.errors import VirtiofsdError
 from hypervisor.process import (
     ProcessHandle,
@@ -82,7 +83,9 @@ class Virtiofsd(SpawnedProcess):
     ``start`` returns once the socket exists (QEMU can connect); ``stop`` is idempotent.
     ``xattr`` enables extended attributes (needed for file capabilities and SELinux labels
     in container images; off by default, as in virtiofsd). ``options`` are extra ``-o``
-    values passed as is.
+    values passed as is. ``privileged_files=False`` keeps what the guest writes powerless
+    on the host: no device nodes, no setuid/setgid bits, no file capabilities
+    (:mod:`hypervisor.fs_privileges`: capabilities dropped, a seccomp filter).
     """
 
     def __init__(
@@ -97,6 +100,7 @@ class Virtiofsd(SpawnedProcess):
         options: Sequence[str] = (),
         binary: Path | None = None,
         start_timeout: float = DEFAULT_START_TIMEOUT,
+        privileged_files: bool = True,
     ) -> None:
         self.socket_path = socket_path
         self.shared_dir = shared_dir
@@ -107,6 +111,7 @@ class Virtiofsd(SpawnedProcess):
         self.options = tuple(options)
         self.binary = binary
         self.start_timeout = start_timeout
+        self.privileged_files = privileged_files
         self._handle: ProcessHandle | None = None
         self._popen: subprocess.Popen[bytes] | None = None
         # Only files created by our instance are removed: a failed start must not delete
@@ -154,6 +159,9 @@ class Virtiofsd(SpawnedProcess):
             args += ["-o", "xattr"]
         for option in self.options:
             args += ["-o", option]
+        if not self.privileged_files:
+            for option in fs_privileges.CAPABILITY_OPTIONS:
+                args += ["-o", option]
         return args
 
     def _not_started(self) -> Exception:
@@ -183,6 +191,10 @@ class Virtiofsd(SpawnedProcess):
             )
         remove_quietly(self.socket_path)  # stale from a crash: virtiofsd would fail to bind
         try:
+            seccomp = None if self.privileged_files else fs_privileges.Filter()
+        except ValueError as exc:
+            raise VirtiofsdError(f"cannot keep guest files powerless: {exc}") from exc
+        try:
             log = self.log_path.open("wb") if self.log_path is not None else None
             with log if log is not None else contextlib.nullcontext():
                 self._popen = subprocess.Popen(
@@ -193,11 +205,16 @@ class Virtiofsd(SpawnedProcess):
                     start_new_session=True,
                     close_fds=True,
                     cwd="/",
+                    preexec_fn=seccomp.install if seccomp is not None else None,
                 )
         except OSError as exc:
             raise VirtiofsdError(
                 f"cannot start virtiofsd for {self.shared_dir}: {exc.strerror or exc}: "
                 f"{exc.filename or binary}"
+            ) from exc
+        except subprocess.SubprocessError as exc:  # the filter could not be installed
+            raise VirtiofsdError(
+                f"cannot start virtiofsd for {self.shared_dir}: its seccomp filter: {exc}"
             ) from exc
         started = start_time(self._popen.pid)
         self._handle = ProcessHandle(self._popen.pid, started if started is not None else -1)
