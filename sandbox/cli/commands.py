@@ -56,6 +56,7 @@ def cmd_pod(args: argparse.Namespace) -> int:
                     "cpus": info.cpus,
                     "transport": info.transport,
                     "shares": [{"tag": t, "path": p} for t, p in info.shares],
+                    "privileged_files": pod.record.privileged_files,
                     "python": info.python_version,
                     "uptime_seconds": round(uptime, 3),
                 },
@@ -94,8 +95,14 @@ def cmd_run(args: argparse.Namespace) -> int:
 def _run_bundle(args: argparse.Namespace) -> int:
     """runc's ``run``: create + start, then (unless --detach) wait for the container."""
     from sandbox.runtime import create, delete, start
+    from sandbox.runtime.bundle import PRIVILEGED_FILES_KEY
     from sandbox.runtime.record import ContainerRecord
 
+    if args.privileged_files:
+        raise ConfigError(
+            "--privileged-files is for images; a bundle's config.json sets the annotation "
+            f"{PRIVILEGED_FILES_KEY}"
+        )
     root = _root(args)
     record = create.create(root, args.image, args.bundle, args.pid_file, args.console_socket)
     start.start(root, args.image)

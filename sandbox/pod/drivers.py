@@ -50,8 +50,12 @@ class Drivers(abc.ABC):
         """An unstarted VM for ``config``."""
 
     @abc.abstractmethod
-    def file_server(self, socket_path: Path, shared_dir: Path, log_path: Path) -> FileServer:
-        """An unstarted virtio-fs daemon sharing ``shared_dir`` on ``socket_path``."""
+    def file_server(
+        self, socket_path: Path, shared_dir: Path, log_path: Path, *, privileged_files: bool
+    ) -> FileServer:
+        """An unstarted virtio-fs daemon sharing ``shared_dir`` on ``socket_path``; unless
+        ``privileged_files``, what the guest writes cannot carry privileges on the host
+        (no device nodes, setuid/setgid bits or file capabilities; docs/security.md)."""
 
     @abc.abstractmethod
     def start_proxy(self, directory: Path, vm_pid: int) -> ProcessHandle:
@@ -74,10 +78,17 @@ class HostDrivers(Drivers):
 
         return QemuVM(config)
 
-    def file_server(self, socket_path: Path, shared_dir: Path, log_path: Path) -> FileServer:
+    def file_server(
+        self, socket_path: Path, shared_dir: Path, log_path: Path, *, privileged_files: bool
+    ) -> FileServer:
         from hypervisor.virtiofsd import Virtiofsd
 
-        return Virtiofsd(socket_path=socket_path, shared_dir=shared_dir, log_path=log_path)
+        return Virtiofsd(
+            socket_path=socket_path,
+            shared_dir=shared_dir,
+            log_path=log_path,
+            privileged_files=privileged_files,
+        )
 
     def start_proxy(self, directory: Path, vm_pid: int) -> ProcessHandle:
         from hypervisor.process import ProcessHandle

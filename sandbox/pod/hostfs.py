@@ -2,42 +2,75 @@
 
 The shared directory is exported to the guest by virtiofsd, so the guest can create, rename
 and symlink anything inside it. Host code therefore never resolves a path inside it that the
-guest could have changed: mountpoints are created and opened relative to a directory fd with
-O_NOFOLLOW, and mounts go onto ``/proc/self/fd/N`` of that very inode.
+guest could have changed: directories are created and opened relative to a directory fd with
+O_NOFOLLOW, one component at a time, mounts are attached to that very inode (``move_mount``
+onto an fd) and detached through an fd whose mount id was checked (docs/security.md).
+
+A source (rootfs, volume) is resolved once, into an ``O_PATH`` fd: the object that was
+checked is the object that is mounted, whatever happens to its path meanwhile (a symlink
+swapped in between is never followed). Its tree is cloned detached (``open_tree``), made
+private, ``nosuid,nodev`` and, when asked, read-only -- recursively and *before* it is
+attached below the shared directory. Mount flags never propagate, but new mounts do: the
+clone reaches virtiofsd's mount namespace with the flags it had when attached, so a
+read-only share is read-only where virtiofsd writes, whatever the guest remounts (the class
+of Kata's CVE-2020-28914).
 
 The shared directory is bind-mounted onto itself and marked shared before virtiofsd starts,
-so that bind mounts made later below it propagate into virtiofsd's mount namespace.
+so that mounts attached later below it propagate into virtiofsd's mount namespace.
 """
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import os
+import re
+import stat
 from pathlib import Path
 
 _libc = ctypes.CDLL("libc.so.6", use_errno=True)
+_libc.syscall.restype = ctypes.c_long
 
-MS_RDONLY = 0x1
-MS_REMOUNT = 0x20
 MS_BIND = 0x1000
-MS_REC = 0x4000
 MS_PRIVATE = 1 << 18
 MS_SHARED = 1 << 20
 MNT_DETACH = 0x2
 
+# The new mount API (Linux >= 5.12 for mount_setattr); same numbers on x86_64 and arm64.
+_SYS_OPEN_TREE = 428
+_SYS_MOVE_MOUNT = 429
+_SYS_MOUNT_SETATTR = 442
+_OPEN_TREE_CLONE = 0x1
+_AT_EMPTY_PATH = 0x1000
+_AT_RECURSIVE = 0x8000
+_MOVE_MOUNT_F_EMPTY_PATH = 0x4
+_MOVE_MOUNT_T_EMPTY_PATH = 0x40
+MOUNT_ATTR_RDONLY = 0x1
+MOUNT_ATTR_NOSUID = 0x2
+MOUNT_ATTR_NODEV = 0x4
+
+
+class _MountAttr(ctypes.Structure):
+    _fields_ = [
+        ("attr_set", ctypes.c_uint64),
+        ("attr_clr", ctypes.c_uint64),
+        ("propagation", ctypes.c_uint64),
+        ("userns_fd", ctypes.c_uint64),
+    ]
+
+
+def _check(result: int, what: str) -> int:
+    if result < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"{what}: {os.strerror(err)}")
+    return result
+
 
 def _mount(source: str | None, target: str, flags: int) -> None:
     src = source.encode() if source is not None else None
-    if _libc.mount(src, target.encode(), None, ctypes.c_ulong(flags), None) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"mount {source} on {target}: {os.strerror(err)}")
-
-
-def _umount(target: str) -> None:
-    if _libc.umount2(target.encode(), MNT_DETACH) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"umount {target}: {os.strerror(err)}")
+    _check(
+        _libc.mount(src, target.encode(), None, ctypes.c_ulong(flags), None),
+        f"mount {source} on {target}",
+    )
 
 
 def make_shared_mountpoint(path: Path) -> None:
@@ -46,54 +79,187 @@ def make_shared_mountpoint(path: Path) -> None:
     _mount(None, str(path), MS_SHARED)
 
 
-def bind_into(parent: Path, name: str, source: Path, readonly: bool) -> Path:
-    """Bind-mount ``source`` (a directory or file) at ``parent/name``; return that path.
+def open_source(path: Path) -> int:
+    """An ``O_PATH`` fd of what ``path`` names now (symlinks followed, as runc does).
 
-    ``name`` is created (it must not exist) without following symlinks. Read-only mounts are
-    remounted read-only right after the bind.
+    Everything later -- the type check, the mount -- goes through this fd, so the source
+    cannot be swapped between check and mount. OSError as ``os.open`` raises it.
     """
+    return os.open(path, os.O_PATH | os.O_CLOEXEC)
+
+
+def open_dir(path: Path) -> int:
+    """An ``O_PATH`` fd of the host-controlled directory ``path`` (its last component is
+    not followed if it is a symlink)."""
+    return os.open(path, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+
+
+def make_dir(parent_fd: int, name: str, mode: int = 0o755) -> int:
+    """Create the directory ``name`` (which must not exist) in ``parent_fd``; its ``O_PATH``
+    fd. The name is one component; nothing is followed. FileExistsError if it exists."""
+    _check_name(name)
+    os.mkdir(name, mode, dir_fd=parent_fd)
+    return os.open(
+        name, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=parent_fd
+    )
+
+
+def _check_name(name: str) -> None:
     if "/" in name or name in ("", ".", ".."):
         raise ValueError(f"invalid mountpoint name {name!r}")
-    parent_fd = os.open(parent, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+
+
+def bind_into(parent_fd: int, name: str, source_fd: int, readonly: bool) -> None:
+    """Mount the tree of ``source_fd`` (a directory or file) at ``name`` in ``parent_fd``.
+
+    ``name`` is created (it must not exist) without following symlinks. The tree (with its
+    submounts) is cloned detached, made private, ``nosuid,nodev`` and read-only if
+    ``readonly`` -- all before it is attached, so every copy the attach propagates (into
+    virtiofsd's namespace) carries those flags. OSError on failure (nothing left mounted).
+    """
+    _check_name(name)
+    if stat.S_ISDIR(os.fstat(source_fd).st_mode):
+        os.mkdir(name, 0o755, dir_fd=parent_fd)
+    else:
+        flags = os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC
+        os.close(os.open(name, flags, 0o644, dir_fd=parent_fd))
+    target_fd = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=parent_fd)
     try:
-        if source.is_dir():
-            os.mkdir(name, 0o755, dir_fd=parent_fd)
-        else:
-            os.close(
-                os.open(
-                    name,
-                    os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC,
-                    0o644,
-                    dir_fd=parent_fd,
-                )
+        tree_fd = _check(
+            _libc.syscall(
+                _SYS_OPEN_TREE,
+                ctypes.c_int(source_fd),
+                b"",
+                ctypes.c_uint(_OPEN_TREE_CLONE | os.O_CLOEXEC | _AT_EMPTY_PATH | _AT_RECURSIVE),
+            ),
+            "open_tree",
+        )
+        try:
+            attr = _MountAttr(
+                MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV | (MOUNT_ATTR_RDONLY if readonly else 0),
+                0,
+                MS_PRIVATE,
+                0,
             )
-        target_fd = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=parent_fd)
-    finally:
-        os.close(parent_fd)
-    try:
-        _mount(str(source), f"/proc/self/fd/{target_fd}", MS_BIND | MS_REC)
+            _check(
+                _libc.syscall(
+                    _SYS_MOUNT_SETATTR,
+                    ctypes.c_int(tree_fd),
+                    b"",
+                    ctypes.c_uint(_AT_EMPTY_PATH | _AT_RECURSIVE),
+                    ctypes.byref(attr),
+                    ctypes.c_size_t(ctypes.sizeof(attr)),
+                ),
+                "mount_setattr",
+            )
+            _check(
+                _libc.syscall(
+                    _SYS_MOVE_MOUNT,
+                    ctypes.c_int(tree_fd),
+                    b"",
+                    ctypes.c_int(target_fd),
+                    b"",
+                    ctypes.c_uint(_MOVE_MOUNT_F_EMPTY_PATH | _MOVE_MOUNT_T_EMPTY_PATH),
+                ),
+                "move_mount",
+            )
+        finally:
+            os.close(tree_fd)  # a clone never attached is freed with its last fd
     finally:
         os.close(target_fd)
-    target = parent / name
-    if readonly:
-        _mount(None, str(target), MS_BIND | MS_REMOUNT | MS_RDONLY)
-    return target
+
+
+_ESCAPE = re.compile(r"\\([0-7]{3})")
+
+
+def _unescape(field: str) -> str:
+    """A mountinfo path field decoded (the kernel writes space, tab, newline and backslash
+    as octal escapes)."""
+    return _ESCAPE.sub(lambda m: chr(int(m.group(1), 8)), field)
+
+
+def _mounts(prefix: str) -> list[tuple[int, str]]:
+    """(mount id, mount point) of every mount at or below ``prefix``."""
+    found = []
+    with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as mountinfo:
+        for line in mountinfo:
+            fields = line.split()
+            point = _unescape(fields[4])
+            if point == prefix or point.startswith(prefix + "/"):
+                found.append((int(fields[0]), point))
+    return found
 
 
 def mounts_below(path: Path) -> list[str]:
     """Mount points at or below ``path`` (from /proc/self/mountinfo), deepest first."""
+    points = {point for _id, point in _mounts(str(path).rstrip("/"))}
+    return sorted(points, key=lambda p: p.count("/"), reverse=True)
+
+
+def _mount_id(fd: int) -> int | None:
+    with open(f"/proc/self/fdinfo/{fd}", encoding="ascii") as info:
+        for line in info:
+            if line.startswith("mnt_id:"):
+                return int(line.split()[1])
+    return None
+
+
+def _open_beneath(top_fd: int, parts: list[str]) -> int:
+    """Walk ``parts`` from ``top_fd``, one ``O_NOFOLLOW`` component at a time; an O_PATH fd.
+
+    Mounts are crossed (that is not following a link); a symlink anywhere fails (ELOOP or
+    ENOTDIR), so the walk never leaves the tree below ``top_fd``.
+    """
+    fd = os.dup(top_fd)
+    try:
+        for part in parts:
+            _check_name(part)
+            child = os.open(part, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
+            os.close(fd)
+            fd = child
+        return fd
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def unmount_tree(path: Path, trusted: Path | None = None) -> None:
+    """Detach every mount at or below ``path``; idempotent, never raises for a gone mount.
+
+    ``trusted`` (default ``path`` itself) is an ancestor whose own path the guest cannot
+    change; every component below it is opened without following symlinks, and a mount is
+    detached only through an fd whose mount id is the one mountinfo listed for that path,
+    so a symlink or a rename planted by the guest cannot redirect an unmount to a host mount
+    (the class of Kata's CVE-2020-2024). Mounts that cannot be reached that way stay (see
+    :func:`mounts_below`; callers never delete a directory that still has mounts below it).
+    """
+    top = trusted if trusted is not None else path
     prefix = str(path).rstrip("/")
-    found = []
-    with open("/proc/self/mountinfo", encoding="utf-8") as mountinfo:
-        for line in mountinfo:
-            point = line.split()[4].replace("\\040", " ")
-            if point == prefix or point.startswith(prefix + "/"):
-                found.append(point)
-    return sorted(set(found), key=lambda p: p.count("/"), reverse=True)
-
-
-def unmount_tree(path: Path) -> None:
-    """Detach every mount at or below ``path``; idempotent, never raises for a gone mount."""
-    for point in mounts_below(path):
-        with contextlib.suppress(OSError):
-            _umount(point)
+    try:
+        top_fd = open_dir(top)
+    except OSError:
+        return
+    try:
+        for _round in range(8):  # outermost first; a detach takes its submounts with it
+            progress = False
+            for mount_id, point in sorted(_mounts(prefix), key=lambda m: m[1].count("/")):
+                relative = os.path.relpath(point, top)
+                parts = [] if relative == "." else relative.split("/")
+                if relative.startswith(".."):
+                    continue
+                try:
+                    fd = _open_beneath(top_fd, parts)
+                except (OSError, ValueError):
+                    continue
+                try:
+                    if (
+                        _mount_id(fd) == mount_id
+                        and _libc.umount2(f"/proc/self/fd/{fd}".encode(), MNT_DETACH) == 0
+                    ):
+                        progress = True
+                finally:
+                    os.close(fd)
+            if not progress:
+                return
+    finally:
+        os.close(top_fd)

@@ -202,6 +202,7 @@ class Pod:
         netns: Path | None = None,
         user_network: bool = False,
         hostname: str = "",
+        privileged_files: bool = False,
     ) -> Pod:
         """Boot a new pod VM and return once its agent is healthy and the share mounted.
 
@@ -211,6 +212,10 @@ class Pod:
         QEMU user-mode networking (outbound NAT, 10.0.2.15/24). Neither: loopback only.
         ``hostname`` is the guest's (root UTS namespace) and, with user networking, goes into
         the hosts file written for containers.
+        Unless ``privileged_files``, files the guest creates through the share are powerless
+        on the host: no device nodes, setuid/setgid bits or file capabilities (EPERM in the
+        guest; docs/security.md). With it, the guest's root acts as the host's root on
+        writable shares, as runc's containers do.
 
         Raises StateError if the pod exists, ConfigError for a missing or invalid guest image
         or bad settings, AgentError/AgentTimeout if the agent is not reached (the error names
@@ -244,6 +249,7 @@ class Pod:
                 accel=chosen.chosen,
                 memory_mib=memory_mib,
                 image=str(image.dir),
+                privileged_files=privileged_files,
             ),
         )
         state.ensure_dir(root / "p")
@@ -289,7 +295,10 @@ class Pod:
         hostfs.make_shared_mountpoint(self.shared_dir)
         # 2. virtiofsd before QEMU: a cold-booted QEMU connects to its socket at start.
         fs = self.drivers.file_server(
-            self.dir / "virtiofsd.sock", self.shared_dir, self.dir / "virtiofsd.log"
+            self.dir / "virtiofsd.sock",
+            self.shared_dir,
+            self.dir / "virtiofsd.log",
+            privileged_files=self.record.privileged_files,
         )
         fs.start()
         self._remember("virtiofsd", fs.handle)

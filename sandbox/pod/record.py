@@ -19,9 +19,9 @@ retried after a crash, ``broken -> stopping`` one retried after a failure (``del
 
 The JSON keys are those the first version wrote (``id``, ``status``, ``created``,
 ``accel``, ``memory_mib``, ``image``, ``processes``, ``network``, ``boot``,
-``containers``), so a pod.json written by it reads unchanged; a status this version does
-not know reads as ``broken`` (only a teardown is allowed), and keys it does not know are
-kept as read (:attr:`PodRecord.extra`).
+``containers``; later ``privileged_files``), so a pod.json written by it reads unchanged;
+a status this version does not know reads as ``broken`` (only a teardown is allowed), and
+keys it does not know are kept as read (:attr:`PodRecord.extra`).
 """
 
 from __future__ import annotations
@@ -88,6 +88,8 @@ class PodRecord:
     network: dict[str, Any] | None = None
     boot: BootKind | None = None
     containers: list[str] = field(default_factory=list)
+    #: Whether the guest's files may carry privileges on the host (docs/security.md).
+    privileged_files: bool = False
     #: Keys of the file this version does not know, written back unchanged.
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -122,6 +124,7 @@ class PodRecord:
             "image": self.image,
             "processes": {name: ref.to_json() for name, ref in self.processes.items()},
             "containers": list(self.containers),
+            "privileged_files": self.privileged_files,
         }
         if self.network is not None:
             data["network"] = self.network
@@ -184,6 +187,9 @@ class PodRecord:
         containers = [] if containers is None else containers
         if not isinstance(containers, list) or not all(isinstance(c, str) for c in containers):
             raise corrupt("containers is not a list of ids")
+        privileged_files = data.pop("privileged_files", False)
+        if not isinstance(privileged_files, bool):
+            raise corrupt("privileged_files is not a boolean")
         return cls(
             id=pod_id,
             status=status,
@@ -195,6 +201,7 @@ class PodRecord:
             network=network,
             boot=boot,
             containers=list(containers),
+            privileged_files=privileged_files,
             extra=data,
         )
 

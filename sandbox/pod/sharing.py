@@ -15,6 +15,8 @@ guest init process.
 from __future__ import annotations
 
 import copy
+import os
+import stat
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -33,6 +35,38 @@ def _is_bind(mount: dict[str, Any]) -> bool:
     return mount.get("type") in _BIND_TYPES or "bind" in options or "rbind" in options
 
 
+class HeldSources:
+    """Host sources opened when they were checked, for a share made later (after a boot).
+
+    ``share_container_files`` mounts a path held here from its fd, so a path swapped (for a
+    symlink, another directory) between the check and the mount is not followed. A context
+    manager: the fds are closed on exit.
+    """
+
+    def __init__(self) -> None:
+        self._fds: dict[str, int] = {}
+
+    def hold(self, path: Path) -> None:
+        """Open ``path`` (``hostfs.open_source``) unless held already; OSError as os.open."""
+        if str(path) not in self._fds:
+            self._fds[str(path)] = hostfs.open_source(path)
+
+    def fd(self, path: Path) -> int | None:
+        """The fd held for exactly ``path``, or None."""
+        return self._fds.get(str(path))
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+    def __enter__(self) -> HeldSources:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()
+
+
 def share_container_files(
     pod: Pod,
     container_id: str,
@@ -40,6 +74,7 @@ def share_container_files(
     bundle: Path,
     guest_pids: Callable[[str], int | None] = lambda _path: None,
     rootfs_readonly: bool | None = None,
+    held: HeldSources | None = None,
 ) -> tuple[str, dict[str, Any]]:
     """Expose the rootfs and bind-mount sources to the guest; return (guest rootfs, spec).
 
@@ -48,7 +83,8 @@ def share_container_files(
     container's guest pid, or None when it does not belong to the pod.
     ``rootfs_readonly`` overrides root.readonly for the host bind (an overlay in the guest
     wants a read-only lower layer under a writable root). The copy names the VM's cgroup
-    layout (:func:`sandbox.pod.guest_cgroup.resolve`).
+    layout (:func:`sandbox.pod.guest_cgroup.resolve`). A source in ``held`` is mounted
+    from the fd opened when it was checked; any other is opened here, once.
     On failure everything already mounted for this container is unmounted again.
     """
     spec = copy.deepcopy(spec)
@@ -58,38 +94,48 @@ def share_container_files(
     rootfs = Path(root["path"])
     if not rootfs.is_absolute():
         rootfs = bundle / rootfs
-    if not rootfs.is_dir():
-        raise ConfigError(f"rootfs {rootfs} is not a directory")
-    base = pod.shared_dir / container_id
-    try:
-        base.mkdir(mode=0o755)
-    except FileExistsError:
-        raise ConfigError(f"container {container_id} already has files in pod {pod.id}") from None
+    if rootfs_readonly is None:
+        rootfs_readonly = bool(root.get("readonly"))
     guest_base = f"{GUEST_SHARE}/{container_id}"
+    fds: list[int] = []  # closed at the end: sources, directories of the share
     try:
-        if rootfs_readonly is None:
-            rootfs_readonly = bool(root.get("readonly"))
-        hostfs.bind_into(base, "rootfs", rootfs, readonly=rootfs_readonly)
-        (base / "mounts").mkdir(mode=0o755)
-        for index, mount in enumerate(spec.get("mounts") or []):
-            if not isinstance(mount, dict) or not _is_bind(mount):
-                continue
-            source = Path(str(mount.get("source", "")))
-            if not source.is_absolute():
-                source = bundle / source
-            if not source.exists():
-                raise ConfigError(f"bind mount source {source} does not exist")
-            readonly = "ro" in (mount.get("options") or [])
-            hostfs.bind_into(base / "mounts", str(index), source, readonly)
-            mount["source"] = f"{guest_base}/mounts/{index}"
-        _rewrite_namespaces(spec, guest_pids)
-        guest_cgroup.resolve(spec)
-        linux = spec.get("linux")
-        if isinstance(linux, dict):
-            linux.pop("cgroupsPath", None)  # the agent places the container in the guest
-    except BaseException:
-        unshare_container_files(pod, container_id)
-        raise
+        rootfs_fd = _open_source(rootfs, "rootfs", fds, held, missing="is not a directory")
+        if not stat.S_ISDIR(os.fstat(rootfs_fd).st_mode):
+            raise ConfigError(f"rootfs {rootfs} is not a directory")
+        shared_fd = hostfs.open_dir(pod.shared_dir)
+        fds.append(shared_fd)
+        try:
+            base_fd = hostfs.make_dir(shared_fd, container_id)
+        except FileExistsError:
+            raise ConfigError(
+                f"container {container_id} already has files in pod {pod.id}"
+            ) from None
+        fds.append(base_fd)
+        try:
+            hostfs.bind_into(base_fd, "rootfs", rootfs_fd, readonly=rootfs_readonly)
+            mounts_fd = hostfs.make_dir(base_fd, "mounts")
+            fds.append(mounts_fd)
+            for index, mount in enumerate(spec.get("mounts") or []):
+                if not isinstance(mount, dict) or not _is_bind(mount):
+                    continue
+                source = Path(str(mount.get("source", "")))
+                if not source.is_absolute():
+                    source = bundle / source
+                source_fd = _open_source(source, "bind mount source", fds, held)
+                readonly = "ro" in (mount.get("options") or [])
+                hostfs.bind_into(mounts_fd, str(index), source_fd, readonly)
+                mount["source"] = f"{guest_base}/mounts/{index}"
+            _rewrite_namespaces(spec, guest_pids)
+            guest_cgroup.resolve(spec)
+            linux = spec.get("linux")
+            if isinstance(linux, dict):
+                linux.pop("cgroupsPath", None)  # the agent places the container in the guest
+        except BaseException:
+            unshare_container_files(pod, container_id)
+            raise
+    finally:
+        for fd in fds:
+            os.close(fd)
     return f"{guest_base}/rootfs", spec
 
 
@@ -120,10 +166,32 @@ def _ns_file(kind: str) -> str:
     return {"network": "net", "mount": "mnt"}.get(kind, kind)
 
 
+def _open_source(
+    path: Path, what: str, fds: list[int], held: HeldSources | None, missing: str = "does not exist"
+) -> int:
+    """A new fd (appended to ``fds``) of the source ``path``: a copy of the one ``held``
+    for it, else ``hostfs.open_source``; ConfigError "``what`` ``path`` ``missing``" when
+    it does not exist, naming ``what`` when it cannot be opened."""
+    held_fd = held.fd(path) if held is not None else None
+    try:
+        fd = os.dup(held_fd) if held_fd is not None else hostfs.open_source(path)
+    except FileNotFoundError:
+        raise ConfigError(f"{what} {path} {missing}") from None
+    except OSError as exc:
+        raise ConfigError(f"cannot open {what} {path}: {exc.strerror}") from None
+    fds.append(fd)
+    return fd
+
+
 def unshare_container_files(pod: Pod, container_id: str) -> None:
-    """Unmount and remove ``<pod>/shared/<container-id>``; idempotent."""
+    """Unmount and remove ``<pod>/shared/<container-id>``; idempotent.
+
+    The guest may have renamed or replaced anything below the shared directory: mounts are
+    detached only where they really are (hostfs.unmount_tree) and nothing is removed while
+    a mount is left below (``rmtree`` itself never follows a symlink).
+    """
     base = pod.shared_dir / container_id
-    hostfs.unmount_tree(base)
+    hostfs.unmount_tree(base, trusted=pod.shared_dir)
     if hostfs.mounts_below(base):
         return  # never delete through a mount
     import shutil

@@ -42,8 +42,9 @@ from sandbox import IMPORT_ROOT
 from sandbox import store as state
 from sandbox.errors import NotFoundError, RunError, SandboxError, StateError
 from sandbox.image import pull as image_pull
+from sandbox.image import store as images
 from sandbox.pod.lifecycle import Pod
-from sandbox.pod.sharing import unshare_container_files
+from sandbox.pod.sharing import HeldSources, unshare_container_files
 from sandbox.run.launch import boot_pod, create_in_pod
 from sandbox.run.spec import build_spec, check_options, parse_size
 from sandbox.runtime import control, delete, kill, shim, start
@@ -66,7 +67,21 @@ def run_detached(args: argparse.Namespace, root: Path) -> int:
     if log_limit < 4096:
         raise RunError(f"invalid --log-max-size {args.log_max_size!r}: at least 4k")
     image = image_pull.resolve_image(args)
-    spec = build_spec(args, image)
+    with HeldSources() as held:  # the sources as checked, until they are shared
+        name = _create(args, root, image, log_limit, held)
+    print(name, flush=True)
+    return 0
+
+
+def _create(
+    args: argparse.Namespace,
+    root: Path,
+    image: images.Image,
+    log_limit: int,
+    held: HeldSources,
+) -> str:
+    """Create and start the detached run of ``run_detached``; its name."""
+    spec = build_spec(args, image, held)
     name = args.name or f"run-{secrets.token_hex(6)}"
     command = [str(a) for a in spec["process"]["args"]]
     record = ContainerRecord.new(
@@ -98,7 +113,7 @@ def run_detached(args: argparse.Namespace, root: Path) -> int:
         pod.record.containers = [name]
         pod.save()
         try:
-            record.data["guest_pid"] = create_in_pod(pod, name, spec, image, args.read_only)
+            record.data["guest_pid"] = create_in_pod(pod, name, spec, image, args.read_only, held)
         except BaseException:
             unshare_container_files(pod, name)
             raise
@@ -113,8 +128,7 @@ def run_detached(args: argparse.Namespace, root: Path) -> int:
         with contextlib.suppress(Exception):
             delete.delete(root, name, force=True)
         raise
-    print(name, flush=True)
-    return 0
+    return name
 
 
 def _spawn_logging_shim(root: Path, name: str, agent: str, log: Path) -> ProcessHandle:

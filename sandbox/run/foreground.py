@@ -26,7 +26,7 @@ from sandbox.image import pull as image_pull
 from sandbox.image import store as images
 from sandbox.pod.agent_client import ContainerClient
 from sandbox.pod.lifecycle import Pod
-from sandbox.pod.sharing import unshare_container_files
+from sandbox.pod.sharing import HeldSources, unshare_container_files
 from sandbox.pod.stdio import StdioRelay
 from sandbox.run.launch import CONTAINER_ID, boot_pod, create_in_pod
 from sandbox.run.spec import build_spec, check_options
@@ -52,20 +52,25 @@ def run(args: argparse.Namespace, root: Path) -> int:
     """
     check_options(args)
     image = image_pull.resolve_image(args)
-    spec = build_spec(args, image)
-    pod = boot_pod(root, args.name or f"run-{secrets.token_hex(6)}", args, spec)
-    try:
-        return _run_in_pod(args, pod, spec, image)
-    finally:
-        with contextlib.suppress(SandboxError):
-            unshare_container_files(pod, CONTAINER_ID)
-        pod.stop()
+    with HeldSources() as held:  # the sources as checked, until they are shared
+        spec = build_spec(args, image, held)
+        pod = boot_pod(root, args.name or f"run-{secrets.token_hex(6)}", args, spec)
+        try:
+            return _run_in_pod(args, pod, spec, image, held)
+        finally:
+            with contextlib.suppress(SandboxError):
+                unshare_container_files(pod, CONTAINER_ID)
+            pod.stop()
 
 
 def _run_in_pod(
-    args: argparse.Namespace, pod: Pod, spec: dict[str, Any], image: images.Image
+    args: argparse.Namespace,
+    pod: Pod,
+    spec: dict[str, Any],
+    image: images.Image,
+    held: HeldSources,
 ) -> int:
-    create_in_pod(pod, CONTAINER_ID, spec, image, args.read_only)
+    create_in_pod(pod, CONTAINER_ID, spec, image, args.read_only, held)
     with pod.client() as client:
         stdin = sys.stdin.fileno() if args.interactive else None
         relay = StdioRelay(

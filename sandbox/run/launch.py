@@ -14,7 +14,7 @@ from typing import Any
 from sandbox.errors import EXIT_RUNTIME, AgentError, CommandError, RunError
 from sandbox.image import store as images
 from sandbox.pod.lifecycle import DEFAULT_MEMORY_MIB, Pod
-from sandbox.pod.sharing import share_container_files
+from sandbox.pod.sharing import HeldSources, share_container_files
 
 #: The container id of a foreground run inside its pod.
 CONTAINER_ID = "main"
@@ -22,7 +22,8 @@ CONTAINER_ID = "main"
 
 def boot_pod(root: Path, pod_id: str, args: argparse.Namespace, spec: dict[str, Any]) -> Pod:
     """Boot the VM of a run: memory sized for the spec's limit, the run's network and
-    hostname. On failure nothing is left running (Pod.boot's contract)."""
+    hostname, files powerless on the host unless ``--privileged-files``. On failure nothing
+    is left running (Pod.boot's contract)."""
     memory_mib = DEFAULT_MEMORY_MIB
     if "memory" in spec["linux"]["resources"]:
         memory_mib = max(memory_mib, spec["linux"]["resources"]["memory"]["limit"] // 2**20 + 256)
@@ -32,21 +33,28 @@ def boot_pod(root: Path, pod_id: str, args: argparse.Namespace, spec: dict[str, 
         memory_mib=min(memory_mib, 65536),
         user_network=args.network == "user",
         hostname=str(spec.get("hostname") or ""),
+        privileged_files=args.privileged_files,
     )
 
 
 def create_in_pod(
-    pod: Pod, container_id: str, spec: dict[str, Any], image: images.Image, read_only: bool
+    pod: Pod,
+    container_id: str,
+    spec: dict[str, Any],
+    image: images.Image,
+    read_only: bool,
+    held: HeldSources,
 ) -> int:
     """Share the image read-only and create the container in the guest (an overlay with a
-    guest-memory upper layer unless ``read_only``); return its guest pid.
+    guest-memory upper layer unless ``read_only``); return its guest pid. The sources are
+    those ``build_spec`` opened into ``held``.
 
     Any failure raises RunError with the agent's message: docker's 127/126 when the command
     is not found / cannot be run (the agent's CommandError), 125 otherwise. The caller undoes
     the share on failure (``unshare_container_files``).
     """
     guest_rootfs, guest_spec = share_container_files(
-        pod, container_id, spec, image.rootfs.parent, rootfs_readonly=True
+        pod, container_id, spec, image.rootfs.parent, rootfs_readonly=True, held=held
     )
     guest_spec["mounts"] += _network_file_mounts(pod)
     with pod.client() as client:

@@ -35,6 +35,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--name", default=None)
     parser.add_argument("--read-only", action="store_true", help="read-only root filesystem")
     parser.add_argument(
+        "--privileged-files",
+        action="store_true",
+        help="let the container leave device nodes, setuid/setgid files and file capabilities"
+        " on its read-write volumes, usable on the host (as runc does); default: refused",
+    )
+    parser.add_argument(
         "--rm",
         action="store_true",
         help="with -d: remove the run once it exits (foreground runs are always removed)",

@@ -10,12 +10,15 @@ import argparse
 import os
 import re
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sandbox import store as state
 from sandbox.errors import ConfigError, RunError
 from sandbox.image import store as images
 from sandbox.run.default_spec import default_spec
+
+if TYPE_CHECKING:
+    from sandbox.pod.sharing import HeldSources
 
 _SIZE_RE = re.compile(r"^(\d+)([bkmg]?)$", re.IGNORECASE)
 _ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -73,7 +76,7 @@ def _user(rootfs: Path, spec_user: str) -> dict[str, Any]:
     return {"uid": uid, "gid": gid}
 
 
-def _volumes(args: argparse.Namespace) -> list[dict[str, Any]]:
+def _volumes(args: argparse.Namespace, held: HeldSources) -> list[dict[str, Any]]:
     mounts = []
     for item in args.volume:
         parts = item.split(":")
@@ -82,8 +85,12 @@ def _volumes(args: argparse.Namespace) -> list[dict[str, Any]]:
         host, guest = Path(parts[0]), parts[1]
         if not host.is_absolute() or not guest.startswith("/"):
             raise RunError(f"invalid volume {item!r}: both paths must be absolute")
-        if not host.exists():
-            raise RunError(f"invalid volume {item!r}: {host} does not exist")
+        try:
+            held.hold(host)  # what is checked now is what is mounted after the boot
+        except FileNotFoundError:
+            raise RunError(f"invalid volume {item!r}: {host} does not exist") from None
+        except OSError as exc:
+            raise RunError(f"invalid volume {item!r}: cannot open {host}: {exc.strerror}") from None
         options = ["rbind", "ro" if len(parts) == 3 and parts[2] == "ro" else "rw"]
         mounts.append(
             {"destination": guest, "type": "bind", "source": str(host), "options": options}
@@ -91,8 +98,11 @@ def _volumes(args: argparse.Namespace) -> list[dict[str, Any]]:
     return mounts
 
 
-def build_spec(args: argparse.Namespace, image: images.Image) -> dict[str, Any]:
-    """The OCI spec for a run: image defaults, then options, then hardened defaults."""
+def build_spec(args: argparse.Namespace, image: images.Image, held: HeldSources) -> dict[str, Any]:
+    """The OCI spec for a run: image defaults, then options, then hardened defaults.
+
+    The image's root filesystem and the volume sources are opened into ``held``: the share
+    made after the VM booted mounts these very objects (docs/security.md)."""
     argv = list(args.command) or [*image.entrypoint, *image.cmd]
     if argv and argv[0] == "--":
         argv = argv[1:]
@@ -108,7 +118,11 @@ def build_spec(args: argparse.Namespace, image: images.Image) -> dict[str, Any]:
         process["user"] = _user(image.rootfs, args.user or image.user)
     spec["root"]["readonly"] = args.read_only
     spec["hostname"] = args.name or "pysandbox"
-    spec["mounts"] += _volumes(args)
+    spec["mounts"] += _volumes(args, held)
+    try:
+        held.hold(image.rootfs)
+    except OSError as exc:
+        raise RunError(f"cannot open the image root {image.rootfs}: {exc.strerror}") from None
     resources: dict[str, Any] = spec["linux"]["resources"]
     if args.memory:
         resources["memory"] = {"limit": parse_size(args.memory)}

@@ -20,6 +20,10 @@ if TYPE_CHECKING:
 MAX_CONFIG_BYTES = 4 * 1024 * 1024
 SANDBOX_TYPE_KEYS = ("io.kubernetes.cri.container-type", "io.kubernetes.cri-o.ContainerType")
 SANDBOX_ID_KEYS = ("io.kubernetes.cri.sandbox-id", "io.kubernetes.cri-o.SandboxID")
+#: Annotation of a pod's first (sandbox) container: "false" makes files the pod's guest
+#: creates through the share powerless on the host (docs/security.md); default "true", as
+#: runc, whose bundles' images may install setuid binaries or create device nodes.
+PRIVILEGED_FILES_KEY = "org.pysandbox.privileged-files"
 
 
 def load_bundle(bundle: Path) -> dict[str, Any]:
@@ -53,3 +57,12 @@ def pod_of(container_id: str, spec: dict[str, Any]) -> tuple[str, bool]:
     if kind == "sandbox" or sandbox_id is None:
         return container_id if sandbox_id is None else str(sandbox_id), True
     return str(sandbox_id), False
+
+
+def privileged_files(spec: dict[str, Any]) -> bool:
+    """The :data:`PRIVILEGED_FILES_KEY` annotation of ``spec``; ConfigError unless it is
+    absent (True), "true" or "false"."""
+    value = (spec.get("annotations") or {}).get(PRIVILEGED_FILES_KEY, "true")
+    if value not in ("true", "false"):
+        raise ConfigError(f"annotation {PRIVILEGED_FILES_KEY} must be 'true' or 'false'")
+    return bool(value == "true")

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 
 from sandbox import store as state
 from sandbox.errors import ConfigError, NotFoundError, StateError
-from sandbox.runtime.bundle import load_bundle, pod_of
+from sandbox.runtime.bundle import load_bundle, pod_of, privileged_files
 from sandbox.runtime.delete import teardown
 from sandbox.runtime.hooks import run_hooks
 from sandbox.runtime.pods import guest_pid_lookup, pod_lock
@@ -46,6 +46,7 @@ def create(
     if terminal and console_socket is None:
         raise ConfigError("process.terminal is true: --console-socket is required")
     pod_id, owns_pod = pod_of(container_id, spec)
+    privileged = privileged_files(spec)
     record = ContainerRecord.new(
         root,
         container_id,
@@ -63,7 +64,7 @@ def create(
         with pod_lock(root, pod_id):
             if owns_pod:
                 # The pod's network namespace (CNI, podman) is carried into the VM.
-                pod = Pod.boot(root, pod_id, netns=netns_path_of(spec))
+                pod = Pod.boot(root, pod_id, netns=netns_path_of(spec), privileged_files=privileged)
             else:
                 try:
                     pod = Pod.load(root, pod_id)

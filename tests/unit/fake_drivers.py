@@ -74,6 +74,7 @@ class FakeDrivers(Drivers):
         self.servers: dict[int, grpc.Server] = {}  # proxy pid -> its agent server
         self.mounts = FakeMounts(self)
         self.shims: dict[str, FakeProcess] = {}
+        self.privileged_files: bool | None = None  # as the last file server was asked
         self._lock = threading.Lock()
 
     # -- bookkeeping -------------------------------------------------------------------------
@@ -128,7 +129,10 @@ class FakeDrivers(Drivers):
         self.vms.append(vm)
         return vm
 
-    def file_server(self, socket_path: Path, shared_dir: Path, log_path: Path) -> FakeFileServer:
+    def file_server(
+        self, socket_path: Path, shared_dir: Path, log_path: Path, *, privileged_files: bool
+    ) -> FakeFileServer:
+        self.privileged_files = privileged_files
         return FakeFileServer(self, socket_path, shared_dir)
 
     def start_proxy(self, directory: Path, vm_pid: int) -> ProcessHandle:
