@@ -50,9 +50,11 @@ def run_container(
     stdin: bytes | None = None,
     overlay: bool = True,
     timeout: float = 120.0,
+    cid: str | None = None,
 ) -> Result:
-    """Create, start and wait for a container in ``pod``; remove it afterwards."""
-    cid = f"t{next(_ids)}"
+    """Create, start and wait for a container in ``pod`` (id ``cid`` or a fresh one); remove
+    it afterwards."""
+    cid = cid or f"t{next(_ids)}"
     spec = copy.deepcopy(spec)
     rootfs, guest_spec = share_container_files(
         pod, cid, spec, images.ensure_default_image().parent, rootfs_readonly=True

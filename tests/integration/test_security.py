@@ -1,0 +1,436 @@
+"""The guest attacks the host through the share: one test per class of escape (docs/security.md).
+
+The guest is untrusted, its kernel included: attacks run in containers holding every
+capability, no seccomp profile and every device allowed -- what a guest root has. Each test
+is named after the class it covers (most after a Kata Containers CVE) and checks the host
+the way a host user would see it: file contents, modes, device nodes, mounts. Attacks are
+aimed at copies (a private rootfs, the guest image's first sector, which erofs never reads),
+so a broken defence fails the test without damaging what other tests use.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import stat
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from agent.oci.capabilities import NAMES as ALL_CAPABILITIES
+from hypervisor.guest_image import find_image
+from sandbox.errors import ConfigError
+from sandbox.image import store as images
+from sandbox.pod import hostfs
+from sandbox.pod.lifecycle import Pod
+from sandbox.pod.sharing import share_container_files, unshare_container_files
+from tests.integration.helpers import busybox_spec, run_container
+
+ROOT = Path(__file__).resolve().parents[2]
+PYSANDBOX = [sys.executable, "-m", "sandbox"]
+
+
+def attacker(
+    script: str, *mounts: dict[str, Any], rootfs: Path | None = None, readonly: bool = False
+) -> dict[str, Any]:
+    """A spec running ``script`` as a guest root can: all capabilities, no seccomp, every
+    device, no masked paths; ``mounts`` added."""
+    spec = busybox_spec("sh", "-c", script)
+    spec["root"]["readonly"] = readonly
+    if rootfs is not None:
+        spec["root"]["path"] = str(rootfs)
+    process = spec["process"]
+    process["noNewPrivileges"] = False
+    for kind in ("bounding", "effective", "permitted"):
+        process["capabilities"][kind] = list(ALL_CAPABILITIES)
+    linux = spec["linux"]
+    linux.pop("seccomp")
+    linux["resources"]["devices"] = [{"allow": True, "access": "rwm"}]
+    linux["maskedPaths"] = []
+    linux["readonlyPaths"] = []
+    spec["mounts"] += list(mounts)
+    return spec
+
+
+def volume(source: Path, destination: str, *options: str) -> dict[str, Any]:
+    return {
+        "destination": destination,
+        "type": "bind",
+        "source": str(source),
+        "options": ["rbind", *options],
+    }
+
+
+def tree(path: Path) -> dict[str, tuple[int, bytes]]:
+    """Every entry below ``path`` (not followed): relative name -> (st_mode, content)."""
+    found = {}
+    for dirpath, dirnames, filenames in os.walk(path):
+        for name in dirnames + filenames:
+            full = Path(dirpath) / name
+            st = full.lstat()
+            content = full.read_bytes() if stat.S_ISREG(st.st_mode) else b""
+            found[str(full.relative_to(path))] = (st.st_mode, content)
+    return found
+
+
+@contextlib.contextmanager
+def tmpfs_at(path: Path, files: dict[str, str]) -> Iterator[Path]:
+    """A host tmpfs mounted at ``path`` holding ``files``; unmounted afterwards."""
+    path.mkdir(parents=True, exist_ok=True)
+    subprocess.run(["mount", "-t", "tmpfs", "canary", str(path)], check=True)
+    try:
+        for name, text in files.items():
+            (path / name).write_text(text)
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+@pytest.fixture(scope="module")
+def pod(vm_root: Path) -> Iterator[Pod]:
+    """One pod for the read-only tests, booted as ``run`` boots (no privileged files)."""
+    booted = Pod.boot(vm_root, "security")
+    yield booted
+    booted.stop()
+
+
+@pytest.fixture(scope="module")
+def rootfs_copy(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A private copy of the default busybox image (attacks must not hit the real store)."""
+    copy = tmp_path_factory.mktemp("image") / "rootfs"
+    shutil.copytree(images.ensure_default_image(), copy, symlinks=True)
+    (copy / "canary").write_text("image\n")
+    return copy
+
+
+def cli(root: Path, *args: str, timeout: float = 180.0) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*PYSANDBOX, "--root", str(root), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=ROOT,
+        stdin=subprocess.DEVNULL,
+    )
+
+
+# -- Kata CVE-2020-28914: read-only shares made writable from the guest ---------------------
+
+
+def test_read_only_volume_stays_read_only_on_the_host_whatever_the_guest_remounts(
+    pod: Pod, tmp_path: Path
+) -> None:
+    source = tmp_path / "ro"
+    source.mkdir()
+    (source / "file").write_text("host\n")
+    with tmpfs_at(source / "sub", {"file": "host submount\n"}):  # recursive: submounts too
+        before = tree(source)
+        result = run_container(
+            pod,
+            attacker(
+                "mount -o remount,bind,rw /ro && echo remounted; "
+                "echo guest > /ro/file; echo guest > /ro/sub/file; echo guest > /ro/new; "
+                "cat /ro/file /ro/sub/file",
+                volume(source, "/ro", "ro"),
+            ),
+        )
+        assert result.out == "remounted\nhost\nhost submount\n", result.stderr  # it did run
+        assert tree(source) == before
+
+
+def test_read_only_rootfs_stays_read_only_on_the_host(
+    pod: Pod, rootfs_copy: Path, tmp_path: Path
+) -> None:
+    # A bundle's root.readonly; the container remounts / read-write and writes.
+    before = tree(rootfs_copy)
+    spec = attacker(
+        "mount -o remount,rw / && echo remounted; echo guest > /canary; echo guest > /new; "
+        "cat /canary",
+        rootfs=rootfs_copy,
+        readonly=True,
+    )
+    result = run_container(pod, spec, overlay=False)
+    assert "remounted" in result.out, result.stderr
+    assert result.out.endswith("image\n"), result.out
+    assert tree(rootfs_copy) == before
+
+
+# -- Kata CVE-2020-2025: writes persisting into an image ------------------------------------
+
+
+def test_writes_never_reach_an_image_lower_layer_or_the_guest_image(
+    pod: Pod, rootfs_copy: Path
+) -> None:
+    # ``run``'s way: the image is the lower layer of an overlay whose upper layer is in guest
+    # memory. The container writes over the image, then, holding every capability, mounts
+    # the pod's virtio-fs share itself to write to the lower layer directly, and writes its
+    # marker into the first sector of the guest's root disk (the guest image file).
+    guest_image = find_image().rootfs
+    image_sum = hashlib.sha256(guest_image.read_bytes()).hexdigest()
+    before = tree(rootfs_copy)
+    script = (
+        "echo guest > /canary && cat /canary; "
+        "mkdir -p /share && mount -t virtiofs pod /share && echo mounted; "
+        "for lower in /share/*/rootfs; do echo guest > $lower/canary; echo x > $lower/new; done; "
+        "mknod /vda b $(tr : ' ' < /sys/block/vda/dev) && echo pysandbox-was-here > /vda; sync"
+    )
+    result = run_container(pod, attacker(script, rootfs=rootfs_copy), overlay=True)
+    assert result.out.startswith("guest\nmounted\n"), (result.out, result.stderr)
+    assert "Read-only file system" in result.stderr.decode()  # the lower layer refused it
+    assert "write error: Operation not permitted" in result.stderr.decode()  # and the disk
+    assert tree(rootfs_copy) == before
+    assert hashlib.sha256(guest_image.read_bytes()).hexdigest() == image_sum
+
+
+# -- guest root is not host root: device nodes, setuid/setgid files -------------------------
+
+
+def test_guest_root_leaves_no_device_node_or_setuid_file_on_a_volume(
+    pod: Pod, tmp_path: Path
+) -> None:
+    source = tmp_path / "rw"
+    source.mkdir()
+    (source / "host-suid").write_bytes(b"#!/bin/sh\n")
+    os.chmod(source / "host-suid", 0o4755)
+    script = (
+        "cd /v; "
+        "mknod blk b 254 0 && chmod 666 blk && echo made-blk; "
+        "mknod chr c 1 1 && echo made-chr; "
+        "cp /bin/busybox rootme && chmod 4755 rootme && echo made-suid; "
+        "chmod 2755 rootme && echo made-sgid; "
+        "mkdir d && chmod 2775 d && echo made-sgid-dir; "
+        "echo more >> host-suid; "
+        # what a volume is for still works as root: files, FIFOs, ownership, modes
+        "mkfifo fifo && chown 1000:1000 rootme && chmod 700 rootme && echo usable"
+    )
+    result = run_container(pod, attacker(script, volume(source, "/v")))
+    assert result.out.split() == ["usable"], (result.out, result.stderr)
+    assert result.stderr.decode().count("Operation not permitted") == 5, result.stderr
+    for entry in source.rglob("*"):
+        mode = entry.lstat().st_mode
+        assert not (stat.S_ISBLK(mode) or stat.S_ISCHR(mode)), entry
+        assert not mode & (stat.S_ISUID | stat.S_ISGID), (entry, oct(mode))
+    assert stat.S_ISFIFO((source / "fifo").lstat().st_mode)
+    owner = (source / "rootme").stat()
+    assert (owner.st_uid, owner.st_gid, stat.S_IMODE(owner.st_mode)) == (1000, 1000, 0o700)
+
+
+def _setuid_through_run(root: Path, source: Path, *flags: str) -> int:
+    """Mode bits of a setuid file a ``run`` container makes on a volume, seen on the host."""
+    done = cli(
+        root,
+        "run",
+        *flags,
+        "-v",
+        f"{source}:/v",
+        "default",
+        "sh",
+        "-c",
+        "cp /bin/busybox /v/x && chmod 4755 /v/x; ls -l /v/x",
+    )
+    assert done.returncode == 0, done.stderr
+    return stat.S_IMODE((source / "x").stat().st_mode)
+
+
+def test_run_refuses_setuid_files_on_volumes_unless_privileged_files(tmp_path: Path) -> None:
+    root = Path(tempfile.mkdtemp(prefix="pss-", dir="/tmp"))
+    try:
+        (tmp_path / "a").mkdir()
+        (tmp_path / "b").mkdir()
+        assert _setuid_through_run(root, tmp_path / "a") == 0o755
+        assert _setuid_through_run(root, tmp_path / "b", "--privileged-files") == 0o4755
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def test_bundle_keeps_runc_behaviour_unless_annotated(tmp_path: Path) -> None:
+    # A bundle from podman or containerd behaves as under runc: its image may install
+    # setuid binaries. The annotation org.pysandbox.privileged-files=false refuses them.
+    root = Path(tempfile.mkdtemp(prefix="pss-", dir="/tmp"))
+    try:
+        modes = {}
+        for name, annotations in (
+            ("runc-like", {}),
+            ("annotated", {"org.pysandbox.privileged-files": "false"}),
+        ):
+            source = tmp_path / name
+            source.mkdir()
+            bundle = tmp_path / f"bundle-{name}"
+            bundle.mkdir()
+            spec = busybox_spec("sh", "-c", "cp /bin/busybox /tmp/x && chmod 4755 /tmp/x; true")
+            spec["mounts"].append(volume(source, "/tmp"))
+            spec["annotations"] = annotations
+            (bundle / "config.json").write_text(json.dumps(spec))
+            done = cli(root, "run", "--bundle", str(bundle), f"sec-{name}")
+            assert done.returncode == 0, done.stderr
+            modes[name] = stat.S_IMODE((source / "x").stat().st_mode)
+        assert modes == {"runc-like": 0o4755, "annotated": 0o755}
+        bad = tmp_path / "bundle-bad"
+        bad.mkdir()
+        spec = busybox_spec("true")
+        spec["annotations"] = {"org.pysandbox.privileged-files": "yes"}
+        (bad / "config.json").write_text(json.dumps(spec))
+        done = cli(root, "run", "--bundle", str(bad), "sec-bad")
+        assert done.returncode != 0
+        assert "org.pysandbox.privileged-files must be 'true' or 'false'" in done.stderr
+        assert len(done.stderr.strip().splitlines()) == 1, done.stderr
+        assert not (root / "p").exists() or not list((root / "p").iterdir())
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+# -- device nodes reaching host devices ------------------------------------------------------
+
+
+def test_a_device_node_in_a_share_opens_a_guest_device_never_the_host_one(
+    pod: Pod, tmp_path: Path
+) -> None:
+    # The host places a node of its own disk (the one holding tmp_path) on a volume. The
+    # guest reading it gets its own device of that number (as read through a node it makes
+    # in its /dev), and not what the host reads there.
+    device = os.stat(tmp_path).st_dev
+    source = tmp_path / "dev"
+    source.mkdir()
+    os.mknod(source / "disk", 0o600 | stat.S_IFBLK, device)
+    script = (
+        f"mknod /dev/own b {os.major(device)} {os.minor(device)}; "
+        "head -c 65536 /v/disk | sha256sum; head -c 65536 /dev/own | sha256sum"
+    )
+    result = run_container(pod, attacker(script, volume(source, "/v", "ro")))
+    assert result.status == 0, result.stderr
+    through_share, own = (line.split()[0] for line in result.out.splitlines())
+    assert through_share == own
+    assert through_share != hashlib.sha256(b"").hexdigest(), result.stderr  # it did read
+    try:
+        with open(source / "disk", "rb") as disk:
+            assert through_share != hashlib.sha256(disk.read(65536)).hexdigest()
+    except PermissionError:
+        pass  # this host may not read its own disk (a sandboxed CI host): nothing to compare
+
+
+# -- Kata CVE-2020-2024/2026: the host made to follow symlinks the guest planted -------------
+
+
+def test_planted_symlinks_are_never_followed_by_the_host(pod_factory: Any, tmp_path: Path) -> None:
+    # The guest mounts the pod share, plants symlinks to a host directory where the host
+    # will create, mount, unmount and remove things -- for its own container (clean-up),
+    # for container ids not yet created (the next run) -- and in its volume (the next run
+    # with the same volume). The host directory holds a file and a mount of its own.
+    own = pod_factory()
+    canary = tmp_path / "canary"
+    canary.mkdir()
+    (canary / "keep").write_text("host\n")
+    source = tmp_path / "vol"
+    source.mkdir()
+    with tmpfs_at(canary / "mnt", {"keep": "host mount\n"}):
+        before = tree(canary)
+        plant = (
+            f"mkdir /s && mount -t virtiofs pod /s && cd /s/first && "
+            f"ln -s {canary} /s/next && mkdir /s/later && ln -s {canary} /s/later/rootfs && "
+            f"ln -s {canary} evil && ln -s {canary}/mnt mounts/evil && "
+            f"mv mounts moved && ln -s {canary} mounts && ln -s {canary}/mnt rootfs-link && "
+            f"ln -s {canary} /v/escape && ln -s {canary}/keep /v/keep && echo planted"
+        )
+        first = run_container(own, attacker(plant, volume(source, "/v")), cid="first")
+        assert first.out == "planted\n", first.stderr
+        assert tree(canary) == before  # clean-up of "first" followed nothing
+        for cid in ("next", "later"):  # names the guest took: refused, nothing created
+            with pytest.raises(ConfigError, match="already has files"):
+                share_container_files(own, cid, busybox_spec("true"), tmp_path)
+        again = run_container(
+            own,
+            attacker("ls /v; echo after > /v/after; cat /v/keep", volume(source, "/v")),
+            cid="second",
+        )
+        assert again.out.split() == ["escape", "keep"], again.stderr  # links dangle in the guest
+        assert (source / "after").read_text() == "after\n"
+        own.destroy()  # what delete does last: the pod directory goes, with the guest's links
+        assert not own.dir.exists()
+        assert tree(canary) == before
+        assert os.path.ismount(canary / "mnt")
+
+
+# -- a bind-mount source raced between check and mount (TOCTOU) ------------------------------
+
+
+def test_a_volume_source_swapped_after_the_check_is_not_followed(tmp_path: Path) -> None:
+    # ``run`` checks its volumes before it boots and mounts them after the boot. Once the
+    # boot started (the pod directory exists), the source is swapped for a symlink to a
+    # secret directory: the container must see what was checked.
+    root = Path(tempfile.mkdtemp(prefix="pss-", dir="/tmp"))
+    source, moved, secret = tmp_path / "src", tmp_path / "moved", tmp_path / "secret"
+    for directory, text in ((source, "checked\n"), (secret, "secret\n")):
+        directory.mkdir()
+        (directory / "marker").write_text(text)
+    proc = subprocess.Popen(
+        [
+            *PYSANDBOX,
+            "--root",
+            str(root),
+            "run",
+            "-v",
+            f"{source}:/v",
+            "default",
+            "cat",
+            "/v/marker",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while not (root / "p").exists() or not list((root / "p").iterdir()):
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline, "the pod never started booting"
+            time.sleep(0.002)
+        source.rename(moved)
+        source.symlink_to(secret)
+        out, err = proc.communicate(timeout=120)
+        assert proc.returncode == 0, err
+        assert out == "checked\n"
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            proc.kill()
+        proc.wait()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+# -- clean-up must not take host mounts with it ------------------------------------------------
+
+
+def test_clean_up_never_unmounts_host_mounts_below_a_shared_source(tmp_path: Path) -> None:
+    # On a host whose mounts propagate (systemd makes / shared), a bind of a volume joins the
+    # source's peer group unless made private: unmounting its copy in the share would then
+    # unmount the host's own mounts below the source. No VM needed: the share is a directory.
+    fake = Pod(tmp_path / "root", "fake", {})
+    fake.shared_dir.mkdir(parents=True)
+    hostfs.make_shared_mountpoint(fake.shared_dir)
+    source = tmp_path / "src"
+    source.mkdir()
+    subprocess.run(["mount", "--bind", str(source), str(source)], check=True)
+    try:
+        subprocess.run(["mount", "--make-shared", str(source)], check=True)
+        with tmpfs_at(source / "sub", {"keep": "host mount\n"}):
+            spec = busybox_spec("true")
+            spec["mounts"].append(volume(source, "/v"))
+            share_container_files(fake, "c", spec, tmp_path)
+            shared = hostfs.mounts_below(fake.shared_dir / "c")
+            assert len(shared) == 3, shared  # rootfs, the volume and its submount
+            unshare_container_files(fake, "c")
+            assert hostfs.mounts_below(fake.shared_dir / "c") == []
+            assert os.path.ismount(source / "sub")
+            assert (source / "sub" / "keep").read_text() == "host mount\n"
+    finally:
+        subprocess.run(["umount", "-l", str(source)], check=False)
+        hostfs.unmount_tree(fake.dir)
