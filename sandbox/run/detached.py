@@ -113,7 +113,7 @@ def _create(
         pod.record.containers = [name]
         pod.save()
         try:
-            record.data["guest_pid"] = create_in_pod(pod, name, spec, image, args.read_only, held)
+            record.data["guest_pid"] = create_in_pod(pod, name, spec, image, held)
         except BaseException:
             unshare_container_files(pod, name)
             raise

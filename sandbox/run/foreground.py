@@ -70,7 +70,7 @@ def _run_in_pod(
     image: images.Image,
     held: HeldSources,
 ) -> int:
-    create_in_pod(pod, CONTAINER_ID, spec, image, args.read_only, held)
+    create_in_pod(pod, CONTAINER_ID, spec, image, held)
     with pod.client() as client:
         stdin = sys.stdin.fileno() if args.interactive else None
         relay = StdioRelay(

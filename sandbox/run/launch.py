@@ -42,11 +42,12 @@ def create_in_pod(
     container_id: str,
     spec: dict[str, Any],
     image: images.Image,
-    read_only: bool,
     held: HeldSources,
 ) -> int:
-    """Share the image read-only and create the container in the guest (an overlay with a
-    guest-memory upper layer unless ``read_only``); return its guest pid. The sources are
+    """Share the image read-only and create the container in the guest on an overlay whose
+    upper layer is guest memory; return its guest pid. (With ``--read-only`` the agent makes
+    the root read-only once the mountpoints are made, in that upper layer: the image is
+    read-only on the host, whatever the guest does.) The sources are
     those ``build_spec`` opened into ``held``.
 
     Any failure raises RunError with the agent's message: docker's 127/126 when the command
@@ -60,7 +61,7 @@ def create_in_pod(
     with pod.client() as client:
         try:
             return client.create_container(
-                container_id, json.dumps(guest_spec).encode(), guest_rootfs, overlay=not read_only
+                container_id, json.dumps(guest_spec).encode(), guest_rootfs, overlay=True
             )
         except CommandError as exc:
             raise RunError(exc.detail, exc.exit_code) from exc

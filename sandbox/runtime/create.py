@@ -82,8 +82,14 @@ def create(
             pod, container_id, spec, bundle, guest_pids=guest_pid_lookup(root, pod)
         )
         with pod.client() as client:
+            # A read-only rootfs is read-only on the host too: the mountpoints the spec needs
+            # are made in an overlay whose upper layer is guest memory, then the agent makes
+            # the root read-only (runc makes them in the rootfs before its remount).
             record.data["guest_pid"] = client.create_container(
-                container_id, json.dumps(guest_spec).encode(), rootfs
+                container_id,
+                json.dumps(guest_spec).encode(),
+                rootfs,
+                overlay=bool((spec.get("root") or {}).get("readonly")),
             )
         handle = shim.spawn(
             root, container_id, pod.agent_address, terminal=terminal, console_socket=console_socket

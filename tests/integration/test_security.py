@@ -164,6 +164,33 @@ def test_read_only_rootfs_stays_read_only_on_the_host(
     assert tree(rootfs_copy) == before
 
 
+def test_read_only_run_gets_its_mountpoints_without_writing_the_image_store(
+    tmp_path: Path,
+) -> None:
+    # ``run --read-only`` with a volume whose destination the image lacks: the mountpoint
+    # is made in guest memory, never in the (shared) image store; the root stays read-only.
+    store_rootfs = images.ensure_default_image()
+    before = sorted(os.listdir(store_rootfs))
+    (tmp_path / "in").write_text("host\n")
+    root = Path(tempfile.mkdtemp(prefix="pss-", dir="/tmp"))
+    try:
+        done = cli(
+            root,
+            "run",
+            "--read-only",
+            "-v",
+            f"{tmp_path}:/pysandbox-new-mountpoint:ro",
+            "default",
+            "sh",
+            "-c",
+            "cat /pysandbox-new-mountpoint/in; touch /x 2>/dev/null || echo ro",
+        )
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    assert (done.returncode, done.stdout) == (0, "host\nro\n"), done.stderr
+    assert sorted(os.listdir(store_rootfs)) == before
+
+
 # -- Kata CVE-2020-2025: writes persisting into an image ------------------------------------
 
 
