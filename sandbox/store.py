@@ -85,13 +85,48 @@ def read_json(path: Path) -> dict[str, Any]:
     return data
 
 
+class Lock:
+    """A held :func:`locked` lock. :meth:`discard` removes its file when the lock is
+    released (for a lock whose subject is gone: a removed pod or run)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.discarded = False
+
+    def discard(self) -> None:
+        self.discarded = True
+
+
 @contextlib.contextmanager
-def locked(root: Path, name: str) -> Iterator[None]:
-    """Hold an exclusive flock named ``name`` under ``root`` for the duration of the block."""
+def locked(root: Path, name: str) -> Iterator[Lock]:
+    """Hold an exclusive flock named ``name`` under ``root`` for the duration of the block.
+
+    The lock file is unlinked only by its holder (:meth:`Lock.discard`), so a process that
+    obtains the lock checks it still holds the file the name refers to, and otherwise takes
+    the lock again on the new one: two holders never coexist.
+    """
     lock_dir = ensure_dir(root / "locks")
-    fd = os.open(lock_dir / f"{name}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    path = lock_dir / f"{name}.lock"
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            held = os.fstat(fd)
+            try:
+                current = os.stat(path)
+            except FileNotFoundError:
+                current = None
+        except BaseException:
+            os.close(fd)
+            raise
+        if current is not None and (current.st_dev, current.st_ino) == (held.st_dev, held.st_ino):
+            break
+        os.close(fd)  # discarded by the holder we waited for: lock the file there now
+    lock = Lock(path)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
+        yield lock
     finally:
+        if lock.discarded:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
         os.close(fd)

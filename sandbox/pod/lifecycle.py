@@ -51,6 +51,8 @@ GUEST_SHARE = "/run/pysandbox/shared"
 SHARE_TAG = "pod"
 DEFAULT_MEMORY_MIB = 512
 DEFAULT_BOOT_TIMEOUT = 60.0
+#: Console logs of failed boots kept under ``<root>/logs/`` (the newest; older ones go).
+KEPT_CONSOLE_LOGS = 16
 
 
 def boot_timeout() -> float:
@@ -110,7 +112,7 @@ class Pod:
         """The recorded process ``name`` (``qemu``, ``virtiofsd``, ``proxy``), if any."""
         return self.record.processes.get(name)
 
-    def locked(self) -> contextlib.AbstractContextManager[None]:
+    def locked(self) -> contextlib.AbstractContextManager[state.Lock]:
         """The pod's lock (:func:`sandbox.pod.record.lock`): hold it to change a record that
         other processes change too (members, the proxy); reload the record inside it."""
         return pod_record.lock(self.root, self.id)
@@ -460,14 +462,18 @@ class Pod:
             log.write(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} {text}\n")
 
     def _keep_console_log(self) -> Path | None:
+        """Copy the console log of a failed boot to ``<root>/logs/`` (its path, or None);
+        only the :data:`KEPT_CONSOLE_LOGS` newest kept logs stay there."""
         if not self.console_log.exists():
             return None
         logs = state.ensure_dir(self.root / "logs")
         kept = logs / f"{self.id}-console.log"
-        with contextlib.suppress(OSError):
+        try:
             shutil.copyfile(self.console_log, kept)
-            return kept
-        return None
+        except OSError:
+            return None
+        prune_console_logs(logs)
+        return kept
 
     # -- stop --------------------------------------------------------------------------------
 
@@ -486,6 +492,16 @@ class Pod:
                 agent.shutdown()
                 qemu.wait(timeout)
         self.destroy()
+
+    def _remove_virtiofsd_pid_file(self) -> None:
+        """virtiofsd never removes its pid file in /var/run/virtiofsd/ (named after the
+        socket path): remove it once no live virtiofsd serves this pod's socket."""
+        from hypervisor.process import remove_quietly
+        from hypervisor.virtiofsd import Virtiofsd, pid_file_for
+
+        socket = self.dir / "virtiofsd.sock"
+        if Virtiofsd(socket, self.shared_dir).owner() is None:
+            remove_quietly(pid_file_for(socket))
 
     def destroy(self) -> None:
         """Undo everything the record names, in the reverse of the boot order; remove the
@@ -522,6 +538,7 @@ class Pod:
         step(functools.partial(self._terminate, "proxy"))
         step(functools.partial(network.detach, self.record.network))
         step(functools.partial(self._terminate, "virtiofsd"))
+        step(self._remove_virtiofsd_pid_file)
         step(functools.partial(hostfs.unmount_tree, self.dir))
         left = hostfs.mounts_below(self.dir)
         if left:
@@ -538,6 +555,19 @@ class Pod:
         ref = self.process(name)
         if ref is not None:
             self.drivers.terminate(name, ref)
+
+
+def prune_console_logs(logs: Path, keep: int | None = None) -> None:
+    """Remove all but the ``keep`` (default :data:`KEPT_CONSOLE_LOGS`) most recently
+    written ``*-console.log`` files of ``logs``."""
+    keep = KEPT_CONSOLE_LOGS if keep is None else keep
+    found = []
+    for path in logs.glob("*-console.log"):
+        with contextlib.suppress(OSError):
+            found.append((path.stat().st_mtime_ns, path))
+    for _mtime, path in sorted(found, reverse=True)[keep:]:
+        with contextlib.suppress(OSError):
+            path.unlink()
 
 
 def kernel_cmdline() -> str:

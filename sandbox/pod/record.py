@@ -214,9 +214,10 @@ def directory(root: Path, pod_id: str) -> Path:
     return root / "p" / store.pod_dir_name(store.validate_id(pod_id, "pod"))
 
 
-def lock(root: Path, pod_id: str) -> contextlib.AbstractContextManager[None]:
+def lock(root: Path, pod_id: str) -> contextlib.AbstractContextManager[store.Lock]:
     """The pod's lock: hold it to read, change and save a record other processes may
-    change too (container membership, the agent proxy). Not reentrant."""
+    change too (container membership, the agent proxy). Not reentrant. Its holder discards
+    it (``Lock.discard``) when it removed the pod."""
     return store.locked(root, f"pod-{store.pod_dir_name(pod_id)}")
 
 

@@ -171,9 +171,10 @@ def _spawn_monitor(root: Path, name: str) -> None:
 
 
 @contextlib.contextmanager
-def _run_lock(root: Path, name: str) -> Iterator[None]:
-    with state.locked(root, f"run-{state.pod_dir_name(name)}"):
-        yield
+def _run_lock(root: Path, name: str) -> Iterator[state.Lock]:
+    """The run's lock; discard it (``Lock.discard``) once the run's record is gone."""
+    with state.locked(root, f"run-{state.pod_dir_name(name)}") as lock:
+        yield lock
 
 
 def load_run(root: Path, name: str) -> ContainerRecord:
@@ -216,13 +217,15 @@ def _release(root: Path, name: str) -> None:
     """Once the run's process is gone: power its VM off and unmount its files, keeping the
     record, log and exit status (or, for ``--rm``, removing everything). Takes the run
     lock; idempotent; a run already removed is left alone."""
-    with _run_lock(root, name):
+    with _run_lock(root, name) as lock:
         try:
             record = load_run(root, name)
         except NotFoundError:
+            lock.discard()
             return
         if record.data["run"].get("remove"):
             delete.delete(root, name, force=True)
+            lock.discard()
             return
         try:
             pod = Pod.load(root, record.pod_id)
@@ -255,11 +258,12 @@ def stop(root: Path, name: str, seconds: float = DEFAULT_STOP_SECONDS) -> None:
 def remove(root: Path, name: str, force: bool = False) -> None:
     """docker's rm: remove a stopped run (with ``force``, a running one: killed first) and
     everything it has: VM, mounts, record, log."""
-    with _run_lock(root, name):
+    with _run_lock(root, name) as lock:
         record = load_run(root, name)
         if not force and record.status is not Status.STOPPED:
             raise StateError(f"run {name} is {record.status}: stop it first or use rm -f")
         delete.delete(root, name, force=True)
+        lock.discard()
 
 
 def list_runs(root: Path, all_runs: bool) -> list[dict[str, Any]]:

@@ -58,13 +58,14 @@ def teardown(root: Path, record: ContainerRecord, pod: Pod | None) -> None:
                 client.remove_container(record.id)
         unshare_container_files(pod, record.id)
     if pod is not None:
-        with pod_lock(root, pod.id):
+        with pod_lock(root, pod.id) as lock:
             with contextlib.suppress(SandboxError, OSError):
                 pod = load_pod(root, pod.id)
             members = [c for c in pod.record.containers if c != record.id]
             pod.record.containers = members
             if owner or not members:
                 stop_pod(pod)
+                lock.discard()
             else:
                 pod.save()
     shim_ref = record.shim

@@ -6,6 +6,7 @@ import contextlib
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from sandbox import store as state
 from sandbox.errors import SandboxError
 from sandbox.runtime.record import ContainerRecord
 
@@ -21,8 +22,9 @@ def load_pod(root: Path, pod_id: str) -> Pod:
     return Pod.load(root, pod_id)
 
 
-def pod_lock(root: Path, pod_id: str) -> contextlib.AbstractContextManager[None]:
-    """The pod's lock (:func:`sandbox.pod.record.lock`)."""
+def pod_lock(root: Path, pod_id: str) -> contextlib.AbstractContextManager[state.Lock]:
+    """The pod's lock (:func:`sandbox.pod.record.lock`); its holder discards it
+    (``Lock.discard``) when it removed the pod."""
     from sandbox.pod import record as pod_record
 
     return pod_record.lock(root, pod_id)
