@@ -125,48 +125,53 @@ def bind_into(parent_fd: int, name: str, source_fd: int, readonly: bool) -> None
         os.close(os.open(name, flags, 0o644, dir_fd=parent_fd))
     target_fd = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=parent_fd)
     try:
-        tree_fd = _check(
-            _libc.syscall(
-                _SYS_OPEN_TREE,
-                ctypes.c_int(source_fd),
-                b"",
-                ctypes.c_uint(_OPEN_TREE_CLONE | os.O_CLOEXEC | _AT_EMPTY_PATH | _AT_RECURSIVE),
-            ),
-            "open_tree",
-        )
-        try:
-            attr = _MountAttr(
-                MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV | (MOUNT_ATTR_RDONLY if readonly else 0),
-                0,
-                MS_PRIVATE,
-                0,
-            )
-            _check(
-                _libc.syscall(
-                    _SYS_MOUNT_SETATTR,
-                    ctypes.c_int(tree_fd),
-                    b"",
-                    ctypes.c_uint(_AT_EMPTY_PATH | _AT_RECURSIVE),
-                    ctypes.byref(attr),
-                    ctypes.c_size_t(ctypes.sizeof(attr)),
-                ),
-                "mount_setattr",
-            )
-            _check(
-                _libc.syscall(
-                    _SYS_MOVE_MOUNT,
-                    ctypes.c_int(tree_fd),
-                    b"",
-                    ctypes.c_int(target_fd),
-                    b"",
-                    ctypes.c_uint(_MOVE_MOUNT_F_EMPTY_PATH | _MOVE_MOUNT_T_EMPTY_PATH),
-                ),
-                "move_mount",
-            )
-        finally:
-            os.close(tree_fd)  # a clone never attached is freed with its last fd
+        _attach(source_fd, target_fd, readonly)
     finally:
         os.close(target_fd)
+
+
+def _attach(source_fd: int, target_fd: int, readonly: bool) -> None:
+    """Clone the tree at ``source_fd``, flag it, attach it onto ``target_fd``'s inode."""
+    tree_fd = _check(
+        _libc.syscall(
+            _SYS_OPEN_TREE,
+            ctypes.c_int(source_fd),
+            b"",
+            ctypes.c_uint(_OPEN_TREE_CLONE | os.O_CLOEXEC | _AT_EMPTY_PATH | _AT_RECURSIVE),
+        ),
+        "open_tree",
+    )
+    try:
+        attr = _MountAttr(
+            MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV | (MOUNT_ATTR_RDONLY if readonly else 0),
+            0,
+            MS_PRIVATE,
+            0,
+        )
+        _check(
+            _libc.syscall(
+                _SYS_MOUNT_SETATTR,
+                ctypes.c_int(tree_fd),
+                b"",
+                ctypes.c_uint(_AT_EMPTY_PATH | _AT_RECURSIVE),
+                ctypes.byref(attr),
+                ctypes.c_size_t(ctypes.sizeof(attr)),
+            ),
+            "mount_setattr",
+        )
+        _check(
+            _libc.syscall(
+                _SYS_MOVE_MOUNT,
+                ctypes.c_int(tree_fd),
+                b"",
+                ctypes.c_int(target_fd),
+                b"",
+                ctypes.c_uint(_MOVE_MOUNT_F_EMPTY_PATH | _MOVE_MOUNT_T_EMPTY_PATH),
+            ),
+            "move_mount",
+        )
+    finally:
+        os.close(tree_fd)  # a clone never attached is freed with its last fd
 
 
 _ESCAPE = re.compile(r"\\([0-7]{3})")
@@ -202,6 +207,11 @@ def _mount_id(fd: int) -> int | None:
             if line.startswith("mnt_id:"):
                 return int(line.split()[1])
     return None
+
+
+def _umount_fd(fd: int) -> None:
+    """Detach (lazily) the mount whose root ``fd`` is; OSError on failure."""
+    _check(_libc.umount2(f"/proc/self/fd/{fd}".encode(), MNT_DETACH), "umount")
 
 
 def _open_beneath(top_fd: int, parts: list[str]) -> int:
@@ -240,23 +250,22 @@ def unmount_tree(path: Path, trusted: Path | None = None) -> None:
     except OSError:
         return
     try:
-        for _round in range(8):  # outermost first; a detach takes its submounts with it
+        for _round in range(8):  # deepest first; a mount stacked below another comes next
             progress = False
-            for mount_id, point in sorted(_mounts(prefix), key=lambda m: m[1].count("/")):
+            for mount_id, point in sorted(_mounts(prefix), key=lambda m: -m[1].count("/")):
                 relative = os.path.relpath(point, top)
-                parts = [] if relative == "." else relative.split("/")
                 if relative.startswith(".."):
                     continue
                 try:
-                    fd = _open_beneath(top_fd, parts)
+                    fd = _open_beneath(top_fd, [] if relative == "." else relative.split("/"))
                 except (OSError, ValueError):
                     continue
                 try:
-                    if (
-                        _mount_id(fd) == mount_id
-                        and _libc.umount2(f"/proc/self/fd/{fd}".encode(), MNT_DETACH) == 0
-                    ):
+                    if _mount_id(fd) == mount_id:
+                        _umount_fd(fd)
                         progress = True
+                except OSError:
+                    pass
                 finally:
                     os.close(fd)
             if not progress:

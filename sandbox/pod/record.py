@@ -124,8 +124,9 @@ class PodRecord:
             "image": self.image,
             "processes": {name: ref.to_json() for name, ref in self.processes.items()},
             "containers": list(self.containers),
-            "privileged_files": self.privileged_files,
         }
+        if self.privileged_files:  # absent means false: a first-version pod.json reads back as is
+            data["privileged_files"] = True
         if self.network is not None:
             data["network"] = self.network
         if self.boot is not None:

@@ -24,6 +24,7 @@ import os
 import subprocess
 import threading
 import time
+import zlib
 from collections.abc import Iterator
 from concurrent import futures
 from pathlib import Path
@@ -371,22 +372,43 @@ class FakeMounts:
 
     def install(self, monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.setattr(hostfs, "_mount", self._mount)
-        monkeypatch.setattr(hostfs, "_umount", self._umount)
+        monkeypatch.setattr(hostfs, "_attach", self._attach)
+        monkeypatch.setattr(hostfs, "_mounts", self._mounts)
+        monkeypatch.setattr(hostfs, "_mount_id", self._mount_id)
+        monkeypatch.setattr(hostfs, "_umount_fd", self._umount_fd)
         monkeypatch.setattr(hostfs, "mounts_below", self.mounts_below)
 
     def _mount(self, source: str | None, target: str, flags: int) -> None:
         if target.startswith("/proc/self/fd/"):
             target = os.readlink(target)  # the inode the real code mounts onto
         self.drivers.check("mount")
-        if flags & hostfs.MS_BIND and not flags & hostfs.MS_REMOUNT:
+        if flags & hostfs.MS_BIND:
             self.drivers.record("mount", target)
             self.points.add(target)
 
-    def _umount(self, target: str) -> None:
+    def _attach(self, source_fd: int, target_fd: int, readonly: bool) -> None:
+        target = os.readlink(f"/proc/self/fd/{target_fd}")  # the inode the real code mounts on
+        self.drivers.check("mount")
+        self.drivers.record("mount", target)
+        self.points.add(target)
+
+    def _mounts(self, prefix: str) -> list[tuple[int, str]]:
+        return [(self._id(p), p) for p in self.mounts_below(Path(prefix))]
+
+    def _mount_id(self, fd: int) -> int | None:
+        target = os.readlink(f"/proc/self/fd/{fd}")
+        return self._id(target) if target in self.points else None
+
+    def _umount_fd(self, fd: int) -> None:
+        target = os.readlink(f"/proc/self/fd/{fd}")
         if target not in self.points:
             raise OSError(22, f"umount {target}: not mounted")
         self.drivers.record("umount", target, os.path.isdir(target))
         self.points.discard(target)
+
+    @staticmethod
+    def _id(point: str) -> int:
+        return zlib.crc32(point.encode())
 
     def mounts_below(self, path: Path) -> list[str]:
         prefix = str(path).rstrip("/")

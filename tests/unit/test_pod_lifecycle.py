@@ -9,6 +9,7 @@ of it (QEMU before virtiofsd, mounts before the directory).
 from __future__ import annotations
 
 import json
+import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -168,16 +169,16 @@ def test_teardown_that_cannot_finish_leaves_the_pod_broken(
     pod = Pod.boot(root, "p1")
     stuck = str(pod.shared_dir)
 
-    def busy(target: str) -> None:
-        raise OSError(16, f"umount {target}: busy")
+    def busy(fd: int) -> None:
+        raise OSError(16, f"umount {os.readlink(f'/proc/self/fd/{fd}')}: busy")
 
-    monkeypatch.setattr("sandbox.pod.hostfs._umount", busy)
+    monkeypatch.setattr("sandbox.pod.hostfs._umount_fd", busy)
     with pytest.raises(StateError, match=f"cannot remove pod p1: still mounted: {stuck}"):
         pod.stop()
     assert fake.alive() == []  # every process stopped all the same
     broken = Pod.load(root, "p1")
     assert broken.status is PodStatus.BROKEN and [p.id for p in Pod.list(root)] == ["p1"]
-    monkeypatch.setattr("sandbox.pod.hostfs._umount", fake.mounts._umount)
+    monkeypatch.setattr("sandbox.pod.hostfs._umount_fd", fake.mounts._umount_fd)
     broken.destroy()  # retried: broken -> stopping -> stopped
     assert str(broken.status) == "stopped"
     assert_nothing_left(fake, root, "p1")
@@ -292,3 +293,16 @@ def test_restore_timeout_keeps_the_template(templates: FakeDrivers, root: Path) 
     assert pod.record.boot == "cold"
     assert len([p for p in (root.parent / "templates").iterdir() if p.is_dir()]) == 1
     pod.stop()
+
+
+def test_privileged_files_reach_the_file_server_and_the_record(
+    fake: FakeDrivers, root: Path
+) -> None:
+    # A pod's files are powerless on the host unless asked (docs/security.md); the choice
+    # is made once, for its virtiofsd, and recorded.
+    for pod_id, kwargs, expected in (("p1", {}, False), ("p2", {"privileged_files": True}, True)):
+        pod = Pod.boot(root, pod_id, **kwargs)
+        assert fake.privileged_files is expected
+        assert on_disk(pod).get("privileged_files", False) is expected
+        assert Pod.load(root, pod_id).record.privileged_files is expected
+        pod.destroy()
