@@ -14,8 +14,13 @@ from collections.abc import Callable
 
 from agent.oci import syscalls
 
-#: Guest directory under which host shares are mounted.
+#: Guest directory under which host shares are mounted. Mode 0711: listing is for the agent
+#: only, but every guest uid may traverse it. A container with a user namespace builds its
+#: rootfs as the namespace's root (a mapped guest uid such as 100000), so the paths of its
+#: rootfs and bind-mount sources (``/run/pysandbox/shared/<id>/...``) must be searchable by
+#: that uid, as runc needs the bundle's path to be searchable by the mapped root on a host.
 SHARE_ROOT = "/run/pysandbox"
+SHARE_ROOT_MODE = 0o711
 
 
 def _is_mountpoint(path: str) -> bool:
@@ -47,7 +52,8 @@ def early_mounts() -> None:
         os.makedirs(target, exist_ok=True)
         if not _is_mountpoint(target):
             syscalls.mount(source, target, fstype, flags, data)
-    os.makedirs(SHARE_ROOT, mode=0o700, exist_ok=True)
+    os.makedirs(SHARE_ROOT, exist_ok=True)
+    os.chmod(SHARE_ROOT, SHARE_ROOT_MODE)  # makedirs' mode is filtered by the umask
     # No controller is enabled yet: a controller used on cgroup2 can no longer be mounted as
     # cgroup v1, and the layout is chosen with the first container (agent.cgroup_layout).
 

@@ -1,0 +1,170 @@
+"""User namespaces (issue 10 §4): a bundle with a user namespace and uid/gid mappings, as
+podman ``--userns=auto`` or Kubernetes ``hostUsers: false`` write it, runs in the VM as it
+runs under runc on the host.
+
+The same bundle (a busybox rootfs chowned to the mapped range, as podman prepares it, and a
+host volume) is run by runc and by pysandbox; a user relies on: the ids the process sees
+(``/proc/self/uid_map``, ``id``), the owners it sees (the mapped range as container ids, the
+rest as the overflow id 65534), and the owners on the host of the files it creates or chowns
+(container uid N → host uid hostID+N). docs/user-namespaces.md explains why this holds in the
+VM: the guest kernel applies the mapping, virtiofsd creates files with the caller's ids.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from sandbox.image import store as images
+from sandbox.pod.lifecycle import Pod
+from sandbox.run.default_spec import default_spec
+from tests.integration.test_runtime_cli import RUNTIME, Runtime, wait_until
+
+pytestmark = pytest.mark.vm
+
+HOST_ID = 100000
+SIZE = 65536
+
+#: Run as the container's root; every line is compared between runc and pysandbox.
+SCRIPT = (
+    "cat /proc/self/uid_map /proc/self/gid_map; id -u; id -g; "
+    "stat -c '%n %u:%g' / /etc/passwd /vol /vol/host-root-file; "
+    "touch /vol/created && echo created; "
+    "mkdir /vol/chowned && chown 1000:2000 /vol/chowned && echo chowned; "
+    "touch /in-rootfs && echo rootfs-writable; "
+    "chown 0:0 /vol/host-root-file 2>/dev/null || echo unmapped-file-not-chownable"
+)
+
+
+def _bundle(base: Path) -> Path:
+    """A bundle whose rootfs belongs to the mapped range, with a volume at /vol."""
+    bundle = base / "bundle"
+    bundle.mkdir(parents=True)
+    rootfs = bundle / "rootfs"
+    shutil.copytree(images.ensure_default_image(), rootfs, symlinks=True)
+    subprocess.run(["chown", "-R", f"{HOST_ID}:{HOST_ID}", str(rootfs)], check=True)
+    (rootfs / "vol").mkdir(exist_ok=True)
+    volume = base / "vol"
+    volume.mkdir()
+    volume.chmod(0o1777)  # owned by the host's root, writable by everyone (like /tmp)
+    (volume / "host-root-file").write_text("x")
+    spec = default_spec(["sh", "-c", SCRIPT], rootfs="rootfs")
+    spec["process"]["terminal"] = False
+    spec["root"]["readonly"] = False
+    spec["mounts"].append(
+        {"destination": "/vol", "type": "bind", "source": str(volume), "options": ["rbind", "rw"]}
+    )
+    spec["linux"]["namespaces"].append({"type": "user"})
+    mapping = [{"containerID": 0, "hostID": HOST_ID, "size": SIZE}]
+    spec["linux"]["uidMappings"] = mapping
+    spec["linux"]["gidMappings"] = mapping
+    (bundle / "config.json").write_text(json.dumps(spec))
+    return bundle
+
+
+def _owners(base: Path) -> dict[str, tuple[int, int]]:
+    """Host uid:gid of what the container created, by name."""
+    paths = {
+        "created": base / "vol" / "created",
+        "chowned": base / "vol" / "chowned",
+        "in-rootfs": base / "bundle" / "rootfs" / "in-rootfs",
+        "host-root-file": base / "vol" / "host-root-file",
+    }
+    owners = {}
+    for name, path in paths.items():
+        if path.exists():
+            st = path.lstat()
+            owners[name] = (st.st_uid, st.st_gid)
+    return owners
+
+
+@pytest.fixture
+def base() -> Iterator[Path]:
+    """A directory the mapped root can traverse (mkdtemp's 0700 would stop runc's container)."""
+    path = Path(tempfile.mkdtemp(prefix="pysandbox-userns-", dir="/tmp"))
+    path.chmod(0o755)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def _run_runc(base: Path) -> list[str]:
+    if shutil.which("runc") is None:
+        pytest.skip("needs runc on the host (apt install runc)")
+    done = subprocess.run(
+        ["runc", "--root", str(base / "runc-state"), "run", "--bundle", str(base / "bundle"), "u"],
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    return [" ".join(line.split()) for line in done.stdout.splitlines()]
+
+
+def _run_pysandbox(base: Path, vm_root: Path) -> list[str]:
+    runtime = Runtime(Path(tempfile.mkdtemp(prefix="rt", dir=vm_root)))
+    out, err = base / "out", base / "err"
+    try:
+        # The container inherits create's stdout and stderr (as under conmon): files, not
+        # pipes, or reading them would wait for the container.
+        with out.open("wb") as sink, err.open("wb") as errors:
+            created = subprocess.run(
+                runtime.argv("create", "--bundle", str(base / "bundle"), "u"),
+                stdin=subprocess.DEVNULL,
+                stdout=sink,
+                stderr=errors,
+                timeout=300,
+            )
+        assert created.returncode == 0, err.read_text()
+        runtime.ok("start", "u")
+        assert wait_until(lambda: runtime.state("u")["status"] == "stopped", 120)
+        runtime.ok("delete", "u")
+    finally:
+        subprocess.run(
+            [RUNTIME, "--root", str(runtime.root), "delete", "--force", "u"], check=False
+        )
+        for pod in Pod.list(runtime.root):
+            pod.destroy()
+    return [" ".join(line.split()) for line in out.read_text().splitlines()]
+
+
+def test_user_namespace_bundle_matches_runc(base: Path, vm_root: Path) -> None:
+    runc_base = base / "runc"
+    ours_base = base / "pysandbox"
+    for where in (runc_base, ours_base):
+        where.mkdir()
+        where.chmod(0o755)
+        _bundle(where)
+    runc_lines = _run_runc(runc_base)
+    runc_owners = _owners(runc_base)
+    lines = _run_pysandbox(ours_base, vm_root)
+    owners = _owners(ours_base)
+
+    assert lines[:4] == [f"0 {HOST_ID} {SIZE}", f"0 {HOST_ID} {SIZE}", "0", "0"]
+    # The mapped rootfs is the container root's; the host's root is the overflow id.
+    assert lines[4:8] == [
+        "/ 0:0",
+        "/etc/passwd 0:0",
+        "/vol 65534:65534",
+        "/vol/host-root-file 65534:65534",
+    ]
+    assert lines[8:] == [
+        "created",
+        "chowned",
+        "rootfs-writable",
+        "unmapped-file-not-chownable",
+    ]
+    assert owners == {
+        "created": (HOST_ID, HOST_ID),
+        "chowned": (HOST_ID + 1000, HOST_ID + 2000),
+        "in-rootfs": (HOST_ID, HOST_ID),
+        "host-root-file": (0, 0),
+    }
+    assert (lines, owners) == (runc_lines, runc_owners)
