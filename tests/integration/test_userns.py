@@ -13,7 +13,6 @@ VM: the guest kernel applies the mapping, virtiofsd creates files with the calle
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import tempfile
