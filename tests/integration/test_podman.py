@@ -316,3 +316,68 @@ def test_interactive_tty(podman: list[str]) -> None:
     assert "/dev/console" in text and "got:typed" in text, text
     assert "33 101" in text, text  # the size podman's terminal has reached the guest pty
     assert os.waitstatus_to_exitcode(status) == 0
+
+
+#: podman's --uidmap/--gidmap as --userns=auto writes them (auto needs /etc/subuid entries).
+USERNS = ["--uidmap", "0:100000:65536", "--gidmap", "0:100000:65536"]
+USERNS_SCRIPT = (
+    "cat /proc/self/uid_map /proc/self/gid_map; id -u; stat -c '%u:%g' / /etc/passwd; "
+    "touch /tmp/by-root && mkdir /tmp/dir && chown 1000:1000 /tmp/dir && echo written"
+)
+
+
+def _run_with_userns(podman: list[str], volume: Path) -> tuple[list[str], dict[str, str]]:
+    """Run :data:`USERNS_SCRIPT` with a user namespace and ``volume`` at /tmp.
+
+    ``--network none``: with a user namespace podman sets up the bridge network after the
+    runtime's create, in the created process's namespace, which the VM does not use
+    (docs/user-namespaces.md). ``--ulimit``: podman's default RLIMIT_NPROC and NOFILE are above
+    the hard limits of both this host and the guest, and the namespace's root may not raise them
+    (a --ulimit replaces the containers.conf defaults)."""
+    volume.mkdir()
+    volume.chmod(0o1777)
+    done = pm(
+        podman,
+        "run",
+        "--rm",
+        "--network",
+        "none",
+        "--ulimit",
+        "nofile=1024:1024",
+        "--ulimit",
+        "nproc=1024:1024",
+        *USERNS,
+        "-v",
+        f"{volume}:/tmp",
+        IMAGE,
+        "sh",
+        "-c",
+        USERNS_SCRIPT,
+    )
+    assert done.returncode == 0, done.stderr
+    owners = {}
+    for name in ("by-root", "dir"):
+        st = (volume / name).stat()
+        owners[name] = f"{st.st_uid}:{st.st_gid}"
+    return [" ".join(line.split()) for line in done.stdout.splitlines()], owners
+
+
+def test_user_namespace_ids_and_volume_owners_match_runc(podman: list[str], tmp_path: Path) -> None:
+    """podman --uidmap: the ids seen inside and the host owners of files written to a volume
+    are runc's (container uid N is host uid 100000+N)."""
+    tmp_path.chmod(0o755)  # runc's namespace root must traverse to the volume
+    lines, owners = _run_with_userns(podman, tmp_path / "ours")
+    assert lines == [
+        "0 100000 65536",
+        "0 100000 65536",
+        "0",
+        "0:0",
+        "0:0",
+        "written",
+    ]
+    assert owners == {"by-root": "100000:100000", "dir": "101000:101000"}
+    if shutil.which("runc") is None:
+        return
+    runc = list(podman)
+    runc[runc.index("--runtime") + 1] = "runc"
+    assert _run_with_userns(runc, tmp_path / "runc") == (lines, owners)
