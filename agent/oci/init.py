@@ -92,6 +92,11 @@ def create_container(
     #    CAP_SETUID in the parent namespace may write a uid_map with more than its own id.
     user_ns = spec.namespace("user")
     if user_ns is not None and user_ns.path is None:
+        # 4a. Mount targets the namespace's root could not create through virtio-fs.
+        owner = _host_id(spec.uid_mappings, 0)
+        group = _host_id(spec.gid_mappings, 0)
+        if owner is not None and group is not None:
+            rootfs.precreate_targets(sys, spec.root_path, spec.mounts, owner, group)
         _unshare_user_namespace(sys, spec)
     # 5. The other new namespaces (owned by the new user namespace, if any). The pid
     #    namespace only applies to children: hence the fork.
@@ -239,6 +244,14 @@ def _join_namespaces(sys: Syscalls, spec: Spec) -> None:
 
 def _mapped(mappings: tuple[IdMapping, ...], container_id: int) -> bool:
     return any(m.container_id <= container_id < m.container_id + m.size for m in mappings)
+
+
+def _host_id(mappings: tuple[IdMapping, ...], container_id: int) -> int | None:
+    """The id ``container_id`` maps to outside the namespace, or None if unmapped."""
+    for m in mappings:
+        if m.container_id <= container_id < m.container_id + m.size:
+            return m.host_id + container_id - m.container_id
+    return None
 
 
 def _unshare_user_namespace(sys: Syscalls, spec: Spec) -> None:

@@ -80,6 +80,51 @@ def mkdir_all(sys: Syscalls, path: str, mode: int = 0o755) -> None:
         sys.mkdir(directory, mode)
 
 
+def precreate_targets(
+    sys: Syscalls, root: str, mounts: tuple[Mount, ...], owner: int, group: int
+) -> None:
+    """Create the missing targets of ``mounts`` in ``root``, owned by ``owner``:``group``.
+
+    For a container with a user namespace, called before the namespace exists (as the guest's
+    root). Its root would create the targets itself (step 13), as runc's does, and in a
+    directory its ids own but may not write (a ``0555`` ``/``, as podman's rootfs has) its
+    CAP_DAC_OVERRIDE lets it. Through virtio-fs it does not: virtiofsd creates a file with
+    the caller's fsuid, and the host kernel drops a process's DAC capabilities when its fsuid
+    is not 0 (capabilities(7)). So the targets are made here and handed to the namespace's
+    root (``owner``, ``group``: the guest ids its uid and gid 0 map to), which leaves them as
+    runc would. Targets below an earlier mount's destination are left to step 13 (they live
+    on that mount). Best effort: an error here is left for step 13 to report.
+    """
+    earlier: list[str] = []
+    for mount in mounts:
+        destination = "/" + "/".join(p for p in mount.destination.split("/") if p)
+        below = any(
+            destination == d or destination.startswith(d.rstrip("/") + "/") for d in earlier
+        )
+        earlier.append(destination)
+        if below:
+            continue
+        try:
+            target = secure_join(sys, root, destination)
+            if sys.kind(target, follow=True) is not None:
+                continue
+            is_file = mount.bind and sys.kind(mount.source, follow=True) not in (None, "dir")
+            directory = os.path.dirname(target) if is_file else target
+            missing: list[str] = []
+            current = directory
+            while current.startswith(root + "/") and sys.kind(current, follow=True) is None:
+                missing.append(current)
+                current = os.path.dirname(current)
+            for path in reversed(missing):
+                sys.mkdir(path, 0o755)
+                sys.chown(path, owner, group)
+            if is_file:
+                sys.create_file(target, 0o644)
+                sys.chown(target, owner, group)
+        except (OSError, SetupError):
+            continue
+
+
 def _locked_remount(sys: Syscalls, target: str, flags: int) -> None:
     """Bind-remount ``target`` with ``flags``; keep flags the kernel may refuse to clear.
 

@@ -322,12 +322,16 @@ def test_interactive_tty(podman: list[str]) -> None:
 USERNS = ["--uidmap", "0:100000:65536", "--gidmap", "0:100000:65536"]
 USERNS_SCRIPT = (
     "cat /proc/self/uid_map /proc/self/gid_map; id -u; stat -c '%u:%g' / /etc/passwd; "
-    "touch /tmp/by-root && mkdir /tmp/dir && chown 1000:1000 /tmp/dir && echo written"
+    "stat -c '%a %u:%g' /vol; "
+    "touch /vol/by-root && mkdir /vol/dir && chown 1000:1000 /vol/dir && echo written"
 )
 
 
 def _run_with_userns(podman: list[str], volume: Path) -> tuple[list[str], dict[str, str]]:
-    """Run :data:`USERNS_SCRIPT` with a user namespace and ``volume`` at /tmp.
+    """Run :data:`USERNS_SCRIPT` with a user namespace and ``volume`` at /vol.
+
+    /vol is not in the image: the runtime creates it in podman's rootfs, whose ``/`` (mode
+    0555) belongs to the namespace's root (docs/user-namespaces.md).
 
     ``--network none``: with a user namespace podman sets up the bridge network after the
     runtime's create, in the created process's namespace, which the VM does not use
@@ -348,7 +352,7 @@ def _run_with_userns(podman: list[str], volume: Path) -> tuple[list[str], dict[s
         "nproc=1024:1024",
         *USERNS,
         "-v",
-        f"{volume}:/tmp",
+        f"{volume}:/vol",
         IMAGE,
         "sh",
         "-c",
@@ -373,6 +377,7 @@ def test_user_namespace_ids_and_volume_owners_match_runc(podman: list[str], tmp_
         "0",
         "0:0",
         "0:0",
+        "1777 65534:65534",
         "written",
     ]
     assert owners == {"by-root": "100000:100000", "dir": "101000:101000"}

@@ -608,6 +608,46 @@ def test_user_namespace_is_mapped_by_a_helper_outside_it() -> None:
     assert ("mount", "/dev/null", "/r/dev/null", None, "bind", "") in calls
 
 
+def test_user_namespace_mount_targets_are_made_outside_and_given_to_its_root() -> None:
+    """virtiofsd creates files with the caller's fsuid and no DAC override, so the
+    namespace's root could not create a target in its own 0555 ``/`` (runc's root can):
+    missing targets are made before the namespace, owned by the ids its 0 maps to."""
+    spec = userns_spec()
+    spec["linux"]["uidMappings"] = [{"containerID": 0, "hostID": 100000, "size": 65536}]
+    spec["linux"]["gidMappings"] = [{"containerID": 0, "hostID": 200000, "size": 65536}]
+    spec["mounts"] += [
+        {"destination": "/dev/pts", "type": "devpts", "source": "devpts"},  # on /dev's tmpfs
+        {"destination": "/etc/resolv.conf", "type": "bind", "source": "/host/resolv"},
+        {"destination": "/a/b", "type": "tmpfs", "source": "tmpfs"},
+    ]
+    system = fake(forks=[555], pid=321, reads={13: b"4242", SYNC: b"start\n"})
+    system.fs["/host/resolv"] = "file"
+    run_init(system, spec, cgroup=None)
+    calls = system.calls
+    before = calls[: calls.index(("unshare", sc.CLONE_NEWUSER))]
+    made = [c for c in before if c[0] in ("mkdir", "chown", "create_file")]
+    assert made == [
+        ("mkdir", "/r/data", "0o755"),
+        ("chown", "/r/data", 100000, 200000),
+        ("mkdir", "/r/etc", "0o755"),
+        ("chown", "/r/etc", 100000, 200000),
+        ("create_file", "/r/etc/resolv.conf"),
+        ("chown", "/r/etc/resolv.conf", 100000, 200000),
+        ("mkdir", "/r/a", "0o755"),
+        ("chown", "/r/a", 100000, 200000),
+        ("mkdir", "/r/a/b", "0o755"),
+        ("chown", "/r/a/b", 100000, 200000),
+    ]
+
+
+def test_without_a_user_namespace_targets_are_made_inside() -> None:
+    system = fake()
+    run_init(system, typical_spec())
+    calls = system.calls
+    assert not [c for c in calls if c[0] == "chown" and c[1] == "/r/data"]
+    assert calls.index(("mkdir", "/r/data", "0o755")) > system.names().index("fork")
+
+
 def test_the_map_helper_writes_the_maps_of_its_parent() -> None:
     system = fake(forks=[0], pid=321)
     with pytest.raises(sc.FakeExit) as info:
