@@ -24,6 +24,7 @@ def _serve_in_guest() -> None:
     from agentapi.channel import VSOCK_PORT
 
     pid1.early_mounts()
+    pid1.raise_hard_limits()
     kmod.install_kernel_helper()
     reaper = pid1.Reaper()
     reaper.install()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import resource
 import signal
 import threading
 from collections.abc import Callable
@@ -26,6 +27,26 @@ SHARE_ROOT_MODE = 0o711
 def _is_mountpoint(path: str) -> bool:
     with open("/proc/self/mountinfo", encoding="utf-8") as mountinfo:
         return any(line.split()[4] == path for line in mountinfo)
+
+
+def raise_hard_limits() -> None:
+    """Raise PID 1's hard RLIMIT_NOFILE to ``fs.nr_open`` and RLIMIT_NPROC to unlimited.
+
+    Every container inherits them. The kernel starts PID 1 with a hard NOFILE of 4096 and a
+    hard NPROC derived from the VM's small memory, while clients write the host's figures into
+    ``process.rlimits`` (podman: NOFILE 1048576 and a large NPROC). Outside a user namespace
+    the container may raise a hard limit (CAP_SYS_RESOURCE); the root of a user namespace may
+    not, so its create failed with EPERM (docs/user-namespaces.md). Soft limits are kept.
+    Best effort: a failure leaves the kernel's limits.
+    """
+    with contextlib.suppress(OSError, ValueError):
+        with open("/proc/sys/fs/nr_open", encoding="ascii") as nr_open:
+            most = int(nr_open.read().strip())
+        soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(soft, most), most))
+    with contextlib.suppress(OSError, ValueError):
+        soft, _ = resource.getrlimit(resource.RLIMIT_NPROC)
+        resource.setrlimit(resource.RLIMIT_NPROC, (soft, resource.RLIM_INFINITY))
 
 
 def early_mounts() -> None:

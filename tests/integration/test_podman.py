@@ -336,8 +336,9 @@ def _run_with_userns(podman: list[str], volume: Path) -> tuple[list[str], dict[s
     ``--network none``: with a user namespace podman sets up the bridge network after the
     runtime's create, in the created process's namespace, which the VM does not use
     (docs/user-namespaces.md). ``--ulimit``: podman's default RLIMIT_NPROC and NOFILE are above
-    the hard limits of both this host and the guest, and the namespace's root may not raise them
-    (a --ulimit replaces the containers.conf defaults)."""
+    the hard limit of this host, where the namespace's root may not raise it, so runc needs it
+    (a --ulimit replaces the containers.conf defaults); pysandbox does not
+    (:func:`test_user_namespace_with_podman_default_limits`)."""
     volume.mkdir()
     volume.chmod(0o1777)
     done = pm(
@@ -386,3 +387,26 @@ def test_user_namespace_ids_and_volume_owners_match_runc(podman: list[str], tmp_
     runc = list(podman)
     runc[runc.index("--runtime") + 1] = "runc"
     assert _run_with_userns(runc, tmp_path / "runc") == (lines, owners)
+
+
+def test_user_namespace_with_podman_default_limits(podman: list[str]) -> None:
+    """podman's default rlimits (NOFILE from containers.conf, its own large NPROC) are set in a
+    user namespace: the guest's PID 1 raised its hard limits, which the namespace's root
+    cannot do (docs/user-namespaces.md)."""
+    spec_limits = pm(podman, "run", "--rm", "--network", "none", IMAGE, "sh", "-c", "ulimit -Hu")
+    assert spec_limits.returncode == 0, spec_limits.stderr
+    done = pm(
+        podman,
+        "run",
+        "--rm",
+        "--network",
+        "none",
+        *USERNS,
+        IMAGE,
+        "sh",
+        "-c",
+        "cat /proc/self/uid_map; ulimit -Hn; ulimit -Hu",
+    )
+    assert done.returncode == 0, done.stderr
+    lines = [" ".join(line.split()) for line in done.stdout.splitlines()]
+    assert lines == ["0 100000 65536", "1024", spec_limits.stdout.strip()]
