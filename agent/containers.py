@@ -5,7 +5,10 @@ The agent only manages processes; applying the OCI spec is the job of the in-gue
 the spec on fd 3 and a control socket on fd 4 (see docs/oci-in-guest.md for that contract).
 
 Exit statuses come from the PID 1 reaper (:class:`agent.pid1.Reaper`); the container's pid is
-the one the runtime reports in its ``ready`` line.
+the one the runtime reports in its ``ready`` line. An exit is reported as soon as the reaper sees
+it, whatever still holds the process's stdio: a background child that inherited stdout does not
+delay WaitProcess, and the output streams end once what the process wrote is read (see
+:meth:`ContainerManager.read_stream`).
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import errno
 import fcntl
 import json
 import os
+import select
 import shutil
 import signal
 import socket
@@ -27,7 +31,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from agent import cgroup_layout, pid1
+from agent import cgroup_layout, pid1, proctable
 
 MAX_SPEC_BYTES = 1024 * 1024
 #: Guest directory holding per-container overlay layers (on the /run tmpfs).
@@ -37,6 +41,9 @@ READY_TIMEOUT = 60.0
 #: ones exist: a container probed by an exec every few seconds must not grow the agent forever.
 MAX_COLLECTED_EXECS = 256
 _CHUNK = 64 * 1024
+#: Bytes a terminal may hold beyond what TIOCINQ counts when its process exits (the pty's
+#: flip buffer, not yet handed to the line discipline).
+_TTY_SLACK = 64 * 1024
 
 
 class ContainerError(Exception):
@@ -78,6 +85,11 @@ class Process:
     process exits (or the host closes it), stdout/stderr when a reader reached EOF. RPCs never
     use these numbers directly but :meth:`borrow` a duplicate, so a concurrent close cannot
     hand the number to another file under a reader or writer.
+
+    ``wake`` is an eventfd that becomes readable (for good) when the process exits, so that a
+    reader blocked on an output stream notices the exit even while other processes (a
+    background child) keep the stream open; the agent's own fd is closed at exit, after
+    ``exited`` is set, so a reader that cannot borrow it knows the process has exited.
     """
 
     pid: int
@@ -92,10 +104,12 @@ class Process:
     oom_kills_before: int = 0
     #: A WaitProcess has returned its exit status.
     collected: bool = False
+    wake: int | None = field(default_factory=lambda: os.eventfd(0, os.EFD_CLOEXEC))
     _fds_lock: threading.Lock = field(default_factory=threading.Lock)
 
     def on_exit(self, raw: int) -> None:
-        """Reaper callback: record the wait status, release stdin (nobody reads it now)."""
+        """Reaper callback: record the wait status, release stdin (nobody reads it now),
+        wake the output readers."""
         if os.WIFSIGNALED(raw):
             self.signal = os.WTERMSIG(raw)
             self.status = 128 + self.signal
@@ -103,10 +117,16 @@ class Process:
             self.status = os.WEXITSTATUS(raw)
         self.release("stdin")
         self.exited.set()
+        with self._fds_lock:
+            wake, self.wake = self.wake, None
+        if wake is not None:
+            with contextlib.suppress(OSError):
+                os.eventfd_write(wake, 1)
+            _close(wake)
 
     def borrow(self, which: str) -> int | None:
-        """A new fd for ``which`` ("stdin", "stdout" or "stderr") that the caller must close;
-        None when that stream is closed."""
+        """A new fd for ``which`` ("stdin", "stdout", "stderr" or "wake") that the caller must
+        close; None when that stream is closed."""
         with self._fds_lock:
             fd: int | None = getattr(self, which)
             return None if fd is None else os.dup(fd)
@@ -117,6 +137,11 @@ class Process:
             fd: int | None = getattr(self, which)
             setattr(self, which, None)
         _close(fd)
+
+    def release_all(self) -> None:
+        """Close every fd the agent holds for this process (it is being forgotten)."""
+        for which in ("stdin", "stdout", "stderr", "wake"):
+            self.release(which)
 
 
 @dataclass
@@ -184,6 +209,25 @@ def _remove_cgroup(path: str, v1_dirs: list[tuple[str, str]], timeout: float = 5
                 if exc.errno != errno.EBUSY or time.monotonic() >= deadline:
                     break
             time.sleep(0.01)
+
+
+def _poll_now(fd: int) -> int:
+    """The poll(2) events of ``fd`` right now (0: nothing to read, no hang-up)."""
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    events = poller.poll(0)
+    return events[0][1] if events else 0
+
+
+def _pending(fd: int, terminal: bool) -> int:
+    """Bytes readable from ``fd`` now without blocking (an upper bound for a terminal)."""
+    if terminal:
+        _poll_now(fd)  # polling a pty flushes its flip buffer to the reader
+    try:
+        count = int(struct.unpack("i", fcntl.ioctl(fd, termios.FIONREAD, b"\0" * 4))[0])
+    except OSError:
+        count = 0
+    return count + (_TTY_SLACK if terminal else 0)
 
 
 def _close(fd: int | None) -> None:
@@ -457,8 +501,7 @@ class ContainerManager:
                 for exec_id in collected[: max(0, len(collected) - MAX_COLLECTED_EXECS)]
             ]
         for proc in dropped:
-            for which in ("stdin", "stdout", "stderr"):
-                proc.release(which)
+            proc.release_all()
 
     def _start_exec(self, container: Container, process: dict[str, Any]) -> Process:
         """Spawn agent.oci.exec for ``process`` in ``container`` and let it run."""
@@ -485,8 +528,7 @@ class ContainerManager:
         try:
             control.sendall(b"start\n")
         except OSError as exc:  # the runtime died between ready and start
-            for which in ("stdin", "stdout", "stderr"):
-                proc.release(which)
+            proc.release_all()
             raise ContainerError("FAILED_PRECONDITION", f"starting the process: {exc}") from exc
         finally:
             control.close()
@@ -572,14 +614,39 @@ class ContainerManager:
         proc.release("stdin")
 
     def read_stream(self, container_id: str, exec_id: str, which: str) -> Iterator[bytes]:
-        """The stream's bytes until EOF; at EOF the agent's fd is released (a reader that
-        stops early leaves it open for the next reader)."""
+        """The stream's bytes until EOF, or until what the process wrote before it exited has
+        been read.
+
+        The process's exit ends the stream even when others (a background child that
+        inherited stdout) still hold it open: once the exit is seen, the bytes then pending
+        (FIONREAD; for a terminal TIOCINQ plus :data:`_TTY_SLACK` for its flip buffer) are
+        read, and the stream ends when nothing more is immediately readable or that budget
+        is spent while writers remain. At EOF the agent's fd is released; a stream that ends
+        before EOF keeps it for a later reader (until the container is removed).
+        """
         proc = self.process(container_id, exec_id)
         fd = proc.borrow(which)
         if fd is None:
             return
+        wake = proc.borrow("wake")
         try:
+            poller = select.poll()
+            poller.register(fd, select.POLLIN)
+            if wake is not None:
+                poller.register(wake, select.POLLIN)
+            budget: int | None = None  # bytes left to read once the exit was seen
             while True:
+                if budget is None and proc.exited.is_set():
+                    budget = _pending(fd, proc.terminal)
+                if budget is None:
+                    if not any(ready == fd for ready, _ in poller.poll()):
+                        continue  # woken by the exit
+                else:
+                    events = _poll_now(fd)
+                    if not events:
+                        return  # drained; what is left belongs to other holders
+                    if budget <= 0 and not events & select.POLLHUP:
+                        return  # the budget is spent and other holders keep writing
                 try:
                     data = os.read(fd, _CHUNK)
                 except OSError as exc:
@@ -589,9 +656,12 @@ class ContainerManager:
                 if not data:
                     proc.release(which)
                     return
+                if budget is not None:
+                    budget -= len(data)
                 yield data
         finally:
             _close(fd)
+            _close(wake)
 
     def resize(self, container_id: str, exec_id: str, rows: int, cols: int) -> None:
         """Set the terminal's size; FAILED_PRECONDITION without a terminal (or after exit)."""
@@ -616,6 +686,13 @@ class ContainerManager:
         if not found and not container.init.exited.is_set():
             found = [container.init.pid]
         return found
+
+    def processes(self, container_id: str, pids: list[int]) -> list[proctable.Entry]:
+        """The process table (see :mod:`agent.proctable`) of ``pids`` (from :meth:`pids`)."""
+        container = self.get(container_id)
+        with self._lock:
+            execs = {proc.pid: exec_id for exec_id, proc in container.execs.items()}
+        return proctable.table(pids, container.init.pid, execs)
 
     def _freeze(self, container_id: str, frozen: bool) -> None:
         """Freeze or thaw the container's cgroup and wait until the kernel reports it.
@@ -681,8 +758,7 @@ class ContainerManager:
                     os.kill(proc.pid, signal.SIGKILL)
         container.init.exited.wait(10)
         for proc in (container.init, *container.execs.values()):
-            for which in ("stdin", "stdout", "stderr"):
-                proc.release(which)
+            proc.release_all()
         if container.control is not None:
             container.control.close()
         _remove_cgroup(container.cgroup, container.cgroup_v1)

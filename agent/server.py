@@ -284,8 +284,24 @@ class AgentService(pb_grpc.AgentServicer):
         self, request: pb.ContainerRequest, context: grpc.ServicerContext
     ) -> pb.ListProcessesResponse:
         with _container_errors(context):
-            pids = self._manager(context).pids(request.container_id)
-        return pb.ListProcessesResponse(pids=pids)
+            manager = self._manager(context)
+            pids = manager.pids(request.container_id)
+            table = manager.processes(request.container_id, pids)
+        return pb.ListProcessesResponse(
+            pids=pids,
+            processes=[
+                pb.ProcessEntry(
+                    pid=entry.pid,
+                    ppid=entry.ppid,
+                    uid=entry.uid,
+                    command=entry.command,
+                    guest_pid=entry.guest_pid,
+                    exec_id=entry.exec_id,
+                    init=entry.init,
+                )
+                for entry in table
+            ],
+        )
 
     def ContainerStatus(
         self, request: pb.ContainerRequest, context: grpc.ServicerContext

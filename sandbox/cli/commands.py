@@ -200,13 +200,10 @@ def cmd_ps(args: argparse.Namespace) -> int:
 
     if args.id is None:
         return cmd_run_ps(args)
-    pids = control.processes(_root(args), args.id)
     if args.format == "json":
-        print(json.dumps(pids))
+        print(json.dumps(control.processes(_root(args), args.id)))
     else:
-        print("PID")
-        for pid in pids:
-            print(pid)
+        print(control.render_table(control.process_table(_root(args), args.id)))
     return 0
 
 

@@ -52,6 +52,22 @@ class GuestNetworkFiles:
     hosts: str
 
 
+@dataclass(frozen=True)
+class GuestProcess:
+    """One row of a container's process table (ListProcesses), validated and printable."""
+
+    pid: int  # as the container sees it
+    ppid: int  # 0: the parent is outside the container
+    uid: int
+    command: str  # non-printable characters replaced by "?"
+    guest_pid: int
+    exec_id: str  # "" unless this is an exec's process
+    init: bool
+
+
+#: Longest command text accepted per process (the agent sends at most 4096 bytes of it).
+MAX_COMMAND_CHARS = 4200
+
 #: Largest pid a Linux guest can hand out (PID_MAX_LIMIT on 64-bit).
 _PID_MAX = 4 * 1024 * 1024
 
@@ -347,6 +363,30 @@ class ContainerClient(AgentClient):
         if len(reply.pids) > 65536:
             raise AgentError("agent reported an implausible number of processes")
         return [_pid(pid, f"a process of container {container_id}") for pid in reply.pids]
+
+    def process_table(self, container_id: str) -> list[GuestProcess]:
+        """ListProcesses: the container's processes as it sees them (empty from an agent
+        that predates the table). Commands are made safe to print: the guest is untrusted."""
+        reply = self._call("ListProcesses", pb.ContainerRequest(container_id=container_id))
+        if len(reply.processes) > 65536:
+            raise AgentError("agent reported an implausible number of processes")
+        what = f"a process of container {container_id}"
+        table = []
+        for entry in reply.processes:
+            if len(entry.command) > MAX_COMMAND_CHARS:
+                raise AgentError(f"agent sent an oversized command line for {what}")
+            table.append(
+                GuestProcess(
+                    pid=_pid(entry.pid, what),
+                    ppid=0 if entry.ppid == 0 else _pid(entry.ppid, what),
+                    uid=int(entry.uid),
+                    command="".join(c if c.isprintable() else "?" for c in entry.command),
+                    guest_pid=_pid(entry.guest_pid, what),
+                    exec_id=_bounded(entry.exec_id, "exec id") if entry.exec_id else "",
+                    init=bool(entry.init),
+                )
+            )
+        return table
 
     def container_status(self, container_id: str) -> tuple[str, int, int]:
         """ContainerStatus: ("created" | "running" | "paused" | "stopped", init pid, exit

@@ -6,6 +6,7 @@ import contextlib
 import errno
 import os
 import threading
+import time
 
 from sandbox.pod.agent_client import ContainerClient
 
@@ -14,7 +15,8 @@ class StdioRelay:
     """Copies a process's stdout/stderr from the agent to host fds, and host stdin to it.
 
     ``start()`` launches one thread per stream; ``join()`` waits until both output streams
-    reached EOF (after the process exited), so no output is lost.
+    ended (the agent ends them once the process exited and what it wrote was read), so no
+    output is lost.
     """
 
     def __init__(
@@ -74,8 +76,10 @@ class StdioRelay:
             self._client.close_stdin(*self._ids)
 
     def join(self, timeout: float | None = None) -> None:
+        """Wait until the output streams ended, ``timeout`` seconds at most for all of them."""
+        deadline = None if timeout is None else time.monotonic() + timeout
         for thread in self._threads:
-            thread.join(timeout)
+            thread.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
 
 
 def _write_all(fd: int, data: bytes) -> None:

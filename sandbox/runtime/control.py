@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -11,7 +12,7 @@ from sandbox.runtime.pods import load_pod
 from sandbox.runtime.record import ContainerRecord, Status
 
 if TYPE_CHECKING:
-    pass
+    from sandbox.pod.agent_client import GuestProcess
 
 
 def set_paused(root: Path, container_id: str, paused: bool) -> None:
@@ -39,12 +40,56 @@ def update(root: Path, container_id: str, resources: dict[str, Any]) -> None:
 
 
 def processes(root: Path, container_id: str) -> list[int]:
-    """Pids of the container's processes (as the guest numbers them)."""
+    """Host pids standing for the container's processes (``ps --format json``, runc's
+    callers signal them and read their /proc): the ``--pid-file`` process of the init while
+    it runs, then those of its live execs (detached shims, attached ``exec`` calls). The
+    guest's own pids are not host processes; :func:`process_table` shows them to people."""
+    record = ContainerRecord.load(root, container_id)
+    if record.status is Status.STOPPED:
+        return []
+    shim = record.shim
+    pids = [shim.pid] if shim is not None and shim.alive() else []
+    return pids + [handle.pid for handle in record.exec_standins().values()]
+
+
+@dataclass(frozen=True)
+class ProcessRow:
+    """A row of ``pysandbox ps ID``: a guest process and its host stand-in, if it has one."""
+
+    process: GuestProcess
+    host_pid: int | None
+
+
+def process_table(root: Path, container_id: str) -> list[ProcessRow]:
+    """The container's processes as it sees them (guest pids, commands), each with the host
+    pid that stands for it (the init's and the execs'; None for the others). Empty for a
+    stopped container or when the agent cannot be asked."""
     record = ContainerRecord.load(root, container_id)
     if record.status is Status.STOPPED:
         return []
     try:
         with load_pod(root, record.pod_id).client() as client:
-            return client.list_processes(container_id)
+            table = client.process_table(container_id)
     except (AgentError, NotFoundError):
         return []
+    shim = record.shim
+    init_pid = shim.pid if shim is not None and shim.alive() else None
+    standins = record.exec_standins()
+    rows = []
+    for process in table:
+        host_pid = init_pid if process.init else None
+        if process.exec_id in standins:
+            host_pid = standins[process.exec_id].pid
+        rows.append(ProcessRow(process, host_pid))
+    return rows
+
+
+def render_table(rows: list[ProcessRow]) -> str:
+    """``ps ID``'s text: PID (as the container sees it), PPID, UID, HOST-PID ("-" for a
+    process without a host stand-in) and the command, one process a line."""
+    lines = [f"{'PID':>7} {'PPID':>7} {'UID':>7} {'HOST-PID':>8}  CMD"]
+    for row in rows:
+        proc = row.process
+        host = "-" if row.host_pid is None else str(row.host_pid)
+        lines.append(f"{proc.pid:>7} {proc.ppid:>7} {proc.uid:>7} {host:>8}  {proc.command}")
+    return "\n".join(lines)

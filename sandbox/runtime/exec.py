@@ -73,7 +73,8 @@ def exec_process(
     console_socket: Path | None = None,
 ) -> int:
     """Run ``process`` in a running container. Detached: spawn a shim, write its pid, return
-    0. Attached: relay stdio here and return the process's exit status."""
+    0. Attached: relay stdio here and return the process's exit status (this process is then
+    the exec's host stand-in, listed by ``ps --format json``)."""
     record = ContainerRecord.load(root, container_id)
     if not record.status.can_exec():
         raise StateError(f"{container_id}: {record.status.refusal('exec')}")
@@ -102,11 +103,15 @@ def exec_process(
             return 0
         from sandbox.pod.stdio import StdioRelay
 
-        relay = StdioRelay(client, container_id, exec_id, 0, 1, 2, terminal)
-        relay.start()
-        _forward_signals(client, container_id, exec_id)
-        status, _sig, _oom = client.wait_process(container_id, exec_id)
-        relay.join(30)
+        standin = shim.name_standin(root, container_id, exec_id)  # this call stands for it
+        try:
+            relay = StdioRelay(client, container_id, exec_id, 0, 1, 2, terminal)
+            relay.start()
+            _forward_signals(client, container_id, exec_id)
+            status, _sig, _oom = client.wait_process(container_id, exec_id)
+            relay.join(shim.DRAIN_TIMEOUT)
+        finally:
+            shim.drop_standin(standin)
         return status
 
 

@@ -25,6 +25,15 @@ if TYPE_CHECKING:
 
 #: Where the shim (sandbox/runtime/shim.py) records the exit status of a container's init process.
 EXIT_FILE = "exit"
+#: Suffix of the files naming the host stand-in of a running exec: ``<exec id>.standin`` in
+#: the container's directory holds that process's handle (written by the process itself,
+#: removed when it ends; a handle whose process is gone is ignored).
+STANDIN_SUFFIX = ".standin"
+
+
+def standin_file(record_dir: Path, exec_id: str) -> Path:
+    """The file naming the host stand-in of exec ``exec_id`` (see :data:`STANDIN_SUFFIX`)."""
+    return record_dir / f"{exec_id}{STANDIN_SUFFIX}"
 
 
 class Status(enum.StrEnum):
@@ -111,6 +120,21 @@ class ContainerRecord:
             if shim is None or not shim.alive():
                 return Status.STOPPED
         return stored
+
+    def exec_standins(self) -> dict[str, ProcessHandle]:
+        """Exec id -> the live host process standing in for that exec (its detached shim,
+        or the attached ``exec`` call), oldest first."""
+        from hypervisor.process import ProcessHandle
+
+        found: list[tuple[int, str, ProcessHandle]] = []
+        for path in self.dir.glob(f"*{STANDIN_SUFFIX}"):
+            try:
+                handle = ProcessHandle.from_json(state.read_json(path))
+            except (OSError, ValueError, SandboxError):
+                continue
+            if handle is not None and handle.alive():
+                found.append((handle.start, path.name.removesuffix(STANDIN_SUFFIX), handle))
+        return {exec_id: handle for _, exec_id, handle in sorted(found, key=lambda f: f[:2])}
 
     def exit_status(self) -> int | None:
         """The exit status the shim recorded (its ``exit`` file), or None if there is none

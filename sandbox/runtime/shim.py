@@ -8,6 +8,19 @@ for the process to exit, records the exit status and exits with it (128+N for si
 
 Started by :func:`spawn` in a new session; when the spawning CLI exits it is reparented to the
 caller's subreaper. It reports ``ready`` (or ``error <message>``) on ``--ready-fd`` before relaying.
+With a terminal it holds none of the caller's stdio: containerd's shim reads the output of
+``create``/``exec`` until EOF before it takes the pty master from the console socket, so a
+shim keeping that pipe open would hang ``ctr run -t`` for good (runc's container process has
+the pty, not runc's stdio, too).
+
+The exit status is reported as soon as the process is gone: the output relay is then given
+:data:`DRAIN_TIMEOUT` seconds at most to deliver what the process wrote (the agent ends the
+streams once that is read, even while a background child still holds them open), so a
+leftover holder of stdout cannot keep the container "running" for a client.
+
+An exec's shim names itself in ``<exec id>.standin`` in the container's directory while it
+runs, so that ``ps --format json`` can list the host pids standing for the container's
+processes.
 
 Clients also signal that pid directly: containerd's runc shim kills exec processes with
 kill(2) on the pid of their ``--pid-file`` (``ctr task kill --exec-id``, and SIGKILL when a
@@ -31,6 +44,7 @@ import subprocess
 import sys
 import termios
 import threading
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -38,7 +52,7 @@ from hypervisor.process import ProcessHandle
 from sandbox import IMPORT_ROOT
 from sandbox import store as state
 from sandbox.errors import AgentError, ConfigError
-from sandbox.runtime.record import EXIT_FILE
+from sandbox.runtime.record import EXIT_FILE, standin_file
 
 if TYPE_CHECKING:
     from sandbox.pod.agent_client import ContainerClient
@@ -58,6 +72,8 @@ FORWARDED_SIGNALS = (
 _WATCHER_DISMISS = b"d"
 #: In a shim with a terminal, the fd that holds the host pty slave.
 TERMINAL_FD = 0
+#: Seconds the output relay may take, after the process exited, to deliver what it wrote.
+DRAIN_TIMEOUT = 5.0
 
 
 def spawn(
@@ -68,7 +84,8 @@ def spawn(
     terminal: bool = False,
     console_socket: Path | None = None,
 ) -> ProcessHandle:
-    """Start a shim inheriting this process's stdio; return it once it reported ready."""
+    """Start a shim inheriting this process's stdio (none of it with a terminal: the pty from
+    ``console_socket`` is its stdio then); return it once it reported ready."""
     ready_r, ready_w = os.pipe()
     argv = [
         sys.executable,
@@ -90,8 +107,12 @@ def spawn(
     if console_socket is not None:
         argv += ["--console-socket", str(console_socket)]
     try:
+        stdio = subprocess.DEVNULL if terminal else None
         proc = subprocess.Popen(
             argv,
+            stdin=stdio,
+            stdout=stdio,
+            stderr=stdio,
             pass_fds=(ready_w,),
             start_new_session=True,
             cwd="/",
@@ -158,7 +179,12 @@ def _dismiss_watcher(write_end: int) -> None:
 
 
 def _forward_signals(
-    client: ContainerClient, container_id: str, exec_id: str, watcher: int, done: threading.Event
+    client: ContainerClient,
+    container_id: str,
+    exec_id: str,
+    watcher: int,
+    done: threading.Event,
+    standin: Path | None,
 ) -> None:
     """Relay :data:`FORWARDED_SIGNALS` received by the shim to its guest process.
 
@@ -173,6 +199,7 @@ def _forward_signals(
         except AgentError:
             if not done.is_set():
                 _dismiss_watcher(watcher)
+                drop_standin(standin)
                 os._exit(128 + signum)
 
     def handler(signum: int, _frame: object) -> None:
@@ -184,6 +211,24 @@ def _forward_signals(
 
 def _exit_file(root: Path, container_id: str, exec_id: str) -> Path:
     return root / container_id / (f"exec-{exec_id}.exit" if exec_id else EXIT_FILE)
+
+
+def name_standin(root: Path, container_id: str, exec_id: str) -> Path | None:
+    """Record this process as the host stand-in of exec ``exec_id`` (see
+    :meth:`ContainerRecord.exec_standins`); the file to remove when it ends, or None when
+    it could not be written (``ps`` then just does not list it)."""
+    path = standin_file(root / container_id, exec_id)
+    try:
+        state.write_json_atomic(path, ProcessHandle.of(os.getpid()).to_json())
+    except (OSError, ProcessLookupError):
+        return None
+    return path
+
+
+def drop_standin(path: Path | None) -> None:
+    if path is not None:
+        with contextlib.suppress(OSError):
+            path.unlink()
 
 
 def _wait(
@@ -223,8 +268,6 @@ def _transport_error(exc: AgentError) -> bool:
 def _agent_back(root: Path, container_id: str) -> bool:
     """Reach the agent of the container's pod again, through a new proxy if the old one
     died; False if the container or its VM is gone."""
-    import time
-
     from sandbox.errors import SandboxError
     from sandbox.pod.lifecycle import Pod
     from sandbox.runtime.record import ContainerRecord
@@ -302,8 +345,9 @@ def main(argv: list[str] | None = None) -> None:
         _dismiss_watcher(watcher)  # nothing runs yet: the caller tears the container down
         ready.write(f"error {exc}\n".encode())
         sys.exit(1)
+    standin = name_standin(args.root, args.id, args.exec_id) if args.exec_id else None
     done = threading.Event()
-    _forward_signals(client, args.id, args.exec_id, watcher, done)
+    _forward_signals(client, args.id, args.exec_id, watcher, done, standin)
     ready.write(b"ready\n")
     ready.close()
     relay.start()
@@ -311,12 +355,14 @@ def main(argv: list[str] | None = None) -> None:
         resize()  # the size the caller set before we became the terminal's session leader
     status, oom, relays = _wait(client, args, relay, (stdout, stderr))
     done.set()
+    drain_deadline = time.monotonic() + DRAIN_TIMEOUT
     for each in relays:
-        each.join(30)
+        each.join(max(0.0, drain_deadline - time.monotonic()))
     with contextlib.suppress(OSError):
         state.write_json_atomic(
             _exit_file(args.root, args.id, args.exec_id), {"status": status, "oom": oom}
         )
+    drop_standin(standin)
     _dismiss_watcher(watcher)
     os._exit(status)
 

@@ -9,6 +9,9 @@ every containerd client takes: the shim calls ``pysandbox create/start/exec/kill
 from __future__ import annotations
 
 import itertools
+import os
+import select
+import shlex
 import subprocess
 import time
 from collections.abc import Iterator
@@ -278,3 +281,187 @@ def test_errors_reach_the_client(containerd: Containerd) -> None:
     assert done.returncode != 0
     assert "/nonexistent" in done.stderr and "no such file" in done.stderr, done.stderr
     assert_nothing_left(containerd, cid)
+
+
+# -- one pod (CRI annotations on ctr tasks): terminals, exits, ps -----------------------------
+
+SANDBOX_ID = "io.kubernetes.cri.sandbox-id"
+CONTAINER_TYPE = "io.kubernetes.cri.container-type"
+
+
+def _in_pod(pod: str, kind: str = "container") -> list[str]:
+    return ["--annotation", f"{CONTAINER_TYPE}={kind}", "--annotation", f"{SANDBOX_ID}={pod}"]
+
+
+def _ctr_argv(daemon: Containerd, *args: str) -> list[str]:
+    return ["ctr", "-a", daemon.address, "-n", daemon.namespace, *args]
+
+
+def _under_terminal(argv: list[str]) -> list[str]:
+    """``argv`` run by ``script`` on a new pty, as from an interactive shell (``-e``: with
+    its exit status)."""
+    return ["script", "-qec", shlex.join(argv), "/dev/null"]
+
+
+def _task_pid(daemon: Containerd, cid: str) -> int:
+    for line in daemon.ctr("tasks", "ls").stdout.splitlines()[1:]:
+        fields = line.split()
+        if fields and fields[0] == cid:
+            return int(fields[1])
+    raise AssertionError(f"no task {cid}: {daemon.ctr('tasks', 'ls').stdout}")
+
+
+def _gone(pid: int) -> bool:
+    """Whether host process ``pid`` has exited (a zombie has)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return True
+
+
+def _cmdline(pid: int) -> list[str]:
+    return Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0")
+
+
+def _read_until(proc: subprocess.Popen[bytes], marker: bytes, timeout: float) -> bytes:
+    """What ``proc`` printed on stdout until ``marker`` appeared (b"" parts on timeout)."""
+    assert proc.stdout is not None
+    seen = b""
+    deadline = time.monotonic() + timeout
+    while marker not in seen and time.monotonic() < deadline:
+        ready, _, _ = select.select([proc.stdout], [], [], 1.0)
+        if ready:
+            chunk = os.read(proc.stdout.fileno(), 4096)
+            if not chunk:
+                break
+            seen += chunk
+    return seen
+
+
+def test_pod_terminals_exits_and_ps(containerd: Containerd) -> None:
+    """Through containerd's shim, in one pod VM (ctr tasks carrying the CRI annotations):
+
+    - ``ctr run -t`` and ``ctr tasks exec -t`` under a real terminal: create/exec return
+      while the process runs (containerd reads their output to EOF before it takes the pty)
+      and the bytes are runc's;
+    - ``ctr tasks ps`` lists host pids of our shims (with containerd's exec ids);
+    - a container sharing the pod's pid namespace whose init leaves a child holding its
+      stdout (``sleep 1000 & exec sleep 2000``) is reported exited as soon as the init is
+      killed, and the leftover child is killed too (containerd's kill --all, as with runc).
+    """
+    pod = _cid("pod")
+    flags = _runtime_flags(containerd)
+    done = containerd.ctr("run", "-d", *flags, *_in_pod(pod, "sandbox"), IMAGE, pod, "sleep", "inf")
+    assert done.returncode == 0, done.stderr
+    members = [f"{pod}-tty", f"{pod}-bg"]
+    procs: list[subprocess.Popen[bytes]] = []
+    try:
+        # ctr run -t under a terminal, as runc runs it.
+        script = "test -t 0 && test -t 1 && echo tty-yes; exit 3"
+        outputs = {}
+        for name, runtime_flags in (("runc", []), ("pysandbox", [*flags, *_in_pod(pod)])):
+            cid = f"{pod}-tty" if name == "pysandbox" else _cid("runc-tty")
+            argv = _ctr_argv(containerd, "run", "--rm", "-t", *runtime_flags, IMAGE, cid)
+            ran = subprocess.run(
+                _under_terminal([*argv, "sh", "-c", script]),
+                stdin=subprocess.DEVNULL,
+                capture_output=True,
+                timeout=150,
+            )
+            outputs[name] = (ran.returncode, ran.stdout)
+        assert outputs["pysandbox"] == outputs["runc"], outputs
+        assert outputs["runc"][0] == 3 and b"tty-yes" in outputs["runc"][1], outputs
+
+        # exec -t: its output arrives while it runs.
+        exec_argv = _ctr_argv(containerd, "tasks", "exec", "-t", "--exec-id", "tty", pod)
+        tty_exec = subprocess.Popen(
+            _under_terminal([*exec_argv, "sh", "-c", "test -t 1 && echo exec-tty; exec sleep 300"]),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )
+        procs.append(tty_exec)
+        seen = _read_until(tty_exec, b"exec-tty", 90)
+        assert b"exec-tty" in seen, seen
+        killed = containerd.ctr("tasks", "kill", "--exec-id", "tty", "--signal", "SIGKILL", pod)
+        assert killed.returncode == 0, killed.stderr
+        assert tty_exec.wait(60) == 137
+
+        # A member sharing the pod's pid namespace, a child of its init holding stdout.
+        bg = f"{pod}-bg"
+        share_pid = f"pid:/proc/{_task_pid(containerd, pod)}/ns/pid"
+        run = subprocess.Popen(
+            _ctr_argv(
+                containerd,
+                "run",
+                "--rm",
+                *flags,
+                *_in_pod(pod),
+                "--with-ns",
+                share_pid,
+                IMAGE,
+                bg,
+                "sh",
+                "-c",
+                "sleep 1000 & exec sleep 2000",
+            ),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        procs.append(run)
+
+        def pod_processes() -> str:
+            ps = containerd.ctr(
+                "tasks", "exec", "--exec-id", f"ps{next(_ids)}", pod, "ps", "-o", "stat,args"
+            )
+            return "\n".join(line for line in ps.stdout.splitlines() if not line.startswith("Z"))
+
+        assert wait_until(lambda: "sleep 1000" in pod_processes(), 90, interval=1), pod_processes()
+        assert "sleep 2000" in pod_processes()
+        sleeper = subprocess.Popen(
+            _ctr_argv(containerd, "tasks", "exec", "--exec-id", "sleeper", bg, "sleep", "300"),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        procs.append(sleeper)
+        init_pid = _task_pid(containerd, bg)
+
+        # ctr tasks ps: host pids (our shims, naming the container), exec ids matched.
+        def listed() -> dict[int, str]:
+            ps = containerd.ctr("tasks", "ps", bg)
+            assert ps.returncode == 0, ps.stderr
+            return {int(line.split()[0]): line for line in ps.stdout.splitlines()[1:]}
+
+        assert wait_until(lambda: len(listed()) == 2, 60), listed()
+        pids = listed()
+        assert init_pid in pids, pids
+        (exec_pid,) = set(pids) - {init_pid}
+        assert "ExecID:sleeper" in pids[exec_pid], pids
+        for pid in pids:
+            cmdline = _cmdline(pid)
+            assert "sandbox.runtime.shim" in cmdline and bg in cmdline, cmdline
+
+        # The init is killed: its exit is reported at once, whatever holds its stdout.
+        killed = containerd.ctr("tasks", "kill", "--signal", "SIGKILL", bg)
+        assert killed.returncode == 0, killed.stderr
+        started = time.monotonic()
+        assert wait_until(lambda: _gone(init_pid), 60, interval=0.05)
+        exit_seconds = time.monotonic() - started
+        print(f"\nthe init's --pid-file process exited {exit_seconds:.2f}s after kill")
+        assert exit_seconds < 5.0, exit_seconds  # was 60 s: the shim waited for stdout's EOF
+        assert run.wait(60) == 137, run.stderr.read() if run.stderr else ""
+        assert wait_until(lambda: "sleep 1000" not in pod_processes(), 30, interval=1), (
+            pod_processes()
+        )
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        for cid in (*members, pod):
+            containerd.ctr("tasks", "delete", "--force", cid)
+            containerd.ctr("containers", "delete", cid)
+    for cid in (*members, pod):
+        assert_nothing_left(containerd, cid)

@@ -122,9 +122,14 @@ def _pod_config(cri: Cri, name: str, network: int | None = None) -> Any:
     )
 
 
-def _container_config(cri: Cri, name: str, script: str, network: int | None = None) -> Any:
+def _container_config(
+    cri: Cri, name: str, script: str, network: int | None = None, pid: int | None = None
+) -> Any:
+    """``sh -c script`` in the busybox image; its own pid namespace unless ``pid`` (a CRI
+    NamespaceMode: POD shares the sandbox's, as kubelet's shareProcessNamespace does)."""
     pb = cri.pb
     network = pb.NODE if network is None else network
+    pid = pb.CONTAINER if pid is None else pid
     return pb.ContainerConfig(
         metadata=pb.ContainerMetadata(name=name, attempt=0),
         image=pb.ImageSpec(image=IMAGE),
@@ -133,7 +138,7 @@ def _container_config(cri: Cri, name: str, script: str, network: int | None = No
         log_path=f"{name}/0.log",
         linux=pb.LinuxContainerConfig(
             security_context=pb.LinuxContainerSecurityContext(
-                namespace_options=pb.NamespaceOption(network=network, pid=pb.CONTAINER, ipc=pb.POD)
+                namespace_options=pb.NamespaceOption(network=network, pid=pid, ipc=pb.POD)
             )
         ),
     )
@@ -270,16 +275,25 @@ def test_pod_with_containers_in_one_vm(cri: Cri) -> None:
         rt.StopContainer(pb.StopContainerRequest(container_id=ids["app"], timeout=2), timeout=60)
         stopped = _status(cri, ids["app"])
         assert (stopped.state, stopped.exit_code) == (pb.CONTAINER_EXITED, 137)
-        for cid in ids.values():
-            rt.RemoveContainer(pb.RemoveContainerRequest(container_id=cid), timeout=60)
+
+        _stop_with_a_child_holding_stdout(cri, pod_id, config, ids)
+
+        for name in ("app", "ok"):  # "fail" and "bg" are left to RemovePodSandbox
+            rt.RemoveContainer(pb.RemoveContainerRequest(container_id=ids[name]), timeout=60)
+        listed = rt.ListContainers(
+            pb.ListContainersRequest(filter=pb.ContainerFilter(pod_sandbox_id=pod_id)), timeout=30
+        )
+        assert sorted(c.id for c in listed.containers) == sorted([ids["fail"], ids["bg"]])
+
+        # Stopping and removing a pod whose containers' processes ended succeeds (containerd
+        # takes runc's "container not running" from kill to mean "already finished").
+        rt.StopPodSandbox(pb.StopPodSandboxRequest(pod_sandbox_id=pod_id), timeout=120)
+        rt.RemovePodSandbox(pb.RemovePodSandboxRequest(pod_sandbox_id=pod_id), timeout=120)
+        removed = True
         listed = rt.ListContainers(
             pb.ListContainersRequest(filter=pb.ContainerFilter(pod_sandbox_id=pod_id)), timeout=30
         )
         assert list(listed.containers) == []
-
-        rt.StopPodSandbox(pb.StopPodSandboxRequest(pod_sandbox_id=pod_id), timeout=120)
-        rt.RemovePodSandbox(pb.RemovePodSandboxRequest(pod_sandbox_id=pod_id), timeout=120)
-        removed = True
     finally:
         if not removed:
             for call, req in (
@@ -292,6 +306,47 @@ def test_pod_with_containers_in_one_vm(cri: Cri) -> None:
                     print(f"cleanup of pod {pod_id}: {exc}")
     _assert_pod_gone(cri, pod_id)
     print(f"\nRunPodSandbox took {boot_seconds:.1f}s")
+
+
+def _stop_with_a_child_holding_stdout(
+    cri: Cri, pod_id: str, config: Any, ids: dict[str, str]
+) -> None:
+    """A container in the pod's pid namespace whose init leaves a child holding its stdout
+    (``crictl stop -t 0``): the stop returns as soon as the init is gone (runc: 0.1 s; it
+    took 60 s when the shim waited for the output's EOF), with status 137, and the child is
+    killed too (containerd's ``kill --all`` once such an init exits, as with runc)."""
+    pb, rt = cri.pb, cri.runtime
+    ids["bg"] = rt.CreateContainer(
+        pb.CreateContainerRequest(
+            pod_sandbox_id=pod_id,
+            config=_container_config(cri, "bg", "sleep 1000 & exec sleep 2000", pid=pb.POD),
+            sandbox_config=config,
+        ),
+        timeout=120,
+    ).container_id
+    rt.StartContainer(pb.StartContainerRequest(container_id=ids["bg"]), timeout=120)
+
+    def pod_processes() -> list[str]:
+        """The live processes of the pod's pid namespace (ps in the sandbox container)."""
+        ps = ["exec", pod_id, "ps", "-o", "stat,args"]
+        done = subprocess.run(
+            [containerd_env.RUNTIME, "--root", str(cri.runtime_root), *ps],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        return [line[5:] for line in done.stdout.splitlines()[1:] if not line.startswith("Z")]
+
+    assert wait_until(lambda: "sleep 1000" in pod_processes(), 60), pod_processes()
+    assert "sleep 2000" in pod_processes()
+    started = time.monotonic()
+    rt.StopContainer(pb.StopContainerRequest(container_id=ids["bg"], timeout=0), timeout=120)
+    stop_seconds = time.monotonic() - started
+    print(f"\nStopContainer with a child holding stdout took {stop_seconds:.1f}s")
+    assert stop_seconds < 10.0, stop_seconds
+    stopped = _status(cri, ids["bg"])
+    assert (stopped.state, stopped.exit_code) == (pb.CONTAINER_EXITED, 137)
+    assert wait_until(lambda: "sleep 1000" not in pod_processes(), 30), pod_processes()
 
 
 def test_pod_network_through_cni(cri: Cri) -> None:

@@ -318,6 +318,8 @@ def test_runc_lifecycle_on_one_vm(runtime: Runtime, tmp_path: Path) -> None:
         text=True,
     )
     assert attached.stdout is not None and attached.stdout.readline() == "ready\n"
+    # The attached call stands for its process on the host: ps lists it after the init's.
+    assert json.loads(runtime.ok("ps", "--format", "json", cid)) == [pid, attached.pid]
     attached.send_signal(signal.SIGINT)
     assert attached.wait(60) == 5
     assert attached.stdout.read() == "got-int\n"
@@ -375,13 +377,30 @@ def test_runc_lifecycle_on_one_vm(runtime: Runtime, tmp_path: Path) -> None:
     )
     assert stay.rc() == 0, stay.output()
 
+    # ps --format json: host pids a client can signal and read /proc of (runc's callers
+    # do): the init's --pid-file process, then the live detached execs', oldest first.
     pids = json.loads(runtime.ok("ps", "--format", "json", cid))
-    assert isinstance(pids, list) and all(isinstance(p, int) for p in pids)
-    assert len(pids) == 4, pids  # sh, its sleep, and the two detached sleeps
+    assert pids == [pid, sleeper.pid, stay.pid], pids
+    for host_pid in pids:
+        cmdline = Path(f"/proc/{host_pid}/cmdline").read_bytes().split(b"\0")
+        assert b"sandbox.runtime.shim" in cmdline and cmdline[cmdline.index(b"--id") + 1] == (
+            cid.encode()
+        ), cmdline
+    # ps: the guest's process table for people, as the container sees it (sh is its pid 1),
+    # each process next to the host pid standing for it.
+    rows = [line.split(None, 4) for line in runtime.ok("ps", cid).splitlines()]
+    assert rows[0] == ["PID", "PPID", "UID", "HOST-PID", "CMD"], rows
+    assert ["1", "0", "0", str(pid), f"sh -c {CONTAINER_SCRIPT}"] in rows, rows
+    sleeps = sorted(row[1:4] for row in rows[1:] if row[4] == "sleep 1000")
+    # sh's own sleep; the execs' parent is outside the container (ppid 0), as under runc.
+    assert sleeps == sorted(
+        [["1", "0", "-"], ["0", "5", str(sleeper.pid)], ["0", "0", str(stay.pid)]]
+    )
     os.kill(sleeper.pid, signal.SIGTERM)
     assert sleeper.exit_status() == 128 + signal.SIGTERM
-    assert wait_until(lambda: len(json.loads(runtime.ok("ps", "--format", "json", cid))) == 3)
-    assert runtime.ok("ps", cid).startswith("PID\n")
+    assert wait_until(
+        lambda: json.loads(runtime.ok("ps", "--format", "json", cid)) == [pid, stay.pid]
+    )
 
     listed = json.loads(runtime.ok("list", "--format", "json"))
     assert [(s["id"], s["status"], s["pid"]) for s in listed] == [(cid, "running", pid)]

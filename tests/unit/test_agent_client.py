@@ -60,6 +60,16 @@ class HostileAgent(pb_grpc.AgentServicer):
     ) -> Iterator[pb.Chunk]:
         yield pb.Chunk(data=b"x" * (2 * 1024 * 1024))
 
+    def ListProcesses(
+        self, request: pb.ContainerRequest, context: grpc.ServicerContext
+    ) -> pb.ListProcessesResponse:
+        entry = pb.ProcessEntry(pid=1, guest_pid=7, command="sh \x1b]0;owned\x07-c", init=True)
+        if request.container_id == "huge":
+            entry.command = "x" * 100_000
+        elif request.container_id == "badpid":
+            entry.pid = 0
+        return pb.ListProcessesResponse(pids=[7], processes=[entry])
+
 
 class OldAgent(pb_grpc.AgentServicer):
     def Version(
@@ -101,6 +111,15 @@ def test_impossible_exit_status(hostile: ContainerClient) -> None:
 def test_oversized_stream_chunk(hostile: ContainerClient) -> None:
     with pytest.raises(AgentError):
         list(hostile.read_stream("c1", "", "stdout"))
+
+
+def test_process_table_is_made_safe_to_print(hostile: ContainerClient) -> None:
+    (row,) = hostile.process_table("c1")
+    assert (row.pid, row.guest_pid, row.init, row.command) == (1, 7, True, "sh ?]0;owned?-c")
+    with pytest.raises(AgentError, match="oversized command line"):
+        hostile.process_table("huge")
+    with pytest.raises(AgentError, match="impossible pid 0"):
+        hostile.process_table("badpid")
 
 
 def test_unimplemented_call_is_an_error_not_a_crash(hostile: ContainerClient) -> None:

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -69,6 +71,47 @@ def test_a_reader_that_stops_early_leaves_the_stream_for_the_next(tmp_path: Path
     for which in ("stdin", "stdout", "stderr"):
         proc.release(which)
     os.close(in_r)
+
+
+def test_the_exit_ends_the_stream_while_a_background_child_holds_it(tmp_path: Path) -> None:
+    """``sh -c 'sleep 1000 & exec sleep 2000'``: the child keeps stdout open after the init
+    is gone; the reader gets what the init wrote, then the stream ends without EOF."""
+    before = _open_fds()
+    proc, in_r, out_w = _pipes_process()  # out_w: the background child's copy of stdout
+    manager = _manager(tmp_path, proc)
+    chunks: list[bytes] = []
+    reader = threading.Thread(target=lambda: chunks.extend(manager.read_stream("c1", "", "stdout")))
+    reader.start()
+    os.write(out_w, b"before exit")
+    time.sleep(0.1)  # the reader is blocked in poll() again, the pipe empty
+    assert reader.is_alive()
+    proc.on_exit(signal.SIGKILL)
+    reader.join(5)
+    assert not reader.is_alive(), "the exit did not wake the reader"
+    assert b"".join(chunks) == b"before exit"
+    assert proc.stdout is not None  # no EOF yet: kept for a later reader (until removal)
+    os.write(out_w, b"late")  # the child writes on; a new reader gets it
+    assert list(manager.read_stream("c1", "", "stdout")) == [b"late"]
+    os.close(out_w)
+    os.close(in_r)
+    proc.release_all()
+    assert _open_fds() == before
+
+
+def test_after_the_exit_only_what_was_pending_is_read(tmp_path: Path) -> None:
+    """A child writing on forever cannot keep the stream going after the init exited: the
+    bytes pending at the exit are read, then the stream ends."""
+    proc, in_r, out_w = _pipes_process()
+    manager = _manager(tmp_path, proc)
+    os.write(out_w, b"x" * 100)
+    proc.on_exit(0)
+    stream = manager.read_stream("c1", "", "stdout")
+    assert next(stream) == b"x" * 100
+    os.write(out_w, b"y" * 100)  # written by the child after the init's exit
+    assert list(stream) == []
+    os.close(out_w)
+    os.close(in_r)
+    proc.release_all()
 
 
 def test_borrowed_fd_survives_a_concurrent_close(tmp_path: Path) -> None:
