@@ -358,8 +358,11 @@ def test_detached_runs_ps_logs_stop_rm(root: Path) -> None:
     assert _wait_until(lambda: b"ready" in cli(root, "logs", "web").stdout)
     logged = cli(root, "logs", "web").stdout.decode().splitlines()
     assert sorted(logged) == ["err", "layer", "out", "ready"], logged
-    processes = cli(root, "ps", "web")  # runc's ps with an id keeps working
-    assert processes.returncode == 0 and processes.stdout.startswith(b"PID\n")
+    processes = cli(root, "ps", "web")  # runc's ps with an id keeps working: the guest's table
+    assert processes.returncode == 0, processes.stderr
+    rows = [line.split(None, 4) for line in processes.stdout.decode().splitlines()]
+    assert rows[0] == ["PID", "PPID", "UID", "HOST-PID", "CMD"], rows
+    assert rows[1][:3] == ["1", "0", "0"] and rows[1][4] == f"sh -c {script}", rows
 
     refused = cli(root, "rm", "web")
     assert refused.returncode == 1
