@@ -87,3 +87,51 @@ def test_record_lifecycle_and_oci_state(tmp_path: Path) -> None:
     with pytest.raises(NotFoundError, match="nope: container does not exist"):
         ContainerRecord.load(tmp_path, "nope")
     assert [r.id for r in ContainerRecord.all(tmp_path)] == ["c1"]
+
+
+def test_ps_lists_the_host_standins_that_still_run(tmp_path: Path) -> None:
+    """``ps --format json``: the init's shim, then live exec stand-ins oldest first; files
+    of stand-ins that are gone (or unreadable) are ignored."""
+    import os
+    import subprocess
+    import sys
+
+    from hypervisor.process import ProcessHandle
+    from sandbox.runtime import control
+    from sandbox.runtime.record import standin_file
+
+    me = ProcessHandle.of(os.getpid())  # stands for the init here
+    record = ContainerRecord.new(tmp_path, "c1", {"pod_id": "c1", "shim": me.to_json()})
+    record.set_status(Status.RUNNING)
+    children = [subprocess.Popen([sys.executable, "-c", "input()"], stdin=subprocess.PIPE)]
+    time.sleep(0.05)  # a later start time (clock ticks of 10 ms)
+    children.append(subprocess.Popen([sys.executable, "-c", "input()"], stdin=subprocess.PIPE))
+    try:
+        for exec_id, child in zip(("exec-b", "exec-a"), children, strict=True):
+            handle = ProcessHandle.of(child.pid)
+            state.write_json_atomic(standin_file(record.dir, exec_id), handle.to_json())
+        dead = {"pid": children[0].pid, "start": 1}  # that pid, another start time: not it
+        state.write_json_atomic(standin_file(record.dir, "exec-gone"), dead)
+        standin_file(record.dir, "exec-garbage").write_text("{not json")
+        listed = control.processes(tmp_path, "c1")
+        assert listed == [os.getpid(), children[0].pid, children[1].pid]
+        assert list(record.exec_standins()) == ["exec-b", "exec-a"]
+    finally:
+        for child in children:
+            child.kill()
+            child.communicate()
+    assert control.processes(tmp_path, "c1") == [os.getpid()]
+
+
+def test_ps_table_text() -> None:
+    from sandbox.pod.agent_client import GuestProcess
+    from sandbox.runtime.control import ProcessRow, render_table
+
+    init = GuestProcess(1, 0, 0, "sh -c sleep 1000 & exec sleep 2000", 107, "", True)
+    child = GuestProcess(7, 1, 1000, "sleep 1000", 112, "", False)
+    text = render_table([ProcessRow(init, 2021), ProcessRow(child, None)])
+    assert [line.split(None, 4) for line in text.splitlines()] == [
+        ["PID", "PPID", "UID", "HOST-PID", "CMD"],
+        ["1", "0", "0", "2021", "sh -c sleep 1000 & exec sleep 2000"],
+        ["7", "1", "1000", "-", "sleep 1000"],
+    ]
