@@ -13,6 +13,28 @@ shape this driver (measured):
 - On SIGTERM (or SIGKILL) it leaves its socket and pid file behind; :meth:`Virtiofsd.stop`
   removes them (only those of its own instance).
 - It serves exactly one vhost-user connection: one instance per VM and share.
+
+File semantics (docs/file-semantics.md has the measurements):
+
+- Permissions. The guest kernel checks every access itself (virtio-fs mounts always have
+  ``default_permissions``), with the caller's full credentials. virtiofsd then creates files
+  as the caller's uid/gid (``setresuid``/``setresgid`` per request) but has dropped all
+  supplementary groups (CVE-2022-0358), and the FUSE request carries none: a create the guest
+  allowed through a supplementary group (Kubernetes ``fsGroup``) failed on the host with
+  EACCES. So by default it runs under ``setpriv --securebits +no_setuid_fixup``: its
+  effective capabilities survive the uid switch, the host does not re-check what the guest
+  checked, and new files still get the caller's uid and gid (or a setgid directory's group).
+  The host re-check was no boundary: the guest chooses the uid/gid in each request and every
+  other operation (open, setattr, unlink...) already runs as root.
+- Locks. With ``locks="local"`` (virtiofsd's default) flock, POSIX and OFD locks live in the
+  guest kernel: they exclude within the VM only. ``locks="remote"`` (``-o flock -o
+  posix_lock``) takes them on the host file, so they exclude host processes and other VMs too,
+  but this virtiofsd refuses every *blocking* request (``flock`` without ``LOCK_NB``,
+  ``F_SETLKW``, ``F_OFD_SETLKW``) with EOPNOTSUPP, and the guest kernel returns that to the
+  caller (no fallback); and an OFD lock taken in the guest outlives its file on the host.
+- Not used, measured: ``-o writeback`` (the guest then ignores file size changes made on the
+  host and loses concurrent host appends) and ``-o announce_submounts`` (with the 6.1 guest,
+  ACLs fail on the submounts and containers stop sharing inodes).
 """
 
 from __future__ import annotations
@@ -39,13 +61,30 @@ from hypervisor.process import (
 
 CacheMode = Literal["auto", "always", "none"]
 SandboxMode = Literal["namespace", "chroot"]
+LockMode = Literal["local", "remote"]
 
 #: Where the binary is looked for, in order, before PATH.
 CANDIDATES = (Path("/usr/lib/qemu/virtiofsd"), Path("/usr/libexec/virtiofsd"))
+#: The extended attributes a container may use (virtiofsd ``xattrmap`` rules, first match
+#: wins): ``user.*``, file capabilities and POSIX ACLs pass; every other name (``trusted.*``,
+#: ``security.*`` labels...) is refused to the guest with EPERM (as for a runc container
+#: without CAP_SYS_ADMIN) and hidden from its listings, so a guest cannot plant xattrs the
+#: host interprets (overlayfs' ``trusted.overlay.*``, SELinux labels).
+CONTAINER_XATTR_MAP = (
+    ":ok:all:user.::"
+    ":ok:all:security.capability::"
+    ":ok:all:system.posix_acl_access::"
+    ":ok:all:system.posix_acl_default::"
+    ":bad:all:::"
+)
+#: setpriv's arguments before virtiofsd's command line: keep capabilities across setresuid.
+SETPRIV_ARGS = ("--securebits", "+no_setuid_fixup", "--")
 #: Environment override for the binary.
 ENV_VIRTIOFSD = "PYSANDBOX_VIRTIOFSD"
 #: virtiofsd's fixed lock/pid directory.
 PID_DIR = Path("/var/run/virtiofsd")
+#: util-linux's setpriv, which starts virtiofsd with the no_setuid_fixup securebit.
+SETPRIV = Path("/usr/bin/setpriv")
 DEFAULT_START_TIMEOUT = 5.0
 DEFAULT_STOP_TIMEOUT = 1.0
 
@@ -82,10 +121,17 @@ class Virtiofsd(SpawnedProcess):
 
     ``start`` returns once the socket exists (QEMU can connect); ``stop`` is idempotent.
     ``xattr`` enables extended attributes (needed for file capabilities and SELinux labels
-    in container images; off by default, as in virtiofsd). ``options`` are extra ``-o``
-    values passed as is. ``privileged_files=False`` keeps what the guest writes powerless
-    on the host: no device nodes, no setuid/setgid bits, no file capabilities
-    (:mod:`hypervisor.fs_privileges`: capabilities dropped, a seccomp filter).
+    in container images; off by default, as in virtiofsd); ``xattr_map`` restricts them
+    (virtiofsd's ``xattrmap``, e.g. :data:`CONTAINER_XATTR_MAP`) and ``posix_acl`` makes the
+    guest kernel enforce POSIX ACLs (needs xattrs). ``direct_io`` keeps the guest's O_DIRECT
+    on the host file (``-o allow_direct_io``; virtiofsd drops it by default, so the host page
+    cache served such I/O and misaligned O_DIRECT I/O succeeded). ``locks`` chooses where flock,
+    POSIX and OFD locks are held (module docstring). ``recheck_permissions`` keeps
+    virtiofsd's own host-side permission check on creation (without supplementary groups);
+    by default it is left to the guest kernel. ``options`` are extra ``-o`` values passed as
+    is. ``privileged_files=False`` keeps what the guest writes powerless on the host: no
+    device nodes, no setuid/setgid bits, no file capabilities (:mod:`hypervisor.fs_privileges`:
+    capabilities dropped, a seccomp filter).
     """
 
     def __init__(
@@ -97,6 +143,11 @@ class Virtiofsd(SpawnedProcess):
         cache: CacheMode = "auto",
         sandbox: SandboxMode = "namespace",
         xattr: bool = False,
+        xattr_map: str = "",
+        posix_acl: bool = False,
+        direct_io: bool = False,
+        locks: LockMode = "local",
+        recheck_permissions: bool = False,
         options: Sequence[str] = (),
         binary: Path | None = None,
         start_timeout: float = DEFAULT_START_TIMEOUT,
@@ -108,6 +159,11 @@ class Virtiofsd(SpawnedProcess):
         self.cache = cache
         self.sandbox = sandbox
         self.xattr = xattr
+        self.xattr_map = xattr_map
+        self.posix_acl = posix_acl
+        self.direct_io = direct_io
+        self.locks: LockMode = locks
+        self.recheck_permissions = recheck_permissions
         self.options = tuple(options)
         self.binary = binary
         self.start_timeout = start_timeout
@@ -143,9 +199,14 @@ class Virtiofsd(SpawnedProcess):
             return None
         return pid
 
-    def argv(self, binary: Path) -> list[str]:
-        """The virtiofsd command line."""
+    def argv(self, binary: Path, setpriv: Path = SETPRIV) -> list[str]:
+        """The virtiofsd command line (prefixed by ``setpriv`` unless recheck_permissions)."""
+        prefix = [] if self.recheck_permissions else [str(setpriv), *SETPRIV_ARGS]
+        lock_options = (
+            ["flock", "posix_lock"] if self.locks == "remote" else ["no_flock", "no_posix_lock"]
+        )
         args = [
+            *prefix,
             str(binary),
             f"--socket-path={self.socket_path}",
             "-o",
@@ -155,8 +216,16 @@ class Virtiofsd(SpawnedProcess):
             "-o",
             f"sandbox={self.sandbox}",
         ]
+        for option in lock_options:
+            args += ["-o", option]
         if self.xattr:
             args += ["-o", "xattr"]
+            if self.xattr_map:
+                args += ["-o", f"xattrmap={self.xattr_map}"]
+            if self.posix_acl:
+                args += ["-o", "posix_acl"]
+        if self.direct_io:
+            args += ["-o", "allow_direct_io"]
         for option in self.options:
             args += ["-o", option]
         if not self.privileged_files:
@@ -182,6 +251,10 @@ class Virtiofsd(SpawnedProcess):
         if not self.shared_dir.is_dir():
             raise VirtiofsdError(f"cannot share {self.shared_dir}: not a directory")
         binary = self.binary or find_virtiofsd()
+        if not self.recheck_permissions and not os.access(SETPRIV, os.X_OK):
+            raise VirtiofsdError(
+                f"{SETPRIV} not found; install it with 'apt-get install util-linux'"
+            )
         argv = self.argv(binary)
         other = self.owner()
         if other is not None:

@@ -6,8 +6,9 @@ here=$(cd "$(dirname "$0")/.." && pwd)
 runtime_pkgs=(qemu-system-x86 qemu-system-common python3 python3-venv python3-dev gcc make
               busybox-static iproute2 procps podman containerd
               skopeo)                                  # `pysandbox pull`: the registry client
-# tests of `pysandbox pull`: a real registry on loopback (htpasswd auth, TLS via openssl)
-test_pkgs=(docker-registry apache2-utils openssl)
+# tests of `pysandbox pull`: a real registry on loopback (htpasswd auth, TLS via openssl);
+# the file-semantics test: a static checker (gcc -static needs libc.a) compared with runc
+test_pkgs=(docker-registry apache2-utils openssl libc6-dev runc)
 mapfile -t image_pkgs < <(grep -v '^\s*#' "$here/guest-image/host-packages.txt" 2>/dev/null | grep -v '^\s*$' || true)
 wanted=("${runtime_pkgs[@]}" "${test_pkgs[@]}" "${image_pkgs[@]}")
 missing=()

@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     from hypervisor.base import Hypervisor
     from hypervisor.process import ProcessHandle
     from hypervisor.qemu_args import VMConfig
+    from hypervisor.virtiofsd import LockMode
 
 #: Seconds a process gets to exit after SIGTERM before SIGKILL.
 TERMINATE_GRACE = 2.0
@@ -51,11 +52,18 @@ class Drivers(abc.ABC):
 
     @abc.abstractmethod
     def file_server(
-        self, socket_path: Path, shared_dir: Path, log_path: Path, *, privileged_files: bool
+        self,
+        socket_path: Path,
+        shared_dir: Path,
+        log_path: Path,
+        *,
+        privileged_files: bool,
+        locks: LockMode = "local",
     ) -> FileServer:
         """An unstarted virtio-fs daemon sharing ``shared_dir`` on ``socket_path``; unless
         ``privileged_files``, what the guest writes cannot carry privileges on the host
-        (no device nodes, setuid/setgid bits or file capabilities; docs/security.md)."""
+        (no device nodes, setuid/setgid bits or file capabilities; docs/security.md).
+        ``locks``: where file locks are held (docs/file-semantics.md)."""
 
     @abc.abstractmethod
     def start_proxy(self, directory: Path, vm_pid: int) -> ProcessHandle:
@@ -79,15 +87,27 @@ class HostDrivers(Drivers):
         return QemuVM(config)
 
     def file_server(
-        self, socket_path: Path, shared_dir: Path, log_path: Path, *, privileged_files: bool
+        self,
+        socket_path: Path,
+        shared_dir: Path,
+        log_path: Path,
+        *,
+        privileged_files: bool,
+        locks: LockMode = "local",
     ) -> FileServer:
-        from hypervisor.virtiofsd import Virtiofsd
+        from hypervisor.virtiofsd import CONTAINER_XATTR_MAP, Virtiofsd
 
+        # docs/file-semantics.md: what each option fixes, what it costs.
         return Virtiofsd(
             socket_path=socket_path,
             shared_dir=shared_dir,
             log_path=log_path,
             privileged_files=privileged_files,
+            xattr=True,  # user.*, file capabilities, ACLs (one GETXATTR more per write)
+            xattr_map=CONTAINER_XATTR_MAP,
+            posix_acl=True,
+            direct_io=True,  # O_DIRECT reaches the host file, as under runc
+            locks=locks,
         )
 
     def start_proxy(self, directory: Path, vm_pid: int) -> ProcessHandle:

@@ -37,6 +37,7 @@ from typing import Any
 
 from hypervisor.process import ProcessHandle
 from hypervisor.qemu_args import Accelerator, NicConfig, VMConfig
+from hypervisor.virtiofsd import LockMode
 from sandbox import store as state
 from sandbox.errors import AgentError, ConfigError, StateError, TemplateError
 from sandbox.pod import drivers as pod_drivers
@@ -53,6 +54,19 @@ DEFAULT_MEMORY_MIB = 512
 DEFAULT_BOOT_TIMEOUT = 60.0
 #: Console logs of failed boots kept under ``<root>/logs/`` (the newest; older ones go).
 KEPT_CONSOLE_LOGS = 16
+
+
+def lock_mode() -> LockMode:
+    """Where a pod's file locks are held: $PYSANDBOX_LOCKS (``local`` or ``remote``).
+
+    ``local`` (default): in the guest kernel; blocking locks work, but exclude only within the
+    VM. ``remote``: on the host file, so host processes and other pods are excluded too, but
+    blocking requests fail with EOPNOTSUPP (docs/file-semantics.md). Raises ConfigError.
+    """
+    raw = os.environ.get("PYSANDBOX_LOCKS", "local")
+    if raw not in ("local", "remote"):
+        raise ConfigError(f"PYSANDBOX_LOCKS={raw!r}: expected 'local' or 'remote'")
+    return "remote" if raw == "remote" else "local"
 
 
 def boot_timeout() -> float:
@@ -205,6 +219,7 @@ class Pod:
         user_network: bool = False,
         hostname: str = "",
         privileged_files: bool = False,
+        locks: LockMode | None = None,
     ) -> Pod:
         """Boot a new pod VM and return once its agent is healthy and the share mounted.
 
@@ -217,7 +232,8 @@ class Pod:
         Unless ``privileged_files``, files the guest creates through the share are powerless
         on the host: no device nodes, setuid/setgid bits or file capabilities (EPERM in the
         guest; docs/security.md). With it, the guest's root acts as the host's root on
-        writable shares, as runc's containers do.
+        writable shares, as runc's containers do. ``locks`` (default :func:`lock_mode`) says
+        whether file locks are held in the guest or on the host files.
 
         Raises StateError if the pod exists, ConfigError for a missing or invalid guest image
         or bad settings, AgentError/AgentTimeout if the agent is not reached (the error names
@@ -241,6 +257,7 @@ class Pod:
         except GuestImageError as exc:
             raise ConfigError(str(exc)) from exc
         chosen = accel_mod.detect()
+        remote_locks = (locks or lock_mode()) == "remote"
         pod = cls(
             root,
             pod_id,
@@ -252,6 +269,7 @@ class Pod:
                 memory_mib=memory_mib,
                 image=str(image.dir),
                 privileged_files=privileged_files,
+                remote_locks=remote_locks,
             ),
         )
         state.ensure_dir(root / "p")
@@ -301,6 +319,7 @@ class Pod:
             self.shared_dir,
             self.dir / "virtiofsd.log",
             privileged_files=self.record.privileged_files,
+            locks="remote" if self.record.remote_locks else "local",
         )
         fs.start()
         self._remember("virtiofsd", fs.handle)

@@ -19,9 +19,9 @@ retried after a crash, ``broken -> stopping`` one retried after a failure (``del
 
 The JSON keys are those the first version wrote (``id``, ``status``, ``created``,
 ``accel``, ``memory_mib``, ``image``, ``processes``, ``network``, ``boot``,
-``containers``; later ``privileged_files``), so a pod.json written by it reads unchanged;
-a status this version does not know reads as ``broken`` (only a teardown is allowed), and
-keys it does not know are kept as read (:attr:`PodRecord.extra`).
+``containers``; later ``privileged_files``, ``remote_locks``), so a pod.json written by it
+reads unchanged; a status this version does not know reads as ``broken`` (only a teardown
+is allowed), and keys it does not know are kept as read (:attr:`PodRecord.extra`).
 """
 
 from __future__ import annotations
@@ -90,6 +90,8 @@ class PodRecord:
     containers: list[str] = field(default_factory=list)
     #: Whether the guest's files may carry privileges on the host (docs/security.md).
     privileged_files: bool = False
+    #: Whether file locks are held on the host files (docs/file-semantics.md).
+    remote_locks: bool = False
     #: Keys of the file this version does not know, written back unchanged.
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -127,6 +129,8 @@ class PodRecord:
         }
         if self.privileged_files:  # absent means false: a first-version pod.json reads back as is
             data["privileged_files"] = True
+        if self.remote_locks:  # likewise
+            data["remote_locks"] = True
         if self.network is not None:
             data["network"] = self.network
         if self.boot is not None:
@@ -191,6 +195,9 @@ class PodRecord:
         privileged_files = data.pop("privileged_files", False)
         if not isinstance(privileged_files, bool):
             raise corrupt("privileged_files is not a boolean")
+        remote_locks = data.pop("remote_locks", False)
+        if not isinstance(remote_locks, bool):
+            raise corrupt("remote_locks is not a boolean")
         return cls(
             id=pod_id,
             status=status,
@@ -203,6 +210,7 @@ class PodRecord:
             boot=boot,
             containers=list(containers),
             privileged_files=privileged_files,
+            remote_locks=remote_locks,
             extra=data,
         )
 

@@ -1,8 +1,16 @@
 """Putting a container into a pod VM: its files into the pod share, its spec into guest terms.
 
-Host paths never reach the guest: the rootfs and every bind-mount source are bind-mounted
-below ``<pod>/shared/<container-id>/`` and the spec is rewritten to the guest paths under
-``/run/pysandbox/shared``. Namespace paths are host paths too. A network namespace given by
+Host paths never reach the guest: the rootfs is bind-mounted at
+``<pod>/shared/<container-id>/rootfs`` and every bind-mount source (a volume) at
+``<pod>/shared/_volumes/<key>``, and the spec is rewritten to the guest paths under
+``/run/pysandbox/shared``. A volume is shared once per pod, whichever containers use it: the
+key is the source's device and inode and the read-only flag, and the containers using it are
+recorded in ``<pod dir>/volume-users/<key>/<container-id>`` (host-side, out of the guest's
+reach); the last one to go unmounts it. So every container of the pod sees the same guest
+inode for a file of the volume, and locks and the page cache are shared between them as with
+runc (virtiofsd would give each bind mount its own inodes; docs/file-semantics.md).
+
+Namespace paths are host paths too. A network namespace given by
 path is the pod's network, which pod networking carries into the VM and the agent configures
 in the guest's root network namespace: the path becomes that of the agent's (PID 1's)
 network namespace, so the container joins it (a joined namespace, not the "host's", so
@@ -14,10 +22,12 @@ guest init process.
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import fcntl
 import os
 import stat
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -113,9 +123,7 @@ def share_container_files(
         fds.append(base_fd)
         try:
             hostfs.bind_into(base_fd, "rootfs", rootfs_fd, readonly=rootfs_readonly)
-            mounts_fd = hostfs.make_dir(base_fd, "mounts")
-            fds.append(mounts_fd)
-            for index, mount in enumerate(spec.get("mounts") or []):
+            for mount in spec.get("mounts") or []:
                 if not isinstance(mount, dict) or not _is_bind(mount):
                     continue
                 source = Path(str(mount.get("source", "")))
@@ -123,8 +131,7 @@ def share_container_files(
                     source = bundle / source
                 source_fd = _open_source(source, "bind mount source", fds, held)
                 readonly = "ro" in (mount.get("options") or [])
-                hostfs.bind_into(mounts_fd, str(index), source_fd, readonly)
-                mount["source"] = f"{guest_base}/mounts/{index}"
+                mount["source"] = _share_volume(pod, shared_fd, container_id, source_fd, readonly)
             _rewrite_namespaces(spec, guest_pids)
             guest_cgroup.resolve(spec)
             linux = spec.get("linux")
@@ -183,8 +190,97 @@ def _open_source(
     return fd
 
 
+#: Directory of the share holding the volumes: not a valid container id (those start with a
+#: letter or digit), so it never collides with a container's directory.
+VOLUMES = "_volumes"
+
+
+@contextlib.contextmanager
+def _volume_lock(pod: Pod) -> Iterator[None]:
+    """Serialise the volume bookkeeping of ``pod`` (CLI calls run in separate processes).
+    The lock file lives in the pod's host directory and goes with it."""
+    fd = os.open(pod.dir / "volumes.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _share_volume(
+    pod: Pod, shared_fd: int, container_id: str, source_fd: int, readonly: bool
+) -> str:
+    """Mount ``source_fd`` into the share once per pod and mode (unless it is already);
+    record ``container_id`` as a user; the guest path."""
+    info = os.fstat(source_fd)
+    key = f"{info.st_dev:x}-{info.st_ino:x}-{'ro' if readonly else 'rw'}"
+    users = pod.dir / "volume-users" / key
+    volumes = pod.shared_dir / VOLUMES
+    with _volume_lock(pod):
+        with contextlib.suppress(FileExistsError):
+            os.close(hostfs.make_dir(shared_fd, VOLUMES))
+        if not hostfs.mounts_below(volumes / key):
+            volumes_fd = _open_volumes(shared_fd)
+            try:
+                _remove_entry(volumes_fd, key)  # a mountpoint left by an interrupted unshare
+                hostfs.bind_into(volumes_fd, key, source_fd, readonly)
+            finally:
+                os.close(volumes_fd)
+        users.mkdir(parents=True, exist_ok=True)
+        (users / container_id).touch()
+    return f"{GUEST_SHARE}/{VOLUMES}/{key}"
+
+
+def _open_volumes(shared_fd: int) -> int:
+    """An O_PATH fd of the share's volume directory, which the guest can replace: opened
+    below the (host-controlled) shared directory without following a symlink."""
+    return os.open(
+        VOLUMES, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=shared_fd
+    )
+
+
+def _remove_entry(parent_fd: int, name: str) -> None:
+    """Remove ``name`` (an empty directory or a file) from ``parent_fd``, not following it."""
+    try:
+        try:
+            os.rmdir(name, dir_fd=parent_fd)
+        except NotADirectoryError:
+            os.unlink(name, dir_fd=parent_fd)
+    except OSError:
+        pass
+
+
+def _release_volumes(pod: Pod, container_id: str) -> None:
+    """Drop ``container_id`` from every volume's users; unmount volumes nobody uses now."""
+    registry = pod.dir / "volume-users"
+    if not registry.is_dir():
+        return
+    volumes = pod.shared_dir / VOLUMES
+    with _volume_lock(pod):
+        for users in registry.iterdir():
+            with contextlib.suppress(FileNotFoundError):
+                (users / container_id).unlink()
+            if any(users.iterdir()):
+                continue
+            hostfs.unmount_tree(volumes / users.name, trusted=pod.shared_dir)
+            if hostfs.mounts_below(volumes / users.name):
+                continue  # never delete through a mount
+            with contextlib.suppress(OSError):
+                shared_fd = hostfs.open_dir(pod.shared_dir)
+                try:
+                    volumes_fd = _open_volumes(shared_fd)
+                    try:
+                        _remove_entry(volumes_fd, users.name)
+                    finally:
+                        os.close(volumes_fd)
+                finally:
+                    os.close(shared_fd)
+            users.rmdir()
+
+
 def unshare_container_files(pod: Pod, container_id: str) -> None:
-    """Unmount and remove ``<pod>/shared/<container-id>``; idempotent.
+    """Unmount and remove ``<pod>/shared/<container-id>`` and release the container's volumes
+    (unmounting those no other container uses); idempotent.
 
     The guest may have renamed or replaced anything below the shared directory: mounts are
     detached only where they really are (hostfs.unmount_tree) and nothing is removed while
@@ -192,6 +288,7 @@ def unshare_container_files(pod: Pod, container_id: str) -> None:
     """
     base = pod.shared_dir / container_id
     hostfs.unmount_tree(base, trusted=pod.shared_dir)
+    _release_volumes(pod, container_id)
     if hostfs.mounts_below(base):
         return  # never delete through a mount
     import shutil

@@ -51,13 +51,18 @@ def run_container(
     overlay: bool = True,
     timeout: float = 120.0,
     cid: str | None = None,
+    rootfs_readonly: bool = True,
 ) -> Result:
     """Create, start and wait for a container in ``pod`` (id ``cid`` or a fresh one); remove
-    it afterwards."""
+    it afterwards.
+
+    The rootfs is shared read-only (under a guest overlay) unless ``rootfs_readonly`` is
+    False: then, with ``overlay=False``, the container writes to the host directory itself,
+    as a runc bundle's container does."""
     cid = cid or f"t{next(_ids)}"
     spec = copy.deepcopy(spec)
     rootfs, guest_spec = share_container_files(
-        pod, cid, spec, images.ensure_default_image().parent, rootfs_readonly=True
+        pod, cid, spec, images.ensure_default_image().parent, rootfs_readonly=rootfs_readonly
     )
     out_r, out_w = os.pipe()
     err_r, err_w = os.pipe()
@@ -197,16 +202,21 @@ class LiveContainer:
 
 @contextlib.contextmanager
 def live_container(
-    pod: Pod, spec: dict[str, Any], overlay: bool = True, stdin: bool = False
+    pod: Pod,
+    spec: dict[str, Any],
+    overlay: bool = True,
+    stdin: bool = False,
+    rootfs_readonly: bool = True,
 ) -> Iterator[LiveContainer]:
     """Create and start a container in ``pod``; kill and remove it when the block ends.
 
     Its stdout/stderr are followed from the start; its stdin is closed unless ``stdin``.
+    ``rootfs_readonly`` as for :func:`run_container`.
     """
     cid = f"t{next(_ids)}"
     spec = copy.deepcopy(spec)
     rootfs, guest_spec = share_container_files(
-        pod, cid, spec, images.ensure_default_image().parent, rootfs_readonly=True
+        pod, cid, spec, images.ensure_default_image().parent, rootfs_readonly=rootfs_readonly
     )
     try:
         with pod.client() as client:

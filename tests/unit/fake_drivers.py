@@ -40,6 +40,7 @@ from hypervisor.base import SHUTDOWN, Hypervisor
 from hypervisor.errors import HypervisorError, LaunchError
 from hypervisor.process import ProcessHandle
 from hypervisor.qemu_args import NicConfig, VMConfig
+from hypervisor.virtiofsd import LockMode
 from sandbox.errors import AgentError
 from sandbox.pod import hostfs
 from sandbox.pod.drivers import Drivers
@@ -76,6 +77,7 @@ class FakeDrivers(Drivers):
         self.mounts = FakeMounts(self)
         self.shims: dict[str, FakeProcess] = {}
         self.privileged_files: bool | None = None  # as the last file server was asked
+        self.locks: str | None = None  # likewise
         self._lock = threading.Lock()
 
     # -- bookkeeping -------------------------------------------------------------------------
@@ -131,9 +133,16 @@ class FakeDrivers(Drivers):
         return vm
 
     def file_server(
-        self, socket_path: Path, shared_dir: Path, log_path: Path, *, privileged_files: bool
+        self,
+        socket_path: Path,
+        shared_dir: Path,
+        log_path: Path,
+        *,
+        privileged_files: bool,
+        locks: LockMode = "local",
     ) -> FakeFileServer:
         self.privileged_files = privileged_files
+        self.locks = locks
         return FakeFileServer(self, socket_path, shared_dir)
 
     def start_proxy(self, directory: Path, vm_pid: int) -> ProcessHandle:

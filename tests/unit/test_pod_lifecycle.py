@@ -295,6 +295,28 @@ def test_restore_timeout_keeps_the_template(templates: FakeDrivers, root: Path) 
     pod.stop()
 
 
+def test_lock_mode_reaches_the_file_server_and_the_record(
+    fake: FakeDrivers, root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Guest-local locks unless asked (argument, else $PYSANDBOX_LOCKS); recorded like
+    # privileged_files (absent means local, so older records read back unchanged).
+    monkeypatch.delenv("PYSANDBOX_LOCKS", raising=False)
+    cases = (
+        ("p1", {}, None, "local"),
+        ("p2", {"locks": "remote"}, None, "remote"),
+        ("p3", {}, "remote", "remote"),
+        ("p4", {"locks": "local"}, "remote", "local"),
+    )
+    for pod_id, kwargs, env, expected in cases:
+        if env is not None:
+            monkeypatch.setenv("PYSANDBOX_LOCKS", env)
+        pod = Pod.boot(root, pod_id, **kwargs)
+        assert fake.locks == expected
+        assert on_disk(pod).get("remote_locks", False) is (expected == "remote")
+        assert Pod.load(root, pod_id).record.remote_locks is (expected == "remote")
+        pod.destroy()
+
+
 def test_privileged_files_reach_the_file_server_and_the_record(
     fake: FakeDrivers, root: Path
 ) -> None:

@@ -59,6 +59,12 @@ def bundle(tmp_path: Path, name: str, annotations: dict[str, str] | None = None)
     return directory
 
 
+def volume_in_share(shared: Path, source: Path, readonly: bool = False) -> Path:
+    """Where a volume is mounted in the pod share: once per pod, keyed by its inode."""
+    info = source.stat()
+    return shared / "_volumes" / f"{info.st_dev:x}-{info.st_ino:x}-{'ro' if readonly else 'rw'}"
+
+
 def since(fake: FakeDrivers, start: int, *kinds: str) -> list[Event]:
     return [e for e in fake.events[start:] if not kinds or e[0] in kinds]
 
@@ -73,12 +79,13 @@ def test_create_start_delete(fake: FakeDrivers, root: Path, tmp_path: Path) -> N
     record = create(root, "c1", bundle(tmp_path, "c1"))
     pod = Pod.load(root, "c1")
     shared = pod.shared_dir
+    volume = volume_in_share(shared, tmp_path / "bundles" / "c1" / "volume")
     assert since(fake, 0, "mount", "agent", "shim") == [
         ("mount", str(shared)),
         ("agent", "Health"),
         ("agent", "MountShare"),
         ("mount", str(shared / "c1" / "rootfs")),  # the container's files into the share
-        ("mount", str(shared / "c1" / "mounts" / "0")),
+        ("mount", str(volume)),  # its volume, once per pod
         ("agent", "CreateContainer"),  # after its files are there
         ("shim", "spawn", "c1"),
     ]
@@ -103,7 +110,7 @@ def test_create_start_delete(fake: FakeDrivers, root: Path, tmp_path: Path) -> N
         ("terminate", "qemu"),
         ("terminate", "proxy"),
         ("terminate", "virtiofsd"),
-        ("umount", str(shared / "c1" / "mounts" / "0"), True),
+        ("umount", str(volume), True),
         ("umount", str(shared / "c1" / "rootfs"), True),
         ("umount", str(shared), True),
     ]
@@ -123,8 +130,9 @@ def test_member_joins_and_leaves_a_pod(fake: FakeDrivers, root: Path, tmp_path: 
     delete(root, "member", force=True)
     assert since(fake, joined) == [
         ("agent", "RemoveContainer"),  # out of the guest before its files leave the share
-        ("umount", str(shared / "member" / "mounts" / "0"), True),
         ("umount", str(shared / "member" / "rootfs"), True),
+        # its volume, which no other container uses
+        ("umount", str(volume_in_share(shared, tmp_path / "bundles" / "member" / "volume")), True),
     ]
     assert_gone(root, "member")
     pod = Pod.load(root, "pod")
@@ -134,6 +142,32 @@ def test_member_joins_and_leaves_a_pod(fake: FakeDrivers, root: Path, tmp_path: 
 
     delete(root, "sandbox", force=True)
     assert Pod.list(root) == [] and fake.alive() == [] and fake.mounts.points == set()
+
+
+def test_containers_of_a_pod_share_one_mount_of_a_volume(
+    fake: FakeDrivers, root: Path, tmp_path: Path
+) -> None:
+    # One bind per pod, source and mode (so the guest sees one inode: locks and page cache
+    # shared, docs/file-semantics.md); the last container to go unmounts it.
+    create(root, "sandbox", bundle(tmp_path, "sandbox", SANDBOX))
+    shared_volume = tmp_path / "bundles" / "sandbox" / "volume"
+    member = bundle(tmp_path, "member", MEMBER)
+    spec = json.loads((member / "config.json").read_text())
+    spec["mounts"][0]["source"] = str(shared_volume)
+    (member / "config.json").write_text(json.dumps(spec))
+    joined = len(fake.events)
+    create(root, "member", member)
+    shared = Pod.load(root, "pod").shared_dir
+    volume = volume_in_share(shared, shared_volume)
+    assert since(fake, joined, "mount") == [("mount", str(shared / "member" / "rootfs"))]
+    assert str(volume) in fake.mounts.points
+
+    delete(root, "member", force=True)
+    assert str(volume) in fake.mounts.points  # the sandbox still uses it
+    left = len(fake.events)
+    delete(root, "sandbox", force=True)
+    assert ("umount", str(volume), True) in since(fake, left)
+    assert fake.mounts.points == set()
 
 
 ALL = ["qemu", "proxy", "virtiofsd"]

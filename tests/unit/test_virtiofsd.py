@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -24,6 +25,8 @@ FAKE_VIRTIOFSD = textwrap.dedent(
     mode = os.environ.get("FAKE_VFS_MODE", "")
     path = next(a.split("=", 1)[1] for a in sys.argv if a.startswith("--socket-path="))
     print("fake-virtiofsd:", " ".join(sys.argv[1:]), flush=True)
+    import ctypes
+    print("securebits:", ctypes.CDLL(None).prctl(27, 0, 0, 0, 0), flush=True)  # PR_GET_SECUREBITS
     if mode == "exit":
         print("fake-virtiofsd: Cannot lock pid file", flush=True)
         sys.exit(1)
@@ -76,6 +79,10 @@ def new(workdir: Path, binary: Path, daemons: list[Virtiofsd], **kwargs: object)
 def test_argv(workdir: Path) -> None:
     fs = Virtiofsd(workdir / "s", workdir / "d", cache="none", xattr=True, options=["flock"])
     assert fs.argv(Path("/bin/vfs")) == [
+        "/usr/bin/setpriv",
+        "--securebits",
+        "+no_setuid_fixup",
+        "--",
         "/bin/vfs",
         f"--socket-path={workdir / 's'}",
         "-o",
@@ -85,10 +92,77 @@ def test_argv(workdir: Path) -> None:
         "-o",
         "sandbox=namespace",
         "-o",
+        "no_flock",
+        "-o",
+        "no_posix_lock",
+        "-o",
         "xattr",
         "-o",
         "flock",
     ]
+
+
+def test_argv_xattr_map_and_acl(workdir: Path) -> None:
+    """The container xattr policy: user.*, file capabilities and ACLs pass, the rest is refused."""
+    fs = Virtiofsd(
+        workdir / "s",
+        workdir / "d",
+        xattr=True,
+        xattr_map=vfs_mod.CONTAINER_XATTR_MAP,
+        posix_acl=True,
+    )
+    argv = fs.argv(Path("/bin/vfs"))
+    options = [argv[i + 1] for i, arg in enumerate(argv) if arg == "-o"]
+    assert options[-3:] == ["xattr", f"xattrmap={vfs_mod.CONTAINER_XATTR_MAP}", "posix_acl"]
+    rules = re.findall(r":(\w+):(\w+):([^:]*):([^:]*):", vfs_mod.CONTAINER_XATTR_MAP)
+    assert "".join(f":{t}:{s}:{k}:{p}:" for t, s, k, p in rules) == vfs_mod.CONTAINER_XATTR_MAP
+    assert rules == [
+        ("ok", "all", "user.", ""),
+        ("ok", "all", "security.capability", ""),
+        ("ok", "all", "system.posix_acl_access", ""),
+        ("ok", "all", "system.posix_acl_default", ""),
+        ("bad", "all", "", ""),  # first match wins: everything else is refused and hidden
+    ]
+
+
+def test_argv_direct_io(workdir: Path) -> None:
+    argv = Virtiofsd(workdir / "s", workdir / "d", direct_io=True).argv(Path("/bin/vfs"))
+    assert argv[-2:] == ["-o", "allow_direct_io"]
+    assert "allow_direct_io" not in Virtiofsd(workdir / "s", workdir / "d").argv(Path("/bin/vfs"))
+
+
+def test_argv_remote_locks(workdir: Path) -> None:
+    """Remote locks: flock and POSIX/OFD locks are taken on the host file."""
+    argv = Virtiofsd(workdir / "s", workdir / "d", locks="remote").argv(Path("/bin/vfs"))
+    options = [argv[i + 1] for i, arg in enumerate(argv) if arg == "-o"]
+    assert options[-2:] == ["flock", "posix_lock"]
+    assert "no_flock" not in options and "no_posix_lock" not in options
+
+
+def test_argv_recheck_permissions(workdir: Path) -> None:
+    """Without the setpriv prefix virtiofsd is started directly (host re-checks creates)."""
+    fs = Virtiofsd(workdir / "s", workdir / "d", recheck_permissions=True)
+    argv = fs.argv(Path("/bin/vfs"), setpriv=Path("/x/setpriv"))
+    assert argv[0] == "/bin/vfs"
+    assert "/x/setpriv" not in argv
+
+
+@pytest.mark.parametrize("recheck", [False, True])
+def test_started_with_no_setuid_fixup(
+    workdir: Path, fake: Path, daemons: list[Virtiofsd], recheck: bool
+) -> None:
+    """The daemon runs with SECBIT_NO_SETUID_FIXUP (its capabilities survive its per-request
+    setresuid) unless it is asked to re-check permissions itself."""
+    if os.geteuid() != 0:
+        pytest.skip("setting securebits needs CAP_SETPCAP (root)")
+    fs = new(workdir, fake, daemons, recheck_permissions=recheck)
+    fs.start()
+    deadline = time.monotonic() + 5
+    while "securebits:" not in (log := (workdir / "fs.log").read_text()):
+        assert time.monotonic() < deadline, log
+        time.sleep(0.01)
+    bits = int(log.split("securebits:")[1].split()[0])
+    assert bool(bits & 0b100) is not recheck, log  # SECBIT_NO_SETUID_FIXUP
 
 
 def test_start_stop(workdir: Path, fake: Path, daemons: list[Virtiofsd]) -> None:
@@ -198,3 +272,29 @@ def test_real_virtiofsd_start_stop_and_second_instance(
     assert not fs.alive()
     assert not fs.socket_path.exists()
     assert not pid_file_for(fs.socket_path).exists()
+
+
+@pytest.mark.parametrize(
+    ("value", "mode"), [(None, "local"), ("local", "local"), ("remote", "remote")]
+)
+def test_pod_lock_mode_from_environment(
+    monkeypatch: pytest.MonkeyPatch, value: str | None, mode: str
+) -> None:
+    from sandbox.pod.lifecycle import lock_mode
+
+    if value is None:
+        monkeypatch.delenv("PYSANDBOX_LOCKS", raising=False)
+    else:
+        monkeypatch.setenv("PYSANDBOX_LOCKS", value)
+    assert lock_mode() == mode
+
+
+def test_pod_lock_mode_refuses_other_values(monkeypatch: pytest.MonkeyPatch) -> None:
+    from sandbox.errors import ConfigError
+    from sandbox.pod.lifecycle import lock_mode
+
+    monkeypatch.setenv("PYSANDBOX_LOCKS", "host")
+    with pytest.raises(
+        ConfigError, match=r"^PYSANDBOX_LOCKS='host': expected 'local' or 'remote'$"
+    ):
+        lock_mode()
