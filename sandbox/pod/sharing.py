@@ -217,10 +217,8 @@ def _share_volume(
     users = pod.dir / "volume-users" / key
     volumes = pod.shared_dir / VOLUMES
     with _volume_lock(pod):
-        with contextlib.suppress(FileExistsError):
-            os.close(hostfs.make_dir(shared_fd, VOLUMES))
         if not hostfs.mounts_below(volumes / key):
-            volumes_fd = _open_volumes(shared_fd)
+            volumes_fd = _volumes_dir(shared_fd)
             try:
                 _remove_entry(volumes_fd, key)  # a mountpoint left by an interrupted unshare
                 hostfs.bind_into(volumes_fd, key, source_fd, readonly)
@@ -229,6 +227,24 @@ def _share_volume(
         users.mkdir(parents=True, exist_ok=True)
         (users / container_id).touch()
     return f"{GUEST_SHARE}/{VOLUMES}/{key}"
+
+
+def _volumes_dir(shared_fd: int) -> int:
+    """An O_PATH fd of the share's volume directory, made if missing. The guest may have
+    replaced it (a symlink, a file): that entry is removed, never followed, and a new
+    directory made (volumes it moved away stay where they are until the pod goes)."""
+    for _attempt in range(3):
+        try:
+            return _open_volumes(shared_fd)
+        except FileNotFoundError:
+            pass
+        except OSError:  # ELOOP, ENOTDIR: not a directory of ours
+            _remove_entry(shared_fd, VOLUMES)
+        with contextlib.suppress(FileExistsError):
+            os.close(hostfs.make_dir(shared_fd, VOLUMES))
+    raise ConfigError(
+        f"cannot make {VOLUMES} in the share of this pod: the guest keeps replacing it"
+    )
 
 
 def _open_volumes(shared_fd: int) -> int:

@@ -350,8 +350,9 @@ def test_a_device_node_in_a_share_opens_a_guest_device_never_the_host_one(
 def test_planted_symlinks_are_never_followed_by_the_host(pod_factory: Any, tmp_path: Path) -> None:
     # The guest mounts the pod share, plants symlinks to a host directory where the host
     # will create, mount, unmount and remove things -- for its own container (clean-up),
-    # for container ids not yet created (the next run) -- and in its volume (the next run
-    # with the same volume). The host directory holds a file and a mount of its own.
+    # for container ids not yet created (the next run), in the pod's volume directory (the
+    # next container with a volume) -- and in its volume (the next run with the same
+    # volume). The host directory holds a file and a mount of its own.
     own = pod_factory()
     canary = tmp_path / "canary"
     canary.mkdir()
@@ -363,8 +364,9 @@ def test_planted_symlinks_are_never_followed_by_the_host(pod_factory: Any, tmp_p
         plant = (
             f"mkdir /s && mount -t virtiofs pod /s && cd /s/first && "
             f"ln -s {canary} /s/next && mkdir /s/later && ln -s {canary} /s/later/rootfs && "
-            f"ln -s {canary} evil && ln -s {canary}/mnt mounts/evil && "
-            f"mv mounts moved && ln -s {canary} mounts && ln -s {canary}/mnt rootfs-link && "
+            f"ln -s {canary} evil && ln -s {canary}/mnt /s/_volumes/evil && "
+            f"mv /s/_volumes /s/moved && ln -s {canary} /s/_volumes && "
+            f"ln -s {canary}/mnt rootfs-link && "
             f"ln -s {canary} /v/escape && ln -s {canary}/keep /v/keep && echo planted"
         )
         first = run_container(own, attacker(plant, volume(source, "/v")), cid="first")
@@ -453,9 +455,11 @@ def test_clean_up_never_unmounts_host_mounts_below_a_shared_source(tmp_path: Pat
             spec["mounts"].append(volume(source, "/v"))
             share_container_files(fake, "c", spec, tmp_path)
             shared = hostfs.mounts_below(fake.shared_dir / "c")
+            shared += hostfs.mounts_below(fake.shared_dir / "_volumes")  # once per pod
             assert len(shared) == 3, shared  # rootfs, the volume and its submount
             unshare_container_files(fake, "c")
             assert hostfs.mounts_below(fake.shared_dir / "c") == []
+            assert hostfs.mounts_below(fake.shared_dir / "_volumes") == []
             assert os.path.ismount(source / "sub")
             assert (source / "sub" / "keep").read_text() == "host mount\n"
     finally:
