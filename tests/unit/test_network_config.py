@@ -70,7 +70,14 @@ def test_bad_netns_paths(path: str, message: str) -> None:
         network.check_netns(Path(path))
 
 
-def test_detach_ignores_records_without_a_live_namespace() -> None:
+def test_detach_ignores_records_without_a_live_namespace(monkeypatch: pytest.MonkeyPatch) -> None:
+    entered: list[int] = []
+
+    def spy(nsfd: int, work: object) -> list[str]:  # what would run in the namespace
+        entered.append(nsfd)
+        return []
+
+    monkeypatch.setattr(network, "in_netns", spy)
     network.detach(None)
     network.detach({"mode": "user"})
     network.detach({"mode": "netns", "netns": "/nonexistent", "links": [{"device": "eth0"}]})
@@ -78,6 +85,18 @@ def test_detach_ignores_records_without_a_live_namespace() -> None:
     network.detach(
         {"mode": "netns", "netns": "/proc/self/ns/net", "identity": "x", "links": [{"tap": "t"}]}
     )
+    assert entered == []
+
+    # A path that names another namespace now (not the recorded identity) is left alone; the
+    # recorded one is entered.
+    monkeypatch.setattr(network, "open_netns", lambda _path: os.open("/dev/null", os.O_RDONLY))
+    record = {"mode": "netns", "netns": "/run/netns/x", "identity": "0:0", "links": [{"tap": "t"}]}
+    network.detach(record)
+    assert entered == []
+    with open("/dev/null", "rb") as null:
+        record["identity"] = network.identity(null.fileno())
+    network.detach(record)
+    assert len(entered) == 1
 
 
 # -- guest side --------------------------------------------------------------------------------
