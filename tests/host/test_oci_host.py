@@ -6,7 +6,8 @@ reads ``ready <pid>``, sends ``start`` and waits for the container's process, wh
 process inherits as a child subreaper (the agent inherits it as PID 1). The checks run inside
 the container (``id``, /proc/self/status, ``ulimit``...).
 
-Needs root (namespaces, mounts) and /bin/busybox (Debian's busybox-static). cgroup checks
+Needs root (namespaces, mounts) and /bin/busybox (Debian's busybox-static): without them
+every test fails, naming the fix (a test that could not run has not passed). cgroup checks
 need a cgroup2 hierarchy: on a hybrid host /sys/fs/cgroup/unified serves for joining, limits
 need controllers there and are skipped otherwise.
 """
@@ -18,6 +19,7 @@ import copy
 import ctypes
 import json
 import os
+import select
 import shutil
 import signal
 import socket
@@ -33,6 +35,7 @@ from typing import Any
 import pytest
 
 from agent.oci.syscall_table import table
+from tests.processes import wait_until
 
 REPO = Path(__file__).resolve().parents[2]
 BUSYBOX = Path("/bin/busybox")
@@ -41,18 +44,20 @@ PYTHON = "/usr/bin/python3" if Path("/usr/bin/python3").exists() else sys.execut
 PR_SET_CHILD_SUBREAPER = 36
 CGROUP2_SUPER_MAGIC = 0x63677270
 
-pytestmark = [
-    pytest.mark.skipif(os.geteuid() != 0, reason="real containers need root (namespaces, mounts)"),
-    pytest.mark.skipif(
-        not BUSYBOX.exists(), reason="needs /bin/busybox (apt install busybox-static)"
-    ),
-]
 
 DEFAULT_CAPS = ["CAP_AUDIT_WRITE", "CAP_KILL", "CAP_NET_BIND_SERVICE"]
 
 
 @pytest.fixture(scope="module", autouse=True)
-def subreaper() -> Iterator[None]:
+def host_requirements() -> None:
+    if os.geteuid() != 0:
+        pytest.fail("real containers need root (namespaces, mounts): run as root, as CI does")
+    if not BUSYBOX.exists():
+        pytest.fail("needs /bin/busybox: run 'make deps' (apt package busybox-static)")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def subreaper(host_requirements: None) -> Iterator[None]:
     """Become a subreaper, as the agent is PID 1: the runtime's child is reparented to us.
 
     Only for this module: later tests' orphans (QEMU of a finished CLI) must go to init,
@@ -192,6 +197,7 @@ class Runtime:
         os.write(payload_fd, json.dumps(payload).encode())
         os.lseek(payload_fd, 0, os.SEEK_SET)
         args = [str(payload_fd) if arg == "{payload}" else arg for arg in args]
+        self._early = b""  # stdout read by read_until before the program exited
         self.control, theirs = socket.socketpair()
         terminal = bool(payload.get("terminal") or payload.get("process", {}).get("terminal"))
         self.master: int | None = None
@@ -234,6 +240,18 @@ class Runtime:
         self.control.sendall(b"start\n")
         self.control.close()
 
+    def read_until(self, marker: bytes, timeout: float = 30) -> None:
+        """Read the program's stdout (a pipe) until it has printed ``marker``; what was read
+        stays part of :meth:`wait`'s result. AssertionError on EOF or timeout."""
+        deadline = time.monotonic() + timeout
+        while marker not in self._early:
+            left = deadline - time.monotonic()
+            ready = left > 0 and select.select([self.stdout], [], [], left)[0]
+            assert ready, f"no {marker!r} within {timeout}s: {self._early!r}"
+            chunk = os.read(self.stdout, 65536)
+            assert chunk, f"EOF before {marker!r}: {self._early!r}"
+            self._early += chunk
+
     def wait(self, timeout: float = 30) -> Result:
         assert self.pid, f"runtime did not report ready: {self.reply!r}"
         deadline = time.monotonic() + timeout
@@ -258,7 +276,7 @@ class Runtime:
             os.close(self.master)
             return data.decode(errors="replace"), ""
         os.close(self.stdin)
-        out = _drain(self.stdout)
+        out = _drain(self.stdout, self._early)
         err = _drain(self.stderr)
         return out, err
 
@@ -274,8 +292,7 @@ class Runtime:
             self.control.close()
 
 
-def _drain(fd: int) -> str:
-    data = b""
+def _drain(fd: int, data: bytes = b"") -> str:
     while chunk := os.read(fd, 65536):
         data += chunk
     os.close(fd)
@@ -349,7 +366,8 @@ def test_ready_pid_is_the_program_and_it_is_pid_1_inside(
 def test_kill_9_from_outside_is_seen_as_signal_9(rootfs: Path, runtimes: list[Runtime]) -> None:
     runtime = create(runtimes, make_spec(rootfs, ["sleep", "100"]))
     runtime.start()
-    time.sleep(0.2)
+    cmdline = Path(f"/proc/{runtime.pid}/cmdline")
+    assert wait_until(lambda: cmdline.read_bytes() == b"sleep\x00100\x00", 10)  # the program
     os.kill(runtime.pid, signal.SIGKILL)
     result = runtime.wait()
     assert result.signal == signal.SIGKILL
@@ -359,7 +377,7 @@ def test_signal_with_a_handler_reaches_the_program(rootfs: Path, runtimes: list[
     script = "trap 'echo got-term; exit 7' TERM; echo armed; while :; do sleep 0.05; done"
     runtime = create(runtimes, sh(rootfs, script))
     runtime.start()
-    time.sleep(0.3)
+    runtime.read_until(b"armed\n")  # the trap is set
     os.kill(runtime.pid, signal.SIGTERM)
     result = runtime.wait()
     assert result.code == 7

@@ -1,9 +1,17 @@
 """Fixtures for tests that boot real VMs (TCG on these hosts).
 
-``pod_factory`` tracks every pod a test boots and destroys them all at teardown; when the test
-failed, each pod's serial console log is copied to $PYSANDBOX_KEEP_LOGS_DIR (default
-/tmp/pysandbox-test-logs) and its path printed. ``shared_pod`` is one VM booted once per
-session for the tests that only read from it, so the suite does not pay a boot per test.
+Every pod a VM test uses comes from a :class:`~tests.integration.pods.PodFactory`: booted by
+it, or booted by a CLI, shim or daemon under a root it watches. There is one factory per test
+(``pod_factory``), per module (``module_pods``) and per session (``session_pods``, which boots
+``shared_pod``: one VM for the tests that only read from it, so the suite does not pay a boot
+per test). When a test fails, each factory it used, directly or through other fixtures, copies
+the logs of its pods (serial console, agent proxy, virtiofsd, boot notes) to
+``$PYSANDBOX_KEEP_LOGS_DIR/<test>/`` (default /tmp/pysandbox-test-logs) while they still run;
+the path is printed with the failure and again in the summary. A shared pod's logs are thus
+kept whenever any test using it failed.
+
+``boot_mode`` runs a test once with pods restored from a template VM and once with pods booted
+cold (``PYSANDBOX_TEMPLATES=0``, sandbox/pod/template.py), for what both paths must get right.
 """
 
 from __future__ import annotations
@@ -11,7 +19,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Generator, Iterator
 from pathlib import Path
 
 import pytest
@@ -19,8 +27,14 @@ import pytest
 from hypervisor.errors import GuestImageError
 from hypervisor.guest_image import find_image
 from sandbox.pod.lifecycle import Pod
+from tests.integration.pods import PodFactory
 
 KEEP_LOGS = Path(os.environ.get("PYSANDBOX_KEEP_LOGS_DIR", "/tmp/pysandbox-test-logs"))
+
+#: The factories alive now, with the name of the fixture that made each.
+_ACTIVE = pytest.StashKey[list[tuple[str, PodFactory]]]()
+#: (test, directory) of every log kept in this session, for the summary.
+_KEPT = pytest.StashKey[list[tuple[str, Path]]]()
 
 
 def _require_vm_host() -> None:
@@ -32,17 +46,32 @@ def _require_vm_host() -> None:
         pytest.fail(f"VM tests need the guest image: {exc}")
 
 
-@pytest.hookimpl(hookwrapper=True)
-def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
-    outcome = yield
-    report = outcome.get_result()
-    if report.when == "call":
-        item.stash.setdefault(_FAILED, False)
-        if report.failed:
-            item.stash[_FAILED] = True
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(
+    item: pytest.Item, call: pytest.CallInfo[None]
+) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+    """On a failed setup or call, keep the logs of the pods of every factory the test used
+    (their pods still run: teardown comes later) and name the place in the report."""
+    report = yield
+    if not report.failed or report.when not in ("setup", "call"):
+        return report
+    names = set(getattr(item, "fixturenames", ()))
+    for fixture, factory in item.config.stash.get(_ACTIVE, []):
+        if fixture not in names:
+            continue
+        kept = factory.keep_logs(item.nodeid)
+        if kept is not None:
+            item.config.stash.setdefault(_KEPT, []).append((item.nodeid, kept))
+            report.sections.append((f"VM logs kept ({fixture})", f"{kept}\n"))
+    return report
 
 
-_FAILED = pytest.StashKey[bool]()
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    kept = terminalreporter.config.stash.get(_KEPT, [])
+    if kept:
+        terminalreporter.section("VM logs of failed tests")
+        for test, directory in kept:
+            terminalreporter.write_line(f"{test}: {directory}")
 
 
 @pytest.fixture(scope="session")
@@ -56,37 +85,48 @@ def vm_root() -> Iterator[Path]:
     shutil.rmtree(root, ignore_errors=True)
 
 
-def _keep_logs(pods: list[Pod], name: str) -> None:
-    KEEP_LOGS.mkdir(parents=True, exist_ok=True)
-    for pod in pods:
-        if pod.console_log.exists():
-            kept = KEEP_LOGS / f"{name}-{pod.id}-console.log"
-            shutil.copyfile(pod.console_log, kept)
-            print(f"\nserial console log of pod {pod.id} kept at {kept}")
+def _factory(request: pytest.FixtureRequest, vm_root: Path, label: str) -> Iterator[PodFactory]:
+    factory = PodFactory(vm_root, label, KEEP_LOGS)
+    active = request.config.stash.setdefault(_ACTIVE, [])
+    entry = (str(request.fixturename), factory)
+    active.append(entry)
+    try:
+        yield factory
+    finally:
+        active.remove(entry)
+        factory.close()
 
 
 @pytest.fixture
-def pod_factory(vm_root: Path, request: pytest.FixtureRequest) -> Iterator[Callable[..., Pod]]:
-    """Boot pods on demand; destroy all of them after the test (keeping logs on failure)."""
-    pods: list[Pod] = []
-    counter = iter(range(1000))
+def pod_factory(vm_root: Path, request: pytest.FixtureRequest) -> Iterator[PodFactory]:
+    """This test's pods: ``pod_factory(**Pod.boot options)`` boots one; ``.new_root()`` is a
+    --root for CLI runs; all destroyed after the test, their logs kept if it failed."""
+    yield from _factory(request, vm_root, request.node.name)
 
-    def boot(**kwargs: object) -> Pod:
-        pod_id = f"{request.node.name[:40].replace('[', '-').replace(']', '')}-{next(counter)}"
-        pod = Pod.boot(vm_root, pod_id, **kwargs)  # type: ignore[arg-type]
-        pods.append(pod)
-        return pod
 
-    yield boot
-    if request.node.stash.get(_FAILED, False):
-        _keep_logs(pods, request.node.name)
-    for pod in pods:
-        pod.destroy()
+@pytest.fixture(scope="module")
+def module_pods(vm_root: Path, request: pytest.FixtureRequest) -> Iterator[PodFactory]:
+    """Pods shared by a module's tests (as ``pod_factory``; logs kept when any of the tests
+    using them failed)."""
+    yield from _factory(request, vm_root, request.module.__name__.rsplit(".", 1)[-1])
 
 
 @pytest.fixture(scope="session")
-def shared_pod(vm_root: Path) -> Iterator[Pod]:
+def session_pods(vm_root: Path, request: pytest.FixtureRequest) -> Iterator[PodFactory]:
+    yield from _factory(request, vm_root, "session")
+
+
+@pytest.fixture(scope="session")
+def shared_pod(session_pods: PodFactory) -> Pod:
     """One pod for the whole session, for tests that do not change the VM."""
-    pod = Pod.boot(vm_root, "shared-session-pod")
-    yield pod
-    pod.stop()
+    return session_pods("shared-session-pod")
+
+
+@pytest.fixture(params=["restored", "cold"])
+def boot_mode(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """ "restored" or "cold": how pods booted in this test start (CLI subprocesses too).
+
+    Restored pods use the usual template directory (built there by the first boot if missing).
+    """
+    monkeypatch.setenv("PYSANDBOX_TEMPLATES", "1" if request.param == "restored" else "0")
+    return str(request.param)

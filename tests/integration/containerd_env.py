@@ -31,7 +31,7 @@ from typing import Any
 
 from sandbox.image import store as images
 from sandbox.pod.hostfs import mounts_below
-from tests.integration.helpers import processes_mentioning
+from tests.processes import processes_mentioning
 
 ROOT = Path(__file__).resolve().parents[2]
 RUNTIME = str(ROOT / ".venv" / "bin" / "pysandbox")
@@ -356,16 +356,6 @@ def running(
         yield daemon
     finally:
         stop_containerd(daemon, keep_log=failed())
-
-
-def wait_until(predicate: Callable[[], bool], timeout: float, interval: float = 0.2) -> bool:
-    """Poll ``predicate`` until it holds or ``timeout`` seconds passed; its last value."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(interval)
-    return True
 
 
 def iter_log_errors(daemon: Containerd) -> Iterator[str]:

@@ -10,7 +10,6 @@ import os
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from sandbox.errors import AgentError
@@ -77,7 +76,6 @@ def run_container(
             client.create_container(cid, json.dumps(guest_spec).encode(), rootfs, overlay=overlay)
             relay = StdioRelay(client, cid, "", in_r, out_w, err_w, spec["process"]["terminal"])
             relay.start()
-            import threading
 
             def drain(fd: int) -> None:
                 while data := os.read(fd, 65536):
@@ -237,20 +235,3 @@ def live_container(
                     thread.join(30)
     finally:
         unshare_container_files(pod, cid)
-
-
-def processes_mentioning(text: str, *, live_only: bool = False) -> list[str]:
-    """``"pid: command line"`` of every process but this one whose command line (arguments
-    joined by spaces) contains ``text``; with ``live_only``, zombies are left out."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
-            continue
-        try:
-            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            zombie = live_only and "\nState:\tZ" in (entry / "status").read_text()
-        except OSError:
-            continue
-        if text in cmdline and not zombie:
-            found.append(f"{entry.name}: {cmdline.strip()}")
-    return found

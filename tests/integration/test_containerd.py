@@ -19,16 +19,21 @@ from pathlib import Path
 
 import pytest
 
+from sandbox.pod.hostfs import mounts_below
 from tests.integration import containerd_env
-from tests.integration.containerd_env import IMAGE, RUNTIME, Containerd, wait_until
+from tests.integration.containerd_env import IMAGE, RUNTIME, Containerd
+from tests.integration.pods import PodFactory
+from tests.processes import processes_mentioning, wait_until
 
 _ids = itertools.count()
 
 
 @pytest.fixture(scope="module")
-def containerd(request: pytest.FixtureRequest) -> Iterator[Containerd]:
-    """A private containerd for this module, its log kept when a test failed."""
+def containerd(request: pytest.FixtureRequest, module_pods: PodFactory) -> Iterator[Containerd]:
+    """A private containerd for this module, its log kept when a test failed (and the logs
+    of the pods it started, by ``module_pods``)."""
     with containerd_env.running(lambda: request.session.testsfailed > 0) as daemon:
+        module_pods.watch(daemon.runtime_root)
         yield daemon
 
 
@@ -59,18 +64,16 @@ def assert_nothing_left(daemon: Containerd, cid: str) -> None:
     """No process, pod directory, mount or record of ``cid`` is left anywhere."""
     root = daemon.runtime_root / daemon.namespace
     shim = f"-id {cid} -address {daemon.address}"
-    assert wait_until(lambda: not containerd_env.processes_mentioning(shim), 15), (
-        containerd_env.processes_mentioning(shim)
-    )
+    assert wait_until(lambda: not processes_mentioning(shim), 15), processes_mentioning(shim)
     # QEMU, virtiofsd, the agent proxy and our shim all name their pod dir below the Root.
-    assert wait_until(lambda: not containerd_env.processes_mentioning(str(root)), 15), (
-        containerd_env.processes_mentioning(str(root))
+    assert wait_until(lambda: not processes_mentioning(str(root)), 15), processes_mentioning(
+        str(root)
     )
     assert daemon.pod_dirs() == []
     assert not (root / cid).exists(), "the container record is left"
-    assert containerd_env.mounts_below(root) == []
+    assert mounts_below(root) == []
     bundle = daemon.base / "state" / "io.containerd.runtime.v2.task" / daemon.namespace / cid
-    assert containerd_env.mounts_below(bundle) == []
+    assert mounts_below(bundle) == []
     assert not bundle.exists()
     listed = subprocess.run(
         [RUNTIME, "--root", str(root), "list", "-q"], capture_output=True, text=True, timeout=30

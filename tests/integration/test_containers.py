@@ -18,6 +18,7 @@ from sandbox.errors import AgentError, CommandError, FailureReason
 from sandbox.pod.lifecycle import Pod
 from sandbox.run.default_spec import DEFAULT_CAPABILITIES
 from tests.integration.helpers import busybox_spec, live_container, run_container
+from tests.processes import wait_until
 
 CAP_NUMBERS = {
     "CAP_CHOWN": 0,
@@ -291,10 +292,10 @@ def test_concurrent_execs_with_one_id_run_once(shared_pod: Pod) -> None:
         for thread in threads:
             thread.join(120)
         assert sorted(outcomes) == ["in use", "started"]
-        deadline = time.monotonic() + 10  # the exec runtimes themselves exit after "ready"
-        while len(pids := box.client.list_processes(box.cid)) != 2:
-            assert time.monotonic() < deadline, pids  # sleep (init) and one twin
-            time.sleep(0.1)
+        # sleep (init) and one twin (the exec runtimes themselves exit after "ready").
+        assert wait_until(lambda: len(box.client.list_processes(box.cid)) == 2, 10), (
+            box.client.list_processes(box.cid)
+        )
 
 
 def test_exec_gets_the_containers_seccomp_profile(shared_pod: Pod) -> None:
@@ -330,9 +331,7 @@ def test_signal_one_exec_then_kill_all_ends_the_container(shared_pod: Pod) -> No
         assert box.client.wait_process(box.cid, "", 30)[:2] == (137, 9)
         assert box.client.wait_process(box.cid, "bystander", 30)[:2] == (137, 9)
         assert box.client.container_status(box.cid)[0] == "stopped"
-        deadline = time.monotonic() + 10
-        while box.client.list_processes(box.cid) and time.monotonic() < deadline:
-            time.sleep(0.1)
+        wait_until(lambda: box.client.list_processes(box.cid) == [], 10)
         assert box.client.list_processes(box.cid) == []
 
 
@@ -345,13 +344,14 @@ def test_kill_all_catches_processes_forked_meanwhile(shared_pod: Pod) -> None:
     spec["linux"]["resources"]["pids"] = {"limit": 40}
     with live_container(shared_pod, spec) as box:
         box.stdout.wait_for(b"ready\n")
-        deadline = time.monotonic() + 30  # let the fork loop fill the pids limit
-        while len(box.client.list_processes(box.cid)) <= 10 and time.monotonic() < deadline:
-            time.sleep(0.2)
-        assert len(box.client.list_processes(box.cid)) > 10
+        # The fork loop runs on while the kill is delivered (up to the pids limit).
+        assert wait_until(lambda: len(box.client.list_processes(box.cid)) > 10, 30), (
+            box.client.list_processes(box.cid)
+        )
         box.client.signal(box.cid, "", signal.SIGKILL, all=True)
         assert box.client.wait_process(box.cid, "", 30)[:2] == (137, 9)
-        time.sleep(1)  # survivors, if any, would still be there (sleep 100)
+        # The killed die at once; survivors, if any, would stay (sleep 100, the fork loop).
+        wait_until(lambda: box.client.list_processes(box.cid) == [], 10)
         assert box.client.list_processes(box.cid) == []
 
 
@@ -430,10 +430,14 @@ def test_stats_and_update_resources(shared_pod: Pod) -> None:
     spec["linux"]["resources"]["pids"] = {"limit": 32}
     with live_container(shared_pod, spec) as box:
         box.stdout.wait_for(b"ready\n")
-        deadline = time.monotonic() + 10
-        while (stats := box.client.stats_container(box.cid))["pids_current"] != 3:
-            assert time.monotonic() < deadline, stats  # sh and its two sleeps
-            time.sleep(0.1)
+        seen = [box.client.stats_container(box.cid)]
+
+        def three_processes() -> bool:  # sh and its two sleeps
+            seen.append(box.client.stats_container(box.cid))
+            return bool(seen[-1]["pids_current"] == 3)
+
+        assert wait_until(three_processes, 10), seen[-1]
+        stats = seen[-1]
         assert stats["memory_limit_bytes"] == 64 << 20
         assert 0 < stats["memory_usage_bytes"] < 64 << 20
         assert stats["cpu_usage_usec"] > 0 and stats["oom_kills"] == 0
@@ -525,7 +529,7 @@ def test_malformed_container_requests_get_errors_and_agent_survives(shared_pod: 
         request = pb.WriteFileRequest(path="/tmp/huge", data=b"x" * (5 << 20))
         with pytest.raises(grpc.RpcError) as caught:
             stub.WriteFile(request, timeout=60)
-        assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED  # type: ignore[attr-defined]
+        assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert run_container(shared_pod, busybox_spec("echo", "still fine")).out == "still fine\n"
 
 

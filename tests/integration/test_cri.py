@@ -23,8 +23,11 @@ from typing import Any
 import grpc
 import pytest
 
+from sandbox.pod.hostfs import mounts_below
 from tests.integration import containerd_env
-from tests.integration.containerd_env import HANDLER, IMAGE, Containerd, wait_until
+from tests.integration.containerd_env import HANDLER, IMAGE, Containerd
+from tests.integration.pods import PodFactory
+from tests.processes import processes_mentioning, wait_until
 
 PROTO_DIR = Path(__file__).resolve().parent / "cri"
 CRI_NAMESPACE = "k8s.io"
@@ -75,7 +78,11 @@ def _generate_stubs(out: Path) -> tuple[ModuleType, ModuleType]:
 
 
 @pytest.fixture(scope="module")
-def cri(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cri]:
+def cri(
+    request: pytest.FixtureRequest,
+    tmp_path_factory: pytest.TempPathFactory,
+    module_pods: PodFactory,
+) -> Iterator[Cri]:
     """A private containerd and CRI stubs talking to it over its socket.
 
     containerd runs in a network namespace of the test's: the "node" network of host-network
@@ -88,6 +95,7 @@ def cri(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
             lambda: request.session.testsfailed > 0, netns=netns, cni_subnet=POD_SUBNET
         ) as daemon,
     ):
+        module_pods.watch(daemon.runtime_root)  # logs of its pods kept when a test fails
         channel = grpc.insecure_channel(f"unix://{daemon.address}")
         try:
             yield Cri(
@@ -176,7 +184,7 @@ def _log_lines(path: Path) -> list[tuple[str, str, str]]:
 
 
 def _qemu_processes(root: Path) -> list[str]:
-    return [p for p in containerd_env.processes_mentioning(str(root)) if "qemu-system" in p]
+    return [p for p in processes_mentioning(str(root)) if "qemu-system" in p]
 
 
 def test_cri_version_and_images(cri: Cri) -> None:
@@ -419,16 +427,14 @@ def test_pod_network_through_cni(cri: Cri) -> None:
 
 def _assert_pod_gone(cri: Cri, pod_id: str) -> None:
     root = cri.runtime_root
-    assert wait_until(lambda: not containerd_env.processes_mentioning(str(root)), 20), (
-        containerd_env.processes_mentioning(str(root))
+    assert wait_until(lambda: not processes_mentioning(str(root)), 20), processes_mentioning(
+        str(root)
     )
     shim = f"-id {pod_id} -address {cri.daemon.address}"
-    assert wait_until(lambda: not containerd_env.processes_mentioning(shim), 20), (
-        containerd_env.processes_mentioning(shim)
-    )
+    assert wait_until(lambda: not processes_mentioning(shim), 20), processes_mentioning(shim)
     assert list((root / "p").glob("*")) == []
-    assert containerd_env.mounts_below(root) == []
-    assert containerd_env.mounts_below(cri.daemon.base / "state") == []
+    assert mounts_below(root) == []
+    assert mounts_below(cri.daemon.base / "state") == []
     listed = subprocess.run(
         [containerd_env.RUNTIME, "--root", str(root), "list", "-q"],
         capture_output=True,

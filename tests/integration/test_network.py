@@ -10,14 +10,11 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -26,9 +23,12 @@ import pytest
 
 from sandbox.errors import ConfigError
 from sandbox.image import store as images
-from sandbox.pod.lifecycle import Pod, network
+from sandbox.pod import network
+from sandbox.pod.lifecycle import Pod
 from tests.integration.helpers import Result, busybox_spec, run_container
 from tests.integration.netns_topology import Topology, finish, topology
+from tests.integration.pods import PodFactory
+from tests.processes import wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
 POD_ADDR, PEER_ADDR = "10.251.0.2", "10.251.0.1"
@@ -67,8 +67,9 @@ def peer_net() -> Iterator[Topology]:
 
 
 @pytest.fixture(scope="module")
-def net_pod(vm_root: Path, peer_net: Topology) -> Iterator[Pod]:
-    pod = Pod.boot(vm_root, "net-peer-pod", netns=peer_net.path(peer_net.namespaces[0]))
+def net_pod(peer_net: Topology, module_pods: PodFactory) -> Iterator[Pod]:
+    """A pod in the pod netns of :func:`peer_net`, destroyed before the namespaces go."""
+    pod = module_pods("net-peer-pod", netns=peer_net.path(peer_net.namespaces[0]))
     yield pod
     pod.destroy()
 
@@ -158,7 +159,9 @@ def test_resolv_conf_and_hosts_bind_mounts_reach_the_guest(
     assert f"nameserver {PEER_ADDR}" in result.out and f"{POD_ADDR} mypod" in result.out
 
 
-def test_two_pods_on_one_bridge(vm_root: Path) -> None:
+def test_two_pods_on_one_bridge(pod_factory: PodFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    # One pod restored from a template (its card hot-plugged), one booted cold (its card on
+    # QEMU's command line): both ways a tap reaches the guest carry traffic.
     with topology() as topo:
         switch = topo.netns("switch")
         addrs = {"a": "10.252.0.11", "b": "10.252.0.12"}
@@ -168,10 +171,14 @@ def test_two_pods_on_one_bridge(vm_root: Path) -> None:
             topo.veth(ns, "eth0", switch, f"port{name}", addr_a=f"{addr}/24")
             pods_ns[name] = ns
         topo.bridge(switch, "br0", "porta", "portb")
-        pod_a = Pod.boot(vm_root, "net-bridge-a", netns=topo.path(pods_ns["a"]))
+        monkeypatch.setenv("PYSANDBOX_TEMPLATES", "1")
+        pod_a = pod_factory("net-bridge-a", netns=topo.path(pods_ns["a"]))
         try:
-            pod_b = Pod.boot(vm_root, "net-bridge-b", netns=topo.path(pods_ns["b"]))
+            assert pod_a.record.boot == "restored"
+            monkeypatch.setenv("PYSANDBOX_TEMPLATES", "0")
+            pod_b = pod_factory("net-bridge-b", netns=topo.path(pods_ns["b"]))
             try:
+                assert pod_b.record.boot == "cold"
                 results: list[Result] = []
                 server = threading.Thread(
                     target=lambda: results.append(
@@ -252,12 +259,9 @@ def bundle(base: Path, name: str, spec: dict[str, Any]) -> Path:
 
 
 @pytest.fixture
-def cli_root() -> Iterator[Path]:
-    path = Path(tempfile.mkdtemp(prefix="psn-", dir="/tmp"))
-    yield path
-    for pod in Pod.list(path):
-        pod.destroy()
-    shutil.rmtree(path, ignore_errors=True)
+def cli_root(pod_factory: PodFactory) -> Path:
+    """An empty --root of this test's (its pods' logs kept if the test fails)."""
+    return pod_factory.new_root("psn")
 
 
 def _left_in(root: Path) -> list[str]:
@@ -279,7 +283,7 @@ def _left_in(root: Path) -> list[str]:
     ],
 )
 def test_bad_netns_path_is_a_precise_error_at_create(
-    cli_root: Path, tmp_path: Path, path: str, message: str
+    cli_root: Path, pod_factory: PodFactory, tmp_path: Path, path: str, message: str
 ) -> None:
     spec = in_pod_network(busybox_spec("true"), Path(path))
     done = create(cli_root, bundle(tmp_path, "b", spec), "badnet", tmp_path)
@@ -287,18 +291,16 @@ def test_bad_netns_path_is_a_precise_error_at_create(
     assert message in done.stderr, done.stderr
     assert _left_in(cli_root) == []
     with pytest.raises(ConfigError, match="not exist"):
-        Pod.boot(cli_root, "badnet2", netns=Path("/run/netns/psb-no-such-netns"))
+        pod_factory("badnet2", root=cli_root, netns=Path("/run/netns/psb-no-such-netns"))
     assert _left_in(cli_root) == []
 
 
 def _wait_stopped(root: Path, cid: str, limit: float = 120) -> None:
-    deadline = time.monotonic() + limit
-    while time.monotonic() < deadline:
+    def stopped() -> bool:
         done = pysandbox(root, "state", cid)
-        if done.returncode == 0 and json.loads(done.stdout)["status"] == "stopped":
-            return
-        time.sleep(0.5)
-    raise AssertionError(f"container {cid} still running after {limit}s")
+        return done.returncode == 0 and json.loads(done.stdout)["status"] == "stopped"
+
+    assert wait_until(stopped, limit, interval=0.5), f"container {cid} still running after {limit}s"
 
 
 def test_cri_pod_through_the_cli_and_nothing_left_after_delete(
@@ -349,25 +351,23 @@ def test_cri_pod_through_the_cli_and_nothing_left_after_delete(
         assert topo.run(pod_ns, "busybox", "ping", "-c", "1", "-W", "5", PEER_ADDR).returncode == 0
 
 
-def test_crash_then_destroy_leaves_nothing(vm_root: Path) -> None:
+def test_crash_then_destroy_leaves_nothing(pod_factory: PodFactory) -> None:
     with topology() as topo:
         pod_ns, peer_ns = topo.netns("crash"), topo.netns("crashpeer")
         topo.veth(
             pod_ns, "eth0", peer_ns, "peer0", addr_a=f"{POD_ADDR}/24", addr_b=f"{PEER_ADDR}/24"
         )
         netns = topo.path(pod_ns)
-        pod = Pod.boot(vm_root, "net-crash", netns=netns)
+        pod = pod_factory("net-crash", netns=netns)
         try:
             qemu = pod.process("qemu")
             assert qemu is not None
             os.kill(qemu.pid, signal.SIGKILL)
             assert qemu.wait(10)
             # QEMU held the only fd of the tap: the tap is gone, the redirect on eth0 is not.
-            deadline = time.monotonic() + 10
-            while "tap tap0_psb" in network.leftovers(netns) and time.monotonic() < deadline:
-                time.sleep(0.1)
+            wait_until(lambda: "tap tap0_psb" not in network.leftovers(netns), 10)
             assert network.leftovers(netns) == ["ingress qdisc on eth0", "filter on eth0"]
-            Pod.load(vm_root, "net-crash").destroy()
+            Pod.load(pod.root, "net-crash").destroy()
             assert network.leftovers(netns) == []
         finally:
             pod.destroy()  # idempotent

@@ -1,5 +1,5 @@
-"""A pod VM boots under QEMU, its agent answers, its virtio-fs share works both ways, and
-stopping it leaves nothing behind."""
+"""A pod VM boots under QEMU (restored from a template and cold), its agent answers, its
+virtio-fs share works both ways, it runs a container, and stopping it leaves nothing behind."""
 
 from __future__ import annotations
 
@@ -8,14 +8,20 @@ import os
 import signal
 import subprocess
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
 
 from hypervisor.guest_image import find_image
+from hypervisor.process import ProcessHandle
 from sandbox.errors import AgentError, AgentTimeout, NotFoundError
 from sandbox.pod import record as pod_record
+from sandbox.pod.hostfs import mounts_below
 from sandbox.pod.lifecycle import GUEST_SHARE, Pod
+from tests.integration.helpers import busybox_spec, run_container
+from tests.integration.pods import PodFactory
+from tests.processes import processes_mentioning
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -31,9 +37,9 @@ def _pysandbox(*args: str, env: dict[str, str] | None = None) -> subprocess.Comp
     )
 
 
-def _assert_gone(pod: Pod, refs: list[object]) -> None:
+def _assert_gone(pod: Pod, refs: Sequence[ProcessHandle | None]) -> None:
     for ref in refs:
-        assert not ref.alive(), f"{ref} still running"  # type: ignore[attr-defined]
+        assert ref is not None and not ref.alive(), f"{ref} still running"
     assert not pod.dir.exists(), f"{pod.dir} left behind"
 
 
@@ -69,15 +75,20 @@ def test_malformed_requests_get_errors_and_agent_survives(shared_pod: Pod) -> No
         assert agent.health() > 0
 
 
-def test_stop_leaves_no_process_socket_or_directory(pod_factory) -> None:  # type: ignore[no-untyped-def]
+def test_boot_run_and_stop_leave_nothing(pod_factory: PodFactory, boot_mode: str) -> None:
     pod = pod_factory()
+    assert pod.record.boot == boot_mode
     refs = [pod.process(name) for name in ("qemu", "virtiofsd", "proxy")]
     assert all(ref is not None and ref.alive() for ref in refs)
+    result = run_container(pod, busybox_spec("sh", "-c", "echo out; echo err >&2; exit 7"))
+    assert (result.status, result.stdout, result.stderr) == (7, b"out\n", b"err\n")
     pod.stop()
     _assert_gone(pod, refs)
+    assert processes_mentioning(str(pod.dir)) == []
+    assert mounts_below(pod.root) == []
 
 
-def test_destroy_after_everything_was_killed(pod_factory) -> None:  # type: ignore[no-untyped-def]
+def test_destroy_after_everything_was_killed(pod_factory: PodFactory) -> None:
     pod = pod_factory()
     refs = [pod.process(name) for name in ("qemu", "virtiofsd", "proxy")]
     for ref in refs:
@@ -87,7 +98,7 @@ def test_destroy_after_everything_was_killed(pod_factory) -> None:  # type: igno
     _assert_gone(pod, refs)
 
 
-def test_agent_reachable_after_proxy_restart(pod_factory) -> None:  # type: ignore[no-untyped-def]
+def test_agent_reachable_after_proxy_restart(pod_factory: PodFactory) -> None:
     pod = pod_factory()
     proxy = pod.process("proxy")
     assert proxy is not None
@@ -101,19 +112,22 @@ def test_agent_reachable_after_proxy_restart(pod_factory) -> None:  # type: igno
 
 
 def test_boot_timeout_kills_vm_and_names_console_log(
-    vm_root: Path, monkeypatch: pytest.MonkeyPatch
+    pod_factory: PodFactory, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("PYSANDBOX_TEMPLATES", "0")  # a cold boot (restores: test_template.py)
+    root = pod_factory.new_root()
     with pytest.raises(AgentTimeout, match=r"console log kept at (\S+)") as caught:
-        Pod.boot(vm_root, "too-slow", timeout=0.5)
+        pod_factory("too-slow", root=root, timeout=0.5)
     kept = Path(str(caught.value).rsplit(" ", 1)[1])
     assert kept.exists()
-    assert not pod_record.directory(vm_root, "too-slow").exists()
+    assert not pod_record.directory(root, "too-slow").exists()
     with pytest.raises(NotFoundError):
-        Pod.load(vm_root, "too-slow")
+        Pod.load(root, "too-slow")
+    assert processes_mentioning(str(pod_record.directory(root, "too-slow"))) == []
 
 
-def test_cli_boot_info_stop(vm_root: Path) -> None:
+def test_cli_boot_info_stop(pod_factory: PodFactory) -> None:
+    vm_root = pod_factory.new_root()
     booted = _pysandbox("--root", str(vm_root), "pod", "boot", "cli-pod")
     assert booted.returncode == 0, booted.stderr
     assert "running" in booted.stdout

@@ -18,8 +18,10 @@ from pathlib import Path
 
 import pytest
 
+from sandbox import store as state
 from sandbox.image import store as images
 from tests.integration.cgroup_view import READER, parse
+from tests.integration.pods import PodFactory
 
 ROOT = Path(__file__).resolve().parents[2]
 RUNTIME = str(ROOT / ".venv" / "bin" / "pysandbox")
@@ -33,8 +35,12 @@ events_logger = "file"
 
 
 @pytest.fixture(scope="module")
-def podman(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[str]]:
-    """A podman with private storage and config, the busybox image imported."""
+def podman(
+    tmp_path_factory: pytest.TempPathFactory, module_pods: PodFactory
+) -> Iterator[list[str]]:
+    """A podman with private storage and config, the busybox image imported. It runs
+    pysandbox with its default --root, which ``module_pods`` watches (logs kept on failure)."""
+    module_pods.watch(state.DEFAULT_ROOT)
     if shutil.which("podman") is None:
         pytest.fail("podman is missing: run 'make deps' (scripts/install-host-packages.sh)")
     base = Path(tmp_path_factory.mktemp("podman"))

@@ -9,21 +9,19 @@ import json
 import os
 import pty
 import select
-import shutil
 import signal
 import struct
 import subprocess
 import sys
 import tarfile
-import tempfile
 import termios
 import time
-from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.integration.helpers import processes_mentioning
+from tests.integration.pods import PodFactory
+from tests.processes import processes_mentioning, wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -48,26 +46,16 @@ def cli(root: Path, *args: str) -> subprocess.CompletedProcess[bytes]:
     )
 
 
-def _wait_until(predicate: Callable[[], bool], timeout: float = 60.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.2)
-    return True
-
-
 def _processes_of(root: Path) -> list[str]:
     """Live processes naming ``root`` (shims, monitors, QEMU, virtiofsd)."""
     return processes_mentioning(str(root), live_only=True)
 
 
 @pytest.fixture(scope="module")
-def root(vm_root: Path) -> Iterator[Path]:
-    """A --root of its own: the leftover checks must not see other tests' pods."""
-    path = Path(tempfile.mkdtemp(prefix="psr-", dir="/tmp"))
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
+def root(module_pods: PodFactory) -> Path:
+    """A --root of its own: the leftover checks must not see other tests' pods (whose logs
+    are kept when a test fails)."""
+    return module_pods.new_root("psr")
 
 
 def _leftovers(root: Path) -> list[str]:
@@ -355,7 +343,7 @@ def test_detached_runs_ps_logs_stop_rm(root: Path) -> None:
     listing = cli(root, "ps")
     assert listing.returncode == 0 and listing.stdout.startswith(b"NAME"), listing.stderr
     assert b"web " in listing.stdout and b"running" in listing.stdout
-    assert _wait_until(lambda: b"ready" in cli(root, "logs", "web").stdout)
+    assert wait_until(lambda: b"ready" in cli(root, "logs", "web").stdout, 60, interval=0.2)
     logged = cli(root, "logs", "web").stdout.decode().splitlines()
     assert sorted(logged) == ["err", "layer", "out", "ready"], logged
     processes = cli(root, "ps", "web")  # runc's ps with an id keeps working: the guest's table
@@ -379,15 +367,19 @@ def test_detached_runs_ps_logs_stop_rm(root: Path) -> None:
     assert (stopped.returncode, stopped.stdout) == (0, b"web\n"), stopped.stderr
     followed, _ = follow.communicate(timeout=30)  # logs -f ends when the run has stopped
     assert follow.returncode == 0 and followed.endswith(b"term\n"), followed
-    assert _wait_until(lambda: "once" not in _runs(root) and not (root / "once").exists())
-    assert _wait_until(lambda: _runs(root)["short"]["status"] == "stopped")
+    assert wait_until(
+        lambda: "once" not in _runs(root) and not (root / "once").exists(), 60, interval=0.2
+    )
+    assert wait_until(lambda: _runs(root)["short"]["status"] == "stopped", 60, interval=0.2)
     runs = _runs(root)
     assert sorted(runs) == ["short", "web"]
     assert (runs["web"]["exit_code"], runs["short"]["exit_code"]) == (3, 128 + signal.SIGKILL)
     assert cli(root, "ps").stdout.count(b"\n") == 1  # the header: nothing is running
     assert cli(root, "logs", "web").stdout.decode().splitlines()[-1] == "term"
     # Stopped runs keep their record and log, not their VM, mounts or processes.
-    assert _wait_until(lambda: _leftovers(root) == [] and _processes_of(root) == [])
+    assert wait_until(
+        lambda: _leftovers(root) == [] and _processes_of(root) == [], 60, interval=0.2
+    )
     image = Path(json.loads((root / "web" / "state.json").read_text())["rootfs"])
     assert image.is_dir() and not (image / "written").exists()
 
@@ -412,7 +404,7 @@ def test_detached_log_is_capped_and_the_run_goes_on(root: Path) -> None:
         root, "-d", "--log-max-size", "64k", "--name", "chatty", "default", "sh", "-c", script
     )
     assert started.returncode == 0, started.stderr
-    assert _wait_until(lambda: _runs(root)["chatty"]["status"] == "stopped")
+    assert wait_until(lambda: _runs(root)["chatty"]["status"] == "stopped", 60, interval=0.2)
     assert _runs(root)["chatty"]["exit_code"] == 3
     log = root / "chatty" / "run.log"
     assert log.stat().st_size == 64 * 1024

@@ -5,13 +5,16 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from sandbox.pod.lifecycle import Pod, template
-from tests.integration.helpers import busybox_spec, processes_mentioning, run_container
+from sandbox.pod import template
+from sandbox.pod.lifecycle import Pod
+from tests.integration.helpers import busybox_spec, run_container
+from tests.integration.pods import PodFactory
+from tests.processes import processes_mentioning
 
 #: How old the template must be before the clock check: a restored guest that did not set its
 #: clock would be at least this far behind the host.
@@ -49,7 +52,7 @@ def _guest_check(pod: Pod) -> tuple[float, bytes]:
 
 
 def test_restored_pods_are_distinct_machines_with_the_right_clock(
-    template_dir: Path, pod_factory: Callable[..., Pod]
+    template_dir: Path, pod_factory: PodFactory
 ) -> None:
     first = pod_factory()  # builds the template, then restores from it
     assert first.record.boot == "restored"
@@ -70,7 +73,7 @@ def test_restored_pods_are_distinct_machines_with_the_right_clock(
 
 
 def test_unloadable_template_is_discarded_and_the_pod_cold_boots(
-    template_dir: Path, pod_factory: Callable[..., Pod]
+    template_dir: Path, pod_factory: PodFactory
 ) -> None:
     pod_factory().destroy()  # build a template
     [state_file] = _state_files(template_dir)
@@ -86,7 +89,7 @@ def test_unloadable_template_is_discarded_and_the_pod_cold_boots(
 
 
 def test_templates_can_be_turned_off(
-    template_dir: Path, pod_factory: Callable[..., Pod], monkeypatch: pytest.MonkeyPatch
+    template_dir: Path, pod_factory: PodFactory, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("PYSANDBOX_TEMPLATES", "0")
     pod = pod_factory()
@@ -95,7 +98,7 @@ def test_templates_can_be_turned_off(
 
 
 def test_network_cards_are_hot_plugged_into_restored_pods(
-    template_dir: Path, pod_factory: Callable[..., Pod]
+    template_dir: Path, pod_factory: PodFactory
 ) -> None:
     from sandbox.pod import network
 

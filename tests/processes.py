@@ -1,0 +1,48 @@
+"""Host processes as tests look at them, and waiting for a condition instead of sleeping.
+
+The one copy of these helpers for every test module (unit, host and VM tests).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+
+def processes_mentioning(text: str, *, live_only: bool = False) -> list[str]:
+    """``"pid: command line"`` of every process but this one whose command line (arguments
+    joined by spaces) contains ``text``; with ``live_only``, zombies are left out."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            zombie = live_only and "\nState:\tZ" in (entry / "status").read_text()
+        except OSError:
+            continue
+        if text in cmdline and not zombie:
+            found.append(f"{entry.name}: {cmdline.strip()}")
+    return found
+
+
+def alive(pid: int) -> bool:
+    """Whether process ``pid`` exists and is not a zombie."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return False
+    return fields[0] != "Z"
+
+
+def wait_until(check: Callable[[], object], timeout: float = 30.0, interval: float = 0.1) -> bool:
+    """Call ``check`` every ``interval`` seconds until it returns something true (True) or
+    ``timeout`` seconds have passed (False)."""
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(interval)
+    return True
