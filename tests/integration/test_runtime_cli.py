@@ -1,11 +1,13 @@
 """The runc CLI surface, driven as containerd and conmon drive it: ``pysandbox`` subprocesses.
 
-One VM carries the whole lifecycle (create → state → start → exec in every form → ps → list →
-pause/resume → update → kill → delete) and the failed creates that join its pod. Errors that
-need no VM (unknown ids, bad bundles) are checked against an empty root. A failed create that
-already booted its pod, and ``delete --force`` after QEMU, virtiofsd, the agent proxy or the
-shim were killed with SIGKILL, each cost one boot: they are the cleanup paths a client cannot
-do itself.
+One VM, created and started once for the module (:func:`life`), carries the lifecycle checks
+(state, exec in every form, ps, list, pause/resume, update, signals) and the failed and
+created-only containers that join its pod; each test leaves that container running as it found
+it, and its final delete must leave nothing. Ending a container with ``kill --all`` and deleting
+it runs on a VM of its own, restored and cold. Errors that need no VM (unknown ids, bad
+bundles) are checked against an empty root. A failed create that already booted its pod, and
+``delete --force`` after QEMU, virtiofsd, the agent proxy or the shim were killed with
+SIGKILL, each cost one boot: they are the cleanup paths a client cannot do itself.
 
 Containers are created through :data:`CONMON`, a small subreaper standing in for conmon/the
 containerd shim: it runs the runtime command, then waits for the pid of ``--pid-file`` and
@@ -14,7 +16,6 @@ reports its exit status, which must be the container's.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
@@ -22,9 +23,8 @@ import signal
 import stat
 import subprocess
 import sys
-import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,6 +35,8 @@ from sandbox import store as state
 from sandbox.image import store as images
 from sandbox.pod.hostfs import mounts_below
 from sandbox.run.default_spec import default_spec
+from tests.integration.pods import PodFactory
+from tests.processes import alive, processes_mentioning, wait_until
 
 pytestmark = pytest.mark.vm
 
@@ -121,21 +123,14 @@ class Runtime:
         result: dict[str, Any] = json.loads(self.ok("state", cid))
         return result
 
-    def fails(self, *args: str, match: str, tmp: Path) -> str:
-        """Run a call that must fail the runc way: non-zero, one line on stderr, no
-        traceback, and exactly one JSON line in the ``--log`` file; return the message."""
+    def attempt(self, *args: str, tmp: Path) -> Attempt:
+        """Run a call with a JSON ``--log`` file in ``tmp``, for :meth:`Attempt.failed_with`."""
         log = tmp / f"log-{time.monotonic_ns()}.json"
-        done = self("--log", str(log), "--log-format", "json", *args)
-        assert done.returncode != 0, f"{args} succeeded: {done.stdout}"
-        assert "Traceback" not in done.stderr, done.stderr
-        assert done.stderr.startswith("pysandbox: ") and done.stderr.count("\n") == 1, done.stderr
-        message = done.stderr.removeprefix("pysandbox: ").strip()
-        assert match in message, f"{args}: {message!r} does not say {match!r}"
-        lines = log.read_text().splitlines()
-        assert len(lines) == 1, lines
-        entry = json.loads(lines[0])
-        assert entry["level"] == "error" and entry["msg"] == message and entry["time"]
-        return message
+        return Attempt(args, self("--log", str(log), "--log-format", "json", *args), log)
+
+    def fails(self, *args: str, match: str, tmp: Path) -> str:
+        """Run a call that must fail the runc way (see :meth:`Attempt.failed_with`)."""
+        return self.attempt(*args, tmp=tmp).failed_with(match)
 
     def conmon(self, pid_file: Path, out: Path, *args: str) -> Conmon:
         proc = subprocess.Popen(
@@ -147,26 +142,55 @@ class Runtime:
         return Conmon(proc, pid_file, out)
 
 
-@pytest.fixture
-def runtime(vm_root: Path) -> Iterator[Runtime]:
-    """A runtime with a root of its own (short: sockets live below it); torn down after."""
-    root = Path(tempfile.mkdtemp(prefix="rt", dir=vm_root))
-    yield Runtime(root)
-    for entry in sorted(root.iterdir()):
+@dataclass
+class Attempt:
+    """A runtime call made with ``--log FILE --log-format json``, and what it did."""
+
+    args: tuple[str, ...]
+    done: subprocess.CompletedProcess[str]
+    log: Path
+
+    def failed_with(self, match: str) -> str:
+        """Assert the call failed the runc way: non-zero, one line on stderr saying ``match``,
+        no traceback, and exactly one JSON line in the log file; return the message."""
+        done, args = self.done, self.args
+        assert done.returncode != 0, f"{args} succeeded: {done.stdout}"
+        assert "Traceback" not in done.stderr, done.stderr
+        assert done.stderr.startswith("pysandbox: ") and done.stderr.count("\n") == 1, done.stderr
+        message = done.stderr.removeprefix("pysandbox: ").strip()
+        assert match in message, f"{args}: {message!r} does not say {match!r}"
+        lines = self.log.read_text().splitlines()
+        assert len(lines) == 1, lines
+        entry = json.loads(lines[0])
+        assert entry["level"] == "error" and entry["msg"] == message and entry["time"]
+        return message
+
+
+def _runtime_in(pods: PodFactory) -> Iterator[Runtime]:
+    """A runtime with a root of its own from ``pods`` (which watches it: logs kept on failure,
+    pods destroyed and the root removed after); its containers force-deleted after use."""
+    runtime = Runtime(pods.new_root("rt"))
+    yield runtime
+    for entry in sorted(runtime.root.iterdir()):
         if (entry / "state.json").exists():
             subprocess.run(
-                [RUNTIME, "--root", str(root), "delete", "--force", entry.name],
+                runtime.argv("delete", "--force", entry.name),
                 capture_output=True,
                 timeout=120,
                 check=False,
             )
-    from sandbox.pod.lifecycle import Pod
 
-    for pod in Pod.list(root):
-        with contextlib.suppress(Exception):
-            pod.destroy()
-    if not mounts_below(root):
-        shutil.rmtree(root, ignore_errors=True)
+
+@pytest.fixture
+def runtime(pod_factory: PodFactory) -> Iterator[Runtime]:
+    """A runtime for one test."""
+    yield from _runtime_in(pod_factory)
+
+
+@pytest.fixture(scope="module")
+def module_runtime(module_pods: PodFactory) -> Iterator[Runtime]:
+    """A runtime for the tests of :func:`life`'s container."""
+    yield from _runtime_in(module_pods)
 
 
 def make_bundle(
@@ -183,33 +207,8 @@ def make_bundle(
     return bundle
 
 
-def processes_mentioning(text: str) -> list[str]:
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
-            continue
-        with contextlib.suppress(OSError):
-            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            if text in cmdline and (entry / "stat").read_text().split(")")[-1].split()[0] != "Z":
-                found.append(f"{entry.name}: {cmdline.strip()}")
-    return found
-
-
-def wait_until(check: Callable[[], object], timeout: float = 30.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.1)
-    return True
-
-
-def alive(pid: int) -> bool:
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return False
-    return fields[0] != "Z"
+def _processes(text: str) -> list[str]:
+    return processes_mentioning(text, live_only=True)
 
 
 def pod_dir(root: Path, pod_id: str) -> Path:
@@ -221,10 +220,10 @@ def assert_nothing_left(runtime: Runtime, cid: str, pod_id: str | None = None) -
     root = runtime.root
     assert not (root / cid).exists(), f"state directory of {cid} is left"
     shim = f"--root {root} --id {cid} "
-    assert wait_until(lambda: not processes_mentioning(shim), 15), processes_mentioning(shim)
+    assert wait_until(lambda: not _processes(shim), 15), _processes(shim)
     if pod_id is not None:
         where = str(pod_dir(root, pod_id))
-        assert wait_until(lambda: not processes_mentioning(where), 15), processes_mentioning(where)
+        assert wait_until(lambda: not _processes(where), 15), _processes(where)
         assert not Path(where).exists(), f"pod directory {where} is left"
     if pod_id is not None:  # each test's root holds one pod at a time
         assert mounts_below(root) == []
@@ -246,47 +245,95 @@ CONTAINER_SCRIPT = (
 )
 
 
-def test_runc_lifecycle_on_one_vm(runtime: Runtime, tmp_path: Path) -> None:
-    cid = "life"
+@dataclass
+class Life:
+    """The module's container (``life``): created, looked at, refused verbs, then started."""
+
+    runtime: Runtime
+    cid: str
+    tmp: Path
+    bundle: Path
+    init: Conmon
+    pid: int
+    created: dict[str, Any]  # its state right after create
+    output_when_created: str
+    duplicate_create: Attempt  # a second create with its id, while created
+    status_after_duplicate: str
+    exec_when_created: Attempt
+
+    def ps(self) -> list[int]:
+        pids: list[int] = json.loads(self.runtime.ok("ps", "--format", "json", self.cid))
+        return pids
+
+    def join(self) -> dict[str, str]:
+        """Annotations of a container joining this one's pod."""
+        return {
+            "io.kubernetes.cri.container-type": "container",
+            "io.kubernetes.cri.sandbox-id": self.cid,
+        }
+
+
+@pytest.fixture(scope="module")
+def life(module_runtime: Runtime, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Life]:
+    """A container running :data:`CONTAINER_SCRIPT` (two processes), with what was seen
+    before it was started. Deleted after the module's tests: that must leave nothing."""
+    runtime, cid, tmp = module_runtime, "life", tmp_path_factory.mktemp("life")
     bundle = make_bundle(
-        tmp_path, ["sh", "-c", CONTAINER_SCRIPT], annotations={"org.example.key": "value"}
+        tmp, ["sh", "-c", CONTAINER_SCRIPT], annotations={"org.example.key": "value"}
     )
+    pid_file = tmp / "init.pid"
     init = runtime.conmon(
-        tmp_path / "init.pid",
-        tmp_path / "init.out",
+        pid_file,
+        tmp / "init.out",
         "create",
         "--bundle",
         str(bundle),
         "--pid-file",
-        str(tmp_path / "init.pid"),
+        str(pid_file),
         cid,
     )
     assert init.rc() == 0, init.output()
-    pid = init.pid
-    assert alive(pid)
-
-    created = runtime.state(cid)
-    assert created["ociVersion"].startswith("1.")
-    assert created["id"] == cid and created["status"] == "created"
-    assert created["pid"] == pid
-    assert created["bundle"] == str(bundle.resolve())
-    assert created["annotations"] == {"org.example.key": "value"}
-    assert "started" not in init.output()
-
+    created, output = runtime.state(cid), init.output()
     # A duplicate id is refused and leaves the existing container alone.
-    runtime.fails(
-        "create", "--bundle", str(bundle), cid, match=f"{cid} already exists", tmp=tmp_path
-    )
-    assert runtime.state(cid)["status"] == "created"
-    runtime.fails("exec", cid, "true", match="cannot exec in a created container", tmp=tmp_path)
-
+    duplicate = runtime.attempt("create", "--bundle", str(bundle), cid, tmp=tmp)
+    status = runtime.state(cid)["status"]
+    exec_created = runtime.attempt("exec", cid, "true", tmp=tmp)
     runtime.ok("start", cid)
-    assert runtime.state(cid)["status"] == "running"
-    assert wait_until(lambda: "started" in init.output()), init.output()
-    runtime.fails("start", cid, match="cannot start an already running container", tmp=tmp_path)
-    runtime.fails("delete", cid, match="use --force", tmp=tmp_path)
+    yield Life(
+        runtime, cid, tmp, bundle, init, init.pid, created, output, duplicate, status, exec_created
+    )
+    runtime.ok("delete", "--force", cid)
+    assert init.exit_status() in (128 + signal.SIGTERM, 128 + signal.SIGKILL)
+    assert_nothing_left(runtime, cid, pod_id=cid)
 
-    # exec, argv form: --env, --cwd, --user; the exit status is the process's.
+
+def test_create_reports_the_state_runc_does(life: Life) -> None:
+    created = life.created
+    assert alive(life.pid)
+    assert created["ociVersion"].startswith("1.")
+    assert created["id"] == life.cid and created["status"] == "created"
+    assert created["pid"] == life.pid
+    assert created["bundle"] == str(life.bundle.resolve())
+    assert created["annotations"] == {"org.example.key": "value"}
+    assert "started" not in life.output_when_created
+
+
+def test_a_created_container_refuses_a_duplicate_and_exec(life: Life) -> None:
+    life.duplicate_create.failed_with(f"{life.cid} already exists")
+    assert life.status_after_duplicate == "created"
+    life.exec_when_created.failed_with("cannot exec in a created container")
+
+
+def test_start_runs_the_process_and_refuses_start_and_delete(life: Life) -> None:
+    runtime, cid = life.runtime, life.cid
+    assert runtime.state(cid)["status"] == "running"
+    assert wait_until(lambda: "started" in life.init.output()), life.init.output()
+    runtime.fails("start", cid, match="cannot start an already running container", tmp=life.tmp)
+    runtime.fails("delete", cid, match="use --force", tmp=life.tmp)
+
+
+def test_exec_argv_form_with_env_cwd_user_and_exit_status(life: Life) -> None:
+    runtime, cid = life.runtime, life.cid
     out = runtime.ok(
         "exec",
         "--env",
@@ -304,11 +351,13 @@ def test_runc_lifecycle_on_one_vm(runtime: Runtime, tmp_path: Path) -> None:
     done = runtime("exec", cid, "sh", "-c", "echo to-stderr >&2; exit 7")
     assert done.returncode == 7 and done.stderr == "to-stderr\n"
 
-    # An attached exec relays the signals it gets to its process (runc exec does).
+
+def test_attached_exec_relays_signals(life: Life) -> None:
+    # runc exec relays the signals it gets to its process.
     attached = subprocess.Popen(
-        runtime.argv(
+        life.runtime.argv(
             "exec",
-            cid,
+            life.cid,
             "sh",
             "-c",
             "trap 'echo got-int; exit 5' INT; echo ready; while :; do sleep 0.1; done",
@@ -319,68 +368,51 @@ def test_runc_lifecycle_on_one_vm(runtime: Runtime, tmp_path: Path) -> None:
     )
     assert attached.stdout is not None and attached.stdout.readline() == "ready\n"
     # The attached call stands for its process on the host: ps lists it after the init's.
-    assert json.loads(runtime.ok("ps", "--format", "json", cid)) == [pid, attached.pid]
+    assert life.ps() == [life.pid, attached.pid]
     attached.send_signal(signal.SIGINT)
     assert attached.wait(60) == 5
     assert attached.stdout.read() == "got-int\n"
 
-    # exec --process file.json (containerd's and conmon's form), attached.
-    process = {
-        "args": ["sh", "-c", 'echo "proc $X $(pwd) $(id -u)"'],
-        "env": ["PATH=/bin:/usr/bin", "X=y"],
-        "cwd": "/etc",
-        "user": {"uid": 5, "gid": 5},
-        "terminal": False,
-    }
-    (tmp_path / "process.json").write_text(json.dumps(process))
-    assert runtime.ok("exec", "--process", str(tmp_path / "process.json"), cid) == "proc y /etc 5\n"
 
-    # exec --detach --pid-file: the pid is a host process whose exit status is the process's;
-    # clients kill(2) it directly (containerd does for exec ids).
-    (tmp_path / "sleep.json").write_text(json.dumps({**process, "args": ["sleep", "1000"]}))
-    sleeper = runtime.conmon(
-        tmp_path / "exec1.pid",
-        tmp_path / "exec1.out",
-        "exec",
-        "--process",
-        str(tmp_path / "sleep.json"),
-        "--detach",
-        "--pid-file",
-        str(tmp_path / "exec1.pid"),
-        cid,
-    )
-    assert sleeper.rc() == 0, sleeper.output()
-    (tmp_path / "exit.json").write_text(json.dumps({**process, "args": ["sh", "-c", "exit 4"]}))
-    quick = runtime.conmon(
-        tmp_path / "exec2.pid",
-        tmp_path / "exec2.out",
-        "exec",
-        "--process",
-        str(tmp_path / "exit.json"),
-        "--detach",
-        "--pid-file",
-        str(tmp_path / "exec2.pid"),
-        cid,
-    )
-    assert quick.rc() == 0, quick.output()
+#: A process file (containerd's and conmon's exec form).
+PROCESS = {
+    "args": ["sh", "-c", 'echo "proc $X $(pwd) $(id -u)"'],
+    "env": ["PATH=/bin:/usr/bin", "X=y"],
+    "cwd": "/etc",
+    "user": {"uid": 5, "gid": 5},
+    "terminal": False,
+}
+
+
+def test_exec_process_file_attached(life: Life, tmp_path: Path) -> None:
+    (tmp_path / "process.json").write_text(json.dumps(PROCESS))
+    out = life.runtime.ok("exec", "--process", str(tmp_path / "process.json"), life.cid)
+    assert out == "proc y /etc 5\n"
+
+
+def test_exec_detach_pid_file_is_a_host_process_with_the_status(life: Life, tmp_path: Path) -> None:
+    # The pid is a host process whose exit status is the process's; clients kill(2) it
+    # directly (containerd does for exec ids).
+    runtime, cid = life.runtime, life.cid
+    assert wait_until(lambda: life.ps() == [life.pid]), life.ps()  # the init's only
+
+    def detached(name: str, options: list[str], command: list[str]) -> Conmon:
+        pid_file = tmp_path / f"{name}.pid"
+        exec_args = [*options, "--detach", "--pid-file", str(pid_file), cid, *command]
+        started = runtime.conmon(pid_file, tmp_path / f"{name}.out", "exec", *exec_args)
+        assert started.rc() == 0, started.output()
+        return started
+
+    (tmp_path / "sleep.json").write_text(json.dumps({**PROCESS, "args": ["sleep", "1000"]}))
+    (tmp_path / "exit.json").write_text(json.dumps({**PROCESS, "args": ["sh", "-c", "exit 4"]}))
+    sleeper = detached("exec1", ["--process", str(tmp_path / "sleep.json")], [])
+    quick = detached("exec2", ["--process", str(tmp_path / "exit.json")], [])
     assert quick.exit_status() == 4
-    stay = runtime.conmon(
-        tmp_path / "exec3.pid",
-        tmp_path / "exec3.out",
-        "exec",
-        "--detach",
-        "--pid-file",
-        str(tmp_path / "exec3.pid"),
-        cid,
-        "sleep",
-        "1000",
-    )
-    assert stay.rc() == 0, stay.output()
-
+    stay = detached("exec3", [], ["sleep", "1000"])
     # ps --format json: host pids a client can signal and read /proc of (runc's callers
     # do): the init's --pid-file process, then the live detached execs', oldest first.
-    pids = json.loads(runtime.ok("ps", "--format", "json", cid))
-    assert pids == [pid, sleeper.pid, stay.pid], pids
+    pids = life.ps()
+    assert pids == [life.pid, sleeper.pid, stay.pid], pids
     for host_pid in pids:
         cmdline = Path(f"/proc/{host_pid}/cmdline").read_bytes().split(b"\0")
         assert b"sandbox.runtime.shim" in cmdline and cmdline[cmdline.index(b"--id") + 1] == (
@@ -390,7 +422,7 @@ def test_runc_lifecycle_on_one_vm(runtime: Runtime, tmp_path: Path) -> None:
     # each process next to the host pid standing for it.
     rows = [line.split(None, 4) for line in runtime.ok("ps", cid).splitlines()]
     assert rows[0] == ["PID", "PPID", "UID", "HOST-PID", "CMD"], rows
-    assert ["1", "0", "0", str(pid), f"sh -c {CONTAINER_SCRIPT}"] in rows, rows
+    assert ["1", "0", "0", str(life.pid), f"sh -c {CONTAINER_SCRIPT}"] in rows, rows
     sleeps = sorted(row[1:4] for row in rows[1:] if row[4] == "sleep 1000")
     # sh's own sleep; the execs' parent is outside the container (ppid 0), as under runc.
     assert sleeps == sorted(
@@ -398,10 +430,14 @@ def test_runc_lifecycle_on_one_vm(runtime: Runtime, tmp_path: Path) -> None:
     )
     os.kill(sleeper.pid, signal.SIGTERM)
     assert sleeper.exit_status() == 128 + signal.SIGTERM
-    assert wait_until(
-        lambda: json.loads(runtime.ok("ps", "--format", "json", cid)) == [pid, stay.pid]
-    )
+    assert wait_until(lambda: life.ps() == [life.pid, stay.pid]), life.ps()
+    os.kill(stay.pid, signal.SIGTERM)
+    assert stay.exit_status() == 128 + signal.SIGTERM
+    assert wait_until(lambda: life.ps() == [life.pid]), life.ps()
 
+
+def test_list_formats(life: Life) -> None:
+    runtime, cid, pid = life.runtime, life.cid, life.pid
     listed = json.loads(runtime.ok("list", "--format", "json"))
     assert [(s["id"], s["status"], s["pid"]) for s in listed] == [(cid, "running", pid)]
     assert runtime.ok("list", "--quiet") == f"{cid}\n"
@@ -412,15 +448,21 @@ def test_runc_lifecycle_on_one_vm(runtime: Runtime, tmp_path: Path) -> None:
         "running",
     ]
 
+
+def test_pause_and_resume_with_their_refusals(life: Life) -> None:
+    runtime, cid, tmp = life.runtime, life.cid, life.tmp
     runtime.ok("pause", cid)
     assert runtime.state(cid)["status"] == "paused"
-    runtime.fails("exec", cid, "true", match="cannot exec in a paused container", tmp=tmp_path)
-    runtime.fails("pause", cid, match="container not running", tmp=tmp_path)
+    runtime.fails("exec", cid, "true", match="cannot exec in a paused container", tmp=tmp)
+    runtime.fails("pause", cid, match="container not running", tmp=tmp)
     runtime.ok("resume", cid)
     assert runtime.state(cid)["status"] == "running"
-    runtime.fails("resume", cid, match="container not paused", tmp=tmp_path)
+    runtime.fails("resume", cid, match="container not paused", tmp=tmp)
 
-    # update: a resources file, and stdin as containerd's CRI plugin passes it.
+
+def test_update_from_a_file_stdin_and_flags(life: Life, tmp_path: Path) -> None:
+    # A resources file, and stdin as containerd's CRI plugin passes it.
+    runtime, cid = life.runtime, life.cid
     (tmp_path / "resources.json").write_text(json.dumps({"memory": {"limit": 200 * 1024 * 1024}}))
     runtime.ok("update", "--resources", str(tmp_path / "resources.json"), cid)
     assert runtime.ok("exec", cid, "cat", "/sys/fs/cgroup/memory.max") == f"{200 << 20}\n"
@@ -429,10 +471,11 @@ def test_runc_lifecycle_on_one_vm(runtime: Runtime, tmp_path: Path) -> None:
     runtime.ok("update", "--memory", str(150 << 20), cid)
     assert runtime.ok("exec", cid, "cat", "/sys/fs/cgroup/memory.max") == f"{150 << 20}\n"
 
-    # A container joining this pod whose create fails after it joined leaves the pod as it
-    # was: no record, no files in the pod share, not a member, and the VM still serves.
-    join = {"io.kubernetes.cri.container-type": "container", "io.kubernetes.cri.sandbox-id": cid}
-    bad_root = make_bundle(tmp_path, ["true"], annotations=join)
+
+def test_failed_creates_joining_the_pod_leave_it_as_it_was(life: Life, tmp_path: Path) -> None:
+    # No record, no files in the pod share, not a member, and the VM still serves.
+    runtime, cid = life.runtime, life.cid
+    bad_root = make_bundle(tmp_path, ["true"], annotations=life.join())
     spec = json.loads((bad_root / "config.json").read_text())
     spec["root"]["path"] = str(tmp_path / "missing-rootfs")
     (bad_root / "config.json").write_text(json.dumps(spec))
@@ -445,7 +488,7 @@ def test_runc_lifecycle_on_one_vm(runtime: Runtime, tmp_path: Path) -> None:
     bad_hook = make_bundle(
         tmp_path,
         ["sleep", "1000"],
-        annotations=join,
+        annotations=life.join(),
         hooks={"createRuntime": [{"path": str(hook)}]},
     )
     runtime.fails(
@@ -466,42 +509,91 @@ def test_runc_lifecycle_on_one_vm(runtime: Runtime, tmp_path: Path) -> None:
     assert pod_record["containers"] == [cid]
     assert runtime.ok("exec", cid, "echo", "still-here") == "still-here\n"
 
+
+@pytest.mark.parametrize("how", ["kill-then-delete", "delete"])
+def test_created_member_killed_then_deleted_or_deleted_outright(
+    life: Life, tmp_path: Path, how: str
+) -> None:
     # Created, never started: killed then deleted (podman rm -f), or deleted outright.
-    member = make_bundle(tmp_path, ["sleep", "1000"], annotations=join)
-    for joiner in ("joiner3", "joiner4"):
-        pid_file = tmp_path / f"{joiner}.pid"
-        joined = runtime.conmon(
-            pid_file,
-            tmp_path / f"{joiner}.out",
-            "create",
-            "--bundle",
-            str(member),
-            "--pid-file",
-            str(pid_file),
-            joiner,
-        )
-        assert joined.rc() == 0, joined.output()
-        assert runtime.state(joiner)["status"] == "created"
-        if joiner == "joiner3":
-            runtime.ok("kill", joiner, "KILL")
-            assert joined.exit_status() == 128 + signal.SIGKILL
-            assert runtime.state(joiner)["status"] == "stopped"
-        runtime.ok("delete", joiner)
-        if joiner == "joiner4":
-            assert joined.exit_status() in (128 + signal.SIGTERM, 128 + signal.SIGKILL)
-        assert_nothing_left(runtime, joiner)
+    runtime, cid = life.runtime, life.cid
+    joiner = "joiner3" if how == "kill-then-delete" else "joiner4"
+    member = make_bundle(tmp_path, ["sleep", "1000"], annotations=life.join())
+    pid_file = tmp_path / f"{joiner}.pid"
+    joined = runtime.conmon(
+        pid_file,
+        tmp_path / f"{joiner}.out",
+        "create",
+        "--bundle",
+        str(member),
+        "--pid-file",
+        str(pid_file),
+        joiner,
+    )
+    assert joined.rc() == 0, joined.output()
+    assert runtime.state(joiner)["status"] == "created"
+    if how == "kill-then-delete":
+        runtime.ok("kill", joiner, "KILL")
+        assert joined.exit_status() == 128 + signal.SIGKILL
+        assert runtime.state(joiner)["status"] == "stopped"
+    runtime.ok("delete", joiner)
+    if how == "delete":
+        assert joined.exit_status() in (128 + signal.SIGTERM, 128 + signal.SIGKILL)
+    assert_nothing_left(runtime, joiner)
     assert json.loads((pod_dir(runtime.root, cid) / "pod.json").read_text())["containers"] == [cid]
     assert runtime.ok("exec", cid, "echo", "still-here") == "still-here\n"
 
-    # Signals: SIGNAME, NAME and numbers; kill --all reaches exec'd processes too.
+
+def test_kill_takes_signal_names_and_numbers(life: Life) -> None:
+    runtime, cid, init = life.runtime, life.cid, life.init
+    usr1 = init.output().count("got-usr1")
+    usr2 = init.output().count("got-usr2")
     runtime.ok("kill", cid, "SIGUSR1")
-    assert wait_until(lambda: "got-usr1" in init.output()), init.output()
+    assert wait_until(lambda: init.output().count("got-usr1") == usr1 + 1), init.output()
     runtime.ok("kill", cid, "usr2")
-    assert wait_until(lambda: "got-usr2" in init.output()), init.output()
+    assert wait_until(lambda: init.output().count("got-usr2") == usr2 + 1), init.output()
     runtime.ok("kill", cid, str(int(signal.SIGUSR1)))
-    assert wait_until(lambda: init.output().count("got-usr1") == 2), init.output()
-    runtime.fails("kill", cid, "SIGNOPE", match="invalid signal", tmp=tmp_path)
-    assert alive(pid) and runtime.state(cid)["status"] == "running"
+    assert wait_until(lambda: init.output().count("got-usr1") == usr1 + 2), init.output()
+    runtime.fails("kill", cid, "SIGNOPE", match="invalid signal", tmp=life.tmp)
+    assert alive(life.pid) and runtime.state(cid)["status"] == "running"
+
+
+# -- ending a container, one VM each way it boots -----------------------------------------------
+
+
+def test_kill_all_ends_it_and_its_execs_and_delete_leaves_nothing(
+    runtime: Runtime, tmp_path: Path, boot_mode: str
+) -> None:
+    cid = "ending"
+    bundle = make_bundle(tmp_path, ["sh", "-c", CONTAINER_SCRIPT])
+    init = runtime.conmon(
+        tmp_path / "init.pid",
+        tmp_path / "init.out",
+        "create",
+        "--bundle",
+        str(bundle),
+        "--pid-file",
+        str(tmp_path / "init.pid"),
+        cid,
+    )
+    assert init.rc() == 0, init.output()
+    pod_record = json.loads((pod_dir(runtime.root, cid) / "pod.json").read_text())
+    assert pod_record["boot"] == boot_mode
+    runtime.ok("start", cid)
+    assert wait_until(lambda: "started" in init.output()), init.output()
+    stay = runtime.conmon(
+        tmp_path / "exec.pid",
+        tmp_path / "exec.out",
+        "exec",
+        "--detach",
+        "--pid-file",
+        str(tmp_path / "exec.pid"),
+        cid,
+        "sleep",
+        "1000",
+    )
+    assert stay.rc() == 0, stay.output()
+
+    # kill --all reaches exec'd processes too.
     runtime.ok("kill", "--all", cid, "TERM")
     assert init.exit_status() == 3
     assert "got-term" in init.output()
@@ -608,7 +700,12 @@ HEAVY_MODULES = (
 def test_quick_verbs_import_only_what_they_use(runtime: Runtime) -> None:
     stopped = runtime.root / "gone"
     stopped.mkdir()
-    record = {"id": "gone", "status": "running", "pod_id": "gone", "bundle": "/nonexistent"}
+    record: dict[str, object] = {
+        "id": "gone",
+        "status": "running",
+        "pod_id": "gone",
+        "bundle": "/nonexistent",
+    }
     record["shim"] = {"pid": 1, "start": 1}  # not init's start time: a shim that exited
     (stopped / "state.json").write_text(json.dumps(record))
     for args in (
@@ -751,7 +848,7 @@ class RuncContainer:
 @pytest.fixture
 def runc_container(tmp_path: Path) -> Iterator[RuncContainer]:
     if shutil.which("runc") is None:
-        pytest.skip("needs runc on the host (apt install runc)")
+        pytest.fail("runc is missing: run 'make deps' (Debian's containerd package brings it)")
     bundle = tmp_path / "runc-bundle"
     bundle.mkdir()
     shutil.copytree(images.ensure_default_image(), bundle / "rootfs", symlinks=True)
