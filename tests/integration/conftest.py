@@ -27,9 +27,7 @@ import pytest
 from hypervisor.errors import GuestImageError
 from hypervisor.guest_image import find_image
 from sandbox.pod.lifecycle import Pod
-from tests.integration.pods import PodFactory
-
-KEEP_LOGS = Path(os.environ.get("PYSANDBOX_KEEP_LOGS_DIR", "/tmp/pysandbox-test-logs"))
+from tests.integration.pods import KEEP_LOGS, PodFactory
 
 #: The factories alive now, with the name of the fixture that made each.
 _ACTIVE = pytest.StashKey[list[tuple[str, PodFactory]]]()

@@ -31,6 +31,7 @@ from typing import Any
 
 from sandbox.image import store as images
 from sandbox.pod.hostfs import mounts_below
+from tests.integration.pods import KEEP_LOGS
 from tests.processes import processes_mentioning
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -41,7 +42,6 @@ IMAGE = "localhost/pysandbox-busybox:latest"
 PAUSE_IMAGE = "localhost/pysandbox-pause:latest"
 ENV = ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"]
 CNI_BRIDGE = "psbcni0"
-KEEP_LOGS = Path(os.environ.get("PYSANDBOX_KEEP_LOGS_DIR", "/tmp/pysandbox-test-logs"))
 
 CRI = 'plugins."io.containerd.grpc.v1.cri"'
 CONFIG = """version = 2

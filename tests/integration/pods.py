@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import json
+import os
 import re
 import shutil
 import tempfile
@@ -24,6 +25,8 @@ from pathlib import Path
 from sandbox.pod.hostfs import mounts_below
 from sandbox.pod.lifecycle import Pod
 
+#: Where logs of failed tests go (pods' here, containerd's in tests/integration/containerd_env.py).
+KEEP_LOGS = Path(os.environ.get("PYSANDBOX_KEEP_LOGS_DIR", "/tmp/pysandbox-test-logs"))
 #: What a pod directory holds that tells why a test failed (a missing one is skipped).
 POD_LOGS = ("console.log", "proxy.log", "virtiofsd.log", "boot.log")
 
