@@ -13,6 +13,7 @@ factories (those the test used, directly or through other fixtures).
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import itertools
 import json
 import os
@@ -40,13 +41,15 @@ class PodFactory:
     """Boots pods and watches roots for a test (or a module, or the session).
 
     ``vm_root`` is the --root pods are booted under unless told otherwise, and the parent of
-    :meth:`new_root` directories; ``label`` prefixes the ids of pods booted without one;
+    :meth:`new_root` directories; ``label`` (a test's name) makes the ids of pods booted
+    without one;
     ``keep_dir`` receives the logs (:meth:`keep_logs`).
     """
 
     def __init__(self, vm_root: Path, label: str, keep_dir: Path) -> None:
         self.vm_root = vm_root
-        self.label = safe_name(label, 40)
+        digest = hashlib.sha256(label.encode()).hexdigest()[:6]  # distinct if truncated alike
+        self.label = f"{safe_name(label, 40)}-{digest}"
         self.keep_dir = keep_dir
         self.pods: list[Pod] = []
         self.roots: list[Path] = []
