@@ -85,7 +85,7 @@ def test_boot_run_and_stop_leave_nothing(pod_factory: PodFactory, boot_mode: str
     pod.stop()
     _assert_gone(pod, refs)
     assert processes_mentioning(str(pod.dir)) == []
-    assert mounts_below(pod.root) == []
+    assert mounts_below(pod.dir) == []
 
 
 def test_destroy_after_everything_was_killed(pod_factory: PodFactory) -> None:
