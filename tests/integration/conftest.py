@@ -68,7 +68,7 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
     kept = terminalreporter.config.stash.get(_KEPT, [])
     if kept:
         terminalreporter.section("VM logs of failed tests")
-        for test, directory in kept:
+        for test, directory in dict.fromkeys(kept):  # one line per test and directory
             terminalreporter.write_line(f"{test}: {directory}")
 
 
