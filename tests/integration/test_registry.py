@@ -38,6 +38,7 @@ from typing import Any
 import pytest
 
 from sandbox.image import store as images
+from tests.integration.pods import PodFactory
 from tests.integration.registry import (
     Layout,
     Registry,
@@ -575,7 +576,7 @@ def test_run_reports_pull_failures_with_125_and_boots_nothing(
 
 @pytest.mark.vm
 def test_run_ref_end_to_end(
-    plain: Registry, env: dict[str, str], vm_root: Path, store: Path
+    plain: Registry, env: dict[str, str], pod_factory: PodFactory, store: Path
 ) -> None:
     """``run REF`` pulls on first use, applies the image config, and the image cannot be
     removed while the run uses it. One VM."""
@@ -584,6 +585,7 @@ def test_run_ref_end_to_end(
         'echo "$GREETING"; pwd; cat /etc/motd; ls /data /opt/gone; echo ready; read x; '
         'echo "got $x"'
     )
+    vm_root = pod_factory.new_root()
     process = subprocess.Popen(
         [sys.executable, "-m", "sandbox", "--root", str(vm_root), "run", "-i",
          "--tls-verify=false", ref, "sh", "-c", script],

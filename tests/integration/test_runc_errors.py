@@ -12,13 +12,14 @@ import json
 import re
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
 from sandbox.image import store as images
 from sandbox.run.default_spec import default_spec
+from tests.integration.pods import PodFactory
+from tests.processes import wait_until
 
 pytestmark = pytest.mark.vm
 
@@ -72,10 +73,9 @@ def _life(runtime: list[str], bundle: Path, cid: str) -> dict[str, tuple[int, st
     assert rc == 0, log.read_text()
     try:
         assert call("start", cid).returncode == 0
-        deadline = time.monotonic() + 30
-        while json.loads(call("state", cid).stdout)["status"] != "stopped":
-            assert time.monotonic() < deadline, "the container's process did not exit"
-            time.sleep(0.1)
+        assert wait_until(lambda: json.loads(call("state", cid).stdout)["status"] == "stopped"), (
+            "the container's process did not exit"
+        )
         seen = {}
         for verb in REFUSED:
             result = call(*(arg.format(id=cid) for arg in verb))
@@ -87,10 +87,10 @@ def _life(runtime: list[str], bundle: Path, cid: str) -> dict[str, tuple[int, st
         call("delete", "--force", cid)
 
 
-def test_refusals_use_runc_words(tmp_path: Path, vm_root: Path) -> None:
+def test_refusals_use_runc_words(tmp_path: Path, pod_factory: PodFactory) -> None:
     bundle = _bundle(tmp_path)
     runc = _life(["runc", "--root", str(tmp_path / "runc")], bundle, "words")
-    ours = _life([*PYSANDBOX, "--root", str(vm_root)], bundle, "words")
+    ours = _life([*PYSANDBOX, "--root", str(pod_factory.new_root())], bundle, "words")
     for case, (rc, words) in runc.items():
         our_rc, our_words = ours[case]
         assert rc != 0 and our_rc != 0, (case, runc[case], ours[case])
