@@ -23,7 +23,6 @@ from __future__ import annotations
 import os
 import subprocess
 import threading
-import time
 import zlib
 from collections.abc import Iterator
 from concurrent import futures
@@ -423,16 +422,6 @@ class FakeMounts:
         prefix = str(path).rstrip("/")
         found = [p for p in self.points if p == prefix or p.startswith(prefix + "/")]
         return sorted(found, key=lambda p: p.count("/"), reverse=True)
-
-
-def wait_for(condition: Any, timeout: float = 5.0) -> bool:
-    """Poll ``condition()`` until true or ``timeout`` seconds passed."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() >= deadline:
-            return False
-        time.sleep(0.01)
-    return True
 
 
 def guest_image(directory: Path) -> Path:
