@@ -42,8 +42,7 @@ class PodFactory:
 
     ``vm_root`` is the --root pods are booted under unless told otherwise, and the parent of
     :meth:`new_root` directories; ``label`` (a test's name) makes the ids of pods booted
-    without one;
-    ``keep_dir`` receives the logs (:meth:`keep_logs`).
+    without one; ``keep_dir`` receives the logs (:meth:`keep_logs`).
     """
 
     def __init__(self, vm_root: Path, label: str, keep_dir: Path) -> None:
