@@ -12,7 +12,6 @@ that names no layout join them as further containers of their pod.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import json
 import shutil
@@ -27,6 +26,7 @@ import pytest
 from sandbox.image import store as images
 from sandbox.run.default_spec import default_spec
 from tests.integration.cgroup_view import READER, as_runc_v1, parse, runc_weight
+from tests.integration.pods import PodFactory
 
 pytestmark = pytest.mark.vm
 
@@ -107,18 +107,17 @@ class Cli:
 
 
 @pytest.fixture
-def clis(vm_root: Path) -> Iterator[tuple[Cli, Cli]]:
-    """(runc, pysandbox), each with a fresh root; every container is deleted afterwards."""
+def clis(pod_factory: PodFactory) -> Iterator[tuple[Cli, Cli]]:
+    """(runc, pysandbox), each with a fresh root (removed with the pods' by ``pod_factory``);
+    every container is deleted afterwards."""
     if shutil.which("runc") is None:
         pytest.fail("runc is missing: run 'make deps' (scripts/install-host-packages.sh)")
-    roots = [Path(tempfile.mkdtemp(prefix="cg", dir=vm_root)) for _ in range(2)]
+    roots = [pod_factory.new_root("cg") for _ in range(2)]
     pair = Cli("runc", roots[0]), Cli(PYSANDBOX, roots[1])
     yield pair
     for cli in pair:
         for cid in cli("list", "--quiet").stdout.split():
             cli("delete", "--force", cid)
-        with contextlib.suppress(OSError):
-            shutil.rmtree(cli.root)
 
 
 def host_layout() -> str:

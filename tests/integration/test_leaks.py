@@ -4,17 +4,15 @@ virtiofsd's pid file in /var/run/virtiofsd/, lock files under ``<root>/locks/``.
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import sys
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from hypervisor.virtiofsd import PID_DIR
 from tests.integration.helpers import busybox_spec
+from tests.integration.pods import PodFactory
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -31,10 +29,9 @@ def cli(root: Path, *args: str) -> subprocess.CompletedProcess[str]:
 
 
 @pytest.fixture
-def root(vm_root: Path) -> Iterator[Path]:
-    path = Path(tempfile.mkdtemp(prefix="psl-", dir="/tmp"))
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
+def root(pod_factory: PodFactory) -> Path:
+    """An empty --root of this test's (its pods' logs kept if the test fails)."""
+    return pod_factory.new_root("psl")
 
 
 def _pid_files_of(root: Path) -> list[str]:

@@ -18,8 +18,6 @@ import shutil
 import stat
 import subprocess
 import sys
-import tempfile
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -34,6 +32,8 @@ from sandbox.pod import hostfs
 from sandbox.pod.lifecycle import Pod
 from sandbox.pod.sharing import share_container_files, unshare_container_files
 from tests.integration.helpers import busybox_spec, run_container
+from tests.integration.pods import PodFactory
+from tests.processes import wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
 PYSANDBOX = [sys.executable, "-m", "sandbox"]
@@ -96,9 +96,9 @@ def tmpfs_at(path: Path, files: dict[str, str]) -> Iterator[Path]:
 
 
 @pytest.fixture(scope="module")
-def pod(vm_root: Path) -> Iterator[Pod]:
+def pod(module_pods: PodFactory) -> Iterator[Pod]:
     """One pod for the read-only tests, booted as ``run`` boots (no privileged files)."""
-    booted = Pod.boot(vm_root, "security")
+    booted = module_pods("security")
     yield booted
     booted.stop()
 
@@ -165,28 +165,25 @@ def test_read_only_rootfs_stays_read_only_on_the_host(
 
 
 def test_read_only_run_gets_its_mountpoints_without_writing_the_image_store(
-    tmp_path: Path,
+    tmp_path: Path, pod_factory: PodFactory
 ) -> None:
     # ``run --read-only`` with a volume whose destination the image lacks: the mountpoint
     # is made in guest memory, never in the (shared) image store; the root stays read-only.
     store_rootfs = images.ensure_default_image()
     before = sorted(os.listdir(store_rootfs))
     (tmp_path / "in").write_text("host\n")
-    root = Path(tempfile.mkdtemp(prefix="pss-", dir="/tmp"))
-    try:
-        done = cli(
-            root,
-            "run",
-            "--read-only",
-            "-v",
-            f"{tmp_path}:/pysandbox-new-mountpoint:ro",
-            "default",
-            "sh",
-            "-c",
-            "cat /pysandbox-new-mountpoint/in; touch /x 2>/dev/null || echo ro",
-        )
-    finally:
-        shutil.rmtree(root, ignore_errors=True)
+    root = pod_factory.new_root("pss")
+    done = cli(
+        root,
+        "run",
+        "--read-only",
+        "-v",
+        f"{tmp_path}:/pysandbox-new-mountpoint:ro",
+        "default",
+        "sh",
+        "-c",
+        "cat /pysandbox-new-mountpoint/in; touch /x 2>/dev/null || echo ro",
+    )
     assert (done.returncode, done.stdout) == (0, "host\nro\n"), done.stderr
     assert sorted(os.listdir(store_rootfs)) == before
 
@@ -268,51 +265,49 @@ def _setuid_through_run(root: Path, source: Path, *flags: str) -> int:
     return stat.S_IMODE((source / "x").stat().st_mode)
 
 
-def test_run_refuses_setuid_files_on_volumes_unless_privileged_files(tmp_path: Path) -> None:
-    root = Path(tempfile.mkdtemp(prefix="pss-", dir="/tmp"))
-    try:
-        (tmp_path / "a").mkdir()
-        (tmp_path / "b").mkdir()
-        assert _setuid_through_run(root, tmp_path / "a") == 0o755
-        assert _setuid_through_run(root, tmp_path / "b", "--privileged-files") == 0o4755
-    finally:
-        shutil.rmtree(root, ignore_errors=True)
+def test_run_refuses_setuid_files_on_volumes_unless_privileged_files(
+    tmp_path: Path, pod_factory: PodFactory
+) -> None:
+    root = pod_factory.new_root("pss")
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    assert _setuid_through_run(root, tmp_path / "a") == 0o755
+    assert _setuid_through_run(root, tmp_path / "b", "--privileged-files") == 0o4755
 
 
-def test_bundle_keeps_runc_behaviour_unless_annotated(tmp_path: Path) -> None:
+def test_bundle_keeps_runc_behaviour_unless_annotated(
+    tmp_path: Path, pod_factory: PodFactory
+) -> None:
     # A bundle from podman or containerd behaves as under runc: its image may install
     # setuid binaries. The annotation org.pysandbox.privileged-files=false refuses them.
-    root = Path(tempfile.mkdtemp(prefix="pss-", dir="/tmp"))
-    try:
-        modes = {}
-        for name, annotations in (
-            ("runc-like", {}),
-            ("annotated", {"org.pysandbox.privileged-files": "false"}),
-        ):
-            source = tmp_path / name
-            source.mkdir()
-            bundle = tmp_path / f"bundle-{name}"
-            bundle.mkdir()
-            spec = busybox_spec("sh", "-c", "cp /bin/busybox /tmp/x && chmod 4755 /tmp/x; true")
-            spec["mounts"].append(volume(source, "/tmp"))
-            spec["annotations"] = annotations
-            (bundle / "config.json").write_text(json.dumps(spec))
-            done = cli(root, "run", "--bundle", str(bundle), f"sec-{name}")
-            assert done.returncode == 0, done.stderr
-            modes[name] = stat.S_IMODE((source / "x").stat().st_mode)
-        assert modes == {"runc-like": 0o4755, "annotated": 0o755}
-        bad = tmp_path / "bundle-bad"
-        bad.mkdir()
-        spec = busybox_spec("true")
-        spec["annotations"] = {"org.pysandbox.privileged-files": "yes"}
-        (bad / "config.json").write_text(json.dumps(spec))
-        done = cli(root, "run", "--bundle", str(bad), "sec-bad")
-        assert done.returncode != 0
-        assert "org.pysandbox.privileged-files must be 'true' or 'false'" in done.stderr
-        assert len(done.stderr.strip().splitlines()) == 1, done.stderr
-        assert not (root / "p").exists() or not list((root / "p").iterdir())
-    finally:
-        shutil.rmtree(root, ignore_errors=True)
+    root = pod_factory.new_root("pss")
+    modes = {}
+    for name, notes in (
+        ("runc-like", {}),
+        ("annotated", {"org.pysandbox.privileged-files": "false"}),
+    ):
+        source = tmp_path / name
+        source.mkdir()
+        bundle = tmp_path / f"bundle-{name}"
+        bundle.mkdir()
+        spec = busybox_spec("sh", "-c", "cp /bin/busybox /tmp/x && chmod 4755 /tmp/x; true")
+        spec["mounts"].append(volume(source, "/tmp"))
+        spec["annotations"] = notes
+        (bundle / "config.json").write_text(json.dumps(spec))
+        done = cli(root, "run", "--bundle", str(bundle), f"sec-{name}")
+        assert done.returncode == 0, done.stderr
+        modes[name] = stat.S_IMODE((source / "x").stat().st_mode)
+    assert modes == {"runc-like": 0o4755, "annotated": 0o755}
+    bad = tmp_path / "bundle-bad"
+    bad.mkdir()
+    spec = busybox_spec("true")
+    spec["annotations"] = {"org.pysandbox.privileged-files": "yes"}
+    (bad / "config.json").write_text(json.dumps(spec))
+    done = cli(root, "run", "--bundle", str(bad), "sec-bad")
+    assert done.returncode != 0
+    assert "org.pysandbox.privileged-files must be 'true' or 'false'" in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert not (root / "p").exists() or not list((root / "p").iterdir())
 
 
 # -- device nodes reaching host devices ------------------------------------------------------
@@ -347,7 +342,9 @@ def test_a_device_node_in_a_share_opens_a_guest_device_never_the_host_one(
 # -- Kata CVE-2020-2024/2026: the host made to follow symlinks the guest planted -------------
 
 
-def test_planted_symlinks_are_never_followed_by_the_host(pod_factory: Any, tmp_path: Path) -> None:
+def test_planted_symlinks_are_never_followed_by_the_host(
+    pod_factory: PodFactory, tmp_path: Path
+) -> None:
     # The guest mounts the pod share, plants symlinks to a host directory where the host
     # will create, mount, unmount and remove things -- for its own container (clean-up),
     # for container ids not yet created (the next run), in the pod's volume directory (the
@@ -391,11 +388,13 @@ def test_planted_symlinks_are_never_followed_by_the_host(pod_factory: Any, tmp_p
 # -- a bind-mount source raced between check and mount (TOCTOU) ------------------------------
 
 
-def test_a_volume_source_swapped_after_the_check_is_not_followed(tmp_path: Path) -> None:
+def test_a_volume_source_swapped_after_the_check_is_not_followed(
+    tmp_path: Path, pod_factory: PodFactory
+) -> None:
     # ``run`` checks its volumes before it boots and mounts them after the boot. Once the
     # boot started (the pod directory exists), the source is swapped for a symlink to a
     # secret directory: the container must see what was checked.
-    root = Path(tempfile.mkdtemp(prefix="pss-", dir="/tmp"))
+    root = pod_factory.new_root("pss")
     source, moved, secret = tmp_path / "src", tmp_path / "moved", tmp_path / "secret"
     for directory, text in ((source, "checked\n"), (secret, "secret\n")):
         directory.mkdir()
@@ -418,11 +417,12 @@ def test_a_volume_source_swapped_after_the_check_is_not_followed(tmp_path: Path)
         cwd=ROOT,
     )
     try:
-        deadline = time.monotonic() + 60
-        while not (root / "p").exists() or not list((root / "p").iterdir()):
+
+        def booting() -> bool:
             assert proc.poll() is None, proc.communicate()
-            assert time.monotonic() < deadline, "the pod never started booting"
-            time.sleep(0.002)
+            return (root / "p").exists() and bool(list((root / "p").iterdir()))
+
+        assert wait_until(booting, 60, interval=0.002), "the pod never started booting"
         source.rename(moved)
         source.symlink_to(secret)
         out, err = proc.communicate(timeout=120)
@@ -432,7 +432,6 @@ def test_a_volume_source_swapped_after_the_check_is_not_followed(tmp_path: Path)
         with contextlib.suppress(ProcessLookupError):
             proc.kill()
         proc.wait()
-        shutil.rmtree(root, ignore_errors=True)
 
 
 # -- clean-up must not take host mounts with it ------------------------------------------------
