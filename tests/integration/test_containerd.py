@@ -23,7 +23,7 @@ from sandbox.pod.hostfs import mounts_below
 from tests.integration import containerd_env
 from tests.integration.containerd_env import IMAGE, RUNTIME, Containerd
 from tests.integration.pods import PodFactory
-from tests.processes import processes_mentioning, wait_until
+from tests.processes import alive, processes_mentioning, wait_until
 
 _ids = itertools.count()
 
@@ -314,14 +314,6 @@ def _task_pid(daemon: Containerd, cid: str) -> int:
     raise AssertionError(f"no task {cid}: {daemon.ctr('tasks', 'ls').stdout}")
 
 
-def _gone(pid: int) -> bool:
-    """Whether host process ``pid`` has exited (a zombie has)."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
-    except OSError:
-        return True
-
-
 def _cmdline(pid: int) -> list[str]:
     return Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0")
 
@@ -450,7 +442,7 @@ def test_pod_terminals_exits_and_ps(containerd: Containerd) -> None:
         killed = containerd.ctr("tasks", "kill", "--signal", "SIGKILL", bg)
         assert killed.returncode == 0, killed.stderr
         started = time.monotonic()
-        assert wait_until(lambda: _gone(init_pid), 60, interval=0.05)
+        assert wait_until(lambda: not alive(init_pid), 60, interval=0.05)
         exit_seconds = time.monotonic() - started
         print(f"\nthe init's --pid-file process exited {exit_seconds:.2f}s after kill")
         assert exit_seconds < 5.0, exit_seconds  # was 60 s: the shim waited for stdout's EOF

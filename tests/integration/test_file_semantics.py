@@ -34,6 +34,7 @@ from sandbox.pod import hostfs
 from sandbox.pod.lifecycle import Pod
 from sandbox.run.default_spec import default_spec
 from tests.integration.helpers import LiveContainer, Result, live_container, run_container
+from tests.integration.pods import PodFactory
 
 REPO = Path(__file__).resolve().parents[2]
 CHECKER_SOURCE = Path(__file__).resolve().parent / "fscheck" / "fscheck.c"
@@ -125,10 +126,10 @@ class Place:
 
 
 @pytest.fixture(scope="module")
-def fs_pod(vm_root: Path) -> Iterator[Pod]:
+def fs_pod(module_pods: PodFactory) -> Iterator[Pod]:
     """The module's pod. With privileged files, as a bundle's pod (the OCI runtime's
     default, as runc): the suite creates setuid files, device nodes and file capabilities."""
-    pod = Pod.boot(vm_root, "file-semantics", privileged_files=True)
+    pod = module_pods("file-semantics", privileged_files=True)
     yield pod
     pod.destroy()
 

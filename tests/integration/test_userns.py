@@ -22,9 +22,10 @@ from pathlib import Path
 import pytest
 
 from sandbox.image import store as images
-from sandbox.pod.lifecycle import Pod
 from sandbox.run.default_spec import default_spec
-from tests.integration.test_runtime_cli import RUNTIME, Runtime, wait_until
+from tests.integration.pods import PodFactory
+from tests.integration.test_runtime_cli import RUNTIME, Runtime
+from tests.processes import wait_until
 
 pytestmark = pytest.mark.vm
 
@@ -95,7 +96,7 @@ def base() -> Iterator[Path]:
 
 def _run_runc(base: Path) -> list[str]:
     if shutil.which("runc") is None:
-        pytest.skip("needs runc on the host (apt install runc)")
+        pytest.fail("runc is missing: run 'make deps' (Debian's containerd package brings it)")
     done = subprocess.run(
         ["runc", "--root", str(base / "runc-state"), "run", "--bundle", str(base / "bundle"), "u"],
         stdin=subprocess.DEVNULL,
@@ -107,8 +108,8 @@ def _run_runc(base: Path) -> list[str]:
     return [" ".join(line.split()) for line in done.stdout.splitlines()]
 
 
-def _run_pysandbox(base: Path, vm_root: Path) -> list[str]:
-    runtime = Runtime(Path(tempfile.mkdtemp(prefix="rt", dir=vm_root)))
+def _run_pysandbox(base: Path, root: Path) -> list[str]:
+    runtime = Runtime(root)
     out, err = base / "out", base / "err"
     try:
         # The container inherits create's stdout and stderr (as under conmon): files, not
@@ -129,12 +130,10 @@ def _run_pysandbox(base: Path, vm_root: Path) -> list[str]:
         subprocess.run(
             [RUNTIME, "--root", str(runtime.root), "delete", "--force", "u"], check=False
         )
-        for pod in Pod.list(runtime.root):
-            pod.destroy()
     return [" ".join(line.split()) for line in out.read_text().splitlines()]
 
 
-def test_user_namespace_bundle_matches_runc(base: Path, vm_root: Path) -> None:
+def test_user_namespace_bundle_matches_runc(base: Path, pod_factory: PodFactory) -> None:
     runc_base = base / "runc"
     ours_base = base / "pysandbox"
     for where in (runc_base, ours_base):
@@ -143,7 +142,7 @@ def test_user_namespace_bundle_matches_runc(base: Path, vm_root: Path) -> None:
         _bundle(where)
     runc_lines = _run_runc(runc_base)
     runc_owners = _owners(runc_base)
-    lines = _run_pysandbox(ours_base, vm_root)
+    lines = _run_pysandbox(ours_base, pod_factory.new_root("rt"))
     owners = _owners(ours_base)
 
     assert lines[:4] == [f"0 {HOST_ID} {SIZE}", f"0 {HOST_ID} {SIZE}", "0", "0"]
