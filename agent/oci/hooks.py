@@ -69,7 +69,7 @@ class StartHooks:
             if key in doc:
                 ordered[key] = doc[key]
         ordered.update((k, v) for k, v in doc.items() if k not in ordered)
-        payload = json.dumps(ordered).encode()
+        payload = json.dumps(ordered, separators=(",", ":")).encode()  # compact, as runc
         for index, hook in enumerate(self.hooks):
             name = f"{KIND} hook #{index} ({hook.path})"
             try:

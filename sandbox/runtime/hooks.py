@@ -132,7 +132,7 @@ def run_hooks(
     (create's hooks); with it each failure is passed to ``warn`` and the next hook runs
     (poststart, poststop: runtime.md says to log a warning and carry on).
     """
-    payload = json.dumps(doc).encode()
+    payload = json.dumps(doc, separators=(",", ":")).encode()  # compact, as runc writes it
     if not os.path.isdir(cwd):
         cwd = "/"  # e.g. a bundle removed before delete: the hook still runs
     for index, hook in enumerate(hooks.get(kind, ())):
