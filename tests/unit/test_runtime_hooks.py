@@ -8,13 +8,20 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from sandbox.errors import ConfigError, HookError
+from sandbox.errors import AgentError, ConfigError, FailureReason, HookError
+from sandbox.pod.lifecycle import Pod
 from sandbox.runtime import hooks
+from sandbox.runtime.create import create
+from sandbox.runtime.delete import delete
+from sandbox.runtime.record import ContainerRecord
+from sandbox.runtime.start import start
+from tests.unit.fake_drivers import FakeDrivers, fixture_drivers
 
 SH = "/bin/sh"
 
@@ -167,3 +174,150 @@ def test_for_guest_keeps_only_start_container_hooks_with_explicit_timeouts() -> 
     without: dict[str, Any] = {"hooks": {"poststop": []}}
     hooks.for_guest(without, {}, doc)
     assert without == {}
+
+
+# -- the verbs, against fake drivers (tests/unit/fake_drivers.py) ------------------------------
+
+SANDBOX = {"io.kubernetes.cri.container-type": "sandbox", "io.kubernetes.cri.sandbox-id": "pod"}
+MEMBER = {"io.kubernetes.cri.container-type": "container", "io.kubernetes.cri.sandbox-id": "pod"}
+#: A hook that logs "<kind> <status> <whether the pid in the state is a live process>".
+LOGGER = (
+    'read -r s; st=${s#*\\"status\\":\\"}; st=${st%%\\"*}; pid=${s#*\\"pid\\":}; pid=${pid%%,*}; '
+    'if kill -0 "$pid" 2>/dev/null; then live=live; else live=none; fi; echo "$0 $st $live" >> "$1"'
+)
+
+
+@pytest.fixture
+def fake(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeDrivers]:
+    for drivers in fixture_drivers(tmp_path, monkeypatch):
+        drivers.install_shims(monkeypatch)
+        yield drivers
+
+
+@pytest.fixture
+def root(tmp_path: Path) -> Path:
+    (tmp_path / "root").mkdir(mode=0o700)
+    return tmp_path / "root"
+
+
+def hooked_bundle(
+    tmp_path: Path, name: str, hooks_: dict[str, Any], annotations: dict[str, str] | None = None
+) -> Path:
+    directory = tmp_path / "bundles" / name
+    (directory / "rootfs").mkdir(parents=True)
+    spec = {
+        "ociVersion": "1.0.2",
+        "process": {"args": ["sleep", "1000"], "cwd": "/"},
+        "root": {"path": "rootfs"},
+        "annotations": annotations or {},
+        "hooks": hooks_,
+    }
+    (directory / "config.json").write_text(json.dumps(spec))
+    return directory
+
+
+def logger(kind: str, log: Path, fail: bool = False) -> dict[str, Any]:
+    return _hook(LOGGER + ("; exit 2" if fail else ""), kind, str(log))
+
+
+def test_create_hooks_run_in_order_with_a_live_pid_and_a_failure_undoes_the_pod(
+    fake: FakeDrivers, root: Path, tmp_path: Path
+) -> None:
+    log = tmp_path / "log"
+    kinds = ("prestart", "createRuntime", "createContainer")
+    ok = hooked_bundle(tmp_path, "ok", {k: [logger(k, log)] for k in kinds})
+    create(root, "ok", ok)
+    assert log.read_text().splitlines() == [f"{k} creating live" for k in kinds]
+    assert ("shim", "spawn", "ok") in fake.events  # the pid they got is the shim's
+    delete(root, "ok")
+
+    log.unlink()
+    failing = {**{k: [logger(k, log)] for k in kinds}, "createContainer": [logger("cc", log, True)]}
+    with pytest.raises(
+        HookError, match=r"^createContainer hook #0 \(/bin/sh\) failed: exit status 2"
+    ):
+        create(root, "bad", hooked_bundle(tmp_path, "bad", failing))
+    assert log.read_text().splitlines() == [
+        "prestart creating live",
+        "createRuntime creating live",
+        "cc creating live",
+    ]
+    assert not (root / "bad").exists()
+    assert Pod.list(root) == [] and fake.alive() == [] and fake.mounts.points == set()
+
+
+def test_a_failing_create_hook_of_a_member_leaves_the_pod_as_it_was(
+    fake: FakeDrivers, root: Path, tmp_path: Path
+) -> None:
+    create(root, "sandbox", hooked_bundle(tmp_path, "sandbox", {}, SANDBOX))
+    before = sorted(fake.alive())
+    joined = len(fake.events)
+    member = hooked_bundle(tmp_path, "member", {"prestart": [_hook("exit 1")]}, MEMBER)
+    with pytest.raises(HookError, match="prestart hook #0"):
+        create(root, "member", member)
+    assert ("agent", "RemoveContainer") in fake.events[joined:]
+    assert not (root / "member").exists()
+    pod = Pod.load(root, "pod")
+    assert pod.record.containers == ["sandbox"] and not (pod.shared_dir / "member").exists()
+    assert sorted(fake.alive()) == before
+    delete(root, "sandbox", force=True)
+
+
+def test_a_failed_start_container_hook_fails_start_and_leaves_it_stopped(
+    fake: FakeDrivers, root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from sandbox.pod.agent_client import ContainerClient
+
+    log = tmp_path / "log"
+    bundle = hooked_bundle(
+        tmp_path,
+        "c1",
+        {"startContainer": [{"path": "/bin/h", "timeout": 5}], "poststart": [logger("ps", log)]},
+    )
+    create(root, "c1", bundle)
+    asked: list[float] = []
+
+    def failing_start(self: ContainerClient, container_id: str, extra_seconds: float) -> None:
+        asked.append(extra_seconds)
+        fake.shims[container_id].kill()  # the guest process exits after the failed hook
+        raise AgentError(
+            "agent StartContainer failed: x",
+            reason=FailureReason.HOOK_FAILED,
+            detail="startContainer hook #0 (/bin/h) failed: exit status 1",
+        )
+
+    monkeypatch.setattr(ContainerClient, "start_container", failing_start)
+    with pytest.raises(HookError) as info:
+        start(root, "c1")
+    assert str(info.value) == "startContainer hook #0 (/bin/h) failed: exit status 1"
+    assert asked == [5.0]  # the StartContainer deadline covers the hooks' timeouts
+    assert ContainerRecord.load(root, "c1").oci_state()["status"] == "stopped"
+    assert not log.exists()  # no poststart for a container that did not start
+    delete(root, "c1")
+    assert fake.alive() == []
+
+
+def test_poststart_and_poststop_failures_are_warnings(
+    fake: FakeDrivers, root: Path, tmp_path: Path
+) -> None:
+    log = tmp_path / "log"
+    hooks_ = {
+        kind: [logger(kind, log, fail=True), logger(kind, log)]
+        for kind in ("poststart", "poststop")
+    }
+    create(root, "c1", hooked_bundle(tmp_path, "c1", hooks_))
+    warnings: list[str] = []
+    start(root, "c1", warn=warnings.append)
+    assert ContainerRecord.load(root, "c1").oci_state()["status"] == "running"
+    delete(root, "c1", force=True, warn=warnings.append)
+    assert warnings == [
+        f"{kind} hook #0 (/bin/sh) failed: exit status 2" for kind in ("poststart", "poststop")
+    ]
+    # Both hooks of each kind ran; the shim (pid) is alive at poststart, poststop has none.
+    assert log.read_text().splitlines() == [
+        "poststart running live",
+        "poststart running live",
+        "poststop stopped none",
+        "poststop stopped none",
+    ]
+    assert not (root / "c1").exists() and fake.alive() == []
