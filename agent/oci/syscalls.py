@@ -22,13 +22,14 @@ from __future__ import annotations
 import abc
 import ctypes
 import os
-import signal
 import time
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import NoReturn
 
+#: signal.SIGKILL (the signal module costs an enum build at start-up).
+_SIGKILL = 9
 CLONE_NEWNS = 0x00020000
 CLONE_NEWCGROUP = 0x02000000
 CLONE_NEWUTS = 0x04000000
@@ -739,7 +740,7 @@ class LinuxSyscalls(Syscalls):
                 if time.monotonic() >= deadline:
                     for target in (-pid, pid):  # the group; the hook itself if it left it
                         try:  # noqa: SIM105
-                            os.kill(target, signal.SIGKILL)
+                            os.kill(target, _SIGKILL)
                         except OSError:
                             pass
                     self.waitpid(pid)
