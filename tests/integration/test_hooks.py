@@ -13,8 +13,6 @@ one for podman passing hooks from a hooks directory.
 from __future__ import annotations
 
 import json
-import os
-import shlex
 import subprocess
 import time
 from pathlib import Path
@@ -340,19 +338,8 @@ def test_podman_hooks_dir_reaches_the_runtime(podman: list[str], tmp_path: Path)
             "stages": [kind],
         }
         (hooks_dir / f"{kind}.json").write_text(json.dumps(config))
-    # conmon runs the runtime with an environment of its own: carry the guest image chosen
-    # for this test run (PYSANDBOX_GUEST_IMAGE...) in a wrapper, or the default one is used.
-    wrapper = tmp_path / "pysandbox"
-    exports = "".join(
-        f"export {k}={shlex.quote(v)}\n"
-        for k, v in os.environ.items()
-        if k.startswith("PYSANDBOX_")
-    )
-    wrapper.write_text(f'#!/bin/sh\n{exports}exec {podman_tests.RUNTIME} "$@"\n')
-    wrapper.chmod(0o755)
-    command = [str(wrapper) if arg == podman_tests.RUNTIME else arg for arg in podman]
     done = podman_tests.pm(
-        command,
+        podman,
         "--hooks-dir",
         str(hooks_dir),
         "run",
