@@ -37,6 +37,8 @@ MAX_SPEC_BYTES = 1024 * 1024
 #: Guest directory holding per-container overlay layers (on the /run tmpfs).
 OVERLAY_ROOT = "/run/pysandbox-overlay"
 READY_TIMEOUT = 60.0
+#: How long StartContainer waits for the init to exec when the caller set no deadline.
+START_TIMEOUT = 60.0
 #: Exited execs whose status a WaitProcess has returned are forgotten once this many newer
 #: ones exist: a container probed by an exec every few seconds must not grow the agent forever.
 MAX_COLLECTED_EXECS = 256
@@ -228,6 +230,28 @@ def _pending(fd: int, terminal: bool) -> int:
     except OSError:
         count = 0
     return count + (_TTY_SLACK if terminal else 0)
+
+
+def _read_reply(control: socket.socket, timeout: float) -> str | None:
+    """What the runtime says after ``start``: "" at EOF (it exec'd, or died), its line (an
+    error), or None when nothing came within ``timeout`` seconds. At most 8 KiB are read."""
+    deadline = time.monotonic() + max(timeout, 0.0)
+    data = b""
+    while not data.endswith(b"\n") and len(data) < 8192:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            return None
+        control.settimeout(remaining)
+        try:
+            chunk = control.recv(8192 - len(data))
+        except TimeoutError:
+            return None
+        except OSError:
+            chunk = b""
+        if not chunk:
+            break
+        data += chunk
+    return data.decode(errors="replace").strip()
 
 
 def _close(fd: int | None) -> None:
@@ -444,20 +468,38 @@ class ContainerManager:
             )
         return proc.pid
 
-    def start(self, container_id: str) -> None:
+    def start(self, container_id: str, timeout: float = START_TIMEOUT) -> None:
+        """Send ``start`` and wait until the init has exec'd its program (EOF on the sync
+        socket) or reports a failed startContainer hook (an ``error`` line: the init exits,
+        the container is stopped). ``timeout``: how long the hooks may take (the caller's
+        deadline); past it the init is killed (DEADLINE_EXCEEDED)."""
         container = self.get(container_id)
-        if container.started or container.control is None:
+        control = container.control
+        if container.started or control is None:
             raise ContainerError(
                 "FAILED_PRECONDITION",
                 f"container {container_id} is {container.status}, not created",
             )
-        try:
-            container.control.sendall(b"start\n")
-        except OSError as exc:
-            raise ContainerError("FAILED_PRECONDITION", f"starting container: {exc}") from exc
-        container.control.close()
         container.control = None
         container.started = True
+        try:
+            try:
+                control.sendall(b"start\n")
+            except OSError as exc:
+                raise ContainerError("FAILED_PRECONDITION", f"starting container: {exc}") from exc
+            reply = _read_reply(control, timeout)
+        finally:
+            control.close()
+        if reply is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(container.init.pid, signal.SIGKILL)
+            raise ContainerError(
+                "DEADLINE_EXCEEDED",
+                f"container {container_id} did not start within {timeout:g}s "
+                "(its startContainer hooks were still running); it was killed",
+            )
+        if reply:
+            raise _runtime_failure(reply)
 
     def exec(self, container_id: str, exec_id: str, process_json: bytes) -> int:
         """Run one more process in the running container; its pid (see ExecProcess)."""

@@ -18,7 +18,7 @@ from typing import NoReturn
 import grpc
 
 from agent import pid1
-from agent.containers import ContainerError, ContainerManager
+from agent.containers import START_TIMEOUT, ContainerError, ContainerManager
 from agent.network import NetworkError, NetworkManager
 from agent.oci import syscalls
 from agentapi import failure
@@ -194,8 +194,10 @@ class AgentService(pb_grpc.AgentServicer):
     def StartContainer(
         self, request: pb.ContainerRequest, context: grpc.ServicerContext
     ) -> pb.Empty:
+        remaining = context.time_remaining()
+        timeout = START_TIMEOUT if remaining is None else max(remaining - 1.0, 0.1)
         with _container_errors(context):
-            self._manager(context).start(request.container_id)
+            self._manager(context).start(request.container_id, timeout)
         return pb.Empty()
 
     def ExecProcess(

@@ -11,6 +11,8 @@
      │    │                      as ConfigError naming the image)
      │    └── StreamError        reading or decompressing one of its blobs failed
      ├── NetworkError            the pod's host network devices cannot be set up or removed
+     ├── HookError               an OCI hook failed, timed out or could not be run: .hook
+     │                           (its kind) .index .path; the message names all three
      ├── TemplateError           a template VM cannot be built or restored (callers cold boot)
      ├── AgentError              the agent failed a call, timed out or answered nonsense:
      │    │                      .rpc .code .reason .detail .pod_id .container_id .exec_id
@@ -72,6 +74,8 @@ class FailureReason(enum.Enum):
     INVALID_SPEC = "INVALID_SPEC"
     #: A setup step (mounts, namespaces, cgroup, user...) failed in the guest.
     SETUP_FAILED = "SETUP_FAILED"
+    #: A startContainer hook failed in the guest; the container's process exits (stopped).
+    HOOK_FAILED = "HOOK_FAILED"
 
     @classmethod
     def named(cls, name: str) -> FailureReason:
@@ -120,6 +124,21 @@ class StreamError(ImageError):
 
 class NetworkError(SandboxError):
     """Setting up or removing the pod's network devices failed."""
+
+
+class HookError(SandboxError):
+    """An OCI hook failed (non-zero exit, killed, past its timeout) or could not be run.
+
+    ``hook`` is its kind ("prestart"...), ``index`` its position in that list, ``path`` its
+    program; the message is one line naming all three and what happened, with the start of
+    the hook's stdout and stderr (runtime spec config.md "POSIX-platform Hooks").
+    """
+
+    def __init__(self, message: str, *, hook: str = "", index: int = -1, path: str = "") -> None:
+        super().__init__(message)
+        self.hook = hook
+        self.index = index
+        self.path = path
 
 
 class TemplateError(SandboxError):

@@ -7,13 +7,15 @@ process in it; docs/oci-in-guest.md states the contract with the agent. Modules:
 - :mod:`agent.oci.syscalls` is the seam every side effect goes through (real and recording);
 - :mod:`agent.oci.rootfs`, :mod:`~agent.oci.cgroups`, :mod:`~agent.oci.capabilities`,
   :mod:`~agent.oci.seccomp` implement the steps; :mod:`agent.oci.process` the per-process part
-  shared by init and exec; :mod:`agent.oci.init` and :mod:`agent.oci.exec` order them.
+  shared by init and exec; :mod:`agent.oci.hooks` the startContainer hooks;
+  :mod:`agent.oci.init` and :mod:`agent.oci.exec` order them.
 
 Exceptions (all in :mod:`agent.oci.errors`)::
 
     OciError                 base; .exit_code is what the runtime exits with (1)
      ├── SpecError           the spec is invalid; raised before any side effect
      ├── SetupError          a setup step failed; the message names the step and the errno text
+     ├── HookError           a startContainer hook failed (after start; the process exits 1)
      └── ExecError           the program cannot be run; exit_code 127 (not found) or 126
 
 The package imports only the stdlib modules it needs (no dataclasses/typing/argparse at run

@@ -21,7 +21,17 @@ INVALID_SPEC = "INVALID_SPEC"
 #: A setup step (mount, namespace, cgroup, user, cwd, ...) failed in the guest.
 SETUP_FAILED = "SETUP_FAILED"
 
-REASONS = (UNSPECIFIED, EXECUTABLE_NOT_FOUND, NOT_EXECUTABLE, INVALID_SPEC, SETUP_FAILED)
+#: A startContainer hook failed (after ``start``): the container's process exits.
+HOOK_FAILED = "HOOK_FAILED"
+
+REASONS = (
+    UNSPECIFIED,
+    EXECUTABLE_NOT_FOUND,
+    NOT_EXECUTABLE,
+    INVALID_SPEC,
+    SETUP_FAILED,
+    HOOK_FAILED,
+)
 
 
 class OciError(Exception):
@@ -54,6 +64,13 @@ class SetupError(OciError):
     def from_os(cls, step: str, exc: OSError) -> SetupError:
         reason = exc.strerror or str(exc)
         return cls(f"{step}: {reason}")
+
+
+class HookError(OciError):
+    """A startContainer hook failed, ran past its timeout or could not be run; the message
+    names its kind, index and path (``startContainer hook #0 (/bin/x) failed: ...``)."""
+
+    reason = HOOK_FAILED
 
 
 class ExecError(OciError):

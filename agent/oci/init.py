@@ -6,8 +6,10 @@ Usage::
                               [--cgroup-v1 ROOT]
 
 SPECFD carries config.json (``root.path`` absolute); SYNCFD is a socket on which the runtime
-writes one line, ``ready <pid>`` or ``error <message>``, and then waits for ``start``. fds 0-2
-are the container's stdio. The full contract is in docs/oci-in-guest.md.
+writes one line, ``ready <pid>`` or ``error <message>``, and then waits for ``start``; after
+``start`` it runs the startContainer hooks and execs (EOF on SYNCFD), or reports a failed hook
+as an ``error`` line. fds 0-2 are the container's stdio. The full contract is in
+docs/oci-in-guest.md.
 
 Processes: the runtime (A) forks the container's process (B) after unsharing the namespaces,
 because a new pid namespace applies to children only. B reports ``ready <B's pid as the agent
@@ -22,6 +24,7 @@ import json
 import os
 
 from agent.oci import cgroups, rootfs
+from agent.oci import hooks as hooks_mod
 from agent.oci import process as proc_steps
 from agent.oci import spec as spec_mod
 from agent.oci import syscalls as sc
@@ -30,6 +33,7 @@ from agent.oci.errors import SETUP_FAILED, OciError, SetupError, SpecError
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from agent.oci.hooks import StartHooks
     from agent.oci.spec import IdMapping, Spec
     from agent.oci.syscalls import Syscalls
 
@@ -56,6 +60,7 @@ def create_container(
     sync: proc_steps.Sync,
     cgroup: str | None,
     cgroup_v1: str | None = None,
+    hooks: StartHooks | None = None,
 ) -> int:
     """Apply ``spec``, in order. Returns an exit code (real runs end in execve instead).
 
@@ -200,10 +205,11 @@ def create_container(
     # 23. The process itself: rlimits, no_new_privs, capabilities, user, umask, cwd, lookup.
     #     (apparmorProfile and selinuxLabel are ignored: the guest kernel enforces no LSM.)
     executable, env = proc_steps.finalize(sys, process, cap_last)
-    # 24. Tell A we are fine (it may exit now), then ready / start / execve.
+    # 24. Tell A we are fine (it may exit now), then ready / start / startContainer hooks /
+    #     execve.
     sys.write(done_w, b"k")
     sys.close(done_w)
-    return proc_steps.run_after_start(sys, sync, process, my_pid, executable, env)
+    return proc_steps.run_after_start(sys, sync, process, my_pid, executable, env, hooks)
 
 
 def _write(sys: Syscalls, path: str, value: str, what: str) -> None:
@@ -329,7 +335,8 @@ def run(
         except ValueError as exc:
             raise SpecError(f"config.json is not valid JSON: {exc}") from exc
         spec = spec_mod.parse_spec(decoded)
-        return create_container(sys, spec, sync, cgroup, cgroup_v1)
+        start_hooks = hooks_mod.parse(decoded)
+        return create_container(sys, spec, sync, cgroup, cgroup_v1, start_hooks)
     except Exception as exc:
         return fail(sys, sync, exc)
 

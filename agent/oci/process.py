@@ -14,6 +14,7 @@ from agent.oci.errors import (
     NOT_EXECUTABLE,
     UNSPECIFIED,
     ExecError,
+    HookError,
     SetupError,
 )
 
@@ -21,6 +22,7 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import NoReturn
 
+    from agent.oci.hooks import StartHooks
     from agent.oci.spec import Process
     from agent.oci.syscalls import Syscalls
 
@@ -53,6 +55,15 @@ class Sync:
         if self.reported:
             return
         self.reported = True
+        line = f"error {reason} {' '.join(message.split())}\n"
+        try:  # noqa: SIM105 - contextlib is one more import at start
+            self.sys.write(self.fd, line.encode())
+        except OSError:
+            pass
+
+    def start_failed(self, message: str, reason: str) -> None:
+        """After ``start``: report that the program will not run (a startContainer hook
+        failed) as one ``error <REASON> <message>`` line; never raises."""
         line = f"error {reason} {' '.join(message.split())}\n"
         try:  # noqa: SIM105 - contextlib is one more import at start
             self.sys.write(self.fd, line.encode())
@@ -182,9 +193,20 @@ def _load_seccomp(sys: Syscalls, proc: Process) -> None:
 
 
 def run_after_start(
-    sys: Syscalls, sync: Sync, proc: Process, pid: int, executable: str, env: list[str]
+    sys: Syscalls,
+    sync: Sync,
+    proc: Process,
+    pid: int,
+    executable: str,
+    env: list[str],
+    hooks: StartHooks | None = None,
 ) -> int:
-    """Report ``ready``, wait for ``start``, exec. Returns only to give an exit code."""
+    """Report ``ready``, wait for ``start``, run the startContainer ``hooks``, exec.
+    Returns only to give an exit code.
+
+    After ``start`` the agent reads the sync socket until EOF, which the execve brings (the
+    socket is close-on-exec); a failing hook is reported there instead, and nothing runs.
+    """
     # 1. Every descriptor but stdio closes at execve (the sync socket included).
     sys.cloexec_from(FIRST_STRAY_FD)
     # 2. Ready: the process exists, runs as its user, and its program was found.
@@ -193,11 +215,20 @@ def run_after_start(
     line = sync.wait_start()
     if line != "start":
         return 1
-    # 4. Dispositions Python changed (SIGPIPE, SIGXFSZ ignored) would survive execve.
+    # 4. Dispositions Python changed (SIGPIPE, SIGXFSZ ignored) would survive execve, and
+    #    the hooks must not inherit them either.
     sys.reset_signals()
-    # 5. With no_new_privs, seccomp goes last, so it filters nothing of ours but the execve.
+    # 5. With no_new_privs, seccomp goes last, so it filters nothing of ours but the execve
+    #    and the hooks (runc too loads it before its startContainer hooks).
     if proc.seccomp is not None and proc.no_new_privileges:
         _load_seccomp(sys, proc)
+    # 6. startContainer hooks: in the container, after start, before the program.
+    if hooks is not None:
+        try:
+            hooks.run(sys, env)
+        except HookError as exc:
+            sync.start_failed(exc.message, exc.reason)
+            return exc.exit_code
     return _execve(sys, executable, proc.args, env)
 
 

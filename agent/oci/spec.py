@@ -11,10 +11,11 @@ wording where runc has one (``unknown namespace type "bogus"``).
 Records are plain classes with ``__slots__`` rather than dataclasses: importing dataclasses
 costs more than the whole parse under TCG emulation.
 
-Ignored, on purpose: hooks (run by the host side), annotations, apparmor/selinux labels (the
-guest kernel has no LSM policy), linux.cgroupsPath (the agent chooses the cgroup), consoleSize
-(the agent resizes the pty), intelRdt, personality, network resources, blockIO per-device
-weights and throttles (they name host block devices, which do not exist in the guest).
+Ignored, on purpose: hooks (startContainer hooks are parsed by :mod:`agent.oci.hooks`; the
+others run on the host), annotations, apparmor/selinux labels (the guest kernel has no LSM
+policy), linux.cgroupsPath (the agent chooses the cgroup), consoleSize (the agent resizes the
+pty), intelRdt, personality, network resources, blockIO per-device weights and throttles
+(they name host block devices, which do not exist in the guest).
 """
 
 from __future__ import annotations

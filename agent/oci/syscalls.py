@@ -22,11 +22,14 @@ from __future__ import annotations
 import abc
 import ctypes
 import os
+import time
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import NoReturn
 
+#: signal.SIGKILL (the signal module costs an enum build at start-up).
+_SIGKILL = 9
 CLONE_NEWNS = 0x00020000
 CLONE_NEWCGROUP = 0x02000000
 CLONE_NEWUTS = 0x04000000
@@ -353,6 +356,16 @@ class Syscalls(abc.ABC):
 
     @abc.abstractmethod
     def getpid(self) -> int: ...
+
+    @abc.abstractmethod
+    def run_hook(
+        self, path: str, argv: list[str], env: list[str], stdin: bytes, timeout: float
+    ) -> tuple[int | None, bytes, bytes]:
+        """Run program ``path`` (argv ``argv``, environment ``env``) with ``stdin`` as its
+        standard input, in a process group of its own; wait at most ``timeout`` seconds, then
+        kill the group. Returns (raw wait status, or None when it was killed for its timeout;
+        the start of its stdout; of its stderr). A program that cannot be executed exits 127
+        with the reason on its stderr."""
 
 
 class _CapHeader(ctypes.Structure):
@@ -695,6 +708,49 @@ class LinuxSyscalls(Syscalls):
     def getpid(self) -> int:
         return os.getpid()
 
+    def run_hook(
+        self, path: str, argv: list[str], env: list[str], stdin: bytes, timeout: float
+    ) -> tuple[int | None, bytes, bytes]:
+        # memfds, not pipes: nothing blocks on a hook that does not read its input, writes a
+        # lot, or leaves a child holding its output; and no file system is needed.
+        fds = [os.memfd_create(name) for name in ("hook-stdin", "hook-stdout", "hook-stderr")]
+        try:
+            self.write(fds[0], stdin)
+            os.lseek(fds[0], 0, os.SEEK_SET)
+            pid = os.fork()
+            if pid == 0:  # pragma: no cover - the child execs or exits
+                try:
+                    os.setpgid(0, 0)
+                    for target, fd in enumerate(fds):
+                        os.dup2(fd, target)
+                    self.execve(path, argv, env)
+                except BaseException as exc:  # the child must never return
+                    try:  # noqa: SIM105 - contextlib is one more import at start
+                        os.write(2, f"{getattr(exc, 'strerror', None) or exc}\n".encode())
+                    except OSError:
+                        pass
+                os._exit(127)
+            deadline = time.monotonic() + timeout
+            status: int | None = None
+            while True:
+                done, raw = os.waitpid(pid, os.WNOHANG)
+                if done:
+                    status = raw
+                    break
+                if time.monotonic() >= deadline:
+                    for target in (-pid, pid):  # the group; the hook itself if it left it
+                        try:  # noqa: SIM105
+                            os.kill(target, _SIGKILL)
+                        except OSError:
+                            pass
+                    self.waitpid(pid)
+                    break
+                time.sleep(0.01)
+            return status, os.pread(fds[1], 800, 0), os.pread(fds[2], 800, 0)
+        finally:
+            for fd in fds:
+                os.close(fd)
+
 
 class FakeExec(BaseException):
     """Raised by :meth:`RecordingSyscalls.execve` in place of replacing the process."""
@@ -743,6 +799,8 @@ class RecordingSyscalls(Syscalls):
         self.fail: dict[str, int] = {}
         self.forks = list(forks or [])
         self.statuses: dict[int, int] = {}
+        #: What successive ``run_hook`` calls return (default: exit 0, no output).
+        self.hook_results: list[tuple[int | None, bytes, bytes]] = []
         self.pid = pid
         self._next_fd = 10
 
@@ -949,3 +1007,11 @@ class RecordingSyscalls(Syscalls):
 
     def getpid(self) -> int:
         return self.pid
+
+    def run_hook(
+        self, path: str, argv: list[str], env: list[str], stdin: bytes, timeout: float
+    ) -> tuple[int | None, bytes, bytes]:
+        self._record("run_hook", path, list(argv), list(env), stdin, timeout)
+        if self.hook_results:
+            return self.hook_results.pop(0)
+        return 0, b"", b""

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from sandbox import store as state
+from sandbox.cli import log
 from sandbox.errors import ConfigError
 
 
@@ -105,7 +106,7 @@ def _run_bundle(args: argparse.Namespace) -> int:
         )
     root = _root(args)
     record = create.create(root, args.image, args.bundle, args.pid_file, args.console_socket)
-    start.start(root, args.image)
+    start.start(root, args.image, warn=log.warner(args))
     if args.detach:
         return 0
     shim = record.shim
@@ -113,7 +114,7 @@ def _run_bundle(args: argparse.Namespace) -> int:
         shim.wait(float("inf"))
     code = ContainerRecord.load(root, args.image).exit_status()
     code = 255 if code is None else code
-    delete.delete(root, args.image, force=True)
+    delete.delete(root, args.image, force=True, warn=log.warner(args))
     return code
 
 
@@ -144,7 +145,7 @@ def _undo_on_termination() -> None:
 def cmd_start(args: argparse.Namespace) -> int:
     from sandbox.runtime import start
 
-    start.start(_root(args), args.id)
+    start.start(_root(args), args.id, warn=log.warner(args))
     return 0
 
 
@@ -173,7 +174,7 @@ def cmd_kill(args: argparse.Namespace) -> int:
 def cmd_delete(args: argparse.Namespace) -> int:
     from sandbox.runtime import delete
 
-    delete.delete(_root(args), args.id, args.force)
+    delete.delete(_root(args), args.id, args.force, warn=log.warner(args))
     return 0
 
 

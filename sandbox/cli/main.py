@@ -9,7 +9,6 @@ the ``--log`` file) and a non-zero exit status; never a traceback.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -151,21 +150,9 @@ def _lifecycle_verbs(verbs: Any, only: str | None = None) -> None:
 
 
 def _log_error(args: argparse.Namespace, message: str) -> None:
-    log: Path | None = getattr(args, "log", None)
-    if log is None:
-        return
-    import datetime
+    from sandbox.cli import log
 
-    now = datetime.datetime.now(datetime.UTC).isoformat()
-    if getattr(args, "log_format", "text") == "json":
-        line = json.dumps({"level": "error", "msg": message, "time": now})
-    else:
-        line = f"{now} error: {message}"
-    try:
-        with open(log, "a", encoding="utf-8") as handle:
-            handle.write(line + "\n")
-    except OSError:
-        pass
+    log.write(args, "error", message)
 
 
 def _dispatch(args: argparse.Namespace) -> int:

@@ -274,9 +274,15 @@ class ContainerClient(AgentClient):
         reply = self._call("CreateContainer", request, timeout=120.0)
         return _pid(reply.pid, f"container {container_id}")
 
-    def start_container(self, container_id: str) -> None:
-        """StartContainer: let the created container's init execve its program."""
-        self._call("StartContainer", pb.ContainerRequest(container_id=container_id))
+    def start_container(self, container_id: str, extra_seconds: float = 0.0) -> None:
+        """StartContainer: run the container's startContainer hooks in the guest, then let its
+        init execve its program. ``extra_seconds``: how long those hooks may take together
+        (added to the deadline). A failing hook: AgentError with reason HOOK_FAILED."""
+        self._call(
+            "StartContainer",
+            pb.ContainerRequest(container_id=container_id),
+            timeout=self.timeout + max(0.0, extra_seconds),
+        )
 
     def exec_process(self, container_id: str, exec_id: str, process: bytes) -> int:
         """ExecProcess: run OCI ``process`` JSON in the running container as ``exec_id``

@@ -1,6 +1,10 @@
 """``create``: a container in its pod VM (booted or joined), left ``created`` (runc create).
 
-On any failure everything the call started is undone and the id is free again.
+On any failure everything the call started is undone and the id is free again. The order
+(runtime.md "Lifecycle"): the container is set up in the guest (namespaces, mounts,
+pivot_root; its process waits for ``start``) and its shim started, then the prestart,
+createRuntime and createContainer hooks run on the host (docs/hooks.md), then it is
+``created`` and the pid file is written.
 """
 
 from __future__ import annotations
@@ -12,9 +16,9 @@ from typing import TYPE_CHECKING
 
 from sandbox import store as state
 from sandbox.errors import ConfigError, NotFoundError, StateError
+from sandbox.runtime import hooks as oci_hooks
 from sandbox.runtime.bundle import load_bundle, pod_of, privileged_files
 from sandbox.runtime.delete import teardown
-from sandbox.runtime.hooks import run_hooks
 from sandbox.runtime.pods import guest_pid_lookup, pod_lock
 from sandbox.runtime.record import ContainerRecord, Status
 
@@ -42,6 +46,7 @@ def create(
     state.validate_id(container_id)
     bundle = bundle.resolve()
     spec = load_bundle(bundle)
+    hooks = oci_hooks.parse_hooks(spec)
     terminal = bool(spec["process"].get("terminal"))
     if terminal and console_socket is None:
         raise ConfigError("process.terminal is true: --console-socket is required")
@@ -57,6 +62,9 @@ def create(
             "terminal": terminal,
             "annotations": spec.get("annotations") or {},
             "rootfs": str((bundle / spec.get("root", {}).get("path", "rootfs")).resolve()),
+            # What later verbs run (runc too keeps the config of create): the bundle may
+            # change or be gone by then.
+            "hooks": hooks,
         },
     )
     pod: Pod | None = None
@@ -81,6 +89,7 @@ def create(
         rootfs, guest_spec = share_container_files(
             pod, container_id, spec, bundle, guest_pids=guest_pid_lookup(root, pod)
         )
+        oci_hooks.for_guest(guest_spec, hooks, oci_hooks.state(record, "created", None))
         with pod.client() as client:
             # A read-only rootfs is read-only on the host too: the mountpoints the spec needs
             # are made in an overlay whose upper layer is guest memory, then the agent makes
@@ -95,14 +104,38 @@ def create(
             root, container_id, pod.agent_address, terminal=terminal, console_socket=console_socket
         )
         record.data["shim"] = handle.to_json()
+        record.save()
+        run_create_hooks(record, hooks, handle.pid, spec["process"].get("env") or [])
         record.set_status(Status.CREATED)
-        run_hooks(spec, "createRuntime", record)
         if pid_file is not None:
             write_pid_file(pid_file, handle.pid)
     except BaseException:
         teardown(root, record, pod)
         raise
     return record
+
+
+def run_create_hooks(
+    record: ContainerRecord, hooks: oci_hooks.Hooks, pid: int, process_env: list[str]
+) -> None:
+    """prestart, createRuntime, createContainer, in that order, on the host (docs/hooks.md).
+
+    Status ``creating``; ``pid`` is the container's pid as clients know it (the shim's, what
+    ``state`` reports). createContainer runs as runc runs it, in the rootfs directory with the
+    process's environment when it has no ``env``; the others in the bundle directory with
+    this process's environment. The first failure raises HookError.
+    """
+    doc = oci_hooks.state(record, "creating", pid)
+    bundle = str(record.data["bundle"])
+    oci_hooks.run_hooks(hooks, "prestart", doc, cwd=bundle)
+    oci_hooks.run_hooks(hooks, "createRuntime", doc, cwd=bundle)
+    oci_hooks.run_hooks(
+        hooks,
+        "createContainer",
+        doc,
+        cwd=str(record.data["rootfs"]),
+        inherited_env=[e for e in process_env if isinstance(e, str)],
+    )
 
 
 def write_pid_file(path: Path, pid: int) -> None:

@@ -6,12 +6,12 @@ The VM goes away with the pod's sandbox container, or with the last container of
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from sandbox.errors import NotFoundError, SandboxError, StateError
-from sandbox.runtime.bundle import load_bundle
-from sandbox.runtime.hooks import run_hooks
+from sandbox.runtime import hooks as oci_hooks
 from sandbox.runtime.pods import load_pod, pod_lock, stop_pod
 from sandbox.runtime.record import ContainerRecord
 
@@ -19,8 +19,12 @@ if TYPE_CHECKING:
     from sandbox.pod.lifecycle import Pod
 
 
-def delete(root: Path, container_id: str, force: bool = False) -> None:
-    """Remove a stopped (or, with ``force``, any) container and everything it started."""
+def delete(
+    root: Path, container_id: str, force: bool = False, warn: Callable[[str], None] | None = None
+) -> None:
+    """Remove a stopped (or, with ``force``, any) container and everything it started; then
+    run its poststop hooks (status ``stopped``, no pid), each failure passed to ``warn``
+    (default: stderr) as runtime.md asks: the container is gone all the same."""
     try:
         record = ContainerRecord.load(root, container_id)
     except NotFoundError:
@@ -36,8 +40,15 @@ def delete(root: Path, container_id: str, force: bool = False) -> None:
     with contextlib.suppress(NotFoundError):
         pod = load_pod(root, record.pod_id)
     teardown(root, record, pod)
-    with contextlib.suppress(SandboxError, OSError, KeyError):
-        run_hooks(load_bundle(Path(record.data["bundle"])), "poststop", record)
+    hooks: oci_hooks.Hooks = record.data.get("hooks") or {}
+    if hooks.get("poststop"):
+        oci_hooks.run_hooks(
+            hooks,
+            "poststop",
+            oci_hooks.state(record, "stopped", None),
+            cwd=str(record.data.get("bundle", "/")),
+            warn=warn or oci_hooks.warn_stderr,
+        )
 
 
 def teardown(root: Path, record: ContainerRecord, pod: Pod | None) -> None:

@@ -23,6 +23,8 @@ from sandbox.errors import NotFoundError, SandboxError, StateError
 if TYPE_CHECKING:
     from hypervisor.process import ProcessHandle
 
+#: The runtime-spec version of the state documents (``state``, hooks' stdin).
+OCI_VERSION = "1.0.2"
 #: Where the shim (sandbox/runtime/shim.py) records the exit status of a container's init process.
 EXIT_FILE = "exit"
 #: Suffix of the files naming the host stand-in of a running exec: ``<exec id>.standin`` in
@@ -157,7 +159,7 @@ class ContainerRecord:
         status = self.status
         shim = self.shim
         return {
-            "ociVersion": "1.0.2",
+            "ociVersion": OCI_VERSION,
             "id": self.id,
             "status": "created" if status is Status.CREATING else status.value,
             "pid": shim.pid if shim is not None and status is not Status.STOPPED else 0,

@@ -1,4 +1,8 @@
-"""``start``: let a created container run its process (runc start)."""
+"""``start``: let a created container run its process (runc start).
+
+Order (runtime.md "Lifecycle" steps 6-9): the guest runs the container's startContainer hooks
+in the container and then its program; then the poststart hooks run here (docs/hooks.md).
+"""
 
 from __future__ import annotations
 
@@ -7,12 +11,12 @@ import fcntl
 import os
 import struct
 import termios
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from sandbox.errors import SandboxError, StateError
-from sandbox.runtime.bundle import load_bundle
-from sandbox.runtime.hooks import run_hooks
+from sandbox.errors import AgentError, FailureReason, HookError, StateError
+from sandbox.runtime import hooks as oci_hooks
 from sandbox.runtime.pods import load_pod
 from sandbox.runtime.record import ContainerRecord, Status
 
@@ -20,19 +24,52 @@ if TYPE_CHECKING:
     from sandbox.pod.agent_client import ContainerClient
 
 
-def start(root: Path, container_id: str) -> None:
-    """Let a created container run its process."""
+#: Seconds ``start`` waits for the shim of a container whose startContainer hook failed to
+#: report the exit (the guest process exits right after reporting the failure).
+STOPPED_WAIT = 5.0
+
+
+def start(root: Path, container_id: str, warn: Callable[[str], None] | None = None) -> None:
+    """Let a created container run its process; then run its poststart hooks.
+
+    A failing startContainer hook fails the call with :class:`HookError` (naming the hook) and
+    leaves the container stopped, as runtime.md asks. A failing poststart hook is passed to
+    ``warn`` (default: stderr) and the container keeps running.
+    """
     record = ContainerRecord.load(root, container_id)
     if not record.status.can_start():
         raise StateError(f"{container_id}: {record.status.refusal('start')}")
+    hooks: oci_hooks.Hooks = record.data.get("hooks") or {}
     pod = load_pod(root, record.pod_id)
     with pod.client() as client:
         if record.data.get("terminal"):
             _sync_terminal_size(record, client)
-        client.start_container(container_id)
+        try:
+            client.start_container(container_id, extra_seconds=oci_hooks.guest_seconds(hooks))
+        except AgentError as exc:
+            if exc.reason is not FailureReason.HOOK_FAILED:
+                raise
+            _stopped(record)
+            raise HookError(exc.detail, hook=oci_hooks.GUEST_KIND) from None
     record.set_status(Status.RUNNING)
-    with contextlib.suppress(SandboxError):
-        run_hooks(load_bundle(Path(record.data["bundle"])), "poststart", record)
+    shim = record.shim
+    oci_hooks.run_hooks(
+        hooks,
+        "poststart",
+        oci_hooks.state(record, "running", shim.pid if shim is not None else None),
+        cwd=str(record.data.get("bundle", "/")),
+        warn=warn or oci_hooks.warn_stderr,
+    )
+
+
+def _stopped(record: ContainerRecord) -> None:
+    """Record a container whose process ended at start as stopped; give its shim a moment to
+    record the exit status and exit (it follows the guest process)."""
+    record.set_status(Status.STOPPED)
+    shim = record.shim
+    if shim is not None:
+        with contextlib.suppress(Exception):
+            shim.wait(STOPPED_WAIT)
 
 
 def _sync_terminal_size(record: ContainerRecord, client: ContainerClient) -> None:

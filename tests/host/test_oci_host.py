@@ -915,3 +915,141 @@ def test_exec_into_a_user_namespace_container(userns_rootfs: Path, runtimes: lis
     exec_rt.start()
     lines = [" ".join(line.split()) for line in exec_rt.wait().stdout.splitlines()]
     assert lines == ["1000", "0 100000 65536"]
+
+
+# -- startContainer hooks ----------------------------------------------------------------------
+
+#: What a startContainer hook sees, one line: its argv[0] and argument, environment, cwd, user
+#: and the state on its stdin (busybox runs the applet named by argv[0]: "sh" only if args[0]
+#: really is argv[0]).
+HOOK_SCRIPT = (
+    'read -r state; echo "$0 $1 foo=${FOO-unset} home=${HOME-unset} path=${PATH-unset}'
+    ' cwd=$(pwd) uid=$(id -u) $state" >> /tmp/hooks.out'
+)
+
+
+def _start_hooks(with_state: bool, bundle: Path) -> dict[str, Any]:
+    hooks: list[dict[str, Any]] = [
+        {"path": "/bin/busybox", "args": ["sh", "-c", HOOK_SCRIPT, "first", "a"]},
+        {
+            "path": "/bin/busybox",
+            "args": ["sh", "-c", HOOK_SCRIPT, "second", "b"],
+            "env": ["FOO=1"],
+        },
+    ]
+    extra: dict[str, Any] = {"hooks": {"startContainer": hooks}}
+    if with_state:
+        for hook in hooks:
+            hook["timeout"] = 30
+        extra["pysandbox.hookState"] = {
+            "ociVersion": "1.0.2",
+            "id": "hooked",
+            "bundle": str(bundle),
+            "annotations": {"org.example/k": "v"},
+        }
+    return extra
+
+
+def _hook_lines(text: str) -> list[tuple[str, dict[str, Any]]]:
+    """(the line before the state, the state without ociVersion) per line."""
+    found = []
+    for line in text.splitlines():
+        head, _, state = line.partition(" {")
+        doc = json.loads("{" + state)
+        doc.pop("ociVersion")
+        found.append((head, doc))
+    return found
+
+
+def test_start_container_hooks_see_what_they_see_under_runc(
+    rootfs: Path, runtimes: list[Runtime], tmp_path: Path
+) -> None:
+    bundle = tmp_path / "bundle"
+    bundle.mkdir()
+    spec = sh(rootfs, "cat /tmp/hooks.out; echo program", cwd="/root")
+    spec["annotations"] = {"org.example/k": "v"}
+    result = run(runtimes, {**spec, **_start_hooks(True, bundle)})
+    assert result.code == 0, result
+
+    (bundle / "config.json").write_text(json.dumps({**spec, **_start_hooks(False, bundle)}))
+    runc = subprocess.run(
+        ["runc", "--root", str(tmp_path / "runc"), "run", "--bundle", str(bundle), "hooked"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        stdin=subprocess.DEVNULL,
+    )
+    assert runc.returncode == 0, runc.stderr
+    assert _hook_lines(result.stdout.removesuffix("program\n")) == _hook_lines(
+        runc.stdout.removesuffix("program\n")
+    )
+    # What runc gives, spelt out: in the container's pid namespace (pid 1), in the process's
+    # cwd and environment (HOME added) unless the hook has an env of its own.
+    lines = _hook_lines(result.stdout.removesuffix("program\n"))
+    assert [head for head, _ in lines] == [
+        "first a foo=unset home=/root path=/usr/local/bin:/usr/bin:/bin cwd=/root uid=0",
+        # PATH: busybox sh's own default, as the hook's environment has none.
+        "second b foo=1 home=unset path=/sbin:/usr/sbin:/bin:/usr/bin cwd=/root uid=0",
+    ]
+    assert lines[0][1] == {
+        "id": "hooked",
+        "status": "created",
+        "pid": 1,
+        "bundle": str(bundle),
+        "annotations": {"org.example/k": "v"},
+    }
+    assert result.stdout.endswith("program\n")
+
+
+def _start_and_reply(runtime: Runtime) -> str:
+    """Send ``start`` as the agent does and read what the runtime answers (EOF: "")."""
+    runtime.control.sendall(b"start\n")
+    runtime.control.settimeout(30)
+    data = b""
+    while chunk := runtime.control.recv(4096):
+        data += chunk
+    return data.decode().strip()
+
+
+@pytest.mark.parametrize(
+    ("hook", "reply"),
+    [
+        (
+            {"path": "/bin/sh", "args": ["sh", "-c", "echo out; echo bad >&2; exit 3"]},
+            "startContainer hook #1 (/bin/sh) failed: exit status 3, stdout: out, stderr: bad",
+        ),
+        (
+            {"path": "/nope"},
+            "startContainer hook #1 (/nope) failed: exit status 127, "
+            "stderr: exec /nope: No such file or directory",
+        ),
+        (
+            {"path": "/bin/sleep", "args": ["sleep", "30"], "timeout": 1},
+            "startContainer hook #1 (/bin/sleep) ran past its timeout of 1s and was killed",
+        ),
+    ],
+)
+def test_failing_start_container_hook_fails_start_and_runs_nothing(
+    rootfs: Path, runtimes: list[Runtime], tmp_path: Path, hook: dict[str, Any], reply: str
+) -> None:
+    spec = sh(rootfs, "touch /host/ran")
+    spec["mounts"].append(
+        {"destination": "/host", "type": "bind", "source": str(tmp_path), "options": ["rbind"]}
+    )
+    first = {"path": "/bin/sh", "args": ["sh", "-c", "touch /host/first"], "timeout": 10}
+    spec["hooks"] = {"startContainer": [first, {"timeout": 10, **hook}]}
+    runtime = create(runtimes, spec)
+    assert runtime.reply.startswith("ready "), runtime.reply
+    began = time.monotonic()
+    assert _start_and_reply(runtime) == f"error HOOK_FAILED {reply}"
+    assert time.monotonic() - began < 10
+    assert runtime.wait().code == 1
+    assert (tmp_path / "first").exists()
+    assert not (tmp_path / "ran").exists()
+
+
+def test_without_hooks_start_answers_eof_at_exec(rootfs: Path, runtimes: list[Runtime]) -> None:
+    runtime = create(runtimes, sh(rootfs, "echo ran"))
+    assert runtime.reply.startswith("ready "), runtime.reply
+    assert _start_and_reply(runtime) == ""
+    assert runtime.wait().stdout == "ran\n"

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import threading
 import time
 from pathlib import Path
@@ -256,3 +257,66 @@ def test_v1_counters_come_from_the_v1_files(tmp_path: Path) -> None:
     }
     (tmp_path / "memory/c1/memory.limit_in_bytes").write_text("9223372036854771712\n")
     assert cgroup_layout.read_counters("/nonexistent", pairs)["memory_limit_bytes"] == 0
+
+
+def _created(tmp_path: Path) -> tuple[ContainerManager, socket.socket, Process, int, int]:
+    """A created container whose init runtime is the other end of a socketpair."""
+    init, in_r, out_w = _pipes_process()
+    manager = _manager(tmp_path, init)
+    ours, theirs = socket.socketpair()
+    container = manager.get("c1")
+    container.started = False
+    container.control = ours
+    return manager, theirs, init, in_r, out_w
+
+
+def _release(init: Process, *fds: int) -> None:
+    for which in ("stdin", "stdout", "stderr"):
+        init.release(which)
+    for fd in fds:
+        os.close(fd)
+
+
+def test_start_returns_at_eof_of_the_sync_socket(tmp_path: Path) -> None:
+    manager, runtime, init, in_r, out_w = _created(tmp_path)
+
+    def runtime_execs() -> None:
+        assert runtime.recv(64) == b"start\n"
+        runtime.close()  # what its execve does (close-on-exec)
+
+    thread = threading.Thread(target=runtime_execs)
+    thread.start()
+    manager.start("c1", timeout=5)
+    thread.join()
+    assert manager.get("c1").status == "running"
+    _release(init, in_r, out_w)
+
+
+def test_a_failed_start_container_hook_fails_start_with_its_reason(tmp_path: Path) -> None:
+    manager, runtime, init, in_r, out_w = _created(tmp_path)
+    runtime.sendall(b"error HOOK_FAILED startContainer hook #0 (/h) failed: exit status 1\n")
+    with pytest.raises(ContainerError) as info:
+        manager.start("c1", timeout=5)
+    assert (info.value.code, info.value.reason, str(info.value)) == (
+        "FAILED_PRECONDITION",
+        "HOOK_FAILED",
+        "startContainer hook #0 (/h) failed: exit status 1",
+    )
+    with pytest.raises(ContainerError, match="not created"):
+        manager.start("c1")  # started once, whatever came of it
+    runtime.close()
+    _release(init, in_r, out_w)
+
+
+def test_start_kills_an_init_whose_hooks_outlive_the_deadline(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    killed: list[tuple[int, int]] = []
+    monkeypatch.setattr(os, "kill", lambda pid, sig: killed.append((pid, sig)))
+    manager, runtime, init, in_r, out_w = _created(tmp_path)
+    with pytest.raises(ContainerError) as info:
+        manager.start("c1", timeout=0.2)
+    assert info.value.code == "DEADLINE_EXCEEDED"
+    assert killed == [(123, signal.SIGKILL)]
+    runtime.close()
+    _release(init, in_r, out_w)

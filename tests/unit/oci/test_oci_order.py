@@ -318,6 +318,89 @@ def test_eof_instead_of_start_exits_1_without_exec() -> None:
     assert system.calls[-2:] == [("write", SYNC, b"ready 4242\n"), ("read", SYNC)]
 
 
+def _with_start_hooks(*hooks: dict[str, Any]) -> dict[str, Any]:
+    spec = typical_spec()
+    spec["hooks"] = {
+        "startContainer": list(hooks),
+        "prestart": [{"path": "/host/only"}],  # the host's: never run in the guest
+    }
+    spec["pysandbox.hookState"] = {
+        "ociVersion": "1.0.2",
+        "id": "c1",
+        "bundle": "/b",
+        "annotations": {"k": "v"},
+    }
+    return spec
+
+
+def test_start_container_hooks_run_after_start_and_seccomp_before_execve() -> None:
+    system = fake(pid=1)
+    hooks = (
+        {"path": "/bin/h1", "args": ["one", "x"], "timeout": 5},
+        {"path": "/bin/h2", "env": ["FOO=1"], "timeout": 7},
+    )
+    execd = run_init(system, _with_start_hooks(*hooks))
+    assert execd.path == "/bin/sh"
+    state = (
+        b'{"ociVersion":"1.0.2","id":"c1","status":"created","pid":1,'
+        b'"bundle":"/b","annotations":{"k":"v"}}'
+    )
+    env = ["PATH=/bin", "A=b", "HOME=/home/user"]  # the process's, for a hook without env
+    assert system.calls[-6:] == [
+        ("read", SYNC),
+        ("reset_signals",),
+        ("seccomp_load", 9, 0),
+        ("run_hook", "/bin/h1", ["one", "x"], env, state, 5),
+        ("run_hook", "/bin/h2", ["/bin/h2"], ["FOO=1"], state, 7),
+        ("execve", "/bin/sh", ["sh", "-c", "echo hi"]),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("result", "message"),
+    [
+        ((3 << 8, b"out\n", b"no\nway\n"), "failed: exit status 3, stdout: out, stderr: no way"),
+        ((9, b"", b""), "failed: killed by signal 9"),
+        ((None, b"", b""), "ran past its timeout of 5s and was killed"),
+    ],
+    ids=["exit", "signal", "timeout"],
+)
+def test_a_failing_start_container_hook_is_reported_and_nothing_runs(
+    result: tuple[int | None, bytes, bytes], message: str
+) -> None:
+    system = fake()
+    system.hook_results = [(0, b"", b""), result]
+    hook = {"path": "/bin/h", "timeout": 5}
+    spec = _with_start_hooks(hook, hook, hook)
+    assert init.run(system, json.dumps(spec).encode(), SYNC, CGROUP) == 1
+    assert system.names().count("run_hook") == 2  # the third never runs
+    assert system.calls[-1] == (
+        "write",
+        SYNC,
+        f"error HOOK_FAILED startContainer hook #1 (/bin/h) {message}\n".encode(),
+    )
+    assert "execve" not in system.names()
+
+
+@pytest.mark.parametrize(
+    ("hook", "error"),
+    [
+        ({"path": "rel", "timeout": 1}, "hooks.startContainer[0].path: expected an absolute path"),
+        ({"path": "/h"}, "hooks.startContainer[0].timeout: expected seconds in 1..86400"),
+        ({"path": "/h", "timeout": 1, "env": ["NOEQUALS"]}, "hooks.startContainer[0].env"),
+        ({"path": "/h", "timeout": 1, "args": "sh"}, "hooks.startContainer[0].args"),
+    ],
+)
+def test_bad_start_container_hooks_are_spec_errors_before_anything(
+    hook: dict[str, Any], error: str
+) -> None:
+    system = fake()
+    assert init.run(system, json.dumps(_with_start_hooks(hook)).encode(), SYNC, CGROUP) == 1
+    assert len(system.calls) == 1
+    written = system.calls[0][2]
+    assert isinstance(written, bytes) and written.startswith(f"error INVALID_SPEC {error}".encode())
+
+
 @pytest.mark.parametrize(
     ("program", "kind", "line"),
     [
