@@ -196,9 +196,10 @@ def _mounts(prefix: str) -> list[tuple[int, str]]:
 
 
 def mounts_below(path: Path) -> list[str]:
-    """Mount points at or below ``path`` (from /proc/self/mountinfo), deepest first."""
+    """Mount points at or below ``path`` (from /proc/self/mountinfo), deepest first (siblings
+    in reverse path order, so the order never depends on hashing)."""
     points = {point for _id, point in _mounts(str(path).rstrip("/"))}
-    return sorted(points, key=lambda p: p.count("/"), reverse=True)
+    return sorted(points, key=lambda p: (p.count("/"), p), reverse=True)
 
 
 def _mount_id(fd: int) -> int | None:

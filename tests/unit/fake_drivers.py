@@ -421,7 +421,8 @@ class FakeMounts:
     def mounts_below(self, path: Path) -> list[str]:
         prefix = str(path).rstrip("/")
         found = [p for p in self.points if p == prefix or p.startswith(prefix + "/")]
-        return sorted(found, key=lambda p: p.count("/"), reverse=True)
+        # Deterministic (a set's order follows string hashing): deepest first, then by path.
+        return sorted(found, key=lambda p: (p.count("/"), p), reverse=True)
 
 
 def guest_image(directory: Path) -> Path:

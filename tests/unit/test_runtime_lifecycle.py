@@ -110,8 +110,8 @@ def test_create_start_delete(fake: FakeDrivers, root: Path, tmp_path: Path) -> N
         ("terminate", "qemu"),
         ("terminate", "proxy"),
         ("terminate", "virtiofsd"),
-        ("umount", str(volume), True),
         ("umount", str(shared / "c1" / "rootfs"), True),
+        ("umount", str(volume), True),
         ("umount", str(shared), True),
     ]
     assert_gone(root, "c1")
