@@ -24,13 +24,13 @@ from sandbox.image import store as images
 from sandbox.run.default_spec import default_spec
 from tests.integration import test_podman as podman_tests
 from tests.integration import test_runtime_cli as cli_tests
-from tests.integration.helpers import processes_mentioning
 from tests.integration.test_runtime_cli import (
     Runtime,
     assert_nothing_left,
     pod_dir,
     wait_until,
 )
+from tests.processes import processes_mentioning
 
 pytestmark = pytest.mark.vm
 
