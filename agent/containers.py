@@ -767,8 +767,9 @@ class ContainerManager:
     def update(self, container_id: str, resources_json: bytes) -> None:
         from agent.oci import cgroups
         from agent.oci.errors import OciError
-        from agent.oci.spec import parse_resources
         from agent.oci.syscalls import LinuxSyscalls
+        from ocispec.errors import SpecError
+        from ocispec.spec import parse_resources
 
         container = self.get(container_id)
         if len(resources_json) > 64 * 1024:
@@ -780,7 +781,7 @@ class ContainerManager:
                 cgroups.set_limits(LinuxSyscalls(), own, resources)
         except ValueError as exc:
             raise ContainerError("INVALID_ARGUMENT", f"malformed resources: {exc}") from exc
-        except OciError as exc:
+        except (OciError, SpecError) as exc:
             raise ContainerError("INVALID_ARGUMENT", str(exc)) from exc
 
     def stats(self, container_id: str) -> dict[str, int]:

@@ -20,14 +20,15 @@ import os
 from agent.oci import cgroups
 from agent.oci import init as init_mod
 from agent.oci import process as proc_steps
-from agent.oci import spec as spec_mod
 from agent.oci import syscalls as sc
 from agent.oci.errors import SETUP_FAILED, SetupError, SpecError
+from ocispec import linux
+from ocispec import spec as spec_mod
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from agent.oci.spec import Process
     from agent.oci.syscalls import Syscalls
+    from ocispec.spec import Process
 
 USAGE = (
     "usage: python3 -m agent.oci.exec --target-pid PID --process-fd FD --sync-fd SYNCFD "
@@ -37,14 +38,14 @@ USAGE = (
 #: /proc/PID/ns entries in the order nsenter joins them: user first (it owns the others),
 #: mount last (after it /proc/PID paths would resolve inside the container).
 NAMESPACES = (
-    ("user", sc.CLONE_NEWUSER),
-    ("ipc", sc.CLONE_NEWIPC),
-    ("uts", sc.CLONE_NEWUTS),
-    ("net", sc.CLONE_NEWNET),
-    ("pid", sc.CLONE_NEWPID),
-    ("cgroup", sc.CLONE_NEWCGROUP),
+    ("user", linux.CLONE_NEWUSER),
+    ("ipc", linux.CLONE_NEWIPC),
+    ("uts", linux.CLONE_NEWUTS),
+    ("net", linux.CLONE_NEWNET),
+    ("pid", linux.CLONE_NEWPID),
+    ("cgroup", linux.CLONE_NEWCGROUP),
     ("time", 0x80),
-    ("mnt", sc.CLONE_NEWNS),
+    ("mnt", linux.CLONE_NEWNS),
 )
 
 

@@ -34,7 +34,7 @@ from typing import Any
 
 import pytest
 
-from agent.oci.syscall_table import table
+from ocispec.syscall_table import table
 from tests.processes import wait_until
 
 REPO = Path(__file__).resolve().parents[2]

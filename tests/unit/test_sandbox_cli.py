@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from agent.oci import seccomp
-from agent.oci.spec import parse_spec
+from ocispec import seccomp
+from ocispec.spec import parse_spec
 from sandbox.errors import ConfigError
 from sandbox.run.default_spec import default_seccomp, default_spec
 from sandbox.runtime.bundle import load_bundle, pod_of

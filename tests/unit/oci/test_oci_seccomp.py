@@ -7,9 +7,9 @@ from typing import Any
 
 import pytest
 
-from agent.oci import seccomp
-from agent.oci.errors import SpecError
-from agent.oci.syscall_table import table
+from ocispec import seccomp
+from ocispec.errors import SpecError
+from ocispec.syscall_table import table
 
 NR = table("x86_64") or {}
 X86_64 = seccomp.AUDIT_ARCH_X86_64

@@ -7,9 +7,9 @@ from typing import Any
 
 import pytest
 
-from agent.oci import spec as spec_mod
-from agent.oci import syscalls as sc
-from agent.oci.errors import SpecError
+from ocispec import linux as sc
+from ocispec import spec as spec_mod
+from ocispec.errors import SpecError
 
 BASE: dict[str, Any] = {
     "ociVersion": "1.0.2",

@@ -20,11 +20,11 @@ pty), intelRdt, personality, network resources, blockIO per-device weights and t
 
 from __future__ import annotations
 
-from agent.oci import capabilities, seccomp
-from agent.oci import syscalls as sc
-from agent.oci.capabilities import Capabilities
-from agent.oci.errors import SpecError
-from agent.oci.seccomp import Filter as SeccompFilter
+from ocispec import capabilities, seccomp
+from ocispec import linux as sc
+from ocispec.capabilities import Capabilities
+from ocispec.errors import SpecError
+from ocispec.seccomp import Filter as SeccompFilter
 
 UINT64_MAX = (1 << 64) - 1
 
@@ -37,7 +37,7 @@ NAMESPACES = {
     "uts": sc.CLONE_NEWUTS,
     "user": sc.CLONE_NEWUSER,
     "cgroup": sc.CLONE_NEWCGROUP,
-    "time": 0x80,  # CLONE_NEWTIME; offsets are not supported
+    "time": sc.CLONE_NEWTIME,  # offsets are not supported
 }
 
 RLIMITS = {

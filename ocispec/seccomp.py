@@ -31,8 +31,8 @@ from __future__ import annotations
 import os
 import struct
 
-from agent.oci import syscall_table
-from agent.oci.errors import SpecError
+from ocispec import syscall_table
+from ocispec.errors import SpecError
 
 RET_KILL_PROCESS = 0x80000000
 RET_KILL_THREAD = 0x00000000
