@@ -32,8 +32,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from agent import cgroup_layout, pid1, proctable
+from ocispec.document import MAX_DOCUMENT_BYTES
 
-MAX_SPEC_BYTES = 1024 * 1024
+#: Largest spec CreateContainer takes: what the host accepts as config.json (1 MiB).
+MAX_SPEC_BYTES = MAX_DOCUMENT_BYTES
 #: Guest directory holding per-container overlay layers (on the /run tmpfs).
 OVERLAY_ROOT = "/run/pysandbox-overlay"
 READY_TIMEOUT = 60.0
@@ -407,6 +409,10 @@ class ContainerManager:
             spec: dict[str, Any] = json.loads(spec_bytes)
             if not isinstance(spec, dict):
                 raise ValueError("not an object")
+        except RecursionError:
+            raise ContainerError(
+                "INVALID_ARGUMENT", "malformed oci spec: nested too deep"
+            ) from None
         except ValueError as exc:
             raise ContainerError(
                 "INVALID_ARGUMENT", f"malformed oci spec: {exc}", "INVALID_SPEC"
@@ -513,6 +519,10 @@ class ContainerManager:
             process = json.loads(process_json)
             if not isinstance(process, dict):
                 raise ValueError("not an object")
+        except RecursionError:
+            raise ContainerError(
+                "INVALID_ARGUMENT", "malformed process json: nested too deep"
+            ) from None
         except ValueError as exc:
             raise ContainerError(
                 "INVALID_ARGUMENT", f"malformed process json: {exc}", "INVALID_SPEC"
@@ -779,7 +789,7 @@ class ContainerManager:
             if resources is not None:
                 own = cgroups.Cgroup(container.cgroup, container.cgroup_v1)
                 cgroups.set_limits(LinuxSyscalls(), own, resources)
-        except ValueError as exc:
+        except (ValueError, RecursionError) as exc:
             raise ContainerError("INVALID_ARGUMENT", f"malformed resources: {exc}") from exc
         except (OciError, SpecError) as exc:
             raise ContainerError("INVALID_ARGUMENT", str(exc)) from exc

@@ -14,6 +14,7 @@ Modules:
 - :mod:`ocispec.seccomp` -- ``linux.seccomp`` compiled to a classic BPF program;
   :mod:`ocispec.syscall_table` its syscall numbers;
 - :mod:`ocispec.linux` -- the kernel's values for the spec's names (clone and mount flags);
+- :mod:`ocispec.document` -- the documents as bytes: size bound and JSON decoding;
 - :mod:`ocispec.errors` -- :class:`~ocispec.errors.SpecError`, the one error raised here.
 
 The guest imports this package at every container start under TCG emulation, where each

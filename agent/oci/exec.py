@@ -14,15 +14,14 @@ and the pid in ``ready`` is the exec'd program's.
 
 from __future__ import annotations
 
-import json
 import os
 
 from agent.oci import cgroups
 from agent.oci import init as init_mod
 from agent.oci import process as proc_steps
 from agent.oci import syscalls as sc
-from agent.oci.errors import SETUP_FAILED, SetupError, SpecError
-from ocispec import linux
+from agent.oci.errors import SETUP_FAILED, SetupError
+from ocispec import document, linux
 from ocispec import spec as spec_mod
 
 TYPE_CHECKING = False
@@ -141,11 +140,7 @@ def run(
 ) -> int:
     sync = proc_steps.Sync(sys, sync_fd)
     try:
-        try:
-            decoded = json.loads(payload)
-        except ValueError as exc:
-            raise SpecError(f"process json is not valid JSON: {exc}") from exc
-        process = spec_mod.parse_process(decoded)
+        process = spec_mod.parse_process(document.decode(payload, "process json"))
         return exec_process(sys, process, target, sync, cgroup, cgroup_v1)
     except Exception as exc:
         return init_mod.fail(sys, sync, exc)

@@ -20,7 +20,6 @@ is the program's, signals sent to it reach the program, and its wait status is t
 
 from __future__ import annotations
 
-import json
 import os
 
 from agent.oci import cgroups, rootfs
@@ -28,7 +27,7 @@ from agent.oci import hooks as hooks_mod
 from agent.oci import process as proc_steps
 from agent.oci import syscalls as sc
 from agent.oci.errors import INVALID_SPEC, SETUP_FAILED, OciError, SetupError, SpecError
-from ocispec import linux
+from ocispec import document, linux
 from ocispec import spec as spec_mod
 from ocispec.capabilities import DEFAULT_LAST_CAP
 
@@ -73,7 +72,14 @@ def create_container(
     """
     cap_last = last_cap(sys)  # read now: after pivot_root the guest's /proc is gone
     process = spec.process
-    # 0. The one check of the spec that needs the file system, before any side effect.
+    # 0. What the host resolves against the bundle must arrive absolute (the agent sets
+    #    root.path, the host rewrites bind sources); then the one check of the spec that
+    #    needs the file system, before any side effect.
+    if not spec.root_path.startswith("/"):
+        raise SpecError(f'root.path: "{spec.root_path}" is not an absolute path')
+    for i, mount in enumerate(spec.mounts):
+        if mount.bind and not mount.source.startswith("/"):
+            raise SpecError(f'mounts[{i}].source: "{mount.source}" is not an absolute path')
     if sys.kind(spec.root_path, follow=True) != "dir":
         raise SpecError(f"root.path: {spec.root_path} is not a directory")
 
@@ -331,10 +337,7 @@ def run(
     """Validate, then create. Every failure becomes one ``error`` line and an exit code."""
     sync = proc_steps.Sync(sys, sync_fd)
     try:
-        try:
-            decoded = json.loads(config)
-        except ValueError as exc:
-            raise SpecError(f"config.json is not valid JSON: {exc}") from exc
+        decoded = document.decode(config)
         spec = spec_mod.parse_spec(decoded)
         start_hooks = hooks_mod.parse(decoded)
         return create_container(sys, spec, sync, cgroup, cgroup_v1, start_hooks)

@@ -663,7 +663,12 @@ def test_errors_are_one_line_logged_once_and_leave_nothing(
     del spec["process"]["args"]
     (no_args / "config.json").write_text(json.dumps(spec))
     runtime.fails(
-        "create", "--bundle", str(no_args), "c3", match="process.args is required", tmp=tmp_path
+        "create",
+        "--bundle",
+        str(no_args),
+        "c3",
+        match="process.args: must not be empty",
+        tmp=tmp_path,
     )
     good = make_bundle(tmp_path, ["sh"])
     runtime.fails(

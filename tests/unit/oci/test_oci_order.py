@@ -66,7 +66,7 @@ def typical_spec(**changes: Any) -> dict[str, Any]:
         ],
         "linux": {
             "namespaces": [{"type": t} for t in ("pid", "mount", "uts", "ipc", "network")],
-            "resources": {"memory": {"limit": 1048576}, "pids": {"limit": 10}},
+            "resources": {"memory": {"limit": 67108864}, "pids": {"limit": 10}},
             "sysctl": {"net.ipv4.ip_forward": "1"},
             "maskedPaths": ["/proc/kcore", "/sys/firmware", "/absent"],
             "readonlyPaths": ["/proc/sys"],
@@ -149,7 +149,7 @@ def test_typical_container_in_order() -> None:
         # A: inherited settings, cgroup with limits before joining, namespaces, fork.
         ("write_file", "/proc/self/oom_score_adj", "100"),
         ("mkdir", CGROUP, "0o755"),
-        ("write_file", f"{CGROUP}/memory.max", "1048576"),
+        ("write_file", f"{CGROUP}/memory.max", "67108864"),
         ("write_file", f"{CGROUP}/pids.max", "10"),
         ("write_file", f"{CGROUP}/cgroup.procs", "0"),
         ("unshare", new_namespaces),
@@ -278,7 +278,13 @@ def test_invalid_spec_writes_one_error_and_touches_nothing() -> None:
     spec["linux"]["namespaces"].append({"type": "bogus"})
     system = fake()
     assert init.run(system, json.dumps(spec).encode(), SYNC, CGROUP) == 1
-    assert system.calls == [("write", SYNC, b'error INVALID_SPEC unknown namespace type "bogus"\n')]
+    assert system.calls == [
+        (
+            "write",
+            SYNC,
+            b'error INVALID_SPEC linux.namespaces[5].type: unknown namespace type "bogus"\n',
+        )
+    ]
 
 
 def test_missing_rootfs_is_an_error_before_any_side_effect() -> None:
@@ -288,6 +294,28 @@ def test_missing_rootfs_is_an_error_before_any_side_effect() -> None:
     assert system.calls == [
         ("write", SYNC, b"error INVALID_SPEC root.path: /r is not a directory\n")
     ]
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        (
+            {"root": {"path": "rootfs"}},
+            b'error INVALID_SPEC root.path: "rootfs" is not an absolute path\n',
+        ),
+        (
+            {"mounts": [{"destination": "/d", "type": "bind", "source": "data"}]},
+            b'error INVALID_SPEC mounts[0].source: "data" is not an absolute path\n',
+        ),
+    ],
+)
+def test_paths_relative_to_the_bundle_are_refused_in_the_guest(
+    changes: dict[str, Any], message: bytes
+) -> None:
+    # The host resolves them and sends absolute ones: in the guest there is no bundle.
+    system = fake()
+    assert init.run(system, json.dumps(typical_spec(**changes)).encode(), SYNC, CGROUP) == 1
+    assert system.calls == [("write", SYNC, message)]
 
 
 def test_invalid_json_is_a_spec_error() -> None:
@@ -386,7 +414,10 @@ def test_a_failing_start_container_hook_is_reported_and_nothing_runs(
 @pytest.mark.parametrize(
     ("hook", "error"),
     [
-        ({"path": "rel", "timeout": 1}, "hooks.startContainer[0].path: expected an absolute path"),
+        (
+            {"path": "rel", "timeout": 1},
+            'hooks.startContainer[0].path: "rel" is not an absolute path',
+        ),
         ({"path": "/h"}, "hooks.startContainer[0].timeout: expected seconds in 1..86400"),
         ({"path": "/h", "timeout": 1, "env": ["NOEQUALS"]}, "hooks.startContainer[0].env"),
         ({"path": "/h", "timeout": 1, "args": "sh"}, "hooks.startContainer[0].args"),
@@ -525,7 +556,7 @@ def fake_v1() -> sc.RecordingSyscalls:
 def test_v1_layout_limits_in_v1_files_and_a_v1_view() -> None:
     spec = typical_spec(mounts=[CGROUP_MOUNT])
     spec["linux"]["resources"] = {
-        "memory": {"limit": 1048576},
+        "memory": {"limit": 67108864},
         "pids": {"limit": 10},
         "cpu": {"shares": 512, "quota": 50000, "period": 100000, "cpus": "0"},
     }
@@ -542,7 +573,7 @@ def test_v1_layout_limits_in_v1_files_and_a_v1_view() -> None:
         ("mkdir", cpuset, "0o755"),
         ("mkdir", memory, "0o755"),
         ("mkdir", pids, "0o755"),
-        ("write_file", f"{memory}/memory.limit_in_bytes", "1048576"),
+        ("write_file", f"{memory}/memory.limit_in_bytes", "67108864"),
         ("write_file", f"{pids}/pids.max", "10"),
         ("write_file", f"{cpu}/cpu.shares", "512"),
         ("write_file", f"{cpu}/cpu.cfs_period_us", "100000"),
