@@ -44,6 +44,9 @@ UINT64_MAX = (1 << 64) - 1
 #: before the process exists.
 MIN_MEMORY_LIMIT = 6 * 1024 * 1024
 
+#: Longest hostname or domainname the kernel takes, in bytes (__NEW_UTS_LEN).
+MAX_HOSTNAME = 64
+
 #: The OCI hook points (config.json ``hooks``); other names are ignored, as runc does.
 HOOK_NAMES = (
     "prestart",
@@ -856,6 +859,12 @@ def parse_spec(config: object) -> Spec:
         raise SpecError(f"{given}: mappings need a new user namespace in linux.namespaces")
     hostname = _str(top.get("hostname"), "hostname")
     domainname = _str(top.get("domainname"), "domainname")
+    for what, name in (("hostname", hostname), ("domainname", domainname)):
+        if len(name.encode()) > MAX_HOSTNAME:
+            raise SpecError(
+                f"{what}: {len(name.encode())} bytes is longer than the kernel's limit of "
+                f"{MAX_HOSTNAME} bytes"
+            )
     if (hostname or domainname) and "uts" not in private:
         what = "hostname" if hostname else "domainname"
         raise SpecError(f"{what}: unable to set {what} without a private UTS namespace")

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ocispec.errors import SpecError
-from ocispec.spec import MIN_MEMORY_LIMIT, parse_spec
+from ocispec.spec import MAX_HOSTNAME, MIN_MEMORY_LIMIT, parse_spec
 from sandbox import store as state
 from sandbox.errors import ConfigError, RunError
 from sandbox.image import store as images
@@ -31,8 +31,6 @@ _ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 VM_OVERHEAD_MIB = 256
 #: The largest VM a run boots, MiB (Pod.boot's limit); a larger limit gets this VM.
 MAX_VM_MIB = 65536
-#: The kernel's limit on a hostname (__NEW_UTS_LEN); ``--name`` is the run's hostname.
-MAX_HOSTNAME = 64
 
 
 def check_options(args: argparse.Namespace) -> None:
