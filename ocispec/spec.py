@@ -661,14 +661,14 @@ def parse_sysctls(value: object, where: str, private: set[str]) -> tuple[tuple[s
         at = f'{where}["{key}"]'
         setting = _str(raw, at)
         if not key or "/" in key or ".." in key or key.startswith(".") or "\x00" in key:
-            raise SpecError(f"{at}: not a valid sysctl name")
+            raise SpecError(f'{at}: sysctl "{key}" is not a valid name')
         needed = next((ns for prefix, ns in _SYSCTL_NAMESPACES if key.startswith(prefix)), None)
         if needed is None:
-            raise SpecError(f"{at}: this sysctl is not in a separate kernel namespace")
+            raise SpecError(f'{at}: sysctl "{key}" is not in a separate kernel namespace')
         if needed not in private:
             raise SpecError(
-                f"{at}: not allowed as it conflicts with the host's {needed} namespace "
-                "(the container has no private one)"
+                f'{at}: sysctl "{key}" is not allowed as it conflicts with the host\'s '
+                f"{needed} namespace (the container has no private one)"
             )
         result.append((key, setting))
     return tuple(result)

@@ -128,8 +128,7 @@ def check_on_host(bundle: Bundle, *, owns_pod: bool) -> None:
     spec = bundle.spec
     rootfs = bundle.rootfs
     if not rootfs.is_dir():
-        what = "is not a directory" if rootfs.exists() else "does not exist"
-        raise bundle.refuse(f"root.path: {rootfs} {what}")
+        raise bundle.refuse(f"root.path: {rootfs} is not a directory")
     for i, mount in enumerate(spec.mounts):
         if mount.bind and not os.path.lexists(bundle.path / mount.source):
             raise bundle.refuse(f"mounts[{i}].source: {bundle.path / mount.source} does not exist")

@@ -135,3 +135,34 @@ def test_an_id_longer_than_a_file_name_allows_is_refused_at_once(
         [],
         ["locks"],
     )
+
+
+@pytest.mark.vm
+def test_the_longest_id_names_every_file_it_needs(
+    vm_root: Path, tmp_path: Path, rootfs: Path
+) -> None:
+    """200 characters: the container's directories on the host and in the guest (share,
+    overlay, cgroup) are named by it, and a failed boot's console log by its pod id."""
+    cid = "i" * 200
+    good = Variant("valid", "", "", change=lambda config: None)
+    bundle = _bundle(tmp_path / "b", good, rootfs)
+    runtime = [RUNTIME, "--root", str(vm_root)]
+    with open(tmp_path / "create.err", "w+") as err:
+        done = subprocess.run(
+            [*runtime, "create", "--bundle", str(bundle), cid],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=err,
+            timeout=300,
+        )
+        err.seek(0)
+        assert done.returncode == 0, err.read()
+    try:
+        state = subprocess.run([*runtime, "state", cid], capture_output=True, text=True, timeout=60)
+        assert state.returncode == 0 and '"status": "created"' in state.stdout, state.stderr
+    finally:
+        deleted = subprocess.run(
+            [*runtime, "delete", "--force", cid], capture_output=True, text=True, timeout=120
+        )
+    assert deleted.returncode == 0, deleted.stderr
+    assert not (vm_root / cid).exists()

@@ -174,6 +174,13 @@ def test_memory_limit_reports_oom(root: Path) -> None:
     assert done.returncode == 137 and b"out of memory" in done.stderr
 
 
+def test_the_smallest_memory_limit_runs_a_process(root: Path) -> None:
+    # 6m is the minimum accepted (ocispec.spec.MIN_MEMORY_LIMIT): the runtime must fit in it.
+    done = run(root, "--memory", "6m", "default", "cat", "/sys/fs/cgroup/memory.max")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == [b"6291456"]
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [

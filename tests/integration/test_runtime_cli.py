@@ -473,7 +473,9 @@ def test_update_from_a_file_stdin_and_flags(life: Life, tmp_path: Path) -> None:
 
 
 def test_failed_creates_joining_the_pod_leave_it_as_it_was(life: Life, tmp_path: Path) -> None:
-    # No record, no files in the pod share, not a member, and the VM still serves.
+    # Whether the create fails before it joins (a missing rootfs, found on the host) or after
+    # (a refusing hook): no record, no files in the pod share, not a member, and the VM still
+    # serves.
     runtime, cid = life.runtime, life.cid
     bad_root = make_bundle(tmp_path, ["true"], annotations=life.join())
     spec = json.loads((bad_root / "config.json").read_text())

@@ -289,14 +289,18 @@ def test_namespace_paths() -> None:
         ),
         (
             {"linux__sysctl": {"net.ipv4.ip_forward": "1"}},
-            'linux.sysctl["net.ipv4.ip_forward"]: not allowed as it conflicts with the host\'s '
-            "network namespace (the container has no private one)",
+            'linux.sysctl["net.ipv4.ip_forward"]: sysctl "net.ipv4.ip_forward" is not allowed as '
+            "it conflicts with the host's network namespace (the container has no private one)",
         ),
         (
             {"linux__sysctl": {"vm.swappiness": "1"}},
-            'linux.sysctl["vm.swappiness"]: this sysctl is not in a separate kernel namespace',
+            'linux.sysctl["vm.swappiness"]: sysctl "vm.swappiness" is not in a separate kernel '
+            "namespace",
         ),
-        ({"linux__sysctl": {"net/../x": "1"}}, 'linux.sysctl["net/../x"]: not a valid sysctl name'),
+        (
+            {"linux__sysctl": {"net/../x": "1"}},
+            'linux.sysctl["net/../x"]: sysctl "net/../x" is not a valid name',
+        ),
         (
             {"linux__resources": {"memory": {"swap": 100}}},
             "linux.resources.memory.swap: set without a memory limit",

@@ -170,7 +170,7 @@ INVALID: tuple[Variant, ...] = (
     ),
     Variant("no root", "root", "missing", _delete("root")),
     Variant("no root.path", "root.path", "missing", _delete("root.path")),
-    Variant("rootfs missing", "root.path", "does not exist", _set("root.path", "nope")),
+    Variant("rootfs missing", "root.path", "is not a directory", _set("root.path", "nope")),
     Variant("rootfs a file", "root.path", "is not a directory", _set("root.path", "config.json")),
     Variant(
         "readonly a string",
