@@ -221,7 +221,6 @@ INVALID: tuple[Variant, ...] = (
         "linux.namespaces",
         'a new "mount" namespace is required',
         _namespaces("pid", "uts"),
-        runc=False,  # runc then shares the host's mounts
     ),
     Variant(
         "user namespace without mappings",
