@@ -153,10 +153,10 @@ def check_guest_resources(
     ``where`` is the field path of ``resources`` (``linux.resources``); ``refuse(message)``
     returns the exception to raise.
     """
-    from hypervisor.qemu_args import DEFAULT_CPUS  # here: verbs that never boot skip it
-
-    if resources is None:
+    if resources is None or (resources.cpus is None and resources.mems is None):
         return
+    from hypervisor.qemu_args import DEFAULT_CPUS  # here: most bundles name no cpuset
+
     for field, highest, count, what in (
         ("cpus", resources.cpus, DEFAULT_CPUS, "CPU"),
         ("mems", resources.mems, GUEST_MEMORY_NODES, "memory node"),

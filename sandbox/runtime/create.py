@@ -38,11 +38,6 @@ def create(
     The bundle is judged before anything is created, booted or joined. On any later failure
     everything this call started is undone and the id is free again.
     """
-    from sandbox.pod.lifecycle import Pod
-    from sandbox.pod.record import PodStatus
-    from sandbox.pod.sharing import share_container_files
-    from sandbox.runtime import shim
-
     state.validate_id(container_id)
     loaded = bundles.load(bundle.resolve())
     spec = loaded.spec
@@ -54,6 +49,12 @@ def create(
     state.validate_id(pod_id, "pod")
     privileged = bundles.privileged_files(spec.annotations)
     bundles.check_on_host(loaded, owns_pod=owns_pod)
+    # Only now the pod machinery (gRPC, QEMU): a refusal above costs a CLI start, no more.
+    from sandbox.pod.lifecycle import Pod
+    from sandbox.pod.record import PodStatus
+    from sandbox.pod.sharing import share_container_files
+    from sandbox.runtime import shim
+
     network_ns = spec.namespace("network")
     netns = Path(network_ns.path) if network_ns is not None and network_ns.path else None
     record = ContainerRecord.new(
