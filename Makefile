@@ -43,7 +43,7 @@ integration: deps guest-image
 lint: deps
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	$(VENV)/bin/mypy sandbox agent agentapi hypervisor
+	$(VENV)/bin/mypy sandbox agent agentapi ocispec hypervisor
 
 check: deps
 	$(VENV)/bin/pysandbox check

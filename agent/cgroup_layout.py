@@ -18,6 +18,7 @@ from collections.abc import Callable
 
 from agent import pid1
 from agent.oci import syscalls
+from ocispec import linux
 
 #: Spec annotation naming the layout the host wants for the VM's containers.
 ANNOTATION = "org.pysandbox.cgroup"
@@ -83,7 +84,7 @@ def set_up(version: str, parent: str = pid1.CGROUP_PARENT) -> None:
         target = f"{V1_ROOT}/{name}"
         os.makedirs(target, exist_ok=True)
         if not pid1._is_mountpoint(target):
-            flags = syscalls.MS_NOSUID | syscalls.MS_NODEV | syscalls.MS_NOEXEC
+            flags = linux.MS_NOSUID | linux.MS_NODEV | linux.MS_NOEXEC
             syscalls.mount("cgroup", target, "cgroup", flags, name)
         if name == "cpuset":
             with open(f"{target}/cgroup.clone_children", "w", encoding="ascii") as handle:

@@ -32,8 +32,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from agent import cgroup_layout, pid1, proctable
+from ocispec.document import MAX_DOCUMENT_BYTES
 
-MAX_SPEC_BYTES = 1024 * 1024
+#: Largest spec CreateContainer takes: what the host accepts as config.json (1 MiB).
+MAX_SPEC_BYTES = MAX_DOCUMENT_BYTES
 #: Guest directory holding per-container overlay layers (on the /run tmpfs).
 OVERLAY_ROOT = "/run/pysandbox-overlay"
 READY_TIMEOUT = 60.0
@@ -407,6 +409,10 @@ class ContainerManager:
             spec: dict[str, Any] = json.loads(spec_bytes)
             if not isinstance(spec, dict):
                 raise ValueError("not an object")
+        except RecursionError:
+            raise ContainerError(
+                "INVALID_ARGUMENT", "malformed oci spec: nested too deep"
+            ) from None
         except ValueError as exc:
             raise ContainerError(
                 "INVALID_ARGUMENT", f"malformed oci spec: {exc}", "INVALID_SPEC"
@@ -513,6 +519,10 @@ class ContainerManager:
             process = json.loads(process_json)
             if not isinstance(process, dict):
                 raise ValueError("not an object")
+        except RecursionError:
+            raise ContainerError(
+                "INVALID_ARGUMENT", "malformed process json: nested too deep"
+            ) from None
         except ValueError as exc:
             raise ContainerError(
                 "INVALID_ARGUMENT", f"malformed process json: {exc}", "INVALID_SPEC"
@@ -767,8 +777,9 @@ class ContainerManager:
     def update(self, container_id: str, resources_json: bytes) -> None:
         from agent.oci import cgroups
         from agent.oci.errors import OciError
-        from agent.oci.spec import parse_resources
         from agent.oci.syscalls import LinuxSyscalls
+        from ocispec.errors import SpecError
+        from ocispec.spec import parse_resources
 
         container = self.get(container_id)
         if len(resources_json) > 64 * 1024:
@@ -778,9 +789,9 @@ class ContainerManager:
             if resources is not None:
                 own = cgroups.Cgroup(container.cgroup, container.cgroup_v1)
                 cgroups.set_limits(LinuxSyscalls(), own, resources)
-        except ValueError as exc:
+        except (ValueError, RecursionError) as exc:
             raise ContainerError("INVALID_ARGUMENT", f"malformed resources: {exc}") from exc
-        except OciError as exc:
+        except (OciError, SpecError) as exc:
             raise ContainerError("INVALID_ARGUMENT", str(exc)) from exc
 
     def stats(self, container_id: str) -> dict[str, int]:

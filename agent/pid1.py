@@ -14,6 +14,7 @@ import threading
 from collections.abc import Callable
 
 from agent.oci import syscalls
+from ocispec import linux
 
 #: Guest directory under which host shares are mounted. Mode 0711: listing is for the agent
 #: only, but every guest uid may traverse it. A container with a user namespace builds its
@@ -54,7 +55,7 @@ def early_mounts() -> None:
 
     Idempotent: a filesystem already mounted at its target is left alone.
     """
-    nosuid_nodev = syscalls.MS_NOSUID | syscalls.MS_NODEV
+    nosuid_nodev = linux.MS_NOSUID | linux.MS_NODEV
     table: list[tuple[str, str, str, int, str]] = [
         ("tmpfs", "/run", "tmpfs", nosuid_nodev, "mode=0755"),
         ("tmpfs", "/tmp", "tmpfs", nosuid_nodev, "mode=1777"),
@@ -62,12 +63,12 @@ def early_mounts() -> None:
             "devpts",
             "/dev/pts",
             "devpts",
-            syscalls.MS_NOSUID | syscalls.MS_NOEXEC,
+            linux.MS_NOSUID | linux.MS_NOEXEC,
             "newinstance,ptmxmode=0666,mode=0620",
         ),
         ("tmpfs", "/dev/shm", "tmpfs", nosuid_nodev, "mode=1777"),
-        ("cgroup2", "/sys/fs/cgroup", "cgroup2", nosuid_nodev | syscalls.MS_NOEXEC, ""),
-        ("mqueue", "/dev/mqueue", "mqueue", nosuid_nodev | syscalls.MS_NOEXEC, ""),
+        ("cgroup2", "/sys/fs/cgroup", "cgroup2", nosuid_nodev | linux.MS_NOEXEC, ""),
+        ("mqueue", "/dev/mqueue", "mqueue", nosuid_nodev | linux.MS_NOEXEC, ""),
     ]
     for source, target, fstype, flags, data in table:
         os.makedirs(target, exist_ok=True)

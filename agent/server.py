@@ -26,6 +26,7 @@ from agentapi.limits import GRPC_OPTIONS, MAX_MESSAGE_BYTES, MAX_READ_BYTES
 from agentapi.proto import agent_pb2 as pb
 from agentapi.proto import agent_pb2_grpc as pb_grpc
 from agentapi.version import AGENT_VERSION, PROTOCOL_VERSION
+from ocispec import linux
 
 _TAG_RE = re.compile(r"^[A-Za-z0-9_.-]{1,36}$")
 _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,1023}$")
@@ -112,7 +113,7 @@ class AgentService(pb_grpc.AgentServicer):
                     grpc.StatusCode.FAILED_PRECONDITION,
                     f"{path} already holds share {mounted!r}",
                 )
-            flags = syscalls.MS_RDONLY if request.readonly else 0
+            flags = linux.MS_RDONLY if request.readonly else 0
             try:
                 os.makedirs(path, mode=0o755, exist_ok=True)
                 syscalls.mount(request.tag, path, "virtiofs", flags)

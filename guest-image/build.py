@@ -605,8 +605,9 @@ def fetch_wheels(versions: dict[str, str], cache: Path) -> list[Path]:
     return wheels
 
 
-#: The Python packages that run in the guest: the agent and the host<->guest contract.
-GUEST_PACKAGES = ("agent", "agentapi")
+#: The Python packages that run in the guest: the agent, the host<->guest contract, the OCI
+#: spec parser (shared with the host).
+GUEST_PACKAGES = ("agent", "agentapi", "ocispec")
 
 
 def copy_agent(dest: Path) -> None:

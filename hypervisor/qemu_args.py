@@ -33,6 +33,8 @@ MACHINES: tuple[MachineType, ...] = ("pc", "q35", "microvm")
 SANDBOX_POLICY = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
 
 #: Maximum length of a virtio-fs tag (bytes), fixed by the virtio spec.
+#: vCPUs of a pod VM: the guest's CPUs are numbered 0..DEFAULT_CPUS-1 (cpuset lists).
+DEFAULT_CPUS = 1
 MAX_FS_TAG = 36
 #: Id of the shared memory backend required by vhost-user devices.
 MEMORY_BACKEND_ID = "mem"
@@ -555,7 +557,7 @@ class VMConfig:
     initrd: Path | None = None
     rootfs: Path | None = None
     memory_mib: int = 512
-    cpus: int = 1
+    cpus: int = DEFAULT_CPUS
     accel: Accelerator = "tcg"
     cpu: str | None = None
     machine: MachineType = "pc"

@@ -26,16 +26,31 @@ from typing import Any
 from sandbox.errors import ConfigError
 
 DEFAULT_ROOT = Path("/run/pysandbox")
-_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,1023}$")
+
+#: Longest id, in characters (ASCII, so bytes). Ids name files and directories: on the host
+#: ``<root>/<id>/``, ``<pod>/shared/<id>/`` and ``<root>/logs/<pod id>-console.log``, in the
+#: guest ``/run/pysandbox/shared/<id>`` and the container's cgroup, each one path component,
+#: which the kernel caps at NAME_MAX (255) bytes. The longest suffix added today is 12
+#: characters (``-console.log``); 200 leaves room for more and is well above CRI's 64-hex ids
+#: and containerd's 76-character limit. Unix sockets are not named by ids (pod directories
+#: are digests, see :func:`pod_dir_name`), so the 108-byte socket path limit does not bind.
+MAX_ID_LENGTH = 200
+_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]*")
 MAX_STATE_BYTES = 1024 * 1024
 
 
 def validate_id(value: str, kind: str = "container") -> str:
-    """Return ``value`` if it is a safe id (no '/', no '..', printable); else ConfigError."""
-    if not _ID_RE.match(value) or ".." in value:
+    """Return ``value`` if it is a safe id (no '/', no '..', printable, at most
+    :data:`MAX_ID_LENGTH` characters); else ConfigError."""
+    if len(value) > MAX_ID_LENGTH:
+        raise ConfigError(
+            f"invalid {kind} id {value[:40]!r}... ({len(value)} characters): at most "
+            f"{MAX_ID_LENGTH} characters (ids name files, whose names are limited)"
+        )
+    if not _ID_RE.fullmatch(value) or ".." in value:
         raise ConfigError(
             f"invalid {kind} id {value[:80]!r}: use letters, digits, '_', '.', '+', '-' "
-            "(no '/', no '..', at most 1024 characters)"
+            f"(no '/', no '..', at most {MAX_ID_LENGTH} characters)"
         )
     return value
 

@@ -4,13 +4,13 @@ Two layouts, chosen for the whole guest by the agent (docs/cgroups.md):
 
 - **v2** (the default): the container's cgroup is ``DIR`` on cgroup2
   (``/sys/fs/cgroup/pysandbox/<id>``), where the agent has enabled every controller; limits
-  are written in v2 terms (:attr:`Resources.files <agent.oci.spec.Resources>`).
+  are written in v2 terms (:attr:`Resources.files <ocispec.spec.Resources>`).
 - **v1**: ``DIR`` on cgroup2 still tracks the processes (``cgroup.procs``, ``cgroup.kill``,
   ``cgroup.freeze``) but holds no controller. Each v1 hierarchy is mounted in its own
   directory of a *v1 root* (named by its controllers, as its mount options: ``cpu,cpuacct``,
   ``memory``...), and the container has a cgroup at the same path below every hierarchy as
   ``DIR`` has below ``/sys/fs/cgroup``. Limits are written there in v1 terms
-  (:attr:`Resources.v1_files <agent.oci.spec.Resources>`).
+  (:attr:`Resources.v1_files <ocispec.spec.Resources>`).
 
 Either way the container's processes live in a cgroup namespace rooted at its own cgroup, and a
 ``cgroup`` mount in its spec shows that cgroup at the mount point
@@ -31,8 +31,8 @@ from agent.oci.errors import SetupError
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from agent.oci.spec import Resources
     from agent.oci.syscalls import Syscalls
+    from ocispec.spec import Resources
 
 #: Where the guest's cgroup2 hierarchy is mounted; ``DIR`` lies below it.
 V2_ROOT = "/sys/fs/cgroup"

@@ -9,6 +9,8 @@ on to the host as a field, so the host never has to read the message to tell "no
 
 from __future__ import annotations
 
+from ocispec.errors import SpecError as SpecError  # re-exported: reported with INVALID_SPEC
+
 #: Failure reasons, spelt as agent.proto's ``Failure.Reason`` values (the agent maps by name).
 #: Nothing more specific is known (an unexpected exception).
 UNSPECIFIED = "UNSPECIFIED"
@@ -36,7 +38,11 @@ REASONS = (
 
 class OciError(Exception):
     """Base: the container (or exec) could not be set up. Exit with :attr:`exit_code`;
-    :attr:`reason` is what the agent is told along with the message."""
+    :attr:`reason` is what the agent is told along with the message.
+
+    An invalid spec is :class:`ocispec.errors.SpecError` instead (re-exported here; it has
+    ``message`` and ``exit_code`` too): it travels with the reason :data:`INVALID_SPEC`.
+    """
 
     exit_code = 1
     reason = UNSPECIFIED
@@ -47,12 +53,6 @@ class OciError(Exception):
     @property
     def message(self) -> str:
         return str(self.args[0])
-
-
-class SpecError(OciError):
-    """The spec (or process JSON) is invalid. Raised before anything was changed."""
-
-    reason = INVALID_SPEC
 
 
 class SetupError(OciError):

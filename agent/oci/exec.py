@@ -14,20 +14,20 @@ and the pid in ``ready`` is the exec'd program's.
 
 from __future__ import annotations
 
-import json
 import os
 
 from agent.oci import cgroups
 from agent.oci import init as init_mod
 from agent.oci import process as proc_steps
-from agent.oci import spec as spec_mod
 from agent.oci import syscalls as sc
-from agent.oci.errors import SETUP_FAILED, SetupError, SpecError
+from agent.oci.errors import SETUP_FAILED, SetupError
+from ocispec import document, linux
+from ocispec import spec as spec_mod
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from agent.oci.spec import Process
     from agent.oci.syscalls import Syscalls
+    from ocispec.spec import Process
 
 USAGE = (
     "usage: python3 -m agent.oci.exec --target-pid PID --process-fd FD --sync-fd SYNCFD "
@@ -37,14 +37,14 @@ USAGE = (
 #: /proc/PID/ns entries in the order nsenter joins them: user first (it owns the others),
 #: mount last (after it /proc/PID paths would resolve inside the container).
 NAMESPACES = (
-    ("user", sc.CLONE_NEWUSER),
-    ("ipc", sc.CLONE_NEWIPC),
-    ("uts", sc.CLONE_NEWUTS),
-    ("net", sc.CLONE_NEWNET),
-    ("pid", sc.CLONE_NEWPID),
-    ("cgroup", sc.CLONE_NEWCGROUP),
+    ("user", linux.CLONE_NEWUSER),
+    ("ipc", linux.CLONE_NEWIPC),
+    ("uts", linux.CLONE_NEWUTS),
+    ("net", linux.CLONE_NEWNET),
+    ("pid", linux.CLONE_NEWPID),
+    ("cgroup", linux.CLONE_NEWCGROUP),
     ("time", 0x80),
-    ("mnt", sc.CLONE_NEWNS),
+    ("mnt", linux.CLONE_NEWNS),
 )
 
 
@@ -140,11 +140,7 @@ def run(
 ) -> int:
     sync = proc_steps.Sync(sys, sync_fd)
     try:
-        try:
-            decoded = json.loads(payload)
-        except ValueError as exc:
-            raise SpecError(f"process json is not valid JSON: {exc}") from exc
-        process = spec_mod.parse_process(decoded)
+        process = spec_mod.parse_process(document.decode(payload, "process json"))
         return exec_process(sys, process, target, sync, cgroup, cgroup_v1)
     except Exception as exc:
         return init_mod.fail(sys, sync, exc)

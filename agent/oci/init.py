@@ -20,22 +20,22 @@ is the program's, signals sent to it reach the program, and its wait status is t
 
 from __future__ import annotations
 
-import json
 import os
 
 from agent.oci import cgroups, rootfs
 from agent.oci import hooks as hooks_mod
 from agent.oci import process as proc_steps
-from agent.oci import spec as spec_mod
 from agent.oci import syscalls as sc
-from agent.oci.capabilities import DEFAULT_LAST_CAP
-from agent.oci.errors import SETUP_FAILED, OciError, SetupError, SpecError
+from agent.oci.errors import INVALID_SPEC, SETUP_FAILED, OciError, SetupError, SpecError
+from ocispec import document, linux
+from ocispec import spec as spec_mod
+from ocispec.capabilities import DEFAULT_LAST_CAP
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from agent.oci.hooks import StartHooks
-    from agent.oci.spec import IdMapping, Spec
     from agent.oci.syscalls import Syscalls
+    from ocispec.spec import IdMapping, Spec
 
 USAGE = (
     "usage: python3 -m agent.oci.init --bundle-fd SPECFD --sync-fd SYNCFD [--cgroup DIR] "
@@ -72,7 +72,14 @@ def create_container(
     """
     cap_last = last_cap(sys)  # read now: after pivot_root the guest's /proc is gone
     process = spec.process
-    # 0. The one check of the spec that needs the file system, before any side effect.
+    # 0. What the host resolves against the bundle must arrive absolute (the agent sets
+    #    root.path, the host rewrites bind sources); then the one check of the spec that
+    #    needs the file system, before any side effect.
+    if not spec.root_path.startswith("/"):
+        raise SpecError(f'root.path: "{spec.root_path}" is not an absolute path')
+    for i, mount in enumerate(spec.mounts):
+        if mount.bind and not mount.source.startswith("/"):
+            raise SpecError(f'mounts[{i}].source: "{mount.source}" is not an absolute path')
     if sys.kind(spec.root_path, follow=True) != "dir":
         raise SpecError(f"root.path: {spec.root_path} is not a directory")
 
@@ -114,14 +121,14 @@ def create_container(
     #     (runc on v1 hosts by binding it, on v2 hosts through a private cgroup namespace).
     #     Rooted at the cgroup joined in step 2. A cgroup namespace given by path is joined.
     if own is not None and spec.namespace("cgroup") is None:
-        flags |= sc.CLONE_NEWCGROUP
+        flags |= linux.CLONE_NEWCGROUP
     if flags:
         try:
             sys.unshare(flags)
         except OSError as exc:
             raise SetupError.from_os("unsharing namespaces", exc) from exc
     # 5b. A new network namespace has its loopback up, as runc sets it up ("loopback only").
-    if flags & sc.CLONE_NEWNET:
+    if flags & linux.CLONE_NEWNET:
         try:
             sys.loopback_up()
         except OSError as exc:
@@ -154,11 +161,11 @@ def create_container(
     try:
         # 10. No mount event of ours may reach the guest: make every mount a slave (or what
         #     rootfsPropagation says) before mounting anything.
-        sys.mount(None, "/", None, sc.MS_REC | (spec.rootfs_propagation or sc.MS_SLAVE), None)
+        sys.mount(None, "/", None, linux.MS_REC | (spec.rootfs_propagation or linux.MS_SLAVE), None)
         # 11. pivot_root refuses a new root whose parent mount is shared.
         rootfs.make_parent_private(sys, root)
         # 12. pivot_root also needs the new root to be a mount point: bind it onto itself.
-        sys.mount(root, root, None, sc.MS_BIND | sc.MS_REC, None)
+        sys.mount(root, root, None, linux.MS_BIND | linux.MS_REC, None)
     except OSError as exc:
         raise SetupError.from_os("preparing the rootfs", exc) from exc
     # 13. The spec's mounts, in order: later ones may sit on earlier ones (/dev, /dev/pts).
@@ -285,7 +292,7 @@ def _unshare_user_namespace(sys: Syscalls, spec: Spec) -> None:
         sys.exit_now(code)
     sys.close(go_r)
     try:
-        sys.unshare(sc.CLONE_NEWUSER)
+        sys.unshare(linux.CLONE_NEWUSER)
     except OSError as exc:
         sys.close(go_w)
         sys.waitpid(helper)
@@ -330,10 +337,7 @@ def run(
     """Validate, then create. Every failure becomes one ``error`` line and an exit code."""
     sync = proc_steps.Sync(sys, sync_fd)
     try:
-        try:
-            decoded = json.loads(config)
-        except ValueError as exc:
-            raise SpecError(f"config.json is not valid JSON: {exc}") from exc
+        decoded = document.decode(config)
         spec = spec_mod.parse_spec(decoded)
         start_hooks = hooks_mod.parse(decoded)
         return create_container(sys, spec, sync, cgroup, cgroup_v1, start_hooks)
@@ -344,23 +348,28 @@ def run(
 def fail(sys: Syscalls, sync: proc_steps.Sync, exc: Exception) -> int:
     """Report ``exc`` (message and reason) to the agent; the runtime's exit code.
 
-    An :class:`OciError` keeps its reason and exit code; an OSError that escaped a step is a
-    setup failure; anything else is an internal error (UNSPECIFIED). All exit 1 but ExecError.
+    An :class:`OciError` keeps its reason and exit code, a SpecError is INVALID_SPEC; an
+    OSError that escaped a step is a setup failure; anything else is an internal error
+    (UNSPECIFIED). All exit 1 but ExecError.
     """
-    if isinstance(exc, OciError):
-        error = exc
-    elif isinstance(exc, OSError):
-        error = SetupError(exc.strerror or str(exc))
+    if isinstance(exc, SpecError):  # ocispec's: the spec is invalid, nothing was changed
+        message, reason, code = exc.message, INVALID_SPEC, exc.exit_code
     else:
-        error = OciError(f"internal error: {type(exc).__name__}: {exc}")
+        if isinstance(exc, OciError):
+            error = exc
+        elif isinstance(exc, OSError):
+            error = SetupError(exc.strerror or str(exc))
+        else:
+            error = OciError(f"internal error: {type(exc).__name__}: {exc}")
+        message, reason, code = error.message, error.reason, error.exit_code
     if sync.reported:
         # After ready the agent no longer reads the socket: the container's stderr it is.
         try:  # noqa: SIM105 - contextlib is one more import at start
-            sys.write(2, f"pysandbox: {error.message}\n".encode())
+            sys.write(2, f"pysandbox: {message}\n".encode())
         except OSError:
             pass
-    sync.error(error.message, error.reason)
-    return error.exit_code
+    sync.error(message, reason)
+    return code
 
 
 def parse_args(argv: list[str], names: tuple[str, ...]) -> dict[str, str]:

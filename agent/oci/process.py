@@ -23,8 +23,8 @@ if TYPE_CHECKING:
     from typing import NoReturn
 
     from agent.oci.hooks import StartHooks
-    from agent.oci.spec import Process
     from agent.oci.syscalls import Syscalls
+    from ocispec.spec import Process
 
 #: PATH used for the lookup when process.env has none (runc's default container PATH).
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"

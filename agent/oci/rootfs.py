@@ -16,12 +16,13 @@ import os
 
 from agent.oci import syscalls as sc
 from agent.oci.errors import SetupError
+from ocispec import linux
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from agent.oci.cgroups import Cgroup
-    from agent.oci.spec import Device, Mount
     from agent.oci.syscalls import Syscalls
+    from ocispec.spec import Device, Mount
 
 #: Filesystems a user namespace may not be allowed to mount, and what to bind instead (runc).
 #: A cgroup mount binds the container's own cgroup instead (:func:`cgroup_view`).
@@ -132,12 +133,12 @@ def _locked_remount(sys: Syscalls, target: str, flags: int) -> None:
     locked and a remount without them fails with EPERM: retry with them added (as runc).
     """
     try:
-        sys.mount(None, target, None, sc.MS_BIND | sc.MS_REMOUNT | flags, None)
+        sys.mount(None, target, None, linux.MS_BIND | linux.MS_REMOUNT | flags, None)
     except OSError as exc:
         if exc.errno != errno.EPERM:
             raise
         locked = sys.mount_flags(target)
-        sys.mount(None, target, None, sc.MS_BIND | sc.MS_REMOUNT | flags | locked, None)
+        sys.mount(None, target, None, linux.MS_BIND | linux.MS_REMOUNT | flags | locked, None)
 
 
 def make_parent_private(sys: Syscalls, root: str) -> None:
@@ -159,7 +160,7 @@ def make_parent_private(sys: Syscalls, root: str) -> None:
             optional = fields[6 : fields.index("-")] if "-" in fields else []
             shared = any(tag.startswith("shared:") for tag in optional)
     if best and shared:
-        sys.mount(None, best, None, sc.MS_PRIVATE, None)
+        sys.mount(None, best, None, linux.MS_PRIVATE, None)
 
 
 def mount_entry(sys: Syscalls, root: str, mount: Mount, cgroup: Cgroup | None = None) -> None:
@@ -181,9 +182,11 @@ def mount_entry(sys: Syscalls, root: str, mount: Mount, cgroup: Cgroup | None = 
                 mkdir_all(sys, os.path.dirname(target))
                 if sys.kind(target, follow=True) is None:
                     sys.create_file(target, 0o644)
-            sys.mount(mount.source, target, None, sc.MS_BIND | (mount.flags & sc.MS_REC), None)
+            sys.mount(
+                mount.source, target, None, linux.MS_BIND | (mount.flags & linux.MS_REC), None
+            )
             # A bind mount ignores every other flag: they take a remount.
-            extra = mount.flags & ~(sc.MS_BIND | sc.MS_REC | sc.MS_REMOUNT)
+            extra = mount.flags & ~(linux.MS_BIND | linux.MS_REC | linux.MS_REMOUNT)
             if extra:
                 _locked_remount(sys, target, extra)
         elif mount.type in ("cgroup", "cgroup2") and cgroup is not None:
@@ -201,7 +204,7 @@ def mount_entry(sys: Syscalls, root: str, mount: Mount, cgroup: Cgroup | None = 
                     raise
                 # A user namespace without its own net/ipc namespace may not mount
                 # sysfs/mqueue: show the guest's instead, with the same flags.
-                sys.mount(fallback, target, None, sc.MS_BIND | sc.MS_REC, None)
+                sys.mount(fallback, target, None, linux.MS_BIND | linux.MS_REC, None)
                 if mount.flags:
                     _locked_remount(sys, target, mount.flags)
         for propagation in mount.propagation:
@@ -224,14 +227,14 @@ def cgroup_view(sys: Syscalls, cgroup: Cgroup, target: str, flags: int) -> None:
     if not cgroup.v1:
         _cgroup_fs(sys, "cgroup2", "", cgroup.path, target, flags)
         return
-    sys.mount("tmpfs", target, "tmpfs", flags & ~sc.MS_RDONLY, "mode=755")
+    sys.mount("tmpfs", target, "tmpfs", flags & ~linux.MS_RDONLY, "mode=755")
     for name, directory in cgroup.v1:
         sys.mkdir(f"{target}/{name}", 0o555)
         _cgroup_fs(sys, "cgroup", name, directory, f"{target}/{name}", flags)
         if "," in name:
             for controller in name.split(","):
                 sys.symlink(name, f"{target}/{controller}")
-    if flags & sc.MS_RDONLY:
+    if flags & linux.MS_RDONLY:
         _locked_remount(sys, target, flags)
 
 
@@ -241,7 +244,7 @@ def _cgroup_fs(sys: Syscalls, fstype: str, data: str, own: str, target: str, fla
     except OSError as exc:
         if exc.errno not in (errno.EPERM, errno.EBUSY):
             raise
-        sys.mount(own, target, None, sc.MS_BIND | sc.MS_REC, None)
+        sys.mount(own, target, None, linux.MS_BIND | linux.MS_REC, None)
         if flags:
             _locked_remount(sys, target, flags)
 
@@ -266,7 +269,7 @@ def create_device(sys: Syscalls, root: str, device: Device, bind: bool) -> None:
             raise SetupError(f"device {device.path}: cannot mknod and the guest has no such node")
         if sys.kind(target, follow=True) is None:
             sys.create_file(target, 0o644)
-        sys.mount(device.path, target, None, sc.MS_BIND, None)
+        sys.mount(device.path, target, None, linux.MS_BIND, None)
     except OSError as exc:
         raise SetupError.from_os(f"device {device.path}", exc) from exc
 
@@ -293,7 +296,7 @@ def bind_console(sys: Syscalls, root: str) -> None:
         target = root + "/dev/console"
         if sys.kind(target, follow=True) is None:
             sys.create_file(target, 0o600)
-        sys.mount(slave, target, None, sc.MS_BIND, None)
+        sys.mount(slave, target, None, linux.MS_BIND, None)
     except OSError as exc:
         raise SetupError.from_os("binding the terminal to /dev/console", exc) from exc
 
@@ -313,13 +316,13 @@ def pivot_root(sys: Syscalls, root: str) -> None:
         except OSError as exc:
             if exc.errno != errno.EINVAL:
                 raise
-            sys.mount(root, "/", None, sc.MS_MOVE, None)
+            sys.mount(root, "/", None, linux.MS_MOVE, None)
             sys.chroot(".")
         else:
             # The old root is now mounted on top of the new one, at ".". Make it a slave so
             # that unmounting it does not propagate to the guest, then detach it.
             sys.fchdir(old_root)
-            sys.mount(None, ".", None, sc.MS_SLAVE | sc.MS_REC, None)
+            sys.mount(None, ".", None, linux.MS_SLAVE | linux.MS_REC, None)
             sys.umount2(".", sc.MNT_DETACH)
         sys.chdir("/")
         sys.close(old_root)
@@ -333,9 +336,9 @@ def readonly_path(sys: Syscalls, path: str) -> None:
     if sys.kind(path, follow=True) is None:
         return
     try:
-        sys.mount(path, path, None, sc.MS_BIND | sc.MS_REC, None)
-        flags = sc.MS_RDONLY | sys.mount_flags(path)
-        sys.mount(None, path, None, sc.MS_BIND | sc.MS_REMOUNT | flags, None)
+        sys.mount(path, path, None, linux.MS_BIND | linux.MS_REC, None)
+        flags = linux.MS_RDONLY | sys.mount_flags(path)
+        sys.mount(None, path, None, linux.MS_BIND | linux.MS_REMOUNT | flags, None)
     except OSError as exc:
         raise SetupError.from_os(f"making {path} read-only", exc) from exc
 
@@ -347,9 +350,9 @@ def mask_path(sys: Syscalls, path: str) -> None:
         return
     try:
         if kind == "dir":
-            sys.mount("tmpfs", path, "tmpfs", sc.MS_RDONLY, None)
+            sys.mount("tmpfs", path, "tmpfs", linux.MS_RDONLY, None)
         else:
-            sys.mount("/dev/null", path, None, sc.MS_BIND, None)
+            sys.mount("/dev/null", path, None, linux.MS_BIND, None)
     except OSError as exc:
         raise SetupError.from_os(f"masking {path}", exc) from exc
 
@@ -357,7 +360,7 @@ def mask_path(sys: Syscalls, path: str) -> None:
 def remount_root_readonly(sys: Syscalls) -> None:
     """root.readonly: remount / read-only, keeping its other flags."""
     try:
-        flags = sc.MS_RDONLY | sys.mount_flags("/")
-        sys.mount(None, "/", None, sc.MS_BIND | sc.MS_REMOUNT | flags, None)
+        flags = linux.MS_RDONLY | sys.mount_flags("/")
+        sys.mount(None, "/", None, linux.MS_BIND | linux.MS_REMOUNT | flags, None)
     except OSError as exc:
         raise SetupError.from_os("remounting / read-only", exc) from exc

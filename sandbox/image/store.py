@@ -32,11 +32,17 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from sandbox.errors import ConfigError, ImageError
 from sandbox.image import formats as image_formats
-from sandbox.image.unpack import Unpacker, apply_blob, hash_blob, mismatch, read_in_root
+from sandbox.image.unpack import (
+    Unpacker,
+    apply_blob,
+    hash_blob,
+    mismatch,
+    read_in_root,
+    remove_tree,
+)
 
 IMAGE_STORE = Path(os.environ.get("PYSANDBOX_IMAGE_STORE", "/var/lib/pysandbox/images"))
 DEFAULT_IMAGE = "default"
@@ -277,7 +283,11 @@ def _tmp_prefix(key_hex: str) -> str:
 
 
 def _sweep(store: Path) -> None:
-    """Remove temporary directories left by runs that died (their pid is gone)."""
+    """Remove temporary directories left by runs that died (their pid is gone).
+
+    One that cannot be removed stays and is ignored: it never stops another image (each
+    build works in a directory of its own).
+    """
     for child in store.iterdir():
         if not child.name.startswith(_TMP_PREFIX):
             continue
@@ -298,15 +308,15 @@ def _alive(pid: int) -> bool:
 
 
 def _remove_tree(path: Path) -> None:
-    """Remove a tree we made, even where an image left directories without write permission."""
-
-    def retry(function: Callable[..., Any], failed: str, _exc: Any) -> None:
-        with contextlib.suppress(OSError):
-            os.chmod(os.path.dirname(failed), 0o700)
-            function(failed)
-
-    if path.exists():
-        shutil.rmtree(path, onerror=retry)
+    """Remove a tree we made, however deep and even where an image left directories without
+    write permission (:func:`~sandbox.image.unpack.remove_tree`); never raises: what cannot
+    be removed is left for the next sweep and blocks nothing."""
+    with contextlib.suppress(OSError):
+        parent = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            remove_tree(parent, path.name)
+        finally:
+            os.close(parent)
 
 
 def _sync(path: Path) -> None:

@@ -23,6 +23,11 @@ the root directory an :class:`Unpacker` was given, whatever the tar contains:
   Modes keep setuid/setgid/sticky bits: the store that holds unpacked images must therefore be
   private to root (``sandbox.image.store`` creates it 0700).
 
+Nothing recurses on the archive's depth (a layer may hold a path thousands of directories
+deep): walking, resolving and removing trees are loops that hold a few file descriptors
+whatever the depth (:func:`remove_tree`, :meth:`Unpacker.finish`). Member and link names
+longer than PATH_MAX are refused, which bounds what one member can make the unpacker hold.
+
 Whiteouts follow the OCI image spec: ``.wh.NAME`` deletes ``NAME`` of lower layers,
 ``.wh..wh..opq`` empties its directory of everything lower layers put there; neither touches
 what the same layer created. Directory modes, owners and times are applied by
@@ -43,7 +48,6 @@ import importlib
 import io
 import lzma
 import os
-import shutil
 import stat
 import tarfile
 from collections.abc import Callable
@@ -55,6 +59,8 @@ from sandbox.errors import ImageError, StreamError
 
 CHUNK = 1 << 20
 MAX_SYMLINKS = 40
+#: Longest member or link name accepted, in bytes (the kernel's PATH_MAX).
+PATH_MAX = 4096
 MAX_CACHED_DIRS = 256
 MAX_ID = 2**32 - 2
 WHITEOUT_PREFIX = ".wh."
@@ -268,14 +274,22 @@ def apply_blob(
 # --- walking inside a root -----------------------------------------------------------------
 
 
+def shown(name: str) -> str:
+    """``name`` quoted for a message, shortened when long (names can be 4 KiB)."""
+    return repr(name) if len(name) <= 80 else repr(f"{name[:40]}…{name[-20:]}")
+
+
 def split_path(name: str) -> list[str]:
     """Components of an archive path relative to the root; ``/``, ``.`` and empty dropped.
 
-    Raises ImageError for a ``..`` component.
+    Raises ImageError for a ``..`` component or a name longer than :data:`PATH_MAX` bytes.
     """
+    size = len(name.encode(errors="surrogateescape"))
+    if size > PATH_MAX:
+        raise ImageError(f"member name {shown(name)} is {size} bytes, longer than PATH_MAX")
     parts = [part for part in name.split("/") if part not in ("", ".")]
     if ".." in parts:
-        raise ImageError(f"unsafe member {name!r}: '..' would leave the root")
+        raise ImageError(f"unsafe member {shown(name)}: '..' would leave the root")
     return parts
 
 
@@ -359,6 +373,67 @@ def resolve_dir(
 def _swap(old: int, new: int) -> int:
     os.close(old)
     return new
+
+
+def _make_writable(fd: int) -> None:
+    """Give the owner rwx on directory ``fd`` (an image may have left it read-only)."""
+    mode = os.fstat(fd).st_mode
+    if mode & 0o700 != 0o700:
+        os.fchmod(fd, stat.S_IMODE(mode) | 0o700)
+
+
+def _entries(fd: int) -> list[tuple[str, bool]]:
+    """(name, is a directory -- not following symlinks) of each entry of directory ``fd``."""
+    with os.scandir(fd) as scan:
+        return [(entry.name, entry.is_dir(follow_symlinks=False)) for entry in scan]
+
+
+def remove_tree(parent_fd: int, name: str) -> None:
+    """Remove ``name`` of directory ``parent_fd`` and everything below it.
+
+    No recursion and no symlink followed, whatever the depth, with at most three descriptors
+    open: each directory met below the top one has its files unlinked and its subdirectories
+    moved up into the top one (``renameat`` stays within the tree), then is removed; the top
+    directory is listed again until it is empty. Every entry is moved at most once. Read-only
+    directories are made writable first (the tree is ours to remove). A ``name`` that is not
+    a directory is unlinked. Raises OSError when something cannot be removed.
+    """
+    try:
+        top = os.open(name, _DIR_FLAGS, dir_fd=parent_fd)
+    except OSError as exc:
+        if exc.errno not in (errno.ENOTDIR, errno.ELOOP):
+            raise
+        os.unlink(name, dir_fd=parent_fd)  # a file or a symlink: never followed
+        return
+    try:
+        _make_writable(top)
+        hoisted = 0
+        while entries := _entries(top):
+            for entry, is_dir in entries:
+                if not is_dir:
+                    os.unlink(entry, dir_fd=top)
+                    continue
+                sub = os.open(entry, _DIR_FLAGS, dir_fd=top)
+                try:
+                    _make_writable(sub)
+                    for child, child_is_dir in _entries(sub):
+                        if not child_is_dir:
+                            os.unlink(child, dir_fd=sub)
+                            continue
+                        while True:  # a free name in the top directory
+                            hoisted += 1
+                            try:
+                                os.rename(child, f".rm{hoisted}", src_dir_fd=sub, dst_dir_fd=top)
+                                break
+                            except OSError as exc:
+                                if exc.errno not in (errno.EEXIST, errno.ENOTEMPTY, errno.ENOTDIR):
+                                    raise
+                finally:
+                    os.close(sub)
+                os.rmdir(entry, dir_fd=top)
+    finally:
+        os.close(top)
+    os.rmdir(name, dir_fd=parent_fd)
 
 
 def read_in_root(root: Path, path: str, limit: int) -> bytes | None:
@@ -489,30 +564,65 @@ class Unpacker:
                 raise ImageError(f"{what}: {exc}") from None
             except OSError as exc:
                 raise ImageError(
-                    f"{what}: cannot extract {member.name!r}: {_describe(exc)}"
+                    f"{what}: cannot extract {shown(member.name)}: {_describe(exc)}"
                 ) from None
 
     def finish(self) -> None:
         """Apply directory owners, modes and times, children before parents; the root ends
         up 0755 unless a layer said otherwise.
 
-        The tree is walked bottom-up with ``os.fwalk`` (directory fds, symlinks never
-        followed); a directory gets the metadata recorded for its path only if it is still
-        the same inode.
+        The tree is walked depth first in a loop, not by recursion (a layer may nest
+        directories thousands deep), holding at most two descriptors besides the root's:
+        down by opening a subdirectory (``O_NOFOLLOW``), up through ``..``, which must be the
+        inode seen on the way down (the tree is private to this process; anything else is an
+        ImageError). A directory gets the metadata recorded for its path only if it is still
+        the same inode, and only once its subdirectories are done and its parent is open, so
+        a mode without search permission stops nothing.
         """
         self._drop_cache()
         self._dirs.setdefault("", _DirMeta(os.fstat(self._root_fd).st_ino, 0o755, None, None))
-        for path, _dirs, _files, fd in os.fwalk(
-            ".", topdown=False, follow_symlinks=False, dir_fd=self._root_fd
-        ):
-            meta = self._dirs.get(path[2:] if path.startswith("./") else "")
-            if meta is None or os.fstat(fd).st_ino != meta.ino:
-                continue
-            if meta.owner is not None:
-                self._chown(fd, meta.owner)
-            os.fchmod(fd, meta.mode)
-            if meta.mtime is not None:
-                _set_times(fd, meta.mtime)
+        fd = os.dup(self._root_fd)
+        # (path below the root, inode, subdirectories not visited yet) from the root down.
+        path: list[tuple[str, int, list[str]]] = [("", os.fstat(fd).st_ino, self._subdirs(fd))]
+        try:
+            while path:
+                key, _, pending = path[-1]
+                if pending:
+                    name = pending.pop()
+                    try:
+                        child = os.open(name, _DIR_FLAGS, dir_fd=fd)
+                    except FileNotFoundError:
+                        continue
+                    fd = _swap(fd, child)
+                    below = f"{key}/{name}" if key else name
+                    path.append((below, os.fstat(fd).st_ino, self._subdirs(fd)))
+                    continue
+                path.pop()
+                parent = None
+                if path:
+                    parent = os.open("..", _DIR_FLAGS, dir_fd=fd)
+                    if os.fstat(parent).st_ino != path[-1][1]:
+                        os.close(parent)
+                        raise ImageError(f"directory {shown(key)} moved while it was unpacked")
+                meta = self._dirs.get(key)
+                if meta is not None and os.fstat(fd).st_ino == meta.ino:
+                    self._apply_meta(fd, meta)
+                os.close(fd)
+                fd = -1 if parent is None else parent
+        finally:
+            if fd >= 0:
+                os.close(fd)
+
+    @staticmethod
+    def _subdirs(fd: int) -> list[str]:
+        return [name for name, is_dir in _entries(fd) if is_dir]
+
+    def _apply_meta(self, fd: int, meta: _DirMeta) -> None:
+        if meta.owner is not None:
+            self._chown(fd, meta.owner)
+        os.fchmod(fd, meta.mode)
+        if meta.mtime is not None:
+            _set_times(fd, meta.mtime)
 
     # -- members --
 
@@ -520,7 +630,7 @@ class Unpacker:
         parts = split_path(member.name)
         if not parts:
             if not member.isdir():
-                raise ImageError(f"member {member.name!r} would replace the root directory")
+                raise ImageError(f"member {shown(member.name)} would replace the root directory")
             self._dirs[""] = _DirMeta(
                 os.fstat(self._root_fd).st_ino,
                 member.mode & 0o7777,
@@ -603,12 +713,12 @@ class Unpacker:
     ) -> None:
         target = split_path(member.linkname)
         if not target:
-            raise ImageError(f"hardlink {member.name!r} points to the root directory")
+            raise ImageError(f"hardlink {shown(member.name)} points to the root directory")
         if "/".join(target) in self._skipped:
             self._devices.append(member.name)
             return
         missing = ImageError(
-            f"hardlink {member.name!r} points to {member.linkname!r}, "
+            f"hardlink {shown(member.name)} points to {shown(member.linkname)}, "
             "which is not in the image (links may only point inside the image)"
         )
         found = resolve_dir(self._root_fd, target[:-1], create=False)
@@ -620,7 +730,7 @@ class Unpacker:
             if target_st is None:
                 raise missing
             if stat.S_ISDIR(target_st.st_mode):
-                raise ImageError(f"hardlink {member.name!r} points to a directory")
+                raise ImageError(f"hardlink {shown(member.name)} points to a directory")
             if existing is not None:
                 if (existing.st_dev, existing.st_ino) == (target_st.st_dev, target_st.st_ino):
                     return
@@ -646,7 +756,7 @@ class Unpacker:
             return  # other aufs metadata (.wh..wh.plnk, .wh..wh.aufs): nothing to apply
         victim = name[len(WHITEOUT_PREFIX) :]
         if victim in ("", ".", ".."):
-            raise ImageError(f"malformed whiteout {member_name!r}")
+            raise ImageError(f"malformed whiteout {shown(member_name)}")
         found = resolve_dir(self._root_fd, parent, create=False)
         if found is None:
             return
@@ -707,7 +817,7 @@ class Unpacker:
         """Remove an entry without following symlinks; forget what was recorded below it."""
         self._stale = True
         if stat.S_ISDIR(st.st_mode):
-            shutil.rmtree(name, dir_fd=dir_fd)
+            remove_tree(dir_fd, name)
             prefix = key + "/"
             for gone in [k for k in self._dirs if k == key or k.startswith(prefix)]:
                 del self._dirs[gone]

@@ -13,8 +13,9 @@ from typing import Any
 
 from sandbox.errors import EXIT_RUNTIME, AgentError, CommandError, RunError
 from sandbox.image import store as images
-from sandbox.pod.lifecycle import DEFAULT_MEMORY_MIB, Pod
+from sandbox.pod.lifecycle import Pod
 from sandbox.pod.sharing import HeldSources, share_container_files
+from sandbox.run.spec import vm_memory_mib
 
 #: The container id of a foreground run inside its pod.
 CONTAINER_ID = "main"
@@ -24,13 +25,11 @@ def boot_pod(root: Path, pod_id: str, args: argparse.Namespace, spec: dict[str, 
     """Boot the VM of a run: memory sized for the spec's limit, the run's network and
     hostname, files powerless on the host unless ``--privileged-files``. On failure nothing
     is left running (Pod.boot's contract)."""
-    memory_mib = DEFAULT_MEMORY_MIB
-    if "memory" in spec["linux"]["resources"]:
-        memory_mib = max(memory_mib, spec["linux"]["resources"]["memory"]["limit"] // 2**20 + 256)
+    memory = spec["linux"]["resources"].get("memory")
     return Pod.boot(
         root,
         pod_id,
-        memory_mib=min(memory_mib, 65536),
+        memory_mib=vm_memory_mib(None if memory is None else memory["limit"]),
         user_network=args.network == "user",
         hostname=str(spec.get("hostname") or ""),
         privileged_files=args.privileged_files,

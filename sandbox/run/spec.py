@@ -1,6 +1,8 @@
 """The OCI spec of a ``pysandbox run``: the default spec, the image's defaults, the options.
 
-Every option is checked here, on the host, before a VM boots; a bad one raises
+Every option is checked here, on the host, before a VM boots -- those that need no image by
+:func:`check_options`, before the image is even unpacked -- and the spec built from them is
+validated as ``create`` validates a bundle's (:mod:`ocispec`); a bad one raises
 :class:`~sandbox.errors.RunError` (exit 125) naming the option and what to use instead.
 """
 
@@ -12,6 +14,8 @@ import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ocispec.errors import SpecError
+from ocispec.spec import MAX_HOSTNAME, MIN_MEMORY_LIMIT, parse_spec
 from sandbox import store as state
 from sandbox.errors import ConfigError, RunError
 from sandbox.image import store as images
@@ -23,14 +27,76 @@ if TYPE_CHECKING:
 _SIZE_RE = re.compile(r"^(\d+)([bkmg]?)$", re.IGNORECASE)
 _ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
+#: A run's VM memory beyond the container's limit (guest kernel, agent, runtime), MiB.
+VM_OVERHEAD_MIB = 256
+#: The largest VM a run boots, MiB (Pod.boot's limit); a larger limit gets this VM.
+MAX_VM_MIB = 65536
+
 
 def check_options(args: argparse.Namespace) -> None:
-    """Refuse options of ``run`` that need no image to be judged (RunError/ConfigError)."""
+    """Refuse options of ``run`` that need no image to be judged (RunError/ConfigError):
+    the name, runc-only flags, --memory (its minimum, and a VM this host can give),
+    --cpus, --pids-limit and --timeout."""
     if args.name is not None:
         state.validate_id(args.name, "name")
+        if len(args.name) > MAX_HOSTNAME:
+            raise RunError(
+                f"invalid --name {args.name[:40]!r}...: it is also the hostname, which holds at "
+                f"most {MAX_HOSTNAME} characters"
+            )
     for flag, value in (("--pid-file", args.pid_file), ("--console-socket", args.console_socket)):
         if value is not None:
             raise RunError(f"{flag} is a runc flag: it needs --bundle DIR (an OCI bundle)")
+    if args.memory is not None:
+        _check_memory(args.memory)
+    if args.cpus is not None and not 0 < args.cpus <= 64:
+        raise RunError(f"invalid --cpus {args.cpus:g}: must be in (0, 64]")
+    if args.pids_limit <= 0:
+        raise RunError(f"invalid --pids-limit {args.pids_limit}: must be positive")
+    if args.timeout is not None and not 0 < args.timeout < float("inf"):
+        raise RunError(f"invalid --timeout {args.timeout:g}: must be a positive number of seconds")
+
+
+def vm_memory_mib(limit: int | None) -> int:
+    """Memory of a run's VM, MiB, for a container memory limit in bytes (None: no limit):
+    the limit plus :data:`VM_OVERHEAD_MIB`, at least the pod default, at most
+    :data:`MAX_VM_MIB`."""
+    from sandbox.pod.lifecycle import DEFAULT_MEMORY_MIB
+
+    wanted = DEFAULT_MEMORY_MIB if limit is None else limit // 2**20 + VM_OVERHEAD_MIB
+    return min(max(DEFAULT_MEMORY_MIB, wanted), MAX_VM_MIB)
+
+
+def host_memory_mib() -> tuple[int, int]:
+    """(MemAvailable, MemTotal) of this host in MiB, from /proc/meminfo."""
+    found: dict[str, int] = {}
+    with open("/proc/meminfo", encoding="ascii") as handle:
+        for line in handle:
+            key, _, rest = line.partition(":")
+            if key in ("MemAvailable", "MemTotal"):
+                found[key] = int(rest.split()[0]) // 1024  # kB
+    return found["MemAvailable"], found["MemTotal"]
+
+
+def _check_memory(text: str) -> None:
+    """Refuse a --memory below what the runtime needs, or whose VM this host cannot give now
+    (guest RAM is touched lazily, but a limit says the container may use all of it)."""
+    limit = parse_size(text)
+    if limit < MIN_MEMORY_LIMIT:
+        raise RunError(
+            f"invalid --memory {text}: below the minimum of 6m ({MIN_MEMORY_LIMIT} bytes) that "
+            "the runtime needs to start a process"
+        )
+    needed = limit // 2**20 + VM_OVERHEAD_MIB  # what the limit asks for, before the VM cap
+    try:
+        available, total = host_memory_mib()
+    except (OSError, KeyError, ValueError):
+        return  # no /proc/meminfo to judge by: QEMU will say
+    if needed > available:
+        raise RunError(
+            f"invalid --memory {text}: its VM needs {needed} MiB, more than the {available} MiB "
+            f"this host has available (MemAvailable; MemTotal {total} MiB): use a smaller --memory"
+        )
 
 
 def parse_size(text: str) -> int:
@@ -99,7 +165,8 @@ def _volumes(args: argparse.Namespace, held: HeldSources) -> list[dict[str, Any]
 
 
 def build_spec(args: argparse.Namespace, image: images.Image, held: HeldSources) -> dict[str, Any]:
-    """The OCI spec for a run: image defaults, then options, then hardened defaults.
+    """The OCI spec for a run: image defaults, then options, then hardened defaults; validated
+    as the guest will (RunError). Options are :func:`check_options`-ed by the caller first.
 
     The image's root filesystem and the volume sources are opened into ``held``: the share
     made after the VM booted mounts these very objects (docs/security.md)."""
@@ -124,17 +191,17 @@ def build_spec(args: argparse.Namespace, image: images.Image, held: HeldSources)
     except OSError as exc:
         raise RunError(f"cannot open the image root {image.rootfs}: {exc.strerror}") from None
     resources: dict[str, Any] = spec["linux"]["resources"]
-    if args.memory:
+    if args.memory is not None:
         resources["memory"] = {"limit": parse_size(args.memory)}
     if args.cpus is not None:
-        if not 0 < args.cpus <= 64:
-            raise RunError(f"invalid --cpus {args.cpus}: must be in (0, 64]")
         resources["cpu"] = {"period": 100000, "quota": int(args.cpus * 100000)}
-    if args.pids_limit <= 0:
-        raise RunError(f"invalid --pids-limit {args.pids_limit}: must be positive")
     resources["pids"] = {"limit": args.pids_limit}
     if args.network == "user":
         # Share the guest's root network namespace, where the agent configures the NIC.
         linux = spec["linux"]
         linux["namespaces"] = [ns for ns in linux["namespaces"] if ns.get("type") != "network"]
+    try:
+        parse_spec(spec)  # what the guest's runtime will check: never first to refuse
+    except SpecError as exc:
+        raise RunError(f"invalid options: the spec they make is refused: {exc.message}") from None
     return spec

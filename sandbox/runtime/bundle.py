@@ -1,23 +1,43 @@
-"""An OCI bundle as the runtime reads it: config.json (bounded, checked) and the pod it names.
+"""An OCI bundle as the host reads it: config.json parsed once into a typed spec and judged
+before any VM is started or joined; the pod it names.
 
-Pods (design decision 1): a container whose annotations mark it as a CRI sandbox boots the
-pod VM under the pod id from its sandbox-id annotation; containers naming that sandbox id join
-it; a container without annotations is a pod of its own (pod id = container id).
+:func:`load` reads ``<bundle>/config.json`` (at most :data:`MAX_DOCUMENT_BYTES`), decodes it and
+parses it with :func:`ocispec.spec.parse_spec` -- the validation the guest's runtime runs again
+on what it receives, so the guest is never the first to refuse what the host can check -- and
+then checks what only the host can (:func:`check_on_host`):
+
+- ``root.path`` (relative to the bundle or absolute) is a directory;
+- every bind mount source (idem) exists;
+- every ``createRuntime`` hook, which runs on the host during ``create``, is an executable file;
+- ``linux.resources.cpu.cpus`` / ``mems`` name only CPUs and memory nodes a pod VM has;
+- a container that starts its own pod joins no other container's namespace by path (only the
+  pod network's): there is no other container in a new VM.
+
+Every refusal is a :class:`~sandbox.errors.ConfigError` that names the file and the field::
+
+    /b/config.json: linux.resources.memory.limit: 4096 is below the minimum of 6291456 ...
+
+Pods (design decision 1, :func:`pod_of`): a container whose annotations mark it as a CRI
+sandbox boots the pod VM under the pod id from its sandbox-id annotation; containers naming
+that sandbox id join it; a container without annotations is a pod of its own (pod id =
+container id).
 """
 
 from __future__ import annotations
 
-import json
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ocispec.document import MAX_DOCUMENT_BYTES, decode
+from ocispec.errors import SpecError
 from sandbox.errors import ConfigError
 
 if TYPE_CHECKING:
-    pass
+    from ocispec.spec import Resources, Spec
 
-
-MAX_CONFIG_BYTES = 4 * 1024 * 1024
 SANDBOX_TYPE_KEYS = ("io.kubernetes.cri.container-type", "io.kubernetes.cri-o.ContainerType")
 SANDBOX_ID_KEYS = ("io.kubernetes.cri.sandbox-id", "io.kubernetes.cri-o.SandboxID")
 #: Annotation of a pod's first (sandbox) container: "false" makes files the pod's guest
@@ -25,33 +45,131 @@ SANDBOX_ID_KEYS = ("io.kubernetes.cri.sandbox-id", "io.kubernetes.cri-o.SandboxI
 #: runc, whose bundles' images may install setuid binaries or create device nodes.
 PRIVILEGED_FILES_KEY = "org.pysandbox.privileged-files"
 
+#: Memory nodes of a pod VM (it has one NUMA node; its CPUs: hypervisor.qemu_args.DEFAULT_CPUS).
+GUEST_MEMORY_NODES = 1
 
-def load_bundle(bundle: Path) -> dict[str, Any]:
-    """config.json of ``bundle``, parsed and minimally checked; ConfigError when unusable."""
+
+@dataclass(frozen=True)
+class Bundle:
+    """A bundle whose config.json passed :func:`load`.
+
+    ``config`` is the decoded config.json as written: the host rewrites a copy of it into
+    guest terms (``sandbox.pod.sharing``) and sends that. ``spec`` is its typed, validated
+    view; host decisions are made from it.
+    """
+
+    path: Path
+    config: dict[str, Any]
+    spec: Spec
+
+    @property
+    def config_path(self) -> Path:
+        return self.path / "config.json"
+
+    @property
+    def rootfs(self) -> Path:
+        """``root.path`` on the host (resolved against the bundle when relative)."""
+        return self.path / self.spec.root_path
+
+    def refuse(self, message: str) -> ConfigError:
+        """The error for ``message`` (a field path and what is wrong) about this bundle."""
+        return ConfigError(f"{self.config_path}: {message}")
+
+
+def read_config(bundle: Path) -> dict[str, Any]:
+    """The decoded config.json of ``bundle`` (a JSON object); ConfigError when unreadable."""
     path = bundle / "config.json"
     try:
         with open(path, "rb") as handle:
-            raw = handle.read(MAX_CONFIG_BYTES + 1)
+            raw = handle.read(MAX_DOCUMENT_BYTES + 1)
     except FileNotFoundError:
         raise ConfigError(f"bundle {bundle} has no config.json") from None
     except OSError as exc:
         raise ConfigError(f"cannot read {path}: {exc.strerror}") from exc
-    if len(raw) > MAX_CONFIG_BYTES:
-        raise ConfigError(f"{path} is larger than {MAX_CONFIG_BYTES} bytes")
     try:
-        spec = json.loads(raw)
-    except ValueError as exc:
-        raise ConfigError(f"{path} is not valid JSON: {exc}") from exc
-    if not isinstance(spec, dict):
-        raise ConfigError(f"{path} must hold a JSON object")
-    if not isinstance(spec.get("process"), dict) or not spec["process"].get("args"):
-        raise ConfigError(f"{path}: process.args is required")
-    return spec
+        return decode(raw, str(path))
+    except SpecError as exc:
+        raise ConfigError(exc.message) from None
 
 
-def pod_of(container_id: str, spec: dict[str, Any]) -> tuple[str, bool]:
+def load(bundle: Path) -> Bundle:
+    """Read, parse and validate ``bundle``'s config.json (see the module docstring); nothing
+    is started or created. ConfigError naming the field when anything is wrong."""
+    from ocispec.spec import parse_spec  # here: quick verbs that import this module skip it
+
+    config = read_config(bundle)
+    try:
+        spec = parse_spec(config)
+    except SpecError as exc:
+        raise ConfigError(f"{bundle / 'config.json'}: {exc.message}") from None
+    return Bundle(bundle, config, spec)
+
+
+def guest_document(document: dict[str, Any], what: str) -> bytes:
+    """``document`` encoded for the agent; ConfigError if it is over the size the guest takes
+    (:data:`MAX_DOCUMENT_BYTES`: guest paths may be longer than the host's)."""
+    import json
+
+    data = json.dumps(document).encode()
+    if len(data) > MAX_DOCUMENT_BYTES:
+        raise ConfigError(
+            f"{what} is {len(data)} bytes in guest terms, more than the limit of "
+            f"{MAX_DOCUMENT_BYTES}: shorten it (annotations, seccomp profile, mounts)"
+        )
+    return data
+
+
+def check_on_host(bundle: Bundle, *, owns_pod: bool) -> None:
+    """The checks of the module docstring that need the host's file system or the VM's shape.
+
+    ``owns_pod``: the container boots its pod (so it has no pod mates to share a namespace
+    with).
+    """
+    spec = bundle.spec
+    rootfs = bundle.rootfs
+    if not rootfs.is_dir():
+        raise bundle.refuse(f"root.path: {rootfs} is not a directory")
+    for i, mount in enumerate(spec.mounts):
+        if mount.bind and not os.path.lexists(bundle.path / mount.source):
+            raise bundle.refuse(f"mounts[{i}].source: {bundle.path / mount.source} does not exist")
+    for i, hook in enumerate(spec.hooks.get("createRuntime", ())):
+        if not (os.path.isfile(hook.path) and os.access(hook.path, os.X_OK)):
+            raise bundle.refuse(f"hooks.createRuntime[{i}].path: {hook.path} is not an executable")
+    check_guest_resources(spec.resources, "linux.resources", bundle.refuse)
+    if owns_pod:
+        for i, ns in enumerate(spec.namespaces):
+            if ns.path is not None and ns.type != "network":
+                raise bundle.refuse(
+                    f"linux.namespaces[{i}].path: {ns.path} is not a namespace of this pod "
+                    f"(the container starts a new pod VM: there is no {ns.type} namespace to join)"
+                )
+
+
+def check_guest_resources(
+    resources: Resources | None, where: str, refuse: Callable[[str], Exception]
+) -> None:
+    """Refuse cpuset lists naming CPUs or memory nodes a pod VM does not have.
+
+    ``where`` is the field path of ``resources`` (``linux.resources``); ``refuse(message)``
+    returns the exception to raise.
+    """
+    if resources is None or (resources.cpus is None and resources.mems is None):
+        return
+    from hypervisor.qemu_args import DEFAULT_CPUS  # here: most bundles name no cpuset
+
+    for field, highest, count, what in (
+        ("cpus", resources.cpus, DEFAULT_CPUS, "CPU"),
+        ("mems", resources.mems, GUEST_MEMORY_NODES, "memory node"),
+    ):
+        if highest is not None and highest >= count:
+            raise refuse(
+                f"{where}.cpu.{field}: names {what} {highest}, but a pod VM has "
+                f"{count} {what}{'s' if count > 1 else ''} (numbered from 0)"
+            )
+
+
+def pod_of(container_id: str, annotations: dict[str, str]) -> tuple[str, bool]:
     """(pod id, whether this container owns the pod) from the CRI annotations."""
-    annotations = spec.get("annotations") or {}
     kind = next((annotations[k] for k in SANDBOX_TYPE_KEYS if k in annotations), None)
     sandbox_id = next((annotations[k] for k in SANDBOX_ID_KEYS if k in annotations), None)
     if kind == "sandbox" or sandbox_id is None:
@@ -59,10 +177,10 @@ def pod_of(container_id: str, spec: dict[str, Any]) -> tuple[str, bool]:
     return str(sandbox_id), False
 
 
-def privileged_files(spec: dict[str, Any]) -> bool:
-    """The :data:`PRIVILEGED_FILES_KEY` annotation of ``spec``; ConfigError unless it is
-    absent (True), "true" or "false"."""
-    value = (spec.get("annotations") or {}).get(PRIVILEGED_FILES_KEY, "true")
+def privileged_files(annotations: dict[str, str]) -> bool:
+    """The :data:`PRIVILEGED_FILES_KEY` annotation; ConfigError unless it is absent (True),
+    "true" or "false"."""
+    value = annotations.get(PRIVILEGED_FILES_KEY, "true")
     if value not in ("true", "false"):
         raise ConfigError(f"annotation {PRIVILEGED_FILES_KEY} must be 'true' or 'false'")
     return bool(value == "true")

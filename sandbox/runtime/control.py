@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from sandbox.errors import AgentError, NotFoundError, StateError
+from sandbox.errors import AgentError, ConfigError, NotFoundError, StateError
 from sandbox.runtime.pods import load_pod
 from sandbox.runtime.record import ContainerRecord, Status
 
@@ -31,10 +31,19 @@ def set_paused(root: Path, container_id: str, paused: bool) -> None:
 
 
 def update(root: Path, container_id: str, resources: dict[str, Any]) -> None:
-    """Apply OCI linux.resources to a live container."""
+    """Apply OCI linux.resources to a live container (validated here first, as at create)."""
+    from ocispec.errors import SpecError
+    from ocispec.spec import parse_resources
+    from sandbox.runtime import bundle as bundles
+
     record = ContainerRecord.load(root, container_id)
     if record.status is Status.STOPPED:
         raise StateError(f"{container_id}: {record.status.refusal('update')}")
+    try:
+        parsed = parse_resources(resources, "resources")
+    except SpecError as exc:
+        raise ConfigError(f"update: {exc.message}") from None
+    bundles.check_guest_resources(parsed, "resources", lambda text: ConfigError(f"update: {text}"))
     with load_pod(root, record.pod_id).client() as client:
         client.update_container(container_id, json.dumps(resources).encode())
 

@@ -1,23 +1,23 @@
 """``create``: a container in its pod VM (booted or joined), left ``created`` (runc create).
 
-On any failure everything the call started is undone and the id is free again. The order
-(runtime.md "Lifecycle"): the container is set up in the guest (namespaces, mounts,
-pivot_root; its process waits for ``start``) and its shim started, then the prestart,
-createRuntime and createContainer hooks run on the host (docs/hooks.md), then it is
-``created`` and the pid file is written.
+The bundle is judged first (:mod:`sandbox.runtime.bundle`): an invalid one is refused before
+anything is created, booted or joined. On any later failure everything the call started is
+undone and the id is free again. The order (runtime.md "Lifecycle"): the container is set up
+in the guest (namespaces, mounts, pivot_root; its process waits for ``start``) and its shim
+started, then the prestart, createRuntime and createContainer hooks run on the host
+(docs/hooks.md), then it is ``created`` and the pid file is written.
 """
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from sandbox import store as state
 from sandbox.errors import ConfigError, NotFoundError, StateError
+from sandbox.runtime import bundle as bundles
 from sandbox.runtime import hooks as oci_hooks
-from sandbox.runtime.bundle import load_bundle, pod_of, privileged_files
 from sandbox.runtime.delete import teardown
 from sandbox.runtime.pods import guest_pid_lookup, pod_lock
 from sandbox.runtime.record import ContainerRecord, Status
@@ -35,33 +35,38 @@ def create(
 ) -> ContainerRecord:
     """Create a container (booting or joining its pod VM); leave it ``created``.
 
-    On any failure everything this call started is undone and the id is free again.
+    The bundle is judged before anything is created, booted or joined. On any later failure
+    everything this call started is undone and the id is free again.
     """
+    state.validate_id(container_id)
+    loaded = bundles.load(bundle.resolve())
+    spec = loaded.spec
+    hooks = oci_hooks.parse_hooks(loaded.config)
+    terminal = spec.process.terminal
+    if terminal and console_socket is None:
+        raise ConfigError("process.terminal is true: --console-socket is required")
+    pod_id, owns_pod = bundles.pod_of(container_id, spec.annotations)
+    state.validate_id(pod_id, "pod")
+    privileged = bundles.privileged_files(spec.annotations)
+    bundles.check_on_host(loaded, owns_pod=owns_pod)
+    # Only now the pod machinery (gRPC, QEMU): a refusal above costs a CLI start, no more.
     from sandbox.pod.lifecycle import Pod
-    from sandbox.pod.network import netns_path_of
     from sandbox.pod.record import PodStatus
     from sandbox.pod.sharing import share_container_files
     from sandbox.runtime import shim
 
-    state.validate_id(container_id)
-    bundle = bundle.resolve()
-    spec = load_bundle(bundle)
-    hooks = oci_hooks.parse_hooks(spec)
-    terminal = bool(spec["process"].get("terminal"))
-    if terminal and console_socket is None:
-        raise ConfigError("process.terminal is true: --console-socket is required")
-    pod_id, owns_pod = pod_of(container_id, spec)
-    privileged = privileged_files(spec)
+    network_ns = spec.namespace("network")
+    netns = Path(network_ns.path) if network_ns is not None and network_ns.path else None
     record = ContainerRecord.new(
         root,
         container_id,
         {
-            "bundle": str(bundle),
+            "bundle": str(loaded.path),
             "pod_id": pod_id,
             "owns_pod": owns_pod,
             "terminal": terminal,
-            "annotations": spec.get("annotations") or {},
-            "rootfs": str((bundle / spec.get("root", {}).get("path", "rootfs")).resolve()),
+            "annotations": spec.annotations,
+            "rootfs": str(loaded.rootfs.resolve()),
             # What later verbs run (runc too keeps the config of create): the bundle may
             # change or be gone by then.
             "hooks": hooks,
@@ -72,7 +77,7 @@ def create(
         with pod_lock(root, pod_id):
             if owns_pod:
                 # The pod's network namespace (CNI, podman) is carried into the VM.
-                pod = Pod.boot(root, pod_id, netns=netns_path_of(spec), privileged_files=privileged)
+                pod = Pod.boot(root, pod_id, netns=netns, privileged_files=privileged)
             else:
                 try:
                     pod = Pod.load(root, pod_id)
@@ -87,7 +92,7 @@ def create(
             pod.record.containers.append(container_id)
             pod.save()
         rootfs, guest_spec = share_container_files(
-            pod, container_id, spec, bundle, guest_pids=guest_pid_lookup(root, pod)
+            pod, container_id, loaded.config, loaded.path, guest_pids=guest_pid_lookup(root, pod)
         )
         oci_hooks.for_guest(guest_spec, hooks, oci_hooks.state(record, "created", None))
         with pod.client() as client:
@@ -96,16 +101,16 @@ def create(
             # the root read-only (runc makes them in the rootfs before its remount).
             record.data["guest_pid"] = client.create_container(
                 container_id,
-                json.dumps(guest_spec).encode(),
+                bundles.guest_document(guest_spec, "config.json"),
                 rootfs,
-                overlay=bool((spec.get("root") or {}).get("readonly")),
+                overlay=spec.root_readonly,
             )
         handle = shim.spawn(
             root, container_id, pod.agent_address, terminal=terminal, console_socket=console_socket
         )
         record.data["shim"] = handle.to_json()
         record.save()
-        run_create_hooks(record, hooks, handle.pid, spec["process"].get("env") or [])
+        run_create_hooks(record, hooks, handle.pid, spec.process.env)
         record.set_status(Status.CREATED)
         if pid_file is not None:
             write_pid_file(pid_file, handle.pid)

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import contextlib
-import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from sandbox.errors import AgentError, ConfigError, StateError
-from sandbox.runtime.bundle import load_bundle
+from sandbox.runtime.bundle import guest_document, read_config
 from sandbox.runtime.create import write_pid_file
 from sandbox.runtime.pods import load_pod
 from sandbox.runtime.record import ContainerRecord
@@ -32,18 +31,27 @@ def process_for(
     ``--env``/``--cwd``/``--user UID[:GID]``/``--tty``. NotFoundError for an unknown id
     (checked first, as runc), ConfigError for unusable input.
     """
+    from ocispec.document import MAX_DOCUMENT_BYTES, decode
+    from ocispec.errors import SpecError
+
     record = ContainerRecord.load(root, container_id)
+    process: dict[str, Any]
     if process_file is not None:
         try:
-            process = json.loads(Path(process_file).read_bytes())
-        except (OSError, ValueError) as exc:
-            raise ConfigError(f"cannot read process file {process_file}: {exc}") from exc
-        if not isinstance(process, dict) or not process.get("args"):
-            raise ConfigError(f"process file {process_file}: args is required")
+            with open(process_file, "rb") as handle:
+                raw = handle.read(MAX_DOCUMENT_BYTES + 1)
+        except OSError as exc:
+            raise ConfigError(f"cannot read process file {process_file}: {exc.strerror}") from exc
+        try:
+            process = decode(raw, f"process file {process_file}")
+        except SpecError as exc:
+            raise ConfigError(exc.message) from None
     else:
         if not command:
             raise ConfigError("exec needs --process FILE or a command")
-        base = load_bundle(Path(record.data["bundle"]))["process"]
+        base = read_config(Path(record.data["bundle"])).get("process")
+        if not isinstance(base, dict):
+            raise ConfigError(f"bundle {record.data['bundle']}: config.json has no process object")
         process = {
             key: base[key]
             for key in ("env", "cwd", "user", "capabilities", "noNewPrivileges", "rlimits")
@@ -74,11 +82,18 @@ def exec_process(
 ) -> int:
     """Run ``process`` in a running container. Detached: spawn a shim, write its pid, return
     0. Attached: relay stdio here and return the process's exit status (this process is then
-    the exec's host stand-in, listed by ``ps --format json``)."""
+    the exec's host stand-in, listed by ``ps --format json``). ``process`` is validated here
+    first (:func:`ocispec.spec.parse_process`), as the guest will."""
+    from ocispec.errors import SpecError
+    from ocispec.spec import parse_process
+
     record = ContainerRecord.load(root, container_id)
     if not record.status.can_exec():
         raise StateError(f"{container_id}: {record.status.refusal('exec')}")
-    terminal = bool(process.get("terminal"))
+    try:
+        terminal = parse_process(process, "process").terminal
+    except SpecError as exc:
+        raise ConfigError(f"exec: {exc.message}") from None
     if terminal and detach and console_socket is None:
         raise ConfigError("exec with a terminal needs --console-socket")
     pod = load_pod(root, record.pod_id)
@@ -88,7 +103,7 @@ def exec_process(
 
     exec_id = f"exec-{secrets.token_hex(8)}"
     with pod.client() as client:
-        client.exec_process(container_id, exec_id, json.dumps(process).encode())
+        client.exec_process(container_id, exec_id, guest_document(process, "process"))
         if detach:
             handle = shim.spawn(
                 root,

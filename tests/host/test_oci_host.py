@@ -34,7 +34,7 @@ from typing import Any
 
 import pytest
 
-from agent.oci.syscall_table import table
+from ocispec.syscall_table import table
 from tests.processes import wait_until
 
 REPO = Path(__file__).resolve().parents[2]
@@ -617,7 +617,10 @@ def test_seccomp_unknown_action_is_a_create_error(rootfs: Path, runtimes: list[R
     spec = make_spec(rootfs, ["true"])
     spec["linux"]["seccomp"] = {"defaultAction": "SCMP_ACT_BOGUS"}
     runtime = create(runtimes, spec)
-    assert runtime.reply == 'error INVALID_SPEC seccomp: unknown action "SCMP_ACT_BOGUS"'
+    assert (
+        runtime.reply
+        == 'error INVALID_SPEC linux.seccomp.defaultAction: unknown action "SCMP_ACT_BOGUS"'
+    )
     assert runtime.runtime_status == 1
 
 
@@ -731,7 +734,10 @@ def test_bad_spec_fails_before_anything(rootfs: Path, runtimes: list[Runtime]) -
     spec = make_spec(rootfs, ["true"])
     spec["linux"]["namespaces"].append({"type": "bogus"})
     runtime = create(runtimes, spec)
-    assert runtime.reply == 'error INVALID_SPEC unknown namespace type "bogus"'
+    assert (
+        runtime.reply
+        == 'error INVALID_SPEC linux.namespaces[6].type: unknown namespace type "bogus"'
+    )
     assert runtime.runtime_status == 1
 
 

@@ -26,13 +26,16 @@ from tests.processes import processes_mentioning, wait_until
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def run(root: Path, *args: str, stdin: bytes | None = None) -> subprocess.CompletedProcess[bytes]:
+def run(
+    root: Path, *args: str, stdin: bytes | None = None, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[bytes]:
     return subprocess.run(
         [sys.executable, "-m", "sandbox", "--root", str(root), "run", *args],
         input=stdin,
         capture_output=True,
         timeout=300,
         cwd=ROOT,
+        env=env,
     )
 
 
@@ -171,6 +174,13 @@ def test_memory_limit_reports_oom(root: Path) -> None:
     assert done.returncode == 137 and b"out of memory" in done.stderr
 
 
+def test_the_smallest_memory_limit_runs_a_process(root: Path) -> None:
+    # 6m is the minimum accepted (ocispec.spec.MIN_MEMORY_LIMIT): the runtime must fit in it.
+    done = run(root, "--memory", "6m", "default", "cat", "/sys/fs/cgroup/memory.max")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == [b"6291456"]
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
@@ -185,10 +195,20 @@ def test_memory_limit_reports_oom(root: Path) -> None:
         (["--bogus-flag", "default", "true"], b"unrecognized arguments"),
         (["-d", "-t", "default", "sh"], b"-d cannot be combined with -i or -t"),
         (["-d", "--name", "a/b", "default", "true"], b"invalid name id"),
+        (["--timeout", "-1", "default", "true"], b"invalid --timeout -1: must be a positive"),
+        (["-d", "--timeout", "0", "default", "true"], b"invalid --timeout 0: must be a positive"),
+        (["--memory", "4096", "default", "true"], b"invalid --memory 4096: below the minimum"),
+        (["--memory", "100000g", "default", "true"], b"this host has available (MemAvailable"),
+        (["--cpus", "nan", "default", "true"], b"invalid --cpus nan"),
+        (["--name", "n" * 65, "default", "true"], b"it is also the hostname"),
+        (["--name", "n" * 1000, "default", "true"], b"at most 200 characters"),
     ],
 )
-def test_bad_input_one_line_error_nothing_left(root: Path, args: list[str], message: bytes) -> None:
-    done = run(root, *args)
+def test_bad_input_one_line_error_nothing_left(
+    root: Path, tmp_path: Path, args: list[str], message: bytes
+) -> None:
+    # Refused before any VM boots: with no guest image, a boot would fail with another message.
+    done = run(root, *args, env={**os.environ, "PYSANDBOX_GUEST_IMAGE": str(tmp_path)})
     assert done.returncode == 125
     assert message in done.stderr and b"Traceback" not in done.stderr
     assert len(done.stderr.strip().splitlines()) == 1

@@ -473,7 +473,9 @@ def test_update_from_a_file_stdin_and_flags(life: Life, tmp_path: Path) -> None:
 
 
 def test_failed_creates_joining_the_pod_leave_it_as_it_was(life: Life, tmp_path: Path) -> None:
-    # No record, no files in the pod share, not a member, and the VM still serves.
+    # Whether the create fails before it joins (a missing rootfs, found on the host) or after
+    # (a refusing hook): no record, no files in the pod share, not a member, and the VM still
+    # serves.
     runtime, cid = life.runtime, life.cid
     bad_root = make_bundle(tmp_path, ["true"], annotations=life.join())
     spec = json.loads((bad_root / "config.json").read_text())
@@ -663,7 +665,12 @@ def test_errors_are_one_line_logged_once_and_leave_nothing(
     del spec["process"]["args"]
     (no_args / "config.json").write_text(json.dumps(spec))
     runtime.fails(
-        "create", "--bundle", str(no_args), "c3", match="process.args is required", tmp=tmp_path
+        "create",
+        "--bundle",
+        str(no_args),
+        "c3",
+        match="process.args: must not be empty",
+        tmp=tmp_path,
     )
     good = make_bundle(tmp_path, ["sh"])
     runtime.fails(

@@ -24,8 +24,8 @@ from typing import Any
 
 import pytest
 
-from agent.oci.capabilities import NAMES as ALL_CAPABILITIES
 from hypervisor.guest_image import find_image
+from ocispec.capabilities import NAMES as ALL_CAPABILITIES
 from sandbox.errors import ConfigError
 from sandbox.image import store as images
 from sandbox.pod import hostfs

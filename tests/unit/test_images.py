@@ -6,6 +6,7 @@ Hostile tars point at a real directory of the test (``outside``) and must leave 
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import hashlib
 import io
@@ -895,3 +896,107 @@ def test_resolve_user_never_reads_outside_the_rootfs(tmp_path: Path, outside: Pa
         assert images.resolve_user(root, "good") == (7, 8)
     finally:
         host_passwd.unlink()
+
+
+# --- deep trees: nothing may recurse on the archive's depth --------------------------------
+
+#: Deeper than Python's default recursion limit (1000), within PATH_MAX (4096 bytes).
+DEEP = "a/" * 2000
+
+
+@pytest.fixture(autouse=True)
+def _remove_deep_trees(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[None]:
+    """pytest's own clean-up of tmp_path recurses: take deep trees away first."""
+    yield
+    if "deep" in request.node.name or "depth" in request.node.name:
+        fd = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            for name in os.listdir(fd):
+                image_unpack.remove_tree(fd, name)
+        finally:
+            os.close(fd)
+
+
+def test_a_path_deeper_than_the_recursion_limit_unpacks(tmp_path: Path, store: Path) -> None:
+    image = _run_layers(tmp_path, layer(reg(f"{DEEP}f", b"deep")))
+    # (read one component at a time: the whole path is longer than the kernel takes)
+    assert image_unpack.read_in_root(image.rootfs, f"{DEEP}f", 100) == b"deep"
+    root_fd = os.open(image.rootfs, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        found = image_unpack.resolve_dir(root_fd, DEEP.split("/")[:-1], create=False)
+    finally:
+        os.close(root_fd)
+    assert found is not None
+    assert stat.S_IMODE(os.fstat(found[0]).st_mode) == 0o755  # finish() reached the bottom
+    os.close(found[0])
+    assert _leftovers(store) == [image.rootfs.parent.name]
+
+
+def test_a_failed_deep_unpack_leaves_nothing_and_blocks_no_other_image(
+    tmp_path: Path, store: Path
+) -> None:
+    bad = layer(reg(f"{DEEP}f", b"deep"), reg("../escape"))
+    with pytest.raises(ConfigError, match=r"unsafe member '\.\./escape'"):
+        _run_layers(tmp_path, bad)
+    assert _leftovers(store) == []
+    image = images.resolve(str(docker_archive(tmp_path / "next.tar", [layer(reg("a", b"1"))])))
+    assert (image.rootfs / "a").read_bytes() == b"1"
+
+
+def test_a_deep_tree_of_a_lower_layer_is_replaced_and_whited_out(
+    tmp_path: Path, store: Path
+) -> None:
+    lower = layer(reg(f"d/{DEEP}f"), reg(f"e/{DEEP}f"))
+    upper = layer(reg("d", b"now a file"), reg(".wh.e"))
+    image = _run_layers(tmp_path, lower, upper)
+    assert (image.rootfs / "d").read_bytes() == b"now a file"
+    assert not (image.rootfs / "e").exists()
+
+
+def _deep_dirs_at(base: Path, parts: list[str], mode: int = 0o755) -> None:
+    """mkdir ``base``/``parts``... one component at a time (the whole path is too long)."""
+    fd = os.open(base, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        for part in parts:
+            with contextlib.suppress(FileExistsError):
+                os.mkdir(part, mode, dir_fd=fd)
+            fd = _swap_fd(fd, os.open(part, os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd))
+    finally:
+        os.close(fd)
+
+
+def _swap_fd(old: int, new: int) -> int:
+    os.close(old)
+    return new
+
+
+def test_a_dead_runs_deep_temporary_directory_is_swept(tmp_path: Path, store: Path) -> None:
+    dead = store / "sha256" / ".tmp-0123456789ab-999999999-x"
+    dead.mkdir(parents=True)
+    _deep_dirs_at(dead, ["rootfs", *DEEP.split("/")[:-1]], mode=0o500)  # read-only, as images do
+    image = images.resolve(str(docker_archive(tmp_path / "d.tar", [layer(reg("a", b"1"))])))
+    assert not dead.exists()
+    assert _leftovers(store) == [image.rootfs.parent.name]
+
+
+def test_remove_tree_holds_few_descriptors_at_any_depth(tmp_path: Path) -> None:
+    _deep_dirs_at(tmp_path, ["top", *("d/" * 3000).split("/")[:-1]])
+    (tmp_path / "top" / "file").write_text("x")
+    (tmp_path / "top" / "link").symlink_to(tmp_path / "outside-target")
+    (tmp_path / "outside-target").mkdir()
+    (tmp_path / "outside-target" / "keep").write_text("keep")
+    before = len(os.listdir("/proc/self/fd"))
+    fd = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        image_unpack.remove_tree(fd, "top")
+    finally:
+        os.close(fd)
+    assert len(os.listdir("/proc/self/fd")) == before
+    assert sorted(os.listdir(tmp_path)) == ["outside-target"]
+    assert (tmp_path / "outside-target" / "keep").read_text() == "keep"  # never followed
+
+
+def test_a_member_name_longer_than_path_max_is_refused(tmp_path: Path, store: Path) -> None:
+    with pytest.raises(ConfigError, match="longer than PATH_MAX"):
+        _run_layers(tmp_path, layer(reg("a/" * 2048 + "f")))
+    assert _leftovers(store) == []

@@ -209,6 +209,7 @@ def hooked_bundle(
         "ociVersion": "1.0.2",
         "process": {"args": ["sleep", "1000"], "cwd": "/"},
         "root": {"path": "rootfs"},
+        "linux": {"namespaces": [{"type": "mount"}]},  # what the guest requires
         "annotations": annotations or {},
         "hooks": hooks_,
     }

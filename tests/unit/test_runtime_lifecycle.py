@@ -53,6 +53,7 @@ def bundle(tmp_path: Path, name: str, annotations: dict[str, str] | None = None)
         "mounts": [
             {"destination": "/data", "type": "bind", "source": "volume", "options": ["rbind"]}
         ],
+        "linux": {"namespaces": [{"type": "mount"}]},  # what the guest requires
         "annotations": annotations or {},
     }
     (directory / "config.json").write_text(json.dumps(spec))

@@ -9,11 +9,12 @@ from pathlib import Path
 
 import pytest
 
-from agent.oci import seccomp
-from agent.oci.spec import parse_spec
+from ocispec import seccomp
+from ocispec.spec import parse_spec
 from sandbox.errors import ConfigError
 from sandbox.run.default_spec import default_seccomp, default_spec
-from sandbox.runtime.bundle import load_bundle, pod_of
+from sandbox.runtime.bundle import load as load_bundle
+from sandbox.runtime.bundle import pod_of
 from sandbox.runtime.kill import parse_signal
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -60,11 +61,13 @@ def test_bundle_errors(tmp_path: Path) -> None:
     (tmp_path / "config.json").write_text("{not json")
     with pytest.raises(ConfigError, match="is not valid JSON"):
         load_bundle(tmp_path)
-    (tmp_path / "config.json").write_text(json.dumps({"process": {}}))
-    with pytest.raises(ConfigError, match=r"process.args is required"):
+    mount_ns = {"namespaces": [{"type": "mount"}]}
+    config = {"root": {"path": "r"}, "process": {}, "linux": mount_ns}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ConfigError, match=r"config\.json: process\.args: must not be empty"):
         load_bundle(tmp_path)
     done = cli("--root", str(tmp_path / "r"), "create", "--bundle", str(tmp_path), "c1")
-    assert done.returncode == 1 and "process.args is required" in done.stderr
+    assert done.returncode == 1 and "process.args: must not be empty" in done.stderr
     assert not (tmp_path / "r" / "c1").exists()
 
 
@@ -117,7 +120,7 @@ def test_pods_from_cri_annotations() -> None:
             "io.kubernetes.cri-o.SandboxID": "pod2",
         }
     }
-    assert pod_of("pause", sandbox) == ("pod1", True)
-    assert pod_of("app", member) == ("pod1", False)
-    assert pod_of("app2", crio) == ("pod2", False)
+    assert pod_of("pause", sandbox["annotations"]) == ("pod1", True)
+    assert pod_of("app", member["annotations"]) == ("pod1", False)
+    assert pod_of("app2", crio["annotations"]) == ("pod2", False)
     assert pod_of("lonely", {}) == ("lonely", True)

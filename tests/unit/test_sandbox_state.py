@@ -14,13 +14,30 @@ from sandbox.errors import ConfigError, NotFoundError, StateError
 from sandbox.runtime.record import ContainerRecord, Status
 
 
-@pytest.mark.parametrize("bad", ["", "../x", "a/b", "..", "x..y", "-lead", "a b", "x" * 1025])
+@pytest.mark.parametrize(
+    "bad", ["", "../x", "a/b", "..", "x..y", "-lead", "a b", "x" * 201, "x" * 1000, "x\n"]
+)
 def test_invalid_ids_are_refused(bad: str) -> None:
     with pytest.raises(ConfigError, match="invalid container id"):
         state.validate_id(bad)
 
 
-@pytest.mark.parametrize("good", ["c1", "a" * 64, "pod_1.x+y-z"])
+def test_an_id_too_long_for_a_file_name_says_the_limit() -> None:
+    with pytest.raises(ConfigError) as info:
+        state.validate_id("x" * 1000)
+    assert "(1000 characters): at most 200 characters" in str(info.value)
+    assert len(str(info.value)) < 200  # one short line, not the id echoed back
+
+
+def test_the_longest_id_fits_every_name_built_from_it(tmp_path: Path) -> None:
+    longest = "a" * state.MAX_ID_LENGTH
+    assert state.validate_id(longest) == longest
+    # What the runtime and the guest create from an id, as single path components.
+    for name in (longest, f"{longest}-console.log"):
+        (tmp_path / name).mkdir()
+
+
+@pytest.mark.parametrize("good", ["c1", "a" * 64, "pod_1.x+y-z", "b" * 200])
 def test_valid_ids(good: str) -> None:
     assert state.validate_id(good) == good
 

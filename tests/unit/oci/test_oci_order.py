@@ -15,6 +15,7 @@ import pytest
 from agent.oci import exec as exec_mod
 from agent.oci import init
 from agent.oci import syscalls as sc
+from ocispec import linux
 
 SYNC = 4
 CGROUP = "/sys/fs/cgroup/pysandbox/c1"
@@ -65,7 +66,7 @@ def typical_spec(**changes: Any) -> dict[str, Any]:
         ],
         "linux": {
             "namespaces": [{"type": t} for t in ("pid", "mount", "uts", "ipc", "network")],
-            "resources": {"memory": {"limit": 1048576}, "pids": {"limit": 10}},
+            "resources": {"memory": {"limit": 67108864}, "pids": {"limit": 10}},
             "sysctl": {"net.ipv4.ip_forward": "1"},
             "maskedPaths": ["/proc/kcore", "/sys/firmware", "/absent"],
             "readonlyPaths": ["/proc/sys"],
@@ -137,18 +138,18 @@ def test_typical_container_in_order() -> None:
     # The spec has no cgroup namespace: the container gets one all the same, rooted at the
     # cgroup it joined just before (its own cgroup is what it sees at /sys/fs/cgroup).
     new_namespaces = (
-        sc.CLONE_NEWPID
-        | sc.CLONE_NEWNS
-        | sc.CLONE_NEWUTS
-        | sc.CLONE_NEWIPC
-        | sc.CLONE_NEWNET
-        | sc.CLONE_NEWCGROUP
+        linux.CLONE_NEWPID
+        | linux.CLONE_NEWNS
+        | linux.CLONE_NEWUTS
+        | linux.CLONE_NEWIPC
+        | linux.CLONE_NEWNET
+        | linux.CLONE_NEWCGROUP
     )
     assert system.calls == [
         # A: inherited settings, cgroup with limits before joining, namespaces, fork.
         ("write_file", "/proc/self/oom_score_adj", "100"),
         ("mkdir", CGROUP, "0o755"),
-        ("write_file", f"{CGROUP}/memory.max", "1048576"),
+        ("write_file", f"{CGROUP}/memory.max", "67108864"),
         ("write_file", f"{CGROUP}/pids.max", "10"),
         ("write_file", f"{CGROUP}/cgroup.procs", "0"),
         ("unshare", new_namespaces),
@@ -277,7 +278,13 @@ def test_invalid_spec_writes_one_error_and_touches_nothing() -> None:
     spec["linux"]["namespaces"].append({"type": "bogus"})
     system = fake()
     assert init.run(system, json.dumps(spec).encode(), SYNC, CGROUP) == 1
-    assert system.calls == [("write", SYNC, b'error INVALID_SPEC unknown namespace type "bogus"\n')]
+    assert system.calls == [
+        (
+            "write",
+            SYNC,
+            b'error INVALID_SPEC linux.namespaces[5].type: unknown namespace type "bogus"\n',
+        )
+    ]
 
 
 def test_missing_rootfs_is_an_error_before_any_side_effect() -> None:
@@ -287,6 +294,28 @@ def test_missing_rootfs_is_an_error_before_any_side_effect() -> None:
     assert system.calls == [
         ("write", SYNC, b"error INVALID_SPEC root.path: /r is not a directory\n")
     ]
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        (
+            {"root": {"path": "rootfs"}},
+            b'error INVALID_SPEC root.path: "rootfs" is not an absolute path\n',
+        ),
+        (
+            {"mounts": [{"destination": "/d", "type": "bind", "source": "data"}]},
+            b'error INVALID_SPEC mounts[0].source: "data" is not an absolute path\n',
+        ),
+    ],
+)
+def test_paths_relative_to_the_bundle_are_refused_in_the_guest(
+    changes: dict[str, Any], message: bytes
+) -> None:
+    # The host resolves them and sends absolute ones: in the guest there is no bundle.
+    system = fake()
+    assert init.run(system, json.dumps(typical_spec(**changes)).encode(), SYNC, CGROUP) == 1
+    assert system.calls == [("write", SYNC, message)]
 
 
 def test_invalid_json_is_a_spec_error() -> None:
@@ -385,7 +414,10 @@ def test_a_failing_start_container_hook_is_reported_and_nothing_runs(
 @pytest.mark.parametrize(
     ("hook", "error"),
     [
-        ({"path": "rel", "timeout": 1}, "hooks.startContainer[0].path: expected an absolute path"),
+        (
+            {"path": "rel", "timeout": 1},
+            'hooks.startContainer[0].path: "rel" is not an absolute path',
+        ),
         ({"path": "/h"}, "hooks.startContainer[0].timeout: expected seconds in 1..86400"),
         ({"path": "/h", "timeout": 1, "env": ["NOEQUALS"]}, "hooks.startContainer[0].env"),
         ({"path": "/h", "timeout": 1, "args": "sh"}, "hooks.startContainer[0].args"),
@@ -449,7 +481,7 @@ def test_no_cgroup_v2_means_no_cgroup_calls() -> None:
     assert not any(str(call[1:2]).startswith("('/sys/fs/cgroup") for call in system.calls)
     # ... and no cgroup namespace of its own: there is no cgroup of its own to root it at.
     unshared = [call[1] for call in system.calls if call[0] == "unshare"]
-    assert unshared and not any(int(str(flags)) & sc.CLONE_NEWCGROUP for flags in unshared)
+    assert unshared and not any(int(str(flags)) & linux.CLONE_NEWCGROUP for flags in unshared)
 
 
 CGROUP_MOUNT = {
@@ -460,7 +492,7 @@ CGROUP_MOUNT = {
 }
 
 
-BASIC_NAMESPACES = sc.CLONE_NEWNS | sc.CLONE_NEWUTS | sc.CLONE_NEWNET
+BASIC_NAMESPACES = linux.CLONE_NEWNS | linux.CLONE_NEWUTS | linux.CLONE_NEWNET
 
 
 def test_a_cgroup_mount_is_the_containers_own_cgroup_whatever_the_spec() -> None:
@@ -470,7 +502,7 @@ def test_a_cgroup_mount_is_the_containers_own_cgroup_whatever_the_spec() -> None
         system = fake()
         system.fs["/r/sys/fs/cgroup"] = "dir"
         run_init(system, spec)
-        unshare = ("unshare", BASIC_NAMESPACES | sc.CLONE_NEWCGROUP)
+        unshare = ("unshare", BASIC_NAMESPACES | linux.CLONE_NEWCGROUP)
         joined = system.calls.index(("write_file", f"{CGROUP}/cgroup.procs", "0"))
         assert joined < system.calls.index(unshare)
         # Mounted in the new cgroup namespace: rooted at the container's cgroup.
@@ -489,7 +521,7 @@ def test_a_cgroup_namespace_given_by_path_is_joined_not_replaced() -> None:
     system = fake()
     system.fs["/proc/7/ns/cgroup"] = "file"
     run_init(system, spec)
-    assert ("setns", 11, sc.CLONE_NEWCGROUP) in system.calls
+    assert ("setns", 11, linux.CLONE_NEWCGROUP) in system.calls
     assert ("unshare", BASIC_NAMESPACES) in system.calls
 
 
@@ -524,7 +556,7 @@ def fake_v1() -> sc.RecordingSyscalls:
 def test_v1_layout_limits_in_v1_files_and_a_v1_view() -> None:
     spec = typical_spec(mounts=[CGROUP_MOUNT])
     spec["linux"]["resources"] = {
-        "memory": {"limit": 1048576},
+        "memory": {"limit": 67108864},
         "pids": {"limit": 10},
         "cpu": {"shares": 512, "quota": 50000, "period": 100000, "cpus": "0"},
     }
@@ -541,7 +573,7 @@ def test_v1_layout_limits_in_v1_files_and_a_v1_view() -> None:
         ("mkdir", cpuset, "0o755"),
         ("mkdir", memory, "0o755"),
         ("mkdir", pids, "0o755"),
-        ("write_file", f"{memory}/memory.limit_in_bytes", "1048576"),
+        ("write_file", f"{memory}/memory.limit_in_bytes", "67108864"),
         ("write_file", f"{pids}/pids.max", "10"),
         ("write_file", f"{cpu}/cpu.shares", "512"),
         ("write_file", f"{cpu}/cpu.cfs_period_us", "100000"),
@@ -553,7 +585,7 @@ def test_v1_layout_limits_in_v1_files_and_a_v1_view() -> None:
         ("write_file", f"{memory}/cgroup.procs", "0"),
         ("write_file", f"{pids}/cgroup.procs", "0"),
     ]
-    assert system.calls[unshare][1] & sc.CLONE_NEWCGROUP  # type: ignore[operator]
+    assert system.calls[unshare][1] & linux.CLONE_NEWCGROUP  # type: ignore[operator]
     flags = "ro|nosuid|nodev|noexec|relatime"
     tmpfs = ("mount", "tmpfs", "/r/sys/fs/cgroup", "tmpfs", flags[3:], "mode=755")
     first = system.calls.index(tmpfs)
@@ -649,11 +681,14 @@ def test_namespaces_given_by_path_are_joined_user_first_before_unsharing() -> No
     assert joined == [
         ("open", "/proc/77/ns/user"),
         ("open", "/proc/77/ns/net"),
-        ("setns", 11, sc.CLONE_NEWUSER),
-        ("setns", 12, sc.CLONE_NEWNET),
+        ("setns", 11, linux.CLONE_NEWUSER),
+        ("setns", 12, linux.CLONE_NEWNET),
         ("close", 11),
         ("close", 12),
-        ("unshare", sc.CLONE_NEWNS | sc.CLONE_NEWPID | sc.CLONE_NEWUTS | sc.CLONE_NEWCGROUP),
+        (
+            "unshare",
+            linux.CLONE_NEWNS | linux.CLONE_NEWPID | linux.CLONE_NEWUTS | linux.CLONE_NEWCGROUP,
+        ),
     ]
 
 
@@ -675,7 +710,7 @@ def test_user_namespace_is_mapped_by_a_helper_outside_it() -> None:
         ("pipe",),
         ("fork",),
         ("close", 11),
-        ("unshare", sc.CLONE_NEWUSER),
+        ("unshare", linux.CLONE_NEWUSER),
         ("write", 12, b"g"),
         ("close", 12),
         ("waitpid", 555),
@@ -683,7 +718,11 @@ def test_user_namespace_is_mapped_by_a_helper_outside_it() -> None:
         ("setresuid", 0),
         (
             "unshare",
-            sc.CLONE_NEWPID | sc.CLONE_NEWNS | sc.CLONE_NEWUTS | sc.CLONE_NEWIPC | sc.CLONE_NEWNET,
+            linux.CLONE_NEWPID
+            | linux.CLONE_NEWNS
+            | linux.CLONE_NEWUTS
+            | linux.CLONE_NEWIPC
+            | linux.CLONE_NEWNET,
         ),
     ]
     # mknod is not allowed in a user namespace: the guest's nodes are bound instead.
@@ -707,7 +746,7 @@ def test_user_namespace_mount_targets_are_made_outside_and_given_to_its_root() -
     system.fs["/host/resolv"] = "file"
     run_init(system, spec, cgroup=None)
     calls = system.calls
-    before = calls[: calls.index(("unshare", sc.CLONE_NEWUSER))]
+    before = calls[: calls.index(("unshare", linux.CLONE_NEWUSER))]
     made = [c for c in before if c[0] in ("mkdir", "chown", "create_file")]
     assert made == [
         ("mkdir", "/r/data", "0o755"),
@@ -770,14 +809,14 @@ def test_pivot_root_on_initramfs_falls_back_to_move_and_chroot() -> None:
 
 def test_bind_remount_retries_with_locked_flags() -> None:
     system = fake()
-    system.flags["/r/data"] = sc.MS_NOSUID | sc.MS_NODEV
+    system.flags["/r/data"] = linux.MS_NOSUID | linux.MS_NODEV
     original = system.mount
     attempts: list[str] = []
 
     def mount(
         source: str | None, target: str, fstype: str | None, flags: int, data: str | None
     ) -> None:
-        if target == "/r/data" and flags & sc.MS_REMOUNT and not flags & sc.MS_NOSUID:
+        if target == "/r/data" and flags & linux.MS_REMOUNT and not flags & linux.MS_NOSUID:
             attempts.append("refused")
             raise PermissionError(errno.EPERM, "locked")
         original(source, target, fstype, flags, data)
@@ -832,12 +871,12 @@ def test_exec_joins_the_container_in_order() -> None:
             ("open", "/proc/99/ns/cgroup"),
             ("open", "/proc/99/ns/mnt"),
             ("open", "/proc/99/root"),
-            ("setns", 11, sc.CLONE_NEWIPC),
-            ("setns", 12, sc.CLONE_NEWUTS),
-            ("setns", 13, sc.CLONE_NEWNET),
-            ("setns", 14, sc.CLONE_NEWPID),
-            ("setns", 15, sc.CLONE_NEWCGROUP),
-            ("setns", 16, sc.CLONE_NEWNS),
+            ("setns", 11, linux.CLONE_NEWIPC),
+            ("setns", 12, linux.CLONE_NEWUTS),
+            ("setns", 13, linux.CLONE_NEWNET),
+            ("setns", 14, linux.CLONE_NEWPID),
+            ("setns", 15, linux.CLONE_NEWCGROUP),
+            ("setns", 16, linux.CLONE_NEWNS),
             ("fchdir", 17),
             ("chroot", "."),
             ("chdir", "/"),

@@ -7,9 +7,9 @@ from typing import Any
 
 import pytest
 
-from agent.oci import seccomp
-from agent.oci.errors import SpecError
-from agent.oci.syscall_table import table
+from ocispec import seccomp
+from ocispec.errors import SpecError
+from ocispec.syscall_table import table
 
 NR = table("x86_64") or {}
 X86_64 = seccomp.AUDIT_ARCH_X86_64
@@ -192,22 +192,25 @@ def test_flags() -> None:
 @pytest.mark.parametrize(
     ("profile", "message"),
     [
-        ({"defaultAction": "SCMP_ACT_BOGUS"}, 'seccomp: unknown action "SCMP_ACT_BOGUS"'),
-        ({"defaultAction": None}, 'seccomp: unknown action "None"'),
+        (
+            {"defaultAction": "SCMP_ACT_BOGUS"},
+            'seccomp.defaultAction: unknown action "SCMP_ACT_BOGUS"',
+        ),
+        ({"defaultAction": None}, 'seccomp.defaultAction: unknown action "None"'),
         (
             {"defaultAction": "SCMP_ACT_ALLOW", "architectures": ["SCMP_ARCH_Z80"]},
-            'seccomp: unknown architecture "SCMP_ARCH_Z80"',
+            'seccomp.architectures[0]: unknown architecture "SCMP_ARCH_Z80"',
         ),
         (
             {"defaultAction": "SCMP_ACT_ALLOW", "flags": ["SECCOMP_FILTER_FLAG_NEW_LISTENER"]},
-            'seccomp: unknown flag "SECCOMP_FILTER_FLAG_NEW_LISTENER"',
+            'seccomp.flags[0]: unknown flag "SECCOMP_FILTER_FLAG_NEW_LISTENER"',
         ),
         (
             {
                 "defaultAction": "SCMP_ACT_ALLOW",
                 "syscalls": [{"names": ["kill"], "action": "SCMP_ACT_NOTIFY"}],
             },
-            "seccomp: SCMP_ACT_NOTIFY is not supported",
+            "seccomp.syscalls[0].action: SCMP_ACT_NOTIFY is not supported",
         ),
         (
             {
@@ -220,7 +223,7 @@ def test_flags() -> None:
                     }
                 ],
             },
-            'seccomp: unknown operator "SCMP_CMP_SOMETIMES"',
+            'seccomp.syscalls[0].args[0].op: unknown operator "SCMP_CMP_SOMETIMES"',
         ),
         (
             {
@@ -233,25 +236,25 @@ def test_flags() -> None:
                     }
                 ],
             },
-            "seccomp: syscalls[0].args[0].index: 6 is out of range [0, 5]",
+            "seccomp.syscalls[0].args[0].index: 6 is out of range [0, 5]",
         ),
         (
             {
                 "defaultAction": "SCMP_ACT_ALLOW",
                 "syscalls": [{"names": [], "action": "SCMP_ACT_ERRNO"}],
             },
-            "seccomp: syscalls[0].names: must not be empty",
+            "seccomp.syscalls[0].names: must not be empty",
         ),
         (
             {
                 "defaultAction": "SCMP_ACT_ALLOW",
                 "syscalls": [{"names": ["kill"], "action": "SCMP_ACT_ERRNO", "errnoRet": -1}],
             },
-            "seccomp: syscalls[0].errnoRet: -1 is not an errno value",
+            "seccomp.syscalls[0].errnoRet: -1 is not an errno value",
         ),
         (
             {"defaultAction": "SCMP_ACT_ALLOW", "listenerPath": "/run/notify.sock"},
-            "seccomp: listenerPath (SCMP_ACT_NOTIFY) is not supported",
+            "seccomp.listenerPath: SCMP_ACT_NOTIFY is not supported",
         ),
     ],
 )

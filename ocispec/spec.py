@@ -1,32 +1,64 @@
-"""Typed parsing and validation of the OCI runtime-spec subset the runtime applies.
+"""Typed parsing and validation of the OCI runtime-spec subset pysandbox applies.
 
-:func:`parse_spec` turns config.json (already decoded) into a :class:`Spec`; :func:`parse_process`
-does the same for the ``process`` object alone (``agent.oci.exec``). Everything that can be
-checked without touching the system is checked here -- names of namespaces, capabilities,
-rlimits, mount options, sysctls, the seccomp profile (compiled to BPF now) -- so an invalid spec
-fails before anything was mounted. Errors are :class:`~agent.oci.errors.SpecError` whose message
-names the field (``process.user.uid: expected an unsigned integer, got "x"``) or repeats runc's
-wording where runc has one (``unknown namespace type "bogus"``).
+:func:`parse_spec` turns a decoded config.json (:func:`ocispec.document.decode`) into a
+:class:`Spec`; :func:`parse_process` and :func:`parse_resources` do the same for the ``process``
+object of ``exec`` and the ``linux.resources`` of ``update``. Everything that can be checked
+without touching the system is checked here -- types and ranges of every field read, names of
+namespaces, capabilities, rlimits, mount options, sysctls, cgroup files, hooks, the seccomp
+profile (compiled to BPF now) and what the in-guest runtime needs to start a process (the
+memory limit's minimum) -- so an invalid spec fails before a VM boots (the host parses it)
+and again before anything was mounted (the guest parses what it receives). Errors are
+:class:`~ocispec.errors.SpecError` whose message starts with the field's path
+(``process.user.uid: expected an integer, got "x"``) and repeats runc's wording where runc has
+one (``linux.namespaces[1].type: unknown namespace type "bogus"``).
+
+Paths that the spec allows relative to the bundle (``root.path``, bind mount sources) are kept
+as written: the host resolves them against the bundle and hands the guest absolute ones; the
+guest's runtime refuses relative ones (``agent.oci.init``).
 
 Records are plain classes with ``__slots__`` rather than dataclasses: importing dataclasses
 costs more than the whole parse under TCG emulation.
 
-Ignored, on purpose: hooks (startContainer hooks are parsed by :mod:`agent.oci.hooks`; the
-others run on the host), annotations, apparmor/selinux labels (the guest kernel has no LSM
+Read but not applied by the in-guest runtime's steps: hooks (validated here; startContainer
+hooks run by :mod:`agent.oci.hooks`, the others on the host) and annotations (the host reads
+the CRI ones). Ignored, on purpose: apparmor/selinux labels (the guest kernel has no LSM
 policy), linux.cgroupsPath (the agent chooses the cgroup), consoleSize (the agent resizes the
-pty), intelRdt, personality, network resources, blockIO per-device weights and throttles
-(they name host block devices, which do not exist in the guest).
+pty), intelRdt, personality, network resources, blockIO per-device weights and throttles (they
+name host block devices, which do not exist in the guest).
 """
 
 from __future__ import annotations
 
-from agent.oci import capabilities, seccomp
-from agent.oci import syscalls as sc
-from agent.oci.capabilities import Capabilities
-from agent.oci.errors import SpecError
-from agent.oci.seccomp import Filter as SeccompFilter
+from ocispec import capabilities, seccomp
+from ocispec import linux as sc
+from ocispec.capabilities import Capabilities
+from ocispec.errors import SpecError
+from ocispec.seccomp import Filter as SeccompFilter
 
 UINT64_MAX = (1 << 64) - 1
+
+#: Smallest ``linux.resources.memory.limit`` accepted, in bytes (6 MiB, docker's and podman's
+#: minimum too). The in-guest runtime runs inside the container's cgroup from before its
+#: namespaces are made until it execs the process, and is charged about 2.3 MiB there
+#: (measured: memory.peak of a busybox ``sh -c cat``); at 2 MiB and below it is OOM-killed
+#: before the process exists.
+MIN_MEMORY_LIMIT = 6 * 1024 * 1024
+
+#: Longest hostname or domainname the kernel takes, in bytes (__NEW_UTS_LEN).
+MAX_HOSTNAME = 64
+
+#: The OCI hook points (config.json ``hooks``); other names are ignored, as runc does.
+HOOK_NAMES = (
+    "prestart",
+    "createRuntime",
+    "createContainer",
+    "startContainer",
+    "poststart",
+    "poststop",
+)
+
+#: Largest CPU or memory node number accepted in a cpuset list (the kernel's NR_CPUS limit).
+MAX_CPUSET_ID = 8191
 
 #: OCI namespace type -> clone flag.
 NAMESPACES = {
@@ -37,7 +69,7 @@ NAMESPACES = {
     "uts": sc.CLONE_NEWUTS,
     "user": sc.CLONE_NEWUSER,
     "cgroup": sc.CLONE_NEWCGROUP,
-    "time": 0x80,  # CLONE_NEWTIME; offsets are not supported
+    "time": sc.CLONE_NEWTIME,  # offsets are not supported
 }
 
 RLIMITS = {
@@ -270,26 +302,49 @@ class Resources:
     ``v1_files``: the same limits as cgroup v1 files (``memory.limit_in_bytes``,
     ``cpu.cfs_quota_us``...); the part of a name before its first dot is its controller.
     ``unified``: True when ``linux.resources.unified`` was given: it has no v1 form.
+    ``cpus`` and ``mems``: the highest CPU and memory node numbers that ``cpu.cpus`` and
+    ``cpu.mems`` name (None when unset), for the host to compare with what the VM has.
     """
 
-    __slots__ = ("files", "unified", "v1_files")
+    __slots__ = ("cpus", "files", "mems", "unified", "v1_files")
 
     def __init__(
         self,
         files: list[tuple[str, str]],
         v1_files: list[tuple[str, str]] | None = None,
         unified: bool = False,
+        cpus: int | None = None,
+        mems: int | None = None,
     ) -> None:
         self.files = files
         self.v1_files = v1_files if v1_files is not None else []
         self.unified = unified
+        self.cpus = cpus
+        self.mems = mems
+
+
+class Hook:
+    """One OCI hook: run ``path`` with ``args`` and ``env``; ``timeout`` seconds or None."""
+
+    __slots__ = ("args", "env", "path", "timeout")
+
+    def __init__(self, path: str, args: list[str], env: list[str], timeout: int | None) -> None:
+        self.path = path
+        self.args = args
+        self.env = env
+        self.timeout = timeout
 
 
 class Spec:
+    """A whole config.json. ``root_path`` is as written (relative to the bundle or absolute);
+    ``hooks`` maps a hook point of :data:`HOOK_NAMES` to its hooks (points not given absent)."""
+
     __slots__ = (
+        "annotations",
         "devices",
         "domainname",
         "gid_mappings",
+        "hooks",
         "hostname",
         "masked_paths",
         "mounts",
@@ -322,6 +377,8 @@ class Spec:
         sysctls: tuple[tuple[str, str], ...] = (),
         resources: Resources | None = None,
         rootfs_propagation: int | None = None,
+        annotations: dict[str, str] | None = None,
+        hooks: dict[str, tuple[Hook, ...]] | None = None,
     ) -> None:
         self.root_path = root_path
         self.process = process
@@ -338,6 +395,8 @@ class Spec:
         self.sysctls = sysctls
         self.resources = resources
         self.rootfs_propagation = rootfs_propagation
+        self.annotations = annotations or {}
+        self.hooks = hooks or {}
 
     def namespace(self, type: str) -> Namespace | None:
         for entry in self.namespaces:
@@ -417,6 +476,10 @@ def _abspath(value: object, where: str) -> str:
     path = _str(value, where)
     if not path.startswith("/"):
         raise SpecError(f"{where}: {_show(path)} is not an absolute path")
+    return _path_chars(path, where)
+
+
+def _path_chars(path: str, where: str) -> str:
     if "\x00" in path:
         raise SpecError(f"{where}: path contains a NUL byte")
     return path
@@ -443,10 +506,15 @@ def parse_capabilities(value: object, where: str) -> Capabilities | None:
     if value is None:
         return None
     caps = _obj(value, where)
-    sets = {
-        name: capabilities.mask(_strings(caps.get(name), f"{where}.{name}"))
-        for name in ("bounding", "effective", "inheritable", "permitted", "ambient")
-    }
+    sets: dict[str, int] = {}
+    for name in ("bounding", "effective", "inheritable", "permitted", "ambient"):
+        bits = 0
+        for i, cap in enumerate(_strings(caps.get(name), f"{where}.{name}")):
+            try:
+                bits |= 1 << capabilities.number(cap)
+            except SpecError as exc:
+                raise SpecError(f"{where}.{name}[{i}]: {exc.message}") from None
+        sets[name] = bits
     return Capabilities(**sets)
 
 
@@ -458,9 +526,9 @@ def parse_rlimits(value: object, where: str) -> tuple[Rlimit, ...]:
         name = _str(entry.get("type"), f"{where}[{i}].type")
         resource = RLIMITS.get(name)
         if resource is None:
-            raise SpecError(f'unknown rlimit type "{name}"')
+            raise SpecError(f'{where}[{i}].type: unknown rlimit type "{name}"')
         if name in seen:
-            raise SpecError(f'duplicate rlimit type "{name}"')
+            raise SpecError(f'{where}[{i}].type: duplicate rlimit type "{name}"')
         seen.add(name)
         soft = _int(entry.get("soft"), f"{where}[{i}].soft", 0, UINT64_MAX)
         hard = _int(entry.get("hard"), f"{where}[{i}].hard", 0, UINT64_MAX)
@@ -495,7 +563,9 @@ def parse_process(value: object, where: str = "process") -> Process:
         rlimits=parse_rlimits(proc.get("rlimits"), f"{where}.rlimits"),
         no_new_privileges=_bool(proc.get("noNewPrivileges"), f"{where}.noNewPrivileges"),
         oom_score_adj=None if oom is None else _int(oom, f"{where}.oomScoreAdj", -1000, 1000),
-        seccomp=None if profile is None else seccomp.compile(_obj(profile, f"{where}.seccomp")),
+        seccomp=None
+        if profile is None
+        else seccomp.compile(_obj(profile, f"{where}.seccomp"), at=f"{where}.seccomp"),
     )
 
 
@@ -507,23 +577,22 @@ def parse_mount(value: object, where: str) -> Mount:
     flags = 0
     propagation: list[int] = []
     data: list[str] = []
-    for option in _strings(entry.get("options"), f"{where}.options"):
+    for j, option in enumerate(_strings(entry.get("options"), f"{where}.options")):
         if option in MOUNT_OPTIONS:
             clear, flag = MOUNT_OPTIONS[option]
             flags = flags & ~flag if clear else flags | flag
         elif option in PROPAGATION:
             propagation.append(PROPAGATION[option])
         elif option in _UNSUPPORTED_OPTIONS:
-            raise SpecError(f'mount {destination}: option "{option}" is not supported')
+            raise SpecError(f'{where}.options[{j}]: mount option "{option}" is not supported')
         elif option not in _IGNORED_OPTIONS:
             data.append(option)
     bind = fstype == "bind" or bool(flags & sc.MS_BIND)
     if bind:
         flags |= sc.MS_BIND
-        if not source.startswith("/"):
-            raise SpecError(
-                f'mount {destination}: bind mount source "{source}" is not an absolute path'
-            )
+        # Relative to the bundle on the host; the guest's runtime wants it absolute.
+        if not _path_chars(source, f"{where}.source"):
+            raise SpecError(f"{where}.source: required for a bind mount")
     elif not fstype:
         raise SpecError(f"{where}.type: required for a mount that is not a bind mount")
     return Mount(destination, fstype, source, flags, tuple(propagation), ",".join(data), bind)
@@ -536,9 +605,9 @@ def parse_namespaces(value: object, where: str) -> tuple[Namespace, ...]:
         kind = _str(entry.get("type"), f"{where}[{i}].type")
         flag = NAMESPACES.get(kind)
         if flag is None:
-            raise SpecError(f'unknown namespace type "{kind}"')
+            raise SpecError(f'{where}[{i}].type: unknown namespace type "{kind}"')
         if any(ns.type == kind for ns in result):
-            raise SpecError(f'duplicate namespace type "{kind}"')
+            raise SpecError(f'{where}[{i}].type: duplicate namespace type "{kind}"')
         path = entry.get("path")
         result.append(
             Namespace(kind, flag, None if not path else _abspath(path, f"{where}[{i}].path"))
@@ -589,16 +658,17 @@ def parse_devices(value: object, where: str) -> tuple[Device, ...]:
 def parse_sysctls(value: object, where: str, private: set[str]) -> tuple[tuple[str, str], ...]:
     result = []
     for key, raw in _obj(value, where).items():
-        setting = _str(raw, f"{where}.{key}")
+        at = f'{where}["{key}"]'
+        setting = _str(raw, at)
         if not key or "/" in key or ".." in key or key.startswith(".") or "\x00" in key:
-            raise SpecError(f'sysctl "{key}" is not a valid name')
+            raise SpecError(f'{at}: sysctl "{key}" is not a valid name')
         needed = next((ns for prefix, ns in _SYSCTL_NAMESPACES if key.startswith(prefix)), None)
         if needed is None:
-            raise SpecError(f'sysctl "{key}" is not in a separate kernel namespace')
+            raise SpecError(f'{at}: sysctl "{key}" is not in a separate kernel namespace')
         if needed not in private:
             raise SpecError(
-                f'sysctl "{key}" is not allowed as it conflicts with the host\'s {needed} '
-                "namespace (the container has no private one)"
+                f'{at}: sysctl "{key}" is not allowed as it conflicts with the host\'s '
+                f"{needed} namespace (the container has no private one)"
             )
         result.append((key, setting))
     return tuple(result)
@@ -642,8 +712,16 @@ def parse_resources(value: object, where: str) -> Resources | None:
     limit = None
     if memory.get("limit") is not None:
         limit = _int(memory["limit"], f"{where}.memory.limit", -1, 1 << 62)
-        files.append(("memory.max", "max" if limit == -1 else str(limit)))
-        v1.append(("memory.limit_in_bytes", str(limit)))
+        if limit == 0:
+            limit = None  # runc: 0 leaves the limit unset
+        elif limit != -1 and limit < MIN_MEMORY_LIMIT:
+            raise SpecError(
+                f"{where}.memory.limit: {limit} is below the minimum of {MIN_MEMORY_LIMIT} "
+                "bytes (6 MiB) that the runtime needs to start a process; use -1 for no limit"
+            )
+        else:
+            files.append(("memory.max", "max" if limit == -1 else str(limit)))
+            v1.append(("memory.limit_in_bytes", str(limit)))
     if memory.get("swap") is not None:
         # OCI swap is memory+swap (v1 memsw); v2 memory.swap.max is swap alone.
         total = _int(memory["swap"], f"{where}.memory.swap", -1, 1 << 62)
@@ -675,9 +753,11 @@ def parse_resources(value: object, where: str) -> Resources | None:
             v1.append(("cpu.cfs_period_us", str(period)))
         if cpu.get("quota") is not None:
             v1.append(("cpu.cfs_quota_us", str(quota if quota > 0 else -1)))
+    highest: dict[str, int | None] = {"cpus": None, "mems": None}
     for key in ("cpus", "mems"):
         if cpu.get(key):
             setting = _str(cpu[key], f"{where}.cpu.{key}")
+            highest[key] = _cpuset_highest(setting, f"{where}.cpu.{key}")
             files.append((f"cpuset.{key}", setting))
             v1.append((f"cpuset.{key}", setting))
     block_io = _obj(res.get("blockIO"), f"{where}.blockIO")
@@ -696,21 +776,71 @@ def parse_resources(value: object, where: str) -> Resources | None:
         v1.append((f"hugetlb.{size}.limit_in_bytes", str(bytes_)))
     unified = _obj(res.get("unified"), f"{where}.unified")
     for key, raw in unified.items():
-        setting = _str(raw, f"{where}.unified.{key}")
+        setting = _str(raw, f'{where}.unified["{key}"]')
         controller, dot, rest = key.partition(".")
         if not dot or not controller or not rest or "/" in key or controller == "cgroup":
             raise SpecError(f'{where}.unified: invalid cgroup file name "{key}"')
         files.append((key, setting))
-    return Resources(files, v1, unified=bool(unified))
+    return Resources(files, v1, unified=bool(unified), cpus=highest["cpus"], mems=highest["mems"])
+
+
+def _cpuset_highest(text: str, where: str) -> int:
+    """The highest number of a cpuset list (``0-3,8``, cpuset(7)); SpecError when malformed."""
+    highest = -1
+    for item in text.strip().split(","):
+        first, dash, last = item.partition("-")
+        if not first.isdigit() or (dash and not last.isdigit()):
+            raise SpecError(f'{where}: "{text}" is not a list like 0-3,5 of numbers and ranges')
+        low, high = int(first), int(last) if dash else int(first)
+        if low > high or high > MAX_CPUSET_ID:
+            raise SpecError(f'{where}: "{item}" in "{text}" is not a valid range')
+        highest = max(highest, high)
+    return highest
+
+
+def parse_hooks(value: object, where: str) -> dict[str, tuple[Hook, ...]]:
+    """config.json ``hooks``: hook point -> hooks. Paths must be absolute (as the spec says
+    and runc finds out only when it runs one); a timeout, when given, above zero."""
+    result: dict[str, tuple[Hook, ...]] = {}
+    hooks = _obj(value, where)
+    for point in HOOK_NAMES:
+        entries = []
+        for i, item in enumerate(_list(hooks.get(point), f"{where}.{point}")):
+            at = f"{where}.{point}[{i}]"
+            entry = _obj(item, at)
+            if entry.get("path") is None:
+                raise SpecError(f"{at}.path: missing")
+            timeout = entry.get("timeout")
+            entries.append(
+                Hook(
+                    _abspath(entry.get("path"), f"{at}.path"),
+                    _strings(entry.get("args"), f"{at}.args"),
+                    _strings(entry.get("env"), f"{at}.env"),
+                    None if timeout is None else _int(timeout, f"{at}.timeout", 1, 1 << 31),
+                )
+            )
+        if entries:
+            result[point] = tuple(entries)
+    return result
+
+
+def parse_annotations(value: object, where: str) -> dict[str, str]:
+    """config.json ``annotations``: an object of strings."""
+    return {key: _str(raw, f'{where}["{key}"]') for key, raw in _obj(value, where).items()}
 
 
 def parse_spec(config: object) -> Spec:
     """Validate a decoded config.json. Raises :class:`SpecError`; touches nothing."""
     top = _obj(config, "config")
+    if top.get("root") is None:
+        raise SpecError("root: missing")
     root = _obj(top.get("root"), "root")
     if root.get("path") is None:
         raise SpecError("root.path: missing")
-    root_path = _abspath(root.get("path"), "root.path").rstrip("/") or "/"
+    root_path = _path_chars(_str(root.get("path"), "root.path"), "root.path")
+    if not root_path:
+        raise SpecError("root.path: must not be empty")
+    root_path = root_path.rstrip("/") or "/"
     linux = _obj(top.get("linux"), "linux")
     namespaces = parse_namespaces(linux.get("namespaces"), "linux.namespaces")
     private = {ns.type for ns in namespaces}
@@ -722,25 +852,35 @@ def parse_spec(config: object) -> Spec:
     gid_mappings = parse_mappings(linux.get("gidMappings"), "linux.gidMappings")
     user_ns = next((ns for ns in namespaces if ns.type == "user"), None)
     if user_ns is not None and user_ns.path is None and not (uid_mappings and gid_mappings):
-        raise SpecError("user namespaces enabled, but no uid or gid mappings found")
+        missing = "linux.gidMappings" if uid_mappings else "linux.uidMappings"
+        raise SpecError(f"{missing}: user namespaces enabled, but no uid or gid mappings found")
     if (uid_mappings or gid_mappings) and (user_ns is None or user_ns.path is not None):
-        raise SpecError("uid/gid mappings need a new user namespace in linux.namespaces")
+        given = "linux.uidMappings" if uid_mappings else "linux.gidMappings"
+        raise SpecError(f"{given}: mappings need a new user namespace in linux.namespaces")
     hostname = _str(top.get("hostname"), "hostname")
     domainname = _str(top.get("domainname"), "domainname")
+    for what, name in (("hostname", hostname), ("domainname", domainname)):
+        if len(name.encode()) > MAX_HOSTNAME:
+            raise SpecError(
+                f"{what}: {len(name.encode())} bytes is longer than the kernel's limit of "
+                f"{MAX_HOSTNAME} bytes"
+            )
     if (hostname or domainname) and "uts" not in private:
         what = "hostname" if hostname else "domainname"
-        raise SpecError(f"unable to set {what} without a private UTS namespace")
+        raise SpecError(f"{what}: unable to set {what} without a private UTS namespace")
     propagation_name = _str(linux.get("rootfsPropagation"), "linux.rootfsPropagation")
     rootfs_propagation = None
     if propagation_name:
         rootfs_propagation = PROPAGATION.get(propagation_name)
         if rootfs_propagation is None:
-            raise SpecError(f'unknown rootfs propagation "{propagation_name}"')
+            raise SpecError(
+                f'linux.rootfsPropagation: unknown rootfs propagation "{propagation_name}"'
+            )
     process = parse_process(top.get("process"))
     profile = linux.get("seccomp")
     if profile is not None:
         # A filter belongs to a process: linux.seccomp is applied as the process's.
-        process.seccomp = seccomp.compile(_obj(profile, "linux.seccomp"))
+        process.seccomp = seccomp.compile(_obj(profile, "linux.seccomp"), at="linux.seccomp")
     return Spec(
         root_path,
         process,
@@ -766,4 +906,6 @@ def parse_spec(config: object) -> Spec:
         sysctls=parse_sysctls(linux.get("sysctl"), "linux.sysctl", private),
         resources=parse_resources(linux.get("resources"), "linux.resources"),
         rootfs_propagation=rootfs_propagation,
+        annotations=parse_annotations(top.get("annotations"), "annotations"),
+        hooks=parse_hooks(top.get("hooks"), "hooks"),
     )

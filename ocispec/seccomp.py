@@ -31,8 +31,8 @@ from __future__ import annotations
 import os
 import struct
 
-from agent.oci import syscall_table
-from agent.oci.errors import SpecError
+from ocispec import syscall_table
+from ocispec.errors import SpecError
 
 RET_KILL_PROCESS = 0x80000000
 RET_KILL_THREAD = 0x00000000
@@ -159,7 +159,8 @@ class _Assembler:
     def emit(self, code: int, jt: int | str = 0, jf: int | str = 0, k: int | str = 0) -> None:
         self.items.append((code, jt, jf, k))
 
-    def assemble(self) -> bytes:
+    def assemble(self, profile: str) -> bytes:
+        """The program; ``profile`` (the profile's field path) prefixes the errors."""
         where: dict[str, int] = {}
         count = 0
         for item in self.items:
@@ -177,24 +178,25 @@ class _Assembler:
             jf_off = where[jf] - pc - 1 if isinstance(jf, str) else jf
             k_val = where[k] - pc - 1 if isinstance(k, str) else k
             if not (0 <= jt_off <= 255 and 0 <= jf_off <= 255):
-                raise SpecError("seccomp: a rule has too many argument conditions")
+                raise SpecError(f"{profile}.syscalls: a rule has too many argument conditions")
             out.append(struct.pack("=HBBI", code, jt_off, jf_off, k_val & 0xFFFFFFFF))
             pc += 1
         if pc > 4096:
-            raise SpecError(f"seccomp: profile compiles to {pc} instructions, more than 4096")
+            raise SpecError(f"{profile}: profile compiles to {pc} instructions, more than 4096")
         return b"".join(out)
 
 
-def _action(name: object, errno_ret: object, where: str, default_errno: int) -> int:
+def _action(name: object, errno_ret: object, at: str, errno_at: str, default_errno: int) -> int:
+    """The SECCOMP_RET value of action ``name`` (field ``at``) with its errno (``errno_at``)."""
     if not isinstance(name, str) or name not in ACTIONS:
         if name == "SCMP_ACT_NOTIFY":
-            raise SpecError("seccomp: SCMP_ACT_NOTIFY is not supported")
-        raise SpecError(f'seccomp: unknown action "{name}"')
+            raise SpecError(f"{at}: SCMP_ACT_NOTIFY is not supported")
+        raise SpecError(f'{at}: unknown action "{name}"')
     base = ACTIONS[name]
     if base in (RET_ERRNO, RET_TRACE):
         errno = default_errno if errno_ret is None else errno_ret
         if isinstance(errno, bool) or not isinstance(errno, int) or not 0 <= errno <= 0xFFFF:
-            raise SpecError(f"seccomp: {where}: {errno!r} is not an errno value")
+            raise SpecError(f"{errno_at}: {errno!r} is not an errno value")
         return base | errno
     return base
 
@@ -203,20 +205,20 @@ def _u64(value: object, where: str) -> int:
     if value is None:
         return 0
     if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= UINT64_MAX:
-        raise SpecError(f"seccomp: {where}: expected an unsigned 64-bit integer, got {value!r}")
+        raise SpecError(f"{where}: expected an unsigned 64-bit integer, got {value!r}")
     return value
 
 
 def _condition(asm: _Assembler, arg: object, where: str, fail: str) -> None:
     """Emit code that falls through when the condition holds and jumps to ``fail`` otherwise."""
     if not isinstance(arg, dict):
-        raise SpecError(f"seccomp: {where}: expected an object")
+        raise SpecError(f"{where}: expected an object")
     index = arg.get("index")
     if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index <= 5:
-        raise SpecError(f"seccomp: {where}.index: {index!r} is out of range [0, 5]")
+        raise SpecError(f"{where}.index: {index!r} is out of range [0, 5]")
     op = arg.get("op")
     if op not in OPERATORS:
-        raise SpecError(f'seccomp: unknown operator "{op}"')
+        raise SpecError(f'{where}.op: unknown operator "{op}"')
     value = _u64(arg.get("value"), f"{where}.value")
     value_two = _u64(arg.get("valueTwo"), f"{where}.valueTwo")
     lo_at = OFFSET_ARGS + 8 * index  # little-endian halves of the 64-bit argument
@@ -256,31 +258,40 @@ def _condition(asm: _Assembler, arg: object, where: str, fail: str) -> None:
     asm.place(ok)
 
 
-def compile(profile: dict[str, object], machine: str | None = None) -> Filter:
-    """Validate and compile ``profile`` for ``machine`` (default: this one)."""
+def compile(profile: dict[str, object], machine: str | None = None, at: str = "seccomp") -> Filter:
+    """Validate and compile ``profile`` for ``machine`` (default: this one).
+
+    ``at`` is the profile's field path (``linux.seccomp``): every SpecError names the field
+    below it (``linux.seccomp.syscalls[3].action: unknown action "X"``).
+    """
     machine = machine or os.uname().machine
     native = NATIVE.get(machine)
     table = syscall_table.table(machine)
     if native is None or table is None:
-        raise SpecError(f"seccomp: no syscall table for architecture {machine}")
+        raise SpecError(f"{at}: no syscall table for architecture {machine}")
     native_arch, native_name = native
     if profile.get("listenerPath"):
-        raise SpecError("seccomp: listenerPath (SCMP_ACT_NOTIFY) is not supported")
-    default_errno = profile.get("defaultErrnoRet")
-    default = _action(profile.get("defaultAction"), default_errno, "defaultErrnoRet", EPERM)
+        raise SpecError(f"{at}.listenerPath: SCMP_ACT_NOTIFY is not supported")
+    default = _action(
+        profile.get("defaultAction"),
+        profile.get("defaultErrnoRet"),
+        f"{at}.defaultAction",
+        f"{at}.defaultErrnoRet",
+        EPERM,
+    )
 
     flags = 0
-    for flag in _as_list(profile.get("flags"), "flags"):
+    for j, flag in enumerate(_as_list(profile.get("flags"), f"{at}.flags")):
         if not isinstance(flag, str) or flag not in FLAGS:
-            raise SpecError(f'seccomp: unknown flag "{flag}"')
+            raise SpecError(f'{at}.flags[{j}]: unknown flag "{flag}"')
         flags |= FLAGS[flag]
 
-    arch_names = _as_list(profile.get("architectures"), "architectures")
+    arch_names = _as_list(profile.get("architectures"), f"{at}.architectures")
     others: list[int] = []
     x32 = False
-    for arch in arch_names:
+    for j, arch in enumerate(arch_names):
         if not isinstance(arch, str) or arch not in ARCHITECTURES:
-            raise SpecError(f'seccomp: unknown architecture "{arch}"')
+            raise SpecError(f'{at}.architectures[{j}]: unknown architecture "{arch}"')
         if arch == "SCMP_ARCH_X32":
             x32 = True
         elif arch != native_name and ARCHITECTURES[arch] not in others:
@@ -288,18 +299,20 @@ def compile(profile: dict[str, object], machine: str | None = None) -> Filter:
 
     # Rules per syscall number, in profile order.
     rules: dict[int, list[tuple[list[object], int, str]]] = {}
-    for i, raw in enumerate(_as_list(profile.get("syscalls"), "syscalls")):
-        where = f"syscalls[{i}]"
+    for i, raw in enumerate(_as_list(profile.get("syscalls"), f"{at}.syscalls")):
+        where = f"{at}.syscalls[{i}]"
         if not isinstance(raw, dict):
-            raise SpecError(f"seccomp: {where}: expected an object")
+            raise SpecError(f"{where}: expected an object")
         names = _as_list(raw.get("names"), f"{where}.names")
         if not names:
-            raise SpecError(f"seccomp: {where}.names: must not be empty")
-        action = _action(raw.get("action"), raw.get("errnoRet"), f"{where}.errnoRet", EPERM)
+            raise SpecError(f"{where}.names: must not be empty")
+        action = _action(
+            raw.get("action"), raw.get("errnoRet"), f"{where}.action", f"{where}.errnoRet", EPERM
+        )
         args = _as_list(raw.get("args"), f"{where}.args")
         for name in names:
             if not isinstance(name, str):
-                raise SpecError(f"seccomp: {where}.names: expected strings")
+                raise SpecError(f"{where}.names: expected strings")
             nr = table.get(name)
             if nr is not None:
                 rules.setdefault(nr, []).append((args, action, f"{where}.args"))
@@ -343,12 +356,12 @@ def compile(profile: dict[str, object], machine: str | None = None) -> Filter:
         asm.emit(LD_W_ABS, k=OFFSET_NR)
         asm.place(after)
     asm.emit(RET_K, k=default)
-    return Filter(asm.assemble(), flags)
+    return Filter(asm.assemble(at), flags)
 
 
 def _as_list(value: object, where: str) -> list[object]:
     if value is None:
         return []
     if not isinstance(value, list):
-        raise SpecError(f"seccomp: {where}: expected an array")
+        raise SpecError(f"{where}: expected an array")
     return value

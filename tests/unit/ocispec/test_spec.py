@@ -7,9 +7,9 @@ from typing import Any
 
 import pytest
 
-from agent.oci import spec as spec_mod
-from agent.oci import syscalls as sc
-from agent.oci.errors import SpecError
+from ocispec import linux as sc
+from ocispec import spec as spec_mod
+from ocispec.errors import SpecError
 
 BASE: dict[str, Any] = {
     "ociVersion": "1.0.2",
@@ -106,7 +106,7 @@ def test_mount_options() -> None:
 def test_resources_in_cgroup_v2_terms() -> None:
     spec = parse(
         linux__resources={
-            "memory": {"limit": 100, "swap": 150, "reservation": 50},
+            "memory": {"limit": 100 << 20, "swap": 150 << 20, "reservation": 50},
             "pids": {"limit": -1},
             "cpu": {"shares": 1024, "quota": 50000, "period": 100000, "cpus": "0-1"},
             "unified": {"memory.high": "90"},
@@ -115,8 +115,8 @@ def test_resources_in_cgroup_v2_terms() -> None:
     assert spec.resources is not None
     assert spec.resources.files == [
         ("memory.low", "50"),
-        ("memory.max", "100"),
-        ("memory.swap.max", "50"),
+        ("memory.max", "104857600"),
+        ("memory.swap.max", "52428800"),
         ("pids.max", "max"),
         ("cpu.weight", "39"),
         ("cpu.max", "50000 100000"),
@@ -129,7 +129,7 @@ def test_resources_in_cgroup_v2_terms() -> None:
 def test_resources_in_cgroup_v1_terms_as_runc_writes_them() -> None:
     spec = parse(
         linux__resources={
-            "memory": {"limit": 100, "swap": 150, "reservation": 50},
+            "memory": {"limit": 100 << 20, "swap": 150 << 20, "reservation": 50},
             "pids": {"limit": 0},
             "cpu": {"shares": 1024, "quota": 50000, "period": 100000, "cpus": "0", "mems": "0"},
             "blockIO": {"weight": 500},
@@ -139,8 +139,8 @@ def test_resources_in_cgroup_v1_terms_as_runc_writes_them() -> None:
     assert spec.resources is not None and not spec.resources.unified
     assert spec.resources.v1_files == [
         ("memory.soft_limit_in_bytes", "50"),
-        ("memory.limit_in_bytes", "100"),
-        ("memory.memsw.limit_in_bytes", "150"),
+        ("memory.limit_in_bytes", str(100 << 20)),
+        ("memory.memsw.limit_in_bytes", str(150 << 20)),
         ("pids.max", "max"),
         ("cpu.shares", "1024"),
         ("cpu.cfs_period_us", "100000"),
@@ -185,11 +185,11 @@ def test_namespace_paths() -> None:
     [
         (
             {"linux__namespaces": [{"type": "mount"}, {"type": "bogus"}]},
-            'unknown namespace type "bogus"',
+            'linux.namespaces[1].type: unknown namespace type "bogus"',
         ),
         (
             {"linux__namespaces": [{"type": "mount"}, {"type": "pid"}, {"type": "pid"}]},
-            'duplicate namespace type "pid"',
+            'linux.namespaces[2].type: duplicate namespace type "pid"',
         ),
         (
             {"linux__namespaces": [{"type": "pid"}]},
@@ -197,7 +197,7 @@ def test_namespace_paths() -> None:
         ),
         (
             {"linux__namespaces": [{"type": "mount"}, {"type": "net", "path": "rel"}]},
-            'unknown namespace type "net"',
+            'linux.namespaces[1].type: unknown namespace type "net"',
         ),
         (
             {"linux__namespaces": [{"type": "mount"}, {"type": "network", "path": "rel"}]},
@@ -205,18 +205,20 @@ def test_namespace_paths() -> None:
         ),
         (
             {"linux__namespaces": [{"type": "mount"}, {"type": "user"}]},
-            "user namespaces enabled, but no uid or gid mappings found",
+            "linux.uidMappings: user namespaces enabled, but no uid or gid mappings found",
         ),
         (
             {"linux__uidMappings": [{"containerID": 0, "hostID": 1, "size": 1}]},
-            "uid/gid mappings need a new user namespace in linux.namespaces",
+            "linux.uidMappings: mappings need a new user namespace in linux.namespaces",
         ),
         (
             {"hostname": "h", "linux__namespaces": [{"type": "mount"}]},
-            "unable to set hostname without a private UTS namespace",
+            "hostname: unable to set hostname without a private UTS namespace",
         ),
         ({"root": {}}, "root.path: missing"),
-        ({"root": {"path": "rel"}}, 'root.path: "rel" is not an absolute path'),
+        ({"root": None}, "root: missing"),
+        ({"root": {"path": ""}}, "root.path: must not be empty"),
+        ({"root": {"path": "a\x00b"}}, "root.path: path contains a NUL byte"),
         ({"process": None}, "process: missing"),
         ({"process__args": []}, "process.args: must not be empty"),
         ({"process__args": "sh"}, 'process.args: expected an array, got "sh"'),
@@ -229,11 +231,11 @@ def test_namespace_paths() -> None:
         ({"process__terminal": "yes"}, 'process.terminal: expected true or false, got "yes"'),
         (
             {"process__capabilities": {"bounding": ["CAP_FLY"]}},
-            'unknown capability "CAP_FLY"',
+            'process.capabilities.bounding[0]: unknown capability "CAP_FLY"',
         ),
         (
             {"process__rlimits": [{"type": "RLIMIT_BOGUS", "soft": 1, "hard": 1}]},
-            'unknown rlimit type "RLIMIT_BOGUS"',
+            'process.rlimits[0].type: unknown rlimit type "RLIMIT_BOGUS"',
         ),
         (
             {"process__rlimits": [{"type": "RLIMIT_NOFILE", "soft": 2, "hard": 1}]},
@@ -246,7 +248,7 @@ def test_namespace_paths() -> None:
                     {"type": "RLIMIT_NOFILE", "soft": 1, "hard": 1},
                 ]
             },
-            'duplicate rlimit type "RLIMIT_NOFILE"',
+            'process.rlimits[1].type: duplicate rlimit type "RLIMIT_NOFILE"',
         ),
         ({"process__oomScoreAdj": 1001}, "process.oomScoreAdj: 1001 is out of range [-1000, 1000]"),
         (
@@ -254,8 +256,8 @@ def test_namespace_paths() -> None:
             'mounts[0].destination: "rel" is not an absolute path',
         ),
         (
-            {"mounts": [{"destination": "/x", "type": "bind", "source": "rel"}]},
-            'mount /x: bind mount source "rel" is not an absolute path',
+            {"mounts": [{"destination": "/x", "type": "bind"}]},
+            "mounts[0].source: required for a bind mount",
         ),
         (
             {"mounts": [{"destination": "/x", "options": ["ro"]}]},
@@ -267,9 +269,12 @@ def test_namespace_paths() -> None:
                     {"destination": "/x", "type": "bind", "source": "/s", "options": ["idmap"]}
                 ]
             },
-            'mount /x: option "idmap" is not supported',
+            'mounts[0].options[0]: mount option "idmap" is not supported',
         ),
-        ({"linux__rootfsPropagation": "sideways"}, 'unknown rootfs propagation "sideways"'),
+        (
+            {"linux__rootfsPropagation": "sideways"},
+            'linux.rootfsPropagation: unknown rootfs propagation "sideways"',
+        ),
         (
             {"linux__devices": [{"path": "/dev/x", "type": "z", "major": 1, "minor": 1}]},
             'linux.devices[0].type: unknown device type "z" (want c, b, u or p)',
@@ -284,21 +289,25 @@ def test_namespace_paths() -> None:
         ),
         (
             {"linux__sysctl": {"net.ipv4.ip_forward": "1"}},
-            'sysctl "net.ipv4.ip_forward" is not allowed as it conflicts with the host\'s '
-            "network namespace (the container has no private one)",
+            'linux.sysctl["net.ipv4.ip_forward"]: sysctl "net.ipv4.ip_forward" is not allowed as '
+            "it conflicts with the host's network namespace (the container has no private one)",
         ),
         (
             {"linux__sysctl": {"vm.swappiness": "1"}},
-            'sysctl "vm.swappiness" is not in a separate kernel namespace',
+            'linux.sysctl["vm.swappiness"]: sysctl "vm.swappiness" is not in a separate kernel '
+            "namespace",
         ),
-        ({"linux__sysctl": {"net/../x": "1"}}, 'sysctl "net/../x" is not a valid name'),
+        (
+            {"linux__sysctl": {"net/../x": "1"}},
+            'linux.sysctl["net/../x"]: sysctl "net/../x" is not a valid name',
+        ),
         (
             {"linux__resources": {"memory": {"swap": 100}}},
             "linux.resources.memory.swap: set without a memory limit",
         ),
         (
-            {"linux__resources": {"memory": {"limit": 100, "swap": 50}}},
-            "linux.resources.memory.swap: 50 is less than the memory limit 100",
+            {"linux__resources": {"memory": {"limit": 100 << 20, "swap": 50 << 20}}},
+            "linux.resources.memory.swap: 52428800 is less than the memory limit 104857600",
         ),
         (
             {"linux__resources": {"blockIO": {"weight": 5}}},
@@ -319,7 +328,7 @@ def test_namespace_paths() -> None:
         ),
         (
             {"linux__seccomp": {"defaultAction": "SCMP_ACT_BOGUS"}},
-            'seccomp: unknown action "SCMP_ACT_BOGUS"',
+            'linux.seccomp.defaultAction: unknown action "SCMP_ACT_BOGUS"',
         ),
         ({"linux": []}, "linux: expected an object, got an array"),
     ],
