@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from sandbox.image import store as images
-from tests.integration.helpers import processes_mentioning
+from tests.processes import processes_mentioning
 from tests.unit.ocispec.variants import INVALID, Variant, base_config
 
 ROOT = Path(__file__).resolve().parents[2]
