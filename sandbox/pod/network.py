@@ -113,17 +113,6 @@ def tap_name(index: int) -> str:
     return f"tap{index}{TAP_SUFFIX}"
 
 
-def netns_path_of(spec: dict[str, Any]) -> Path | None:
-    """The network namespace path a container spec names (linux.namespaces), or None."""
-    linux = spec.get("linux")
-    if not isinstance(linux, dict):
-        return None
-    for ns in linux.get("namespaces") or []:
-        if isinstance(ns, dict) and ns.get("type") == "network" and ns.get("path"):
-            return Path(str(ns["path"]))
-    return None
-
-
 def user_network_config(hostname: str = "") -> NetworkConfig:
     """The guest side of ``--network user`` (QEMU slirp): static, no DHCP."""
     return NetworkConfig(

@@ -28,13 +28,6 @@ def spec_with(*namespaces: dict[str, str]) -> dict[str, Any]:
     return {"linux": {"namespaces": list(namespaces)}}
 
 
-def test_netns_path_of() -> None:
-    assert network.netns_path_of({}) is None
-    assert network.netns_path_of(spec_with({"type": "network"})) is None
-    spec = spec_with({"type": "pid"}, {"type": "network", "path": "/run/netns/cni-1"})
-    assert network.netns_path_of(spec) == Path("/run/netns/cni-1")
-
-
 def test_network_path_joins_the_guest_pod_network_and_no_path_stays_private() -> None:
     spec = spec_with(
         {"type": "network", "path": "/proc/4242/ns/net"}, {"type": "uts"}, {"type": "mount"}
