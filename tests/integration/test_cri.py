@@ -3,7 +3,8 @@ runtime handler, and the whole pod runs in one VM.
 
 The CRI messages come from tests/integration/cri/cri_subset.proto (our own subset of
 k8s.io/cri-api runtime/v1, same package and field numbers); the stubs are generated into a
-temporary directory here, never committed. The pod uses the node's network (no CNI needed).
+temporary directory here, never committed. Pods get a pod network from a CNI bridge in a
+network namespace of the test's; pods asking for the node's namespaces are refused.
 """
 
 from __future__ import annotations
@@ -110,9 +111,13 @@ def cri(
             channel.close()
 
 
-def _pod_config(cri: Cri, name: str, network: int | None = None) -> Any:
+def _pod_config(
+    cri: Cri, name: str, network: int | None = None, pid: int | None = None, ipc: int | None = None
+) -> Any:
     pb = cri.pb
-    network = pb.NODE if network is None else network
+    network = pb.POD if network is None else network
+    pid = pb.CONTAINER if pid is None else pid
+    ipc = pb.POD if ipc is None else ipc
     uid = uuid.uuid4().hex
     log_dir = cri.log_dir / f"default_{name}_{uid}"
     log_dir.mkdir()
@@ -124,7 +129,7 @@ def _pod_config(cri: Cri, name: str, network: int | None = None) -> Any:
         linux=pb.LinuxPodSandboxConfig(
             cgroup_parent=f"/pysandbox-test/pod{uid}",
             security_context=pb.LinuxSandboxSecurityContext(
-                namespace_options=pb.NamespaceOption(network=network, pid=pb.CONTAINER, ipc=pb.POD)
+                namespace_options=pb.NamespaceOption(network=network, pid=pid, ipc=ipc)
             ),
         ),
     )
@@ -136,7 +141,7 @@ def _container_config(
     """``sh -c script`` in the busybox image; its own pid namespace unless ``pid`` (a CRI
     NamespaceMode: POD shares the sandbox's, as kubelet's shareProcessNamespace does)."""
     pb = cri.pb
-    network = pb.NODE if network is None else network
+    network = pb.POD if network is None else network
     pid = pb.CONTAINER if pid is None else pid
     return pb.ContainerConfig(
         metadata=pb.ContainerMetadata(name=name, attempt=0),
@@ -423,6 +428,34 @@ def test_pod_network_through_cni(cri: Cri) -> None:
     ).stdout
     names = sorted(line.split(":")[1].strip().split("@")[0] for line in links.splitlines())
     assert names == sorted(["lo", containerd_env.CNI_BRIDGE]), links
+
+
+@pytest.mark.parametrize(
+    ("namespace", "option"),
+    [("network", "hostNetwork"), ("ipc", "hostIPC"), ("pid", "hostPID")],
+)
+def test_host_namespace_pods_are_refused(cri: Cri, namespace: str, option: str) -> None:
+    """hostNetwork / hostIPC / hostPID cannot be VM-isolated: RunPodSandbox fails with the
+    option's name in the error kubelet shows (the runtime's message, which containerd's shim
+    reads from the --log file), before any VM boots, and nothing is left behind."""
+    pb, rt = cri.pb, cri.runtime
+    config = _pod_config(cri, f"host{namespace}", **{namespace: pb.NODE})
+    qemus_before = _qemu_processes(cri.runtime_root)
+    with pytest.raises(grpc.RpcError) as refused:
+        rt.RunPodSandbox(
+            pb.RunPodSandboxRequest(config=config, runtime_handler=HANDLER), timeout=180
+        )
+    details = refused.value.details()
+    assert f"{option} cannot be VM-isolated" in details, details
+    assert "OCI runtime create failed" in details and "Traceback" not in details, details
+    assert _qemu_processes(cri.runtime_root) == qemus_before
+    root = cri.runtime_root
+    assert wait_until(lambda: not containerd_env.processes_mentioning(str(root)), 20)
+    shims = f"-address {cri.daemon.address}"
+    assert wait_until(lambda: not containerd_env.processes_mentioning(shims), 20), (
+        containerd_env.processes_mentioning(shims)
+    )
+    assert list((root / "p").glob("*")) == [] and containerd_env.mounts_below(root) == []
 
 
 def _assert_pod_gone(cri: Cri, pod_id: str) -> None:
