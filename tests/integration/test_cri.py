@@ -9,7 +9,10 @@ network namespace of the test's; pods asking for the node's namespaces are refus
 
 from __future__ import annotations
 
+import contextlib
 import importlib
+import json
+import os
 import re
 import subprocess
 import sys
@@ -456,6 +459,110 @@ def test_host_namespace_pods_are_refused(cri: Cri, namespace: str, option: str) 
         containerd_env.processes_mentioning(shims)
     )
     assert list((root / "p").glob("*")) == [] and containerd_env.mounts_below(root) == []
+
+
+@contextlib.contextmanager
+def _shared_directory(base: Path) -> Iterator[Path]:
+    """A directory that is a shared mount (containerd wants one for Bidirectional, and a
+    shared or slave one for HostToContainer); unmounted with all below it after."""
+    base.mkdir()
+    subprocess.run(["mount", "--bind", str(base), str(base)], check=True)
+    try:
+        subprocess.run(["mount", "--make-shared", str(base)], check=True)
+        yield base
+    finally:
+        for point in containerd_env.mounts_below(base):  # deepest first
+            subprocess.run(["umount", "-l", point], capture_output=True, timeout=30)
+
+
+@pytest.mark.parametrize("handler", [HANDLER, "runc"])
+def test_mount_propagation(cri: Cri, tmp_path: Path, handler: str) -> None:
+    """HostToContainer: a mount made on the host below the volume appears in the container,
+    as under runc. Bidirectional: under runc a mount made in the container appears on the
+    host; a VM cannot carry it there, so pysandbox keeps it in the pod and logs a warning
+    naming the mount (in the --log file containerd's shim reads); the mount still works in
+    the container."""
+    pb, rt = cri.pb, cri.runtime
+    with _shared_directory(tmp_path / "vol") as volume:
+        (volume / "h").mkdir()
+        (volume / "b").mkdir()
+        config = _pod_config(cri, f"prop{handler}")
+        config.linux.security_context.privileged = True
+        pod_id = rt.RunPodSandbox(
+            pb.RunPodSandboxRequest(config=config, runtime_handler=handler), timeout=180
+        ).pod_sandbox_id
+        try:
+            container = _container_config(cri, "prop", "exec sleep 1000")
+            container.linux.security_context.privileged = True
+            container.mounts.extend(
+                [
+                    pb.Mount(
+                        container_path="/hc",
+                        host_path=str(volume / "h"),
+                        propagation=pb.PROPAGATION_HOST_TO_CONTAINER,
+                    ),
+                    pb.Mount(
+                        container_path="/bi",
+                        host_path=str(volume / "b"),
+                        propagation=pb.PROPAGATION_BIDIRECTIONAL,
+                    ),
+                ]
+            )
+            cid = rt.CreateContainer(
+                pb.CreateContainerRequest(
+                    pod_sandbox_id=pod_id, config=container, sandbox_config=config
+                ),
+                timeout=120,
+            ).container_id
+            rt.StartContainer(pb.StartContainerRequest(container_id=cid), timeout=120)
+
+            (volume / "h" / "sub").mkdir()
+            subprocess.run(
+                ["mount", "-t", "tmpfs", "-o", "size=1m", "hostside", str(volume / "h" / "sub")],
+                check=True,
+            )
+            (volume / "h" / "sub" / "f").write_text("from-host\n")
+            assert wait_until(
+                lambda: _exec(cri, cid, "cat", "/hc/sub/f").stdout == b"from-host\n", 30
+            ), _exec(cri, cid, "cat", "/hc/sub/f")
+
+            made = _exec(
+                cri,
+                cid,
+                "sh",
+                "-c",
+                "mkdir /bi/sub && mount -t tmpfs inside /bi/sub && echo made > /bi/sub/g && "
+                "cat /bi/sub/g",
+            )
+            assert (made.exit_code, made.stdout) == (0, b"made\n"), made
+            time.sleep(1)
+            seen_on_host = (volume / "b" / "sub" / "g").exists()
+            log = (
+                cri.daemon.base
+                / "state/io.containerd.runtime.v2.task"
+                / CRI_NAMESPACE
+                / cid
+                / "log.json"
+            )
+            if handler == "runc":
+                assert seen_on_host
+            else:
+                assert not seen_on_host
+                assert not os.path.ismount(volume / "b" / "sub")
+                warnings = [
+                    entry
+                    for entry in map(json.loads, log.read_text().splitlines())
+                    if entry["level"] == "warning"
+                ]
+                assert len(warnings) == 1, warnings
+                assert warnings[0]["msg"].startswith("mount /bi: rshared propagation"), warnings
+            rt.StopContainer(pb.StopContainerRequest(container_id=cid, timeout=1), timeout=60)
+            rt.RemoveContainer(pb.RemoveContainerRequest(container_id=cid), timeout=60)
+        finally:
+            rt.StopPodSandbox(pb.StopPodSandboxRequest(pod_sandbox_id=pod_id), timeout=120)
+            rt.RemovePodSandbox(pb.RemovePodSandboxRequest(pod_sandbox_id=pod_id), timeout=120)
+    if handler == HANDLER:
+        _assert_pod_gone(cri, pod_id)
 
 
 def _assert_pod_gone(cri: Cri, pod_id: str) -> None:
