@@ -476,8 +476,11 @@ def _shared_directory(base: Path) -> Iterator[Path]:
 
 
 @pytest.mark.parametrize("handler", [HANDLER, "runc"])
-def test_mount_propagation(cri: Cri, tmp_path: Path, handler: str) -> None:
-    """HostToContainer: a mount made on the host below the volume appears in the container,
+def test_privileged_pod_propagation_and_modules(cri: Cri, tmp_path: Path, handler: str) -> None:
+    """A privileged container creates a bridge (the guest loads the module on demand, as the
+    node's kernel does under runc).
+
+    HostToContainer: a mount made on the host below the volume appears in the container,
     as under runc. Bidirectional: under runc a mount made in the container appears on the
     host; a VM cannot carry it there, so pysandbox keeps it in the pod and logs a warning
     naming the mount (in the --log file containerd's shim reads); the mount still works in
@@ -515,6 +518,9 @@ def test_mount_propagation(cri: Cri, tmp_path: Path, handler: str) -> None:
                 timeout=120,
             ).container_id
             rt.StartContainer(pb.StartContainerRequest(container_id=cid), timeout=120)
+
+            bridge = _exec(cri, cid, "sh", "-c", "brctl addbr foobar && echo bridge-ok")
+            assert (bridge.exit_code, bridge.stdout) == (0, b"bridge-ok\n"), bridge
 
             (volume / "h" / "sub").mkdir()
             subprocess.run(
