@@ -10,30 +10,26 @@ network namespace of the test's; pods asking for the node's namespaces are refus
 from __future__ import annotations
 
 import contextlib
-import importlib
 import json
 import os
 import re
 import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import grpc
 import pytest
 
 from sandbox.pod.hostfs import mounts_below
-from tests.integration import containerd_env
+from tests.integration import containerd_env, cri_stubs
 from tests.integration.containerd_env import HANDLER, IMAGE, Containerd
 from tests.integration.pods import PodFactory
 from tests.processes import processes_mentioning, wait_until
 
-PROTO_DIR = Path(__file__).resolve().parent / "cri"
 CRI_NAMESPACE = "k8s.io"
 POD_SUBNET = "10.250.77.0/24"
 GATEWAY = "10.250.77.1"  # the containerd namespace of the CRI plugin
@@ -58,29 +54,6 @@ class Cri:
         return self.daemon.runtime_root / CRI_NAMESPACE
 
 
-def _generate_stubs(out: Path) -> tuple[ModuleType, ModuleType]:
-    from grpc_tools import protoc  # type: ignore[import-untyped]
-
-    status = protoc.main(
-        [
-            "grpc_tools.protoc",
-            f"-I{PROTO_DIR}",
-            f"--python_out={out}",
-            f"--grpc_python_out={out}",
-            str(PROTO_DIR / "cri_subset.proto"),
-        ]
-    )
-    if status != 0:
-        raise RuntimeError(f"protoc failed on cri_subset.proto ({status})")
-    sys.path.insert(0, str(out))
-    try:
-        return importlib.import_module("cri_subset_pb2"), importlib.import_module(
-            "cri_subset_pb2_grpc"
-        )
-    finally:
-        sys.path.remove(str(out))
-
-
 @pytest.fixture(scope="module")
 def cri(
     request: pytest.FixtureRequest,
@@ -92,7 +65,7 @@ def cri(
     containerd runs in a network namespace of the test's: the "node" network of host-network
     pods, and where the CNI bridge for pod networks is set up (the host's is never touched).
     """
-    pb, pb_grpc = _generate_stubs(tmp_path_factory.mktemp("cri-stubs"))
+    pb, pb_grpc = cri_stubs.generate(tmp_path_factory.mktemp("cri-stubs"))
     with (
         containerd_env.network_namespace() as netns,
         containerd_env.running(
@@ -453,12 +426,10 @@ def test_host_namespace_pods_are_refused(cri: Cri, namespace: str, option: str) 
     assert "OCI runtime create failed" in details and "Traceback" not in details, details
     assert _qemu_processes(cri.runtime_root) == qemus_before
     root = cri.runtime_root
-    assert wait_until(lambda: not containerd_env.processes_mentioning(str(root)), 20)
+    assert wait_until(lambda: not processes_mentioning(str(root)), 20)
     shims = f"-address {cri.daemon.address}"
-    assert wait_until(lambda: not containerd_env.processes_mentioning(shims), 20), (
-        containerd_env.processes_mentioning(shims)
-    )
-    assert list((root / "p").glob("*")) == [] and containerd_env.mounts_below(root) == []
+    assert wait_until(lambda: not processes_mentioning(shims), 20), processes_mentioning(shims)
+    assert list((root / "p").glob("*")) == [] and mounts_below(root) == []
 
 
 @contextlib.contextmanager
@@ -471,7 +442,7 @@ def _shared_directory(base: Path) -> Iterator[Path]:
         subprocess.run(["mount", "--make-shared", str(base)], check=True)
         yield base
     finally:
-        for point in containerd_env.mounts_below(base):  # deepest first
+        for point in mounts_below(base):  # deepest first
             subprocess.run(["umount", "-l", point], capture_output=True, timeout=30)
 
 
