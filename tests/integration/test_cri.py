@@ -13,6 +13,7 @@ import contextlib
 import json
 import os
 import re
+import socket
 import subprocess
 import time
 import uuid
@@ -25,7 +26,7 @@ import grpc
 import pytest
 
 from sandbox.pod.hostfs import mounts_below
-from tests.integration import containerd_env, cri_stubs
+from tests.integration import containerd_env, cri_stubs, ws_portforward
 from tests.integration.containerd_env import HANDLER, IMAGE, Containerd
 from tests.integration.pods import PodFactory
 from tests.processes import processes_mentioning, wait_until
@@ -430,6 +431,85 @@ def test_host_namespace_pods_are_refused(cri: Cri, namespace: str, option: str) 
     shims = f"-address {cri.daemon.address}"
     assert wait_until(lambda: not processes_mentioning(shims), 20), processes_mentioning(shims)
     assert list((root / "p").glob("*")) == [] and mounts_below(root) == []
+
+
+#: A pod that serves three ports: 8080 answers one line read ("got:<line>"), 8081 sends
+#: ``seq 1 200000`` (1.3 MB), then both close the connection; 8082 has no listener.
+FORWARD_SERVER = (
+    "seq 1 200000 > /tmp/big; "
+    "printf '#!/bin/sh\\nread line\\necho got:$line\\n' > /tmp/answer; "
+    "printf '#!/bin/sh\\ncat /tmp/big\\n' > /tmp/send; chmod +x /tmp/answer /tmp/send; "
+    "nc -ll -p 8080 -e /tmp/answer & nc -ll -p 8081 -e /tmp/send & exec sleep 1000"
+)
+SEQ_OUTPUT = "".join(f"{i}\n" for i in range(1, 200001)).encode()
+
+
+def _port_forward(
+    cri: Cri, pod_id: str, port: int, send: bytes = b""
+) -> ws_portforward.PortForward:
+    """kubectl's path: CRI PortForward gives a URL on containerd's streaming server (which
+    listens in containerd's network namespace, the test's), then a WebSocket to it."""
+    from sandbox.pod import network
+
+    url = cri.runtime.PortForward(
+        cri.pb.PortForwardRequest(pod_sandbox_id=pod_id, port=[port]), timeout=30
+    ).url
+    host, _, server_port = url.split("/")[2].rpartition(":")
+    nsfd = network.open_netns(Path("/run/netns") / cri.netns)
+    try:
+        sock = network.in_netns(
+            nsfd, lambda: socket.create_connection((host, int(server_port)), timeout=60)
+        )
+    finally:
+        os.close(nsfd)
+    forward = ws_portforward.open_port_forward(url, port, sock)
+    if send:
+        forward.send(send)
+    forward.read_all()
+    return forward
+
+
+@pytest.mark.parametrize("handler", [HANDLER, "runc"])
+def test_port_forward(cri: Cri, handler: str) -> None:
+    """kubectl port-forward to ports a container of a CNI-networked pod listens on: the
+    request reaches the server and its answer and close come back, a 1.3 MB answer arrives
+    intact, and a port nothing listens on ends in an error, under pysandbox as under runc
+    (containerd dials localhost:PORT in the pod's network namespace on the host)."""
+    pb, rt = cri.pb, cri.runtime
+    config = _pod_config(cri, f"pf{handler}")
+    pod_id = rt.RunPodSandbox(
+        pb.RunPodSandboxRequest(config=config, runtime_handler=handler), timeout=180
+    ).pod_sandbox_id
+    try:
+        cid = rt.CreateContainer(
+            pb.CreateContainerRequest(
+                pod_sandbox_id=pod_id,
+                config=_container_config(cri, "web", FORWARD_SERVER),
+                sandbox_config=config,
+            ),
+            timeout=120,
+        ).container_id
+        rt.StartContainer(pb.StartContainerRequest(container_id=cid), timeout=120)
+        listening = "netstat -ltn | grep -c ':808[01] '"
+        assert wait_until(lambda: _exec(cri, cid, "sh", "-c", listening).stdout == b"2\n", 30)
+
+        answer = _port_forward(cri, pod_id, 8080, send=b"ping\n")
+        assert (bytes(answer.data), bytes(answer.errors)) == (b"got:ping\n", b"")
+        started = time.monotonic()
+        big = _port_forward(cri, pod_id, 8081)
+        seconds = time.monotonic() - started
+        assert bytes(big.data) == SEQ_OUTPUT and bytes(big.errors) == b""
+        closed = _port_forward(cri, pod_id, 8082)
+        assert bytes(closed.data) == b""
+        assert b"8082" in bytes(closed.errors), bytes(closed.errors)
+        print(f"\n{handler}: {len(SEQ_OUTPUT)} bytes through port-forward in {seconds:.2f}s")
+        rt.StopContainer(pb.StopContainerRequest(container_id=cid, timeout=1), timeout=60)
+        rt.RemoveContainer(pb.RemoveContainerRequest(container_id=cid), timeout=60)
+    finally:
+        rt.StopPodSandbox(pb.StopPodSandboxRequest(pod_sandbox_id=pod_id), timeout=120)
+        rt.RemovePodSandbox(pb.RemovePodSandboxRequest(pod_sandbox_id=pod_id), timeout=120)
+    if handler == HANDLER:
+        _assert_pod_gone(cri, pod_id)
 
 
 @contextlib.contextmanager

@@ -326,6 +326,7 @@ def test_cri_pod_through_the_cli_and_nothing_left_after_delete(
             left = network.leftovers(netns)
             assert "tap tap0_psb" in left and "ingress qdisc on eth0" in left
             assert "filter on eth0" in left
+            assert "port-forward rule" in left  # kubectl port-forward (sandbox/pod/portforward.py)
             shim_pid = json.loads(pysandbox(cli_root, "state", "crisb").stdout)["pid"]
             app_spec = in_pod_network(
                 busybox_spec("sh", "-c", f"ip -o addr show eth0; ping -c 2 -W 5 {PEER_ADDR}"),
