@@ -84,8 +84,10 @@ class SyncScanner:
 #: Seconds the host waits for an ACK before it sends a new SYNC; doubled after each resend.
 #: A SYNC can be lost: the guest relay drops what the port received while it reopens the
 #: port after a host disconnect (closing a virtio-console port discards its input), and a VM
-#: restored from a template sees exactly that disconnect as the first host connects.
-RESEND_AFTER = 1.0
+#: restored from a template sees exactly that disconnect as the first host connects. Not
+#: shorter: a restored guest on a loaded TCG host took up to 1.3 s to answer a SYNC it did
+#: get, and each needless resend costs the guest a session torn down and opened again.
+RESEND_AFTER = 2.0
 
 
 def host_handshake(
@@ -94,7 +96,7 @@ def host_handshake(
     """Run the host side of the handshake on a connected socket.
 
     Sends a SYNC with a fresh nonce, and another with a new nonce whenever no ACK came within
-    :data:`RESEND_AFTER` s (then twice that, ...); only the ACK of the latest SYNC counts,
+    :data:`RESEND_AFTER` s (then twice that); only the ACK of the latest SYNC counts,
     since the guest opens a new session for every SYNC it reads and answers each. Returns the
     bytes that arrived after that ACK line (the start of the guest's HTTP/2 stream), which the
     caller must deliver before anything else read from ``sock``. Raises

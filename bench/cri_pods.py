@@ -2,7 +2,7 @@
 
 Run as root from the repository root with the project venv::
 
-    .venv/bin/python bench/cri_pods.py [--runs N] [--network pod|none] [--out DIR]
+    .venv/bin/python bench/cri_pods.py [--runs N] [--cold-template] [--out DIR]
 
 A private containerd 1.6 (tests/integration/containerd_env.py: its own root, state, socket,
 and a network namespace of its own with a CNI bridge) runs pods with the handler
@@ -25,6 +25,7 @@ import argparse
 import datetime
 import json
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -58,7 +59,8 @@ exit $rc
 """
 
 
-def _pod_config(pb: Any, name: str, network: int, log_root: Path) -> Any:
+def _pod_config(pb: Any, name: str, log_root: Path) -> Any:
+    """A pod on the CNI network (host-network pods are refused: docs/kubernetes.md)."""
     uid = uuid.uuid4().hex
     log_dir = log_root / f"default_{name}_{uid}"
     log_dir.mkdir()
@@ -69,7 +71,7 @@ def _pod_config(pb: Any, name: str, network: int, log_root: Path) -> Any:
         linux=pb.LinuxPodSandboxConfig(
             cgroup_parent=f"/pysandbox-bench/pod{uid}",
             security_context=pb.LinuxSandboxSecurityContext(
-                namespace_options=pb.NamespaceOption(network=network, pid=pb.CONTAINER, ipc=pb.POD)
+                namespace_options=pb.NamespaceOption(network=pb.POD, pid=pb.CONTAINER, ipc=pb.POD)
             ),
         ),
     )
@@ -94,44 +96,30 @@ def _summary(values: list[float]) -> dict[str, Any]:
     }
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--runs", type=int, default=20)
-    parser.add_argument("--network", choices=["pod", "none"], default="pod")
-    parser.add_argument("--cold-template", action="store_true")
-    parser.add_argument("--out", type=Path, default=REPO / "bench" / "results")
-    parser.add_argument("--no-json", action="store_true")
-    parser.add_argument(
-        "--runtime", default=containerd_env.RUNTIME, help="the pysandbox binary to call"
-    )
-    args = parser.parse_args()
-
-    work = Path(tempfile.mkdtemp(prefix="psb-cribench-"))
-    calls = work / "calls.log"
-    wrapper = work / "pysandbox"
-    wrapper.write_text(WRAPPER.format(runtime=args.runtime, calls=calls))
-    wrapper.chmod(0o755)
-    if args.cold_template:
-        os.environ["PYSANDBOX_TEMPLATE_DIR"] = str(work / "templates")
-    pb, pb_grpc = cri_stubs.generate(work)
-    times: dict[str, dict[str, list[float]]] = {
-        h: {"run": [], "stop_remove": [], "create": []} for h in ("runc", "pysandbox")
-    }
+def _measure(
+    args: argparse.Namespace,
+    pb: Any,
+    pb_grpc: Any,
+    wrapper: Path,
+    calls: Path,
+    work: Path,
+    times: dict[str, dict[str, list[float]]],
+) -> dict[str, float]:
+    """Run the pods; fill ``times``; the first pysandbox pod's figures with --cold-template."""
     first: dict[str, float] = {}
     with (
         containerd_env.network_namespace() as netns,
         containerd_env.running(
-            lambda: True, binary=str(wrapper), netns=netns, cni_subnet=SUBNET
+            lambda: False, binary=str(wrapper), netns=netns, cni_subnet=SUBNET
         ) as daemon,
     ):
         channel = grpc.insecure_channel(f"unix://{daemon.address}")
         rt = pb_grpc.RuntimeServiceStub(channel)
-        network = pb.POD if args.network == "pod" else pb.NODE
         logs = work / "logs"
         logs.mkdir()
         for index in range(args.runs):
             for handler in ("runc", "pysandbox"):
-                config = _pod_config(pb, f"b{index}{handler[0]}", network, logs)
+                config = _pod_config(pb, f"b{index}{handler[0]}", logs)
                 seen = len(calls.read_text().splitlines()) if calls.exists() else 0
                 started = time.monotonic()
                 pod_id = rt.RunPodSandbox(
@@ -154,10 +142,38 @@ def main() -> int:
                     flush=True,
                 )
         channel.close()
+    return first
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--runs", type=int, default=20)
+    parser.add_argument("--cold-template", action="store_true")
+    parser.add_argument("--out", type=Path, default=REPO / "bench" / "results")
+    parser.add_argument("--no-json", action="store_true")
+    parser.add_argument(
+        "--runtime", default=containerd_env.RUNTIME, help="the pysandbox binary to call"
+    )
+    args = parser.parse_args()
+
+    work = Path(tempfile.mkdtemp(prefix="psb-cribench-"))
+    calls = work / "calls.log"
+    wrapper = work / "pysandbox"
+    wrapper.write_text(WRAPPER.format(runtime=args.runtime, calls=calls))
+    wrapper.chmod(0o755)
+    if args.cold_template:
+        os.environ["PYSANDBOX_TEMPLATE_DIR"] = str(work / "templates")
+    pb, pb_grpc = cri_stubs.generate(work)
+    times: dict[str, dict[str, list[float]]] = {
+        h: {"run": [], "stop_remove": [], "create": []} for h in ("runc", "pysandbox")
+    }
+    try:
+        first = _measure(args, pb, pb_grpc, wrapper, calls, work, times)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
     result = {
         "date": datetime.date.today().isoformat(),
         "runs": args.runs,
-        "network": args.network,
         "load": os.getloadavg(),
         "first_pod_cold_template": first or None,
         **{

@@ -365,9 +365,14 @@ def test_crash_then_destroy_leaves_nothing(pod_factory: PodFactory) -> None:
             assert qemu is not None
             os.kill(qemu.pid, signal.SIGKILL)
             assert qemu.wait(10)
-            # QEMU held the only fd of the tap: the tap is gone, the redirect on eth0 is not.
+            # QEMU held the only fd of the tap: the tap is gone, the redirect on eth0 and the
+            # port-forward rule are not.
             wait_until(lambda: "tap tap0_psb" not in network.leftovers(netns), 10)
-            assert network.leftovers(netns) == ["ingress qdisc on eth0", "filter on eth0"]
+            assert network.leftovers(netns) == [
+                "port-forward rule",
+                "ingress qdisc on eth0",
+                "filter on eth0",
+            ]
             Pod.load(pod.root, "net-crash").destroy()
             assert network.leftovers(netns) == []
         finally:

@@ -76,7 +76,7 @@ def test_host_handshake_resends_a_lost_sync() -> None:
     thread.start()
     started = time.monotonic()
     assert host_handshake(host, timeout=10) == b"SETTINGS"
-    assert time.monotonic() - started < 3
+    assert time.monotonic() - started < 5  # the first resend, not the 10 s timeout
     thread.join()
     assert len(set(nonces)) == 2
 
