@@ -23,9 +23,9 @@ guest's root network namespace is the slirp NIC's); it never comes through here.
 
 Mount propagation. A mount with ``shared``/``rshared`` (Kubernetes ``Bidirectional``; the
 CRI plugin also sets ``linux.rootfsPropagation: rshared``) asks that mounts made in the
-container below it appear on the host. Host to container works (a host mount below a
-volume's source reaches the guest through the shared pod directory); container to host cannot
-cross the VM: those mounts live in the guest kernel. :func:`propagation_warnings` names each
+container below it appear on the host. Host to container works (the volume's clone in the
+pod's share is a slave of its source: sandbox/pod/hostfs.py ``bind_into``); container to host
+cannot cross the VM: those mounts live in the guest kernel. :func:`propagation_warnings` names each
 such mount; ``create`` logs them as warnings and carries on, as the mount still works inside
 the pod (docs/kubernetes.md).
 """
