@@ -59,7 +59,7 @@ def bundle(
         "ociVersion": "1.0.2",
         "process": {"args": ["sleep", "1000"], "cwd": "/"},
         "root": {"path": "rootfs"},
-        "linux": {"namespaces": [{"type": kind} for kind in namespaces]},
+        "linux": {"namespaces": [{"type": kind} for kind in namespaces]},  # mount: required
         "mounts": [
             {
                 "destination": "/data",
@@ -68,7 +68,6 @@ def bundle(
                 "options": list(volume_options),
             }
         ],
-        "linux": {"namespaces": [{"type": "mount"}]},  # what the guest requires
         "annotations": annotations or {},
     }
     (directory / "config.json").write_text(json.dumps(spec))
