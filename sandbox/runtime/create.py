@@ -45,7 +45,6 @@ def create(
     """
     state.validate_id(container_id)
     loaded = bundles.load(bundle.resolve())
-    refuse_host_namespaces(loaded.config)
     spec = loaded.spec
     hooks = oci_hooks.parse_hooks(loaded.config)
     terminal = spec.process.terminal
@@ -55,6 +54,7 @@ def create(
     state.validate_id(pod_id, "pod")
     privileged = bundles.privileged_files(spec.annotations)
     bundles.check_on_host(loaded, owns_pod=owns_pod)
+    refuse_host_namespaces(loaded.config)
     for message in propagation_warnings(loaded.config):
         if warn is not None:
             warn(message)
