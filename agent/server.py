@@ -10,6 +10,7 @@ import contextlib
 import os
 import platform
 import re
+import socket
 import threading
 from collections.abc import Callable, Iterator
 from concurrent import futures
@@ -375,6 +376,42 @@ class AgentService(pb_grpc.AgentServicer):
         return pb.ConfigureNetworkResponse(
             resolv_conf=outcome.resolv_conf, hosts=outcome.hosts, interfaces=outcome.interfaces
         )
+
+    def PortForward(
+        self, request_iterator: Iterator[pb.PortForwardRequest], context: grpc.ServicerContext
+    ) -> Iterator[pb.PortForwardResponse]:
+        from agent import portforward
+
+        first = next(request_iterator, None)
+        if first is None or not first.port:
+            _abort(context, grpc.StatusCode.INVALID_ARGUMENT, "the first request names no port")
+        stack = contextlib.ExitStack()
+        try:
+            stack.enter_context(portforward.slot())
+            sock = stack.enter_context(portforward.connect(first.port))
+        except portforward.PortForwardError as exc:
+            stack.close()
+            _abort(context, getattr(grpc.StatusCode, exc.code), str(exc))
+        with stack:
+            # The call ending (host cancel, deadline) wakes both directions up.
+            context.add_callback(lambda: _shutdown(sock))
+            if first.data:
+                with contextlib.suppress(OSError):
+                    sock.sendall(first.data)
+            threading.Thread(
+                target=portforward.feed,
+                args=((r.data for r in request_iterator), sock),
+                name="port-forward",
+                daemon=True,
+            ).start()
+            yield pb.PortForwardResponse(connected=True)
+            for data in portforward.drain(sock):
+                yield pb.PortForwardResponse(data=data)
+
+
+def _shutdown(sock: socket.socket) -> None:
+    with contextlib.suppress(OSError):
+        sock.shutdown(socket.SHUT_RDWR)
 
 
 @contextlib.contextmanager

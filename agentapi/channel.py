@@ -22,6 +22,7 @@ import os
 import re
 import socket
 import time
+from collections.abc import Callable
 
 from agentapi.limits import SYNC_WINDOW_BYTES
 
@@ -80,28 +81,53 @@ class SyncScanner:
         return None
 
 
-def host_handshake(sock: socket.socket, timeout: float) -> bytes:
+#: Seconds the host waits for an ACK before it sends a new SYNC; doubled after each resend.
+#: A SYNC can be lost: the guest relay drops what the port received while it reopens the
+#: port after a host disconnect (closing a virtio-console port discards its input), and a VM
+#: restored from a template sees exactly that disconnect as the first host connects. Not
+#: shorter: a restored guest on a loaded TCG host took up to 1.3 s to answer a SYNC it did
+#: get, and each needless resend costs the guest a session torn down and opened again.
+RESEND_AFTER = 2.0
+
+
+def host_handshake(
+    sock: socket.socket, timeout: float, on_resend: Callable[[float], None] | None = None
+) -> bytes:
     """Run the host side of the handshake on a connected socket.
 
-    Returns the bytes that arrived after the ACK line (the start of the guest's HTTP/2 stream),
-    which the caller must deliver before anything else read from ``sock``. Raises
+    Sends a SYNC with a fresh nonce, and another with a new nonce whenever no ACK came within
+    :data:`RESEND_AFTER` s (then twice that); only the ACK of the latest SYNC counts,
+    since the guest opens a new session for every SYNC it reads and answers each. Returns the
+    bytes that arrived after that ACK line (the start of the guest's HTTP/2 stream), which the
+    caller must deliver before anything else read from ``sock``. Raises
     :class:`HandshakeError` when no matching ACK arrives within ``timeout`` seconds, on EOF,
-    or after :data:`MAX_DISCARD_BYTES` of stale bytes.
+    or after :data:`MAX_DISCARD_BYTES` of stale bytes. ``on_resend`` is called with the
+    seconds waited so far before each SYNC after the first.
     """
-    nonce = new_nonce()
-    expected = ACK_PREFIX + nonce.encode() + b"\n"
-    deadline = time.monotonic() + timeout
-    try:
-        sock.sendall(sync_line(nonce))
-    except OSError as exc:
-        raise HandshakeError(f"agent channel closed during the handshake: {exc}") from exc
+    started = time.monotonic()
+    deadline = started + timeout
+    resend_after = RESEND_AFTER
     window = b""
     discarded = 0
+    expected = b""
+    resend_at = 0.0
     while True:
-        remaining = deadline - time.monotonic()
+        now = time.monotonic()
+        if now >= resend_at:
+            if expected and on_resend is not None:
+                on_resend(now - started)
+            nonce = new_nonce()
+            expected = ACK_PREFIX + nonce.encode() + b"\n"
+            try:
+                sock.sendall(sync_line(nonce))
+            except OSError as exc:
+                raise HandshakeError(f"agent channel closed during the handshake: {exc}") from exc
+            resend_at = now + resend_after
+            resend_after *= 2
+        remaining = deadline - now
         if remaining <= 0:
             raise HandshakeError(f"agent did not answer the channel handshake within {timeout:g}s")
-        sock.settimeout(remaining)
+        sock.settimeout(max(0.001, min(remaining, resend_at - now)))
         try:
             chunk = sock.recv(65536)
         except TimeoutError:

@@ -124,6 +124,23 @@ def _templates() -> Check:
     )
 
 
+def _port_forward() -> Check:
+    import shutil
+
+    found = shutil.which("iptables") or (
+        "/usr/sbin/iptables" if Path("/usr/sbin/iptables").exists() else None
+    )
+    if found:
+        return Check("port-forward", True, f"kubectl port-forward via {found}", required=False)
+    return Check(
+        "port-forward",
+        False,
+        "iptables missing: kubectl port-forward into pods will not connect",
+        "apt-get install iptables",
+        required=False,
+    )
+
+
 def _image() -> Check:
     try:
         image = find_image()
@@ -164,7 +181,9 @@ def _boot(root: Path) -> Check:
 
 def run_checks(boot: bool = False, root: Path | None = None) -> Report:
     """Run every check; with ``boot`` also boot a throwaway pod under ``root``."""
-    report = Report([_qemu(), _virtiofsd(), _accel(), _vsock(), _image(), _templates()])
+    report = Report(
+        [_qemu(), _virtiofsd(), _accel(), _vsock(), _port_forward(), _image(), _templates()]
+    )
     if boot and report.ok and root is not None:
         report.checks.append(_boot(root))
     return report

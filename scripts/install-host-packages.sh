@@ -5,6 +5,7 @@ set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
 runtime_pkgs=(qemu-system-x86 qemu-system-common python3 python3-venv python3-dev gcc make
               busybox-static iproute2 procps podman containerd
+              iptables                                 # kubectl port-forward (pod netns rule)
               skopeo)                                  # `pysandbox pull`: the registry client
 # tests of `pysandbox pull`: a real registry on loopback (htpasswd auth, TLS via openssl);
 # the file-semantics test: a static checker (gcc -static needs libc.a) compared with runc

@@ -105,7 +105,9 @@ def _run_bundle(args: argparse.Namespace) -> int:
             f"{PRIVILEGED_FILES_KEY}"
         )
     root = _root(args)
-    record = create.create(root, args.image, args.bundle, args.pid_file, args.console_socket)
+    record = create.create(
+        root, args.image, args.bundle, args.pid_file, args.console_socket, log.warner(args)
+    )
     start.start(root, args.image, warn=log.warner(args))
     if args.detach:
         return 0
@@ -122,7 +124,9 @@ def cmd_create(args: argparse.Namespace) -> int:
     from sandbox.runtime import create
 
     _undo_on_termination()
-    create.create(_root(args), args.id, args.bundle, args.pid_file, args.console_socket)
+    create.create(
+        _root(args), args.id, args.bundle, args.pid_file, args.console_socket, log.warner(args)
+    )
     return 0
 
 

@@ -11,7 +11,12 @@ Upstream it relays a private unix socket to QEMU's chardev socket, running the c
 handshake (:mod:`agentapi.channel`) on every new connection. The daemon exits when the VM's QEMU
 process (``--vm-pid``) is gone, so it never outlives its pod.
 
-Run as ``python -m sandbox.pod.agent_proxy --serial S --listen L --vm-pid P [--vsock CID]``.
+With ``--forward-fd N`` (a listening socket in the pod's network namespace) it also serves
+``kubectl port-forward``: each connection there is relayed to the guest over the same channel
+(:mod:`sandbox.pod.portforward`).
+
+Run as ``python -m sandbox.pod.agent_proxy --serial S --listen L --vm-pid P [--vsock CID]
+[--forward-fd N]``.
 """
 
 from __future__ import annotations
@@ -43,26 +48,32 @@ _HANDSHAKE_TIMEOUT = 10.0
 _CHUNK = 65536
 
 
-def start(directory: Path, vm_pid: int) -> int:
+def start(directory: Path, vm_pid: int, forward: socket.socket | None = None) -> int:
     """Start the agent proxy of the VM whose files are in ``directory``; its pid once ready.
 
     It serves ``directory/agent.sock`` and relays to QEMU's ``agent-serial.sock``; its log
-    is ``proxy.log``. AgentError if it does not report ready.
+    is ``proxy.log``. ``forward``, a listening socket in the pod's network namespace, is
+    handed to it for port forwarding (the caller keeps and closes its own copy). AgentError
+    if it does not report ready.
     """
+    argv = [
+        sys.executable,
+        "-m",
+        "sandbox.pod.agent_proxy",
+        "--listen",
+        str(directory / "agent.sock"),
+        "--serial",
+        str(directory / "agent-serial.sock"),
+        "--vm-pid",
+        str(vm_pid),
+    ]
+    if forward is not None:
+        argv += ["--forward-fd", str(forward.fileno())]
     log = open(directory / "proxy.log", "ab")  # noqa: SIM115 - handed to the child
     with log:
         proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "sandbox.pod.agent_proxy",
-                "--listen",
-                str(directory / "agent.sock"),
-                "--serial",
-                str(directory / "agent-serial.sock"),
-                "--vm-pid",
-                str(vm_pid),
-            ],
+            argv,
+            pass_fds=() if forward is None else (forward.fileno(),),
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=log,
@@ -141,7 +152,7 @@ class SerialRelay:
                 upstream = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
                 upstream.settimeout(_HANDSHAKE_TIMEOUT)
                 upstream.connect(str(self._serial_path))
-                leftover = host_handshake(upstream, _HANDSHAKE_TIMEOUT)
+                leftover = host_handshake(upstream, _HANDSHAKE_TIMEOUT, _resent)
                 if leftover:
                     client.sendall(leftover)
             except (OSError, HandshakeError) as exc:
@@ -155,6 +166,10 @@ class SerialRelay:
             back.join()
             client.close()
             upstream.close()
+
+
+def _resent(waited: float) -> None:
+    print(f"agent-proxy: no ACK after {waited:.1f}s: SYNC sent again", file=sys.stderr, flush=True)
 
 
 def _watch_vm(pid: int) -> None:
@@ -176,6 +191,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--serial", type=Path, help="QEMU chardev socket of the agent port")
     parser.add_argument("--vsock-cid", type=int, help="guest CID when the agent is on vsock")
     parser.add_argument("--vm-pid", type=int, required=True)
+    parser.add_argument("--forward-fd", type=int, help="port-forward listener (pod netns)")
     args = parser.parse_args(argv)
     signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
     threading.Thread(target=_watch_vm, args=(args.vm_pid,), daemon=True).start()
@@ -187,6 +203,12 @@ def main(argv: list[str] | None = None) -> None:
         threading.Thread(target=relay.serve_forever, daemon=True).start()
         upstream = f"unix:{relay_path}"
     channel = grpc.insecure_channel(upstream, options=GRPC_OPTIONS)
+    if args.forward_fd is not None:
+        from sandbox.pod.portforward import Forwarder
+
+        listener = socket.socket(fileno=args.forward_fd)
+        forwarder = Forwarder(listener, channel)
+        threading.Thread(target=forwarder.serve_forever, daemon=True).start()
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=64, thread_name_prefix="proxy"),
         handlers=[_Forwarder(channel)],

@@ -18,6 +18,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
+    import socket
+
     from hypervisor.base import Hypervisor
     from hypervisor.process import ProcessHandle
     from hypervisor.qemu_args import VMConfig
@@ -66,10 +68,14 @@ class Drivers(abc.ABC):
         ``locks``: where file locks are held (docs/file-semantics.md)."""
 
     @abc.abstractmethod
-    def start_proxy(self, directory: Path, vm_pid: int) -> ProcessHandle:
+    def start_proxy(
+        self, directory: Path, vm_pid: int, forward: socket.socket | None = None
+    ) -> ProcessHandle:
         """Start the agent proxy of the VM (VMM pid ``vm_pid``) whose sockets are in
-        ``directory``; it serves ``directory/agent.sock``. Returns once it is ready;
-        AgentError (nothing left running) when it does not become ready."""
+        ``directory``; it serves ``directory/agent.sock``, and port-forwarded connections
+        accepted on ``forward`` (a listener in the pod's network namespace; the caller
+        closes its copy). Returns once it is ready; AgentError (nothing left running) when it
+        does not become ready."""
 
     @abc.abstractmethod
     def terminate(self, name: str, process: ProcessHandle) -> None:
@@ -110,11 +116,13 @@ class HostDrivers(Drivers):
             locks=locks,
         )
 
-    def start_proxy(self, directory: Path, vm_pid: int) -> ProcessHandle:
+    def start_proxy(
+        self, directory: Path, vm_pid: int, forward: socket.socket | None = None
+    ) -> ProcessHandle:
         from hypervisor.process import ProcessHandle
         from sandbox.pod import agent_proxy
 
-        return ProcessHandle.of(agent_proxy.start(directory, vm_pid))
+        return ProcessHandle.of(agent_proxy.start(directory, vm_pid, forward))
 
     def terminate(self, name: str, process: ProcessHandle) -> None:
         process.terminate(timeout=TERMINATE_GRACE)

@@ -32,6 +32,7 @@ _libc.syscall.restype = ctypes.c_long
 
 MS_BIND = 0x1000
 MS_PRIVATE = 1 << 18
+MS_SLAVE = 1 << 19
 MS_SHARED = 1 << 20
 MNT_DETACH = 0x2
 
@@ -109,13 +110,20 @@ def _check_name(name: str) -> None:
         raise ValueError(f"invalid mountpoint name {name!r}")
 
 
-def bind_into(parent_fd: int, name: str, source_fd: int, readonly: bool) -> None:
+def bind_into(
+    parent_fd: int, name: str, source_fd: int, readonly: bool, from_host: bool = False
+) -> None:
     """Mount the tree of ``source_fd`` (a directory or file) at ``name`` in ``parent_fd``.
 
     ``name`` is created (it must not exist) without following symlinks. The tree (with its
     submounts) is cloned detached, made private, ``nosuid,nodev`` and read-only if
     ``readonly`` -- all before it is attached, so every copy the attach propagates (into
-    virtiofsd's namespace) carries those flags. OSError on failure (nothing left mounted).
+    virtiofsd's namespace) carries those flags. With ``from_host`` (a spec mount asking for
+    ``rslave``/``rshared``: Kubernetes HostToContainer, Bidirectional) the clone is a slave
+    instead of private: mounts the host makes below the source later reach the guest, with
+    the flags the host gave them, as under runc; nothing goes back (a slave never propagates
+    to its master, so clean-up cannot unmount the host's mounts). OSError on failure
+    (nothing left mounted).
     """
     _check_name(name)
     if stat.S_ISDIR(os.fstat(source_fd).st_mode):
@@ -125,13 +133,14 @@ def bind_into(parent_fd: int, name: str, source_fd: int, readonly: bool) -> None
         os.close(os.open(name, flags, 0o644, dir_fd=parent_fd))
     target_fd = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=parent_fd)
     try:
-        _attach(source_fd, target_fd, readonly)
+        _attach(source_fd, target_fd, readonly, MS_SLAVE if from_host else MS_PRIVATE)
     finally:
         os.close(target_fd)
 
 
-def _attach(source_fd: int, target_fd: int, readonly: bool) -> None:
-    """Clone the tree at ``source_fd``, flag it, attach it onto ``target_fd``'s inode."""
+def _attach(source_fd: int, target_fd: int, readonly: bool, propagation: int) -> None:
+    """Clone the tree at ``source_fd``, flag it (``propagation``: MS_PRIVATE or MS_SLAVE),
+    attach it onto ``target_fd``'s inode."""
     tree_fd = _check(
         _libc.syscall(
             _SYS_OPEN_TREE,
@@ -145,7 +154,7 @@ def _attach(source_fd: int, target_fd: int, readonly: bool) -> None:
         attr = _MountAttr(
             MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV | (MOUNT_ATTR_RDONLY if readonly else 0),
             0,
-            MS_PRIVATE,
+            propagation,
             0,
         )
         _check(

@@ -29,6 +29,7 @@ import functools
 import os
 import secrets
 import shutil
+import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -39,7 +40,7 @@ from hypervisor.process import ProcessHandle
 from hypervisor.qemu_args import Accelerator, NicConfig, VMConfig
 from hypervisor.virtiofsd import LockMode
 from sandbox import store as state
-from sandbox.errors import AgentError, ConfigError, StateError, TemplateError
+from sandbox.errors import AgentError, ConfigError, NetworkError, StateError, TemplateError
 from sandbox.pod import drivers as pod_drivers
 from sandbox.pod import hostfs, network, template
 from sandbox.pod import record as pod_record
@@ -190,7 +191,12 @@ class Pod:
                 return  # going away: a new proxy would only race its teardown
             proxy = self.process("proxy")
             if proxy is None or not proxy.alive():
-                self._remember("proxy", self.drivers.start_proxy(self.dir, qemu.pid))
+                forward = self._port_forward_listener()
+                try:
+                    self._remember("proxy", self.drivers.start_proxy(self.dir, qemu.pid, forward))
+                finally:
+                    if forward is not None:
+                        forward.close()
 
     # -- loading -----------------------------------------------------------------------------
 
@@ -327,6 +333,7 @@ class Pod:
         guest_network: network.NetworkConfig | None = None
         nics: tuple[NicConfig, ...] = ()
         tap_fds: tuple[int, ...] = ()
+        forward: socket.socket | None = None  # the port-forward listener (pod netns)
         if netns is not None:
             attached = network.attach(netns, self._remember_network)
             guest_network, tap_fds = attached.config, attached.tap_fds
@@ -336,6 +343,7 @@ class Pod:
             )
             if hostname:
                 guest_network = dataclasses.replace(guest_network, hostname=hostname)
+            forward = self._open_port_forward()
         elif user_network:
             self._remember_network({"mode": "user"})
             guest_network = network.user_network_config(hostname)
@@ -346,15 +354,17 @@ class Pod:
             boot = BootKind.COLD
             if template.enabled():
                 deadline = time.monotonic() + timeout
-                if self._restore(image, accel_name, memory_mib, timeout, nics):
+                if self._restore(image, accel_name, memory_mib, timeout, nics, forward):
                     boot = BootKind.RESTORED
                 else:
                     timeout = max(0.1, deadline - time.monotonic())  # one budget for the boot
             if boot is BootKind.COLD:
-                self._cold_start(image, accel_name, memory_mib, nics)
+                self._cold_start(image, accel_name, memory_mib, nics, forward)
         finally:
             for fd in tap_fds:
                 os.close(fd)  # QEMU holds the taps now; they vanish when it exits
+            if forward is not None:
+                forward.close()  # the proxy holds it now
         qemu = self.process("qemu")
         assert qemu is not None
         # 5. The agent: healthy, told it was restored, the share mounted, the network set.
@@ -392,7 +402,12 @@ class Pod:
         )
 
     def _cold_start(
-        self, image: Any, accel_name: Accelerator, memory_mib: int, nics: tuple[NicConfig, ...]
+        self,
+        image: Any,
+        accel_name: Accelerator,
+        memory_mib: int,
+        nics: tuple[NicConfig, ...],
+        forward: socket.socket | None = None,
     ) -> None:
         """Boot the VM from scratch (share and NICs on the command line) and let it run."""
         vm = self.drivers.hypervisor(
@@ -407,7 +422,7 @@ class Pod:
         )
         vm.start()
         self._remember("qemu", vm.handle)
-        self._remember("proxy", self.drivers.start_proxy(self.dir, vm.pid))
+        self._remember("proxy", self.drivers.start_proxy(self.dir, vm.pid, forward))
         vm.resume()
 
     def _restore(
@@ -417,6 +432,7 @@ class Pod:
         memory_mib: int,
         timeout: float,
         nics: tuple[NicConfig, ...],
+        forward: socket.socket | None = None,
     ) -> bool:
         """Start this pod's VM from the template for its machine (sandbox/pod/template.py).
 
@@ -446,7 +462,7 @@ class Pod:
             finally:
                 os.close(fd)
             self._remember("qemu", vm.handle)
-            self._remember("proxy", self.drivers.start_proxy(self.dir, vm.pid))
+            self._remember("proxy", self.drivers.start_proxy(self.dir, vm.pid, forward))
             vm.wait_incoming(timeout)
             loaded = True
             started = time.monotonic()
@@ -474,6 +490,40 @@ class Pod:
             self._forget("qemu", "proxy")
             return False
         return True
+
+    def _open_port_forward(self) -> socket.socket | None:
+        """Install the port-forward rule in the pod's network namespace and return the
+        listener the agent proxy serves (sandbox/pod/portforward.py); None, with a boot note,
+        when this host cannot have them (no iptables): the pod works without."""
+        from sandbox.pod import redirect
+
+        entry = self.record.network or {}
+        try:
+            nsfd = network.open_netns(Path(str(entry.get("netns"))))
+            try:
+                if network.identity(nsfd) != entry.get("identity"):
+                    raise NetworkError("the pod's network namespace was replaced")
+                network.in_netns(nsfd, redirect.add_redirect)
+            finally:
+                os.close(nsfd)
+        except (NetworkError, ConfigError) as exc:
+            self._note(f"kubectl port-forward unavailable: {exc}")
+            return None
+        return self._port_forward_listener()
+
+    def _port_forward_listener(self) -> socket.socket | None:
+        """A new port-forward listener in the pod's network namespace, for a proxy about to
+        start; None for a pod without one (or with a boot note when it cannot be made)."""
+        from sandbox.pod import portforward
+
+        entry = self.record.network
+        if not isinstance(entry, dict) or entry.get("mode") != "netns":
+            return None
+        try:
+            return portforward.listen(Path(str(entry.get("netns"))), str(entry.get("identity")))
+        except (NetworkError, ConfigError) as exc:
+            self._note(f"kubectl port-forward unavailable: {exc}")
+            return None
 
     def _note(self, text: str) -> None:
         """Append a line to the pod's boot notes (``boot.log`` in its directory)."""

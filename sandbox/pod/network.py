@@ -412,11 +412,13 @@ def detach(network: Any) -> None:
     it; a path that now names another namespace is left alone. NetworkError if something
     that exists could not be removed.
     """
+    from sandbox.pod import redirect
+
     if not isinstance(network, dict) or network.get("mode") != "netns":
         return
     links = [link for link in network.get("links") or [] if isinstance(link, dict)]
     path = Path(str(network.get("netns", "")))
-    if not links or not path.is_absolute():
+    if not path.is_absolute():
         return
     try:
         nsfd = open_netns(path)
@@ -425,7 +427,7 @@ def detach(network: Any) -> None:
     try:
         if identity(nsfd) != network.get("identity"):
             return
-        problems = in_netns(nsfd, lambda: _remove_links(links))
+        problems = in_netns(nsfd, lambda: _remove_links(links) + redirect.remove_redirect())
     finally:
         os.close(nsfd)
     if problems:
@@ -433,11 +435,14 @@ def detach(network: Any) -> None:
 
 
 def leftovers(netns: Path) -> list[str]:
-    """Our taps and any ingress qdiscs in ``netns`` (for tests and diagnostics)."""
+    """Our taps, any ingress qdiscs and our port-forward rule in ``netns`` (for tests and
+    diagnostics)."""
+    from sandbox.pod import redirect
+
     nsfd = open_netns(netns)
 
     def look() -> list[str]:
-        found = []
+        found = ["port-forward rule"] if redirect.redirect_present() else []
         with _netlink() as ipr:
             for link in ipr.get_links():
                 name = str(link.get_attr("IFLA_IFNAME"))

@@ -36,6 +36,10 @@ from sandbox.pod import guest_cgroup, hostfs
 from sandbox.pod.lifecycle import GUEST_SHARE, Pod
 
 _BIND_TYPES = {"bind", "rbind"}
+#: Mount options asking that host mounts below the source reach the container (runc honours
+#: them on the host side of the bind; Kubernetes HostToContainer is rslave, Bidirectional
+#: rshared).
+_FROM_HOST = frozenset({"slave", "rslave", "shared", "rshared"})
 #: The pod network in the guest: the root network namespace, where the agent (PID 1) runs.
 GUEST_POD_NETNS = "/proc/1/ns/net"
 
@@ -130,8 +134,12 @@ def share_container_files(
                 if not source.is_absolute():
                     source = bundle / source
                 source_fd = _open_source(source, "bind mount source", fds, held)
-                readonly = "ro" in (mount.get("options") or [])
-                mount["source"] = _share_volume(pod, shared_fd, container_id, source_fd, readonly)
+                options = mount.get("options") or []
+                readonly = "ro" in options
+                from_host = any(o in _FROM_HOST for o in options if isinstance(o, str))
+                mount["source"] = _share_volume(
+                    pod, shared_fd, container_id, source_fd, readonly, from_host
+                )
             _rewrite_namespaces(spec, guest_pids)
             guest_cgroup.resolve(spec)
             linux = spec.get("linux")
@@ -208,12 +216,20 @@ def _volume_lock(pod: Pod) -> Iterator[None]:
 
 
 def _share_volume(
-    pod: Pod, shared_fd: int, container_id: str, source_fd: int, readonly: bool
+    pod: Pod,
+    shared_fd: int,
+    container_id: str,
+    source_fd: int,
+    readonly: bool,
+    from_host: bool = False,
 ) -> str:
-    """Mount ``source_fd`` into the share once per pod and mode (unless it is already);
-    record ``container_id`` as a user; the guest path."""
+    """Mount ``source_fd`` into the share once per pod and mode (read-only or not, receiving
+    host mounts or not: :func:`hostfs.bind_into`) unless it is already; record
+    ``container_id`` as a user; the guest path."""
     info = os.fstat(source_fd)
     key = f"{info.st_dev:x}-{info.st_ino:x}-{'ro' if readonly else 'rw'}"
+    if from_host:
+        key += "-slave"
     users = pod.dir / "volume-users" / key
     volumes = pod.shared_dir / VOLUMES
     with _volume_lock(pod):
@@ -221,7 +237,7 @@ def _share_volume(
             volumes_fd = _volumes_dir(shared_fd)
             try:
                 _remove_entry(volumes_fd, key)  # a mountpoint left by an interrupted unshare
-                hostfs.bind_into(volumes_fd, key, source_fd, readonly)
+                hostfs.bind_into(volumes_fd, key, source_fd, readonly, from_host)
             finally:
                 os.close(volumes_fd)
         users.mkdir(parents=True, exist_ok=True)

@@ -11,6 +11,7 @@ started, then the prestart, createRuntime and createContainer hooks run on the h
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -21,6 +22,7 @@ from sandbox.runtime import hooks as oci_hooks
 from sandbox.runtime.delete import teardown
 from sandbox.runtime.pods import guest_pid_lookup, pod_lock
 from sandbox.runtime.record import ContainerRecord, Status
+from sandbox.runtime.vm_limits import propagation_warnings, refuse_host_namespaces
 
 if TYPE_CHECKING:
     from sandbox.pod.lifecycle import Pod
@@ -32,11 +34,14 @@ def create(
     bundle: Path,
     pid_file: Path | None = None,
     console_socket: Path | None = None,
+    warn: Callable[[str], None] | None = None,
 ) -> ContainerRecord:
     """Create a container (booting or joining its pod VM); leave it ``created``.
 
-    The bundle is judged before anything is created, booted or joined. On any later failure
-    everything this call started is undone and the id is free again.
+    The bundle is judged before anything is created, booted or joined, and so is what a VM
+    cannot give it (:mod:`sandbox.runtime.vm_limits`): host namespaces are refused; a mount
+    whose propagation cannot reach the host gets a ``warn``. On any later failure everything
+    this call started is undone and the id is free again.
     """
     state.validate_id(container_id)
     loaded = bundles.load(bundle.resolve())
@@ -49,6 +54,10 @@ def create(
     state.validate_id(pod_id, "pod")
     privileged = bundles.privileged_files(spec.annotations)
     bundles.check_on_host(loaded, owns_pod=owns_pod)
+    refuse_host_namespaces(loaded.config)
+    for message in propagation_warnings(loaded.config):
+        if warn is not None:
+            warn(message)
     # Only now the pod machinery (gRPC, QEMU): a refusal above costs a CLI start, no more.
     from sandbox.pod.lifecycle import Pod
     from sandbox.pod.record import PodStatus

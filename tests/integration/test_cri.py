@@ -3,33 +3,34 @@ runtime handler, and the whole pod runs in one VM.
 
 The CRI messages come from tests/integration/cri/cri_subset.proto (our own subset of
 k8s.io/cri-api runtime/v1, same package and field numbers); the stubs are generated into a
-temporary directory here, never committed. The pod uses the node's network (no CNI needed).
+temporary directory here, never committed. Pods get a pod network from a CNI bridge in a
+network namespace of the test's; pods asking for the node's namespaces are refused.
 """
 
 from __future__ import annotations
 
-import importlib
+import contextlib
+import json
+import os
 import re
+import socket
 import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import grpc
 import pytest
 
 from sandbox.pod.hostfs import mounts_below
-from tests.integration import containerd_env
+from tests.integration import containerd_env, cri_stubs, ws_portforward
 from tests.integration.containerd_env import HANDLER, IMAGE, Containerd
 from tests.integration.pods import PodFactory
 from tests.processes import processes_mentioning, wait_until
 
-PROTO_DIR = Path(__file__).resolve().parent / "cri"
 CRI_NAMESPACE = "k8s.io"
 POD_SUBNET = "10.250.77.0/24"
 GATEWAY = "10.250.77.1"  # the containerd namespace of the CRI plugin
@@ -54,29 +55,6 @@ class Cri:
         return self.daemon.runtime_root / CRI_NAMESPACE
 
 
-def _generate_stubs(out: Path) -> tuple[ModuleType, ModuleType]:
-    from grpc_tools import protoc  # type: ignore[import-untyped]
-
-    status = protoc.main(
-        [
-            "grpc_tools.protoc",
-            f"-I{PROTO_DIR}",
-            f"--python_out={out}",
-            f"--grpc_python_out={out}",
-            str(PROTO_DIR / "cri_subset.proto"),
-        ]
-    )
-    if status != 0:
-        raise RuntimeError(f"protoc failed on cri_subset.proto ({status})")
-    sys.path.insert(0, str(out))
-    try:
-        return importlib.import_module("cri_subset_pb2"), importlib.import_module(
-            "cri_subset_pb2_grpc"
-        )
-    finally:
-        sys.path.remove(str(out))
-
-
 @pytest.fixture(scope="module")
 def cri(
     request: pytest.FixtureRequest,
@@ -88,7 +66,7 @@ def cri(
     containerd runs in a network namespace of the test's: the "node" network of host-network
     pods, and where the CNI bridge for pod networks is set up (the host's is never touched).
     """
-    pb, pb_grpc = _generate_stubs(tmp_path_factory.mktemp("cri-stubs"))
+    pb, pb_grpc = cri_stubs.generate(tmp_path_factory.mktemp("cri-stubs"))
     with (
         containerd_env.network_namespace() as netns,
         containerd_env.running(
@@ -110,9 +88,13 @@ def cri(
             channel.close()
 
 
-def _pod_config(cri: Cri, name: str, network: int | None = None) -> Any:
+def _pod_config(
+    cri: Cri, name: str, network: int | None = None, pid: int | None = None, ipc: int | None = None
+) -> Any:
     pb = cri.pb
-    network = pb.NODE if network is None else network
+    network = pb.POD if network is None else network
+    pid = pb.CONTAINER if pid is None else pid
+    ipc = pb.POD if ipc is None else ipc
     uid = uuid.uuid4().hex
     log_dir = cri.log_dir / f"default_{name}_{uid}"
     log_dir.mkdir()
@@ -124,7 +106,7 @@ def _pod_config(cri: Cri, name: str, network: int | None = None) -> Any:
         linux=pb.LinuxPodSandboxConfig(
             cgroup_parent=f"/pysandbox-test/pod{uid}",
             security_context=pb.LinuxSandboxSecurityContext(
-                namespace_options=pb.NamespaceOption(network=network, pid=pb.CONTAINER, ipc=pb.POD)
+                namespace_options=pb.NamespaceOption(network=network, pid=pid, ipc=ipc)
             ),
         ),
     )
@@ -136,7 +118,7 @@ def _container_config(
     """``sh -c script`` in the busybox image; its own pid namespace unless ``pid`` (a CRI
     NamespaceMode: POD shares the sandbox's, as kubelet's shareProcessNamespace does)."""
     pb = cri.pb
-    network = pb.NODE if network is None else network
+    network = pb.POD if network is None else network
     pid = pb.CONTAINER if pid is None else pid
     return pb.ContainerConfig(
         metadata=pb.ContainerMetadata(name=name, attempt=0),
@@ -423,6 +405,221 @@ def test_pod_network_through_cni(cri: Cri) -> None:
     ).stdout
     names = sorted(line.split(":")[1].strip().split("@")[0] for line in links.splitlines())
     assert names == sorted(["lo", containerd_env.CNI_BRIDGE]), links
+
+
+@pytest.mark.parametrize(
+    ("namespace", "option"),
+    [("network", "hostNetwork"), ("ipc", "hostIPC"), ("pid", "hostPID")],
+)
+def test_host_namespace_pods_are_refused(cri: Cri, namespace: str, option: str) -> None:
+    """hostNetwork / hostIPC / hostPID cannot be VM-isolated: RunPodSandbox fails with the
+    option's name in the error kubelet shows (the runtime's message, which containerd's shim
+    reads from the --log file), before any VM boots, and nothing is left behind."""
+    pb, rt = cri.pb, cri.runtime
+    config = _pod_config(cri, f"host{namespace}", **{namespace: pb.NODE})
+    qemus_before = _qemu_processes(cri.runtime_root)
+    with pytest.raises(grpc.RpcError) as refused:
+        rt.RunPodSandbox(
+            pb.RunPodSandboxRequest(config=config, runtime_handler=HANDLER), timeout=180
+        )
+    details = refused.value.details()
+    assert f"{option} cannot be VM-isolated" in details, details
+    assert "OCI runtime create failed" in details and "Traceback" not in details, details
+    assert _qemu_processes(cri.runtime_root) == qemus_before
+    root = cri.runtime_root
+    assert wait_until(lambda: not processes_mentioning(str(root)), 20)
+    shims = f"-address {cri.daemon.address}"
+    assert wait_until(lambda: not processes_mentioning(shims), 20), processes_mentioning(shims)
+    assert list((root / "p").glob("*")) == [] and mounts_below(root) == []
+
+
+#: A pod that serves three ports: 8080 answers one line read ("got:<line>"), 8081 sends
+#: ``seq 1 200000`` (1.3 MB), then both close the connection; 8082 has no listener.
+FORWARD_SERVER = (
+    "seq 1 200000 > /tmp/big; "
+    "printf '#!/bin/sh\\nread line\\necho got:$line\\n' > /tmp/answer; "
+    "printf '#!/bin/sh\\ncat /tmp/big\\n' > /tmp/send; chmod +x /tmp/answer /tmp/send; "
+    "nc -ll -p 8080 -e /tmp/answer & nc -ll -p 8081 -e /tmp/send & exec sleep 1000"
+)
+SEQ_OUTPUT = "".join(f"{i}\n" for i in range(1, 200001)).encode()
+
+
+def _port_forward(
+    cri: Cri, pod_id: str, port: int, send: bytes = b""
+) -> ws_portforward.PortForward:
+    """kubectl's path: CRI PortForward gives a URL on containerd's streaming server (which
+    listens in containerd's network namespace, the test's), then a WebSocket to it."""
+    from sandbox.pod import network
+
+    url = cri.runtime.PortForward(
+        cri.pb.PortForwardRequest(pod_sandbox_id=pod_id, port=[port]), timeout=30
+    ).url
+    host, _, server_port = url.split("/")[2].rpartition(":")
+    nsfd = network.open_netns(Path("/run/netns") / cri.netns)
+    try:
+        sock = network.in_netns(
+            nsfd, lambda: socket.create_connection((host, int(server_port)), timeout=60)
+        )
+    finally:
+        os.close(nsfd)
+    forward = ws_portforward.open_port_forward(url, port, sock)
+    if send:
+        forward.send(send)
+    forward.read_all()
+    return forward
+
+
+@pytest.mark.parametrize("handler", [HANDLER, "runc"])
+def test_port_forward(cri: Cri, handler: str) -> None:
+    """kubectl port-forward to ports a container of a CNI-networked pod listens on: the
+    request reaches the server and its answer and close come back, a 1.3 MB answer arrives
+    intact, and a port nothing listens on ends in an error, under pysandbox as under runc
+    (containerd dials localhost:PORT in the pod's network namespace on the host)."""
+    pb, rt = cri.pb, cri.runtime
+    config = _pod_config(cri, f"pf{handler}")
+    pod_id = rt.RunPodSandbox(
+        pb.RunPodSandboxRequest(config=config, runtime_handler=handler), timeout=180
+    ).pod_sandbox_id
+    try:
+        cid = rt.CreateContainer(
+            pb.CreateContainerRequest(
+                pod_sandbox_id=pod_id,
+                config=_container_config(cri, "web", FORWARD_SERVER),
+                sandbox_config=config,
+            ),
+            timeout=120,
+        ).container_id
+        rt.StartContainer(pb.StartContainerRequest(container_id=cid), timeout=120)
+        listening = "netstat -ltn | grep -c ':808[01] '"
+        assert wait_until(lambda: _exec(cri, cid, "sh", "-c", listening).stdout == b"2\n", 30)
+
+        answer = _port_forward(cri, pod_id, 8080, send=b"ping\n")
+        assert (bytes(answer.data), bytes(answer.errors)) == (b"got:ping\n", b"")
+        started = time.monotonic()
+        big = _port_forward(cri, pod_id, 8081)
+        seconds = time.monotonic() - started
+        assert bytes(big.data) == SEQ_OUTPUT and bytes(big.errors) == b""
+        closed = _port_forward(cri, pod_id, 8082)
+        assert bytes(closed.data) == b""
+        assert b"8082" in bytes(closed.errors), bytes(closed.errors)
+        print(f"\n{handler}: {len(SEQ_OUTPUT)} bytes through port-forward in {seconds:.2f}s")
+        rt.StopContainer(pb.StopContainerRequest(container_id=cid, timeout=1), timeout=60)
+        rt.RemoveContainer(pb.RemoveContainerRequest(container_id=cid), timeout=60)
+    finally:
+        rt.StopPodSandbox(pb.StopPodSandboxRequest(pod_sandbox_id=pod_id), timeout=120)
+        rt.RemovePodSandbox(pb.RemovePodSandboxRequest(pod_sandbox_id=pod_id), timeout=120)
+    if handler == HANDLER:
+        _assert_pod_gone(cri, pod_id)
+
+
+@contextlib.contextmanager
+def _shared_directory(base: Path) -> Iterator[Path]:
+    """A directory that is a shared mount (containerd wants one for Bidirectional, and a
+    shared or slave one for HostToContainer); unmounted with all below it after."""
+    base.mkdir()
+    subprocess.run(["mount", "--bind", str(base), str(base)], check=True)
+    try:
+        subprocess.run(["mount", "--make-shared", str(base)], check=True)
+        yield base
+    finally:
+        for point in mounts_below(base):  # deepest first
+            subprocess.run(["umount", "-l", point], capture_output=True, timeout=30)
+
+
+@pytest.mark.parametrize("handler", [HANDLER, "runc"])
+def test_privileged_pod_propagation_and_modules(cri: Cri, tmp_path: Path, handler: str) -> None:
+    """A privileged container creates a bridge (the guest loads the module on demand, as the
+    node's kernel does under runc).
+
+    HostToContainer: a mount made on the host below the volume appears in the container,
+    as under runc. Bidirectional: under runc a mount made in the container appears on the
+    host; a VM cannot carry it there, so pysandbox keeps it in the pod and logs a warning
+    naming the mount (in the --log file containerd's shim reads); the mount still works in
+    the container."""
+    pb, rt = cri.pb, cri.runtime
+    with _shared_directory(tmp_path / "vol") as volume:
+        (volume / "h").mkdir()
+        (volume / "b").mkdir()
+        config = _pod_config(cri, f"prop{handler}")
+        config.linux.security_context.privileged = True
+        pod_id = rt.RunPodSandbox(
+            pb.RunPodSandboxRequest(config=config, runtime_handler=handler), timeout=180
+        ).pod_sandbox_id
+        try:
+            container = _container_config(cri, "prop", "exec sleep 1000")
+            container.linux.security_context.privileged = True
+            container.mounts.extend(
+                [
+                    pb.Mount(
+                        container_path="/hc",
+                        host_path=str(volume / "h"),
+                        propagation=pb.PROPAGATION_HOST_TO_CONTAINER,
+                    ),
+                    pb.Mount(
+                        container_path="/bi",
+                        host_path=str(volume / "b"),
+                        propagation=pb.PROPAGATION_BIDIRECTIONAL,
+                    ),
+                ]
+            )
+            cid = rt.CreateContainer(
+                pb.CreateContainerRequest(
+                    pod_sandbox_id=pod_id, config=container, sandbox_config=config
+                ),
+                timeout=120,
+            ).container_id
+            rt.StartContainer(pb.StartContainerRequest(container_id=cid), timeout=120)
+
+            bridge = _exec(cri, cid, "sh", "-c", "brctl addbr foobar && echo bridge-ok")
+            assert (bridge.exit_code, bridge.stdout) == (0, b"bridge-ok\n"), bridge
+
+            (volume / "h" / "sub").mkdir()
+            subprocess.run(
+                ["mount", "-t", "tmpfs", "-o", "size=1m", "hostside", str(volume / "h" / "sub")],
+                check=True,
+            )
+            (volume / "h" / "sub" / "f").write_text("from-host\n")
+            assert wait_until(
+                lambda: _exec(cri, cid, "cat", "/hc/sub/f").stdout == b"from-host\n", 30
+            ), _exec(cri, cid, "cat", "/hc/sub/f")
+
+            made = _exec(
+                cri,
+                cid,
+                "sh",
+                "-c",
+                "mkdir /bi/sub && mount -t tmpfs inside /bi/sub && echo made > /bi/sub/g && "
+                "cat /bi/sub/g",
+            )
+            assert (made.exit_code, made.stdout) == (0, b"made\n"), made
+            time.sleep(1)
+            seen_on_host = (volume / "b" / "sub" / "g").exists()
+            log = (
+                cri.daemon.base
+                / "state/io.containerd.runtime.v2.task"
+                / CRI_NAMESPACE
+                / cid
+                / "log.json"
+            )
+            if handler == "runc":
+                assert seen_on_host
+            else:
+                assert not seen_on_host
+                assert not os.path.ismount(volume / "b" / "sub")
+                warnings = [
+                    entry
+                    for entry in map(json.loads, log.read_text().splitlines())
+                    if entry["level"] == "warning"
+                ]
+                assert len(warnings) == 1, warnings
+                assert warnings[0]["msg"].startswith("mount /bi: rshared propagation"), warnings
+            rt.StopContainer(pb.StopContainerRequest(container_id=cid, timeout=1), timeout=60)
+            rt.RemoveContainer(pb.RemoveContainerRequest(container_id=cid), timeout=60)
+        finally:
+            rt.StopPodSandbox(pb.StopPodSandboxRequest(pod_sandbox_id=pod_id), timeout=120)
+            rt.RemovePodSandbox(pb.RemovePodSandboxRequest(pod_sandbox_id=pod_id), timeout=120)
+    if handler == HANDLER:
+        _assert_pod_gone(cri, pod_id)
 
 
 def _assert_pod_gone(cri: Cri, pod_id: str) -> None:

@@ -326,6 +326,7 @@ def test_cri_pod_through_the_cli_and_nothing_left_after_delete(
             left = network.leftovers(netns)
             assert "tap tap0_psb" in left and "ingress qdisc on eth0" in left
             assert "filter on eth0" in left
+            assert "port-forward rule" in left  # kubectl port-forward (sandbox/pod/portforward.py)
             shim_pid = json.loads(pysandbox(cli_root, "state", "crisb").stdout)["pid"]
             app_spec = in_pod_network(
                 busybox_spec("sh", "-c", f"ip -o addr show eth0; ping -c 2 -W 5 {PEER_ADDR}"),
@@ -364,9 +365,14 @@ def test_crash_then_destroy_leaves_nothing(pod_factory: PodFactory) -> None:
             assert qemu is not None
             os.kill(qemu.pid, signal.SIGKILL)
             assert qemu.wait(10)
-            # QEMU held the only fd of the tap: the tap is gone, the redirect on eth0 is not.
+            # QEMU held the only fd of the tap: the tap is gone, the redirect on eth0 and the
+            # port-forward rule are not.
             wait_until(lambda: "tap tap0_psb" not in network.leftovers(netns), 10)
-            assert network.leftovers(netns) == ["ingress qdisc on eth0", "filter on eth0"]
+            assert network.leftovers(netns) == [
+                "port-forward rule",
+                "ingress qdisc on eth0",
+                "filter on eth0",
+            ]
             Pod.load(pod.root, "net-crash").destroy()
             assert network.leftovers(netns) == []
         finally:

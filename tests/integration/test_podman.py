@@ -269,6 +269,34 @@ def test_a_command_that_cannot_run_exits_127_or_126(
     assert says in done.stderr and "Traceback" not in done.stderr, done.stderr
 
 
+@pytest.mark.parametrize(
+    ("flag", "says"),
+    [
+        ("--network=host", "--network host"),
+        ("--ipc=host", "--ipc host"),
+        ("--pid=host", "--pid host"),
+        ("--uts=host", "--uts host"),
+    ],
+)
+def test_host_namespaces_are_refused(podman: list[str], flag: str, says: str) -> None:
+    """A VM cannot share the node's namespaces: podman drops the entry from
+    linux.namespaces and pysandbox refuses the container with one line naming the option,
+    before a VM boots (under runc it would share the host's). Nothing is left: podman removes
+    the container and the runtime has no record of it."""
+    name = f"pysandbox-host-{flag.split('=')[0].strip('-')}"
+    done = pm(podman, "create", "--name", name, flag, IMAGE, "true")
+    assert done.returncode == 0, done.stderr
+    try:
+        cid = done.stdout.strip()
+        started = pm(podman, "start", name)
+        assert started.returncode != 0, started.stdout
+        assert "cannot be VM-isolated" in started.stderr and says in started.stderr, started.stderr
+        assert "Traceback" not in started.stderr
+        assert not (Path("/run/pysandbox") / cid).exists()
+    finally:
+        pm(podman, "rm", "-f", name)
+
+
 def test_kill_reports_signal_exit(podman: list[str]) -> None:
     name = "pysandbox-killed"
     assert pm(podman, "run", "-d", "--name", name, IMAGE, "sleep", "600").returncode == 0

@@ -437,10 +437,15 @@ def test_a_volume_source_swapped_after_the_check_is_not_followed(
 # -- clean-up must not take host mounts with it ------------------------------------------------
 
 
-def test_clean_up_never_unmounts_host_mounts_below_a_shared_source(tmp_path: Path) -> None:
+@pytest.mark.parametrize("propagation", [(), ("rslave",)], ids=["private", "rslave"])
+def test_clean_up_never_unmounts_host_mounts_below_a_shared_source(
+    tmp_path: Path, propagation: tuple[str, ...]
+) -> None:
     # On a host whose mounts propagate (systemd makes / shared), a bind of a volume joins the
     # source's peer group unless made private: unmounting its copy in the share would then
     # unmount the host's own mounts below the source. No VM needed: the share is a directory.
+    # A volume asking for host-to-container propagation (rslave) is a slave: host mounts made
+    # later reach the share; still nothing goes back.
     fake = Pod(tmp_path / "root", "fake", {})
     fake.shared_dir.mkdir(parents=True)
     hostfs.make_shared_mountpoint(fake.shared_dir)
@@ -451,11 +456,14 @@ def test_clean_up_never_unmounts_host_mounts_below_a_shared_source(tmp_path: Pat
         subprocess.run(["mount", "--make-shared", str(source)], check=True)
         with tmpfs_at(source / "sub", {"keep": "host mount\n"}):
             spec = busybox_spec("true")
-            spec["mounts"].append(volume(source, "/v"))
+            spec["mounts"].append(volume(source, "/v", *propagation))
             share_container_files(fake, "c", spec, tmp_path)
             shared = hostfs.mounts_below(fake.shared_dir / "c")
             shared += hostfs.mounts_below(fake.shared_dir / "_volumes")  # once per pod
             assert len(shared) == 3, shared  # rootfs, the volume and its submount
+            with tmpfs_at(source / "later", {"new": "mounted after the share\n"}):
+                later = hostfs.mounts_below(fake.shared_dir / "_volumes")
+                assert len(later) == (3 if propagation else 2), later
             unshare_container_files(fake, "c")
             assert hostfs.mounts_below(fake.shared_dir / "c") == []
             assert hostfs.mounts_below(fake.shared_dir / "_volumes") == []

@@ -21,6 +21,7 @@ naming the event in :attr:`FakeDrivers.fail` (e.g. ``fail["qemu.resume"] = QMPEr
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import threading
 import zlib
@@ -144,7 +145,9 @@ class FakeDrivers(Drivers):
         self.locks = locks
         return FakeFileServer(self, socket_path, shared_dir)
 
-    def start_proxy(self, directory: Path, vm_pid: int) -> ProcessHandle:
+    def start_proxy(
+        self, directory: Path, vm_pid: int, forward: socket.socket | None = None
+    ) -> ProcessHandle:
         self.record("proxy", "start")
         self.check("proxy.start")
         vm = next((v for v in self.vms if v.process is not None and v.pid == vm_pid), None)
@@ -225,9 +228,9 @@ class FakeVM(Hypervisor):
 
     def start(self, *, paused: bool = True) -> None:
         self._call("start", self.kind)
-        for _tag, socket in self.config.shares:
-            if not socket.exists():  # QEMU connects to the vhost-user socket at start
-                raise LaunchError(f"qemu for vm {self.config.name}: {socket} refused")
+        for _tag, sock_path in self.config.shares:
+            if not sock_path.exists():  # QEMU connects to the vhost-user socket at start
+                raise LaunchError(f"qemu for vm {self.config.name}: {sock_path} refused")
         self.config.console_log.write_text("fake console: booting\n")
         self.process = self.drivers.spawn("qemu")
 
@@ -394,7 +397,7 @@ class FakeMounts:
             self.drivers.record("mount", target)
             self.points.add(target)
 
-    def _attach(self, source_fd: int, target_fd: int, readonly: bool) -> None:
+    def _attach(self, source_fd: int, target_fd: int, readonly: bool, propagation: int) -> None:
         target = os.readlink(f"/proc/self/fd/{target_fd}")  # the inode the real code mounts on
         self.drivers.check("mount")
         self.drivers.record("mount", target)

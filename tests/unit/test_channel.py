@@ -56,6 +56,31 @@ def test_host_handshake_discards_stale_bytes() -> None:
     thread.join()
 
 
+def test_host_handshake_resends_a_lost_sync() -> None:
+    """A guest that lost the first SYNC (it reopened its port: a restored template VM)
+    answers the next one; the host takes only the ACK of its latest SYNC, well before the
+    timeout."""
+    host, guest = socket.socketpair()
+    nonces: list[str] = []
+
+    def fake_guest() -> None:
+        scanner = SyncScanner()
+        while len(nonces) < 2:
+            found = scanner.feed(guest.recv(4096))
+            if found is not None:
+                nonces.append(found[0])
+        # The first SYNC was "lost"; a late ACK of it must not be taken for the second's.
+        guest.sendall(ack_line(nonces[0]) + b"junk" + ack_line(nonces[1]) + b"SETTINGS")
+
+    thread = threading.Thread(target=fake_guest)
+    thread.start()
+    started = time.monotonic()
+    assert host_handshake(host, timeout=10) == b"SETTINGS"
+    assert time.monotonic() - started < 5  # the first resend, not the 10 s timeout
+    thread.join()
+    assert len(set(nonces)) == 2
+
+
 def test_host_handshake_times_out_on_silent_guest() -> None:
     host, _guest = socket.socketpair()
     with pytest.raises(HandshakeError, match="within"):

@@ -209,7 +209,8 @@ def hooked_bundle(
         "ociVersion": "1.0.2",
         "process": {"args": ["sleep", "1000"], "cwd": "/"},
         "root": {"path": "rootfs"},
-        "linux": {"namespaces": [{"type": "mount"}]},  # what the guest requires
+        # runc spec's set: a missing one would be the node's (refused, sandbox/runtime/vm_limits)
+        "linux": {"namespaces": [{"type": t} for t in ("pid", "network", "ipc", "uts", "mount")]},
         "annotations": annotations or {},
         "hooks": hooks_,
     }

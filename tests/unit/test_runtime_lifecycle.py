@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from hypervisor.errors import LaunchError
-from sandbox.errors import AgentError, NotFoundError, StateError
+from sandbox.errors import AgentError, ConfigError, NotFoundError, StateError
 from sandbox.pod.lifecycle import Pod
 from sandbox.pod.record import PodStatus
 from sandbox.runtime.create import create
@@ -42,7 +42,16 @@ def root(tmp_path: Path) -> Path:
     return tmp_path / "root"
 
 
-def bundle(tmp_path: Path, name: str, annotations: dict[str, str] | None = None) -> Path:
+ALL_NAMESPACES = ("pid", "network", "ipc", "uts", "mount")
+
+
+def bundle(
+    tmp_path: Path,
+    name: str,
+    annotations: dict[str, str] | None = None,
+    namespaces: tuple[str, ...] = ALL_NAMESPACES,
+    volume_options: tuple[str, ...] = ("rbind",),
+) -> Path:
     directory = tmp_path / "bundles" / name
     (directory / "rootfs").mkdir(parents=True)
     (directory / "volume").mkdir()
@@ -50,10 +59,15 @@ def bundle(tmp_path: Path, name: str, annotations: dict[str, str] | None = None)
         "ociVersion": "1.0.2",
         "process": {"args": ["sleep", "1000"], "cwd": "/"},
         "root": {"path": "rootfs"},
+        "linux": {"namespaces": [{"type": kind} for kind in namespaces]},  # mount: required
         "mounts": [
-            {"destination": "/data", "type": "bind", "source": "volume", "options": ["rbind"]}
+            {
+                "destination": "/data",
+                "type": "bind",
+                "source": "volume",
+                "options": list(volume_options),
+            }
         ],
-        "linux": {"namespaces": [{"type": "mount"}]},  # what the guest requires
         "annotations": annotations or {},
     }
     (directory / "config.json").write_text(json.dumps(spec))
@@ -247,3 +261,52 @@ def test_joining_a_pod_that_is_not_running(fake: FakeDrivers, root: Path, tmp_pa
     assert Pod.load(root, "pod").record.containers == ["sandbox"]
     delete(root, "sandbox", force=True)
     assert Pod.list(root) == [] and fake.alive() == []
+
+
+@pytest.mark.parametrize(
+    ("annotations", "dropped", "option"),
+    [
+        (SANDBOX, ("network", "uts"), "hostNetwork"),
+        (SANDBOX, ("ipc",), "hostIPC"),
+        (SANDBOX, ("pid",), "hostPID"),
+        (None, ("uts",), "--uts host"),
+        (MEMBER, ("ipc",), "hostIPC"),
+    ],
+)
+def test_host_namespaces_are_refused_before_anything_starts(
+    fake: FakeDrivers,
+    root: Path,
+    tmp_path: Path,
+    annotations: dict[str, str] | None,
+    dropped: tuple[str, ...],
+    option: str,
+) -> None:
+    """A spec that leaves out a namespace (the node's, for runc) is refused with the option's
+    name, before any VM boots or anything is recorded; for a pod's member as well."""
+    namespaces = tuple(kind for kind in ALL_NAMESPACES if kind not in dropped)
+    with pytest.raises(ConfigError, match="cannot be VM-isolated") as refused:
+        create(root, "c1", bundle(tmp_path, "c1", annotations, namespaces))
+    assert option in str(refused.value) and "\n" not in str(refused.value)
+    assert fake.events == [] and fake.alive() == []
+    assert_gone(root, "c1")
+    assert Pod.list(root) == []
+
+
+def test_shared_propagation_is_a_warning(fake: FakeDrivers, root: Path, tmp_path: Path) -> None:
+    warnings: list[str] = []
+    create(
+        root,
+        "c1",
+        bundle(tmp_path, "c1", volume_options=("rbind", "rshared")),
+        warn=warnings.append,
+    )
+    assert len(warnings) == 1 and warnings[0].startswith("mount /data: rshared propagation"), (
+        warnings
+    )
+    delete(root, "c1", force=True)
+    quiet: list[str] = []
+    create(
+        root, "c2", bundle(tmp_path, "c2", volume_options=("rbind", "rslave")), warn=quiet.append
+    )
+    assert quiet == []
+    delete(root, "c2", force=True)
