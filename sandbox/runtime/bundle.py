@@ -8,7 +8,8 @@ then checks what only the host can (:func:`check_on_host`):
 
 - ``root.path`` (relative to the bundle or absolute) is a directory;
 - every bind mount source (idem) exists;
-- every ``createRuntime`` hook, which runs on the host during ``create``, is an executable file;
+- every hook that ``create`` runs on the host (prestart, createRuntime, createContainer:
+  docs/hooks.md) is an executable file, so a missing one costs no VM;
 - ``linux.resources.cpu.cpus`` / ``mems`` name only CPUs and memory nodes a pod VM has;
 - a container that starts its own pod joins no other container's namespace by path (only the
   pod network's): there is no other container in a new VM.
@@ -132,9 +133,10 @@ def check_on_host(bundle: Bundle, *, owns_pod: bool) -> None:
     for i, mount in enumerate(spec.mounts):
         if mount.bind and not os.path.lexists(bundle.path / mount.source):
             raise bundle.refuse(f"mounts[{i}].source: {bundle.path / mount.source} does not exist")
-    for i, hook in enumerate(spec.hooks.get("createRuntime", ())):
-        if not (os.path.isfile(hook.path) and os.access(hook.path, os.X_OK)):
-            raise bundle.refuse(f"hooks.createRuntime[{i}].path: {hook.path} is not an executable")
+    for kind in ("prestart", "createRuntime", "createContainer"):  # run on the host by create
+        for i, hook in enumerate(spec.hooks.get(kind, ())):
+            if not (os.path.isfile(hook.path) and os.access(hook.path, os.X_OK)):
+                raise bundle.refuse(f"hooks.{kind}[{i}].path: {hook.path} is not an executable")
     check_guest_resources(spec.resources, "linux.resources", bundle.refuse)
     if owns_pod:
         for i, ns in enumerate(spec.namespaces):

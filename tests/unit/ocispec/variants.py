@@ -384,6 +384,12 @@ INVALID: tuple[Variant, ...] = (
         _set("hooks", {"createRuntime": [{"path": "/nonexistent-pysandbox-hook"}]}),
     ),
     Variant(
+        "createContainer hook missing",
+        "hooks.createContainer[0].path",
+        "is not an executable",
+        _set("hooks", {"createContainer": [{"path": "/nonexistent-pysandbox-hook"}]}),
+    ),
+    Variant(
         "hooks not a list",
         "hooks.createRuntime",
         "expected an array",
