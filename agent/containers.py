@@ -31,7 +31,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from agent import cgroup_layout, pid1, proctable
+from agent import cgroup_layout, pid1, proctable, share_view
 from ocispec.document import MAX_DOCUMENT_BYTES
 
 #: Largest spec CreateContainer takes: what the host accepts as config.json (1 MiB).
@@ -44,10 +44,42 @@ START_TIMEOUT = 60.0
 #: Exited execs whose status a WaitProcess has returned are forgotten once this many newer
 #: ones exist: a container probed by an exec every few seconds must not grow the agent forever.
 MAX_COLLECTED_EXECS = 256
+#: Removed container ids remembered to refresh the share's entries when one comes back.
+MAX_REMEMBERED_IDS = 1024
 _CHUNK = 64 * 1024
 #: Bytes a terminal may hold beyond what TIOCINQ counts when its process exits (the pty's
 #: flip buffer, not yet handed to the line discipline).
 _TTY_SLACK = 64 * 1024
+
+
+class Signal:
+    """A one-shot flag another thread may raise at any time, pollable as an eventfd.
+
+    :meth:`set` after :meth:`close` does nothing (a gRPC termination callback may run after
+    the reader it wakes has finished). Use as a context manager.
+    """
+
+    def __init__(self) -> None:
+        self.fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        self._lock = threading.Lock()
+        self._closed = False
+
+    def set(self) -> None:
+        with self._lock:
+            if not self._closed:
+                os.eventfd_write(self.fd, 1)
+
+    def close(self) -> None:
+        with self._lock:
+            if not self._closed:
+                self._closed = True
+                os.close(self.fd)
+
+    def __enter__(self) -> Signal:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()
 
 
 class ContainerError(Exception):
@@ -275,6 +307,8 @@ class ContainerManager:
         self._cgroup_parent = cgroup_parent
         self._layout = layout or cgroup_layout.Layout(cgroup_parent)
         self._containers: dict[str, Container] = {}
+        #: Ids removed in this guest (bounded): the share may still show their old entries.
+        self._removed: dict[str, None] = {}
         self._lock = threading.Lock()
 
     # -- helpers -----------------------------------------------------------------------------
@@ -418,6 +452,9 @@ class ContainerManager:
                 "INVALID_ARGUMENT", f"malformed oci spec: {exc}", "INVALID_SPEC"
             ) from exc
         rootfs = os.path.normpath(rootfs)
+        share_view.refresh(
+            share_view.host_paths(rootfs, spec, pid1.SHARE_ROOT), container_id in self._removed
+        )
         if not rootfs.startswith(pid1.SHARE_ROOT + "/") or not os.path.isdir(rootfs):
             raise ContainerError(
                 "INVALID_ARGUMENT", f"rootfs {rootfs!r} is not a directory under {pid1.SHARE_ROOT}"
@@ -665,9 +702,12 @@ class ContainerManager:
             return
         proc.release("stdin")
 
-    def read_stream(self, container_id: str, exec_id: str, which: str) -> Iterator[bytes]:
+    def read_stream(
+        self, container_id: str, exec_id: str, which: str, stop: int | None = None
+    ) -> Iterator[bytes]:
         """The stream's bytes until EOF, or until what the process wrote before it exited has
-        been read.
+        been read, or until ``stop`` (an fd, e.g. :attr:`Signal.fd`) becomes readable: then
+        the stream ends without reading further, leaving the bytes to a later reader.
 
         The process's exit ends the stream even when others (a background child that
         inherited stdout) still hold it open: once the exit is seen, the bytes then pending
@@ -686,13 +726,17 @@ class ContainerManager:
             poller.register(fd, select.POLLIN)
             if wake is not None:
                 poller.register(wake, select.POLLIN)
+            if stop is not None:
+                poller.register(stop, select.POLLIN)
             budget: int | None = None  # bytes left to read once the exit was seen
             while True:
+                if stop is not None and _poll_now(stop):
+                    return  # the caller is gone: leave the bytes to the next reader
                 if budget is None and proc.exited.is_set():
                     budget = _pending(fd, proc.terminal)
                 if budget is None:
                     if not any(ready == fd for ready, _ in poller.poll()):
-                        continue  # woken by the exit
+                        continue  # woken by the exit or by ``stop``
                 else:
                     events = _poll_now(fd)
                     if not events:
@@ -818,3 +862,6 @@ class ContainerManager:
         self._drop_overlay(container_id)
         with self._lock:
             self._containers.pop(container_id, None)
+            self._removed[container_id] = None
+            while len(self._removed) > MAX_REMEMBERED_IDS:
+                del self._removed[next(iter(self._removed))]

@@ -19,7 +19,7 @@ from typing import NoReturn
 import grpc
 
 from agent import pid1
-from agent.containers import START_TIMEOUT, ContainerError, ContainerManager
+from agent.containers import START_TIMEOUT, ContainerError, ContainerManager, Signal
 from agent.network import NetworkError, NetworkManager
 from agent.oci import syscalls
 from agentapi import failure
@@ -251,9 +251,13 @@ class AgentService(pb_grpc.AgentServicer):
     def _stream(
         self, request: pb.ProcessRef, context: grpc.ServicerContext, which: str
     ) -> Iterator[pb.Chunk]:
-        with _container_errors(context):
+        # A reader whose RPC ended (the host's proxy died, its session was torn down) must
+        # stop at once rather than take the next chunk for nobody: the reader of a later
+        # ReadStdout of the same process would never see it.
+        with _container_errors(context), Signal() as ended:
+            context.add_callback(ended.set)
             chunks = self._manager(context).read_stream(
-                request.container_id, request.exec_id, which
+                request.container_id, request.exec_id, which, stop=ended.fd
             )
             for data in chunks:
                 yield pb.Chunk(data=data)

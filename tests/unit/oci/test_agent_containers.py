@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from agent import pid1
-from agent.containers import Container, ContainerError, ContainerManager, Process
+from agent.containers import Container, ContainerError, ContainerManager, Process, Signal
 
 
 def _pipes_process() -> tuple[Process, int, int]:
@@ -72,6 +72,32 @@ def test_a_reader_that_stops_early_leaves_the_stream_for_the_next(tmp_path: Path
     for which in ("stdin", "stdout", "stderr"):
         proc.release(which)
     os.close(in_r)
+
+
+def test_a_reader_whose_rpc_ended_takes_nothing_more(tmp_path: Path) -> None:
+    """The host's proxy died while a reader was blocked: once its RPC ends (``stop``), the
+    next bytes go to the reader of the reconnected host, not to the dead one."""
+    before = _open_fds()
+    proc, in_r, out_w = _pipes_process()
+    manager = _manager(tmp_path, proc)
+    chunks: list[bytes] = []
+    with Signal() as ended:
+        old = threading.Thread(
+            target=lambda: chunks.extend(manager.read_stream("c1", "", "stdout", stop=ended.fd))
+        )
+        old.start()
+        time.sleep(0.1)  # blocked in poll()
+        ended.set()
+        old.join(5)
+        assert not old.is_alive(), "stop did not end the blocked reader"
+    ended.set()  # a late termination callback is harmless
+    os.write(out_w, b"two")
+    os.close(out_w)
+    assert chunks == []
+    assert list(manager.read_stream("c1", "", "stdout")) == [b"two"]
+    os.close(in_r)
+    proc.release_all()
+    assert _open_fds() == before
 
 
 def test_the_exit_ends_the_stream_while_a_background_child_holds_it(tmp_path: Path) -> None:
