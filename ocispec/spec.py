@@ -472,6 +472,15 @@ def _strings(value: object, where: str) -> list[str]:
     return [_str(item, f"{where}[{i}]") for i, item in enumerate(_list(value, where))]
 
 
+def _environment(value: object, where: str) -> list[str]:
+    """An ``env`` list: strings of the form KEY=value (process.env, a hook's env)."""
+    env = _strings(value, where)
+    for i, entry in enumerate(env):
+        if "=" not in entry or entry.startswith("=") or "\x00" in entry:
+            raise SpecError(f'{where}[{i}]: "{entry}" is not of the form KEY=value')
+    return env
+
+
 def _abspath(value: object, where: str) -> str:
     path = _str(value, where)
     if not path.startswith("/"):
@@ -546,10 +555,7 @@ def parse_process(value: object, where: str = "process") -> Process:
     args = _strings(proc.get("args"), f"{where}.args")
     if not args or not args[0]:
         raise SpecError(f"{where}.args: must not be empty")
-    env = _strings(proc.get("env"), f"{where}.env")
-    for i, entry in enumerate(env):
-        if "=" not in entry or entry.startswith("=") or "\x00" in entry:
-            raise SpecError(f'{where}.env[{i}]: "{entry}" is not of the form KEY=value')
+    env = _environment(proc.get("env"), f"{where}.env")
     cwd = _abspath(proc.get("cwd", "/") or "/", f"{where}.cwd")
     oom = proc.get("oomScoreAdj")
     profile = proc.get("seccomp")
@@ -800,7 +806,9 @@ def _cpuset_highest(text: str, where: str) -> int:
 
 def parse_hooks(value: object, where: str) -> dict[str, tuple[Hook, ...]]:
     """config.json ``hooks``: hook point -> hooks. Paths must be absolute (as the spec says
-    and runc finds out only when it runs one); a timeout, when given, above zero."""
+    and runc finds out only when it runs one); ``env`` entries KEY=value; a timeout, when
+    given, above zero. Both the host (prestart ... poststop) and the in-guest runtime
+    (startContainer) take their hooks from here."""
     result: dict[str, tuple[Hook, ...]] = {}
     hooks = _obj(value, where)
     for point in HOOK_NAMES:
@@ -815,7 +823,7 @@ def parse_hooks(value: object, where: str) -> dict[str, tuple[Hook, ...]]:
                 Hook(
                     _abspath(entry.get("path"), f"{at}.path"),
                     _strings(entry.get("args"), f"{at}.args"),
-                    _strings(entry.get("env"), f"{at}.env"),
+                    _environment(entry.get("env"), f"{at}.env"),
                     None if timeout is None else _int(timeout, f"{at}.timeout", 1, 1 << 31),
                 )
             )

@@ -27,6 +27,7 @@ from agent.oci.errors import HookError, SpecError
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from agent.oci.syscalls import Syscalls
+    from ocispec.spec import Hook
 
 KIND = "startContainer"
 #: The spec member with the state startContainer hooks receive (less status and pid).
@@ -37,24 +38,13 @@ QUOTED_OUTPUT = 200
 MAX_TIMEOUT = 24 * 3600
 
 
-class Hook:
-    """One hook: ``path`` (absolute), ``args`` (argv), ``env`` (None: inherit), ``timeout``."""
-
-    __slots__ = ("args", "env", "path", "timeout")
-
-    def __init__(self, path: str, args: list[str], env: list[str] | None, timeout: int) -> None:
-        self.path = path
-        self.args = args
-        self.env = env
-        self.timeout = timeout
-
-
 class StartHooks:
     """The startContainer hooks of a spec and the state they receive."""
 
     __slots__ = ("hooks", "state")
 
     def __init__(self, hooks: list[Hook], state: dict[str, object]) -> None:
+        """``hooks`` as :func:`ocispec.spec.parse_hooks` gave them, each with a timeout."""
         self.hooks = hooks
         self.state = state
 
@@ -72,18 +62,15 @@ class StartHooks:
         payload = json.dumps(ordered, separators=(",", ":")).encode()  # compact, as runc
         for index, hook in enumerate(self.hooks):
             name = f"{KIND} hook #{index} ({hook.path})"
+            timeout = hook.timeout or MAX_TIMEOUT  # parse() saw to it that it is set
             try:
                 status, out, err = sys.run_hook(
-                    hook.path,
-                    hook.args,
-                    env if hook.env is None else hook.env,
-                    payload,
-                    hook.timeout,
+                    hook.path, hook.args or [hook.path], hook.env or env, payload, timeout
                 )
             except OSError as exc:
                 raise HookError(f"{name} could not be run: {exc.strerror or exc}") from exc
             if status is None:
-                raise HookError(f"{name} ran past its timeout of {hook.timeout}s and was killed")
+                raise HookError(f"{name} ran past its timeout of {timeout}s and was killed")
             if status != 0:
                 raise HookError(f"{name} failed: {failure_text(status, out, err)}")
 
@@ -105,43 +92,21 @@ def failure_text(status: int, stdout: bytes, stderr: bytes) -> str:
     return ", ".join(parts)
 
 
-def parse(config: dict[str, object]) -> StartHooks | None:
-    """The startContainer hooks of a decoded config.json (None when there are none).
-    :class:`SpecError` names the field; other kinds are the host's and are ignored here."""
-    hooks = config.get("hooks")
-    if hooks is None:
+def parse(hooks: tuple[Hook, ...], state: object) -> StartHooks | None:
+    """The startContainer ``hooks`` of the spec (parsed and validated by
+    :func:`ocispec.spec.parse_hooks`) and the spec member :data:`STATE_KEY` (``state``); None
+    when there are none. :class:`SpecError` names the field: each hook needs the explicit
+    timeout the host gives it, at most :data:`MAX_TIMEOUT`."""
+    if not hooks:
         return None
-    if not isinstance(hooks, dict):
-        raise SpecError("hooks: expected an object")
-    entries = hooks.get(KIND)
-    if not entries:
-        return None
-    if not isinstance(entries, list):
-        raise SpecError(f"hooks.{KIND}: expected a list")
-    parsed = [_hook(entry, f"hooks.{KIND}[{i}]") for i, entry in enumerate(entries)]
-    state = config.get(STATE_KEY)
+    for i, hook in enumerate(hooks):
+        if hook.timeout is None or hook.timeout > MAX_TIMEOUT:
+            raise SpecError(
+                f"hooks.{KIND}[{i}].timeout: expected seconds in 1..{MAX_TIMEOUT}, "
+                f"got {hook.timeout!r}"
+            )
     if state is None:
         state = {}
     if not isinstance(state, dict):
         raise SpecError(f"{STATE_KEY}: expected an object")
-    return StartHooks(parsed, state)
-
-
-def _hook(entry: object, where: str) -> Hook:
-    if not isinstance(entry, dict):
-        raise SpecError(f"{where}: expected an object")
-    path = entry.get("path")
-    if not isinstance(path, str) or not path.startswith("/"):
-        raise SpecError(f"{where}.path: expected an absolute path, got {path!r}")
-    args = entry.get("args") or [path]
-    if not isinstance(args, list) or not all(isinstance(a, str) for a in args):
-        raise SpecError(f"{where}.args: expected a list of strings")
-    env = entry.get("env")
-    if env is not None and (
-        not isinstance(env, list) or not all(isinstance(e, str) and "=" in e for e in env)
-    ):
-        raise SpecError(f"{where}.env: expected a list of NAME=VALUE strings")
-    timeout = entry.get("timeout")
-    if isinstance(timeout, bool) or not isinstance(timeout, int) or not 0 < timeout <= MAX_TIMEOUT:
-        raise SpecError(f"{where}.timeout: expected seconds in 1..{MAX_TIMEOUT}, got {timeout!r}")
-    return Hook(path, list(args), list(env) if env else None, timeout)
+    return StartHooks(list(hooks), state)

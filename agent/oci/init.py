@@ -339,7 +339,9 @@ def run(
     try:
         decoded = document.decode(config)
         spec = spec_mod.parse_spec(decoded)
-        start_hooks = hooks_mod.parse(decoded)
+        start_hooks = hooks_mod.parse(
+            spec.hooks.get(hooks_mod.KIND, ()), decoded.get(hooks_mod.STATE_KEY)
+        )
         return create_container(sys, spec, sync, cgroup, cgroup_v1, start_hooks)
     except Exception as exc:
         return fail(sys, sync, exc)

@@ -46,7 +46,7 @@ def create(
     state.validate_id(container_id)
     loaded = bundles.load(bundle.resolve())
     spec = loaded.spec
-    hooks = oci_hooks.parse_hooks(loaded.config)
+    hooks = oci_hooks.parse_hooks(spec.hooks)
     terminal = spec.process.terminal
     if terminal and console_socket is None:
         raise ConfigError("process.terminal is true: --console-socket is required")

@@ -31,9 +31,10 @@ import signal
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from sandbox.errors import ConfigError, HookError
+from sandbox.errors import HookError
 
 if TYPE_CHECKING:
+    from ocispec.spec import Hook
     from sandbox.runtime.record import ContainerRecord
 
 #: Every kind, in the order of the lifecycle (runtime.md "Lifecycle", steps 3-5, 7, 9, 13).
@@ -54,52 +55,23 @@ GUEST_STATE_KEY = "pysandbox.hookState"
 Hooks = dict[str, list[dict[str, Any]]]
 
 
-def parse_hooks(spec: dict[str, Any]) -> Hooks:
-    """The ``hooks`` of config.json, checked and normalised: kind -> list of hooks, each with
-    ``path``, ``args``, ``env`` and ``timeout`` (an int, or None). Kinds without hooks are left
-    out; names that are not hook kinds are ignored (as runc does). ConfigError names the field.
-    """
-    raw = spec.get("hooks")
-    if raw is None:
-        return {}
-    if not isinstance(raw, dict):
-        raise ConfigError("config.json: hooks must be an object")
-    hooks: Hooks = {}
-    for kind in KINDS:
-        entries = raw.get(kind)
-        if entries is None:
-            continue
-        if not isinstance(entries, list):
-            raise ConfigError(f"config.json: hooks.{kind} must be a list")
-        parsed = [_parse_hook(entry, f"hooks.{kind}[{i}]") for i, entry in enumerate(entries)]
-        if parsed:
-            hooks[kind] = parsed
-    return hooks
-
-
-def _parse_hook(entry: object, where: str) -> dict[str, Any]:
-    if not isinstance(entry, dict):
-        raise ConfigError(f"config.json: {where} must be an object")
-    path = entry.get("path")
-    if not isinstance(path, str) or not os.path.isabs(path):
-        raise ConfigError(f"config.json: {where}.path must be an absolute path, got {path!r}")
-    args = entry.get("args")
-    if args is None or args == []:
-        args = [path]
-    if not isinstance(args, list) or not all(isinstance(a, str) for a in args):
-        raise ConfigError(f"config.json: {where}.args must be a list of strings")
-    env = entry.get("env") or []
-    if not isinstance(env, list) or not all(isinstance(e, str) and "=" in e for e in env):
-        raise ConfigError(f"config.json: {where}.env must be a list of NAME=VALUE strings")
-    timeout = entry.get("timeout")
-    if timeout is not None and (
-        isinstance(timeout, bool) or not isinstance(timeout, int) or timeout <= 0
-    ):
-        raise ConfigError(
-            f"config.json: {where}.timeout must be a number of seconds greater than zero, "
-            f"got {timeout!r}"
-        )
-    return {"path": path, "args": list(args), "env": list(env), "timeout": timeout}
+def parse_hooks(hooks: dict[str, tuple[Hook, ...]]) -> Hooks:
+    """The hooks ocispec parsed from config.json (``Spec.hooks``, validated there), as this
+    runtime keeps them in the container's record: kind -> list of hooks, each with ``path``,
+    ``args`` (``[path]`` when not given), ``env`` and ``timeout`` (an int, or None)."""
+    return {
+        kind: [
+            {
+                "path": hook.path,
+                "args": list(hook.args) or [hook.path],
+                "env": list(hook.env),
+                "timeout": hook.timeout,
+            }
+            for hook in entries
+        ]
+        for kind, entries in hooks.items()
+        if kind in KINDS and entries
+    }
 
 
 def state(record: ContainerRecord, status: str, pid: int | None) -> dict[str, Any]:

@@ -7,6 +7,7 @@ check what the host runner does with one hook: its stdin, argv, env, cwd, failur
 from __future__ import annotations
 
 import json
+import re
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,7 +15,9 @@ from typing import Any
 
 import pytest
 
-from sandbox.errors import AgentError, ConfigError, FailureReason, HookError
+from ocispec import spec
+from ocispec.errors import SpecError
+from sandbox.errors import AgentError, FailureReason, HookError
 from sandbox.pod.lifecycle import Pod
 from sandbox.runtime import hooks
 from sandbox.runtime.create import create
@@ -31,39 +34,42 @@ def _hook(script: str, *args: str, **extra: Any) -> dict[str, Any]:
     return {"path": SH, "args": ["sh", "-c", script, *args], "env": [], "timeout": None, **extra}
 
 
+def _parsed(raw: object) -> hooks.Hooks:
+    """config.json ``hooks`` as create reads them: ocispec validates, the runtime keeps."""
+    return hooks.parse_hooks(spec.parse_hooks(raw, "hooks"))
+
+
 def test_parse_normalises_and_keeps_only_hook_kinds() -> None:
-    spec = {
-        "hooks": {
-            "prestart": [{"path": "/bin/a"}],
-            "poststop": [{"path": "/bin/b", "args": ["b", "1"], "env": ["X=1"], "timeout": 3}],
-            "createRuntime": [],
-            "notAHook": [{"path": "relative"}],
-        }
+    raw = {
+        "prestart": [{"path": "/bin/a"}],
+        "poststop": [{"path": "/bin/b", "args": ["b", "1"], "env": ["X=1"], "timeout": 3}],
+        "createRuntime": [],
+        "notAHook": [{"path": "relative"}],
     }
-    assert hooks.parse_hooks(spec) == {
+    assert _parsed(raw) == {
         "prestart": [{"path": "/bin/a", "args": ["/bin/a"], "env": [], "timeout": None}],
         "poststop": [{"path": "/bin/b", "args": ["b", "1"], "env": ["X=1"], "timeout": 3}],
     }
-    assert hooks.parse_hooks({}) == {}
+    assert _parsed(None) == {}
 
 
 @pytest.mark.parametrize(
-    ("raw", "message"),
+    ("raw", "field"),
     [
-        ([], "hooks must be an object"),
-        ({"prestart": {}}, "hooks.prestart must be a list"),
-        ({"prestart": ["x"]}, "hooks.prestart[0] must be an object"),
-        ({"poststart": [{"path": "bin/x"}]}, "hooks.poststart[0].path must be an absolute path"),
-        ({"prestart": [{"path": "/x", "args": "x"}]}, "hooks.prestart[0].args must be a list"),
-        ({"prestart": [{"path": "/x", "env": ["X"]}]}, "hooks.prestart[0].env must be a list of"),
-        ({"prestart": [{"path": "/x", "timeout": 0}]}, "hooks.prestart[0].timeout must be a"),
-        ({"prestart": [{"path": "/x", "timeout": "5"}]}, "hooks.prestart[0].timeout must be a"),
-        ({"prestart": [{"path": "/x", "timeout": True}]}, "hooks.prestart[0].timeout must be a"),
+        ([], "hooks"),
+        ({"prestart": {}}, "hooks.prestart"),
+        ({"prestart": ["x"]}, "hooks.prestart[0]"),
+        ({"poststart": [{"path": "bin/x"}]}, "hooks.poststart[0].path"),
+        ({"prestart": [{"path": "/x", "args": "x"}]}, "hooks.prestart[0].args"),
+        ({"prestart": [{"path": "/x", "env": ["X"]}]}, "hooks.prestart[0].env[0]"),
+        ({"prestart": [{"path": "/x", "timeout": 0}]}, "hooks.prestart[0].timeout"),
+        ({"prestart": [{"path": "/x", "timeout": "5"}]}, "hooks.prestart[0].timeout"),
+        ({"prestart": [{"path": "/x", "timeout": True}]}, "hooks.prestart[0].timeout"),
     ],
 )
-def test_parse_names_the_bad_field(raw: object, message: str) -> None:
-    with pytest.raises(ConfigError, match=f"^config.json: {message}".replace("[", r"\[")):
-        hooks.parse_hooks({"hooks": raw})
+def test_parse_names_the_bad_field(raw: object, field: str) -> None:
+    with pytest.raises(SpecError, match="^" + re.escape(field) + ":"):
+        _parsed(raw)
 
 
 def test_a_hook_gets_the_state_argv_env_and_cwd(tmp_path: Path) -> None:
@@ -144,12 +150,10 @@ def test_a_hook_past_its_timeout_is_killed_with_its_children(tmp_path: Path) -> 
 
 
 def test_for_guest_keeps_only_start_container_hooks_with_explicit_timeouts() -> None:
-    parsed = hooks.parse_hooks(
+    parsed = _parsed(
         {
-            "hooks": {
-                "prestart": [{"path": "/host/x"}],
-                "startContainer": [{"path": "/bin/a"}, {"path": "/bin/b", "timeout": 3}],
-            }
+            "prestart": [{"path": "/host/x"}],
+            "startContainer": [{"path": "/bin/a"}, {"path": "/bin/b", "timeout": 3}],
         }
     )
     guest: dict[str, Any] = {"hooks": {"prestart": [{"path": "/host/x"}]}}
