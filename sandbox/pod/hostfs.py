@@ -111,12 +111,18 @@ def _check_name(name: str) -> None:
 
 
 def bind_into(
-    parent_fd: int, name: str, source_fd: int, readonly: bool, from_host: bool = False
+    parent_fd: int,
+    name: str,
+    source_fd: int,
+    readonly: bool,
+    from_host: bool = False,
+    recursive: bool = True,
 ) -> None:
     """Mount the tree of ``source_fd`` (a directory or file) at ``name`` in ``parent_fd``.
 
     ``name`` is created (it must not exist) without following symlinks. The tree (with its
-    submounts) is cloned detached, made private, ``nosuid,nodev`` and read-only if
+    submounts when ``recursive``, as ``rbind``; the source's own mount alone otherwise, as
+    ``bind``: mount(8)) is cloned detached, made private, ``nosuid,nodev`` and read-only if
     ``readonly`` -- all before it is attached, so every copy the attach propagates (into
     virtiofsd's namespace) carries those flags. With ``from_host`` (a spec mount asking for
     ``rslave``/``rshared``: Kubernetes HostToContainer, Bidirectional) the clone is a slave
@@ -133,20 +139,23 @@ def bind_into(
         os.close(os.open(name, flags, 0o644, dir_fd=parent_fd))
     target_fd = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=parent_fd)
     try:
-        _attach(source_fd, target_fd, readonly, MS_SLAVE if from_host else MS_PRIVATE)
+        _attach(source_fd, target_fd, readonly, MS_SLAVE if from_host else MS_PRIVATE, recursive)
     finally:
         os.close(target_fd)
 
 
-def _attach(source_fd: int, target_fd: int, readonly: bool, propagation: int) -> None:
-    """Clone the tree at ``source_fd``, flag it (``propagation``: MS_PRIVATE or MS_SLAVE),
-    attach it onto ``target_fd``'s inode."""
+def _attach(
+    source_fd: int, target_fd: int, readonly: bool, propagation: int, recursive: bool = True
+) -> None:
+    """Clone the tree at ``source_fd`` (with its submounts if ``recursive``), flag it
+    (``propagation``: MS_PRIVATE or MS_SLAVE), attach it onto ``target_fd``'s inode."""
+    depth = _AT_RECURSIVE if recursive else 0
     tree_fd = _check(
         _libc.syscall(
             _SYS_OPEN_TREE,
             ctypes.c_int(source_fd),
             b"",
-            ctypes.c_uint(_OPEN_TREE_CLONE | os.O_CLOEXEC | _AT_EMPTY_PATH | _AT_RECURSIVE),
+            ctypes.c_uint(_OPEN_TREE_CLONE | os.O_CLOEXEC | _AT_EMPTY_PATH | depth),
         ),
         "open_tree",
     )

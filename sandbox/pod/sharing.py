@@ -49,6 +49,13 @@ def _is_bind(mount: dict[str, Any]) -> bool:
     return mount.get("type") in _BIND_TYPES or "bind" in options or "rbind" in options
 
 
+def _is_recursive(mount: dict[str, Any]) -> bool:
+    """Whether a bind mount takes the source's submounts along: ``rbind`` (an option, or
+    the type) does, a plain ``bind`` does not (runc: MS_BIND without MS_REC; mount(8))."""
+    options = mount.get("options") or []
+    return mount.get("type") == "rbind" or "rbind" in options
+
+
 class HeldSources:
     """Host sources opened when they were checked, for a share made later (after a boot).
 
@@ -138,7 +145,13 @@ def share_container_files(
                 readonly = "ro" in options
                 from_host = any(o in _FROM_HOST for o in options if isinstance(o, str))
                 mount["source"] = _share_volume(
-                    pod, shared_fd, container_id, source_fd, readonly, from_host
+                    pod,
+                    shared_fd,
+                    container_id,
+                    source_fd,
+                    readonly,
+                    from_host,
+                    recursive=_is_recursive(mount),
                 )
             _rewrite_namespaces(spec, guest_pids)
             guest_cgroup.resolve(spec)
@@ -222,14 +235,17 @@ def _share_volume(
     source_fd: int,
     readonly: bool,
     from_host: bool = False,
+    recursive: bool = True,
 ) -> str:
     """Mount ``source_fd`` into the share once per pod and mode (read-only or not, receiving
-    host mounts or not: :func:`hostfs.bind_into`) unless it is already; record
-    ``container_id`` as a user; the guest path."""
+    host mounts or not, with submounts or not: :func:`hostfs.bind_into`) unless it is
+    already; record ``container_id`` as a user; the guest path."""
     info = os.fstat(source_fd)
     key = f"{info.st_dev:x}-{info.st_ino:x}-{'ro' if readonly else 'rw'}"
     if from_host:
         key += "-slave"
+    if not recursive:
+        key += "-norec"
     users = pod.dir / "volume-users" / key
     volumes = pod.shared_dir / VOLUMES
     with _volume_lock(pod):
@@ -237,7 +253,7 @@ def _share_volume(
             volumes_fd = _volumes_dir(shared_fd)
             try:
                 _remove_entry(volumes_fd, key)  # a mountpoint left by an interrupted unshare
-                hostfs.bind_into(volumes_fd, key, source_fd, readonly, from_host)
+                hostfs.bind_into(volumes_fd, key, source_fd, readonly, from_host, recursive)
             finally:
                 os.close(volumes_fd)
         users.mkdir(parents=True, exist_ok=True)

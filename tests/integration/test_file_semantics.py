@@ -215,6 +215,42 @@ def test_file_semantics_match_runc(places: dict[str, Place], fs_pod: Pod) -> Non
         assert not stale, f"documented as different but now the same: {stale}"
 
 
+def test_bind_leaves_submounts_behind_and_rbind_takes_them(
+    places: dict[str, Place], fs_pod: Pod
+) -> None:
+    """A host mount below a volume's source shows through ``rbind`` only: a plain ``bind``
+    shows the directory under it (mount(8); runc: MS_BIND without MS_REC), as under runc."""
+    script = "ls /b/sub; echo ==; ls /rb/sub"
+    outputs = {}
+    for name, place in places.items():
+        source = place.base / "submounts"
+        (source / "sub").mkdir(parents=True, exist_ok=True)
+        (source / "sub" / "under-the-mount").write_text("x")
+        subprocess.run(["mount", "-t", "tmpfs", "submount", str(source / "sub")], check=True)
+        try:
+            (source / "sub" / "on-the-mount").write_text("y")
+            spec = place.spec("sh", "-c", script)
+            for destination, option in (("/b", "bind"), ("/rb", "rbind")):
+                spec["mounts"].append(
+                    {
+                        "destination": destination,
+                        "type": "bind",
+                        "source": str(source),
+                        "options": [option, "ro"],
+                    }
+                )
+            if name == "runc":
+                ran = runc(place, spec, "submounts")
+                outputs[name] = (ran.returncode, ran.stdout, ran.stderr)
+            else:
+                got = in_pod(fs_pod, spec)
+                outputs[name] = (got.status, got.out, got.stderr)
+        finally:
+            subprocess.run(["umount", "-l", str(source / "sub")], check=False)
+    assert outputs["runc"][:2] == (0, "under-the-mount\n==\non-the-mount\n"), outputs["runc"]
+    assert outputs["pysandbox"][:2] == outputs["runc"][:2], outputs
+
+
 def test_supplementary_group_creates_in_setgid_dir(places: dict[str, Place], fs_pod: Pod) -> None:
     """Kubernetes fsGroup: uid 1002, gid 1003, additionalGids [1001] creates a file in a
     root:1001 2775 directory (rootfs and volume), owned 1002:1001 as with runc."""
