@@ -209,10 +209,6 @@ def _forward_signals(
         signal.signal(signum, handler)
 
 
-def _exit_file(root: Path, container_id: str, exec_id: str) -> Path:
-    return root / container_id / (f"exec-{exec_id}.exit" if exec_id else EXIT_FILE)
-
-
 def name_standin(root: Path, container_id: str, exec_id: str) -> Path | None:
     """Record this process as the host stand-in of exec ``exec_id`` (see
     :meth:`ContainerRecord.exec_standins`); the file to remove when it ends, or None when
@@ -358,10 +354,9 @@ def main(argv: list[str] | None = None) -> None:
     drain_deadline = time.monotonic() + DRAIN_TIMEOUT
     for each in relays:
         each.join(max(0.0, drain_deadline - time.monotonic()))
-    with contextlib.suppress(OSError):
-        state.write_json_atomic(
-            _exit_file(args.root, args.id, args.exec_id), {"status": status, "oom": oom}
-        )
+    if not args.exec_id:  # an exec's status is its stand-in's exit status: nothing to keep
+        with contextlib.suppress(OSError):
+            state.write_json_atomic(args.root / args.id / EXIT_FILE, {"status": status, "oom": oom})
     drop_standin(standin)
     _dismiss_watcher(watcher)
     os._exit(status)

@@ -350,6 +350,9 @@ def test_exec_argv_form_with_env_cwd_user_and_exit_status(life: Life) -> None:
     assert out.split("\n")[:4] == ["bar baz", "/tmp", "1000", "1001"]
     done = runtime("exec", cid, "sh", "-c", "echo to-stderr >&2; exit 7")
     assert done.returncode == 7 and done.stderr == "to-stderr\n"
+    # A container probed by an exec every few seconds for weeks must not fill its state dir.
+    leftovers = [p.name for p in (runtime.root / cid).iterdir() if p.name.startswith("exec-")]
+    assert not leftovers, leftovers
 
 
 def test_attached_exec_relays_signals(life: Life) -> None:
