@@ -16,8 +16,11 @@ the root directory an :class:`Unpacker` was given, whatever the tar contains:
 - Hardlink targets are looked up the same way (inside the root, never creating anything) and
   linked with ``linkat`` without ``AT_SYMLINK_FOLLOW``; a missing target is an error.
 - Character and block devices are skipped (the guest provides ``/dev``) and reported in
-  :attr:`Unpacker.notes`; FIFOs are created. Extended attributes are not kept (virtiofsd shares
-  the image without them).
+  :attr:`Unpacker.notes`; FIFOs are created. Extended attributes (PAX ``SCHILY.xattr.*``) are
+  kept for the names a container may use over virtio-fs -- ``user.*``, file capabilities
+  (``security.capability``, set after the owner: chown clears it) and POSIX ACLs, as
+  ``hypervisor.virtiofsd.CONTAINER_XATTR_MAP`` passes them; others (``trusted.*``, SELinux
+  labels) and those on links are counted in :attr:`Unpacker.notes`.
 - Owners are numeric ids from the tar (user and group *names* are ignored, never looked up on
   the host) and are applied only when running as root and only for ids in ``0..2**32-2``.
   Modes keep setuid/setgid/sticky bits: the store that holds unpacked images must therefore be
@@ -65,6 +68,16 @@ MAX_CACHED_DIRS = 256
 MAX_ID = 2**32 - 2
 WHITEOUT_PREFIX = ".wh."
 OPAQUE_WHITEOUT = ".wh..wh..opq"
+#: Extended attribute names kept from layers (prefixes): what a container sees over virtio-fs.
+KEPT_XATTRS = (
+    "user.",
+    "security.capability",
+    "system.posix_acl_access",
+    "system.posix_acl_default",
+)
+#: Largest attribute value set (the kernel's XATTR_SIZE_MAX).
+MAX_XATTR_BYTES = 65536
+_PAX_XATTR = "SCHILY.xattr."
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _NEW_FILE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 
@@ -549,7 +562,10 @@ class Unpacker:
                 "(the image store's filesystem refused chown); kept as root"
             )
         if self._xattrs:
-            notes.append(f"{self._xattrs} extended attribute(s) not kept (e.g. file capabilities)")
+            notes.append(
+                f"{self._xattrs} extended attribute(s) not kept (only user.*, file "
+                "capabilities and POSIX ACLs are, on files and directories)"
+            )
         return notes
 
     def apply(self, tar: tarfile.TarFile, what: str) -> None:
@@ -651,8 +667,10 @@ class Unpacker:
         ):
             self._unsupported.append(member.name)
             return
-        if member.pax_headers and any(k.startswith("SCHILY.xattr.") for k in member.pax_headers):
-            self._xattrs += sum(k.startswith("SCHILY.xattr.") for k in member.pax_headers)
+        xattrs = _xattrs_of(member)
+        if member.issym() or member.islnk() or member.isfifo():
+            self._xattrs += len(xattrs)  # a link has its target's; user.* is not for links
+            xattrs = {}
         dir_fd, real = self._parent(parent)
         key = "/".join([*real, name])
         existing = _lstat(dir_fd, name)
@@ -665,13 +683,19 @@ class Unpacker:
             self._dirs[key] = _DirMeta(
                 existing.st_ino, member.mode & 0o7777, self._owner(member), member.mtime
             )
+            if xattrs:
+                fd = os.open(name, _DIR_FLAGS, dir_fd=dir_fd)
+                try:
+                    self._set_xattrs(fd, xattrs)
+                finally:
+                    os.close(fd)
         elif member.islnk():
             self._hardlink(dir_fd, name, key, member, existing)
         else:
             if existing is not None:
                 self._remove(dir_fd, name, key, existing)
             if member.isreg():
-                self._regular(tar, member, dir_fd, name)
+                self._regular(tar, member, dir_fd, name, xattrs)
             elif member.issym():
                 os.symlink(member.linkname, name, dir_fd=dir_fd)
                 self._chown_at(dir_fd, name, member)
@@ -685,7 +709,12 @@ class Unpacker:
         self._created.add(key)
 
     def _regular(
-        self, tar: tarfile.TarFile, member: tarfile.TarInfo, dir_fd: int, name: str
+        self,
+        tar: tarfile.TarFile,
+        member: tarfile.TarInfo,
+        dir_fd: int,
+        name: str,
+        xattrs: dict[str, bytes],
     ) -> None:
         source = tar.extractfile(member)
         fd = os.open(name, _NEW_FILE_FLAGS, 0o600, dir_fd=dir_fd)
@@ -699,9 +728,24 @@ class Unpacker:
             if owner is not None:
                 self._chown(fd, owner)
             os.fchmod(fd, member.mode & 0o7777)
+            self._set_xattrs(fd, xattrs)  # after chown, which clears security.capability
             _set_times(fd, member.mtime)
         finally:
             os.close(fd)
+
+    def _set_xattrs(self, fd: int, xattrs: dict[str, bytes]) -> None:
+        """Set the extended attributes a container may see (:data:`KEPT_XATTRS`); the others,
+        and those the store's filesystem or our privileges refuse, are counted in ``notes``."""
+        for name, value in xattrs.items():
+            if not name.startswith(KEPT_XATTRS) or len(value) > MAX_XATTR_BYTES:
+                self._xattrs += 1
+                continue
+            try:
+                os.setxattr(fd, name, value)
+            except OSError as exc:
+                if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EINVAL, errno.E2BIG):
+                    raise
+                self._xattrs += 1
 
     def _hardlink(
         self,
@@ -849,6 +893,16 @@ class Unpacker:
             if exc.errno not in (errno.EPERM, errno.EINVAL):
                 raise
             self._chown_failures += 1
+
+
+def _xattrs_of(member: tarfile.TarInfo) -> dict[str, bytes]:
+    """A member's extended attributes: its ``SCHILY.xattr.NAME`` PAX records (the form
+    docker, buildah and containerd write), values as the bytes of the archive."""
+    return {
+        key[len(_PAX_XATTR) :]: value.encode("utf-8", "surrogateescape")
+        for key, value in (member.pax_headers or {}).items()
+        if key.startswith(_PAX_XATTR) and len(key) > len(_PAX_XATTR)
+    }
 
 
 def _lstat(dir_fd: int, name: str) -> os.stat_result | None:

@@ -397,7 +397,14 @@ class FakeMounts:
             self.drivers.record("mount", target)
             self.points.add(target)
 
-    def _attach(self, source_fd: int, target_fd: int, readonly: bool, propagation: int) -> None:
+    def _attach(
+        self,
+        source_fd: int,
+        target_fd: int,
+        readonly: bool,
+        propagation: int,
+        recursive: bool = True,
+    ) -> None:
         target = os.readlink(f"/proc/self/fd/{target_fd}")  # the inode the real code mounts on
         self.drivers.check("mount")
         self.drivers.record("mount", target)

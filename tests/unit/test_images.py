@@ -803,17 +803,44 @@ def test_device_nodes_are_reported(tmp_path: Path) -> None:
         ]
 
 
-def test_extended_attributes_are_reported_not_kept(tmp_path: Path) -> None:
+#: security.capability for cap_net_raw+ep (VFS_CAP_REVISION_2, effective; 20 bytes), as
+#: ``setcap cap_net_raw+ep`` writes it (Debian's ping carries it).
+NET_RAW_EP = b"\x01\x00\x00\x02" + (1 << 13).to_bytes(4, "little") + b"\x00" * 12
+
+
+def _pax(xattrs: dict[str, bytes]) -> dict[str, str]:
+    return {f"SCHILY.xattr.{k}": v.decode("utf-8", "surrogateescape") for k, v in xattrs.items()}
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="file capabilities need root (CAP_SETFCAP)")
+def test_file_capabilities_and_user_xattrs_are_kept_others_reported(tmp_path: Path) -> None:
+    """An image's ``ping`` with cap_net_raw+ep keeps it (as podman/containerd unpack it) even
+    though its owner is set after; trusted.* and xattrs on a symlink are only reported."""
     root = tmp_path / "root"
     root.mkdir()
-    capability = {"SCHILY.xattr.security.capability": "\x01\x00\x00\x02"}
+    ping = _pax({"security.capability": NET_RAW_EP, "user.note": b"\xffbinary"})
+    other = _pax({"trusted.overlay.opaque": b"y", "user.on-dir": b"d"})
     with image_unpack.Unpacker(root) as unpacker:
-        data = tar_of(reg("ping", b"elf", pax_headers=capability))
+        data = tar_of(
+            reg("bin/ping", b"elf", 0o755, pax_headers=ping, uid=1000, gid=1000),
+            dirent("etc", pax_headers=other),
+            (
+                _info(
+                    "p", tarfile.SYMTYPE, linkname="bin/ping", pax_headers=_pax({"user.x": b"1"})
+                ),
+                None,
+            ),
+        )
         with tarfile.open(fileobj=io.BytesIO(data)) as tar:
             unpacker.apply(tar, "layer 1/1")
         unpacker.finish()
-        assert unpacker.notes == ["1 extended attribute(s) not kept (e.g. file capabilities)"]
-    assert os.listxattr(root / "ping") == []
+        assert unpacker.notes == [
+            "2 extended attribute(s) not kept (only user.*, file capabilities and POSIX ACLs "
+            "are, on files and directories)"
+        ]
+    assert os.getxattr(root / "bin/ping", "security.capability") == NET_RAW_EP
+    assert os.getxattr(root / "bin/ping", "user.note") == b"\xffbinary"
+    assert os.listxattr(root / "etc") == ["user.on-dir"]
 
 
 def test_symlink_loops_and_files_as_directories_are_errors(
