@@ -26,11 +26,16 @@ from tests.integration.pods import PodFactory
 ROOT = Path(__file__).resolve().parents[2]
 RUNTIME = str(ROOT / ".venv" / "bin" / "pysandbox")
 IMAGE = "localhost/pysandbox-busybox:latest"
+#: ``lock_type = "file"``: locks under this podman's own tmp dir. The default shm locks live
+#: in one /dev/shm segment per host, so another podman with another --root running at the same
+#: time (a developer's, another test run) takes the same lock numbers ("acquiring lock 0 for
+#: container ...: file exists", then "container state improper").
 CONF = """[containers]
 default_ulimits = ["nofile=1024:1024"]
 [engine]
 cgroup_manager = "cgroupfs"
 events_logger = "file"
+lock_type = "file"
 """
 
 
