@@ -413,7 +413,9 @@ def test_exec_with_terminal_resize_and_stdin(shared_pod: Pod) -> None:
             box.client.resize(box.cid, "", 10, 10)
         script = "stty size; echo ready; read line; echo got $line; stty size; exit 4"
         _, out, _ = box.start_exec("tty", "sh", "-c", script, terminal=True, stdin=True)
-        assert b"30 90" not in out.wait_for(b"ready")
+        # The whole line: n_tty writes "ready" and its "\r\n" (ONLCR) in two steps, and the
+        # echo of input sent in between would land between them.
+        assert b"30 90" not in out.wait_for(b"ready\r\n")
         box.client.resize(box.cid, "tty", 30, 90)
         box.client.write_stdin(box.cid, "tty", b"hello\n")
         assert box.client.wait_process(box.cid, "tty", 60)[:2] == (4, 0)
