@@ -179,10 +179,32 @@ def _boot(root: Path) -> Check:
     )
 
 
+def _cgroups() -> Check:
+    """The host cgroup controllers a pod's VM is held in (docs/cgroups.md "Host cgroups")."""
+    from sandbox.pod import host_cgroup
+
+    ok, detail = host_cgroup.report()
+    fix = (
+        "mount the missing v1 controllers (mount -t cgroup -o memory cgroup "
+        "/sys/fs/cgroup/memory, likewise cpu) or, on cgroup v2, enable them in "
+        "/sys/fs/cgroup/cgroup.subtree_control"
+    )
+    return Check("host cgroups", ok, detail, fix)
+
+
 def run_checks(boot: bool = False, root: Path | None = None) -> Report:
     """Run every check; with ``boot`` also boot a throwaway pod under ``root``."""
     report = Report(
-        [_qemu(), _virtiofsd(), _accel(), _vsock(), _port_forward(), _image(), _templates()]
+        [
+            _qemu(),
+            _virtiofsd(),
+            _accel(),
+            _vsock(),
+            _port_forward(),
+            _image(),
+            _templates(),
+            _cgroups(),
+        ]
     )
     if boot and report.ok and root is not None:
         report.checks.append(_boot(root))

@@ -106,7 +106,13 @@ def _run_bundle(args: argparse.Namespace) -> int:
         )
     root = _root(args)
     record = create.create(
-        root, args.image, args.bundle, args.pid_file, args.console_socket, log.warner(args)
+        root,
+        args.image,
+        args.bundle,
+        args.pid_file,
+        args.console_socket,
+        log.warner(args),
+        systemd_cgroup=args.systemd_cgroup,
     )
     start.start(root, args.image, warn=log.warner(args))
     if args.detach:
@@ -125,7 +131,13 @@ def cmd_create(args: argparse.Namespace) -> int:
 
     _undo_on_termination()
     create.create(
-        _root(args), args.id, args.bundle, args.pid_file, args.console_socket, log.warner(args)
+        _root(args),
+        args.id,
+        args.bundle,
+        args.pid_file,
+        args.console_socket,
+        log.warner(args),
+        systemd_cgroup=args.systemd_cgroup,
     )
     return 0
 

@@ -36,7 +36,11 @@ def _global_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--root", type=Path, default=None, help="state directory")
     parser.add_argument("--log", type=Path, default=None, help="log file")
     parser.add_argument("--log-format", choices=["text", "json"], default="text")
-    parser.add_argument("--systemd-cgroup", action="store_true", help="accepted, ignored")
+    parser.add_argument(
+        "--systemd-cgroup",
+        action="store_true",
+        help='cgroupsPath is systemd\'s "slice:prefix:name" (docs/cgroups.md)',
+    )
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
 
 

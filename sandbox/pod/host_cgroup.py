@@ -559,6 +559,14 @@ def _join(d: Path) -> None:
         raise ConfigError(f"host cgroup: cannot join {d}: {exc.strerror or exc}") from None
 
 
+def _leave(placement: Placement) -> None:
+    """Move this process to the root cgroup of each hierarchy of the placement."""
+    for h in host_layout().hierarchies:
+        if any(d == str(h.mount) or d.startswith(str(h.mount) + "/") for d in placement.dirs):
+            with contextlib.suppress(ConfigError):
+                _join(h.mount)
+
+
 def pids(placement: Placement) -> set[int]:
     """The pids in any directory of the placement (and below it)."""
     found: set[int] = set()
@@ -574,6 +582,8 @@ def remove(placement: Placement, wait: float = EMPTY_WAIT) -> None:
     SIGKILL what is still there (only processes inside the pod's own cgroup), then remove the
     directories it created (the leaf, then parents it made that are empty) and stop the
     systemd scope. Idempotent. ConfigError naming a directory that could not be removed."""
+    if os.getpid() in pids(placement):  # e.g. the run's monitor removing its own pod
+        _leave(placement)
     deadline = time.monotonic() + wait
     while pids(placement) and time.monotonic() < deadline:
         time.sleep(0.05)

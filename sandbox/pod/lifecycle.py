@@ -42,6 +42,7 @@ from hypervisor.virtiofsd import LockMode
 from sandbox import store as state
 from sandbox.errors import AgentError, ConfigError, NetworkError, StateError, TemplateError
 from sandbox.pod import drivers as pod_drivers
+from sandbox.pod import host_cgroup as cgroups
 from sandbox.pod import hostfs, network, template
 from sandbox.pod import record as pod_record
 from sandbox.pod.agent_client import ContainerClient
@@ -127,6 +128,15 @@ class Pod:
         """The recorded process ``name`` (``qemu``, ``virtiofsd``, ``proxy``), if any."""
         return self.record.processes.get(name)
 
+    def host_cgroup(self) -> cgroups.Placement | None:
+        """The pod's host cgroup (docs/cgroups.md "Host cgroups"), None when it has none."""
+        return cgroups.Placement.from_json(self.record.host_cgroup)
+
+    def save_host_cgroup(self, placement: cgroups.Placement) -> None:
+        """Record ``placement`` (e.g. new container limits) in pod.json."""
+        self.record.host_cgroup = placement.to_json()
+        self.save()
+
     def locked(self) -> contextlib.AbstractContextManager[state.Lock]:
         """The pod's lock (:func:`sandbox.pod.record.lock`): hold it to change a record that
         other processes change too (members, the proxy); reload the record inside it."""
@@ -193,7 +203,9 @@ class Pod:
             if proxy is None or not proxy.alive():
                 forward = self._port_forward_listener()
                 try:
-                    self._remember("proxy", self.drivers.start_proxy(self.dir, qemu.pid, forward))
+                    with cgroups.inside(self.host_cgroup()):
+                        started = self.drivers.start_proxy(self.dir, qemu.pid, forward)
+                    self._remember("proxy", started)
                 finally:
                     if forward is not None:
                         forward.close()
@@ -226,6 +238,7 @@ class Pod:
         hostname: str = "",
         privileged_files: bool = False,
         locks: LockMode | None = None,
+        cgroup: tuple[cgroups.Request, cgroups.Placement] | None = None,
     ) -> Pod:
         """Boot a new pod VM and return once its agent is healthy and the share mounted.
 
@@ -239,7 +252,9 @@ class Pod:
         on the host: no device nodes, setuid/setgid bits or file capabilities (EPERM in the
         guest; docs/security.md). With it, the guest's root acts as the host's root on
         writable shares, as runc's containers do. ``locks`` (default :func:`lock_mode`) says
-        whether file locks are held in the guest or on the host files.
+        whether file locks are held in the guest or on the host files. ``cgroup`` (from
+        :func:`sandbox.pod.host_cgroup.plan`) is the host cgroup made (and recorded) before
+        anything is started; every process of the pod starts in it, and it goes with the pod.
 
         Raises StateError if the pod exists, ConfigError for a missing or invalid guest image
         or bad settings, AgentError/AgentTimeout if the agent is not reached (the error names
@@ -286,15 +301,19 @@ class Pod:
         try:
             pod.shared_dir.mkdir(mode=0o711)
             pod.save()
-            pod._start(
-                image,
-                chosen.chosen,
-                memory_mib,
-                timeout or boot_timeout(),
-                netns=netns,
-                user_network=user_network,
-                hostname=hostname,
-            )
+            placement = None
+            if cgroup is not None:
+                placement = pod._make_host_cgroup(*cgroup)
+            with cgroups.inside(placement):
+                pod._start(
+                    image,
+                    chosen.chosen,
+                    memory_mib,
+                    timeout or boot_timeout(),
+                    netns=netns,
+                    user_network=user_network,
+                    hostname=hostname,
+                )
         except BaseException as exc:
             kept = pod._keep_console_log()
             pod.destroy()
@@ -302,6 +321,19 @@ class Pod:
                 raise exc.amended(f"serial console log kept at {kept}") from exc
             raise
         return pod
+
+    def _make_host_cgroup(
+        self, req: cgroups.Request, placement: cgroups.Placement
+    ) -> cgroups.Placement:
+        """Make the pod's host cgroup with its limits, recorded first (``destroy`` removes
+        it, whatever step fails)."""
+        self.save_host_cgroup(placement)
+        try:
+            cgroups.make(placement, req)
+        finally:
+            self.save_host_cgroup(placement)
+        cgroups.apply(placement, cgroups.pod_limits(placement.containers))
+        return placement
 
     def _start(
         self,
@@ -609,6 +641,7 @@ class Pod:
         step(functools.partial(self._terminate, "virtiofsd"))
         step(self._remove_virtiofsd_pid_file)
         step(functools.partial(hostfs.unmount_tree, self.dir))
+        step(self._remove_host_cgroup)
         left = hostfs.mounts_below(self.dir)
         if left:
             failures.append(
@@ -619,6 +652,19 @@ class Pod:
             raise failures[0]
         shutil.rmtree(self.dir, ignore_errors=True)
         self.record.transition(PodStatus.STOPPED)
+
+    def _remove_host_cgroup(self) -> None:
+        """Remove the host cgroup the pod made, once the processes in it are gone (those
+        that linger, e.g. shims whose VM went, are killed: the cgroup holds only the pod's)."""
+        placement = self.host_cgroup()
+        if placement is None:
+            return
+        try:
+            cgroups.remove(placement)
+        finally:
+            self.record.host_cgroup = placement.to_json() if placement.created else None
+            with contextlib.suppress(OSError):
+                self.save()
 
     def _terminate(self, name: str) -> None:
         ref = self.process(name)

@@ -92,6 +92,8 @@ class PodRecord:
     privileged_files: bool = False
     #: Whether file locks are held on the host files (docs/file-semantics.md).
     remote_locks: bool = False
+    #: The pod's host cgroup (:meth:`sandbox.pod.host_cgroup.Placement.to_json`), or None.
+    host_cgroup: dict[str, Any] | None = None
     #: Keys of the file this version does not know, written back unchanged.
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -133,6 +135,8 @@ class PodRecord:
             data["remote_locks"] = True
         if self.network is not None:
             data["network"] = self.network
+        if self.host_cgroup is not None:
+            data["host_cgroup"] = self.host_cgroup
         if self.boot is not None:
             data["boot"] = self.boot.value
         return data
@@ -198,6 +202,9 @@ class PodRecord:
         remote_locks = data.pop("remote_locks", False)
         if not isinstance(remote_locks, bool):
             raise corrupt("remote_locks is not a boolean")
+        host_cgroup = data.pop("host_cgroup", None)
+        if host_cgroup is not None and not isinstance(host_cgroup, dict):
+            raise corrupt("host_cgroup is not an object")
         return cls(
             id=pod_id,
             status=status,
@@ -211,6 +218,7 @@ class PodRecord:
             containers=list(containers),
             privileged_files=privileged_files,
             remote_locks=remote_locks,
+            host_cgroup=host_cgroup,
             extra=data,
         )
 

@@ -43,6 +43,7 @@ from sandbox import store as state
 from sandbox.errors import NotFoundError, RunError, SandboxError, StateError
 from sandbox.image import pull as image_pull
 from sandbox.image import store as images
+from sandbox.pod import host_cgroup
 from sandbox.pod.lifecycle import Pod
 from sandbox.pod.sharing import HeldSources, unshare_container_files
 from sandbox.run.launch import boot_pod, create_in_pod
@@ -117,13 +118,15 @@ def _create(
         except BaseException:
             unshare_container_files(pod, name)
             raise
-        handle = _spawn_logging_shim(root, name, pod.agent_address, record.dir / LOG_NAME)
+        with host_cgroup.inside(pod.host_cgroup()):
+            handle = _spawn_logging_shim(root, name, pod.agent_address, record.dir / LOG_NAME)
         record.data["shim"] = handle.to_json()
         # The guest writes the log: bound it (the shim drops output beyond; EFBIG, not a kill).
         resource.prlimit(handle.pid, resource.RLIMIT_FSIZE, (log_limit, log_limit))
         record.set_status(Status.CREATED)
         start.start(root, name)
-        _spawn_monitor(root, name)
+        with host_cgroup.inside(pod.host_cgroup()):
+            _spawn_monitor(root, name)
     except BaseException:
         with contextlib.suppress(Exception):
             delete.delete(root, name, force=True)

@@ -13,6 +13,7 @@ from typing import Any
 
 from sandbox.errors import EXIT_RUNTIME, AgentError, CommandError, RunError
 from sandbox.image import store as images
+from sandbox.pod import host_cgroup
 from sandbox.pod.lifecycle import Pod
 from sandbox.pod.sharing import HeldSources, share_container_files
 from sandbox.run.spec import vm_memory_mib
@@ -23,9 +24,14 @@ CONTAINER_ID = "main"
 
 def boot_pod(root: Path, pod_id: str, args: argparse.Namespace, spec: dict[str, Any]) -> Pod:
     """Boot the VM of a run: memory sized for the spec's limit, the run's network and
-    hostname, files powerless on the host unless ``--privileged-files``. On failure nothing
+    hostname, files powerless on the host unless ``--privileged-files``; its host cgroup is
+    the spec's ``linux.cgroupsPath`` or, as runc's default, the pod id below this process's
+    cgroup, limited to the container's limits plus the VM's overhead. On failure nothing
     is left running (Pod.boot's contract)."""
     memory = spec["linux"]["resources"].get("memory")
+    req = host_cgroup.request(spec["linux"].get("cgroupsPath"), False, pod_id)
+    placement = host_cgroup.plan(req)
+    placement.containers[CONTAINER_ID] = host_cgroup.container_limits(spec["linux"]["resources"])
     return Pod.boot(
         root,
         pod_id,
@@ -33,6 +39,7 @@ def boot_pod(root: Path, pod_id: str, args: argparse.Namespace, spec: dict[str, 
         user_network=args.network == "user",
         hostname=str(spec.get("hostname") or ""),
         privileged_files=args.privileged_files,
+        cgroup=(req, placement),
     )
 
 

@@ -179,6 +179,13 @@ def pod_of(container_id: str, annotations: dict[str, str]) -> tuple[str, bool]:
     return str(sandbox_id), False
 
 
+def is_cri_sandbox(annotations: dict[str, str]) -> bool:
+    """Whether the container is a CRI pod's sandbox (pause) container: it stands for the pod
+    and asks for no resources of its own (its limits do not count in the pod's)."""
+    kind = next((annotations[k] for k in SANDBOX_TYPE_KEYS if k in annotations), None)
+    return kind == "sandbox"
+
+
 def privileged_files(annotations: dict[str, str]) -> bool:
     """The :data:`PRIVILEGED_FILES_KEY` annotation; ConfigError unless it is absent (True),
     "true" or "false"."""

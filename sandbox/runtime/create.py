@@ -13,10 +13,11 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from sandbox import store as state
 from sandbox.errors import ConfigError, NotFoundError, StateError
+from sandbox.pod import host_cgroup
 from sandbox.runtime import bundle as bundles
 from sandbox.runtime import hooks as oci_hooks
 from sandbox.runtime.delete import teardown
@@ -35,6 +36,7 @@ def create(
     pid_file: Path | None = None,
     console_socket: Path | None = None,
     warn: Callable[[str], None] | None = None,
+    systemd_cgroup: bool = False,
 ) -> ContainerRecord:
     """Create a container (booting or joining its pod VM); leave it ``created``.
 
@@ -42,6 +44,12 @@ def create(
     cannot give it (:mod:`sandbox.runtime.vm_limits`): host namespaces are refused; a mount
     whose propagation cannot reach the host gets a ``warn``. On any later failure everything
     this call started is undone and the id is free again.
+
+    Host cgroup (docs/cgroups.md "Host cgroups"): the sandbox container's
+    ``linux.cgroupsPath`` (the systemd form with ``systemd_cgroup``, runc's
+    ``--systemd-cgroup``) is judged before the VM boots and made with the pod; every host
+    process of the pod starts in it. Its limits are the pod's containers' plus the VM's
+    overhead, raised as containers join.
     """
     state.validate_id(container_id)
     loaded = bundles.load(bundle.resolve())
@@ -55,6 +63,8 @@ def create(
     privileged = bundles.privileged_files(spec.annotations)
     bundles.check_on_host(loaded, owns_pod=owns_pod)
     refuse_host_namespaces(loaded.config)
+    cgroup = _host_cgroup(loaded.config, container_id, owns_pod, systemd_cgroup)
+    limits = host_cgroup.container_limits(loaded.config.get("linux", {}).get("resources"))
     for message in propagation_warnings(loaded.config):
         if warn is not None:
             warn(message)
@@ -86,7 +96,11 @@ def create(
         with pod_lock(root, pod_id):
             if owns_pod:
                 # The pod's network namespace (CNI, podman) is carried into the VM.
-                pod = Pod.boot(root, pod_id, netns=netns, privileged_files=privileged)
+                if cgroup is not None and not bundles.is_cri_sandbox(spec.annotations):
+                    cgroup[1].containers[container_id] = limits
+                pod = Pod.boot(
+                    root, pod_id, netns=netns, privileged_files=privileged, cgroup=cgroup
+                )
             else:
                 try:
                     pod = Pod.load(root, pod_id)
@@ -100,6 +114,10 @@ def create(
                     )
             pod.record.containers.append(container_id)
             pod.save()
+            placement = pod.host_cgroup()
+            if placement is not None and not owns_pod:
+                host_cgroup.set_container(placement, container_id, limits)
+                pod.save_host_cgroup(placement)
         rootfs, guest_spec = share_container_files(
             pod, container_id, loaded.config, loaded.path, guest_pids=guest_pid_lookup(root, pod)
         )
@@ -114,9 +132,14 @@ def create(
                 rootfs,
                 overlay=spec.root_readonly,
             )
-        handle = shim.spawn(
-            root, container_id, pod.agent_address, terminal=terminal, console_socket=console_socket
-        )
+        with host_cgroup.inside(pod.host_cgroup()):
+            handle = shim.spawn(
+                root,
+                container_id,
+                pod.agent_address,
+                terminal=terminal,
+                console_socket=console_socket,
+            )
         record.data["shim"] = handle.to_json()
         record.save()
         run_create_hooks(record, hooks, handle.pid, spec.process.env)
@@ -127,6 +150,21 @@ def create(
         teardown(root, record, pod)
         raise
     return record
+
+
+def _host_cgroup(
+    config: dict[str, Any], container_id: str, owns_pod: bool, systemd: bool
+) -> tuple[host_cgroup.Request, host_cgroup.Placement] | None:
+    """The pod's host cgroup, judged on this host (ConfigError, before any VM boots); None
+    for a container joining a pod (it lives in its pod's)."""
+    if not owns_pod:
+        return None
+    linux = config.get("linux")
+    raw = linux.get("cgroupsPath") if isinstance(linux, dict) else None
+    if raw is not None and not isinstance(raw, str):
+        raise ConfigError("linux.cgroupsPath must be a string")
+    req = host_cgroup.request(raw, systemd, container_id)
+    return req, host_cgroup.plan(req)
 
 
 def run_create_hooks(

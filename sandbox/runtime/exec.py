@@ -105,14 +105,17 @@ def exec_process(
     with pod.client() as client:
         client.exec_process(container_id, exec_id, guest_document(process, "process"))
         if detach:
-            handle = shim.spawn(
-                root,
-                container_id,
-                pod.agent_address,
-                exec_id=exec_id,
-                terminal=terminal,
-                console_socket=console_socket,
-            )
+            from sandbox.pod import host_cgroup
+
+            with host_cgroup.inside(pod.host_cgroup()):
+                handle = shim.spawn(
+                    root,
+                    container_id,
+                    pod.agent_address,
+                    exec_id=exec_id,
+                    terminal=terminal,
+                    console_socket=console_socket,
+                )
             if pid_file is not None:
                 write_pid_file(pid_file, handle.pid)
             return 0
