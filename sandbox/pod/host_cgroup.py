@@ -530,14 +530,41 @@ def inside(placement: Placement | None) -> Iterator[None]:
         return
     back = placement.return_to or _own_dirs(placement)
     placement.return_to = []
+    _ENTERED.append((placement, back))
     try:
         for name in placement.dirs:
             _join(Path(name))
         yield
     finally:
+        _ENTERED.pop()
         for previous in back:
             with contextlib.suppress(ConfigError):
                 _join(previous)
+
+
+#: The placements :func:`inside` blocks of this process are in, innermost last, with the
+#: directories each returns to.
+_ENTERED: list[tuple[Placement, list[Path]]] = []
+
+
+@contextlib.contextmanager
+def outside() -> Iterator[None]:
+    """Run the block where this process was before the innermost :func:`inside` (no-op
+    outside any): for work a pod must not be charged with, such as building the template
+    VM that every later pod shares."""
+    if not _ENTERED:
+        yield
+        return
+    placement, back = _ENTERED[-1]
+    for previous in back:
+        with contextlib.suppress(ConfigError):
+            _join(previous)
+    try:
+        yield
+    finally:
+        for name in placement.dirs:
+            with contextlib.suppress(ConfigError):
+                _join(Path(name))
 
 
 def _own_dirs(placement: Placement) -> list[Path]:

@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 from hypervisor.process import ProcessHandle
 from hypervisor.qemu_args import Accelerator, NicConfig, VMConfig, build_argv
 from sandbox.errors import AgentError, TemplateError
+from sandbox.pod import host_cgroup
 
 if TYPE_CHECKING:
     from sandbox.pod.drivers import Drivers
@@ -151,9 +152,18 @@ def ensure(
         state_file = final / STATE_FILE
         with _locked(base / f"{name}.lock"):
             if not state_file.exists():
-                _build(
-                    image, accel, memory_mib, cmdline, timeout, base, final, drivers or current()
-                )
+                # Shared by every later pod: not charged to the host cgroup of this one.
+                with host_cgroup.outside():
+                    _build(
+                        image,
+                        accel,
+                        memory_mib,
+                        cmdline,
+                        timeout,
+                        base,
+                        final,
+                        drivers or current(),
+                    )
             os.utime(final)  # least recently used goes first in _prune
         _prune(base, keep=KEEP)
     except OSError as exc:

@@ -29,7 +29,9 @@ def boot_pod(root: Path, pod_id: str, args: argparse.Namespace, spec: dict[str, 
     cgroup, limited to the container's limits plus the VM's overhead. On failure nothing
     is left running (Pod.boot's contract)."""
     memory = spec["linux"]["resources"].get("memory")
-    req = host_cgroup.request(spec["linux"].get("cgroupsPath"), False, pod_id)
+    req = host_cgroup.request(
+        spec["linux"].get("cgroupsPath") or f"pysandbox/{pod_id}", False, pod_id
+    )
     placement = host_cgroup.plan(req)
     placement.containers[CONTAINER_ID] = host_cgroup.container_limits(spec["linux"]["resources"])
     return Pod.boot(
