@@ -60,7 +60,7 @@ V2_CONTROLLERS = ("memory", "cpu", "pids")
 #: Host memory of an idle pod beyond its containers' limits, bytes: QEMU (guest kernel, agent,
 #: TCG translation buffer), virtiofsd, the agent proxy and the shims, measured as the peak of
 #: the pod's host cgroup (docs/cgroups.md "The overhead"), rounded up with headroom.
-MEMORY_OVERHEAD = 320 * 2**20
+MEMORY_OVERHEAD = 448 * 2**20
 #: Host CPU of the VM beyond its containers' quota, thousandths of a CPU (docs/cgroups.md).
 CPU_OVERHEAD_MILLI = 250
 #: CFS period written with a quota, microseconds (runc's default).

@@ -44,8 +44,33 @@ def update(root: Path, container_id: str, resources: dict[str, Any]) -> None:
     except SpecError as exc:
         raise ConfigError(f"update: {exc.message}") from None
     bundles.check_guest_resources(parsed, "resources", lambda text: ConfigError(f"update: {text}"))
-    with load_pod(root, record.pod_id).client() as client:
+    pod = load_pod(root, record.pod_id)
+    with pod.client() as client:
         client.update_container(container_id, json.dumps(resources).encode())
+    _update_host_cgroup(root, record.pod_id, container_id, resources)
+
+
+def _update_host_cgroup(
+    root: Path, pod_id: str, container_id: str, resources: dict[str, Any]
+) -> None:
+    """Carry an update's memory limit and CPU quota into the pod's host cgroup (the pod's
+    totals: docs/cgroups.md "Host cgroups"); fields the update leaves out keep their value."""
+    from sandbox.pod import host_cgroup
+    from sandbox.runtime.pods import pod_lock
+
+    with pod_lock(root, pod_id):
+        pod = load_pod(root, pod_id)
+        placement = pod.host_cgroup()
+        if placement is None or container_id not in placement.containers:
+            return  # no host cgroup, or a CRI sandbox container (it counts for nothing)
+        given = host_cgroup.container_limits(resources)
+        merged = dict(placement.containers[container_id])
+        if isinstance(resources.get("memory"), dict) and "limit" in resources["memory"]:
+            merged["memory"] = given["memory"]
+        if isinstance(resources.get("cpu"), dict) and "quota" in resources["cpu"]:
+            merged["cpu_milli"] = given["cpu_milli"]
+        host_cgroup.set_container(placement, container_id, merged)
+        pod.save_host_cgroup(placement)
 
 
 def processes(root: Path, container_id: str) -> list[int]:
