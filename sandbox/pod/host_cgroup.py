@@ -443,6 +443,20 @@ def make(placement: Placement, req: Request, *, systemd_running: bool | None = N
 
 
 def _make_dir(target: Path, placement: Placement) -> None:
+    """mkdir -p, recording what it made; retried when a parent vanishes meanwhile (another
+    pod removing the parent it had made)."""
+    for attempt in range(3):
+        try:
+            _make_dirs(target, placement)
+            return
+        except FileNotFoundError:
+            if attempt == 2:
+                raise ConfigError(
+                    f"cgroupsPath: cannot create cgroup {target}: its parent keeps vanishing"
+                ) from None
+
+
+def _make_dirs(target: Path, placement: Placement) -> None:
     missing: list[Path] = []
     probe = target
     while not probe.exists():
@@ -455,7 +469,14 @@ def _make_dir(target: Path, placement: Placement) -> None:
             _enable_controllers(d.parent)
         try:
             d.mkdir()
-        except FileExistsError:
+        except (FileExistsError, FileNotFoundError):
+            if not d.is_dir() and not d.parent.exists():
+                raise FileNotFoundError(d) from None
+            if not d.is_dir():
+                raise ConfigError(
+                    f"cgroupsPath: cannot create cgroup {d}: a file of that name exists; give "
+                    "a cgroupsPath below a cgroup directory"
+                ) from None
             continue
         except OSError as exc:
             raise ConfigError(
