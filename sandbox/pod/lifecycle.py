@@ -314,6 +314,11 @@ class Pod:
                     user_network=user_network,
                     hostname=hostname,
                 )
+            if placement is not None:
+                # Only now: restoring a template reads (so allocates) all guest RAM for a
+                # moment before its zero pages are given back (hypervisor/zeropages.py); a
+                # limit during the boot would OOM-kill that QEMU (docs/cgroups.md).
+                cgroups.apply(placement, cgroups.pod_limits(placement.containers))
         except BaseException as exc:
             kept = pod._keep_console_log()
             pod.destroy()
@@ -325,14 +330,13 @@ class Pod:
     def _make_host_cgroup(
         self, req: cgroups.Request, placement: cgroups.Placement
     ) -> cgroups.Placement:
-        """Make the pod's host cgroup with its limits, recorded first (``destroy`` removes
-        it, whatever step fails)."""
+        """Make the pod's host cgroup, recorded first (``destroy`` removes it, whatever step
+        fails); its limits are written once the VM runs."""
         self.save_host_cgroup(placement)
         try:
             cgroups.make(placement, req)
         finally:
             self.save_host_cgroup(placement)
-        cgroups.apply(placement, cgroups.pod_limits(placement.containers))
         return placement
 
     def _start(
