@@ -266,12 +266,12 @@ def test_podman_memory_like_runc(podman: list[str]) -> None:  # noqa: F811 (the 
     """podman --memory 64m: runc's conmon pid-file pid has 64 MiB; ours (same cgroup path
     shape, libpod_parent/libpod-ID) has 64 MiB plus the VM's overhead; rm leaves none."""
     runc = [*podman[:-2], "--runtime", "runc"]
+    # runc cannot set podman's default RLIMIT_NPROC/NOFILE here (no CAP_SYS_RESOURCE).
+    flags = ["--memory", "64m", "--ulimit", "nproc=1000:1000", "--ulimit", "nofile=1024:1024"]
     seen: dict[str, tuple[str, int, Path]] = {}
     for kind, cmd in (("runc", runc), ("pysandbox", podman)):
         name = f"hcg-{kind}"
-        done = pm(
-            cmd, "run", "-d", "--name", name, "--memory", "64m", PODMAN_IMAGE, "sleep", "1000"
-        )
+        done = pm(cmd, "run", "-d", "--name", name, *flags, PODMAN_IMAGE, "sleep", "1000")
         assert done.returncode == 0, done.stderr
         try:
             cid = done.stdout.strip()
