@@ -10,18 +10,26 @@ is gone after its removal, runc's too.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import grpc
 import pytest
 
 from sandbox.pod import host_cgroup
 from tests.integration import containerd_env
-from tests.integration.containerd_env import IMAGE, RUNTIME, Containerd
+from tests.integration.containerd_env import HANDLER, IMAGE, RUNTIME, Containerd
 from tests.integration.pods import PodFactory
+from tests.integration.test_cri import (  # noqa: F401 (cri: a fixture)
+    Cri,
+    _container_config,
+    _pod_config,
+    cri,
+)
 from tests.integration.test_podman import IMAGE as PODMAN_IMAGE
 from tests.integration.test_podman import pm, podman  # noqa: F401 (a fixture)
 from tests.processes import processes_mentioning, wait_until
@@ -287,3 +295,51 @@ def test_podman_memory_like_runc(podman: list[str]) -> None:  # noqa: F811 (the 
     assert seen["runc"][0].rsplit("/", 1)[0] == seen["pysandbox"][0].rsplit("/", 1)[0]
     assert seen["runc"][1] == LIMIT
     assert seen["pysandbox"][1] == LIMIT + host_cgroup.MEMORY_OVERHEAD
+
+
+def test_cri_pod_lands_under_its_cgroup_parent(cri: Cri) -> None:  # noqa: F811
+    """A CRI pod with a cgroup parent (kubelet's /kubepods/...pod<uid>): the VM lands in
+    ``<parent>/<sandbox id>``, as runc puts the pause container; the limit appears when
+    the app container asks for one (the pause container counts for nothing); removal takes
+    every cgroup the pod made."""
+    pb, rt = cri.pb, cri.runtime
+    config = _pod_config(cri, "hostcg")
+    parent = config.linux.cgroup_parent
+    pod_id = rt.RunPodSandbox(
+        pb.RunPodSandboxRequest(config=config, runtime_handler=HANDLER), timeout=180
+    ).pod_sandbox_id
+    removed = False
+    try:
+        processes = _pod_processes(cri.daemon.runtime_root, pod_id)
+        qemu = processes["qemu"]
+        assert cgroups_of(qemu)["memory"] == f"{parent}/{pod_id}"
+        assert cgroups_of(qemu)["cpu"] == f"{parent}/{pod_id}"
+        assert memory_limit(qemu) == -1  # only the pause container: no limit yet
+        container = _container_config(cri, "limited", "exec sleep 1000")
+        container.linux.resources.CopyFrom(
+            pb.LinuxContainerResources(
+                memory_limit_in_bytes=LIMIT, cpu_quota=50000, cpu_period=100000
+            )
+        )
+        cid = rt.CreateContainer(
+            pb.CreateContainerRequest(
+                pod_sandbox_id=pod_id, config=container, sandbox_config=config
+            ),
+            timeout=120,
+        ).container_id
+        rt.StartContainer(pb.StartContainerRequest(container_id=cid), timeout=120)
+        assert memory_limit(qemu) == LIMIT + host_cgroup.MEMORY_OVERHEAD
+        assert cpu_quota(qemu) == (50000 + host_cgroup.CPU_OVERHEAD_MILLI * 100, 100000)
+        for name, pid in processes.items():
+            assert cgroups_of(pid) == cgroups_of(qemu), name
+        leaf = cgroup_dir(qemu, "memory")
+        rt.StopPodSandbox(pb.StopPodSandboxRequest(pod_sandbox_id=pod_id), timeout=120)
+        rt.RemovePodSandbox(pb.RemovePodSandboxRequest(pod_sandbox_id=pod_id), timeout=120)
+        removed = True
+    finally:
+        if not removed:
+            with contextlib.suppress(grpc.RpcError):
+                rt.StopPodSandbox(pb.StopPodSandboxRequest(pod_sandbox_id=pod_id), timeout=120)
+                rt.RemovePodSandbox(pb.RemovePodSandboxRequest(pod_sandbox_id=pod_id), timeout=120)
+    assert wait_until(leaf_gone(leaf), 15), leaf
+    assert not leaf.parent.exists()  # pod<uid>: made for this pod (kubelet would own it)
