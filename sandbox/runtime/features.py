@@ -43,7 +43,7 @@ def features() -> dict[str, Any]:
         "linux": {
             "namespaces": ["cgroup", "ipc", "mount", "network", "pid", "user", "uts"],
             "capabilities": DEFAULT_CAPABILITIES,
-            "cgroup": {"v1": True, "v2": True, "systemd": False},
+            "cgroup": {"v1": True, "v2": True, "systemd": True},
             "seccomp": {
                 "enabled": True,
                 "actions": [
