@@ -272,11 +272,13 @@ def leaf_gone(leaf: Path) -> Callable[[], bool]:
 
 def test_podman_memory_like_runc(podman: list[str]) -> None:  # noqa: F811 (the fixture)
     """podman --memory 64m: runc's conmon pid-file pid has 64 MiB; ours (same cgroup path
-    shape, libpod_parent/libpod-ID) has 64 MiB plus the VM's overhead; rm leaves none."""
+    shape, libpod_parent/libpod-ID) has 64 MiB plus the VM's overhead; ``podman update``
+    moves both; rm leaves none."""
     runc = [*podman[:-2], "--runtime", "runc"]
     # runc cannot set podman's default RLIMIT_NPROC/NOFILE here (no CAP_SYS_RESOURCE).
     flags = ["--memory", "64m", "--ulimit", "nproc=1000:1000", "--ulimit", "nofile=1024:1024"]
     seen: dict[str, tuple[str, int, Path]] = {}
+    after_update: dict[str, int] = {}
     for kind, cmd in (("runc", runc), ("pysandbox", podman)):
         name = f"hcg-{kind}"
         done = pm(cmd, "run", "-d", "--name", name, *flags, PODMAN_IMAGE, "sleep", "1000")
@@ -287,6 +289,9 @@ def test_podman_memory_like_runc(podman: list[str]) -> None:  # noqa: F811 (the 
             path = cgroups_of(pid)["memory"]
             assert path.endswith(f"/libpod-{cid}"), path
             seen[kind] = (path, memory_limit(pid), cgroup_dir(pid, "memory"))
+            updated = pm(cmd, "update", "--memory", "96m", name)
+            assert updated.returncode == 0, updated.stderr
+            after_update[kind] = memory_limit(pid)
         finally:
             removed = pm(cmd, "rm", "-f", "-t", "0", name)
         assert removed.returncode == 0, removed.stderr
@@ -295,6 +300,8 @@ def test_podman_memory_like_runc(podman: list[str]) -> None:  # noqa: F811 (the 
     assert seen["runc"][0].rsplit("/", 1)[0] == seen["pysandbox"][0].rsplit("/", 1)[0]
     assert seen["runc"][1] == LIMIT
     assert seen["pysandbox"][1] == LIMIT + host_cgroup.MEMORY_OVERHEAD
+    # podman update follows: runc's cgroup gets 96 MiB, the VM's 96 MiB + the overhead.
+    assert after_update == {"runc": 96 * MIB, "pysandbox": 96 * MIB + host_cgroup.MEMORY_OVERHEAD}
 
 
 def test_cri_pod_lands_under_its_cgroup_parent(cri: Cri) -> None:  # noqa: F811
