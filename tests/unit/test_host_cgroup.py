@@ -257,3 +257,9 @@ def test_record_round_trip_and_malformed() -> None:
     assert hc.Placement.from_json(placement.to_json()) == placement
     assert hc.Placement.from_json({"dirs": "x", "version": "v1"}) is None
     assert hc.Placement.from_json(None) is None
+
+
+def test_check_line_on_a_complete_host() -> None:
+    ok, line = hc.report(v1_layout())
+    assert ok
+    assert line.startswith("cgroup v1: memory, cpu available")

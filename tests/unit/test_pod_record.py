@@ -97,6 +97,20 @@ def test_reads_what_the_first_version_wrote(tmp_path: Path) -> None:
     assert record.to_json() == FIRST_VERSION  # written back key for key
 
 
+def test_host_cgroup_round_trips(tmp_path: Path) -> None:
+    placement = {
+        "dirs": ["/sys/fs/cgroup/memory/kubepods/x"],
+        "version": "v1",
+        "created": ["/sys/fs/cgroup/memory/kubepods/x"],
+        "unit": "",
+        "containers": {"x": {"memory": 67108864, "cpu_milli": None}},
+    }
+    write(tmp_path, "pod-a", {**FIRST_VERSION, "host_cgroup": placement})
+    record = pod_record.load(tmp_path, "pod-a")
+    assert record.host_cgroup == placement and record.extra == {}
+    assert record.to_json() == {**FIRST_VERSION, "host_cgroup": placement}
+
+
 def test_a_booting_pod_of_the_first_version(tmp_path: Path) -> None:
     booting = {k: v for k, v in FIRST_VERSION.items() if k not in ("boot", "containers")}
     write(tmp_path, "pod-a", {**booting, "status": "booting", "processes": {}})
@@ -131,6 +145,7 @@ def test_malformed_process_entries_are_dropped(tmp_path: Path) -> None:
         ("containers", [1], "containers is not a list of ids"),
         ("processes", [], "processes is not an object"),
         ("network", "user", "network is not an object"),
+        ("host_cgroup", "/kubepods/x", "host_cgroup is not an object"),
         ("memory_mib", "512", "memory_mib is not an integer"),
         ("created", True, "created is not a number"),
         ("boot", "warm", "unknown boot kind 'warm'"),
