@@ -65,8 +65,10 @@ MEMORY_OVERHEAD = 448 * 2**20
 CPU_OVERHEAD_MILLI = 250
 #: CFS period written with a quota, microseconds (runc's default).
 CPU_PERIOD_US = 100_000
-#: How long :func:`remove` waits for the processes of a cgroup to exit before killing them.
-EMPTY_WAIT = 5.0
+#: How long :func:`remove` waits for the processes of a cgroup to exit before killing them:
+#: by then the VM is gone, and what remains are shims (they exit as their VM goes) and a
+#: ``run -d`` monitor waiting for the lock of the ``rm`` that removes the pod.
+EMPTY_WAIT = 1.0
 SYSTEMD_RUNNING = Path("/run/systemd/system")
 MOUNTINFO = Path("/proc/self/mountinfo")
 SELF_CGROUP = Path("/proc/self/cgroup")
