@@ -172,6 +172,14 @@ def test_ctr_memory_limit_and_cpu_quota_hold_the_vm(containerd: Containerd) -> N
         for other in inside - set(processes.values()) - {pid}:  # shims, virtiofsd's child
             cmdline = Path(f"/proc/{other}/cmdline").read_bytes()
             assert b"sandbox." in cmdline or str(containerd.runtime_root).encode() in cmdline
+        # A detached exec's shim (what ``ctr tasks ps`` lists for it) starts there too.
+        done = containerd.ctr("tasks", "exec", "-d", "--exec-id", "e1", cid, "sleep", "100")
+        assert done.returncode == 0, done.stderr
+        listed = containerd.ctr("tasks", "ps", cid).stdout.split()[1:]
+        host_pids = [int(word) for word in listed if word.isdigit()]
+        assert len(host_pids) >= 2, listed
+        for host_pid in host_pids:
+            assert cgroups_of(host_pid) == cgroups_of(pid), host_pid
         dirs = [cgroup_dir(pid, c) for c in ("memory", "cpu", "pids")]
     finally:
         _ctr_remove(containerd, cid)
