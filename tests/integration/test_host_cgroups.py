@@ -358,3 +358,21 @@ def test_cri_pod_lands_under_its_cgroup_parent(cri: Cri) -> None:  # noqa: F811
                 rt.RemovePodSandbox(pb.RemovePodSandboxRequest(pod_sandbox_id=pod_id), timeout=120)
     assert wait_until(leaf_gone(leaf), 15), leaf
     assert not leaf.parent.exists()  # pod<uid>: made for this pod (kubelet would own it)
+
+
+def test_a_create_failing_after_the_boot_leaves_no_cgroup(containerd: Containerd) -> None:
+    """The VM booted in its cgroup, then the container's command is missing: create fails,
+    and the rollback takes the cgroup with the VM (in every hierarchy)."""
+    cid = _cid("nocmd")
+    done = containerd.ctr(
+        "run", "--rm", "--memory-limit", str(LIMIT), *_ours(containerd), IMAGE, cid, "/nonexistent"
+    )
+    assert done.returncode != 0
+    assert "/nonexistent" in done.stderr, done.stderr
+    left = [
+        h.mount / containerd.namespace / cid
+        for h in host_cgroup.host_layout().hierarchies
+        if (h.mount / containerd.namespace / cid).exists()
+    ]
+    assert left == []
+    assert not processes_mentioning(str(containerd.runtime_root / containerd.namespace / "p"))
