@@ -17,6 +17,8 @@
      ├── AgentError              the agent failed a call, timed out or answered nonsense:
      │    │                      .rpc .code .reason .detail .pod_id .container_id .exec_id
      │    ├── AgentTimeout       no answer within the deadline (.code DEADLINE_EXCEEDED)
+     │    ├── PodProcessDied     a process of the pod (QEMU, virtiofsd, agent proxy) died
+     │    │                      while a call waited: the message names it and its kept log
      │    └── CommandError       the container's program cannot be run: .exit_code 127 when
      │                           it is not found, 126 when it cannot be invoked (.reason says)
      └── RunError                a failure of ``pysandbox run``: .exit_code 125 (pysandbox
@@ -187,6 +189,12 @@ class AgentError(SandboxError):
 
 class AgentTimeout(AgentError):
     """The guest agent did not answer within the deadline."""
+
+
+class PodProcessDied(AgentError):
+    """A host process of the pod (QEMU, virtiofsd, the agent proxy) died while a call waited
+    for the agent: the call was given up at once instead of waiting out its deadline. The
+    message names the process, its pid and where its log was kept."""
 
 
 class CommandError(AgentError):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -10,7 +11,7 @@ from typing import Any
 
 from sandbox import store as state
 from sandbox.cli import log
-from sandbox.errors import ConfigError
+from sandbox.errors import ConfigError, SandboxError
 
 
 def _root(args: argparse.Namespace) -> Path:
@@ -76,6 +77,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     """``run`` reports its own failures with docker's 125 (126/127 for the command)."""
     from sandbox.errors import EXIT_RUNTIME, RunError, describe
 
+    # SIGTERM/SIGHUP while the VM boots undo the boot (the default action would leave QEMU,
+    # virtiofsd and the proxy running); a foreground run forwards them to its container
+    # once that is started.
+    _undo_on_termination()
     if args.bundle is not None:
         return _run_bundle(args)
     try:
@@ -114,7 +119,13 @@ def _run_bundle(args: argparse.Namespace) -> int:
         log.warner(args),
         systemd_cgroup=args.systemd_cgroup,
     )
-    start.start(root, args.image, warn=log.warner(args))
+    try:
+        start.start(root, args.image, warn=log.warner(args))
+    except BaseException:  # a failed or interrupted start: runc run destroys the container
+        with contextlib.suppress(SandboxError):
+            delete.delete(root, args.image, force=True, warn=log.warner(args))
+        raise
+    _default_termination()  # from here on the container runs: a signal ends this call only
     if args.detach:
         return 0
     shim = record.shim
@@ -156,6 +167,14 @@ def _undo_on_termination() -> None:
 
     for signum in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(signum, stop)
+
+
+def _default_termination() -> None:
+    """Undo :func:`_undo_on_termination`: SIGTERM/SIGHUP end the process again."""
+    import signal
+
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, signal.SIG_DFL)
 
 
 def cmd_start(args: argparse.Namespace) -> int:

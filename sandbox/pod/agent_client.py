@@ -21,7 +21,7 @@ from agentapi.limits import DEFAULT_RPC_TIMEOUT, GRPC_OPTIONS, MAX_READ_BYTES
 from agentapi.proto import agent_pb2 as pb
 from agentapi.proto import agent_pb2_grpc as pb_grpc
 from agentapi.version import PROTOCOL_VERSION, protocol_major
-from sandbox.errors import AgentError, AgentTimeout, CommandError, FailureReason
+from sandbox.errors import AgentError, AgentTimeout, CommandError, FailureReason, PodProcessDied
 
 if TYPE_CHECKING:
     from sandbox.pod.network import NetworkConfig
@@ -120,18 +120,35 @@ def _bounded_detail(text: str, limit: int = 4096) -> str:
     return line if len(line) <= limit else line[:limit] + "…"
 
 
+#: Seconds between two looks at the pod's processes while a call is under way.
+WATCH_INTERVAL = 0.2
+
+#: What a client asks while a call waits: a line naming a process of the pod that died (and
+#: where its log is), or None while all of them live.
+Watch = Callable[[], str | None]
+
+
 class AgentClient:
     """A connection to one agent. Cheap to create; close() when done (or use ``with``).
 
-    ``pod_id`` (when given) is recorded in the errors of this client's calls.
+    ``pod_id`` (when given) is recorded in the errors of this client's calls. ``watch`` (when
+    given) is asked every :data:`WATCH_INTERVAL` seconds while a unary call waits: once it
+    names a dead process (QEMU, virtiofsd, the agent proxy: the call can then only wait out
+    its deadline), the call is cancelled and :class:`~sandbox.errors.PodProcessDied` raised
+    with that line.
     """
 
     def __init__(
-        self, address: str, timeout: float = DEFAULT_RPC_TIMEOUT, pod_id: str = ""
+        self,
+        address: str,
+        timeout: float = DEFAULT_RPC_TIMEOUT,
+        pod_id: str = "",
+        watch: Watch | None = None,
     ) -> None:
         self.address = address
         self.timeout = timeout
         self.pod_id = pod_id
+        self.watch = watch
         self._channel = grpc.insecure_channel(address, options=GRPC_OPTIONS)
         self._stub: Any = pb_grpc.AgentStub(self._channel)  # type: ignore[no-untyped-call]
 
@@ -148,9 +165,30 @@ class AgentClient:
         method: Callable[..., Any] = getattr(self._stub, name)
         waited = timeout or self.timeout
         try:
-            return method(request, timeout=waited, wait_for_ready=True)
+            if self.watch is None:
+                return method(request, timeout=waited, wait_for_ready=True)
+            return self._watched(name, method, request, waited, self.watch)
         except grpc.RpcError as exc:
             raise _rpc_error(exc, name, request, self.pod_id, waited) from exc
+
+    def _watched(self, name: str, method: Any, request: Any, waited: float, watch: Watch) -> Any:
+        """The call, cancelled with PodProcessDied as soon as ``watch`` names a dead process."""
+        call = method.future(request, timeout=waited, wait_for_ready=True)
+        while True:
+            try:
+                return call.result(timeout=WATCH_INTERVAL)
+            except grpc.FutureTimeoutError:
+                died = watch()
+                if died is None:
+                    continue
+                call.cancel()
+                raise PodProcessDied(
+                    died,
+                    rpc=name,
+                    pod_id=self.pod_id,
+                    container_id=str(getattr(request, "container_id", "")),
+                    exec_id=str(getattr(request, "exec_id", "")),
+                ) from None
 
     def health(self, timeout: float | None = None) -> float:
         """Return the guest's uptime in seconds once the agent is serving."""

@@ -56,6 +56,13 @@ DEFAULT_MEMORY_MIB = 512
 DEFAULT_BOOT_TIMEOUT = 60.0
 #: Console logs of failed boots kept under ``<root>/logs/`` (the newest; older ones go).
 KEPT_CONSOLE_LOGS = 16
+#: The pod's host processes a waiting call watches (:meth:`Pod.casualty`): record name,
+#: what the error calls it, its log in the pod's directory.
+WATCHED_PROCESSES = (
+    ("qemu", "QEMU", "console-qemu.log"),
+    ("virtiofsd", "virtiofsd", "virtiofsd.log"),
+    ("proxy", "agent proxy", "proxy.log"),
+)
 
 
 def lock_mode() -> LockMode:
@@ -188,8 +195,31 @@ class Pod:
         if self.status is PodStatus.RUNNING:
             self._ensure_proxy()
         if timeout is None:
-            return ContainerClient(self.agent_address, pod_id=self.id)
-        return ContainerClient(self.agent_address, timeout, pod_id=self.id)
+            return ContainerClient(self.agent_address, pod_id=self.id, watch=self.casualty)
+        return ContainerClient(self.agent_address, timeout, pod_id=self.id, watch=self.casualty)
+
+    def casualty(self) -> str | None:
+        """One line naming the first of the pod's recorded processes (QEMU, virtiofsd, agent
+        proxy) that is gone, its pid and where its log was kept (``<root>/logs/<pod>-<log>``,
+        copied there: the pod's directory goes with the pod); None while all of them live.
+
+        A call waiting for the agent asks this (the client's ``watch``): without QEMU or the
+        proxy the call cannot be answered, and without virtiofsd the guest waits for the
+        share forever. A proxy replaced meanwhile by another process (a newer record) is
+        not a casualty.
+        """
+        for name, label, log in WATCHED_PROCESSES:
+            ref = self.process(name)
+            if ref is None or ref.alive():
+                continue
+            with contextlib.suppress(StateError, ConfigError, OSError):
+                now = pod_record.load(self.root, self.id).processes.get(name)
+                if now is not None and now != ref and now.alive():
+                    continue
+            kept = self._keep_log(log, f"{self.id}-{name}.log")
+            where = f"its log is kept at {kept}" if kept is not None else "it left no log"
+            return f"{label} (pid {ref.pid}) of pod {self.id} died; {where}"
+        return None
 
     def _ensure_proxy(self) -> None:
         proxy, qemu = self.process("proxy"), self.process("qemu")
@@ -569,15 +599,22 @@ class Pod:
     def _keep_console_log(self) -> Path | None:
         """Copy the console log of a failed boot to ``<root>/logs/`` (its path, or None);
         only the :data:`KEPT_CONSOLE_LOGS` newest kept logs stay there."""
-        if not self.console_log.exists():
+        return self._keep_log(self.console_log.name, f"{self.id}-console.log")
+
+    def _keep_log(self, name: str, kept_name: str) -> Path | None:
+        """Copy the log ``name`` of the pod's directory to ``<root>/logs/kept_name`` (its
+        path, or None when there is none); only the :data:`KEPT_CONSOLE_LOGS` newest logs of
+        each kind (the part of ``kept_name`` after the pod id) stay there."""
+        source = self.dir / name
+        if not source.exists():
             return None
-        logs = state.ensure_dir(self.root / "logs")
-        kept = logs / f"{self.id}-console.log"
         try:
-            shutil.copyfile(self.console_log, kept)
+            logs = state.ensure_dir(self.root / "logs")
+            kept = logs / kept_name
+            shutil.copyfile(source, kept)
         except OSError:
             return None
-        prune_console_logs(logs)
+        prune_console_logs(logs, pattern="*" + kept_name.removeprefix(self.id))
         return kept
 
     # -- stop --------------------------------------------------------------------------------
@@ -676,12 +713,12 @@ class Pod:
             self.drivers.terminate(name, ref)
 
 
-def prune_console_logs(logs: Path, keep: int | None = None) -> None:
+def prune_console_logs(logs: Path, keep: int | None = None, pattern: str = "*-console.log") -> None:
     """Remove all but the ``keep`` (default :data:`KEPT_CONSOLE_LOGS`) most recently
-    written ``*-console.log`` files of ``logs``."""
+    written files of ``logs`` matching ``pattern`` (console logs unless told)."""
     keep = KEPT_CONSOLE_LOGS if keep is None else keep
     found = []
-    for path in logs.glob("*-console.log"):
+    for path in logs.glob(pattern):
         with contextlib.suppress(OSError):
             found.append((path.stat().st_mtime_ns, path))
     for _mtime, path in sorted(found, reverse=True)[keep:]:
