@@ -15,7 +15,8 @@ Every call lands in :attr:`FakeDrivers.events` as a tuple: ``("virtiofsd", "star
 ``("proxy", "start")``, ``("terminate", name)``, ``("qemu", "kill")``, ``("agent",
 method)``, ``("mount", path)``, ``("umount", path, existed)``... A failure is injected by
 naming the event in :attr:`FakeDrivers.fail` (e.g. ``fail["qemu.resume"] = QMPError(...)``,
-``fail["agent.MountShare"] = "no such tag"``).
+``fail["agent.MountShare"] = "no such tag"``; a ``threading.Event`` makes the agent call
+wait until it is set).
 """
 
 from __future__ import annotations
@@ -70,7 +71,7 @@ class FakeDrivers(Drivers):
 
     def __init__(self) -> None:
         self.events: list[Event] = []
-        self.fail: dict[str, BaseException | str] = {}
+        self.fail: dict[str, BaseException | str | threading.Event] = {}
         self.processes: list[FakeProcess] = []
         self.vms: list[FakeVM] = []
         self.servers: dict[int, grpc.Server] = {}  # proxy pid -> its agent server
@@ -120,6 +121,9 @@ class FakeDrivers(Drivers):
         monkeypatch.setattr(shim, "spawn", spawn)
 
     def close(self) -> None:
+        for failure in self.fail.values():
+            if isinstance(failure, threading.Event):
+                failure.set()  # agent calls still waiting return
         for server in self.servers.values():
             server.stop(0).wait()  # gRPC unlinks its socket on shutdown: not later
         for process in self.processes:
@@ -308,6 +312,8 @@ class FakeGuest(pb_grpc.AgentServicer):
         failure = self.drivers.fail.get(f"agent.{method}")
         if isinstance(failure, str):
             context.abort(grpc.StatusCode.FAILED_PRECONDITION, failure)
+        if isinstance(failure, threading.Event):  # a guest stuck (on a dead share...)
+            failure.wait(60)
 
     def Health(self, request: pb.HealthRequest, context: grpc.ServicerContext) -> pb.HealthResponse:
         self._enter("Health", context)

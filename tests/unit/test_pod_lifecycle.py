@@ -328,3 +328,57 @@ def test_privileged_files_reach_the_file_server_and_the_record(
         assert on_disk(pod).get("privileged_files", False) is expected
         assert Pod.load(root, pod_id).record.privileged_files is expected
         pod.destroy()
+
+
+@pytest.mark.parametrize(
+    ("victim", "label", "log"),
+    [
+        ("virtiofsd", "virtiofsd", "virtiofsd.log"),
+        ("proxy", "agent proxy", "proxy.log"),
+        ("qemu", "QEMU", "console-qemu.log"),
+    ],
+)
+def test_a_call_gives_up_at_once_when_a_pod_process_dies(
+    fake: FakeDrivers, root: Path, victim: str, label: str, log: str
+) -> None:
+    """The guest never answers CreateContainer (a dead share, a dead channel): the call
+    ends within a second of the process's death, not after its 120 s deadline, and names the
+    process and its log, kept outside the pod's directory (which goes with the pod)."""
+    import threading
+    import time
+
+    from sandbox.errors import PodProcessDied
+
+    pod = Pod.boot(root, "p1")
+    (pod.dir / log).write_text(f"{victim}: last words\n")
+    fake.fail["agent.CreateContainer"] = threading.Event()
+    process = next(p for p in fake.processes if p.name == victim)
+    pid = process.handle.pid
+    threading.Timer(0.5, process.kill).start()
+    started = time.monotonic()
+    with pod.client() as client, pytest.raises(PodProcessDied) as caught:
+        client.create_container("c1", b"{}", "/r")
+    assert 0.5 <= time.monotonic() - started < 1.5
+    kept = root / "logs" / f"p1-{victim}.log"
+    assert str(caught.value) == f"{label} (pid {pid}) of pod p1 died; its log is kept at {kept}"
+    assert (caught.value.rpc, caught.value.pod_id, caught.value.container_id) == (
+        "CreateContainer",
+        "p1",
+        "c1",
+    )
+    assert kept.read_text() == f"{victim}: last words\n"
+    pod.destroy()
+    assert kept.exists()  # the pod's directory is gone, the log is not
+    assert_nothing_left(fake, root, "p1")
+
+
+def test_a_proxy_restarted_by_another_process_is_no_casualty(
+    fake: FakeDrivers, root: Path
+) -> None:
+    pod = Pod.boot(root, "p1")
+    other = Pod.load(root, "p1")
+    next(p for p in fake.processes if p.name == "proxy").kill()
+    with other.client() as client:  # another verb starts a new proxy and records it
+        client.health()
+    assert pod.casualty() is None  # pod's own record still names the dead one
+    pod.destroy()
