@@ -1,7 +1,10 @@
 """A small synchronous QMP client with a timeout on everything.
 
 Wraps :class:`qemu.qmp.QMPClient` (asyncio) in a private event loop, so callers stay
-synchronous and nothing touches a global loop. Every failure becomes
+synchronous and nothing touches a global loop. A SIGTERM, SIGHUP or SIGINT that arrives while
+the loop runs is held until that exchange ends (at most its timeout) and then handled as
+usual: a handler that raises (the CLI turns SIGTERM into SystemExit to undo a start) would
+otherwise leave asyncio tasks half-run and their tracebacks on stderr. Every failure becomes
 :class:`~hypervisor.errors.QMPError` (with ``command`` and ``reply``) or
 :class:`~hypervisor.errors.HypervisorTimeout`, chained to the original exception.
 
@@ -16,7 +19,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Coroutine
+import signal
+import threading
+from collections.abc import Coroutine, Iterator
 from pathlib import Path
 from types import TracebackType
 from typing import Any, TypeVar
@@ -68,7 +73,8 @@ class QMP:
         # ("Task exception was never retrieved") to stderr. Its outcome is retrieved here.
         task.add_done_callback(_retrieve)
         try:
-            return self._loop.run_until_complete(task)
+            with _signals_held():
+                return self._loop.run_until_complete(task)
         except TimeoutError as exc:
             raise HypervisorTimeout(
                 f"qmp {what} on {self.path} timed out after {timeout:g}s; "
@@ -123,13 +129,14 @@ class QMP:
         """Disconnect and free the loop. Idempotent; never raises for a dead peer."""
         if self._loop.is_closed():
             return
-        with contextlib.suppress(Exception):
-            self._loop.run_until_complete(
-                asyncio.wait_for(self._client.disconnect(), DEFAULT_TIMEOUT)
-            )
-        with contextlib.suppress(Exception):
-            self._loop.run_until_complete(self._loop.shutdown_asyncgens())
-        self._loop.close()
+        with _signals_held():
+            with contextlib.suppress(Exception):
+                self._loop.run_until_complete(
+                    asyncio.wait_for(self._client.disconnect(), DEFAULT_TIMEOUT)
+                )
+            with contextlib.suppress(Exception):
+                self._loop.run_until_complete(self._loop.shutdown_asyncgens())
+            self._loop.close()
         self._connected = False
 
     def __enter__(self) -> QMP:
@@ -142,6 +149,32 @@ class QMP:
         tb: TracebackType | None,
     ) -> None:
         self.close()
+
+
+#: The signals whose Python handlers :func:`_signals_held` defers.
+_HELD = (signal.SIGTERM, signal.SIGHUP, signal.SIGINT)
+
+
+@contextlib.contextmanager
+def _signals_held() -> Iterator[None]:
+    """Run the block with :data:`_HELD` noted instead of handled; once it ends, the
+    previous handlers are back and each noted signal is raised again, so it is handled
+    (or kills the process, or is ignored) as it would have been. Python runs signal handlers
+    in the main thread only: elsewhere the block just runs."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    noted: list[int] = []
+    previous = {
+        each: signal.signal(each, lambda signum, _f: noted.append(signum)) for each in _HELD
+    }
+    try:
+        yield
+    finally:
+        for each, handler in previous.items():  # None: one not set from Python
+            signal.signal(each, signal.SIG_DFL if handler is None else handler)
+        for signum in dict.fromkeys(noted):
+            signal.raise_signal(signum)
 
 
 def _retrieve(task: asyncio.Future[Any]) -> None:

@@ -245,10 +245,11 @@ def test_sigterm_at_any_moment_of_the_start_up_leaves_nothing(
         _out, err = proc.communicate(timeout=150)
         assert "Traceback" not in err, err
         outcomes.append((delay, stage, proc.returncode))
-        if verb == "run":  # the signal reaches the container once it runs: sleep ends
-            assert proc.returncode == 128 + signal.SIGTERM, (delay, err)
+        # -15: killed by the signal while Python was still starting (nothing was started).
+        if verb == "run":  # once the container runs the signal reaches it: it exits 143
+            assert proc.returncode in (-signal.SIGTERM, 128 + signal.SIGTERM), (delay, err)
         else:
-            assert proc.returncode in (0, 128 + signal.SIGTERM), (delay, err)
+            assert proc.returncode in (-signal.SIGTERM, 0, 128 + signal.SIGTERM), (delay, err)
         if proc.returncode == 0:
             remove = ["delete", "--force", name] if verb == "create" else ["rm", "-f", name]
             subprocess.run(cli(root, *remove), check=True, timeout=120)

@@ -357,3 +357,43 @@ def test_tap_fds_of_nics_are_inherited(workdir: Path, fake_qemu: Path, vms: list
     finally:
         os.close(read_end)
         os.close(write_end)
+
+
+def test_sigterm_during_a_qmp_exchange_is_handled_after_it_without_asyncio_noise(
+    tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """The CLI turns SIGTERM into SystemExit to undo a start (sandbox/cli/commands.py); one
+    that arrives while a QMP exchange's task runs is handled once the exchange ends, so no
+    asyncio task is abandoned half-way (before: "Task exception was never retrieved" with a
+    traceback, "Task was destroyed but it is pending!" on stderr: seen under ``run -d``)."""
+    import asyncio
+    import gc
+    import os
+    import signal
+
+    from hypervisor.qmp import QMP
+
+    finished = []
+
+    async def exchange() -> int:
+        os.kill(os.getpid(), signal.SIGTERM)  # its handler runs inside this task's step
+        await asyncio.sleep(0.1)
+        finished.append(True)
+        return 7
+
+    def stop(signum: int, _frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    qmp = QMP(tmp_path / "qmp.sock")
+    try:
+        with pytest.raises(SystemExit) as caught:
+            qmp._run(exchange(), 5.0, "test")
+        assert caught.value.code == 128 + signal.SIGTERM
+        assert finished == [True]
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        qmp.close()
+    gc.collect()
+    err = capfd.readouterr().err
+    assert "Traceback" not in err and "Task" not in err, err
