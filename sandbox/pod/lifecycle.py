@@ -307,6 +307,8 @@ class Pod:
             image = find_image()
         except GuestImageError as exc:
             raise ConfigError(str(exc)) from exc
+        if template.enabled():
+            template.max_bytes()  # a bad budget is refused before anything starts
         chosen = accel_mod.detect()
         remote_locks = (locks or lock_mode()) == "remote"
         pod = cls(
@@ -511,22 +513,21 @@ class Pod:
 
         cmdline = kernel_cmdline()
         try:
-            state_file = template.ensure(
-                image, accel_name, memory_mib, cmdline, timeout, self.drivers
-            )
-            fd = os.open(state_file, os.O_RDONLY | os.O_CLOEXEC)
-        except (TemplateError, OSError) as exc:
+            # Open: a template evicted from now on stays readable through this file.
+            found = template.acquire(image, accel_name, memory_mib, cmdline, timeout, self.drivers)
+        except TemplateError as exc:
             self._note(f"no template, cold boot: {exc}")
             return False
+        state_file = found.state_file
         vm = self.drivers.hypervisor(
-            self._vm_config(image, accel_name, memory_mib, cmdline, incoming_fd=fd)
+            self._vm_config(image, accel_name, memory_mib, cmdline, incoming_fd=found.fd)
         )
         loaded = False
         try:
             try:
                 vm.start()
             finally:
-                os.close(fd)
+                found.close()
             self._remember("qemu", vm.handle)
             self._remember("proxy", self.drivers.start_proxy(self.dir, vm.pid, forward))
             vm.wait_incoming(timeout)
@@ -545,7 +546,7 @@ class Pod:
             # Only a state QEMU could not load is the template's fault: discard it then.
             unloadable = isinstance(exc, HypervisorError) and not isinstance(exc, HypervisorTimeout)
             if unloadable and not loaded:
-                template.discard(state_file)
+                template.discard(found)
                 self._note(f"restoring {state_file} failed, template discarded: {exc}")
             else:
                 self._note(f"restoring {state_file} failed: {exc}")

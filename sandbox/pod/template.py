@@ -15,6 +15,15 @@ depends on (QEMU binary, guest image, machine, memory, kernel command line, acce
 template is built under a lock, written to a temporary directory and renamed into place, so
 concurrent boots build it once and never see a partial file. ``PYSANDBOX_TEMPLATES=0``
 disables templates (every pod cold boots).
+
+Garbage collection (:func:`collect`, after every use): the templates are kept most recently
+used first while they number at most :data:`KEEP` and their disk use stays within
+``$PYSANDBOX_TEMPLATE_MAX_MIB`` (default :data:`DEFAULT_MAX_MIB`); the rest are removed, the
+one just used never. Eviction never makes a restore fail: a pod gets its template as an open
+file (:func:`acquire`, opened under the template's lock), which stays readable after its
+directory is removed; a template whose lock someone holds (being built or opened) is skipped;
+the lock file is removed with the template while it is held, and whoever waited on it takes
+the new one (:func:`_locked` checks that the file it locked is still the one at the path).
 """
 
 from __future__ import annotations
@@ -28,12 +37,13 @@ import shutil
 import tempfile
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from hypervisor.process import ProcessHandle
 from hypervisor.qemu_args import Accelerator, NicConfig, VMConfig, build_argv
-from sandbox.errors import AgentError, TemplateError
+from sandbox.errors import AgentError, ConfigError, TemplateError
 from sandbox.pod import host_cgroup
 
 if TYPE_CHECKING:
@@ -42,8 +52,13 @@ if TYPE_CHECKING:
 DEFAULT_TEMPLATE_DIR = Path("/var/lib/pysandbox/templates")
 STATE_FILE = "state"
 META_FILE = "meta.json"
-#: Templates kept (one per memory size in use, typically); the least recently used go first.
-KEEP = 4
+#: Most templates kept (one per memory size in use, typically); least recently used go first.
+KEEP = 8
+#: Default bound of the templates' disk use, MiB ($PYSANDBOX_TEMPLATE_MAX_MIB). A 512 MiB
+#: pod's template takes ~100 MiB, a 4 GiB one's ~190 MiB (most of the RAM is zero pages).
+DEFAULT_MAX_MIB = 2048
+#: Build failures' console logs kept next to the templates (the newest).
+KEEP_FAILED_LOGS = 4
 SAVE_TIMEOUT = 120.0
 #: Placeholder directory for per-VM paths when computing a key (they do not reach the state).
 _KEY_DIR = Path("/pysandbox-template")
@@ -57,6 +72,38 @@ def enabled() -> bool:
 def template_dir() -> Path:
     """``$PYSANDBOX_TEMPLATE_DIR`` or :data:`DEFAULT_TEMPLATE_DIR`."""
     return Path(os.environ.get("PYSANDBOX_TEMPLATE_DIR") or DEFAULT_TEMPLATE_DIR)
+
+
+def max_bytes() -> int:
+    """The templates' disk budget in bytes: ``$PYSANDBOX_TEMPLATE_MAX_MIB`` (a whole number
+    of MiB, 0 keeps only the template in use) or :data:`DEFAULT_MAX_MIB`. ConfigError for
+    anything else."""
+    raw = os.environ.get("PYSANDBOX_TEMPLATE_MAX_MIB", "").strip()
+    if not raw:
+        return DEFAULT_MAX_MIB << 20
+    if not raw.isdigit() or len(raw) > 9:
+        raise ConfigError(
+            f"PYSANDBOX_TEMPLATE_MAX_MIB={raw!r}: expected a whole number of MiB, e.g. 2048"
+        )
+    return int(raw) << 20
+
+
+@dataclass
+class Template:
+    """A template's saved state, open for reading (:func:`acquire`): ``fd`` reads the whole
+    state whatever happens to ``state_file`` meanwhile (evicted, discarded). Close it once
+    QEMU has its copy."""
+
+    state_file: Path
+    fd: int
+    #: (st_dev, st_ino) of the template's directory when it was opened.
+    identity: tuple[int, int]
+
+    def close(self) -> None:
+        """Close :attr:`fd` (idempotent)."""
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
 
 
 def vm_config(
@@ -116,13 +163,30 @@ def key(image: Any, accel: Accelerator, memory_mib: int, cmdline: str, qemu: Pat
 
 
 @contextlib.contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    with open(path, "a+b") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+def _locked(path: Path, *, wait: bool = True) -> Iterator[bool]:
+    """Hold the lock file ``path`` (made if missing) for the block; yields True. The file
+    may be removed by whoever holds it (an eviction): a lock taken on a file that is no
+    longer the one at ``path`` is dropped and taken again on the current one. Without
+    ``wait``, yields False at once when someone else holds it."""
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
-            yield
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+            except BlockingIOError:
+                yield False
+                return
+            try:
+                now = os.stat(path)
+            except FileNotFoundError:
+                continue  # removed while we waited: lock the new one
+            held = os.fstat(fd)
+            if (now.st_dev, now.st_ino) != (held.st_dev, held.st_ino):
+                continue
+            yield True
+            return
         finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
+            os.close(fd)  # releases the lock
 
 
 def ensure(
@@ -133,16 +197,35 @@ def ensure(
     timeout: float,
     drivers: Drivers | None = None,
 ) -> Path:
-    """The state file of the template for these inputs, built first if there is none.
+    """The state file of the template for these inputs, built first if there is none (see
+    :func:`acquire`; for a caller that only wants it to exist: a restore must use
+    :func:`acquire`, whose open file eviction cannot take away)."""
+    found = acquire(image, accel, memory_mib, cmdline, timeout, drivers)
+    found.close()
+    return found.state_file
+
+
+def acquire(
+    image: Any,
+    accel: Accelerator,
+    memory_mib: int,
+    cmdline: str,
+    timeout: float,
+    drivers: Drivers | None = None,
+) -> Template:
+    """The template for these inputs, open (:class:`Template`), built first if there is
+    none; then the templates are collected (:func:`collect`), this one kept.
 
     The template VM and its agent proxy come from ``drivers`` (default: those of
     :func:`sandbox.pod.drivers.current`). TemplateError if building fails (nothing it
     started is left running; the template VM's console log is kept next to the templates
-    and named in the error).
+    and named in the error) or the directory is unusable; ConfigError for a bad
+    ``$PYSANDBOX_TEMPLATE_MAX_MIB``.
     """
     from hypervisor.qemu import find_qemu
     from sandbox.pod.drivers import current
 
+    budget = max_bytes()
     qemu = find_qemu()
     name = key(image, accel, memory_mib, cmdline, qemu)
     base = template_dir()
@@ -164,17 +247,23 @@ def ensure(
                         final,
                         drivers or current(),
                     )
-            os.utime(final)  # least recently used goes first in _prune
-        _prune(base, keep=KEEP)
+            fd = os.open(state_file, os.O_RDONLY | os.O_CLOEXEC)
+            found = os.stat(final)
+            os.utime(final)  # least recently used goes first in collect
+        collect(base, keep=KEEP, max_bytes=budget, protect=name)
     except OSError as exc:
         raise TemplateError(f"template directory {base}: {exc.strerror or exc}") from exc
-    return state_file
+    return Template(state_file, fd, (found.st_dev, found.st_ino))
 
 
-def discard(state_file: Path) -> None:
-    """Remove a template whose state could not be restored (it is rebuilt on next use)."""
-    with contextlib.suppress(OSError):
-        shutil.rmtree(state_file.parent)
+def discard(found: Template) -> None:
+    """Remove a template whose state could not be restored (it is rebuilt on next use),
+    unless it was replaced meanwhile (another pod rebuilt it)."""
+    final = found.state_file.parent
+    with contextlib.suppress(OSError), _locked(final.with_name(f"{final.name}.lock")):
+        now = os.stat(final)
+        if (now.st_dev, now.st_ino) == found.identity:
+            shutil.rmtree(final)
 
 
 def _build(
@@ -227,19 +316,74 @@ def _build(
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def _prune(base: Path, keep: int) -> None:
-    """Remove all but the ``keep`` most recently used templates (and stale build dirs)."""
-    templates = sorted(
-        (p for p in base.iterdir() if p.is_dir() and not p.name.startswith(".")),
-        key=lambda p: p.stat().st_mtime,
-        reverse=True,
-    )
+def disk_use(directory: Path) -> int:
+    """Bytes of disk the files directly in ``directory`` take (allocated blocks)."""
+    total = 0
+    for entry in os.scandir(directory):
+        with contextlib.suppress(OSError):
+            total += entry.stat(follow_symlinks=False).st_blocks * 512
+    return total
+
+
+def collect(base: Path, keep: int, max_bytes: int, protect: str = "") -> list[str]:
+    """Remove templates of ``base`` so that at most ``keep`` remain, taking at most
+    ``max_bytes`` together, the most recently used kept first; the template named
+    ``protect`` (just used) is kept whatever its size. Also removes build directories a
+    killed builder left (older than an hour) and all but the :data:`KEEP_FAILED_LOGS`
+    newest console logs of failed builds. The names of the removed templates.
+
+    Safe while other processes build, restore from or collect the same templates: one whose
+    lock is held is skipped, one used since it was listed (newer mtime) is kept, and a pod
+    restoring from a removed one reads it through its open file (:func:`acquire`).
+    """
+    found = []
+    for entry in base.iterdir():
+        if entry.name.startswith(".") or not entry.is_dir():
+            continue
+        with contextlib.suppress(OSError):
+            found.append((entry.stat().st_mtime_ns, entry, disk_use(entry)))
+    found.sort(key=lambda item: (item[1].name != protect, -item[0]))
+    removed: list[str] = []
+    kept = used = 0
+    for mtime, directory, size in found:
+        if directory.name == protect or (kept < keep and used + size <= max_bytes):
+            kept += 1
+            used += size
+            continue
+        if _evict(base, directory, mtime):
+            removed.append(directory.name)
+    for lock in base.glob("*.lock"):  # of templates discarded or never built
+        if not (base / lock.name.removesuffix(".lock")).exists():
+            _evict(base, base / lock.name.removesuffix(".lock"), None)
+    now = time.time()
     for stale in base.glob(".build-*"):  # left by a builder that was killed
         with contextlib.suppress(OSError):
-            if time.time() - stale.stat().st_mtime > 3600:
+            if now - stale.stat().st_mtime > 3600:
                 shutil.rmtree(stale, ignore_errors=True)
-    for old in templates[keep:]:
-        with _locked(base / f"{old.name}.lock"):
-            shutil.rmtree(old, ignore_errors=True)
+    logs = []
+    for log in base.glob("failed-*-console.log"):
         with contextlib.suppress(OSError):
-            (base / f"{old.name}.lock").unlink()
+            logs.append((log.stat().st_mtime_ns, log))
+    for _mtime, log in sorted(logs, reverse=True)[KEEP_FAILED_LOGS:]:
+        with contextlib.suppress(OSError):
+            log.unlink()
+    return removed
+
+
+def _evict(base: Path, directory: Path, mtime: int | None) -> bool:
+    """Remove one template unless its lock is held or it was used after ``mtime`` (None:
+    only if there is no template, for a lock file left alone); its lock file goes with it,
+    removed while held (waiters then lock the next one)."""
+    lock = base / f"{directory.name}.lock"
+    with _locked(lock, wait=False) as held:
+        if not held:
+            return False
+        try:
+            if directory.stat().st_mtime_ns != mtime:
+                return False
+        except FileNotFoundError:
+            pass  # nothing to keep
+        shutil.rmtree(directory, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            lock.unlink()
+        return True

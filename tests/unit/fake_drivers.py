@@ -48,6 +48,9 @@ from sandbox.pod.drivers import Drivers
 
 Event = tuple[Any, ...]
 
+#: What a fake template VM saves, and a restoring fake QEMU must read back whole.
+FAKE_STATE = b"fake saved state\n"
+
 
 class FakeProcess:
     """A real ``sleep`` child standing in for a host process of a pod."""
@@ -235,6 +238,10 @@ class FakeVM(Hypervisor):
         for _tag, sock_path in self.config.shares:
             if not sock_path.exists():  # QEMU connects to the vhost-user socket at start
                 raise LaunchError(f"qemu for vm {self.config.name}: {sock_path} refused")
+        if self.config.incoming_fd is not None:  # QEMU reads the whole state from the fd
+            loaded = os.pread(self.config.incoming_fd, 1 << 20, 0)
+            if loaded != FAKE_STATE:
+                raise LaunchError(f"qemu for vm {self.config.name}: bad saved state {loaded!r}")
         self.config.console_log.write_text("fake console: booting\n")
         self.process = self.drivers.spawn("qemu")
 
@@ -289,7 +296,7 @@ class FakeVM(Hypervisor):
 
     def save_state(self, fd: int, timeout: float) -> None:
         self._call("save_state")
-        os.write(fd, b"fake saved state\n")
+        os.write(fd, FAKE_STATE)
 
 
 class FakeGuest(pb_grpc.AgentServicer):

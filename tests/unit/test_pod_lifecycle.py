@@ -372,9 +372,7 @@ def test_a_call_gives_up_at_once_when_a_pod_process_dies(
     assert_nothing_left(fake, root, "p1")
 
 
-def test_a_proxy_restarted_by_another_process_is_no_casualty(
-    fake: FakeDrivers, root: Path
-) -> None:
+def test_a_proxy_restarted_by_another_process_is_no_casualty(fake: FakeDrivers, root: Path) -> None:
     pod = Pod.boot(root, "p1")
     other = Pod.load(root, "p1")
     next(p for p in fake.processes if p.name == "proxy").kill()
