@@ -115,8 +115,9 @@ def _rpc_error(
 
 
 def _bounded_detail(text: str, limit: int = 4096) -> str:
-    """The agent's message as one line of at most ``limit`` characters."""
-    line = " ".join(text.split())
+    """The agent's message as one printable line of at most ``limit`` characters: runs of
+    white space become one space, anything else unprintable (terminal escapes...) "?"."""
+    line = "".join(c if c.isprintable() else "?" for c in " ".join(text.split()))
     return line if len(line) <= limit else line[:limit] + "…"
 
 
