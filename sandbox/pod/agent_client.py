@@ -293,6 +293,9 @@ class AgentClient:
         return files
 
 
+#: What ContainerStatus may report (agent.proto).
+_CONTAINER_STATUSES = ("created", "running", "paused", "stopped")
+
 #: Deadline of one WaitProcess call; waits longer than this are retried.
 WAIT_SLICE_SECONDS = 30.0
 
@@ -434,11 +437,16 @@ class ContainerClient(AgentClient):
         return table
 
     def container_status(self, container_id: str) -> tuple[str, int, int]:
-        """ContainerStatus: ("created" | "running" | "paused" | "stopped", init pid, exit
-        status)."""
+        """ContainerStatus: ("created" | "running" | "paused" | "stopped", init pid (0: none),
+        exit status 0..255); AgentError for anything else."""
         reply = self._call("ContainerStatus", pb.ContainerRequest(container_id=container_id))
         status = _bounded(reply.status, "container status", 16)
-        return status, int(reply.pid), int(reply.exit_status)
+        if status not in _CONTAINER_STATUSES:
+            raise AgentError(f"agent reported an unknown container status {status!r}")
+        pid = 0 if reply.pid == 0 else _pid(reply.pid, f"container {container_id}")
+        if not 0 <= reply.exit_status <= 255:
+            raise AgentError(f"agent reported an impossible exit status {reply.exit_status}")
+        return status, pid, int(reply.exit_status)
 
     def pause_container(self, container_id: str) -> None:
         """PauseContainer: freeze every process; returns once frozen."""

@@ -56,6 +56,9 @@ DEFAULT_MEMORY_MIB = 512
 DEFAULT_BOOT_TIMEOUT = 60.0
 #: Console logs of failed boots kept under ``<root>/logs/`` (the newest; older ones go).
 KEPT_CONSOLE_LOGS = 16
+#: Most bytes of a log kept under ``<root>/logs/`` (its end): a guest can write its serial
+#: console without bound, and the kept copy must not double that.
+KEPT_LOG_BYTES = 1 << 20
 #: The pod's host processes a waiting call watches (:meth:`Pod.casualty`): record name,
 #: what the error calls it, its log in the pod's directory.
 WATCHED_PROCESSES = (
@@ -603,8 +606,8 @@ class Pod:
         return self._keep_log(self.console_log.name, f"{self.id}-console.log")
 
     def _keep_log(self, name: str, kept_name: str) -> Path | None:
-        """Copy the log ``name`` of the pod's directory to ``<root>/logs/kept_name`` (its
-        path, or None when there is none); only the :data:`KEPT_CONSOLE_LOGS` newest logs of
+        """Copy the log ``name`` of the pod's directory (its last :data:`KEPT_LOG_BYTES`)
+        to ``<root>/logs/kept_name`` (its path, or None when there is none); only the :data:`KEPT_CONSOLE_LOGS` newest logs of
         each kind (the part of ``kept_name`` after the pod id) stay there."""
         source = self.dir / name
         if not source.exists():
@@ -612,7 +615,7 @@ class Pod:
         try:
             logs = state.ensure_dir(self.root / "logs")
             kept = logs / kept_name
-            shutil.copyfile(source, kept)
+            _copy_tail(source, kept, KEPT_LOG_BYTES)
         except OSError:
             return None
         prune_console_logs(logs, pattern="*" + kept_name.removeprefix(self.id))
@@ -712,6 +715,16 @@ class Pod:
         ref = self.process(name)
         if ref is not None:
             self.drivers.terminate(name, ref)
+
+
+def _copy_tail(source: Path, target: Path, limit: int) -> None:
+    """Write the last ``limit`` bytes of ``source`` to ``target`` (replaced)."""
+    with open(source, "rb") as src, open(target, "wb") as dst:
+        size = os.fstat(src.fileno()).st_size
+        if size > limit:
+            src.seek(size - limit)
+            dst.write(f"[{size - limit} earlier bytes not kept]\n".encode())
+        shutil.copyfileobj(src, dst)
 
 
 def prune_console_logs(logs: Path, keep: int | None = None, pattern: str = "*-console.log") -> None:

@@ -286,3 +286,40 @@ def test_sigterm_at_any_moment_of_the_start_up_leaves_nothing(
         assert_nothing_left(root, name)
     print(f"sigterm {verb}: (moment, exit status) = {outcomes}")
     assert sum(code == 128 + signal.SIGTERM for _m, code in outcomes) >= len(aims) - 1
+
+
+def test_a_guest_kernel_crashed_from_a_privileged_container_fails_a_waiting_exec_at_once(
+    root: Path, tmp_path: Path
+) -> None:
+    """A compromised guest takes its agent down with it (a privileged container crashes the
+    guest kernel through /proc/sysrq-trigger): an exec waiting on the agent fails at once
+    naming QEMU, which exits (``-no-reboot``), and ``delete --force`` leaves nothing."""
+    from ocispec.capabilities import NAMES as ALL_CAPABILITIES
+
+    cid = "crash"
+    script = "until [ -e /tmp/go ]; do sleep 0.1; done; echo c > /proc/sysrq-trigger"
+    bundle = make_bundle(tmp_path, ["sh", "-c", script])
+    spec = json.loads((bundle / "config.json").read_text())
+    spec["root"]["readonly"] = False
+    for kind in ("bounding", "effective", "permitted"):
+        spec["process"]["capabilities"][kind] = list(ALL_CAPABILITIES)
+    spec["linux"].pop("seccomp", None)
+    spec["linux"]["maskedPaths"] = []
+    spec["linux"]["readonlyPaths"] = []
+    (bundle / "config.json").write_text(json.dumps(spec))
+    subprocess.run(cli(root, "create", "--bundle", str(bundle), cid), check=True, timeout=150)
+    subprocess.run(cli(root, "start", cid), check=True, timeout=60)
+    waiting = spawn(root, "exec", cid, "sh", "-c", "echo ready; exec sleep 1000")
+    assert waiting.stdout is not None and waiting.stdout.readline() == "ready\n"
+    qemu = recorded_pid(root, cid, "qemu")
+    assert qemu is not None
+    go = subprocess.run(cli(root, "exec", cid, "touch", "/tmp/go"), timeout=60)
+    assert go.returncode == 0
+    code, err, took = finish(waiting, time.monotonic())
+    assert code != 0 and took < PROMPT + 10, (code, took, err)  # + the guest's panic
+    assert_one_line_naming(err, "QEMU", qemu, cid, root)
+    done = subprocess.run(
+        cli(root, "delete", "--force", cid), capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    assert_nothing_left(root, cid)

@@ -21,7 +21,7 @@ from hypervisor.errors import HypervisorTimeout, LaunchError, QMPError, Virtiofs
 from sandbox.errors import AgentError, NotFoundError, StateError
 from sandbox.pod.lifecycle import Pod
 from sandbox.pod.record import PodStatus
-from tests.unit.fake_drivers import Event, FakeDrivers, fixture_drivers
+from tests.unit.fake_drivers import Event, FakeDrivers, FakeVM, fixture_drivers
 
 
 @pytest.fixture
@@ -380,3 +380,26 @@ def test_a_proxy_restarted_by_another_process_is_no_casualty(fake: FakeDrivers, 
         client.health()
     assert pod.casualty() is None  # pod's own record still names the dead one
     pod.destroy()
+
+
+def test_a_flooded_console_log_is_kept_only_by_its_end(
+    fake: FakeDrivers, root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A guest writes its serial console without bound: the copy kept for a failed boot is
+    the log's last KEPT_LOG_BYTES, saying how much was left out."""
+    from sandbox.pod import lifecycle
+
+    monkeypatch.setattr(lifecycle, "KEPT_LOG_BYTES", 1000)
+    fake.fail["agent.MountShare"] = "no such tag"
+    real_start = FakeVM.start
+
+    def flooding(vm: FakeVM, *, paused: bool = True) -> None:
+        real_start(vm, paused=paused)
+        vm.config.console_log.write_bytes(b"x" * 5000 + b"the end\n")
+
+    monkeypatch.setattr(FakeVM, "start", flooding)
+    with pytest.raises(AgentError, match="serial console log kept at"):
+        Pod.boot(root, "p1")
+    kept = (root / "logs" / "p1-console.log").read_bytes()
+    assert kept == b"[4008 earlier bytes not kept]\n" + (b"x" * 992 + b"the end\n")
+    assert_nothing_left(fake, root, "p1")
