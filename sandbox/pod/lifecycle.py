@@ -607,8 +607,9 @@ class Pod:
 
     def _keep_log(self, name: str, kept_name: str) -> Path | None:
         """Copy the log ``name`` of the pod's directory (its last :data:`KEPT_LOG_BYTES`)
-        to ``<root>/logs/kept_name`` (its path, or None when there is none); only the :data:`KEPT_CONSOLE_LOGS` newest logs of
-        each kind (the part of ``kept_name`` after the pod id) stay there."""
+        to ``<root>/logs/kept_name`` (its path, or None when there is none); only the
+        :data:`KEPT_CONSOLE_LOGS` newest logs of each kind (the part of ``kept_name`` after
+        the pod id) stay there."""
         source = self.dir / name
         if not source.exists():
             return None

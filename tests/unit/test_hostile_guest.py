@@ -19,7 +19,6 @@ import time
 from collections.abc import Callable, Iterator
 from concurrent import futures
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import grpc
@@ -199,9 +198,7 @@ def message_fields(descriptor: Descriptor, depth: int = 0) -> st.SearchStrategy[
     strategies: dict[str, st.SearchStrategy[Any]] = {}
     for f in descriptor.fields:
         one = value(f)
-        strategies[f.name] = (
-            st.lists(one, max_size=3 if depth else 40) if f.is_repeated else one
-        )
+        strategies[f.name] = st.lists(one, max_size=3 if depth else 40) if f.is_repeated else one
     return st.fixed_dictionaries({}, optional=strategies).map(build)
 
 
@@ -268,7 +265,7 @@ def _checked(op: str, result: Any) -> None:
     elif op == "table":
         for row in result:
             assert row.command.isprintable() and len(row.command) <= MAX_COMMAND_CHARS
-            assert 0 < row.pid and 0 < row.guest_pid and row.exec_id.isprintable()
+            assert row.pid > 0 and row.guest_pid > 0 and row.exec_id.isprintable()
     elif op == "status":
         status, pid, exit_status = result
         assert status in ("created", "running", "paused", "stopped")
@@ -345,10 +342,8 @@ def test_an_endless_stream_is_consumed_in_bounded_chunks_until_the_host_stops(
     chunk = pb.Chunk(data=b"y" * 65536).SerializeToString()
     guest.agent.behaviour = Behaviour("endless", chunk)
     for client in (guest.direct, guest.proxied):
-        taken = 0
-        for data in client.read_stream("c1", "", "stdout"):
+        for taken, data in enumerate(client.read_stream("c1", "", "stdout"), 1):
             assert len(data) == 65536
-            taken += 1
             if taken == 50:
                 break
     guest.agent.behaviour = Behaviour("reply", pb.HealthResponse(status=1).SerializeToString())
