@@ -5,7 +5,8 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PROTO_OUT := agentapi/proto/agent_pb2.py agentapi/proto/agent_pb2_grpc.py
 
-.PHONY: deps host-packages venv proto guest-image check demo test unit integration lint bench clean
+.PHONY: deps host-packages venv proto guest-image check demo test unit integration lint bench clean \
+	campaign
 
 deps: host-packages venv proto
 
@@ -33,6 +34,13 @@ PYTEST := $(VENV)/bin/pytest
 # The README's second command: everything set up, then the whole suite (VM tests included).
 test: deps guest-image
 	$(PYTEST) -q -rs tests
+
+# Fault-injection and hostile-input campaigns at full size (docs/security.md, "Campaigns");
+# `make test` runs the same tests small. Prints what each campaign tried and what happened.
+CAMPAIGN_TESTS := tests/unit/test_hostile_guest.py tests/unit/ocispec \
+	tests/unit/test_template_gc.py tests/integration/test_faults.py
+campaign: deps guest-image
+	PYSANDBOX_HYPOTHESIS=large PYSANDBOX_CAMPAIGN=large $(PYTEST) -q -rs -s $(CAMPAIGN_TESTS)
 
 unit: deps
 	$(PYTEST) -q tests/unit

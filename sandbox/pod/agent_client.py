@@ -464,12 +464,17 @@ class ContainerClient(AgentClient):
 
     def stats_container(self, container_id: str) -> dict[str, int]:
         """StatsContainer: cpu_usage_usec, memory_usage_bytes, memory_limit_bytes (0 = no
-        limit), pids_current and oom_kills of the container's cgroup."""
+        limit), pids_current and oom_kills of the container's cgroup, each below 2^63 (what
+        a signed 64-bit reader of them takes; AgentError otherwise)."""
         reply = self._call("StatsContainer", pb.ContainerRequest(container_id=container_id))
-        return {
+        stats = {
             "cpu_usage_usec": int(reply.cpu_usage_usec),
             "memory_usage_bytes": int(reply.memory_usage_bytes),
             "memory_limit_bytes": int(reply.memory_limit_bytes),
             "pids_current": int(reply.pids_current),
             "oom_kills": int(reply.oom_kills),
         }
+        for name, value in stats.items():
+            if not 0 <= value < 2**63:
+                raise AgentError(f"agent reported an impossible {name} {value}")
+        return stats
