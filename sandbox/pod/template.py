@@ -289,7 +289,14 @@ def _build(
         vm.start()
         proxy = drivers.start_proxy(work, vm.pid)
         vm.resume()
-        with AgentClient(f"unix:{work / 'agent.sock'}") as agent:
+        started = proxy
+
+        def casualty() -> str | None:
+            if started.alive():
+                return None
+            return f"the agent proxy (pid {started.pid}) of the template VM died"
+
+        with AgentClient(f"unix:{work / 'agent.sock'}", watch=casualty) as agent:
             agent.wait_healthy(timeout, alive=lambda: bool(vm.pids()))
         fd = os.open(staging / STATE_FILE, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         try:

@@ -182,3 +182,32 @@ def test_a_bad_budget_is_one_line_before_anything_starts(
     assert fake.events == []
     monkeypatch.setenv("PYSANDBOX_TEMPLATE_MAX_MIB", "0")  # keeps only the template in use
     assert template.max_bytes() == 0
+
+
+def test_a_template_build_whose_proxy_dies_gives_up_at_once(
+    fake: FakeDrivers, tmp_path: Path
+) -> None:
+    """The template VM's agent never answers and its proxy dies: the build fails within a
+    second (not after the boot timeout) and the pod cold boots, noting why."""
+    stuck = threading.Event()
+    fake.fail["agent.Health"] = stuck
+
+    def kill_the_template_proxy() -> None:
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            proxies = [p for p in fake.processes if p.name == "proxy"]
+            if proxies:
+                proxies[0].kill()
+                time.sleep(1.0)  # the watch gives up first; then the agent answers again
+                stuck.set()
+                return
+            time.sleep(0.01)
+
+    threading.Thread(target=kill_the_template_proxy).start()
+    started = time.monotonic()
+    pod = Pod.boot(tmp_path / "root", "p1")
+    assert time.monotonic() - started < 4
+    assert pod.record.boot == "cold"
+    notes = (pod.dir / "boot.log").read_text()
+    assert "of the template VM died" in notes, notes
+    pod.stop()
