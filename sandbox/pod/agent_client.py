@@ -129,6 +129,18 @@ WATCH_INTERVAL = 0.2
 Watch = Callable[[], str | None]
 
 
+#: Status codes of a call whose channel broke (rather than an answer of the agent).
+_BROKEN = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED, grpc.StatusCode.UNKNOWN)
+
+
+def _first_death(watch: Watch, patience: float = 0.5) -> str | None:
+    """What ``watch`` reports within ``patience`` seconds (None: nothing died)."""
+    deadline = time.monotonic() + patience
+    while (died := watch()) is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return died
+
+
 class AgentClient:
     """A connection to one agent. Cheap to create; close() when done (or use ``with``).
 
@@ -183,13 +195,22 @@ class AgentClient:
                 if died is None:
                     continue
                 call.cancel()
-                raise PodProcessDied(
-                    died,
-                    rpc=name,
-                    pod_id=self.pod_id,
-                    container_id=str(getattr(request, "container_id", "")),
-                    exec_id=str(getattr(request, "exec_id", "")),
-                ) from None
+            except grpc.RpcError as exc:
+                # The channel broke (the proxy exits with QEMU): say which process died, if
+                # one did; its death may take a moment to show (a process closes its files
+                # before it is a zombie).
+                if not isinstance(exc, grpc.Call) or exc.code() not in _BROKEN:
+                    raise
+                died = _first_death(watch)
+                if died is None:
+                    raise
+            raise PodProcessDied(
+                died,
+                rpc=name,
+                pod_id=self.pod_id,
+                container_id=str(getattr(request, "container_id", "")),
+                exec_id=str(getattr(request, "exec_id", "")),
+            ) from None
 
     def health(self, timeout: float | None = None) -> float:
         """Return the guest's uptime in seconds once the agent is serving."""

@@ -403,3 +403,28 @@ def test_a_flooded_console_log_is_kept_only_by_its_end(
     kept = (root / "logs" / "p1-console.log").read_bytes()
     assert kept == b"[4008 earlier bytes not kept]\n" + (b"x" * 992 + b"the end\n")
     assert_nothing_left(fake, root, "p1")
+
+
+def test_a_call_whose_channel_breaks_as_qemu_dies_names_qemu(fake: FakeDrivers, root: Path) -> None:
+    """QEMU's death closes the agent channel under the call (the proxy goes with QEMU) a
+    moment before the process is seen gone: the error still names QEMU, not the channel."""
+    import threading
+    import time
+
+    from sandbox.errors import PodProcessDied
+
+    pod = Pod.boot(root, "p1")
+    fake.fail["agent.CreateContainer"] = threading.Event()
+    qemu = next(p for p in fake.processes if p.name == "qemu")
+    proxy = pod.process("proxy")
+    assert proxy is not None
+
+    def die() -> None:
+        fake.servers.pop(proxy.pid).stop(0)  # the channel breaks first...
+        time.sleep(0.1)
+        qemu.kill()  # ...then QEMU is gone
+
+    threading.Timer(0.3, die).start()
+    with pod.client() as client, pytest.raises(PodProcessDied, match=r"^QEMU \(pid"):
+        client.create_container("c1", b"{}", "/r")
+    pod.destroy()
