@@ -139,15 +139,21 @@ def assert_one_line_naming(err: str, label: str, pid: int, pod_id: str, root: Pa
     assert kept.parent == root / "logs" and kept.is_file(), err
 
 
-def test_virtiofsd_killed_during_create_fails_it_at_once(root: Path, tmp_path: Path) -> None:
-    """The server process (virtiofsd's child) is killed once the pod runs, while create
-    shares the container's files and has the guest create it: the guest would wait on the
-    share forever."""
+@pytest.mark.parametrize("verb", ["create", "run -d"])
+def test_virtiofsd_killed_during_create_or_run_d_fails_it_at_once(
+    root: Path, tmp_path: Path, verb: str
+) -> None:
+    """The server process (virtiofsd's child) is killed once the pod runs, while the
+    command shares the container's files and has the guest create it: the guest would wait
+    on the share forever (before: 122 s, "agent did not answer CreateContainer within
+    120s")."""
     for attempt in range(3):
         cid = f"fs{attempt}"
-        bundle = make_bundle(tmp_path, ["sleep", "1000"])
-        create = spawn(root, "create", "--bundle", str(bundle), cid)
-
+        if verb == "create":
+            bundle = make_bundle(tmp_path, ["sleep", "1000"])
+            command = spawn(root, "create", "--bundle", str(bundle), cid)
+        else:
+            command = spawn(root, "run", "-d", "--name", cid, "default", "sleep", "1000")
         parents: list[int] = []
 
         def aim(cid: str = cid, parents: list[int] = parents) -> Iterator[int | None]:
@@ -159,19 +165,19 @@ def test_virtiofsd_killed_during_create_fails_it_at_once(root: Path, tmp_path: P
                     parents.append(parent)
                 yield servers[0] if servers else None
 
-        hit = kill_when(create, aim())
+        hit = kill_when(command, aim())
         if hit is None:  # created before the aim: try again
-            assert create.wait() == 0, create.stderr.read() if create.stderr else ""
-            subprocess.run(cli(root, "delete", "--force", cid), check=True, timeout=120)
+            assert command.wait() == 0, command.stderr.read() if command.stderr else ""
+            remove = ["delete", "--force", cid] if verb == "create" else ["rm", "-f", cid]
+            subprocess.run(cli(root, *remove), check=True, timeout=120)
             continue
         _server, killed_at = hit
-        code, err, took = finish(create, killed_at)
-        assert code != 0 and took < PROMPT, (code, took, err)
-        parent = parents[-1]
-        assert_one_line_naming(err, "virtiofsd", parent, cid, root)
+        code, err, took = finish(command, killed_at)
+        assert code == (1 if verb == "create" else 125) and took < PROMPT, (code, took, err)
+        assert_one_line_naming(err, "virtiofsd", parents[-1], cid, root)
         assert_nothing_left(root, cid)
         return
-    pytest.fail("create was done before virtiofsd could be killed, three times")
+    pytest.fail(f"{verb} was done before virtiofsd could be killed, three times")
 
 
 def test_agent_proxy_killed_during_run_d_fails_it_at_once(root: Path) -> None:
