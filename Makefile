@@ -37,7 +37,7 @@ test: deps guest-image
 
 # Fault-injection and hostile-input campaigns at full size (docs/security.md, "Campaigns");
 # `make test` runs the same tests small. Prints what each campaign tried and what happened.
-CAMPAIGN_TESTS := tests/unit/test_hostile_guest.py tests/unit/ocispec \
+CAMPAIGN_TESTS := tests/unit/test_hostile_guest.py tests/unit/test_hostile_cli.py tests/unit/ocispec \
 	tests/unit/test_template_gc.py tests/integration/test_faults.py
 campaign: deps guest-image
 	PYSANDBOX_HYPOTHESIS=large PYSANDBOX_CAMPAIGN=large $(PYTEST) -q -rs -s $(CAMPAIGN_TESTS)

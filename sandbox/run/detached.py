@@ -40,7 +40,7 @@ from typing import Any
 from hypervisor.process import ProcessHandle
 from sandbox import IMPORT_ROOT
 from sandbox import store as state
-from sandbox.errors import NotFoundError, RunError, SandboxError, StateError
+from sandbox.errors import ConfigError, NotFoundError, RunError, SandboxError, StateError
 from sandbox.image import pull as image_pull
 from sandbox.image import store as images
 from sandbox.pod import host_cgroup
@@ -262,7 +262,11 @@ def remove(root: Path, name: str, force: bool = False) -> None:
     """docker's rm: remove a stopped run (with ``force``, a running one: killed first) and
     everything it has: VM, mounts, record, log."""
     with _run_lock(root, name) as lock:
-        record = load_run(root, name)
+        try:
+            record = load_run(root, name)
+        except (NotFoundError, ConfigError):
+            lock.discard()  # no run (or no valid name): no lock file left for it either
+            raise
         if not force and record.status is not Status.STOPPED:
             raise StateError(f"run {name} is {record.status}: stop it first or use rm -f")
         delete.delete(root, name, force=True)

@@ -151,6 +151,8 @@ def _volumes(args: argparse.Namespace, held: HeldSources) -> list[dict[str, Any]
         host, guest = Path(parts[0]), parts[1]
         if not host.is_absolute() or not guest.startswith("/"):
             raise RunError(f"invalid volume {item!r}: both paths must be absolute")
+        if os.path.normpath(guest) in ("/", "//"):  # docker refuses it too
+            raise RunError(f"invalid volume {item!r}: the container's / cannot be a volume")
         try:
             held.hold(host)  # what is checked now is what is mounted after the boot
         except FileNotFoundError:
