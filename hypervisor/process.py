@@ -11,7 +11,9 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -194,3 +196,30 @@ def log_tail(path: Path, lines: int = 10, limit: int = 4096) -> str:
         return ""
     text = data.decode(errors="replace").strip()
     return "\n".join(text.splitlines()[-lines:])
+
+
+#: The signals whose Python handlers :func:`signals_held` defers.
+_HELD = (signal.SIGTERM, signal.SIGHUP, signal.SIGINT)
+
+
+@contextlib.contextmanager
+def signals_held() -> Iterator[None]:
+    """Run the block (a step that must not be cut in two: a process started and recorded,
+    a QMP exchange) with :data:`_HELD` noted instead of handled; once it ends, the
+    previous handlers are back and each noted signal is raised again, so it is handled
+    (or kills the process, or is ignored) as it would have been. Python runs signal handlers
+    in the main thread only: elsewhere the block just runs."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    noted: list[int] = []
+    previous = {
+        each: signal.signal(each, lambda signum, _f: noted.append(signum)) for each in _HELD
+    }
+    try:
+        yield
+    finally:
+        for each, handler in previous.items():  # None: one not set from Python
+            signal.signal(each, signal.SIG_DFL if handler is None else handler)
+        for signum in dict.fromkeys(noted):
+            signal.raise_signal(signum)

@@ -19,9 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import signal
-import threading
-from collections.abc import Coroutine, Iterator
+from collections.abc import Coroutine
 from pathlib import Path
 from types import TracebackType
 from typing import Any, TypeVar
@@ -30,6 +28,7 @@ from qemu.qmp import ExecuteError, QMPClient
 from qemu.qmp import QMPError as _LibQMPError
 
 from hypervisor.errors import HypervisorTimeout, QMPError
+from hypervisor.process import signals_held
 
 _T = TypeVar("_T")
 DEFAULT_TIMEOUT = 5.0
@@ -73,7 +72,7 @@ class QMP:
         # ("Task exception was never retrieved") to stderr. Its outcome is retrieved here.
         task.add_done_callback(_retrieve)
         try:
-            with _signals_held():
+            with signals_held():
                 return self._loop.run_until_complete(task)
         except TimeoutError as exc:
             raise HypervisorTimeout(
@@ -129,7 +128,7 @@ class QMP:
         """Disconnect and free the loop. Idempotent; never raises for a dead peer."""
         if self._loop.is_closed():
             return
-        with _signals_held():
+        with signals_held():
             with contextlib.suppress(Exception):
                 self._loop.run_until_complete(
                     asyncio.wait_for(self._client.disconnect(), DEFAULT_TIMEOUT)
@@ -149,32 +148,6 @@ class QMP:
         tb: TracebackType | None,
     ) -> None:
         self.close()
-
-
-#: The signals whose Python handlers :func:`_signals_held` defers.
-_HELD = (signal.SIGTERM, signal.SIGHUP, signal.SIGINT)
-
-
-@contextlib.contextmanager
-def _signals_held() -> Iterator[None]:
-    """Run the block with :data:`_HELD` noted instead of handled; once it ends, the
-    previous handlers are back and each noted signal is raised again, so it is handled
-    (or kills the process, or is ignored) as it would have been. Python runs signal handlers
-    in the main thread only: elsewhere the block just runs."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    noted: list[int] = []
-    previous = {
-        each: signal.signal(each, lambda signum, _f: noted.append(signum)) for each in _HELD
-    }
-    try:
-        yield
-    finally:
-        for each, handler in previous.items():  # None: one not set from Python
-            signal.signal(each, signal.SIG_DFL if handler is None else handler)
-        for signum in dict.fromkeys(noted):
-            signal.raise_signal(signum)
 
 
 def _retrieve(task: asyncio.Future[Any]) -> None:

@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from hypervisor.process import ProcessHandle
+from hypervisor.process import ProcessHandle, signals_held
 from hypervisor.qemu_args import Accelerator, NicConfig, VMConfig
 from hypervisor.virtiofsd import LockMode
 from sandbox import store as state
@@ -398,8 +398,9 @@ class Pod:
             privileged_files=self.record.privileged_files,
             locks="remote" if self.record.remote_locks else "local",
         )
-        fs.start()
-        self._remember("virtiofsd", fs.handle)
+        with signals_held():  # a SIGTERM now is handled once the process is recorded
+            fs.start()
+            self._remember("virtiofsd", fs.handle)
         # 3. The pod network's taps (recorded, then created) before QEMU, which opens them.
         guest_network: network.NetworkConfig | None = None
         nics: tuple[NicConfig, ...] = ()
@@ -491,9 +492,11 @@ class Pod:
                 nics=nics,
             )
         )
-        vm.start()
-        self._remember("qemu", vm.handle)
-        self._remember("proxy", self.drivers.start_proxy(self.dir, vm.pid, forward))
+        with signals_held():
+            vm.start()
+            self._remember("qemu", vm.handle)
+        with signals_held():
+            self._remember("proxy", self.drivers.start_proxy(self.dir, vm.pid, forward))
         vm.resume()
 
     def _restore(
@@ -527,12 +530,14 @@ class Pod:
         )
         loaded = False
         try:
-            try:
-                vm.start()
-            finally:
-                found.close()
-            self._remember("qemu", vm.handle)
-            self._remember("proxy", self.drivers.start_proxy(self.dir, vm.pid, forward))
+            with signals_held():
+                try:
+                    vm.start()
+                finally:
+                    found.close()
+                self._remember("qemu", vm.handle)
+            with signals_held():
+                self._remember("proxy", self.drivers.start_proxy(self.dir, vm.pid, forward))
             vm.wait_incoming(timeout)
             loaded = True
             started = time.monotonic()

@@ -69,6 +69,7 @@ def create(
         if warn is not None:
             warn(message)
     # Only now the pod machinery (gRPC, QEMU): a refusal above costs a CLI start, no more.
+    from hypervisor.process import signals_held
     from sandbox.pod.lifecycle import Pod
     from sandbox.pod.record import PodStatus
     from sandbox.pod.sharing import share_container_files
@@ -132,7 +133,8 @@ def create(
                 rootfs,
                 overlay=spec.root_readonly,
             )
-        with host_cgroup.inside(pod.host_cgroup()):
+        # A SIGTERM now is handled once the shim is recorded.
+        with host_cgroup.inside(pod.host_cgroup()), signals_held():
             handle = shim.spawn(
                 root,
                 container_id,
@@ -140,8 +142,8 @@ def create(
                 terminal=terminal,
                 console_socket=console_socket,
             )
-        record.data["shim"] = handle.to_json()
-        record.save()
+            record.data["shim"] = handle.to_json()
+            record.save()
         run_create_hooks(record, hooks, handle.pid, spec.process.env)
         record.set_status(Status.CREATED)
         if pid_file is not None:
