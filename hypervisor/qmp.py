@@ -45,8 +45,9 @@ class QMP:
     def __init__(self, path: Path, *, timeout: float = DEFAULT_TIMEOUT) -> None:
         self.path = path
         self.timeout = timeout
-        self._loop = asyncio.new_event_loop()
-        self._client = QMPClient(f"pysandbox:{path.name}")
+        with signals_held():  # cut half-way, a loop's __del__ prints a traceback
+            self._loop = asyncio.new_event_loop()
+            self._client = QMPClient(f"pysandbox:{path.name}")
         self._connected = False
 
     @classmethod
