@@ -131,7 +131,7 @@ def start_run(root: Path, name: str, image: str) -> float:
 
 
 def exec_seconds(root: Path, name: str, limit: float) -> float | None:
-    """Seconds ``exec NAME true`` took, or None if it failed or took longer than 3×limit."""
+    """Seconds ``exec NAME true`` took, or None if it failed or took longer than 3 times limit."""
     began = time.monotonic()
     try:
         done = cli(root, "exec", name, "true", timeout=limit * 3)
