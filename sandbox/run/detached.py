@@ -8,15 +8,18 @@ run's name is its container id and its pod id. Only the per-container shim diffe
 ``create``: its stdin is /dev/null and its stdout and stderr are appended to
 ``<root>/<name>/run.log``, which ``logs`` prints.
 
-A small monitor process (``python -m sandbox.run.detached``) waits for the shim to exit (the
-process ended, ``stop``, ``--timeout``), then powers the VM off and unmounts everything,
-keeping the record, the log and the exit status until ``rm`` (or removes all of it for
-``--rm``). ``stop`` and ``rm`` do the same work themselves, so nothing depends on the
-monitor being alive; a per-run lock keeps them from racing with it.
+The run's monitor is the shim's watcher process (``shim --monitor``, no process of its own):
+once the shim has exited (the process ended, ``stop``, ``--timeout``: the watcher kills the
+run then) it powers the VM off and unmounts everything
+(:func:`sandbox.run.monitor.release_after_shim`), keeping the record, the log and the exit
+status until ``rm`` (or removing all of it for ``--rm``). It acts only on a run whose start
+completed (the ``monitored`` file, written after ``start``); a run that failed to start is
+removed by ``run`` itself. ``stop`` and ``rm`` do the same work themselves, so nothing
+depends on the monitor being alive; a per-run lock keeps them from racing with it.
 
 Files under ``<root>/<name>/``: ``state.json`` (the runtime record, with a ``run`` entry:
 image, command, flags), ``config.json`` (the spec, so ``exec`` works too), ``run.log``,
-``exit`` (written by the shim).
+``exit`` (written by the shim), ``monitored``.
 """
 
 from __future__ import annotations
@@ -27,26 +30,22 @@ import json
 import os
 import resource
 import secrets
-import select
 import shutil
 import signal
-import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from hypervisor.process import ProcessHandle
-from sandbox import IMPORT_ROOT
 from sandbox import store as state
 from sandbox.errors import ConfigError, NotFoundError, RunError, SandboxError, StateError
 from sandbox.image import pull as image_pull
 from sandbox.image import store as images
 from sandbox.pod import host_cgroup
-from sandbox.pod.lifecycle import Pod
 from sandbox.pod.sharing import HeldSources, unshare_container_files
 from sandbox.run.launch import boot_pod, create_in_pod
+from sandbox.run.monitor import MONITORED, load_run, release, run_lock, wait_shim
 from sandbox.run.spec import build_spec, check_options, parse_size
 from sandbox.runtime import control, delete, kill, shim, start
 from sandbox.runtime.record import ContainerRecord, Status
@@ -119,14 +118,15 @@ def _create(
             unshare_container_files(pod, name)
             raise
         with host_cgroup.inside(pod.host_cgroup()):
-            handle = _spawn_logging_shim(root, name, pod.agent_address, record.dir / LOG_NAME)
+            handle = _spawn_logging_shim(
+                root, name, pod.agent_address, record.dir / LOG_NAME, args.timeout
+            )
         record.data["shim"] = handle.to_json()
         # The guest writes the log: bound it (the shim drops output beyond; EFBIG, not a kill).
         resource.prlimit(handle.pid, resource.RLIMIT_FSIZE, (log_limit, log_limit))
         record.set_status(Status.CREATED)
         start.start(root, name)
-        with host_cgroup.inside(pod.host_cgroup()):
-            _spawn_monitor(root, name)
+        (record.dir / MONITORED).touch()
     except BaseException:
         with contextlib.suppress(Exception):
             delete.delete(root, name, force=True)
@@ -134,8 +134,11 @@ def _create(
     return name
 
 
-def _spawn_logging_shim(root: Path, name: str, agent: str, log: Path) -> ProcessHandle:
-    """``shim.spawn`` with stdin from /dev/null and stdout+stderr appended to ``log``.
+def _spawn_logging_shim(
+    root: Path, name: str, agent: str, log: Path, timeout: float | None
+) -> ProcessHandle:
+    """``shim.spawn`` (as the run's monitor, see the module docstring) with stdin from
+    /dev/null and stdout+stderr appended to ``log``.
 
     The shim inherits this process's fds 0-2, so they are pointed at the log for the
     duration of the spawn and restored afterwards (even on failure).
@@ -149,94 +152,13 @@ def _spawn_logging_shim(root: Path, name: str, agent: str, log: Path) -> Process
         os.dup2(null_fd, 0)
         os.dup2(log_fd, 1)
         os.dup2(log_fd, 2)
-        return shim.spawn(root, name, agent)
+        return shim.spawn(root, name, agent, monitor=True, timeout=timeout)
     finally:
         for fd, copy in zip((0, 1, 2), saved, strict=True):
             os.dup2(copy, fd)
             os.close(copy)
         os.close(log_fd)
         os.close(null_fd)
-
-
-def _spawn_monitor(root: Path, name: str) -> None:
-    """Start the monitor (see the module docstring) in a session of its own."""
-    devnull = subprocess.DEVNULL
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "sandbox.run.detached", "--root", str(root), name],
-        stdin=devnull,
-        stdout=devnull,
-        stderr=devnull,
-        start_new_session=True,
-        cwd="/",
-        env={**os.environ, "PYTHONPATH": IMPORT_ROOT},
-    )
-    proc.returncode = 0  # never waited for here: it outlives this CLI (silences Popen.__del__)
-
-
-@contextlib.contextmanager
-def _run_lock(root: Path, name: str) -> Iterator[state.Lock]:
-    """The run's lock; discard it (``Lock.discard``) once the run's record is gone."""
-    with state.locked(root, f"run-{state.pod_dir_name(name)}") as lock:
-        yield lock
-
-
-def load_run(root: Path, name: str) -> ContainerRecord:
-    """The record of detached run ``name``; NotFoundError when there is no such run."""
-    try:
-        record = ContainerRecord.load(root, name)
-    except NotFoundError:
-        raise NotFoundError(f"no such run: {name}") from None
-    if not isinstance(record.data.get("run"), dict):
-        raise NotFoundError(f"no such run: {name} (a runtime container: use kill/delete)")
-    return record
-
-
-def _wait_shim(record: ContainerRecord, timeout: float | None) -> bool:
-    """Wait until the run's shim is gone; True if it is. ``None`` waits forever."""
-    handle = record.shim
-    if handle is None:
-        return True
-    try:
-        pidfd = os.pidfd_open(handle.pid)
-    except OSError:  # gone already, or no pidfds (Linux < 5.3): poll
-        return handle.wait(float("inf") if timeout is None else timeout)
-    try:
-        if not handle.alive():  # the pidfd may name a reused pid: check after opening it
-            return True
-        poller = select.poll()
-        poller.register(pidfd, select.POLLIN)
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while handle.alive():
-            left = None if deadline is None else max(0.0, deadline - time.monotonic())
-            if left == 0.0:
-                return False
-            poller.poll(None if left is None else int(left * 1000) + 1)
-        return True
-    finally:
-        os.close(pidfd)
-
-
-def _release(root: Path, name: str) -> None:
-    """Once the run's process is gone: power its VM off and unmount its files, keeping the
-    record, log and exit status (or, for ``--rm``, removing everything). Takes the run
-    lock; idempotent; a run already removed is left alone."""
-    with _run_lock(root, name) as lock:
-        try:
-            record = load_run(root, name)
-        except NotFoundError:
-            lock.discard()
-            return
-        if record.data["run"].get("remove"):
-            delete.delete(root, name, force=True)
-            lock.discard()
-            return
-        try:
-            pod = Pod.load(root, record.pod_id)
-        except NotFoundError:
-            return
-        with contextlib.suppress(SandboxError):
-            unshare_container_files(pod, name)
-        pod.stop()
 
 
 def stop(root: Path, name: str, seconds: float = DEFAULT_STOP_SECONDS) -> None:
@@ -248,20 +170,20 @@ def stop(root: Path, name: str, seconds: float = DEFAULT_STOP_SECONDS) -> None:
             if record.status is Status.PAUSED:
                 control.set_paused(root, name, paused=False)
             kill.kill(root, name, signal.SIGTERM)
-        if not _wait_shim(record, seconds):
+        if not wait_shim(record, seconds):
             with contextlib.suppress(SandboxError):
                 kill.kill(root, name, signal.SIGKILL, all_processes=True)
-            if not _wait_shim(record, 15.0):
+            if not wait_shim(record, 15.0):
                 handle = record.shim
                 if handle is not None:
                     handle.kill()
-    _release(root, name)
+    release(root, name)
 
 
 def remove(root: Path, name: str, force: bool = False) -> None:
     """docker's rm: remove a stopped run (with ``force``, a running one: killed first) and
     everything it has: VM, mounts, record, log."""
-    with _run_lock(root, name) as lock:
+    with run_lock(root, name) as lock:
         try:
             record = load_run(root, name)
         except (NotFoundError, ConfigError):
@@ -337,28 +259,3 @@ def print_logs(root: Path, name: str, follow: bool = False) -> None:
             if last:
                 return
             time.sleep(0.2)
-
-
-def main(argv: list[str] | None = None) -> None:
-    """``python -m sandbox.run.detached --root ROOT NAME``: the monitor of one run."""
-    parser = argparse.ArgumentParser(prog="pysandbox-run-monitor")
-    parser.add_argument("--root", type=Path, required=True)
-    parser.add_argument("name")
-    args = parser.parse_args(argv)
-    for signum in (signal.SIGHUP, signal.SIGINT):
-        signal.signal(signum, signal.SIG_IGN)
-    try:
-        record = load_run(args.root, args.name)
-        timeout = record.data["run"].get("timeout")
-        limit = float(timeout) if isinstance(timeout, int | float) else None
-        if not _wait_shim(record, limit):
-            with contextlib.suppress(SandboxError):
-                kill.kill(args.root, args.name, signal.SIGKILL, all_processes=True)
-            _wait_shim(record, None)
-        _release(args.root, args.name)
-    except Exception:
-        sys.exit(1)
-
-
-if __name__ == "__main__":
-    main()

@@ -28,6 +28,12 @@ CRI ExecSync, e.g. a probe, times out). So the shim forwards the catchable signa
 :data:`FORWARDED_SIGNALS` to its process in the guest, and a watcher process it forks first
 kills that process if the shim dies before it (SIGKILL cannot be caught); otherwise the
 guest process would outlive what the client believes is gone.
+
+The shim of a detached run (``--monitor``) has that watcher do the run's monitoring too, so a
+run costs no extra host process: once the shim is gone it releases the run's VM
+(:func:`sandbox.run.monitor.release_after_shim`), and after ``--timeout`` seconds it kills
+the run's processes (the shim then exits 137). The watcher is forked before anything heavy is
+imported; what the release needs is imported only then.
 """
 
 from __future__ import annotations
@@ -37,6 +43,7 @@ import array
 import contextlib
 import fcntl
 import os
+import select
 import signal
 import socket
 import struct
@@ -83,9 +90,14 @@ def spawn(
     exec_id: str = "",
     terminal: bool = False,
     console_socket: Path | None = None,
+    monitor: bool = False,
+    timeout: float | None = None,
 ) -> ProcessHandle:
     """Start a shim inheriting this process's stdio (none of it with a terminal: the pty from
-    ``console_socket`` is its stdio then); return it once it reported ready."""
+    ``console_socket`` is its stdio then); return it once it reported ready.
+
+    ``monitor``: the container is detached run ``container_id`` (see the module docstring),
+    killed after ``timeout`` seconds when that is set."""
     ready_r, ready_w = os.pipe()
     argv = [
         sys.executable,
@@ -106,6 +118,10 @@ def spawn(
         argv.append("--terminal")
     if console_socket is not None:
         argv += ["--console-socket", str(console_socket)]
+    if monitor:
+        argv.append("--monitor")
+        if timeout is not None:
+            argv += ["--timeout", repr(float(timeout))]
     try:
         stdio = subprocess.DEVNULL if terminal else None
         proc = subprocess.Popen(
@@ -139,14 +155,15 @@ def _send_console(console_socket: Path, master: int) -> None:
         sock.sendmsg([b"/dev/ptmx"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds)])
 
 
-def _start_watcher(agent: str, container_id: str, exec_id: str, keep_closed: int) -> int:
+def _start_watcher(args: argparse.Namespace) -> int:
     """Fork the process that kills the guest process if this shim dies before it.
 
     Called before anything opens gRPC channels, threads or the terminal (fork-safe). The
     watcher blocks reading a pipe whose only write end the shim holds: a byte written there
     (:func:`_dismiss_watcher`) means the shim is done and the watcher just exits; EOF means
-    the shim died first, so the watcher sends SIGKILL to the guest process. Returns the
-    write end.
+    the shim died first, so the watcher sends SIGKILL to the guest process. With
+    ``args.monitor`` it then releases the detached run (and kills it after
+    ``args.timeout`` seconds). Returns the write end.
     """
     read_end, write_end = os.pipe()
     if os.fork() != 0:
@@ -155,21 +172,41 @@ def _start_watcher(agent: str, container_id: str, exec_id: str, keep_closed: int
     status = 0
     try:
         os.close(write_end)
-        os.close(keep_closed)  # the spawner's ready pipe: only the shim answers on it
+        os.close(args.ready_fd)  # the spawner's ready pipe: only the shim answers on it
         devnull = os.open(os.devnull, os.O_RDWR)
         for fd in (0, 1, 2):  # never hold the container's stdio (clients wait for its EOF)
             os.dup2(devnull, fd)
         os.close(devnull)
         for signum in FORWARDED_SIGNALS:
             signal.signal(signum, signal.SIG_IGN)
-        if os.read(read_end, 1) != _WATCHER_DISMISS:
+        if _await_shim(read_end, args) != _WATCHER_DISMISS:
             from sandbox.pod.agent_client import ContainerClient
 
-            ContainerClient(agent, timeout=5.0).signal(container_id, exec_id, signal.SIGKILL)
+            with contextlib.suppress(Exception):
+                client = ContainerClient(args.agent, timeout=5.0)
+                client.signal(args.id, args.exec_id, signal.SIGKILL)
+        if args.monitor:
+            from sandbox.run.monitor import release_after_shim
+
+            release_after_shim(args.root, args.id)
     except BaseException:
         status = 1
     finally:
         os._exit(status)
+
+
+def _await_shim(read_end: int, args: argparse.Namespace) -> bytes:
+    """In the watcher: the byte the shim sent (b"" when it died), once it is done. A detached
+    run still running after ``args.timeout`` seconds is killed (SIGKILL to all its processes)
+    and then awaited as any other."""
+    if args.monitor and args.timeout is not None:
+        ready, _, _ = select.select([read_end], [], [], args.timeout)
+        if not ready:
+            from sandbox.runtime import kill
+
+            with contextlib.suppress(Exception):  # it may be ending meanwhile, or its VM gone
+                kill.kill(args.root, args.id, signal.SIGKILL, all_processes=True)
+    return os.read(read_end, 1)
 
 
 def _dismiss_watcher(write_end: int) -> None:
@@ -291,8 +328,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--terminal", action="store_true")
     parser.add_argument("--console-socket", type=Path)
     parser.add_argument("--ready-fd", type=int, required=True)
+    parser.add_argument("--monitor", action="store_true")
+    parser.add_argument("--timeout", type=float)
     args = parser.parse_args(argv)
-    watcher = _start_watcher(args.agent, args.id, args.exec_id, args.ready_fd)
+    watcher = _start_watcher(args)
     ready = os.fdopen(args.ready_fd, "wb", buffering=0)
     signal.signal(signal.SIGPIPE, signal.SIG_IGN)
     # A capped output file (RLIMIT_FSIZE, run -d's log) fails writes with EFBIG instead.

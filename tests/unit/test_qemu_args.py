@@ -50,7 +50,7 @@ def test_full_tcg_pc_golden() -> None:
         "/usr/bin/qemu-system-x86_64",
         "-name", "pod1",
         "-machine", "pc,memory-backend=mem",
-        "-accel", "tcg,thread=multi",
+        "-accel", "tcg,thread=multi,tb-size=32",
         "-cpu", "max",
         "-smp", "1",
         "-m", "512M",
@@ -146,6 +146,8 @@ def test_commas_in_paths_are_escaped() -> None:
         (Machine("q35"), ["-machine", "q35"]),
         (Accel("tcg"), ["-accel", "tcg,thread=multi"]),
         (Accel("kvm"), ["-accel", "kvm"]),
+        (Accel("tcg", 16), ["-accel", "tcg,thread=multi,tb-size=16"]),
+        (Accel("kvm", 16), ["-accel", "kvm"]),
         (Cpu.for_accel("tcg"), ["-cpu", "max"]),
         (Cpu.for_accel("kvm"), ["-cpu", "host"]),
         (Memory(128), ["-m", "128M"]),
@@ -216,6 +218,7 @@ def test_stderr_log_defaults_next_to_console_log() -> None:
         {"shares": (("t", D / "a"), ("t", D / "b"))},
         {"shares": (("", D / "a"),)},
         {"shares": (("x" * 37, D / "a"),)},
+        {"tb_size_mib": 0},
     ],
 )
 def test_invalid_config_raises_value_error(overrides: dict[str, object]) -> None:
