@@ -179,7 +179,9 @@ class _Plan:
     def _enter_namespaces(self) -> None:
         libc = self.libc
         libc.check(libc.unshare(self.flags), "unshare")
-        libc.check(libc.mount(b"none", b"/", None, _MS_REC | _MS_PRIVATE, None), "mount --make-rprivate /")
+        libc.check(
+            libc.mount(b"none", b"/", None, _MS_REC | _MS_PRIVATE, None), "mount --make-rprivate /"
+        )
         libc.check(
             libc.mount(b"tmpfs", self.root, b"tmpfs", _MS_NOSUID | _MS_NODEV, _TMPFS_OPTIONS),
             "mount the jail's tmpfs root",

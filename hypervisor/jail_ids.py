@@ -72,7 +72,7 @@ class Settings:
     def describe(self) -> str:
         """One line for ``pysandbox check`` (no trailing period)."""
         if not self.enabled:
-            return f"off ({ENV_JAIL}=off): QEMU runs as root with every capability"
+            return f"OFF ({ENV_JAIL}=off or --no-jail): QEMU runs as root with every capability"
         if self.user is not None:
             return f"one user for every VM (uid {self.user.uid}, gid {self.user.gid})"
         first, last = self.ids
@@ -222,3 +222,16 @@ def release(identity: Identity, owner: Path) -> None:
     with _locked(), contextlib.suppress(OSError, ValueError, KeyError, TypeError):
         if json.loads(lease.read_text())["owner"] == str(owner):
             lease.unlink()
+
+
+def release_process(pid: int, start: int) -> None:
+    """Give back the id leased to the jailed process ``pid`` started at ``start`` (for a
+    process stopped by another process than the one that started it). Idempotent."""
+    if not LEASE_DIR.is_dir():
+        return
+    with _locked():
+        for path in LEASE_DIR.iterdir():
+            with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+                data = json.loads(path.read_text())
+                if data.get("pid") == pid and data.get("start") == start:
+                    path.unlink()

@@ -129,6 +129,10 @@ class HostDrivers(Drivers):
 
     def terminate(self, name: str, process: ProcessHandle) -> None:
         process.terminate(timeout=TERMINATE_GRACE)
+        if name == "qemu" and not process.alive():
+            from hypervisor import jail_ids
+
+            jail_ids.release_process(process.pid, process.start)  # its jail id is free
 
 
 _installed: Drivers | None = None
