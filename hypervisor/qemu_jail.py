@@ -86,6 +86,9 @@ def _listen(path: Path) -> int:
         sock.bind(str(path))
         os.chmod(path, 0o600)
         sock.listen(16)
+    except OSError as exc:
+        sock.close()
+        raise OSError(exc.errno, exc.strerror, str(path)) from exc
     except BaseException:
         sock.close()
         raise
@@ -96,6 +99,9 @@ def _connect(path: Path) -> int:
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         sock.connect(str(path))
+    except OSError as exc:
+        sock.close()
+        raise OSError(exc.errno, exc.strerror, str(path)) from exc
     except BaseException:
         sock.close()
         raise
