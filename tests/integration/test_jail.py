@@ -201,6 +201,19 @@ def test_virtiofsd_keeps_only_what_it_needs(shared_pod: Pod) -> None:
     assert sorted(os.listdir(f"/proc/{server}/root")) == sorted(os.listdir(shared_pod.shared_dir))
 
 
+def test_agent_proxy_has_no_capabilities(shared_pod: Pod) -> None:
+    """The proxy relays bytes between root's 0600 sockets: uid 0, but no capability."""
+    proxy = shared_pod.process("proxy")
+    assert proxy is not None and proxy.alive()
+    fields = status(proxy.pid)
+    assert fields["Uid"].split()[0] == "0"
+    for caps in ("CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"):
+        assert int(fields[caps], 16) == 0, (caps, fields[caps])
+    assert fields["NoNewPrivs"] == "1"
+    with shared_pod.client() as agent:  # and it still relays
+        agent.info()
+
+
 def _cli(root: Path, *args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "sandbox", "--root", str(root), *args],

@@ -322,7 +322,9 @@ def test_jailed_process_has_no_privileges(jailed_sleep: int) -> None:
 def test_jailed_root_is_minimal_and_read_only(jailed_sleep: int) -> None:
     root = Path(f"/proc/{jailed_sleep}/root")
     names = set(os.listdir(root))
-    links = {n for n in ("bin", "sbin", "lib", "lib32", "lib64", "libx32") if os.path.islink(f"/{n}")}
+    links = {
+        n for n in ("bin", "sbin", "lib", "lib32", "lib64", "libx32") if os.path.islink(f"/{n}")
+    }
     assert names == {"usr", "dev"} | links
     assert sorted(os.listdir(root / "dev")) == sorted(Path(d).name for d in jail.DEVICES)
     with pytest.raises(OSError) as info:
