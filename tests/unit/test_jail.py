@@ -16,7 +16,7 @@ import pytest
 from hypervisor import jail, jail_ids, qemu_jail
 from hypervisor.errors import JailError
 from hypervisor.jail_ids import Identity, Settings
-from hypervisor.qemu_args import ChannelFds, VMConfig, VirtioFsShare, build_argv
+from hypervisor.qemu_args import ChannelFds, VirtioFsShare, VMConfig, build_argv
 
 FIRST = 2_130_706_432
 
@@ -274,7 +274,7 @@ def test_prepare_failure_leaves_nothing(leases: Path, tmp_path: Path) -> None:
         shares=(("pod", tmp_path / "virtiofsd.sock"),),
     )
     settings = Settings(enabled=True, ids=(FIRST, FIRST))
-    with pytest.raises(JailError, match="virtiofsd.sock"):
+    with pytest.raises(JailError, match=r"virtiofsd\.sock"):
         qemu_jail.prepare(vm, Path("/usr/bin/qemu-system-x86_64"), settings)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["console.log", "ids"]
     assert jail_ids.in_use(settings) == 0
