@@ -111,12 +111,13 @@ class QemuVM(SpawnedProcess, Hypervisor):
         """Re-attach to a QEMU spawned earlier (possibly by another process).
 
         ``start`` is the start time recorded at spawn (:attr:`handle`); without it the pid is
-        trusted only if its command line names ``config.qmp_socket``. If the process is gone
-        or the pid was reused, the VM reports ``shutdown`` and :meth:`stop` only cleans up.
+        trusted only if its command line names ``config.console_log`` (jailed or not, it
+        does). If the process is gone or the pid was reused, the VM reports ``shutdown`` and
+        :meth:`stop` only cleans up.
         """
         vm = cls(config, qmp_timeout=qmp_timeout, jail=jail)
         # QEMU doubles the commas of option values on its command line.
-        vm._handle = attached(pid, start, str(config.qmp_socket).replace(",", ",,").encode())
+        vm._handle = attached(pid, start, str(config.console_log).replace(",", ",,").encode())
         return vm
 
     def _not_started(self) -> Exception:

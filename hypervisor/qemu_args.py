@@ -296,7 +296,9 @@ class ConsoleLog:
 
     With ``fd`` (a jailed QEMU, which cannot open the path) QEMU writes to that inherited fd
     instead, through fd set :data:`CONSOLE_FDSET` (``-add-fd``; ``/dev/fdset/N`` is how QEMU
-    names an fd wherever it takes a file name).
+    names an fd wherever it takes a file name). The fd's ``opaque`` label names ``path``, so
+    that QEMU's command line still names its VM's directory (who started it, for people and
+    for re-attaching; :meth:`hypervisor.qemu.QemuVM.attach`).
     """
 
     path: Path
@@ -307,7 +309,7 @@ class ConsoleLog:
         if self.fd is not None:
             return [
                 "-add-fd",
-                f"fd={self.fd},set={CONSOLE_FDSET}",
+                f"fd={self.fd},set={CONSOLE_FDSET},opaque={escape(self.path)}",
                 "-chardev",
                 f"file,id={self.id},path=/dev/fdset/{CONSOLE_FDSET}",
                 "-serial",

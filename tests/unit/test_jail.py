@@ -197,9 +197,10 @@ def test_channel_fds_replace_paths() -> None:
     assert _after(argv, "-chardev", "id=qmp") == "socket,id=qmp,fd=10,server=on,wait=off"
     assert _after(argv, "-chardev", "id=agent") == "socket,id=agent,fd=12,server=on,wait=off"
     assert _after(argv, "-chardev", "id=fs0") == "socket,id=fs0,fd=13"
-    assert _after(argv, "-add-fd", "fd=") == "fd=11,set=1"
+    assert _after(argv, "-add-fd", "fd=") == f"fd=11,set=1,opaque={D}/console.log"
     assert _after(argv, "-chardev", "id=console") == "file,id=console,path=/dev/fdset/1"
-    assert str(D) not in " ".join(argv)  # nothing of the pod directory is left to open
+    # Nothing of the pod directory is left to open; it is only named, as the fd's label.
+    assert [arg for arg in argv if str(D) in arg] == [f"fd=11,set=1,opaque={D}/console.log"]
     assert config(channel_fds=fds).pass_fds() == (10, 11, 12, 13)
     # Without fds the same options name the paths.
     plain = build_argv(config())
