@@ -8,6 +8,7 @@
      ├── VirtiofsdError          virtiofsd missing, failed to start, or socket never appeared
      ├── AccelError              invalid accelerator request (e.g. PYSANDBOX_ACCEL=bogus)
      ├── GuestImageError         the guest image is missing, incomplete, stale or corrupt
+     ├── JailError               the VMM's jail cannot be set up (ids, user, namespaces)
      └── HypervisorTimeout       a bounded wait expired (socket, QMP, process exit)
 
 Messages are lowercase, one line, say what failed and, where there is one, what to do.
@@ -80,3 +81,10 @@ class GuestImageError(HypervisorError):
 
 class HypervisorTimeout(HypervisorError):
     """A bounded wait (socket, QMP, process exit) expired."""
+
+
+class JailError(HypervisorError):
+    """The VMM's jail cannot be set up: a misconfigured or exhausted id range
+    (``PYSANDBOX_JAIL_IDS``), an unknown ``PYSANDBOX_JAIL_USER``, or a namespace, mount or
+    credential step the host refuses. The message names what is wrong and how to fix it; a
+    pod never falls back to an unjailed VMM (docs/trust-boundaries.md)."""

@@ -28,6 +28,7 @@ import socket
 import subprocess
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from hypervisor.base import SHUTDOWN, Hypervisor
 from hypervisor.errors import HypervisorError, HypervisorTimeout, LaunchError, QMPError
@@ -41,6 +42,10 @@ from hypervisor.process import (
 )
 from hypervisor.qemu_args import NicConfig, VirtioFsShare, VMConfig, build_argv, bus_of
 from hypervisor.qmp import QMP
+
+if TYPE_CHECKING:
+    from hypervisor.jail_ids import Settings
+    from hypervisor.qemu_jail import JailedLaunch
 
 QEMU_BINARY = "qemu-system-x86_64"
 #: Environment override for the QEMU binary (absolute path or name on PATH).
@@ -66,7 +71,10 @@ class QemuVM(SpawnedProcess, Hypervisor):
 
     Not started by the constructor. Use :meth:`start` (this process spawns QEMU) or
     :meth:`attach` (QEMU was spawned by another process). ``pid``/``handle`` identify the
-    process for persistence.
+    process for persistence. With ``jail`` (enabled settings) :meth:`start` runs QEMU jailed
+    (hypervisor/qemu_jail.py): an unprivileged id of its own, its own namespaces and root,
+    every file passed as an fd; QEMU is then not this process's child (:attr:`exitcode`
+    stays None).
     """
 
     def __init__(
@@ -76,8 +84,11 @@ class QemuVM(SpawnedProcess, Hypervisor):
         qemu_binary: str | Path | None = None,
         launch_timeout: float = DEFAULT_LAUNCH_TIMEOUT,
         qmp_timeout: float = DEFAULT_QMP_TIMEOUT,
+        jail: Settings | None = None,
     ) -> None:
         self.config = config
+        self.jail = jail if jail is not None and jail.enabled else None
+        self._launch: JailedLaunch | None = None
         self.qemu_binary = qemu_binary
         self.launch_timeout = launch_timeout
         self.qmp_timeout = qmp_timeout
@@ -95,16 +106,18 @@ class QemuVM(SpawnedProcess, Hypervisor):
         start: int | None = None,
         *,
         qmp_timeout: float = DEFAULT_QMP_TIMEOUT,
+        jail: Settings | None = None,
     ) -> QemuVM:
         """Re-attach to a QEMU spawned earlier (possibly by another process).
 
         ``start`` is the start time recorded at spawn (:attr:`handle`); without it the pid is
-        trusted only if its command line names ``config.qmp_socket``. If the process is gone
-        or the pid was reused, the VM reports ``shutdown`` and :meth:`stop` only cleans up.
+        trusted only if its command line names ``config.console_log`` (jailed or not, it
+        does). If the process is gone or the pid was reused, the VM reports ``shutdown`` and
+        :meth:`stop` only cleans up.
         """
-        vm = cls(config, qmp_timeout=qmp_timeout)
+        vm = cls(config, qmp_timeout=qmp_timeout, jail=jail)
         # QEMU doubles the commas of option values on its command line.
-        vm._handle = attached(pid, start, str(config.qmp_socket).replace(",", ",,").encode())
+        vm._handle = attached(pid, start, str(config.console_log).replace(",", ",,").encode())
         return vm
 
     def _not_started(self) -> Exception:
@@ -147,6 +160,9 @@ class QemuVM(SpawnedProcess, Hypervisor):
         for path in (self.config.kernel, self.config.initrd, self.config.rootfs):
             if path is not None and not path.is_file():
                 raise LaunchError(f"cannot start vm {self.config.name}: {path} does not exist")
+        if self.jail is not None:
+            self._start_jailed(binary, paused)
+            return
         self.argv = build_argv(self.config, binary, paused=paused)
         # Stale sockets from a crashed run would make QEMU's listen() fail.
         remove_quietly(*self.config.sockets(), self.config.pidfile)
@@ -177,6 +193,42 @@ class QemuVM(SpawnedProcess, Hypervisor):
         except BaseException:
             self.kill()
             raise
+
+    def _start_jailed(self, binary: Path, paused: bool) -> None:
+        """:meth:`start` in a jail: JailError if it cannot be set up (nothing left)."""
+        from hypervisor import jail, jail_ids, qemu_jail
+
+        assert self.jail is not None
+        remove_quietly(self.config.pidfile)
+        launch = qemu_jail.prepare(self.config, binary, self.jail)
+        self.argv = build_argv(launch.config, binary, paused=paused)
+        try:
+            with self.log_path.open("wb") as log_file:
+                self._handle = jail.spawn(
+                    self.argv,
+                    launch.spec,
+                    stdout=log_file,
+                    pass_fds=launch.config.pass_fds(),
+                    what=f"qemu of vm {self.config.name}",
+                )
+        except BaseException:
+            launch.abandon()
+            raise
+        launch.close_fds()
+        self._launch = launch
+        jail_ids.record(launch.identity, launch.owner, self._handle.pid, self._handle.start)
+        try:
+            self._wait_for_qmp()
+        except BaseException:
+            self.kill()
+            raise
+
+    @property
+    def identity(self) -> tuple[int, int] | None:
+        """(uid, gid) of a QEMU this object started jailed; None otherwise."""
+        if self._launch is None:
+            return None
+        return self._launch.identity.uid, self._launch.identity.gid
 
     def _launch_failure(self, what: str) -> LaunchError:
         code = self.exitcode
@@ -294,9 +346,29 @@ class QemuVM(SpawnedProcess, Hypervisor):
     def hotplug_share(self, tag: str, socket: Path, index: int = 0) -> None:
         """Add a virtio-fs share served on ``socket`` to the VM (QMPError on failure)."""
         share = VirtioFsShare(tag, socket, index, bus_of(self.config.machine))
-        with self._qmp() as qmp:
-            for command, arguments in share.hotplug():
-                qmp.execute(command, arguments)
+        if self.jail is None:
+            with self._qmp() as qmp:
+                for command, arguments in share.hotplug():
+                    qmp.execute(command, arguments)
+            return
+        # A jailed QEMU cannot reach the socket's path: pass it a connected socket.
+        from hypervisor.qemu_jail import connect_share
+
+        fdname = f"fs{index}-socket"
+        try:
+            fd = connect_share(socket)
+        except OSError as exc:
+            raise QMPError(
+                f"cannot connect to virtiofsd at {socket}: {exc.strerror or exc}",
+                command="chardev-add",
+            ) from exc
+        try:
+            with self._qmp() as qmp:
+                qmp.execute("getfd", {"fdname": fdname}, fd=fd)
+                for command, arguments in share.hotplug(fdname):
+                    qmp.execute(command, arguments)
+        finally:
+            os.close(fd)
 
     def hotplug_nic(self, nic: NicConfig, index: int) -> None:
         """Add network card ``index`` to the VM (its tap fd is passed over QMP); QMPError."""
@@ -382,6 +454,10 @@ class QemuVM(SpawnedProcess, Hypervisor):
         if _listening(self.config.qmp_socket):
             return  # another QEMU serves these paths (our pid was stale or reused)
         remove_quietly(*self.config.sockets(), self.config.pidfile)
+        if self._launch is not None:
+            from hypervisor import jail_ids
+
+            jail_ids.release(self._launch.identity, self._launch.owner)
 
 
 def _listening(path: Path) -> bool:

@@ -50,6 +50,11 @@ def escape(value: str | Path) -> str:
     return str(value).replace(",", ",,")
 
 
+def _socket_address(path: Path, fd: int | None) -> str:
+    """``path=PATH`` of a unix socket chardev, or ``fd=N`` for an inherited socket."""
+    return f"path={escape(path)}" if fd is None else f"fd={fd}"
+
+
 def bus_of(machine: MachineType) -> Bus:
     """The virtio transport of ``machine``: ``mmio`` for microvm, ``pci`` otherwise."""
     return "mmio" if machine == "microvm" else "pci"
@@ -296,14 +301,35 @@ class RootDrive:
         ]
 
 
+#: ``-add-fd`` set number of the console log of a jailed QEMU (``/dev/fdset/N``).
+CONSOLE_FDSET = 1
+
+
 @dataclass(frozen=True)
 class ConsoleLog:
-    """The first serial port written to a file (truncated at start)."""
+    """The first serial port written to a file (truncated at start).
+
+    With ``fd`` (a jailed QEMU, which cannot open the path) QEMU writes to that inherited fd
+    instead, through fd set :data:`CONSOLE_FDSET` (``-add-fd``; ``/dev/fdset/N`` is how QEMU
+    names an fd wherever it takes a file name). The fd's ``opaque`` label names ``path``, so
+    that QEMU's command line still names its VM's directory (who started it, for people and
+    for re-attaching; :meth:`hypervisor.qemu.QemuVM.attach`).
+    """
 
     path: Path
     id: str = "console"
+    fd: int | None = None
 
     def argv(self) -> list[str]:
+        if self.fd is not None:
+            return [
+                "-add-fd",
+                f"fd={self.fd},set={CONSOLE_FDSET},opaque={escape(self.path)}",
+                "-chardev",
+                f"file,id={self.id},path=/dev/fdset/{CONSOLE_FDSET}",
+                "-serial",
+                f"chardev:{self.id}",
+            ]
         return [
             "-chardev",
             f"file,id={self.id},path={escape(self.path)}",
@@ -314,15 +340,17 @@ class ConsoleLog:
 
 @dataclass(frozen=True)
 class QMPSocket:
-    """QMP on a unix socket QEMU listens on (``server=on,wait=off``)."""
+    """QMP on a unix socket QEMU listens on (``server=on,wait=off``); with ``fd``, on that
+    inherited listening socket (bound to ``path`` by the caller) instead."""
 
     path: Path
     id: str = "qmp"
+    fd: int | None = None
 
     def argv(self) -> list[str]:
         return [
             "-chardev",
-            f"socket,id={self.id},path={escape(self.path)},server=on,wait=off",
+            f"socket,id={self.id},{_socket_address(self.path, self.fd)},server=on,wait=off",
             "-mon",
             f"chardev={self.id},mode=control",
         ]
@@ -333,20 +361,22 @@ class AgentSerialPort:
     """The agent channel over virtio-serial: QEMU listens on ``path``.
 
     The guest sees a port named ``name`` (``/dev/vport0p1``, name in
-    ``/sys/class/virtio-ports/vport0p1/name``).
+    ``/sys/class/virtio-ports/vport0p1/name``). With ``fd`` QEMU listens on that inherited
+    socket (bound to ``path`` by the caller).
     """
 
     path: Path
     bus: Bus = "pci"
     name: str = "agent.0"
     id: str = "agent"
+    fd: int | None = None
 
     def argv(self) -> list[str]:
         return [
             "-device",
             f"{virtio_device('virtio-serial', self.bus)},id=vser0",
             "-chardev",
-            f"socket,id={self.id},path={escape(self.path)},server=on,wait=off",
+            f"socket,id={self.id},{_socket_address(self.path, self.fd)},server=on,wait=off",
             "-device",
             f"virtserialport,bus=vser0.0,chardev={self.id},name={escape(self.name)}",
         ]
@@ -365,27 +395,41 @@ class VsockDevice:
 
 @dataclass(frozen=True)
 class VirtioFsShare:
-    """A virtio-fs share served by virtiofsd on ``socket``; the guest mounts ``tag``."""
+    """A virtio-fs share served by virtiofsd on ``socket``; the guest mounts ``tag``.
+
+    With ``fd`` QEMU uses that inherited socket, already connected to ``socket`` by the
+    caller, instead of connecting itself.
+    """
 
     tag: str
     socket: Path
     index: int = 0
     bus: Bus = "pci"
     queue_size: int = 1024
+    fd: int | None = None
 
     def argv(self) -> list[str]:
         chardev = f"fs{self.index}"
         return [
             "-chardev",
-            f"socket,id={chardev},path={escape(self.socket)}",
+            f"socket,id={chardev},{_socket_address(self.socket, self.fd)}",
             "-device",
             f"{virtio_device('vhost-user-fs', self.bus)},chardev={chardev},"
             f"tag={escape(self.tag)},queue-size={self.queue_size}",
         ]
 
-    def hotplug(self) -> list[tuple[str, dict[str, object]]]:
-        """The QMP commands that add this share to a running VM (same devices as argv)."""
+    def hotplug(self, fdname: str | None = None) -> list[tuple[str, dict[str, object]]]:
+        """The QMP commands that add this share to a running VM (same devices as argv).
+
+        With ``fdname`` the chardev uses the connected socket passed to QEMU under that name
+        (QMP ``getfd``, done by the caller first) instead of connecting to :attr:`socket`.
+        """
         chardev = f"fs{self.index}"
+        address: dict[str, object] = (
+            {"type": "unix", "data": {"path": str(self.socket)}}
+            if fdname is None
+            else {"type": "fd", "data": {"str": fdname}}
+        )
         return [
             (
                 "chardev-add",
@@ -394,7 +438,7 @@ class VirtioFsShare:
                     "backend": {
                         "type": "socket",
                         "data": {
-                            "addr": {"type": "unix", "data": {"path": str(self.socket)}},
+                            "addr": address,
                             "server": False,
                         },
                     },
@@ -549,6 +593,23 @@ class NicConfig:
 
 
 @dataclass(frozen=True)
+class ChannelFds:
+    """Fds standing for the paths of a :class:`VMConfig` (for a QEMU that cannot open them):
+    listening sockets bound to ``qmp_socket`` and ``agent_socket``, the console log open for
+    writing, and one socket connected to each share's virtiofsd, in ``shares`` order."""
+
+    qmp: int
+    console: int
+    agent: int | None = None
+    shares: tuple[int, ...] = ()
+
+    def all(self) -> tuple[int, ...]:
+        """Every fd, each once."""
+        agent = () if self.agent is None else (self.agent,)
+        return (self.qmp, self.console, *agent, *self.shares)
+
+
+@dataclass(frozen=True)
 class VMConfig:
     """Everything needed to build one VM's command line.
 
@@ -562,6 +623,10 @@ class VMConfig:
     ``incoming_fd`` makes QEMU load a saved VM state from that (inherited) fd instead of
     booting (``-incoming fd:N``); the command line must then be the saved VM's.
     ``tb_size_mib`` caps TCG's translation buffer (None: QEMU's default, 1 GiB).
+    ``channel_fds`` replaces the paths QEMU would open itself (QMP and agent sockets, console
+    log, virtio-fs sockets) by fds the caller opened (a jailed QEMU: hypervisor/qemu_jail.py);
+    they are inherited (:meth:`pass_fds`). ``host_network``: QEMU needs the host's network
+    (a user-mode NIC, now or hot-plugged later); a jailed QEMU otherwise gets none.
     Invalid values raise ``ValueError`` (a caller bug, not a runtime condition).
     """
 
@@ -587,6 +652,8 @@ class VMConfig:
     shared_memory: bool = False
     incoming_fd: int | None = None
     tb_size_mib: int | None = TCG_TB_SIZE_MIB
+    channel_fds: ChannelFds | None = None
+    host_network: bool = False
     extra: tuple[QemuOption, ...] = field(default=(), compare=False)
 
     def __post_init__(self) -> None:
@@ -613,6 +680,12 @@ class VMConfig:
         macs = [nic.mac for nic in self.nics]
         if len(set(macs)) != len(macs):
             raise ValueError(f"duplicate nic macs in {macs}")
+        fds = self.channel_fds
+        if fds is not None:
+            if len(fds.shares) != len(self.shares):
+                raise ValueError("channel_fds needs one fd per virtio-fs share")
+            if (fds.agent is None) != (self.agent_socket is None):
+                raise ValueError("channel_fds.agent must be set exactly with agent_socket")
 
     @property
     def agent_transport(self) -> Literal["serial", "vsock"] | None:
@@ -631,9 +704,11 @@ class VMConfig:
         return self.console_log.with_name(f"{self.console_log.stem}-qemu.log")
 
     def pass_fds(self) -> tuple[int, ...]:
-        """The fds QEMU must inherit (tap devices named by ``fd=`` options, incoming state)."""
+        """The fds QEMU must inherit (tap devices named by ``fd=`` options, incoming state,
+        :attr:`channel_fds`)."""
         fds = tuple(nic.fd for nic in self.nics if nic.fd is not None)
-        return fds + ((self.incoming_fd,) if self.incoming_fd is not None else ())
+        fds += (self.incoming_fd,) if self.incoming_fd is not None else ()
+        return fds + (self.channel_fds.all() if self.channel_fds is not None else ())
 
     def sockets(self) -> tuple[Path, ...]:
         """The unix sockets QEMU creates (and that are removed after it exits)."""
@@ -664,16 +739,18 @@ def vm_options(config: VMConfig, *, paused: bool = True) -> list[QemuOption]:
     if config.initrd is not None:
         options.append(Initrd(config.initrd))
     options.append(Append(config.cmdline))
-    options.append(ConsoleLog(config.console_log))
-    options.append(QMPSocket(config.qmp_socket))
+    fds = config.channel_fds
+    options.append(ConsoleLog(config.console_log, fd=fds.console if fds else None))
+    options.append(QMPSocket(config.qmp_socket, fd=fds.qmp if fds else None))
     if config.rootfs is not None:
         options.append(RootDrive(config.rootfs, bus))
     if config.agent_socket is not None:
-        options.append(AgentSerialPort(config.agent_socket, bus))
+        options.append(AgentSerialPort(config.agent_socket, bus, fd=fds.agent if fds else None))
     if config.vsock_cid is not None:
         options.append(VsockDevice(config.vsock_cid, bus))
     for index, (tag, socket) in enumerate(config.shares):
-        options.append(VirtioFsShare(tag, socket, index, bus))
+        share_fd = fds.shares[index] if fds else None
+        options.append(VirtioFsShare(tag, socket, index, bus, fd=share_fd))
     for index, nic in enumerate(config.nics):
         options.extend(nic.options(index, bus))
     if config.pidfile is not None:

@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import resource
 import shutil
 import subprocess
 import time
@@ -85,6 +86,13 @@ ENV_VIRTIOFSD = "PYSANDBOX_VIRTIOFSD"
 PID_DIR = Path("/var/run/virtiofsd")
 #: util-linux's setpriv, which starts virtiofsd with the no_setuid_fixup securebit.
 SETPRIV = Path("/usr/bin/setpriv")
+#: RLIMIT_NOFILE (soft = hard) each virtiofsd starts with: it holds an O_PATH fd per inode
+#: the guest keeps looked up, plus its open files, so this bounds what one guest can pin on
+#: the host; past it the guest's lookups and opens fail (docs/trust-boundaries.md). Set
+#: before exec: Debian's virtiofsd 7.2 leaves the limit it inherits as it is, also with
+#: ``--rlimit-nofile`` (measured with strace: it only reads it). Lowered to the hard limit
+#: pysandbox itself has when that is lower (:func:`fd_limit`).
+DEFAULT_MAX_FDS = 65536
 DEFAULT_START_TIMEOUT = 5.0
 DEFAULT_STOP_TIMEOUT = 1.0
 
@@ -131,7 +139,14 @@ class Virtiofsd(SpawnedProcess):
     by default it is left to the guest kernel. ``options`` are extra ``-o`` values passed as
     is. ``privileged_files=False`` keeps what the guest writes powerless on the host: no
     device nodes, no setuid/setgid bits, no file capabilities (:mod:`hypervisor.fs_privileges`:
-    capabilities dropped, a seccomp filter).
+    capabilities dropped, a seccomp filter). ``max_fds`` bounds its open files
+    (:data:`DEFAULT_MAX_FDS`).
+
+    Its confinement (measured; docs/trust-boundaries.md): virtiofsd itself unshares mount,
+    pid and net namespaces and pivots into the shared directory (``sandbox=namespace``), keeps
+    only CHOWN, DAC_OVERRIDE, FOWNER, SETGID, SETUID (plus FSETID, MKNOD, SETFCAP with
+    ``privileged_files``) with an empty bounding set and ``no_new_privs``, and installs its
+    syscall allow-list (seccomp mode 2), under :mod:`hypervisor.fs_privileges`' filter.
     """
 
     def __init__(
@@ -152,6 +167,7 @@ class Virtiofsd(SpawnedProcess):
         binary: Path | None = None,
         start_timeout: float = DEFAULT_START_TIMEOUT,
         privileged_files: bool = True,
+        max_fds: int = DEFAULT_MAX_FDS,
     ) -> None:
         self.socket_path = socket_path
         self.shared_dir = shared_dir
@@ -168,6 +184,7 @@ class Virtiofsd(SpawnedProcess):
         self.binary = binary
         self.start_timeout = start_timeout
         self.privileged_files = privileged_files
+        self.max_fds = max_fds
         self._handle: ProcessHandle | None = None
         self._popen: subprocess.Popen[bytes] | None = None
         # Only files created by our instance are removed: a failed start must not delete
@@ -278,7 +295,7 @@ class Virtiofsd(SpawnedProcess):
                     start_new_session=True,
                     close_fds=True,
                     cwd="/",
-                    preexec_fn=seccomp.install if seccomp is not None else None,
+                    preexec_fn=_Preexec(self.max_fds, seccomp),
                 )
         except OSError as exc:
             raise VirtiofsdError(
@@ -341,3 +358,23 @@ class Virtiofsd(SpawnedProcess):
         finally:
             if self._owns_files and not self.alive():
                 remove_quietly(self.socket_path, pid_file_for(self.socket_path))
+
+
+def fd_limit(wanted: int) -> int:
+    """``wanted``, or this process's hard RLIMIT_NOFILE if lower (raising it needs
+    CAP_SYS_RESOURCE, which root in a container may lack)."""
+    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+
+
+class _Preexec:
+    """Between fork and exec: bound the fds (RLIMIT_NOFILE), then install ``seccomp``."""
+
+    def __init__(self, max_fds: int, seccomp: fs_privileges.Filter | None) -> None:
+        self.max_fds = fd_limit(max_fds)
+        self.seccomp = seccomp
+
+    def __call__(self) -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (self.max_fds, self.max_fds))
+        if self.seccomp is not None:
+            self.seccomp.install()

@@ -27,6 +27,8 @@ class Check:
     detail: str
     fix: str = ""
     required: bool = True
+    #: A non-required check that failed on purpose (an opt-out): rendered as ``warn``.
+    warning: bool = False
 
 
 @dataclass
@@ -43,6 +45,8 @@ class Report:
         lines = []
         for check in self.checks:
             mark = "ok" if check.ok else ("FAIL" if check.required else "info")
+            if check.warning and not check.ok:
+                mark = "warn"
             lines.append(f"[{mark:>4}] {check.name}: {check.detail}")
             if check.fix and not check.ok:
                 lines.append(f"       fix: {check.fix}")
@@ -87,6 +91,56 @@ def _virtiofsd() -> Check:
         return Check("virtiofsd", True, str(find_virtiofsd()))
     except HypervisorError as exc:
         return Check("virtiofsd", False, str(exc), "apt-get install qemu-system-common")
+
+
+def _jail() -> Check:
+    """The VMM jail: its settings, and a jailed ``qemu --version`` as proof it can be set up."""
+    import tempfile
+
+    from hypervisor import jail, jail_ids
+    from hypervisor.qemu import find_qemu
+
+    name = "vmm jail"
+    try:
+        settings = jail_ids.settings()
+    except HypervisorError as exc:
+        return Check(name, False, str(exc))
+    if not settings.enabled:
+        return Check(
+            name,
+            False,
+            f"{settings.describe()}; a guest that escapes into QEMU is root on this host",
+            f"unset {jail_ids.ENV_JAIL} and drop --no-jail",
+            required=False,
+            warning=True,
+        )
+    try:
+        binary = find_qemu()
+        with tempfile.TemporaryDirectory(prefix="psb-check-jail-") as owner:
+            identity = jail_ids.allocate(settings, Path(owner))
+            try:
+                with tempfile.TemporaryFile() as out:
+                    handle = jail.spawn(
+                        [str(binary), "--version"],
+                        jail.JailSpec(identity, tuple(jail.default_binds(binary))),
+                        stdout=out,
+                        what="qemu --version",
+                    )
+                    exited = handle.wait(10.0)
+                    out.seek(0)
+                    version = out.read().decode(errors="replace").strip()
+            finally:
+                jail_ids.release(identity, Path(owner))
+    except (HypervisorError, OSError) as exc:
+        return Check(name, False, str(exc), "run as root on a host that allows namespaces")
+    if not exited or "QEMU" not in version:
+        return Check(name, False, f"a jailed qemu --version printed {version[:80]!r}")
+    return Check(
+        name,
+        True,
+        f"on: {settings.describe()}; own mount/pid/ipc/uts/net namespaces, no capabilities, "
+        "no_new_privs, seccomp (a jailed qemu --version ran)",
+    )
 
 
 def _accel() -> Check:
@@ -198,6 +252,7 @@ def run_checks(boot: bool = False, root: Path | None = None) -> Report:
         [
             _qemu(),
             _virtiofsd(),
+            _jail(),
             _accel(),
             _vsock(),
             _port_forward(),

@@ -9,6 +9,7 @@ the ``--log`` file) and a non-zero exit status; never a traceback.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -42,6 +43,11 @@ def _global_flags(parser: argparse.ArgumentParser) -> None:
         help='cgroupsPath is systemd\'s "slice:prefix:name" (docs/cgroups.md)',
     )
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    parser.add_argument(
+        "--no-jail",
+        action="store_true",
+        help="run QEMU unjailed, as root (same as PYSANDBOX_JAIL=off; docs/trust-boundaries.md)",
+    )
 
 
 #: The verbs clients call most (and for which start-up time is most of the call's time).
@@ -206,6 +212,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     if isinstance(parser, _Parser):
         parser.usage_status_125 = verb == "run"
     args = parser.parse_args(argv)
+    if args.no_jail:  # the environment reaches every process that may start a VM
+        os.environ["PYSANDBOX_JAIL"] = "off"
     try:
         code = _dispatch(args)
     except KeyboardInterrupt:

@@ -51,12 +51,22 @@ _CHUNK = 65536
 def start(directory: Path, vm_pid: int, forward: socket.socket | None = None) -> int:
     """Start the agent proxy of the VM whose files are in ``directory``; its pid once ready.
 
-    It serves ``directory/agent.sock`` and relays to QEMU's ``agent-serial.sock``; its log
-    is ``proxy.log``. ``forward``, a listening socket in the pod's network namespace, is
-    handed to it for port forwarding (the caller keeps and closes its own copy). AgentError
-    if it does not report ready.
+    It serves ``directory/agent.sock`` and relays to QEMU's ``agent-serial.sock``; its log is
+    ``proxy.log``. It runs as root without any capability (empty bounding set, no_new_privs).
+    ``forward``, a listening socket in the pod's network namespace, is handed to it for port
+    forwarding (the caller keeps and closes its own copy). AgentError if it does not report
+    ready.
     """
+    from hypervisor.virtiofsd import SETPRIV
+
+    # It relays bytes between sockets root owns (pod directory 0700, sockets 0600): it needs
+    # uid 0 for those, and no capability at all (docs/trust-boundaries.md).
     argv = [
+        str(SETPRIV),
+        "--inh-caps=-all",
+        "--bounding-set=-all",
+        "--no-new-privs",
+        "--",
         sys.executable,
         "-m",
         "sandbox.pod.agent_proxy",

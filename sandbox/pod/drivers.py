@@ -88,9 +88,12 @@ class HostDrivers(Drivers):
     """The real thing: QEMU, virtiofsd and the agent proxy daemon."""
 
     def hypervisor(self, config: VMConfig) -> Hypervisor:
+        """A QEMU jailed as the environment says (hypervisor/jail_ids.py: on unless
+        ``PYSANDBOX_JAIL=off``); JailError for misconfigured jail settings."""
+        from hypervisor import jail_ids
         from hypervisor.qemu import QemuVM
 
-        return QemuVM(config)
+        return QemuVM(config, jail=jail_ids.settings())
 
     def file_server(
         self,
@@ -126,6 +129,10 @@ class HostDrivers(Drivers):
 
     def terminate(self, name: str, process: ProcessHandle) -> None:
         process.terminate(timeout=TERMINATE_GRACE)
+        if name == "qemu" and not process.alive():
+            from hypervisor import jail_ids
+
+            jail_ids.release_process(process.pid, process.start)  # its jail id is free
 
 
 _installed: Drivers | None = None

@@ -81,6 +81,18 @@ def lock_mode() -> LockMode:
     return "remote" if raw == "remote" else "local"
 
 
+def _check_jail() -> None:
+    """ConfigError, before anything is started, for misconfigured VMM jail settings
+    (hypervisor/jail_ids.py); an exhausted id range is found when QEMU starts."""
+    from hypervisor import jail_ids
+    from hypervisor.errors import JailError
+
+    try:
+        jail_ids.settings()
+    except JailError as exc:
+        raise ConfigError(str(exc)) from exc
+
+
 def boot_timeout() -> float:
     """Seconds to wait for the agent: $PYSANDBOX_BOOT_TIMEOUT or the default."""
     raw = os.environ.get("PYSANDBOX_BOOT_TIMEOUT")
@@ -300,6 +312,7 @@ class Pod:
         from hypervisor.guest_image import find_image
 
         state.validate_id(pod_id, "pod")
+        _check_jail()
         if netns is not None and user_network:
             raise ConfigError("a pod gets either a network namespace or user networking, not both")
         if netns is not None:
@@ -515,7 +528,7 @@ class Pod:
         restoring fails: whatever this attempt started is stopped (QEMU, then its proxy) and
         forgotten and the caller cold boots; a state file QEMU could not load is discarded.
         """
-        from hypervisor.errors import HypervisorError, HypervisorTimeout
+        from hypervisor.errors import HypervisorError, HypervisorTimeout, JailError
 
         cmdline = kernel_cmdline()
         try:
@@ -525,9 +538,21 @@ class Pod:
             self._note(f"no template, cold boot: {exc}")
             return False
         state_file = found.state_file
-        vm = self.drivers.hypervisor(
-            self._vm_config(image, accel_name, memory_mib, cmdline, incoming_fd=found.fd)
-        )
+        user_nic = any(nic.backend == "user" for nic in nics)
+        try:
+            vm = self.drivers.hypervisor(
+                self._vm_config(
+                    image,
+                    accel_name,
+                    memory_mib,
+                    cmdline,
+                    incoming_fd=found.fd,
+                    host_network=user_nic,
+                )
+            )
+        except BaseException:
+            found.close()
+            raise
         loaded = False
         try:
             with signals_held():
@@ -551,6 +576,8 @@ class Pod:
                 vm.hotplug_nic(nic, index)
             vm.resume()
         except (HypervisorError, AgentError, OSError) as exc:
+            if isinstance(exc, JailError):
+                raise  # not the template's fault, and a cold boot would fail alike
             # Only a state QEMU could not load is the template's fault: discard it then.
             unloadable = isinstance(exc, HypervisorError) and not isinstance(exc, HypervisorTimeout)
             if unloadable and not loaded:

@@ -117,10 +117,12 @@ def vm_config(
     incoming_fd: int | None = None,
     shares: tuple[tuple[str, Path], ...] = (),
     nics: tuple[NicConfig, ...] = (),
+    host_network: bool = False,
 ) -> VMConfig:
     """The machine of a pod VM (paths in ``directory``): of a template and every pod
     restored from it (no ``shares`` or ``nics``: they are hot-plugged), and of a pod booted
-    cold (with them on the command line).
+    cold (with them on the command line). ``host_network``: a user-mode NIC will be
+    hot-plugged (a jailed QEMU then keeps the host's network namespace).
 
     One function serves all of them so that their machines cannot differ.
     """
@@ -140,6 +142,7 @@ def vm_config(
         nics=nics,
         shared_memory=True,
         incoming_fd=incoming_fd,
+        host_network=host_network,
     )
 
 
@@ -276,7 +279,7 @@ def _build(
     final: Path,
     drivers: Drivers,
 ) -> None:
-    from hypervisor.errors import HypervisorError
+    from hypervisor.errors import HypervisorError, JailError
     from sandbox.pod.agent_client import AgentClient
 
     # The VM's sockets go in a short directory (unix socket paths are limited to 107 bytes);
@@ -307,6 +310,8 @@ def _build(
         meta = {"created": time.time(), "memory_mib": memory_mib, "image": str(image.dir)}
         (staging / META_FILE).write_text(json.dumps(meta) + "\n")
         os.rename(staging, final)
+    except JailError:
+        raise  # the host's jail settings, not the template: the pod cannot start either
     except (HypervisorError, AgentError, OSError) as exc:
         kept = base / f"failed-{final.name}-console.log"
         with contextlib.suppress(OSError):
