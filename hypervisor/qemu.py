@@ -165,7 +165,8 @@ class QemuVM(SpawnedProcess, Hypervisor):
             return
         self.argv = build_argv(self.config, binary, paused=paused)
         # Stale sockets from a crashed run would make QEMU's listen() fail.
-        remove_quietly(*self.config.sockets(), self.config.pidfile)
+        # The console log too: QEMU appends to it (ConsoleLog), so a new boot starts it empty.
+        remove_quietly(*self.config.sockets(), self.config.pidfile, self.config.console_log)
         log = self.log_path
         try:
             with log.open("wb") as log_file:
@@ -453,7 +454,8 @@ class QemuVM(SpawnedProcess, Hypervisor):
             return  # never pull sockets from under a live QEMU
         if _listening(self.config.qmp_socket):
             return  # another QEMU serves these paths (our pid was stale or reused)
-        remove_quietly(*self.config.sockets(), self.config.pidfile)
+        # The console log too: QEMU appends to it (ConsoleLog), so a new boot starts it empty.
+        remove_quietly(*self.config.sockets(), self.config.pidfile, self.config.console_log)
         if self._launch is not None:
             from hypervisor import jail_ids
 

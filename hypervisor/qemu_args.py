@@ -307,7 +307,8 @@ CONSOLE_FDSET = 1
 
 @dataclass(frozen=True)
 class ConsoleLog:
-    """The first serial port written to a file (truncated at start).
+    """The first serial port appended to a file (the caller starts it empty; appending lets
+    a reader cut the file while QEMU writes: sandbox/pod/console_bound.py).
 
     With ``fd`` (a jailed QEMU, which cannot open the path) QEMU writes to that inherited fd
     instead, through fd set :data:`CONSOLE_FDSET` (``-add-fd``; ``/dev/fdset/N`` is how QEMU
@@ -332,7 +333,7 @@ class ConsoleLog:
             ]
         return [
             "-chardev",
-            f"file,id={self.id},path={escape(self.path)}",
+            f"file,id={self.id},path={escape(self.path)},append=on",
             "-serial",
             f"chardev:{self.id}",
         ]

@@ -136,7 +136,8 @@ def prepare(config: VMConfig, binary: Path, settings: Settings) -> JailedLaunch:
         if config.agent_socket is not None:
             agent = _listen(config.agent_socket)
             launch.opened.append(agent)
-        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW
+        # O_APPEND: the pod's agent proxy may cut the log (sandbox/pod/console_bound.py).
+        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND | os.O_CLOEXEC | os.O_NOFOLLOW
         console = os.open(config.console_log, flags, 0o600)
         launch.opened.append(console)
         shares = []

@@ -42,6 +42,7 @@ from agentapi.channel import VSOCK_PORT, HandshakeError, host_handshake
 from agentapi.limits import GRPC_OPTIONS
 from sandbox import IMPORT_ROOT
 from sandbox.errors import AgentError
+from sandbox.pod import console_bound
 
 SERVICE_PREFIX = "/pysandbox.agent.v1.Agent/"
 _HANDSHAKE_TIMEOUT = 10.0
@@ -52,7 +53,8 @@ def start(directory: Path, vm_pid: int, forward: socket.socket | None = None) ->
     """Start the agent proxy of the VM whose files are in ``directory``; its pid once ready.
 
     It serves ``directory/agent.sock`` and relays to QEMU's ``agent-serial.sock``; its log is
-    ``proxy.log``. It runs as root without any capability (empty bounding set, no_new_privs).
+    ``proxy.log``; it keeps the VM's ``console.log`` bounded (:mod:`sandbox.pod.console_bound`).
+    It runs as root without any capability (empty bounding set, no_new_privs).
     ``forward``, a listening socket in the pod's network namespace, is handed to it for port
     forwarding (the caller keeps and closes its own copy). AgentError if it does not report
     ready.
@@ -76,6 +78,8 @@ def start(directory: Path, vm_pid: int, forward: socket.socket | None = None) ->
         str(directory / "agent-serial.sock"),
         "--vm-pid",
         str(vm_pid),
+        "--console-log",
+        str(directory / "console.log"),
     ]
     if forward is not None:
         argv += ["--forward-fd", str(forward.fileno())]
@@ -182,8 +186,9 @@ def _resent(waited: float) -> None:
     print(f"agent-proxy: no ACK after {waited:.1f}s: SYNC sent again", file=sys.stderr, flush=True)
 
 
-def _watch_vm(pid: int) -> None:
-    """Exit the process once ``pid`` is gone."""
+def _watch_vm(pid: int, console_log: Path | None) -> None:
+    """Exit the process once ``pid`` is gone; meanwhile keep ``console_log`` bounded
+    (:mod:`sandbox.pod.console_bound`)."""
     while True:
         try:
             os.kill(pid, 0)
@@ -191,6 +196,8 @@ def _watch_vm(pid: int) -> None:
             os._exit(0)
         except PermissionError:
             pass
+        if console_log is not None:
+            console_bound.bound(console_log)
         time.sleep(0.5)
 
 
@@ -202,9 +209,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--vsock-cid", type=int, help="guest CID when the agent is on vsock")
     parser.add_argument("--vm-pid", type=int, required=True)
     parser.add_argument("--forward-fd", type=int, help="port-forward listener (pod netns)")
+    parser.add_argument("--console-log", type=Path, help="the VM's serial console log to bound")
     args = parser.parse_args(argv)
     signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
-    threading.Thread(target=_watch_vm, args=(args.vm_pid,), daemon=True).start()
+    threading.Thread(target=_watch_vm, args=(args.vm_pid, args.console_log), daemon=True).start()
     if args.vsock_cid is not None:
         upstream = f"vsock:{args.vsock_cid}:{VSOCK_PORT}"
     else:

@@ -472,3 +472,20 @@ def test_clean_up_never_unmounts_host_mounts_below_a_shared_source(
     finally:
         subprocess.run(["umount", "-l", str(source)], check=False)
         hostfs.unmount_tree(fake.dir)
+
+
+def test_a_guest_flooding_its_serial_console_cannot_fill_the_host(pod: Pod) -> None:
+    """A guest root writing its serial port without end (a compromised guest kernel can do
+    the same): the host's console.log stays near its bound (sandbox/pod/console_bound.py)."""
+    from sandbox.pod import console_bound
+
+    size = console_bound.LIMIT_BYTES + 4 * console_bound.KEEP_BYTES
+    flood = (
+        f"mknod /dev/flood c 4 64 && head -c {size} /dev/zero | tr '\\0' x > /dev/flood; "
+        "echo flooded"
+    )
+    done = run_container(pod, attacker(flood), cid="flood")
+    assert done.out == "flooded\n", done.stderr
+    log = pod.console_log.read_bytes()
+    assert console_bound.MARKER in log
+    assert len(log) < console_bound.LIMIT_BYTES + console_bound.KEEP_BYTES + (8 << 20), len(log)

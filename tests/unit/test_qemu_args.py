@@ -63,7 +63,7 @@ def test_full_tcg_pc_golden() -> None:
         "-kernel", "/img/vmlinux",
         "-initrd", "/img/initrd.img",
         "-append", "console=ttyS0 quiet",
-        "-chardev", "file,id=console,path=/run/pod/console.log",
+        "-chardev", "file,id=console,path=/run/pod/console.log,append=on",
         "-serial", "chardev:console",
         "-chardev", "socket,id=qmp,path=/run/pod/qmp.sock,server=on,wait=off",
         "-mon", "chardev=qmp,mode=control",
@@ -95,7 +95,7 @@ def test_minimal_kvm_not_paused() -> None:
         "-no-reboot",
         "-kernel", "/img/vmlinux",
         "-append", "console=ttyS0 quiet",
-        "-chardev", "file,id=console,path=/run/pod/console.log",
+        "-chardev", "file,id=console,path=/run/pod/console.log,append=on",
         "-serial", "chardev:console",
         "-chardev", "socket,id=qmp,path=/run/pod/qmp.sock,server=on,wait=off",
         "-mon", "chardev=qmp,mode=control",
@@ -137,7 +137,7 @@ def test_commas_in_paths_are_escaped() -> None:
     assert QMPSocket(Path("/x,y/q.sock")).argv()[1] == (
         "socket,id=qmp,path=/x,,y/q.sock,server=on,wait=off"
     )
-    assert ConsoleLog(Path("/l,og")).argv()[1] == "file,id=console,path=/l,,og"
+    assert ConsoleLog(Path("/l,og")).argv()[1] == "file,id=console,path=/l,,og,append=on"
 
 
 @pytest.mark.parametrize(
