@@ -29,10 +29,13 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from agent import cgroup_layout, pid1, proctable, share_view
 from ocispec.document import MAX_DOCUMENT_BYTES
+
+if TYPE_CHECKING:
+    from agent.zygote import Zygote
 
 #: Largest spec CreateContainer takes: what the host accepts as config.json (1 MiB).
 MAX_SPEC_BYTES = MAX_DOCUMENT_BYTES
@@ -288,6 +291,14 @@ def _read_reply(control: socket.socket, timeout: float) -> str | None:
     return data.decode(errors="replace").strip()
 
 
+def runtime_env() -> dict[str, str]:
+    """The environment of the in-guest runtime (and of the zygote that forks it)."""
+    return {
+        "PATH": "/usr/sbin:/usr/bin:/sbin:/bin",
+        "PYTHONPATH": os.environ.get("PYTHONPATH", ""),
+    }
+
+
 def _close(fd: int | None) -> None:
     if fd is not None:
         with contextlib.suppress(OSError):
@@ -302,8 +313,10 @@ class ContainerManager:
         reaper: pid1.Reaper,
         cgroup_parent: str = pid1.CGROUP_PARENT,
         layout: cgroup_layout.Layout | None = None,
+        zygote: Zygote | None = None,
     ) -> None:
         self._reaper = reaper
+        self._zygote = zygote
         self._cgroup_parent = cgroup_parent
         self._layout = layout or cgroup_layout.Layout(cgroup_parent)
         self._containers: dict[str, Container] = {}
@@ -361,13 +374,17 @@ class ContainerManager:
             (os.POSIX_SPAWN_DUP2, payload_fd, 3),
             (os.POSIX_SPAWN_DUP2, theirs.fileno(), 4),
         ]
-        argv = [sys.executable, "-m", module, *args]
-        env = {
-            "PATH": "/usr/sbin:/usr/bin:/sbin:/bin",
-            "PYTHONPATH": os.environ.get("PYTHONPATH", ""),
-        }
         try:
-            runtime_pid = os.posix_spawn(sys.executable, argv, env, file_actions=actions)
+            runtime_pid = None
+            if self._zygote is not None:
+                runtime_pid = self._zygote.spawn(
+                    module, args, (*stdio, payload_fd, theirs.fileno())
+                )
+            if runtime_pid is None:  # no zygote (or it failed): a fresh interpreter
+                argv = [sys.executable, "-m", module, *args]
+                runtime_pid = os.posix_spawn(
+                    sys.executable, argv, runtime_env(), file_actions=actions
+                )
         finally:
             for fd in child_fds:
                 _close(fd)
