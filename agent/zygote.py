@@ -85,7 +85,9 @@ class Zygote:
         self._ready = True
         return True
 
-    def spawn(self, module: str, args: list[str], fds: tuple[int, int, int, int, int]) -> int | None:
+    def spawn(
+        self, module: str, args: list[str], fds: tuple[int, int, int, int, int]
+    ) -> int | None:
         """Fork ``python3 -m module args`` with ``fds`` as its 0-4; its pid, or None when the
         zygote cannot serve (the caller spawns the runtime itself)."""
         with self._lock:

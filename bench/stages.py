@@ -57,6 +57,8 @@ PROBES: tuple[tuple[str, str, str], ...] = (
     ("sandbox.pod.stdio", "StdioRelay.join", "stdio drained"),
     ("sandbox.pod.agent_client", "ContainerClient.remove_container", "RemoveContainer"),
     ("sandbox.run.foreground", "unshare_container_files", "unshare files"),
+    ("sandbox.run.foreground", "_teardown_in_background", "teardown hand-off"),
+    ("sandbox.pod.lifecycle", "Pod.begin_stop", "teardown: Shutdown"),
     ("sandbox.pod.lifecycle", "Pod.stop", "teardown"),
     ("sandbox.pod.lifecycle", "Pod.destroy", "teardown: destroy"),
     ("sandbox.pod.agent_client", "ContainerClient.exec_process", "ExecProcess"),
@@ -111,7 +113,7 @@ def breakdown(record: dict[str, Any], exited: float) -> list[tuple[str, float]]:
         if start - cursor > 0.002:
             stages.append(("(between)", start - cursor))
         stages.append((name, end - start))
-        if name == "boot pod" or name == "teardown":
+        if name in ("boot pod", "teardown", "teardown hand-off"):
             prefix = "boot: " if name == "boot pod" else "teardown: "
             for sub, s, e in sorted(record["calls"], key=lambda c: c[1]):
                 if sub.startswith(prefix) and start <= s <= end:

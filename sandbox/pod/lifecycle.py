@@ -659,6 +659,13 @@ class Pod:
     def stop(self, timeout: float = 10.0) -> None:
         """Power the VM of a running pod off through its agent (waiting up to ``timeout``
         seconds for QEMU to exit), then tear everything down (:meth:`destroy`)."""
+        self.begin_stop()
+        self.finish_stop(timeout)
+
+    def begin_stop(self) -> None:
+        """The first half of :meth:`stop`: a running pod becomes ``stopping`` and its agent
+        is asked to power the VM off (it syncs the guest's file systems, answers, then
+        powers off). Uses gRPC; never raises for an agent that cannot be reached."""
         qemu = self.process("qemu")
         if self.status is PodStatus.RUNNING and qemu is not None and qemu.alive():
             self._set_status_quietly(PodStatus.STOPPING)
@@ -669,7 +676,13 @@ class Pod:
                 ContainerClient(self.agent_address, 5.0) as agent,
             ):
                 agent.shutdown()
-                qemu.wait(timeout)
+
+    def finish_stop(self, timeout: float = 10.0) -> None:
+        """The second half of :meth:`stop`: wait up to ``timeout`` seconds for QEMU to exit,
+        then :meth:`destroy`. No gRPC (safe in a forked child)."""
+        qemu = self.process("qemu")
+        if self.status is PodStatus.STOPPING and qemu is not None and qemu.alive():
+            qemu.wait(timeout)
         self.destroy()
 
     def _remove_virtiofsd_pid_file(self) -> None:

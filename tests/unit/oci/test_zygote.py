@@ -63,7 +63,7 @@ def _request(z: Zygote, module: str, args: list[str], payload: bytes) -> tuple[i
 
 
 def test_the_runtime_gets_the_payload_on_fd_3_and_reports_on_fd_4(zygote: Zygote) -> None:
-    pid, err, sync = _request(
+    pid, _err, sync = _request(
         zygote, "agent.oci.init", ["--bundle-fd", "3", "--sync-fd", "4"], b"not json"
     )
     assert pid > 0 and pid != zygote.pid
@@ -124,4 +124,3 @@ def test_forked_runtimes_do_not_share_random_state() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, check=True).stdout
     values = out.split()
     assert len(values) == 2 and values[0] != values[1]
-
