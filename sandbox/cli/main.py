@@ -205,6 +205,9 @@ def _log_flags(argv: list[str]) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> None:
     """Entry point of the ``pysandbox`` console script."""
+    from agentapi import lazy_import
+
+    lazy_import.install()  # asyncio, grpc.aio, ...: loaded only if a verb uses them
     argv = list(sys.argv[1:] if argv is None else argv)
     _Parser.log_flags = _log_flags(argv)
     verb = _verb_of(argv)
