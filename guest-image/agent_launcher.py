@@ -8,9 +8,10 @@ which behaves as ``python3.11 -u -m agent`` (same ``agent.__main__.main``) excep
 
 * ``-S`` skips ``site`` (the image has no site-packages, ``.pth`` files or sitecustomize;
   ``PYTHONPATH`` still applies) and ``-c`` skips ``runpy``;
-* the modules in ``agentapi.lazy_import.LAZY_MODULES`` are imported lazily: the import statement binds a
-  module object at once, the module's code runs on the first attribute access. Whoever uses
-  such a module gets it fully loaded; only nobody pays for it at boot when nobody uses it.
+* the modules in ``agentapi.lazy_import.LAZY_MODULES`` are imported lazily: the import
+  statement binds a module object at once, the module's code runs on the first attribute
+  access. Whoever uses such a module gets it fully loaded; only nobody pays for it at boot
+  when nobody uses it.
 
 Why these modules (measured under TCG, see docs/performance.md): ``grpc/__init__.py``
 always ends with ``from grpc import aio``, and ``grpc._cython.cygrpc`` imports ``asyncio``
