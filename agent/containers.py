@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from agent import cgroup_layout, pid1, proctable, share_view
+from agentapi.limits import MAX_READ_BYTES
 from ocispec.document import MAX_DOCUMENT_BYTES
 
 if TYPE_CHECKING:
@@ -49,7 +50,13 @@ START_TIMEOUT = 60.0
 MAX_COLLECTED_EXECS = 256
 #: Removed container ids remembered to refresh the share's entries when one comes back.
 MAX_REMEMBERED_IDS = 1024
-_CHUNK = 64 * 1024
+#: Largest stdout/stderr chunk per message: what the host accepts (MAX_READ_BYTES). Each
+#: message costs milliseconds of guest CPU under TCG, whatever its size: fewer, larger
+#: messages are what makes a stream fast (docs/performance.md).
+_CHUNK = MAX_READ_BYTES
+#: Pipe capacity of a process's stdout/stderr (fcntl F_SETPIPE_SZ): while the host takes a
+#: message, the process keeps writing, and the next read takes it all at once.
+_OUTPUT_PIPE_BYTES = MAX_READ_BYTES
 #: Bytes a terminal may hold beyond what TIOCINQ counts when its process exits (the pty's
 #: flip buffer, not yet handed to the line discipline).
 _TTY_SLACK = 64 * 1024
@@ -210,8 +217,14 @@ class Container:
         return "running" if self.started else "created"
 
 
-def _set_cloexec_pipe() -> tuple[int, int]:
-    return os.pipe2(os.O_CLOEXEC)
+def _set_cloexec_pipe(size: int = 0) -> tuple[int, int]:
+    """A close-on-exec pipe; with ``size``, its capacity raised to that (best effort: the
+    default 64 KiB stays when the kernel refuses)."""
+    r, w = os.pipe2(os.O_CLOEXEC)
+    if size:
+        with contextlib.suppress(OSError):
+            fcntl.fcntl(w, fcntl.F_SETPIPE_SZ, size)
+    return r, w
 
 
 def _ignore_status(_status: int) -> None:
@@ -363,8 +376,8 @@ class ContainerManager:
             stdin_w, stdout_r, stderr_r = master, os.dup(master), None
         else:
             in_r, stdin_w = _set_cloexec_pipe()
-            stdout_r, out_w = _set_cloexec_pipe()
-            stderr_r, err_w = _set_cloexec_pipe()
+            stdout_r, out_w = _set_cloexec_pipe(_OUTPUT_PIPE_BYTES)
+            stderr_r, err_w = _set_cloexec_pipe(_OUTPUT_PIPE_BYTES)
             stdio = (in_r, out_w, err_w)
             child_fds = [in_r, out_w, err_w]
         actions = [
