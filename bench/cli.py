@@ -395,16 +395,16 @@ def bench_exec(runs: int, work: Path, oci: str) -> dict[str, Any]:
     bundle = make_bundle(work / "exec", ["sleep", "3600"])
     oci_root, oci_id = work / "root-exec-oci", f"bench-exec-oci-{os.getpid()}"
     base = [*PYSANDBOX, "--root", str(root)]
-    for argv, env in _variants():
+    SLEEP = ["sleep", "3600"]  # noqa: N806
+    root_b = work / "root-exec-b"  # the baseline's run (if any), for its own PSS
+    for (argv, env), run_root in zip(_variants(), (root, root_b), strict=False):
         subprocess.run(
-            [*argv, "--root", str(root), "run", "-d", "--name", name, str(rootfs), "sleep", "3600"],
+            [*argv, "--root", str(run_root), "run", "-d", "--name", name, str(rootfs), *SLEEP],
             check=True,
             capture_output=True,
             timeout=TIMEOUT,
             env=env,
         )
-        name = name + "-b"  # the baseline's run (if any) is NAME-b
-    name = f"bench-exec-{os.getpid()}"
     subprocess.run(
         [
             oci,
@@ -425,6 +425,7 @@ def bench_exec(runs: int, work: Path, oci: str) -> dict[str, Any]:
     try:
         time.sleep(3)  # settle before PSS
         pss = vmm_pss_kib(root)
+        pss_b = vmm_pss_kib(root_b) if BASELINE is not None else None
         raw = alternate(
             runs * 2,
             {
@@ -432,7 +433,7 @@ def bench_exec(runs: int, work: Path, oci: str) -> dict[str, Any]:
                 "pysandbox": lambda: timed([*base, "exec", name, "true"]),
                 **_baseline_kind(
                     lambda b: timed(
-                        [*b.argv, "--root", str(root), "exec", name + "-b", "true"], env=b.env
+                        [*b.argv, "--root", str(root_b), "exec", name, "true"], env=b.env
                     )
                 ),
             },
@@ -441,9 +442,9 @@ def bench_exec(runs: int, work: Path, oci: str) -> dict[str, Any]:
             traced(["--root", str(root), "exec", name, "true"], work)[1] for _ in range(runs)
         ]
     finally:
-        for (argv, env), suffix in zip(_variants(), ("", "-b"), strict=False):
+        for (argv, env), run_root in zip(_variants(), (root, root_b), strict=False):
             subprocess.run(
-                [*argv, "--root", str(root), "rm", "-f", name + suffix],
+                [*argv, "--root", str(run_root), "rm", "-f", name],
                 capture_output=True,
                 timeout=TIMEOUT,
                 env=env,
@@ -461,6 +462,7 @@ def bench_exec(runs: int, work: Path, oci: str) -> dict[str, Any]:
         **_baseline_ratios(stats, "oci"),
         "stages_median_seconds": median_stages(stage_runs),
         "idle_run_vmm_pss_kib": pss,
+        "baseline_idle_run_vmm_pss_kib": pss_b,
     }
 
 
@@ -584,6 +586,11 @@ def report(result: dict[str, Any], oci: str) -> None:
         print(
             f"  idle detached run: QEMU + virtiofsd + proxy PSS "
             f"{exec_['idle_run_vmm_pss_kib'] / 1024:.0f} MiB"
+            + (
+                f" (baseline {exec_['baseline_idle_run_vmm_pss_kib'] / 1024:.0f} MiB)"
+                if exec_.get("baseline_idle_run_vmm_pss_kib")
+                else ""
+            )
         )
     stream = result.get("stream")
     if stream:
