@@ -395,11 +395,11 @@ def bench_exec(runs: int, work: Path, oci: str) -> dict[str, Any]:
     bundle = make_bundle(work / "exec", ["sleep", "3600"])
     oci_root, oci_id = work / "root-exec-oci", f"bench-exec-oci-{os.getpid()}"
     base = [*PYSANDBOX, "--root", str(root)]
-    SLEEP = ["sleep", "3600"]  # noqa: N806
+    sleep = ["sleep", "3600"]
     root_b = work / "root-exec-b"  # the baseline's run (if any), for its own PSS
     for (argv, env), run_root in zip(_variants(), (root, root_b), strict=False):
         subprocess.run(
-            [*argv, "--root", str(run_root), "run", "-d", "--name", name, str(rootfs), *SLEEP],
+            [*argv, "--root", str(run_root), "run", "-d", "--name", name, str(rootfs), *sleep],
             check=True,
             capture_output=True,
             timeout=TIMEOUT,
