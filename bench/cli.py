@@ -379,7 +379,7 @@ def vmm_pss_kib(root: Path) -> int:
             cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ")
         except OSError:
             continue
-        if str(root).encode() not in cmdline:
+        if (str(root) + "/").encode() not in cmdline:  # not ROOT-b
             continue
         if any(k in cmdline for k in (b"qemu-system", b"virtiofsd", b"agent_proxy")):
             total += pss_kib(int(entry.name))
