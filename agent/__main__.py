@@ -13,6 +13,13 @@ import sys
 import threading
 
 LOCAL_SOCKET = "/run/pysandbox-agent.sock"
+#: How long the agent waits at boot for the runtime zygote's imports before it reports ready.
+ZYGOTE_BOOT_TIMEOUT = 20.0
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from agent import pid1
+    from agent.zygote import Zygote
 
 
 def _serve_in_guest() -> None:
@@ -28,16 +35,21 @@ def _serve_in_guest() -> None:
     kmod.install_kernel_helper()
     reaper = pid1.Reaper()
     reaper.install()
+    zygote = _start_zygote(reaper)
     port = find_serial_port()
     transport = "serial" if port is not None else "vsock"
     server = make_server(
         AgentService(
             transport=transport,
-            containers=ContainerManager(reaper),
+            containers=ContainerManager(reaper, zygote=zygote),
             network=NetworkManager(reaper, load_nic_driver=_load_virtio_net),
         ),
         max_workers=64,
     )
+    # Ready only with the zygote's imports done: a template VM is saved once the agent
+    # answers, and a zygote caught mid-import would finish them in every restored VM.
+    if zygote is not None and not zygote.wait_ready(ZYGOTE_BOOT_TIMEOUT):
+        print("pysandbox-agent: runtime zygote not ready; spawning runtimes", flush=True)
     if port is not None:
         server.add_insecure_port(f"unix:{LOCAL_SOCKET}")
         server.start()
@@ -48,6 +60,21 @@ def _serve_in_guest() -> None:
         server.start()
         print(f"pysandbox-agent: ready on vsock port {VSOCK_PORT}", flush=True)
         server.wait_for_termination()
+
+
+def _start_zygote(reaper: pid1.Reaper) -> Zygote | None:
+    """The runtime zygote (agent/zygote.py), started now so that it imports while the agent
+    does; None (runtimes are spawned) if it cannot be started."""
+    from agent.containers import runtime_env
+    from agent.zygote import Zygote
+
+    zygote = Zygote(reaper, runtime_env())
+    try:
+        zygote.start()
+    except OSError as exc:
+        print(f"pysandbox-agent: runtime zygote not started: {exc}", flush=True)
+        return None
+    return zygote
 
 
 def _load_virtio_net() -> None:

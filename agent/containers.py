@@ -29,10 +29,14 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from agent import cgroup_layout, pid1, proctable, share_view
+from agentapi.limits import MAX_READ_BYTES
 from ocispec.document import MAX_DOCUMENT_BYTES
+
+if TYPE_CHECKING:
+    from agent.zygote import Zygote
 
 #: Largest spec CreateContainer takes: what the host accepts as config.json (1 MiB).
 MAX_SPEC_BYTES = MAX_DOCUMENT_BYTES
@@ -46,7 +50,13 @@ START_TIMEOUT = 60.0
 MAX_COLLECTED_EXECS = 256
 #: Removed container ids remembered to refresh the share's entries when one comes back.
 MAX_REMEMBERED_IDS = 1024
-_CHUNK = 64 * 1024
+#: Largest stdout/stderr chunk per message: what the host accepts (MAX_READ_BYTES). Each
+#: message costs milliseconds of guest CPU under TCG, whatever its size: fewer, larger
+#: messages are what makes a stream fast (docs/performance.md).
+_CHUNK = MAX_READ_BYTES
+#: Pipe capacity of a process's stdout/stderr (fcntl F_SETPIPE_SZ): while the host takes a
+#: message, the process keeps writing, and the next read takes it all at once.
+_OUTPUT_PIPE_BYTES = MAX_READ_BYTES
 #: Bytes a terminal may hold beyond what TIOCINQ counts when its process exits (the pty's
 #: flip buffer, not yet handed to the line discipline).
 _TTY_SLACK = 64 * 1024
@@ -207,8 +217,14 @@ class Container:
         return "running" if self.started else "created"
 
 
-def _set_cloexec_pipe() -> tuple[int, int]:
-    return os.pipe2(os.O_CLOEXEC)
+def _set_cloexec_pipe(size: int = 0) -> tuple[int, int]:
+    """A close-on-exec pipe; with ``size``, its capacity raised to that (best effort: the
+    default 64 KiB stays when the kernel refuses)."""
+    r, w = os.pipe2(os.O_CLOEXEC)
+    if size:
+        with contextlib.suppress(OSError):
+            fcntl.fcntl(w, fcntl.F_SETPIPE_SZ, size)
+    return r, w
 
 
 def _ignore_status(_status: int) -> None:
@@ -288,6 +304,14 @@ def _read_reply(control: socket.socket, timeout: float) -> str | None:
     return data.decode(errors="replace").strip()
 
 
+def runtime_env() -> dict[str, str]:
+    """The environment of the in-guest runtime (and of the zygote that forks it)."""
+    return {
+        "PATH": "/usr/sbin:/usr/bin:/sbin:/bin",
+        "PYTHONPATH": os.environ.get("PYTHONPATH", ""),
+    }
+
+
 def _close(fd: int | None) -> None:
     if fd is not None:
         with contextlib.suppress(OSError):
@@ -302,8 +326,10 @@ class ContainerManager:
         reaper: pid1.Reaper,
         cgroup_parent: str = pid1.CGROUP_PARENT,
         layout: cgroup_layout.Layout | None = None,
+        zygote: Zygote | None = None,
     ) -> None:
         self._reaper = reaper
+        self._zygote = zygote
         self._cgroup_parent = cgroup_parent
         self._layout = layout or cgroup_layout.Layout(cgroup_parent)
         self._containers: dict[str, Container] = {}
@@ -350,8 +376,8 @@ class ContainerManager:
             stdin_w, stdout_r, stderr_r = master, os.dup(master), None
         else:
             in_r, stdin_w = _set_cloexec_pipe()
-            stdout_r, out_w = _set_cloexec_pipe()
-            stderr_r, err_w = _set_cloexec_pipe()
+            stdout_r, out_w = _set_cloexec_pipe(_OUTPUT_PIPE_BYTES)
+            stderr_r, err_w = _set_cloexec_pipe(_OUTPUT_PIPE_BYTES)
             stdio = (in_r, out_w, err_w)
             child_fds = [in_r, out_w, err_w]
         actions = [
@@ -361,13 +387,17 @@ class ContainerManager:
             (os.POSIX_SPAWN_DUP2, payload_fd, 3),
             (os.POSIX_SPAWN_DUP2, theirs.fileno(), 4),
         ]
-        argv = [sys.executable, "-m", module, *args]
-        env = {
-            "PATH": "/usr/sbin:/usr/bin:/sbin:/bin",
-            "PYTHONPATH": os.environ.get("PYTHONPATH", ""),
-        }
         try:
-            runtime_pid = os.posix_spawn(sys.executable, argv, env, file_actions=actions)
+            runtime_pid = None
+            if self._zygote is not None:
+                runtime_pid = self._zygote.spawn(
+                    module, args, (*stdio, payload_fd, theirs.fileno())
+                )
+            if runtime_pid is None:  # no zygote (or it failed): a fresh interpreter
+                argv = [sys.executable, "-m", module, *args]
+                runtime_pid = os.posix_spawn(
+                    sys.executable, argv, runtime_env(), file_actions=actions
+                )
         finally:
             for fd in child_fds:
                 _close(fd)

@@ -107,6 +107,7 @@ class Reaper:
             status = self._unclaimed.pop(pid, None)
             if status is None:
                 self._waiters[pid] = callback
+                self._wakeup.set()  # a reaper idle for lack of children waits for this one
                 return
         callback(status)
 
@@ -122,9 +123,17 @@ class Reaper:
         threading.Thread(target=self._loop, name="reaper", daemon=True).start()
 
     def _loop(self) -> None:
+        # Blocked in waitid (without reaping) rather than on SIGCHLD: Python runs signal
+        # handlers in the main thread only, which may sit in a blocking call for up to a
+        # second (the serial relay) — every exit status would wait for it.
         while True:
-            self._wakeup.wait(1.0)
-            self._wakeup.clear()
+            try:
+                os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOWAIT)
+            except ChildProcessError:  # no child at all: until one is watched or signals
+                self._wakeup.wait(1.0)
+                self._wakeup.clear()
+            except InterruptedError:
+                pass
             self.reap_once()
 
     def reap_once(self) -> None:

@@ -24,6 +24,8 @@ from pathlib import Path
 from agentapi.channel import SERIAL_PORT_NAME, SyncScanner, ack_line
 
 _CHUNK = 65536
+#: What the writer takes from the gRPC server per read (guest to host: the bulk of stdout).
+_UPSTREAM_CHUNK = 1024 * 1024
 _REOPEN_BACKOFF = (0.02, 0.05, 0.1, 0.2)
 
 
@@ -69,7 +71,7 @@ class _Session:
     def _pump(self) -> None:
         while not self.closed.is_set():
             try:
-                data = self.upstream.recv(_CHUNK)
+                data = self.upstream.recv(_UPSTREAM_CHUNK)
             except OSError:
                 return
             if not data or not self.write(data):

@@ -154,6 +154,9 @@ class AgentService(pb_grpc.AgentServicer):
     def Shutdown(
         self, request: pb.ShutdownRequest, context: grpc.ServicerContext
     ) -> pb.ShutdownResponse:
+        # Synced before the answer: once the host has it, what containers wrote through
+        # the shares is on the host, whether or not it waits for QEMU to exit.
+        os.sync()
         timer = threading.Timer(0.2, self._power_off)
         timer.daemon = True
         timer.start()

@@ -45,7 +45,8 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from bench.run import floor_config, run_floor  # noqa: E402
+from bench.run import floor_config, pss_kib, run_floor  # noqa: E402
+from bench.stages import breakdown  # noqa: E402
 from hypervisor import accel as accel_mod  # noqa: E402
 from hypervisor.guest_image import find_image  # noqa: E402
 from hypervisor.qemu import find_qemu  # noqa: E402
@@ -54,6 +55,25 @@ from sandbox.pod.lifecycle import DEFAULT_MEMORY_MIB, kernel_cmdline  # noqa: E4
 from sandbox.run.default_spec import default_spec  # noqa: E402
 
 PYSANDBOX = [sys.executable, "-m", "sandbox"]
+
+
+class Baseline:
+    """Another checkout measured alternately with this one (``--baseline``): its venv's
+    python, its tree on PYTHONPATH, its guest image and template directory."""
+
+    def __init__(self, spec: str) -> None:
+        repo, _, rest = spec.partition(",")
+        image, _, templates = rest.partition(",")
+        self.repo = Path(repo).resolve()
+        self.argv = [str(self.repo / ".venv" / "bin" / "python"), "-m", "sandbox"]
+        self.env = {**os.environ, "PYTHONPATH": str(self.repo)}
+        if image:
+            self.env["PYSANDBOX_GUEST_IMAGE"] = image
+        if templates:
+            self.env["PYSANDBOX_TEMPLATE_DIR"] = templates
+
+
+BASELINE: Baseline | None = None
 TIMEOUT = 120.0
 
 
@@ -78,10 +98,10 @@ def oci_runtime() -> str:
     raise SystemExit("bench/cli.py needs crun or runc for the comparison: apt-get install crun")
 
 
-def timed(argv: list[str], check: bool = True) -> float:
+def timed(argv: list[str], check: bool = True, env: dict[str, str] | None = None) -> float:
     """Seconds from spawn to exit of ``argv`` (output discarded)."""
     t0 = time.perf_counter()
-    done = subprocess.run(argv, capture_output=True, timeout=TIMEOUT, env=_env())
+    done = subprocess.run(argv, capture_output=True, timeout=TIMEOUT, env=env or _env())
     elapsed = time.perf_counter() - t0
     if check and done.returncode != 0:
         raise RuntimeError(f"{argv[2:]} failed ({done.returncode}): {done.stderr.decode()[-300:]}")
@@ -106,6 +126,34 @@ def first_output(argv: list[str]) -> tuple[float, float]:
 
 def _env() -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": str(REPO)}
+
+
+def _variants() -> list[tuple[list[str], dict[str, str]]]:
+    """(argv prefix, env) of this checkout, then of the baseline if there is one."""
+    found = [(PYSANDBOX, _env())]
+    if BASELINE is not None:
+        found.append((BASELINE.argv, BASELINE.env))
+    return found
+
+
+def _baseline_kind(fn: Callable[[Baseline], Any]) -> dict[str, Callable[[], Any]]:
+    """``{"baseline": ...}`` for :func:`alternate` when a baseline is measured, else {}."""
+    baseline = BASELINE
+    if baseline is None:
+        return {}
+    return {"baseline": lambda: fn(baseline)}
+
+
+def _baseline_ratios(stats: dict[str, dict[str, float]], *refs: str) -> dict[str, Any]:
+    """The baseline's ratios to ``refs`` and ours to the baseline's (when measured)."""
+    if "baseline" not in stats:
+        return {}
+    base = stats["baseline"]["median"]
+    return {
+        "baseline_repo": str(BASELINE.repo) if BASELINE else None,
+        "baseline_ratio_to": {ref: round(base / stats[ref]["median"], 2) for ref in refs},
+        "ratio_to_baseline": round(stats["pysandbox"]["median"] / base, 3),
+    }
 
 
 def make_bundle(work: Path, args: list[str]) -> Path:
@@ -250,6 +298,15 @@ def bench_run(runs: int, work: Path, oci: str) -> dict[str, Any]:
             [oci, "--root", str(oci_root), "run", "--bundle", str(reference_bundle(bundle)), cid]
         )
 
+    stage_runs: list[list[tuple[str, float]]] = []
+
+    def traced_run() -> float:
+        seconds, stages = traced(
+            ["--root", str(run_root), "run", str(bundle / "rootfs"), "true"], work
+        )
+        stage_runs.append(stages)
+        return seconds
+
     raw = alternate(
         runs,
         {
@@ -257,6 +314,13 @@ def bench_run(runs: int, work: Path, oci: str) -> dict[str, Any]:
             "oci": reference,
             "pysandbox": lambda: timed(
                 [*PYSANDBOX, "--root", str(run_root), "run", str(bundle / "rootfs"), "true"]
+            ),
+            "pysandbox (traced)": traced_run,
+            **_baseline_kind(
+                lambda b: timed(
+                    [*b.argv, "--root", str(run_root), "run", str(bundle / "rootfs"), "true"],
+                    env=b.env,
+                )
             ),
         },
     )
@@ -267,6 +331,215 @@ def bench_run(runs: int, work: Path, oci: str) -> dict[str, Any]:
         "seconds": stats,
         "ratio_to_floor": round(ours / stats["floor"]["median"], 2),
         "ratio_to_reference": round(ours / stats["oci"]["median"], 2),
+        **_baseline_ratios(stats, "floor", "oci"),
+        "stages_median_seconds": median_stages(stage_runs),
+    }
+
+
+def traced(argv: list[str], work: Path) -> tuple[float, list[tuple[str, float]]]:
+    """Wall seconds of ``pysandbox ARGV`` run under bench/stages.py, and its stages."""
+    out = work / "stages.json"
+    t0 = time.monotonic()
+    done = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "stages.py"), str(out), *argv],
+        capture_output=True,
+        timeout=TIMEOUT,
+        env={**_env(), "PYSANDBOX_BENCH_T0": repr(t0)},
+    )
+    exited = time.monotonic()
+    if done.returncode != 0:
+        raise RuntimeError(f"{argv} failed ({done.returncode}): {done.stderr.decode()[-300:]}")
+    return exited - t0, breakdown(json.loads(out.read_text()), exited)
+
+
+def median_stages(runs: list[list[tuple[str, float]]]) -> list[tuple[str, float]]:
+    """Per stage name (first-seen order), the median over the runs that have it."""
+    order: list[str] = []
+    values: dict[str, list[float]] = {}
+    for stages in runs:
+        seen: dict[str, float] = {}
+        for name, seconds in stages:
+            seen[name] = seen.get(name, 0.0) + seconds
+        for name, seconds in seen.items():
+            if name not in values:
+                order.append(name)
+                values[name] = []
+            values[name].append(seconds)
+    return [(name, round(statistics.median(values[name]), 4)) for name in order]
+
+
+def vmm_pss_kib(root: Path) -> int:
+    """PSS (KiB) of the QEMU, virtiofsd and agent proxy processes of the pods under
+    ``root`` (found by their command lines naming it)."""
+    total = 0
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ")
+        except OSError:
+            continue
+        if (str(root) + "/").encode() not in cmdline:  # not ROOT-b
+            continue
+        if any(k in cmdline for k in (b"qemu-system", b"virtiofsd", b"agent_proxy")):
+            total += pss_kib(int(entry.name))
+    return total
+
+
+def bench_exec(runs: int, work: Path, oci: str) -> dict[str, Any]:
+    """``pysandbox exec RUN true`` into a running detached run against ``runc exec`` into a
+    running runc container of the same rootfs; PSS of the run's VM processes."""
+    rootfs = images.ensure_default_image()
+    root = work / "root-exec"
+    name = f"bench-exec-{os.getpid()}"
+    bundle = make_bundle(work / "exec", ["sleep", "3600"])
+    oci_root, oci_id = work / "root-exec-oci", f"bench-exec-oci-{os.getpid()}"
+    base = [*PYSANDBOX, "--root", str(root)]
+    sleep = ["sleep", "3600"]
+    root_b = work / "root-exec-b"  # the baseline's run (if any), for its own PSS
+    for (argv, env), run_root in zip(_variants(), (root, root_b), strict=False):
+        subprocess.run(
+            [*argv, "--root", str(run_root), "run", "-d", "--name", name, str(rootfs), *sleep],
+            check=True,
+            capture_output=True,
+            timeout=TIMEOUT,
+            env=env,
+        )
+    subprocess.run(
+        [
+            oci,
+            "--root",
+            str(oci_root),
+            "run",
+            "-d",
+            "--bundle",
+            str(reference_bundle(bundle)),
+            oci_id,
+        ],
+        check=True,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        timeout=TIMEOUT,
+    )
+    try:
+        time.sleep(3)  # settle before PSS
+        pss = vmm_pss_kib(root)
+        pss_b = vmm_pss_kib(root_b) if BASELINE is not None else None
+        raw = alternate(
+            runs * 2,
+            {
+                "oci": lambda: timed([oci, "--root", str(oci_root), "exec", oci_id, "true"]),
+                "pysandbox": lambda: timed([*base, "exec", name, "true"]),
+                **_baseline_kind(
+                    lambda b: timed(
+                        [*b.argv, "--root", str(root_b), "exec", name, "true"], env=b.env
+                    )
+                ),
+            },
+        )
+        stage_runs = [
+            traced(["--root", str(root), "exec", name, "true"], work)[1] for _ in range(runs)
+        ]
+    finally:
+        for (argv, env), run_root in zip(_variants(), (root, root_b), strict=False):
+            subprocess.run(
+                [*argv, "--root", str(run_root), "rm", "-f", name],
+                capture_output=True,
+                timeout=TIMEOUT,
+                env=env,
+            )
+        subprocess.run(
+            [oci, "--root", str(oci_root), "delete", "--force", oci_id],
+            capture_output=True,
+            timeout=TIMEOUT,
+        )
+    stats = {k: summary(v) for k, v in raw.items()}
+    return {
+        "reference_runtime": oci,
+        "seconds": stats,
+        "ratio_to_reference": round(stats["pysandbox"]["median"] / stats["oci"]["median"], 2),
+        **_baseline_ratios(stats, "oci"),
+        "stages_median_seconds": median_stages(stage_runs),
+        "idle_run_vmm_pss_kib": pss,
+        "baseline_idle_run_vmm_pss_kib": pss_b,
+    }
+
+
+def stream_seconds(argv: list[str], expected: int, env: dict[str, str] | None = None) -> float:
+    """Seconds from the first stdout byte of ``argv`` to its EOF (``expected`` bytes)."""
+    proc = subprocess.Popen(
+        argv,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        env=env or _env(),
+    )
+    assert proc.stdout is not None
+    fd = proc.stdout.fileno()
+    first = os.read(fd, 1 << 20)
+    t0 = time.perf_counter()
+    got = len(first)
+    while chunk := os.read(fd, 1 << 20):
+        got += len(chunk)
+    elapsed = time.perf_counter() - t0
+    proc.wait(TIMEOUT)
+    if proc.returncode != 0 or got != expected:
+        raise RuntimeError(f"{argv} failed ({proc.returncode}), {got} of {expected} bytes")
+    return elapsed
+
+
+def bench_stream(runs: int, work: Path, oci: str, mib: int) -> dict[str, Any]:
+    """``pysandbox run ROOTFS dd if=/dev/zero bs=1M count=MIB``: stdout MiB/s (first byte
+    to EOF) against ``runc run`` of the same command and rootfs."""
+    command = ["dd", "if=/dev/zero", "bs=1M", f"count={mib}"]
+    bundle = make_bundle(work / "stream", command)
+    oci_root, run_root = work / "root-stream-oci", work / "root-stream"
+    counter = iter(range(10**6))
+    size = mib << 20
+    raw = alternate(
+        runs,
+        {
+            "oci": lambda: (
+                mib
+                / stream_seconds(
+                    [
+                        oci,
+                        "--root",
+                        str(oci_root),
+                        "run",
+                        "--bundle",
+                        str(reference_bundle(bundle)),
+                        f"bench-stream-{os.getpid()}-{next(counter)}",
+                    ],
+                    size,
+                )
+            ),
+            "pysandbox": lambda: (
+                mib
+                / stream_seconds(
+                    [*PYSANDBOX, "--root", str(run_root), "run", str(bundle / "rootfs"), *command],
+                    size,
+                )
+            ),
+            **_baseline_kind(
+                lambda b: (
+                    mib
+                    / stream_seconds(
+                        [*b.argv, "--root", str(run_root), "run", str(bundle / "rootfs"), *command],
+                        size,
+                        env=b.env,
+                    )
+                )
+            ),
+        },
+    )
+    stats = {k: summary(v) for k, v in raw.items()}
+    return {
+        "reference_runtime": oci,
+        "mib": mib,
+        "mib_per_second": stats,
+        "ratio_to_reference": round(stats["pysandbox"]["median"] / stats["oci"]["median"], 3),
     }
 
 
@@ -274,53 +547,113 @@ def _row(label: str, stats: dict[str, float]) -> str:
     return f"{label:<48} {stats['median']:8.3f} {stats['min']:8.3f} {stats['max']:8.3f}"
 
 
+def report(result: dict[str, Any], oci: str) -> None:
+    """The table of :func:`main` (every figure with its ratio)."""
+    heading = f"seconds (median of {result['runs']}+ runs)"
+    print(f"{heading:<48} {'median':>8} {'min':>8} {'max':>8}")
+    verbs = result.get("verbs")
+    if verbs:
+        for name, stats in verbs["seconds"].items():
+            print(_row(name, stats))
+        for name, ratio in verbs["ratio_to_python"].items():
+            print(f"  {name} / python -c pass: {ratio:.2f}x")
+    create_start = result.get("create_start")
+    if create_start:
+        cs = create_start["seconds_to_first_output"]
+        print(_row(f"{oci} run: spawn -> first output", cs["reference"]))
+        print(_row("pysandbox run --bundle: spawn -> first output", cs["pysandbox"]))
+        print(f"  ratio: {create_start['ratio_first_output']:.2f}x")
+    run = result.get("run_true")
+    if run:
+        print(_row("floor: bare QEMU boot to marker", run["seconds"]["floor"]))
+        print(_row(f"{oci} run ROOTFS true", run["seconds"]["oci"]))
+        print(_row("pysandbox run ROOTFS true", run["seconds"]["pysandbox"]))
+        print(
+            f"  ratio to floor: {run['ratio_to_floor']:.2f}x, to {oci}: "
+            f"{run['ratio_to_reference']:.2f}x"
+        )
+        print("  stages (median seconds, traced runs):")
+        for name, seconds in run["stages_median_seconds"]:
+            print(f"    {name:<44} {seconds:8.3f}")
+    exec_ = result.get("exec_true")
+    if exec_:
+        print(_row(f"{oci} exec CONTAINER true", exec_["seconds"]["oci"]))
+        print(_row("pysandbox exec RUN true", exec_["seconds"]["pysandbox"]))
+        print(f"  ratio to {oci}: {exec_['ratio_to_reference']:.2f}x")
+        print("  stages (median seconds, traced runs):")
+        for name, seconds in exec_["stages_median_seconds"]:
+            print(f"    {name:<44} {seconds:8.3f}")
+        print(
+            f"  idle detached run: QEMU + virtiofsd + proxy PSS "
+            f"{exec_['idle_run_vmm_pss_kib'] / 1024:.0f} MiB"
+            + (
+                f" (baseline {exec_['baseline_idle_run_vmm_pss_kib'] / 1024:.0f} MiB)"
+                if exec_.get("baseline_idle_run_vmm_pss_kib")
+                else ""
+            )
+        )
+    stream = result.get("stream")
+    if stream:
+        rate = stream["mib_per_second"]
+        print(f"{'MiB/s (first byte -> EOF, ' + str(stream['mib']) + ' MiB stdout)':<48}")
+        print(_row(f"{oci} run dd", rate["oci"]))
+        print(_row("pysandbox run dd", rate["pysandbox"]))
+        print(f"  ratio to {oci}: {stream['ratio_to_reference']:.3f}x")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="pysandbox CLI benchmark")
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results")
     parser.add_argument("--no-json", action="store_true")
+    parser.add_argument("--stream-mib", type=int, default=100)
+    parser.add_argument(
+        "--baseline",
+        metavar="REPO[,GUEST_IMAGE[,TEMPLATE_DIR]]",
+        help="also measure this checkout (its .venv) alternately: run, exec, stream",
+    )
+    parser.add_argument("--name", default="cli", help="JSON file: <date>-<name>.json")
+    parser.add_argument(
+        "--only",
+        choices=["verbs", "create-start", "run", "exec", "stream"],
+        action="append",
+        help="run only these groups (repeatable; default all)",
+    )
     args = parser.parse_args(argv)
     if args.runs < 1:
         parser.error("--runs must be at least 1")
+    global BASELINE
+    if args.baseline:
+        BASELINE = Baseline(args.baseline)
     oci = oci_runtime()
     work = Path(tempfile.mkdtemp(prefix="psb-bench-cli-", dir="/tmp"))
     started = time.time()
-    try:
-        verbs = bench_verbs(args.runs, work)
-        create_start = bench_create_start(args.runs, work, oci)
-        run = bench_run(args.runs, work, oci)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-
-    print(f"{f'seconds (median of {args.runs}+ runs)':<48} {'median':>8} {'min':>8} {'max':>8}")
-    for name, stats in verbs["seconds"].items():
-        print(_row(name, stats))
-    for name, ratio in verbs["ratio_to_python"].items():
-        print(f"  {name} / python -c pass: {ratio:.2f}x")
-    cs = create_start["seconds_to_first_output"]
-    print(_row(f"{Path(oci).name} run: spawn -> first output", cs["reference"]))
-    print(_row("pysandbox run --bundle: spawn -> first output", cs["pysandbox"]))
-    print(f"  ratio: {create_start['ratio_first_output']:.2f}x")
-    print(_row("floor: bare QEMU boot to marker", run["seconds"]["floor"]))
-    print(_row(f"{Path(oci).name} run ROOTFS true", run["seconds"]["oci"]))
-    print(_row("pysandbox run ROOTFS true", run["seconds"]["pysandbox"]))
-    print(
-        f"  ratio to floor: {run['ratio_to_floor']:.2f}x, to {Path(oci).name}: "
-        f"{run['ratio_to_reference']:.2f}x"
-    )
-    result = {
+    groups = set(args.only or ["verbs", "create-start", "run", "exec", "stream"])
+    result: dict[str, Any] = {
         "date": datetime.datetime.fromtimestamp(started, datetime.UTC).strftime(
             "%Y-%m-%dT%H:%M:%SZ"
         ),
         "loadavg_at_start": [round(x, 2) for x in os.getloadavg()],
         "runs": args.runs,
-        "verbs": verbs,
-        "create_start": create_start,
-        "run_true": run,
     }
+    try:
+        if "verbs" in groups:
+            result["verbs"] = bench_verbs(args.runs, work)
+        if "create-start" in groups:
+            result["create_start"] = bench_create_start(args.runs, work, oci)
+        if "run" in groups:
+            result["run_true"] = bench_run(args.runs, work, oci)
+        if "exec" in groups:
+            result["exec_true"] = bench_exec(args.runs, work, oci)
+        if "stream" in groups:
+            result["stream"] = bench_stream(args.runs, work, oci, args.stream_mib)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    result["loadavg_at_end"] = [round(x, 2) for x in os.getloadavg()]
+    report(result, Path(oci).name)
     if not args.no_json:
         args.out.mkdir(parents=True, exist_ok=True)
-        name = datetime.date.today().isoformat() + "-cli.json"
+        name = f"{datetime.date.today().isoformat()}-{args.name}.json"
         (args.out / name).write_text(json.dumps(result, indent=2) + "\n")
         print(f"wrote {args.out / name}")
     return 0

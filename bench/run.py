@@ -61,14 +61,13 @@ from hypervisor.guest_image import GuestImage, find_image, floor_initrd  # noqa:
 from hypervisor.process import ProcessHandle, start_time  # noqa: E402
 from hypervisor.qemu import QemuVM, find_qemu  # noqa: E402
 from hypervisor.qemu_args import VMConfig, build_argv  # noqa: E402
+from sandbox.pod import hostfs, template  # noqa: E402
 from sandbox.pod import lifecycle as pod_module  # noqa: E402
 from sandbox.pod.agent_client import AgentClient  # noqa: E402
 from sandbox.pod.lifecycle import (  # noqa: E402
     DEFAULT_MEMORY_MIB,
     Pod,
-    hostfs,
     kernel_cmdline,
-    template,
 )
 
 FLOOR_MARKER = b"PYSANDBOX-FLOOR-READY"

@@ -50,6 +50,13 @@ def _global_flags(parser: argparse.ArgumentParser) -> None:
     )
 
 
+#: Verbs that only talk to a running agent: they import asyncio, grpc.aio and protobuf's
+#: Python message code lazily (agentapi/lazy_import.py; ~30 ms of start-up). Not the verbs
+#: that boot or stop VMs: QMP loads asyncio there, and a signal turned into an exception
+#: in the middle of a lazy load would leave the module half-initialised for the rest of the
+#: process (an ordinary import is undone and retried).
+_LAZY_IMPORT_VERBS = frozenset({"exec", "state", "kill"})
+
 #: The verbs clients call most (and for which start-up time is most of the call's time).
 _LIFECYCLE_VERBS = ("start", "state", "kill", "delete", "pause", "resume")
 
@@ -208,6 +215,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     _Parser.log_flags = _log_flags(argv)
     verb = _verb_of(argv)
+    if verb in _LAZY_IMPORT_VERBS:
+        from agentapi import lazy_import
+
+        lazy_import.install()  # asyncio, grpc.aio, ...: loaded only if the verb uses them
     parser = build_parser(only=verb)
     if isinstance(parser, _Parser):
         parser.usage_status_125 = verb == "run"

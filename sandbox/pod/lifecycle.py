@@ -34,20 +34,23 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from hypervisor.process import ProcessHandle, signals_held
-from hypervisor.qemu_args import Accelerator, NicConfig, VMConfig
-from hypervisor.virtiofsd import LockMode
 from sandbox import store as state
 from sandbox.errors import AgentError, ConfigError, NetworkError, StateError, TemplateError
 from sandbox.pod import drivers as pod_drivers
 from sandbox.pod import host_cgroup as cgroups
-from sandbox.pod import hostfs, network, template
+from sandbox.pod import hostfs
 from sandbox.pod import record as pod_record
 from sandbox.pod.agent_client import ContainerClient
 from sandbox.pod.drivers import Drivers
 from sandbox.pod.record import BootKind, PodRecord, PodStatus
+
+if TYPE_CHECKING:  # imported where used: verbs that only talk to an agent skip them (exec)
+    from hypervisor.qemu_args import Accelerator, NicConfig, VMConfig
+    from hypervisor.virtiofsd import LockMode
+    from sandbox.pod import network
 
 #: Guest path of the pod's virtio-fs share (container rootfs live below it).
 GUEST_SHARE = "/run/pysandbox/shared"
@@ -310,6 +313,7 @@ class Pod:
         from hypervisor import accel as accel_mod
         from hypervisor.errors import GuestImageError
         from hypervisor.guest_image import find_image
+        from sandbox.pod import network, template
 
         state.validate_id(pod_id, "pod")
         _check_jail()
@@ -400,6 +404,9 @@ class Pod:
     ) -> None:
         """The boot steps, in order; each is recorded before or the moment it exists, so
         that :meth:`destroy` undoes exactly what was done, whichever step fails."""
+        from hypervisor.qemu_args import NicConfig
+        from sandbox.pod import network, template
+
         # 1. Bind mounts of container root filesystems made later must reach virtiofsd's
         #    mount namespace: make the shared directory a shared mount first.
         hostfs.make_shared_mountpoint(self.shared_dir)
@@ -476,6 +483,8 @@ class Pod:
         cmdline: str,
         **devices: Any,
     ) -> VMConfig:
+        from sandbox.pod import template
+
         return template.vm_config(
             image,
             accel_name,
@@ -529,6 +538,7 @@ class Pod:
         forgotten and the caller cold boots; a state file QEMU could not load is discarded.
         """
         from hypervisor.errors import HypervisorError, HypervisorTimeout, JailError
+        from sandbox.pod import template
 
         cmdline = kernel_cmdline()
         try:
@@ -597,7 +607,7 @@ class Pod:
         """Install the port-forward rule in the pod's network namespace and return the
         listener the agent proxy serves (sandbox/pod/portforward.py); None, with a boot note,
         when this host cannot have them (no iptables): the pod works without."""
-        from sandbox.pod import redirect
+        from sandbox.pod import network, redirect
 
         entry = self.record.network or {}
         try:
@@ -659,6 +669,13 @@ class Pod:
     def stop(self, timeout: float = 10.0) -> None:
         """Power the VM of a running pod off through its agent (waiting up to ``timeout``
         seconds for QEMU to exit), then tear everything down (:meth:`destroy`)."""
+        self.begin_stop()
+        self.finish_stop(timeout)
+
+    def begin_stop(self) -> None:
+        """The first half of :meth:`stop`: a running pod becomes ``stopping`` and its agent
+        is asked to power the VM off (it syncs the guest's file systems, answers, then
+        powers off). Uses gRPC; never raises for an agent that cannot be reached."""
         qemu = self.process("qemu")
         if self.status is PodStatus.RUNNING and qemu is not None and qemu.alive():
             self._set_status_quietly(PodStatus.STOPPING)
@@ -669,7 +686,13 @@ class Pod:
                 ContainerClient(self.agent_address, 5.0) as agent,
             ):
                 agent.shutdown()
-                qemu.wait(timeout)
+
+    def finish_stop(self, timeout: float = 10.0) -> None:
+        """The second half of :meth:`stop`: wait up to ``timeout`` seconds for QEMU to exit,
+        then :meth:`destroy`. No gRPC (safe in a forked child)."""
+        qemu = self.process("qemu")
+        if self.status is PodStatus.STOPPING and qemu is not None and qemu.alive():
+            qemu.wait(timeout)
         self.destroy()
 
     def _remove_virtiofsd_pid_file(self) -> None:
@@ -704,6 +727,8 @@ class Pod:
         """
         if self.status is PodStatus.STOPPED:
             return
+        from sandbox.pod import network
+
         self._set_status_quietly(PodStatus.STOPPING)
         failures: list[Exception] = []
 

@@ -56,11 +56,64 @@ def run(args: argparse.Namespace, root: Path) -> int:
         spec = build_spec(args, image, held)
         pod = boot_pod(root, args.name or f"run-{secrets.token_hex(6)}", args, spec)
         try:
-            return _run_in_pod(args, pod, spec, image, held)
-        finally:
-            with contextlib.suppress(SandboxError):
-                unshare_container_files(pod, CONTAINER_ID)
-            pod.stop()
+            status = _run_in_pod(args, pod, spec, image, held)
+        except BaseException:
+            _teardown(pod)
+            raise
+    _teardown_in_background(pod)
+    return status
+
+
+def _teardown(pod: Pod) -> None:
+    with contextlib.suppress(SandboxError):
+        unshare_container_files(pod, CONTAINER_ID)
+    pod.stop()
+
+
+def _teardown_in_background(pod: Pod) -> None:
+    """Tear the run's VM down after this process has exited with the container's status.
+
+    The agent is told to power the guest off here (it syncs the guest's file systems first,
+    so what the container wrote to volumes is on the host), then a forked child of ours, in
+    a session of its own (Ctrl-C, a closed terminal and our exit do not reach it) and with
+    stdio on /dev/null (a pipe reading our output sees EOF when we exit), waits for QEMU to
+    exit and removes everything the run started (:meth:`Pod.destroy`). The child uses no
+    gRPC (not fork-safe). If the fork fails the teardown happens here, as before.
+    """
+    with contextlib.suppress(SandboxError):
+        pod.begin_stop()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    blocked = signal.pthread_sigmask(
+        signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
+    )
+    try:
+        try:
+            child = os.fork()
+        except OSError:
+            _finish_teardown(pod)
+            return
+        if child == 0:
+            try:
+                os.setsid()
+                for signum in (signal.SIGINT, signal.SIGHUP):
+                    signal.signal(signum, signal.SIG_IGN)
+                signal.signal(signal.SIGTERM, signal.SIG_DFL)
+                devnull = os.open(os.devnull, os.O_RDWR)
+                for fd in (0, 1, 2):
+                    os.dup2(devnull, fd)
+                signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+                _finish_teardown(pod)
+            finally:
+                os._exit(0)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+
+
+def _finish_teardown(pod: Pod) -> None:
+    with contextlib.suppress(SandboxError):
+        unshare_container_files(pod, CONTAINER_ID)
+    pod.finish_stop()
 
 
 def _run_in_pod(
@@ -96,8 +149,7 @@ def _run_in_pod(
             relay.join(30)
         if oom:
             print("pysandbox: the container was killed: out of memory", file=sys.stderr)
-        with contextlib.suppress(AgentError):
-            client.remove_container(CONTAINER_ID)
+        # No RemoveContainer: the VM is powered off next (its guest file systems synced).
         return status
 
 

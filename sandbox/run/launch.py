@@ -8,18 +8,22 @@ from __future__ import annotations
 
 import argparse
 import json
+import time
 from pathlib import Path
 from typing import Any
 
-from sandbox.errors import EXIT_RUNTIME, AgentError, CommandError, RunError
+from sandbox.errors import EXIT_RUNTIME, AgentError, CommandError, RunError, SandboxError
 from sandbox.image import store as images
 from sandbox.pod import host_cgroup
 from sandbox.pod.lifecycle import Pod
+from sandbox.pod.record import PodStatus
 from sandbox.pod.sharing import HeldSources, share_container_files
 from sandbox.run.spec import vm_memory_mib
 
 #: The container id of a foreground run inside its pod.
 CONTAINER_ID = "main"
+#: How long a run waits for the teardown of a finished run of the same name (seconds).
+TEARDOWN_WAIT = 30.0
 
 
 def boot_pod(root: Path, pod_id: str, args: argparse.Namespace, spec: dict[str, Any]) -> Pod:
@@ -29,6 +33,7 @@ def boot_pod(root: Path, pod_id: str, args: argparse.Namespace, spec: dict[str, 
     cgroup, limited to the container's limits plus the VM's overhead. On failure nothing
     is left running (Pod.boot's contract)."""
     memory = spec["linux"]["resources"].get("memory")
+    _wait_for_teardown(root, pod_id)
     req = host_cgroup.request(
         spec["linux"].get("cgroupsPath") or f"pysandbox/{pod_id}", False, pod_id
     )
@@ -43,6 +48,20 @@ def boot_pod(root: Path, pod_id: str, args: argparse.Namespace, spec: dict[str, 
         privileged_files=args.privileged_files,
         cgroup=(req, placement),
     )
+
+
+def _wait_for_teardown(root: Path, pod_id: str, timeout: float = TEARDOWN_WAIT) -> None:
+    """A run's VM is torn down after the run exited (sandbox.run.foreground): a new run of
+    the same ``--name`` right after it waits up to ``timeout`` seconds for that teardown
+    (then Pod.boot reports the pod as existing)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if Pod.load(root, pod_id).status is not PodStatus.STOPPING:
+                return
+        except SandboxError:  # none (or unreadable: Pod.boot reports it)
+            return
+        time.sleep(0.05)
 
 
 def create_in_pod(

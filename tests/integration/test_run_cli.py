@@ -68,10 +68,16 @@ def _leftovers(root: Path) -> list[str]:
     return [str(p) for p in pods] + mounts
 
 
+def _torn_down(root: Path) -> bool:
+    """The VM of a finished foreground run is torn down after the run exits (its status
+    comes first): within 30 s no pod directory, mount or process of ``root`` is left."""
+    return wait_until(lambda: _leftovers(root) == [] and _processes_of(root) == [], 30)
+
+
 def test_output_and_exit_code(root: Path) -> None:
     done = run(root, "default", "sh", "-c", "echo hi; echo oops >&2; exit 42")
     assert (done.returncode, done.stdout, done.stderr) == (42, b"hi\n", b"oops\n")
-    assert _leftovers(root) == []
+    assert _torn_down(root)
 
 
 def test_env_workdir_user_and_stdin(root: Path, tmp_path: Path) -> None:
@@ -126,7 +132,7 @@ def test_volumes_read_write_and_read_only(root: Path, tmp_path: Path) -> None:
     assert done.stdout == b"from the host\nro-ok\n"
     assert (rw / "r.txt").read_text() == "result\n"
     assert not (ro / "nope").exists()
-    assert _leftovers(root) == []
+    assert _torn_down(root)
 
 
 def test_host_files_outside_volumes_are_not_reachable(root: Path, tmp_path: Path) -> None:
@@ -150,13 +156,13 @@ def test_command_not_found_is_127(root: Path) -> None:
         done.stderr.strip()
         == b'pysandbox: exec: "no-such-command": executable file not found in $PATH'
     )
-    assert _leftovers(root) == []
+    assert _torn_down(root)
 
 
 def test_timeout_kills_and_exits_124(root: Path) -> None:
     done = run(root, "--timeout", "2", "default", "sleep", "60")
     assert done.returncode == 124 and b"timed out" in done.stderr
-    assert _leftovers(root) == []
+    assert _torn_down(root)
 
 
 def test_memory_limit_reports_oom(root: Path) -> None:
@@ -224,7 +230,7 @@ def test_command_found_but_not_executable_is_126(root: Path, tmp_path: Path) -> 
     assert done.returncode == 126
     assert done.stderr.strip() == b'pysandbox: exec: "/x/script": permission denied'
     assert done.stdout == b""
-    assert _leftovers(root) == []
+    assert _torn_down(root)
 
 
 def test_cpus_hostname_and_death_by_signal(root: Path) -> None:
@@ -244,7 +250,7 @@ def test_cpus_hostname_and_death_by_signal(root: Path) -> None:
     )
     assert done.returncode == 128 + signal.SIGSEGV, done.stderr
     assert done.stdout.decode().splitlines() == ["50000 100000", "box-1"]
-    assert _leftovers(root) == []
+    assert _torn_down(root)
 
 
 def test_sigint_is_forwarded_and_exit_status_is_130(root: Path) -> None:
@@ -266,7 +272,16 @@ def test_sigint_is_forwarded_and_exit_status_is_130(root: Path) -> None:
             proc.kill()
             proc.wait()
     assert (proc.returncode, out, err) == (130, b"got INT\n", b"")
-    assert _leftovers(root) == []
+    assert _torn_down(root)
+
+
+def test_a_name_can_be_run_again_right_after_its_run_exits(root: Path) -> None:
+    # The first run's VM is still being torn down when the second starts: it waits for it.
+    first = run(root, "--name", "again", "default", "sh", "-c", "echo one > /dev/null")
+    second = run(root, "--name", "again", "default", "hostname")
+    assert first.returncode == 0, first.stderr
+    assert (second.returncode, second.stdout, second.stderr) == (0, b"again\n", b"")
+    assert _torn_down(root)
 
 
 def test_large_output_arrives_intact(root: Path) -> None:
@@ -336,7 +351,7 @@ def test_tty_is_a_real_terminal_with_resize_and_ctrl_c(root: Path) -> None:
     # The guest terminal echoes the typed line, and Ctrl-C as ^C.
     expected = ["31 97", "ready", "hello", "40 120", "got hello", "waiting", "^Cgot INT", ""]
     assert lines[1:] == expected, lines
-    assert _leftovers(root) == []
+    assert _torn_down(root)
 
 
 def _runs(root: Path) -> dict[str, dict[str, object]]:
