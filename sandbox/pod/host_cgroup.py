@@ -2,8 +2,8 @@
 
 runc puts a container's processes into the cgroup named by ``linux.cgroupsPath`` and writes
 ``linux.resources`` there. For a pod the host processes are QEMU (with its threads),
-virtiofsd, the agent proxy, the shims and (``pysandbox run -d``) the monitor: they all go into
-the cgroup of the pod's sandbox container, and its limits are the sum of the pod's container
+virtiofsd, the agent proxy, the shims and (``pysandbox run -d``) the shim's watcher: they all
+go into the cgroup of the pod's sandbox container, and its limits are the sum of the pod's container
 limits plus the VM's measured overhead (:data:`MEMORY_OVERHEAD`, :data:`CPU_OVERHEAD_MILLI`;
 docs/cgroups.md "Host cgroups").
 
@@ -67,7 +67,7 @@ CPU_OVERHEAD_MILLI = 250
 CPU_PERIOD_US = 100_000
 #: How long :func:`remove` waits for the processes of a cgroup to exit before killing them:
 #: by then the VM is gone, and what remains are shims (they exit as their VM goes) and a
-#: ``run -d`` monitor waiting for the lock of the ``rm`` that removes the pod.
+#: ``run -d`` watcher waiting for the lock of the ``rm`` that removes the pod.
 EMPTY_WAIT = 1.0
 SYSTEMD_RUNNING = Path("/run/systemd/system")
 MOUNTINFO = Path("/proc/self/mountinfo")
@@ -632,7 +632,7 @@ def remove(placement: Placement, wait: float = EMPTY_WAIT) -> None:
     SIGKILL what is still there (only processes inside the pod's own cgroup), then remove the
     directories it created (the leaf, then parents it made that are empty) and stop the
     systemd scope. Idempotent. ConfigError naming a directory that could not be removed."""
-    if os.getpid() in pids(placement):  # e.g. the run's monitor removing its own pod
+    if os.getpid() in pids(placement):  # e.g. the run's watcher removing its own pod
         _leave(placement)
     deadline = time.monotonic() + wait
     while pids(placement) and time.monotonic() < deadline:
