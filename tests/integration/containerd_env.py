@@ -113,6 +113,17 @@ class Containerd:
         """The pod directories the runtime has under its Root."""
         return sorted((self.runtime_root / "p").glob("*"))
 
+    def runtime_flags(self) -> list[str]:
+        """``ctr run`` flags that make containerd's runc shim call pysandbox with this Root."""
+        return [
+            "--runtime",
+            "io.containerd.runc.v2",
+            "--runc-binary",
+            RUNTIME,
+            "--runc-root",
+            str(self.runtime_root),
+        ]
+
 
 def _toml_table(name: str, values: dict[str, Any], indent: str) -> list[str]:
     lines = [f"{indent}[{name}]"] if name else []

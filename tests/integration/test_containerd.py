@@ -37,17 +37,6 @@ def containerd(request: pytest.FixtureRequest, module_pods: PodFactory) -> Itera
         yield daemon
 
 
-def _runtime_flags(daemon: Containerd) -> list[str]:
-    return [
-        "--runtime",
-        "io.containerd.runc.v2",
-        "--runc-binary",
-        RUNTIME,
-        "--runc-root",
-        str(daemon.runtime_root),
-    ]
-
-
 def _cid(name: str) -> str:
     return f"{name}-{next(_ids)}-{int(time.time())}"
 
@@ -84,13 +73,13 @@ def assert_nothing_left(daemon: Containerd, cid: str) -> None:
 
 def test_run_echo_and_exit_codes(containerd: Containerd) -> None:
     cid = _cid("echo")
-    done = containerd.ctr("run", "--rm", *_runtime_flags(containerd), IMAGE, cid, "echo", "hi")
+    done = containerd.ctr("run", "--rm", *containerd.runtime_flags(), IMAGE, cid, "echo", "hi")
     assert (done.returncode, done.stdout) == (0, "hi\n"), done.stderr
     assert_nothing_left(containerd, cid)
 
     cid = _cid("exit")
     done = containerd.ctr(
-        "run", "--rm", *_runtime_flags(containerd), IMAGE, cid, "sh", "-c", "echo out; exit 3"
+        "run", "--rm", *containerd.runtime_flags(), IMAGE, cid, "sh", "-c", "echo out; exit 3"
     )
     assert (done.returncode, done.stdout) == (3, "out\n"), done.stderr
     assert_nothing_left(containerd, cid)
@@ -104,7 +93,7 @@ def test_image_defaults_reach_the_container(containerd: Containerd) -> None:
         "--rm",
         "--env",
         "GREETING=hello",
-        *_runtime_flags(containerd),
+        *containerd.runtime_flags(),
         IMAGE,
         cid,
         "sh",
@@ -130,7 +119,7 @@ def test_exec_kill_and_exit_status(containerd: Containerd) -> None:
             containerd.namespace,
             "run",
             "--rm",
-            *_runtime_flags(containerd),
+            *containerd.runtime_flags(),
             IMAGE,
             cid,
             "sleep",
@@ -171,7 +160,7 @@ def test_detached_term_task_delete_container_delete(containerd: Containerd) -> N
     status; ``container delete`` leaves nothing behind."""
     cid = _cid("detached")
     script = 'trap "echo got-term; exit 7" TERM; echo started; while :; do sleep 1; done'
-    done = containerd.ctr("run", "-d", *_runtime_flags(containerd), IMAGE, cid, "sh", "-c", script)
+    done = containerd.ctr("run", "-d", *containerd.runtime_flags(), IMAGE, cid, "sh", "-c", script)
     assert done.returncode == 0, done.stderr
     try:
         assert _task_status(containerd, cid) == "RUNNING"
@@ -220,7 +209,7 @@ def test_signals_to_exec_processes(containerd: Containerd) -> None:
     """containerd signals an exec process through the pid in its --pid-file (our host shim):
     SIGTERM must reach the guest process, and SIGKILL must not leave it running in the VM."""
     cid = _cid("execsig")
-    done = containerd.ctr("run", "-d", *_runtime_flags(containerd), IMAGE, cid, "sleep", "1000")
+    done = containerd.ctr("run", "-d", *containerd.runtime_flags(), IMAGE, cid, "sleep", "1000")
     assert done.returncode == 0, done.stderr
     procs: list[subprocess.Popen[str]] = []
     try:
@@ -258,7 +247,7 @@ def test_signals_to_exec_processes(containerd: Containerd) -> None:
 def test_delete_force_of_a_running_task(containerd: Containerd) -> None:
     """``task delete --force`` kills a running container (kill --all, delete --force)."""
     cid = _cid("force")
-    done = containerd.ctr("run", "-d", *_runtime_flags(containerd), IMAGE, cid, "sleep", "1000")
+    done = containerd.ctr("run", "-d", *containerd.runtime_flags(), IMAGE, cid, "sleep", "1000")
     assert done.returncode == 0, done.stderr
     done = containerd.ctr("tasks", "delete", "--force", cid)
     assert done.returncode == 0, done.stderr
@@ -272,7 +261,7 @@ def test_errors_reach_the_client(containerd: Containerd) -> None:
     to ctr, and leaves nothing behind."""
     cid = _cid("badcwd")
     done = containerd.ctr(
-        "run", "--rm", "--cwd", "relative/dir", *_runtime_flags(containerd), IMAGE, cid, "true"
+        "run", "--rm", "--cwd", "relative/dir", *containerd.runtime_flags(), IMAGE, cid, "true"
     )
     assert done.returncode != 0
     assert "OCI runtime create failed" in done.stderr, done.stderr
@@ -280,7 +269,7 @@ def test_errors_reach_the_client(containerd: Containerd) -> None:
     assert_nothing_left(containerd, cid)
 
     cid = _cid("nocmd")
-    done = containerd.ctr("run", "--rm", *_runtime_flags(containerd), IMAGE, cid, "/nonexistent")
+    done = containerd.ctr("run", "--rm", *containerd.runtime_flags(), IMAGE, cid, "/nonexistent")
     assert done.returncode != 0
     assert "/nonexistent" in done.stderr and "no such file" in done.stderr, done.stderr
     assert_nothing_left(containerd, cid)
@@ -345,7 +334,7 @@ def test_pod_terminals_exits_and_ps(containerd: Containerd) -> None:
       killed, and the leftover child is killed too (containerd's kill --all, as with runc).
     """
     pod = _cid("pod")
-    flags = _runtime_flags(containerd)
+    flags = containerd.runtime_flags()
     done = containerd.ctr("run", "-d", *flags, *_in_pod(pod, "sandbox"), IMAGE, pod, "sleep", "inf")
     assert done.returncode == 0, done.stderr
     members = [f"{pod}-tty", f"{pod}-bg"]

@@ -22,7 +22,7 @@ import pytest
 
 from sandbox.pod import host_cgroup
 from tests.integration import containerd_env
-from tests.integration.containerd_env import HANDLER, IMAGE, RUNTIME, Containerd
+from tests.integration.containerd_env import HANDLER, IMAGE, Containerd
 from tests.integration.pods import PodFactory
 from tests.integration.test_cri import (  # noqa: F401 (cri: a fixture)
     Cri,
@@ -119,17 +119,6 @@ def _ctr_remove(daemon: Containerd, cid: str) -> None:
     daemon.ctr("containers", "delete", cid)
 
 
-def _ours(daemon: Containerd) -> list[str]:
-    return [
-        "--runtime",
-        "io.containerd.runc.v2",
-        "--runc-binary",
-        RUNTIME,
-        "--runc-root",
-        str(daemon.runtime_root),
-    ]
-
-
 def _runc(daemon: Containerd) -> list[str]:
     return ["--runtime", "io.containerd.runc.v2", "--runc-root", str(daemon.base / "runc")]
 
@@ -151,7 +140,7 @@ def test_ctr_memory_limit_and_cpu_quota_hold_the_vm(containerd: Containerd) -> N
         _ctr_remove(containerd, runc_cid)
     assert wait_until(lambda: not runc_dir.exists(), 10), f"runc left {runc_dir}"
 
-    _ctr_run(containerd, _ours(containerd), cid, *flags)
+    _ctr_run(containerd, containerd.runtime_flags(), cid, *flags)
     try:
         pid = _task_pid(containerd, cid)  # the --pid-file pid: our shim
         expected = f"/{containerd.namespace}/{cid}"
@@ -193,7 +182,7 @@ def test_systemd_form_without_systemd_uses_the_same_path(containerd: Containerd)
     cid = _cid("sd")
     _ctr_run(
         containerd,
-        _ours(containerd),
+        containerd.runtime_flags(),
         cid,
         "--runc-systemd-cgroup",
         "--cgroup",
@@ -229,7 +218,7 @@ def test_bad_cgroup_paths_are_refused_before_a_vm(
     cid = _cid("badcg")
     before = sorted(Path("/sys/fs/cgroup").glob("*/pysandbox-test*"))
     started = time.monotonic()
-    done = containerd.ctr("run", "--rm", *flags, *_ours(containerd), IMAGE, cid, "true")
+    done = containerd.ctr("run", "--rm", *flags, *containerd.runtime_flags(), IMAGE, cid, "true")
     took = time.monotonic() - started
     try:
         assert done.returncode != 0
@@ -247,7 +236,7 @@ def test_guest_using_all_its_memory_stays_within_the_host_limit(containerd: Cont
     """A container that allocates without end is OOM-killed in the guest (137); the host
     cgroup never went above its limit, the host never OOM-killed the VM, the pod lives on."""
     cid = _cid("hog")
-    _ctr_run(containerd, _ours(containerd), cid, "--memory-limit", str(LIMIT))
+    _ctr_run(containerd, containerd.runtime_flags(), cid, "--memory-limit", str(LIMIT))
     try:
         pid = _task_pid(containerd, cid)
         d = cgroup_dir(pid, "memory")
@@ -365,7 +354,14 @@ def test_a_create_failing_after_the_boot_leaves_no_cgroup(containerd: Containerd
     and the rollback takes the cgroup with the VM (in every hierarchy)."""
     cid = _cid("nocmd")
     done = containerd.ctr(
-        "run", "--rm", "--memory-limit", str(LIMIT), *_ours(containerd), IMAGE, cid, "/nonexistent"
+        "run",
+        "--rm",
+        "--memory-limit",
+        str(LIMIT),
+        *containerd.runtime_flags(),
+        IMAGE,
+        cid,
+        "/nonexistent",
     )
     assert done.returncode != 0
     assert "/nonexistent" in done.stderr, done.stderr
