@@ -24,6 +24,7 @@ import contextlib
 import dataclasses
 import os
 import socket
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -79,33 +80,33 @@ def binds_for(config: VMConfig, binary: Path) -> tuple[Bind, ...]:
     return tuple(binds)
 
 
-def _listen(path: Path) -> int:
+def _unix_socket(path: Path, setup: Callable[[socket.socket], None]) -> int:
+    """A unix stream socket after ``setup`` (bind+listen or connect), as a raw fd; closed
+    again on failure, an OSError naming ``path``."""
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
+        setup(sock)
+    except OSError as exc:
+        sock.close()
+        raise OSError(exc.errno, exc.strerror, str(path)) from exc
+    except BaseException:
+        sock.close()
+        raise
+    return sock.detach()
+
+
+def _listen(path: Path) -> int:
+    def bind(sock: socket.socket) -> None:
         remove_quietly(path)  # stale from a crashed run
         sock.bind(str(path))
         os.chmod(path, 0o600)
         sock.listen(16)
-    except OSError as exc:
-        sock.close()
-        raise OSError(exc.errno, exc.strerror, str(path)) from exc
-    except BaseException:
-        sock.close()
-        raise
-    return sock.detach()
+
+    return _unix_socket(path, bind)
 
 
 def _connect(path: Path) -> int:
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        sock.connect(str(path))
-    except OSError as exc:
-        sock.close()
-        raise OSError(exc.errno, exc.strerror, str(path)) from exc
-    except BaseException:
-        sock.close()
-        raise
-    return sock.detach()
+    return _unix_socket(path, lambda sock: sock.connect(str(path)))
 
 
 def connect_share(path: Path) -> int:
