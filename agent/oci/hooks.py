@@ -23,6 +23,7 @@ import json
 import os
 
 from agent.oci.errors import HookError, SpecError
+from ocispec import hook_output
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -32,8 +33,6 @@ if TYPE_CHECKING:
 KIND = "startContainer"
 #: The spec member with the state startContainer hooks receive (less status and pid).
 STATE_KEY = "pysandbox.hookState"
-#: Characters of a failed hook's stdout and of its stderr quoted in the error.
-QUOTED_OUTPUT = 200
 #: Largest timeout accepted (seconds): the host's deadline for StartContainer covers it.
 MAX_TIMEOUT = 24 * 3600
 
@@ -82,14 +81,7 @@ def failure_text(status: int, stdout: bytes, stderr: bytes) -> str:
         how = f"killed by signal {os.WTERMSIG(status)}"
     else:
         how = f"exit status {os.WEXITSTATUS(status)}"
-    parts = [how]
-    for label, data in (("stdout", stdout), ("stderr", stderr)):
-        text = " ".join(data.decode(errors="replace").split())
-        if text:
-            if len(text) > QUOTED_OUTPUT:
-                text = text[:QUOTED_OUTPUT] + "…"
-            parts.append(f"{label}: {text}")
-    return ", ".join(parts)
+    return hook_output.failure_line(how, stdout, stderr)
 
 
 def parse(hooks: tuple[Hook, ...], state: object) -> StartHooks | None:

@@ -31,6 +31,7 @@ import signal
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from ocispec import hook_output
 from sandbox.errors import HookError
 
 if TYPE_CHECKING:
@@ -46,8 +47,6 @@ GUEST_KIND = "startContainer"
 #: Seconds a hook without a ``timeout`` may run (runc waits forever: a hung hook would hang
 #: create or start, and a guest call needs a deadline).
 DEFAULT_TIMEOUT = 120
-#: Characters of a failed hook's stdout and of its stderr quoted in the error.
-QUOTED_OUTPUT = 200
 #: Member of the guest's spec carrying the state its startContainer hooks receive (less
 #: status and pid, which the in-guest runtime fills in). docs/oci-in-guest.md.
 GUEST_STATE_KEY = "pysandbox.hookState"
@@ -185,18 +184,11 @@ def failure_text(returncode: int, stdout: bytes, stderr: bytes) -> str:
     """``exit status N`` or ``killed by signal N``, then the start of stdout and stderr, as
     one line (runc's error shows both outputs as well)."""
     how = f"killed by signal {-returncode}" if returncode < 0 else f"exit status {returncode}"
-    parts = [how]
-    for label, data in (("stdout", stdout), ("stderr", stderr)):
-        text = " ".join(data.decode(errors="replace").split())
-        if text:
-            if len(text) > QUOTED_OUTPUT:
-                text = text[:QUOTED_OUTPUT] + "…"
-            parts.append(f"{label}: {text}")
-    return ", ".join(parts)
+    return hook_output.failure_line(how, stdout, stderr)
 
 
 def _head(fd: int) -> bytes:
-    return os.pread(fd, QUOTED_OUTPUT * 4, 0)
+    return os.pread(fd, hook_output.QUOTED_OUTPUT * 4, 0)
 
 
 def _kill_group(pgid: int) -> None:
