@@ -118,18 +118,24 @@ class Reaper:
             self._unclaimed.pop(pid, None)
 
     def install(self) -> None:
-        """Start reaping on SIGCHLD (must be called from the main thread)."""
-        signal.signal(signal.SIGCHLD, lambda _sig, _frame: self._wakeup.set())
+        """Start reaping in a thread of its own.
+
+        SIGCHLD keeps its default disposition (ignored, children not auto-reaped: wait(2))
+        and gets no Python handler. The reaper blocks in waitid(2) instead, which a child's
+        exit wakes without a signal. A handler would also be unsafe: Python runs it in the
+        main thread between two bytecodes, so one that takes a lock (``Event.set``) and is
+        re-entered by the next SIGCHLD of a burst (a container's processes killed at once)
+        waits forever for the lock its own first run holds — the agent's main thread, which
+        relays the host's bytes, then stops for good.
+        """
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         threading.Thread(target=self._loop, name="reaper", daemon=True).start()
 
     def _loop(self) -> None:
-        # Blocked in waitid (without reaping) rather than on SIGCHLD: Python runs signal
-        # handlers in the main thread only, which may sit in a blocking call for up to a
-        # second (the serial relay) — every exit status would wait for it.
         while True:
             try:
                 os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOWAIT)
-            except ChildProcessError:  # no child at all: until one is watched or signals
+            except ChildProcessError:  # no child at all: until one is watched (or 1 s)
                 self._wakeup.wait(1.0)
                 self._wakeup.clear()
             except InterruptedError:

@@ -15,9 +15,8 @@ import secrets
 import signal
 import sys
 import termios
-import threading
 import tty
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +29,7 @@ from sandbox.pod.sharing import HeldSources, unshare_container_files
 from sandbox.pod.stdio import StdioRelay
 from sandbox.run.launch import CONTAINER_ID, boot_pod, create_in_pod
 from sandbox.run.spec import build_spec, check_options
+from sandbox.signal_forward import forwarding
 
 
 @contextlib.contextmanager
@@ -159,24 +159,17 @@ def _resize(client: ContainerClient) -> None:
         client.resize(CONTAINER_ID, "", rows, cols)
 
 
-@contextlib.contextmanager
-def _forward_signals(client: ContainerClient, terminal: bool) -> Iterator[None]:
+def _forward_signals(
+    client: ContainerClient, terminal: bool
+) -> contextlib.AbstractContextManager[None]:
     """Forward SIGINT/SIGTERM/SIGHUP to the container (and window size changes)."""
-
-    def forward(signum: int, _frame: object) -> None:
-        threading.Thread(target=_signal_quietly, args=(client, signum), daemon=True).start()
-
-    wanted = [signal.SIGINT, signal.SIGTERM, signal.SIGHUP]
-    previous = {sig: signal.signal(sig, forward) for sig in wanted}
+    actions: dict[int, Callable[[int], None]] = dict.fromkeys(
+        (signal.SIGINT, signal.SIGTERM, signal.SIGHUP),
+        lambda signum: _signal_quietly(client, signum),
+    )
     if terminal:
-        previous[signal.SIGWINCH] = signal.signal(
-            signal.SIGWINCH, lambda *_: threading.Thread(target=_resize, args=(client,)).start()
-        )
-    try:
-        yield
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+        actions[signal.SIGWINCH] = lambda _signum: _resize(client)
+    return forwarding(actions)
 
 
 def _signal_quietly(client: ContainerClient, signum: int) -> None:

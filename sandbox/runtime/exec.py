@@ -136,17 +136,11 @@ def exec_process(
 def _forward_signals(client: ContainerClient, container_id: str, exec_id: str) -> None:
     """Relay the signals an attached ``exec`` gets (Ctrl-C, a supervisor's SIGTERM) to its
     process in the guest, as ``runc exec`` does; the call then returns the process's status."""
-    import signal
-    import threading
-
     from sandbox.runtime.shim import FORWARDED_SIGNALS
+    from sandbox.signal_forward import SignalForwarder
 
     def send(signum: int) -> None:
         with contextlib.suppress(AgentError):
             client.signal(container_id, exec_id, signum)
 
-    def handler(signum: int, _frame: object) -> None:
-        threading.Thread(target=send, args=(signum,), daemon=True).start()
-
-    for signum in FORWARDED_SIGNALS:
-        signal.signal(signum, handler)
+    SignalForwarder(dict.fromkeys(FORWARDED_SIGNALS, send)).install()

@@ -60,6 +60,7 @@ from sandbox import IMPORT_ROOT
 from sandbox import store as state
 from sandbox.errors import AgentError, ConfigError
 from sandbox.runtime.record import EXIT_FILE, standin_file
+from sandbox.signal_forward import SignalForwarder
 
 if TYPE_CHECKING:
     from sandbox.pod.agent_client import ContainerClient
@@ -239,11 +240,7 @@ def _forward_signals(
                 drop_standin(standin)
                 os._exit(128 + signum)
 
-    def handler(signum: int, _frame: object) -> None:
-        threading.Thread(target=forward, args=(signum,), daemon=True).start()
-
-    for signum in FORWARDED_SIGNALS:
-        signal.signal(signum, handler)
+    SignalForwarder(dict.fromkeys(FORWARDED_SIGNALS, forward)).install()
 
 
 def name_standin(root: Path, container_id: str, exec_id: str) -> Path | None:
@@ -374,7 +371,7 @@ def main(argv: list[str] | None = None) -> None:
                     with contextlib.suppress(AgentError):
                         client.resize(args.id, args.exec_id, rows, cols)
 
-            signal.signal(signal.SIGWINCH, lambda *_: threading.Thread(target=resize).start())
+            SignalForwarder({signal.SIGWINCH: resize}).install()
         relay = StdioRelay(client, args.id, args.exec_id, stdin, stdout, stderr, args.terminal)
     except Exception as exc:
         _dismiss_watcher(watcher)  # nothing runs yet: the caller tears the container down
