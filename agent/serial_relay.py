@@ -14,9 +14,11 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import faulthandler
 import os
 import select
 import socket
+import sys
 import threading
 import time
 from pathlib import Path
@@ -27,6 +29,8 @@ _CHUNK = 65536
 #: What the writer takes from the gRPC server per read (guest to host: the bulk of stdout).
 _UPSTREAM_CHUNK = 1024 * 1024
 _REOPEN_BACKOFF = (0.02, 0.05, 0.1, 0.2)
+#: A relay loop that has not turned for this long (seconds) dumps every thread's stack once.
+STALL_DUMP_SECONDS = 30.0
 
 
 def find_serial_port(name: str = SERIAL_PORT_NAME, sysfs: Path = Path("/sys")) -> Path | None:
@@ -103,6 +107,7 @@ class SerialRelay:
         session: _Session | None = None
         idle_eofs = 0
         while True:
+            _arm_stall_dump()
             readable, _, _ = select.select([fd], [], [], 1.0)
             if not readable:
                 continue
@@ -158,6 +163,18 @@ class SerialRelay:
         session.writer.start()
         _log(f"host session {nonce[:8]} opened")
         return session
+
+
+def _arm_stall_dump() -> None:
+    """(Re)arm faulthandler's watchdog: if the loop does not come back within
+    :data:`STALL_DUMP_SECONDS`, the Python stack of every thread goes to the console (stderr).
+
+    The loop turns at least once a second; a loop that stops stops every RPC of the pod, and
+    the console log (kept by the host on failure) is then the only evidence of where the
+    agent is stuck. faulthandler's watchdog is a C thread: it dumps even when no Python
+    thread can run.
+    """
+    faulthandler.dump_traceback_later(STALL_DUMP_SECONDS, repeat=False, file=sys.stderr)
 
 
 def _log(message: str) -> None:
