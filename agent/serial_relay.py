@@ -18,7 +18,6 @@ import faulthandler
 import os
 import select
 import socket
-import sys
 import threading
 import time
 from pathlib import Path
@@ -167,14 +166,15 @@ class SerialRelay:
 
 def _arm_stall_dump() -> None:
     """(Re)arm faulthandler's watchdog: if the loop does not come back within
-    :data:`STALL_DUMP_SECONDS`, the Python stack of every thread goes to the console (stderr).
+    :data:`STALL_DUMP_SECONDS`, the Python stack of every thread goes to the console (fd 2).
 
     The loop turns at least once a second; a loop that stops stops every RPC of the pod, and
     the console log (kept by the host on failure) is then the only evidence of where the
     agent is stuck. faulthandler's watchdog is a C thread: it dumps even when no Python
     thread can run.
     """
-    faulthandler.dump_traceback_later(STALL_DUMP_SECONDS, repeat=False, file=sys.stderr)
+    with contextlib.suppress(ValueError, OSError):  # diagnostics never stop the relay
+        faulthandler.dump_traceback_later(STALL_DUMP_SECONDS, repeat=False, file=2)
 
 
 def _log(message: str) -> None:
