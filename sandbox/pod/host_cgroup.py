@@ -618,12 +618,16 @@ def _leave(placement: Placement) -> None:
 
 
 def pids(placement: Placement) -> set[int]:
-    """The pids in any directory of the placement (and below it)."""
+    """The pids in any directory of the placement (and below it). Directories that vanish
+    while they are read (another process removing the same pod: a run's teardown and a
+    ``delete --force``) count as empty."""
     found: set[int] = set()
     for d in placement.dirs:
-        for procs in Path(d).rglob("cgroup.procs") if Path(d).is_dir() else []:
-            with contextlib.suppress(OSError, ValueError):
-                found.update(int(p) for p in procs.read_text().split())
+        for where, _subdirs, files in os.walk(d):  # skips what it cannot list
+            if "cgroup.procs" in files:
+                with contextlib.suppress(OSError, ValueError):
+                    procs = Path(where, "cgroup.procs").read_text()
+                    found.update(int(p) for p in procs.split())
     return found
 
 

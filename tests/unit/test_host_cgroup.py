@@ -263,3 +263,24 @@ def test_check_line_on_a_complete_host() -> None:
     ok, line = hc.report(v1_layout())
     assert ok
     assert line.startswith("cgroup v1: memory, cpu available")
+
+
+def test_pids_of_a_cgroup_removed_meanwhile_are_none(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Two removers of one pod (a run's teardown and `delete --force`): the other one's rmdir
+    # may come between finding a directory and listing it (seen in a CI dry run).
+    leaf = tmp_path / "pod"
+    (leaf / "sub").mkdir(parents=True)
+    (leaf / "cgroup.procs").write_text("11\n12\n")
+    (leaf / "sub" / "cgroup.procs").write_text("13\n")
+    placement = hc.Placement([str(leaf), str(tmp_path / "gone")], "v2", [], "", {})
+    assert hc.pids(placement) == {11, 12, 13}
+    (leaf / "sub" / "cgroup.procs").unlink()
+    (leaf / "sub").rmdir()
+    (leaf / "cgroup.procs").unlink()
+    leaf.rmdir()
+    assert hc.pids(placement) == set()
+    monkeypatch.setattr(Path, "is_dir", lambda _self: True)  # it was there when looked at
+    assert hc.pids(placement) == set()
+    hc.remove(placement, wait=0)  # nothing left to wait for, nothing to remove: no error
