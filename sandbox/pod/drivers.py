@@ -53,6 +53,11 @@ class Drivers(abc.ABC):
         """An unstarted VM for ``config``."""
 
     @abc.abstractmethod
+    def running(self, config: VMConfig, process: ProcessHandle) -> Hypervisor:
+        """The VM of ``config`` that ``process`` (the recorded VMM) runs, started earlier,
+        possibly by another process; it reports ``shutdown`` if that process is gone."""
+
+    @abc.abstractmethod
     def file_server(
         self,
         socket_path: Path,
@@ -94,6 +99,12 @@ class HostDrivers(Drivers):
         from hypervisor.qemu import QemuVM
 
         return QemuVM(config, jail=jail_ids.settings())
+
+    def running(self, config: VMConfig, process: ProcessHandle) -> Hypervisor:
+        from hypervisor import jail_ids
+        from hypervisor.qemu import QemuVM
+
+        return QemuVM.attach(config, process.pid, process.start, jail=jail_ids.settings())
 
     def file_server(
         self,

@@ -34,7 +34,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from hypervisor.process import ProcessHandle, signals_held
 from sandbox import store as state
@@ -48,6 +48,7 @@ from sandbox.pod.drivers import Drivers
 from sandbox.pod.record import BootKind, PodRecord, PodStatus
 
 if TYPE_CHECKING:  # imported where used: verbs that only talk to an agent skip them (exec)
+    from hypervisor.base import Hypervisor
     from hypervisor.qemu_args import Accelerator, NicConfig, VMConfig
     from hypervisor.virtiofsd import LockMode
     from sandbox.pod import network
@@ -186,9 +187,23 @@ class Pod:
             self.record.processes.pop(name, None)
         self.save()
 
-    def _remember_network(self, network_record: dict[str, Any]) -> None:
+    def remember_network(self, network_record: dict[str, Any]) -> None:
+        """Record the pod network's ``network`` entry (sandbox/pod/network.py) now."""
         self.record.network = network_record
         self.save()
+
+    def running_vm(self) -> Hypervisor:
+        """The pod's running VM, re-attached from this process (for QMP: hot-plugging);
+        StateError if it has no VMM recorded. It reports ``shutdown`` once QEMU is gone."""
+        from hypervisor.guest_image import find_image
+
+        qemu = self.process("qemu")
+        if qemu is None:
+            raise StateError(f"pod {self.id} has no VM")
+        image = find_image(self.record.image or None)
+        accel = cast("Accelerator", self.record.accel)
+        config = self._vm_config(image, accel, self.record.memory_mib, kernel_cmdline())
+        return self.drivers.running(config, qemu)
 
     def _set_status(self, status: PodStatus) -> None:
         """Guarded transition (StateError if illegal), then saved."""
@@ -427,7 +442,7 @@ class Pod:
         tap_fds: tuple[int, ...] = ()
         forward: socket.socket | None = None  # the port-forward listener (pod netns)
         if netns is not None:
-            attached = network.attach(netns, self._remember_network)
+            attached = network.attach(netns, self.remember_network)
             guest_network, tap_fds = attached.config, attached.tap_fds
             nics = tuple(
                 NicConfig(nic.mac, "tap", fd, nic.mtu)
@@ -437,7 +452,7 @@ class Pod:
                 guest_network = dataclasses.replace(guest_network, hostname=hostname)
             forward = self._open_port_forward()
         elif user_network:
-            self._remember_network({"mode": "user"})
+            self.remember_network({"mode": "user"})
             guest_network = network.user_network_config(hostname)
             nics = (NicConfig(network.USER_MAC, "user"),)
         # 4. QEMU (paused), its agent proxy, then the guest runs: restored from the

@@ -272,16 +272,21 @@ def _read_config() -> NetworkConfig:
 # -- attaching and detaching -----------------------------------------------------------------
 
 
-def attach(netns: Path, remember: Callable[[dict[str, Any]], None]) -> Attachment:
+def attach(
+    netns: Path, remember: Callable[[dict[str, Any]], None], expect: str | None = None
+) -> Attachment:
     """Carry the interfaces of ``netns`` to taps QEMU can use; return config and tap fds.
 
     ``remember`` is called with what is about to be created (the pod record's ``network``
     entry, which :func:`detach` takes) before anything is created; on failure whatever was
     created is removed again (and the recorded entry still allows :func:`detach` after a
-    crash).
+    crash). ``expect``: the :func:`identity` ``netns`` must have (NetworkError otherwise:
+    a ``/proc/<pid>/ns/net`` path whose pid was reused).
     """
     nsfd = open_netns(netns)
     try:
+        if expect is not None and identity(nsfd) != expect:
+            raise NetworkError(f"{netns} no longer names the pod's network namespace")
         config = read_config(nsfd)
         links = [
             {"device": nic.name, "tap": tap_name(i)} for i, nic in enumerate(config.interfaces)

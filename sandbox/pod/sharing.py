@@ -15,7 +15,9 @@ path is the pod's network, which pod networking carries into the VM and the agen
 in the guest's root network namespace: the path becomes that of the agent's (PID 1's)
 network namespace, so the container joins it (a joined namespace, not the "host's", so
 ``net.*`` sysctls stay allowed as runc allows them in a pod netns; docs/networking.md). A
-network namespace without a path stays a new, empty one (loopback only), as with runc. Any
+network namespace without a path stays a new, empty one (loopback only), as with runc,
+except for a pod owner whose network is set up after create (``join_pod_network``): its
+namespace is the pod's, which ``start`` carries into the guest's root one. Any
 other namespace shared with another container of the pod is rewritten to that container's
 guest init process.
 """
@@ -96,6 +98,7 @@ def share_container_files(
     guest_pids: Callable[[str], int | None] = lambda _path: None,
     rootfs_readonly: bool | None = None,
     held: HeldSources | None = None,
+    join_pod_network: bool = False,
 ) -> tuple[str, dict[str, Any]]:
     """Expose the rootfs and bind-mount sources to the guest; return (guest rootfs, spec).
 
@@ -106,6 +109,8 @@ def share_container_files(
     wants a read-only lower layer under a writable root). The copy names the VM's cgroup
     layout (:func:`sandbox.pod.guest_cgroup.resolve`). A source in ``held`` is mounted
     from the fd opened when it was checked; any other is opened here, once.
+    ``join_pod_network``: a network namespace without a path joins the pod network too (the
+    pod owner whose network is carried into the VM after create; docs/networking.md).
     On failure everything already mounted for this container is unmounted again.
     """
     spec = copy.deepcopy(spec)
@@ -153,7 +158,7 @@ def share_container_files(
                     from_host,
                     recursive=_is_recursive(mount),
                 )
-            _rewrite_namespaces(spec, guest_pids)
+            _rewrite_namespaces(spec, guest_pids, join_pod_network)
             guest_cgroup.resolve(spec)
             linux = spec.get("linux")
             if isinstance(linux, dict):
@@ -167,7 +172,9 @@ def share_container_files(
     return f"{guest_base}/rootfs", spec
 
 
-def _rewrite_namespaces(spec: dict[str, Any], guest_pids: Callable[[str], int | None]) -> None:
+def _rewrite_namespaces(
+    spec: dict[str, Any], guest_pids: Callable[[str], int | None], join_pod_network: bool = False
+) -> None:
     linux = spec.get("linux")
     if not isinstance(linux, dict):
         return
@@ -176,7 +183,9 @@ def _rewrite_namespaces(spec: dict[str, Any], guest_pids: Callable[[str], int | 
         if not isinstance(ns, dict):
             raise ConfigError("config.json: linux.namespaces entries must be objects")
         path = ns.get("path")
-        if path:
+        if not path and join_pod_network and ns.get("type") == "network":
+            ns = {"type": "network", "path": GUEST_POD_NETNS}
+        elif path:
             if ns.get("type") == "network":
                 ns = {"type": "network", "path": GUEST_POD_NETNS}
             else:

@@ -73,10 +73,14 @@ def create(
     from sandbox.pod.lifecycle import Pod
     from sandbox.pod.record import PodStatus
     from sandbox.pod.sharing import share_container_files
-    from sandbox.runtime import shim
+    from sandbox.runtime import shim, standin_netns
 
     network_ns = spec.namespace("network")
     netns = Path(network_ns.path) if network_ns is not None and network_ns.path else None
+    # A pod owner asking for a network namespace without a path: the namespace of its
+    # stand-in is the pod's, which a client may configure before start (podman and
+    # containerd 1.7 with a user namespace); start carries it into the VM.
+    network_after_create = owns_pod and network_ns is not None and netns is None
     record = ContainerRecord.new(
         root,
         container_id,
@@ -90,6 +94,7 @@ def create(
             # What later verbs run (runc too keeps the config of create): the bundle may
             # change or be gone by then.
             "hooks": hooks,
+            "network_after_create": network_after_create,
         },
     )
     pod: Pod | None = None
@@ -120,7 +125,12 @@ def create(
                 host_cgroup.set_container(placement, container_id, limits)
                 pod.save_host_cgroup(placement)
         rootfs, guest_spec = share_container_files(
-            pod, container_id, loaded.config, loaded.path, guest_pids=guest_pid_lookup(root, pod)
+            pod,
+            container_id,
+            loaded.config,
+            loaded.path,
+            guest_pids=guest_pid_lookup(root, pod),
+            join_pod_network=network_after_create,
         )
         oci_hooks.for_guest(guest_spec, hooks, oci_hooks.state(record, "created", None))
         with pod.client() as client:
@@ -141,6 +151,7 @@ def create(
                 pod.agent_address,
                 terminal=terminal,
                 console_socket=console_socket,
+                netns=standin_netns.for_spec(spec),
             )
             record.data["shim"] = handle.to_json()
             record.save()

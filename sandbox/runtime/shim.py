@@ -58,7 +58,8 @@ from typing import TYPE_CHECKING
 from hypervisor.process import ProcessHandle
 from sandbox import IMPORT_ROOT
 from sandbox import store as state
-from sandbox.errors import AgentError, ConfigError
+from sandbox.errors import AgentError, ConfigError, NetworkError
+from sandbox.runtime import standin_netns
 from sandbox.runtime.record import EXIT_FILE, standin_file
 from sandbox.signal_forward import SignalForwarder
 
@@ -93,9 +94,13 @@ def spawn(
     console_socket: Path | None = None,
     monitor: bool = False,
     timeout: float | None = None,
+    netns: standin_netns.StandinNetns | None = None,
 ) -> ProcessHandle:
     """Start a shim inheriting this process's stdio (none of it with a terminal: the pty from
     ``console_socket`` is its stdio then); return it once it reported ready.
+
+    ``netns``: the shim moves into a new, empty network namespace made so before it reports
+    ready (:mod:`sandbox.runtime.standin_netns`); AgentError if it cannot.
 
     ``monitor``: the container is detached run ``container_id`` (see the module docstring),
     killed after ``timeout`` seconds when that is set."""
@@ -123,6 +128,8 @@ def spawn(
         argv.append("--monitor")
         if timeout is not None:
             argv += ["--timeout", repr(float(timeout))]
+    if netns is not None:
+        argv += netns.argv()
     try:
         stdio = subprocess.DEVNULL if terminal else None
         proc = subprocess.Popen(
@@ -327,7 +334,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--ready-fd", type=int, required=True)
     parser.add_argument("--monitor", action="store_true")
     parser.add_argument("--timeout", type=float)
+    parser.add_argument("--new-netns", nargs=2, metavar=("UID_MAP", "GID_MAP"))
     args = parser.parse_args(argv)
+    if args.new_netns is not None:
+        # First, while single-threaded; never go on in the caller's namespace.
+        try:
+            standin_netns.enter(standin_netns.from_options(*args.new_netns))
+        except (ConfigError, NetworkError, OSError) as exc:
+            with os.fdopen(args.ready_fd, "wb", buffering=0) as failed:
+                failed.write(f"error {exc}\n".encode())
+            sys.exit(1)
     watcher = _start_watcher(args)
     ready = os.fdopen(args.ready_fd, "wb", buffering=0)
     signal.signal(signal.SIGPIPE, signal.SIG_IGN)

@@ -2,6 +2,8 @@
 
 Order (runtime.md "Lifecycle" steps 6-9): the guest runs the container's startContainer hooks
 in the container and then its program; then the poststart hooks run here (docs/hooks.md).
+Before that, a pod owner whose network a client set up after ``create`` (in its stand-in's
+network namespace) gets it carried into the VM (:mod:`sandbox.pod.late_network`).
 """
 
 from __future__ import annotations
@@ -41,6 +43,8 @@ def start(root: Path, container_id: str, warn: Callable[[str], None] | None = No
         raise StateError(f"{container_id}: {record.status.refusal('start')}")
     hooks: oci_hooks.Hooks = record.data.get("hooks") or {}
     pod = load_pod(root, record.pod_id)
+    if record.data.get("network_after_create"):
+        _network_after_create(root, record)
     with pod.client() as client:
         if record.data.get("terminal"):
             _sync_terminal_size(record, client)
@@ -60,6 +64,22 @@ def start(root: Path, container_id: str, warn: Callable[[str], None] | None = No
         cwd=str(record.data.get("bundle", "/")),
         warn=warn or oci_hooks.warn_stderr,
     )
+
+
+def _network_after_create(root: Path, record: ContainerRecord) -> None:
+    """Carry what a client put in the stand-in's network namespace since ``create`` into
+    the pod's VM (once: the pod then has its network)."""
+    from sandbox.pod import late_network
+    from sandbox.runtime.pods import pod_lock
+
+    standin = record.shim
+    if standin is None:
+        raise StateError(f"{record.id}: the container has no stand-in process")
+    netns, identity = late_network.standin_netns(standin)
+    with pod_lock(root, record.pod_id):
+        pod = load_pod(root, record.pod_id)
+        if not pod.record.network:
+            late_network.attach_after_create(pod, netns, identity)
 
 
 def _stopped(record: ContainerRecord) -> None:

@@ -55,9 +55,10 @@ FAKE_STATE = b"fake saved state\n"
 class FakeProcess:
     """A real ``sleep`` child standing in for a host process of a pod."""
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, own_netns: bool = False) -> None:
         self.name = name
-        self.popen = subprocess.Popen(["sleep", "600"], stdin=subprocess.DEVNULL)
+        argv = ["unshare", "--net", "--", "sleep", "600"] if own_netns else ["sleep", "600"]
+        self.popen = subprocess.Popen(argv, stdin=subprocess.DEVNULL)
         self.handle = ProcessHandle.of(self.popen.pid)
 
     def alive(self) -> bool:
@@ -96,8 +97,8 @@ class FakeDrivers(Drivers):
         if isinstance(failure, BaseException):
             raise failure
 
-    def spawn(self, name: str) -> FakeProcess:
-        process = FakeProcess(name)
+    def spawn(self, name: str, own_netns: bool = False) -> FakeProcess:
+        process = FakeProcess(name, own_netns)
         self.processes.append(process)
         return process
 
@@ -112,13 +113,19 @@ class FakeDrivers(Drivers):
     def install_shims(self, monkeypatch: pytest.MonkeyPatch) -> None:
         """Replace the container shim (sandbox/runtime/shim.py) by a fake process that
         stands for the container: alive while it runs (:attr:`shims`; kill it to make the
-        container exit). Spawns are recorded as ``("shim", "spawn", id)``."""
+        container exit). Spawns are recorded as ``("shim", "spawn", id)``; a shim asked
+        for a network namespace of its own (``netns``) is in a new one (unshare(1)), owned
+        by the host's user namespace whatever the maps."""
         from sandbox.runtime import shim
 
-        def spawn(root: Path, container_id: str, pod_address: str, **_: Any) -> ProcessHandle:
+        def spawn(
+            root: Path, container_id: str, pod_address: str, netns: Any = None, **_: Any
+        ) -> ProcessHandle:
             self.record("shim", "spawn", container_id)
             self.check("shim.spawn")
-            self.shims[container_id] = process = self.spawn(f"shim-{container_id}")
+            self.shims[container_id] = process = self.spawn(
+                f"shim-{container_id}", own_netns=netns is not None
+            )
             return process.handle
 
         monkeypatch.setattr(shim, "spawn", spawn)
@@ -137,6 +144,10 @@ class FakeDrivers(Drivers):
     def hypervisor(self, config: VMConfig) -> Hypervisor:
         vm = FakeVM(self, config)
         self.vms.append(vm)
+        return vm
+
+    def running(self, config: VMConfig, process: ProcessHandle) -> Hypervisor:
+        vm = next(v for v in self.vms if v.process is not None and v.process.handle == process)
         return vm
 
     def file_server(
