@@ -12,7 +12,9 @@ VM: the guest kernel applies the mapping, virtiofsd creates files with the calle
 
 from __future__ import annotations
 
+import fcntl
 import json
+import os
 import shutil
 import subprocess
 import tempfile
@@ -166,3 +168,125 @@ def test_user_namespace_bundle_matches_runc(base: Path, pod_factory: PodFactory)
         "host-root-file": (0, 0),
     }
     assert (lines, owners) == (runc_lines, runc_owners)
+
+
+#: ioctl on a namespace fd: an fd of the user namespace that owns it (ioctl_ns(2)).
+NS_GET_USERNS = 0xB701
+
+
+def _netns_owner_map(pid: int) -> tuple[str, str]:
+    """(``dev:inode`` of ``pid``'s network namespace, the uid_map of the user namespace that
+    owns it, as a process inside that user namespace reads it)."""
+    fd = os.open(f"/proc/{pid}/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        st = os.fstat(fd)
+        owner = fcntl.ioctl(fd, NS_GET_USERNS)
+        try:
+            mine = os.stat("/proc/self/ns/user")
+            if (os.fstat(owner).st_ino, os.fstat(owner).st_dev) == (mine.st_ino, mine.st_dev):
+                # setns(2) into one's own user namespace is EINVAL
+                return f"{st.st_dev}:{st.st_ino}", " ".join(
+                    Path("/proc/self/uid_map").read_text().split()
+                )
+            done = subprocess.run(
+                ["nsenter", f"--user=/proc/{os.getpid()}/fd/{owner}", "cat", "/proc/self/uid_map"],
+                capture_output=True,
+                text=True,
+                timeout=30,
+            )
+        finally:
+            os.close(owner)
+    finally:
+        os.close(fd)
+    assert done.returncode == 0, done.stderr
+    return f"{st.st_dev}:{st.st_ino}", " ".join(done.stdout.split())
+
+
+def _holders(identity: str) -> list[int]:
+    """Pids whose network namespace is ``identity`` (``dev:inode``)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                st = os.stat(entry / "ns" / "net")
+            except OSError:
+                continue
+            if f"{st.st_dev}:{st.st_ino}" == identity:
+                found.append(int(entry.name))
+    return found
+
+
+@pytest.mark.parametrize("userns", [True, False], ids=["userns", "netns-only"])
+def test_pid_file_process_is_not_in_the_hosts_network_namespace(
+    base: Path, pod_factory: PodFactory, userns: bool
+) -> None:
+    """The ``--pid-file`` process of a container whose spec asks for a network namespace
+    without a path is in a new, empty one (never the host's: podman configures the network
+    namespace of that pid after create), owned by a user namespace with the spec's mapping
+    when the spec has one -- as runc's container process is."""
+    bundle = _bundle(base)
+    spec = json.loads((bundle / "config.json").read_text())
+    spec["process"]["args"] = ["sleep", "300"]
+    if not userns:
+        spec["linux"]["namespaces"] = [
+            ns for ns in spec["linux"]["namespaces"] if ns["type"] != "user"
+        ]
+        del spec["linux"]["uidMappings"], spec["linux"]["gidMappings"]
+    assert {"type": "network"} in spec["linux"]["namespaces"]
+    (bundle / "config.json").write_text(json.dumps(spec))
+    host_netns, host_map = _netns_owner_map(os.getpid())
+    expected_map = f"0 {HOST_ID} {SIZE}" if userns else host_map
+
+    runc_state = base / "runc-state"
+    try:
+        # runc's container process inherits create's stdio: a file, not a pipe to wait on.
+        with (base / "runc.err").open("wb") as errors:
+            created = subprocess.run(
+                [
+                    *("runc", "--root", str(runc_state), "create", "--bundle", str(bundle)),
+                    *("--pid-file", str(base / "runc.pid"), "u"),
+                ],
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=errors,
+                timeout=120,
+            )
+        assert created.returncode == 0, (base / "runc.err").read_text()
+        runc_netns, runc_map = _netns_owner_map(int((base / "runc.pid").read_text()))
+    finally:
+        subprocess.run(["runc", "--root", str(runc_state), "delete", "--force", "u"], check=False)
+    assert runc_netns != host_netns
+    assert runc_map == expected_map
+
+    runtime = Runtime(pod_factory.new_root("rt"))
+    pid_file = base / "ours.pid"
+    try:
+        with (base / "ours.err").open("wb") as errors:  # the stand-in inherits them
+            created = subprocess.run(
+                runtime.argv("create", "--bundle", str(bundle), "--pid-file", str(pid_file), "u"),
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=errors,
+                timeout=300,
+            )
+        assert created.returncode == 0, (base / "ours.err").read_text()
+        pid = int(pid_file.read_text())
+        netns, owner_map = _netns_owner_map(pid)
+        assert netns != host_netns
+        assert owner_map == runc_map
+        # Empty: loopback only (nothing of the host's), as runc's new namespace.
+        links = subprocess.run(
+            ["nsenter", f"--net=/proc/{pid}/ns/net", "ip", "-o", "link"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert [line.split(":")[1].strip() for line in links.stdout.splitlines()] == ["lo"]
+        runtime.ok("start", "u")
+        assert runtime.state("u")["status"] == "running"
+        runtime.ok("delete", "--force", "u")
+        assert wait_until(lambda: not _holders(netns), 30), _holders(netns)
+    finally:
+        subprocess.run(
+            [RUNTIME, "--root", str(runtime.root), "delete", "--force", "u"], check=False
+        )
