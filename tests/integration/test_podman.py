@@ -5,9 +5,11 @@ from __future__ import annotations
 import fcntl
 import os
 import pty
+import re
 import select
 import shlex
 import shutil
+import socket
 import struct
 import subprocess
 import tarfile
@@ -22,6 +24,7 @@ from sandbox import store as state
 from sandbox.image import store as images
 from tests.integration.cgroup_view import READER, parse
 from tests.integration.pods import PodFactory
+from tests.processes import wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
 RUNTIME = str(ROOT / ".venv" / "bin" / "pysandbox")
@@ -449,3 +452,180 @@ def test_user_namespace_with_podman_default_limits(podman: list[str]) -> None:
     assert done.returncode == 0, done.stderr
     lines = [" ".join(line.split()) for line in done.stdout.splitlines()]
     assert lines == ["0 100000 65536", "1024", spec_limits.stdout.strip()]
+
+
+def _host_net() -> dict[str, str]:
+    """The host network namespace as a user inspects it (links with MACs, addresses,
+    routes, iptables rules)."""
+    views = {
+        "links": ["ip", "-o", "link"],
+        "addresses": ["ip", "-o", "addr"],
+        "routes": ["ip", "route", "show", "table", "all"],
+        "rules": ["iptables-save"],
+    }
+    found = {}
+    for name, argv in views.items():
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=30)
+        assert done.returncode == 0, done.stderr
+        found[name] = done.stdout
+    return found
+
+
+def _mentions(text: str, word: str) -> list[str]:
+    """Lines of ``text`` naming ``word`` (an address, a MAC) as a whole token."""
+    return [
+        line
+        for line in text.splitlines()
+        if re.search(rf"(^|[^\w.:]){re.escape(word)}(/|\s|$)", line)
+    ]
+
+
+def _bridge_container(podman: list[str], name: str) -> dict[str, str]:
+    """Start ``name`` (user namespace, podman's default bridge network), return what podman
+    reports and what the container sees of its network."""
+    started = pm(
+        podman,
+        "run",
+        "-d",
+        "--name",
+        name,
+        "--ulimit",
+        "nofile=1024:1024",
+        "--ulimit",
+        "nproc=1024:1024",
+        *USERNS,
+        IMAGE,
+        "sleep",
+        "600",
+    )
+    assert started.returncode == 0, started.stderr
+    fmt = (
+        "{{.Id}} {{.State.Pid}} {{.NetworkSettings.IPAddress}} "
+        "{{.NetworkSettings.IPPrefixLen}} {{.NetworkSettings.MacAddress}} "
+        "{{.NetworkSettings.Gateway}}"
+    )
+    inspected = pm(podman, "inspect", "--format", fmt, name)
+    assert inspected.returncode == 0, inspected.stderr
+    cid, pid, ip, prefix, mac, gateway = inspected.stdout.split()
+    seen = pm(
+        podman,
+        "exec",
+        name,
+        "sh",
+        "-c",
+        "ip -o -4 addr show | awk '{print $2, $4}'; cat /sys/class/net/eth0/address; "
+        "cat /proc/net/route",
+    )
+    assert seen.returncode == 0, seen.stderr
+    lines = seen.stdout.splitlines()
+    return {
+        "id": cid,
+        "pid": pid,
+        "ip": ip,
+        "prefix": prefix,
+        "mac": mac,
+        "gateway": gateway,
+        "addresses": "\n".join(lines[:2]),
+        "nic_mac": lines[2],
+        "routes": "\n".join(" ".join(line.split()) for line in lines[3:]),
+    }
+
+
+def _reaches(podman: list[str], name: str, gateway: str) -> str:
+    """What a listener on the host's bridge address ``gateway`` got from ``name``."""
+    with socket.socket() as server:
+        server.bind((gateway, 0))
+        server.listen(1)
+        server.settimeout(60)
+        port = server.getsockname()[1]
+        token = f"hello-from-{name}"
+        sent = subprocess.Popen(
+            [*podman, "exec", name, "sh", "-c", f"echo {token} | nc -w 5 {gateway} {port}"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        try:
+            conn, _ = server.accept()
+            with conn:
+                conn.settimeout(30)
+                return conn.recv(100).decode().strip()
+        finally:
+            sent.wait(60)
+
+
+def _netns_identity(pid: str) -> str:
+    st = os.stat(f"/proc/{pid}/ns/net")
+    return f"{st.st_dev}:{st.st_ino}"
+
+
+def _netns_in_use(identity: str) -> list[str]:
+    """Processes and mounts still holding network namespace ``identity``."""
+    inode = identity.split(":")[1]
+    held = [
+        line
+        for line in Path("/proc/self/mountinfo").read_text().splitlines()
+        if f"net:[{inode}]" in line
+    ]
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                st = os.stat(entry / "ns" / "net")
+            except OSError:
+                continue
+            if f"{st.st_dev}:{st.st_ino}" == identity:
+                held.append(f"pid {entry.name}")
+    return held
+
+
+def test_user_namespace_with_the_default_bridge_network(podman: list[str]) -> None:
+    """podman --uidmap with its default bridge network: podman configures the network after
+    the runtime's create, in the namespace of the --pid-file process (docs/networking.md,
+    "Network set up after create"). The container gets the address podman reports, runc's
+    routes, reaches the host's bridge address; the host's network namespace is never the one
+    configured (nothing of the container's lands there beyond what runc's adds: the host end
+    of the veth and CNI's iptables rules), and nothing is left after ``podman rm -f``."""
+    runc = list(podman)
+    runc[runc.index("--runtime") + 1] = "runc"
+    host_netns = _netns_identity("self")
+    before = _host_net()
+    try:
+        ours = _bridge_container(podman, "userns-bridge")
+        theirs = _bridge_container(runc, "userns-bridge-runc")
+        for seen in (ours, theirs):
+            assert seen["addresses"] == f"lo 127.0.0.1/8\neth0 {seen['ip']}/{seen['prefix']}"
+            assert seen["nic_mac"] == seen["mac"]
+        assert ours["routes"] == theirs["routes"]
+        assert ours["gateway"] == theirs["gateway"]
+        # The --pid-file process (podman's State.Pid) is not in the host's netns.
+        ours_netns = _netns_identity(ours["pid"])
+        assert ours_netns != host_netns
+        assert _reaches(podman, "userns-bridge", ours["gateway"]) == "hello-from-userns-bridge"
+        assert _reaches(runc, "userns-bridge-runc", theirs["gateway"]) == (
+            "hello-from-userns-bridge-runc"
+        )
+        during = _host_net()
+        for seen in (ours, theirs):
+            # The container's address and MAC are not the host's.
+            assert not _mentions(during["addresses"], seen["ip"])
+            assert not _mentions(during["links"], seen["mac"])
+        # Routes: none of them names a container; CNI's rules for each are alike.
+        assert during["routes"].count(ours["ip"]) == during["routes"].count(theirs["ip"]) == 0
+        assert len(_mentions(during["rules"], ours["ip"])) == len(
+            _mentions(during["rules"], theirs["ip"])
+        )
+        assert "_psb" not in during["links"]
+        assert not [
+            line
+            for line in during["routes"].splitlines()
+            if line not in before["routes"] and "cni-podman0" not in line and "veth" not in line
+        ]
+    finally:
+        pm(podman, "rm", "-f", "-t", "0", "userns-bridge")
+        pm(runc, "rm", "-f", "-t", "0", "userns-bridge-runc")
+    after = _host_net()
+    assert not _mentions(after["rules"], ours["ip"])
+    assert not _mentions(after["addresses"], ours["ip"])
+    assert "_psb" not in after["links"]
+    assert wait_until(lambda: not _netns_in_use(ours_netns), 30), _netns_in_use(ours_netns)
+    assert not (state.DEFAULT_ROOT / ours["id"]).exists()
+    assert not Path(f"/proc/{ours['pid']}").exists() or _netns_identity(ours["pid"]) != ours_netns
