@@ -83,6 +83,7 @@ class FakeDrivers(Drivers):
         self.shims: dict[str, FakeProcess] = {}
         self.privileged_files: bool | None = None  # as the last file server was asked
         self.locks: str | None = None  # likewise
+        self.networks: list[pb.ConfigureNetworkRequest] = []  # as the guests were told
         self._lock = threading.Lock()
 
     # -- bookkeeping -------------------------------------------------------------------------
@@ -319,6 +320,7 @@ class FakeGuest(pb_grpc.AgentServicer):
         self.vm = vm
         self.gone = False
         self.containers: dict[str, int] = {}
+        self.specs: dict[str, bytes] = {}  # container id -> the config.json it was sent
 
     def power_off(self) -> None:
         self.gone = True
@@ -352,6 +354,7 @@ class FakeGuest(pb_grpc.AgentServicer):
         self, request: pb.ConfigureNetworkRequest, context: grpc.ServicerContext
     ) -> pb.ConfigureNetworkResponse:
         self._enter("ConfigureNetwork", context)
+        self.drivers.networks.append(request)
         return pb.ConfigureNetworkResponse(
             resolv_conf="/run/pysandbox-network/resolv.conf",
             hosts="/run/pysandbox-network/hosts",
@@ -371,6 +374,7 @@ class FakeGuest(pb_grpc.AgentServicer):
         self, request: pb.CreateContainerRequest, context: grpc.ServicerContext
     ) -> pb.CreateContainerResponse:
         self._enter("CreateContainer", context)
+        self.specs[request.container_id] = request.oci_spec
         self.containers[request.container_id] = pid = 100 + len(self.containers)
         return pb.CreateContainerResponse(pid=pid)
 
