@@ -18,6 +18,7 @@ nothing: the pod keeps loopback only.
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -73,7 +74,9 @@ def attach_after_create(pod: Pod, netns: Path, expect: str) -> NetworkConfig | N
             return None
     finally:
         os.close(nsfd)
+    began = time.monotonic()
     attached = network.attach(netns, pod.remember_network, expect=expect)
+    attached_at = time.monotonic()
     try:
         vm = pod.running_vm()
         for index, (nic, fd) in enumerate(
@@ -83,8 +86,14 @@ def attach_after_create(pod: Pod, netns: Path, expect: str) -> NetworkConfig | N
     finally:
         for fd in attached.tap_fds:
             os.close(fd)  # QEMU holds the taps now; they vanish when it exits
+    plugged_at = time.monotonic()
     with pod.client() as agent:
         files = agent.configure_network(attached.config)
+    pod.note(
+        f"network after create: {len(attached.config.interfaces)} interface(s) of {netns};"
+        f" taps {attached_at - began:.3f}s, hot-plug {plugged_at - attached_at:.3f}s,"
+        f" guest configured {time.monotonic() - plugged_at:.3f}s"
+    )
     pod.record.network = {
         **(pod.record.network or {}),
         "after_create": True,

@@ -560,7 +560,7 @@ class Pod:
             # Open: a template evicted from now on stays readable through this file.
             found = template.acquire(image, accel_name, memory_mib, cmdline, timeout, self.drivers)
         except TemplateError as exc:
-            self._note(f"no template, cold boot: {exc}")
+            self.note(f"no template, cold boot: {exc}")
             return False
         state_file = found.state_file
         user_nic = any(nic.backend == "user" for nic in nics)
@@ -592,7 +592,7 @@ class Pod:
             loaded = True
             started = time.monotonic()
             released = vm.release_zero_pages()  # loading touched all RAM; paused: safe now
-            self._note(
+            self.note(
                 f"restored; {released >> 20} MiB of zero pages released"
                 f" in {time.monotonic() - started:.3f}s"
             )
@@ -607,9 +607,9 @@ class Pod:
             unloadable = isinstance(exc, HypervisorError) and not isinstance(exc, HypervisorTimeout)
             if unloadable and not loaded:
                 template.discard(found)
-                self._note(f"restoring {state_file} failed, template discarded: {exc}")
+                self.note(f"restoring {state_file} failed, template discarded: {exc}")
             else:
-                self._note(f"restoring {state_file} failed: {exc}")
+                self.note(f"restoring {state_file} failed: {exc}")
             vm.kill()  # also removes its sockets and pid file
             proxy = self.process("proxy")
             if proxy is not None:
@@ -634,7 +634,7 @@ class Pod:
             finally:
                 os.close(nsfd)
         except (NetworkError, ConfigError) as exc:
-            self._note(f"kubectl port-forward unavailable: {exc}")
+            self.note(f"kubectl port-forward unavailable: {exc}")
             return None
         return self._port_forward_listener()
 
@@ -649,10 +649,10 @@ class Pod:
         try:
             return portforward.listen(Path(str(entry.get("netns"))), str(entry.get("identity")))
         except (NetworkError, ConfigError) as exc:
-            self._note(f"kubectl port-forward unavailable: {exc}")
+            self.note(f"kubectl port-forward unavailable: {exc}")
             return None
 
-    def _note(self, text: str) -> None:
+    def note(self, text: str) -> None:
         """Append a line to the pod's boot notes (``boot.log`` in its directory)."""
         with contextlib.suppress(OSError), open(self.dir / "boot.log", "a") as log:
             log.write(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} {text}\n")
