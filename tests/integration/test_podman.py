@@ -375,11 +375,12 @@ def _run_with_userns(podman: list[str], volume: Path) -> tuple[list[str], dict[s
     /vol is not in the image: the runtime creates it in podman's rootfs, whose ``/`` (mode
     0555) belongs to the namespace's root (docs/user-namespaces.md).
 
-    ``--network none``: with a user namespace podman sets up the bridge network after the
-    runtime's create, in the created process's namespace, which the VM does not use
-    (docs/user-namespaces.md). ``--ulimit``: podman's default RLIMIT_NPROC and NOFILE are above
-    the hard limit of this host, where the namespace's root may not raise it, so runc needs it
-    (a --ulimit replaces the containers.conf defaults); pysandbox does not
+    ``--network none``: this compares ids and owners; the bridge network podman sets up
+    after the runtime's create with a user namespace has a test of its own
+    (:func:`test_user_namespace_with_the_default_bridge_network`). ``--ulimit``: podman's
+    default RLIMIT_NPROC and NOFILE are above the hard limit of this host, where the
+    namespace's root may not raise it, so runc needs it (a --ulimit replaces the
+    containers.conf defaults); pysandbox does not
     (:func:`test_user_namespace_with_podman_default_limits`)."""
     volume.mkdir()
     volume.chmod(0o1777)
