@@ -4,7 +4,11 @@ The host hands the guest one virtio-net NIC per interface of the pod's network n
 with the same MAC (see sandbox/pod/network.py); :meth:`NetworkManager.configure` gives each NIC
 the name, MTU and addresses the interface had on the host, adds the routes, and writes
 resolv.conf/hosts below :data:`NETWORK_DIR` for containers to bind-mount. Everything happens
-in the guest's root network namespace, which containers that share the pod network run in.
+in the guest's root network namespace, which containers that share the pod network run in,
+unless the host names a container's network namespace (``netns``: a pod network set up after
+the container was created, whose namespace belongs to the container's user namespace as under
+runc): each NIC is then brought up in the root namespace (until it is operational), moved into
+that namespace, and configured there by commands spawned from a thread that joined it.
 
 Settings are applied with ``busybox ip`` (the image has no iproute2). The agent is PID 1 and
 reaps every child itself, so commands are spawned here and their exit status is collected
@@ -47,6 +51,38 @@ _WORD_RE = re.compile(r"^[A-Za-z0-9_.:+-]{1,253}$")
 
 #: Runs one command; returns (exit status, combined output).
 Runner = Callable[[Sequence[str]], tuple[int, str]]
+#: Runs a function in a thread that joined the network namespace at the path; its result.
+NetnsRunner = Callable[[str, Callable[[], None]], None]
+CLONE_NEWNET = 0x40000000
+
+
+def in_netns(path: str, work: Callable[[], None]) -> None:
+    """Run ``work()`` in a helper thread that joined network namespace ``path`` (setns(2)
+    of a network namespace applies to the calling thread, and the processes it spawns)."""
+    import ctypes
+
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                if ctypes.CDLL(None, use_errno=True).setns(fd, CLONE_NEWNET) != 0:
+                    err = ctypes.get_errno()
+                    raise NetworkError(
+                        "INTERNAL", f"entering the container's network: {os.strerror(err)}"
+                    )
+            finally:
+                os.close(fd)
+            work()
+        except BaseException as exc:
+            errors.append(exc)
+
+    thread = threading.Thread(target=run, name="netns", daemon=True)
+    thread.start()
+    thread.join()
+    if errors:
+        raise errors[0]
 
 
 class NetworkError(Exception):
@@ -195,6 +231,7 @@ class NetworkManager:
         nic_wait: float = NIC_WAIT_SECONDS,
         sethostname: Callable[[str], None] = socket.sethostname,
         load_nic_driver: Callable[[], None] | None = None,
+        enter_netns: NetnsRunner = in_netns,
     ) -> None:
         """``load_nic_driver`` is called before NICs are looked for: a VM restored from a
         template gets its NICs hot-plugged after /init ran, so nothing loaded virtio_net."""
@@ -208,6 +245,7 @@ class NetworkManager:
         self._nic_wait = nic_wait
         self._sethostname = sethostname
         self._load_nic_driver = load_nic_driver
+        self._enter_netns = enter_netns
         self._lock = threading.Lock()
 
     def _ip(self, *args: str, tolerate_exists: bool = False) -> None:
@@ -217,7 +255,9 @@ class NetworkManager:
             detail = output.strip().splitlines()[-1] if output.strip() else f"exit {status}"
             raise NetworkError("INTERNAL", f"ip {' '.join(args)}: {detail[:300]}")
 
-    def configure(self, settings: Settings) -> Outcome:
+    def configure(self, settings: Settings, netns_pid: int | None = None) -> Outcome:
+        """Apply ``settings``: in the guest's root network namespace, or with ``netns_pid``
+        in that process's (a container's init), the NICs moved there first."""
         validate(settings)
         with self._lock:
             outcome = Outcome()
@@ -228,14 +268,22 @@ class NetworkManager:
                 except OSError as exc:
                     raise NetworkError("INTERNAL", f"loading the NIC driver: {exc}") from exc
             current = self._find_nics(settings.interfaces)
-            self._rename(settings.interfaces, current)
-            for nic in settings.interfaces:
-                self._setup_nic(nic)
-                outcome.interfaces.append(nic.name)
-            self._wait_carrier([nic.name for nic in settings.interfaces])
-            # Routes out of a device first: a gateway must be reachable when its route is added.
-            for route in sorted(settings.routes, key=lambda r: bool(r.gateway)):
-                self._add_route(route)
+            if netns_pid is None:
+                self._configure_links(settings, current, wait=True)
+            else:
+                # Operational in the root namespace first (hot-plugged: carrier comes with
+                # the link watcher), where sysfs shows it; the move keeps the carrier.
+                names = [current[nic.mac] for nic in settings.interfaces]
+                for name in names:
+                    self._ip("link", "set", "dev", name, "up")
+                self._wait_carrier(names)
+                for name in names:
+                    self._ip("link", "set", "dev", name, "netns", str(netns_pid))
+                self._enter_netns(
+                    f"/proc/{netns_pid}/ns/net",
+                    lambda: self._configure_links(settings, current, wait=False),
+                )
+            outcome.interfaces.extend(nic.name for nic in settings.interfaces)
             if settings.dns_servers or settings.dns_search or settings.dns_options:
                 outcome.resolv_conf = self._write("resolv.conf", _resolv_conf(settings))
             if settings.hosts or settings.hostname:
@@ -246,6 +294,17 @@ class NetworkManager:
                 except OSError as exc:
                     raise NetworkError("INTERNAL", f"sethostname: {exc.strerror}") from exc
             return outcome
+
+    def _configure_links(self, settings: Settings, current: dict[str, str], wait: bool) -> None:
+        """Names, MTUs, addresses and routes, in the namespace this thread is in."""
+        self._rename(settings.interfaces, current)
+        for nic in settings.interfaces:
+            self._setup_nic(nic)
+        if wait:
+            self._wait_carrier([nic.name for nic in settings.interfaces])
+        # Routes out of a device first: a gateway must be reachable when its route is added.
+        for route in sorted(settings.routes, key=lambda r: bool(r.gateway)):
+            self._add_route(route)
 
     def _find_nics(self, wanted: Sequence[Interface]) -> dict[str, str]:
         deadline = time.monotonic() + self._nic_wait

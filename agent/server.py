@@ -374,8 +374,13 @@ class AgentService(pb_grpc.AgentServicer):
             hosts=tuple((h.address, tuple(h.names)) for h in request.hosts),
             hostname=request.hostname,
         )
+        netns_pid = None
+        if request.container_id:
+            self._check_id(context, request.container_id)
+            with _container_errors(context):
+                netns_pid = self._manager(context).get(request.container_id).init.pid
         try:
-            outcome = self._network.configure(settings)
+            outcome = self._network.configure(settings, netns_pid)
         except NetworkError as exc:
             _abort(context, getattr(grpc.StatusCode, exc.code), str(exc))
         except OSError as exc:

@@ -286,8 +286,18 @@ class AgentClient:
         """Ask the agent to power the VM off."""
         self._call("Shutdown", pb.ShutdownRequest(), timeout=5.0)
 
-    def configure_network(self, config: NetworkConfig) -> GuestNetworkFiles:
-        """Configure the guest's pod network (ConfigureNetwork); the guest files written."""
+    def configure_network(self, config: NetworkConfig, container_id: str = "") -> GuestNetworkFiles:
+        """Configure the guest's pod network (ConfigureNetwork); the guest files written.
+
+        ``container_id``: in that container's network namespace rather than the guest's
+        root one (protocol 1.6; AgentError from an older agent, which would ignore it)."""
+        if container_id:
+            version = self._call("Version", pb.VersionRequest()).protocol_version
+            if _minor(version) < 6:
+                raise AgentError(
+                    f"agent speaks protocol {version[:16]}, a container's network needs 1.6: "
+                    "rebuild the guest image with 'make guest-image'"
+                )
         request = pb.ConfigureNetworkRequest(
             interfaces=[
                 pb.NetworkInterface(name=n.name, mac=n.mac, mtu=n.mtu, addresses=n.addresses)
@@ -302,6 +312,7 @@ class AgentClient:
             dns_servers=config.dns_servers,
             dns_search=config.dns_search,
             hostname=config.hostname,
+            container_id=container_id,
         )
         reply = self._call("ConfigureNetwork", request, timeout=60.0)
         files = GuestNetworkFiles(
@@ -312,6 +323,12 @@ class AgentClient:
             if path and not path.startswith(GUEST_NETWORK_DIR + "/"):
                 raise AgentError(f"agent wrote network files outside {GUEST_NETWORK_DIR}")
         return files
+
+
+def _minor(version: str) -> int:
+    """The MINOR of a "MAJOR.MINOR" protocol version (-1 when malformed)."""
+    minor = version.partition(".")[2]
+    return int(minor) if minor.isdigit() and len(minor) < 6 else -1
 
 
 #: What ContainerStatus may report (agent.proto).

@@ -52,9 +52,14 @@ def standin_netns(standin: ProcessHandle) -> tuple[Path, str]:
         os.close(nsfd)
 
 
-def attach_after_create(pod: Pod, netns: Path, expect: str) -> NetworkConfig | None:
+def attach_after_create(
+    pod: Pod, netns: Path, expect: str, container_id: str = ""
+) -> NetworkConfig | None:
     """Carry the interfaces of ``netns`` (identity ``expect``) into ``pod``'s running VM;
     the guest's network configuration, or None when the namespace has no interface to carry.
+    ``container_id``: configured in that container's network namespace in the guest (a
+    container with a user namespace: its netns is owned by it, as under runc), else in the
+    guest's root one.
 
     Call it with the pod's lock held. Only for a pod that has no network yet (StateError
     otherwise). NetworkError/ConfigError for an unusable namespace, QMPError when a NIC
@@ -88,7 +93,7 @@ def attach_after_create(pod: Pod, netns: Path, expect: str) -> NetworkConfig | N
             os.close(fd)  # QEMU holds the taps now; they vanish when it exits
     plugged_at = time.monotonic()
     with pod.client() as agent:
-        files = agent.configure_network(attached.config)
+        files = agent.configure_network(attached.config, container_id)
     pod.note(
         f"network after create: {len(attached.config.interfaces)} interface(s) of {netns};"
         f" taps {attached_at - began:.3f}s, hot-plug {plugged_at - attached_at:.3f}s,"
@@ -97,6 +102,7 @@ def attach_after_create(pod: Pod, netns: Path, expect: str) -> NetworkConfig | N
     pod.record.network = {
         **(pod.record.network or {}),
         "after_create": True,
+        "container": container_id,
         "guest_files": {"resolv_conf": files.resolv_conf, "hosts": files.hosts},
     }
     pod.save()

@@ -81,6 +81,10 @@ def create(
     # stand-in is the pod's, which a client may configure before start (podman and
     # containerd 1.7 with a user namespace); start carries it into the VM.
     network_after_create = owns_pod and network_ns is not None and netns is None
+    # With a new user namespace the container keeps its own network namespace in the guest
+    # (owned by its user namespace, as runc's), and the pod network is configured in it.
+    user_ns = spec.namespace("user")
+    network_in_container = network_after_create and user_ns is not None and not user_ns.path
     record = ContainerRecord.new(
         root,
         container_id,
@@ -95,6 +99,7 @@ def create(
             # change or be gone by then.
             "hooks": hooks,
             "network_after_create": network_after_create,
+            "network_in_container": network_in_container,
         },
     )
     pod: Pod | None = None
@@ -130,7 +135,7 @@ def create(
             loaded.config,
             loaded.path,
             guest_pids=guest_pid_lookup(root, pod),
-            join_pod_network=network_after_create,
+            join_pod_network=network_after_create and not network_in_container,
         )
         oci_hooks.for_guest(guest_spec, hooks, oci_hooks.state(record, "created", None))
         with pod.client() as client:

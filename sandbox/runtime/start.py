@@ -79,7 +79,8 @@ def _network_after_create(root: Path, record: ContainerRecord) -> None:
     with pod_lock(root, record.pod_id):
         pod = load_pod(root, record.pod_id)
         if not pod.record.network:
-            late_network.attach_after_create(pod, netns, identity)
+            own = record.id if record.data.get("network_in_container") else ""
+            late_network.attach_after_create(pod, netns, identity, own)
 
 
 def _stopped(record: ContainerRecord) -> None:

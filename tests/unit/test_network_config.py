@@ -5,7 +5,7 @@ ConfigureNetwork end to end over gRPC."""
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -172,6 +172,47 @@ def test_configure_finds_nics_by_mac_swaps_names_and_orders_routes(
     hosts = Path(outcome.hosts).read_text()
     assert "127.0.0.1\tlocalhost\n" in hosts and "10.251.0.2\tmypod\n" in hosts
     assert hostnames == ["mypod"]
+
+
+def test_configure_in_a_containers_namespace_moves_the_nics_there_first(
+    tmp_path: Path, sysnet: Path
+) -> None:
+    """With a container's process: each NIC comes up in the root namespace (where sysfs
+    shows its operational state), moves into the container's namespace, and every later
+    command runs in a thread that joined that namespace."""
+    runner, entered = FakeRunner(), []
+
+    def enter(path: str, work: Callable[[], None]) -> None:
+        entered.append((path, len(runner.calls)))
+        work()
+
+    settings = guest.Settings(
+        interfaces=(guest.Interface("eth0", MAC_A, 1500, ("10.88.0.9/16",)),),
+        routes=(guest.Route("0.0.0.0/0", "10.88.0.1", "eth0"),),
+    )
+    nm = guest.NetworkManager(
+        runner=runner,
+        sys_class_net=str(sysnet),
+        network_dir=str(tmp_path / "netfiles"),
+        nic_wait=0.2,
+        enter_netns=enter,
+    )
+    outcome = nm.configure(settings, netns_pid=4242)
+    assert runner.calls == [
+        ["link", "set", "dev", "lo", "up"],
+        ["link", "set", "dev", "eth1", "up"],
+        ["link", "set", "dev", "eth1", "netns", "4242"],
+        # in the container's namespace:
+        ["link", "set", "dev", "eth1", "down"],
+        ["link", "set", "dev", "eth1", "name", "psbtmp0"],
+        ["link", "set", "dev", "psbtmp0", "name", "eth0"],
+        ["link", "set", "dev", "eth0", "mtu", "1500"],
+        ["addr", "add", "10.88.0.9/16", "dev", "eth0"],
+        ["link", "set", "dev", "eth0", "up"],
+        ["-4", "route", "replace", "0.0.0.0/0", "via", "10.88.0.1", "dev", "eth0"],
+    ]
+    assert entered == [("/proc/4242/ns/net", 3)]
+    assert outcome.interfaces == ["eth0"]
 
 
 def test_configure_without_dns_writes_no_files(tmp_path: Path, sysnet: Path) -> None:
