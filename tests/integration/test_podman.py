@@ -494,6 +494,8 @@ def _bridge_container(podman: list[str], name: str) -> dict[str, str]:
         "nofile=1024:1024",
         "--ulimit",
         "nproc=1024:1024",
+        "--sysctl",
+        "net.ipv4.ping_group_range=0 1000",
         *USERNS,
         IMAGE,
         "sleep",
@@ -519,7 +521,20 @@ def _bridge_container(podman: list[str], name: str) -> dict[str, str]:
     )
     assert seen.returncode == 0, seen.stderr
     lines = seen.stdout.splitlines()
+    # The container's root acts in its own network namespace as far as its capabilities go
+    # (podman grants NET_RAW, not NET_ADMIN): the namespace belongs to its user namespace.
+    powers = pm(
+        podman,
+        "exec",
+        name,
+        "sh",
+        "-c",
+        "cat /proc/sys/net/ipv4/ping_group_range; "
+        f"ping -c 1 -W 10 {gateway} >/dev/null && echo ping-ok; "
+        "ip link add probe0 type dummy 2>&1; ip route add 10.250.0.0/24 dev eth0 2>&1",
+    )
     return {
+        "powers": " ".join(powers.stdout.split()),
         "id": cid,
         "pid": pid,
         "ip": ip,
@@ -596,6 +611,14 @@ def test_user_namespace_with_the_default_bridge_network(podman: list[str]) -> No
             assert seen["addresses"] == f"lo 127.0.0.1/8\neth0 {seen['ip']}/{seen['prefix']}"
             assert seen["nic_mac"] == seen["mac"]
         assert ours["routes"] == theirs["routes"]
+        assert (
+            ours["powers"]
+            == theirs["powers"]
+            == (
+                "0 1000 ping-ok ip: RTNETLINK answers: Operation not permitted "
+                "ip: RTNETLINK answers: Operation not permitted"
+            )
+        )
         assert ours["gateway"] == theirs["gateway"]
         # The --pid-file process (podman's State.Pid) is not in the host's netns.
         ours_netns = _netns_identity(ours["pid"])

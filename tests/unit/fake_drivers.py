@@ -37,6 +37,7 @@ import pytest
 from agentapi.limits import GRPC_OPTIONS
 from agentapi.proto import agent_pb2 as pb
 from agentapi.proto import agent_pb2_grpc as pb_grpc
+from agentapi.version import PROTOCOL_VERSION
 from hypervisor.base import SHUTDOWN, Hypervisor
 from hypervisor.errors import HypervisorError, LaunchError
 from hypervisor.process import ProcessHandle
@@ -349,6 +350,12 @@ class FakeGuest(pb_grpc.AgentServicer):
     ) -> pb.MountShareResponse:
         self._enter("MountShare", context)
         return pb.MountShareResponse()
+
+    def Version(
+        self, request: pb.VersionRequest, context: grpc.ServicerContext
+    ) -> pb.VersionResponse:
+        self._enter("Version", context)
+        return pb.VersionResponse(agent_version="fake", protocol_version=PROTOCOL_VERSION)
 
     def ConfigureNetwork(
         self, request: pb.ConfigureNetworkRequest, context: grpc.ServicerContext

@@ -168,11 +168,24 @@ def _in(pid: int, *argv: str) -> None:
     subprocess.run(["nsenter", f"--net=/proc/{pid}/ns/net", *argv], check=True, timeout=30)
 
 
+@pytest.mark.parametrize("userns", [False, True], ids=["root-netns", "container-netns"])
 def test_a_network_added_after_create_reaches_the_vm_at_start(
-    fake: FakeDrivers, root: Path, tmp_path: Path, request: pytest.FixtureRequest
+    fake: FakeDrivers, root: Path, tmp_path: Path, request: pytest.FixtureRequest, userns: bool
 ) -> None:
-    record = create(root, "c1", _bundle(tmp_path, "c1"))
+    """Configured in the guest's root namespace, or with a user namespace in the
+    container's own (owned by its user namespace, as runc's)."""
+    directory = _bundle(tmp_path, "c1")
+    if userns:
+        spec = json.loads((directory / "config.json").read_text())
+        spec["linux"]["namespaces"].append({"type": "user"})
+        spec["linux"]["uidMappings"] = spec["linux"]["gidMappings"] = MAPPING
+        (directory / "config.json").write_text(json.dumps(spec))
+    record = create(root, "c1", directory)
     assert record.data["network_after_create"] is True
+    assert record.data["network_in_container"] is userns
+    guest_spec = json.loads(fake.vms[0].guest.specs["c1"])
+    joins = {"type": "network", "path": "/proc/1/ns/net"}
+    assert (joins in guest_spec["linux"]["namespaces"]) is not userns
     shim = fake.shims["c1"]
     host = standin_netns.identity("/proc/self/ns/net")
     assert standin_netns.identity(f"/proc/{shim.handle.pid}/ns/net") != host
@@ -190,10 +203,12 @@ def test_a_network_added_after_create_reaches_the_vm_at_start(
     start(root, "c1")
     assert since(fake, created, "qemu", "agent") == [
         ("qemu", "hotplug_nic", 0),
+        *([("agent", "Version")] if userns else []),  # protocol 1.6 checked first
         ("agent", "ConfigureNetwork"),
         ("agent", "StartContainer"),
     ]
     [told] = fake.networks
+    assert told.container_id == ("c1" if userns else "")
     assert [(i.name, i.mac, list(i.addresses)) for i in told.interfaces] == [
         ("eth0", "02:00:00:00:00:2a", ["10.77.0.5/24"])
     ]
@@ -243,3 +258,37 @@ def test_the_guest_spec_of_the_pod_owner_joins_the_pod_network(
     assert {"type": "network", "path": "/proc/1/ns/net"} in guest["linux"]["namespaces"]
     fake.shims["c1"].kill()
     delete(root, "c1")
+
+
+def test_an_agent_too_old_for_a_containers_network_is_a_clear_error(
+    fake: FakeDrivers,
+    root: Path,
+    tmp_path: Path,
+    request: pytest.FixtureRequest,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An agent before protocol 1.6 would ignore ``container_id`` and configure the root
+    namespace, leaving the container without its network: refused instead."""
+    from sandbox.errors import AgentError
+    from tests.unit import fake_drivers
+
+    directory = _bundle(tmp_path, "c1")
+    spec = json.loads((directory / "config.json").read_text())
+    spec["linux"]["namespaces"].append({"type": "user"})
+    spec["linux"]["uidMappings"] = spec["linux"]["gidMappings"] = MAPPING
+    (directory / "config.json").write_text(json.dumps(spec))
+    create(root, "c1", directory)
+    pid = fake.shims["c1"].handle.pid
+    peer = subprocess.Popen(["unshare", "--net", "--", "sleep", "120"])
+    request.addfinalizer(peer.kill)
+    host = standin_netns.identity("/proc/self/ns/net")
+    assert wait_until(lambda: standin_netns.identity(f"/proc/{peer.pid}/ns/net") != host, 10)
+    _in(pid, "ip", "link", "add", "eth0", "type", "veth")
+    _in(pid, "ip", "link", "set", "veth0", "netns", str(peer.pid))
+    monkeypatch.setattr(fake_drivers, "PROTOCOL_VERSION", "1.5")
+    with pytest.raises(AgentError, match=r"protocol 1\.5, a container's network needs 1\.6"):
+        start(root, "c1")
+    assert fake.networks == []
+    fake.shims["c1"].kill()
+    delete(root, "c1", force=True)
+    assert Pod.list(root) == [] and fake.alive() == []
