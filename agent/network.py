@@ -51,7 +51,7 @@ _WORD_RE = re.compile(r"^[A-Za-z0-9_.:+-]{1,253}$")
 
 #: Runs one command; returns (exit status, combined output).
 Runner = Callable[[Sequence[str]], tuple[int, str]]
-#: Runs a function in a thread that joined the network namespace at the path; its result.
+#: Runs a function in a thread that joined the network namespace at the path.
 NetnsRunner = Callable[[str, Callable[[], None]], None]
 CLONE_NEWNET = 0x40000000
 

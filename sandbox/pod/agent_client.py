@@ -286,18 +286,22 @@ class AgentClient:
         """Ask the agent to power the VM off."""
         self._call("Shutdown", pb.ShutdownRequest(), timeout=5.0)
 
+    def require_protocol(self, minor: int, what: str) -> None:
+        """AgentError unless the agent speaks protocol MAJOR.``minor`` or later (the MAJOR
+        was checked on connecting); ``what`` names the feature that needs it."""
+        version = self._call("Version", pb.VersionRequest()).protocol_version
+        if _minor(version) < minor:
+            raise AgentError(
+                f"agent speaks protocol {version[:16]}, {what} needs "
+                f"{protocol_major(PROTOCOL_VERSION)}.{minor}: "
+                "rebuild the guest image with 'make guest-image'"
+            )
+
     def configure_network(self, config: NetworkConfig, container_id: str = "") -> GuestNetworkFiles:
         """Configure the guest's pod network (ConfigureNetwork); the guest files written.
 
         ``container_id``: in that container's network namespace rather than the guest's
-        root one (protocol 1.6; AgentError from an older agent, which would ignore it)."""
-        if container_id:
-            version = self._call("Version", pb.VersionRequest()).protocol_version
-            if _minor(version) < 6:
-                raise AgentError(
-                    f"agent speaks protocol {version[:16]}, a container's network needs 1.6: "
-                    "rebuild the guest image with 'make guest-image'"
-                )
+        root one (protocol 1.6: see :meth:`require_protocol`; an older agent ignores it)."""
         request = pb.ConfigureNetworkRequest(
             interfaces=[
                 pb.NetworkInterface(name=n.name, mac=n.mac, mtu=n.mtu, addresses=n.addresses)

@@ -79,6 +79,9 @@ def attach_after_create(
             return None
     finally:
         os.close(nsfd)
+    if container_id:
+        with pod.client() as agent:  # before anything is made for it
+            agent.require_protocol(6, "a container's own pod network")
     began = time.monotonic()
     attached = network.attach(netns, pod.remember_network, expect=expect)
     attached_at = time.monotonic()

@@ -25,6 +25,7 @@ import os
 import socket
 import subprocess
 import threading
+import time
 import zlib
 from collections.abc import Iterator
 from concurrent import futures
@@ -61,6 +62,12 @@ class FakeProcess:
         argv = ["unshare", "--net", "--", "sleep", "600"] if own_netns else ["sleep", "600"]
         self.popen = subprocess.Popen(argv, stdin=subprocess.DEVNULL)
         self.handle = ProcessHandle.of(self.popen.pid)
+        if own_netns:  # as the real shim: ready only once it is in its namespace
+            host = os.stat("/proc/self/ns/net").st_ino
+            deadline = time.monotonic() + 10
+            while os.stat(f"/proc/{self.popen.pid}/ns/net").st_ino == host:
+                assert time.monotonic() < deadline, "unshare --net did not happen"
+                time.sleep(0.005)
 
     def alive(self) -> bool:
         return self.handle.alive()

@@ -202,8 +202,8 @@ def test_a_network_added_after_create_reaches_the_vm_at_start(
     created = len(fake.events)
     start(root, "c1")
     assert since(fake, created, "qemu", "agent") == [
-        ("qemu", "hotplug_nic", 0),
         *([("agent", "Version")] if userns else []),  # protocol 1.6 checked first
+        ("qemu", "hotplug_nic", 0),
         ("agent", "ConfigureNetwork"),
         ("agent", "StartContainer"),
     ]
@@ -286,9 +286,13 @@ def test_an_agent_too_old_for_a_containers_network_is_a_clear_error(
     _in(pid, "ip", "link", "add", "eth0", "type", "veth")
     _in(pid, "ip", "link", "set", "veth0", "netns", str(peer.pid))
     monkeypatch.setattr(fake_drivers, "PROTOCOL_VERSION", "1.5")
-    with pytest.raises(AgentError, match=r"protocol 1\.5, a container's network needs 1\.6"):
+    created = len(fake.events)
+    with pytest.raises(
+        AgentError, match=r"protocol 1\.5, a container's own pod network needs 1\.6"
+    ):
         start(root, "c1")
-    assert fake.networks == []
+    assert since(fake, created, "qemu", "agent") == [("agent", "Version")]
+    assert fake.networks == [] and Pod.load(root, "c1").record.network is None
     fake.shims["c1"].kill()
     delete(root, "c1", force=True)
     assert Pod.list(root) == [] and fake.alive() == []
