@@ -862,9 +862,12 @@ def parse_spec(config: object) -> Spec:
     if user_ns is not None and user_ns.path is None and not (uid_mappings and gid_mappings):
         missing = "linux.gidMappings" if uid_mappings else "linux.uidMappings"
         raise SpecError(f"{missing}: user namespaces enabled, but no uid or gid mappings found")
-    if (uid_mappings or gid_mappings) and (user_ns is None or user_ns.path is not None):
+    # With a user namespace given by path the mappings are those of the joined namespace
+    # (runc requires them then too: containerd 1.7 writes both for a pod's members); the
+    # joined namespace's own maps apply.
+    if (uid_mappings or gid_mappings) and user_ns is None:
         given = "linux.uidMappings" if uid_mappings else "linux.gidMappings"
-        raise SpecError(f"{given}: mappings need a new user namespace in linux.namespaces")
+        raise SpecError(f"{given}: mappings need a user namespace in linux.namespaces")
     hostname = _str(top.get("hostname"), "hostname")
     domainname = _str(top.get("domainname"), "domainname")
     for what, name in (("hostname", hostname), ("domainname", domainname)):

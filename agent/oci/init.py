@@ -100,9 +100,18 @@ def create_container(
     # 3. Join namespaces given by path, user namespace first: the others are owned by it and
     #    setns into them needs its capabilities (the order of runc's nsexec).
     _join_namespaces(sys, spec)
+    user_ns = spec.namespace("user")
+    if user_ns is not None and user_ns.path is not None:
+        # 3a. Root of the joined user namespace, as runc's nsexec becomes it: the guest's
+        #     root is not mapped there, and files it created (the mounts' targets) would
+        #     fail with EOVERFLOW.
+        try:
+            sys.setresgid(0)
+            sys.setresuid(0)
+        except OSError as exc:
+            raise SetupError.from_os("joined user namespace: becoming its root", exc) from exc
     # 4. A new user namespace, mapped by a helper that stays outside: only a process with
     #    CAP_SETUID in the parent namespace may write a uid_map with more than its own id.
-    user_ns = spec.namespace("user")
     if user_ns is not None and user_ns.path is None:
         # 4a. Mount targets the namespace's root could not create through virtio-fs.
         owner = _host_id(spec.uid_mappings, 0)

@@ -99,6 +99,7 @@ def share_container_files(
     rootfs_readonly: bool | None = None,
     held: HeldSources | None = None,
     join_pod_network: bool = False,
+    pod_network: str = "",
 ) -> tuple[str, dict[str, Any]]:
     """Expose the rootfs and bind-mount sources to the guest; return (guest rootfs, spec).
 
@@ -111,6 +112,9 @@ def share_container_files(
     from the fd opened when it was checked; any other is opened here, once.
     ``join_pod_network``: a network namespace without a path joins the pod network too (the
     pod owner whose network is carried into the VM after create; docs/networking.md).
+    ``pod_network``: the guest path a network namespace given by path becomes (default: the
+    guest's root namespace, :data:`GUEST_POD_NETNS`; the owner's own namespace when the pod
+    network lives there).
     On failure everything already mounted for this container is unmounted again.
     """
     spec = copy.deepcopy(spec)
@@ -158,7 +162,7 @@ def share_container_files(
                     from_host,
                     recursive=_is_recursive(mount),
                 )
-            _rewrite_namespaces(spec, guest_pids, join_pod_network)
+            _rewrite_namespaces(spec, guest_pids, join_pod_network, pod_network or GUEST_POD_NETNS)
             guest_cgroup.resolve(spec)
             linux = spec.get("linux")
             if isinstance(linux, dict):
@@ -173,7 +177,10 @@ def share_container_files(
 
 
 def _rewrite_namespaces(
-    spec: dict[str, Any], guest_pids: Callable[[str], int | None], join_pod_network: bool = False
+    spec: dict[str, Any],
+    guest_pids: Callable[[str], int | None],
+    join_pod_network: bool = False,
+    pod_network: str = GUEST_POD_NETNS,
 ) -> None:
     linux = spec.get("linux")
     if not isinstance(linux, dict):
@@ -187,7 +194,7 @@ def _rewrite_namespaces(
             ns = {"type": "network", "path": GUEST_POD_NETNS}
         elif path:
             if ns.get("type") == "network":
-                ns = {"type": "network", "path": GUEST_POD_NETNS}
+                ns = {"type": "network", "path": pod_network}
             else:
                 pid = guest_pids(str(path))
                 if pid is None:

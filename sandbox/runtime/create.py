@@ -136,6 +136,7 @@ def create(
             loaded.path,
             guest_pids=guest_pid_lookup(root, pod),
             join_pod_network=network_after_create and not network_in_container,
+            pod_network="" if owns_pod or netns is None else _owners_network(root, pod_id, netns),
         )
         oci_hooks.for_guest(guest_spec, hooks, oci_hooks.state(record, "created", None))
         with pod.client() as client:
@@ -168,6 +169,26 @@ def create(
         teardown(root, record, pod)
         raise
     return record
+
+
+def _owners_network(root: Path, pod_id: str, netns: Path) -> str:
+    """Where a member joining network namespace ``netns`` goes in the guest: the pod owner's
+    own namespace when the pod network lives there (set up after create with a user
+    namespace, docs/networking.md) and ``netns`` is its stand-in's namespace (by identity:
+    ``/proc/<pid>/ns/net`` or a client's bind mount of it); else "" (the guest's root one)."""
+    from sandbox.errors import SandboxError
+
+    try:
+        owner = ContainerRecord.load(root, pod_id)
+        standin = owner.shim
+        if not owner.data.get("network_in_container") or standin is None:
+            return ""
+        mine, theirs = os.stat(netns), os.stat(f"/proc/{standin.pid}/ns/net")
+        if (mine.st_dev, mine.st_ino) != (theirs.st_dev, theirs.st_ino) or not standin.alive():
+            return ""
+        return f"/proc/{int(owner.data['guest_pid'])}/ns/net"
+    except (SandboxError, OSError, KeyError, ValueError):
+        return ""
 
 
 def _host_cgroup(

@@ -290,3 +290,196 @@ def test_pid_file_process_is_not_in_the_hosts_network_namespace(
         subprocess.run(
             [RUNTIME, "--root", str(runtime.root), "delete", "--force", "u"], check=False
         )
+
+
+#: What a member of the pod shows of the pod network (compared between runc and pysandbox).
+MEMBER_SCRIPT = (
+    "cat /proc/self/uid_map; ip -o -4 addr show eth0 | awk '{print $2, $4}'; "
+    "cat /proc/net/route; ping -c 1 -W 10 10.250.7.1 >/dev/null && echo ping-ok"
+)
+
+
+def _cni(pid: int, peer: str) -> None:
+    """What CNI does after create in ``pid``'s network namespace: a veth ``eth0`` (its peer
+    in netns ``peer``, 10.250.7.1), 10.250.7.2/24, default route via the peer."""
+    steps = [
+        ["ip", "netns", "add", peer],
+        [
+            "ip",
+            "-n",
+            peer,
+            "link",
+            "add",
+            "p0",
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "eth0",
+            "netns",
+            str(pid),
+        ],
+        ["ip", "-n", peer, "addr", "add", "10.250.7.1/24", "dev", "p0"],
+        ["ip", "-n", peer, "link", "set", "p0", "up"],
+        [
+            "nsenter",
+            f"--net=/proc/{pid}/ns/net",
+            "ip",
+            "addr",
+            "add",
+            "10.250.7.2/24",
+            "dev",
+            "eth0",
+        ],
+        ["nsenter", f"--net=/proc/{pid}/ns/net", "ip", "link", "set", "eth0", "up"],
+        [
+            "nsenter",
+            f"--net=/proc/{pid}/ns/net",
+            "ip",
+            "route",
+            "add",
+            "default",
+            "via",
+            "10.250.7.1",
+        ],
+    ]
+    for argv in steps:
+        subprocess.run(argv, check=True, capture_output=True, timeout=30)
+
+
+def _member_bundle(base: Path, owner_pid: int) -> Path:
+    """A CRI-style member of pod ``u``: joins the owner's user and network namespaces by
+    path, runs :data:`MEMBER_SCRIPT` on the owner's rootfs."""
+    owner = json.loads((base / "bundle" / "config.json").read_text())
+    spec = json.loads(json.dumps(owner))
+    spec["root"] = {"path": str(base / "bundle" / "rootfs"), "readonly": False}
+    spec["mounts"] = [m for m in spec["mounts"] if m["destination"] != "/vol"]
+    spec["process"]["args"] = ["sh", "-c", MEMBER_SCRIPT]
+    spec["linux"]["namespaces"] = [
+        ns for ns in spec["linux"]["namespaces"] if ns["type"] not in ("network", "user")
+    ] + [
+        {"type": "network", "path": f"/proc/{owner_pid}/ns/net"},
+        {"type": "user", "path": f"/proc/{owner_pid}/ns/user"},
+    ]
+    # The mappings stay: runc requires them with a user namespace given by path as well.
+    spec["annotations"] = {
+        "io.kubernetes.cri.container-type": "container",
+        "io.kubernetes.cri.sandbox-id": "u",
+    }
+    member = base / "member"
+    member.mkdir()
+    (member / "config.json").write_text(json.dumps(spec))
+    return member
+
+
+def _owner_spec(base: Path) -> None:
+    bundle = _bundle(base)
+    spec = json.loads((bundle / "config.json").read_text())
+    spec["process"]["args"] = ["sleep", "300"]
+    (bundle / "config.json").write_text(json.dumps(spec))
+
+
+def _members_view_runc(base: Path) -> list[str]:
+    _owner_spec(base)
+    state = base / "runc-state"
+    peer = f"psbt-usernet-runc-{os.getpid()}"
+    try:
+        with (base / "runc.err").open("wb") as errors:
+            created = subprocess.run(
+                [
+                    *("runc", "--root", str(state), "create", "--bundle", str(base / "bundle")),
+                    *("--pid-file", str(base / "runc.pid"), "u"),
+                ],
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=errors,
+                timeout=120,
+            )
+        assert created.returncode == 0, (base / "runc.err").read_text()
+        pid = int((base / "runc.pid").read_text())
+        _cni(pid, peer)
+        subprocess.run(["runc", "--root", str(state), "start", "u"], check=True, timeout=60)
+        done = subprocess.run(
+            ["runc", "--root", str(state), "run", "--bundle", str(_member_bundle(base, pid)), "m"],
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert done.returncode == 0, done.stderr
+        return [" ".join(line.split()) for line in done.stdout.splitlines()]
+    finally:
+        subprocess.run(["runc", "--root", str(state), "delete", "--force", "u"], check=False)
+        subprocess.run(["ip", "netns", "del", peer], check=False, capture_output=True)
+
+
+def _members_view_ours(base: Path, root: Path) -> tuple[list[str], str]:
+    """The member's lines, and the identity of the owner stand-in's network namespace."""
+    _owner_spec(base)
+    runtime = Runtime(root)
+    peer = f"psbt-usernet-ours-{os.getpid()}"
+    try:
+        with (base / "ours.err").open("wb") as errors:
+            created = subprocess.run(
+                [
+                    *runtime.argv("create", "--bundle", str(base / "bundle")),
+                    "--pid-file",
+                    str(base / "ours.pid"),
+                    "u",
+                ],
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=errors,
+                timeout=300,
+            )
+        assert created.returncode == 0, (base / "ours.err").read_text()
+        pid = int((base / "ours.pid").read_text())
+        netns, _ = _netns_owner_map(pid)
+        _cni(pid, peer)
+        runtime.ok("start", "u")
+        out = base / "member.out"
+        with out.open("wb") as sink, (base / "member.err").open("wb") as errors:
+            member = subprocess.run(
+                runtime.argv("create", "--bundle", str(_member_bundle(base, pid)), "m"),
+                stdin=subprocess.DEVNULL,
+                stdout=sink,
+                stderr=errors,
+                timeout=300,
+            )
+        assert member.returncode == 0, (base / "member.err").read_text()
+        runtime.ok("start", "m")
+        assert wait_until(lambda: runtime.state("m")["status"] == "stopped", 120)
+        runtime.ok("delete", "m")
+        runtime.ok("delete", "--force", "u")
+        return [" ".join(line.split()) for line in out.read_text().splitlines()], netns
+    finally:
+        for cid in ("m", "u"):
+            subprocess.run(
+                [RUNTIME, "--root", str(root), "delete", "--force", cid],
+                check=False,
+                capture_output=True,
+            )
+        subprocess.run(["ip", "netns", "del", peer], check=False, capture_output=True)
+
+
+def test_a_pod_network_set_up_after_create_is_the_pods(base: Path, pod_factory: PodFactory) -> None:
+    """containerd 1.7's flow for a user-namespaced pod, through the runtime CLI: the sandbox
+    is created, CNI configures the network namespace of its --pid-file process, it starts;
+    a member joins its user and network namespaces by path. The member sees the pod's
+    address and routes and reaches the peer, as under runc; nothing of it is left after the
+    pod is deleted."""
+    for name in ("runc", "ours"):
+        (base / name).mkdir()
+        (base / name).chmod(0o755)
+    theirs = _members_view_runc(base / "runc")
+    ours, netns = _members_view_ours(base / "ours", pod_factory.new_root("rt"))
+    assert theirs == [
+        f"0 {HOST_ID} {SIZE}",
+        "eth0 10.250.7.2/24",
+        "Iface Destination Gateway Flags RefCnt Use Metric Mask MTU Window IRTT",
+        "eth0 00000000 0107FA0A 0003 0 0 0 00000000 0 0 0",
+        "eth0 0007FA0A 00000000 0001 0 0 0 00FFFFFF 0 0 0",
+        "ping-ok",
+    ]
+    assert ours == theirs
+    assert wait_until(lambda: not _holders(netns), 30), _holders(netns)

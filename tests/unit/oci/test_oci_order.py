@@ -525,6 +525,32 @@ def test_a_cgroup_namespace_given_by_path_is_joined_not_replaced() -> None:
     assert ("unshare", BASIC_NAMESPACES) in system.calls
 
 
+def test_a_user_namespace_given_by_path_is_joined_and_its_root_become_before_mounts() -> None:
+    """As runc's nsexec: the process becomes root of the joined user namespace (the guest's
+    root is unmapped there: what it created on the container's file systems would fail with
+    EOVERFLOW), before any mount; no maps are written, no targets pre-created."""
+    spec = typical_spec()
+    spec["linux"]["namespaces"] = [
+        {"type": "mount"},
+        {"type": "uts"},
+        {"type": "network", "path": "/proc/7/ns/net"},
+        {"type": "user", "path": "/proc/7/ns/user"},
+    ]
+    spec["linux"]["uidMappings"] = spec["linux"]["gidMappings"] = [
+        {"containerID": 0, "hostID": 100000, "size": 65536}
+    ]
+    system = fake()
+    system.fs["/proc/7/ns/net"] = system.fs["/proc/7/ns/user"] = "file"
+    run_init(system, spec)
+    user = system.calls.index(("setns", 11, linux.CLONE_NEWUSER))
+    assert system.calls.index(("setns", 12, linux.CLONE_NEWNET)) > user
+    root = system.calls.index(("setresuid", 0))
+    assert user < system.calls.index(("setresgid", 0)) < root
+    first_mount = next(i for i, call in enumerate(system.calls) if call[0] == "mount")
+    assert root < first_mount
+    assert not [c for c in system.calls if c[0] == "write_file" and "_map" in str(c[1])]
+
+
 def test_a_cgroup_mount_refused_in_a_user_namespace_binds_the_own_cgroup() -> None:
     spec = userns_spec()
     spec["mounts"] = [CGROUP_MOUNT]

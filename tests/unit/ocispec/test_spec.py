@@ -172,6 +172,18 @@ def test_user_namespace_with_mappings() -> None:
     assert spec.uid_mappings[0].line() == "0 1000 1\n"
 
 
+def test_a_joined_user_namespace_may_carry_its_mappings() -> None:
+    """runc requires the mappings with a user namespace given by path too (containerd 1.7
+    writes both for a pod's members); they describe the joined namespace."""
+    spec = parse(
+        linux__namespaces=[{"type": "mount"}, {"type": "user", "path": "/proc/9/ns/user"}],
+        linux__uidMappings=[{"containerID": 0, "hostID": 1000, "size": 1}],
+        linux__gidMappings=[{"containerID": 0, "hostID": 1000, "size": 1}],
+    )
+    user = spec.namespace("user")
+    assert user is not None and user.path == "/proc/9/ns/user"
+
+
 def test_namespace_paths() -> None:
     spec = parse(
         linux__namespaces=[{"type": "mount"}, {"type": "network", "path": "/proc/9/ns/net"}]
@@ -209,7 +221,7 @@ def test_namespace_paths() -> None:
         ),
         (
             {"linux__uidMappings": [{"containerID": 0, "hostID": 1, "size": 1}]},
-            "linux.uidMappings: mappings need a new user namespace in linux.namespaces",
+            "linux.uidMappings: mappings need a user namespace in linux.namespaces",
         ),
         (
             {"hostname": "h", "linux__namespaces": [{"type": "mount"}]},

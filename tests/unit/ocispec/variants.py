@@ -231,7 +231,7 @@ INVALID: tuple[Variant, ...] = (
     Variant(
         "mappings without user namespace",
         "linux.uidMappings",
-        "need a new user namespace",
+        "need a user namespace",
         _set("linux.uidMappings", [{"containerID": 0, "hostID": 1000, "size": 1}]),
         runc=False,
     ),
