@@ -109,6 +109,11 @@ BUSYBOX_INITRAMFS_APPLETS = (
     "echo",
     "mkdir",
 )
+#: What the floor's network mode adds (floor-net-initramfs.cpio; bench/network.py): the
+#: virtio-net driver with the PCI transport, and the applets the pod side of the network
+#: benchmark runs (the same busybox as the containers' default image).
+FLOOR_NET_MODULES = ("virtio_pci", "virtio_net")
+FLOOR_NET_APPLETS = ("ip", "nc", "dd", "wc")
 #: Kernel command line the image is tuned and tested for (recorded in the manifest).
 #: ``acpi=noirq``: no ACPI PCI interrupt routing. Evaluating the PCI link devices' AML costs
 #: ~0.1 s per virtio-pci device under TCG (in virtio_pci's probe) and ~0.1 s for the built-in
@@ -962,10 +967,28 @@ def build_into(
     floor = busybox_entries(busybox, BUSYBOX_INITRAMFS_APPLETS)
     floor.append(CpioEntry("init", stat.S_IFREG | 0o755, (HERE / "floor-init.sh").read_bytes()))
     (image / "floor-initramfs.cpio").write_bytes(cpio_bytes(floor, epoch))
+    floor_net = busybox_entries(busybox, (*BUSYBOX_INITRAMFS_APPLETS, *FLOOR_NET_APPLETS))
+    floor_net.append(floor[-1])  # the same /init
+    floor_net.append(CpioEntry("floor-net", stat.S_IFDIR | 0o755))
+    for number, mod in enumerate(module_closure(list(FLOOR_NET_MODULES), index, builtin)):
+        floor_net.append(
+            CpioEntry(
+                f"floor-net/{number:02d}-{mod.name}.ko",
+                stat.S_IFREG | 0o644,
+                (moddir_src / mod.relpath).read_bytes(),
+            )
+        )
+    (image / "floor-net-initramfs.cpio").write_bytes(cpio_bytes(floor_net, epoch))
 
     files = {
         name: sha256_file(image / name)
-        for name in (kernel_file, "initramfs.cpio", "root.erofs", "floor-initramfs.cpio")
+        for name in (
+            kernel_file,
+            "initramfs.cpio",
+            "root.erofs",
+            "floor-initramfs.cpio",
+            "floor-net-initramfs.cpio",
+        )
     }
     return {
         "format": FORMAT,
