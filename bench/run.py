@@ -199,11 +199,17 @@ def floor_config(
     )
 
 
-def run_floor(config: VMConfig, qemu: Path, timeout: float) -> dict[str, float]:
-    """Spawn the floor VM (running, not paused); seconds from spawn to the marker and exit."""
+@contextlib.contextmanager
+def floor_vm(
+    config: VMConfig, qemu: Path, timeout: float, marker: bytes = FLOOR_MARKER
+) -> Iterator[tuple[subprocess.Popen[bytes], float, float]]:
+    """Spawn a floor VM (running, not paused; it inherits ``config.pass_fds()``, e.g. taps);
+    yield ``(process, spawn time, time marker seen)`` (``time.monotonic``) once ``marker`` is
+    on its console. The VM is killed on leaving if it still runs. RuntimeError if the marker
+    does not show within ``timeout`` seconds."""
     argv = build_argv(config, qemu, paused=False)
     config.console_log.write_bytes(b"")
-    watch = ConsoleWatch(config.console_log, FLOOR_MARKER)
+    watch = ConsoleWatch(config.console_log, marker)
     proc: subprocess.Popen[bytes] | None = None
     try:
         with open(config.stderr_log, "wb") as log:
@@ -215,6 +221,7 @@ def run_floor(config: VMConfig, qemu: Path, timeout: float) -> dict[str, float]:
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
                 cwd="/",
+                pass_fds=config.pass_fds(),
             )
         watch.start()
         seen = watch.wait(t0 + timeout)
@@ -222,12 +229,7 @@ def run_floor(config: VMConfig, qemu: Path, timeout: float) -> dict[str, float]:
             raise RuntimeError(
                 f"floor marker not seen within {timeout:g}s (console {config.console_log})"
             )
-        try:
-            proc.wait(max(0.1, t0 + timeout - _now()))
-            exited = _now()
-        except subprocess.TimeoutExpired:
-            exited = float("nan")
-        return {"ready": seen - t0, "exit": exited - t0}
+        yield proc, t0, seen
     finally:
         watch.stop()
         if proc is not None and proc.poll() is None:
@@ -236,6 +238,17 @@ def run_floor(config: VMConfig, qemu: Path, timeout: float) -> dict[str, float]:
         for sock in config.sockets():
             with contextlib.suppress(FileNotFoundError):
                 sock.unlink()
+
+
+def run_floor(config: VMConfig, qemu: Path, timeout: float) -> dict[str, float]:
+    """Boot the floor VM; seconds from spawn to the marker and to QEMU's exit."""
+    with floor_vm(config, qemu, timeout) as (proc, t0, seen):
+        try:
+            proc.wait(max(0.1, t0 + timeout - _now()))
+            exited = _now()
+        except subprocess.TimeoutExpired:
+            exited = float("nan")
+        return {"ready": seen - t0, "exit": exited - t0}
 
 
 # -- pod -------------------------------------------------------------------------------------

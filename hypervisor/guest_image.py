@@ -2,7 +2,7 @@
 
 An image directory holds ``manifest.json`` plus the files it lists: the kernel (``vmlinux``
 booted through PVH, or ``vmlinuz`` booted as a bzImage), ``initramfs.cpio``, the read-only root
-``root.erofs`` and the benchmark floor ``floor-initramfs.cpio``. The builder writes the
+``root.erofs`` and the benchmark floors ``floor-initramfs.cpio`` and ``floor-net-initramfs.cpio``. The builder writes the
 directory atomically, so a directory with a readable manifest is complete unless files were
 removed or altered afterwards (which :func:`validate` detects).
 
@@ -31,6 +31,7 @@ MANIFEST_NAME = "manifest.json"
 INITRD_NAME = "initramfs.cpio"
 ROOTFS_NAME = "root.erofs"
 FLOOR_INITRD_NAME = "floor-initramfs.cpio"
+FLOOR_NET_INITRD_NAME = "floor-net-initramfs.cpio"
 
 BootMethod = Literal["pvh", "bzimage"]
 _FIX = "run 'make guest-image'"
@@ -168,4 +169,19 @@ def floor_initrd(image: GuestImage) -> Path:
     path = image.dir / FLOOR_INITRD_NAME
     if not path.is_file():
         raise GuestImageError(f"floor initramfs {path} is missing: run 'make floor-image'")
+    return path
+
+
+def floor_net_initrd(image: GuestImage) -> Path:
+    """Path of the networking floor: the floor initramfs plus the virtio-net driver and the
+    busybox ``ip``/``nc``/``dd``/``wc`` applets (bench/network.py).
+
+    Booted with ``floor_net=IP/PREFIX floor_gw=IP`` on the kernel command line, its /init
+    configures eth0, prints ``PYSANDBOX-FLOOR-NET-READY`` and runs one busybox ``sh`` per
+    connection to TCP port 5000. Raises :class:`GuestImageError` if the file is absent (an
+    image built before it existed).
+    """
+    path = image.dir / FLOOR_NET_INITRD_NAME
+    if not path.is_file():
+        raise GuestImageError(f"networking floor {path} is missing: {_FIX}")
     return path
