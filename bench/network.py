@@ -73,8 +73,8 @@ from hypervisor import accel as accel_mod  # noqa: E402
 from hypervisor.guest_image import find_image, floor_net_initrd  # noqa: E402
 from hypervisor.qemu import find_qemu  # noqa: E402
 from hypervisor.qemu_args import NicConfig  # noqa: E402
-from sandbox.pod import network  # noqa: E402
-from sandbox.pod.lifecycle import DEFAULT_MEMORY_MIB, Pod, kernel_cmdline  # noqa: E402
+from sandbox.pod import lifecycle, network  # noqa: E402
+from sandbox.pod.lifecycle import DEFAULT_MEMORY_MIB, Pod  # noqa: E402
 from tests.integration.helpers import Result, busybox_spec, run_container  # noqa: E402
 from tests.integration.netns_topology import Topology, finish, topology  # noqa: E402
 
@@ -321,7 +321,8 @@ def floor_machine(
             NicConfig(nic.mac, "tap", fd, nic.mtu)
             for nic, fd in zip(attached.config.interfaces, attached.tap_fds, strict=True)
         )
-        cmdline = f"{kernel_cmdline()} floor_net={FLOOR['self']}/24 floor_gw={FLOOR['peer']}"
+        guest = f"floor_net={FLOOR['self']}/24 floor_gw={FLOOR['peer']}"
+        cmdline = f"{lifecycle.kernel_cmdline()} {guest}"
         base = floor_config(image, workdir, accel_mod.detect().chosen, DEFAULT_MEMORY_MIB, cmdline)
         config = dataclasses.replace(
             base, name="pysandbox-bench-floor-net", initrd=floor_net_initrd(image), nics=nics
@@ -347,7 +348,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-json", action="store_true", help="only print the table")
     parser.add_argument("--suffix", default="", help="JSON name suffix (<date>-network<S>.json)")
     parser.add_argument("--timeout", type=float, default=120.0, help="floor VM boot, seconds")
+    parser.add_argument(
+        "--kernel-arg",
+        action="append",
+        default=[],
+        help="append this to the kernel command line of pod and floor (an experiment; repeat)",
+    )
     args = parser.parse_args(argv)
+    if args.kernel_arg:
+        pod_cmdline = " ".join([lifecycle.kernel_cmdline(), *args.kernel_arg])
+        lifecycle.kernel_cmdline = lambda: pod_cmdline  # this process only
     if shutil.which("busybox") is None:
         parser.error("busybox is needed on the host (the plain side runs busybox nc/dd)")
 
@@ -464,6 +474,7 @@ def main(argv: list[str] | None = None) -> int:
             "runs": args.runs,
             "mib": args.mib,
             "exchanges": args.exchanges,
+            "kernel_args_added": args.kernel_arg,
             "samples": samples,
             "medians": med,
             "ratios_pod_to_floor": pod_floor,
