@@ -4,7 +4,8 @@ An image directory holds ``manifest.json`` plus the files it lists: the kernel (
 booted through PVH, or ``vmlinuz`` booted as a bzImage), ``initramfs.cpio``, the read-only root
 ``root.erofs`` and the benchmark floors ``floor-initramfs.cpio`` (boot) and
 ``floor-net-initramfs.cpio`` (networking). The builder writes the directory atomically, so a
-directory with a readable manifest is complete unless files were removed or altered afterwards (which :func:`validate` detects).
+directory with a readable manifest is complete unless files were removed or altered afterwards
+(which :func:`validate` detects).
 
 Every failure raises :class:`GuestImageError` whose message is one lowercase line saying what is
 wrong and the command that fixes it.
