@@ -2,8 +2,9 @@
 #
 #   make guest-image   kernel + initramfs + erofs root + manifest.json in $(GUEST_IMAGE_DIR);
 #                      a no-op when manifest.json's inputs hash matches (build.py decides)
-#   make floor-image   $(GUEST_IMAGE_DIR)/floor-initramfs.cpio (busybox-only benchmark floor;
-#                      built together with the guest image, which it boots the kernel of)
+#   make floor-image   $(GUEST_IMAGE_DIR)/floor-initramfs.cpio (busybox-only benchmark floor)
+#                      and floor-net-initramfs.cpio (the networking floor, with the NIC
+#                      drivers); built together with the guest image, whose kernel they boot
 #
 # GUEST_IMAGE_DIR      where the image goes             (default /var/lib/pysandbox/guest)
 # GUEST_IMAGE_CACHE    downloaded .debs and wheels      (default /var/cache/pysandbox)
@@ -21,5 +22,7 @@ guest-image: proto
 		--kernel-flavour '$(GUEST_KERNEL_FLAVOUR)' $(GUEST_IMAGE_FLAGS)
 
 floor-image: guest-image
-	@test -f '$(GUEST_IMAGE_DIR)/floor-initramfs.cpio' || \
-		{ echo "floor-image: $(GUEST_IMAGE_DIR)/floor-initramfs.cpio missing after build" >&2; exit 1; }
+	@for f in floor-initramfs.cpio floor-net-initramfs.cpio; do \
+		test -f '$(GUEST_IMAGE_DIR)'/$$f || \
+		{ echo "floor-image: $(GUEST_IMAGE_DIR)/$$f missing after build" >&2; exit 1; }; \
+	done
