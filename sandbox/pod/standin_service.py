@@ -68,6 +68,10 @@ class _Attach:
             raise wire.WireError("attach flags must be booleans")
         self.container_id, self.exec_id = str(ids[0]), str(ids[1])
         self.terminal, has_stdin, resume = (bool(f) for f in flags)
+        limit = message.get("output_limit")
+        if limit is not None and (not isinstance(limit, int) or limit < 0):
+            raise wire.WireError("output_limit must be a byte count or null")
+        self.output_limit: int | None = limit
         self.fds = fds
         wanted = 1 if self.terminal else 2 + int(has_stdin)
         if len(fds) != wanted:
@@ -126,7 +130,14 @@ class _Standin:
     def run(self) -> None:
         a = self._attach
         relay = StdioRelay(
-            self._client, a.container_id, a.exec_id, a.stdin, a.stdout, a.stderr, a.terminal
+            self._client,
+            a.container_id,
+            a.exec_id,
+            a.stdin,
+            a.stdout,
+            a.stderr,
+            a.terminal,
+            output_limit=a.output_limit,
         )
         relay.start()
         self._send({"op": "attached"})

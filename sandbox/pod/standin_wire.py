@@ -12,9 +12,11 @@ Transport: a ``SOCK_SEQPACKET`` unix socket, one JSON object per packet (at most
 Shim -> proxy:
 
 * ``{"op": "attach", "id": ID, "exec_id": EXEC, "terminal": bool, "stdin": bool,
-  "resume": bool}`` first, with the fds: the terminal (one fd), or ``[stdin,] stdout,
-  stderr``. ``resume``: a previous proxy died; the output streams are read again, stdin
-  is not relayed again (as before that proxy died, at most a chunk in flight is lost).
+  "resume": bool, "output_limit": BYTES or null}`` first, with the fds: the terminal (one
+  fd), or ``[stdin,] stdout, stderr``. ``resume``: a previous proxy died; the output
+  streams are read again, stdin is not relayed again (as before that proxy died, at most a
+  chunk in flight is lost).
+  ``output_limit``: the shim's RLIMIT_FSIZE; the proxy writes to regular files within it.
 * ``{"op": "signal", "signum": N}``: forward signal N to the process.
 * ``{"op": "resize", "rows": R, "cols": C}``: the terminal's new size.
 

@@ -95,13 +95,16 @@ def spawn(
     console_socket: Path | None = None,
     monitor: bool = False,
     timeout: float | None = None,
+    output_limit: int | None = None,
 ) -> ProcessHandle:
     """Start a shim inheriting this process's stdio (none of it with a terminal: the pty from
     ``console_socket`` is its stdio then); return it once it reported ready.
 
     ``monitor``: the container is detached run ``container_id`` (see the module docstring),
-    killed after ``timeout`` seconds when that is set. AgentError with the shim's reason if
-    it did not get ready."""
+    killed after ``timeout`` seconds when that is set. ``output_limit``: the shim's
+    RLIMIT_FSIZE (bytes), so that output files are kept within it (writes beyond are dropped);
+    a limit the shim inherits applies as well. AgentError with the shim's reason if it did not
+    get ready."""
     import subprocess
 
     from hypervisor.process import ProcessHandle
@@ -131,6 +134,8 @@ def spawn(
         argv.append("--monitor")
         if timeout is not None:
             argv += ["--timeout", repr(float(timeout))]
+    if output_limit is not None:
+        argv += ["--output-limit", str(int(output_limit))]
     try:
         stdio = subprocess.DEVNULL if terminal else None
         proc = subprocess.Popen(
@@ -185,9 +190,20 @@ class Args:
         self.console_socket = Path(console) if console else None
         timeout = values.get("--timeout")
         self.timeout = float(timeout) if timeout else None
+        limit = values.get("--output-limit")
+        self.output_limit = int(limit) if limit else None
 
 
-_VALUED = ("--root", "--id", "--agent", "--exec-id", "--ready-fd", "--console-socket", "--timeout")
+_VALUED = (
+    "--root",
+    "--id",
+    "--agent",
+    "--exec-id",
+    "--ready-fd",
+    "--console-socket",
+    "--timeout",
+    "--output-limit",
+)
 
 
 def _send_console(console_socket: Path, master: int) -> None:
@@ -295,6 +311,7 @@ class _Link:
                 "terminal": self._args.terminal,
                 "stdin": self._stdin,
                 "resume": resume,
+                "output_limit": _output_limit(),
             }
             wire.send(sock, message, self._fds)
             answer, fds = wire.receive(sock)
@@ -395,6 +412,10 @@ def _setup_terminal(args: Args, link: list[_Link]) -> int:
 def main(argv: list[str] | None = None) -> None:
     """Entry point of ``python -S -m sandbox.runtime.shim``; see the module docstring."""
     args = Args(sys.argv[1:] if argv is None else argv)
+    if args.output_limit is not None:
+        import resource
+
+        resource.setrlimit(resource.RLIMIT_FSIZE, (args.output_limit, args.output_limit))
     watcher = _start_watcher(args)
     ready = os.fdopen(args.ready_fd, "wb", buffering=0)
     signal.signal(signal.SIGPIPE, signal.SIG_IGN)
@@ -452,6 +473,15 @@ def main(argv: list[str] | None = None) -> None:
     drop_standin(standin)
     _dismiss_watcher(watcher)
     os._exit(status)
+
+
+def _output_limit() -> int | None:
+    """This process's RLIMIT_FSIZE soft limit in bytes (None: unlimited): the proxy writes
+    the process's output on our behalf and keeps the files within it, as our writes were."""
+    import resource
+
+    soft, _hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    return None if soft == resource.RLIM_INFINITY else soft
 
 
 def _open(fd: int) -> bool:

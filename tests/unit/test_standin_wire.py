@@ -77,3 +77,23 @@ def test_the_shim_imports_no_grpc() -> None:
     loaded = done.stdout
     for heavy in ("grpc", "google.protobuf", "sandbox.pod.agent_client", "sandbox.pod.lifecycle"):
         assert f"'{heavy}'" not in loaded, heavy
+
+
+def test_output_files_are_kept_within_the_shims_limit(tmp_path: os.PathLike[str]) -> None:
+    """The proxy writes a shim's output: a regular file stays within the shim's
+    RLIMIT_FSIZE (what run -d --log-max-size sets), pipes are not bounded."""
+    from pathlib import Path
+
+    from sandbox.pod.stdio import _room
+
+    log = Path(tmp_path) / "log"
+    fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+    os.write(fd, b"x" * 100)
+    assert _room(fd, 64 * 1024) == 64 * 1024 - 100
+    assert _room(fd, 50) == 0
+    assert _room(fd, None) is None
+    os.close(fd)
+    read_end, write_end = os.pipe()
+    assert _room(write_end, 10) is None
+    os.close(read_end)
+    os.close(write_end)
