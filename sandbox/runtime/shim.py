@@ -439,6 +439,8 @@ def main(argv: list[str] | None = None) -> None:
     standin = name_standin(args.root, args.id, args.exec_id) if args.exec_id else None
 
     def forward(signum: int, _frame: object) -> None:
+        # One packet, no lock and no thread (the shim has none): safe in a signal handler
+        # wherever the main thread was (sandbox/signal_forward.py says why that matters).
         link.send({"op": "signal", "signum": signum})
 
     for signum in FORWARDED_SIGNALS:
