@@ -94,6 +94,8 @@ def role(pid: int, parent_role: str | None) -> str:
         return "proxy"
     if "sandbox.run.detached" in text:
         return "monitor"
+    if "sandbox.runtime.shim_watch" in text:
+        return "shim-watcher"
     if "sandbox.runtime.shim" in text:
         return "shim-watcher" if parent_role == "shim" else "shim"
     return f"other:{os.path.basename(argv[0]) if argv else pid}"
@@ -113,6 +115,9 @@ def run_processes(root: Path, name: str) -> dict[int, str]:
         if entry.name.isdigit():
             argv = _cmdline(int(entry.name))
             if "sandbox.run.detached" in argv and name in argv and str(root) in argv:
+                roots.append(int(entry.name))
+            watcher = "sandbox.runtime.shim_watch" in argv  # a detached run's; not the shim's child
+            if watcher and name in argv and str(root) in argv:
                 roots.append(int(entry.name))
     tree = _children()
     found: dict[int, str] = {}

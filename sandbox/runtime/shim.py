@@ -36,10 +36,15 @@ otherwise the guest process would outlive what the client believes is gone. If t
 instead, the shim has a new one started (a short-lived full interpreter does that: the shim
 itself cannot import the pod machinery) and attaches again.
 
-The shim of a detached run (``--monitor``) forks a watcher first that does the run's
-monitoring, so a run costs no extra long-lived interpreter: once the shim is gone the watcher
-becomes ``python -m sandbox.run.monitor`` (exec), which releases the run's VM
-(:func:`sandbox.run.monitor.release_after_shim`); after ``--timeout`` seconds it does so
+The shim runs as root without any capability (``setpriv --inh-caps=-all --bounding-set=-all
+--no-new-privs``): it needs uid 0 only for root's files and sockets (the pod's ``shim.sock``,
+the container's state directory, the client's console socket); docs/trust-boundaries.md.
+
+A detached run (``monitor``) also gets a watcher (:mod:`sandbox.runtime.shim_watch`), a bare
+interpreter started by :func:`spawn` with a pidfd of the shim: it keeps root's capabilities,
+because releasing the run's VM needs them (killing the jailed QEMU, unmounting its files).
+Once the shim is gone it becomes ``python -m sandbox.run.monitor`` (exec), which releases the
+run (:func:`sandbox.run.monitor.release_after_shim`); after ``--timeout`` seconds it does so
 with ``--kill`` first (the run's processes get SIGKILL; the shim then exits 137).
 """
 
@@ -77,7 +82,6 @@ FORWARDED_SIGNALS = (
     signal.SIGALRM,
     signal.SIGTERM,
 )
-_WATCHER_DISMISS = b"d"
 #: In a shim with a terminal, the fd that holds the host pty slave.
 TERMINAL_FD = 0
 #: Seconds the output relay may take, after the process exited, to deliver what it wrote.
@@ -108,9 +112,13 @@ def spawn(
     import subprocess
 
     from hypervisor.process import ProcessHandle
+    from hypervisor.virtiofsd import SETPRIV
 
     ready_r, ready_w = os.pipe()
     argv = [
+        str(SETPRIV),
+        *UNPRIVILEGED,
+        "--",
         sys.executable,
         "-S",  # no site: the shim needs only the standard library and this package
         "-m",
@@ -130,10 +138,6 @@ def spawn(
         argv.append("--terminal")
     if console_socket is not None:
         argv += ["--console-socket", str(console_socket)]
-    if monitor:
-        argv.append("--monitor")
-        if timeout is not None:
-            argv += ["--timeout", repr(float(timeout))]
     if output_limit is not None:
         argv += ["--output-limit", str(int(output_limit))]
     try:
@@ -158,8 +162,42 @@ def spawn(
         proc.wait()
         raise AgentError(line.removeprefix("error ") or "container shim failed to start")
     handle = ProcessHandle.of(proc.pid)
+    try:
+        if monitor:
+            _spawn_watcher(root, container_id, os.pidfd_open(proc.pid), timeout)
+    except BaseException:
+        proc.kill()
+        proc.wait()
+        raise
     proc.returncode = 0  # we never wait for it: its subreaper does (silences Popen.__del__)
     return handle
+
+
+#: setpriv options of a shim: no capability in any set, for good.
+UNPRIVILEGED = ("--inh-caps=-all", "--bounding-set=-all", "--no-new-privs")
+
+
+def _spawn_watcher(root: Path, name: str, pidfd: int, timeout: float | None) -> None:
+    """Start the watcher of detached run ``name`` (module docstring), handing it
+    ``pidfd`` (a pidfd of the shim, closed here)."""
+    import subprocess
+
+    argv = [sys.executable, "-S", "-m", "sandbox.runtime.shim_watch", str(pidfd), str(root), name]
+    if timeout is not None:
+        argv.append(repr(float(timeout)))
+    try:
+        subprocess.Popen(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            pass_fds=(pidfd,),
+            start_new_session=True,
+            cwd="/",
+            env={**os.environ, "PYTHONPATH": IMPORT_ROOT},
+        ).returncode = 0  # never waited for here (silences Popen.__del__)
+    finally:
+        os.close(pidfd)
 
 
 class Args:
@@ -170,13 +208,13 @@ class Args:
         flags: set[str] = set()
         items = iter(argv)
         for item in items:
-            if item in ("--terminal", "--monitor"):
+            if item == "--terminal":
                 flags.add(item)
             elif item in _VALUED:
                 values[item] = next(items, "")
             else:
                 raise ConfigError(f"pysandbox-shim: unknown argument {item!r}")
-        for needed in ("--root", "--id", "--agent", "--ready-fd"):
+        for needed in _NEEDED:
             if needed not in values:
                 raise ConfigError(f"pysandbox-shim: {needed} is required")
         self.root = Path(values["--root"])
@@ -185,7 +223,6 @@ class Args:
         self.exec_id = values.get("--exec-id", "")
         self.ready_fd = int(values["--ready-fd"])
         self.terminal = "--terminal" in flags
-        self.monitor = "--monitor" in flags
         console = values.get("--console-socket")
         self.console_socket = Path(console) if console else None
         timeout = values.get("--timeout")
@@ -194,6 +231,7 @@ class Args:
         self.output_limit = int(limit) if limit else None
 
 
+_NEEDED = ("--root", "--id", "--agent", "--ready-fd")
 _VALUED = (
     "--root",
     "--id",
@@ -211,57 +249,6 @@ def _send_console(console_socket: Path, master: int) -> None:
         sock.connect(str(console_socket))
         fds = array.array("i", [master])
         sock.sendmsg([b"/dev/ptmx"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds)])
-
-
-def _start_watcher(args: Args) -> int | None:
-    """For a detached run (``args.monitor``), fork the process that releases the run once
-    this shim is gone; None otherwise.
-
-    Called before anything opens the terminal or a socket (fork-safe). The watcher blocks
-    reading a pipe whose only write end the shim holds: a byte written there
-    (:func:`_dismiss_watcher`) or EOF (the shim died) means the shim is done; after
-    ``args.timeout`` seconds it stops waiting and has the run killed. Either way it then
-    becomes ``python -m sandbox.run.monitor`` (exec): the release needs the pod machinery,
-    which this lean process does not import. Returns the write end.
-    """
-    if not args.monitor:
-        return None
-    read_end, write_end = os.pipe()
-    if os.fork() != 0:
-        os.close(read_end)
-        return write_end
-    status = 0
-    try:
-        os.close(write_end)
-        os.close(args.ready_fd)  # the spawner's ready pipe: only the shim answers on it
-        devnull = os.open(os.devnull, os.O_RDWR)
-        for fd in (0, 1, 2):  # never hold the container's stdio (clients wait for its EOF)
-            os.dup2(devnull, fd)
-        os.close(devnull)
-        for signum in FORWARDED_SIGNALS:
-            signal.signal(signum, signal.SIG_IGN)
-        import select
-
-        ready, _, _ = select.select([read_end], [], [], args.timeout)
-        if ready:
-            os.read(read_end, 1)
-        os.close(read_end)
-        argv = [sys.executable, "-m", "sandbox.run.monitor", str(args.root), args.id]
-        if not ready:
-            argv.append("--kill")
-        os.execve(sys.executable, argv, {**os.environ, "PYTHONPATH": IMPORT_ROOT})
-    except BaseException:
-        status = 1
-    finally:
-        os._exit(status)
-
-
-def _dismiss_watcher(write_end: int | None) -> None:
-    if write_end is None:
-        return
-    with contextlib.suppress(OSError):
-        os.write(write_end, _WATCHER_DISMISS)
-        os.close(write_end)
 
 
 def name_standin(root: Path, container_id: str, exec_id: str) -> Path | None:
@@ -356,9 +343,31 @@ class _Link:
 
 
 def _revive(args: Args) -> bool:
-    """Have a new agent proxy started if the pod's died, in a separate full interpreter
-    (the pod machinery imports gRPC); True once the agent answers through it, False if the
-    container or its VM is gone."""
+    """Wait until the pod's agent answers again through a new proxy, in a separate full
+    interpreter (the pod machinery imports gRPC; :mod:`sandbox.runtime.shim_revive`). True
+    then, False if the container or its VM is gone. When the shim cannot start the proxy
+    itself (a pod whose proxy needs a listener in its network namespace: CAP_SYS_ADMIN), it
+    asks again, less and less often (up to every :data:`_REVIVE_MAX_PAUSE` s), until any
+    pysandbox command reaching the pod has started one."""
+    import time
+
+    pause = 0.5
+    while True:
+        outcome = _revive_once(args)
+        if outcome != WAIT_FOR_PROXY:
+            return outcome == 0
+        time.sleep(pause)
+        pause = min(pause * 2, _REVIVE_MAX_PAUSE)
+
+
+#: Exit status of sandbox.runtime.shim_revive: the proxy is gone and only a privileged
+#: pysandbox command can start the next one.
+WAIT_FOR_PROXY = 3
+_REVIVE_MAX_PAUSE = 10.0
+
+
+def _revive_once(args: Args) -> int:
+    """Exit status of one run of sandbox.runtime.shim_revive (1 if it could not run)."""
     import subprocess
 
     code = "import sys; from sandbox.runtime.shim_revive import main; sys.exit(main(sys.argv[1:]))"
@@ -374,8 +383,8 @@ def _revive(args: Args) -> bool:
             check=False,
         )
     except (OSError, subprocess.SubprocessError):
-        return False
-    return done.returncode == 0
+        return 1
+    return done.returncode
 
 
 def _setup_terminal(args: Args, link: list[_Link]) -> int:
@@ -416,7 +425,6 @@ def main(argv: list[str] | None = None) -> None:
         import resource
 
         resource.setrlimit(resource.RLIMIT_FSIZE, (args.output_limit, args.output_limit))
-    watcher = _start_watcher(args)
     ready = os.fdopen(args.ready_fd, "wb", buffering=0)
     signal.signal(signal.SIGPIPE, signal.SIG_IGN)
     # A capped output file (RLIMIT_FSIZE, run -d's log) fails writes with EFBIG instead.
@@ -432,8 +440,7 @@ def main(argv: list[str] | None = None) -> None:
         link = _Link(args, fds, has_stdin)
         link.attach(resume=False)
         holder.append(link)
-    except Exception as exc:
-        _dismiss_watcher(watcher)  # nothing runs yet: the caller tears the container down
+    except Exception as exc:  # nothing runs yet: the caller tears the container down
         ready.write(f"error {exc}\n".encode())
         sys.exit(1)
     standin = name_standin(args.root, args.id, args.exec_id) if args.exec_id else None
@@ -456,7 +463,6 @@ def main(argv: list[str] | None = None) -> None:
             failed = message.get("signum")
             if message["op"] == "signal-failed" and isinstance(failed, int) and 0 < failed < 65:
                 drop_standin(standin)
-                _dismiss_watcher(watcher)
                 os._exit(128 + failed)
             message = link.receive()
         if message is not None:
@@ -473,7 +479,6 @@ def main(argv: list[str] | None = None) -> None:
         with contextlib.suppress(OSError):
             state.write_json_atomic(args.root / args.id / EXIT_FILE, {"status": status, "oom": oom})
     drop_standin(standin)
-    _dismiss_watcher(watcher)
     os._exit(status)
 
 
