@@ -1,7 +1,7 @@
 """The end of a detached run (:mod:`sandbox.run.detached`): release its VM once its shim is gone.
 
-Used by ``stop``/``rm`` and by the run's monitor, the watcher process of its shim
-(``sandbox.runtime.shim --monitor``), which becomes ``python -m sandbox.run.monitor ROOT NAME
+Used by ``stop``/``rm`` and by the run's monitor, the watcher of its shim
+(``sandbox.runtime.shim_watch``), which becomes ``python -m sandbox.run.monitor ROOT NAME
 [--kill]`` once the shim is gone (:func:`main`). Kept apart from
 :mod:`sandbox.run.detached` so that the shim needs none of ``run``'s machinery (images,
 specs, launching).
