@@ -384,27 +384,6 @@ class AgentSerialPort:
 
 
 @dataclass(frozen=True)
-class FreePageReporting:
-    """A ``virtio-balloon`` used only for free-page reporting (``free-page-reporting=on``).
-
-    The guest's ``virtio_balloon`` driver reports free blocks of guest RAM (2 MiB and up,
-    some seconds after they were freed); QEMU then discards them (a punched hole in the
-    shared memfd), so the host no longer holds RAM the guest freed. The balloon itself is
-    never inflated: the guest keeps all of its ``-m``. A guest without the driver ignores
-    the device. No option ROM on PCI.
-    """
-
-    bus: Bus = "pci"
-    id: str = "balloon0"
-
-    def argv(self) -> list[str]:
-        value = f"{virtio_device('virtio-balloon', self.bus)},id={self.id},free-page-reporting=on"
-        if self.bus == "pci":
-            value += ",romfile="
-        return ["-device", value]
-
-
-@dataclass(frozen=True)
 class VsockDevice:
     """``vhost-vsock`` with guest context id ``cid`` (needs ``/dev/vhost-vsock`` on the host)."""
 
@@ -645,8 +624,6 @@ class VMConfig:
     ``incoming_fd`` makes QEMU load a saved VM state from that (inherited) fd instead of
     booting (``-incoming fd:N``); the command line must then be the saved VM's.
     ``tb_size_mib`` caps TCG's translation buffer (None: QEMU's default, 1 GiB).
-    ``free_page_reporting`` adds a :class:`FreePageReporting` balloon (the guest gives the
-    RAM it frees back to the host).
     ``channel_fds`` replaces the paths QEMU would open itself (QMP and agent sockets, console
     log, virtio-fs sockets) by fds the caller opened (a jailed QEMU: hypervisor/qemu_jail.py);
     they are inherited (:meth:`pass_fds`). ``host_network``: QEMU needs the host's network
@@ -676,7 +653,6 @@ class VMConfig:
     shared_memory: bool = False
     incoming_fd: int | None = None
     tb_size_mib: int | None = TCG_TB_SIZE_MIB
-    free_page_reporting: bool = False
     channel_fds: ChannelFds | None = None
     host_network: bool = False
     extra: tuple[QemuOption, ...] = field(default=(), compare=False)
@@ -773,8 +749,6 @@ def vm_options(config: VMConfig, *, paused: bool = True) -> list[QemuOption]:
         options.append(AgentSerialPort(config.agent_socket, bus, fd=fds.agent if fds else None))
     if config.vsock_cid is not None:
         options.append(VsockDevice(config.vsock_cid, bus))
-    if config.free_page_reporting:
-        options.append(FreePageReporting(bus))
     for index, (tag, socket) in enumerate(config.shares):
         share_fd = fds.shares[index] if fds else None
         options.append(VirtioFsShare(tag, socket, index, bus, fd=share_fd))

@@ -124,9 +124,7 @@ def vm_config(
     cold (with them on the command line). ``host_network``: a user-mode NIC will be
     hot-plugged (a jailed QEMU then keeps the host's network namespace).
 
-    One function serves all of them so that their machines cannot differ. Every pod VM
-    has a free-page-reporting balloon: RAM its guest frees goes back to the host
-    (docs/performance.md, "Host footprint").
+    One function serves all of them so that their machines cannot differ.
     """
     return VMConfig(
         name=name,
@@ -143,7 +141,6 @@ def vm_config(
         shares=shares,
         nics=nics,
         shared_memory=True,
-        free_page_reporting=True,
         incoming_fd=incoming_fd,
         host_network=host_network,
     )
