@@ -70,6 +70,7 @@ from sandbox.runtime.record import EXIT_FILE, standin_file
 
 if TYPE_CHECKING:
     from hypervisor.process import ProcessHandle
+    from sandbox.runtime.standin_netns import StandinNetns
 
 _READY_TIMEOUT = 30.0
 #: Signals sent to the shim that are meant for its process in the guest.
@@ -100,9 +101,14 @@ def spawn(
     monitor: bool = False,
     timeout: float | None = None,
     output_limit: int | None = None,
+    netns: StandinNetns | None = None,
 ) -> ProcessHandle:
     """Start a shim inheriting this process's stdio (none of it with a terminal: the pty from
     ``console_socket`` is its stdio then); return it once it reported ready.
+
+    ``netns``: the shim moves into a new, empty network namespace made so before it reports
+    ready (:mod:`sandbox.runtime.standin_netns`); AgentError if it cannot. It then starts
+    with root's capabilities and drops them all (exec through setpriv) once inside.
 
     ``monitor``: the container is detached run ``container_id`` (see the module docstring),
     killed after ``timeout`` seconds when that is set. ``output_limit``: the shim's
@@ -115,10 +121,10 @@ def spawn(
     from hypervisor.virtiofsd import SETPRIV
 
     ready_r, ready_w = os.pipe()
+    # Without capabilities from the start, unless it must make its namespace first.
+    unprivileged = [str(SETPRIV), *UNPRIVILEGED, "--"] if netns is None else []
     argv = [
-        str(SETPRIV),
-        *UNPRIVILEGED,
-        "--",
+        *unprivileged,
         sys.executable,
         "-S",  # no site: the shim needs only the standard library and this package
         "-m",
@@ -140,6 +146,8 @@ def spawn(
         argv += ["--console-socket", str(console_socket)]
     if output_limit is not None:
         argv += ["--output-limit", str(int(output_limit))]
+    if netns is not None:
+        argv += netns.argv()
     try:
         stdio = subprocess.DEVNULL if terminal else None
         proc = subprocess.Popen(
@@ -210,6 +218,8 @@ class Args:
         for item in items:
             if item == "--terminal":
                 flags.add(item)
+            elif item == "--new-netns":  # UID_MAP GID_MAP (standin_netns.StandinNetns.argv)
+                values[item] = f"{next(items, '')} {next(items, '')}"
             elif item in _VALUED:
                 values[item] = next(items, "")
             else:
@@ -225,6 +235,8 @@ class Args:
         self.terminal = "--terminal" in flags
         console = values.get("--console-socket")
         self.console_socket = Path(console) if console else None
+        new_netns = values.get("--new-netns")
+        self.new_netns = None if new_netns is None else tuple(new_netns.split(" ", 1))
         timeout = values.get("--timeout")
         self.timeout = float(timeout) if timeout else None
         limit = values.get("--output-limit")
@@ -421,6 +433,8 @@ def _setup_terminal(args: Args, link: list[_Link]) -> int:
 def main(argv: list[str] | None = None) -> None:
     """Entry point of ``python -S -m sandbox.runtime.shim``; see the module docstring."""
     args = Args(sys.argv[1:] if argv is None else argv)
+    if args.new_netns is not None:
+        _enter_netns_unprivileged(args, sys.argv[1:] if argv is None else argv)
     if args.output_limit is not None:
         import resource
 
@@ -480,6 +494,29 @@ def main(argv: list[str] | None = None) -> None:
             state.write_json_atomic(args.root / args.id / EXIT_FILE, {"status": status, "oom": oom})
     drop_standin(standin)
     os._exit(status)
+
+
+def _enter_netns_unprivileged(args: Args, argv: list[str]) -> None:
+    """Move into the new network namespace ``args.new_netns`` asks for (first thing, while
+    single-threaded; it needs root's capabilities), then become this shim again without any
+    capability: exec through setpriv, same pid, same fds, the namespace kept. On failure
+    answer ``error`` on the ready fd and exit 1: never go on in the caller's namespace."""
+    from hypervisor.virtiofsd import SETPRIV
+    from sandbox.errors import ConfigError as BadOptions
+    from sandbox.errors import NetworkError
+    from sandbox.runtime import standin_netns
+
+    assert args.new_netns is not None
+    try:
+        standin_netns.enter(standin_netns.from_options(*args.new_netns))
+    except (BadOptions, NetworkError, OSError) as exc:
+        with os.fdopen(args.ready_fd, "wb", buffering=0) as failed:
+            failed.write(f"error {exc}\n".encode())
+        sys.exit(1)
+    index = argv.index("--new-netns")
+    rest = argv[:index] + argv[index + 3 :]
+    python = [sys.executable, "-S", "-m", "sandbox.runtime.shim", *rest]
+    os.execv(str(SETPRIV), [str(SETPRIV), *UNPRIVILEGED, "--", *python])
 
 
 def _output_limit() -> int | None:
