@@ -6,7 +6,9 @@ wait ``--settle`` seconds, read ``Pss:`` of every host process that belongs to t
 detached monitor if any), remove the run. The processes are found from the pod and container
 records (pids in ``<root>/p/*/pod.json`` and ``<root>/<name>/state.json``), their descendants,
 and any ``sandbox.run.detached`` monitor naming the run. Prints the median per role and of the
-total (MiB) and ``exec true`` latency.
+total (MiB), the same for the process's own pages only (``own:ROLE``: ``Pss_Anon`` +
+``Pss_Shmem``, i.e. without the shared file pages of binaries and libraries), and ``exec
+true`` latency.
 
 ``density`` mode (``--density N``): start up to N runs one after another (stops at the first
 that fails to start), then time ``pysandbox exec NAME true`` in every one of them and report
@@ -35,13 +37,28 @@ PYSANDBOX = [str(Path(sys.executable).with_name("pysandbox"))]
 
 def pss_kib(pid: int) -> int:
     """``Pss:`` of ``pid`` in KiB (0 if it is gone)."""
+    return pss_parts_kib(pid).get("Pss", 0)
+
+
+#: The parts of ``Pss:`` that ``smaps_rollup`` splits out (Linux >= 5.13).
+PSS_PARTS = ("Pss_Anon", "Pss_File", "Pss_Shmem")
+
+
+def pss_parts_kib(pid: int) -> dict[str, int]:
+    """``Pss`` and its :data:`PSS_PARTS` of ``pid`` in KiB (empty if it is gone).
+
+    Anon and shmem pages (heaps, QEMU's guest RAM memfd) are the process's own; file pages
+    (binaries, libpython, cygrpc) are shared by every process that maps the same file, so
+    their share falls as more runs (or other users of the same files) are added."""
+    parts: dict[str, int] = {}
     try:
         for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
-            if line.startswith("Pss:"):
-                return int(line.split()[1])
+            key = line.split(":", 1)[0]
+            if key == "Pss" or key in PSS_PARTS:
+                parts[key] = int(line.split()[1])
     except OSError:
         pass
-    return 0
+    return parts
 
 
 def _cmdline(pid: int) -> list[str]:
@@ -77,6 +94,8 @@ def role(pid: int, parent_role: str | None) -> str:
         return "proxy"
     if "sandbox.run.detached" in text:
         return "monitor"
+    if "sandbox.runtime.shim_watch" in text:
+        return "shim-watcher"
     if "sandbox.runtime.shim" in text:
         return "shim-watcher" if parent_role == "shim" else "shim"
     return f"other:{os.path.basename(argv[0]) if argv else pid}"
@@ -96,6 +115,9 @@ def run_processes(root: Path, name: str) -> dict[int, str]:
         if entry.name.isdigit():
             argv = _cmdline(int(entry.name))
             if "sandbox.run.detached" in argv and name in argv and str(root) in argv:
+                roots.append(int(entry.name))
+            watcher = "sandbox.runtime.shim_watch" in argv  # a detached run's; not the shim's child
+            if watcher and name in argv and str(root) in argv:
                 roots.append(int(entry.name))
     tree = _children()
     found: dict[int, str] = {}
@@ -162,11 +184,13 @@ def footprint(args: argparse.Namespace) -> dict[str, Any]:
             time.sleep(args.settle)
             sample: dict[str, float] = {"start_s": started}
             for pid, what in run_processes(args.root, name).items():
-                sample[what] = sample.get(what, 0.0) + pss_kib(pid) / 1024
+                parts = pss_parts_kib(pid)
+                sample[what] = sample.get(what, 0.0) + parts.get("Pss", 0) / 1024
                 sample[f"n:{what}"] = sample.get(f"n:{what}", 0) + 1
-            sample["total"] = sum(
-                v for k, v in sample.items() if not k.startswith("n:") and k != "start_s"
-            )
+                own = (parts.get("Pss_Anon", 0) + parts.get("Pss_Shmem", 0)) / 1024
+                sample[f"own:{what}"] = sample.get(f"own:{what}", 0.0) + own
+                sample["own:total"] = sample.get("own:total", 0.0) + own
+            sample["total"] = sum(v for k, v in sample.items() if ":" not in k and k != "start_s")
             seconds, _why = exec_seconds(args.root, name, args.exec_limit)
             sample["exec_true_s"] = -1.0 if seconds is None else seconds
             samples.append(sample)

@@ -8,8 +8,9 @@
 - ``store.py`` (persisted state under ``--root``), ``errors.py`` (the error tree), ``check.py``.
 """
 
-from pathlib import Path
+import os.path
 
 #: The directory holding the ``sandbox``, ``agentapi`` and ``hypervisor`` packages: the
-#: ``PYTHONPATH`` of the host processes pysandbox starts (shims, proxies, monitors).
-IMPORT_ROOT = str(Path(__file__).resolve().parent.parent)
+#: ``PYTHONPATH`` of the host processes pysandbox starts (shims, proxies, monitors). No
+#: pathlib here: a run's shim watcher imports this package and nothing else (1.7 MiB less).
+IMPORT_ROOT = os.path.dirname(os.path.dirname(os.path.realpath(__file__)))

@@ -24,11 +24,12 @@
      └── RunError                a failure of ``pysandbox run``: .exit_code 125 (pysandbox
                                  failed), 126/127 (the command), 124 (--timeout)
 
-Two exceptions stay inside the module that raises them and are translated where it is called,
-so they never reach the CLI: ``sandbox.image.skopeo.SkopeoError`` (a skopeo call failed:
-``.kind``, ``.detail``) becomes a PullError in ``sandbox.image.explain``, and
+Three exceptions stay inside the module that raises them and are translated where it is
+called, so they never reach the CLI: ``sandbox.image.skopeo.SkopeoError`` (a skopeo call
+failed: ``.kind``, ``.detail``) becomes a PullError in ``sandbox.image.explain``,
 ``sandbox.image.reference.ReferenceError`` (a ValueError: not a valid reference) a PullError in
-``sandbox.image.pull``.
+``sandbox.image.pull``, and ``sandbox.pod.standin_wire.WireError`` (a malformed message
+between a shim and its agent proxy) an AgentError in the shim or a logged line in the proxy.
 
 How failures of the other layers reach the CLI:
 

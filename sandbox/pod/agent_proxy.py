@@ -11,6 +11,10 @@ Upstream it relays a private unix socket to QEMU's chardev socket, running the c
 handshake (:mod:`agentapi.channel`) on every new connection. The daemon exits when the VM's QEMU
 process (``--vm-pid``) is gone, so it never outlives its pod.
 
+It also serves the containers' host stand-ins (:mod:`sandbox.runtime.shim`) on
+``<pod>/shim.sock``: it relays their stdio, forwards their signals and waits for their
+processes (:mod:`sandbox.pod.standin_service`), so that the shims need no gRPC.
+
 With ``--forward-fd N`` (a listening socket in the pod's network namespace) it also serves
 ``kubectl port-forward``: each connection there is relayed to the guest over the same channel
 (:mod:`sandbox.pod.portforward`).
@@ -186,16 +190,22 @@ def _resent(waited: float) -> None:
     print(f"agent-proxy: no ACK after {waited:.1f}s: SYNC sent again", file=sys.stderr, flush=True)
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    return True
+
+
 def _watch_vm(pid: int, console_log: Path | None) -> None:
     """Exit the process once ``pid`` is gone; meanwhile keep ``console_log`` bounded
     (:mod:`sandbox.pod.console_bound`)."""
     while True:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
+        if not _alive(pid):
             os._exit(0)
-        except PermissionError:
-            pass
         if console_log is not None:
             console_bound.bound(console_log)
         time.sleep(0.5)
@@ -237,6 +247,15 @@ def main(argv: list[str] | None = None) -> None:
     server.add_insecure_port(f"unix:{args.listen}")
     server.start()
     os.chmod(args.listen, 0o600)
+    from sandbox.pod import standin_service
+    from sandbox.pod.standin_wire import SOCKET_NAME
+
+    standins = standin_service.listen(args.listen.with_name(SOCKET_NAME))
+    threading.Thread(
+        target=standin_service.serve,
+        args=(standins, f"unix:{args.listen}", lambda: _alive(args.vm_pid)),
+        daemon=True,
+    ).start()
     print("agent-proxy: ready", flush=True)
     server.wait_for_termination()
 

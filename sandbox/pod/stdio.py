@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import os
+import stat
 import threading
 import time
 
@@ -17,6 +19,11 @@ class StdioRelay:
     ``start()`` launches one thread per stream; ``join()`` waits until both output streams
     ended (the agent ends them once the process exited and what it wrote was read), so no
     output is lost.
+
+    ``output_limit`` (bytes): regular files among the output fds do not grow beyond it, as
+    if the writer had that RLIMIT_FSIZE (the agent proxy writes for a shim that has it);
+    output beyond is read and dropped. A write failing with EFBIG (this process's own
+    limit) is handled the same way.
     """
 
     def __init__(
@@ -28,11 +35,13 @@ class StdioRelay:
         stdout: int,
         stderr: int,
         terminal: bool,
+        output_limit: int | None = None,
     ) -> None:
         self._client = client
         self._ids = (container_id, exec_id)
         self._stdin, self._stdout, self._stderr = stdin, stdout, stderr
         self._terminal = terminal
+        self._limit = output_limit
         self._threads: list[threading.Thread] = []
         self.errors: list[BaseException] = []
 
@@ -54,6 +63,10 @@ class StdioRelay:
                 if full:
                     continue
                 try:
+                    room = _room(fd, self._limit)
+                    if room is not None and room < len(data):
+                        full = True
+                        data = data[:room]
                     _write_all(fd, data)
                 except OSError as exc:
                     if exc.errno != errno.EFBIG:
@@ -80,6 +93,21 @@ class StdioRelay:
         deadline = None if timeout is None else time.monotonic() + timeout
         for thread in self._threads:
             thread.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
+
+
+def _room(fd: int, limit: int | None) -> int | None:
+    """Bytes ``fd`` may still take under ``limit`` (None: no bound): only regular files are
+    bounded, from the offset the next write lands at (the end with O_APPEND)."""
+    if limit is None:
+        return None
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode):
+        return None
+    if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_APPEND:
+        offset = info.st_size
+    else:
+        offset = os.lseek(fd, 0, os.SEEK_CUR)
+    return max(0, limit - offset)
 
 
 def _write_all(fd: int, data: bytes) -> None:

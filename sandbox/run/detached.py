@@ -8,7 +8,8 @@ run's name is its container id and its pod id. Only the per-container shim diffe
 ``create``: its stdin is /dev/null and its stdout and stderr are appended to
 ``<root>/<name>/run.log``, which ``logs`` prints.
 
-The run's monitor is the shim's watcher process (``shim --monitor``, no process of its own):
+The run's monitor is its shim's watcher (:mod:`sandbox.runtime.shim_watch`, a bare
+interpreter holding a pidfd of the shim, started with it by ``shim.spawn(monitor=True)``):
 once the shim has exited (the process ended, ``stop``, ``--timeout``: the watcher kills the
 run then) it powers the VM off and unmounts everything
 (:func:`sandbox.run.monitor.release_after_shim`), keeping the record, the log and the exit
@@ -28,7 +29,6 @@ import argparse
 import contextlib
 import json
 import os
-import resource
 import secrets
 import shutil
 import signal
@@ -119,11 +119,9 @@ def _create(
             raise
         with host_cgroup.inside(pod.host_cgroup()):
             handle = _spawn_logging_shim(
-                root, name, pod.agent_address, record.dir / LOG_NAME, args.timeout
+                root, name, pod.agent_address, record.dir / LOG_NAME, args.timeout, log_limit
             )
         record.data["shim"] = handle.to_json()
-        # The guest writes the log: bound it (the shim drops output beyond; EFBIG, not a kill).
-        resource.prlimit(handle.pid, resource.RLIMIT_FSIZE, (log_limit, log_limit))
         record.set_status(Status.CREATED)
         start.start(root, name)
         (record.dir / MONITORED).touch()
@@ -135,10 +133,11 @@ def _create(
 
 
 def _spawn_logging_shim(
-    root: Path, name: str, agent: str, log: Path, timeout: float | None
+    root: Path, name: str, agent: str, log: Path, timeout: float | None, log_limit: int
 ) -> ProcessHandle:
     """``shim.spawn`` (as the run's monitor, see the module docstring) with stdin from
-    /dev/null and stdout+stderr appended to ``log``.
+    /dev/null and stdout+stderr appended to ``log``, which it keeps within ``log_limit``
+    bytes (output beyond is dropped: EFBIG, not a kill).
 
     The shim inherits this process's fds 0-2, so they are pointed at the log for the
     duration of the spawn and restored afterwards (even on failure).
@@ -152,7 +151,7 @@ def _spawn_logging_shim(
         os.dup2(null_fd, 0)
         os.dup2(log_fd, 1)
         os.dup2(log_fd, 2)
-        return shim.spawn(root, name, agent, monitor=True, timeout=timeout)
+        return shim.spawn(root, name, agent, monitor=True, timeout=timeout, output_limit=log_limit)
     finally:
         for fd, copy in zip((0, 1, 2), saved, strict=True):
             os.dup2(copy, fd)

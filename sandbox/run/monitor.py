@@ -1,7 +1,8 @@
 """The end of a detached run (:mod:`sandbox.run.detached`): release its VM once its shim is gone.
 
-Used by ``stop``/``rm`` and by the run's monitor, the watcher process of its shim
-(``sandbox.runtime.shim --monitor``), which calls :func:`release_after_shim`. Kept apart from
+Used by ``stop``/``rm`` and by the run's monitor, the watcher of its shim
+(``sandbox.runtime.shim_watch``), which becomes ``python -m sandbox.run.monitor ROOT NAME
+[--kill]`` once the shim is gone (:func:`main`). Kept apart from
 :mod:`sandbox.run.detached` so that the shim needs none of ``run``'s machinery (images,
 specs, launching).
 """
@@ -112,3 +113,28 @@ def release_after_shim(root: Path, name: str) -> None:
         return
     wait_shim(record, 15.0)
     release(root, name)
+
+
+def main(argv: list[str]) -> int:
+    """``ROOT NAME [--kill]``: :func:`release_after_shim`; with ``--kill`` (the run's
+    ``--timeout`` passed) first SIGKILL to every process of the run. Exit status 0, or 2
+    for a wrong command line; errors of a run already gone are ignored."""
+    import signal
+
+    if len(argv) not in (2, 3) or argv[2:] not in ([], ["--kill"]):
+        return 2
+    root, name = Path(argv[0]), argv[1]
+    if argv[2:]:
+        from sandbox.runtime import kill
+
+        with contextlib.suppress(Exception):  # it may be ending meanwhile, or its VM gone
+            kill.kill(root, name, signal.SIGKILL, all_processes=True)
+    with contextlib.suppress(SandboxError, OSError):
+        release_after_shim(root, name)
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(main(sys.argv[1:]))

@@ -1,19 +1,24 @@
-"""The per-container host shim (design decision 3).
+"""The per-container host shim (design decision 3): the host process standing for a container
+process.
 
 Clients (conmon, containerd's runc shim) wait on the pid written to ``--pid-file`` and take its
 exit status as the container's. The container runs inside a VM, so that pid is this small
-process: it relays the container's stdio between its own fds (inherited from ``create``/
-``exec``) or a host pty (whose master went to ``--console-socket``) and the guest agent, waits
-for the process to exit, records the exit status and exits with it (128+N for signal N).
+process. It hands its stdio — its own fds (inherited from ``create``/``exec``) or a host pty
+(whose master went to ``--console-socket``) — to the pod's agent proxy over ``<pod>/shim.sock``
+(``SCM_RIGHTS``, :mod:`sandbox.pod.standin_wire`); the proxy, which holds the pod's gRPC
+channel, relays them and waits for the process (:mod:`sandbox.pod.standin_service`). The shim
+forwards signals and terminal sizes as messages, records the exit status it is sent and exits
+with it (128+N for signal N). It imports no gRPC and runs ``python -S``: a few MiB per
+container instead of an interpreter with grpcio (docs/performance.md, "Host footprint").
 
 Started by :func:`spawn` in a new session; when the spawning CLI exits it is reparented to the
-caller's subreaper. It reports ``ready`` (or ``error <message>``) on ``--ready-fd`` before relaying.
-With a terminal it holds none of the caller's stdio: containerd's shim reads the output of
-``create``/``exec`` until EOF before it takes the pty master from the console socket, so a
-shim keeping that pipe open would hang ``ctr run -t`` for good (runc's container process has
-the pty, not runc's stdio, too).
+caller's subreaper. It reports ``ready`` (or ``error <message>``) on ``--ready-fd`` once the
+proxy relays. With a terminal it holds none of the caller's stdio: containerd's shim reads the
+output of ``create``/``exec`` until EOF before it takes the pty master from the console
+socket, so a shim keeping that pipe open would hang ``ctr run -t`` for good (runc's container
+process has the pty, not runc's stdio, too).
 
-The exit status is reported as soon as the process is gone: the output relay is then given
+The exit status is reported as soon as the process is gone: the proxy gives the output relay
 :data:`DRAIN_TIMEOUT` seconds at most to deliver what the process wrote (the agent ends the
 streams once that is read, even while a background child still holds them open), so a
 leftover holder of stdout cannot keep the container "running" for a client.
@@ -25,47 +30,47 @@ processes.
 Clients also signal that pid directly: containerd's runc shim kills exec processes with
 kill(2) on the pid of their ``--pid-file`` (``ctr task kill --exec-id``, and SIGKILL when a
 CRI ExecSync, e.g. a probe, times out). So the shim forwards the catchable signals in
-:data:`FORWARDED_SIGNALS` to its process in the guest, and a watcher process it forks first
-kills that process if the shim dies before it (SIGKILL cannot be caught); otherwise the
-guest process would outlive what the client believes is gone.
+:data:`FORWARDED_SIGNALS` to its process in the guest; SIGKILL cannot be caught, and the proxy
+kills the process when the shim's connection closes before the exit status was sent;
+otherwise the guest process would outlive what the client believes is gone. If the proxy dies
+instead, the shim has a new one started (a short-lived full interpreter does that: the shim
+itself cannot import the pod machinery) and attaches again.
 
-The shim of a detached run (``--monitor``) has that watcher do the run's monitoring too, so a
-run costs no extra host process: once the shim is gone it releases the run's VM
-(:func:`sandbox.run.monitor.release_after_shim`), and after ``--timeout`` seconds it kills
-the run's processes (the shim then exits 137). The watcher is forked before anything heavy is
-imported; what the release needs is imported only then.
+The shim runs as root without any capability (``setpriv --inh-caps=-all --bounding-set=-all
+--no-new-privs``): it needs uid 0 only for root's files and sockets (the pod's ``shim.sock``,
+the container's state directory, the client's console socket); docs/trust-boundaries.md.
+
+A detached run (``monitor``) also gets a watcher (:mod:`sandbox.runtime.shim_watch`), a bare
+interpreter started by :func:`spawn` with a pidfd of the shim: it keeps root's capabilities,
+because releasing the run's VM needs them (killing the jailed QEMU, unmounting its files).
+Once the shim is gone it becomes ``python -m sandbox.run.monitor`` (exec), which releases the
+run (:func:`sandbox.run.monitor.release_after_shim`); after ``--timeout`` seconds it does so
+with ``--kill`` first (the run's processes get SIGKILL; the shim then exits 137).
 """
 
 from __future__ import annotations
 
-import argparse
 import array
 import contextlib
 import fcntl
 import os
-import select
 import signal
 import socket
 import struct
-import subprocess
 import sys
 import termios
-import threading
-import time
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-from hypervisor.process import ProcessHandle
 from sandbox import IMPORT_ROOT
 from sandbox import store as state
-from sandbox.errors import AgentError, ConfigError, NetworkError
-from sandbox.runtime import standin_netns
+from sandbox.errors import AgentError, ConfigError
+from sandbox.pod import standin_wire as wire
 from sandbox.runtime.record import EXIT_FILE, standin_file
-from sandbox.signal_forward import SignalForwarder
 
 if TYPE_CHECKING:
-    from sandbox.pod.agent_client import ContainerClient
-    from sandbox.pod.stdio import StdioRelay
+    from hypervisor.process import ProcessHandle
+    from sandbox.runtime.standin_netns import StandinNetns
 
 _READY_TIMEOUT = 30.0
 #: Signals sent to the shim that are meant for its process in the guest.
@@ -78,11 +83,12 @@ FORWARDED_SIGNALS = (
     signal.SIGALRM,
     signal.SIGTERM,
 )
-_WATCHER_DISMISS = b"d"
 #: In a shim with a terminal, the fd that holds the host pty slave.
 TERMINAL_FD = 0
 #: Seconds the output relay may take, after the process exited, to deliver what it wrote.
 DRAIN_TIMEOUT = 5.0
+#: Times the shim attaches to a new proxy after the last one died, at most.
+_MAX_REATTACH = 100
 
 
 def spawn(
@@ -94,19 +100,33 @@ def spawn(
     console_socket: Path | None = None,
     monitor: bool = False,
     timeout: float | None = None,
-    netns: standin_netns.StandinNetns | None = None,
+    output_limit: int | None = None,
+    netns: StandinNetns | None = None,
 ) -> ProcessHandle:
     """Start a shim inheriting this process's stdio (none of it with a terminal: the pty from
     ``console_socket`` is its stdio then); return it once it reported ready.
 
     ``netns``: the shim moves into a new, empty network namespace made so before it reports
-    ready (:mod:`sandbox.runtime.standin_netns`); AgentError if it cannot.
+    ready (:mod:`sandbox.runtime.standin_netns`); AgentError if it cannot. It then starts
+    with root's capabilities and drops them all (exec through setpriv) once inside.
 
     ``monitor``: the container is detached run ``container_id`` (see the module docstring),
-    killed after ``timeout`` seconds when that is set."""
+    killed after ``timeout`` seconds when that is set. ``output_limit``: the shim's
+    RLIMIT_FSIZE (bytes), so that output files are kept within it (writes beyond are dropped);
+    a limit the shim inherits applies as well. AgentError with the shim's reason if it did not
+    get ready."""
+    import subprocess
+
+    from hypervisor.process import ProcessHandle
+    from hypervisor.virtiofsd import SETPRIV
+
     ready_r, ready_w = os.pipe()
+    # Without capabilities from the start, unless it must make its namespace first.
+    unprivileged = [str(SETPRIV), *UNPRIVILEGED, "--"] if netns is None else []
     argv = [
+        *unprivileged,
         sys.executable,
+        "-S",  # no site: the shim needs only the standard library and this package
         "-m",
         "sandbox.runtime.shim",
         "--root",
@@ -124,10 +144,8 @@ def spawn(
         argv.append("--terminal")
     if console_socket is not None:
         argv += ["--console-socket", str(console_socket)]
-    if monitor:
-        argv.append("--monitor")
-        if timeout is not None:
-            argv += ["--timeout", repr(float(timeout))]
+    if output_limit is not None:
+        argv += ["--output-limit", str(int(output_limit))]
     if netns is not None:
         argv += netns.argv()
     try:
@@ -152,8 +170,90 @@ def spawn(
         proc.wait()
         raise AgentError(line.removeprefix("error ") or "container shim failed to start")
     handle = ProcessHandle.of(proc.pid)
+    try:
+        if monitor:
+            _spawn_watcher(root, container_id, os.pidfd_open(proc.pid), timeout)
+    except BaseException:
+        proc.kill()
+        proc.wait()
+        raise
     proc.returncode = 0  # we never wait for it: its subreaper does (silences Popen.__del__)
     return handle
+
+
+#: setpriv options of a shim: no capability in any set, for good.
+UNPRIVILEGED = ("--inh-caps=-all", "--bounding-set=-all", "--no-new-privs")
+
+
+def _spawn_watcher(root: Path, name: str, pidfd: int, timeout: float | None) -> None:
+    """Start the watcher of detached run ``name`` (module docstring), handing it
+    ``pidfd`` (a pidfd of the shim, closed here)."""
+    import subprocess
+
+    argv = [sys.executable, "-S", "-m", "sandbox.runtime.shim_watch", str(pidfd), str(root), name]
+    if timeout is not None:
+        argv.append(repr(float(timeout)))
+    try:
+        subprocess.Popen(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            pass_fds=(pidfd,),
+            start_new_session=True,
+            cwd="/",
+            env={**os.environ, "PYTHONPATH": IMPORT_ROOT},
+        ).returncode = 0  # never waited for here (silences Popen.__del__)
+    finally:
+        os.close(pidfd)
+
+
+class Args:
+    """The shim's command line (written by :func:`spawn` only; argparse costs memory)."""
+
+    def __init__(self, argv: list[str]) -> None:
+        values: dict[str, str] = {}
+        flags: set[str] = set()
+        items = iter(argv)
+        for item in items:
+            if item == "--terminal":
+                flags.add(item)
+            elif item == "--new-netns":  # UID_MAP GID_MAP (standin_netns.StandinNetns.argv)
+                values[item] = f"{next(items, '')} {next(items, '')}"
+            elif item in _VALUED:
+                values[item] = next(items, "")
+            else:
+                raise ConfigError(f"pysandbox-shim: unknown argument {item!r}")
+        for needed in _NEEDED:
+            if needed not in values:
+                raise ConfigError(f"pysandbox-shim: {needed} is required")
+        self.root = Path(values["--root"])
+        self.id = values["--id"]
+        self.agent = values["--agent"]
+        self.exec_id = values.get("--exec-id", "")
+        self.ready_fd = int(values["--ready-fd"])
+        self.terminal = "--terminal" in flags
+        console = values.get("--console-socket")
+        self.console_socket = Path(console) if console else None
+        new_netns = values.get("--new-netns")
+        self.new_netns = None if new_netns is None else tuple(new_netns.split(" ", 1))
+        timeout = values.get("--timeout")
+        self.timeout = float(timeout) if timeout else None
+        limit = values.get("--output-limit")
+        self.output_limit = int(limit) if limit else None
+
+
+_NEEDED = ("--root", "--id", "--agent", "--ready-fd")
+_VALUED = (
+    "--root",
+    "--id",
+    "--agent",
+    "--exec-id",
+    "--ready-fd",
+    "--console-socket",
+    "--timeout",
+    "--output-limit",
+)
 
 
 def _send_console(console_socket: Path, master: int) -> None:
@@ -163,97 +263,12 @@ def _send_console(console_socket: Path, master: int) -> None:
         sock.sendmsg([b"/dev/ptmx"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds)])
 
 
-def _start_watcher(args: argparse.Namespace) -> int:
-    """Fork the process that kills the guest process if this shim dies before it.
-
-    Called before anything opens gRPC channels, threads or the terminal (fork-safe). The
-    watcher blocks reading a pipe whose only write end the shim holds: a byte written there
-    (:func:`_dismiss_watcher`) means the shim is done and the watcher just exits; EOF means
-    the shim died first, so the watcher sends SIGKILL to the guest process. With
-    ``args.monitor`` it then releases the detached run (and kills it after
-    ``args.timeout`` seconds). Returns the write end.
-    """
-    read_end, write_end = os.pipe()
-    if os.fork() != 0:
-        os.close(read_end)
-        return write_end
-    status = 0
-    try:
-        os.close(write_end)
-        os.close(args.ready_fd)  # the spawner's ready pipe: only the shim answers on it
-        devnull = os.open(os.devnull, os.O_RDWR)
-        for fd in (0, 1, 2):  # never hold the container's stdio (clients wait for its EOF)
-            os.dup2(devnull, fd)
-        os.close(devnull)
-        for signum in FORWARDED_SIGNALS:
-            signal.signal(signum, signal.SIG_IGN)
-        if _await_shim(read_end, args) != _WATCHER_DISMISS:
-            from sandbox.pod.agent_client import ContainerClient
-
-            with contextlib.suppress(Exception):
-                client = ContainerClient(args.agent, timeout=5.0)
-                client.signal(args.id, args.exec_id, signal.SIGKILL)
-        if args.monitor:
-            from sandbox.run.monitor import release_after_shim
-
-            release_after_shim(args.root, args.id)
-    except BaseException:
-        status = 1
-    finally:
-        os._exit(status)
-
-
-def _await_shim(read_end: int, args: argparse.Namespace) -> bytes:
-    """In the watcher: the byte the shim sent (b"" when it died), once it is done. A detached
-    run still running after ``args.timeout`` seconds is killed (SIGKILL to all its processes)
-    and then awaited as any other."""
-    if args.monitor and args.timeout is not None:
-        ready, _, _ = select.select([read_end], [], [], args.timeout)
-        if not ready:
-            from sandbox.runtime import kill
-
-            with contextlib.suppress(Exception):  # it may be ending meanwhile, or its VM gone
-                kill.kill(args.root, args.id, signal.SIGKILL, all_processes=True)
-    return os.read(read_end, 1)
-
-
-def _dismiss_watcher(write_end: int) -> None:
-    with contextlib.suppress(OSError):
-        os.write(write_end, _WATCHER_DISMISS)
-        os.close(write_end)
-
-
-def _forward_signals(
-    client: ContainerClient,
-    container_id: str,
-    exec_id: str,
-    watcher: int,
-    done: threading.Event,
-    standin: Path | None,
-) -> None:
-    """Relay :data:`FORWARDED_SIGNALS` received by the shim to its guest process.
-
-    A signal that cannot be delivered (the agent no longer knows the process, or the VM is
-    gone) while the process has not been seen to exit takes its default action on the shim
-    instead: it exits with 128+N, as the process would have.
-    """
-
-    def forward(signum: int) -> None:
-        try:
-            client.signal(container_id, exec_id, signum)
-        except AgentError:
-            if not done.is_set():
-                _dismiss_watcher(watcher)
-                drop_standin(standin)
-                os._exit(128 + signum)
-
-    SignalForwarder(dict.fromkeys(FORWARDED_SIGNALS, forward)).install()
-
-
 def name_standin(root: Path, container_id: str, exec_id: str) -> Path | None:
     """Record this process as the host stand-in of exec ``exec_id`` (see
     :meth:`ContainerRecord.exec_standins`); the file to remove when it ends, or None when
     it could not be written (``ps`` then just does not list it)."""
+    from hypervisor.process import ProcessHandle
+
     path = standin_file(root / container_id, exec_id)
     try:
         state.write_json_atomic(path, ProcessHandle.of(os.getpid()).to_json())
@@ -268,150 +283,266 @@ def drop_standin(path: Path | None) -> None:
             path.unlink()
 
 
-def _wait(
-    client: ContainerClient, args: argparse.Namespace, relay: StdioRelay, out: tuple[int, int]
-) -> tuple[int, bool, list[StdioRelay]]:
-    """Wait for the process: (status, oom, the relays to join).
+class _Link:
+    """The shim's connection to its pod's proxy (:mod:`sandbox.pod.standin_wire`).
 
-    The agent proxy is a host process of its own: if it dies (or is killed) the calls in
-    flight fail while the VM and the process run on. Then a new proxy is started (as any
-    verb would) and the wait and the output relay resume; at most a chunk of output in flight
-    is lost. Only when the VM is gone has the process gone with it (status 137).
-    """
-    from sandbox.pod.stdio import StdioRelay
+    Messages that cannot be sent while the proxy is being replaced are kept and sent once
+    attached again (:meth:`attach`)."""
 
-    relays = [relay]
-    for _ in range(_MAX_RECONNECTS):
+    def __init__(self, args: Args, fds: tuple[int, ...], stdin: bool) -> None:
+        self._args = args
+        self._fds = fds
+        self._stdin = stdin
+        self._sock: socket.socket | None = None
+        self._pending: list[dict[str, Any]] = []
+
+    def attach(self, resume: bool) -> None:
+        """Connect, hand the fds over and wait for ``attached``; AgentError otherwise."""
+        self.close()
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
-            status, _sig, oom = client.wait_process(args.id, args.exec_id)
-            return status, oom, relays
-        except AgentError as exc:
-            if not _transport_error(exc) or not _agent_back(args.root, args.id):
-                break
-        if relays[-1].errors:  # its streams broke with the connection: read them again
-            relays.append(StdioRelay(client, args.id, args.exec_id, None, *out, args.terminal))
-            relays[-1].start()
-    return 137, False, relays  # the VM is gone: the container was killed with it
+            sock.settimeout(_READY_TIMEOUT)
+            sock.connect(str(wire.socket_path(self._args.agent)))
+            message = {
+                "op": "attach",
+                "id": self._args.id,
+                "exec_id": self._args.exec_id,
+                "terminal": self._args.terminal,
+                "stdin": self._stdin,
+                "resume": resume,
+                "output_limit": _output_limit(),
+            }
+            wire.send(sock, message, self._fds)
+            answer, fds = wire.receive(sock)
+            wire.close_all(fds)
+        except (OSError, wire.WireError) as exc:
+            sock.close()
+            raise AgentError(f"cannot reach the agent proxy: {exc}") from None
+        if answer is None or answer["op"] != "attached":
+            sock.close()
+            why = "it closed the connection" if answer is None else answer.get("message")
+            raise AgentError(f"the agent proxy did not take the container's stdio: {why}")
+        sock.settimeout(None)
+        self._sock = sock
+        pending, self._pending = self._pending, []
+        for each in pending:
+            self.send(each)
+
+    def send(self, message: dict[str, Any]) -> None:
+        """Send now, or once attached again if the proxy is gone."""
+        try:
+            if self._sock is None:
+                raise OSError("not attached")
+            wire.send(self._sock, message)
+        except OSError:
+            self._pending.append(message)
+
+    def receive(self) -> dict[str, Any] | None:
+        """The proxy's next message; None once the proxy is gone."""
+        if self._sock is None:
+            return None
+        try:
+            message, fds = wire.receive(self._sock)
+        except (OSError, wire.WireError):
+            return None
+        wire.close_all(fds)
+        return message
+
+    def close(self) -> None:
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
 
 
-_MAX_RECONNECTS = 100
+def _revive(args: Args) -> bool:
+    """Wait until the pod's agent answers again through a new proxy, in a separate full
+    interpreter (the pod machinery imports gRPC; :mod:`sandbox.runtime.shim_revive`). True
+    then, False if the container or its VM is gone. When the shim cannot start the proxy
+    itself (a pod whose proxy needs a listener in its network namespace: CAP_SYS_ADMIN), it
+    asks again, less and less often (up to every :data:`_REVIVE_MAX_PAUSE` s), until any
+    pysandbox command reaching the pod has started one."""
+    import time
+
+    pause = 0.5
+    while True:
+        outcome = _revive_once(args)
+        if outcome != WAIT_FOR_PROXY:
+            return outcome == 0
+        time.sleep(pause)
+        pause = min(pause * 2, _REVIVE_MAX_PAUSE)
 
 
-def _transport_error(exc: AgentError) -> bool:
-    """Whether ``exc`` is the connection failing (not the agent answering an error)."""
-    return exc.code in ("UNAVAILABLE", "CANCELLED")
+#: Exit status of sandbox.runtime.shim_revive: the proxy is gone and only a privileged
+#: pysandbox command can start the next one.
+WAIT_FOR_PROXY = 3
+_REVIVE_MAX_PAUSE = 10.0
 
 
-def _agent_back(root: Path, container_id: str) -> bool:
-    """Reach the agent of the container's pod again, through a new proxy if the old one
-    died; False if the container or its VM is gone."""
-    from sandbox.errors import SandboxError
-    from sandbox.pod.lifecycle import Pod
-    from sandbox.runtime.record import ContainerRecord
+def _revive_once(args: Args) -> int:
+    """Exit status of one run of sandbox.runtime.shim_revive (1 if it could not run)."""
+    import subprocess
 
-    time.sleep(0.2)
+    code = "import sys; from sandbox.runtime.shim_revive import main; sys.exit(main(sys.argv[1:]))"
     try:
-        pod = Pod.load(root, ContainerRecord.load(root, container_id).pod_id)
-        qemu = pod.process("qemu")
-        if qemu is None or not qemu.alive():
-            return False
-        with pod.client(timeout=10.0) as agent:
-            agent.health()
-    except (SandboxError, OSError):
-        return False
-    return True
+        done = subprocess.run(
+            [sys.executable, "-c", code, str(args.root), args.id],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            env={**os.environ, "PYTHONPATH": IMPORT_ROOT},
+            cwd="/",
+            timeout=60,
+            check=False,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return 1
+    return done.returncode
+
+
+def _setup_terminal(args: Args, link: list[_Link]) -> int:
+    """Open the host pty, send its master to the console socket, become its session's
+    controlling process; the slave, at :data:`TERMINAL_FD`. SIGWINCH then sends the new
+    size to the proxy (``link[0]``, set later)."""
+    if args.console_socket is None:
+        raise ConfigError("a terminal needs --console-socket")
+    master, slave = os.openpty()
+    _send_console(args.console_socket, master)
+    os.close(master)
+    fcntl.ioctl(slave, termios.TIOCSCTTY, 0)  # SIGWINCH reaches us on resize
+    tty_attrs = termios.tcgetattr(slave)
+    tty_attrs[3] &= ~(termios.ECHO | termios.ICANON | termios.ISIG | termios.IEXTEN)
+    tty_attrs[1] &= ~termios.OPOST
+    termios.tcsetattr(slave, termios.TCSANOW, tty_attrs)
+    # The terminal is our fd 0, where `start` reads the size the caller set on the master
+    # before the process runs (see runtime.start): a SIGWINCH relayed later could lose the
+    # race with the process's first look at its terminal.
+    os.dup2(slave, TERMINAL_FD)
+    os.close(slave)
+
+    def resize(*_: object) -> None:
+        rows, cols = struct.unpack("HHHH", fcntl.ioctl(TERMINAL_FD, termios.TIOCGWINSZ, b"\0" * 8))[
+            :2
+        ]
+        if rows and cols and link:
+            link[0].send({"op": "resize", "rows": rows, "cols": cols})
+
+    signal.signal(signal.SIGWINCH, resize)
+    return TERMINAL_FD
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Entry point of ``python -m sandbox.runtime.shim``; see the module docstring."""
-    parser = argparse.ArgumentParser(prog="pysandbox-shim")
-    parser.add_argument("--root", type=Path, required=True)
-    parser.add_argument("--id", required=True)
-    parser.add_argument("--agent", required=True)
-    parser.add_argument("--exec-id", default="")
-    parser.add_argument("--terminal", action="store_true")
-    parser.add_argument("--console-socket", type=Path)
-    parser.add_argument("--ready-fd", type=int, required=True)
-    parser.add_argument("--monitor", action="store_true")
-    parser.add_argument("--timeout", type=float)
-    parser.add_argument("--new-netns", nargs=2, metavar=("UID_MAP", "GID_MAP"))
-    args = parser.parse_args(argv)
+    """Entry point of ``python -S -m sandbox.runtime.shim``; see the module docstring."""
+    args = Args(sys.argv[1:] if argv is None else argv)
     if args.new_netns is not None:
-        # First, while single-threaded; never go on in the caller's namespace.
-        try:
-            standin_netns.enter(standin_netns.from_options(*args.new_netns))
-        except (ConfigError, NetworkError, OSError) as exc:
-            with os.fdopen(args.ready_fd, "wb", buffering=0) as failed:
-                failed.write(f"error {exc}\n".encode())
-            sys.exit(1)
-    watcher = _start_watcher(args)
+        _enter_netns_unprivileged(args, sys.argv[1:] if argv is None else argv)
+    if args.output_limit is not None:
+        import resource
+
+        resource.setrlimit(resource.RLIMIT_FSIZE, (args.output_limit, args.output_limit))
     ready = os.fdopen(args.ready_fd, "wb", buffering=0)
     signal.signal(signal.SIGPIPE, signal.SIG_IGN)
     # A capped output file (RLIMIT_FSIZE, run -d's log) fails writes with EFBIG instead.
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    holder: list[_Link] = []
     try:
-        from sandbox.pod.agent_client import ContainerClient
-        from sandbox.pod.stdio import StdioRelay
-
-        client = ContainerClient(args.agent)
-        stdin: int | None = 0
-        stdout, stderr = 1, 2
-
-        def resize(*_: object) -> None:
-            """Without a terminal there is nothing to resize."""
-
         if args.terminal:
-            if args.console_socket is None:
-                raise ConfigError("a terminal needs --console-socket")
-            master, slave = os.openpty()
-            _send_console(args.console_socket, master)
-            os.close(master)
-            fcntl.ioctl(slave, termios.TIOCSCTTY, 0)  # SIGWINCH reaches us on resize
-            tty_attrs = termios.tcgetattr(slave)
-            tty_attrs[3] &= ~(termios.ECHO | termios.ICANON | termios.ISIG | termios.IEXTEN)
-            tty_attrs[1] &= ~termios.OPOST
-            termios.tcsetattr(slave, termios.TCSANOW, tty_attrs)
-            # The terminal is our fd 0, where `start` reads the size the caller set on the
-            # master before the process runs (see runtime.start): a SIGWINCH relayed later
-            # could lose the race with the process's first look at its terminal.
-            os.dup2(slave, TERMINAL_FD)
-            os.close(slave)
-            slave = TERMINAL_FD
-            stdin = stdout = stderr = slave
-
-            def resize(*_: object) -> None:
-                rows, cols = struct.unpack(
-                    "HHHH", fcntl.ioctl(slave, termios.TIOCGWINSZ, b"\0" * 8)
-                )[:2]
-                if rows and cols:
-                    with contextlib.suppress(AgentError):
-                        client.resize(args.id, args.exec_id, rows, cols)
-
-            SignalForwarder({signal.SIGWINCH: resize}).install()
-        relay = StdioRelay(client, args.id, args.exec_id, stdin, stdout, stderr, args.terminal)
-    except Exception as exc:
-        _dismiss_watcher(watcher)  # nothing runs yet: the caller tears the container down
+            fds: tuple[int, ...] = (_setup_terminal(args, holder),)
+            has_stdin = True
+        else:
+            has_stdin = _open(0)
+            fds = (0, 1, 2) if has_stdin else (1, 2)
+        link = _Link(args, fds, has_stdin)
+        link.attach(resume=False)
+        holder.append(link)
+    except Exception as exc:  # nothing runs yet: the caller tears the container down
         ready.write(f"error {exc}\n".encode())
         sys.exit(1)
     standin = name_standin(args.root, args.id, args.exec_id) if args.exec_id else None
-    done = threading.Event()
-    _forward_signals(client, args.id, args.exec_id, watcher, done, standin)
+
+    def forward(signum: int, _frame: object) -> None:
+        # One packet, no lock and no thread (the shim has none): safe in a signal handler
+        # wherever the main thread was (sandbox/signal_forward.py says why that matters).
+        link.send({"op": "signal", "signum": signum})
+
+    for signum in FORWARDED_SIGNALS:
+        signal.signal(signum, forward)
     ready.write(b"ready\n")
     ready.close()
-    relay.start()
     if args.terminal:
-        resize()  # the size the caller set before we became the terminal's session leader
-    status, oom, relays = _wait(client, args, relay, (stdout, stderr))
-    done.set()
-    drain_deadline = time.monotonic() + DRAIN_TIMEOUT
-    for each in relays:
-        each.join(max(0.0, drain_deadline - time.monotonic()))
+        os.kill(os.getpid(), signal.SIGWINCH)  # the size set before we led the session
+    status, oom = 137, False  # unless told otherwise: the VM is gone, and the process with it
+    for _ in range(_MAX_REATTACH):
+        message = link.receive()
+        while message is not None and message["op"] != "exit":
+            failed = message.get("signum")
+            if message["op"] == "signal-failed" and isinstance(failed, int) and 0 < failed < 65:
+                drop_standin(standin)
+                os._exit(128 + failed)
+            message = link.receive()
+        if message is not None:
+            status, oom = _status(message)
+            break
+        link.close()  # the proxy died: get a new one, attach again
+        if not _revive(args):
+            break
+        try:
+            link.attach(resume=True)
+        except AgentError:
+            break
     if not args.exec_id:  # an exec's status is its stand-in's exit status: nothing to keep
         with contextlib.suppress(OSError):
             state.write_json_atomic(args.root / args.id / EXIT_FILE, {"status": status, "oom": oom})
     drop_standin(standin)
-    _dismiss_watcher(watcher)
     os._exit(status)
+
+
+def _enter_netns_unprivileged(args: Args, argv: list[str]) -> None:
+    """Move into the new network namespace ``args.new_netns`` asks for (first thing, while
+    single-threaded; it needs root's capabilities), then become this shim again without any
+    capability: exec through setpriv, same pid, same fds, the namespace kept. On failure
+    answer ``error`` on the ready fd and exit 1: never go on in the caller's namespace."""
+    from hypervisor.virtiofsd import SETPRIV
+    from sandbox.errors import ConfigError as BadOptions
+    from sandbox.errors import NetworkError
+    from sandbox.runtime import standin_netns
+
+    assert args.new_netns is not None
+    try:
+        standin_netns.enter(standin_netns.from_options(*args.new_netns))
+    except (BadOptions, NetworkError, OSError) as exc:
+        with os.fdopen(args.ready_fd, "wb", buffering=0) as failed:
+            failed.write(f"error {exc}\n".encode())
+        sys.exit(1)
+    index = argv.index("--new-netns")
+    rest = argv[:index] + argv[index + 3 :]
+    python = [sys.executable, "-S", "-m", "sandbox.runtime.shim", *rest]
+    os.execv(str(SETPRIV), [str(SETPRIV), *UNPRIVILEGED, "--", *python])
+
+
+def _output_limit() -> int | None:
+    """This process's RLIMIT_FSIZE soft limit in bytes (None: unlimited): the proxy writes
+    the process's output on our behalf and keeps the files within it, as our writes were."""
+    import resource
+
+    soft, _hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    return None if soft == resource.RLIM_INFINITY else soft
+
+
+def _open(fd: int) -> bool:
+    """Whether ``fd`` is open."""
+    try:
+        os.fstat(fd)
+    except OSError:
+        return False
+    return True
+
+
+def _status(message: dict[str, Any]) -> tuple[int, bool]:
+    """(status, oom) of an ``exit`` message, bounded (137 for nonsense)."""
+    status, oom = message.get("status"), message.get("oom")
+    if not isinstance(status, int) or not 0 <= status <= 255:
+        return 137, False
+    return status, bool(oom)
 
 
 if __name__ == "__main__":

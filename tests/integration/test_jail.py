@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -212,6 +214,52 @@ def test_agent_proxy_has_no_capabilities(shared_pod: Pod) -> None:
     assert fields["NoNewPrivs"] == "1"
     with shared_pod.client() as agent:  # and it still relays
         agent.info()
+
+
+def test_shims_have_no_capabilities_and_a_runs_watcher_keeps_root(
+    pod_factory: PodFactory,
+) -> None:
+    """A container's host stand-in (its shim) needs uid 0 for root's 0600 files and sockets,
+    and no capability; a detached run's watcher keeps root's to release the VM
+    (docs/trust-boundaries.md). The shim still relays, forwards signals and reports the
+    process's exit status."""
+    root = pod_factory.new_root("js")
+    script = "trap 'echo got-term; exit 7' TERM; echo started; while :; do sleep 0.1; done"
+    started = _cli(root, "run", "-d", "--name", "sh1", "default", "sh", "-c", script, env={})
+    assert started.returncode == 0, started.stderr
+    try:
+        record = json.loads((root / "sh1" / "state.json").read_text())
+        shim = int(record["shim"]["pid"])
+        fields = status(shim)
+        assert b"sandbox.runtime.shim" in Path(f"/proc/{shim}/cmdline").read_bytes()
+        assert fields["Uid"].split() == ["0"] * 4
+        for caps in ("CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"):
+            assert int(fields[caps], 16) == 0, (caps, fields[caps])
+        assert fields["NoNewPrivs"] == "1"
+        watchers = [
+            int(line.split(":")[0])
+            for line in processes_mentioning(str(root), live_only=True)
+            if "sandbox.runtime.shim_watch" in line
+        ]
+        assert len(watchers) == 1, watchers
+        assert int(status(watchers[0])["CapEff"], 16) != 0  # it stops the jailed QEMU
+        log = root / "sh1" / "run.log"
+        for _ in range(300):
+            if b"started" in log.read_bytes():
+                break
+            time.sleep(0.1)
+        os.kill(shim, signal.SIGTERM)  # a client signalling the pid it waits on
+        for _ in range(300):
+            listing = _cli(root, "ps", "-a", "--format", "json", env={})
+            (run,) = json.loads(listing.stdout)
+            if run["status"] == "stopped":
+                break
+            time.sleep(0.1)
+        assert run["status"] == "stopped" and run["exit_code"] == 7, run
+        assert log.read_bytes() == b"started\ngot-term\n"
+    finally:
+        _cli(root, "rm", "-f", "sh1", env={})
+    assert _leftovers(root) == []
 
 
 def _cli(root: Path, *args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:

@@ -1,0 +1,201 @@
+"""The agent proxy's side of the container stand-ins (:mod:`sandbox.pod.standin_wire`).
+
+For each shim attached on ``<pod>/shim.sock`` the proxy relays the container process's stdio
+between the fds the shim handed over and the agent (:class:`~sandbox.pod.stdio.StdioRelay`),
+forwards the shim's signals and terminal sizes, waits for the process and sends its exit
+status; if the shim dies first it kills the process. Each shim is served by a thread of its
+own; the calls go through the proxy's own ``agent.sock`` (so every call keeps the client's
+deadlines of :class:`~sandbox.pod.agent_client.ContainerClient`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from sandbox.errors import AgentError
+from sandbox.pod import standin_wire as wire
+from sandbox.pod.agent_client import ContainerClient
+from sandbox.pod.stdio import StdioRelay
+
+#: Seconds the output relay may take, after the process exited, to deliver what it wrote.
+DRAIN_TIMEOUT = 5.0
+#: Seconds a new connection has to send its ``attach``.
+ATTACH_TIMEOUT = 10.0
+#: Pause (s) and attempts when a wait fails because the guest channel broke (QEMU lives).
+_RETRY_PAUSE = 0.2
+_MAX_RETRIES = 300
+
+
+def listen(path: Path) -> socket.socket:
+    """The stand-in socket bound to ``path`` (mode 0600, replacing a stale one), listening."""
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()
+    listener.bind(str(path))
+    os.chmod(path, 0o600)
+    listener.listen(64)
+    return listener
+
+
+def serve(listener: socket.socket, agent_address: str, vm_alive: Callable[[], bool]) -> None:
+    """Serve every shim that connects to ``listener``, forever (a thread each).
+    ``vm_alive`` says whether the pod's QEMU still runs."""
+    while True:
+        conn, _ = listener.accept()
+        threading.Thread(
+            target=_serve_one, args=(conn, agent_address, vm_alive), daemon=True
+        ).start()
+
+
+class _Attach:
+    """A validated ``attach`` message and its fds (stdin None when not relayed)."""
+
+    def __init__(self, message: dict[str, Any], fds: list[int]) -> None:
+        ids = message.get("id"), message.get("exec_id")
+        flags = [message.get(k) for k in ("terminal", "stdin", "resume")]
+        if message.get("op") != "attach" or not all(isinstance(i, str) for i in ids):
+            raise wire.WireError("expected attach with id and exec_id")
+        if not all(isinstance(f, bool) for f in flags):
+            raise wire.WireError("attach flags must be booleans")
+        self.container_id, self.exec_id = str(ids[0]), str(ids[1])
+        self.terminal, has_stdin, resume = (bool(f) for f in flags)
+        limit = message.get("output_limit")
+        if limit is not None and (not isinstance(limit, int) or limit < 0):
+            raise wire.WireError("output_limit must be a byte count or null")
+        self.output_limit: int | None = limit
+        self.fds = fds
+        wanted = 1 if self.terminal else 2 + int(has_stdin)
+        if len(fds) != wanted:
+            raise wire.WireError(f"attach needs {wanted} fds, got {len(fds)}")
+        self.stdin: int | None
+        if self.terminal:
+            self.stdin, self.stdout, self.stderr = fds[0], fds[0], fds[0]
+        else:
+            self.stdin = fds[0] if has_stdin else None
+            self.stdout, self.stderr = fds[-2], fds[-1]
+        if resume:
+            self.stdin = None  # what it had read is gone with the proxy that read it
+
+
+def _serve_one(conn: socket.socket, agent_address: str, vm_alive: Callable[[], bool]) -> None:
+    fds: list[int] = []
+    try:
+        conn.settimeout(ATTACH_TIMEOUT)
+        message, fds = wire.receive(conn)
+        if message is None:
+            return
+        attach = _Attach(message, fds)
+        conn.settimeout(None)
+        client = ContainerClient(agent_address)
+        _Standin(conn, client, attach, vm_alive).run()
+    except (OSError, wire.WireError, AgentError) as exc:
+        print(f"agent-proxy: stand-in: {exc}", file=sys.stderr, flush=True)
+        with contextlib.suppress(OSError, wire.WireError):
+            wire.send(conn, {"op": "error", "message": str(exc)})
+    finally:
+        wire.close_all(fds)
+        conn.close()
+
+
+class _Standin:
+    """One attached shim: relay, signals, wait, exit status."""
+
+    def __init__(
+        self,
+        conn: socket.socket,
+        client: ContainerClient,
+        attach: _Attach,
+        vm_alive: Callable[[], bool],
+    ) -> None:
+        self._conn = conn
+        self._client = client
+        self._attach = attach
+        self._vm_alive = vm_alive
+        self._done = threading.Event()
+        self._send_lock = threading.Lock()
+
+    def _send(self, message: dict[str, Any]) -> None:
+        with self._send_lock, contextlib.suppress(OSError):
+            wire.send(self._conn, message)
+
+    def run(self) -> None:
+        a = self._attach
+        relay = StdioRelay(
+            self._client,
+            a.container_id,
+            a.exec_id,
+            a.stdin,
+            a.stdout,
+            a.stderr,
+            a.terminal,
+            output_limit=a.output_limit,
+        )
+        relay.start()
+        self._send({"op": "attached"})
+        threading.Thread(target=self._listen, daemon=True).start()
+        status, oom = self._wait()
+        self._done.set()
+        relay.join(DRAIN_TIMEOUT)
+        wire.close_all(a.fds)
+        a.fds.clear()
+        self._send({"op": "exit", "status": status, "oom": oom})
+
+    def _wait(self) -> tuple[int, bool]:
+        a = self._attach
+        for _ in range(_MAX_RETRIES):
+            try:
+                status, _sig, oom = self._client.wait_process(a.container_id, a.exec_id)
+                return status, oom
+            except AgentError as exc:
+                if exc.code not in ("UNAVAILABLE", "CANCELLED") or not self._vm_alive():
+                    break
+            time.sleep(_RETRY_PAUSE)
+        return 137, False  # the VM is gone: the process was killed with it
+
+    def _listen(self) -> None:
+        """The shim's messages until it closes its end; then, if the process has not been
+        seen to exit, the shim died: kill the process."""
+        a = self._attach
+        while True:
+            try:
+                message, fds = wire.receive(self._conn)
+            except (OSError, wire.WireError):
+                message, fds = None, []
+            wire.close_all(fds)
+            if message is None:
+                break
+            with contextlib.suppress(Exception):
+                self._handle(message)
+        if not self._done.is_set():
+            with contextlib.suppress(AgentError):
+                self._client.signal(a.container_id, a.exec_id, signal.SIGKILL)
+
+    def _handle(self, message: dict[str, Any]) -> None:
+        a = self._attach
+        op = message["op"]
+        if op == "signal" and isinstance(message.get("signum"), int):
+            signum = int(message["signum"])
+            try:
+                self._client.signal(a.container_id, a.exec_id, signum)
+            except AgentError:
+                if not self._done.is_set():
+                    self._send({"op": "signal-failed", "signum": signum})
+        elif op == "resize":
+            rows, cols = _size(message.get("rows")), _size(message.get("cols"))
+            if rows and cols:
+                with contextlib.suppress(AgentError):
+                    self._client.resize(a.container_id, a.exec_id, rows, cols)
+
+
+def _size(value: object) -> int:
+    """A terminal dimension from a message: 1..65535, or 0 for anything else."""
+    return value if isinstance(value, int) and 0 < value < 65536 else 0
