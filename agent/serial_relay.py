@@ -30,6 +30,8 @@ _UPSTREAM_CHUNK = 1024 * 1024
 _REOPEN_BACKOFF = (0.02, 0.05, 0.1, 0.2)
 #: A relay loop that has not turned for this long (seconds) dumps every thread's stack once.
 STALL_DUMP_SECONDS = 30.0
+#: The loop re-arms that dump at most this often (seconds): each arming starts a thread.
+STALL_REARM_SECONDS = 5.0
 
 
 def find_serial_port(name: str = SERIAL_PORT_NAME, sysfs: Path = Path("/sys")) -> Path | None:
@@ -105,8 +107,11 @@ class SerialRelay:
         scanner = SyncScanner()
         session: _Session | None = None
         idle_eofs = 0
+        rearm_at = 0.0
         while True:
-            _arm_stall_dump()
+            if (now := time.monotonic()) >= rearm_at:
+                _arm_stall_dump()
+                rearm_at = now + STALL_REARM_SECONDS
             readable, _, _ = select.select([fd], [], [], 1.0)
             if not readable:
                 continue
@@ -165,8 +170,10 @@ class SerialRelay:
 
 
 def _arm_stall_dump() -> None:
-    """(Re)arm faulthandler's watchdog: if the loop does not come back within
+    """(Re)arm faulthandler's watchdog: if the loop does not re-arm it within
     :data:`STALL_DUMP_SECONDS`, the Python stack of every thread goes to the console (fd 2).
+    CPython starts a new watchdog thread on every arming, so the loop re-arms at most every
+    :data:`STALL_REARM_SECONDS`, not per chunk: a stall is reported 25 to 30 s after it began.
 
     The loop turns at least once a second; a loop that stops stops every RPC of the pod, and
     the console log (kept by the host on failure) is then the only evidence of where the
