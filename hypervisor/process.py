@@ -37,6 +37,18 @@ def start_time(pid: int) -> int | None:
     return int(fields[19])
 
 
+def pid_alive(pid: int) -> bool:
+    """Whether a process ``pid`` exists (kill(2) with signal 0; one owned by another user,
+    EPERM, exists too). A pid alone can be reused: see :class:`ProcessHandle`."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def reap(pid: int) -> int | None:
     """Collect ``pid`` if it is our exited child; its wait status, or None."""
     with contextlib.suppress(ChildProcessError, OSError):

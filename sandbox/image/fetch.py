@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from hypervisor.process import pid_alive
 from sandbox.errors import ConfigError, ImageError, PullError
 from sandbox.image import formats as image_formats
 from sandbox.image import skopeo
@@ -57,7 +58,7 @@ def _layout_dir(catalog: Catalog) -> Iterator[Path]:
         os.chmod(catalog.blobs, 0o700)
         for child in catalog.blobs.iterdir():
             fields = child.name.removeprefix(LAYOUT_PREFIX).split("-")
-            stale = fields[0].isdigit() and not _alive(int(fields[0]))
+            stale = fields[0].isdigit() and not pid_alive(int(fields[0]))
             if child.name.startswith(LAYOUT_PREFIX) and stale:
                 shutil.rmtree(child, ignore_errors=True)
         path = Path(tempfile.mkdtemp(prefix=f"{LAYOUT_PREFIX}{os.getpid()}-", dir=catalog.blobs))
@@ -70,16 +71,6 @@ def _layout_dir(catalog: Catalog) -> Iterator[Path]:
         yield path
     finally:
         shutil.rmtree(path, ignore_errors=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def fetch(

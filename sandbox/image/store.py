@@ -33,6 +33,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from hypervisor.process import pid_alive
 from sandbox.errors import ConfigError, ImageError
 from sandbox.image import formats as image_formats
 from sandbox.image.unpack import (
@@ -292,19 +293,9 @@ def _sweep(store: Path) -> None:
         if not child.name.startswith(_TMP_PREFIX):
             continue
         fields = child.name.split("-")
-        if len(fields) < 3 or not fields[2].isdigit() or _alive(int(fields[2])):
+        if len(fields) < 3 or not fields[2].isdigit() or pid_alive(int(fields[2])):
             continue
         _remove_tree(child)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _remove_tree(path: Path) -> None:

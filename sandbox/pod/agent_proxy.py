@@ -44,6 +44,7 @@ import grpc
 from agentapi import failure
 from agentapi.channel import VSOCK_PORT, HandshakeError, host_handshake
 from agentapi.limits import GRPC_OPTIONS
+from hypervisor.process import pid_alive
 from sandbox import IMPORT_ROOT
 from sandbox.errors import AgentError
 from sandbox.pod import console_bound
@@ -190,21 +191,11 @@ def _resent(waited: float) -> None:
     print(f"agent-proxy: no ACK after {waited:.1f}s: SYNC sent again", file=sys.stderr, flush=True)
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass
-    return True
-
-
 def _watch_vm(pid: int, console_log: Path | None) -> None:
     """Exit the process once ``pid`` is gone; meanwhile keep ``console_log`` bounded
     (:mod:`sandbox.pod.console_bound`)."""
     while True:
-        if not _alive(pid):
+        if not pid_alive(pid):
             os._exit(0)
         if console_log is not None:
             console_bound.bound(console_log)
@@ -253,7 +244,7 @@ def main(argv: list[str] | None = None) -> None:
     standins = standin_service.listen(args.listen.with_name(SOCKET_NAME))
     threading.Thread(
         target=standin_service.serve,
-        args=(standins, f"unix:{args.listen}", lambda: _alive(args.vm_pid)),
+        args=(standins, f"unix:{args.listen}", lambda: pid_alive(args.vm_pid)),
         daemon=True,
     ).start()
     print("agent-proxy: ready", flush=True)
