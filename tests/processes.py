@@ -6,9 +6,13 @@ The one copy of these helpers for every test module (unit, host and VM tests).
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
 
 
 def processes_mentioning(text: str, *, live_only: bool = False) -> list[str]:
@@ -46,3 +50,41 @@ def wait_until(check: Callable[[], object], timeout: float = 30.0, interval: flo
             return False
         time.sleep(interval)
     return True
+
+
+def run_python(program: str, *args: str, timeout: float, stalled: str) -> str:
+    """Run ``program`` (Python source) in a fresh interpreter that imports this repository;
+    its stdout. AssertionError ``stalled`` if it has not ended within ``timeout`` seconds,
+    AssertionError with its stderr's end if it exits non-zero."""
+    try:
+        result = subprocess.run(
+            [sys.executable, "-c", program, *args],
+            cwd=REPO,
+            env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"},
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+    except subprocess.TimeoutExpired:
+        raise AssertionError(stalled) from None
+    assert result.returncode == 0, result.stderr[-2000:]
+    return result.stdout
+
+
+def netns_identity(pid: int | str) -> str:
+    """``dev:inode`` of the network namespace of ``pid`` (or ``"self"``)."""
+    st = os.stat(f"/proc/{pid}/ns/net")
+    return f"{st.st_dev}:{st.st_ino}"
+
+
+def netns_holders(identity: str) -> list[int]:
+    """Pids of the processes in the network namespace ``identity`` (``dev:inode``)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if netns_identity(entry.name) == identity:
+                    found.append(int(entry.name))
+            except OSError:
+                continue
+    return found

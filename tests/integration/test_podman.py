@@ -24,7 +24,7 @@ from sandbox import store as state
 from sandbox.image import store as images
 from tests.integration.cgroup_view import READER, parse
 from tests.integration.pods import PodFactory
-from tests.processes import wait_until
+from tests.processes import netns_holders, netns_identity, wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
 RUNTIME = str(ROOT / ".venv" / "bin" / "pysandbox")
@@ -569,11 +569,6 @@ def _reaches(podman: list[str], name: str, gateway: str) -> str:
             sent.wait(60)
 
 
-def _netns_identity(pid: str) -> str:
-    st = os.stat(f"/proc/{pid}/ns/net")
-    return f"{st.st_dev}:{st.st_ino}"
-
-
 def _netns_in_use(identity: str) -> list[str]:
     """Processes and mounts still holding network namespace ``identity``."""
     inode = identity.split(":")[1]
@@ -582,15 +577,7 @@ def _netns_in_use(identity: str) -> list[str]:
         for line in Path("/proc/self/mountinfo").read_text().splitlines()
         if f"net:[{inode}]" in line
     ]
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                st = os.stat(entry / "ns" / "net")
-            except OSError:
-                continue
-            if f"{st.st_dev}:{st.st_ino}" == identity:
-                held.append(f"pid {entry.name}")
-    return held
+    return held + [f"pid {pid}" for pid in netns_holders(identity)]
 
 
 def test_user_namespace_with_the_default_bridge_network(podman: list[str]) -> None:
@@ -602,7 +589,7 @@ def test_user_namespace_with_the_default_bridge_network(podman: list[str]) -> No
     of the veth and CNI's iptables rules), and nothing is left after ``podman rm -f``."""
     runc = list(podman)
     runc[runc.index("--runtime") + 1] = "runc"
-    host_netns = _netns_identity("self")
+    host_netns = netns_identity("self")
     before = _host_net()
     try:
         ours = _bridge_container(podman, "userns-bridge")
@@ -621,7 +608,7 @@ def test_user_namespace_with_the_default_bridge_network(podman: list[str]) -> No
         )
         assert ours["gateway"] == theirs["gateway"]
         # The --pid-file process (podman's State.Pid) is not in the host's netns.
-        ours_netns = _netns_identity(ours["pid"])
+        ours_netns = netns_identity(ours["pid"])
         assert ours_netns != host_netns
         assert _reaches(podman, "userns-bridge", ours["gateway"]) == "hello-from-userns-bridge"
         assert _reaches(runc, "userns-bridge-runc", theirs["gateway"]) == (
@@ -652,4 +639,4 @@ def test_user_namespace_with_the_default_bridge_network(podman: list[str]) -> No
     assert "_psb" not in after["links"]
     assert wait_until(lambda: not _netns_in_use(ours_netns), 30), _netns_in_use(ours_netns)
     assert not (state.DEFAULT_ROOT / ours["id"]).exists()
-    assert not Path(f"/proc/{ours['pid']}").exists() or _netns_identity(ours["pid"]) != ours_netns
+    assert not Path(f"/proc/{ours['pid']}").exists() or netns_identity(ours["pid"]) != ours_netns

@@ -27,7 +27,7 @@ from sandbox.image import store as images
 from sandbox.run.default_spec import default_spec
 from tests.integration.pods import PodFactory
 from tests.integration.test_runtime_cli import RUNTIME, Runtime
-from tests.processes import wait_until
+from tests.processes import netns_holders, wait_until
 
 pytestmark = pytest.mark.vm
 
@@ -202,20 +202,6 @@ def _netns_owner_map(pid: int) -> tuple[str, str]:
     return f"{st.st_dev}:{st.st_ino}", " ".join(done.stdout.split())
 
 
-def _holders(identity: str) -> list[int]:
-    """Pids whose network namespace is ``identity`` (``dev:inode``)."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                st = os.stat(entry / "ns" / "net")
-            except OSError:
-                continue
-            if f"{st.st_dev}:{st.st_ino}" == identity:
-                found.append(int(entry.name))
-    return found
-
-
 @pytest.mark.parametrize("userns", [True, False], ids=["userns", "netns-only"])
 def test_pid_file_process_is_not_in_the_hosts_network_namespace(
     base: Path, pod_factory: PodFactory, userns: bool
@@ -239,20 +225,7 @@ def test_pid_file_process_is_not_in_the_hosts_network_namespace(
 
     runc_state = base / "runc-state"
     try:
-        # runc's container process inherits create's stdio: a file, not a pipe to wait on.
-        with (base / "runc.err").open("wb") as errors:
-            created = subprocess.run(
-                [
-                    *("runc", "--root", str(runc_state), "create", "--bundle", str(bundle)),
-                    *("--pid-file", str(base / "runc.pid"), "u"),
-                ],
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.DEVNULL,
-                stderr=errors,
-                timeout=120,
-            )
-        assert created.returncode == 0, (base / "runc.err").read_text()
-        runc_netns, runc_map = _netns_owner_map(int((base / "runc.pid").read_text()))
+        runc_netns, runc_map = _netns_owner_map(_runc_create(base, runc_state, bundle))
     finally:
         subprocess.run(["runc", "--root", str(runc_state), "delete", "--force", "u"], check=False)
     assert runc_netns != host_netns
@@ -285,7 +258,7 @@ def test_pid_file_process_is_not_in_the_hosts_network_namespace(
         runtime.ok("start", "u")
         assert runtime.state("u")["status"] == "running"
         runtime.ok("delete", "--force", "u")
-        assert wait_until(lambda: not _holders(netns), 30), _holders(netns)
+        assert wait_until(lambda: not netns_holders(netns), 30), netns_holders(netns)
     finally:
         subprocess.run(
             [RUNTIME, "--root", str(runtime.root), "delete", "--force", "u"], check=False
@@ -379,24 +352,30 @@ def _owner_spec(base: Path) -> None:
     (bundle / "config.json").write_text(json.dumps(spec))
 
 
+def _runc_create(base: Path, state: Path, bundle: Path) -> int:
+    """``runc create`` container ``u`` of ``bundle``; the pid of its ``--pid-file``."""
+    # runc's container process inherits create's stdio: a file, not a pipe to wait on.
+    with (base / "runc.err").open("wb") as errors:
+        created = subprocess.run(
+            [
+                *("runc", "--root", str(state), "create", "--bundle", str(bundle)),
+                *("--pid-file", str(base / "runc.pid"), "u"),
+            ],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=errors,
+            timeout=120,
+        )
+    assert created.returncode == 0, (base / "runc.err").read_text()
+    return int((base / "runc.pid").read_text())
+
+
 def _members_view_runc(base: Path) -> list[str]:
     _owner_spec(base)
     state = base / "runc-state"
     peer = f"psbt-usernet-runc-{os.getpid()}"
     try:
-        with (base / "runc.err").open("wb") as errors:
-            created = subprocess.run(
-                [
-                    *("runc", "--root", str(state), "create", "--bundle", str(base / "bundle")),
-                    *("--pid-file", str(base / "runc.pid"), "u"),
-                ],
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.DEVNULL,
-                stderr=errors,
-                timeout=120,
-            )
-        assert created.returncode == 0, (base / "runc.err").read_text()
-        pid = int((base / "runc.pid").read_text())
+        pid = _runc_create(base, state, base / "bundle")
         _cni(pid, peer)
         subprocess.run(["runc", "--root", str(state), "start", "u"], check=True, timeout=60)
         done = subprocess.run(
@@ -482,4 +461,4 @@ def test_a_pod_network_set_up_after_create_is_the_pods(base: Path, pod_factory: 
         "ping-ok",
     ]
     assert ours == theirs
-    assert wait_until(lambda: not _holders(netns), 30), _holders(netns)
+    assert wait_until(lambda: not netns_holders(netns), 30), netns_holders(netns)

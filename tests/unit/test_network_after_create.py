@@ -13,7 +13,6 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -27,24 +26,11 @@ from sandbox.runtime.delete import delete
 from sandbox.runtime.record import ContainerRecord
 from sandbox.runtime.start import start
 from tests.processes import wait_until
-from tests.unit.fake_drivers import FakeDrivers, fixture_drivers
+from tests.unit.fake_drivers import FakeDrivers
 from tests.unit.test_runtime_lifecycle import bundle, since
 
 MAPPING = [{"containerID": 0, "hostID": 100000, "size": 65536}]
 NS_GET_USERNS = 0xB701
-
-
-@pytest.fixture
-def fake(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeDrivers]:
-    for fake in fixture_drivers(tmp_path, monkeypatch):
-        fake.install_shims(monkeypatch)
-        yield fake
-
-
-@pytest.fixture
-def root(tmp_path: Path) -> Path:
-    (tmp_path / "root").mkdir(mode=0o700)
-    return tmp_path / "root"
 
 
 def _spec(namespaces: list[dict[str, str]], userns: bool = False) -> dict[str, object]:

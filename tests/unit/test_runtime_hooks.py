@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import re
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +24,7 @@ from sandbox.runtime.delete import delete
 from sandbox.runtime.record import ContainerRecord
 from sandbox.runtime.start import start
 from tests.processes import alive, wait_until
-from tests.unit.fake_drivers import FakeDrivers, fixture_drivers
+from tests.unit.fake_drivers import FakeDrivers
 
 SH = "/bin/sh"
 
@@ -188,19 +187,6 @@ LOGGER = (
     'read -r s; st=${s#*\\"status\\":\\"}; st=${st%%\\"*}; pid=${s#*\\"pid\\":}; pid=${pid%%,*}; '
     'if kill -0 "$pid" 2>/dev/null; then live=live; else live=none; fi; echo "$0 $st $live" >> "$1"'
 )
-
-
-@pytest.fixture
-def fake(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeDrivers]:
-    for drivers in fixture_drivers(tmp_path, monkeypatch):
-        drivers.install_shims(monkeypatch)
-        yield drivers
-
-
-@pytest.fixture
-def root(tmp_path: Path) -> Path:
-    (tmp_path / "root").mkdir(mode=0o700)
-    return tmp_path / "root"
 
 
 def hooked_bundle(

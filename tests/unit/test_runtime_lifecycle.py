@@ -10,7 +10,6 @@ leaves the pod as it was).
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -23,23 +22,10 @@ from sandbox.runtime.create import create
 from sandbox.runtime.delete import delete
 from sandbox.runtime.record import ContainerRecord
 from sandbox.runtime.start import start
-from tests.unit.fake_drivers import Event, FakeDrivers, fixture_drivers
+from tests.unit.fake_drivers import Event, FakeDrivers
 
 SANDBOX = {"io.kubernetes.cri.container-type": "sandbox", "io.kubernetes.cri.sandbox-id": "pod"}
 MEMBER = {"io.kubernetes.cri.container-type": "container", "io.kubernetes.cri.sandbox-id": "pod"}
-
-
-@pytest.fixture
-def fake(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeDrivers]:
-    for fake in fixture_drivers(tmp_path, monkeypatch):
-        fake.install_shims(monkeypatch)
-        yield fake
-
-
-@pytest.fixture
-def root(tmp_path: Path) -> Path:
-    (tmp_path / "root").mkdir(mode=0o700)  # as the CLI makes --root
-    return tmp_path / "root"
 
 
 ALL_NAMESPACES = ("pid", "network", "ipc", "uts", "mount")

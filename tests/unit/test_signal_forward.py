@@ -4,15 +4,11 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import sys
 import textwrap
 import threading
-from pathlib import Path
 
 from sandbox.signal_forward import SignalForwarder, forwarding
-
-REPO = Path(__file__).resolve().parents[2]
+from tests.processes import run_python
 
 
 def test_each_signal_runs_its_action_and_restore_puts_the_old_handler_back() -> None:
@@ -60,19 +56,8 @@ _STORM = textwrap.dedent(
 
 
 def test_a_storm_of_signals_never_stalls_the_main_thread() -> None:
-    try:
-        result = subprocess.run(
-            [sys.executable, "-c", _STORM],
-            cwd=REPO,
-            env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"},
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
-    except subprocess.TimeoutExpired:
-        raise AssertionError("the main thread stalled in a storm of signals") from None
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert result.stdout.strip() == "survived"
+    out = run_python(_STORM, timeout=60, stalled="the main thread stalled in a storm of signals")
+    assert out.strip() == "survived"
 
 
 def test_install_outside_the_main_thread_is_refused() -> None:
