@@ -30,7 +30,6 @@ Errors: JailError naming the step that failed (``unshare``, ``mount``, ``pivot_r
 
 from __future__ import annotations
 
-import ctypes
 import os
 import platform
 import resource
@@ -41,6 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
+from hypervisor import syscalls
 from hypervisor.errors import JailError
 from hypervisor.jail_ids import Identity
 from hypervisor.process import ProcessHandle, start_time
@@ -54,8 +54,6 @@ USR_LINKS = ("/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32")
 #: Size options of the jail's tmpfs root (directories and mount points only).
 _TMPFS_OPTIONS = b"mode=0755,size=256k,nr_inodes=256"
 
-_CLONE_NEWNS, _CLONE_NEWUTS, _CLONE_NEWIPC = 0x00020000, 0x04000000, 0x08000000
-_CLONE_NEWPID, _CLONE_NEWNET = 0x20000000, 0x40000000
 _MS_RDONLY, _MS_NOSUID, _MS_NODEV, _MS_NOEXEC = 1, 2, 4, 8
 _MS_REMOUNT, _MS_BIND, _MS_REC, _MS_PRIVATE = 32, 4096, 16384, 1 << 18
 _MNT_DETACH = 2
@@ -102,33 +100,6 @@ def default_binds(program: Path) -> list[Bind]:
     return binds
 
 
-class _Libc:
-    """The few libc calls Python 3.11 lacks, resolved before the fork."""
-
-    def __init__(self) -> None:
-        libc = ctypes.CDLL(None, use_errno=True)
-        self.unshare = libc.unshare
-        self.mount = libc.mount
-        self.mount.argtypes = [
-            ctypes.c_char_p,
-            ctypes.c_char_p,
-            ctypes.c_char_p,
-            ctypes.c_ulong,
-            ctypes.c_char_p,
-        ]
-        self.umount2 = libc.umount2
-        self.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
-        self.prctl = libc.prctl
-        self.prctl.argtypes = [ctypes.c_int] + [ctypes.c_ulong] * 4
-        self.syscall = libc.syscall
-
-    @staticmethod
-    def check(result: int, step: str) -> None:
-        if result != 0:
-            err = ctypes.get_errno()
-            raise OSError(err, f"{step}: {os.strerror(err)}")
-
-
 def _last_cap() -> int:
     try:
         return int(Path("/proc/sys/kernel/cap_last_cap").read_text())
@@ -142,7 +113,6 @@ class _Plan:
     def __init__(self, spec: JailSpec, report_fd: int) -> None:
         self.spec = spec
         self.report_fd = report_fd
-        self.libc = _Libc()
         self.last_cap = _last_cap()
         self.pivot_nr = _SYS_PIVOT_ROOT_BY_MACHINE.get(platform.machine(), _SYS_PIVOT_ROOT)
         self.root = str(ROOT_MOUNTPOINT).encode()
@@ -152,8 +122,13 @@ class _Plan:
             if os.path.islink(link) and not any(b.source == Path(link) for b in spec.binds)
         ]
         self.binds = [(str(b.source), b.writable, b.source.is_dir()) for b in spec.binds]
-        flags = _CLONE_NEWNS | _CLONE_NEWPID | _CLONE_NEWIPC | _CLONE_NEWUTS
-        self.flags = flags if spec.host_network else flags | _CLONE_NEWNET
+        flags = (
+            syscalls.CLONE_NEWNS
+            | syscalls.CLONE_NEWPID
+            | syscalls.CLONE_NEWIPC
+            | syscalls.CLONE_NEWUTS
+        )
+        self.flags = flags if spec.host_network else flags | syscalls.CLONE_NEWNET
 
     def _report(self, text: str) -> None:
         os.write(self.report_fd, text.encode() + b"\n")
@@ -177,18 +152,19 @@ class _Plan:
             os._exit(1)
 
     def _enter_namespaces(self) -> None:
-        libc = self.libc
-        libc.check(libc.unshare(self.flags), "unshare")
-        libc.check(
-            libc.mount(b"none", b"/", None, _MS_REC | _MS_PRIVATE, None), "mount --make-rprivate /"
-        )
-        libc.check(
-            libc.mount(b"tmpfs", self.root, b"tmpfs", _MS_NOSUID | _MS_NODEV, _TMPFS_OPTIONS),
+        syscalls.unshare(self.flags)
+        syscalls.mount(b"none", b"/", None, _MS_REC | _MS_PRIVATE, None, "mount --make-rprivate /")
+        syscalls.mount(
+            b"tmpfs",
+            self.root,
+            b"tmpfs",
+            _MS_NOSUID | _MS_NODEV,
+            _TMPFS_OPTIONS,
             "mount the jail's tmpfs root",
         )
 
     def _build_root(self) -> None:
-        libc, root = self.libc, self.root.decode()
+        root = self.root.decode()
         for source, writable, is_dir in self.binds:
             target = root + source
             if is_dir:
@@ -197,47 +173,45 @@ class _Plan:
                 os.makedirs(os.path.dirname(target), mode=0o755, exist_ok=True)
                 os.close(os.open(target, os.O_CREAT | os.O_WRONLY, 0o644))
             encoded = target.encode()
-            libc.check(
-                libc.mount(source.encode(), encoded, None, _MS_BIND | _MS_REC, None),
-                f"bind {source}",
+            syscalls.mount(
+                source.encode(), encoded, None, _MS_BIND | _MS_REC, None, f"bind {source}"
             )
             flags = _MS_BIND | _MS_REMOUNT | _MS_NOSUID
             if not writable:
                 flags |= _MS_RDONLY | _MS_NODEV
-            libc.check(libc.mount(None, encoded, None, flags, None), f"remount {source}")
+            syscalls.mount(None, encoded, None, flags, None, f"remount {source}")
         for link, target in self.links:
             os.symlink(target, root + link)
         os.chdir(root)
-        libc.check(libc.syscall(self.pivot_nr, b".", b"."), "pivot_root")
-        libc.check(libc.umount2(b".", _MNT_DETACH), "detach the host's root")
+        syscalls.check(syscalls.LIBC.syscall(self.pivot_nr, b".", b"."), "pivot_root")
+        syscalls.umount2(b".", _MNT_DETACH, "detach the host's root")
         os.chdir("/")
-        libc.check(
-            libc.mount(
-                None,
-                b"/",
-                None,
-                _MS_REMOUNT | _MS_BIND | _MS_RDONLY | _MS_NOSUID | _MS_NODEV | _MS_NOEXEC,
-                None,
-            ),
+        syscalls.mount(
+            None,
+            b"/",
+            None,
+            _MS_REMOUNT | _MS_BIND | _MS_RDONLY | _MS_NOSUID | _MS_NODEV | _MS_NOEXEC,
+            None,
             "remount the jail's root read-only",
         )
 
     def _drop_privileges(self) -> None:
         # Runs inside the jail: nothing may be imported here (the host's files are gone).
-        identity, libc = self.spec.identity, self.libc
+        identity = self.spec.identity
         resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
         resource.setrlimit(resource.RLIMIT_NOFILE, (self.spec.max_fds, self.spec.max_fds))
         os.setgroups(list(identity.groups))
         os.setresgid(identity.gid, identity.gid, identity.gid)
         for cap in range(self.last_cap + 1):
-            libc.check(libc.prctl(_PR_CAPBSET_DROP, cap, 0, 0, 0), "drop the bounding set")
-        libc.check(
-            libc.prctl(_PR_CAP_AMBIENT, _PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0), "clear ambient caps"
+            syscalls.prctl(_PR_CAPBSET_DROP, cap, "drop the bounding set")
+        syscalls.check(
+            syscalls.LIBC.prctl(_PR_CAP_AMBIENT, _PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0),
+            "clear ambient caps",
         )
         # From root to another uid without SECBIT_KEEP_CAPS: the kernel clears the
         # permitted and effective sets (and the process becomes non-dumpable).
         os.setresuid(identity.uid, identity.uid, identity.uid)
-        libc.check(libc.prctl(_PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "set no_new_privs")
+        syscalls.prctl(_PR_SET_NO_NEW_PRIVS, 1, "set no_new_privs")
 
 
 def spawn(

@@ -29,7 +29,6 @@ Failures raise :class:`SkopeoError` with a :class:`Failure` kind and skopeo's me
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import enum
 import fcntl
 import json
@@ -47,6 +46,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from hypervisor import syscalls
 from sandbox.image.formats import MAX_JSON
 from sandbox.image.reference import Reference
 
@@ -113,8 +113,7 @@ class RegistryOptions:
 
 def _die_with_parent() -> None:
     """In the child: SIGKILL when pysandbox dies, however it dies (no orphan copy)."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    syscalls.LIBC.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
 
 
 def available() -> bool:

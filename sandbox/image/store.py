@@ -21,7 +21,6 @@ An image resolves to a read-only host directory plus its configuration (argv, en
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import errno
 import os
 import shutil
@@ -33,6 +32,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from hypervisor import syscalls
 from hypervisor.process import pid_alive
 from sandbox.errors import ConfigError, ImageError
 from sandbox.image import formats as image_formats
@@ -314,8 +314,7 @@ def _sync(path: Path) -> None:
     """Flush the filesystem holding ``path`` so that the rename never lands before the data."""
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        if libc.syncfs(fd) != 0:
+        if syscalls.LIBC.syncfs(fd) != 0:
             os.sync()
     except (OSError, AttributeError):
         os.sync()

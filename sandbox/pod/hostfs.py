@@ -27,8 +27,7 @@ import re
 import stat
 from pathlib import Path
 
-_libc = ctypes.CDLL("libc.so.6", use_errno=True)
-_libc.syscall.restype = ctypes.c_long
+from hypervisor import syscalls
 
 MS_BIND = 0x1000
 MS_PRIVATE = 1 << 18
@@ -59,19 +58,9 @@ class _MountAttr(ctypes.Structure):
     ]
 
 
-def _check(result: int, what: str) -> int:
-    if result < 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"{what}: {os.strerror(err)}")
-    return result
-
-
 def _mount(source: str | None, target: str, flags: int) -> None:
     src = source.encode() if source is not None else None
-    _check(
-        _libc.mount(src, target.encode(), None, ctypes.c_ulong(flags), None),
-        f"mount {source} on {target}",
-    )
+    syscalls.mount(src, target.encode(), None, flags, None, f"mount {source} on {target}")
 
 
 def make_shared_mountpoint(path: Path) -> None:
@@ -150,8 +139,8 @@ def _attach(
     """Clone the tree at ``source_fd`` (with its submounts if ``recursive``), flag it
     (``propagation``: MS_PRIVATE or MS_SLAVE), attach it onto ``target_fd``'s inode."""
     depth = _AT_RECURSIVE if recursive else 0
-    tree_fd = _check(
-        _libc.syscall(
+    tree_fd = syscalls.check(
+        syscalls.LIBC.syscall(
             _SYS_OPEN_TREE,
             ctypes.c_int(source_fd),
             b"",
@@ -166,8 +155,8 @@ def _attach(
             propagation,
             0,
         )
-        _check(
-            _libc.syscall(
+        syscalls.check(
+            syscalls.LIBC.syscall(
                 _SYS_MOUNT_SETATTR,
                 ctypes.c_int(tree_fd),
                 b"",
@@ -177,8 +166,8 @@ def _attach(
             ),
             "mount_setattr",
         )
-        _check(
-            _libc.syscall(
+        syscalls.check(
+            syscalls.LIBC.syscall(
                 _SYS_MOVE_MOUNT,
                 ctypes.c_int(tree_fd),
                 b"",
@@ -230,7 +219,7 @@ def _mount_id(fd: int) -> int | None:
 
 def _umount_fd(fd: int) -> None:
     """Detach (lazily) the mount whose root ``fd`` is; OSError on failure."""
-    _check(_libc.umount2(f"/proc/self/fd/{fd}".encode(), MNT_DETACH), "umount")
+    syscalls.umount2(f"/proc/self/fd/{fd}".encode(), MNT_DETACH, "umount")
 
 
 def _open_beneath(top_fd: int, parts: list[str]) -> int:

@@ -29,7 +29,6 @@ namespace.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import fcntl
 import os
 import struct
@@ -39,9 +38,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+from hypervisor import syscalls
+from hypervisor.syscalls import CLONE_NEWNET
 from sandbox.errors import ConfigError, NetworkError
 
-CLONE_NEWNET = 0x40000000
 NS_GET_NSTYPE = 0xB703  # _IO(0xb7, 0x3): which kind of namespace an nsfs fd is
 TUNSETIFF = 0x400454CA
 IFF_TAP = 0x0002
@@ -182,10 +182,10 @@ def in_netns(nsfd: int, work: Callable[[], T]) -> T:
 
     def run() -> None:
         try:
-            libc = ctypes.CDLL(None, use_errno=True)
-            if libc.setns(nsfd, CLONE_NEWNET) != 0:
-                err = ctypes.get_errno()
-                raise NetworkError(f"cannot enter the network namespace: {os.strerror(err)}")
+            try:
+                syscalls.setns(nsfd, CLONE_NEWNET)
+            except OSError as exc:
+                raise NetworkError(f"cannot enter the network namespace: {exc.strerror}") from None
             results.append(work())
         except BaseException as exc:
             errors.append(exc)

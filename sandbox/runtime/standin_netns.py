@@ -21,18 +21,17 @@ live on as long as the stand-in (or a client's bind mount of its ``ns/net``) hol
 
 from __future__ import annotations
 
-import ctypes
 import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from hypervisor import syscalls
+from hypervisor.syscalls import CLONE_NEWNET, CLONE_NEWUSER
 from sandbox.errors import ConfigError, NetworkError
 
 if TYPE_CHECKING:
     from ocispec.spec import IdMapping, Spec
 
-CLONE_NEWUSER = 0x10000000
-CLONE_NEWNET = 0x40000000
 #: Lines in a uid_map/gid_map at most (user_namespaces(7), since Linux 4.15).
 MAX_MAP_LINES = 340
 
@@ -115,14 +114,11 @@ def enter(netns: StandinNetns) -> None:
         raise NetworkError("the container's stand-in is still in its caller's network namespace")
 
 
-def _libc() -> ctypes.CDLL:
-    return ctypes.CDLL(None, use_errno=True)
-
-
 def _unshare(flags: int, what: str) -> None:
-    if _libc().unshare(flags) != 0:
-        err = ctypes.get_errno()
-        raise NetworkError(f"cannot create {what} for the stand-in: {os.strerror(err)}")
+    try:
+        syscalls.unshare(flags)
+    except OSError as exc:
+        raise NetworkError(f"cannot create {what} for the stand-in: {exc.strerror}") from None
 
 
 def _enter_owned(uid_map: str, gid_map: str) -> None:
@@ -135,9 +131,9 @@ def _enter_owned(uid_map: str, gid_map: str) -> None:
         try:
             os.close(to_helper_w)
             os.close(to_me_r)
-            if _libc().unshare(CLONE_NEWUSER) == 0:
+            if syscalls.LIBC.unshare(CLONE_NEWUSER) == 0:
                 os.write(to_me_w, b"u")
-                if os.read(to_helper_r, 1) == b"m" and _libc().unshare(CLONE_NEWNET) == 0:
+                if os.read(to_helper_r, 1) == b"m" and syscalls.LIBC.unshare(CLONE_NEWNET) == 0:
                     os.write(to_me_w, b"n")
                     os.read(to_helper_r, 1)  # EOF once the stand-in has joined
                     status = 0
@@ -153,11 +149,11 @@ def _enter_owned(uid_map: str, gid_map: str) -> None:
         _expect(to_me_r, b"n", "a network namespace in the user namespace")
         fd = os.open(f"/proc/{helper}/ns/net", os.O_RDONLY | os.O_CLOEXEC)
         try:
-            if _libc().setns(fd, CLONE_NEWNET) != 0:
-                err = ctypes.get_errno()
-                raise NetworkError(
-                    f"cannot join the stand-in's network namespace: {os.strerror(err)}"
-                )
+            syscalls.setns(fd, CLONE_NEWNET)
+        except OSError as exc:
+            raise NetworkError(
+                f"cannot join the stand-in's network namespace: {exc.strerror}"
+            ) from None
         finally:
             os.close(fd)
     finally:
