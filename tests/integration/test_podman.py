@@ -22,6 +22,7 @@ import pytest
 
 from sandbox import store as state
 from sandbox.image import store as images
+from sandbox.pod import hostfs
 from tests.integration.cgroup_view import READER, parse
 from tests.integration.pods import PodFactory
 from tests.processes import netns_holders, netns_identity, wait_until
@@ -94,6 +95,10 @@ def podman(
         capture_output=True,
         timeout=120,
     )
+    # podman's overlay driver binds its storage/overlay directory onto itself and keeps that
+    # mount after 'system reset': without this, pytest cannot remove its temporary tree.
+    for point in hostfs.mounts_below(base):
+        subprocess.run(["umount", "-l", point], check=False, timeout=60)
     os.environ.pop("CONTAINERS_CONF", None)
 
 
