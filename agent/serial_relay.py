@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import faulthandler
-import fcntl
 import os
 import select
 import socket
@@ -49,10 +48,6 @@ def find_serial_port(name: str = SERIAL_PORT_NAME, sysfs: Path = Path("/sys")) -
     return None
 
 
-class _NoSplice(Exception):
-    """splice(2) is refused (EINVAL) between the gRPC socket, a pipe and the port."""
-
-
 class _Session:
     """One host connection: the upstream socket and the thread copying it to the port."""
 
@@ -79,21 +74,6 @@ class _Session:
         return True
 
     def _pump(self) -> None:
-        read_end, write_end = os.pipe2(os.O_CLOEXEC)
-        try:
-            with contextlib.suppress(OSError):
-                fcntl.fcntl(write_end, fcntl.F_SETPIPE_SZ, _UPSTREAM_CHUNK)
-            self._splice_pump(read_end, write_end)
-        except _NoSplice:
-            # No splice(2) between these two (an older kernel, or a port without
-            # splice_write): copy through user space.
-            _log("splice(2) refused; relaying by copy")
-            self._copy_pump()
-        finally:
-            os.close(read_end)
-            os.close(write_end)
-
-    def _copy_pump(self) -> None:
         while not self.closed.is_set():
             try:
                 data = self.upstream.recv(_UPSTREAM_CHUNK)
@@ -101,46 +81,6 @@ class _Session:
                 return
             if not data or not self.write(data):
                 return
-
-    def _splice_pump(self, read_end: int, write_end: int) -> None:
-        """Move the gRPC server's bytes to the port through a pipe with splice(2): no copy
-        through user space (under TCG every copy costs, and this is the path of a
-        container's stdout). _NoSplice if the kernel refuses splice for either end, with
-        nothing lost (bytes already in the pipe are written to the port first)."""
-        while not self.closed.is_set():
-            try:
-                moved = os.splice(self.upstream.fileno(), write_end, _UPSTREAM_CHUNK)
-            except OSError as exc:
-                if exc.errno == errno.EINVAL:
-                    raise _NoSplice from exc
-                return
-            if not moved:
-                return
-            if not self._drain(read_end, moved):
-                return
-
-    def _drain(self, pipe: int, count: int) -> bool:
-        """Splice ``count`` bytes from ``pipe`` to the port; False if the session closed or
-        the port failed. _NoSplice (after writing the bytes by copy) if the port has no
-        splice support."""
-        with self._lock:
-            while count:
-                if self.closed.is_set():
-                    return False
-                try:
-                    count -= os.splice(pipe, self.fd, count, flags=os.SPLICE_F_NONBLOCK)
-                except BlockingIOError:
-                    select.select([], [self.fd], [], 0.1)
-                except OSError as exc:
-                    if exc.errno != errno.EINVAL:
-                        return False
-                    pending = os.read(pipe, count)
-                    break
-            else:
-                return True
-        if not self.write(pending):
-            return False
-        raise _NoSplice
 
     def close(self) -> None:
         self.closed.set()

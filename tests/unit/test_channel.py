@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.serial_relay import SerialRelay, _Session
+from agent.serial_relay import SerialRelay
 from agent.server import AgentService, make_server
 from agentapi.channel import HandshakeError, SyncScanner, ack_line, host_handshake, sync_line
 from sandbox.pod.agent_client import AgentClient
@@ -210,48 +210,3 @@ def test_many_concurrent_clients_share_one_channel(fake_guest: Path, tmp_path: P
     proxy.wait()
     assert not errors, errors
     assert time.monotonic() - start < 30
-
-
-def _relay_upstream_to(port_fd: int, payload: bytes) -> None:
-    """Run one relay session's upstream pump from a socket carrying ``payload`` to
-    ``port_fd``, until the socket's EOF."""
-    server_end, relay_end = socket.socketpair()
-    session = _Session(port_fd, relay_end, threading.Lock())
-    session.writer.start()
-    server_end.sendall(payload)
-    server_end.close()
-    session.writer.join(30)
-    assert not session.writer.is_alive()
-    relay_end.close()
-
-
-def test_relay_moves_server_bytes_to_a_port_that_splices(tmp_path: Path) -> None:
-    # A pipe accepts splice(2): every byte arrives, in order.
-    payload = os.urandom(3 << 20)
-    read_end, write_end = os.pipe()
-    received = bytearray()
-
-    def reader() -> None:
-        while chunk := os.read(read_end, 1 << 20):
-            received.extend(chunk)
-
-    collector = threading.Thread(target=reader)
-    collector.start()
-    _relay_upstream_to(write_end, payload)
-    os.close(write_end)
-    collector.join(30)
-    os.close(read_end)
-    assert bytes(received) == payload
-
-
-def test_relay_falls_back_to_copying_when_the_port_refuses_splice(tmp_path: Path) -> None:
-    # splice(2) to a file opened O_APPEND fails with EINVAL: the pump copies instead and
-    # loses nothing (not even the bytes already moved into its pipe).
-    payload = os.urandom(3 << 20)
-    port = tmp_path / "port"
-    fd = os.open(port, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-    try:
-        _relay_upstream_to(fd, payload)
-    finally:
-        os.close(fd)
-    assert port.read_bytes() == payload
