@@ -202,8 +202,33 @@ def _watch_vm(pid: int, console_log: Path | None) -> None:
         time.sleep(0.5)
 
 
+#: How long (seconds) one of grpc's blocking waits sleeps before it looks again (see
+#: :func:`_quiet_blocking_waits`).
+BLOCKING_WAIT_SLICE = 30.0
+
+
+def _quiet_blocking_waits() -> None:
+    """Let a thread blocked in a gRPC call sleep until it is woken, not wake 10 times a second.
+
+    grpcio's synchronous API waits on a condition in slices of
+    ``grpc._common.MAXIMUM_WAIT_TIMEOUT`` (0.1 s) so that a signal handler of the main thread
+    runs within 0.1 s; the condition is notified on every state change, so the slice only
+    bounds that latency. Here every relayed call that lasts — a container's stdout, its Wait,
+    a stand-in's stream — holds a thread for the container's life: N threads x 10 wake-ups a
+    second on an idle pod. On Linux a Python lock wait is interrupted by a signal and its
+    handler runs at once (the proxy's only one, SIGTERM, exits), so a long slice costs
+    nothing. The attribute is private: when a grpcio release drops it, nothing changes but
+    the wake-ups (measured in docs/performance.md).
+    """
+    import grpc._common as grpc_common
+
+    if isinstance(getattr(grpc_common, "MAXIMUM_WAIT_TIMEOUT", None), float):
+        grpc_common.MAXIMUM_WAIT_TIMEOUT = BLOCKING_WAIT_SLICE
+
+
 def main(argv: list[str] | None = None) -> None:
     """Run the proxy daemon; see the module docstring."""
+    _quiet_blocking_waits()
     parser = argparse.ArgumentParser(prog="pysandbox-agent-proxy")
     parser.add_argument("--listen", type=Path, required=True)
     parser.add_argument("--serial", type=Path, help="QEMU chardev socket of the agent port")
