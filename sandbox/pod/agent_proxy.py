@@ -215,10 +215,9 @@ def _quiet_blocking_waits() -> None:
     runs within 0.1 s; the condition is notified on every state change, so the slice only
     bounds that latency. Here every relayed call that lasts — a container's stdout, its Wait,
     a stand-in's stream — holds a thread for the container's life: N threads x 10 wake-ups a
-    second on an idle pod. On Linux a Python lock wait is interrupted by a signal and its
-    handler runs at once (the proxy's only one, SIGTERM, exits), so a long slice costs
-    nothing. The attribute is private: when a grpcio release drops it, nothing changes but
-    the wake-ups (measured in docs/performance.md).
+    second on an idle pod. The proxy's only signal, SIGTERM, is taken by ``sigwait`` in the
+    main thread, not by a handler, so a long slice delays nothing. The attribute is private:
+    when a grpcio release drops it, nothing changes but the wake-ups (bench/idle_cpu.py).
     """
     import grpc._common as grpc_common
 
@@ -237,7 +236,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--forward-fd", type=int, help="port-forward listener (pod netns)")
     parser.add_argument("--console-log", type=Path, help="the VM's serial console log to bound")
     args = parser.parse_args(argv)
-    signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
+    # SIGTERM is blocked in every thread (those started below inherit the mask) and taken by
+    # the main thread's sigwait: the proxy exits at once whichever thread it was sent to.
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
     threading.Thread(target=_watch_vm, args=(args.vm_pid, args.console_log), daemon=True).start()
     if args.vsock_cid is not None:
         upstream = f"vsock:{args.vsock_cid}:{VSOCK_PORT}"
@@ -273,7 +274,8 @@ def main(argv: list[str] | None = None) -> None:
         daemon=True,
     ).start()
     print("agent-proxy: ready", flush=True)
-    server.wait_for_termination()
+    signal.sigwait({signal.SIGTERM})
+    os._exit(0)
 
 
 if __name__ == "__main__":

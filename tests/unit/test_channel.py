@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -210,3 +211,18 @@ def test_many_concurrent_clients_share_one_channel(fake_guest: Path, tmp_path: P
     proxy.wait()
     assert not errors, errors
     assert time.monotonic() - start < 30
+
+
+def test_proxy_exits_at_once_on_sigterm(fake_guest: Path, tmp_path: Path) -> None:
+    # Teardown sends SIGTERM and kills after a short grace: the proxy must go at once, even
+    # with a call in flight (its threads sleep in long waits) and whichever thread gets it.
+    listen = tmp_path / "agent.sock"
+    proxy = _start_proxy(fake_guest, listen)
+    try:
+        with AgentClient(f"unix:{listen}", timeout=10) as client:
+            assert client.health() > 0
+            proxy.send_signal(signal.SIGTERM)
+            assert proxy.wait(2) == 0
+    finally:
+        proxy.kill()
+        proxy.wait()
