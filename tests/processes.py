@@ -88,3 +88,22 @@ def netns_holders(identity: str) -> list[int]:
             except OSError:
                 continue
     return found
+
+
+def proc_status(pid: int) -> dict[str, str]:
+    """``/proc/PID/status`` as field -> value (OSError if the process is gone)."""
+    fields = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        fields[key] = value.strip()
+    return fields
+
+
+def assert_capless(pid: int) -> None:
+    """``pid`` runs as uid 0 with every capability set empty and no_new_privs (the host
+    stand-ins' and proxy's profile, docs/trust-boundaries.md)."""
+    fields = proc_status(pid)
+    assert fields["Uid"].split() == ["0"] * 4, fields["Uid"]
+    for caps in ("CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"):
+        assert int(fields[caps], 16) == 0, (pid, caps, fields[caps])
+    assert fields["NoNewPrivs"] == "1", fields["NoNewPrivs"]

@@ -23,21 +23,13 @@ from hypervisor import jail_ids
 from hypervisor.virtiofsd import DEFAULT_MAX_FDS, fd_limit
 from sandbox.pod.lifecycle import Pod
 from tests.integration.pods import PodFactory
-from tests.processes import processes_mentioning
+from tests.processes import assert_capless, proc_status, processes_mentioning
 
 REPO = Path(__file__).resolve().parents[2]
 #: Capabilities virtiofsd keeps in a share without privileged files: CHOWN, DAC_OVERRIDE,
 #: FOWNER, SETGID, SETUID (bits 0, 1, 3, 6, 7).
 VIRTIOFSD_CAPS = (1 << 0) | (1 << 1) | (1 << 3) | (1 << 6) | (1 << 7)
 NAMESPACES = ("mnt", "pid", "ipc", "uts", "net")
-
-
-def status(pid: int) -> dict[str, str]:
-    fields = {}
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        key, _, value = line.partition(":")
-        fields[key] = value.strip()
-    return fields
 
 
 def qemu_pid(pod: Pod) -> int:
@@ -47,7 +39,7 @@ def qemu_pid(pod: Pod) -> int:
 
 
 def qemu_ids(pod: Pod) -> tuple[int, int]:
-    fields = status(qemu_pid(pod))
+    fields = proc_status(qemu_pid(pod))
     return int(fields["Uid"].split()[0]), int(fields["Gid"].split()[0])
 
 
@@ -78,7 +70,7 @@ def other_pod(module_pods: PodFactory) -> Pod:
 
 
 def test_qemu_runs_unprivileged(shared_pod: Pod) -> None:
-    fields = status(qemu_pid(shared_pod))
+    fields = proc_status(qemu_pid(shared_pod))
     uids, gids = set(fields["Uid"].split()), set(fields["Gid"].split())
     assert len(uids) == 1 and len(gids) == 1, (fields["Uid"], fields["Gid"])
     first, last = jail_ids.settings().ids
@@ -99,7 +91,7 @@ def test_qemu_namespaces_are_its_own(shared_pod: Pod) -> None:
     pid = qemu_pid(shared_pod)
     for kind in NAMESPACES:
         assert os.readlink(f"/proc/{pid}/ns/{kind}") != os.readlink(f"/proc/self/ns/{kind}"), kind
-    assert status(pid)["NSpid"].split()[-1] == "1"  # the only process of its pid namespace
+    assert proc_status(pid)["NSpid"].split()[-1] == "1"  # the only process of its pid namespace
 
 
 def _listing(root: Path) -> set[str]:
@@ -180,7 +172,7 @@ def _virtiofsd_server(pod: Pod) -> int:
 
 def status_or_empty(pid: int) -> dict[str, str]:
     try:
-        return status(pid)
+        return proc_status(pid)
     except OSError:
         return {}
 
@@ -188,7 +180,7 @@ def status_or_empty(pid: int) -> dict[str, str]:
 def test_virtiofsd_keeps_only_what_it_needs(shared_pod: Pod) -> None:
     assert not shared_pod.record.privileged_files
     server = _virtiofsd_server(shared_pod)
-    fields = status(server)
+    fields = proc_status(server)
     assert int(fields["CapEff"], 16) == VIRTIOFSD_CAPS
     assert int(fields["CapPrm"], 16) == VIRTIOFSD_CAPS
     assert int(fields["CapBnd"], 16) == 0
@@ -207,11 +199,7 @@ def test_agent_proxy_has_no_capabilities(shared_pod: Pod) -> None:
     """The proxy relays bytes between root's 0600 sockets: uid 0, but no capability."""
     proxy = shared_pod.process("proxy")
     assert proxy is not None and proxy.alive()
-    fields = status(proxy.pid)
-    assert fields["Uid"].split()[0] == "0"
-    for caps in ("CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"):
-        assert int(fields[caps], 16) == 0, (caps, fields[caps])
-    assert fields["NoNewPrivs"] == "1"
+    assert_capless(proxy.pid)
     with shared_pod.client() as agent:  # and it still relays
         agent.info()
 
@@ -230,19 +218,15 @@ def test_shims_have_no_capabilities_and_a_runs_watcher_keeps_root(
     try:
         record = json.loads((root / "sh1" / "state.json").read_text())
         shim = int(record["shim"]["pid"])
-        fields = status(shim)
         assert b"sandbox.runtime.shim" in Path(f"/proc/{shim}/cmdline").read_bytes()
-        assert fields["Uid"].split() == ["0"] * 4
-        for caps in ("CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"):
-            assert int(fields[caps], 16) == 0, (caps, fields[caps])
-        assert fields["NoNewPrivs"] == "1"
+        assert_capless(shim)
         watchers = [
             int(line.split(":")[0])
             for line in processes_mentioning(str(root), live_only=True)
             if "sandbox.runtime.shim_watch" in line
         ]
         assert len(watchers) == 1, watchers
-        assert int(status(watchers[0])["CapEff"], 16) != 0  # it stops the jailed QEMU
+        assert int(proc_status(watchers[0])["CapEff"], 16) != 0  # it stops the jailed QEMU
         log = root / "sh1" / "run.log"
         for _ in range(300):
             if b"started" in log.read_bytes():

@@ -27,7 +27,7 @@ from sandbox.image import store as images
 from sandbox.run.default_spec import default_spec
 from tests.integration.pods import PodFactory
 from tests.integration.test_runtime_cli import RUNTIME, Runtime
-from tests.processes import netns_holders, wait_until
+from tests.processes import assert_capless, netns_holders, wait_until
 
 pytestmark = pytest.mark.vm
 
@@ -247,6 +247,9 @@ def test_pid_file_process_is_not_in_the_hosts_network_namespace(
         netns, owner_map = _netns_owner_map(pid)
         assert netns != host_netns
         assert owner_map == runc_map
+        # It made that namespace with root's capabilities, then gave them all up (it stands
+        # in for the container on the host: docs/trust-boundaries.md).
+        assert_capless(pid)
         # Empty: loopback only (nothing of the host's), as runc's new namespace.
         links = subprocess.run(
             ["nsenter", f"--net=/proc/{pid}/ns/net", "ip", "-o", "link"],
