@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from hypervisor.process import ProcessHandle
     from hypervisor.qemu_args import NicConfig
+    from hypervisor.zeropages import ZeroMap
 
 #: Status reported once the VMM process has exited.
 SHUTDOWN = "shutdown"
@@ -84,9 +85,10 @@ class Hypervisor(abc.ABC):
         LaunchError if it cannot load it, HypervisorTimeout after ``timeout`` seconds."""
 
     @abc.abstractmethod
-    def release_zero_pages(self) -> int:
+    def release_zero_pages(self, known: ZeroMap | None = None) -> int:
         """Give back to the host the guest-RAM pages holding only zeros (paused VM only);
-        bytes released."""
+        bytes released. ``known``: where the zero runs of the loaded state are kept
+        (:class:`hypervisor.zeropages.ZeroMap`), used and filled."""
 
     @abc.abstractmethod
     def hotplug_share(self, tag: str, socket: Path, index: int = 0) -> None:

@@ -46,6 +46,7 @@ from hypervisor.qmp import QMP
 if TYPE_CHECKING:
     from hypervisor.jail_ids import Settings
     from hypervisor.qemu_jail import JailedLaunch
+    from hypervisor.zeropages import ZeroMap
 
 QEMU_BINARY = "qemu-system-x86_64"
 #: Environment override for the QEMU binary (absolute path or name on PATH).
@@ -331,10 +332,11 @@ class QemuVM(SpawnedProcess, Hypervisor):
                     )
                 time.sleep(0.02)
 
-    def release_zero_pages(self) -> int:
+    def release_zero_pages(self, known: ZeroMap | None = None) -> int:
         """Free the guest-RAM pages that hold only zeros (hypervisor/zeropages.py); bytes freed.
 
         Only while the VM is paused (after :meth:`wait_incoming`, before :meth:`resume`).
+        ``known``: where the zero runs of the loaded state are kept (used and filled).
         0 if its RAM is not a memfd; OSError if the memfd cannot be punched.
         """
         from hypervisor import zeropages
@@ -342,7 +344,7 @@ class QemuVM(SpawnedProcess, Hypervisor):
         if self.status() != "paused":
             raise HypervisorError(f"vm {self.config.name} must be paused to release zero pages")
         memfd = zeropages.find_ram_memfd(self.pid)
-        return 0 if memfd is None else zeropages.punch_zero_pages(memfd)
+        return 0 if memfd is None else zeropages.punch_zero_pages(memfd, known)
 
     def hotplug_share(self, tag: str, socket: Path, index: int = 0) -> None:
         """Add a virtio-fs share served on ``socket`` to the VM (QMPError on failure)."""

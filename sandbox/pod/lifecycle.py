@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
 from hypervisor.process import ProcessHandle, signals_held
+from hypervisor.zeropages import ZeroMap
 from sandbox import store as state
 from sandbox.errors import AgentError, ConfigError, NetworkError, StateError, TemplateError
 from sandbox.pod import drivers as pod_drivers
@@ -563,6 +564,7 @@ class Pod:
             self.note(f"no template, cold boot: {exc}")
             return False
         state_file = found.state_file
+        zero_map = ZeroMap(state_file.with_name(template.ZERO_MAP_FILE), ZeroMap.key_of(found.fd))
         user_nic = any(nic.backend == "user" for nic in nics)
         try:
             vm = self.drivers.hypervisor(
@@ -591,7 +593,8 @@ class Pod:
             vm.wait_incoming(timeout)
             loaded = True
             started = time.monotonic()
-            released = vm.release_zero_pages()  # loading touched all RAM; paused: safe now
+            # Loading touched all RAM; paused: safe now.
+            released = vm.release_zero_pages(zero_map)
             self.note(
                 f"restored; {released >> 20} MiB of zero pages released"
                 f" in {time.monotonic() - started:.3f}s"

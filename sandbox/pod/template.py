@@ -51,6 +51,8 @@ if TYPE_CHECKING:
 
 DEFAULT_TEMPLATE_DIR = Path("/var/lib/pysandbox/templates")
 STATE_FILE = "state"
+#: The zero-page runs of the state once restored (hypervisor.zeropages.ZeroMap).
+ZERO_MAP_FILE = "zero-pages.json"
 META_FILE = "meta.json"
 #: Most templates kept (one per memory size in use, typically); least recently used go first.
 KEEP = 8

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from hypervisor import zeropages
 from sandbox.pod import template
 from sandbox.pod.lifecycle import Pod
 from tests.integration.helpers import busybox_spec, run_container
@@ -51,12 +52,24 @@ def _guest_check(pod: Pod) -> tuple[float, bytes]:
     return offset, uuid
 
 
+def _guest_ram_held(pod: Pod) -> int:
+    """Bytes of the pod's guest RAM (QEMU's memfd) the host holds."""
+    qemu = pod.process("qemu")
+    assert qemu is not None
+    memfd = zeropages.find_ram_memfd(qemu.pid)
+    assert memfd is not None
+    return os.stat(memfd).st_blocks * 512
+
+
 def test_restored_pods_are_distinct_machines_with_the_right_clock(
     template_dir: Path, pod_factory: PodFactory
 ) -> None:
     first = pod_factory()  # builds the template, then restores from it
     assert first.record.boot == "restored"
+    first_ram = _guest_ram_held(first)
     [state_file] = _state_files(template_dir)
+    # The first restore recorded where the state's zero pages are (hypervisor/zeropages.py).
+    assert (state_file.parent / template.ZERO_MAP_FILE).is_file()
     assert processes_mentioning(str(template_dir)) == [], "template VM left running"
     built = state_file.stat().st_mtime
     time.sleep(max(0.0, built + TEMPLATE_AGE - time.time()))
@@ -64,6 +77,13 @@ def test_restored_pods_are_distinct_machines_with_the_right_clock(
     second = pod_factory()
     assert second.record.boot == "restored"
     assert _state_files(template_dir) == [state_file]  # reused, not rebuilt
+    # The second restore punched the recorded runs without scanning: the host holds as
+    # little of its RAM as of the first one's (what the guest touched since differs a bit),
+    # far below the guest's memory size; the guest checks below show its RAM intact.
+    second_ram = _guest_ram_held(second)
+    memory = second.record.memory_mib << 20
+    assert first_ram < memory // 2 and second_ram < memory // 2, (first_ram, second_ram)
+    assert abs(second_ram - first_ram) < 16 << 20, (first_ram, second_ram)
     checks = [_guest_check(pod) for pod in (first, second)]
     for offset, _ in checks:
         # Without Restored the guest clock would be TEMPLATE_AGE behind (the saved clock).

@@ -44,6 +44,7 @@ from hypervisor.errors import HypervisorError, LaunchError
 from hypervisor.process import ProcessHandle
 from hypervisor.qemu_args import NicConfig, VMConfig
 from hypervisor.virtiofsd import LockMode
+from hypervisor.zeropages import ZeroMap
 from sandbox.errors import AgentError
 from sandbox.pod import hostfs
 from sandbox.pod.drivers import Drivers
@@ -302,7 +303,7 @@ class FakeVM(Hypervisor):
     def wait_incoming(self, timeout: float) -> None:
         self._call("wait_incoming")
 
-    def release_zero_pages(self) -> int:
+    def release_zero_pages(self, known: ZeroMap | None = None) -> int:
         self._call("release_zero_pages")
         return 0
 
