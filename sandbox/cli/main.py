@@ -55,10 +55,12 @@ def _global_flags(parser: argparse.ArgumentParser) -> None:
 #: that boot or stop VMs: QMP loads asyncio there, and a signal turned into an exception
 #: in the middle of a lazy load would leave the module half-initialised for the rest of the
 #: process (an ordinary import is undone and retried).
-_LAZY_IMPORT_VERBS = frozenset({"exec", "state", "kill"})
+_LAZY_IMPORT_VERBS = frozenset({"state", "kill"})
 
 #: The verbs clients call most (and for which start-up time is most of the call's time).
-_LIFECYCLE_VERBS = ("start", "state", "kill", "delete", "pause", "resume")
+#: ``exec`` installs the lazy imports itself, when it uses gRPC (a detached exec): an
+#: attached one does not (sandbox/runtime/exec_attach.py).
+_LIFECYCLE_VERBS = ("start", "state", "kill", "delete", "pause", "resume", "exec")
 
 
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:
@@ -114,18 +116,6 @@ def _runtime_verbs(verbs: Any) -> None:
     create.add_argument("--preserve-fds", type=int, default=0)
     create.add_argument("id")
     _lifecycle_verbs(verbs)
-    exec_ = verbs.add_parser("exec", help="run a process in a running container")
-    exec_.add_argument("--process", "-p", type=Path)
-    exec_.add_argument("--detach", "-d", action="store_true")
-    exec_.add_argument("--pid-file", type=Path)
-    exec_.add_argument("--tty", "-t", action="store_true")
-    exec_.add_argument("--console-socket", type=Path)
-    exec_.add_argument("--env", "-e", action="append", default=[])
-    exec_.add_argument("--cwd")
-    exec_.add_argument("--user", "-u")
-    exec_.add_argument("--preserve-fds", type=int, default=0)
-    exec_.add_argument("id")
-    exec_.add_argument("command", nargs=argparse.REMAINDER)
     ps = verbs.add_parser("ps", help="list a container's processes (without ID: detached runs)")
     ps.add_argument("--format", "-f", choices=["table", "json"], default="table")
     ps.add_argument("--all", "-a", action="store_true", help="without ID: stopped runs too")
@@ -164,6 +154,19 @@ def _lifecycle_verbs(verbs: Any, only: str | None = None) -> None:
         verbs.add_parser("pause", help="freeze a container").add_argument("id")
     if only in (None, "resume"):
         verbs.add_parser("resume", help="thaw a paused container").add_argument("id")
+    if only in (None, "exec"):
+        exec_ = verbs.add_parser("exec", help="run a process in a running container")
+        exec_.add_argument("--process", "-p", type=Path)
+        exec_.add_argument("--detach", "-d", action="store_true")
+        exec_.add_argument("--pid-file", type=Path)
+        exec_.add_argument("--tty", "-t", action="store_true")
+        exec_.add_argument("--console-socket", type=Path)
+        exec_.add_argument("--env", "-e", action="append", default=[])
+        exec_.add_argument("--cwd")
+        exec_.add_argument("--user", "-u")
+        exec_.add_argument("--preserve-fds", type=int, default=0)
+        exec_.add_argument("id")
+        exec_.add_argument("command", nargs=argparse.REMAINDER)
 
 
 def _log_error(args: argparse.Namespace, message: str) -> None:

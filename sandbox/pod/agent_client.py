@@ -157,12 +157,15 @@ class AgentClient:
         timeout: float = DEFAULT_RPC_TIMEOUT,
         pod_id: str = "",
         watch: Watch | None = None,
+        channel: grpc.Channel | None = None,
     ) -> None:
         self.address = address
         self.timeout = timeout
         self.pod_id = pod_id
         self.watch = watch
-        self._channel = grpc.insecure_channel(address, options=GRPC_OPTIONS)
+        # A channel of the caller's (the agent proxy's own) is used as is and left open.
+        self._owned = channel is None
+        self._channel = channel or grpc.insecure_channel(address, options=GRPC_OPTIONS)
         self._stub: Any = pb_grpc.AgentStub(self._channel)  # type: ignore[no-untyped-call]
 
     def __enter__(self) -> Self:
@@ -172,7 +175,8 @@ class AgentClient:
         self.close()
 
     def close(self) -> None:
-        self._channel.close()
+        if self._owned:
+            self._channel.close()
 
     def _call(self, name: str, request: Any, timeout: float | None = None) -> Any:
         method: Callable[..., Any] = getattr(self._stub, name)

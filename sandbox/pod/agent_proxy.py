@@ -265,12 +265,14 @@ def main(argv: list[str] | None = None) -> None:
     server.start()
     os.chmod(args.listen, 0o600)
     from sandbox.pod import standin_service
+    from sandbox.pod.agent_client import ContainerClient
     from sandbox.pod.standin_wire import SOCKET_NAME
 
     standins = standin_service.listen(args.listen.with_name(SOCKET_NAME))
+    client = ContainerClient(upstream, channel=channel)  # no second hop through agent.sock
     threading.Thread(
         target=standin_service.serve,
-        args=(standins, f"unix:{args.listen}", lambda: pid_alive(args.vm_pid)),
+        args=(standins, client, lambda: pid_alive(args.vm_pid)),
         daemon=True,
     ).start()
     print("agent-proxy: ready", flush=True)

@@ -3,9 +3,11 @@
 For each shim attached on ``<pod>/shim.sock`` the proxy relays the container process's stdio
 between the fds the shim handed over and the agent (:class:`~sandbox.pod.stdio.StdioRelay`),
 forwards the shim's signals and terminal sizes, waits for the process and sends its exit
-status; if the shim dies first it kills the process. Each shim is served by a thread of its
-own; the calls go through the proxy's own ``agent.sock`` (so every call keeps the client's
-deadlines of :class:`~sandbox.pod.agent_client.ContainerClient`).
+status; if the shim dies first it kills the process. An attached ``pysandbox exec`` is served
+the same way after the proxy started its process (``exec``: ExecProcess first), so that the
+command line needs no gRPC. Each connection is served by a thread of its own; the calls go
+over the proxy's own channel to the agent (a :class:`~sandbox.pod.agent_client.ContainerClient`
+sharing it, so every call keeps that client's deadlines).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from ocispec.document import MAX_DOCUMENT_BYTES
 from sandbox.errors import AgentError
 from sandbox.pod import standin_wire as wire
 from sandbox.pod.agent_client import ContainerClient
@@ -46,26 +49,29 @@ def listen(path: Path) -> socket.socket:
     return listener
 
 
-def serve(listener: socket.socket, agent_address: str, vm_alive: Callable[[], bool]) -> None:
-    """Serve every shim that connects to ``listener``, forever (a thread each).
-    ``vm_alive`` says whether the pod's QEMU still runs."""
+def serve(listener: socket.socket, client: ContainerClient, vm_alive: Callable[[], bool]) -> None:
+    """Serve every shim that connects to ``listener``, forever (a thread each), through
+    ``client`` (shared by all). ``vm_alive`` says whether the pod's QEMU still runs."""
     while True:
         conn, _ = listener.accept()
-        threading.Thread(
-            target=_serve_one, args=(conn, agent_address, vm_alive), daemon=True
-        ).start()
+        threading.Thread(target=_serve_one, args=(conn, client, vm_alive), daemon=True).start()
 
 
 class _Attach:
-    """A validated ``attach`` message and its fds (stdin None when not relayed)."""
+    """A validated ``attach`` or ``exec`` message and its fds (stdin None when not relayed);
+    for ``exec``, ``document`` is the process JSON to start first (else None). ``fds`` is
+    the list received (the caller's, closed once)."""
 
     def __init__(self, message: dict[str, Any], fds: list[int]) -> None:
+        op = message.get("op")
         ids = message.get("id"), message.get("exec_id")
+        if op == "exec":
+            message = {**message, "stdin": True, "resume": False}
         flags = [message.get(k) for k in ("terminal", "stdin", "resume")]
-        if message.get("op") != "attach" or not all(isinstance(i, str) for i in ids):
-            raise wire.WireError("expected attach with id and exec_id")
+        if op not in ("attach", "exec") or not all(isinstance(i, str) for i in ids):
+            raise wire.WireError("expected attach or exec with id and exec_id")
         if not all(isinstance(f, bool) for f in flags):
-            raise wire.WireError("attach flags must be booleans")
+            raise wire.WireError(f"{op} flags must be booleans")
         self.container_id, self.exec_id = str(ids[0]), str(ids[1])
         self.terminal, has_stdin, resume = (bool(f) for f in flags)
         limit = message.get("output_limit")
@@ -73,11 +79,18 @@ class _Attach:
             raise wire.WireError("output_limit must be a byte count or null")
         self.output_limit: int | None = limit
         self.fds = fds
-        wanted = 1 if self.terminal else 2 + int(has_stdin)
+        if op == "exec":  # document, stdin, stdout[, stderr]
+            wanted = 3 if self.terminal else 4
+        else:  # the terminal, or [stdin,] stdout, stderr
+            wanted = 1 if self.terminal else 2 + int(has_stdin)
         if len(fds) != wanted:
-            raise wire.WireError(f"attach needs {wanted} fds, got {len(fds)}")
+            raise wire.WireError(f"{op} needs {wanted} fds, got {len(fds)}")
+        self.document: bytes | None = None
         self.stdin: int | None
-        if self.terminal:
+        if op == "exec":
+            self.document = _read_document(fds[0])
+            self.stdin, self.stdout, self.stderr = fds[1], fds[2], fds[-1]
+        elif self.terminal:
             self.stdin, self.stdout, self.stderr = fds[0], fds[0], fds[0]
         else:
             self.stdin = fds[0] if has_stdin else None
@@ -86,7 +99,23 @@ class _Attach:
             self.stdin = None  # what it had read is gone with the proxy that read it
 
 
-def _serve_one(conn: socket.socket, agent_address: str, vm_alive: Callable[[], bool]) -> None:
+def _read_document(fd: int) -> bytes:
+    """The process document in ``fd`` (from offset 0); WireError when larger than the
+    agent takes or unreadable."""
+    chunks: list[bytes] = []
+    size = 0
+    try:
+        while chunk := os.pread(fd, 65536, size):
+            chunks.append(chunk)
+            size += len(chunk)
+            if size > MAX_DOCUMENT_BYTES:
+                raise wire.WireError(f"process document over {MAX_DOCUMENT_BYTES} bytes")
+    except OSError as exc:
+        raise wire.WireError(f"cannot read the process document: {exc.strerror}") from None
+    return b"".join(chunks)
+
+
+def _serve_one(conn: socket.socket, client: ContainerClient, vm_alive: Callable[[], bool]) -> None:
     fds: list[int] = []
     try:
         conn.settimeout(ATTACH_TIMEOUT)
@@ -95,15 +124,22 @@ def _serve_one(conn: socket.socket, agent_address: str, vm_alive: Callable[[], b
             return
         attach = _Attach(message, fds)
         conn.settimeout(None)
-        client = ContainerClient(agent_address)
         _Standin(conn, client, attach, vm_alive).run()
     except (OSError, wire.WireError, AgentError) as exc:
         print(f"agent-proxy: stand-in: {exc}", file=sys.stderr, flush=True)
         with contextlib.suppress(OSError, wire.WireError):
-            wire.send(conn, {"op": "error", "message": str(exc)})
+            wire.send(conn, _error_message(exc))
     finally:
         wire.close_all(fds)
         conn.close()
+
+
+def _error_message(exc: Exception) -> dict[str, Any]:
+    """The ``error`` message for ``exc``; an agent's failure with its fields."""
+    message: dict[str, Any] = {"op": "error", "message": str(exc)}
+    if isinstance(exc, AgentError):
+        message.update(rpc=exc.rpc, code=exc.code, reason=exc.reason.value, detail=exc.detail)
+    return message
 
 
 class _Standin:
@@ -129,6 +165,8 @@ class _Standin:
 
     def run(self) -> None:
         a = self._attach
+        if a.document is not None:
+            self._client.exec_process(a.container_id, a.exec_id, a.document)
         relay = StdioRelay(
             self._client,
             a.container_id,
@@ -145,6 +183,7 @@ class _Standin:
         status, oom = self._wait()
         self._done.set()
         relay.join(DRAIN_TIMEOUT)
+        relay.stop_input()
         wire.close_all(a.fds)
         a.fds.clear()
         self._send({"op": "exit", "status": status, "oom": oom})

@@ -17,12 +17,21 @@ Shim -> proxy:
   streams are read again, stdin is not relayed again (as before that proxy died, at most a
   chunk in flight is lost).
   ``output_limit``: the shim's RLIMIT_FSIZE; the proxy writes to regular files within it.
+* or, from an attached ``pysandbox exec`` (:mod:`sandbox.runtime.exec_attach`), which is
+  the exec's stand-in itself: ``{"op": "exec", "id": ID, "exec_id": EXEC, "terminal":
+  bool}`` first, with the fds ``document, stdin, stdout[, stderr]`` (no stderr with a
+  terminal: its output is on stdout). ``document`` holds the OCI ``process`` JSON the
+  agent gets (at most ``ocispec.document.MAX_DOCUMENT_BYTES``; a memfd, read from offset
+  0). The proxy starts the process (ExecProcess) and then serves it as an attached shim's.
 * ``{"op": "signal", "signum": N}``: forward signal N to the process.
 * ``{"op": "resize", "rows": R, "cols": C}``: the terminal's new size.
 
 Proxy -> shim:
 
-* ``{"op": "attached"}``: the relay runs. ``{"op": "error", "message": TEXT}``: it does not.
+* ``{"op": "attached"}``: the process runs (``exec``) and the relay runs.
+  ``{"op": "error", "message": TEXT}``: it does not; after an ``exec`` whose ExecProcess
+  failed, the message also carries the agent's failure as ``rpc``, ``code``, ``reason``
+  and ``detail`` (the fields of :class:`sandbox.errors.AgentError`).
 * ``{"op": "signal-failed", "signum": N}``: the signal could not be delivered (the agent no
   longer knows the process, or the VM is gone) before the process was seen to exit.
 * ``{"op": "exit", "status": S, "oom": bool}``: the process exited (S is 128+N for signal N,
@@ -51,7 +60,7 @@ SOCKET_NAME = "shim.sock"
 #: Largest packet, bytes.
 MAX_MESSAGE = 4096
 #: Most fds one packet carries.
-MAX_FDS = 3
+MAX_FDS = 4
 
 
 class WireError(Exception):

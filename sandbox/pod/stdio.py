@@ -6,6 +6,7 @@ import contextlib
 import errno
 import fcntl
 import os
+import select
 import stat
 import threading
 import time
@@ -43,6 +44,7 @@ class StdioRelay:
         self._terminal = terminal
         self._limit = output_limit
         self._threads: list[threading.Thread] = []
+        self._stop_r, self._stop_w = -1, -1
         self.errors: list[BaseException] = []
 
     def start(self) -> None:
@@ -54,7 +56,11 @@ class StdioRelay:
             thread.start()
             self._threads.append(thread)
         if self._stdin is not None:
-            threading.Thread(target=self._copy_in, daemon=True).start()
+            # A copy of its own, and a pipe that stops it: the caller may close its fds
+            # while the copy waits for input (and the numbers be reused at once).
+            stdin = os.dup(self._stdin)
+            self._stop_r, self._stop_w = os.pipe2(os.O_CLOEXEC)
+            threading.Thread(target=self._copy_in, args=(stdin, self._stop_r), daemon=True).start()
 
     def _copy_out(self, which: str, fd: int) -> None:
         full = False  # the output file reached its size limit: keep draining, drop the rest
@@ -77,16 +83,35 @@ class StdioRelay:
         except BaseException as exc:  # reported by join()
             self.errors.append(exc)
 
-    def _copy_in(self) -> None:
-        assert self._stdin is not None
-        with contextlib.suppress(BaseException):
-            while True:
-                data = os.read(self._stdin, 65536)
-                if not data:
-                    break
-                self._client.write_stdin(*self._ids, data)
-        with contextlib.suppress(BaseException):
-            self._client.close_stdin(*self._ids)
+    def _copy_in(self, stdin: int, stop: int) -> None:
+        """Copy ``stdin`` (ours: closed here) to the process until EOF, then close the
+        process's stdin; or until ``stop`` is readable (:meth:`stop_input`): then what has
+        not been read stays for the next reader of that input (a shell's terminal)."""
+        poller = select.poll()
+        poller.register(stdin, select.POLLIN)
+        poller.register(stop, select.POLLIN)
+        try:
+            with contextlib.suppress(BaseException):
+                while True:
+                    ready = {fd for fd, _ in poller.poll()}
+                    if stop in ready:
+                        return
+                    data = os.read(stdin, 65536)
+                    if not data:
+                        break
+                    self._client.write_stdin(*self._ids, data)
+            with contextlib.suppress(BaseException):
+                self._client.close_stdin(*self._ids)
+        finally:
+            os.close(stdin)
+            os.close(stop)
+
+    def stop_input(self) -> None:
+        """Stop copying stdin (the process is gone): input not read yet is left to the
+        next reader. Idempotent."""
+        if self._stop_w >= 0:
+            os.close(self._stop_w)  # EOF on the stop pipe
+            self._stop_w = -1
 
     def join(self, timeout: float | None = None) -> None:
         """Wait until the output streams ended, ``timeout`` seconds at most for all of them."""

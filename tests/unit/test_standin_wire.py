@@ -52,7 +52,7 @@ def test_malformed_packets_are_refused_and_their_fds_closed(packet: bytes) -> No
 def test_too_many_fds_are_not_sent() -> None:
     left, _right = _pair()
     with pytest.raises(wire.WireError):
-        wire.send(left, {"op": "attach"}, (0, 1, 2, 0))
+        wire.send(left, {"op": "attach"}, (0,) * (wire.MAX_FDS + 1))
 
 
 def test_socket_path_is_next_to_the_agent_socket() -> None:

@@ -1,0 +1,210 @@
+"""An attached ``exec`` through the pod's agent proxy, without gRPC (the command line's side).
+
+``pysandbox exec ID CMD`` (attached) is the host stand-in of the process it starts, as a
+shim is for a detached one (:mod:`sandbox.runtime.shim`): it sends one ``exec`` message to
+the pod's agent proxy over ``<pod>/shim.sock`` (:mod:`sandbox.pod.standin_wire`) with the
+process document and its own stdin, stdout and stderr, and the proxy starts the process
+(ExecProcess), relays its stdio between those fds and the agent, waits for it and sends its
+exit status. So this process loads no gRPC, no protobuf and no pod machinery: its start-up
+is most of what an exec costs on the host (docs/performance.md, "exec").
+
+While the process runs, the signals of :data:`~sandbox.runtime.shim.FORWARDED_SIGNALS`
+sent to this process go to it (as ``runc exec`` forwards them), and with a terminal so does
+the window size of our terminal (SIGWINCH). If this process dies (SIGKILL), the proxy kills
+the exec's process, as for a shim. If the proxy cannot be reached (it died), the pod
+machinery starts a new one (the only case that loads it) and the exec is sent again; if
+the proxy dies while the process runs, the call fails with one line naming what died.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import signal
+import socket
+import struct
+import termios
+from pathlib import Path
+from typing import Any
+
+from sandbox.errors import AgentError, CommandError, FailureReason, PodProcessDied
+from sandbox.pod import record as pod_record
+from sandbox.pod import standin_wire as wire
+from sandbox.runtime import shim
+
+#: Seconds to wait for the proxy's answer to ``exec`` (ExecProcess's own deadline is 120 s).
+_START_TIMEOUT = 150.0
+
+
+def run(
+    root: Path, pod_id: str, container_id: str, exec_id: str, document: bytes, terminal: bool
+) -> int:
+    """Start ``document`` (the OCI process JSON the agent gets) as exec ``exec_id`` of
+    ``container_id`` in pod ``pod_id`` with this process's stdio; its exit status (128+N
+    when killed by signal N). AgentError (CommandError when the program cannot be run) when
+    the agent refuses it or the pod's proxy cannot serve it."""
+    path = pod_record.directory(root, pod_id) / wire.SOCKET_NAME
+    try:
+        sock = _connect(path)
+    except OSError:
+        _revive_proxy(root, pod_id)  # it died: the pod machinery starts a new one
+        try:
+            sock = _connect(path)
+        except OSError as exc:
+            raise AgentError(
+                f"cannot reach the agent proxy of pod {pod_id} ({path}): {exc.strerror}"
+            ) from None
+    with sock:
+        _start(sock, container_id, exec_id, document, terminal)
+        standin = shim.name_standin(root, container_id, exec_id)  # ps --format json lists us
+        try:
+            _forward(sock, terminal)
+            status = _exit_status(sock)
+        finally:
+            shim.drop_standin(standin)
+    if status is None:
+        raise _proxy_gone(root, pod_id, container_id, exec_id)
+    return status
+
+
+def _connect(path: Path) -> socket.socket:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+    try:
+        sock.connect(str(path))
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+def _start(
+    sock: socket.socket, container_id: str, exec_id: str, document: bytes, terminal: bool
+) -> None:
+    """Send ``exec`` and wait until the proxy started the process; AgentError otherwise."""
+    memfd = os.memfd_create("exec-process", os.MFD_CLOEXEC)
+    stdin = -1
+    try:
+        os.write(memfd, document)
+        stdin = 0 if _is_open(0) else os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+        fds = (memfd, stdin, 1) if terminal else (memfd, stdin, 1, 2)
+        message = {"op": "exec", "id": container_id, "exec_id": exec_id, "terminal": terminal}
+        sock.settimeout(_START_TIMEOUT)
+        try:
+            wire.send(sock, message, fds)
+            answer, passed = wire.receive(sock)
+        except (OSError, wire.WireError) as exc:
+            raise AgentError(f"the agent proxy did not start exec {exec_id}: {exc}") from None
+        wire.close_all(passed)
+    finally:
+        os.close(memfd)
+        if stdin > 0:
+            os.close(stdin)
+    sock.settimeout(None)
+    if answer is None:
+        raise AgentError(f"the agent proxy closed the connection before exec {exec_id} started")
+    if answer["op"] != "attached":
+        raise _refusal(answer, container_id, exec_id)
+
+
+def _refusal(answer: dict[str, Any], container_id: str, exec_id: str) -> AgentError:
+    """The AgentError of the proxy's ``error`` message (the agent's failure, if it was one),
+    as the gRPC client would have raised it (:mod:`sandbox.pod.agent_client`)."""
+
+    def text(key: str) -> str:
+        value = answer.get(key)
+        return value if isinstance(value, str) else ""
+
+    message = text("message") or "the agent proxy refused the exec"
+    reason = FailureReason.named(text("reason"))
+    fields: dict[str, Any] = {
+        "rpc": text("rpc"),
+        "code": text("code"),
+        "detail": text("detail") or message,
+        "container_id": container_id,
+        "exec_id": exec_id,
+    }
+    if reason.command_status is not None:
+        return CommandError(message, reason=reason, **fields)
+    return AgentError(message, reason=reason, **fields)
+
+
+def _forward(sock: socket.socket, terminal: bool) -> None:
+    """Forward our signals (and, with a terminal, its size) to the process as messages.
+
+    One packet from the handler, no lock and no thread: safe wherever the main thread was
+    (sandbox/signal_forward.py says why that matters)."""
+
+    def send(message: dict[str, Any]) -> None:
+        with contextlib.suppress(OSError, wire.WireError):
+            wire.send(sock, message)
+
+    def forward(signum: int, _frame: object) -> None:
+        send({"op": "signal", "signum": signum})
+
+    for signum in shim.FORWARDED_SIGNALS:
+        signal.signal(signum, forward)
+    if not terminal:
+        return
+    tty = next((fd for fd in (0, 1) if os.isatty(fd)), None)
+    if tty is None:
+        return
+
+    def resize(*_: object) -> None:
+        with contextlib.suppress(OSError):
+            size = fcntl.ioctl(tty, termios.TIOCGWINSZ, b"\0" * 8)
+            rows, cols = struct.unpack("HHHH", size)[:2]
+            if rows and cols:
+                send({"op": "resize", "rows": rows, "cols": cols})
+
+    signal.signal(signal.SIGWINCH, resize)
+    resize()
+
+
+def _exit_status(sock: socket.socket) -> int | None:
+    """The status of the proxy's ``exit`` message; None if the proxy went away first."""
+    while True:
+        try:
+            message, fds = wire.receive(sock)
+        except (OSError, wire.WireError):
+            return None
+        wire.close_all(fds)
+        if message is None:
+            return None
+        if message["op"] == "exit":
+            status = message.get("status")
+            return status if isinstance(status, int) and 0 <= status <= 255 else 137
+
+
+def _revive_proxy(root: Path, pod_id: str) -> None:
+    """Have the pod's agent proxy started again if it died (the pod machinery, as every
+    other verb that reaches the pod; it loads gRPC)."""
+    from sandbox.runtime.pods import load_pod
+
+    load_pod(root, pod_id).client().close()
+
+
+def _proxy_gone(root: Path, pod_id: str, container_id: str, exec_id: str) -> AgentError:
+    """The error for a proxy that closed the connection before the exit status: the line
+    naming the pod's process that died (QEMU, virtiofsd, the proxy), as a call waiting for
+    the agent reports it."""
+    from sandbox.runtime.pods import load_pod
+
+    died = None
+    with contextlib.suppress(Exception):
+        died = load_pod(root, pod_id).casualty()
+    return PodProcessDied(
+        died or f"the agent proxy of pod {pod_id} closed the connection while exec {exec_id} ran",
+        rpc="WaitProcess",
+        pod_id=pod_id,
+        container_id=container_id,
+        exec_id=exec_id,
+    )
+
+
+def _is_open(fd: int) -> bool:
+    try:
+        os.fstat(fd)
+    except OSError:
+        return False
+    return True
