@@ -44,6 +44,7 @@ def run(
     ``container_id`` in pod ``pod_id`` with this process's stdio; its exit status (128+N
     when killed by signal N). AgentError (CommandError when the program cannot be run) when
     the agent refuses it or the pod's proxy cannot serve it."""
+    _fill_stdio()
     path = pod_record.directory(root, pod_id) / wire.SOCKET_NAME
     try:
         sock = _connect(path)
@@ -55,14 +56,16 @@ def run(
             raise AgentError(
                 f"cannot reach the agent proxy of pod {pod_id} ({path}): {exc.strerror}"
             ) from None
-    with sock:
-        _start(sock, container_id, exec_id, document, terminal)
-        standin = shim.name_standin(root, container_id, exec_id)  # ps --format json lists us
-        try:
-            _forward(sock, terminal)
+    # Named, and our signals forwarded, before the process can run: once it has written
+    # something, a client may look for its stand-in (ps --format json) or signal it.
+    # Signals sent meanwhile wait in the socket until the proxy started the process.
+    standin = shim.name_standin(root, container_id, exec_id)
+    try:
+        with sock:
+            _start(sock, container_id, exec_id, document, terminal)
             status = _exit_status(sock)
-        finally:
-            shim.drop_standin(standin)
+    finally:
+        shim.drop_standin(standin)
     if status is None:
         raise _proxy_gone(root, pod_id, container_id, exec_id)
     return status
@@ -81,25 +84,23 @@ def _connect(path: Path) -> socket.socket:
 def _start(
     sock: socket.socket, container_id: str, exec_id: str, document: bytes, terminal: bool
 ) -> None:
-    """Send ``exec`` and wait until the proxy started the process; AgentError otherwise."""
+    """Send ``exec``, forward our signals from then on, and wait until the proxy started
+    the process; AgentError otherwise."""
     memfd = os.memfd_create("exec-process", os.MFD_CLOEXEC)
-    stdin = -1
     try:
         os.write(memfd, document)
-        stdin = 0 if _is_open(0) else os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
-        fds = (memfd, stdin, 1) if terminal else (memfd, stdin, 1, 2)
+        fds = (memfd, 0, 1) if terminal else (memfd, 0, 1, 2)
         message = {"op": "exec", "id": container_id, "exec_id": exec_id, "terminal": terminal}
         sock.settimeout(_START_TIMEOUT)
         try:
             wire.send(sock, message, fds)
+            _forward(sock, terminal)
             answer, passed = wire.receive(sock)
         except (OSError, wire.WireError) as exc:
             raise AgentError(f"the agent proxy did not start exec {exec_id}: {exc}") from None
         wire.close_all(passed)
     finally:
         os.close(memfd)
-        if stdin > 0:
-            os.close(stdin)
     sock.settimeout(None)
     if answer is None:
         raise AgentError(f"the agent proxy closed the connection before exec {exec_id} started")
@@ -202,9 +203,12 @@ def _proxy_gone(root: Path, pod_id: str, container_id: str, exec_id: str) -> Age
     )
 
 
-def _is_open(fd: int) -> bool:
-    try:
-        os.fstat(fd)
-    except OSError:
-        return False
-    return True
+def _fill_stdio() -> None:
+    """/dev/null in place of a closed fd 0, 1 or 2 (as if the process had it), before any
+    fd of ours could take that number and be handed over as the process's stdio."""
+    for fd in (0, 1, 2):
+        try:
+            os.fstat(fd)
+        except OSError:
+            # The lowest free number: ``fd`` itself, every lower one is open by now.
+            os.open(os.devnull, os.O_RDONLY if fd == 0 else os.O_WRONLY)

@@ -33,6 +33,7 @@ import pytest
 
 from sandbox import store as state
 from sandbox.image import store as images
+from sandbox.pod import record as pod_record
 from sandbox.pod.hostfs import mounts_below
 from sandbox.run.default_spec import default_spec
 from tests.integration.pods import PodFactory
@@ -375,6 +376,100 @@ def test_attached_exec_relays_signals(life: Life) -> None:
     attached.send_signal(signal.SIGINT)
     assert attached.wait(60) == 5
     assert attached.stdout.read() == "got-int\n"
+
+
+def _attached(life: Life, script: str, **popen: Any) -> subprocess.Popen[str]:
+    """An attached ``exec`` of ``sh -c SCRIPT`` whose first output line (read here) is
+    ``ready``."""
+    attached = subprocess.Popen(
+        life.runtime.argv("exec", life.cid, "sh", "-c", f"echo ready; {script}"),
+        stdout=subprocess.PIPE,
+        text=True,
+        **{"stdin": subprocess.DEVNULL, **popen},
+    )
+    assert attached.stdout is not None and attached.stdout.readline() == "ready\n"
+    return attached
+
+
+def test_attached_exec_runs_without_grpc_in_the_calling_process(life: Life) -> None:
+    """The attached call hands its work to the pod's agent proxy: the process a client
+    waits on has no gRPC or protobuf library mapped (it would be, had it imported them)."""
+
+    def heavy(pid: int) -> list[str]:
+        maps = Path(f"/proc/{pid}/maps").read_text().splitlines()
+        return sorted({line.split()[-1] for line in maps if "grpc" in line or "protobuf" in line})
+
+    # The check sees them where they are: in the pod's agent proxy.
+    proxy = pod_record.load(life.runtime.root, life.cid).processes["proxy"]
+    assert any("cygrpc" in lib for lib in heavy(proxy.pid)), heavy(proxy.pid)
+    attached = _attached(life, "exec sleep 1234")
+    try:
+        assert heavy(attached.pid) == []
+    finally:
+        attached.send_signal(signal.SIGTERM)
+        assert attached.wait(60) == 128 + signal.SIGTERM  # sleep has no handler: killed
+
+
+def test_attached_exec_forwards_sigterm_and_sighup(life: Life) -> None:
+    for signum, name in ((signal.SIGTERM, "TERM"), (signal.SIGHUP, "HUP")):
+        trap = f"trap 'echo got-{name}; exit 6' {name}; while :; do sleep 0.1; done"
+        attached = _attached(life, trap)
+        attached.send_signal(signum)
+        assert attached.wait(60) == 6
+        assert attached.stdout is not None and attached.stdout.read() == f"got-{name}\n"
+
+
+def test_an_exec_killed_by_sigkill_exits_137_as_with_runc(
+    life: Life, runc_container: RuncContainer
+) -> None:
+    script = "kill -KILL $$"
+    runc = runc_container.exec("sh", "-c", script)
+    ours = life.runtime("exec", life.cid, "sh", "-c", script)
+    assert (ours.returncode, ours.stdout, ours.stderr) == (runc.returncode, "", "") == (137, "", "")
+
+
+def test_the_exec_ends_when_its_attached_call_is_killed(life: Life) -> None:
+    """SIGKILL of the call standing for the exec (a client giving up on it) takes the
+    process down in the guest, as for a detached exec's shim."""
+    attached = _attached(life, "exec sleep 1234")
+    assert life.ps() == [life.pid, attached.pid]
+    assert "sleep 1234" in life.runtime.ok("ps", life.cid)
+    attached.kill()
+    attached.wait(60)
+    assert wait_until(lambda: "sleep 1234" not in life.runtime.ok("ps", life.cid))
+    assert life.ps() == [life.pid]
+
+
+def test_attached_exec_stdin_eof_and_a_terminals_next_input(life: Life) -> None:
+    """stdin is relayed until EOF; once the exec is over, input typed later on the same
+    terminal is left for the next reader (the shell), not taken by the relay."""
+    assert life.runtime.ok("exec", life.cid, "sh", "-c", "cat; echo eof", stdin="a\nb") == (
+        "a\nbeof\n"
+    )
+    master, slave = os.openpty()
+    try:
+        done = subprocess.run(
+            life.runtime.argv("exec", life.cid, "true"),
+            stdin=slave,
+            capture_output=True,
+            timeout=120,
+        )
+        assert done.returncode == 0, done.stderr
+        os.write(master, b"typed later\n")
+        os.set_blocking(slave, False)
+        assert wait_until(lambda: _read_or_none(slave), timeout=5)
+    finally:
+        os.close(master)
+        os.close(slave)
+
+
+def _read_or_none(fd: int) -> bytes | None:
+    try:
+        data = os.read(fd, 100)
+    except BlockingIOError:
+        return None
+    assert data == b"typed later\n"
+    return data
 
 
 #: A process file (containerd's and conmon's exec form).
