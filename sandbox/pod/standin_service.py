@@ -157,7 +157,9 @@ class _Standin:
         self._attach = attach
         self._vm_alive = vm_alive
         self._done = threading.Event()
+        self._relay: StdioRelay | None = None
         self._send_lock = threading.Lock()
+        self._fds_lock = threading.Lock()  # a.fds: closed by run, or emptied by _listen
 
     def _send(self, message: dict[str, Any]) -> None:
         with self._send_lock, contextlib.suppress(OSError):
@@ -178,14 +180,16 @@ class _Standin:
             output_limit=a.output_limit,
         )
         relay.start()
+        self._relay = relay
         self._send({"op": "attached"})
         threading.Thread(target=self._listen, daemon=True).start()
         status, oom = self._wait()
         self._done.set()
         relay.join(DRAIN_TIMEOUT)
         relay.stop_input()
-        wire.close_all(a.fds)
-        a.fds.clear()
+        with self._fds_lock:
+            wire.close_all(a.fds)
+            a.fds.clear()
         self._send({"op": "exit", "status": status, "oom": oom})
 
     def _wait(self) -> tuple[int, bool]:
@@ -215,8 +219,28 @@ class _Standin:
             with contextlib.suppress(Exception):
                 self._handle(message)
         if not self._done.is_set():
+            if a.document is not None:
+                self._let_go()
             with contextlib.suppress(AgentError):
                 self._client.signal(a.container_id, a.exec_id, signal.SIGKILL)
+
+    def _let_go(self) -> None:
+        """An attached ``exec`` call went away: what read its stdio gets EOF at once, as
+        when the call held them alone (its caller may wait for that, e.g. a pipe's
+        reader); the relay goes on into /dev/null. The fd numbers stay ours (dup2 over
+        them), so the relay threads never write to a number reused meanwhile."""
+        a = self._attach
+        if self._relay is not None:
+            self._relay.stop_input()
+        with self._fds_lock:
+            if not a.fds:
+                return  # run() closed them: the process was seen to exit
+            null = os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC)
+            try:
+                for fd in {a.stdout, a.stderr}:
+                    os.dup2(null, fd, inheritable=False)
+            finally:
+                os.close(null)
 
     def _handle(self, message: dict[str, Any]) -> None:
         a = self._attach

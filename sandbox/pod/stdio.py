@@ -45,6 +45,7 @@ class StdioRelay:
         self._limit = output_limit
         self._threads: list[threading.Thread] = []
         self._stop_r, self._stop_w = -1, -1
+        self._stop_lock = threading.Lock()
         self.errors: list[BaseException] = []
 
     def start(self) -> None:
@@ -109,9 +110,10 @@ class StdioRelay:
     def stop_input(self) -> None:
         """Stop copying stdin (the process is gone): input not read yet is left to the
         next reader. Idempotent."""
-        if self._stop_w >= 0:
-            os.close(self._stop_w)  # EOF on the stop pipe
-            self._stop_w = -1
+        with self._stop_lock:  # called from two threads: close once
+            if self._stop_w >= 0:
+                os.close(self._stop_w)  # EOF on the stop pipe
+                self._stop_w = -1
 
     def join(self, timeout: float | None = None) -> None:
         """Wait until the output streams ended, ``timeout`` seconds at most for all of them."""

@@ -25,6 +25,7 @@ import signal
 import socket
 import struct
 import termios
+import time
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +36,9 @@ from sandbox.runtime import shim
 
 #: Seconds to wait for the proxy's answer to ``exec`` (ExecProcess's own deadline is 120 s).
 _START_TIMEOUT = 150.0
+#: Seconds between two looks at the pod's QEMU and virtiofsd while we wait (as the pod's
+#: gRPC client looks: sandbox.pod.agent_client.WATCH_INTERVAL).
+_WATCH_INTERVAL = 0.2
 
 
 def run(
@@ -45,6 +49,7 @@ def run(
     when killed by signal N). AgentError (CommandError when the program cannot be run) when
     the agent refuses it or the pod's proxy cannot serve it."""
     _fill_stdio()
+    pod = pod_record.load(root, pod_id)
     path = pod_record.directory(root, pod_id) / wire.SOCKET_NAME
     try:
         sock = _connect(path)
@@ -60,15 +65,55 @@ def run(
     # something, a client may look for its stand-in (ps --format json) or signal it.
     # Signals sent meanwhile wait in the socket until the proxy started the process.
     standin = shim.name_standin(root, container_id, exec_id)
+    link = _Link(sock, pod)
     try:
         with sock:
-            _start(sock, container_id, exec_id, document, terminal)
-            status = _exit_status(sock)
+            _start(link, container_id, exec_id, document, terminal)
+            status = _exit_status(link)
+    except _PodProcessGone:
+        status = None
     finally:
         shim.drop_standin(standin)
     if status is None:
         raise _proxy_gone(root, pod_id, container_id, exec_id)
     return status
+
+
+class _PodProcessGone(Exception):
+    """QEMU or virtiofsd of the pod died while we waited (or the proxy closed on us)."""
+
+
+class _Link:
+    """Our connection to the proxy, read while watching the pod's QEMU and virtiofsd: a
+    guest without either cannot answer (without virtiofsd it waits for its share for
+    ever), so the call fails at once, as a gRPC call of the pod's client does
+    (:data:`sandbox.pod.agent_client.WATCH_INTERVAL`). The proxy's death is the
+    connection's end."""
+
+    def __init__(self, sock: socket.socket, pod: pod_record.PodRecord) -> None:
+        self.sock = sock
+        self._watched = [pod.processes[n] for n in ("qemu", "virtiofsd") if n in pod.processes]
+
+    def receive(self, timeout: float | None) -> dict[str, Any] | None:
+        """The proxy's next message; None once it closed the connection (or sent
+        nonsense); socket.timeout after ``timeout`` seconds (None: no limit);
+        _PodProcessGone when a watched process died first."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                raise TimeoutError("no answer from the agent proxy")
+            self.sock.settimeout(_WATCH_INTERVAL if left is None else min(left, _WATCH_INTERVAL))
+            try:
+                message, fds = wire.receive(self.sock)
+            except TimeoutError:
+                if not all(process.alive() for process in self._watched):
+                    raise _PodProcessGone from None
+                continue
+            except (OSError, wire.WireError):
+                return None
+            wire.close_all(fds)
+            return message
 
 
 def _connect(path: Path) -> socket.socket:
@@ -81,9 +126,7 @@ def _connect(path: Path) -> socket.socket:
     return sock
 
 
-def _start(
-    sock: socket.socket, container_id: str, exec_id: str, document: bytes, terminal: bool
-) -> None:
+def _start(link: _Link, container_id: str, exec_id: str, document: bytes, terminal: bool) -> None:
     """Send ``exec``, forward our signals from then on, and wait until the proxy started
     the process; AgentError otherwise."""
     memfd = os.memfd_create("exec-process", os.MFD_CLOEXEC)
@@ -91,17 +134,19 @@ def _start(
         os.write(memfd, document)
         fds = (memfd, 0, 1) if terminal else (memfd, 0, 1, 2)
         message = {"op": "exec", "id": container_id, "exec_id": exec_id, "terminal": terminal}
-        sock.settimeout(_START_TIMEOUT)
         try:
-            wire.send(sock, message, fds)
-            _forward(sock, terminal)
-            answer, passed = wire.receive(sock)
+            wire.send(link.sock, message, fds)
         except (OSError, wire.WireError) as exc:
-            raise AgentError(f"the agent proxy did not start exec {exec_id}: {exc}") from None
-        wire.close_all(passed)
+            raise AgentError(f"the agent proxy did not take exec {exec_id}: {exc}") from None
     finally:
         os.close(memfd)
-    sock.settimeout(None)
+    _forward(link.sock, terminal)
+    try:
+        answer = link.receive(_START_TIMEOUT)
+    except TimeoutError:
+        raise AgentError(
+            f"the agent proxy did not start exec {exec_id} within {_START_TIMEOUT:g}s"
+        ) from None
     if answer is None:
         raise AgentError(f"the agent proxy closed the connection before exec {exec_id} started")
     if answer["op"] != "attached":
@@ -162,14 +207,10 @@ def _forward(sock: socket.socket, terminal: bool) -> None:
     resize()
 
 
-def _exit_status(sock: socket.socket) -> int | None:
+def _exit_status(link: _Link) -> int | None:
     """The status of the proxy's ``exit`` message; None if the proxy went away first."""
     while True:
-        try:
-            message, fds = wire.receive(sock)
-        except (OSError, wire.WireError):
-            return None
-        wire.close_all(fds)
+        message = link.receive(None)
         if message is None:
             return None
         if message["op"] == "exit":
