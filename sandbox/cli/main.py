@@ -16,8 +16,35 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 
+class _Formatter(argparse.HelpFormatter):
+    """argparse's help layout, the width found as ``shutil.get_terminal_size`` finds it
+    ($COLUMNS, else stdout's terminal, else 80) without importing shutil: argparse builds
+    a formatter for every argument added, and shutil (with bz2, lzma, zlib) costs ~2 ms
+    of every verb's start-up."""
+
+    def __init__(self, prog: str) -> None:
+        super().__init__(prog, width=_terminal_columns() - 2)
+
+
+def _terminal_columns() -> int:
+    try:
+        columns = int(os.environ.get("COLUMNS", "0"))
+    except ValueError:
+        columns = 0
+    if columns <= 0:
+        try:
+            columns = os.get_terminal_size(sys.__stdout__.fileno()).columns  # type: ignore[union-attr]
+        except (AttributeError, ValueError, OSError):
+            columns = 0
+    return columns or 80
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse that reports usage errors as one line and exits 2 (like runc)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", _Formatter)
+        super().__init__(*args, **kwargs)
 
     usage_status_125 = False
     #: The --log/--log-format of this call (found before parsing): usage errors go there
@@ -69,7 +96,11 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     """
     parser = _Parser(prog="pysandbox", description="VM-isolated OCI container runtime")
     _global_flags(parser)
-    verbs = parser.add_subparsers(dest="verb", metavar="COMMAND", parser_class=_Parser)
+    # prog given: argparse would otherwise build a help formatter to find it, which imports
+    # shutil (and bz2, lzma...) for the terminal's width: ~2 ms of every verb's start-up.
+    verbs = parser.add_subparsers(
+        dest="verb", metavar="COMMAND", parser_class=_Parser, prog=parser.prog
+    )
     verbs.required = True
     if only in _LIFECYCLE_VERBS:
         _lifecycle_verbs(verbs, only)
