@@ -66,7 +66,7 @@ class Baseline:
         image, _, templates = rest.partition(",")
         self.repo = Path(repo).resolve()
         self.argv = [str(self.repo / ".venv" / "bin" / "python"), "-m", "sandbox"]
-        self.env = {**os.environ, "PYTHONPATH": str(self.repo)}
+        self.env = {**os.environ, "PYTHONPATH": str(self.repo), **SAFE_PATH}
         if image:
             self.env["PYSANDBOX_GUEST_IMAGE"] = image
         if templates:
@@ -124,8 +124,14 @@ def first_output(argv: list[str]) -> tuple[float, float]:
     return t_line, t_exit
 
 
+#: ``python -m sandbox`` puts the current directory first on sys.path: run from a checkout,
+#: every variant (the baseline's too) would import that checkout's code. Python 3.11's
+#: PYTHONSAFEPATH leaves it out, so PYTHONPATH alone says which code runs.
+SAFE_PATH = {"PYTHONSAFEPATH": "1"}
+
+
 def _env() -> dict[str, str]:
-    return {**os.environ, "PYTHONPATH": str(REPO)}
+    return {**os.environ, "PYTHONPATH": str(REPO), **SAFE_PATH}
 
 
 def _variants() -> list[tuple[list[str], dict[str, str]]]:
