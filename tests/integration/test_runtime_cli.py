@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import select
 import shutil
 import signal
 import stat
@@ -379,10 +380,10 @@ def test_attached_exec_relays_signals(life: Life) -> None:
 
 
 def _attached(life: Life, script: str, **popen: Any) -> subprocess.Popen[str]:
-    """An attached ``exec`` of ``sh -c SCRIPT`` whose first output line (read here) is
-    ``ready``."""
+    """An attached ``exec`` of ``sh -c SCRIPT``, once its first output line (read here,
+    SCRIPT echoes it when set up) is ``ready``."""
     attached = subprocess.Popen(
-        life.runtime.argv("exec", life.cid, "sh", "-c", f"echo ready; {script}"),
+        life.runtime.argv("exec", life.cid, "sh", "-c", script),
         stdout=subprocess.PIPE,
         text=True,
         **{"stdin": subprocess.DEVNULL, **popen},
@@ -402,7 +403,7 @@ def test_attached_exec_runs_without_grpc_in_the_calling_process(life: Life) -> N
     # The check sees them where they are: in the pod's agent proxy.
     proxy = pod_record.load(life.runtime.root, life.cid).processes["proxy"]
     assert any("cygrpc" in lib for lib in heavy(proxy.pid)), heavy(proxy.pid)
-    attached = _attached(life, "exec sleep 1234")
+    attached = _attached(life, "echo ready; exec sleep 1234")
     try:
         assert heavy(attached.pid) == []
     finally:
@@ -412,7 +413,7 @@ def test_attached_exec_runs_without_grpc_in_the_calling_process(life: Life) -> N
 
 def test_attached_exec_forwards_sigterm_and_sighup(life: Life) -> None:
     for signum, name in ((signal.SIGTERM, "TERM"), (signal.SIGHUP, "HUP")):
-        trap = f"trap 'echo got-{name}; exit 6' {name}; while :; do sleep 0.1; done"
+        trap = f"trap 'echo got-{name}; exit 6' {name}; echo ready; while :; do sleep 0.1; done"
         attached = _attached(life, trap)
         attached.send_signal(signum)
         assert attached.wait(60) == 6
@@ -431,7 +432,7 @@ def test_an_exec_killed_by_sigkill_exits_137_as_with_runc(
 def test_the_exec_ends_when_its_attached_call_is_killed(life: Life) -> None:
     """SIGKILL of the call standing for the exec (a client giving up on it) takes the
     process down in the guest, as for a detached exec's shim."""
-    attached = _attached(life, "exec sleep 1234")
+    attached = _attached(life, "echo ready; exec sleep 1234")
     assert life.ps() == [life.pid, attached.pid]
     assert "sleep 1234" in life.runtime.ok("ps", life.cid)
     attached.kill()
@@ -459,6 +460,49 @@ def test_attached_exec_stdin_eof_and_a_terminals_next_input(life: Life) -> None:
         os.set_blocking(slave, False)
         assert wait_until(lambda: _read_or_none(slave), timeout=5)
     finally:
+        os.close(master)
+        os.close(slave)
+
+
+def test_attached_exec_with_a_terminal_follows_its_size(life: Life) -> None:
+    """``exec -t`` from a terminal: the process's terminal has the caller's size at once
+    and again after a resize (SIGWINCH, as a terminal sends it)."""
+    import fcntl
+    import struct
+    import termios
+
+    def set_size(fd: int, rows: int, cols: int) -> None:
+        fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
+
+    master, slave = os.openpty()
+    set_size(slave, 30, 100)
+    script = "stty size; while read x; do stty size; done"
+    attached = subprocess.Popen(
+        life.runtime.argv("exec", "-t", life.cid, "sh", "-c", script),
+        stdin=slave,
+        stdout=slave,
+        stderr=subprocess.PIPE,
+    )
+    seen = bytearray()
+
+    def shows(text: bytes) -> bool:
+        while select.select([master], [], [], 0.2)[0]:
+            seen.extend(os.read(master, 4096))
+        return text in seen
+
+    try:
+        assert wait_until(lambda: shows(b"30 100"), timeout=60), bytes(seen)
+        set_size(slave, 40, 120)
+        attached.send_signal(signal.SIGWINCH)
+
+        def resized() -> bool:
+            os.write(master, b"x\n")
+            return shows(b"40 120")
+
+        assert wait_until(resized, timeout=30, interval=0.5), bytes(seen)
+    finally:
+        attached.kill()
+        attached.wait(60)
         os.close(master)
         os.close(slave)
 
