@@ -11,9 +11,11 @@ Upstream it relays a private unix socket to QEMU's chardev socket, running the c
 handshake (:mod:`agentapi.channel`) on every new connection. The daemon exits when the VM's QEMU
 process (``--vm-pid``) is gone, so it never outlives its pod.
 
-It also serves the containers' host stand-ins (:mod:`sandbox.runtime.shim`) on
-``<pod>/shim.sock``: it relays their stdio, forwards their signals and waits for their
-processes (:mod:`sandbox.pod.standin_service`), so that the shims need no gRPC.
+It also serves the containers' host stand-ins (:mod:`sandbox.runtime.shim`, and attached
+``pysandbox exec`` calls: :mod:`sandbox.runtime.exec_attach`) on ``<pod>/shim.sock``: it
+starts an attached exec's process, relays their stdio, forwards their signals and waits for
+their processes (:mod:`sandbox.pod.standin_service`), so that they need no gRPC. Those calls
+go over the proxy's own channel to the agent.
 
 With ``--forward-fd N`` (a listening socket in the pod's network namespace) it also serves
 ``kubectl port-forward``: each connection there is relayed to the guest over the same channel
