@@ -68,19 +68,13 @@ def run(
     link = _Link(sock, pod)
     try:
         with sock:
-            _start(link, container_id, exec_id, document, terminal)
-            status = _exit_status(link)
-    except _PodProcessGone:
-        status = None
+            started = _start(link, container_id, exec_id, document, terminal)
+            status = _exit_status(link) if started else None
     finally:
         shim.drop_standin(standin)
     if status is None:
-        raise _proxy_gone(root, pod_id, container_id, exec_id)
+        raise _proxy_gone(root, pod_id, container_id, exec_id, started)
     return status
-
-
-class _PodProcessGone(Exception):
-    """QEMU or virtiofsd of the pod died while we waited (or the proxy closed on us)."""
 
 
 class _Link:
@@ -96,8 +90,8 @@ class _Link:
 
     def receive(self, timeout: float | None) -> dict[str, Any] | None:
         """The proxy's next message; None once it closed the connection (or sent
-        nonsense); socket.timeout after ``timeout`` seconds (None: no limit);
-        _PodProcessGone when a watched process died first."""
+        nonsense) or a watched process died; TimeoutError after ``timeout`` seconds (None:
+        no limit)."""
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             left = None if deadline is None else deadline - time.monotonic()
@@ -108,7 +102,7 @@ class _Link:
                 message, fds = wire.receive(self.sock)
             except TimeoutError:
                 if not all(process.alive() for process in self._watched):
-                    raise _PodProcessGone from None
+                    return None
                 continue
             except (OSError, wire.WireError):
                 return None
@@ -126,9 +120,10 @@ def _connect(path: Path) -> socket.socket:
     return sock
 
 
-def _start(link: _Link, container_id: str, exec_id: str, document: bytes, terminal: bool) -> None:
+def _start(link: _Link, container_id: str, exec_id: str, document: bytes, terminal: bool) -> bool:
     """Send ``exec``, forward our signals from then on, and wait until the proxy started
-    the process; AgentError otherwise."""
+    the process: True; False if the connection ended first (the proxy, QEMU or virtiofsd
+    died); AgentError when the proxy or the agent refused it."""
     memfd = os.memfd_create("exec-process", os.MFD_CLOEXEC)
     try:
         os.write(memfd, document)
@@ -148,9 +143,10 @@ def _start(link: _Link, container_id: str, exec_id: str, document: bytes, termin
             f"the agent proxy did not start exec {exec_id} within {_START_TIMEOUT:g}s"
         ) from None
     if answer is None:
-        raise AgentError(f"the agent proxy closed the connection before exec {exec_id} started")
+        return False
     if answer["op"] != "attached":
         raise _refusal(answer, container_id, exec_id)
+    return True
 
 
 def _refusal(answer: dict[str, Any], container_id: str, exec_id: str) -> AgentError:
@@ -226,18 +222,21 @@ def _revive_proxy(root: Path, pod_id: str) -> None:
     load_pod(root, pod_id).client().close()
 
 
-def _proxy_gone(root: Path, pod_id: str, container_id: str, exec_id: str) -> AgentError:
-    """The error for a proxy that closed the connection before the exit status: the line
-    naming the pod's process that died (QEMU, virtiofsd, the proxy), as a call waiting for
-    the agent reports it."""
+def _proxy_gone(
+    root: Path, pod_id: str, container_id: str, exec_id: str, started: bool
+) -> AgentError:
+    """The error for a connection that ended before the exit status: the line naming the
+    pod's process that died (QEMU, virtiofsd, the proxy), as a call waiting for the agent
+    reports it."""
     from sandbox.runtime.pods import load_pod
 
     died = None
     with contextlib.suppress(Exception):
         died = load_pod(root, pod_id).casualty()
+    when = "while exec {0} ran" if started else "before exec {0} started"
     return PodProcessDied(
-        died or f"the agent proxy of pod {pod_id} closed the connection while exec {exec_id} ran",
-        rpc="WaitProcess",
+        died or f"the agent proxy of pod {pod_id} closed the connection {when.format(exec_id)}",
+        rpc="WaitProcess" if started else "ExecProcess",
         pod_id=pod_id,
         container_id=container_id,
         exec_id=exec_id,
