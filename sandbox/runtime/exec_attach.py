@@ -149,6 +149,10 @@ def _start(link: _Link, container_id: str, exec_id: str, document: bytes, termin
     return True
 
 
+#: What a proxy that predates ``exec`` (it served shims only) answers to it.
+_OLD_PROXY_REFUSAL = "expected attach with id and exec_id"
+
+
 def _refusal(answer: dict[str, Any], container_id: str, exec_id: str) -> AgentError:
     """The AgentError of the proxy's ``error`` message (the agent's failure, if it was one),
     as the gRPC client would have raised it (:mod:`sandbox.pod.agent_client`)."""
@@ -158,6 +162,12 @@ def _refusal(answer: dict[str, Any], container_id: str, exec_id: str) -> AgentEr
         return value if isinstance(value, str) else ""
 
     message = text("message") or "the agent proxy refused the exec"
+    if message == _OLD_PROXY_REFUSAL:
+        message = (
+            "the pod's agent proxy was started by an older pysandbox, which cannot run an "
+            "attached exec: use exec --detach, or stop that proxy (kill its pid, in the pod's "
+            "pod.json) and the next command starts a current one"
+        )
     reason = FailureReason.named(text("reason"))
     fields: dict[str, Any] = {
         "rpc": text("rpc"),

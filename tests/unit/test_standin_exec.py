@@ -211,3 +211,13 @@ def _eventually(check: Any, timeout: float = 10.0) -> bool:
             return True
         time.sleep(0.01)
     return False
+
+
+def test_a_proxy_older_than_attached_exec_is_named_with_what_to_do() -> None:
+    """A pod started by an earlier pysandbox keeps its proxy, which knew only ``attach``:
+    its answer, as that version words it, becomes one line saying what to do."""
+    old = {"op": "error", "message": "expected attach with id and exec_id"}
+    error = exec_attach._refusal(old, "c1", "e1")
+    assert type(error) is AgentError and error.exit_code == 1
+    assert "older pysandbox" in str(error) and "exec --detach" in str(error)
+    assert "\n" not in str(error)
