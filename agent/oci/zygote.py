@@ -31,6 +31,7 @@ the host; no workload sees it.
 from __future__ import annotations
 
 import fcntl
+import gc
 import json
 import os
 import socket
@@ -52,6 +53,8 @@ def _runtime(module_name: str, args: list[str], fds: list[int], keep: tuple[int,
     """In the forked runtime: install ``fds`` as 0-4, close ours, run the module. Never
     returns."""
     code = 1
+    # Short-lived (until execve, or the container's start): no collection, no COW copies.
+    gc.disable()
     try:
         for fd in keep:
             os.close(fd)
@@ -112,6 +115,11 @@ def _serve_one(sock: socket.socket, message: bytes, fds: list[int]) -> bytes:
 
 def serve(sock: socket.socket) -> None:
     """Answer requests on ``sock`` until EOF."""
+    # Everything imported so far is frozen out of the collector's reach: a collection in a
+    # forked runtime would write the header of every tracked object, i.e. copy (COW) most of
+    # this process's heap page by page -- under TCG the dearest part of a fork.
+    gc.collect()
+    gc.freeze()
     sock.send(b"ready")
     while True:
         try:
