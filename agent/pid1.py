@@ -7,6 +7,7 @@ Everything writable the agent needs lives on tmpfs mounted here.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import resource
 import signal
@@ -50,6 +51,10 @@ def raise_hard_limits() -> None:
         resource.setrlimit(resource.RLIMIT_NPROC, (soft, resource.RLIM_INFINITY))
 
 
+#: cgroup2 mount option: cgroup migrations without an RCU grace period (cgroup-v2.rst).
+FAVOR_DYNMODS = "favordynmods"
+
+
 def early_mounts() -> None:
     """Mount the writable and pseudo filesystems the agent and containers rely on.
 
@@ -67,13 +72,22 @@ def early_mounts() -> None:
             "newinstance,ptmxmode=0666,mode=0620",
         ),
         ("tmpfs", "/dev/shm", "tmpfs", nosuid_nodev, "mode=1777"),
-        ("cgroup2", "/sys/fs/cgroup", "cgroup2", nosuid_nodev | linux.MS_NOEXEC, ""),
+        # favordynmods (Linux >= 6.0): moving a process between cgroups no longer waits for
+        # an RCU grace period (each container init and exec joins its cgroup, in up to a
+        # dozen hierarchies); forks and exits take a plain rwsem instead. Retried without it
+        # where the kernel does not know the option.
+        ("cgroup2", "/sys/fs/cgroup", "cgroup2", nosuid_nodev | linux.MS_NOEXEC, FAVOR_DYNMODS),
         ("mqueue", "/dev/mqueue", "mqueue", nosuid_nodev | linux.MS_NOEXEC, ""),
     ]
     for source, target, fstype, flags, data in table:
         os.makedirs(target, exist_ok=True)
         if not _is_mountpoint(target):
-            syscalls.mount(source, target, fstype, flags, data)
+            try:
+                syscalls.mount(source, target, fstype, flags, data)
+            except OSError as exc:
+                if data != FAVOR_DYNMODS or exc.errno != errno.EINVAL:
+                    raise
+                syscalls.mount(source, target, fstype, flags, "")
     os.makedirs(SHARE_ROOT, exist_ok=True)
     os.chmod(SHARE_ROOT, SHARE_ROOT_MODE)  # makedirs' mode is filtered by the umask
     # No controller is enabled yet: a controller used on cgroup2 can no longer be mounted as
