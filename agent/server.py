@@ -174,6 +174,21 @@ class AgentService(pb_grpc.AgentServicer):
             _abort(context, grpc.StatusCode.FAILED_PRECONDITION, f"restoring: {exc}")
         return pb.Empty()
 
+    def PrepareTemplate(
+        self, request: pb.PrepareTemplateRequest, context: grpc.ServicerContext
+    ) -> pb.PrepareTemplateResponse:
+        from agent import template_memory
+
+        try:
+            done = template_memory.prepare()
+        except (OSError, ValueError) as exc:
+            _abort(context, grpc.StatusCode.FAILED_PRECONDITION, f"preparing the template: {exc}")
+        return pb.PrepareTemplateResponse(
+            free_before_bytes=done.free_before,
+            free_after_drop_bytes=done.free_after_drop,
+            zeroed_bytes=done.zeroed,
+        )
+
     # -- containers ----------------------------------------------------------------------------
 
     def _manager(self, context: grpc.ServicerContext) -> ContainerManager:

@@ -274,6 +274,22 @@ class AgentClient:
         """Tell a guest restored from a template VM to reseed its CRNG and set its clock."""
         self._call("Restored", pb.RestoredRequest(entropy=entropy, realtime_ns=realtime_ns))
 
+    def prepare_template(self, timeout: float) -> tuple[int, int, int] | None:
+        """Ask a template VM's guest to drop its caches and zero its free memory before it
+        is saved; (free bytes before, after the drop, zeroed), or None if the agent is older
+        than the call (UNIMPLEMENTED: its template is only larger). AgentError otherwise."""
+        try:
+            reply = self._call("PrepareTemplate", pb.PrepareTemplateRequest(), timeout)
+        except AgentError as exc:
+            if exc.code == "UNIMPLEMENTED":
+                return None
+            raise
+        return (
+            int(reply.free_before_bytes),
+            int(reply.free_after_drop_bytes),
+            int(reply.zeroed_bytes),
+        )
+
     def read_file(self, path: str, max_bytes: int = MAX_READ_BYTES) -> bytes:
         """Read a guest file (at most ``max_bytes``)."""
         reply = self._call("ReadFile", pb.ReadFileRequest(path=path, max_bytes=max_bytes))

@@ -353,6 +353,12 @@ class FakeGuest(pb_grpc.AgentServicer):
         assert len(request.entropy) == 64 and request.realtime_ns > 0
         return pb.Empty()
 
+    def PrepareTemplate(
+        self, request: pb.PrepareTemplateRequest, context: grpc.ServicerContext
+    ) -> pb.PrepareTemplateResponse:
+        self._enter("PrepareTemplate", context)
+        return pb.PrepareTemplateResponse(zeroed_bytes=1 << 20)
+
     def MountShare(
         self, request: pb.MountShareRequest, context: grpc.ServicerContext
     ) -> pb.MountShareResponse:

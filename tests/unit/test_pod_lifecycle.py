@@ -237,6 +237,9 @@ def test_restored_pods_share_one_template(templates: FakeDrivers, root: Path) ->
         ("qemu", "kill"),  # the template VM, then its proxy
         ("terminate", "proxy"),
     ]
+    # The guest drops its caches and zeroes its free memory right before the save.
+    saved = fake.events.index(("qemu", "save_state"))
+    assert fake.events[saved - 1] == ("agent", "PrepareTemplate")
     since = len(fake.events)
     second = Pod.boot(root, "p2")
     assert fake.events[since:] == [

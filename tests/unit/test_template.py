@@ -53,6 +53,17 @@ def test_key_covers_memory_cmdline_image_and_qemu(tmp_path: Path) -> None:
     assert base != template.key(IMAGE, "tcg", 512, "c", qemu)
 
 
+def test_key_covers_how_the_template_is_made(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A state saved without the guest's PrepareTemplate (an older recipe) is never reused.
+    qemu = tmp_path / "qemu"
+    qemu.write_bytes(b"x")
+    base = template.key(IMAGE, "tcg", 512, "c", qemu)
+    monkeypatch.setattr(template, "RECIPE", template.RECIPE - 1)
+    assert base != template.key(IMAGE, "tcg", 512, "c", qemu)
+
+
 def test_enabled_by_default_and_switch(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("PYSANDBOX_TEMPLATES", raising=False)
     assert template.enabled()
