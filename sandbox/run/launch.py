@@ -7,6 +7,7 @@ Shared by the foreground (:mod:`sandbox.run.foreground`) and detached
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import time
 from pathlib import Path
@@ -35,7 +36,7 @@ def boot_pod(root: Path, pod_id: str, args: argparse.Namespace, spec: dict[str, 
     memory = spec["linux"]["resources"].get("memory")
     _wait_for_teardown(root, pod_id)
     req = host_cgroup.request(
-        spec["linux"].get("cgroupsPath") or f"pysandbox/{pod_id}", False, pod_id
+        spec["linux"].get("cgroupsPath") or default_cgroup(root, pod_id), False, pod_id
     )
     placement = host_cgroup.plan(req)
     placement.containers[CONTAINER_ID] = host_cgroup.container_limits(spec["linux"]["resources"])
@@ -48,6 +49,15 @@ def boot_pod(root: Path, pod_id: str, args: argparse.Namespace, spec: dict[str, 
         privileged_files=args.privileged_files,
         cgroup=(req, placement),
     )
+
+
+def default_cgroup(root: Path, pod_id: str) -> str:
+    """The host cgroup of run ``pod_id`` of ``--root root`` when the spec names none:
+    ``pysandbox/NAME-ROOTHASH``, below this process's cgroup. Names are unique within a root
+    only: two runs called alike under two roots must not share a cgroup, whose teardown
+    SIGKILLs everything in it."""
+    digest = hashlib.sha256(str(root.resolve()).encode()).hexdigest()[:8]
+    return f"pysandbox/{pod_id}-{digest}"
 
 
 def _wait_for_teardown(root: Path, pod_id: str, timeout: float = TEARDOWN_WAIT) -> None:

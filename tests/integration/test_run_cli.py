@@ -526,3 +526,30 @@ def test_run_verbs_on_an_unknown_name_fail_in_one_line(root: Path, verb: list[st
     done = cli(root, *verb, "ghost-run")
     assert (done.returncode, done.stdout) == (1, b"")
     assert done.stderr == b"pysandbox: no such run: ghost-run\n"
+
+
+def test_runs_of_one_name_under_two_roots_are_independent(
+    root: Path, module_pods: PodFactory
+) -> None:
+    # A run's name is unique within its --root only: a run of the same name under another
+    # root gets a host cgroup of its own, and its teardown (which SIGKILLs what is left in
+    # its cgroup) leaves the first one running.
+    other = module_pods.new_root("psr2")
+    started = run(root, "-d", "--name", "twin", "default", "sleep", "300")
+    assert started.returncode == 0, started.stderr
+    try:
+        [mine] = [
+            int(record["processes"]["qemu"]["pid"])
+            for record in map(json.loads, map(Path.read_text, (root / "p").glob("*/pod.json")))
+            if record["id"] == "twin"
+        ]
+        done = run(other, "--name", "twin", "default", "echo", "other")
+        assert done.returncode == 0 and done.stdout == b"other\n", done.stderr
+        assert wait_until(lambda: _leftovers(other) == [] and _processes_of(other) == [], 60)
+        with open(f"/proc/{mine}/cgroup", encoding="ascii") as first:
+            assert "/pysandbox/twin-" in first.read()  # alive, in its own cgroup
+        assert _runs(root)["twin"]["status"] == "running"
+        assert cli(root, "exec", "twin", "true").returncode == 0
+    finally:
+        assert cli(root, "rm", "-f", "twin").returncode == 0
+    assert _leftovers(root) == [] and _processes_of(root) == []
