@@ -130,7 +130,9 @@ def _run_in_pod(
             client, CONTAINER_ID, "", stdin, sys.stdout.fileno(), sys.stderr.fileno(), args.tty
         )
         terminal = args.tty and sys.stdin.isatty()
-        with _raw_terminal(terminal), _forward_signals(client, terminal):
+        # Raw only when the keys go to the container (-i): with -t alone the local terminal
+        # keeps its line discipline, so Ctrl-C is a SIGINT here, forwarded (docker run -t).
+        with _raw_terminal(terminal and args.interactive), _forward_signals(client, terminal):
             relay.start()
             client.start_container(CONTAINER_ID)
             if terminal:

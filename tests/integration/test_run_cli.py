@@ -357,6 +357,48 @@ def test_tty_is_a_real_terminal_with_resize_and_ctrl_c(root: Path) -> None:
     assert _torn_down(root)
 
 
+def _reap(pid: int, root: Path, timeout: float) -> int:
+    """The exit code of run ``pid``; one still running after ``timeout`` s (a container that
+    missed its signal) has its pod stopped first, so that nothing outlives the test."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return os.waitstatus_to_exitcode(status)
+        time.sleep(0.2)
+    for record in (root / "p").glob("*/pod.json"):
+        pod_id = json.loads(record.read_text())["id"]
+        if pod_id.startswith("run-"):
+            cli(root, "pod", "stop", pod_id)
+    _, status = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(status)
+
+
+def test_tty_without_interactive_still_takes_ctrl_c(root: Path) -> None:
+    # -t without -i: the keys do not go to the container, but Ctrl-C on the caller's
+    # terminal still interrupts it (the terminal stays cooked; its SIGINT is forwarded).
+    script = 'trap "echo got INT; exit 5" INT; echo waiting; while :; do sleep 0.2; done'
+    argv = [sys.executable, "-m", "sandbox", "--root", str(root), "run", "-t"]
+    pid, master = pty.fork()
+    if pid == 0:
+        try:
+            os.chdir(ROOT)
+            os.execv(sys.executable, [*argv, "default", "sh", "-c", script])
+        finally:
+            os._exit(127)
+    output = bytearray()
+    try:
+        assert _read_until(master, output, b"waiting"), bytes(output)
+        os.write(master, b"\x03")
+        _read_until(master, output, b"\0", timeout=30)  # to EOF
+    finally:
+        status = _reap(pid, root, 30)
+        os.close(master)
+    assert status == 5, bytes(output)
+    assert b"got INT" in output, bytes(output)
+    assert _torn_down(root)
+
+
 def _runs(root: Path) -> dict[str, dict[str, object]]:
     listing = cli(root, "ps", "-a", "--format", "json")
     assert listing.returncode == 0, listing.stderr
