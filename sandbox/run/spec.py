@@ -9,11 +9,13 @@ validated as ``create`` validates a bundle's (:mod:`ocispec`); a bad one raises
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ocispec.document import MAX_DOCUMENT_BYTES
 from ocispec.errors import SpecError
 from ocispec.spec import MAX_HOSTNAME, MIN_MEMORY_LIMIT, parse_spec
 from sandbox import store as state
@@ -29,6 +31,8 @@ _ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 #: A run's VM memory beyond the container's limit (guest kernel, agent, runtime), MiB.
 VM_OVERHEAD_MIB = 256
+#: The smallest --cpus: cpu.max takes a quota of at least 1 ms per 100 ms period.
+MIN_CPUS = 0.01
 #: The largest VM a run boots, MiB (Pod.boot's limit); a larger limit gets this VM.
 MAX_VM_MIB = 65536
 
@@ -49,8 +53,9 @@ def check_options(args: argparse.Namespace) -> None:
             raise RunError(f"{flag} is a runc flag: it needs --bundle DIR (an OCI bundle)")
     if args.memory is not None:
         _check_memory(args.memory)
-    if args.cpus is not None and not 0 < args.cpus <= 64:
-        raise RunError(f"invalid --cpus {args.cpus:g}: must be in (0, 64]")
+    if args.cpus is not None and not MIN_CPUS <= args.cpus <= 64:
+        # cpu.max's quota is at least 1 ms per 100 ms period (the kernel refuses less).
+        raise RunError(f"invalid --cpus {args.cpus:g}: must be in [{MIN_CPUS:g}, 64]")
     if args.pids_limit <= 0:
         raise RunError(f"invalid --pids-limit {args.pids_limit}: must be positive")
     if args.timeout is not None and not 0 < args.timeout < float("inf"):
@@ -153,6 +158,11 @@ def _volumes(args: argparse.Namespace, held: HeldSources) -> list[dict[str, Any]
             raise RunError(f"invalid volume {item!r}: both paths must be absolute")
         if os.path.normpath(guest) in ("/", "//"):  # docker refuses it too
             raise RunError(f"invalid volume {item!r}: the container's / cannot be a volume")
+        if _below(guest, "/proc"):  # runc refuses mounts over procfs (checkProcMount)
+            raise RunError(
+                f"invalid volume {item!r}: {guest} is in /proc, which the container's procfs "
+                "holds; mount it elsewhere"
+            )
         try:
             held.hold(host)  # what is checked now is what is mounted after the boot
         except FileNotFoundError:
@@ -206,4 +216,16 @@ def build_spec(args: argparse.Namespace, image: images.Image, held: HeldSources)
         parse_spec(spec)  # what the guest's runtime will check: never first to refuse
     except SpecError as exc:
         raise RunError(f"invalid options: the spec they make is refused: {exc.message}") from None
+    size = len(json.dumps(spec).encode())
+    if size > MAX_DOCUMENT_BYTES:  # what the guest takes: refused before a VM boots
+        raise RunError(
+            f"the container's spec is {size} bytes, over the {MAX_DOCUMENT_BYTES} a sandbox "
+            "takes: pass less environment (-e/--env-file) or fewer volumes"
+        )
     return spec
+
+
+def _below(path: str, top: str) -> bool:
+    """``path`` is ``top`` or inside it (lexically, after normalisation)."""
+    normal = os.path.normpath("/" + path.lstrip("/"))
+    return normal == top or normal.startswith(top + "/")

@@ -206,6 +206,12 @@ def test_the_smallest_memory_limit_runs_a_process(root: Path) -> None:
         (["--memory", "4096", "default", "true"], b"invalid --memory 4096: below the minimum"),
         (["--memory", "100000g", "default", "true"], b"this host has available (MemAvailable"),
         (["--cpus", "nan", "default", "true"], b"invalid --cpus nan"),
+        (["--cpus", "0.001", "default", "true"], b"invalid --cpus 0.001: must be in [0.01, 64]"),
+        (["-v", "/tmp:/proc/x", "default", "true"], b"/proc/x is in /proc"),
+        (
+            [*(a for i in range(12) for a in ("-e", f"V{i}={'x' * 100_000}")), "default", "true"],
+            b"over the 1048576 a sandbox takes",
+        ),
         (["--name", "n" * 65, "default", "true"], b"it is also the hostname"),
         (["--name", "n" * 1000, "default", "true"], b"at most 200 characters"),
     ],
