@@ -205,19 +205,24 @@ class AgentService(pb_grpc.AgentServicer):
         self, request: pb.CreateContainerRequest, context: grpc.ServicerContext
     ) -> pb.CreateContainerResponse:
         self._check_id(context, request.container_id)
+        manager = self._manager(context)
         with _container_errors(context):
-            pid = self._manager(context).create(
-                request.container_id, request.oci_spec, request.rootfs, request.overlay
+            pid = manager.create(
+                request.container_id,
+                request.oci_spec,
+                request.rootfs,
+                request.overlay,
+                close_stdin=request.close_stdin,
             )
-        return pb.CreateContainerResponse(pid=pid)
+            if request.start:  # protocol 1.7: StartContainer in the same call
+                manager.start(request.container_id, _start_timeout(context))
+        return pb.CreateContainerResponse(pid=pid, started=request.start)
 
     def StartContainer(
         self, request: pb.ContainerRequest, context: grpc.ServicerContext
     ) -> pb.Empty:
-        remaining = context.time_remaining()
-        timeout = START_TIMEOUT if remaining is None else max(remaining - 1.0, 0.1)
         with _container_errors(context):
-            self._manager(context).start(request.container_id, timeout)
+            self._manager(context).start(request.container_id, _start_timeout(context))
         return pb.Empty()
 
     def ExecProcess(
@@ -434,6 +439,13 @@ class AgentService(pb_grpc.AgentServicer):
             yield pb.PortForwardResponse(connected=True)
             for data in portforward.drain(sock):
                 yield pb.PortForwardResponse(data=data)
+
+
+def _start_timeout(context: grpc.ServicerContext) -> float:
+    """How long a start may wait for the hooks: the caller's deadline less a second (to
+    answer in time), or :data:`START_TIMEOUT` without one."""
+    remaining = context.time_remaining()
+    return START_TIMEOUT if remaining is None else max(remaining - 1.0, 0.1)
 
 
 def _shutdown(sock: socket.socket) -> None:

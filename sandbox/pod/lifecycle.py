@@ -477,10 +477,14 @@ class Pod:
         assert qemu is not None
         # 5. The agent: healthy, told it was restored, the share mounted, the network set.
         with self.client() as agent:
-            agent.wait_healthy(timeout, alive=qemu.alive)
             if boot is BootKind.RESTORED:
                 # A clone of the template: its own randomness and the current time first.
-                agent.restored(secrets.token_bytes(64), time.time_ns())
+                # No Health before: this first call waits for the agent (the boot's
+                # timeout; cut short if QEMU, virtiofsd or the proxy dies: the client's
+                # watch), and its answer proves the agent serves.
+                agent.restored(secrets.token_bytes(64), time.time_ns(), timeout)
+            else:
+                agent.wait_healthy(timeout, alive=qemu.alive)
             agent.mount_share(SHARE_TAG, GUEST_SHARE)
             if guest_network is not None:
                 files = agent.configure_network(guest_network)
@@ -588,8 +592,10 @@ class Pod:
                 finally:
                     found.close()
                 self._remember("qemu", vm.handle)
+            # The proxy starts (a Python process) while QEMU loads the state.
             with signals_held():
-                self._remember("proxy", self.drivers.start_proxy(self.dir, vm.pid, forward))
+                pending = self.drivers.begin_proxy(self.dir, vm.pid, forward)
+                self._remember("proxy", pending.handle)
             vm.wait_incoming(timeout)
             loaded = True
             started = time.monotonic()
@@ -602,6 +608,7 @@ class Pod:
             vm.hotplug_share(SHARE_TAG, self.dir / "virtiofsd.sock")
             for index, nic in enumerate(nics):
                 vm.hotplug_nic(nic, index)
+            pending.wait()
             vm.resume()
         except (HypervisorError, AgentError, OSError) as exc:
             if isinstance(exc, JailError):

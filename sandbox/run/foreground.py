@@ -27,7 +27,7 @@ from sandbox.pod.agent_client import ContainerClient
 from sandbox.pod.lifecycle import Pod
 from sandbox.pod.sharing import HeldSources, unshare_container_files
 from sandbox.pod.stdio import StdioRelay
-from sandbox.run.launch import CONTAINER_ID, boot_pod, create_in_pod
+from sandbox.run.launch import CONTAINER_ID, boot_pod, create_with
 from sandbox.run.spec import build_spec, check_options
 from sandbox.signal_forward import forwarding
 
@@ -123,8 +123,11 @@ def _run_in_pod(
     image: images.Image,
     held: HeldSources,
 ) -> int:
-    create_in_pod(pod, CONTAINER_ID, spec, image, held)
     with pod.client() as client:
+        # Without -i nothing is relayed to stdin: create, start and EOF on stdin are one call
+        # (the output waits in the guest's pipes until the relay reads it).
+        one_call = not args.interactive
+        create_with(client, pod, CONTAINER_ID, spec, image, held, start=one_call)
         stdin = sys.stdin.fileno() if args.interactive else None
         relay = StdioRelay(
             client, CONTAINER_ID, "", stdin, sys.stdout.fileno(), sys.stderr.fileno(), args.tty
@@ -132,11 +135,10 @@ def _run_in_pod(
         terminal = args.tty and sys.stdin.isatty()
         with _raw_terminal(terminal), _forward_signals(client, terminal):
             relay.start()
-            client.start_container(CONTAINER_ID)
+            if not one_call:
+                client.start_container(CONTAINER_ID)
             if terminal:
                 _resize(client)
-            if not args.interactive:
-                client.close_stdin(CONTAINER_ID)
             try:
                 status, _sig, oom = client.wait_process(CONTAINER_ID, "", args.timeout)
             except AgentError:
