@@ -578,6 +578,12 @@ def report(result: dict[str, Any], oci: str) -> None:
             f"  ratio to floor: {run['ratio_to_floor']:.2f}x, to {oci}: "
             f"{run['ratio_to_reference']:.2f}x"
         )
+        if "baseline" in run["seconds"]:
+            print(_row("baseline: pysandbox run ROOTFS true", run["seconds"]["baseline"]))
+            print(
+                f"  baseline ratio to floor: {run['baseline_ratio_to']['floor']:.2f}x;"
+                f" ours / baseline: {run['ratio_to_baseline']:.3f}"
+            )
         print("  stages (median seconds, traced runs):")
         for name, seconds in run["stages_median_seconds"]:
             print(f"    {name:<44} {seconds:8.3f}")
