@@ -18,7 +18,7 @@ from typing import NoReturn
 
 import grpc
 
-from agent import pid1
+from agent import pid1, restore  # restore: imported before a template is saved
 from agent.containers import START_TIMEOUT, ContainerError, ContainerManager, Signal
 from agent.network import NetworkError, NetworkManager
 from agent.oci import syscalls
@@ -95,6 +95,11 @@ class AgentService(pb_grpc.AgentServicer):
     def MountShare(
         self, request: pb.MountShareRequest, context: grpc.ServicerContext
     ) -> pb.MountShareResponse:
+        self._mount_share(request, context)
+        return pb.MountShareResponse()
+
+    def _mount_share(self, request: pb.MountShareRequest, context: grpc.ServicerContext) -> None:
+        """MountShare's work (also Restored's with a share): aborts the call on failure."""
         if not _TAG_RE.match(request.tag):
             _abort(context, grpc.StatusCode.INVALID_ARGUMENT, f"invalid share tag {request.tag!r}")
         path = os.path.normpath(request.path)
@@ -107,7 +112,7 @@ class AgentService(pb_grpc.AgentServicer):
         with self._lock:
             mounted = self._shares.get(path)
             if mounted == request.tag:
-                return pb.MountShareResponse()
+                return
             if mounted is not None:
                 _abort(
                     context,
@@ -121,7 +126,6 @@ class AgentService(pb_grpc.AgentServicer):
             except OSError as exc:
                 _abort(context, grpc.StatusCode.INTERNAL, f"mounting share: {exc}")
             self._shares[path] = request.tag
-        return pb.MountShareResponse()
 
     def ReadFile(
         self, request: pb.ReadFileRequest, context: grpc.ServicerContext
@@ -162,9 +166,9 @@ class AgentService(pb_grpc.AgentServicer):
         timer.start()
         return pb.ShutdownResponse()
 
-    def Restored(self, request: pb.RestoredRequest, context: grpc.ServicerContext) -> pb.Empty:
-        from agent import restore
-
+    def Restored(
+        self, request: pb.RestoredRequest, context: grpc.ServicerContext
+    ) -> pb.RestoredResponse:
         try:
             restore.reseed(request.entropy)
             restore.set_clock(request.realtime_ns)
@@ -172,7 +176,10 @@ class AgentService(pb_grpc.AgentServicer):
             _abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         except OSError as exc:
             _abort(context, grpc.StatusCode.FAILED_PRECONDITION, f"restoring: {exc}")
-        return pb.Empty()
+        if request.HasField("share"):  # protocol 1.7
+            self._mount_share(request.share, context)
+            return pb.RestoredResponse(share_mounted=True)
+        return pb.RestoredResponse()
 
     def PrepareTemplate(
         self, request: pb.PrepareTemplateRequest, context: grpc.ServicerContext

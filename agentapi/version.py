@@ -10,7 +10,8 @@ PROTOCOL_VERSION = "1.8"  # 1.1: ConfigureNetwork; 1.2: Failure reasons in trail
 # 1.5: PortForward
 # 1.6: ConfigureNetwork.container_id (the pod network in a container's network namespace)
 # 1.7: PrepareTemplate
-# 1.8: CreateContainer.start / close_stdin (create, start and EOF in one call)
+# 1.8: CreateContainer.start / close_stdin (create, start and EOF in one call);
+#      Restored.share (the pod share mounted in the same call)
 
 
 def protocol_major(version: str) -> int:

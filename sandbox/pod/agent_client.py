@@ -270,13 +270,25 @@ class AgentClient:
         """Mount virtio-fs ``tag`` at guest ``path`` (under /run/pysandbox)."""
         self._call("MountShare", pb.MountShareRequest(tag=tag, path=path, readonly=readonly))
 
-    def restored(self, entropy: bytes, realtime_ns: int, timeout: float | None = None) -> None:
-        """Tell a guest restored from a template VM to reseed its CRNG and set its clock.
+    def restored(
+        self,
+        entropy: bytes,
+        realtime_ns: int,
+        timeout: float | None = None,
+        share: tuple[str, str] | None = None,
+    ) -> bool:
+        """Tell a guest restored from a template VM to reseed its CRNG and set its clock;
+        with ``share`` (tag, guest path) also mount that share (protocol 1.7). Returns whether
+        the share was mounted: False from an older agent, which ignores it (the caller then
+        calls :meth:`mount_share`).
 
         ``timeout`` (default: the client's): as the first call of a restored VM it also waits
         for the agent to answer at all, as :meth:`wait_healthy` would."""
         request = pb.RestoredRequest(entropy=entropy, realtime_ns=realtime_ns)
-        self._call("Restored", request, timeout)
+        if share is not None:
+            request.share.CopyFrom(pb.MountShareRequest(tag=share[0], path=share[1]))
+        reply = self._call("Restored", request, timeout)
+        return share is not None and bool(reply.share_mounted)
 
     def prepare_template(self, timeout: float) -> tuple[int, int, int] | None:
         """Ask a template VM's guest to drop its caches and zero its free memory before it

@@ -477,15 +477,19 @@ class Pod:
         assert qemu is not None
         # 5. The agent: healthy, told it was restored, the share mounted, the network set.
         with self.client() as agent:
+            mounted = False
             if boot is BootKind.RESTORED:
-                # A clone of the template: its own randomness and the current time first.
-                # No Health before: this first call waits for the agent (the boot's
-                # timeout; cut short if QEMU, virtiofsd or the proxy dies: the client's
-                # watch), and its answer proves the agent serves.
-                agent.restored(secrets.token_bytes(64), time.time_ns(), timeout)
+                # A clone of the template: its own randomness and the current time first,
+                # then the share, in one call. No Health before: this first call waits for
+                # the agent (the boot's timeout; cut short if QEMU, virtiofsd or the proxy
+                # dies: the client's watch), and its answer proves the agent serves.
+                mounted = agent.restored(
+                    secrets.token_bytes(64), time.time_ns(), timeout, (SHARE_TAG, GUEST_SHARE)
+                )
             else:
                 agent.wait_healthy(timeout, alive=qemu.alive)
-            agent.mount_share(SHARE_TAG, GUEST_SHARE)
+            if not mounted:  # cold boot, or an agent before protocol 1.7
+                agent.mount_share(SHARE_TAG, GUEST_SHARE)
             if guest_network is not None:
                 files = agent.configure_network(guest_network)
                 self.record.network = {

@@ -104,6 +104,25 @@ def test_env_workdir_user_and_stdin(root: Path, tmp_path: Path) -> None:
     assert done.stdout.decode().splitlines() == ["1 yes", "/tmp", "1000", "piped in"]
 
 
+def test_without_i_the_program_reads_eof_at_once(root: Path) -> None:
+    """Without -i nothing of the caller's stdin reaches the container (docker's rule): its
+    stdin is at EOF from the start, even while the caller's stdin stays open."""
+    held_r, held_w = os.pipe()  # never written, never closed until the run is over
+    try:
+        argv = [sys.executable, "-m", "sandbox", "--root", str(root), "run", "default"]
+        done = subprocess.run(
+            [*argv, "sh", "-c", "cat; echo eof"],
+            stdin=held_r,
+            capture_output=True,
+            timeout=120,
+            cwd=ROOT,
+        )
+    finally:
+        os.close(held_r)
+        os.close(held_w)
+    assert (done.returncode, done.stdout, done.stderr) == (0, b"eof\n", b"")
+
+
 def test_user_name_from_the_image_passwd(root: Path) -> None:
     # The default image lists nobody as 65534:65534; -u takes names as docker does.
     done = run(root, "-u", "nobody", "default", "sh", "-c", "id -u; id -g")
