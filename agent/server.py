@@ -7,11 +7,13 @@ a precondition failure FAILED_PRECONDITION, anything else INTERNAL with a one-li
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import platform
 import re
 import socket
 import threading
+import time
 from collections.abc import Callable, Iterator
 from concurrent import futures
 from typing import NoReturn
@@ -36,6 +38,12 @@ _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,1023}$")
 def _abort(context: grpc.ServicerContext, code: grpc.StatusCode, message: str) -> NoReturn:
     context.abort(code, message)
     raise AssertionError("unreachable")  # context.abort always raises
+
+
+#: How long MountShare waits for a share's device to be probed (seconds), and how often it
+#: looks (a hot-plugged device appears within ~0.1 s under TCG).
+SHARE_WAIT = 10.0
+SHARE_POLL = 0.01
 
 
 class AgentService(pb_grpc.AgentServicer):
@@ -122,7 +130,7 @@ class AgentService(pb_grpc.AgentServicer):
             flags = linux.MS_RDONLY if request.readonly else 0
             try:
                 os.makedirs(path, mode=0o755, exist_ok=True)
-                syscalls.mount(request.tag, path, "virtiofs", flags)
+                _mount_virtiofs(request.tag, path, flags, _wait_limit(context, SHARE_WAIT))
             except OSError as exc:
                 _abort(context, grpc.StatusCode.INTERNAL, f"mounting share: {exc}")
             self._shares[path] = request.tag
@@ -446,6 +454,28 @@ class AgentService(pb_grpc.AgentServicer):
             yield pb.PortForwardResponse(connected=True)
             for data in portforward.drain(sock):
                 yield pb.PortForwardResponse(data=data)
+
+
+def _wait_limit(context: grpc.ServicerContext, longest: float) -> float:
+    """Seconds a call may wait for something: ``longest``, less if the caller's deadline
+    comes sooner (with a second left to answer)."""
+    remaining = context.time_remaining()
+    return longest if remaining is None else max(min(longest, remaining - 1.0), 0.0)
+
+
+def _mount_virtiofs(tag: str, path: str, flags: int, wait: float) -> None:
+    """Mount virtio-fs ``tag`` at ``path``. The kernel answers EINVAL for a tag it does not
+    know: a device hot-plugged just before (a restored template VM's share) may still be
+    being probed, so EINVAL is retried for up to ``wait`` seconds; OSError otherwise."""
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            syscalls.mount(tag, path, "virtiofs", flags)
+            return
+        except OSError as exc:
+            if exc.errno != errno.EINVAL or time.monotonic() >= deadline:
+                raise
+        time.sleep(SHARE_POLL)
 
 
 def _start_timeout(context: grpc.ServicerContext) -> float:
