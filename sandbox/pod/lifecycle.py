@@ -39,7 +39,14 @@ from typing import TYPE_CHECKING, Any, cast
 from hypervisor.process import ProcessHandle, signals_held
 from hypervisor.zeropages import ZeroMap
 from sandbox import store as state
-from sandbox.errors import AgentError, ConfigError, NetworkError, StateError, TemplateError
+from sandbox.errors import (
+    AgentError,
+    ConfigError,
+    NetworkError,
+    PodProcessDied,
+    StateError,
+    TemplateError,
+)
 from sandbox.pod import drivers as pod_drivers
 from sandbox.pod import host_cgroup as cgroups
 from sandbox.pod import hostfs
@@ -617,6 +624,10 @@ class Pod:
         except (HypervisorError, AgentError, OSError) as exc:
             if isinstance(exc, JailError):
                 raise  # not the template's fault, and a cold boot would fail alike
+            if isinstance(exc, AgentError) and (died := self.casualty()) is not None:
+                # A process of the pod was killed (the proxy while it started, virtiofsd):
+                # not the template's fault either, and a cold boot would find it gone.
+                raise PodProcessDied(died, pod_id=self.id) from exc
             # Only a state QEMU could not load is the template's fault: discard it then.
             unloadable = isinstance(exc, HypervisorError) and not isinstance(exc, HypervisorTimeout)
             if unloadable and not loaded:
