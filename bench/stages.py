@@ -70,6 +70,7 @@ PROBES: tuple[tuple[str, str, str], ...] = (
     ("sandbox.run.foreground", "unshare_container_files", "unshare files"),
     ("sandbox.run.foreground", "_teardown_in_background", "teardown hand-off"),
     ("sandbox.pod.lifecycle", "Pod.begin_stop", "teardown: Shutdown"),
+    ("sandbox.pod.lifecycle", "Pod.mark_stopping", "teardown: marked stopping"),
     ("sandbox.pod.lifecycle", "Pod.stop", "teardown"),
     ("sandbox.pod.lifecycle", "Pod.destroy", "teardown: destroy"),
     ("sandbox.pod.agent_client", "ContainerClient.exec_process", "ExecProcess"),

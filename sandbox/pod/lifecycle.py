@@ -716,16 +716,31 @@ class Pod:
         """The first half of :meth:`stop`: a running pod becomes ``stopping`` and its agent
         is asked to power the VM off (it syncs the guest's file systems, answers, then
         powers off). Uses gRPC; never raises for an agent that cannot be reached."""
+        if self.mark_stopping():
+            self.request_power_off()
+
+    def mark_stopping(self) -> bool:
+        """A running pod whose QEMU lives becomes ``stopping`` (recorded: a new pod of the
+        same id waits for it, nothing else uses it); whether it did. No gRPC."""
         qemu = self.process("qemu")
         if self.status is PodStatus.RUNNING and qemu is not None and qemu.alive():
             self._set_status_quietly(PodStatus.STOPPING)
-            # No proxy restart here: stop may run under the pod lock; a dead proxy just
-            # means the hard stop below.
-            with (
-                contextlib.suppress(AgentError),
-                ContainerClient(self.agent_address, 5.0) as agent,
-            ):
-                agent.shutdown()
+            return True
+        return False
+
+    def request_power_off(self) -> None:
+        """Ask the agent of a ``stopping`` pod to power the VM off (Shutdown: it syncs the
+        guest's file systems first). Uses gRPC; never raises for an agent that cannot be
+        reached (:meth:`finish_stop` then stops QEMU the hard way)."""
+        if self.status is not PodStatus.STOPPING:
+            return
+        # No proxy restart here: stop may run under the pod lock; a dead proxy just means
+        # the hard stop.
+        with (
+            contextlib.suppress(AgentError),
+            ContainerClient(self.agent_address, 5.0) as agent,
+        ):
+            agent.shutdown()
 
     def finish_stop(self, timeout: float = 10.0) -> None:
         """The second half of :meth:`stop`: wait up to ``timeout`` seconds for QEMU to exit,
