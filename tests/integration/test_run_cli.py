@@ -74,10 +74,20 @@ def _torn_down(root: Path) -> bool:
     return wait_until(lambda: _leftovers(root) == [] and _processes_of(root) == [], 30)
 
 
+def _cgroups_named(name: str) -> list[str]:
+    return [
+        os.path.join(d, n) for d, names, _ in os.walk("/sys/fs/cgroup") for n in names if n == name
+    ]
+
+
 def test_output_and_exit_code(root: Path) -> None:
-    done = run(root, "default", "sh", "-c", "echo hi; echo oops >&2; exit 42")
+    """The status and output come first; the VM's teardown (after the run exited, in a
+    process of its own) leaves no process, mount, pod directory or host cgroup."""
+    name = "out-exit"
+    done = run(root, "--name", name, "default", "sh", "-c", "echo hi; echo oops >&2; exit 42")
     assert (done.returncode, done.stdout, done.stderr) == (42, b"hi\n", b"oops\n")
     assert _torn_down(root)
+    assert wait_until(lambda: _cgroups_named(name) == [], 10), _cgroups_named(name)
 
 
 def test_env_workdir_user_and_stdin(root: Path, tmp_path: Path) -> None:
