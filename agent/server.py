@@ -184,7 +184,7 @@ class AgentService(pb_grpc.AgentServicer):
             _abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         except OSError as exc:
             _abort(context, grpc.StatusCode.FAILED_PRECONDITION, f"restoring: {exc}")
-        if request.HasField("share"):  # protocol 1.7
+        if request.HasField("share"):  # protocol 1.8
             self._mount_share(request.share, context)
             return pb.RestoredResponse(share_mounted=True)
         return pb.RestoredResponse()
@@ -229,7 +229,7 @@ class AgentService(pb_grpc.AgentServicer):
                 request.overlay,
                 close_stdin=request.close_stdin,
             )
-            if request.start:  # protocol 1.7: StartContainer in the same call
+            if request.start:  # protocol 1.8: StartContainer in the same call
                 manager.start(request.container_id, _start_timeout(context))
         return pb.CreateContainerResponse(pid=pid, started=request.start)
 

@@ -278,7 +278,7 @@ class AgentClient:
         share: tuple[str, str] | None = None,
     ) -> bool:
         """Tell a guest restored from a template VM to reseed its CRNG and set its clock;
-        with ``share`` (tag, guest path) also mount that share (protocol 1.7). Returns whether
+        with ``share`` (tag, guest path) also mount that share (protocol 1.8). Returns whether
         the share was mounted: False from an older agent, which ignores it (the caller then
         calls :meth:`mount_share`).
 
@@ -397,9 +397,9 @@ class ContainerClient(AgentClient):
     def create_and_start(
         self, container_id: str, spec: bytes, rootfs: str, overlay: bool = False
     ) -> tuple[int, bool]:
-        """CreateContainer with start and close_stdin (protocol 1.7): the container created,
+        """CreateContainer with start and close_stdin (protocol 1.8): the container created,
         its program exec'd and its stdin at EOF (a pipe; a terminal's stdin stays open) in one
-        round trip. Returns (guest pid, started); started is False from an agent before 1.7,
+        round trip. Returns (guest pid, started); started is False from an agent before 1.8,
         which only created it: the caller then calls :meth:`start_container` and
         :meth:`close_stdin`. Errors as :meth:`create_container` (and :meth:`start_container`:
         the container is then stopped)."""

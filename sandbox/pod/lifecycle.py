@@ -495,7 +495,7 @@ class Pod:
                 )
             else:
                 agent.wait_healthy(timeout, alive=qemu.alive)
-            if not mounted:  # cold boot, or an agent before protocol 1.7
+            if not mounted:  # cold boot, or an agent before protocol 1.8
                 agent.mount_share(SHARE_TAG, GUEST_SHARE)
             if guest_network is not None:
                 files = agent.configure_network(guest_network)

@@ -107,7 +107,7 @@ def create_with(
     start: bool = False,
 ) -> int:
     """:func:`create_in_pod` through ``client``. With ``start`` the container is also
-    started and its stdin closed in the same call when the agent can (protocol 1.7), else
+    started and its stdin closed in the same call when the agent can (protocol 1.8), else
     with StartContainer and CloseStdin after it (stdin: the foreground run of a
     non-interactive ``pysandbox run``; a terminal gets its ^D). Errors as create_in_pod's."""
     guest_rootfs, guest_spec = share_container_files(
@@ -124,7 +124,7 @@ def create_with(
     except AgentError as exc:
         raise RunError(exc.detail, EXIT_RUNTIME) from exc
     terminal = bool((spec.get("process") or {}).get("terminal"))
-    if not started:  # an agent before protocol 1.7
+    if not started:  # an agent before protocol 1.8
         client.start_container(container_id)
     if terminal or not started:
         client.close_stdin(container_id)

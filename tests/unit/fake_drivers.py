@@ -93,9 +93,9 @@ class FakeDrivers(Drivers):
         self.privileged_files: bool | None = None  # as the last file server was asked
         self.locks: str | None = None  # likewise
         self.networks: list[pb.ConfigureNetworkRequest] = []  # as the guests were told
-        #: The protocol minor the fake agents speak: below 7 they ignore Restored.share and
-        #: CreateContainer.start/close_stdin, as agents before protocol 1.7 do.
-        self.agent_minor = 7
+        #: The protocol minor the fake agents speak: below 8 they ignore Restored.share and
+        #: CreateContainer.start/close_stdin, as agents before protocol 1.8 do.
+        self.agent_minor = 8
         #: (tag, path) of every share a fake agent mounted, by MountShare or Restored.
         self.shares: list[tuple[str, str]] = []
         #: What each CreateContainer asked beyond creating: (container id, start, close_stdin).
@@ -360,7 +360,7 @@ class FakeGuest(pb_grpc.AgentServicer):
     ) -> pb.RestoredResponse:
         self._enter("Restored", context)
         assert len(request.entropy) == 64 and request.realtime_ns > 0
-        if self.drivers.agent_minor < 7 or not request.HasField("share"):
+        if self.drivers.agent_minor < 8 or not request.HasField("share"):
             return pb.RestoredResponse()
         self.drivers.shares.append((request.share.tag, request.share.path))
         return pb.RestoredResponse(share_mounted=True)
@@ -411,7 +411,7 @@ class FakeGuest(pb_grpc.AgentServicer):
         self.specs[request.container_id] = request.oci_spec
         self.containers[request.container_id] = pid = 100 + len(self.containers)
         self.drivers.creates.append((request.container_id, request.start, request.close_stdin))
-        started = request.start and self.drivers.agent_minor >= 7
+        started = request.start and self.drivers.agent_minor >= 8
         return pb.CreateContainerResponse(pid=pid, started=started)
 
     def StartContainer(

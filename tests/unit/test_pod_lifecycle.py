@@ -251,7 +251,7 @@ def test_restored_pods_share_one_template(templates: FakeDrivers, root: Path) ->
         ("qemu", "release_zero_pages"),
         ("qemu", "hotplug_share", "pod"),  # virtiofsd serves before the share is plugged
         ("qemu", "resume"),
-        # The first call: it proves the agent serves, and it mounts the share (1.7).
+        # The first call: it proves the agent serves, and it mounts the share (1.8).
         ("agent", "Restored"),
     ]
     assert fake.shares[-1] == ("pod", "/run/pysandbox/shared")
@@ -264,10 +264,10 @@ def test_restored_pods_share_one_template(templates: FakeDrivers, root: Path) ->
 def test_a_restored_pod_of_an_older_agent_mounts_its_share_by_itself(
     templates: FakeDrivers, root: Path
 ) -> None:
-    """An agent before protocol 1.7 ignores Restored.share: the host sees share_mounted
+    """An agent before protocol 1.8 ignores Restored.share: the host sees share_mounted
     false and calls MountShare, as it did before."""
     fake = templates
-    fake.agent_minor = 6
+    fake.agent_minor = 7
     Pod.boot(root, "p1").stop()
     since, shares = len(fake.events), len(fake.shares)
     pod = Pod.boot(root, "p2")

@@ -3,7 +3,7 @@ against fake drivers (tests/unit/fake_drivers.py).
 
 What a user relies on: the container's program runs with its stdin at EOF (without ``-i``),
 whatever the agent's protocol: one CreateContainer call does create, start and EOF with an
-agent of protocol 1.7, and an older agent (which ignores those fields and answers
+agent of protocol 1.8, and an older agent (which ignores those fields and answers
 started=false) gets StartContainer and CloseStdin as before, so the program still runs and
 never waits on stdin.
 """
@@ -64,7 +64,7 @@ def test_create_start_and_eof_are_one_call(
 def test_an_older_agent_is_started_and_given_eof_as_before(
     fake: FakeDrivers, root: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    fake.agent_minor = 6
+    fake.agent_minor = 7
     calls = _create(fake, root, monkeypatch, start=True)
     assert calls == ["CreateContainer", "StartContainer", "CloseStdin"]
 
