@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+from sandbox.run.launch import default_cgroup
 from tests.integration.pods import PodFactory
 from tests.processes import processes_mentioning, wait_until
 
@@ -75,6 +76,7 @@ def _torn_down(root: Path) -> bool:
 
 
 def _cgroups_named(name: str) -> list[str]:
+    """The host cgroup directories of the run's pod (launch.default_cgroup's last part)."""
     return [
         os.path.join(d, n) for d, names, _ in os.walk("/sys/fs/cgroup") for n in names if n == name
     ]
@@ -84,10 +86,16 @@ def test_output_and_exit_code(root: Path) -> None:
     """The status and output come first; the VM's teardown (after the run exited, in a
     process of its own) leaves no process, mount, pod directory or host cgroup."""
     name = "out-exit"
+    cgroup = default_cgroup(root, name).rpartition("/")[2]
+    command = run(root, "--name", name, "-d", "default", "sleep", "1000")
+    assert command.returncode == 0, command.stderr
+    assert _cgroups_named(cgroup) != []  # what the check below looks for exists during a run
+    assert cli(root, "rm", "-f", name).returncode == 0
+    assert wait_until(lambda: _cgroups_named(cgroup) == [], 10), _cgroups_named(cgroup)
     done = run(root, "--name", name, "default", "sh", "-c", "echo hi; echo oops >&2; exit 42")
     assert (done.returncode, done.stdout, done.stderr) == (42, b"hi\n", b"oops\n")
     assert _torn_down(root)
-    assert wait_until(lambda: _cgroups_named(name) == [], 10), _cgroups_named(name)
+    assert wait_until(lambda: _cgroups_named(cgroup) == [], 10), _cgroups_named(cgroup)
 
 
 def test_env_workdir_user_and_stdin(root: Path, tmp_path: Path) -> None:
