@@ -465,8 +465,17 @@ class ContainerManager:
             shutil.rmtree(base, ignore_errors=True)
 
     def create(
-        self, container_id: str, spec_bytes: bytes, rootfs: str, overlay: bool = False
+        self,
+        container_id: str,
+        spec_bytes: bytes,
+        rootfs: str,
+        overlay: bool = False,
+        *,
+        close_stdin: bool = False,
     ) -> int:
+        """Create the container (CreateContainer); its init's pid. ``close_stdin``: the
+        init's stdin pipe is closed at once (EOF, as after :meth:`close_stdin`); a terminal's
+        stdin is left open (its ^D is CloseStdin's)."""
         if len(spec_bytes) > MAX_SPEC_BYTES:
             raise ContainerError("INVALID_ARGUMENT", "oci spec larger than 1 MiB", "INVALID_SPEC")
         try:
@@ -527,6 +536,8 @@ class ContainerManager:
             with self._lock:
                 self._containers.pop(container_id, None)
             raise
+        if close_stdin and not terminal:
+            proc.release("stdin")
         linux = spec.get("linux")
         seccomp = linux.get("seccomp") if isinstance(linux, dict) else None
         with self._lock:

@@ -7,18 +7,20 @@ a precondition failure FAILED_PRECONDITION, anything else INTERNAL with a one-li
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import platform
 import re
 import socket
 import threading
+import time
 from collections.abc import Callable, Iterator
 from concurrent import futures
 from typing import NoReturn
 
 import grpc
 
-from agent import pid1
+from agent import pid1, restore  # restore: imported before a template is saved
 from agent.containers import START_TIMEOUT, ContainerError, ContainerManager, Signal
 from agent.network import NetworkError, NetworkManager
 from agent.oci import syscalls
@@ -36,6 +38,12 @@ _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,1023}$")
 def _abort(context: grpc.ServicerContext, code: grpc.StatusCode, message: str) -> NoReturn:
     context.abort(code, message)
     raise AssertionError("unreachable")  # context.abort always raises
+
+
+#: How long MountShare waits for a share's device to be probed (seconds), and how often it
+#: looks (a hot-plugged device appears within ~0.1 s under TCG).
+SHARE_WAIT = 10.0
+SHARE_POLL = 0.01
 
 
 class AgentService(pb_grpc.AgentServicer):
@@ -95,6 +103,11 @@ class AgentService(pb_grpc.AgentServicer):
     def MountShare(
         self, request: pb.MountShareRequest, context: grpc.ServicerContext
     ) -> pb.MountShareResponse:
+        self._mount_share(request, context)
+        return pb.MountShareResponse()
+
+    def _mount_share(self, request: pb.MountShareRequest, context: grpc.ServicerContext) -> None:
+        """MountShare's work (also Restored's with a share): aborts the call on failure."""
         if not _TAG_RE.match(request.tag):
             _abort(context, grpc.StatusCode.INVALID_ARGUMENT, f"invalid share tag {request.tag!r}")
         path = os.path.normpath(request.path)
@@ -107,7 +120,7 @@ class AgentService(pb_grpc.AgentServicer):
         with self._lock:
             mounted = self._shares.get(path)
             if mounted == request.tag:
-                return pb.MountShareResponse()
+                return
             if mounted is not None:
                 _abort(
                     context,
@@ -117,11 +130,10 @@ class AgentService(pb_grpc.AgentServicer):
             flags = linux.MS_RDONLY if request.readonly else 0
             try:
                 os.makedirs(path, mode=0o755, exist_ok=True)
-                syscalls.mount(request.tag, path, "virtiofs", flags)
+                _mount_virtiofs(request.tag, path, flags, _wait_limit(context, SHARE_WAIT))
             except OSError as exc:
                 _abort(context, grpc.StatusCode.INTERNAL, f"mounting share: {exc}")
             self._shares[path] = request.tag
-        return pb.MountShareResponse()
 
     def ReadFile(
         self, request: pb.ReadFileRequest, context: grpc.ServicerContext
@@ -162,9 +174,9 @@ class AgentService(pb_grpc.AgentServicer):
         timer.start()
         return pb.ShutdownResponse()
 
-    def Restored(self, request: pb.RestoredRequest, context: grpc.ServicerContext) -> pb.Empty:
-        from agent import restore
-
+    def Restored(
+        self, request: pb.RestoredRequest, context: grpc.ServicerContext
+    ) -> pb.RestoredResponse:
         try:
             restore.reseed(request.entropy)
             restore.set_clock(request.realtime_ns)
@@ -172,7 +184,10 @@ class AgentService(pb_grpc.AgentServicer):
             _abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         except OSError as exc:
             _abort(context, grpc.StatusCode.FAILED_PRECONDITION, f"restoring: {exc}")
-        return pb.Empty()
+        if request.HasField("share"):  # protocol 1.8
+            self._mount_share(request.share, context)
+            return pb.RestoredResponse(share_mounted=True)
+        return pb.RestoredResponse()
 
     def PrepareTemplate(
         self, request: pb.PrepareTemplateRequest, context: grpc.ServicerContext
@@ -205,19 +220,24 @@ class AgentService(pb_grpc.AgentServicer):
         self, request: pb.CreateContainerRequest, context: grpc.ServicerContext
     ) -> pb.CreateContainerResponse:
         self._check_id(context, request.container_id)
+        manager = self._manager(context)
         with _container_errors(context):
-            pid = self._manager(context).create(
-                request.container_id, request.oci_spec, request.rootfs, request.overlay
+            pid = manager.create(
+                request.container_id,
+                request.oci_spec,
+                request.rootfs,
+                request.overlay,
+                close_stdin=request.close_stdin,
             )
-        return pb.CreateContainerResponse(pid=pid)
+            if request.start:  # protocol 1.8: StartContainer in the same call
+                manager.start(request.container_id, _start_timeout(context))
+        return pb.CreateContainerResponse(pid=pid, started=request.start)
 
     def StartContainer(
         self, request: pb.ContainerRequest, context: grpc.ServicerContext
     ) -> pb.Empty:
-        remaining = context.time_remaining()
-        timeout = START_TIMEOUT if remaining is None else max(remaining - 1.0, 0.1)
         with _container_errors(context):
-            self._manager(context).start(request.container_id, timeout)
+            self._manager(context).start(request.container_id, _start_timeout(context))
         return pb.Empty()
 
     def ExecProcess(
@@ -434,6 +454,35 @@ class AgentService(pb_grpc.AgentServicer):
             yield pb.PortForwardResponse(connected=True)
             for data in portforward.drain(sock):
                 yield pb.PortForwardResponse(data=data)
+
+
+def _wait_limit(context: grpc.ServicerContext, longest: float) -> float:
+    """Seconds a call may wait for something: ``longest``, less if the caller's deadline
+    comes sooner (with a second left to answer)."""
+    remaining = context.time_remaining()
+    return longest if remaining is None else max(min(longest, remaining - 1.0), 0.0)
+
+
+def _mount_virtiofs(tag: str, path: str, flags: int, wait: float) -> None:
+    """Mount virtio-fs ``tag`` at ``path``. The kernel answers EINVAL for a tag it does not
+    know: a device hot-plugged just before (a restored template VM's share) may still be
+    being probed, so EINVAL is retried for up to ``wait`` seconds; OSError otherwise."""
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            syscalls.mount(tag, path, "virtiofs", flags)
+            return
+        except OSError as exc:
+            if exc.errno != errno.EINVAL or time.monotonic() >= deadline:
+                raise
+        time.sleep(SHARE_POLL)
+
+
+def _start_timeout(context: grpc.ServicerContext) -> float:
+    """How long a start may wait for the hooks: the caller's deadline less a second (to
+    answer in time), or :data:`START_TIMEOUT` without one."""
+    remaining = context.time_remaining()
+    return START_TIMEOUT if remaining is None else max(remaining - 1.0, 0.1)
 
 
 def _shutdown(sock: socket.socket) -> None:

@@ -162,6 +162,16 @@ def _baseline_ratios(stats: dict[str, dict[str, float]], *refs: str) -> dict[str
     }
 
 
+def wait_for_teardowns(work: Path, timeout: float = 60.0) -> None:
+    """Wait until the pods of the roots under ``work`` are gone: a foreground run's VM is
+    torn down by a detached process after the run exited (sandbox/run/foreground.py), and
+    removing its root under it leaves its QEMU, virtiofsd and mounts behind. Gives up
+    after ``timeout`` seconds (the removal then happens all the same)."""
+    deadline = time.monotonic() + timeout
+    while any(work.glob("*/p/*")) and time.monotonic() < deadline:
+        time.sleep(0.1)
+
+
 def make_bundle(work: Path, args: list[str]) -> Path:
     """A bundle with a private copy of the default busybox rootfs and ``args`` as process.
 
@@ -578,6 +588,12 @@ def report(result: dict[str, Any], oci: str) -> None:
             f"  ratio to floor: {run['ratio_to_floor']:.2f}x, to {oci}: "
             f"{run['ratio_to_reference']:.2f}x"
         )
+        if "baseline" in run["seconds"]:
+            print(_row("baseline: pysandbox run ROOTFS true", run["seconds"]["baseline"]))
+            print(
+                f"  baseline ratio to floor: {run['baseline_ratio_to']['floor']:.2f}x;"
+                f" ours / baseline: {run['ratio_to_baseline']:.3f}"
+            )
         print("  stages (median seconds, traced runs):")
         for name, seconds in run["stages_median_seconds"]:
             print(f"    {name:<44} {seconds:8.3f}")
@@ -654,6 +670,7 @@ def main(argv: list[str] | None = None) -> int:
         if "stream" in groups:
             result["stream"] = bench_stream(args.runs, work, oci, args.stream_mib)
     finally:
+        wait_for_teardowns(work)
         shutil.rmtree(work, ignore_errors=True)
     result["loadavg_at_end"] = [round(x, 2) for x in os.getloadavg()]
     report(result, Path(oci).name)

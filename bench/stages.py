@@ -39,8 +39,14 @@ PROBES: tuple[tuple[str, str, str], ...] = (
     ("sandbox.run.foreground", "build_spec", "build spec"),
     ("sandbox.run.foreground", "boot_pod", "boot pod"),
     ("sandbox.pod.template", "ensure", "boot: find template"),
+    ("sandbox.pod.template", "acquire", "boot: template acquire"),
+    ("sandbox.pod.lifecycle", "Pod._make_host_cgroup", "boot: host cgroup"),
+    ("sandbox.pod.lifecycle", "hostfs.make_shared_mountpoint", "boot: shared mount"),
+    ("hypervisor.virtiofsd", "Virtiofsd.start", "boot: virtiofsd start"),
     ("hypervisor.qemu", "QemuVM.start", "boot: QEMU spawn"),
     ("sandbox.pod.drivers", "HostDrivers.start_proxy", "boot: proxy start"),
+    ("sandbox.pod.drivers", "HostDrivers.begin_proxy", "boot: proxy spawn"),
+    ("sandbox.pod.agent_proxy", "Starting.wait", "boot: proxy ready"),
     ("hypervisor.qemu", "QemuVM.wait_incoming", "boot: state loaded"),
     ("hypervisor.qemu", "QemuVM.release_zero_pages", "boot: zero pages released"),
     ("hypervisor.qemu", "QemuVM.hotplug_share", "boot: share hot-plug"),
@@ -50,6 +56,11 @@ PROBES: tuple[tuple[str, str, str], ...] = (
     ("sandbox.pod.agent_client", "AgentClient.mount_share", "boot: MountShare"),
     ("sandbox.run.launch", "share_container_files", "share container files"),
     ("sandbox.pod.agent_client", "ContainerClient.create_container", "CreateContainer"),
+    (
+        "sandbox.pod.agent_client",
+        "ContainerClient.create_and_start",
+        "CreateContainer+start+EOF",
+    ),
     ("sandbox.pod.stdio", "StdioRelay.start", "stdio relay start"),
     ("sandbox.pod.agent_client", "ContainerClient.start_container", "StartContainer"),
     ("sandbox.pod.agent_client", "ContainerClient.close_stdin", "CloseStdin"),
@@ -59,12 +70,15 @@ PROBES: tuple[tuple[str, str, str], ...] = (
     ("sandbox.run.foreground", "unshare_container_files", "unshare files"),
     ("sandbox.run.foreground", "_teardown_in_background", "teardown hand-off"),
     ("sandbox.pod.lifecycle", "Pod.begin_stop", "teardown: Shutdown"),
+    ("sandbox.pod.lifecycle", "Pod.mark_stopping", "teardown: marked stopping"),
     ("sandbox.pod.lifecycle", "Pod.stop", "teardown"),
     ("sandbox.pod.lifecycle", "Pod.destroy", "teardown: destroy"),
     ("sandbox.pod.agent_client", "ContainerClient.exec_process", "ExecProcess"),
 )
 
 CALLS: list[tuple[str, float, float]] = []
+#: The status the CLI ended with through ``sandbox.cli.main._exit_now`` (None: sys.exit).
+FAST_EXIT: list[int] = []
 
 
 def _wrap(name: str, original: Any) -> Any:
@@ -79,7 +93,17 @@ def _wrap(name: str, original: Any) -> Any:
     return wrapper
 
 
+def _record_fast_exit(code: int) -> None:
+    """In place of ``_exit_now``: the record is written first, then the exit is as fast."""
+    FAST_EXIT.append(code)
+    raise SystemExit(code)
+
+
 def install() -> None:
+    from sandbox.cli import main as cli_main
+
+    if hasattr(cli_main, "_exit_now"):
+        cli_main._exit_now = _record_fast_exit
     for module_name, path, name in PROBES:
         try:
             owner: Any = importlib.import_module(module_name)
@@ -131,13 +155,18 @@ def main() -> None:
 
     status = 0
     try:
-        cli_main(sys.argv[2:])
+        sys.argv = [sys.argv[0], *sys.argv[2:]]
+        cli_main()  # as the command runs: its own exit path (sandbox.cli.main._exit_now)
     except SystemExit as exc:
         status = exc.code if isinstance(exc.code, int) else 1
     finally:
         out.write_text(
             json.dumps({"t0": t0, "main": _MAIN, "calls": CALLS, "end": time.monotonic()})
         )
+    if FAST_EXIT:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
     sys.exit(status)
 
 

@@ -9,6 +9,7 @@ the ``--log`` file) and a non-zero exit status; never a traceback.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -245,7 +246,10 @@ def _log_flags(argv: list[str]) -> argparse.Namespace:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """Entry point of the ``pysandbox`` console script."""
+    """Entry point of the ``pysandbox`` console script (``argv`` None: ``sys.argv``, and
+    this process is the command: ``run`` ends it with :func:`_exit_now`; a caller passing
+    ``argv`` gets SystemExit as from every verb)."""
+    as_program = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
     _Parser.log_flags = _log_flags(argv)
     verb = _verb_of(argv)
@@ -271,4 +275,18 @@ def main(argv: Sequence[str] | None = None) -> None:
         message, code = describe(exc)
         _log_error(args, message)
         print(f"pysandbox: {message}", file=sys.stderr)
+    if verb == "run" and as_program:
+        _exit_now(code)
     sys.exit(code)
+
+
+def _exit_now(code: int) -> None:
+    """Exit with ``code`` once stdout and stderr are flushed, skipping the interpreter's
+    clean-up (~30 ms with grpc loaded; it frees memory the exit frees anyway): ``run``'s
+    status is what its caller waits for. Nothing of ``run`` needs that clean-up: its files
+    are closed, its VM is torn down by a process of its own, and it leaves no atexit handler
+    or non-daemon thread. A stream that cannot be flushed (a closed pipe) is dropped."""
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError, ValueError):
+            stream.flush()
+    os._exit(code)

@@ -270,9 +270,25 @@ class AgentClient:
         """Mount virtio-fs ``tag`` at guest ``path`` (under /run/pysandbox)."""
         self._call("MountShare", pb.MountShareRequest(tag=tag, path=path, readonly=readonly))
 
-    def restored(self, entropy: bytes, realtime_ns: int) -> None:
-        """Tell a guest restored from a template VM to reseed its CRNG and set its clock."""
-        self._call("Restored", pb.RestoredRequest(entropy=entropy, realtime_ns=realtime_ns))
+    def restored(
+        self,
+        entropy: bytes,
+        realtime_ns: int,
+        timeout: float | None = None,
+        share: tuple[str, str] | None = None,
+    ) -> bool:
+        """Tell a guest restored from a template VM to reseed its CRNG and set its clock;
+        with ``share`` (tag, guest path) also mount that share (protocol 1.8). Returns whether
+        the share was mounted: False from an older agent, which ignores it (the caller then
+        calls :meth:`mount_share`).
+
+        ``timeout`` (default: the client's): as the first call of a restored VM it also waits
+        for the agent to answer at all, as :meth:`wait_healthy` would."""
+        request = pb.RestoredRequest(entropy=entropy, realtime_ns=realtime_ns)
+        if share is not None:
+            request.share.CopyFrom(pb.MountShareRequest(tag=share[0], path=share[1]))
+        reply = self._call("Restored", request, timeout)
+        return share is not None and bool(reply.share_mounted)
 
     def prepare_template(self, timeout: float) -> tuple[int, int, int] | None:
         """Ask a template VM's guest to drop its caches and zero its free memory before it
@@ -377,6 +393,26 @@ class ContainerClient(AgentClient):
         )
         reply = self._call("CreateContainer", request, timeout=120.0)
         return _pid(reply.pid, f"container {container_id}")
+
+    def create_and_start(
+        self, container_id: str, spec: bytes, rootfs: str, overlay: bool = False
+    ) -> tuple[int, bool]:
+        """CreateContainer with start and close_stdin (protocol 1.8): the container created,
+        its program exec'd and its stdin at EOF (a pipe; a terminal's stdin stays open) in one
+        round trip. Returns (guest pid, started); started is False from an agent before 1.8,
+        which only created it: the caller then calls :meth:`start_container` and
+        :meth:`close_stdin`. Errors as :meth:`create_container` (and :meth:`start_container`:
+        the container is then stopped)."""
+        request = pb.CreateContainerRequest(
+            container_id=container_id,
+            oci_spec=spec,
+            rootfs=rootfs,
+            overlay=overlay,
+            start=True,
+            close_stdin=True,
+        )
+        reply = self._call("CreateContainer", request, timeout=120.0)
+        return _pid(reply.pid, f"container {container_id}"), bool(reply.started)
 
     def start_container(self, container_id: str, extra_seconds: float = 0.0) -> None:
         """StartContainer: run the container's startContainer hooks in the guest, then let its

@@ -46,7 +46,7 @@ import grpc
 from agentapi import failure
 from agentapi.channel import VSOCK_PORT, HandshakeError, host_handshake
 from agentapi.limits import GRPC_OPTIONS
-from hypervisor.process import pid_alive
+from hypervisor.process import ProcessHandle, pid_alive
 from sandbox import IMPORT_ROOT
 from sandbox.errors import AgentError
 from sandbox.pod import console_bound
@@ -57,7 +57,36 @@ _CHUNK = 65536
 
 
 def start(directory: Path, vm_pid: int, forward: socket.socket | None = None) -> int:
-    """Start the agent proxy of the VM whose files are in ``directory``; its pid once ready.
+    """Start the agent proxy of the VM whose files are in ``directory``; its pid once ready
+    (:func:`spawn`, then wait for it)."""
+    return spawn(directory, vm_pid, forward).wait().pid
+
+
+class Starting:
+    """An agent proxy process that may not be ready yet (:func:`spawn`)."""
+
+    def __init__(self, proc: subprocess.Popen[bytes], directory: Path) -> None:
+        self._proc = proc
+        self._directory = directory
+        self.handle = ProcessHandle.of(proc.pid)
+
+    def wait(self) -> ProcessHandle:
+        """Its handle once it reports ready; AgentError (it is killed and reaped) if it
+        does not."""
+        proc = self._proc
+        if proc.stdout is not None:
+            line = proc.stdout.readline()
+            proc.stdout.close()
+            if line.strip() == b"agent-proxy: ready":
+                return self.handle
+        proc.kill()
+        proc.wait()
+        raise AgentError(f"agent proxy failed to start; see {self._directory / 'proxy.log'}")
+
+
+def spawn(directory: Path, vm_pid: int, forward: socket.socket | None = None) -> Starting:
+    """Start the agent proxy of the VM whose files are in ``directory``, not waiting for it
+    to be ready (:meth:`Starting.wait`).
 
     It serves ``directory/agent.sock`` and relays to QEMU's ``agent-serial.sock``; its log is
     ``proxy.log``; it keeps the VM's ``console.log`` bounded (:mod:`sandbox.pod.console_bound`).
@@ -102,14 +131,7 @@ def start(directory: Path, vm_pid: int, forward: socket.socket | None = None) ->
             cwd="/",
             env={**os.environ, "PYTHONPATH": IMPORT_ROOT},
         )
-    assert proc.stdout is not None
-    line = proc.stdout.readline()
-    proc.stdout.close()
-    if line.strip() != b"agent-proxy: ready":
-        proc.kill()
-        proc.wait()
-        raise AgentError(f"agent proxy failed to start; see {directory / 'proxy.log'}")
-    return proc.pid
+    return Starting(proc, directory)
 
 
 class _Forwarder(grpc.GenericRpcHandler):  # type: ignore[type-arg]

@@ -45,6 +45,34 @@ class FileServer(Protocol):
         """Stop it and remove its socket; idempotent."""
 
 
+class PendingProxy(Protocol):
+    """An agent proxy started but perhaps not yet ready (:meth:`Drivers.begin_proxy`)."""
+
+    @property
+    def handle(self) -> ProcessHandle:
+        """pid + start time of its process (to record at once)."""
+        ...
+
+    def wait(self) -> ProcessHandle:
+        """Return once it serves; AgentError (its process killed and reaped) when it does
+        not become ready."""
+        ...
+
+
+class _Started:
+    """A proxy that was ready when made (the default :meth:`Drivers.begin_proxy`)."""
+
+    def __init__(self, handle: ProcessHandle) -> None:
+        self._handle = handle
+
+    @property
+    def handle(self) -> ProcessHandle:
+        return self._handle
+
+    def wait(self) -> ProcessHandle:
+        return self._handle
+
+
 class Drivers(abc.ABC):
     """Makes and stops the host processes of a pod's VM."""
 
@@ -81,6 +109,14 @@ class Drivers(abc.ABC):
         accepted on ``forward`` (a listener in the pod's network namespace; the caller
         closes its copy). Returns once it is ready; AgentError (nothing left running) when it
         does not become ready."""
+
+    def begin_proxy(
+        self, directory: Path, vm_pid: int, forward: socket.socket | None = None
+    ) -> PendingProxy:
+        """:meth:`start_proxy` without waiting for it to be ready: the caller records its
+        process, does other work while it starts (e.g. QEMU loading a template's state) and
+        calls ``wait()`` before using the agent. By default it is :meth:`start_proxy`."""
+        return _Started(self.start_proxy(directory, vm_pid, forward))
 
     @abc.abstractmethod
     def terminate(self, name: str, process: ProcessHandle) -> None:
@@ -137,6 +173,13 @@ class HostDrivers(Drivers):
         from sandbox.pod import agent_proxy
 
         return ProcessHandle.of(agent_proxy.start(directory, vm_pid, forward))
+
+    def begin_proxy(
+        self, directory: Path, vm_pid: int, forward: socket.socket | None = None
+    ) -> PendingProxy:
+        from sandbox.pod import agent_proxy
+
+        return agent_proxy.spawn(directory, vm_pid, forward)
 
     def terminate(self, name: str, process: ProcessHandle) -> None:
         process.terminate(timeout=TERMINATE_GRACE)

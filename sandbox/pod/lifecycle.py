@@ -39,7 +39,14 @@ from typing import TYPE_CHECKING, Any, cast
 from hypervisor.process import ProcessHandle, signals_held
 from hypervisor.zeropages import ZeroMap
 from sandbox import store as state
-from sandbox.errors import AgentError, ConfigError, NetworkError, StateError, TemplateError
+from sandbox.errors import (
+    AgentError,
+    ConfigError,
+    NetworkError,
+    PodProcessDied,
+    StateError,
+    TemplateError,
+)
 from sandbox.pod import drivers as pod_drivers
 from sandbox.pod import host_cgroup as cgroups
 from sandbox.pod import hostfs
@@ -477,11 +484,19 @@ class Pod:
         assert qemu is not None
         # 5. The agent: healthy, told it was restored, the share mounted, the network set.
         with self.client() as agent:
-            agent.wait_healthy(timeout, alive=qemu.alive)
+            mounted = False
             if boot is BootKind.RESTORED:
-                # A clone of the template: its own randomness and the current time first.
-                agent.restored(secrets.token_bytes(64), time.time_ns())
-            agent.mount_share(SHARE_TAG, GUEST_SHARE)
+                # A clone of the template: its own randomness and the current time first,
+                # then the share, in one call. No Health before: this first call waits for
+                # the agent (the boot's timeout; cut short if QEMU, virtiofsd or the proxy
+                # dies: the client's watch), and its answer proves the agent serves.
+                mounted = agent.restored(
+                    secrets.token_bytes(64), time.time_ns(), timeout, (SHARE_TAG, GUEST_SHARE)
+                )
+            else:
+                agent.wait_healthy(timeout, alive=qemu.alive)
+            if not mounted:  # cold boot, or an agent before protocol 1.8
+                agent.mount_share(SHARE_TAG, GUEST_SHARE)
             if guest_network is not None:
                 files = agent.configure_network(guest_network)
                 self.record.network = {
@@ -588,8 +603,10 @@ class Pod:
                 finally:
                     found.close()
                 self._remember("qemu", vm.handle)
+            # The proxy starts (a Python process) while QEMU loads the state.
             with signals_held():
-                self._remember("proxy", self.drivers.start_proxy(self.dir, vm.pid, forward))
+                pending = self.drivers.begin_proxy(self.dir, vm.pid, forward)
+                self._remember("proxy", pending.handle)
             vm.wait_incoming(timeout)
             loaded = True
             started = time.monotonic()
@@ -602,10 +619,15 @@ class Pod:
             vm.hotplug_share(SHARE_TAG, self.dir / "virtiofsd.sock")
             for index, nic in enumerate(nics):
                 vm.hotplug_nic(nic, index)
+            pending.wait()
             vm.resume()
         except (HypervisorError, AgentError, OSError) as exc:
             if isinstance(exc, JailError):
                 raise  # not the template's fault, and a cold boot would fail alike
+            if isinstance(exc, AgentError) and (died := self.casualty()) is not None:
+                # A process of the pod was killed (the proxy while it started, virtiofsd):
+                # not the template's fault either, and a cold boot would find it gone.
+                raise PodProcessDied(died, pod_id=self.id) from exc
             # Only a state QEMU could not load is the template's fault: discard it then.
             unloadable = isinstance(exc, HypervisorError) and not isinstance(exc, HypervisorTimeout)
             if unloadable and not loaded:
@@ -694,16 +716,31 @@ class Pod:
         """The first half of :meth:`stop`: a running pod becomes ``stopping`` and its agent
         is asked to power the VM off (it syncs the guest's file systems, answers, then
         powers off). Uses gRPC; never raises for an agent that cannot be reached."""
+        if self.mark_stopping():
+            self.request_power_off()
+
+    def mark_stopping(self) -> bool:
+        """A running pod whose QEMU lives becomes ``stopping`` (recorded: a new pod of the
+        same id waits for it, nothing else uses it); whether it did. No gRPC."""
         qemu = self.process("qemu")
         if self.status is PodStatus.RUNNING and qemu is not None and qemu.alive():
             self._set_status_quietly(PodStatus.STOPPING)
-            # No proxy restart here: stop may run under the pod lock; a dead proxy just
-            # means the hard stop below.
-            with (
-                contextlib.suppress(AgentError),
-                ContainerClient(self.agent_address, 5.0) as agent,
-            ):
-                agent.shutdown()
+            return True
+        return False
+
+    def request_power_off(self) -> None:
+        """Ask the agent of a ``stopping`` pod to power the VM off (Shutdown: it syncs the
+        guest's file systems first). Uses gRPC; never raises for an agent that cannot be
+        reached (:meth:`finish_stop` then stops QEMU the hard way)."""
+        if self.status is not PodStatus.STOPPING:
+            return
+        # No proxy restart here: stop may run under the pod lock; a dead proxy just means
+        # the hard stop.
+        with (
+            contextlib.suppress(AgentError),
+            ContainerClient(self.agent_address, 5.0) as agent,
+        ):
+            agent.shutdown()
 
     def finish_stop(self, timeout: float = 10.0) -> None:
         """The second half of :meth:`stop`: wait up to ``timeout`` seconds for QEMU to exit,

@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from sandbox import IMPORT_ROOT
 from sandbox.errors import EXIT_TIMEOUT, AgentError, SandboxError
 from sandbox.image import pull as image_pull
 from sandbox.image import store as images
@@ -27,7 +28,7 @@ from sandbox.pod.agent_client import ContainerClient
 from sandbox.pod.lifecycle import Pod
 from sandbox.pod.sharing import HeldSources, unshare_container_files
 from sandbox.pod.stdio import StdioRelay
-from sandbox.run.launch import CONTAINER_ID, boot_pod, create_in_pod
+from sandbox.run.launch import CONTAINER_ID, boot_pod, create_with
 from sandbox.run.spec import build_spec, check_options
 from sandbox.signal_forward import forwarding
 
@@ -73,15 +74,16 @@ def _teardown(pod: Pod) -> None:
 def _teardown_in_background(pod: Pod) -> None:
     """Tear the run's VM down after this process has exited with the container's status.
 
-    The agent is told to power the guest off here (it syncs the guest's file systems first,
-    so what the container wrote to volumes is on the host), then a forked child of ours, in
-    a session of its own (Ctrl-C, a closed terminal and our exit do not reach it) and with
-    stdio on /dev/null (a pipe reading our output sees EOF when we exit), waits for QEMU to
-    exit and removes everything the run started (:meth:`Pod.destroy`). The child uses no
-    gRPC (not fork-safe). If the fork fails the teardown happens here, as before.
+    The pod is marked ``stopping`` here (a run of the same name waits for it), then a forked
+    child of ours, in a session of its own (Ctrl-C, a closed terminal and our exit do not
+    reach it), in ``/`` and with stdio on /dev/null (a pipe reading our output sees EOF when
+    we exit), execs :mod:`sandbox.run.teardown`: it tells the agent to power the guest off
+    (the guest syncs its file systems first, so what the container wrote to volumes is on
+    the host), waits for QEMU to exit and removes everything the run started
+    (:meth:`Pod.destroy`). A fresh interpreter: gRPC is not fork-safe. If the fork fails the
+    teardown happens here; if the exec fails the child stops the VM without the agent.
     """
-    with contextlib.suppress(SandboxError):
-        pod.begin_stop()
+    stopping = pod.mark_stopping()
     sys.stdout.flush()
     sys.stderr.flush()
     blocked = signal.pthread_sigmask(
@@ -91,29 +93,41 @@ def _teardown_in_background(pod: Pod) -> None:
         try:
             child = os.fork()
         except OSError:
+            if stopping:
+                pod.request_power_off()
             _finish_teardown(pod)
             return
         if child == 0:
             try:
                 os.setsid()
+                os.chdir("/")
                 for signum in (signal.SIGINT, signal.SIGHUP):
-                    signal.signal(signum, signal.SIG_IGN)
+                    signal.signal(signum, signal.SIG_IGN)  # kept across the exec
                 signal.signal(signal.SIGTERM, signal.SIG_DFL)
                 devnull = os.open(os.devnull, os.O_RDWR)
                 for fd in (0, 1, 2):
                     os.dup2(devnull, fd)
                 signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
-                _finish_teardown(pod)
+                with contextlib.suppress(OSError):
+                    argv = [sys.executable, "-m", "sandbox.run.teardown"]
+                    os.execve(
+                        sys.executable,
+                        [*argv, str(pod.root), pod.id, CONTAINER_ID],
+                        {**os.environ, "PYTHONPATH": IMPORT_ROOT},
+                    )
+                _finish_teardown(pod, 0.0)  # no interpreter to exec: QEMU is stopped hard
             finally:
                 os._exit(0)
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
 
 
-def _finish_teardown(pod: Pod) -> None:
+def _finish_teardown(pod: Pod, timeout: float = 10.0) -> None:
+    """Unshare the container's files, wait up to ``timeout`` seconds for QEMU to exit
+    (after a power-off request), then remove everything. No gRPC."""
     with contextlib.suppress(SandboxError):
         unshare_container_files(pod, CONTAINER_ID)
-    pod.finish_stop()
+    pod.finish_stop(timeout)
 
 
 def _run_in_pod(
@@ -123,8 +137,11 @@ def _run_in_pod(
     image: images.Image,
     held: HeldSources,
 ) -> int:
-    create_in_pod(pod, CONTAINER_ID, spec, image, held)
     with pod.client() as client:
+        # Without -i nothing is relayed to stdin: create, start and EOF on stdin are one call
+        # (the output waits in the guest's pipes until the relay reads it).
+        one_call = not args.interactive
+        create_with(client, pod, CONTAINER_ID, spec, image, held, start=one_call)
         stdin = sys.stdin.fileno() if args.interactive else None
         relay = StdioRelay(
             client, CONTAINER_ID, "", stdin, sys.stdout.fileno(), sys.stderr.fileno(), args.tty
@@ -134,11 +151,10 @@ def _run_in_pod(
         # keeps its line discipline, so Ctrl-C is a SIGINT here, forwarded (docker run -t).
         with _raw_terminal(terminal and args.interactive), _forward_signals(client, terminal):
             relay.start()
-            client.start_container(CONTAINER_ID)
+            if not one_call:
+                client.start_container(CONTAINER_ID)
             if terminal:
                 _resize(client)
-            if not args.interactive:
-                client.close_stdin(CONTAINER_ID)
             try:
                 status, _sig, oom = client.wait_process(CONTAINER_ID, "", args.timeout)
             except AgentError:

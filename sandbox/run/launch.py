@@ -16,6 +16,7 @@ from typing import Any
 from sandbox.errors import EXIT_RUNTIME, AgentError, CommandError, RunError, SandboxError
 from sandbox.image import store as images
 from sandbox.pod import host_cgroup
+from sandbox.pod.agent_client import ContainerClient
 from sandbox.pod.lifecycle import Pod
 from sandbox.pod.record import PodStatus
 from sandbox.pod.sharing import HeldSources, share_container_files
@@ -91,19 +92,43 @@ def create_in_pod(
     is not found / cannot be run (the agent's CommandError), 125 otherwise. The caller undoes
     the share on failure (``unshare_container_files``).
     """
+    with pod.client() as client:
+        return create_with(client, pod, container_id, spec, image, held)
+
+
+def create_with(
+    client: ContainerClient,
+    pod: Pod,
+    container_id: str,
+    spec: dict[str, Any],
+    image: images.Image,
+    held: HeldSources,
+    *,
+    start: bool = False,
+) -> int:
+    """:func:`create_in_pod` through ``client``. With ``start`` the container is also
+    started and its stdin closed in the same call when the agent can (protocol 1.8), else
+    with StartContainer and CloseStdin after it (stdin: the foreground run of a
+    non-interactive ``pysandbox run``; a terminal gets its ^D). Errors as create_in_pod's."""
     guest_rootfs, guest_spec = share_container_files(
         pod, container_id, spec, image.rootfs.parent, rootfs_readonly=True, held=held
     )
     guest_spec["mounts"] += _network_file_mounts(pod)
-    with pod.client() as client:
-        try:
-            return client.create_container(
-                container_id, json.dumps(guest_spec).encode(), guest_rootfs, overlay=True
-            )
-        except CommandError as exc:
-            raise RunError(exc.detail, exc.exit_code) from exc
-        except AgentError as exc:
-            raise RunError(exc.detail, EXIT_RUNTIME) from exc
+    payload = json.dumps(guest_spec).encode()
+    try:
+        if not start:
+            return client.create_container(container_id, payload, guest_rootfs, overlay=True)
+        pid, started = client.create_and_start(container_id, payload, guest_rootfs, overlay=True)
+    except CommandError as exc:
+        raise RunError(exc.detail, exc.exit_code) from exc
+    except AgentError as exc:
+        raise RunError(exc.detail, EXIT_RUNTIME) from exc
+    terminal = bool((spec.get("process") or {}).get("terminal"))
+    if not started:  # an agent before protocol 1.8
+        client.start_container(container_id)
+    if terminal or not started:
+        client.close_stdin(container_id)
+    return pid
 
 
 def _network_file_mounts(pod: Pod) -> list[dict[str, Any]]:

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+from sandbox.run.launch import default_cgroup
 from tests.integration.pods import PodFactory
 from tests.processes import processes_mentioning, wait_until
 
@@ -74,10 +75,27 @@ def _torn_down(root: Path) -> bool:
     return wait_until(lambda: _leftovers(root) == [] and _processes_of(root) == [], 30)
 
 
+def _cgroups_named(name: str) -> list[str]:
+    """The host cgroup directories of the run's pod (launch.default_cgroup's last part)."""
+    return [
+        os.path.join(d, n) for d, names, _ in os.walk("/sys/fs/cgroup") for n in names if n == name
+    ]
+
+
 def test_output_and_exit_code(root: Path) -> None:
-    done = run(root, "default", "sh", "-c", "echo hi; echo oops >&2; exit 42")
+    """The status and output come first; the VM's teardown (after the run exited, in a
+    process of its own) leaves no process, mount, pod directory or host cgroup."""
+    name = "out-exit"
+    cgroup = default_cgroup(root, name).rpartition("/")[2]
+    command = run(root, "--name", name, "-d", "default", "sleep", "1000")
+    assert command.returncode == 0, command.stderr
+    assert _cgroups_named(cgroup) != []  # what the check below looks for exists during a run
+    assert cli(root, "rm", "-f", name).returncode == 0
+    assert wait_until(lambda: _cgroups_named(cgroup) == [], 10), _cgroups_named(cgroup)
+    done = run(root, "--name", name, "default", "sh", "-c", "echo hi; echo oops >&2; exit 42")
     assert (done.returncode, done.stdout, done.stderr) == (42, b"hi\n", b"oops\n")
     assert _torn_down(root)
+    assert wait_until(lambda: _cgroups_named(cgroup) == [], 10), _cgroups_named(cgroup)
 
 
 def test_env_workdir_user_and_stdin(root: Path, tmp_path: Path) -> None:
@@ -102,6 +120,25 @@ def test_env_workdir_user_and_stdin(root: Path, tmp_path: Path) -> None:
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.decode().splitlines() == ["1 yes", "/tmp", "1000", "piped in"]
+
+
+def test_without_i_the_program_reads_eof_at_once(root: Path) -> None:
+    """Without -i nothing of the caller's stdin reaches the container (docker's rule): its
+    stdin is at EOF from the start, even while the caller's stdin stays open."""
+    held_r, held_w = os.pipe()  # never written, never closed until the run is over
+    try:
+        argv = [sys.executable, "-m", "sandbox", "--root", str(root), "run", "default"]
+        done = subprocess.run(
+            [*argv, "sh", "-c", "cat; echo eof"],
+            stdin=held_r,
+            capture_output=True,
+            timeout=120,
+            cwd=ROOT,
+        )
+    finally:
+        os.close(held_r)
+        os.close(held_w)
+    assert (done.returncode, done.stdout, done.stderr) == (0, b"eof\n", b"")
 
 
 def test_user_name_from_the_image_passwd(root: Path) -> None:

@@ -93,6 +93,13 @@ class FakeDrivers(Drivers):
         self.privileged_files: bool | None = None  # as the last file server was asked
         self.locks: str | None = None  # likewise
         self.networks: list[pb.ConfigureNetworkRequest] = []  # as the guests were told
+        #: The protocol minor the fake agents speak: below 8 they ignore Restored.share and
+        #: CreateContainer.start/close_stdin, as agents before protocol 1.8 do.
+        self.agent_minor = 8
+        #: (tag, path) of every share a fake agent mounted, by MountShare or Restored.
+        self.shares: list[tuple[str, str]] = []
+        #: What each CreateContainer asked beyond creating: (container id, start, close_stdin).
+        self.creates: list[tuple[str, bool, bool]] = []
         self._lock = threading.Lock()
 
     # -- bookkeeping -------------------------------------------------------------------------
@@ -348,10 +355,15 @@ class FakeGuest(pb_grpc.AgentServicer):
         self._enter("Health", context)
         return pb.HealthResponse(status=pb.HealthResponse.SERVING, uptime_seconds=0.5)
 
-    def Restored(self, request: pb.RestoredRequest, context: grpc.ServicerContext) -> pb.Empty:
+    def Restored(
+        self, request: pb.RestoredRequest, context: grpc.ServicerContext
+    ) -> pb.RestoredResponse:
         self._enter("Restored", context)
         assert len(request.entropy) == 64 and request.realtime_ns > 0
-        return pb.Empty()
+        if self.drivers.agent_minor < 8 or not request.HasField("share"):
+            return pb.RestoredResponse()
+        self.drivers.shares.append((request.share.tag, request.share.path))
+        return pb.RestoredResponse(share_mounted=True)
 
     def PrepareTemplate(
         self, request: pb.PrepareTemplateRequest, context: grpc.ServicerContext
@@ -363,6 +375,7 @@ class FakeGuest(pb_grpc.AgentServicer):
         self, request: pb.MountShareRequest, context: grpc.ServicerContext
     ) -> pb.MountShareResponse:
         self._enter("MountShare", context)
+        self.drivers.shares.append((request.tag, request.path))
         return pb.MountShareResponse()
 
     def Version(
@@ -397,12 +410,20 @@ class FakeGuest(pb_grpc.AgentServicer):
         self._enter("CreateContainer", context)
         self.specs[request.container_id] = request.oci_spec
         self.containers[request.container_id] = pid = 100 + len(self.containers)
-        return pb.CreateContainerResponse(pid=pid)
+        self.drivers.creates.append((request.container_id, request.start, request.close_stdin))
+        started = request.start and self.drivers.agent_minor >= 8
+        return pb.CreateContainerResponse(pid=pid, started=started)
 
     def StartContainer(
         self, request: pb.ContainerRequest, context: grpc.ServicerContext
     ) -> pb.Empty:
         self._enter("StartContainer", context)
+        if request.container_id not in self.containers:
+            context.abort(grpc.StatusCode.NOT_FOUND, f"no container {request.container_id}")
+        return pb.Empty()
+
+    def CloseStdin(self, request: pb.ProcessRef, context: grpc.ServicerContext) -> pb.Empty:
+        self._enter("CloseStdin", context)
         if request.container_id not in self.containers:
             context.abort(grpc.StatusCode.NOT_FOUND, f"no container {request.container_id}")
         return pb.Empty()

@@ -251,14 +251,31 @@ def test_restored_pods_share_one_template(templates: FakeDrivers, root: Path) ->
         ("qemu", "release_zero_pages"),
         ("qemu", "hotplug_share", "pod"),  # virtiofsd serves before the share is plugged
         ("qemu", "resume"),
-        ("agent", "Health"),
-        ("agent", "Restored"),  # before anything else reaches the clone
-        ("agent", "MountShare"),
+        # The first call: it proves the agent serves, and it mounts the share (1.8).
+        ("agent", "Restored"),
     ]
+    assert fake.shares[-1] == ("pod", "/run/pysandbox/shared")
     assert first.record.boot == "restored" and on_disk(second)["boot"] == "restored"
     first.stop()
     second.stop()
     assert fake.alive() == []
+
+
+def test_a_restored_pod_of_an_older_agent_mounts_its_share_by_itself(
+    templates: FakeDrivers, root: Path
+) -> None:
+    """An agent before protocol 1.8 ignores Restored.share: the host sees share_mounted
+    false and calls MountShare, as it did before."""
+    fake = templates
+    fake.agent_minor = 7
+    Pod.boot(root, "p1").stop()
+    since, shares = len(fake.events), len(fake.shares)
+    pod = Pod.boot(root, "p2")
+    agent_calls = [e for e in fake.events[since:] if e[0] == "agent"]
+    assert agent_calls == [("agent", "Restored"), ("agent", "MountShare")]
+    assert fake.shares[shares:] == [("pod", "/run/pysandbox/shared")]
+    assert pod.record.boot == "restored"
+    pod.stop()
 
 
 def test_failed_restore_is_undone_then_cold_boots(templates: FakeDrivers, root: Path) -> None:

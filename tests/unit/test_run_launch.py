@@ -1,0 +1,86 @@
+"""How ``pysandbox run`` creates its container (sandbox/run/launch.py ``create_with``),
+against fake drivers (tests/unit/fake_drivers.py).
+
+What a user relies on: the container's program runs with its stdin at EOF (without ``-i``),
+whatever the agent's protocol: one CreateContainer call does create, start and EOF with an
+agent of protocol 1.8, and an older agent (which ignores those fields and answers
+started=false) gets StartContainer and CloseStdin as before, so the program still runs and
+never waits on stdin.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+
+from sandbox.pod.lifecycle import Pod
+from sandbox.pod.sharing import HeldSources
+from sandbox.run import launch
+from tests.unit.fake_drivers import FakeDrivers
+
+
+def _spec(terminal: bool = False) -> dict[str, Any]:
+    return {"root": {"path": "rootfs"}, "process": {"args": ["true"], "terminal": terminal}}
+
+
+def _create(
+    fake: FakeDrivers,
+    root: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    *,
+    start: bool,
+    terminal: bool = False,
+) -> list[str]:
+    """Boot a fake pod, create the run's container; the agent calls the creation made."""
+    monkeypatch.setattr(
+        launch,
+        "share_container_files",
+        lambda *_args, **_kwargs: ("/run/pysandbox/shared/main/rootfs", {"mounts": []}),
+    )
+    pod = Pod.boot(root, "r1")
+    since = len(fake.events)
+    image: Any = SimpleNamespace(rootfs=root / "image" / "rootfs")
+    try:
+        with pod.client() as client, HeldSources() as held:
+            pid = launch.create_with(
+                client, pod, launch.CONTAINER_ID, _spec(terminal), image, held, start=start
+            )
+        assert pid > 0
+        return [e[1] for e in fake.events[since:] if e[0] == "agent"]
+    finally:
+        pod.stop()
+
+
+def test_create_start_and_eof_are_one_call(
+    fake: FakeDrivers, root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert _create(fake, root, monkeypatch, start=True) == ["CreateContainer"]
+    assert fake.creates == [("main", True, True)]
+
+
+def test_an_older_agent_is_started_and_given_eof_as_before(
+    fake: FakeDrivers, root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fake.agent_minor = 7
+    calls = _create(fake, root, monkeypatch, start=True)
+    assert calls == ["CreateContainer", "StartContainer", "CloseStdin"]
+
+
+def test_a_terminal_gets_its_eof_from_close_stdin(
+    fake: FakeDrivers, root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A terminal's EOF is a ^D written to it (CloseStdin), not a closed pipe: the agent
+    leaves it open at create, and the host sends it once the program runs."""
+    calls = _create(fake, root, monkeypatch, start=True, terminal=True)
+    assert calls == ["CreateContainer", "CloseStdin"]
+
+
+def test_without_start_only_the_container_is_created(
+    fake: FakeDrivers, root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``-i`` and ``-d`` runs: started later (after the stdin relay), stdin left open."""
+    assert _create(fake, root, monkeypatch, start=False) == ["CreateContainer"]
+    assert fake.creates == [("main", False, False)]
