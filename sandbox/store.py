@@ -39,9 +39,15 @@ _ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]*")
 MAX_STATE_BYTES = 1024 * 1024
 
 
+#: Names of the state directory's own entries (pods, locks, kept logs), which a container
+#: (``<root>/<id>``) or a run cannot take; pod ids are hashed below ``p`` and may.
+RESERVED_IDS = frozenset({"p", "locks", "logs"})
+
+
 def validate_id(value: str, kind: str = "container") -> str:
     """Return ``value`` if it is a safe id (no '/', no '..', printable, at most
-    :data:`MAX_ID_LENGTH` characters); else ConfigError."""
+    :data:`MAX_ID_LENGTH` characters, not one of :data:`RESERVED_IDS` unless ``kind`` is
+    ``pod``); else ConfigError."""
     if len(value) > MAX_ID_LENGTH:
         raise ConfigError(
             f"invalid {kind} id {value[:40]!r}... ({len(value)} characters): at most "
@@ -51,6 +57,11 @@ def validate_id(value: str, kind: str = "container") -> str:
         raise ConfigError(
             f"invalid {kind} id {value[:80]!r}: use letters, digits, '_', '.', '+', '-' "
             f"(no '/', no '..', at most {MAX_ID_LENGTH} characters)"
+        )
+    if kind != "pod" and value in RESERVED_IDS:
+        raise ConfigError(
+            f"invalid {kind} id {value!r}: the state directory keeps its own "
+            f"{'/'.join(sorted(RESERVED_IDS))} there; choose another"
         )
     return value
 

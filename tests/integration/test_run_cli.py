@@ -238,6 +238,7 @@ def test_the_smallest_memory_limit_runs_a_process(root: Path) -> None:
         (["--bogus-flag", "default", "true"], b"unrecognized arguments"),
         (["-d", "-t", "default", "sh"], b"-d cannot be combined with -i or -t"),
         (["-d", "--name", "a/b", "default", "true"], b"invalid name id"),
+        (["-d", "--name", "locks", "default", "true"], b"keeps its own"),
         (["--timeout", "-1", "default", "true"], b"invalid --timeout -1: must be a positive"),
         (["-d", "--timeout", "0", "default", "true"], b"invalid --timeout 0: must be a positive"),
         (["--memory", "4096", "default", "true"], b"invalid --memory 4096: below the minimum"),

@@ -22,6 +22,17 @@ def test_invalid_ids_are_refused(bad: str) -> None:
         state.validate_id(bad)
 
 
+@pytest.mark.parametrize("name", ["p", "locks", "logs"])
+def test_the_state_directorys_own_names_are_not_container_ids(name: str) -> None:
+    # <root>/<id> is a container's directory: these are the pods', the locks' and the kept
+    # logs' (a run named 'locks' took the lock directory, and rm -f removed it).
+    with pytest.raises(ConfigError, match="keeps its own"):
+        state.validate_id(name)
+    with pytest.raises(ConfigError, match="invalid name id"):
+        state.validate_id(name, "name")
+    assert state.validate_id(name, "pod") == name  # pods live below p/, hashed
+
+
 def test_an_id_too_long_for_a_file_name_says_the_limit() -> None:
     with pytest.raises(ConfigError) as info:
         state.validate_id("x" * 1000)
