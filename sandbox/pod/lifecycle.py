@@ -372,7 +372,11 @@ class Pod:
         try:
             pod.dir.mkdir(mode=0o700)  # reserves the id
         except FileExistsError:
-            raise StateError(f"pod {pod_id} already exists") from None
+            raise StateError(
+                f"pod {pod_id} already exists (a run or container of that name, or what a "
+                f"killed one left): see 'pysandbox --root {root} pod list'; 'pysandbox --root "
+                f"{root} pod stop {pod_id}' removes it"
+            ) from None
         try:
             pod.shared_dir.mkdir(mode=0o711)
             pod.save()
