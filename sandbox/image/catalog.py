@@ -35,6 +35,7 @@ import json
 import os
 import re
 import tempfile
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -234,7 +235,7 @@ class Catalog:
             }
             doomed = (keys | {str(data["names"][n].get("id")) for n in names}) - remaining
             for key in sorted(doomed):
-                if _in_use(images.entry_path(key)):
+                if not _free_or_freed_soon(images.entry_path(key)):
                     raise StateError(
                         f"image {what} ({key[:19]}…) is used by a running container; "
                         "stop it first (pysandbox ps, pysandbox stop)"
@@ -318,17 +319,52 @@ def _tree_size(root: Path) -> int:
     return total
 
 
+#: How long ``rmi`` waits for finished runs that still share the image to be torn down (s).
+TEARDOWN_WAIT = 30.0
+
+
+def _free_or_freed_soon(entry: Path, timeout: float = TEARDOWN_WAIT) -> bool:
+    """Whether nothing mounts ``entry``, waiting up to ``timeout`` s while every mount of it
+    belongs to a pod that is ``stopping`` (a finished foreground run is torn down after its
+    command exited: ``run IMG; rmi IMG`` must not race it)."""
+    deadline = time.monotonic() + timeout
+    while points := _mounted_at(entry):
+        if time.monotonic() >= deadline or not all(map(_in_stopping_pod, points)):
+            return False
+        time.sleep(0.1)
+    return True
+
+
+def _in_stopping_pod(point: str) -> bool:
+    """Whether mount point ``point`` lies in the shared directory of a pod whose record
+    (``<root>/p/<pod>/pod.json``) says ``stopping``."""
+    for parent in Path(point).parents:
+        if parent.parent.name == "p" and (parent / "pod.json").is_file():
+            try:
+                record = json.loads((parent / "pod.json").read_bytes()[: 1 << 20])
+            except (OSError, ValueError):
+                return False
+            return isinstance(record, dict) and record.get("status") == "stopping"
+    return False
+
+
 def _in_use(entry: Path, mountinfo: str | None = None) -> bool:
     """Whether anything under ``entry`` is mounted somewhere (a run shares its rootfs with
-    its VM through a bind mount). Read from /proc/self/mountinfo (or ``mountinfo``, its
-    text); the bind's root field is the path inside the filesystem that holds ``entry``."""
+    its VM through a bind mount)."""
+    return bool(_mounted_at(entry, mountinfo))
+
+
+def _mounted_at(entry: Path, mountinfo: str | None = None) -> list[str]:
+    """The mount points of what is under ``entry`` (read from /proc/self/mountinfo, or
+    ``mountinfo``, its text; the bind's root field is the path inside the filesystem that
+    holds ``entry``)."""
     try:
         if mountinfo is None:
             mountinfo = Path("/proc/self/mountinfo").read_text()
         real = os.path.realpath(entry)
         device = os.stat(real).st_dev
     except OSError:
-        return False
+        return []
     lines = mountinfo.splitlines()
     mounts = []
     for line in lines:
@@ -348,12 +384,12 @@ def _in_use(entry: Path, mountinfo: str | None = None) -> bool:
         if dev == device and (real == point or real.startswith(point.rstrip("/") + "/"))
     ]
     if not holders:
-        return False
+        return []
     point, root = max(holders, key=lambda item: len(item[0]))
     inside = os.path.normpath(os.path.join(root, os.path.relpath(real, point)))
-    return any(
-        dev == device and (r == inside or r.startswith(inside + "/")) for dev, r, _ in mounts
-    )
+    return [
+        p for dev, r, p in mounts if dev == device and (r == inside or r.startswith(inside + "/"))
+    ]
 
 
 def _unescape(field: str) -> str:

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -115,9 +118,44 @@ def test_an_image_a_running_container_mounts_is_not_removed(
     assert catalog_module._in_use(store / "sha256" / key[7:], mountinfo)
     other = f"27 1 {major}:{minor} / / rw,relatime - ext4 /dev/vda rw\n"
     assert not catalog_module._in_use(store / "sha256" / key[7:], other)
-    real = catalog_module._in_use
-    monkeypatch.setattr(catalog_module, "_in_use", lambda entry: real(entry, mountinfo))
+    real = catalog_module._mounted_at
+    monkeypatch.setattr(catalog_module, "_mounted_at", lambda entry: real(entry, mountinfo))
     with pytest.raises(StateError, match="is used by a running container; stop it first"):
         catalog.remove("r/busy:1", "r/busy:1")
     assert [row.name for row in catalog.rows()] == ["r/busy:1"]  # nothing changed
     assert (store / "sha256" / key[7:] / "rootfs").is_dir()
+
+
+def test_rmi_waits_for_the_teardown_of_a_finished_run(
+    store: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # `run IMG; rmi IMG`: the run's VM is torn down after the command exited, its pod marked
+    # stopping; rmi waits for that teardown to release the image, then removes it.
+    key = _digest("done")
+    _image(store, key, [key])
+    catalog = Catalog()
+    catalog.record("r/done:1", "r/done", key, key, "linux/amd64", [key], "")
+    rootfs = os.path.realpath(store / "sha256" / key[7:] / "rootfs")
+    dev = os.stat(rootfs).st_dev
+    pod = tmp_path / "root" / "p" / "0123456789abcdef"
+    (pod / "shared" / "main" / "rootfs").mkdir(parents=True)
+    (pod / "pod.json").write_text(json.dumps({"id": "r1", "status": "stopping"}))
+    base = f"27 1 {os.major(dev)}:{os.minor(dev)} / / rw,relatime - ext4 /dev/vda rw\n"
+    bind = f"60 93 {os.major(dev)}:{os.minor(dev)} {rootfs} {pod}/shared/main/rootfs ro - x\n"
+    mountinfo = [base + bind]
+    real = catalog_module._mounted_at
+    monkeypatch.setattr(catalog_module, "_mounted_at", lambda entry: real(entry, mountinfo[0]))
+    threading.Timer(0.5, lambda: mountinfo.__setitem__(0, base)).start()  # the teardown
+    began = time.monotonic()
+    catalog.remove("r/done:1", "r/done:1")
+    assert 0.4 < time.monotonic() - began < 10
+    assert not (store / "sha256" / key[7:]).exists()
+    # A running pod's mount is refused at once.
+    _image(store, key, [key])
+    catalog.record("r/done:1", "r/done", key, key, "linux/amd64", [key], "")
+    (pod / "pod.json").write_text(json.dumps({"id": "r1", "status": "running"}))
+    mountinfo[0] = base + bind
+    began = time.monotonic()
+    with pytest.raises(StateError, match="is used by a running container"):
+        catalog.remove("r/done:1", "r/done:1")
+    assert time.monotonic() - began < 5
