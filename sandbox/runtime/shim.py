@@ -55,6 +55,7 @@ import contextlib
 import fcntl
 import json
 import os
+import select
 import signal
 import socket
 import struct
@@ -164,7 +165,12 @@ def spawn(
     finally:
         os.close(ready_w)
     with os.fdopen(ready_r, "rb") as ready:
-        line = ready.readline(4096).decode(errors="replace").strip()
+        # Bounded: a shim that neither reports nor exits must not hold its caller (create,
+        # with SIGTERM held meanwhile) forever. Its own steps time out well within this.
+        if select.select([ready], [], [], SPAWN_TIMEOUT)[0]:
+            line = ready.readline(4096).decode(errors="replace").strip()
+        else:
+            line = f"error the container shim did not report ready within {SPAWN_TIMEOUT:g}s"
     if line != "ready":
         with contextlib.suppress(OSError):
             proc.kill()
@@ -181,6 +187,10 @@ def spawn(
     proc.returncode = 0  # we never wait for it: its subreaper does (silences Popen.__del__)
     return handle
 
+
+#: How long spawn waits for a shim's ``ready`` line (seconds): its attach to the pod's proxy
+#: (:data:`_READY_TIMEOUT`) and its network namespace, with room for a loaded host.
+SPAWN_TIMEOUT = 90.0
 
 #: setpriv options of a shim: no capability in any set, for good.
 UNPRIVILEGED = ("--inh-caps=-all", "--bounding-set=-all", "--no-new-privs")
