@@ -366,20 +366,30 @@ def _set_size(fd: int, rows: int, cols: int) -> None:
     fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
 
 
+def _run_on_a_pty(
+    root: Path, args: list[str], size: tuple[int, int] | None = None
+) -> tuple[int, int]:
+    """(pid, pty master) of ``pysandbox run ARGS`` started on a pty's slave, as from a
+    terminal (of ``size`` rows and columns when given)."""
+    argv = [sys.executable, "-m", "sandbox", "--root", str(root), "run", *args]
+    pid, master = pty.fork()
+    if pid == 0:
+        try:
+            if size is not None:
+                _set_size(0, *size)
+            os.chdir(ROOT)
+            os.execv(sys.executable, argv)
+        finally:
+            os._exit(127)
+    return pid, master
+
+
 def test_tty_is_a_real_terminal_with_resize_and_ctrl_c(root: Path) -> None:
     script = (
         'tty; stty size; echo ready; read line; stty size; echo "got $line"; '
         'trap "echo got INT; exit 130" INT; echo waiting; while :; do sleep 0.2; done'
     )
-    argv = [sys.executable, "-m", "sandbox", "--root", str(root), "run", "-i", "-t"]
-    pid, master = pty.fork()
-    if pid == 0:  # the child: pysandbox run on the pty slave, as from a terminal
-        try:
-            _set_size(0, 31, 97)
-            os.chdir(ROOT)
-            os.execv(sys.executable, [*argv, "default", "sh", "-c", script])
-        finally:
-            os._exit(127)
+    pid, master = _run_on_a_pty(root, ["-i", "-t", "default", "sh", "-c", script], (31, 97))
     output = bytearray()
     try:
         assert _read_until(master, output, b"ready"), bytes(output)
@@ -422,14 +432,7 @@ def test_tty_without_interactive_still_takes_ctrl_c(root: Path) -> None:
     # -t without -i: the keys do not go to the container, but Ctrl-C on the caller's
     # terminal still interrupts it (the terminal stays cooked; its SIGINT is forwarded).
     script = 'trap "echo got INT; exit 5" INT; echo waiting; while :; do sleep 0.2; done'
-    argv = [sys.executable, "-m", "sandbox", "--root", str(root), "run", "-t"]
-    pid, master = pty.fork()
-    if pid == 0:
-        try:
-            os.chdir(ROOT)
-            os.execv(sys.executable, [*argv, "default", "sh", "-c", script])
-        finally:
-            os._exit(127)
+    pid, master = _run_on_a_pty(root, ["-t", "default", "sh", "-c", script])
     output = bytearray()
     try:
         assert _read_until(master, output, b"waiting"), bytes(output)

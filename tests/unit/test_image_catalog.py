@@ -101,22 +101,28 @@ def test_an_ambiguous_prefix_is_refused(store: Path) -> None:
     assert catalog.remove("abcdef0") == ["untagged r/a:1", f"deleted {a}"]
 
 
+def _recorded_image(store: Path, name: str, bound_at: str) -> tuple[Catalog, str, tuple[str, str]]:
+    """A catalog recording image ``r/NAME:1``, its key, and two /proc/self/mountinfo lines:
+    the root filesystem holding the store, and a bind of the image's rootfs at ``bound_at``
+    (as a run shares it)."""
+    key = _digest(name)
+    _image(store, key, [key])
+    catalog = Catalog()
+    catalog.record(f"r/{name}:1", f"r/{name}", key, key, "linux/amd64", [key], "")
+    rootfs = os.path.realpath(store / "sha256" / key[7:] / "rootfs")
+    dev = os.stat(rootfs).st_dev
+    device = f"{os.major(dev)}:{os.minor(dev)}"
+    root = f"27 1 {device} / / rw,relatime - ext4 /dev/vda rw\n"
+    bind = f"60 93 {device} {rootfs} {bound_at} ro - ext4 /dev/vda rw\n"
+    return catalog, key, (root, bind)
+
+
 def test_an_image_a_running_container_mounts_is_not_removed(
     store: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    key = _digest("busy")
-    _image(store, key, [key])
-    catalog = Catalog()
-    catalog.record("r/busy:1", "r/busy", key, key, "linux/amd64", [key], "")
-    rootfs = os.path.realpath(store / "sha256" / key[7:] / "rootfs")
-    dev = os.stat(rootfs).st_dev
-    major, minor = os.major(dev), os.minor(dev)
-    mountinfo = (
-        f"27 1 {major}:{minor} / / rw,relatime - ext4 /dev/vda rw\n"
-        f"60 93 {major}:{minor} {rootfs} /run/p/shared/main/rootfs ro - ext4 /dev/vda rw\n"
-    )
+    catalog, key, (other, bind) = _recorded_image(store, "busy", "/run/p/shared/main/rootfs")
+    mountinfo = other + bind
     assert catalog_module._in_use(store / "sha256" / key[7:], mountinfo)
-    other = f"27 1 {major}:{minor} / / rw,relatime - ext4 /dev/vda rw\n"
     assert not catalog_module._in_use(store / "sha256" / key[7:], other)
     real = catalog_module._mounted_at
     monkeypatch.setattr(catalog_module, "_mounted_at", lambda entry: real(entry, mountinfo))
@@ -131,17 +137,10 @@ def test_rmi_waits_for_the_teardown_of_a_finished_run(
 ) -> None:
     # `run IMG; rmi IMG`: the run's VM is torn down after the command exited, its pod marked
     # stopping; rmi waits for that teardown to release the image, then removes it.
-    key = _digest("done")
-    _image(store, key, [key])
-    catalog = Catalog()
-    catalog.record("r/done:1", "r/done", key, key, "linux/amd64", [key], "")
-    rootfs = os.path.realpath(store / "sha256" / key[7:] / "rootfs")
-    dev = os.stat(rootfs).st_dev
     pod = tmp_path / "root" / "p" / "0123456789abcdef"
     (pod / "shared" / "main" / "rootfs").mkdir(parents=True)
     (pod / "pod.json").write_text(json.dumps({"id": "r1", "status": "stopping"}))
-    base = f"27 1 {os.major(dev)}:{os.minor(dev)} / / rw,relatime - ext4 /dev/vda rw\n"
-    bind = f"60 93 {os.major(dev)}:{os.minor(dev)} {rootfs} {pod}/shared/main/rootfs ro - x\n"
+    catalog, key, (base, bind) = _recorded_image(store, "done", f"{pod}/shared/main/rootfs")
     mountinfo = [base + bind]
     real = catalog_module._mounted_at
     monkeypatch.setattr(catalog_module, "_mounted_at", lambda entry: real(entry, mountinfo[0]))
