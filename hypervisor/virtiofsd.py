@@ -61,6 +61,8 @@ from hypervisor.process import (
 )
 
 CacheMode = Literal["auto", "always", "none"]
+#: The attribute and entry timeout virtiofsd's ``cache=auto`` gives the guest (seconds).
+AUTO_TIMEOUT = 1.0
 SandboxMode = Literal["namespace", "chroot"]
 LockMode = Literal["local", "remote"]
 
@@ -140,7 +142,11 @@ class Virtiofsd(SpawnedProcess):
     is. ``privileged_files=False`` keeps what the guest writes powerless on the host: no
     device nodes, no setuid/setgid bits, no file capabilities (:mod:`hypervisor.fs_privileges`:
     capabilities dropped, a seccomp filter). ``max_fds`` bounds its open files
-    (:data:`DEFAULT_MAX_FDS`).
+    (:data:`DEFAULT_MAX_FDS`). ``cache`` is virtiofsd's policy: ``auto`` drops a file's
+    guest page cache on each open, ``always`` keeps it (FOPEN_KEEP_CACHE) and the guest
+    kernel drops it when a refreshed mtime or size differs (FUSE_AUTO_INVAL_DATA, which
+    this virtiofsd asks for); ``attr_timeout`` (seconds, virtiofsd's ``-o timeout``)
+    replaces the policy's attribute and entry timeout (auto: 1 s, always: 86400 s).
 
     Its confinement (measured; docs/trust-boundaries.md): virtiofsd itself unshares mount,
     pid and net namespaces and pivots into the shared directory (``sandbox=namespace``), keeps
@@ -156,6 +162,7 @@ class Virtiofsd(SpawnedProcess):
         *,
         log_path: Path | None = None,
         cache: CacheMode = "auto",
+        attr_timeout: float | None = None,
         sandbox: SandboxMode = "namespace",
         xattr: bool = False,
         xattr_map: str = "",
@@ -173,6 +180,7 @@ class Virtiofsd(SpawnedProcess):
         self.shared_dir = shared_dir
         self.log_path = log_path
         self.cache = cache
+        self.attr_timeout = attr_timeout
         self.sandbox = sandbox
         self.xattr = xattr
         self.xattr_map = xattr_map
@@ -230,6 +238,7 @@ class Virtiofsd(SpawnedProcess):
             f"source={self.shared_dir}",
             "-o",
             f"cache={self.cache}",
+            *(() if self.attr_timeout is None else ("-o", f"timeout={self.attr_timeout:g}")),
             "-o",
             f"sandbox={self.sandbox}",
         ]

@@ -65,6 +65,9 @@ class Image:
     env: list[str] = field(default_factory=lambda: list(DEFAULT_ENV))
     cwd: str = "/"
     user: str = ""
+    #: A store entry (unpacked by us, never changed while a run uses it: ``rmi`` refuses),
+    #: not a directory of the user's used in place.
+    stored: bool = False
 
 
 def resolve(name: str, progress: bool = False) -> Image:
@@ -75,7 +78,7 @@ def resolve(name: str, progress: bool = False) -> Image:
     nothing is left in the store.
     """
     if name == DEFAULT_IMAGE:
-        return Image(DEFAULT_IMAGE, ensure_default_image(progress))
+        return Image(DEFAULT_IMAGE, ensure_default_image(progress), stored=True)
     path, ref = _split_ref(name)
     if path is None:
         raise ConfigError(
@@ -184,6 +187,7 @@ def image_from(name: str, entry: Path, config: image_formats.ImageConfig) -> Ima
         env=env,
         cwd=config.cwd,
         user=config.user,
+        stored=True,
     )
 
 

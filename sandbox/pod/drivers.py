@@ -94,11 +94,14 @@ class Drivers(abc.ABC):
         *,
         privileged_files: bool,
         locks: LockMode = "local",
+        cached: bool = False,
     ) -> FileServer:
         """An unstarted virtio-fs daemon sharing ``shared_dir`` on ``socket_path``; unless
         ``privileged_files``, what the guest writes cannot carry privileges on the host
         (no device nodes, setuid/setgid bits or file capabilities; docs/security.md).
-        ``locks``: where file locks are held (docs/file-semantics.md)."""
+        ``locks``: where file locks are held (docs/file-semantics.md). ``cached``: the
+        guest keeps file data cached across opens — for a share nothing but the guest
+        changes (docs/file-semantics.md, "Cached shares")."""
 
     @abc.abstractmethod
     def start_proxy(
@@ -150,8 +153,9 @@ class HostDrivers(Drivers):
         *,
         privileged_files: bool,
         locks: LockMode = "local",
+        cached: bool = False,
     ) -> FileServer:
-        from hypervisor.virtiofsd import CONTAINER_XATTR_MAP, Virtiofsd
+        from hypervisor.virtiofsd import AUTO_TIMEOUT, CONTAINER_XATTR_MAP, Virtiofsd
 
         # docs/file-semantics.md: what each option fixes, what it costs.
         return Virtiofsd(
@@ -164,6 +168,10 @@ class HostDrivers(Drivers):
             posix_acl=True,
             direct_io=True,  # O_DIRECT reaches the host file, as under runc
             locks=locks,
+            # Cached: virtiofsd's cache=always (FOPEN_KEEP_CACHE) with cache=auto's 1 s
+            # attribute and entry timeouts, so metadata is revalidated as before.
+            cache="always" if cached else "auto",
+            attr_timeout=AUTO_TIMEOUT if cached else None,
         )
 
     def start_proxy(

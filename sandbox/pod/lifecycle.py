@@ -310,6 +310,7 @@ class Pod:
         privileged_files: bool = False,
         locks: LockMode | None = None,
         cgroup: tuple[cgroups.Request, cgroups.Placement] | None = None,
+        cached_files: bool = False,
     ) -> Pod:
         """Boot a new pod VM and return once its agent is healthy and the share mounted.
 
@@ -326,6 +327,10 @@ class Pod:
         whether file locks are held in the guest or on the host files. ``cgroup`` (from
         :func:`sandbox.pod.host_cgroup.plan`) is the host cgroup made (and recorded) before
         anything is started; every process of the pod starts in it, and it goes with the pod.
+        ``cached_files`` lets the guest keep file data cached across opens: only for pods
+        whose shares nothing but the guest changes (an image of the store, no host volume),
+        since a host change is then seen only when the guest revalidates the file's
+        attributes, up to 1 s later (docs/file-semantics.md, "Cached shares").
 
         Raises StateError if the pod exists, ConfigError for a missing or invalid guest image
         or bad settings, AgentError/AgentTimeout if the agent is not reached (the error names
@@ -366,6 +371,7 @@ class Pod:
                 image=str(image.dir),
                 privileged_files=privileged_files,
                 remote_locks=remote_locks,
+                cached_files=cached_files,
             ),
         )
         state.ensure_dir(root / "p")
@@ -444,6 +450,7 @@ class Pod:
             self.dir / "virtiofsd.log",
             privileged_files=self.record.privileged_files,
             locks="remote" if self.record.remote_locks else "local",
+            cached=self.record.cached_files,
         )
         with signals_held():  # a SIGTERM now is handled once the process is recorded
             fs.start()

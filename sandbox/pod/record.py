@@ -19,9 +19,10 @@ retried after a crash, ``broken -> stopping`` one retried after a failure (``del
 
 The JSON keys are those the first version wrote (``id``, ``status``, ``created``,
 ``accel``, ``memory_mib``, ``image``, ``processes``, ``network``, ``boot``,
-``containers``; later ``privileged_files``, ``remote_locks``), so a pod.json written by it
-reads unchanged; a status this version does not know reads as ``broken`` (only a teardown
-is allowed), and keys it does not know are kept as read (:attr:`PodRecord.extra`).
+``containers``; later ``privileged_files``, ``remote_locks``, ``cached_files``), so a
+pod.json written by it reads unchanged; a status this version does not know reads as
+``broken`` (only a teardown is allowed), and keys it does not know are kept as read
+(:attr:`PodRecord.extra`).
 """
 
 from __future__ import annotations
@@ -92,6 +93,9 @@ class PodRecord:
     privileged_files: bool = False
     #: Whether file locks are held on the host files (docs/file-semantics.md).
     remote_locks: bool = False
+    #: Whether the guest keeps file data cached across opens (immutable shares only:
+    #: :meth:`sandbox.pod.lifecycle.Pod.boot`, docs/file-semantics.md).
+    cached_files: bool = False
     #: The pod's host cgroup (:meth:`sandbox.pod.host_cgroup.Placement.to_json`), or None.
     host_cgroup: dict[str, Any] | None = None
     #: Keys of the file this version does not know, written back unchanged.
@@ -133,6 +137,8 @@ class PodRecord:
             data["privileged_files"] = True
         if self.remote_locks:  # likewise
             data["remote_locks"] = True
+        if self.cached_files:  # likewise
+            data["cached_files"] = True
         if self.network is not None:
             data["network"] = self.network
         if self.host_cgroup is not None:
@@ -202,6 +208,9 @@ class PodRecord:
         remote_locks = data.pop("remote_locks", False)
         if not isinstance(remote_locks, bool):
             raise corrupt("remote_locks is not a boolean")
+        cached_files = data.pop("cached_files", False)
+        if not isinstance(cached_files, bool):
+            raise corrupt("cached_files is not a boolean")
         host_cgroup = data.pop("host_cgroup", None)
         if host_cgroup is not None and not isinstance(host_cgroup, dict):
             raise corrupt("host_cgroup is not an object")
@@ -218,6 +227,7 @@ class PodRecord:
             containers=list(containers),
             privileged_files=privileged_files,
             remote_locks=remote_locks,
+            cached_files=cached_files,
             host_cgroup=host_cgroup,
             extra=data,
         )

@@ -46,7 +46,8 @@ _FROM_HOST = frozenset({"slave", "rslave", "shared", "rshared"})
 GUEST_POD_NETNS = "/proc/1/ns/net"
 
 
-def _is_bind(mount: dict[str, Any]) -> bool:
+def is_bind(mount: dict[str, Any]) -> bool:
+    """Whether an OCI mount is a bind mount (``type`` or an option ``bind``/``rbind``)."""
     options = mount.get("options") or []
     return mount.get("type") in _BIND_TYPES or "bind" in options or "rbind" in options
 
@@ -144,7 +145,7 @@ def share_container_files(
         try:
             hostfs.bind_into(base_fd, "rootfs", rootfs_fd, readonly=rootfs_readonly)
             for mount in spec.get("mounts") or []:
-                if not isinstance(mount, dict) or not _is_bind(mount):
+                if not isinstance(mount, dict) or not is_bind(mount):
                     continue
                 source = Path(str(mount.get("source", "")))
                 if not source.is_absolute():

@@ -104,7 +104,7 @@ def _create(
     )
     try:
         state.write_json_atomic(record.dir / "config.json", spec)
-        pod = boot_pod(root, name, args, spec)
+        pod = boot_pod(root, name, args, spec, image)
     except BaseException:
         # No VM of ours exists: the pod id may even be another run's, so no delete.delete.
         shutil.rmtree(record.dir, ignore_errors=True)

@@ -55,7 +55,7 @@ def run(args: argparse.Namespace, root: Path) -> int:
     image = image_pull.resolve_image(args)
     with HeldSources() as held:  # the sources as checked, until they are shared
         spec = build_spec(args, image, held)
-        pod = boot_pod(root, args.name or f"run-{secrets.token_hex(6)}", args, spec)
+        pod = boot_pod(root, args.name or f"run-{secrets.token_hex(6)}", args, spec, image)
         try:
             status = _run_in_pod(args, pod, spec, image, held)
         except BaseException:

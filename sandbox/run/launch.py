@@ -19,7 +19,7 @@ from sandbox.pod import host_cgroup
 from sandbox.pod.agent_client import ContainerClient
 from sandbox.pod.lifecycle import Pod
 from sandbox.pod.record import PodStatus
-from sandbox.pod.sharing import HeldSources, share_container_files
+from sandbox.pod.sharing import HeldSources, is_bind, share_container_files
 from sandbox.run.spec import vm_memory_mib
 
 #: The container id of a foreground run inside its pod.
@@ -28,12 +28,20 @@ CONTAINER_ID = "main"
 TEARDOWN_WAIT = 30.0
 
 
-def boot_pod(root: Path, pod_id: str, args: argparse.Namespace, spec: dict[str, Any]) -> Pod:
+def boot_pod(
+    root: Path,
+    pod_id: str,
+    args: argparse.Namespace,
+    spec: dict[str, Any],
+    image: images.Image,
+) -> Pod:
     """Boot the VM of a run: memory sized for the spec's limit, the run's network and
     hostname, files powerless on the host unless ``--privileged-files``; its host cgroup is
     the spec's ``linux.cgroupsPath`` or, as runc's default, the pod id below this process's
-    cgroup, limited to the container's limits plus the VM's overhead. On failure nothing
-    is left running (Pod.boot's contract)."""
+    cgroup, limited to the container's limits plus the VM's overhead. The guest keeps file
+    data cached across opens when only the guest can change what it shares: an image of
+    the store and no host volume (:func:`cacheable`). On failure nothing is left running
+    (Pod.boot's contract)."""
     memory = spec["linux"]["resources"].get("memory")
     _wait_for_teardown(root, pod_id)
     req = host_cgroup.request(
@@ -49,7 +57,16 @@ def boot_pod(root: Path, pod_id: str, args: argparse.Namespace, spec: dict[str, 
         hostname=str(spec.get("hostname") or ""),
         privileged_files=args.privileged_files,
         cgroup=(req, placement),
+        cached_files=cacheable(spec, image),
     )
+
+
+def cacheable(spec: dict[str, Any], image: images.Image) -> bool:
+    """Whether nothing but the guest changes the files a run shares: its image is a store
+    entry (a directory of the user's, used in place, may change under it) and no mount
+    binds a host path (``-v``). The image is shared read-only and the container writes to
+    an overlay in guest memory."""
+    return image.stored and not any(is_bind(m) for m in spec.get("mounts") or ())
 
 
 def default_cgroup(root: Path, pod_id: str) -> str:

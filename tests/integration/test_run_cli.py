@@ -172,6 +172,51 @@ def test_volumes_read_write_and_read_only(root: Path, tmp_path: Path) -> None:
     assert _torn_down(root)
 
 
+def test_a_host_change_to_a_volume_file_is_read_at_once(root: Path, tmp_path: Path) -> None:
+    # Under runc a container reads what the host just wrote. A run with a host volume must
+    # not keep the file's data cached in the guest (runs of a stored image alone do:
+    # nothing but the guest changes those files; docs/file-semantics.md).
+    volume = tmp_path / "vol"
+    volume.mkdir()
+    data = volume / "data.txt"
+    data.write_text("old contents\n")
+    script = "cat /v/data.txt; read line; cat /v/data.txt"
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "sandbox",
+            "--root",
+            str(root),
+            "run",
+            "-i",
+            "-v",
+            f"{volume}:/v",
+            "default",
+            "sh",
+            "-c",
+            script,
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        cwd=ROOT,
+    )
+    try:
+        assert proc.stdin is not None and proc.stdout is not None
+        first = proc.stdout.readline()
+        assert first == b"old contents\n", first
+        data.write_text("new contents\n")  # same size: only the data differs
+        proc.stdin.write(b"go\n")
+        proc.stdin.flush()
+        rest, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert (proc.returncode, rest) == (0, b"new contents\n"), err
+
+
 def test_host_files_outside_volumes_are_not_reachable(root: Path, tmp_path: Path) -> None:
     secret = tmp_path / "secret.txt"
     secret.write_text("host secret\n")

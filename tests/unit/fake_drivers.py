@@ -92,6 +92,7 @@ class FakeDrivers(Drivers):
         self.shims: dict[str, FakeProcess] = {}
         self.privileged_files: bool | None = None  # as the last file server was asked
         self.locks: str | None = None  # likewise
+        self.cached: bool | None = None  # likewise
         self.networks: list[pb.ConfigureNetworkRequest] = []  # as the guests were told
         #: The protocol minor the fake agents speak: below 8 they ignore Restored.share and
         #: CreateContainer.start/close_stdin, as agents before protocol 1.8 do.
@@ -175,9 +176,11 @@ class FakeDrivers(Drivers):
         *,
         privileged_files: bool,
         locks: LockMode = "local",
+        cached: bool = False,
     ) -> FakeFileServer:
         self.privileged_files = privileged_files
         self.locks = locks
+        self.cached = cached
         return FakeFileServer(self, socket_path, shared_dir)
 
     def start_proxy(

@@ -243,6 +243,7 @@ def test_oci_layout_directory_unpacks_with_its_config(tmp_path: Path, store: Pat
 
     manifest_hex = json.loads((layout / "index.json").read_text())["manifests"][0]["digest"][7:]
     assert image.rootfs == store / "sha256" / manifest_hex / "rootfs"  # keyed by manifest
+    assert image.stored  # a store entry: nothing changes it while a run uses it
     assert (image.rootfs.parent / "config.json").read_bytes() == config
     assert image.entrypoint == ["/bin/tool"]
     assert image.cmd == ["--flag"]
@@ -1027,3 +1028,10 @@ def test_a_member_name_longer_than_path_max_is_refused(tmp_path: Path, store: Pa
     with pytest.raises(ConfigError, match="longer than PATH_MAX"):
         _run_layers(tmp_path, layer(reg("a/" * 2048 + "f")))
     assert _leftovers(store) == []
+
+
+def test_a_root_filesystem_directory_is_used_in_place_not_stored(tmp_path: Path) -> None:
+    rootfs = tmp_path / "rootfs"
+    (rootfs / "bin").mkdir(parents=True)
+    image = images.resolve(str(rootfs))
+    assert image.rootfs == rootfs.resolve() and not image.stored  # the user may change it

@@ -337,6 +337,16 @@ def test_lock_mode_reaches_the_file_server_and_the_record(
         pod.destroy()
 
 
+def test_cached_files_reach_the_file_server_and_the_record(fake: FakeDrivers, root: Path) -> None:
+    # Off unless asked; recorded (absent means off, so older records read back unchanged).
+    for pod_id, cached in (("p1", False), ("p2", True)):
+        pod = Pod.boot(root, pod_id, cached_files=cached)
+        assert fake.cached is cached
+        assert on_disk(pod).get("cached_files", False) is cached
+        assert Pod.load(root, pod_id).record.cached_files is cached
+        pod.destroy()
+
+
 def test_privileged_files_reach_the_file_server_and_the_record(
     fake: FakeDrivers, root: Path
 ) -> None:

@@ -84,3 +84,23 @@ def test_without_start_only_the_container_is_created(
     """``-i`` and ``-d`` runs: started later (after the stdin relay), stdin left open."""
     assert _create(fake, root, monkeypatch, start=False) == ["CreateContainer"]
     assert fake.creates == [("main", False, False)]
+
+
+@pytest.mark.parametrize(
+    ("stored", "mounts", "expected"),
+    [
+        (True, [{"destination": "/proc", "type": "proc", "source": "proc"}], True),
+        (False, [], False),  # a directory of the user's, used in place
+        (
+            True,
+            [{"destination": "/v", "type": "bind", "source": "/srv", "options": ["rbind"]}],
+            False,
+        ),
+        (True, [{"destination": "/v", "source": "/srv", "options": ["bind", "ro"]}], False),
+    ],
+)
+def test_only_runs_whose_files_only_the_guest_changes_are_cached(
+    stored: bool, mounts: list[dict[str, Any]], expected: bool
+) -> None:
+    image = launch.images.Image("x", Path("/store/x/rootfs"), stored=stored)
+    assert launch.cacheable({"mounts": mounts}, image) is expected

@@ -131,6 +131,20 @@ def test_argv_direct_io(workdir: Path) -> None:
     assert "allow_direct_io" not in Virtiofsd(workdir / "s", workdir / "d").argv(Path("/bin/vfs"))
 
 
+def test_argv_cache_and_attribute_timeout(workdir: Path) -> None:
+    """cache=auto alone by default; a given timeout follows the policy as -o timeout=N."""
+
+    def options(fs: Virtiofsd) -> list[str]:
+        argv = fs.argv(Path("/bin/vfs"))
+        return [argv[i + 1] for i, arg in enumerate(argv) if arg == "-o"]
+
+    plain = options(Virtiofsd(workdir / "s", workdir / "d"))
+    assert "cache=auto" in plain and not any(o.startswith("timeout=") for o in plain)
+    cached = options(Virtiofsd(workdir / "s", workdir / "d", cache="always", attr_timeout=1.0))
+    assert cached[cached.index("cache=always") + 1] == "timeout=1"
+    assert options(Virtiofsd(workdir / "s", workdir / "d", attr_timeout=0.5)).count("timeout=0.5")
+
+
 def test_argv_remote_locks(workdir: Path) -> None:
     """Remote locks: flock and POSIX/OFD locks are taken on the host file."""
     argv = Virtiofsd(workdir / "s", workdir / "d", locks="remote").argv(Path("/bin/vfs"))
