@@ -744,8 +744,13 @@ class ContainerManager:
         proc.release("stdin")
 
     def read_stream(
-        self, container_id: str, exec_id: str, which: str, stop: int | None = None
-    ) -> Iterator[bytes]:
+        self,
+        container_id: str,
+        exec_id: str,
+        which: str,
+        stop: int | None = None,
+        buffer: bytearray | None = None,
+    ) -> Iterator[bytes | memoryview]:
         """The stream's bytes until EOF, or until what the process wrote before it exited has
         been read, or until ``stop`` (an fd, e.g. :attr:`Signal.fd`) becomes readable: then
         the stream ends without reading further, leaving the bytes to a later reader.
@@ -756,12 +761,16 @@ class ContainerManager:
         read, and the stream ends when nothing more is immediately readable or that budget
         is spent while writers remain. At EOF the agent's fd is released; a stream that ends
         before EOF keeps it for a later reader (until the container is removed).
+
+        With ``buffer`` each read goes into it and the stream yields memoryviews of it, valid
+        until the next item is asked for (no new object per read), else ``bytes``.
         """
         proc = self.process(container_id, exec_id)
         fd = proc.borrow(which)
         if fd is None:
             return
         wake = proc.borrow("wake")
+        view = memoryview(buffer) if buffer is not None else None
         try:
             poller = select.poll()
             poller.register(fd, select.POLLIN)
@@ -784,8 +793,10 @@ class ContainerManager:
                         return  # drained; what is left belongs to other holders
                     if budget <= 0 and not events & select.POLLHUP:
                         return  # the budget is spent and other holders keep writing
+                data: bytes | memoryview
                 try:
-                    data = os.read(fd, _CHUNK)
+                    # Into ``buffer`` when given: no new object per read.
+                    data = os.read(fd, _CHUNK) if view is None else view[: os.readv(fd, (view,))]
                 except OSError as exc:
                     if exc.errno != errno.EIO:  # pty: EIO once the last slave holder is gone
                         raise

@@ -298,15 +298,17 @@ class AgentService(pb_grpc.AgentServicer):
             context.add_callback(ended.set)
             manager = self._manager(context)
             port = self._output_port(manager, request)
-            chunks = manager.read_stream(
-                request.container_id, request.exec_id, which, stop=ended.fd
-            )
             if port is None:
-                for data in chunks:
-                    yield pb.Chunk(data=data)
+                for data in manager.read_stream(
+                    request.container_id, request.exec_id, which, stop=ended.fd
+                ):
+                    yield pb.Chunk(data=bytes(data))
                 return
             try:
                 yield pb.Chunk(on_port=True)
+                chunks = manager.read_stream(
+                    request.container_id, request.exec_id, which, ended.fd, port.buffer
+                )
                 stream_port.write_stream(port, request.stream_nonce, chunks, ended.fd)
             except stream_port.Stopped:
                 return

@@ -19,7 +19,14 @@ import threading
 from collections.abc import Iterable
 from pathlib import Path
 
-from agentapi.stream_wire import END_FRAME, HEADER, PORT_COUNT, opening_line, port_name
+from agentapi.stream_wire import (
+    END_FRAME,
+    HEADER,
+    MAX_FRAME_BYTES,
+    PORT_COUNT,
+    opening_line,
+    port_name,
+)
 
 #: How long a request waits for the previous writer of the same port to let go, seconds.
 #: The host hands a port to one reader at a time, so only a writer whose reader just went
@@ -38,6 +45,15 @@ class OutputPort:
         self.path = path
         self.lock = threading.Lock()
         self.fd: int | None = None
+        self._buffer: bytearray | None = None
+
+    @property
+    def buffer(self) -> bytearray:
+        """What its writer reads the process's output into (one frame's payload), made on
+        first use and kept."""
+        if self._buffer is None:
+            self._buffer = bytearray(MAX_FRAME_BYTES)
+        return self._buffer
 
     def open(self) -> int:
         if self.fd is None:
@@ -106,7 +122,9 @@ def _write_all(fd: int, data: bytes | memoryview, stop: int | None) -> None:
             _wait_writable(fd, stop)
 
 
-def write_stream(port: OutputPort, nonce: str, chunks: Iterable[bytes], stop: int | None) -> None:
+def write_stream(
+    port: OutputPort, nonce: str, chunks: Iterable[bytes | memoryview], stop: int | None
+) -> None:
     """Write the opening line, one frame per chunk, then the end frame. Stopped when
     ``stop`` became readable (the port may then hold part of a frame: the next reader
     discards it); OSError if the port fails."""
