@@ -271,6 +271,14 @@ def _poll_now(fd: int) -> int:
     return events[0][1] if events else 0
 
 
+def _read(fd: int, buffer: memoryview | None) -> bytes | memoryview:
+    """One read of ``fd``: new bytes, or with ``buffer`` a view of its start (no new object
+    per read)."""
+    if buffer is None:
+        return os.read(fd, _CHUNK)
+    return buffer[: os.readv(fd, (buffer,))]
+
+
 def _pending(fd: int, terminal: bool) -> int:
     """Bytes readable from ``fd`` now without blocking (an upper bound for a terminal)."""
     if terminal:
@@ -749,7 +757,7 @@ class ContainerManager:
         exec_id: str,
         which: str,
         stop: int | None = None,
-        buffer: bytearray | None = None,
+        buffer: memoryview | None = None,
     ) -> Iterator[bytes | memoryview]:
         """The stream's bytes until EOF, or until what the process wrote before it exited has
         been read, or until ``stop`` (an fd, e.g. :attr:`Signal.fd`) becomes readable: then
@@ -770,7 +778,6 @@ class ContainerManager:
         if fd is None:
             return
         wake = proc.borrow("wake")
-        view = memoryview(buffer) if buffer is not None else None
         try:
             poller = select.poll()
             poller.register(fd, select.POLLIN)
@@ -793,10 +800,8 @@ class ContainerManager:
                         return  # drained; what is left belongs to other holders
                     if budget <= 0 and not events & select.POLLHUP:
                         return  # the budget is spent and other holders keep writing
-                data: bytes | memoryview
                 try:
-                    # Into ``buffer`` when given: no new object per read.
-                    data = os.read(fd, _CHUNK) if view is None else view[: os.readv(fd, (view,))]
+                    data = _read(fd, buffer)
                 except OSError as exc:
                     if exc.errno != errno.EIO:  # pty: EIO once the last slave holder is gone
                         raise

@@ -307,7 +307,7 @@ class AgentService(pb_grpc.AgentServicer):
             try:
                 yield pb.Chunk(on_port=True)
                 chunks = manager.read_stream(
-                    request.container_id, request.exec_id, which, ended.fd, port.buffer
+                    request.container_id, request.exec_id, which, ended.fd, port.payload
                 )
                 stream_port.write_stream(port, request.stream_nonce, chunks, ended.fd)
             except stream_port.Stopped:

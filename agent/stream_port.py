@@ -45,15 +45,20 @@ class OutputPort:
         self.path = path
         self.lock = threading.Lock()
         self.fd: int | None = None
-        self._buffer: bytearray | None = None
+        self._frame: bytearray | None = None
 
     @property
-    def buffer(self) -> bytearray:
-        """What its writer reads the process's output into (one frame's payload), made on
-        first use and kept."""
-        if self._buffer is None:
-            self._buffer = bytearray(MAX_FRAME_BYTES)
-        return self._buffer
+    def frame(self) -> bytearray:
+        """One frame's room (header and largest payload), made on first use and kept."""
+        if self._frame is None:
+            self._frame = bytearray(HEADER.size + MAX_FRAME_BYTES)
+        return self._frame
+
+    @property
+    def payload(self) -> memoryview:
+        """Where a frame's payload goes: what the writer reads the process's output into,
+        so that header and payload leave in one write."""
+        return memoryview(self.frame)[HEADER.size :]
 
     def open(self) -> int:
         if self.fd is None:
@@ -125,12 +130,17 @@ def _write_all(fd: int, data: bytes | memoryview, stop: int | None) -> None:
 def write_stream(
     port: OutputPort, nonce: str, chunks: Iterable[bytes | memoryview], stop: int | None
 ) -> None:
-    """Write the opening line, one frame per chunk, then the end frame. Stopped when
-    ``stop`` became readable (the port may then hold part of a frame: the next reader
-    discards it); OSError if the port fails."""
+    """Write the opening line, one frame per chunk, then the end frame. Each chunk must be
+    the start of :attr:`OutputPort.payload` (what was just read into it): the header goes in
+    front of it, and the frame leaves without a copy. Stopped when ``stop`` became readable
+    (the port may then hold part of a frame: the next reader discards it); OSError if the
+    port fails."""
     fd = port.open()
+    frame = port.frame
+    whole = memoryview(frame)
     _write_all(fd, opening_line(nonce), stop)
     for data in chunks:
-        _write_all(fd, HEADER.pack(len(data)), stop)
-        _write_all(fd, data, stop)
+        size = len(data)
+        HEADER.pack_into(frame, 0, size)
+        _write_all(fd, whole[: HEADER.size + size], stop)
     _write_all(fd, END_FRAME, stop)

@@ -123,11 +123,12 @@ class _Pair:
         self.host.close()
 
 
-def _chunks(payloads: list[bytes]) -> Iterator[memoryview]:
-    buffer = bytearray(MAX_FRAME_BYTES)  # as the agent: one buffer, reused
+def _chunks(port: stream_port.OutputPort, payloads: list[bytes]) -> Iterator[memoryview]:
+    """As the agent's reads: each payload put at the start of the port's payload buffer."""
+    room = port.payload
     for payload in payloads:
-        buffer[: len(payload)] = payload
-        yield memoryview(buffer)[: len(payload)]
+        room[: len(payload)] = payload
+        yield room[: len(payload)]
 
 
 def test_writer_to_reader_byte_exact_with_backpressure() -> None:
@@ -139,7 +140,7 @@ def test_writer_to_reader_byte_exact_with_backpressure() -> None:
     ended = os.eventfd(0)
     writer = threading.Thread(
         target=lambda: (
-            stream_port.write_stream(pair.port, NONCE, _chunks(payloads), None),
+            stream_port.write_stream(pair.port, NONCE, _chunks(pair.port, payloads), None),
             os.eventfd_write(ended, 1),
         )
     )
@@ -164,7 +165,7 @@ def test_a_blocked_writer_stops_when_its_call_ends() -> None:
     def write() -> None:
         try:
             stream_port.write_stream(
-                pair.port, NONCE, _chunks([b"a" * MAX_FRAME_BYTES] * 4), stop_r
+                pair.port, NONCE, _chunks(pair.port, [b"a" * MAX_FRAME_BYTES] * 4), stop_r
             )
         except BaseException as exc:
             raised.append(exc)
