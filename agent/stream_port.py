@@ -13,6 +13,7 @@ The writer also waits on ``stop`` (the RPC ended): it never blocks for good.
 from __future__ import annotations
 
 import contextlib
+import mmap
 import os
 import select
 import threading
@@ -45,13 +46,15 @@ class OutputPort:
         self.path = path
         self.lock = threading.Lock()
         self.fd: int | None = None
-        self._frame: bytearray | None = None
+        self._frame: mmap.mmap | None = None
 
     @property
-    def frame(self) -> bytearray:
-        """One frame's room (header and largest payload), made on first use and kept."""
+    def frame(self) -> mmap.mmap:
+        """One frame's room (header and largest payload), made on first use and kept.
+        Anonymous memory: a page costs RAM only once output was read into it (a bytearray
+        would be zero-filled, all of it, on every pod that ever streamed)."""
         if self._frame is None:
-            self._frame = bytearray(HEADER.size + MAX_FRAME_BYTES)
+            self._frame = mmap.mmap(-1, HEADER.size + MAX_FRAME_BYTES)
         return self._frame
 
     @property

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import mmap
 import os
 import select
 import socket
@@ -28,8 +29,8 @@ from agentapi.stream_wire import PORT_COUNT, FrameReader, StreamError
 #: Seconds the host waits, once the agent's call ended, for the bytes still in the port up to
 #: the end frame (the agent wrote them before it ended the call).
 TAIL_TIMEOUT = 30.0
-#: Bytes read from the port's socket at once.
-READ_BYTES = 1024 * 1024
+#: Bytes read from the port's socket at once (the socket holds ~200 KiB at most).
+READ_BYTES = 256 * 1024
 
 
 class PortLease:
@@ -96,7 +97,9 @@ def read_frames(
     when the end frame did not come within ``tail_timeout`` seconds after the call ended.
     """
     reader = FrameReader(nonce)
-    buffer = bytearray(READ_BYTES)
+    # Anonymous memory: untouched until bytes come (a relay of an idle run's stream holds
+    # one for the run's life; a bytearray would be zero-filled at once).
+    buffer = mmap.mmap(-1, READ_BYTES)
     poller = select.poll()
     poller.register(sock, select.POLLIN)
     poller.register(ended, select.POLLIN)
