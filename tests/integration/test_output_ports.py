@@ -169,10 +169,9 @@ def test_a_reader_that_stops_holds_the_writer_back_and_only_its_stream(root: Pat
         proc.wait()
 
 
-def test_other_processes_stream_while_one_reader_is_stuck(root: Path) -> None:
-    """In one run's pod, two execs whose stdout nobody reads hold four output ports (their
-    stdout and stderr); a third exec, on gRPC now, still gets its 16 MiB in full, and so do
-    the first two once read."""
+@pytest.fixture(scope="module")
+def detached(root: Path) -> Iterator[str]:
+    """A detached run whose pod the exec tests share."""
     started = subprocess.run(
         _argv(root, "run", "-d", "--name", "multi", "default", "sleep", "1000"),
         capture_output=True,
@@ -180,27 +179,42 @@ def test_other_processes_stream_while_one_reader_is_stuck(root: Path) -> None:
         cwd=ROOT,
     )
     assert started.returncode == 0, started.stderr
-    stuck = [
-        subprocess.Popen(
-            _argv(root, "exec", "multi", "sh", "-c", "head -c 33554432 /dev/zero; echo done >&2"),
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            cwd=ROOT,
-        )
-        for _ in range(2)
-    ]
+    yield "multi"
+    subprocess.run(_argv(root, "rm", "-f", "multi"), capture_output=True, timeout=120, cwd=ROOT)
+
+
+def _exec(root: Path, name: str, script: str) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        _argv(root, "exec", name, "sh", "-c", script),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        cwd=ROOT,
+    )
+
+
+#: 16 MiB of varied bytes, and its digest.
+BUSYBOX_16M = "cat " + " ".join(["/bin/busybox"] * 9) + " | head -c 16777216"
+
+
+def _busybox_16m() -> tuple[str, int, bytes, int]:
+    data = (images.ensure_default_image() / "bin" / "busybox").read_bytes()
+    return hashlib.sha256((data * 9)[: 16 << 20]).hexdigest(), 16 << 20, b"", 0
+
+
+def test_other_processes_stream_while_one_reader_is_stuck(root: Path, detached: str) -> None:
+    """In one run's pod, two execs whose stdout nobody reads hold four output ports (their
+    stdout and stderr); a third exec, on gRPC now, still gets its 16 MiB in full, and so do
+    the first two once read."""
+    stuck = [_exec(root, detached, "head -c 33554432 /dev/zero; echo done >&2") for _ in range(2)]
     try:
         for proc in stuck:
             assert proc.stdout is not None
             fd = proc.stdout.fileno()
             assert wait_until(lambda fd=fd: _poll({fd}) != [], 120)  # they hold their ports
         time.sleep(2)
-        script = "cat " + " ".join(["/bin/busybox"] * 9) + " | head -c 16777216"
-        third = _digests(_argv(root, "exec", "multi", "sh", "-c", script))
-        data = (images.ensure_default_image() / "bin" / "busybox").read_bytes()
-        expected = hashlib.sha256((data * 9)[: 16 << 20]).hexdigest()
-        assert third == (expected, 16 << 20, b"", 0)
+        third = _digests(_argv(root, "exec", detached, "sh", "-c", BUSYBOX_16M))
+        assert third == _busybox_16m()
         for proc in stuck:
             assert proc.returncode is None  # still held back
             out, err = proc.communicate(timeout=180)
@@ -214,4 +228,19 @@ def test_other_processes_stream_while_one_reader_is_stuck(root: Path) -> None:
         for proc in stuck:
             proc.kill()
             proc.wait()
-        subprocess.run(_argv(root, "rm", "-f", "multi"), capture_output=True, timeout=120, cwd=ROOT)
+
+
+def test_a_reader_gone_mid_stream_leaves_its_ports_to_the_next(root: Path, detached: str) -> None:
+    """An exec whose caller is killed mid-stream (and whose output pipe then closes): the
+    next execs, which take the same ports first, get their output whole and nothing of the
+    old stream's leftovers."""
+    victim = _exec(root, detached, "head -c 67108864 /dev/zero")
+    assert victim.stdout is not None
+    assert os.read(victim.stdout.fileno(), 65536)  # streaming, then blocked on us
+    victim.kill()
+    victim.wait()
+    victim.stdout.close()
+    assert victim.stderr is not None
+    victim.stderr.close()
+    for _ in range(2):
+        assert _digests(_argv(root, "exec", detached, "sh", "-c", BUSYBOX_16M)) == _busybox_16m()
