@@ -9,13 +9,17 @@ import socket
 import threading
 import time
 from collections.abc import Iterator
+from concurrent import futures
 from pathlib import Path
 
+import grpc
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from agent import stream_port
+from agentapi.proto import agent_pb2 as pb
+from agentapi.proto import agent_pb2_grpc as pb_grpc
 from agentapi.stream_wire import (
     END_FRAME,
     HEADER,
@@ -25,7 +29,9 @@ from agentapi.stream_wire import (
     StreamError,
     opening_line,
 )
+from sandbox.errors import AgentError
 from sandbox.pod import output_port
+from sandbox.pod.agent_client import ContainerClient
 
 NONCE = "0123456789abcdef0123456789abcdef"
 
@@ -258,3 +264,104 @@ def test_the_agent_finds_its_ports_by_name(tmp_path: Path) -> None:
     port.lock.release()
     for fd in keep:
         os.close(fd)
+
+
+# -- ContainerClient.read_stream against a stand-in agent -----------------------------------
+
+
+class PortAgent(pb_grpc.AgentServicer):
+    """ReadStdout as a 1.9 agent does (``mode`` "port"), as an older one ("old": data in
+    messages), or as a hostile or failing one."""
+
+    def __init__(self, directory: Path, mode: str, payload: bytes) -> None:
+        self.mode = mode
+        self.payload = payload
+        self.listeners: dict[int, socket.socket] = {}
+        for index in range(2):
+            listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            listener.bind(str(directory / f"stream-{index}.sock"))
+            listener.listen(4)
+            self.listeners[index] = listener
+        self.requests: list[pb.ProcessRef] = []
+        self.connections: list[socket.socket] = []
+
+    def ReadStdout(
+        self, request: pb.ProcessRef, context: grpc.ServicerContext
+    ) -> Iterator[pb.Chunk]:
+        self.requests.append(request)
+        if self.mode == "old":
+            for start in range(0, len(self.payload), 65536):
+                yield pb.Chunk(data=self.payload[start : start + 65536])
+            return
+        conn, _ = self.listeners[request.stream_port - 1].accept()
+        self.connections.append(conn)  # open after the call, as QEMU's chardev stays
+        yield pb.Chunk(on_port=True)
+        conn.sendall(b"stale bytes of an earlier reader" + opening_line(request.stream_nonce))
+        if self.mode == "hostile":
+            conn.sendall(HEADER.pack(MAX_FRAME_BYTES + 1) + b"x" * 100)
+            time.sleep(1)
+            return
+        for start in range(0, len(self.payload), 100_000):
+            piece = self.payload[start : start + 100_000]
+            conn.sendall(HEADER.pack(len(piece)) + piece)
+        if self.mode == "fail":
+            context.abort(grpc.StatusCode.NOT_FOUND, "process went away")
+        conn.sendall(END_FRAME)
+
+
+@pytest.fixture
+def agent_dir(tmp_path: Path) -> Path:
+    directory = tmp_path / "pod"
+    directory.mkdir()
+    return directory
+
+
+def _client_of(directory: Path, mode: str, payload: bytes) -> tuple[grpc.Server, PortAgent]:
+    agent = PortAgent(directory, mode, payload)
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+    pb_grpc.add_AgentServicer_to_server(agent, server)  # type: ignore[no-untyped-call]
+    server.add_insecure_port(f"unix:{directory / 'agent.sock'}")
+    server.start()
+    return server, agent
+
+
+@pytest.mark.parametrize("mode", ["port", "old"])
+def test_the_client_reads_a_port_or_messages_alike(agent_dir: Path, mode: str) -> None:
+    """Through the port (a 1.9 agent; stale bytes before the opening line dropped) or in
+    messages (an older agent, which ignores the request's port: the port is given back at
+    its first message), the caller gets the same bytes; the port is free afterwards."""
+    payload = os.urandom(3 * 1024 * 1024 + 17)
+    server, agent = _client_of(agent_dir, mode, payload)
+    try:
+        with ContainerClient(f"unix:{agent_dir / 'agent.sock'}", output_ports=agent_dir) as client:
+            got = bytearray()
+            for data in client.read_stream("c", "", "stdout"):
+                if mode == "old" and not got:  # given back while the stream goes on
+                    lease = output_port.lease(agent_dir, count=1)
+                    assert lease is not None
+                    lease.close()
+                got += data
+        assert bytes(got) == payload
+        assert agent.requests[0].stream_port == 1 and len(agent.requests[0].stream_nonce) == 32
+        lease = output_port.lease(agent_dir, count=1)
+        assert lease is not None and lease.index == 0
+        lease.close()
+    finally:
+        server.stop(None)
+
+
+@pytest.mark.parametrize(("mode", "message"), [("fail", "process went away"), ("hostile", "frame")])
+def test_a_failing_or_hostile_port_stream_is_an_agent_error(
+    agent_dir: Path, mode: str, message: str
+) -> None:
+    server, _agent = _client_of(agent_dir, mode, b"z" * 300_000)
+    try:
+        address = f"unix:{agent_dir / 'agent.sock'}"
+        with (
+            ContainerClient(address, output_ports=agent_dir) as client,
+            pytest.raises(AgentError, match=message),
+        ):
+            for _ in client.read_stream("c", "", "stdout"):
+                pass
+    finally:
+        server.stop(None)
