@@ -271,6 +271,14 @@ def _poll_now(fd: int) -> int:
     return events[0][1] if events else 0
 
 
+def _read(fd: int, buffer: memoryview | None) -> bytes | memoryview:
+    """One read of ``fd``: new bytes, or with ``buffer`` a view of its start (no new object
+    per read)."""
+    if buffer is None:
+        return os.read(fd, _CHUNK)
+    return buffer[: os.readv(fd, (buffer,))]
+
+
 def _pending(fd: int, terminal: bool) -> int:
     """Bytes readable from ``fd`` now without blocking (an upper bound for a terminal)."""
     if terminal:
@@ -744,8 +752,13 @@ class ContainerManager:
         proc.release("stdin")
 
     def read_stream(
-        self, container_id: str, exec_id: str, which: str, stop: int | None = None
-    ) -> Iterator[bytes]:
+        self,
+        container_id: str,
+        exec_id: str,
+        which: str,
+        stop: int | None = None,
+        buffer: memoryview | None = None,
+    ) -> Iterator[bytes | memoryview]:
         """The stream's bytes until EOF, or until what the process wrote before it exited has
         been read, or until ``stop`` (an fd, e.g. :attr:`Signal.fd`) becomes readable: then
         the stream ends without reading further, leaving the bytes to a later reader.
@@ -756,6 +769,9 @@ class ContainerManager:
         read, and the stream ends when nothing more is immediately readable or that budget
         is spent while writers remain. At EOF the agent's fd is released; a stream that ends
         before EOF keeps it for a later reader (until the container is removed).
+
+        With ``buffer`` each read goes into it and the stream yields memoryviews of it, valid
+        until the next item is asked for (no new object per read), else ``bytes``.
         """
         proc = self.process(container_id, exec_id)
         fd = proc.borrow(which)
@@ -785,7 +801,7 @@ class ContainerManager:
                     if budget <= 0 and not events & select.POLLHUP:
                         return  # the budget is spent and other holders keep writing
                 try:
-                    data = os.read(fd, _CHUNK)
+                    data = _read(fd, buffer)
                 except OSError as exc:
                     if exc.errno != errno.EIO:  # pty: EIO once the last slave holder is gone
                         raise

@@ -20,7 +20,7 @@ from typing import NoReturn
 
 import grpc
 
-from agent import pid1, restore  # restore: imported before a template is saved
+from agent import pid1, restore, stream_port  # restore: imported before a template is saved
 from agent.containers import START_TIMEOUT, ContainerError, ContainerManager, Signal
 from agent.network import NetworkError, NetworkManager
 from agent.oci import syscalls
@@ -28,6 +28,7 @@ from agentapi import failure
 from agentapi.limits import GRPC_OPTIONS, MAX_MESSAGE_BYTES, MAX_READ_BYTES
 from agentapi.proto import agent_pb2 as pb
 from agentapi.proto import agent_pb2_grpc as pb_grpc
+from agentapi.stream_wire import PORT_COUNT, valid_nonce
 from agentapi.version import AGENT_VERSION, PROTOCOL_VERSION
 from ocispec import linux
 
@@ -67,6 +68,7 @@ class AgentService(pb_grpc.AgentServicer):
         self._transport = transport
         self._power_off = power_off
         self._share_root = share_root.rstrip("/")
+        self._output_ports = stream_port.OutputPorts()
         self._shares: dict[str, str] = {}  # path -> tag
         self._lock = threading.Lock()
 
@@ -294,11 +296,36 @@ class AgentService(pb_grpc.AgentServicer):
         # ReadStdout of the same process would never see it.
         with _container_errors(context), Signal() as ended:
             context.add_callback(ended.set)
-            chunks = self._manager(context).read_stream(
-                request.container_id, request.exec_id, which, stop=ended.fd
-            )
-            for data in chunks:
-                yield pb.Chunk(data=data)
+            manager = self._manager(context)
+            port = self._output_port(manager, request)
+            if port is None:
+                for data in manager.read_stream(
+                    request.container_id, request.exec_id, which, stop=ended.fd
+                ):
+                    yield pb.Chunk(data=bytes(data))
+                return
+            try:
+                yield pb.Chunk(on_port=True)
+                chunks = manager.read_stream(
+                    request.container_id, request.exec_id, which, ended.fd, port.payload
+                )
+                stream_port.write_stream(port, request.stream_nonce, chunks, ended.fd)
+            except stream_port.Stopped:
+                return
+            finally:
+                port.lock.release()
+
+    def _output_port(
+        self, manager: ContainerManager, request: pb.ProcessRef
+    ) -> stream_port.OutputPort | None:
+        """The output port the host asked for, locked; None (stream over gRPC) when it asked
+        for none, for a terminal (its output stays on gRPC), or the port is missing or busy."""
+        index = request.stream_port - 1
+        if not 0 <= index < PORT_COUNT or not valid_nonce(request.stream_nonce):
+            return None
+        if manager.process(request.container_id, request.exec_id).terminal:
+            return None
+        return self._output_ports.acquire(index)
 
     def ReadStdout(
         self, request: pb.ProcessRef, context: grpc.ServicerContext

@@ -384,6 +384,27 @@ class AgentSerialPort:
 
 
 @dataclass(frozen=True)
+class OutputPort:
+    """One more port on the agent's virtio-serial bus: a process's output stream to the host
+    (:mod:`agentapi.stream_wire`). QEMU listens on ``path`` (or the inherited socket ``fd``);
+    the guest sees a port called ``name``. Needs :class:`AgentSerialPort` (its bus).
+    """
+
+    path: Path
+    name: str
+    id: str
+    fd: int | None = None
+
+    def argv(self) -> list[str]:
+        return [
+            "-chardev",
+            f"socket,id={self.id},{_socket_address(self.path, self.fd)},server=on,wait=off",
+            "-device",
+            f"virtserialport,bus=vser0.0,chardev={self.id},name={escape(self.name)}",
+        ]
+
+
+@dataclass(frozen=True)
 class VsockDevice:
     """``vhost-vsock`` with guest context id ``cid`` (needs ``/dev/vhost-vsock`` on the host)."""
 
@@ -603,11 +624,13 @@ class ChannelFds:
     console: int
     agent: int | None = None
     shares: tuple[int, ...] = ()
+    #: Listening sockets bound to ``output_ports``, in that order.
+    outputs: tuple[int, ...] = ()
 
     def all(self) -> tuple[int, ...]:
         """Every fd, each once."""
         agent = () if self.agent is None else (self.agent,)
-        return (self.qmp, self.console, *agent, *self.shares)
+        return (self.qmp, self.console, *agent, *self.shares, *self.outputs)
 
 
 @dataclass(frozen=True)
@@ -645,6 +668,9 @@ class VMConfig:
     machine: MachineType = "pc"
     agent_socket: Path | None = None
     vsock_cid: int | None = None
+    #: ``(name, socket)`` of each output port (:class:`OutputPort`), in port order; only
+    #: with ``agent_socket``.
+    output_ports: tuple[tuple[str, Path], ...] = ()
     shares: tuple[tuple[str, Path], ...] = ()
     pidfile: Path | None = None
     qemu_log: Path | None = None
@@ -687,6 +713,10 @@ class VMConfig:
                 raise ValueError("channel_fds needs one fd per virtio-fs share")
             if (fds.agent is None) != (self.agent_socket is None):
                 raise ValueError("channel_fds.agent must be set exactly with agent_socket")
+            if len(fds.outputs) != len(self.output_ports):
+                raise ValueError("channel_fds needs one fd per output port")
+        if self.output_ports and self.agent_socket is None:
+            raise ValueError("output_ports need agent_socket (the virtio-serial bus)")
 
     @property
     def agent_transport(self) -> Literal["serial", "vsock"] | None:
@@ -713,7 +743,8 @@ class VMConfig:
 
     def sockets(self) -> tuple[Path, ...]:
         """The unix sockets QEMU creates (and that are removed after it exits)."""
-        return tuple(p for p in (self.qmp_socket, self.agent_socket) if p is not None)
+        named = (self.qmp_socket, self.agent_socket)
+        return tuple(p for p in named if p is not None) + tuple(p for _, p in self.output_ports)
 
 
 def vm_options(config: VMConfig, *, paused: bool = True) -> list[QemuOption]:
@@ -747,6 +778,9 @@ def vm_options(config: VMConfig, *, paused: bool = True) -> list[QemuOption]:
         options.append(RootDrive(config.rootfs, bus))
     if config.agent_socket is not None:
         options.append(AgentSerialPort(config.agent_socket, bus, fd=fds.agent if fds else None))
+        for index, (name, path) in enumerate(config.output_ports):
+            fd = fds.outputs[index] if fds else None
+            options.append(OutputPort(path, name, f"out{index}", fd=fd))
     if config.vsock_cid is not None:
         options.append(VsockDevice(config.vsock_cid, bus))
     for index, (tag, socket) in enumerate(config.shares):

@@ -141,6 +141,10 @@ def prepare(config: VMConfig, binary: Path, settings: Settings) -> JailedLaunch:
         flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND | os.O_CLOEXEC | os.O_NOFOLLOW
         console = os.open(config.console_log, flags, 0o600)
         launch.opened.append(console)
+        outputs = []
+        for _name, path in config.output_ports:
+            outputs.append(_listen(path))
+            launch.opened.append(outputs[-1])
         shares = []
         for _tag, path in config.shares:
             shares.append(_connect(path))
@@ -153,7 +157,7 @@ def prepare(config: VMConfig, binary: Path, settings: Settings) -> JailedLaunch:
         ) from exc
     launch.config = dataclasses.replace(
         config,
-        channel_fds=ChannelFds(qmp, console, agent, tuple(shares)),
+        channel_fds=ChannelFds(qmp, console, agent, tuple(shares), tuple(outputs)),
         pidfile=None,
     )
     return launch

@@ -9,19 +9,25 @@ cannot be run), and checks the shape of what came back before handing it on.
 
 from __future__ import annotations
 
+import os
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Self
 
 import grpc
 
 from agentapi import failure
+from agentapi.channel import new_nonce
 from agentapi.limits import DEFAULT_RPC_TIMEOUT, GRPC_OPTIONS, MAX_READ_BYTES
 from agentapi.proto import agent_pb2 as pb
 from agentapi.proto import agent_pb2_grpc as pb_grpc
+from agentapi.stream_wire import StreamError
 from agentapi.version import PROTOCOL_VERSION, protocol_major
 from sandbox.errors import AgentError, AgentTimeout, CommandError, FailureReason, PodProcessDied
+from sandbox.pod import output_port
 
 if TYPE_CHECKING:
     from sandbox.pod.network import NetworkConfig
@@ -158,6 +164,7 @@ class AgentClient:
         pod_id: str = "",
         watch: Watch | None = None,
         channel: grpc.Channel | None = None,
+        output_ports: Path | None = None,
     ) -> None:
         self.address = address
         self.timeout = timeout
@@ -165,6 +172,8 @@ class AgentClient:
         self.watch = watch
         # A channel of the caller's (the agent proxy's own) is used as is and left open.
         self._owned = channel is None
+        #: The pod's directory when its output ports may carry streams (:meth:`read_stream`).
+        self.output_ports = output_ports
         self._channel = channel or grpc.insecure_channel(address, options=GRPC_OPTIONS)
         self._stub: Any = pb_grpc.AgentStub(self._channel)  # type: ignore[no-untyped-call]
 
@@ -476,19 +485,36 @@ class ContainerClient(AgentClient):
 
     def read_stream(self, container_id: str, exec_id: str, which: str) -> Iterator[bytes]:
         """Chunks of the process's stdout or stderr until EOF (no deadline: it follows the
-        process's lifetime; the caller cancels by closing the client)."""
+        process's lifetime; the caller cancels by closing the client).
+
+        With :attr:`output_ports` (the pod's directory) the bytes come through a free output
+        port of the pod when the agent takes it (protocol 1.9, not for a terminal), else in
+        the call's messages (:mod:`sandbox.pod.output_port`); the caller sees no difference.
+        """
         method = self._stub.ReadStdout if which == "stdout" else self._stub.ReadStderr
-        ref = pb.ProcessRef(container_id=container_id, exec_id=exec_id)
-        try:
-            for chunk in method(ref, wait_for_ready=True):
-                data = bytes(chunk.data)
-                if len(data) > MAX_READ_BYTES:
-                    raise AgentError(f"agent sent an oversized {which} chunk")
-                yield data
-        except grpc.RpcError as exc:
-            if isinstance(exc, grpc.Call) and exc.code() == grpc.StatusCode.CANCELLED:
-                return
-            raise _rpc_error(exc, f"Read{which.capitalize()}", ref, self.pod_id) from exc
+        with output_port.leased(self.output_ports) as port:
+            ref = pb.ProcessRef(container_id=container_id, exec_id=exec_id)
+            nonce = ""
+            if port is not None:
+                nonce = new_nonce()
+                ref.stream_port, ref.stream_nonce = port.index + 1, nonce
+            try:
+                call = method(ref, wait_for_ready=True)
+                for chunk in call:
+                    if port is not None:
+                        if chunk.on_port:
+                            yield from _port_stream(call, port, nonce, which)
+                            return
+                        port.close()  # the agent streams in messages: free the port now
+                        port = None
+                    data = bytes(chunk.data)
+                    if len(data) > MAX_READ_BYTES:
+                        raise AgentError(f"agent sent an oversized {which} chunk")
+                    yield data
+            except grpc.RpcError as exc:
+                if isinstance(exc, grpc.Call) and exc.code() == grpc.StatusCode.CANCELLED:
+                    return
+                raise _rpc_error(exc, f"Read{which.capitalize()}", ref, self.pod_id) from exc
 
     def resize(self, container_id: str, exec_id: str, rows: int, cols: int) -> None:
         """TtyWinResize: set the process's terminal size (the program gets SIGWINCH);
@@ -576,3 +602,38 @@ class ContainerClient(AgentClient):
             if not 0 <= value < 2**63:
                 raise AgentError(f"agent reported an impossible {name} {value}")
         return stats
+
+
+def _port_stream(
+    call: Iterator[Any], port: output_port.PortLease, nonce: str, which: str
+) -> Iterator[bytes]:
+    """The stream's bytes from ``port`` while a thread waits for the end of ``call`` (which
+    carries no more messages; it ends after the agent wrote the end frame, or fails)."""
+    outcome: list[BaseException] = []
+    ended = os.eventfd(0, os.EFD_CLOEXEC)
+
+    def finish() -> None:
+        try:
+            for _extra in call:
+                outcome.append(AgentError(f"agent sent {which} messages after choosing a port"))
+                break
+        except BaseException as exc:
+            outcome.append(exc)
+        os.eventfd_write(ended, 1)
+
+    waiter = threading.Thread(target=finish, daemon=True)
+    waiter.start()
+    try:
+        yield from output_port.read_frames(
+            port.sock, nonce, ended, lambda: outcome[0] if outcome else None
+        )
+        waiter.join(output_port.TAIL_TIMEOUT)  # the call ends right after the end frame
+    except StreamError as exc:
+        raise AgentError(f"{which} of the process: {exc}") from exc
+    finally:
+        cancel = getattr(call, "cancel", None)
+        if waiter.is_alive() and cancel is not None:
+            cancel()  # the reader stopped early (or failed): end the agent's side too
+        waiter.join(5.0)
+        if not waiter.is_alive():  # else it may still signal: leave it the fd
+            os.close(ended)

@@ -293,7 +293,8 @@ def main(argv: list[str] | None = None) -> None:
     from sandbox.pod.standin_wire import SOCKET_NAME
 
     standins = standin_service.listen(args.listen.with_name(SOCKET_NAME))
-    client = ContainerClient(upstream, channel=channel)  # no second hop through agent.sock
+    # No second hop through agent.sock; output through the pod's output ports when free.
+    client = ContainerClient(upstream, channel=channel, output_ports=args.listen.parent)
     threading.Thread(
         target=standin_service.serve,
         args=(standins, client, lambda: pid_alive(args.vm_pid)),

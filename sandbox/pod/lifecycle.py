@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
+from agentapi.limits import DEFAULT_RPC_TIMEOUT
 from hypervisor.process import ProcessHandle, signals_held
 from hypervisor.zeropages import ZeroMap
 from sandbox import store as state
@@ -235,9 +236,13 @@ class Pod:
         """
         if self.status is PodStatus.RUNNING:
             self._ensure_proxy()
-        if timeout is None:
-            return ContainerClient(self.agent_address, pod_id=self.id, watch=self.casualty)
-        return ContainerClient(self.agent_address, timeout, pod_id=self.id, watch=self.casualty)
+        return ContainerClient(
+            self.agent_address,
+            DEFAULT_RPC_TIMEOUT if timeout is None else timeout,
+            pod_id=self.id,
+            watch=self.casualty,
+            output_ports=self.dir,
+        )
 
     def casualty(self) -> str | None:
         """One line naming the first of the pod's recorded processes (QEMU, virtiofsd, agent

@@ -41,6 +41,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from agentapi import stream_wire
 from hypervisor.process import ProcessHandle
 from hypervisor.qemu_args import Accelerator, NicConfig, VMConfig, build_argv
 from sandbox.errors import AgentError, ConfigError, TemplateError
@@ -144,6 +145,10 @@ def vm_config(
         accel=accel,
         qmp_socket=directory / "qmp.sock",
         agent_socket=directory / "agent-serial.sock",
+        output_ports=tuple(
+            (stream_wire.port_name(n), directory / f"stream-{n}.sock")
+            for n in range(stream_wire.PORT_COUNT)
+        ),
         console_log=directory / "console.log",
         pidfile=directory / "qemu.pid",
         shares=shares,
