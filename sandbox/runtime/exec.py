@@ -23,8 +23,9 @@ def process_for(
 ) -> dict[str, Any]:
     """The OCI ``process`` for ``runc exec``: ``--process FILE`` as given, or ``command``
     with the container's env, cwd, user, capabilities, noNewPrivileges and rlimits, then
-    ``--env``/``--cwd``/``--user UID[:GID]``/``--tty``. NotFoundError for an unknown id
-    (checked first, as runc), ConfigError for unusable input.
+    ``--env``/``--cwd``/``--user UID[:GID]``/``--tty`` (with ``--tty`` in a container of
+    ``pysandbox run``, TERM=xterm when the env has no TERM, as docker exec -t). NotFoundError
+    for an unknown id (checked first, as runc), ConfigError for unusable input.
     """
     from ocispec.document import MAX_DOCUMENT_BYTES, decode
     from ocispec.errors import SpecError
@@ -55,6 +56,14 @@ def process_for(
         process["args"] = command
         process["terminal"] = tty
         process["env"] = [*process.get("env", []), *env]
+        if (
+            tty
+            and "run" in record.data
+            and not any(str(entry).startswith("TERM=") for entry in process["env"])
+        ):
+            # A container of ``pysandbox run`` gets docker's ``exec -t`` habit (and what
+            # ``run -t`` gives): TERM=xterm unless set. runc exec invents no TERM.
+            process["env"].append("TERM=xterm")
         if cwd:
             process["cwd"] = cwd
         if user:
