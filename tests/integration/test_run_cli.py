@@ -449,7 +449,7 @@ def test_tty_is_a_real_terminal_with_resize_and_ctrl_c(root: Path) -> None:
         os.close(master)
     assert os.waitstatus_to_exitcode(status) == 130, bytes(output)
     lines = bytes(output).decode(errors="replace").replace("\r", "").split("\n")
-    assert lines[0] in ("/dev/console", "/dev/pts/0"), lines  # runc's console: a terminal
+    assert lines[0] == "/dev/pts/0", lines  # runc's: the container's own pty, /dev/console too
     # The guest terminal echoes the typed line, and Ctrl-C as ^C.
     expected = ["31 97", "ready", "hello", "40 120", "got hello", "waiting", "^Cgot INT", ""]
     assert lines[1:] == expected, lines
@@ -489,6 +489,61 @@ def test_tty_without_interactive_still_takes_ctrl_c(root: Path) -> None:
     assert status == 5, bytes(output)
     assert b"got INT" in output, bytes(output)
     assert _torn_down(root)
+
+
+def _exec_on_a_pty(root: Path, args: list[str]) -> tuple[int, str]:
+    """``pysandbox exec ARGS`` from a terminal of 24x80: its exit code and what the terminal
+    showed, \\r\\n as \\n."""
+    master, slave = os.openpty()
+    _set_size(slave, 24, 80)
+    output = bytearray()
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "sandbox", "--root", str(root), "exec", *args],
+            stdin=slave,
+            stdout=slave,
+            stderr=subprocess.PIPE,
+            timeout=120,
+            cwd=ROOT,
+        )
+        _read_until(master, output, b"\nEND", timeout=10)
+    finally:
+        os.close(master)
+        os.close(slave)
+    assert done.stderr == b"", done.stderr
+    return done.returncode, bytes(output).replace(b"\r\n", b"\n").decode(errors="replace")
+
+
+def test_exec_t_into_a_detached_run_is_a_terminal_with_term(root: Path) -> None:
+    """``exec -t`` into a run started without -t: its terminal is a pty of the container's
+    /dev/pts (``tty`` names it, as under runc; it said "not a tty" when the pty was the
+    guest's), sized as the caller's, and TERM=xterm as docker exec -t sets it unless the
+    env has one; without -t no TERM is invented."""
+    started = run(root, "-d", "--name", "ttyx", "default", "sleep", "1000")
+    assert started.returncode == 0, started.stderr
+    report = (
+        't=$(tty); echo "tty $t"; [ "$(readlink /proc/self/fd/0)" = "$t" ] && echo fd0-is-it; '
+        'ls /dev/pts | tr "\\n" " "; echo; stty size; echo "TERM=${TERM-unset}"; echo END'
+    )
+    try:
+        code, shown = _exec_on_a_pty(root, ["-t", "ttyx", "sh", "-c", report])
+        assert code == 0, shown
+        assert shown.splitlines() == [
+            "tty /dev/pts/0",
+            "fd0-is-it",
+            "0 ptmx ",
+            "24 80",
+            "TERM=xterm",
+            "END",
+        ], shown
+        code, shown = _exec_on_a_pty(root, ["-t", "-e", "TERM=vt100", "ttyx", "sh", "-c", report])
+        assert code == 0 and "\nTERM=vt100\n" in shown, shown
+        plain = cli(root, "exec", "ttyx", "sh", "-c", 'tty; echo "TERM=${TERM-unset}"')
+        assert (plain.returncode, plain.stdout) == (0, b"not a tty\nTERM=unset\n"), plain
+    finally:
+        removed = cli(root, "rm", "-f", "ttyx")
+    assert removed.returncode == 0, removed.stderr
+    assert wait_until(lambda: _leftovers(root) == [] and _processes_of(root) == [], 60)
 
 
 def _runs(root: Path) -> dict[str, dict[str, object]]:
