@@ -22,7 +22,7 @@ import pytest
 
 from sandbox.run.launch import default_cgroup
 from tests.integration.pods import PodFactory
-from tests.processes import processes_mentioning, wait_until
+from tests.processes import alive, processes_mentioning, wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -544,6 +544,104 @@ def test_exec_t_into_a_detached_run_is_a_terminal_with_term(root: Path) -> None:
         removed = cli(root, "rm", "-f", "ttyx")
     assert removed.returncode == 0, removed.stderr
     assert wait_until(lambda: _leftovers(root) == [] and _processes_of(root) == [], 60)
+
+
+def _start_run(root: Path, *args: str) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "sandbox", "--root", str(root), "run", *args],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        cwd=ROOT,
+    )
+
+
+def _pod_pids(root: Path) -> list[int]:
+    """The recorded QEMU, virtiofsd and agent proxy of every pod under ``root``."""
+    pids = []
+    for record in (root / "p").glob("*/pod.json"):
+        with open(record, encoding="utf-8") as handle:
+            processes = json.load(handle).get("processes", {})
+        pids += [int(ref["pid"]) for ref in processes.values()]
+    return pids
+
+
+def _owner_watchers(root: Path) -> list[int]:
+    return [int(p.split(":")[0]) for p in _processes_of(root) if "sandbox.run.owner_watch" in p]
+
+
+def _nothing_left(root: Path, cgroup: str, pids: list[int], timeout: float = 60) -> None:
+    """Within ``timeout`` s: no process, mount, pod directory or host cgroup of ``root``;
+    ``pids`` (the VM's QEMU, virtiofsd, proxy) are gone."""
+    assert wait_until(
+        lambda: _leftovers(root) == [] and _processes_of(root) == [], timeout, interval=0.2
+    ), (_leftovers(root), _processes_of(root))
+    assert not any(alive(pid) for pid in pids), [pid for pid in pids if alive(pid)]
+    assert wait_until(lambda: _cgroups_named(cgroup) == [], 10), _cgroups_named(cgroup)
+
+
+def test_a_run_killed_with_sigkill_leaves_nothing(root: Path) -> None:
+    """However a foreground run ends — SIGKILL while its VM boots, or while its container
+    runs — its VM, share, mounts and host cgroup go with it (its watcher tears them down);
+    if the watcher was killed too, ``rm -f NAME`` removes what is left. A ``run -d`` killed
+    while it boots leaves nothing either, and with its watcher killed too, ``ps`` says it
+    exited and ``stop``/``rm`` remove it."""
+    name = "killed"
+    cgroup = default_cgroup(root, name).rpartition("/")[2]
+    # 1. While the VM boots (its pod directory exists): nothing is left.
+    booting = _start_run(root, "--name", name, "default", "sleep", "1000")
+    assert wait_until(lambda: _pod_pids(root) != [], 60, interval=0.05)
+    pids = _pod_pids(root)
+    booting.kill()
+    booting.wait(30)
+    _nothing_left(root, cgroup, pids)
+    # 2. While the container runs.
+    running = _start_run(root, "--name", name, "default", "sh", "-c", "echo ready; sleep 1000")
+    assert running.stdout is not None and running.stdout.readline() == b"ready\n"
+    pids = _pod_pids(root)
+    assert len(pids) >= 3 and all(alive(pid) for pid in pids), pids
+    assert _cgroups_named(cgroup) != []
+    running.kill()
+    running.wait(30)
+    _nothing_left(root, cgroup, pids)
+    # 3. The run and its watcher both killed: the pod is left until rm -f NAME.
+    orphan = _start_run(root, "--name", name, "default", "sh", "-c", "echo ready; sleep 1000")
+    assert orphan.stdout is not None and orphan.stdout.readline() == b"ready\n"
+    pids = _pod_pids(root)
+    for pid in _owner_watchers(root):
+        os.kill(pid, signal.SIGKILL)
+    orphan.kill()
+    orphan.wait(30)
+    time.sleep(2)
+    assert all(alive(pid) for pid in pids), pids  # the VM of a run that no longer exists
+    removed = cli(root, "rm", "-f", name)
+    assert (removed.returncode, removed.stdout, removed.stderr) == (0, b"killed\n", b"")
+    _nothing_left(root, cgroup, pids, timeout=30)
+    # 4. run -d killed while its VM boots: no run, no VM.
+    detached = _start_run(root, "-d", "--name", name, "default", "sleep", "1000")
+    assert wait_until(lambda: _pod_pids(root) != [], 60, interval=0.05)
+    pids = _pod_pids(root)
+    detached.kill()
+    detached.wait(30)
+    _nothing_left(root, cgroup, pids)
+    assert name not in _runs(root) and not (root / name).exists()
+    # 5. ... and its watcher too: the run shows as exited; stop releases its VM, rm the rest.
+    detached = _start_run(root, "-d", "--name", name, "default", "sleep", "1000")
+    assert wait_until(lambda: _pod_pids(root) != [], 60, interval=0.05)
+    pids = _pod_pids(root)
+    for pid in _owner_watchers(root):
+        os.kill(pid, signal.SIGKILL)
+    detached.kill()
+    detached.wait(30)
+    assert _runs(root)[name]["status"] == "stopped", _runs(root)
+    assert b"exited" in cli(root, "ps", "-a").stdout
+    stopped = cli(root, "stop", name)
+    assert (stopped.returncode, stopped.stdout) == (0, b"killed\n"), stopped.stderr
+    assert wait_until(lambda: _pod_pids(root) == [] and _leftovers(root) == [], 30)
+    assert not any(alive(pid) for pid in pids), pids
+    assert cli(root, "rm", name).returncode == 0
+    _nothing_left(root, cgroup, pids, timeout=30)
+    assert _runs(root) == {}
 
 
 def _runs(root: Path) -> dict[str, dict[str, object]]:
