@@ -119,7 +119,9 @@ def _create(
         pod.record.containers = [name]
         pod.save()
         try:
-            record.data["guest_pid"] = create_in_pod(pod, name, spec, image, held)
+            record.data["guest_pid"] = create_in_pod(
+                pod, name, spec, image, held, workdir_option=bool(args.workdir)
+            )
         except BaseException:
             unshare_container_files(pod, name)
             raise

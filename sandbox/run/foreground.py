@@ -96,7 +96,16 @@ def _run_in_pod(
         # Without -i nothing is relayed to stdin: create, start and EOF on stdin are one call
         # (the output waits in the guest's pipes until the relay reads it).
         one_call = not args.interactive
-        create_with(client, pod, CONTAINER_ID, spec, image, held, start=one_call)
+        create_with(
+            client,
+            pod,
+            CONTAINER_ID,
+            spec,
+            image,
+            held,
+            start=one_call,
+            workdir_option=bool(args.workdir),
+        )
         stdin = sys.stdin.fileno() if args.interactive else None
         relay = StdioRelay(
             client, CONTAINER_ID, "", stdin, sys.stdout.fileno(), sys.stderr.fileno(), args.tty

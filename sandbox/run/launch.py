@@ -131,6 +131,7 @@ def create_in_pod(
     spec: dict[str, Any],
     image: images.Image,
     held: HeldSources,
+    workdir_option: bool = False,
 ) -> int:
     """Share the image read-only and create the container in the guest on an overlay whose
     upper layer is guest memory; return its guest pid. (With ``--read-only`` the agent makes
@@ -143,7 +144,9 @@ def create_in_pod(
     the share on failure (``unshare_container_files``).
     """
     with pod.client() as client:
-        return create_with(client, pod, container_id, spec, image, held)
+        return create_with(
+            client, pod, container_id, spec, image, held, workdir_option=workdir_option
+        )
 
 
 def create_with(
@@ -155,11 +158,14 @@ def create_with(
     held: HeldSources,
     *,
     start: bool = False,
+    workdir_option: bool = False,
 ) -> int:
     """:func:`create_in_pod` through ``client``. With ``start`` the container is also
     started and its stdin closed in the same call when the agent can (protocol 1.8), else
     with StartContainer and CloseStdin after it (stdin: the foreground run of a
-    non-interactive ``pysandbox run``; a terminal gets its ^D). Errors as create_in_pod's."""
+    non-interactive ``pysandbox run``; a terminal gets its ^D). Errors as create_in_pod's;
+    a working directory that cannot be entered is named as the user gave it
+    (``workdir_option``: by ``-w``, else by the image)."""
     guest_rootfs, guest_spec = share_container_files(
         pod, container_id, spec, image.rootfs.parent, rootfs_readonly=True, held=held
     )
@@ -172,6 +178,16 @@ def create_with(
     except CommandError as exc:
         raise RunError(exc.detail, exc.exit_code) from exc
     except AgentError as exc:
+        cwd = str(spec["process"]["cwd"])
+        prefix = f"chdir to cwd ({cwd}) set in config.json: "  # agent/oci/process.py's words
+        if exc.detail.startswith(prefix):
+            reason = exc.detail.removeprefix(prefix).rpartition(": ")[2]
+            given = f"-w {cwd}" if workdir_option else f"the image's working directory {cwd}"
+            raise RunError(
+                f"{given}: cannot enter it in the container ({reason}); give a directory "
+                "that exists in the image or a volume",
+                EXIT_RUNTIME,
+            ) from exc
         raise RunError(exc.detail, EXIT_RUNTIME) from exc
     terminal = bool((spec.get("process") or {}).get("terminal"))
     if not started:  # an agent before protocol 1.8

@@ -297,6 +297,12 @@ def test_the_smallest_memory_limit_runs_a_process(root: Path) -> None:
         ),
         (["--name", "n" * 65, "default", "true"], b"it is also the hostname"),
         (["--name", "n" * 1000, "default", "true"], b"at most 200 characters"),
+        (
+            ["--pids-limit", "1", "default", "true"],
+            b"invalid --pids-limit 1: too low to start the process",
+        ),
+        (["--pids-limit", "-2", "default", "true"], b"invalid --pids-limit -2"),
+        (["--memory", "1.5x", "default", "true"], b"invalid size '1.5x'"),
     ],
 )
 def test_bad_input_one_line_error_nothing_left(
@@ -312,6 +318,53 @@ def test_bad_input_one_line_error_nothing_left(
     assert len(done.stderr.strip().splitlines()) == 1
     assert _leftovers(root) == []
     assert os.path.exists(root)
+
+
+def test_docker_habits_and_errors_a_user_can_act_on(root: Path) -> None:
+    """docker's --memory 1.5g and --pids-limit -1 (unlimited) work as in docker; a -w the
+    container lacks is named as the user gave it (not as config.json's cwd), in one line;
+    exec of a missing program says runc's reason alone, and exec -i/-it are accepted."""
+    done = run(
+        root,
+        "--memory",
+        "1.5g",
+        "--pids-limit",
+        "-1",
+        "default",
+        "cat",
+        "/sys/fs/cgroup/memory.max",
+        "/sys/fs/cgroup/pids.max",
+    )
+    assert (done.returncode, done.stdout.split()) == (0, [b"1610612736", b"max"]), done.stderr
+    missing = run(root, "-w", "/nonexist", "default", "true")
+    assert missing.returncode == 125 and missing.stdout == b""
+    assert missing.stderr == (
+        b"pysandbox: -w /nonexist: cannot enter it in the container (No such file or "
+        b"directory); give a directory that exists in the image or a volume\n"
+    )
+    assert _torn_down(root)
+    started = run(root, "-d", "--name", "habits", "default", "sleep", "1000")
+    assert started.returncode == 0, started.stderr
+    try:
+        nosuch = cli(root, "exec", "habits", "nosuch")
+        assert (nosuch.returncode, nosuch.stdout, nosuch.stderr) == (
+            127,
+            b"",
+            b'pysandbox: exec: "nosuch": executable file not found in $PATH\n',
+        )
+        piped = subprocess.run(
+            [sys.executable, "-m", "sandbox", "--root", str(root), "exec", "-i", "habits", "cat"],
+            input=b"kept open\n",
+            capture_output=True,
+            timeout=120,
+            cwd=ROOT,
+        )
+        assert (piped.returncode, piped.stdout) == (0, b"kept open\n"), piped.stderr
+        code, shown = _exec_on_a_pty(root, ["-it", "habits", "sh", "-c", "tty; echo END"])
+        assert (code, shown) == (0, "/dev/pts/0\nEND\n"), shown
+    finally:
+        assert cli(root, "rm", "-f", "habits").returncode == 0
+    assert _torn_down(root)
 
 
 def test_command_found_but_not_executable_is_126(root: Path, tmp_path: Path) -> None:
