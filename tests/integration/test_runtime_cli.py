@@ -1106,9 +1106,13 @@ def test_exec_of_a_program_that_cannot_run_exits_127_or_126(
 #: What a process sees of its terminal, the same under runc and here: the name ``tty``
 #: prints (ttyname: found in the container's /dev/pts only if the pty is of its devpts
 #: instance), whether fd 0 is that very file, the container's /dev/pts, the size, TERM.
+#: The size is read once it is set (within 5 s): runc exec -t sets it after the process
+#: started, and a first look may see 0x0.
 TTY_REPORT = (
     't=$(tty); echo "tty $t"; [ "$(readlink /proc/self/fd/0)" = "$t" ] && echo fd0-is-it; '
-    'echo "pts $(ls /dev/pts | tr "\\n" " ")"; stty size; echo "TERM=${TERM-unset}"'
+    'echo "pts $(ls /dev/pts | tr "\\n" " ")"; i=0; '
+    'while s=$(stty size 2>/dev/null); [ "${s:-0 0}" = "0 0" ] && [ $i -lt 50 ]; '
+    'do sleep 0.1; i=$((i+1)); done; echo "$s"; echo "TERM=${TERM-unset}"'
 )
 #: The container's init: the report, /dev/console checked against its terminal, then idle.
 TTY_INIT = (
