@@ -231,6 +231,29 @@ def _ignore_status(_status: int) -> None:
     """Reaper callback for processes whose exit status nobody needs."""
 
 
+def _read_ready(sock: socket.socket) -> tuple[bytes, int | None]:
+    """The runtime's first line (at most 8 KiB; an ``error`` line when it said nothing before
+    the socket's timeout) and the one fd it may attach (a terminal's master, close-on-exec)."""
+    line = b""
+    console: int | None = None
+    try:
+        while not line.endswith(b"\n") and len(line) < 8192:
+            chunk, fds, _flags, _addr = socket.recv_fds(
+                sock, 8192 - len(line), 1, socket.MSG_CMSG_CLOEXEC
+            )
+            for fd in fds:
+                if console is None:
+                    console = fd
+                else:
+                    _close(fd)
+            if not chunk:
+                break
+            line += chunk
+    except OSError as exc:
+        line = f"error UNSPECIFIED in-guest runtime did not report: {exc}".encode()
+    return line, console
+
+
 def _ready_pid(line: str) -> int | None:
     """The pid of a ``ready <pid>`` line, or None when the line is anything else."""
     parts = line.split()
@@ -377,11 +400,15 @@ class ContainerManager:
         theirs.set_inheritable(False)
         child_fds: list[int] = []
         stderr_r: int | None
+        stdin_w: int | None
+        stdout_r: int | None
         if terminal:
-            master, slave = os.openpty()  # both non-inheritable (PEP 446)
-            stdio = (slave, slave, slave)
-            child_fds = [slave]
-            stdin_w, stdout_r, stderr_r = master, os.dup(master), None
+            # The runtime allocates the pty in the container (its devpts, as runc does) and
+            # sends the master with its ready line; until then its stdio is /dev/null.
+            null = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
+            stdio = (null, null, null)
+            child_fds = [null]
+            stdin_w, stdout_r, stderr_r = None, None, None
         else:
             in_r, stdin_w = _set_cloexec_pipe()
             stdout_r, out_w = _set_cloexec_pipe(_OUTPUT_PIPE_BYTES)
@@ -412,18 +439,19 @@ class ContainerManager:
             _close(payload_fd)
             theirs.close()
         ours.settimeout(READY_TIMEOUT)
-        line = b""
-        try:
-            while not line.endswith(b"\n") and len(line) < 8192:
-                chunk = ours.recv(8192 - len(line))
-                if not chunk:
-                    break
-                line += chunk
-        except OSError as exc:
-            line = f"error UNSPECIFIED in-guest runtime did not report: {exc}".encode()
+        line, console = _read_ready(ours)
         text = line.decode(errors="replace").strip()
         pid = _ready_pid(text)
+        if pid is not None and terminal and console is None:
+            text = "error UNSPECIFIED in-guest runtime sent no terminal with its ready line"
+            pid = None
+        if pid is not None and terminal:
+            assert console is not None
+            stdin_w, stdout_r = console, os.dup(console)
+            console = None
+        _close(console)  # one nobody asked for
         if pid is not None:
+            assert stdin_w is not None and stdout_r is not None
             ours.settimeout(None)
             proc = Process(pid, terminal, stdin_w, stdout_r, None if terminal else stderr_r)
             if pid != runtime_pid:

@@ -115,13 +115,14 @@ def exec_process(
     sys.close(done_r)
     my_pid = int(sys.read(pid_r, 32).decode() or "0")
     sys.close(pid_r)
-    # 7. Own session; the pty slave as controlling terminal when process.terminal.
+    # 7. Own session; with process.terminal a pty of the container's devpts (we are in its
+    #    mount namespace and root) as fds 0-2 and controlling terminal, as runc exec -t.
     try:
         sys.setsid()
-        if process.terminal:
-            sys.set_controlling_tty(0)
     except OSError as exc:
         raise SetupError.from_os("setting up the session", exc) from exc
+    if process.terminal:
+        proc_steps.attach_terminal(sys, sync)
     # 8. rlimits, no_new_privs, seccomp, capabilities, user, umask, cwd, lookup.
     executable, env = proc_steps.finalize(sys, process, cap_last)
     # 9. Release A, then ready / start / execve.

@@ -156,12 +156,9 @@ def create_container(
     # 7. Our pid in the agent's pid namespace (getpid() says 1 in a new pid namespace).
     my_pid = int(sys.read(pid_r, 32).decode() or "0")
     sys.close(pid_r)
-    # 8. A session of our own; with a terminal, fd 0 (the pty slave) becomes our
-    #    controlling terminal, so ^C and job control reach the container.
+    # 8. A session of our own (its controlling terminal comes in step 16a).
     try:
         sys.setsid()
-        if process.terminal:
-            sys.set_controlling_tty(0)
     except OSError as exc:
         raise SetupError.from_os("setting up the session", exc) from exc
     # 9. umask 0 while building the rootfs, so the modes in the spec are the modes we get.
@@ -187,12 +184,18 @@ def create_container(
         in_userns = user_ns is not None
         for device in _devices(spec):
             rootfs.create_device(sys, root, device, bind=in_userns)
-        # 15. /dev/fd, /dev/std*, /dev/ptmx -> pts/ptmx; /dev/console when there is a pty.
+        # 15. /dev/fd, /dev/std*, /dev/ptmx -> pts/ptmx.
         rootfs.dev_symlinks(sys, root)
-        if process.terminal:
-            rootfs.bind_console(sys, root)
     # 16. Switch root. From here on every path is inside the container.
     rootfs.pivot_root(sys, root)
+    # 16a. With a terminal: a pty from the container's own /dev/ptmx on fds 0-2, our
+    #      controlling terminal (so ^C and job control reach the container), bound to
+    #      /dev/console; its master goes to the agent with ``ready``. After the user's
+    #      mounts (its devpts), before the root turns read-only: runc's order.
+    if process.terminal:
+        pty = proc_steps.attach_terminal(sys, sync)
+        if not dev_is_bind:
+            rootfs.bind_console(sys, "", pty)
     # 17. An explicit rootfsPropagation (e.g. shared) applies to the new / as well.
     if spec.rootfs_propagation is not None:
         try:

@@ -38,16 +38,27 @@ class Sync:
 
     The runtime writes exactly one line, ``ready <pid>`` or ``error <REASON> <message>``
     (REASON one of :data:`agent.oci.errors.REASONS`); after ``ready`` it reads one line and
-    runs the process only if that line is ``start``.
+    runs the process only if that line is ``start``. A process with a terminal sends its pty
+    master attached to the ``ready`` line.
     """
 
     def __init__(self, sys: Syscalls, fd: int) -> None:
         self.sys = sys
         self.fd = fd
         self.reported = False
+        #: The master of the process's pty (process.terminal), sent with ``ready``.
+        self.console: int | None = None
 
     def ready(self, pid: int) -> None:
-        self.sys.write(self.fd, f"ready {pid}\n".encode())
+        """``ready <pid>``; with a :attr:`console`, the master travels with the line
+        (SCM_RIGHTS, one fd) and our copy is closed."""
+        line = f"ready {pid}\n".encode()
+        if self.console is None:
+            self.sys.write(self.fd, line)
+        else:
+            self.sys.send_fds(self.fd, line, [self.console])
+            self.sys.close(self.console)
+            self.console = None
         self.reported = True
 
     def error(self, message: str, reason: str = UNSPECIFIED) -> None:
@@ -190,6 +201,27 @@ def _load_seccomp(sys: Syscalls, proc: Process) -> None:
         sys.seccomp_load(proc.seccomp.program, proc.seccomp.flags)
     except OSError as exc:
         raise SetupError.from_os("seccomp: loading the filter", exc) from exc
+
+
+def attach_terminal(sys: Syscalls, sync: Sync) -> str:
+    """Give the process a pty of the container's own, as runc does: a new pty from the
+    ``/dev/ptmx`` of the mount namespace we are in (the container's devpts instance), its
+    peer on fds 0-2 and our controlling terminal (we must lead a session already), its
+    master kept in ``sync`` for the ``ready`` line. Returns the peer's path (``/dev/pts/N``,
+    for /dev/console). SetupError on failure."""
+    try:
+        master, peer, path = sys.open_pty()
+    except OSError as exc:
+        raise SetupError.from_os("allocating the terminal", exc) from exc
+    sync.console = master
+    try:
+        for target in (0, 1, 2):
+            sys.dup2(peer, target)
+        sys.close(peer)
+        sys.set_controlling_tty(0)
+    except OSError as exc:
+        raise SetupError.from_os("setting up the terminal", exc) from exc
+    return path
 
 
 def run_after_start(

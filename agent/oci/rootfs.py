@@ -289,14 +289,14 @@ def dev_symlinks(sys: Syscalls, root: str) -> None:
         raise SetupError.from_os("creating /dev links", exc) from exc
 
 
-def bind_console(sys: Syscalls, root: str) -> None:
-    """Bind the pty on fd 0 (the agent's pty slave) to /dev/console, as runc does."""
+def bind_console(sys: Syscalls, root: str, pty: str) -> None:
+    """Bind the process's pty (``pty``, its path in our mount namespace: /dev/pts/N of the
+    container's devpts) to ``root``/dev/console, as runc does."""
     try:
-        slave = sys.readlink("/proc/self/fd/0")
         target = root + "/dev/console"
         if sys.kind(target, follow=True) is None:
             sys.create_file(target, 0o600)
-        sys.mount(slave, target, None, linux.MS_BIND, None)
+        sys.mount(pty, target, None, linux.MS_BIND, None)
     except OSError as exc:
         raise SetupError.from_os("binding the terminal to /dev/console", exc) from exc
 

@@ -105,6 +105,10 @@ PR_CAP_AMBIENT = 47
 PR_CAP_AMBIENT_RAISE = 2
 PR_CAP_AMBIENT_CLEAR_ALL = 4
 TIOCSCTTY = 0x540E
+#: ioctls of a pty master (asm-generic/ioctls.h): its number, unlock, open the peer.
+TIOCGPTN = 0x80045430
+TIOCSPTLCK = 0x40045431
+TIOCGPTPEER = 0x5441
 _LINUX_CAPABILITY_VERSION_3 = 0x20080522
 _SECCOMP_SET_MODE_FILTER = 1
 _CLOSE_RANGE_CLOEXEC = 1 << 2
@@ -267,6 +271,20 @@ class Syscalls(abc.ABC):
 
     @abc.abstractmethod
     def set_controlling_tty(self, fd: int) -> None: ...
+
+    @abc.abstractmethod
+    def open_pty(self) -> tuple[int, int, str]:
+        """A new pty from ``/dev/ptmx`` as this process resolves it (the container's devpts
+        instance once inside its mount namespace): ``(master, peer, peer's path)``, both fds
+        close-on-exec and opened O_NOCTTY, the path ``/dev/pts/N``. OSError on failure."""
+
+    @abc.abstractmethod
+    def dup2(self, fd: int, target: int) -> None:
+        """``target`` becomes a copy of ``fd``, inherited across execve."""
+
+    @abc.abstractmethod
+    def send_fds(self, sock: int, data: bytes, fds: list[int]) -> None:
+        """Send ``data`` with ``fds`` attached (SCM_RIGHTS) on the Unix socket ``sock``."""
 
     # -- credentials ----------------------------------------------------------------------
     @abc.abstractmethod
@@ -554,6 +572,34 @@ class LinuxSyscalls(Syscalls):
             os.setsid()
         except OSError as exc:
             raise self._wrap(exc, "setsid") from exc
+
+    def open_pty(self) -> tuple[int, int, str]:
+        import fcntl
+        import struct
+
+        try:
+            master = os.open("/dev/ptmx", os.O_RDWR | os.O_NOCTTY | os.O_CLOEXEC)
+        except OSError as exc:
+            raise self._wrap(exc, "open /dev/ptmx") from exc
+        try:
+            fcntl.ioctl(master, TIOCSPTLCK, struct.pack("i", 0))  # unlockpt
+            number = struct.unpack("I", fcntl.ioctl(master, TIOCGPTN, b"\0" * 4))[0]
+            # The peer through the master, not by path: no name lookup to race with.
+            peer = fcntl.ioctl(master, TIOCGPTPEER, os.O_RDWR | os.O_NOCTTY | os.O_CLOEXEC)
+        except OSError as exc:
+            os.close(master)
+            raise self._wrap(exc, "allocating a pty from /dev/ptmx") from exc
+        return master, peer, f"/dev/pts/{number}"
+
+    def dup2(self, fd: int, target: int) -> None:
+        os.dup2(fd, target, inheritable=True)
+
+    def send_fds(self, sock: int, data: bytes, fds: list[int]) -> None:
+        import array
+        import socket
+
+        with socket.socket(fileno=os.dup(sock)) as conn:
+            conn.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))])
 
     def set_controlling_tty(self, fd: int) -> None:
         if self._libc.ioctl(fd, ctypes.c_ulong(TIOCSCTTY), 0) == 0:
@@ -907,6 +953,17 @@ class RecordingSyscalls(Syscalls):
 
     def set_controlling_tty(self, fd: int) -> None:
         self._record("set_controlling_tty", fd)
+
+    def open_pty(self) -> tuple[int, int, str]:
+        master, peer = self._fd(), self._fd()
+        self._record("open_pty", master, peer)
+        return master, peer, "/dev/pts/3"
+
+    def dup2(self, fd: int, target: int) -> None:
+        self._record("dup2", fd, target)
+
+    def send_fds(self, sock: int, data: bytes, fds: list[int]) -> None:
+        self._record("send_fds", sock, data, list(fds))
 
     def setgroups(self, gids: list[int]) -> None:
         self._record("setgroups", list(gids))

@@ -192,6 +192,11 @@ def _lifecycle_verbs(verbs: Any, only: str | None = None) -> None:
         exec_.add_argument("--detach", "-d", action="store_true")
         exec_.add_argument("--pid-file", type=Path)
         exec_.add_argument("--tty", "-t", action="store_true")
+        # docker exec's -i (keep stdin open): stdin is always relayed here, as by runc exec,
+        # so it is accepted for docker's habit (exec -it) and changes nothing.
+        exec_.add_argument(
+            "--interactive", "-i", action="store_true", help="accepted; stdin is always open"
+        )
         exec_.add_argument("--console-socket", type=Path)
         exec_.add_argument("--env", "-e", action="append", default=[])
         exec_.add_argument("--cwd")

@@ -316,6 +316,7 @@ class Pod:
         locks: LockMode | None = None,
         cgroup: tuple[cgroups.Request, cgroups.Placement] | None = None,
         cached_files: bool = False,
+        owner: ProcessHandle | None = None,
     ) -> Pod:
         """Boot a new pod VM and return once its agent is healthy and the share mounted.
 
@@ -336,6 +337,7 @@ class Pod:
         whose shares nothing but the guest changes (an image of the store, no host volume),
         since a host change is then seen only when the guest revalidates the file's
         attributes, up to 1 s later (docs/file-semantics.md, "Cached shares").
+        ``owner`` is recorded from the first save on (:attr:`PodRecord.owner`).
 
         Raises StateError if the pod exists, ConfigError for a missing or invalid guest image
         or bad settings, AgentError/AgentTimeout if the agent is not reached (the error names
@@ -377,6 +379,7 @@ class Pod:
                 privileged_files=privileged_files,
                 remote_locks=remote_locks,
                 cached_files=cached_files,
+                owner=owner,
             ),
         )
         state.ensure_dir(root / "p")

@@ -19,9 +19,9 @@ retried after a crash, ``broken -> stopping`` one retried after a failure (``del
 
 The JSON keys are those the first version wrote (``id``, ``status``, ``created``,
 ``accel``, ``memory_mib``, ``image``, ``processes``, ``network``, ``boot``,
-``containers``; later ``privileged_files``, ``remote_locks``, ``cached_files``), so a
-pod.json written by it reads unchanged; a status this version does not know reads as
-``broken`` (only a teardown is allowed), and keys it does not know are kept as read
+``containers``; later ``privileged_files``, ``remote_locks``, ``cached_files``,
+``owner``), so a pod.json written by it reads unchanged; a status this version does not know
+reads as ``broken`` (only a teardown is allowed), and keys it does not know are kept as read
 (:attr:`PodRecord.extra`).
 """
 
@@ -98,6 +98,10 @@ class PodRecord:
     cached_files: bool = False
     #: The pod's host cgroup (:meth:`sandbox.pod.host_cgroup.Placement.to_json`), or None.
     host_cgroup: dict[str, Any] | None = None
+    #: The process whose end ends the pod (a foreground ``run``, a ``run -d`` until it has
+    #: handed the run over to its monitor): its watcher tears the pod down once it is gone
+    #: (:mod:`sandbox.run.owner_watch`). None: the pod lives until stopped.
+    owner: ProcessHandle | None = None
     #: Keys of the file this version does not know, written back unchanged.
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -143,6 +147,8 @@ class PodRecord:
             data["network"] = self.network
         if self.host_cgroup is not None:
             data["host_cgroup"] = self.host_cgroup
+        if self.owner is not None:
+            data["owner"] = self.owner.to_json()
         if self.boot is not None:
             data["boot"] = self.boot.value
         return data
@@ -214,6 +220,7 @@ class PodRecord:
         host_cgroup = data.pop("host_cgroup", None)
         if host_cgroup is not None and not isinstance(host_cgroup, dict):
             raise corrupt("host_cgroup is not an object")
+        owner = ProcessHandle.from_json(data.pop("owner", None))
         return cls(
             id=pod_id,
             status=status,
@@ -229,6 +236,7 @@ class PodRecord:
             remote_locks=remote_locks,
             cached_files=cached_files,
             host_cgroup=host_cgroup,
+            owner=owner,
             extra=data,
         )
 

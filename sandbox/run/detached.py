@@ -15,8 +15,10 @@ run then) it powers the VM off and unmounts everything
 (:func:`sandbox.run.monitor.release_after_shim`), keeping the record, the log and the exit
 status until ``rm`` (or removing all of it for ``--rm``). It acts only on a run whose start
 completed (the ``monitored`` file, written after ``start``); a run that failed to start is
-removed by ``run`` itself. ``stop`` and ``rm`` do the same work themselves, so nothing
-depends on the monitor being alive; a per-run lock keeps them from racing with it.
+removed by ``run`` itself, and one whose ``run -d`` was killed before by the watcher of that
+process (:func:`sandbox.run.launch.watch_owner`). ``stop`` and ``rm`` do the same work
+themselves, so nothing depends on the monitor being alive; a per-run lock keeps them from
+racing with it.
 
 Files under ``<root>/<name>/``: ``state.json`` (the runtime record, with a ``run`` entry:
 image, command, flags), ``config.json`` (the spec, so ``exec`` works too), ``run.log``,
@@ -44,7 +46,7 @@ from sandbox.image import pull as image_pull
 from sandbox.image import store as images
 from sandbox.pod import host_cgroup
 from sandbox.pod.sharing import HeldSources, unshare_container_files
-from sandbox.run.launch import boot_pod, create_in_pod
+from sandbox.run.launch import boot_pod, create_in_pod, watch_owner
 from sandbox.run.monitor import MONITORED, load_run, release, run_lock, wait_shim
 from sandbox.run.spec import build_spec, check_options, parse_size
 from sandbox.runtime import control, delete, kill, shim, start
@@ -104,7 +106,11 @@ def _create(
     )
     try:
         state.write_json_atomic(record.dir / "config.json", spec)
-        pod = boot_pod(root, name, args, spec, image)
+        try:
+            owner = watch_owner(root, name, name)
+        except OSError as exc:
+            raise RunError(f"cannot start the watcher of this run: {exc.strerror}") from None
+        pod = boot_pod(root, name, args, spec, image, owner)
     except BaseException:
         # No VM of ours exists: the pod id may even be another run's, so no delete.delete.
         shutil.rmtree(record.dir, ignore_errors=True)
@@ -113,7 +119,9 @@ def _create(
         pod.record.containers = [name]
         pod.save()
         try:
-            record.data["guest_pid"] = create_in_pod(pod, name, spec, image, held)
+            record.data["guest_pid"] = create_in_pod(
+                pod, name, spec, image, held, workdir_option=bool(args.workdir)
+            )
         except BaseException:
             unshare_container_files(pod, name)
             raise
@@ -181,17 +189,41 @@ def stop(root: Path, name: str, seconds: float = DEFAULT_STOP_SECONDS) -> None:
 
 def remove(root: Path, name: str, force: bool = False) -> None:
     """docker's rm: remove a stopped run (with ``force``, a running one: killed first) and
-    everything it has: VM, mounts, record, log."""
+    everything it has: VM, mounts, record, log. With ``force``, also the pod a foreground
+    run of that name left behind when its process and that process's watcher were both
+    killed (:func:`_remove_orphan_pod`)."""
     with run_lock(root, name) as lock:
         try:
             record = load_run(root, name)
         except (NotFoundError, ConfigError):
             lock.discard()  # no run (or no valid name): no lock file left for it either
+            if force and _remove_orphan_pod(root, name):
+                return
             raise
         if not force and record.status is not Status.STOPPED:
             raise StateError(f"run {name} is {record.status}: stop it first or use rm -f")
         delete.delete(root, name, force=True)
         lock.discard()
+
+
+def _remove_orphan_pod(root: Path, name: str) -> bool:
+    """Stop pod ``name`` if it belongs to a run whose process is gone (its recorded owner,
+    :attr:`sandbox.pod.record.PodRecord.owner`) and has no container record of that name;
+    whether it did. Pods of live runs and of runtime containers are left alone."""
+    from sandbox.pod.lifecycle import Pod
+    from sandbox.run.launch import CONTAINER_ID
+
+    try:
+        pod = Pod.load(root, name)
+    except (NotFoundError, ConfigError, StateError):
+        return False
+    owner = pod.record.owner
+    if owner is None or owner.alive() or (root / name / "state.json").exists():
+        return False
+    with contextlib.suppress(SandboxError):
+        unshare_container_files(pod, CONTAINER_ID)
+    pod.stop()
+    return True
 
 
 def list_runs(root: Path, all_runs: bool) -> list[dict[str, Any]]:

@@ -20,15 +20,14 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from sandbox import IMPORT_ROOT
-from sandbox.errors import EXIT_TIMEOUT, AgentError, SandboxError
+from sandbox.errors import EXIT_TIMEOUT, AgentError, RunError, SandboxError
 from sandbox.image import pull as image_pull
 from sandbox.image import store as images
 from sandbox.pod.agent_client import ContainerClient
 from sandbox.pod.lifecycle import Pod
 from sandbox.pod.sharing import HeldSources, unshare_container_files
 from sandbox.pod.stdio import StdioRelay
-from sandbox.run.launch import CONTAINER_ID, boot_pod, create_with
+from sandbox.run.launch import CONTAINER_ID, boot_pod, create_with, watch_owner
 from sandbox.run.spec import build_spec, check_options
 from sandbox.signal_forward import forwarding
 
@@ -50,18 +49,33 @@ def run(args: argparse.Namespace, root: Path) -> int:
     """Run one container in a fresh VM; return its exit status.
 
     (``-d`` runs are :func:`sandbox.run.detached.run_detached`.)
+
+    The VM goes when this process does, however it ends: a watcher of ours, started before
+    the boot (:func:`sandbox.run.launch.watch_owner`), tears the pod down once we are gone.
+    On a normal end we only mark the pod ``stopping`` (a run of the same name waits for it)
+    and exit with the container's status: the watcher asks the agent to power the guest off
+    (it syncs its file systems first: what the container wrote to volumes is on the host),
+    waits for QEMU and removes everything the run started, off the command's path
+    (:mod:`sandbox.run.teardown`).
     """
     check_options(args)
     image = image_pull.resolve_image(args)
     with HeldSources() as held:  # the sources as checked, until they are shared
         spec = build_spec(args, image, held)
-        pod = boot_pod(root, args.name or f"run-{secrets.token_hex(6)}", args, spec, image)
+        pod_id = args.name or f"run-{secrets.token_hex(6)}"
+        try:
+            owner = watch_owner(root, pod_id, CONTAINER_ID)
+        except OSError as exc:
+            raise RunError(f"cannot start the watcher of this run: {exc.strerror}") from None
+        pod = boot_pod(root, pod_id, args, spec, image, owner)
         try:
             status = _run_in_pod(args, pod, spec, image, held)
         except BaseException:
             _teardown(pod)
             raise
-    _teardown_in_background(pod)
+    pod.mark_stopping()
+    sys.stdout.flush()
+    sys.stderr.flush()
     return status
 
 
@@ -69,65 +83,6 @@ def _teardown(pod: Pod) -> None:
     with contextlib.suppress(SandboxError):
         unshare_container_files(pod, CONTAINER_ID)
     pod.stop()
-
-
-def _teardown_in_background(pod: Pod) -> None:
-    """Tear the run's VM down after this process has exited with the container's status.
-
-    The pod is marked ``stopping`` here (a run of the same name waits for it), then a forked
-    child of ours, in a session of its own (Ctrl-C, a closed terminal and our exit do not
-    reach it), in ``/`` and with stdio on /dev/null (a pipe reading our output sees EOF when
-    we exit), execs :mod:`sandbox.run.teardown`: it tells the agent to power the guest off
-    (the guest syncs its file systems first, so what the container wrote to volumes is on
-    the host), waits for QEMU to exit and removes everything the run started
-    (:meth:`Pod.destroy`). A fresh interpreter: gRPC is not fork-safe. If the fork fails the
-    teardown happens here; if the exec fails the child stops the VM without the agent.
-    """
-    stopping = pod.mark_stopping()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    blocked = signal.pthread_sigmask(
-        signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
-    )
-    try:
-        try:
-            child = os.fork()
-        except OSError:
-            if stopping:
-                pod.request_power_off()
-            _finish_teardown(pod)
-            return
-        if child == 0:
-            try:
-                os.setsid()
-                os.chdir("/")
-                for signum in (signal.SIGINT, signal.SIGHUP):
-                    signal.signal(signum, signal.SIG_IGN)  # kept across the exec
-                signal.signal(signal.SIGTERM, signal.SIG_DFL)
-                devnull = os.open(os.devnull, os.O_RDWR)
-                for fd in (0, 1, 2):
-                    os.dup2(devnull, fd)
-                signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
-                with contextlib.suppress(OSError):
-                    argv = [sys.executable, "-m", "sandbox.run.teardown"]
-                    os.execve(
-                        sys.executable,
-                        [*argv, str(pod.root), pod.id, CONTAINER_ID],
-                        {**os.environ, "PYTHONPATH": IMPORT_ROOT},
-                    )
-                _finish_teardown(pod, 0.0)  # no interpreter to exec: QEMU is stopped hard
-            finally:
-                os._exit(0)
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
-
-
-def _finish_teardown(pod: Pod, timeout: float = 10.0) -> None:
-    """Unshare the container's files, wait up to ``timeout`` seconds for QEMU to exit
-    (after a power-off request), then remove everything. No gRPC."""
-    with contextlib.suppress(SandboxError):
-        unshare_container_files(pod, CONTAINER_ID)
-    pod.finish_stop(timeout)
 
 
 def _run_in_pod(
@@ -141,7 +96,16 @@ def _run_in_pod(
         # Without -i nothing is relayed to stdin: create, start and EOF on stdin are one call
         # (the output waits in the guest's pipes until the relay reads it).
         one_call = not args.interactive
-        create_with(client, pod, CONTAINER_ID, spec, image, held, start=one_call)
+        create_with(
+            client,
+            pod,
+            CONTAINER_ID,
+            spec,
+            image,
+            held,
+            start=one_call,
+            workdir_option=bool(args.workdir),
+        )
         stdin = sys.stdin.fileno() if args.interactive else None
         relay = StdioRelay(
             client, CONTAINER_ID, "", stdin, sys.stdout.fileno(), sys.stderr.fileno(), args.tty

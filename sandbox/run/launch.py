@@ -9,10 +9,12 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
 import time
 from pathlib import Path
 from typing import Any
 
+from hypervisor.process import ProcessHandle
 from sandbox.errors import EXIT_RUNTIME, AgentError, CommandError, RunError, SandboxError
 from sandbox.image import store as images
 from sandbox.pod import host_cgroup
@@ -34,14 +36,15 @@ def boot_pod(
     args: argparse.Namespace,
     spec: dict[str, Any],
     image: images.Image,
+    owner: ProcessHandle | None = None,
 ) -> Pod:
     """Boot the VM of a run: memory sized for the spec's limit, the run's network and
     hostname, files powerless on the host unless ``--privileged-files``; its host cgroup is
     the spec's ``linux.cgroupsPath`` or, as runc's default, the pod id below this process's
     cgroup, limited to the container's limits plus the VM's overhead. The guest keeps file
     data cached across opens when only the guest can change what it shares: an image of
-    the store and no host volume (:func:`cacheable`). On failure nothing is left running
-    (Pod.boot's contract)."""
+    the store and no host volume (:func:`cacheable`). ``owner`` is recorded (see
+    :func:`watch_owner`). On failure nothing is left running (Pod.boot's contract)."""
     memory = spec["linux"]["resources"].get("memory")
     _wait_for_teardown(root, pod_id)
     req = host_cgroup.request(
@@ -58,6 +61,7 @@ def boot_pod(
         privileged_files=args.privileged_files,
         cgroup=(req, placement),
         cached_files=cacheable(spec, image),
+        owner=owner,
     )
 
 
@@ -67,6 +71,35 @@ def cacheable(spec: dict[str, Any], image: images.Image) -> bool:
     binds a host path (``-v``). The image is shared read-only and the container writes to
     an overlay in guest memory."""
     return image.stored and not any(is_bind(m) for m in spec.get("mounts") or ())
+
+
+def watch_owner(root: Path, pod_id: str, container_id: str) -> ProcessHandle:
+    """Start the watcher of this process (:mod:`sandbox.run.owner_watch`): once we are gone,
+    however we end, pod ``pod_id`` goes too while we are its recorded owner, and a detached
+    run ``container_id`` we had not handed over is removed. Returns our handle, the owner to
+    record (:func:`boot_pod`). OSError if the watcher cannot be started."""
+    import subprocess
+    import sys
+
+    from sandbox import IMPORT_ROOT
+
+    owner = ProcessHandle.of(os.getpid())
+    pidfd = os.pidfd_open(owner.pid)
+    argv = [sys.executable, "-S", "-m", "sandbox.run.owner_watch", str(pidfd), str(root)]
+    try:
+        subprocess.Popen(
+            [*argv, pod_id, container_id, f"{owner.pid}:{owner.start}"],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            pass_fds=(pidfd,),
+            start_new_session=True,
+            cwd="/",
+            env={**os.environ, "PYTHONPATH": IMPORT_ROOT},
+        ).returncode = 0  # never waited for (silences Popen.__del__); its subreaper reaps it
+    finally:
+        os.close(pidfd)
+    return owner
 
 
 def default_cgroup(root: Path, pod_id: str) -> str:
@@ -98,6 +131,7 @@ def create_in_pod(
     spec: dict[str, Any],
     image: images.Image,
     held: HeldSources,
+    workdir_option: bool = False,
 ) -> int:
     """Share the image read-only and create the container in the guest on an overlay whose
     upper layer is guest memory; return its guest pid. (With ``--read-only`` the agent makes
@@ -110,7 +144,9 @@ def create_in_pod(
     the share on failure (``unshare_container_files``).
     """
     with pod.client() as client:
-        return create_with(client, pod, container_id, spec, image, held)
+        return create_with(
+            client, pod, container_id, spec, image, held, workdir_option=workdir_option
+        )
 
 
 def create_with(
@@ -122,11 +158,14 @@ def create_with(
     held: HeldSources,
     *,
     start: bool = False,
+    workdir_option: bool = False,
 ) -> int:
     """:func:`create_in_pod` through ``client``. With ``start`` the container is also
     started and its stdin closed in the same call when the agent can (protocol 1.8), else
     with StartContainer and CloseStdin after it (stdin: the foreground run of a
-    non-interactive ``pysandbox run``; a terminal gets its ^D). Errors as create_in_pod's."""
+    non-interactive ``pysandbox run``; a terminal gets its ^D). Errors as create_in_pod's;
+    a working directory that cannot be entered is named as the user gave it
+    (``workdir_option``: by ``-w``, else by the image)."""
     guest_rootfs, guest_spec = share_container_files(
         pod, container_id, spec, image.rootfs.parent, rootfs_readonly=True, held=held
     )
@@ -139,6 +178,16 @@ def create_with(
     except CommandError as exc:
         raise RunError(exc.detail, exc.exit_code) from exc
     except AgentError as exc:
+        cwd = str(spec["process"]["cwd"])
+        prefix = f"chdir to cwd ({cwd}) set in config.json: "  # agent/oci/process.py's words
+        if exc.detail.startswith(prefix):
+            reason = exc.detail.removeprefix(prefix).rpartition(": ")[2]
+            given = f"-w {cwd}" if workdir_option else f"the image's working directory {cwd}"
+            raise RunError(
+                f"{given}: cannot enter it in the container ({reason}); give a directory "
+                "that exists in the image or a volume",
+                EXIT_RUNTIME,
+            ) from exc
         raise RunError(exc.detail, EXIT_RUNTIME) from exc
     terminal = bool((spec.get("process") or {}).get("terminal"))
     if not started:  # an agent before protocol 1.8

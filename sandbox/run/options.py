@@ -30,7 +30,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="with -d: the most the run's log keeps (default 64m); later output is dropped",
     )
     parser.add_argument("--cpus", type=float, default=None, help="CPU limit, e.g. 0.5")
-    parser.add_argument("--pids-limit", type=int, default=1024)
+    parser.add_argument(
+        "--pids-limit", type=int, default=1024, help="process limit (default 1024; -1: unlimited)"
+    )
     parser.add_argument("--timeout", type=float, default=None, help="kill after N seconds")
     parser.add_argument("--name", default=None)
     parser.add_argument("--read-only", action="store_true", help="read-only root filesystem")

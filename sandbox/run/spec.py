@@ -26,7 +26,7 @@ from sandbox.run.default_spec import default_spec
 if TYPE_CHECKING:
     from sandbox.pod.sharing import HeldSources
 
-_SIZE_RE = re.compile(r"^(\d+)([bkmg]?)$", re.IGNORECASE)
+_SIZE_RE = re.compile(r"^(\d+(?:\.\d+)?)([kmg]?)(?:i?b)?$", re.IGNORECASE)
 _ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 #: A run's VM memory beyond the container's limit (guest kernel, agent, runtime), MiB.
@@ -56,8 +56,15 @@ def check_options(args: argparse.Namespace) -> None:
     if args.cpus is not None and not MIN_CPUS <= args.cpus <= 64:
         # cpu.max's quota is at least 1 ms per 100 ms period (the kernel refuses less).
         raise RunError(f"invalid --cpus {args.cpus:g}: must be in [{MIN_CPUS:g}, 64]")
-    if args.pids_limit <= 0:
-        raise RunError(f"invalid --pids-limit {args.pids_limit}: must be positive")
+    if args.pids_limit < -1:
+        raise RunError(f"invalid --pids-limit {args.pids_limit}: a number, or -1 for unlimited")
+    if args.pids_limit == 1:
+        # The in-guest runtime forks the process inside the container's cgroup: for a moment
+        # both count (agent/oci/init.py, step 6), so the kernel refuses that fork at 1.
+        raise RunError(
+            "invalid --pids-limit 1: too low to start the process (starting it takes 2 for a "
+            "moment): use at least 2, or -1 for unlimited"
+        )
     if args.timeout is not None and not 0 < args.timeout < float("inf"):
         raise RunError(f"invalid --timeout {args.timeout:g}: must be a positive number of seconds")
 
@@ -105,12 +112,18 @@ def _check_memory(text: str) -> None:
 
 
 def parse_size(text: str) -> int:
-    """Bytes of a docker-style size ('256m', '1g', '1048576')."""
+    """Bytes of a docker-style size ('256m', '1.5g', '1048576', '512mb', '2GiB'): a number,
+    fractions allowed, with an optional unit k, m or g (powers of 1024), each optionally
+    followed by b or ib, or b alone for bytes; rounded down to whole bytes."""
+    from decimal import Decimal
+
     match = _SIZE_RE.match(text.strip())
     if not match:
-        raise RunError(f"invalid size {text!r}: use a number with an optional b, k, m or g")
-    scale = {"": 1, "b": 1, "k": 1024, "m": 1024**2, "g": 1024**3}[match.group(2).lower()]
-    return int(match.group(1)) * scale
+        raise RunError(
+            f"invalid size {text!r}: use a number (e.g. 1.5) with an optional b, k, m or g"
+        )
+    scale = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3}[match.group(2).lower()]
+    return int(Decimal(match.group(1)) * scale)
 
 
 def _env(args: argparse.Namespace, base: list[str]) -> list[str]:
@@ -207,7 +220,10 @@ def build_spec(args: argparse.Namespace, image: images.Image, held: HeldSources)
         resources["memory"] = {"limit": parse_size(args.memory)}
     if args.cpus is not None:
         resources["cpu"] = {"period": 100000, "quota": int(args.cpus * 100000)}
-    resources["pids"] = {"limit": args.pids_limit}
+    if args.pids_limit > 0:  # docker's 0 and -1: unlimited
+        resources["pids"] = {"limit": args.pids_limit}
+    else:
+        resources.pop("pids", None)
     if args.network == "user":
         # Share the guest's root network namespace, where the agent configures the NIC.
         linux = spec["linux"]

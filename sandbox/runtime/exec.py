@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from sandbox.errors import ConfigError, StateError
+from sandbox.errors import CommandError, ConfigError, StateError
 from sandbox.runtime.bundle import guest_document, read_config
 from sandbox.runtime.record import ContainerRecord
 
@@ -23,8 +23,9 @@ def process_for(
 ) -> dict[str, Any]:
     """The OCI ``process`` for ``runc exec``: ``--process FILE`` as given, or ``command``
     with the container's env, cwd, user, capabilities, noNewPrivileges and rlimits, then
-    ``--env``/``--cwd``/``--user UID[:GID]``/``--tty``. NotFoundError for an unknown id
-    (checked first, as runc), ConfigError for unusable input.
+    ``--env``/``--cwd``/``--user UID[:GID]``/``--tty`` (with ``--tty`` in a container of
+    ``pysandbox run``, TERM=xterm when the env has no TERM, as docker exec -t). NotFoundError
+    for an unknown id (checked first, as runc), ConfigError for unusable input.
     """
     from ocispec.document import MAX_DOCUMENT_BYTES, decode
     from ocispec.errors import SpecError
@@ -55,6 +56,14 @@ def process_for(
         process["args"] = command
         process["terminal"] = tty
         process["env"] = [*process.get("env", []), *env]
+        if (
+            tty
+            and "run" in record.data
+            and not any(str(entry).startswith("TERM=") for entry in process["env"])
+        ):
+            # A container of ``pysandbox run`` gets docker's ``exec -t`` habit (and what
+            # ``run -t`` gives): TERM=xterm unless set. runc exec invents no TERM.
+            process["env"].append("TERM=xterm")
         if cwd:
             process["cwd"] = cwd
         if user:
@@ -79,7 +88,8 @@ def exec_process(
     0. Attached: relay stdio here and return the process's exit status (this process is then
     the exec's host stand-in, listed by ``ps --format json``; the pod's agent proxy does the
     calls: :mod:`sandbox.runtime.exec_attach`, no gRPC here). ``process`` is validated here
-    first (:func:`ocispec.spec.parse_process`), as the guest will."""
+    first (:func:`ocispec.spec.parse_process`), as the guest will. A program that cannot be
+    run is a CommandError (127 or 126) whose message is the guest runtime's reason only."""
     from ocispec.errors import SpecError
     from ocispec.spec import parse_process
 
@@ -94,11 +104,18 @@ def exec_process(
         raise ConfigError("exec with a terminal needs --console-socket")
     exec_id = f"exec-{os.urandom(8).hex()}"  # not secrets: its import costs 3-5 ms here
     document = guest_document(process, "process")
-    if not detach:
-        from sandbox.runtime import exec_attach
+    try:
+        if not detach:
+            from sandbox.runtime import exec_attach
 
-        return exec_attach.run(root, record.pod_id, container_id, exec_id, document, terminal)
-    return _detached(root, record, exec_id, document, terminal, pid_file, console_socket)
+            return exec_attach.run(root, record.pod_id, container_id, exec_id, document, terminal)
+        return _detached(root, record, exec_id, document, terminal, pid_file, console_socket)
+    except CommandError as exc:
+        # The program cannot be run: the reason alone, in runc's and docker's words
+        # (exec: "x": executable file not found in $PATH), not which RPC carried it.
+        raise CommandError(
+            exc.detail, reason=exc.reason, rpc=exc.rpc, code=exc.code, exec_id=exc.exec_id
+        ) from None
 
 
 def _detached(

@@ -26,6 +26,7 @@ import socket
 import struct
 import termios
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -67,7 +68,7 @@ def run(
     standin = shim.name_standin(root, container_id, exec_id)
     link = _Link(sock, pod)
     try:
-        with sock:
+        with sock, _raw_terminal(terminal):
             started = _start(link, container_id, exec_id, document, terminal)
             status = _exit_status(link) if started else None
     finally:
@@ -211,6 +212,27 @@ def _forward(sock: socket.socket, terminal: bool) -> None:
 
     signal.signal(signal.SIGWINCH, resize)
     resize()
+
+
+@contextlib.contextmanager
+def _raw_terminal(terminal: bool) -> Iterator[None]:
+    """With a terminal, our own terminal (the first of fds 0-2 that is one) in raw mode while
+    the process runs, restored after, as runc exec -t does: the process's terminal does the
+    echo, line editing, ^C and newline translation, not ours as well (which would echo
+    twice, hold input until Enter and turn "\r\n" into "\r\r\n")."""
+    fd = next((fd for fd in (0, 1, 2) if terminal and os.isatty(fd)), None)
+    if fd is None:
+        yield
+        return
+    import tty
+
+    saved = termios.tcgetattr(fd)
+    tty.setraw(fd, termios.TCSANOW)
+    try:
+        yield
+    finally:
+        with contextlib.suppress(termios.error):
+            termios.tcsetattr(fd, termios.TCSADRAIN, saved)
 
 
 def _exit_status(link: _Link) -> int | None:

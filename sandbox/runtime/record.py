@@ -14,6 +14,7 @@ Transitions (runc's)::
 from __future__ import annotations
 
 import enum
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -116,10 +117,19 @@ class ContainerRecord:
 
     @property
     def status(self) -> Status:
+        """The stored status, unless what it implies is gone: a container whose shim is
+        gone has stopped, and so has one still ``creating`` whose creator (the ``create``
+        or ``run`` process, recorded by :meth:`new`) is gone — it was killed half-way."""
         stored = Status(self.data.get("status", "stopped"))
         if stored in (Status.CREATED, Status.RUNNING, Status.PAUSED):
             shim = self.shim
             if shim is None or not shim.alive():
+                return Status.STOPPED
+        if stored is Status.CREATING and self.data.get("creator") is not None:
+            from hypervisor.process import ProcessHandle
+
+            creator = ProcessHandle.from_json(self.data.get("creator"))
+            if creator is None or not creator.alive():
                 return Status.STOPPED
         return stored
 
@@ -172,8 +182,11 @@ class ContainerRecord:
 
     @classmethod
     def new(cls, root: Path, container_id: str, data: dict[str, Any]) -> ContainerRecord:
-        """Reserve ``<root>/<id>``; StateError if the id is taken."""
+        """Reserve ``<root>/<id>``, ``creating`` by this process (its ``creator``); StateError
+        if the id is taken."""
         import datetime
+
+        from hypervisor.process import ProcessHandle
 
         state.validate_id(container_id)
         record = cls(
@@ -183,6 +196,7 @@ class ContainerRecord:
                 "id": container_id,
                 "status": Status.CREATING.value,
                 "created": datetime.datetime.now(datetime.UTC).isoformat(),
+                "creator": ProcessHandle.of(os.getpid()).to_json(),
                 **data,
             },
         )

@@ -22,7 +22,7 @@ import pytest
 
 from sandbox.run.launch import default_cgroup
 from tests.integration.pods import PodFactory
-from tests.processes import processes_mentioning, wait_until
+from tests.processes import alive, processes_mentioning, wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -297,6 +297,12 @@ def test_the_smallest_memory_limit_runs_a_process(root: Path) -> None:
         ),
         (["--name", "n" * 65, "default", "true"], b"it is also the hostname"),
         (["--name", "n" * 1000, "default", "true"], b"at most 200 characters"),
+        (
+            ["--pids-limit", "1", "default", "true"],
+            b"invalid --pids-limit 1: too low to start the process",
+        ),
+        (["--pids-limit", "-2", "default", "true"], b"invalid --pids-limit -2"),
+        (["--memory", "1.5x", "default", "true"], b"invalid size '1.5x'"),
     ],
 )
 def test_bad_input_one_line_error_nothing_left(
@@ -312,6 +318,53 @@ def test_bad_input_one_line_error_nothing_left(
     assert len(done.stderr.strip().splitlines()) == 1
     assert _leftovers(root) == []
     assert os.path.exists(root)
+
+
+def test_docker_habits_and_errors_a_user_can_act_on(root: Path) -> None:
+    """docker's --memory 1.5g and --pids-limit -1 (unlimited) work as in docker; a -w the
+    container lacks is named as the user gave it (not as config.json's cwd), in one line;
+    exec of a missing program says runc's reason alone, and exec -i/-it are accepted."""
+    done = run(
+        root,
+        "--memory",
+        "1.5g",
+        "--pids-limit",
+        "-1",
+        "default",
+        "cat",
+        "/sys/fs/cgroup/memory.max",
+        "/sys/fs/cgroup/pids.max",
+    )
+    assert (done.returncode, done.stdout.split()) == (0, [b"1610612736", b"max"]), done.stderr
+    missing = run(root, "-w", "/nonexist", "default", "true")
+    assert missing.returncode == 125 and missing.stdout == b""
+    assert missing.stderr == (
+        b"pysandbox: -w /nonexist: cannot enter it in the container (No such file or "
+        b"directory); give a directory that exists in the image or a volume\n"
+    )
+    assert _torn_down(root)
+    started = run(root, "-d", "--name", "habits", "default", "sleep", "1000")
+    assert started.returncode == 0, started.stderr
+    try:
+        nosuch = cli(root, "exec", "habits", "nosuch")
+        assert (nosuch.returncode, nosuch.stdout, nosuch.stderr) == (
+            127,
+            b"",
+            b'pysandbox: exec: "nosuch": executable file not found in $PATH\n',
+        )
+        piped = subprocess.run(
+            [sys.executable, "-m", "sandbox", "--root", str(root), "exec", "-i", "habits", "cat"],
+            input=b"kept open\n",
+            capture_output=True,
+            timeout=120,
+            cwd=ROOT,
+        )
+        assert (piped.returncode, piped.stdout) == (0, b"kept open\n"), piped.stderr
+        code, shown = _exec_on_a_pty(root, ["-it", "habits", "sh", "-c", "tty; echo END"])
+        assert (code, shown) == (0, "/dev/pts/0\nEND\n"), shown
+    finally:
+        assert cli(root, "rm", "-f", "habits").returncode == 0
+    assert _torn_down(root)
 
 
 def test_command_found_but_not_executable_is_126(root: Path, tmp_path: Path) -> None:
@@ -449,7 +502,7 @@ def test_tty_is_a_real_terminal_with_resize_and_ctrl_c(root: Path) -> None:
         os.close(master)
     assert os.waitstatus_to_exitcode(status) == 130, bytes(output)
     lines = bytes(output).decode(errors="replace").replace("\r", "").split("\n")
-    assert lines[0] in ("/dev/console", "/dev/pts/0"), lines  # runc's console: a terminal
+    assert lines[0] == "/dev/pts/0", lines  # runc's: the container's own pty, /dev/console too
     # The guest terminal echoes the typed line, and Ctrl-C as ^C.
     expected = ["31 97", "ready", "hello", "40 120", "got hello", "waiting", "^Cgot INT", ""]
     assert lines[1:] == expected, lines
@@ -489,6 +542,159 @@ def test_tty_without_interactive_still_takes_ctrl_c(root: Path) -> None:
     assert status == 5, bytes(output)
     assert b"got INT" in output, bytes(output)
     assert _torn_down(root)
+
+
+def _exec_on_a_pty(root: Path, args: list[str]) -> tuple[int, str]:
+    """``pysandbox exec ARGS`` from a terminal of 24x80: its exit code and what the terminal
+    showed, \\r\\n as \\n."""
+    master, slave = os.openpty()
+    _set_size(slave, 24, 80)
+    output = bytearray()
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "sandbox", "--root", str(root), "exec", *args],
+            stdin=slave,
+            stdout=slave,
+            stderr=subprocess.PIPE,
+            timeout=120,
+            cwd=ROOT,
+        )
+        _read_until(master, output, b"\nEND", timeout=10)
+    finally:
+        os.close(master)
+        os.close(slave)
+    assert done.stderr == b"", done.stderr
+    return done.returncode, bytes(output).replace(b"\r\n", b"\n").decode(errors="replace")
+
+
+def test_exec_t_into_a_detached_run_is_a_terminal_with_term(root: Path) -> None:
+    """``exec -t`` into a run started without -t: its terminal is a pty of the container's
+    /dev/pts (``tty`` names it, as under runc; it said "not a tty" when the pty was the
+    guest's), sized as the caller's, and TERM=xterm as docker exec -t sets it unless the
+    env has one; without -t no TERM is invented."""
+    started = run(root, "-d", "--name", "ttyx", "default", "sleep", "1000")
+    assert started.returncode == 0, started.stderr
+    report = (
+        't=$(tty); echo "tty $t"; [ "$(readlink /proc/self/fd/0)" = "$t" ] && echo fd0-is-it; '
+        'ls /dev/pts | tr "\\n" " "; echo; stty size; echo "TERM=${TERM-unset}"; echo END'
+    )
+    try:
+        code, shown = _exec_on_a_pty(root, ["-t", "ttyx", "sh", "-c", report])
+        assert code == 0, shown
+        assert shown.splitlines() == [
+            "tty /dev/pts/0",
+            "fd0-is-it",
+            "0 ptmx ",
+            "24 80",
+            "TERM=xterm",
+            "END",
+        ], shown
+        code, shown = _exec_on_a_pty(root, ["-t", "-e", "TERM=vt100", "ttyx", "sh", "-c", report])
+        assert code == 0 and "\nTERM=vt100\n" in shown, shown
+        plain = cli(root, "exec", "ttyx", "sh", "-c", 'tty; echo "TERM=${TERM-unset}"')
+        assert (plain.returncode, plain.stdout) == (0, b"not a tty\nTERM=unset\n"), plain
+    finally:
+        removed = cli(root, "rm", "-f", "ttyx")
+    assert removed.returncode == 0, removed.stderr
+    assert wait_until(lambda: _leftovers(root) == [] and _processes_of(root) == [], 60)
+
+
+def _start_run(root: Path, *args: str) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "sandbox", "--root", str(root), "run", *args],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        cwd=ROOT,
+    )
+
+
+def _pod_pids(root: Path) -> list[int]:
+    """The recorded QEMU, virtiofsd and agent proxy of every pod under ``root``."""
+    pids = []
+    for record in (root / "p").glob("*/pod.json"):
+        with open(record, encoding="utf-8") as handle:
+            processes = json.load(handle).get("processes", {})
+        pids += [int(ref["pid"]) for ref in processes.values()]
+    return pids
+
+
+def _owner_watchers(root: Path) -> list[int]:
+    return [int(p.split(":")[0]) for p in _processes_of(root) if "sandbox.run.owner_watch" in p]
+
+
+def _nothing_left(root: Path, cgroup: str, pids: list[int], timeout: float = 60) -> None:
+    """Within ``timeout`` s: no process, mount, pod directory or host cgroup of ``root``;
+    ``pids`` (the VM's QEMU, virtiofsd, proxy) are gone."""
+    assert wait_until(
+        lambda: _leftovers(root) == [] and _processes_of(root) == [], timeout, interval=0.2
+    ), (_leftovers(root), _processes_of(root))
+    assert not any(alive(pid) for pid in pids), [pid for pid in pids if alive(pid)]
+    assert wait_until(lambda: _cgroups_named(cgroup) == [], 10), _cgroups_named(cgroup)
+
+
+def test_a_run_killed_with_sigkill_leaves_nothing(root: Path) -> None:
+    """However a foreground run ends — SIGKILL while its VM boots, or while its container
+    runs — its VM, share, mounts and host cgroup go with it (its watcher tears them down);
+    if the watcher was killed too, ``rm -f NAME`` removes what is left. A ``run -d`` killed
+    while it boots leaves nothing either, and with its watcher killed too, ``ps`` says it
+    exited and ``stop``/``rm`` remove it."""
+    name = "killed"
+    cgroup = default_cgroup(root, name).rpartition("/")[2]
+    # 1. While the VM boots (its pod directory exists): nothing is left.
+    booting = _start_run(root, "--name", name, "default", "sleep", "1000")
+    assert wait_until(lambda: _pod_pids(root) != [], 60, interval=0.05)
+    pids = _pod_pids(root)
+    booting.kill()
+    booting.wait(30)
+    _nothing_left(root, cgroup, pids)
+    # 2. While the container runs.
+    running = _start_run(root, "--name", name, "default", "sh", "-c", "echo ready; sleep 1000")
+    assert running.stdout is not None and running.stdout.readline() == b"ready\n"
+    pids = _pod_pids(root)
+    assert len(pids) >= 3 and all(alive(pid) for pid in pids), pids
+    assert _cgroups_named(cgroup) != []
+    running.kill()
+    running.wait(30)
+    _nothing_left(root, cgroup, pids)
+    # 3. The run and its watcher both killed: the pod is left until rm -f NAME.
+    orphan = _start_run(root, "--name", name, "default", "sh", "-c", "echo ready; sleep 1000")
+    assert orphan.stdout is not None and orphan.stdout.readline() == b"ready\n"
+    pids = _pod_pids(root)
+    for pid in _owner_watchers(root):
+        os.kill(pid, signal.SIGKILL)
+    orphan.kill()
+    orphan.wait(30)
+    time.sleep(2)
+    assert all(alive(pid) for pid in pids), pids  # the VM of a run that no longer exists
+    removed = cli(root, "rm", "-f", name)
+    assert (removed.returncode, removed.stdout, removed.stderr) == (0, b"killed\n", b"")
+    _nothing_left(root, cgroup, pids, timeout=30)
+    # 4. run -d killed while its VM boots: no run, no VM.
+    detached = _start_run(root, "-d", "--name", name, "default", "sleep", "1000")
+    assert wait_until(lambda: _pod_pids(root) != [], 60, interval=0.05)
+    pids = _pod_pids(root)
+    detached.kill()
+    detached.wait(30)
+    _nothing_left(root, cgroup, pids)
+    assert name not in _runs(root) and not (root / name).exists()
+    # 5. ... and its watcher too: the run shows as exited; stop releases its VM, rm the rest.
+    detached = _start_run(root, "-d", "--name", name, "default", "sleep", "1000")
+    assert wait_until(lambda: _pod_pids(root) != [], 60, interval=0.05)
+    pids = _pod_pids(root)
+    for pid in _owner_watchers(root):
+        os.kill(pid, signal.SIGKILL)
+    detached.kill()
+    detached.wait(30)
+    assert _runs(root)[name]["status"] == "stopped", _runs(root)
+    assert b"exited" in cli(root, "ps", "-a").stdout
+    stopped = cli(root, "stop", name)
+    assert (stopped.returncode, stopped.stdout) == (0, b"killed\n"), stopped.stderr
+    assert wait_until(lambda: _pod_pids(root) == [] and _leftovers(root) == [], 30)
+    assert not any(alive(pid) for pid in pids), pids
+    assert cli(root, "rm", name).returncode == 0
+    _nothing_left(root, cgroup, pids, timeout=30)
+    assert _runs(root) == {}
 
 
 def _runs(root: Path) -> dict[str, dict[str, object]]:

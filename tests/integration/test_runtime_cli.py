@@ -1070,7 +1070,7 @@ def test_exec_of_a_program_that_cannot_run_exits_127_or_126(
         reason = _runc_reason(runc.stderr)
         done = runtime("exec", cid, *args)
         assert (done.returncode, done.stdout) == (status, ""), done.stderr
-        assert done.stderr == f"pysandbox: agent ExecProcess failed: {reason}\n"
+        assert done.stderr == f"pysandbox: {reason}\n"  # runc's reason, as docker exec says it
         # containerd's and conmon's form: --process JSON, detached, with a pid file.
         process = tmp_path / "process.json"
         process.write_text(json.dumps({"args": args, "cwd": "/", "user": {"uid": 0, "gid": 0}}))
@@ -1099,3 +1099,154 @@ def test_exec_of_a_program_that_cannot_run_exits_127_or_126(
     runtime.ok("delete", "--force", cid)
     assert init.exit_status() in (128 + signal.SIGKILL, 128 + signal.SIGTERM)
     assert_nothing_left(runtime, cid, pod_id=cid)
+
+
+# -- terminals: a pty of the container's own devpts, as runc allocates it -----------------------
+
+#: What a process sees of its terminal, the same under runc and here: the name ``tty``
+#: prints (ttyname: found in the container's /dev/pts only if the pty is of its devpts
+#: instance), whether fd 0 is that very file, the container's /dev/pts, the size, TERM.
+#: The size is read once it is set (within 5 s): runc exec -t sets it after the process
+#: started, and a first look may see 0x0.
+TTY_REPORT = (
+    't=$(tty); echo "tty $t"; [ "$(readlink /proc/self/fd/0)" = "$t" ] && echo fd0-is-it; '
+    'echo "pts $(ls /dev/pts | tr "\\n" " ")"; i=0; '
+    'while s=$(stty size 2>/dev/null); [ "${s:-0 0}" = "0 0" ] && [ $i -lt 50 ]; '
+    'do sleep 0.1; i=$((i+1)); done; echo "$s"; echo "TERM=${TERM-unset}"'
+)
+#: The container's init: the report, /dev/console checked against its terminal, then idle.
+TTY_INIT = (
+    TTY_REPORT + '; [ "$(stat -c %t:%T /dev/console)" = "$(stat -c %t:%T "$t")" ] '
+    "&& echo console-is-it; echo init-done; sleep 1000"
+)
+
+
+def _set_winsize(fd: int, rows: int, cols: int) -> None:
+    import fcntl
+    import struct
+    import termios
+
+    fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
+
+
+def _read_pty(master: int, until: bytes, timeout: float = 90.0) -> str:
+    """What ``master`` shows until ``until`` and then 0.5 s of quiet (or EOF/EIO, or
+    ``timeout``), \\r\\n as \\n and NULs dropped."""
+    seen = bytearray()
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not select.select([master], [], [], 0.5)[0]:
+            if until in seen:
+                break
+            continue
+        try:
+            chunk = os.read(master, 4096)
+        except OSError:  # EIO: every holder of the peer has closed it
+            break
+        if not chunk:
+            break
+        seen.extend(chunk)
+    return bytes(seen).replace(b"\r\n", b"\n").replace(b"\0", b"").decode(errors="replace")
+
+
+def _terminal_session(argv: list[str], base: Path, cid: str) -> tuple[str, str, str]:
+    """``argv`` is a runtime (runc, or pysandbox) with its root: create ``cid`` with a
+    terminal through a console socket (as containerd/recvtty), start it, then ``exec -t``
+    from a terminal of 30x100, in argv form (the config's env) and with a process file whose
+    env has no TERM. Returns what the init, the two execs showed."""
+    import socket
+
+    bundle = make_bundle(base, ["sh", "-c", TTY_INIT])
+    spec = json.loads((bundle / "config.json").read_text())
+    spec["process"]["terminal"] = True
+    (bundle / "config.json").write_text(json.dumps(spec))
+    process = base / f"process-{cid}.json"
+    process.write_text(
+        json.dumps(
+            {
+                "args": ["sh", "-c", TTY_REPORT],
+                "env": ["PATH=/usr/bin:/bin"],
+                "cwd": "/",
+                "user": {"uid": 0, "gid": 0},
+                "terminal": True,
+            }
+        )
+    )
+    path = base / f"console-{cid}.sock"
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(path))
+    listener.listen(1)
+    listener.settimeout(120)
+    created = subprocess.run(
+        [*argv, "create", "--bundle", str(bundle), "--console-socket", str(path), cid],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        timeout=120,
+    )
+    assert created.returncode == 0, created.stderr
+    conn, _ = listener.accept()
+    with conn:
+        _message, fds, _flags, _addr = socket.recv_fds(conn, 4096, 1)
+    listener.close()
+    assert len(fds) == 1
+    console = fds[0]
+    outputs = []
+    try:
+        _set_winsize(console, 30, 100)
+        subprocess.run([*argv, "start", cid], check=True, timeout=120)
+        outputs.append(_read_pty(console, b"init-done"))
+        for form in ([cid, "sh", "-c", TTY_REPORT], ["--process", str(process), cid]):
+            master, slave = os.openpty()
+            _set_winsize(slave, 30, 100)
+            try:
+                done = subprocess.run(
+                    [*argv, "exec", "-t", *form],
+                    stdin=slave,
+                    stdout=slave,
+                    stderr=subprocess.PIPE,
+                    timeout=120,
+                )
+                assert done.returncode == 0, done.stderr
+                outputs.append(_read_pty(master, b"TERM=", timeout=10))
+            finally:
+                os.close(master)
+                os.close(slave)
+    finally:
+        os.close(console)
+        subprocess.run([*argv, "delete", "--force", cid], capture_output=True, timeout=120)
+    return outputs[0], outputs[1], outputs[2]
+
+
+def test_a_terminal_is_a_pty_of_the_containers_devpts_as_with_runc(
+    runtime: Runtime, tmp_path: Path
+) -> None:
+    """``create --console-socket`` with process.terminal and ``exec -t``: the process's
+    terminal is a /dev/pts/N of the container's own devpts (``tty`` names it, fd 0 is it,
+    it is listed in /dev/pts), /dev/console is the init's, the caller's size is the
+    terminal's, and TERM is the process's own (none is invented): what runc shows."""
+    if shutil.which("runc") is None:
+        pytest.fail("runc is missing: run 'make deps' (Debian's containerd package brings it)")
+    ours = _terminal_session(runtime.argv(), tmp_path, "tty")
+    runc = _terminal_session(
+        ["runc", "--root", str(tmp_path / "runc-state")], tmp_path, f"tty-{os.getpid()}"
+    )
+    assert ours[0].splitlines() == [
+        "tty /dev/pts/0",
+        "fd0-is-it",
+        "pts 0 ptmx ",
+        "30 100",
+        "TERM=xterm",
+        "console-is-it",
+        "init-done",
+    ], ours[0]
+    assert ours[1].splitlines() == [
+        "tty /dev/pts/1",
+        "fd0-is-it",
+        "pts 0 1 ptmx ",
+        "30 100",
+        "TERM=xterm",  # the config's env
+    ], ours[1]
+    assert ours[2].splitlines()[-1] == "TERM=unset", ours[2]  # runc exec invents none
+    assert ours == runc, repr((ours, runc))

@@ -111,6 +111,17 @@ def test_host_cgroup_round_trips(tmp_path: Path) -> None:
     assert record.to_json() == {**FIRST_VERSION, "host_cgroup": placement}
 
 
+def test_owner_round_trips_and_a_malformed_one_is_none(tmp_path: Path) -> None:
+    owner = {"pid": 4242, "start": 123456}
+    write(tmp_path, "pod-a", {**FIRST_VERSION, "owner": owner})
+    record = pod_record.load(tmp_path, "pod-a")
+    assert record.owner == ProcessHandle(4242, 123456) and record.extra == {}
+    assert record.to_json() == {**FIRST_VERSION, "owner": owner}
+    write(tmp_path, "pod-b", {**FIRST_VERSION, "id": "pod-b", "owner": {"pid": "x"}})
+    assert pod_record.load(tmp_path, "pod-b").owner is None
+    assert "owner" not in pod_record.load(tmp_path, "pod-b").to_json()
+
+
 def test_a_booting_pod_of_the_first_version(tmp_path: Path) -> None:
     booting = {k: v for k, v in FIRST_VERSION.items() if k not in ("boot", "containers")}
     write(tmp_path, "pod-a", {**booting, "status": "booting", "processes": {}})

@@ -10,6 +10,7 @@ leaves the pod as it was).
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -296,3 +297,17 @@ def test_shared_propagation_is_a_warning(fake: FakeDrivers, root: Path, tmp_path
     )
     assert quiet == []
     delete(root, "c2", force=True)
+
+
+def test_a_record_creating_by_a_process_that_is_gone_has_stopped(tmp_path: Path) -> None:
+    """A ``create``/``run -d`` killed half-way leaves ``creating``: stopped once its creator
+    (recorded by ContainerRecord.new) is gone, not creating for ever."""
+    from sandbox.runtime.record import Status
+
+    record = ContainerRecord.new(tmp_path, "half", {"pod_id": "half"})
+    assert record.data["creator"]["pid"] == os.getpid()
+    assert ContainerRecord.load(tmp_path, "half").status is Status.CREATING  # we are alive
+    record.data["creator"] = {"pid": record.data["creator"]["pid"], "start": 1}  # not us
+    record.save()
+    assert ContainerRecord.load(tmp_path, "half").status is Status.STOPPED
+    assert ContainerRecord.load(tmp_path, "half").oci_state()["status"] == "stopped"

@@ -676,19 +676,44 @@ def test_a_cpuset_the_vm_lacks_names_the_vms_cpus() -> None:
     )
 
 
-def test_terminal_gets_a_controlling_tty_and_a_console() -> None:
+def test_terminal_is_a_pty_of_the_containers_devpts_with_a_console() -> None:
+    """As runc: the pty comes from /dev/ptmx after pivot_root (the container's devpts, not
+    the guest's), its peer becomes fds 0-2 and the controlling terminal, is bound to
+    /dev/console before the root turns read-only, and the master goes with ``ready``."""
     spec = typical_spec()
     spec["process"]["terminal"] = True
+    spec["root"]["readonly"] = True
     system = fake()
-    system.fs["/proc/self/fd/0"] = "link:/dev/pts/3"
     run_init(system, spec)
+    calls = system.calls
     names = system.names()
-    assert names[names.index("setsid") + 1] == "set_controlling_tty"
-    assert ("create_file", "/r/dev/console") in system.calls
-    assert ("mount", "/dev/pts/3", "/r/dev/console", None, "bind", "") in system.calls
-    assert system.calls.index(("mount", "/dev/pts/3", "/r/dev/console", None, "bind", "")) < (
-        names.index("pivot_root")
-    )
+    pty = names.index("open_pty")
+    _, master, peer = calls[pty]
+    assert names.index("setsid") < names.index("pivot_root") < pty
+    assert calls[pty + 1 : pty + 6] == [
+        ("dup2", peer, 0),
+        ("dup2", peer, 1),
+        ("dup2", peer, 2),
+        ("close", peer),
+        ("set_controlling_tty", 0),
+    ]
+    console = calls.index(("mount", "/dev/pts/3", "/dev/console", None, "bind", ""))
+    assert ("create_file", "/dev/console") in calls[pty:console]
+    root_ro = [i for i, c in enumerate(calls) if c[0] == "mount" and c[2] == "/"][-1]
+    assert pty < console < root_ro
+    ready = names.index("send_fds")
+    assert calls[ready : ready + 2] == [
+        ("send_fds", SYNC, b"ready 4242\n", [master]),
+        ("close", master),
+    ]
+    assert ("write", SYNC, b"ready 4242\n") not in calls
+
+
+def test_without_a_terminal_no_pty_and_a_plain_ready() -> None:
+    system = fake()
+    run_init(system, typical_spec())
+    assert "open_pty" not in system.names() and "set_controlling_tty" not in system.names()
+    assert ("write", SYNC, b"ready 4242\n") in system.calls
 
 
 def test_namespaces_given_by_path_are_joined_user_first_before_unsharing() -> None:
@@ -917,19 +942,29 @@ def test_exec_joins_the_container_in_order() -> None:
         "read",
         "close",
         "setsid",
-        "set_controlling_tty",
+        "open_pty",  # in the container's mount namespace and root: its /dev/ptmx
     ]
-    assert names[-8:] == [
+    pty = names.index("open_pty")
+    _, master, peer = calls[pty]
+    assert calls[pty + 1 : pty + 6] == [
+        ("dup2", peer, 0),
+        ("dup2", peer, 1),
+        ("dup2", peer, 2),
+        ("close", peer),
+        ("set_controlling_tty", 0),
+    ]
+    assert names[-9:] == [
         "write",  # release A
         "close",
         "cloexec_from",
-        "write",  # ready
+        "send_fds",  # ready, with the pty's master
+        "close",
         "read",  # start
         "reset_signals",
         "seccomp_load",
         "execve",
     ]
-    assert ("write", SYNC, b"ready 4243\n") in calls
+    assert ("send_fds", SYNC, b"ready 4243\n", [master]) in calls
     assert "mount" not in names and "pivot_root" not in names
 
 
