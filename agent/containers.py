@@ -150,6 +150,8 @@ class Process:
     oom_kills_before: int = 0
     #: A WaitProcess has returned its exit status.
     collected: bool = False
+    #: Output streams whose host reader is gone (CloseOutput): their readers end.
+    closed_outputs: set[str] = field(default_factory=set)
     wake: int | None = field(default_factory=lambda: os.eventfd(0, os.EFD_CLOEXEC))
     _fds_lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -779,6 +781,18 @@ class ContainerManager:
             return
         proc.release("stdin")
 
+    def close_output(self, container_id: str, exec_id: str, which: str) -> None:
+        """The host's reader of ``which`` ("stdout" or "stderr") is gone: drop the agent's
+        end of that pipe and end its reader's stream (:meth:`read_stream` checks before each
+        read), so that the process's next write fails with EPIPE and raises SIGPIPE
+        (pipe(7)) as it would writing to the closed host pipe under runc. A terminal is left
+        alone (its master carries the input too)."""
+        proc = self.process(container_id, exec_id)
+        if proc.terminal:
+            return
+        proc.closed_outputs.add(which)
+        proc.release(which)
+
     def read_stream(
         self,
         container_id: str,
@@ -828,6 +842,8 @@ class ContainerManager:
                         return  # drained; what is left belongs to other holders
                     if budget <= 0 and not events & select.POLLHUP:
                         return  # the budget is spent and other holders keep writing
+                if which in proc.closed_outputs:
+                    return  # nobody reads it on the host: the writer gets EPIPE (close_output)
                 try:
                     data = _read(fd, buffer)
                 except OSError as exc:

@@ -288,6 +288,15 @@ class AgentService(pb_grpc.AgentServicer):
             self._manager(context).close_stdin(request.container_id, request.exec_id)
         return pb.Empty()
 
+    def CloseOutput(
+        self, request: pb.CloseOutputRequest, context: grpc.ServicerContext
+    ) -> pb.Empty:
+        with _container_errors(context):
+            self._manager(context).close_output(
+                request.container_id, request.exec_id, "stderr" if request.stderr else "stdout"
+            )
+        return pb.Empty()
+
     def _stream(
         self, request: pb.ProcessRef, context: grpc.ServicerContext, which: str
     ) -> Iterator[pb.Chunk]:

@@ -483,6 +483,21 @@ class ContainerClient(AgentClient):
         """CloseStdin: EOF on the process's stdin (^D on a terminal)."""
         self._call("CloseStdin", pb.ProcessRef(container_id=container_id, exec_id=exec_id))
 
+    def close_output(self, container_id: str, exec_id: str, which: str) -> bool:
+        """CloseOutput: nobody reads the process's ``which`` ("stdout"/"stderr") on the host
+        any more; its next write fails with EPIPE. False if the agent is older than the call
+        (UNIMPLEMENTED, protocol < 1.10); AgentError otherwise."""
+        request = pb.CloseOutputRequest(
+            container_id=container_id, exec_id=exec_id, stderr=which == "stderr"
+        )
+        try:
+            self._call("CloseOutput", request)
+        except AgentError as exc:
+            if exc.code == "UNIMPLEMENTED":
+                return False
+            raise
+        return True
+
     def read_stream(self, container_id: str, exec_id: str, which: str) -> Iterator[bytes]:
         """Chunks of the process's stdout or stderr until EOF (no deadline: it follows the
         process's lifetime; the caller cancels by closing the client).

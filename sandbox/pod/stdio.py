@@ -7,6 +7,7 @@ import errno
 import fcntl
 import os
 import select
+import signal
 import stat
 import threading
 import time
@@ -64,10 +65,12 @@ class StdioRelay:
             threading.Thread(target=self._copy_in, args=(stdin, self._stop_r), daemon=True).start()
 
     def _copy_out(self, which: str, fd: int) -> None:
-        full = False  # the output file reached its size limit: keep draining, drop the rest
+        # Keep draining, drop the rest, once the output file reached its size limit or the
+        # reader of ``fd`` is gone (EPIPE: the process's own writes fail so, see _reader_gone).
+        full = gone = False
         try:
             for data in self._client.read_stream(*self._ids, which):
-                if full:
+                if full or gone:
                     continue
                 try:
                     room = _room(fd, self._limit)
@@ -75,14 +78,27 @@ class StdioRelay:
                         full = True
                         data = data[:room]
                     _write_all(fd, data)
+                except BrokenPipeError:
+                    gone = True
+                    self._reader_gone(which)
                 except OSError as exc:
                     if exc.errno != errno.EFBIG:
                         raise
                     full = True
-        except BrokenPipeError:
-            pass
         except BaseException as exc:  # reported by join()
             self.errors.append(exc)
+
+    def _reader_gone(self, which: str) -> None:
+        """The reader of ``which``'s host fd closed it (``run … | head``). Under runc the
+        process writes to that pipe itself, so its next write fails with EPIPE and raises
+        SIGPIPE (pipe(7)). Here the agent is told to drop its end of the process's pipe
+        (CloseOutput), with the same effect in the guest; what was still on the way is
+        drained and dropped. An agent older than that call (protocol < 1.10) gets SIGPIPE
+        sent to the process instead (ignored by a container's PID 1 without a handler, so
+        such a writer goes on writing into the void)."""
+        with contextlib.suppress(Exception):  # the process is gone already: nothing to stop
+            if not self._client.close_output(*self._ids, which):
+                self._client.signal(*self._ids, signal.SIGPIPE)
 
     def _copy_in(self, stdin: int, stop: int) -> None:
         """Copy ``stdin`` (ours: closed here) to the process until EOF, then close the

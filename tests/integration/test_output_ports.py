@@ -114,6 +114,45 @@ def test_interleaved_stdout_and_stderr_stay_apart_in_order(root: Path, bundle: P
     assert _digests(_argv(root, "run", "default", "sh", "-c", INTERLEAVED)) == expected
 
 
+def _closed_after_two_lines(argv: list[str], cwd: Path = ROOT) -> tuple[int, bytes]:
+    """Run ``argv`` as ``argv | head -2`` would: read two lines of its stdout, close it;
+    (exit status, stderr)."""
+    proc = subprocess.Popen(
+        argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=cwd
+    )
+    try:
+        assert proc.stdout is not None
+        lines = [proc.stdout.readline(), proc.stdout.readline()]
+        proc.stdout.close()  # the reader goes: the writer's next write fails (pipe(7))
+        _out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert lines == [b"y\n", b"y\n"], lines
+    return proc.returncode, err
+
+
+def test_a_closed_stdout_pipe_stops_the_writer_as_under_runc(root: Path, bundle: Path) -> None:
+    """``run IMAGE yes | head -2``: under runc ``yes`` writes to the closed pipe itself and
+    fails with EPIPE (its SIGPIPE is ignored: it is its pid namespace's init); here the host
+    relay meets EPIPE and the agent drops its end of the container's pipe. The run ended
+    only on SIGKILL before (the writer blocked on a pipe nobody read)."""
+    spec = json.loads((bundle / "config.json").read_text())
+    spec["process"].update(args=["yes"], terminal=False)
+    (bundle / "config.json").write_text(json.dumps(spec))
+    name = f"ports-pipe-{os.getpid()}"
+    state = bundle.parent / f"{bundle.name}-state"
+    try:
+        expected = _closed_after_two_lines(
+            ["runc", "--root", str(state), "run", "--bundle", str(bundle), name]
+        )
+    finally:
+        subprocess.run(["runc", "--root", str(state), "delete", "-f", name], capture_output=True)
+    assert expected == (1, b"yes: (null): Broken pipe\n"), expected
+    assert _closed_after_two_lines(_argv(root, "run", "default", "yes")) == expected
+
+
 def _nonblocking(fd: int) -> None:
     fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) | os.O_NONBLOCK)
 
