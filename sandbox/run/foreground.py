@@ -120,7 +120,7 @@ def _run_in_pod(
             if terminal:
                 _resize(client)
             try:
-                status, _sig, oom = client.wait_process(CONTAINER_ID, "", args.timeout)
+                status, sig, oom = client.wait_process(CONTAINER_ID, "", args.timeout)
             except AgentError:
                 if args.timeout is None:
                     raise
@@ -129,8 +129,9 @@ def _run_in_pod(
                 print(f"pysandbox: timed out after {args.timeout:g}s; killed", file=sys.stderr)
                 return EXIT_TIMEOUT
             relay.join(30)
-        if oom:
-            print("pysandbox: the container was killed: out of memory", file=sys.stderr)
+        if oom:  # the cgroup's OOM killer acted: on the container's process, or another
+            whom = "the container" if sig == signal.SIGKILL else "a process of the container"
+            print(f"pysandbox: {whom} was killed: out of memory", file=sys.stderr)
         # No RemoveContainer: the VM is powered off next (its guest file systems synced).
         return status
 

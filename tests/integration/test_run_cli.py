@@ -260,6 +260,20 @@ def test_memory_limit_reports_oom(root: Path) -> None:
         "count=1",
     )
     assert done.returncode == 137 and b"out of memory" in done.stderr
+    # A child killed by the OOM killer while the container's process survives: the run says
+    # so, not that the container was killed (it said so, with status 0).
+    survived = run(
+        root,
+        "--memory",
+        "24m",
+        "default",
+        "sh",
+        "-c",
+        "dd if=/dev/zero of=/dev/null bs=64M count=1; echo survived",
+    )
+    assert (survived.returncode, survived.stdout) == (0, b"survived\n"), survived.stderr
+    assert b"a process of the container was killed: out of memory" in survived.stderr
+    assert b"pysandbox: the container was killed" not in survived.stderr
 
 
 def test_the_smallest_memory_limit_runs_a_process(root: Path) -> None:
