@@ -7,11 +7,14 @@ import contextlib
 import json
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sandbox import store as state
 from sandbox.cli import log
 from sandbox.errors import ConfigError, SandboxError
+
+if TYPE_CHECKING:
+    from sandbox.runtime.console_relay import ConsoleRelay
 
 
 def _root(args: argparse.Namespace) -> Path:
@@ -99,10 +102,9 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def _run_bundle(args: argparse.Namespace) -> int:
-    """runc's ``run``: create + start, then (unless --detach) wait for the container."""
-    from sandbox.runtime import create, delete, start
+    """runc's ``run``: create + start, then (unless --detach) wait for the container; a
+    terminal process without --console-socket gets this process's terminal (runc's way)."""
     from sandbox.runtime.bundle import PRIVILEGED_FILES_KEY
-    from sandbox.runtime.record import ContainerRecord
 
     if args.privileged_files:
         raise ConfigError(
@@ -110,16 +112,43 @@ def _run_bundle(args: argparse.Namespace) -> int:
             f"{PRIVILEGED_FILES_KEY}"
         )
     root = _root(args)
+    if args.console_socket is None and not args.detach and _wants_terminal(args.bundle):
+        # runc relays a foreground terminal itself; it needs a console socket only detached.
+        from sandbox.runtime.console_relay import ConsoleRelay
+
+        with ConsoleRelay() as console:
+            return _run_bundle_with(args, root, console.path, console)
+    return _run_bundle_with(args, root, args.console_socket, None)
+
+
+def _wants_terminal(bundle: str) -> bool:
+    """Whether the bundle's process asks for a terminal (False when config.json cannot be
+    read: ``create`` then says what is wrong with it)."""
+    try:
+        config = json.loads((Path(bundle) / "config.json").read_bytes())
+        return config["process"]["terminal"] is True
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+
+
+def _run_bundle_with(
+    args: argparse.Namespace, root: Path, console_socket: Path | None, console: ConsoleRelay | None
+) -> int:
+    from sandbox.runtime import create, delete, start
+    from sandbox.runtime.record import ContainerRecord
+
     record = create.create(
         root,
         args.image,
         args.bundle,
         args.pid_file,
-        args.console_socket,
+        console_socket,
         log.warner(args),
         systemd_cgroup=args.systemd_cgroup,
     )
     try:
+        if console is not None:
+            console.receive()  # before start: the process starts with the caller's size
         start.start(root, args.image, warn=log.warner(args))
     except BaseException:  # a failed or interrupted start: runc run destroys the container
         with contextlib.suppress(SandboxError):
@@ -128,6 +157,8 @@ def _run_bundle(args: argparse.Namespace) -> int:
     _default_termination()  # from here on the container runs: a signal ends this call only
     if args.detach:
         return 0
+    if console is not None:
+        console.relay()
     shim = record.shim
     if shim is not None:
         shim.wait(float("inf"))

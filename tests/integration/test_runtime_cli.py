@@ -16,14 +16,18 @@ reports its exit status, which must be the container's.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
+import pty
 import select
 import shutil
 import signal
 import stat
+import struct
 import subprocess
 import sys
+import termios
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -1250,3 +1254,63 @@ def test_a_terminal_is_a_pty_of_the_containers_devpts_as_with_runc(
     ], ours[1]
     assert ours[2].splitlines()[-1] == "TERM=unset", ours[2]  # runc exec invents none
     assert ours == runc, repr((ours, runc))
+
+
+def _on_a_pty(argv: list[str], cwd: Path, rows: int, cols: int) -> tuple[int, bytes]:
+    """(exit status, everything written to the terminal) of ``argv`` run on a new pty of
+    ``rows`` x ``cols``, as from a user's terminal."""
+    pid, master = pty.fork()
+    if pid == 0:
+        try:
+            fcntl.ioctl(0, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
+            os.chdir(cwd)
+            os.execvp(argv[0], argv)
+        finally:
+            os._exit(127)
+    output = bytearray()
+    deadline = time.monotonic() + 150
+    try:
+        while time.monotonic() < deadline:
+            if not select.select([master], [], [], 1.0)[0]:
+                continue
+            try:
+                data = os.read(master, 65536)
+            except OSError:  # EIO: every holder of the other side is gone
+                break
+            if not data:
+                break
+            output += data
+    finally:
+        os.close(master)
+        reaped, status = os.waitpid(pid, os.WNOHANG)
+        if reaped == 0:  # still running after the deadline
+            os.kill(pid, signal.SIGKILL)
+            _, status = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(status), bytes(output)
+
+
+def test_run_of_a_terminal_bundle_without_console_socket_is_on_the_callers_terminal(
+    runtime: Runtime, tmp_path: Path
+) -> None:
+    """``run --bundle`` of a terminal process (``runc spec``'s default) in the foreground:
+    runc takes the pty itself and relays it to its own terminal (a console socket is needed
+    only with --detach); it was refused ("--console-socket is required")."""
+    if shutil.which("runc") is None:
+        pytest.fail("runc is missing: run 'make deps' (Debian's containerd package brings it)")
+    bundle = tmp_path / "bundle"
+    bundle.mkdir()
+    shutil.copytree(images.ensure_default_image(), bundle / "rootfs", symlinks=True)
+    subprocess.run(["runc", "spec"], cwd=bundle, check=True, timeout=30)
+    spec = json.loads((bundle / "config.json").read_text())
+    assert spec["process"]["terminal"] is True  # runc spec's default
+    spec["process"]["args"] = ["sh", "-c", "tty; stty size; ls /dev/pts; exit 3"]
+    (bundle / "config.json").write_text(json.dumps(spec))
+    name = f"ttyrun-{os.getpid()}"
+    expected = _on_a_pty(
+        ["runc", "--root", str(tmp_path / "runc-state"), "run", name], bundle, 33, 101
+    )
+    assert expected == (3, b"/dev/pts/0\r\n33 101\r\n0     ptmx\r\n"), expected
+    assert _on_a_pty(runtime.argv("run", "--bundle", str(bundle), name), bundle, 33, 101) == (
+        expected
+    )
+    assert_nothing_left(runtime, name)
