@@ -587,7 +587,7 @@ class Pod:
         restoring fails: whatever this attempt started is stopped (QEMU, then its proxy) and
         forgotten and the caller cold boots; a state file QEMU could not load is discarded.
         """
-        from hypervisor.errors import HypervisorError, HypervisorTimeout, JailError
+        from hypervisor.errors import HypervisorError, JailError, LaunchError
         from sandbox.pod import template
 
         cmdline = kernel_cmdline()
@@ -647,8 +647,9 @@ class Pod:
                 # A process of the pod was killed (the proxy while it started, virtiofsd):
                 # not the template's fault either, and a cold boot would find it gone.
                 raise PodProcessDied(died, pod_id=self.id) from exc
-            # Only a state QEMU could not load is the template's fault: discard it then.
-            unloadable = isinstance(exc, HypervisorError) and not isinstance(exc, HypervisorTimeout)
+            # Only a state QEMU said it could not load is the template's fault: discard it
+            # then; never for a QEMU killed by a signal (SIGKILL, the OOM killer) or a timeout.
+            unloadable = isinstance(exc, LaunchError) and exc.reported
             if unloadable and not loaded:
                 template.discard(found)
                 self.note(f"restoring {state_file} failed, template discarded: {exc}")

@@ -283,7 +283,9 @@ def test_failed_restore_is_undone_then_cold_boots(templates: FakeDrivers, root: 
     Pod.boot(root, "p0").stop()  # builds the template
     template_dirs = [p for p in (root.parent / "templates").iterdir() if p.is_dir()]
     assert len(template_dirs) == 1
-    fake.fail["qemu.wait_incoming"] = LaunchError("loading the saved state ended in 'failed'")
+    fake.fail["qemu.wait_incoming"] = LaunchError(
+        "loading the saved state ended in 'failed'", reported=True
+    )
     since = len(fake.events)
     pod = Pod.boot(root, "p1")
     events = [e for e in fake.events[since:] if e[0] in ("qemu", "proxy", "terminate")]
@@ -313,6 +315,25 @@ def test_restore_timeout_keeps_the_template(templates: FakeDrivers, root: Path) 
     assert pod.record.boot == "cold"
     assert len([p for p in (root.parent / "templates").iterdir() if p.is_dir()]) == 1
     pod.stop()
+
+
+@pytest.mark.parametrize("exitcode", [-9, None])  # None: a jailed QEMU, not our child
+def test_a_qemu_killed_while_restoring_keeps_the_template(
+    templates: FakeDrivers, root: Path, exitcode: int | None
+) -> None:
+    """SIGKILL (the OOM killer) is not the state's fault: the pod cold boots, the template
+    stays for the next pod (it was discarded: "exited with status None during startup")."""
+    fake = templates
+    Pod.boot(root, "p0").stop()
+    fake.fail["qemu.wait_incoming"] = LaunchError(
+        "qemu for vm x was killed by SIGKILL while loading its saved state", exitcode=exitcode
+    )
+    pod = Pod.boot(root, "p1")
+    assert pod.record.boot == "cold"
+    assert len([p for p in (root.parent / "templates").iterdir() if p.is_dir()]) == 1
+    pod.stop()
+    del fake.fail["qemu.wait_incoming"]
+    assert Pod.boot(root, "p2").record.boot == "restored"
 
 
 def test_lock_mode_reaches_the_file_server_and_the_record(
