@@ -69,7 +69,7 @@ def cmd_pod(args: argparse.Namespace) -> int:
         Pod.load(root, args.pod_id).stop()
     elif args.pod_verb == "list":
         for pod in Pod.list(root):
-            print(f"{pod.id}\t{pod.status}\t{pod.record.accel or '?'}")
+            print(f"{pod.id}\t{pod.observed_status()}\t{pod.record.accel or '?'}")
     return 0
 
 

@@ -159,6 +159,18 @@ class Pod:
         """The recorded status (a ``str``: ``"running"``...)."""
         return self.record.status
 
+    def observed_status(self) -> PodStatus:
+        """The recorded status, except that a ``running`` pod whose QEMU or virtiofsd is
+        gone (killed, crashed: what :meth:`casualty` names) reads ``broken``: it cannot run
+        anything until stopped. Cheap: no RPC, the recorded pid and start time of each are
+        checked in /proc. (A dead agent proxy is not counted: it is replaced on demand.)"""
+        if self.status is PodStatus.RUNNING:
+            for name in ("qemu", "virtiofsd"):
+                ref = self.process(name)
+                if ref is None or not ref.alive():
+                    return PodStatus.BROKEN
+        return self.status
+
     def process(self, name: str) -> ProcessHandle | None:
         """The recorded process ``name`` (``qemu``, ``virtiofsd``, ``proxy``), if any."""
         return self.record.processes.get(name)

@@ -336,6 +336,35 @@ def test_a_qemu_killed_while_restoring_keeps_the_template(
     assert Pod.boot(root, "p2").record.boot == "restored"
 
 
+@pytest.mark.parametrize("victim", ["qemu", "virtiofsd"])
+def test_pod_list_says_broken_once_qemu_or_virtiofsd_is_killed(
+    fake: FakeDrivers, root: Path, capsys: pytest.CaptureFixture[str], victim: str
+) -> None:
+    """``pysandbox pod list`` said ``running`` for a pod whose QEMU was SIGKILLed."""
+    from sandbox.cli.main import main
+
+    Pod.boot(root, "p1")
+    Pod.boot(root, "p2")
+
+    def listed() -> list[str]:
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as exited:
+            main(["--root", str(root), "pod", "list"])
+        assert exited.value.code == 0
+        return sorted(line.split("\t")[1] for line in capsys.readouterr().out.splitlines())
+
+    assert listed() == ["running", "running"]
+    killed = Pod.load(root, "p1").process(victim)
+    assert killed is not None
+    next(p for p in fake.processes if p.handle == killed).kill()
+    assert listed() == ["broken", "running"]
+    proxy = Pod.load(root, "p2").process("proxy")
+    next(p for p in fake.processes if p.handle == proxy).kill()  # replaced on demand
+    assert listed() == ["broken", "running"]
+    for pod in Pod.list(root):
+        pod.destroy()
+
+
 def test_lock_mode_reaches_the_file_server_and_the_record(
     fake: FakeDrivers, root: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
