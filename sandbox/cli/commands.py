@@ -359,9 +359,7 @@ def cmd_update(args: argparse.Namespace) -> int:
         if not isinstance(resources, dict):
             raise ConfigError("resources must be a JSON object (OCI linux.resources)")
     if args.memory:
-        if not args.memory.isdigit():
-            raise ConfigError(f"invalid --memory {args.memory!r}: give bytes")
-        resources.setdefault("memory", {})["limit"] = int(args.memory)
+        resources.setdefault("memory", {})["limit"] = _update_size(args.memory)
     if args.pids_limit is not None:
         resources.setdefault("pids", {})["limit"] = args.pids_limit
     if args.cpu_quota is not None:
@@ -370,6 +368,21 @@ def cmd_update(args: argparse.Namespace) -> int:
         resources.setdefault("cpu", {})["period"] = args.cpu_period
     control.update(_root(args), args.id, resources)
     return 0
+
+
+def _update_size(text: str) -> int:
+    """Bytes of ``update --memory``: what runc takes there (go-units RAMInBytes: bytes, or
+    a number with k, m or g, powers of 1024: ``100m``, ``1.5g``), via run's parse_size.
+    ConfigError naming the flag otherwise."""
+    from sandbox.errors import RunError
+    from sandbox.run.spec import parse_size
+
+    try:
+        return parse_size(text)
+    except RunError:
+        raise ConfigError(
+            f"invalid --memory {text!r}: give bytes, or a number with k, m or g (e.g. 100m)"
+        ) from None
 
 
 def cmd_features(args: argparse.Namespace) -> int:
