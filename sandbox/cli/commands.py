@@ -66,11 +66,30 @@ def cmd_pod(args: argparse.Namespace) -> int:
             )
         )
     elif args.pod_verb == "stop":
-        Pod.load(root, args.pod_id).stop()
+        _stop_pod(root, args.pod_id)
     elif args.pod_verb == "list":
         for pod in Pod.list(root):
             print(f"{pod.id}\t{pod.observed_status()}\t{pod.record.accel or '?'}")
     return 0
+
+
+def _stop_pod(root: Path, pod_id: str) -> None:
+    """``pod stop``: under the pod's lock (as a container's delete stops its pod), and the
+    lock file goes with the pod (discarded by its holder, sandbox.store.locked); a pod that
+    does not exist leaves none either. Pod.stop takes no pod lock itself (no proxy
+    restart), so holding it here cannot deadlock."""
+    from sandbox.errors import NotFoundError
+    from sandbox.pod import record as pod_record
+    from sandbox.pod.lifecycle import Pod
+
+    with pod_record.lock(root, pod_id) as lock:
+        try:
+            pod = Pod.load(root, pod_id)
+        except NotFoundError:
+            lock.discard()
+            raise
+        pod.stop()
+        lock.discard()
 
 
 def cmd_run(args: argparse.Namespace) -> int:

@@ -365,6 +365,23 @@ def test_pod_list_says_broken_once_qemu_or_virtiofsd_is_killed(
         pod.destroy()
 
 
+def test_pod_stop_leaves_no_lock_file(fake: FakeDrivers, root: Path) -> None:
+    """``pod stop X`` (then ``delete X``, which finds no pod) left locks/pod-<hash>.lock."""
+    from sandbox.cli.main import main
+    from sandbox.pod import record as pod_record
+
+    Pod.boot(root, "k1")
+    with pod_record.lock(root, "k1"):  # as create does when it adds a container
+        pass
+    assert [p.name for p in (root / "locks").iterdir()] != []
+    for pod_id, status in (("k1", 0), ("k1", 1)):  # the second: no such pod
+        with pytest.raises(SystemExit) as exited:
+            main(["--root", str(root), "pod", "stop", pod_id])
+        assert exited.value.code == status
+        assert list((root / "locks").iterdir()) == []
+    assert_nothing_left(fake, root, "k1")
+
+
 def test_lock_mode_reaches_the_file_server_and_the_record(
     fake: FakeDrivers, root: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
