@@ -31,8 +31,11 @@ class LaunchError(HypervisorError):
     """QEMU could not be started, or exited before it was ready.
 
     ``exitcode`` is the process exit status (negative: killed by that signal; None: still
-    running or never started), ``argv`` the command line, ``log`` the stderr log file and
-    ``log_tail`` its last lines (for the caller's report).
+    running, never started, or not known: a jailed QEMU is not our child), ``argv`` the
+    command line, ``log`` the stderr log file and ``log_tail`` its last lines (for the
+    caller's report). ``reported`` is True when QEMU itself said why it failed (an error exit
+    status, an error message on its log, or a wrong run state): only then is a state it was
+    loading to blame; never for a QEMU killed by a signal (SIGKILL, the OOM killer).
     """
 
     def __init__(
@@ -43,8 +46,10 @@ class LaunchError(HypervisorError):
         argv: Sequence[str] = (),
         log: Path | None = None,
         log_tail: str = "",
+        reported: bool = False,
     ) -> None:
         super().__init__(message)
+        self.reported = reported
         self.exitcode = exitcode
         self.argv = list(argv)
         self.log = log

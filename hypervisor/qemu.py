@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import signal
 import socket
@@ -232,16 +233,36 @@ class QemuVM(SpawnedProcess, Hypervisor):
             return None
         return self._launch.identity.uid, self._launch.identity.gid
 
-    def _launch_failure(self, what: str) -> LaunchError:
+    def _launch_failure(self, what: str, *, wrong_state: bool = False) -> LaunchError:
+        """The LaunchError of a QEMU that failed ``what``, with the last line of its log.
+
+        ``what`` "exited ``<when>``" says how it ended instead: its exit status, or the
+        signal that killed it ("was killed by SIGKILL ``<when>``"). ``reported`` (see
+        LaunchError) when ``wrong_state`` or QEMU, gone, said why: an error status, or, for
+        a jailed QEMU whose status we cannot read, an error line last on its log that is
+        neither a warning nor QEMU's own "terminating on signal N".
+        """
         code = self.exitcode
         tail = log_tail(self.log_path)
-        detail = f": {tail.splitlines()[-1]}" if tail else ""
+        last = tail.splitlines()[-1] if tail else ""
+        gone = not self._alive()
+        killed = _killed_by(code, last) if gone else None
+        if what.startswith("exited "):
+            when = what.removeprefix("exited ")
+            if killed is not None:
+                what = f"was killed by {killed} {when}"
+            elif code is not None:
+                what = f"exited with status {code} {when}"
+        detail = f": {last}" if last and killed is None else ""
+        said = gone and ": " in last and ": warning:" not in last
         return LaunchError(
             f"qemu for vm {self.config.name} {what}{detail} (see {self.log_path})",
             exitcode=code,
             argv=self.argv,
             log=self.log_path,
             log_tail=tail,
+            reported=killed is None
+            and (wrong_state or (code is not None and code > 0) or (code is None and said)),
         )
 
     def _wait_for_qmp(self) -> None:
@@ -249,7 +270,7 @@ class QemuVM(SpawnedProcess, Hypervisor):
         last: Exception | None = None
         while True:
             if not self._alive():
-                raise self._launch_failure(f"exited with status {self.exitcode} during startup")
+                raise self._launch_failure("exited during startup")
             if self.config.qmp_socket.exists():
                 try:
                     with self._qmp(timeout=min(self.qmp_timeout, 2.0)) as qmp:
@@ -294,7 +315,9 @@ class QemuVM(SpawnedProcess, Hypervisor):
                     if status == "paused":
                         return
                     if status not in ("inmigrate", "prelaunch"):
-                        raise self._launch_failure(f"loading the saved state ended in {status!r}")
+                        raise self._launch_failure(
+                            f"loading the saved state ended in {status!r}", wrong_state=True
+                        )
                     if time.monotonic() >= deadline:
                         raise HypervisorTimeout(
                             f"vm {self.config.name} did not load its saved state in {timeout:g}s"
@@ -462,6 +485,22 @@ class QemuVM(SpawnedProcess, Hypervisor):
             from hypervisor import jail_ids
 
             jail_ids.release(self._launch.identity, self._launch.owner)
+
+
+def _killed_by(code: int | None, last: str) -> str | None:
+    """The name of the signal that ended QEMU (``SIGKILL``) when its exit status ``code``
+    says so (negative), or, status unknown, the ``last`` line of its log is QEMU's own
+    "terminating on signal N"; else None."""
+    number: int | None = -code if code is not None and code < 0 else None
+    if code is None:
+        match = re.search(r"terminating on signal (\d+)", last)
+        number = int(match.group(1)) if match else None
+    if number is None:
+        return None
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return f"signal {number}"
 
 
 def _listening(path: Path) -> bool:

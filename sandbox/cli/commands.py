@@ -69,11 +69,30 @@ def cmd_pod(args: argparse.Namespace) -> int:
             )
         )
     elif args.pod_verb == "stop":
-        Pod.load(root, args.pod_id).stop()
+        _stop_pod(root, args.pod_id)
     elif args.pod_verb == "list":
         for pod in Pod.list(root):
-            print(f"{pod.id}\t{pod.status}\t{pod.record.accel or '?'}")
+            print(f"{pod.id}\t{pod.observed_status()}\t{pod.record.accel or '?'}")
     return 0
+
+
+def _stop_pod(root: Path, pod_id: str) -> None:
+    """``pod stop``: under the pod's lock (as a container's delete stops its pod), and the
+    lock file goes with the pod (discarded by its holder, sandbox.store.locked); a pod that
+    does not exist leaves none either. Pod.stop takes no pod lock itself (no proxy
+    restart), so holding it here cannot deadlock."""
+    from sandbox.errors import NotFoundError
+    from sandbox.pod import record as pod_record
+    from sandbox.pod.lifecycle import Pod
+
+    with pod_record.lock(root, pod_id) as lock:
+        try:
+            pod = Pod.load(root, pod_id)
+        except NotFoundError:
+            lock.discard()
+            raise
+        pod.stop()
+        lock.discard()
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -390,9 +409,7 @@ def cmd_update(args: argparse.Namespace) -> int:
         if not isinstance(resources, dict):
             raise ConfigError("resources must be a JSON object (OCI linux.resources)")
     if args.memory:
-        if not args.memory.isdigit():
-            raise ConfigError(f"invalid --memory {args.memory!r}: give bytes")
-        resources.setdefault("memory", {})["limit"] = int(args.memory)
+        resources.setdefault("memory", {})["limit"] = _update_size(args.memory)
     if args.pids_limit is not None:
         resources.setdefault("pids", {})["limit"] = args.pids_limit
     if args.cpu_quota is not None:
@@ -401,6 +418,21 @@ def cmd_update(args: argparse.Namespace) -> int:
         resources.setdefault("cpu", {})["period"] = args.cpu_period
     control.update(_root(args), args.id, resources)
     return 0
+
+
+def _update_size(text: str) -> int:
+    """Bytes of ``update --memory``: what runc takes there (go-units RAMInBytes: bytes, or
+    a number with k, m or g, powers of 1024: ``100m``, ``1.5g``), via run's parse_size.
+    ConfigError naming the flag otherwise."""
+    from sandbox.errors import RunError
+    from sandbox.run.spec import parse_size
+
+    try:
+        return parse_size(text)
+    except RunError:
+        raise ConfigError(
+            f"invalid --memory {text!r}: give bytes, or a number with k, m or g (e.g. 100m)"
+        ) from None
 
 
 def cmd_features(args: argparse.Namespace) -> int:

@@ -157,7 +157,7 @@ def _runtime_verbs(verbs: Any) -> None:
     listing.add_argument("--quiet", "-q", action="store_true")
     update = verbs.add_parser("update", help="change a container's resource limits")
     update.add_argument("--resources", "-r", help="JSON file of linux.resources, or -")
-    update.add_argument("--memory", help="memory limit in bytes")
+    update.add_argument("--memory", help="memory limit: bytes, or with k, m or g (100m)")
     update.add_argument("--pids-limit", type=int)
     update.add_argument("--cpu-quota", type=int)
     update.add_argument("--cpu-period", type=int)

@@ -78,6 +78,52 @@ def open_source(path: Path) -> int:
     return os.open(path, os.O_PATH | os.O_CLOEXEC)
 
 
+#: statfs(2) ``f_type`` of the host's pseudo filesystems (linux/magic.h) -> their name. Their
+#: files are the host kernel's own views (its processes, devices, cgroups): through virtio-fs
+#: they read half-working (empty files, the host's pids, virtiofsd as ``self``).
+PSEUDO_FILESYSTEMS = {
+    0x9FA0: "proc",
+    0x62656572: "sysfs",
+    0x64626720: "debugfs",
+    0x74726163: "tracefs",
+    0x73636673: "securityfs",
+    0x27E0EB: "cgroup",
+    0x63677270: "cgroup2",
+    0xCAFE4A11: "bpf",
+    0x6165676C: "pstore",
+    0xDE5E81E4: "efivarfs",
+    0x62656570: "configfs",
+    0x65735543: "fusectl",
+    0x1CD1: "devpts",
+    0x19800202: "mqueue",
+    0x42494E4D: "binfmt_misc",
+}
+
+
+def pseudo_filesystem(fd: int) -> str | None:
+    """The name of the pseudo filesystem (:data:`PSEUDO_FILESYSTEMS`) the object of ``fd``
+    (an ``O_PATH`` fd is enough) is on; None for any other filesystem. Decided by
+    ``fstatfs(2)``'s ``f_type``, not by path. OSError if fstatfs fails."""
+    buf = ctypes.create_string_buffer(256)  # struct statfs: f_type is its first word
+    if syscalls.LIBC.fstatfs(fd, buf) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+    f_type = int.from_bytes(buf.raw[: ctypes.sizeof(ctypes.c_long)], "little", signed=False)
+    return PSEUDO_FILESYSTEMS.get(f_type & 0xFFFFFFFF)
+
+
+def refuse_pseudo(fd: int, source: str | Path) -> str | None:
+    """Why the source ``source`` (held as ``fd``) cannot be shared into a VM, in words (its
+    pseudo filesystem, what to do instead); None when it can."""
+    kind = pseudo_filesystem(fd)
+    if kind is None:
+        return None
+    return (
+        f"{source} is a {kind} filesystem on the host; it cannot be shared into the VM "
+        f"(mount {kind} inside the container instead)"
+    )
+
+
 def open_dir(path: Path) -> int:
     """An ``O_PATH`` fd of the host-controlled directory ``path`` (its last component is
     not followed if it is a symlink)."""

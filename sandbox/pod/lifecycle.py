@@ -159,6 +159,18 @@ class Pod:
         """The recorded status (a ``str``: ``"running"``...)."""
         return self.record.status
 
+    def observed_status(self) -> PodStatus:
+        """The recorded status, except that a ``running`` pod whose QEMU or virtiofsd is
+        gone (killed, crashed: what :meth:`casualty` names) reads ``broken``: it cannot run
+        anything until stopped. Cheap: no RPC, the recorded pid and start time of each are
+        checked in /proc. (A dead agent proxy is not counted: it is replaced on demand.)"""
+        if self.status is PodStatus.RUNNING:
+            for name in ("qemu", "virtiofsd"):
+                ref = self.process(name)
+                if ref is None or not ref.alive():
+                    return PodStatus.BROKEN
+        return self.status
+
     def process(self, name: str) -> ProcessHandle | None:
         """The recorded process ``name`` (``qemu``, ``virtiofsd``, ``proxy``), if any."""
         return self.record.processes.get(name)
@@ -587,7 +599,7 @@ class Pod:
         restoring fails: whatever this attempt started is stopped (QEMU, then its proxy) and
         forgotten and the caller cold boots; a state file QEMU could not load is discarded.
         """
-        from hypervisor.errors import HypervisorError, HypervisorTimeout, JailError
+        from hypervisor.errors import HypervisorError, JailError, LaunchError
         from sandbox.pod import template
 
         cmdline = kernel_cmdline()
@@ -647,8 +659,9 @@ class Pod:
                 # A process of the pod was killed (the proxy while it started, virtiofsd):
                 # not the template's fault either, and a cold boot would find it gone.
                 raise PodProcessDied(died, pod_id=self.id) from exc
-            # Only a state QEMU could not load is the template's fault: discard it then.
-            unloadable = isinstance(exc, HypervisorError) and not isinstance(exc, HypervisorTimeout)
+            # Only a state QEMU said it could not load is the template's fault: discard it
+            # then; never for a QEMU killed by a signal (SIGKILL, the OOM killer) or a timeout.
+            unloadable = isinstance(exc, LaunchError) and exc.reported
             if unloadable and not loaded:
                 template.discard(found)
                 self.note(f"restoring {state_file} failed, template discarded: {exc}")

@@ -182,11 +182,26 @@ def _volumes(args: argparse.Namespace, held: HeldSources) -> list[dict[str, Any]
             raise RunError(f"invalid volume {item!r}: {host} does not exist") from None
         except OSError as exc:
             raise RunError(f"invalid volume {item!r}: cannot open {host}: {exc.strerror}") from None
+        _refuse_pseudo(item, guest, host, held)
         options = ["rbind", "ro" if len(parts) == 3 and parts[2] == "ro" else "rw"]
         mounts.append(
             {"destination": guest, "type": "bind", "source": str(host), "options": options}
         )
     return mounts
+
+
+def _refuse_pseudo(item: str, guest: str, host: Path, held: HeldSources) -> None:
+    """RunError if the held volume source ``host`` is on a host pseudo filesystem (/proc,
+    /sys...: hostfs.refuse_pseudo): virtio-fs would share it half-working."""
+    from sandbox.pod import hostfs
+
+    fd = held.fd(host)
+    try:
+        why = hostfs.refuse_pseudo(fd, host) if fd is not None else None
+    except OSError:
+        why = None
+    if why is not None:
+        raise RunError(f"invalid volume {item!r}: mount {guest}: source {why}")
 
 
 def build_spec(args: argparse.Namespace, image: images.Image, held: HeldSources) -> dict[str, Any]:

@@ -133,6 +133,10 @@ def check_on_host(bundle: Bundle, *, owns_pod: bool) -> None:
     for i, mount in enumerate(spec.mounts):
         if mount.bind and not os.path.lexists(bundle.path / mount.source):
             raise bundle.refuse(f"mounts[{i}].source: {bundle.path / mount.source} does not exist")
+        if mount.bind:
+            why = _unshareable(bundle.path / mount.source)
+            if why is not None:
+                raise bundle.refuse(f"mounts[{i}].source: mount {mount.destination}: {why}")
     for kind in ("prestart", "createRuntime", "createContainer"):  # run on the host by create
         for i, hook in enumerate(spec.hooks.get(kind, ())):
             if not (os.path.isfile(hook.path) and os.access(hook.path, os.X_OK)):
@@ -145,6 +149,24 @@ def check_on_host(bundle: Bundle, *, owns_pod: bool) -> None:
                     f"linux.namespaces[{i}].path: {ns.path} is not a namespace of this pod "
                     f"(the container starts a new pod VM: there is no {ns.type} namespace to join)"
                 )
+
+
+def _unshareable(source: Path) -> str | None:
+    """Why the bind source ``source`` cannot be shared into the VM (it is on a host pseudo
+    filesystem: /proc, /sys...; see sandbox.pod.hostfs.refuse_pseudo); None when it can, or
+    when it cannot be opened (the share reports that, as before)."""
+    from sandbox.pod import hostfs
+
+    try:
+        fd = hostfs.open_source(source)
+    except OSError:
+        return None
+    try:
+        return hostfs.refuse_pseudo(fd, source)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
 
 
 def check_guest_resources(

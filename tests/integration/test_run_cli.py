@@ -306,6 +306,10 @@ def test_the_smallest_memory_limit_runs_a_process(root: Path) -> None:
         (["--cpus", "0.001", "default", "true"], b"invalid --cpus 0.001: must be in [0.01, 64]"),
         (["-v", "/tmp:/proc/x", "default", "true"], b"/proc/x is in /proc"),
         (
+            ["-v", "/proc:/hostproc", "default", "true"],
+            b"mount /hostproc: source /proc is a proc filesystem on the host; it cannot be shared",
+        ),
+        (
             [*(a for i in range(12) for a in ("-e", f"V{i}={'x' * 100_000}")), "default", "true"],
             b"over the 1048576 a sandbox takes",
         ),

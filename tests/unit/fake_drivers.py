@@ -272,7 +272,9 @@ class FakeVM(Hypervisor):
         if self.config.incoming_fd is not None:  # QEMU reads the whole state from the fd
             loaded = os.pread(self.config.incoming_fd, 1 << 20, 0)
             if loaded != FAKE_STATE:
-                raise LaunchError(f"qemu for vm {self.config.name}: bad saved state {loaded!r}")
+                raise LaunchError(
+                    f"qemu for vm {self.config.name}: bad saved state {loaded!r}", reported=True
+                )
         self.config.console_log.write_text("fake console: booting\n")
         self.process = self.drivers.spawn("qemu")
 

@@ -283,7 +283,9 @@ def test_failed_restore_is_undone_then_cold_boots(templates: FakeDrivers, root: 
     Pod.boot(root, "p0").stop()  # builds the template
     template_dirs = [p for p in (root.parent / "templates").iterdir() if p.is_dir()]
     assert len(template_dirs) == 1
-    fake.fail["qemu.wait_incoming"] = LaunchError("loading the saved state ended in 'failed'")
+    fake.fail["qemu.wait_incoming"] = LaunchError(
+        "loading the saved state ended in 'failed'", reported=True
+    )
     since = len(fake.events)
     pod = Pod.boot(root, "p1")
     events = [e for e in fake.events[since:] if e[0] in ("qemu", "proxy", "terminate")]
@@ -313,6 +315,71 @@ def test_restore_timeout_keeps_the_template(templates: FakeDrivers, root: Path) 
     assert pod.record.boot == "cold"
     assert len([p for p in (root.parent / "templates").iterdir() if p.is_dir()]) == 1
     pod.stop()
+
+
+@pytest.mark.parametrize("exitcode", [-9, None])  # None: a jailed QEMU, not our child
+def test_a_qemu_killed_while_restoring_keeps_the_template(
+    templates: FakeDrivers, root: Path, exitcode: int | None
+) -> None:
+    """SIGKILL (the OOM killer) is not the state's fault: the pod cold boots, the template
+    stays for the next pod (it was discarded: "exited with status None during startup")."""
+    fake = templates
+    Pod.boot(root, "p0").stop()
+    fake.fail["qemu.wait_incoming"] = LaunchError(
+        "qemu for vm x was killed by SIGKILL while loading its saved state", exitcode=exitcode
+    )
+    pod = Pod.boot(root, "p1")
+    assert pod.record.boot == "cold"
+    assert len([p for p in (root.parent / "templates").iterdir() if p.is_dir()]) == 1
+    pod.stop()
+    del fake.fail["qemu.wait_incoming"]
+    assert Pod.boot(root, "p2").record.boot == "restored"
+
+
+@pytest.mark.parametrize("victim", ["qemu", "virtiofsd"])
+def test_pod_list_says_broken_once_qemu_or_virtiofsd_is_killed(
+    fake: FakeDrivers, root: Path, capsys: pytest.CaptureFixture[str], victim: str
+) -> None:
+    """``pysandbox pod list`` said ``running`` for a pod whose QEMU was SIGKILLed."""
+    from sandbox.cli.main import main
+
+    Pod.boot(root, "p1")
+    Pod.boot(root, "p2")
+
+    def listed() -> list[str]:
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as exited:
+            main(["--root", str(root), "pod", "list"])
+        assert exited.value.code == 0
+        return sorted(line.split("\t")[1] for line in capsys.readouterr().out.splitlines())
+
+    assert listed() == ["running", "running"]
+    killed = Pod.load(root, "p1").process(victim)
+    assert killed is not None
+    next(p for p in fake.processes if p.handle == killed).kill()
+    assert listed() == ["broken", "running"]
+    proxy = Pod.load(root, "p2").process("proxy")
+    next(p for p in fake.processes if p.handle == proxy).kill()  # replaced on demand
+    assert listed() == ["broken", "running"]
+    for pod in Pod.list(root):
+        pod.destroy()
+
+
+def test_pod_stop_leaves_no_lock_file(fake: FakeDrivers, root: Path) -> None:
+    """``pod stop X`` (then ``delete X``, which finds no pod) left locks/pod-<hash>.lock."""
+    from sandbox.cli.main import main
+    from sandbox.pod import record as pod_record
+
+    Pod.boot(root, "k1")
+    with pod_record.lock(root, "k1"):  # as create does when it adds a container
+        pass
+    assert [p.name for p in (root / "locks").iterdir()] != []
+    for pod_id, status in (("k1", 0), ("k1", 1)):  # the second: no such pod
+        with pytest.raises(SystemExit) as exited:
+            main(["--root", str(root), "pod", "stop", pod_id])
+        assert exited.value.code == status
+        assert list((root / "locks").iterdir()) == []
+    assert_nothing_left(fake, root, "k1")
 
 
 def test_lock_mode_reaches_the_file_server_and_the_record(

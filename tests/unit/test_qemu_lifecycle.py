@@ -24,6 +24,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 # The fake reads the same argv QemuVM renders; FAKE_QEMU_MODE selects a misbehaviour:
 #   exit        print an error and exit 3 before creating the QMP socket
+#   killed      SIGKILL itself before creating the QMP socket
 #   silent      never create the QMP socket
 #   stubborn    answer "quit" but keep running, ignore SIGTERM (needs SIGKILL)
 #   lazy        answer "quit" but keep running until SIGTERM
@@ -41,6 +42,8 @@ FAKE_QEMU = textwrap.dedent(
     if mode == "exit":
         print("fake-qemu: -device bogus: no such device", file=sys.stderr)
         sys.exit(3)
+    if mode == "killed":  # the OOM killer, or kill -9, before QMP answers
+        os.kill(os.getpid(), signal.SIGKILL)
     if mode == "silent":
         time.sleep(3600)
     if mode == "stubborn":
@@ -212,6 +215,22 @@ def test_early_exit_raises_launch_error_with_log_tail(
     assert "no such device" in info.value.log_tail
     assert "no such device" in str(info.value)
     assert info.value.argv[0] == str(fake_qemu)
+    assert info.value.reported  # QEMU said why: a state it was loading is to blame
+    assert vm.status() == "shutdown"
+    assert leftovers(workdir) == []
+
+
+def test_a_killed_qemu_is_named_killed_and_not_reported(
+    workdir: Path, fake_qemu: Path, vms: list[QemuVM], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("FAKE_QEMU_MODE", "killed")
+    vm = new_vm(workdir, fake_qemu, vms)
+    with pytest.raises(LaunchError) as info:
+        vm.start()
+    assert "was killed by SIGKILL during startup" in str(info.value)
+    assert "None" not in str(info.value)
+    assert info.value.exitcode == -9
+    assert not info.value.reported  # not the fault of what it was given to load
     assert vm.status() == "shutdown"
     assert leftovers(workdir) == []
 

@@ -124,3 +124,30 @@ def test_pods_from_cri_annotations() -> None:
     assert pod_of("app", member["annotations"]) == ("pod1", False)
     assert pod_of("app2", crio["annotations"]) == ("pod2", False)
     assert pod_of("lonely", {}) == ("lonely", True)
+
+
+@pytest.mark.parametrize(
+    ("given", "limit"),
+    [("104857600", 104857600), ("100m", 100 << 20), ("1g", 1 << 30), ("64K", 64 << 10)],
+)
+def test_update_memory_takes_runcs_sizes(
+    given: str, limit: int, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``runc update --memory 100m`` works; ``pysandbox update`` said "give bytes"."""
+    from sandbox.cli.main import main
+    from sandbox.runtime import control
+
+    asked: list[dict[str, object]] = []
+    monkeypatch.setattr(control, "update", lambda _root, _id, res: asked.append(res))
+    with pytest.raises(SystemExit) as exited:
+        main(["--root", str(tmp_path), "update", "--memory", given, "c1"])
+    assert exited.value.code == 0
+    assert asked == [{"memory": {"limit": limit}}]
+
+
+def test_update_memory_refuses_what_runc_refuses(tmp_path: Path) -> None:
+    done = cli("--root", str(tmp_path), "update", "--memory", "lots", "c1")
+    assert done.returncode == 1
+    assert done.stderr.strip().splitlines() == [
+        "pysandbox: invalid --memory 'lots': give bytes, or a number with k, m or g (e.g. 100m)"
+    ]

@@ -199,6 +199,20 @@ INVALID: tuple[Variant, ...] = (
         _set("mounts", [{**_BIND, "source": "/nonexistent-pysandbox-source"}]),
     ),
     Variant(
+        "bind source on the host's procfs",
+        "mounts[0].source",
+        "mount /hostproc: /proc is a proc filesystem on the host; it cannot be shared",
+        _set("mounts", [{**_BIND, "destination": "/hostproc", "source": "/proc"}]),
+        runc=False,  # runc binds it (the host's processes then show in the container)
+    ),
+    Variant(
+        "bind source on the host's sysfs",
+        "mounts[0].source",
+        "/sys/kernel is a sysfs filesystem on the host; it cannot be shared",
+        _set("mounts", [{**_BIND, "source": "/sys/kernel"}]),
+        runc=False,
+    ),
+    Variant(
         "mount option idmap",
         "mounts[0].options[0]",
         'mount option "idmap" is not supported',
