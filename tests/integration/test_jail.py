@@ -161,6 +161,7 @@ def test_qemu_maps_the_root_image_read_only_and_shared(shared_pod: Pod) -> None:
         for fd in os.listdir(f"/proc/{pid}/fd")
         if os.readlink(f"/proc/{pid}/fd/{fd}") == str(image)
     ]
+    assert fds, f"QEMU holds no fd of {image}"
     for fd in fds:
         flags = next(
             line
