@@ -107,10 +107,14 @@ def _create(
     try:
         state.write_json_atomic(record.dir / "config.json", spec)
         try:
-            owner = watch_owner(root, name, name)
+            watch = watch_owner(root, name, name)
         except OSError as exc:
             raise RunError(f"cannot start the watcher of this run: {exc.strerror}") from None
-        pod = boot_pod(root, name, args, spec, image, owner)
+        try:
+            pod = boot_pod(root, name, args, spec, image, watch.owner)
+        except BaseException:
+            watch.dismiss()  # the boot rolled itself back; the record goes below
+            raise
     except BaseException:
         # No VM of ours exists: the pod id may even be another run's, so no delete.delete.
         shutil.rmtree(record.dir, ignore_errors=True)

@@ -64,14 +64,19 @@ def run(args: argparse.Namespace, root: Path) -> int:
         spec = build_spec(args, image, held)
         pod_id = args.name or f"run-{secrets.token_hex(6)}"
         try:
-            owner = watch_owner(root, pod_id, CONTAINER_ID)
+            watch = watch_owner(root, pod_id, CONTAINER_ID)
         except OSError as exc:
             raise RunError(f"cannot start the watcher of this run: {exc.strerror}") from None
-        pod = boot_pod(root, pod_id, args, spec, image, owner)
+        try:
+            pod = boot_pod(root, pod_id, args, spec, image, watch.owner)
+        except BaseException:
+            watch.dismiss()  # the boot rolled itself back: nothing is left to tear down
+            raise
         try:
             status = _run_in_pod(args, pod, spec, image, held)
         except BaseException:
             _teardown(pod)
+            watch.dismiss()
             raise
     pod.mark_stopping()
     sys.stdout.flush()

@@ -7,9 +7,12 @@ Shared by the foreground (:mod:`sandbox.run.foreground`) and detached
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import os
+import signal
+import subprocess
 import time
 from pathlib import Path
 from typing import Any
@@ -73,12 +76,30 @@ def cacheable(spec: dict[str, Any], image: images.Image) -> bool:
     return image.stored and not any(is_bind(m) for m in spec.get("mounts") or ())
 
 
-def watch_owner(root: Path, pod_id: str, container_id: str) -> ProcessHandle:
+class OwnerWatch:
+    """The watcher :func:`watch_owner` started: :attr:`owner` is this process's handle, the
+    pod's owner to record (:func:`boot_pod`)."""
+
+    def __init__(self, owner: ProcessHandle, process: subprocess.Popen[bytes]) -> None:
+        self.owner = owner
+        self._process = process
+        process.returncode = 0  # never waited for unless dismissed (silences Popen.__del__)
+
+    def dismiss(self) -> None:
+        """Stop the watcher, reaped: this process undid what it started itself (a boot that
+        failed and was rolled back, a run torn down in place), so nothing is left for it and
+        nothing of the run outlives the command. Idempotent."""
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(self._process.pid, signal.SIGKILL)  # Popen.kill: no-op, returncode is set
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(self._process.pid, 0)
+
+
+def watch_owner(root: Path, pod_id: str, container_id: str) -> OwnerWatch:
     """Start the watcher of this process (:mod:`sandbox.run.owner_watch`): once we are gone,
     however we end, pod ``pod_id`` goes too while we are its recorded owner, and a detached
-    run ``container_id`` we had not handed over is removed. Returns our handle, the owner to
-    record (:func:`boot_pod`). OSError if the watcher cannot be started."""
-    import subprocess
+    run ``container_id`` we had not handed over is removed. OSError if the watcher cannot be
+    started."""
     import sys
 
     from sandbox import IMPORT_ROOT
@@ -87,7 +108,7 @@ def watch_owner(root: Path, pod_id: str, container_id: str) -> ProcessHandle:
     pidfd = os.pidfd_open(owner.pid)
     argv = [sys.executable, "-S", "-m", "sandbox.run.owner_watch", str(pidfd), str(root)]
     try:
-        subprocess.Popen(
+        process = subprocess.Popen(
             [*argv, pod_id, container_id, f"{owner.pid}:{owner.start}"],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
@@ -96,10 +117,10 @@ def watch_owner(root: Path, pod_id: str, container_id: str) -> ProcessHandle:
             start_new_session=True,
             cwd="/",
             env={**os.environ, "PYTHONPATH": IMPORT_ROOT},
-        ).returncode = 0  # never waited for (silences Popen.__del__); its subreaper reaps it
+        )
     finally:
         os.close(pidfd)
-    return owner
+    return OwnerWatch(owner, process)
 
 
 def default_cgroup(root: Path, pod_id: str) -> str:
