@@ -202,9 +202,11 @@ class Runtime:
         terminal = bool(payload.get("terminal") or payload.get("process", {}).get("terminal"))
         self.master: int | None = None
         if terminal:
-            self.master, slave = os.openpty()
-            stdio = (slave, slave, slave)
-            child_ends = [slave]
+            # The runtime allocates the pty in the container (its devpts, as runc does) and
+            # sends the master with its ready line; until then its stdio is /dev/null.
+            null = os.open(os.devnull, os.O_RDWR)
+            stdio = (null, null, null)
+            child_ends = [null]
         else:
             in_r, self.stdin = os.pipe()
             self.stdout, out_w = os.pipe()
@@ -227,7 +229,9 @@ class Runtime:
         line = b""
         with contextlib.suppress(OSError):
             while not line.endswith(b"\n"):
-                chunk = self.control.recv(4096)
+                chunk, fds, _flags, _addr = socket.recv_fds(self.control, 4096, 1)
+                for fd in fds:  # the terminal's master, attached to ``ready``
+                    self.master = fd
                 if not chunk:
                     break
                 line += chunk
