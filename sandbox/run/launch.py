@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import signal
+import subprocess
 import time
 from pathlib import Path
 from typing import Any
@@ -76,57 +77,50 @@ def cacheable(spec: dict[str, Any], image: images.Image) -> bool:
 
 
 class OwnerWatch:
-    """The watcher :func:`watch_owner` started (pid :attr:`pid`): :attr:`owner` is this
-    process's handle, the pod's owner to record (:func:`boot_pod`)."""
+    """The watcher :func:`watch_owner` started: :attr:`owner` is this process's handle, the
+    pod's owner to record (:func:`boot_pod`)."""
 
-    def __init__(self, owner: ProcessHandle, pid: int) -> None:
+    def __init__(self, owner: ProcessHandle, process: subprocess.Popen[bytes]) -> None:
         self.owner = owner
-        self.pid = pid
+        self._process = process
+        process.returncode = 0  # never waited for unless dismissed (silences Popen.__del__)
 
     def dismiss(self) -> None:
         """Stop the watcher, reaped: this process undid what it started itself (a boot that
         failed and was rolled back, a run torn down in place), so nothing is left for it and
         nothing of the run outlives the command. Idempotent."""
         with contextlib.suppress(ProcessLookupError):
-            os.kill(self.pid, signal.SIGKILL)
+            os.kill(self._process.pid, signal.SIGKILL)  # Popen.kill: no-op, returncode is set
         with contextlib.suppress(ChildProcessError):
-            os.waitpid(self.pid, 0)
+            os.waitpid(self._process.pid, 0)
 
 
 def watch_owner(root: Path, pod_id: str, container_id: str) -> OwnerWatch:
     """Start the watcher of this process (:mod:`sandbox.run.owner_watch`): once we are gone,
     however we end, pod ``pod_id`` goes too while we are its recorded owner, and a detached
     run ``container_id`` we had not handed over is removed. OSError if the watcher cannot be
-    started.
-
-    Spawned with ``posix_spawn``, not ``subprocess.Popen``: a Popen's ``__del__`` may run
-    when a SIGTERM arrives, and the handler's SystemExit (the CLI's way to undo a start-up)
-    would be ignored there ("Exception ignored in Popen.__del__"), the command going on."""
+    started."""
     import sys
 
     from sandbox import IMPORT_ROOT
 
     owner = ProcessHandle.of(os.getpid())
-    pidfd = os.pidfd_open(owner.pid)  # inheritable only in the watcher (see file_actions)
+    pidfd = os.pidfd_open(owner.pid)
     argv = [sys.executable, "-S", "-m", "sandbox.run.owner_watch", str(pidfd), str(root)]
-    devnull = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
     try:
-        pid = os.posix_spawn(
-            sys.executable,
+        process = subprocess.Popen(
             [*argv, pod_id, container_id, f"{owner.pid}:{owner.start}"],
-            {**os.environ, "PYTHONPATH": IMPORT_ROOT},
-            file_actions=[
-                (os.POSIX_SPAWN_DUP2, devnull, 0),
-                (os.POSIX_SPAWN_DUP2, devnull, 1),
-                (os.POSIX_SPAWN_DUP2, devnull, 2),
-                (os.POSIX_SPAWN_DUP2, pidfd, pidfd),  # dup2 onto itself clears CLOEXEC
-            ],
-            setsid=True,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            pass_fds=(pidfd,),
+            start_new_session=True,
+            cwd="/",
+            env={**os.environ, "PYTHONPATH": IMPORT_ROOT},
         )
     finally:
-        os.close(devnull)
         os.close(pidfd)
-    return OwnerWatch(owner, pid)
+    return OwnerWatch(owner, process)
 
 
 def default_cgroup(root: Path, pod_id: str) -> str:

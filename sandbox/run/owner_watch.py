@@ -26,7 +26,6 @@ def main(argv: list[str]) -> None:
     if len(argv) != 5:
         sys.exit(2)
     pidfd, root, pod, container, owner = int(argv[0]), argv[1], argv[2], argv[3], argv[4]
-    os.chdir("/")  # pin no mount of the caller's working directory
     poller = select.poll()
     poller.register(pidfd, select.POLLIN)
     while not poller.poll():

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import enum
 import os
+import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -204,7 +205,11 @@ class ContainerRecord:
             record.dir.mkdir(mode=0o700)
         except FileExistsError:
             raise StateError(f"container {container_id} already exists") from None
-        record.save()
+        try:
+            record.save()
+        except BaseException:  # a signal turned into SystemExit, a full disk: ours, undone
+            shutil.rmtree(record.dir, ignore_errors=True)
+            raise
         return record
 
     @classmethod
