@@ -46,7 +46,7 @@ from sandbox.image import pull as image_pull
 from sandbox.image import store as images
 from sandbox.pod import host_cgroup
 from sandbox.pod.sharing import HeldSources, unshare_container_files
-from sandbox.run.launch import boot_pod, create_in_pod, watch_owner
+from sandbox.run.launch import boot_watched, create_in_pod
 from sandbox.run.monitor import MONITORED, load_run, release, run_lock, wait_shim
 from sandbox.run.spec import build_spec, check_options, parse_size
 from sandbox.runtime import control, delete, kill, shim, start
@@ -106,15 +106,7 @@ def _create(
     )
     try:
         state.write_json_atomic(record.dir / "config.json", spec)
-        try:
-            watch = watch_owner(root, name, name)
-        except OSError as exc:
-            raise RunError(f"cannot start the watcher of this run: {exc.strerror}") from None
-        try:
-            pod = boot_pod(root, name, args, spec, image, watch.owner)
-        except BaseException:
-            watch.dismiss()  # the boot rolled itself back; the record goes below
-            raise
+        pod, _watch = boot_watched(root, name, name, args, spec, image)
     except BaseException:
         # No VM of ours exists: the pod id may even be another run's, so no delete.delete.
         shutil.rmtree(record.dir, ignore_errors=True)

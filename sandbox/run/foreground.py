@@ -20,14 +20,14 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from sandbox.errors import EXIT_TIMEOUT, AgentError, RunError, SandboxError
+from sandbox.errors import EXIT_TIMEOUT, AgentError, SandboxError
 from sandbox.image import pull as image_pull
 from sandbox.image import store as images
 from sandbox.pod.agent_client import ContainerClient
 from sandbox.pod.lifecycle import Pod
 from sandbox.pod.sharing import HeldSources, unshare_container_files
 from sandbox.pod.stdio import StdioRelay
-from sandbox.run.launch import CONTAINER_ID, boot_pod, create_with, watch_owner
+from sandbox.run.launch import CONTAINER_ID, boot_watched, create_with
 from sandbox.run.spec import build_spec, check_options
 from sandbox.signal_forward import forwarding
 
@@ -63,15 +63,7 @@ def run(args: argparse.Namespace, root: Path) -> int:
     with HeldSources() as held:  # the sources as checked, until they are shared
         spec = build_spec(args, image, held)
         pod_id = args.name or f"run-{secrets.token_hex(6)}"
-        try:
-            watch = watch_owner(root, pod_id, CONTAINER_ID)
-        except OSError as exc:
-            raise RunError(f"cannot start the watcher of this run: {exc.strerror}") from None
-        try:
-            pod = boot_pod(root, pod_id, args, spec, image, watch.owner)
-        except BaseException:
-            watch.dismiss()  # the boot rolled itself back: nothing is left to tear down
-            raise
+        pod, watch = boot_watched(root, pod_id, CONTAINER_ID, args, spec, image)
         try:
             status = _run_in_pod(args, pod, spec, image, held)
         except BaseException:

@@ -95,6 +95,28 @@ class OwnerWatch:
             os.waitpid(self._process.pid, 0)
 
 
+def boot_watched(
+    root: Path,
+    pod_id: str,
+    container_id: str,
+    args: argparse.Namespace,
+    spec: dict[str, Any],
+    image: images.Image,
+) -> tuple[Pod, OwnerWatch]:
+    """:func:`watch_owner`, then :func:`boot_pod` with this process as the pod's owner; a
+    boot that fails (and so rolled itself back) dismisses the watcher. RunError if the
+    watcher cannot be started; the boot's errors as they are."""
+    try:
+        watch = watch_owner(root, pod_id, container_id)
+    except OSError as exc:
+        raise RunError(f"cannot start the watcher of this run: {exc.strerror}") from None
+    try:
+        return boot_pod(root, pod_id, args, spec, image, watch.owner), watch
+    except BaseException:
+        watch.dismiss()  # the boot rolled itself back: nothing is left to tear down
+        raise
+
+
 def watch_owner(root: Path, pod_id: str, container_id: str) -> OwnerWatch:
     """Start the watcher of this process (:mod:`sandbox.run.owner_watch`): once we are gone,
     however we end, pod ``pod_id`` goes too while we are its recorded owner, and a detached
