@@ -1303,7 +1303,11 @@ def test_run_of_a_terminal_bundle_without_console_socket_is_on_the_callers_termi
     subprocess.run(["runc", "spec"], cwd=bundle, check=True, timeout=30)
     spec = json.loads((bundle / "config.json").read_text())
     assert spec["process"]["terminal"] is True  # runc spec's default
-    spec["process"]["args"] = ["sh", "-c", "tty; stty size; ls /dev/pts; exit 3"]
+    # runc sets its pty's size only after it started the process (its signal handler's first
+    # resize): a ``stty size`` at once may read 0x0 (busybox then fails with a stale errno,
+    # "stty: standard input: No child processes", seen in CI). The second lets runc's resize
+    # land, so the reference is stable; we set the size before the start.
+    spec["process"]["args"] = ["sh", "-c", "sleep 1; tty; stty size; ls /dev/pts; exit 3"]
     (bundle / "config.json").write_text(json.dumps(spec))
     name = f"ttyrun-{os.getpid()}"
     expected = _on_a_pty(
