@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from sandbox import store as state
-from sandbox.cli import log
+from sandbox.cli import log, termination
 from sandbox.errors import ConfigError, SandboxError
 
 if TYPE_CHECKING:
@@ -102,14 +102,16 @@ def cmd_run(args: argparse.Namespace) -> int:
     # SIGTERM/SIGHUP while the VM boots undo the boot (the default action would leave QEMU,
     # virtiofsd and the proxy running); a foreground run forwards them to its container
     # once that is started.
-    _undo_on_termination()
+    termination.undo_on_termination()
     if args.bundle is not None:
         return _run_bundle(args)
     try:
         if args.detach:
             from sandbox.run import detached
 
-            return detached.run_detached(args, _root(args))
+            code = detached.run_detached(args, _root(args))
+            termination.finished()
+            return code
         from sandbox.run import foreground
 
         return foreground.run(args, _root(args))
@@ -169,11 +171,13 @@ def _run_bundle_with(
         if console is not None:
             console.receive()  # before start: the process starts with the caller's size
         start.start(root, args.image, warn=log.warner(args))
+        # From here on the container runs: a signal ends this call only (one kept from the
+        # start's last clean-up ends it now, and the container is deleted as above).
+        termination.default_termination()
     except BaseException:  # a failed or interrupted start: runc run destroys the container
         with contextlib.suppress(SandboxError):
             delete.delete(root, args.image, force=True, warn=log.warner(args))
         raise
-    _default_termination()  # from here on the container runs: a signal ends this call only
     if args.detach:
         return 0
     if console is not None:
@@ -190,7 +194,7 @@ def _run_bundle_with(
 def cmd_create(args: argparse.Namespace) -> int:
     from sandbox.runtime import create
 
-    _undo_on_termination()
+    termination.undo_on_termination()
     create.create(
         _root(args),
         args.id,
@@ -200,31 +204,8 @@ def cmd_create(args: argparse.Namespace) -> int:
         log.warner(args),
         systemd_cgroup=args.systemd_cgroup,
     )
+    termination.finished()
     return 0
-
-
-def _undo_on_termination() -> None:
-    """Make SIGTERM/SIGHUP end this call the way Ctrl-C does: as an exception, so that a
-    create that is stopped half-way undoes what it started (the default action would leave
-    a booting VM behind for ``delete --force`` to find). Exit status 128+N; a second signal
-    is ignored while the undo runs."""
-    import signal
-
-    def stop(signum: int, _frame: object) -> None:
-        for each in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
-            signal.signal(each, signal.SIG_IGN)
-        raise SystemExit(128 + signum)
-
-    for signum in (signal.SIGTERM, signal.SIGHUP):
-        signal.signal(signum, stop)
-
-
-def _default_termination() -> None:
-    """Undo :func:`_undo_on_termination`: SIGTERM/SIGHUP end the process again."""
-    import signal
-
-    for signum in (signal.SIGTERM, signal.SIGHUP):
-        signal.signal(signum, signal.SIG_DFL)
 
 
 def cmd_start(args: argparse.Namespace) -> int:
@@ -331,7 +312,7 @@ def cmd_pull(args: argparse.Namespace) -> int:
     """Pull an image; print ``repository@digest`` (what pulls exactly this image again)."""
     from sandbox.image import pull
 
-    _undo_on_termination()  # SIGTERM/SIGHUP: stop skopeo, remove the partial download
+    termination.undo_on_termination()  # SIGTERM/SIGHUP: stop skopeo, remove the partial download
     print(pull.pull(args.reference, pull.options_from(args)).pinned)
     return 0
 

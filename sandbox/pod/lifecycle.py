@@ -395,15 +395,18 @@ class Pod:
             ),
         )
         state.ensure_dir(root / "p")
+        reserved = False
         try:
-            pod.dir.mkdir(mode=0o700)  # reserves the id
-        except FileExistsError:
-            raise StateError(
-                f"pod {pod_id} already exists (a run or container of that name, or what a "
-                f"killed one left): see 'pysandbox --root {root} pod list'; 'pysandbox --root "
-                f"{root} pod stop {pod_id}' removes it"
-            ) from None
-        try:
+            with signals_held():  # reserved and known to be: a signal lands after both
+                try:
+                    pod.dir.mkdir(mode=0o700)  # reserves the id
+                except FileExistsError:
+                    raise StateError(
+                        f"pod {pod_id} already exists (a run or container of that name, or "
+                        f"what a killed one left): see 'pysandbox --root {root} pod list'; "
+                        f"'pysandbox --root {root} pod stop {pod_id}' removes it"
+                    ) from None
+                reserved = True
             pod.shared_dir.mkdir(mode=0o711)
             pod.save()
             placement = None
@@ -425,6 +428,8 @@ class Pod:
                 # limit during the boot would OOM-kill that QEMU (docs/cgroups.md).
                 cgroups.apply(placement, cgroups.pod_limits(placement.containers))
         except BaseException as exc:
+            if not reserved:
+                raise
             kept = pod._keep_console_log()
             pod.destroy()
             if isinstance(exc, AgentError) and kept is not None:
@@ -814,6 +819,10 @@ class Pod:
         """
         if self.status is PodStatus.STOPPED:
             return
+        with signals_held():  # a SIGTERM must not cut an undo in two: it comes after
+            self._destroy()
+
+    def _destroy(self) -> None:
         from sandbox.pod import network
 
         self._set_status_quietly(PodStatus.STOPPING)

@@ -39,7 +39,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from hypervisor.process import ProcessHandle
+from hypervisor.process import ProcessHandle, signals_held
 from sandbox import store as state
 from sandbox.errors import ConfigError, NotFoundError, RunError, SandboxError, StateError
 from sandbox.image import pull as image_pull
@@ -86,30 +86,33 @@ def _create(
     spec = build_spec(args, image, held)
     name = args.name or f"run-{secrets.token_hex(6)}"
     command = [str(a) for a in spec["process"]["args"]]
-    record = ContainerRecord.new(
-        root,
-        name,
-        {
-            "bundle": str(root / name),
-            "pod_id": name,
-            "owns_pod": True,
-            "terminal": False,
-            "annotations": {},
-            "rootfs": str(image.rootfs),
-            "run": {
-                "image": args.image,
-                "command": command,
-                "remove": bool(args.rm),
-                "timeout": args.timeout,
-            },
-        },
-    )
+    record: ContainerRecord | None = None
     try:
+        with signals_held():  # made and known to be: a signal lands after both
+            record = ContainerRecord.new(
+                root,
+                name,
+                {
+                    "bundle": str(root / name),
+                    "pod_id": name,
+                    "owns_pod": True,
+                    "terminal": False,
+                    "annotations": {},
+                    "rootfs": str(image.rootfs),
+                    "run": {
+                        "image": args.image,
+                        "command": command,
+                        "remove": bool(args.rm),
+                        "timeout": args.timeout,
+                    },
+                },
+            )
         state.write_json_atomic(record.dir / "config.json", spec)
         pod, _watch = boot_watched(root, name, name, args, spec, image)
     except BaseException:
         # No VM of ours exists: the pod id may even be another run's, so no delete.delete.
-        shutil.rmtree(record.dir, ignore_errors=True)
+        if record is not None:
+            shutil.rmtree(record.dir, ignore_errors=True)
         raise
     try:
         pod.record.containers = [name]

@@ -85,25 +85,27 @@ def create(
     # (owned by its user namespace, as runc's), and the pod network is configured in it.
     user_ns = spec.namespace("user")
     network_in_container = network_after_create and user_ns is not None and not user_ns.path
-    record = ContainerRecord.new(
-        root,
-        container_id,
-        {
-            "bundle": str(loaded.path),
-            "pod_id": pod_id,
-            "owns_pod": owns_pod,
-            "terminal": terminal,
-            "annotations": spec.annotations,
-            "rootfs": str(loaded.rootfs.resolve()),
-            # What later verbs run (runc too keeps the config of create): the bundle may
-            # change or be gone by then.
-            "hooks": hooks,
-            "network_after_create": network_after_create,
-            "network_in_container": network_in_container,
-        },
-    )
     pod: Pod | None = None
+    record: ContainerRecord | None = None
     try:
+        with signals_held():  # made and known to be: a signal lands after both
+            record = ContainerRecord.new(
+                root,
+                container_id,
+                {
+                    "bundle": str(loaded.path),
+                    "pod_id": pod_id,
+                    "owns_pod": owns_pod,
+                    "terminal": terminal,
+                    "annotations": spec.annotations,
+                    "rootfs": str(loaded.rootfs.resolve()),
+                    # What later verbs run (runc too keeps the config of create): the bundle may
+                    # change or be gone by then.
+                    "hooks": hooks,
+                    "network_after_create": network_after_create,
+                    "network_in_container": network_in_container,
+                },
+            )
         with pod_lock(root, pod_id):
             if owns_pod:
                 # The pod's network namespace (CNI, podman) is carried into the VM.
@@ -166,7 +168,8 @@ def create(
         if pid_file is not None:
             write_pid_file(pid_file, handle.pid)
     except BaseException:
-        teardown(root, record, pod)
+        if record is not None:
+            teardown(root, record, pod)
         raise
     return record
 
