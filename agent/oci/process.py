@@ -7,6 +7,7 @@ sequence; :func:`run_after_start` is the end of both runtimes (ready, start, exe
 from __future__ import annotations
 
 import errno
+import os
 
 from agent.oci import capabilities
 from agent.oci.errors import (
@@ -166,8 +167,9 @@ def finalize(sys: Syscalls, proc: Process, last_cap: int) -> tuple[str, list[str
             capabilities.drop_bounding(sys, caps, last_cap)
             # 6. Keep the permitted set across the uid change; capset trims it afterwards.
             sys.set_keepcaps(True)
-        # 7. Groups, then gid, then uid: each of the first two needs the privilege the last
-        #    one gives up.
+        # 7. The stdio becomes the user's (while we may still chown), then groups, then gid,
+        #    then uid: each needs the privilege the last one gives up.
+        give_stdio(sys, user.uid)
         try:
             sys.setgroups(list(user.additional_gids))
         except PermissionError:
@@ -193,6 +195,34 @@ def finalize(sys: Syscalls, proc: Process, last_cap: int) -> tuple[str, list[str
     # 11. Find the program now, as that user, so "not found" is an error of create, not a
     #     silent exit 127 after start.
     return lookup(sys, proc.args[0], env), env
+
+
+#: st_rdev of /dev/null (1:3 on every Linux): stdio redirected there is left alone.
+_DEV_NULL = os.makedev(1, 3)
+
+
+def give_stdio(sys: Syscalls, uid: int) -> None:
+    """Make descriptors 0, 1 and 2 owned by ``uid`` (the process's, in its user namespace), as runc
+    does before it drops root: a pipe or pty the runtime made is root's with mode 0600/0620,
+    so a non-root process could not reopen it (``echo > /dev/stdout``, a log file symlinked
+    there, ``tty`` ownership). Only the owner changes (the gid stays, e.g. devpts' ``tty``);
+    /dev/null and descriptors the user owns already are skipped; EINVAL (an id not mapped in
+    the user namespace), EPERM (an owner not mapped) and EROFS are ignored, as runc ignores
+    them. Other errors raise OSError."""
+    for fd in (0, 1, 2):
+        try:
+            owner, rdev = sys.fstat_owner(fd)
+        except OSError as exc:
+            if exc.errno == errno.EBADF:
+                continue
+            raise
+        if owner == uid or rdev == _DEV_NULL:
+            continue
+        try:
+            sys.fchown(fd, uid, -1)
+        except OSError as exc:
+            if exc.errno not in (errno.EINVAL, errno.EPERM, errno.EROFS):
+                raise
 
 
 def _load_seccomp(sys: Syscalls, proc: Process) -> None:

@@ -222,6 +222,14 @@ class Syscalls(abc.ABC):
     def chown(self, path: str, uid: int, gid: int) -> None: ...
 
     @abc.abstractmethod
+    def fstat_owner(self, fd: int) -> tuple[int, int]:
+        """(st_uid, st_rdev) of open descriptor ``fd``."""
+
+    @abc.abstractmethod
+    def fchown(self, fd: int, uid: int, gid: int) -> None:
+        """fchown(2); -1 keeps that id."""
+
+    @abc.abstractmethod
     def symlink(self, target: str, path: str) -> None: ...
 
     @abc.abstractmethod
@@ -493,6 +501,19 @@ class LinuxSyscalls(Syscalls):
             os.chown(path, uid, gid, follow_symlinks=False)
         except OSError as exc:
             raise self._wrap(exc, f"chown {path}") from exc
+
+    def fstat_owner(self, fd: int) -> tuple[int, int]:
+        try:
+            found = os.fstat(fd)
+        except OSError as exc:
+            raise self._wrap(exc, f"fstat fd {fd}") from exc
+        return found.st_uid, found.st_rdev
+
+    def fchown(self, fd: int, uid: int, gid: int) -> None:
+        try:
+            os.fchown(fd, uid, gid)
+        except OSError as exc:
+            raise self._wrap(exc, f"fchown fd {fd}") from exc
 
     def symlink(self, target: str, path: str) -> None:
         try:
@@ -840,6 +861,8 @@ class RecordingSyscalls(Syscalls):
         self.fail: dict[str, int] = {}
         self.forks = list(forks or [])
         self.statuses: dict[int, int] = {}
+        #: (st_uid, st_rdev) ``fstat_owner`` reports per descriptor (default root's pipe).
+        self.stdio_owners: dict[int, tuple[int, int]] = {}
         #: What successive ``run_hook`` calls return (default: exit 0, no output).
         self.hook_results: list[tuple[int | None, bytes, bytes]] = []
         self.pid = pid
@@ -900,6 +923,12 @@ class RecordingSyscalls(Syscalls):
 
     def chown(self, path: str, uid: int, gid: int) -> None:
         self._record("chown", path, uid, gid)
+
+    def fstat_owner(self, fd: int) -> tuple[int, int]:
+        return self.stdio_owners.get(fd, (0, 0))
+
+    def fchown(self, fd: int, uid: int, gid: int) -> None:
+        self._record("fchown", fd, uid, gid)
 
     def symlink(self, target: str, path: str) -> None:
         self._record("symlink", target, path)

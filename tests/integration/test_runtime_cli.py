@@ -1318,3 +1318,45 @@ def test_run_of_a_terminal_bundle_without_console_socket_is_on_the_callers_termi
         expected
     )
     assert_nothing_left(runtime, name)
+
+
+def test_a_non_root_process_owns_its_stdio_as_under_runc(runtime: Runtime, tmp_path: Path) -> None:
+    """runc gives the process's user its stdio (the pipes it made, the pty) before it drops
+    root, so a non-root process can reopen them: ``echo > /dev/stdout``, a log file
+    symlinked to /dev/stdout (nginx and many images). Ours were root's pipes (mode 0600):
+    "can't create /dev/stdout: Permission denied". Pipes and terminal, against runc."""
+    if shutil.which("runc") is None:
+        pytest.fail("runc is missing: run 'make deps' (Debian's containerd package brings it)")
+    bundle = tmp_path / "bundle"
+    bundle.mkdir()
+    shutil.copytree(images.ensure_default_image(), bundle / "rootfs", symlinks=True)
+    subprocess.run(["runc", "spec"], cwd=bundle, check=True, timeout=30)
+    spec = json.loads((bundle / "config.json").read_text())
+    spec["process"]["user"] = {"uid": 1000, "gid": 1000}
+    show = "stat -L -c '%u %g %a' /proc/self/fd/0 /proc/self/fd/1 /proc/self/fd/2"
+    spec["process"]["terminal"] = False
+    spec["process"]["args"] = ["sh", "-c", f"echo out > /dev/stdout; echo err >&2; {show}"]
+    (bundle / "config.json").write_text(json.dumps(spec))
+    name = f"stdio-{os.getpid()}"
+
+    def outcome(argv: list[str]) -> tuple[int, str, str]:
+        done = subprocess.run(
+            argv, cwd=bundle, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=150
+        )
+        return done.returncode, done.stdout, done.stderr
+
+    runc = ["runc", "--root", str(tmp_path / "runc-state"), "run", name]
+    expected = outcome(runc)
+    assert expected == (0, "out\n" + "1000 0 600\n" * 3, "err\n"), expected
+    assert outcome(runtime.argv("run", "--bundle", str(bundle), name)) == expected
+    assert_nothing_left(runtime, name)
+
+    spec["process"]["terminal"] = True
+    spec["process"]["args"] = ["sh", "-c", f"echo out > /dev/stdout; {show}"]
+    (bundle / "config.json").write_text(json.dumps(spec))
+    expected_tty = _on_a_pty(runc, bundle, 24, 80)
+    assert expected_tty == (0, b"out\r\n" + b"1000 5 620\r\n" * 3), expected_tty
+    assert _on_a_pty(runtime.argv("run", "--bundle", str(bundle), name), bundle, 24, 80) == (
+        expected_tty
+    )
+    assert_nothing_left(runtime, name)

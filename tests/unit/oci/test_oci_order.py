@@ -216,6 +216,10 @@ def test_typical_container_in_order() -> None:
         ("set_no_new_privs",),
         *drops_except(0, 5),
         ("set_keepcaps", True),
+        # The stdio (root's pipes) becomes the user's before root is given up.
+        ("fchown", 0, 1000, -1),
+        ("fchown", 1, 1000, -1),
+        ("fchown", 2, 1000, -1),
         ("setgroups", [10]),
         ("setresgid", 1000),
         ("setresuid", 1000),
