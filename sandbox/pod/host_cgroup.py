@@ -51,6 +51,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from hypervisor.process import signals_held
 from sandbox.errors import ConfigError
 
 #: Controllers a pod needs on the host: its memory limit and its CPU quota.
@@ -470,7 +471,9 @@ def _make_dirs(target: Path, placement: Placement) -> None:
         if placement.version == "v2":
             _enable_controllers(d.parent)
         try:
-            d.mkdir()
+            with signals_held():  # made and recorded: a SIGTERM lands after both
+                d.mkdir()
+                placement.created.append(str(d))
         except (FileExistsError, FileNotFoundError):
             if not d.is_dir() and not d.parent.exists():
                 raise FileNotFoundError(d) from None
@@ -486,7 +489,6 @@ def _make_dirs(target: Path, placement: Placement) -> None:
                 "cgroupsPath below a cgroup this runtime may create in (check the mount and "
                 "its permissions)"
             ) from None
-        placement.created.append(str(d))
         if placement.version == "v1" and d.parent.joinpath("cpuset.cpus").exists():
             _copy_cpuset(d)
     if placement.version == "v2":
