@@ -62,12 +62,15 @@ def _retry(_signum: int, _frame: FrameType | None) -> None:
 
 def undo_on_termination() -> None:
     """From now on SIGTERM/SIGHUP raise ``SystemExit(128 + signum)`` in the main thread,
-    outside finalisers and ``__exit__`` (module docstring). Main thread only (signal.signal
-    raises ValueError elsewhere)."""
+    outside finalisers and ``__exit__`` (module docstring). One this process was started
+    with ignored stays ignored (``nohup`` ignores SIGHUP: the command must outlive its
+    terminal; POSIX keeps ignored signals ignored across exec for that). Main thread only
+    (signal.signal raises ValueError elsewhere)."""
     _pending.clear()
     signal.signal(signal.SIGALRM, _retry)
     for signum in _TERMINATING:
-        signal.signal(signum, _stop)
+        if signal.getsignal(signum) != signal.SIG_IGN:
+            signal.signal(signum, _stop)
 
 
 def default_termination() -> None:
@@ -90,5 +93,6 @@ def finished() -> None:
 def _restore(action: signal.Handlers) -> None:
     signal.setitimer(signal.ITIMER_REAL, 0)
     for signum in _TERMINATING:
-        signal.signal(signum, action)
+        if signal.getsignal(signum) != signal.SIG_IGN:
+            signal.signal(signum, action)
     signal.signal(signal.SIGALRM, signal.SIG_DFL)

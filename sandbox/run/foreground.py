@@ -142,11 +142,14 @@ def _resize(client: ContainerClient) -> None:
 def _forward_signals(
     client: ContainerClient, terminal: bool
 ) -> contextlib.AbstractContextManager[None]:
-    """Forward SIGINT/SIGTERM/SIGHUP to the container (and window size changes)."""
-    actions: dict[int, Callable[[int], None]] = dict.fromkeys(
-        (signal.SIGINT, signal.SIGTERM, signal.SIGHUP),
-        lambda signum: _signal_quietly(client, signum),
-    )
+    """Forward SIGINT/SIGTERM/SIGHUP to the container (and window size changes), except one
+    this process ignores: it was started with it ignored (a shell's background job ignores
+    SIGINT, ``nohup`` SIGHUP), so its container is not to get it either."""
+    actions: dict[int, Callable[[int], None]] = {
+        signum: lambda signum: _signal_quietly(client, signum)
+        for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+        if signal.getsignal(signum) != signal.SIG_IGN
+    }
     if terminal:
         actions[signal.SIGWINCH] = lambda _signum: _resize(client)
     return forwarding(actions)

@@ -438,6 +438,43 @@ def test_sigint_is_forwarded_and_exit_status_is_130(root: Path) -> None:
     assert _torn_down(root)
 
 
+def _ignore_int_and_hup() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+
+
+def test_signals_ignored_at_start_stay_ignored_during_boot_and_run(root: Path) -> None:
+    """A shell's background job (``cmd &``) starts with SIGINT ignored, ``nohup`` with SIGHUP
+    ignored, so that Ctrl-C or a closed terminal leaves it running: a run started so keeps
+    running, through its boot and in its container, where neither is forwarded (``nohup
+    pysandbox run`` was undone by the hang-up; SIGINT was ignored during the boot and then
+    forwarded). As a program run directly under ``nohup sh -c ... &`` on the host behaves."""
+    script = 'trap "echo got INT" INT; trap "echo got HUP" HUP; echo ready; sleep 2; echo done'
+    argv = [sys.executable, "-m", "sandbox", "--root", str(root), "run", "default", "sh", "-c"]
+    proc = subprocess.Popen(
+        [*argv, script],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        cwd=ROOT,
+        preexec_fn=_ignore_int_and_hup,
+    )
+    try:
+        time.sleep(0.5)  # booting
+        proc.send_signal(signal.SIGINT)
+        proc.send_signal(signal.SIGHUP)
+        assert proc.stdout is not None
+        assert proc.stdout.readline() == b"ready\n"
+        proc.send_signal(signal.SIGINT)
+        proc.send_signal(signal.SIGHUP)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert (proc.returncode, out, err) == (0, b"done\n", b"")
+    assert _torn_down(root)
+
+
 def test_a_name_can_be_run_again_right_after_its_run_exits(root: Path) -> None:
     # The first run's VM is still being torn down when the second starts: it waits for it.
     first = run(root, "--name", "again", "default", "sh", "-c", "echo one > /dev/null")

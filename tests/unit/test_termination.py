@@ -3,6 +3,7 @@ thread, never inside a finaliser or ``__exit__`` (where Python loses it or cuts 
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
 import textwrap
@@ -10,7 +11,12 @@ import textwrap
 from sandbox import IMPORT_ROOT
 
 
-def _run(body: str) -> subprocess.CompletedProcess[str]:
+def _ignore(signals: tuple[int, ...]) -> None:
+    for each in signals:
+        signal.signal(each, signal.SIG_IGN)
+
+
+def _run(body: str, ignored: tuple[int, ...] = ()) -> subprocess.CompletedProcess[str]:
     script = textwrap.dedent(
         """
         import os, signal, time
@@ -29,6 +35,7 @@ def _run(body: str) -> subprocess.CompletedProcess[str]:
         text=True,
         timeout=30,
         cwd=IMPORT_ROOT,
+        preexec_fn=lambda: _ignore(ignored),
     )
 
 
@@ -117,3 +124,19 @@ def test_a_signal_kept_from_the_last_clean_up_is_raised_where_the_start_up_is_un
         """
     )
     assert (done.returncode, done.stdout) == (143, "undone 143\n")
+
+
+def test_a_signal_ignored_at_start_stays_ignored() -> None:
+    """``nohup`` starts the command with SIGHUP ignored: it must outlive its terminal."""
+    done = _run(
+        """
+        assert signal.getsignal(signal.SIGHUP) == signal.SIG_IGN
+        os.kill(os.getpid(), signal.SIGHUP)
+        time.sleep(0.2)
+        termination.finished()
+        assert signal.getsignal(signal.SIGHUP) == signal.SIG_IGN
+        print("went on", flush=True)
+        """,
+        ignored=(signal.SIGHUP,),
+    )
+    assert (done.returncode, done.stdout, done.stderr) == (0, "went on\n", "")
