@@ -538,16 +538,21 @@ def _run_on_a_pty(
 
 
 def test_tty_is_a_real_terminal_with_resize_and_ctrl_c(root: Path) -> None:
+    # The container waits (up to 30 s) for the new size before it reads: the resize is
+    # asynchronous (SIGWINCH to run, an RPC, the guest's TIOCSWINSZ), a fixed sleep lost the
+    # race on a loaded host.
     script = (
-        'tty; stty size; echo ready; read line; stty size; echo "got $line"; '
-        'trap "echo got INT; exit 130" INT; echo waiting; while :; do sleep 0.2; done'
+        'tty; stty size; echo ready; i=0; while [ "$(stty size)" = "31 97" ] && '
+        "[ $i -lt 300 ]; do sleep 0.1; i=$((i+1)); done; echo resized; read line; stty size; "
+        'echo "got $line"; trap "echo got INT; exit 130" INT; echo waiting; '
+        "while :; do sleep 0.2; done"
     )
     pid, master = _run_on_a_pty(root, ["-i", "-t", "default", "sh", "-c", script], (31, 97))
     output = bytearray()
     try:
         assert _read_until(master, output, b"ready"), bytes(output)
         _set_size(master, 40, 120)  # SIGWINCH to run, which resizes the guest terminal
-        time.sleep(1.0)
+        assert _read_until(master, output, b"resized"), bytes(output)
         os.write(master, b"hello\r")
         assert _read_until(master, output, b"waiting"), bytes(output)
         os.write(master, b"\x03")  # Ctrl-C: the guest terminal makes it SIGINT
@@ -559,7 +564,17 @@ def test_tty_is_a_real_terminal_with_resize_and_ctrl_c(root: Path) -> None:
     lines = bytes(output).decode(errors="replace").replace("\r", "").split("\n")
     assert lines[0] == "/dev/pts/0", lines  # runc's: the container's own pty, /dev/console too
     # The guest terminal echoes the typed line, and Ctrl-C as ^C.
-    expected = ["31 97", "ready", "hello", "40 120", "got hello", "waiting", "^Cgot INT", ""]
+    expected = [
+        "31 97",
+        "ready",
+        "resized",
+        "hello",
+        "40 120",
+        "got hello",
+        "waiting",
+        "^Cgot INT",
+        "",
+    ]
     assert lines[1:] == expected, lines
     assert _torn_down(root)
 
