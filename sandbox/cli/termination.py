@@ -6,10 +6,10 @@ would leave a booting VM for ``delete --force`` to find). The signal becomes ``S
 made — but Python runs a handler between any two bytecodes, finalisers included: raised
 inside an object's ``__del__`` the exception is printed ("Exception ignored in ...") and
 lost, and the command goes on as if never signalled; raised inside a context manager's
-``__exit__`` it cuts a clean-up (a release, a move out of a cgroup) in two. So while the
-main thread runs a ``__del__`` or ``__exit__`` the signal is kept and tried again
-:data:`RETRY_SECONDS` later (``SIGALRM`` from an interval timer), until the interrupted code
-is outside them. Blocks that must not be cut at all use
+``__exit__`` it cuts a clean-up (a release, a move out of a cgroup) in two; raised in a
+descriptor's ``__set_name__`` it becomes a RuntimeError. So while the main thread runs one
+of these the signal is kept and tried again :data:`RETRY_SECONDS` later (``SIGALRM`` from an
+interval timer), until the interrupted code is outside them. Blocks that must not be cut at all use
 :func:`hypervisor.process.signals_held`, which re-raises the signal at its end (and so
 comes back here).
 
@@ -24,8 +24,10 @@ from types import FrameType
 #: Seconds between tries of a signal that arrived in a finaliser or ``__exit__``.
 RETRY_SECONDS = 0.05
 
-#: Code names of frames in which the exception is not raised (see the module's docstring).
-_CLEAN_UP_FRAMES = frozenset({"__del__", "__exit__", "__aexit__"})
+#: Code names of frames in which the exception is not raised (see the module's docstring;
+#: Python 3.11 wraps an exception raised in ``__set_name__`` — a dataclass field's, while a
+#: module is imported — into RuntimeError: "Error calling __set_name__ ...").
+_CLEAN_UP_FRAMES = frozenset({"__del__", "__exit__", "__aexit__", "__set_name__"})
 
 _TERMINATING = (signal.SIGTERM, signal.SIGHUP)
 

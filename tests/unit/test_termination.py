@@ -140,3 +140,24 @@ def test_a_signal_ignored_at_start_stays_ignored() -> None:
         ignored=(signal.SIGHUP,),
     )
     assert (done.returncode, done.stdout, done.stderr) == (0, "went on\n", "")
+
+
+def test_a_signal_while_a_class_is_made_stops_the_command_after_it() -> None:
+    """A SIGTERM during an import, in a dataclass field's ``__set_name__``: Python 3.11 made
+    it a RuntimeError ("Error calling __set_name__"; a create exited 1, internal error)."""
+    done = _run(
+        """
+        class Named:
+            def __set_name__(self, owner, name):
+                term_now_and_wait()
+
+        try:
+            class Made:
+                field = Named()
+            time.sleep(2)
+            print("went on", flush=True)
+        finally:
+            print("undone", flush=True)
+        """
+    )
+    assert (done.returncode, done.stdout, done.stderr) == (143, "undone\n", "")
