@@ -22,9 +22,9 @@ costs more than the whole parse under TCG emulation.
 Read but not applied by the in-guest runtime's steps: hooks (validated here; startContainer
 hooks run by :mod:`agent.oci.hooks`, the others on the host) and annotations (the host reads
 the CRI ones). Ignored, on purpose: apparmor/selinux labels (the guest kernel has no LSM
-policy), linux.cgroupsPath (the agent chooses the cgroup), consoleSize (the agent resizes the
-pty), intelRdt, personality, network resources, blockIO per-device weights and throttles (they
-name host block devices, which do not exist in the guest).
+policy), linux.cgroupsPath (the agent chooses the cgroup), intelRdt, personality, network
+resources, blockIO per-device weights and throttles (they name host block devices, which do
+not exist in the guest).
 """
 
 from __future__ import annotations
@@ -259,6 +259,7 @@ class Process:
     __slots__ = (
         "args",
         "capabilities",
+        "console_size",
         "cwd",
         "env",
         "no_new_privileges",
@@ -281,6 +282,7 @@ class Process:
         no_new_privileges: bool = False,
         oom_score_adj: int | None = None,
         seccomp: SeccompFilter | None = None,
+        console_size: tuple[int, int] | None = None,
     ) -> None:
         self.args = args
         self.env = env
@@ -292,6 +294,9 @@ class Process:
         self.no_new_privileges = no_new_privileges
         self.oom_score_adj = oom_score_adj
         self.seccomp = seccomp
+        #: (rows, columns) of the terminal from its first moment (``consoleSize``; None
+        #: without a terminal or a size), each at most 65535 (struct winsize).
+        self.console_size = console_size
 
 
 class Resources:
@@ -559,12 +564,13 @@ def parse_process(value: object, where: str = "process") -> Process:
     cwd = _abspath(proc.get("cwd", "/") or "/", f"{where}.cwd")
     oom = proc.get("oomScoreAdj")
     profile = proc.get("seccomp")
+    terminal = _bool(proc.get("terminal"), f"{where}.terminal")
     return Process(
         args=args,
         env=env,
         cwd=cwd,
         user=parse_user(proc.get("user"), f"{where}.user"),
-        terminal=_bool(proc.get("terminal"), f"{where}.terminal"),
+        terminal=terminal,
         capabilities=parse_capabilities(proc.get("capabilities"), f"{where}.capabilities"),
         rlimits=parse_rlimits(proc.get("rlimits"), f"{where}.rlimits"),
         no_new_privileges=_bool(proc.get("noNewPrivileges"), f"{where}.noNewPrivileges"),
@@ -572,7 +578,22 @@ def parse_process(value: object, where: str = "process") -> Process:
         seccomp=None
         if profile is None
         else seccomp.compile(_obj(profile, f"{where}.seccomp"), at=f"{where}.seccomp"),
+        console_size=_console_size(proc.get("consoleSize"), f"{where}.consoleSize")
+        if terminal
+        else None,
     )
+
+
+def _console_size(value: object, where: str) -> tuple[int, int] | None:
+    """``consoleSize`` as (rows, columns): runtime-spec config.md, "Process" (height and
+    width, uint, both required; ignored without a terminal). A struct winsize holds 16 bits:
+    larger values are taken as 65535, as no terminal is that large."""
+    if value is None:
+        return None
+    size = _obj(value, where)
+    height = _uint32(size.get("height"), f"{where}.height")
+    width = _uint32(size.get("width"), f"{where}.width")
+    return min(height, 0xFFFF), min(width, 0xFFFF)
 
 
 def parse_mount(value: object, where: str) -> Mount:

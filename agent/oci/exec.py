@@ -122,7 +122,7 @@ def exec_process(
     except OSError as exc:
         raise SetupError.from_os("setting up the session", exc) from exc
     if process.terminal:
-        proc_steps.attach_terminal(sys, sync)
+        proc_steps.attach_terminal(sys, sync, process.console_size)
     # 8. rlimits, no_new_privs, seccomp, capabilities, user, umask, cwd, lookup.
     executable, env = proc_steps.finalize(sys, process, cap_last)
     # 9. Release A, then ready / start / execve.

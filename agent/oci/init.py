@@ -193,7 +193,7 @@ def create_container(
     #      /dev/console; its master goes to the agent with ``ready``. After the user's
     #      mounts (its devpts), before the root turns read-only: runc's order.
     if process.terminal:
-        pty = proc_steps.attach_terminal(sys, sync)
+        pty = proc_steps.attach_terminal(sys, sync, process.console_size)
         if not dev_is_bind:
             rootfs.bind_console(sys, "", pty)
     # 17. An explicit rootfsPropagation (e.g. shared) applies to the new / as well.

@@ -233,9 +233,10 @@ def _load_seccomp(sys: Syscalls, proc: Process) -> None:
         raise SetupError.from_os("seccomp: loading the filter", exc) from exc
 
 
-def attach_terminal(sys: Syscalls, sync: Sync) -> str:
+def attach_terminal(sys: Syscalls, sync: Sync, size: tuple[int, int] | None = None) -> str:
     """Give the process a pty of the container's own, as runc does: a new pty from the
-    ``/dev/ptmx`` of the mount namespace we are in (the container's devpts instance), its
+    ``/dev/ptmx`` of the mount namespace we are in (the container's devpts instance), of
+    ``size`` (rows, columns: the process's ``consoleSize``) from its first moment, its
     peer on fds 0-2 and our controlling terminal (we must lead a session already), its
     master kept in ``sync`` for the ``ready`` line. Returns the peer's path (``/dev/pts/N``,
     for /dev/console). SetupError on failure."""
@@ -245,6 +246,8 @@ def attach_terminal(sys: Syscalls, sync: Sync) -> str:
         raise SetupError.from_os("allocating the terminal", exc) from exc
     sync.console = master
     try:
+        if size is not None:
+            sys.set_window_size(master, *size)
         for target in (0, 1, 2):
             sys.dup2(peer, target)
         sys.close(peer)

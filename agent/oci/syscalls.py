@@ -105,10 +105,11 @@ PR_CAP_AMBIENT = 47
 PR_CAP_AMBIENT_RAISE = 2
 PR_CAP_AMBIENT_CLEAR_ALL = 4
 TIOCSCTTY = 0x540E
-#: ioctls of a pty master (asm-generic/ioctls.h): its number, unlock, open the peer.
+#: ioctls of a pty master (asm-generic/ioctls.h): its number, unlock, open the peer, size.
 TIOCGPTN = 0x80045430
 TIOCSPTLCK = 0x40045431
 TIOCGPTPEER = 0x5441
+TIOCSWINSZ = 0x5414
 _LINUX_CAPABILITY_VERSION_3 = 0x20080522
 _SECCOMP_SET_MODE_FILTER = 1
 _CLOSE_RANGE_CLOEXEC = 1 << 2
@@ -285,6 +286,10 @@ class Syscalls(abc.ABC):
         """A new pty from ``/dev/ptmx`` as this process resolves it (the container's devpts
         instance once inside its mount namespace): ``(master, peer, peer's path)``, both fds
         close-on-exec and opened O_NOCTTY, the path ``/dev/pts/N``. OSError on failure."""
+
+    @abc.abstractmethod
+    def set_window_size(self, fd: int, rows: int, cols: int) -> None:
+        """TIOCSWINSZ on terminal ``fd`` (tty_ioctl(4))."""
 
     @abc.abstractmethod
     def dup2(self, fd: int, target: int) -> None:
@@ -611,6 +616,15 @@ class LinuxSyscalls(Syscalls):
             os.close(master)
             raise self._wrap(exc, "allocating a pty from /dev/ptmx") from exc
         return master, peer, f"/dev/pts/{number}"
+
+    def set_window_size(self, fd: int, rows: int, cols: int) -> None:
+        import fcntl
+        import struct
+
+        try:
+            fcntl.ioctl(fd, TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
+        except OSError as exc:
+            raise self._wrap(exc, "setting the terminal's size") from exc
 
     def dup2(self, fd: int, target: int) -> None:
         os.dup2(fd, target, inheritable=True)
@@ -987,6 +1001,9 @@ class RecordingSyscalls(Syscalls):
         master, peer = self._fd(), self._fd()
         self._record("open_pty", master, peer)
         return master, peer, "/dev/pts/3"
+
+    def set_window_size(self, fd: int, rows: int, cols: int) -> None:
+        self._record("set_window_size", fd, rows, cols)
 
     def dup2(self, fd: int, target: int) -> None:
         self._record("dup2", fd, target)

@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from sandbox import terminal_size
 from sandbox.errors import EXIT_TIMEOUT, AgentError, SandboxError
 from sandbox.image import pull as image_pull
 from sandbox.image import store as images
@@ -89,6 +90,13 @@ def _run_in_pod(
     image: images.Image,
     held: HeldSources,
 ) -> int:
+    terminal = args.tty and sys.stdin.isatty()
+    if terminal:
+        # The container's terminal has ours size from its first moment (docker's ConsoleSize;
+        # a resize after the start raced a quick ``stty size``, which read 0 x 0).
+        size = terminal_size.console_size(terminal_size.of_caller((sys.stdin.fileno(),)))
+        if size is not None:
+            spec = {**spec, "process": {**spec["process"], "consoleSize": size}}
     with pod.client() as client:
         # Without -i nothing is relayed to stdin: create, start and EOF on stdin are one call
         # (the output waits in the guest's pipes until the relay reads it).
@@ -107,7 +115,6 @@ def _run_in_pod(
         relay = StdioRelay(
             client, CONTAINER_ID, "", stdin, sys.stdout.fileno(), sys.stderr.fileno(), args.tty
         )
-        terminal = args.tty and sys.stdin.isatty()
         # Raw only when the keys go to the container (-i): with -t alone the local terminal
         # keeps its line discipline, so Ctrl-C is a SIGINT here, forwarded (docker run -t).
         with _raw_terminal(terminal and args.interactive), _forward_signals(client, terminal):

@@ -102,6 +102,14 @@ def exec_process(
         raise ConfigError(f"exec: {exc.message}") from None
     if terminal and detach and console_socket is None:
         raise ConfigError("exec with a terminal needs --console-socket")
+    if terminal and not detach and "consoleSize" not in process:
+        # The process's terminal has ours size from its first moment (docker exec -t; runc
+        # sizes it only after the start, so a quick ``stty size`` may read 0 x 0).
+        from sandbox import terminal_size
+
+        size = terminal_size.console_size(terminal_size.of_caller())
+        if size is not None:
+            process = {**process, "consoleSize": size}
     exec_id = f"exec-{os.urandom(8).hex()}"  # not secrets: its import costs 3-5 ms here
     document = guest_document(process, "process")
     try:

@@ -713,6 +713,26 @@ def test_terminal_is_a_pty_of_the_containers_devpts_with_a_console() -> None:
     assert ("write", SYNC, b"ready 4242\n") not in calls
 
 
+def test_a_terminal_has_the_console_size_before_anything_runs_on_it() -> None:
+    """process.consoleSize (runtime-spec config.md) sizes the pty right after it is made,
+    before its peer becomes the process's stdio: a quick ``stty size`` read 0 x 0 when the
+    host resized it after the start."""
+    spec = typical_spec()
+    spec["process"]["terminal"] = True
+    spec["process"]["consoleSize"] = {"height": 31, "width": 97}
+    system = fake()
+    run_init(system, spec)
+    names = system.names()
+    pty = names.index("open_pty")
+    _, master, _peer = system.calls[pty]
+    assert system.calls[pty + 1] == ("set_window_size", master, 31, 97)
+    without = typical_spec()
+    without["process"]["terminal"] = True
+    system = fake()
+    run_init(system, without)
+    assert "set_window_size" not in system.names()
+
+
 def test_without_a_terminal_no_pty_and_a_plain_ready() -> None:
     system = fake()
     run_init(system, typical_spec())

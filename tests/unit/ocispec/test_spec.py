@@ -354,3 +354,26 @@ def test_parse_process_alone_with_the_seccomp_extension() -> None:
         {"args": ["ls"], "seccomp": {"defaultAction": "SCMP_ACT_ALLOW"}}, "process"
     )
     assert proc.cwd == "/" and proc.seccomp is not None
+
+
+def test_console_size_only_with_a_terminal_and_within_a_winsize() -> None:
+    """runtime-spec config.md: consoleSize (height, width: uint) is ignored without a
+    terminal; struct winsize holds 16 bits, so larger values are taken as 65535."""
+    base = {"args": ["sh"], "cwd": "/", "user": {"uid": 0, "gid": 0}}
+    size = {"height": 24, "width": 80}
+    on = spec_mod.parse_process({**base, "terminal": True, "consoleSize": size})
+    assert on.console_size == (24, 80)
+    assert spec_mod.parse_process({**base, "consoleSize": size}).console_size is None
+    assert spec_mod.parse_process({**base, "terminal": True}).console_size is None
+    huge = {"height": 70000, "width": 2**32 - 1}
+    assert spec_mod.parse_process({**base, "terminal": True, "consoleSize": huge}).console_size == (
+        65535,
+        65535,
+    )
+    for bad, message in (
+        ({"height": 24}, "process.consoleSize.width: expected an integer"),
+        ({"height": -1, "width": 80}, "process.consoleSize.height: -1 is out of range"),
+        ("24x80", "process.consoleSize: expected an object"),
+    ):
+        with pytest.raises(SpecError, match=message):
+            spec_mod.parse_process({**base, "terminal": True, "consoleSize": bad})
