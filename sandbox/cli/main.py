@@ -255,6 +255,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     this process is the command: ``run`` ends it with :func:`_exit_now`; a caller passing
     ``argv`` gets SystemExit as from every verb)."""
     as_program = argv is None
+    if as_program:
+        _reopen_closed_stdio()
     argv = list(sys.argv[1:] if argv is None else argv)
     _Parser.log_flags = _log_flags(argv)
     verb = _verb_of(argv)
@@ -283,6 +285,27 @@ def main(argv: Sequence[str] | None = None) -> None:
     if verb == "run" and as_program:
         _exit_now(code)
     sys.exit(code)
+
+
+def _reopen_closed_stdio() -> None:
+    """A standard descriptor this process was started without (``cmd <&-``, ``>&-``) becomes
+    /dev/null, and Python's stream for it (None then) is made again: the command runs, as
+    docker's does, its output to that stream dropped; and no file we open later takes fd 0-2
+    by accident (a pipe or socket of ours read or written as if it were stdio)."""
+    streams = (("stdin", "r"), ("stdout", "w"), ("stderr", "w"))
+    for fd, (name, mode) in enumerate(streams):
+        try:
+            os.fstat(fd)
+            continue
+        except OSError:
+            pass
+        null = os.open(os.devnull, os.O_RDWR)
+        if null != fd:
+            os.dup2(null, fd)
+            os.close(null)
+        stream = open(fd, mode, buffering=1 if fd == 2 else -1, closefd=False)  # noqa: SIM115
+        setattr(sys, name, stream)
+        setattr(sys, f"__{name}__", stream)
 
 
 def _exit_now(code: int) -> None:

@@ -438,6 +438,29 @@ def test_sigint_is_forwarded_and_exit_status_is_130(root: Path) -> None:
     assert _torn_down(root)
 
 
+@pytest.mark.parametrize("closed", [0, 1, 2])
+def test_a_closed_standard_stream_reads_as_dev_null_and_the_run_goes_on(
+    root: Path, closed: int
+) -> None:
+    """``pysandbox run ... <&-`` (or ``>&-``, ``2>&-``): the command runs and its status is the
+    container's, as with docker (the closed stream is /dev/null); it was an internal error
+    ("'NoneType' object has no attribute 'fileno'"), with ``2>&-`` a traceback."""
+    script = "cat; echo out; echo err >&2; exit 3"
+    argv = [sys.executable, "-m", "sandbox", "--root", str(root), "run", "-i", "default"]
+    done = subprocess.run(
+        [*argv, "sh", "-c", script],
+        capture_output=True,
+        input=b"in\n",
+        timeout=300,
+        cwd=ROOT,
+        preexec_fn=lambda: os.close(closed),
+    )
+    expected_out = {0: b"out\n", 1: b"", 2: b"in\nout\n"}[closed]
+    expected_err = b"" if closed == 2 else b"err\n"
+    assert (done.returncode, done.stdout, done.stderr) == (3, expected_out, expected_err)
+    assert _torn_down(root)
+
+
 def _ignore_int_and_hup() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
