@@ -51,7 +51,10 @@ READONLY_PATHS = [
 ]
 
 #: Syscalls refused with EPERM by the default profile: kernel and host administration,
-#: module loading, tracing and introspection, keyrings, namespace and mount manipulation.
+#: module loading, kernel tracing and introspection, keyrings, namespace and mount
+#: manipulation. What docker's and podman's default profiles allow stays allowed: ptrace and
+#: process_vm_readv/writev (debuggers, strace), NUMA memory policy calls, name_to_handle_at;
+#: personality only for the values they allow (:data:`PERSONALITIES`).
 DENIED_SYSCALLS = [
     "acct",
     "add_key",
@@ -66,7 +69,6 @@ DENIED_SYSCALLS = [
     "fsopen",
     "fspick",
     "get_kernel_syms",
-    "get_mempolicy",
     "init_module",
     "ioperm",
     "iopl",
@@ -75,26 +77,19 @@ DENIED_SYSCALLS = [
     "kexec_load",
     "keyctl",
     "lookup_dcookie",
-    "mbind",
     "mount",
     "mount_setattr",
     "move_mount",
     "move_pages",
-    "name_to_handle_at",
     "nfsservctl",
     "open_by_handle_at",
     "open_tree",
     "perf_event_open",
-    "personality",
     "pivot_root",
-    "process_vm_readv",
-    "process_vm_writev",
-    "ptrace",
     "query_module",
     "quotactl",
     "reboot",
     "request_key",
-    "set_mempolicy",
     "setns",
     "settimeofday",
     "swapoff",
@@ -112,13 +107,37 @@ DENIED_SYSCALLS = [
 ]
 
 
+#: Sysctls ``pysandbox run`` sets in a container's own network namespace, as docker does
+#: (moby 20.10+): any group may open ICMP echo sockets (``ping`` as a non-root user) and no
+#: port is privileged (a non-root server binds port 80); in a VM of its own these grant
+#: nothing beyond the container's namespace.
+RUN_SYSCTLS = {
+    "net.ipv4.ping_group_range": "0 2147483647",
+    "net.ipv4.ip_unprivileged_port_start": "0",
+}
+
+#: personality(2) values the default profile lets through, as docker's and podman's do:
+#: PER_LINUX, PER_LINUX32 (``linux32``/``setarch i686``), UNAME26, both, and the query.
+PERSONALITIES = (0x0, 0x8, 0x20000, 0x20008, 0xFFFFFFFF)
+
+
 def default_seccomp() -> dict[str, Any]:
-    """The default seccomp profile in the OCI format."""
+    """The default seccomp profile in the OCI format: allow all but :data:`DENIED_SYSCALLS`
+    and personality(2) outside :data:`PERSONALITIES` (EPERM)."""
     return {
         "defaultAction": "SCMP_ACT_ALLOW",
         "architectures": ["SCMP_ARCH_X86_64", "SCMP_ARCH_X86", "SCMP_ARCH_X32"],
         "syscalls": [
             {"names": DENIED_SYSCALLS, "action": "SCMP_ACT_ERRNO", "errnoRet": 1},
+            {
+                "names": ["personality"],
+                "action": "SCMP_ACT_ERRNO",
+                "errnoRet": 1,
+                # Conditions all hold: refused unless the value is one of PERSONALITIES.
+                "args": [
+                    {"index": 0, "value": value, "op": "SCMP_CMP_NE"} for value in PERSONALITIES
+                ],
+            },
         ],
     }
 

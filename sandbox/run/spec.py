@@ -21,7 +21,7 @@ from ocispec.spec import MAX_HOSTNAME, MIN_MEMORY_LIMIT, parse_spec
 from sandbox import store as state
 from sandbox.errors import ConfigError, RunError
 from sandbox.image import store as images
-from sandbox.run.default_spec import default_spec
+from sandbox.run.default_spec import RUN_SYSCTLS, default_spec
 
 if TYPE_CHECKING:
     from sandbox.pod.sharing import HeldSources
@@ -243,6 +243,9 @@ def build_spec(args: argparse.Namespace, image: images.Image, held: HeldSources)
         # Share the guest's root network namespace, where the agent configures the NIC.
         linux = spec["linux"]
         linux["namespaces"] = [ns for ns in linux["namespaces"] if ns.get("type") != "network"]
+    else:
+        # The network namespace is the container's own: docker's defaults for it.
+        spec["linux"]["sysctl"] = dict(RUN_SYSCTLS)
     try:
         parse_spec(spec)  # what the guest's runtime will check: never first to refuse
     except SpecError as exc:

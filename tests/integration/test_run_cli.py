@@ -461,6 +461,20 @@ def test_a_closed_standard_stream_reads_as_dev_null_and_the_run_goes_on(
     assert _torn_down(root)
 
 
+def test_dockers_defaults_for_ports_pings_and_personalities(root: Path) -> None:
+    """As under docker: in its own network namespace a non-root process may bind port 80 and
+    open ICMP echo sockets (moby sets ip_unprivileged_port_start=0 and ping_group_range), and
+    the seccomp profile lets ``linux32`` (personality PER_LINUX32) through, as docker's and
+    podman's do (a tester saw EPERM for both)."""
+    script = (
+        "cat /proc/sys/net/ipv4/ping_group_range /proc/sys/net/ipv4/ip_unprivileged_port_start; "
+        "nc -l -p 80 & sleep 1; kill $!; linux32 uname -m"
+    )
+    done = run(root, "-u", "1000", "default", "sh", "-c", script)
+    assert (done.returncode, done.stdout, done.stderr) == (0, b"0\t2147483647\n0\ni686\n", b"")
+    assert _torn_down(root)
+
+
 def _ignore_int_and_hup() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)

@@ -267,3 +267,29 @@ def test_profile_errors(profile: dict[str, Any], message: str) -> None:
 def test_unknown_machine() -> None:
     with pytest.raises(SpecError, match="no syscall table for architecture riscv64"):
         seccomp.compile({"defaultAction": "SCMP_ACT_ALLOW"}, "riscv64")
+
+
+def test_the_run_profile_allows_what_docker_and_podman_allow() -> None:
+    """``pysandbox run``'s default profile against the decisions of podman's default profile
+    (containers-common's seccomp.json, docker's rules) for syscalls a workload uses:
+    debuggers (ptrace, process_vm_readv), ``linux32`` (personality 8), NUMA policy; while
+    kernel administration stays refused and other personalities too."""
+    from sandbox.run.default_spec import default_seccomp
+
+    program = seccomp.compile(default_seccomp(), "x86_64").program
+    for name in (
+        "ptrace",
+        "process_vm_readv",
+        "process_vm_writev",
+        "get_mempolicy",
+        "mbind",
+        "set_mempolicy",
+        "name_to_handle_at",
+    ):
+        assert run_bpf(program, NR[name]) == ALLOW, name
+    for persona in (0x0, 0x8, 0x20000, 0x20008, 0xFFFFFFFF):
+        assert run_bpf(program, NR["personality"], args=(persona,)) == ALLOW, hex(persona)
+    for persona in (0x0400000, 0x1, 0x8 | 0x0400000):  # READ_IMPLIES_EXEC, PER_SVR4...
+        assert run_bpf(program, NR["personality"], args=(persona,)) == EPERM, hex(persona)
+    for name in ("mount", "kexec_load", "init_module", "bpf", "move_pages", "userfaultfd"):
+        assert run_bpf(program, NR[name]) == EPERM, name
