@@ -86,9 +86,12 @@ class QMP:
                 command=what,
                 reply=exc.received,
             ) from exc
-        except (_LibQMPError, OSError, EOFError) as exc:
+        except (_LibQMPError, OSError, EOFError, AssertionError) as exc:
+            # AssertionError: the library's own state checks ("assert self.runstate ==
+            # Runstate.RUNNING") fail when QEMU went away in the middle of a call.
             raise QMPError(
-                f"qmp {what} on {self.path} failed: {exc}; is qemu running?", command=what
+                f"qmp {what} on {self.path} failed: {exc or 'connection lost'}; is qemu running?",
+                command=what,
             ) from exc
 
     def execute(
@@ -108,8 +111,11 @@ class QMP:
         if fd is not None:
             try:
                 self._client.send_fd_scm(fd)
-            except (_LibQMPError, OSError) as exc:
-                raise QMPError(f"qmp {command}: passing fd failed: {exc}", command=command) from exc
+            except (_LibQMPError, OSError, AssertionError) as exc:  # see _run
+                raise QMPError(
+                    f"qmp {command}: passing fd failed: {exc or 'connection lost'}",
+                    command=command,
+                ) from exc
         return self._run(
             self._client.execute(command, arguments),
             self.timeout if timeout is None else timeout,
