@@ -89,9 +89,9 @@ class QMP:
         except (_LibQMPError, OSError, EOFError, AssertionError) as exc:
             # AssertionError: the library's own state checks ("assert self.runstate ==
             # Runstate.RUNNING") fail when QEMU went away in the middle of a call.
+            reason = str(exc) or "connection lost"
             raise QMPError(
-                f"qmp {what} on {self.path} failed: {exc or 'connection lost'}; is qemu running?",
-                command=what,
+                f"qmp {what} on {self.path} failed: {reason}; is qemu running?", command=what
             ) from exc
 
     def execute(
@@ -113,7 +113,7 @@ class QMP:
                 self._client.send_fd_scm(fd)
             except (_LibQMPError, OSError, AssertionError) as exc:  # see _run
                 raise QMPError(
-                    f"qmp {command}: passing fd failed: {exc or 'connection lost'}",
+                    f"qmp {command}: passing fd failed: {str(exc) or 'connection lost'}",
                     command=command,
                 ) from exc
         return self._run(

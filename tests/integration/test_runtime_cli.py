@@ -20,6 +20,7 @@ import fcntl
 import json
 import os
 import pty
+import re
 import select
 import shutil
 import signal
@@ -1135,7 +1136,9 @@ def _set_winsize(fd: int, rows: int, cols: int) -> None:
 
 def _read_pty(master: int, until: bytes, timeout: float = 90.0) -> str:
     """What ``master`` shows until ``until`` and then 0.5 s of quiet (or EOF/EIO, or
-    ``timeout``), \\r\\n as \\n and NULs dropped."""
+    ``timeout``), line ends as \\n and NULs dropped. A line may end in \\r\\r\\n: runc exec -t
+    puts the caller's terminal in raw mode only after the process started, so the first lines
+    can pass two ONLCR translations (the container's pty's and the caller's)."""
     seen = bytearray()
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -1150,7 +1153,8 @@ def _read_pty(master: int, until: bytes, timeout: float = 90.0) -> str:
         if not chunk:
             break
         seen.extend(chunk)
-    return bytes(seen).replace(b"\r\n", b"\n").replace(b"\0", b"").decode(errors="replace")
+    lines = re.sub(rb"\r+\n", b"\n", bytes(seen)).replace(b"\0", b"")
+    return lines.decode(errors="replace")
 
 
 def _terminal_session(argv: list[str], base: Path, cid: str) -> tuple[str, str, str]:
