@@ -108,7 +108,7 @@ def _create(
                 },
             )
         state.write_json_atomic(record.dir / "config.json", spec)
-        pod, _watch = boot_watched(root, name, name, args, spec, image)
+        pod, watch = boot_watched(root, name, name, args, spec, image)
     except BaseException:
         # No VM of ours exists: the pod id may even be another run's, so no delete.delete.
         if record is not None:
@@ -133,8 +133,14 @@ def _create(
         start.start(root, name)
         (record.dir / MONITORED).touch()
     except BaseException:
-        with contextlib.suppress(Exception):
+        try:
             delete.delete(root, name, force=True)
+        except Exception:  # the watcher tears down what is left once we have exited
+            pass
+        else:
+            # Undone in place: nothing is left for the watcher, and nothing of the run
+            # outlives the command (its teardown process lingered a moment after exit).
+            watch.dismiss()
         raise
     return name
 
