@@ -177,6 +177,7 @@ class Reaper:
 
 
 def power_off() -> None:
-    """Sync and power the VM off. Never returns."""
+    """Sync, then end the VM (an immediate reset, which QEMU turns into its exit:
+    :func:`agent.oci.syscalls.power_off`). Never returns."""
     os.sync()
     syscalls.power_off()

@@ -53,6 +53,11 @@ FORMAT = 1
 DEFAULT_EPOCH = 1704067200
 #: Fixed erofs filesystem UUID so the root image is reproducible.
 EROFS_UUID = "5c4f0b1e-7e57-4d1a-9a1e-0123456789ab"
+#: root.erofs is padded with zeros to a multiple of this (bytes): it is the guest's
+#: virtio-pmem root (hypervisor.qemu_args.PMEM_ALIGN, which must be the same).
+ROOT_ALIGN = 2 << 20
+#: How the root image is attached, recorded in the manifest (hypervisor.guest_image).
+ROOT_DEVICE = "virtio-pmem"
 PYTHON_PACKAGES = ("grpcio", "protobuf")
 PY_VERSION = "3.11"
 #: Stdlib parts never used by the agent (saves ~25 MB and compile time).
@@ -841,6 +846,13 @@ def build(out: Path, cache: Path, flavour: str, force: bool) -> int:
     return 0
 
 
+def pad_to(path: Path, align: int) -> None:
+    """Extend ``path`` with zeros to the next multiple of ``align`` bytes (erofs ignores
+    what follows its last block)."""
+    size = path.stat().st_size
+    os.truncate(path, -(-size // align) * align)
+
+
 def build_into(
     image: Path,
     work: Path,
@@ -927,11 +939,15 @@ def build_into(
             "-U",
             EROFS_UUID,
             "--all-root",
+            # No inline tails: erofs gives DAX (pages mapped from the virtio-pmem device,
+            # not copied into the guest's page cache) only to files without one.
+            "-Enoinline_data",
             str(image / "root.erofs"),
             str(root),
         ],
         env={**os.environ, "SOURCE_DATE_EPOCH": str(epoch)},
     )
+    pad_to(image / "root.erofs", ROOT_ALIGN)
 
     # --- initramfs ------------------------------------------------------------------------
     init = (HERE / "init.sh").read_text()
@@ -1003,6 +1019,7 @@ def build_into(
             "cmdline": KERNEL_CMDLINE,
         },
         "files": files,
+        "root_device": ROOT_DEVICE,
         "sizes": {name: (image / name).stat().st_size for name in files},
         "packages": {name: versions[name] for name in sorted(versions)},
         "python_packages": pyversions,

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, Literal, cast
 
 from hypervisor.errors import GuestImageError
+from hypervisor.qemu_args import PMEM_ALIGN
 
 #: Where ``make guest-image`` puts the image unless told otherwise.
 DEFAULT_IMAGE_DIR = Path("/var/lib/pysandbox/guest")
@@ -33,6 +34,9 @@ INITRD_NAME = "initramfs.cpio"
 ROOTFS_NAME = "root.erofs"
 FLOOR_INITRD_NAME = "floor-initramfs.cpio"
 FLOOR_NET_INITRD_NAME = "floor-net-initramfs.cpio"
+#: The manifest's ``root_device``: how the root image must be attached (its initramfs
+#: mounts ``/dev/pmem0`` with DAX; docs/root-device.md). Images without it predate it.
+ROOT_DEVICE = "virtio-pmem"
 
 BootMethod = Literal["pvh", "bzimage"]
 _FIX = "run 'make guest-image'"
@@ -44,14 +48,17 @@ class GuestImage:
 
     ``kernel`` is booted with QEMU ``-kernel``: through the PVH entry point when ``boot`` is
     ``"pvh"`` (an uncompressed ELF vmlinux), as a bzImage otherwise. ``initrd`` goes to
-    ``-initrd`` and ``rootfs`` must be attached read-only as the first virtio-blk disk
-    (``/dev/vda`` in the guest).
+    ``-initrd`` and ``rootfs`` must be attached read-only as a virtio-pmem device
+    (``/dev/pmem0`` in the guest; :class:`hypervisor.qemu_args.RootPmem`); ``rootfs_size`` is
+    its size in bytes as the manifest records it, a multiple of
+    :data:`hypervisor.qemu_args.PMEM_ALIGN`.
     """
 
     dir: Path
     kernel: Path
     initrd: Path
     rootfs: Path
+    rootfs_size: int
     boot: BootMethod
     manifest: dict[str, Any] = field(compare=False, repr=False)
 
@@ -111,11 +118,23 @@ def find_image(directory: Path | str | None = None) -> GuestImage:
     files = manifest.get("files")
     if not isinstance(files, dict):
         raise GuestImageError(f"{root / MANIFEST_NAME} has no files entry: {_FIX}")
+    if manifest.get("root_device") != ROOT_DEVICE:
+        raise GuestImageError(
+            f"guest image in {root} was built before the {ROOT_DEVICE} root device: {_FIX}"
+        )
+    sizes = manifest.get("sizes")
+    size = sizes.get(ROOTFS_NAME) if isinstance(sizes, dict) else None
+    if type(size) is not int or size <= 0 or size % PMEM_ALIGN:
+        raise GuestImageError(
+            f"{root / MANIFEST_NAME} gives {ROOTFS_NAME} no size that is a multiple of "
+            f"{PMEM_ALIGN} bytes: {_FIX}"
+        )
     return GuestImage(
         dir=root,
         kernel=root / str(kernel_file),
         initrd=root / INITRD_NAME,
         rootfs=root / ROOTFS_NAME,
+        rootfs_size=size,
         boot=cast(BootMethod, boot),
         manifest=manifest,
     )
@@ -130,7 +149,8 @@ def _sha256(path: Path) -> str:
 
 
 def validate(image: GuestImage, verify_hashes: bool = False) -> None:
-    """Check that the kernel, initrd and rootfs exist and every manifest file is present.
+    """Check that the kernel, initrd and rootfs exist, every manifest file is present and
+    the rootfs has the size the manifest records (QEMU maps exactly that much of it).
 
     With ``verify_hashes`` also compare each file's sha256 with the manifest (reads ~120 MB).
     Returns None if all is well; raises :class:`GuestImageError` naming the first problem found.
@@ -145,6 +165,11 @@ def validate(image: GuestImage, verify_hashes: bool = False) -> None:
         path = image.dir / name
         if not path.is_file():
             raise GuestImageError(f"guest image file {path} is missing: {_FIX}")
+    if image.rootfs.stat().st_size != image.rootfs_size:
+        raise GuestImageError(
+            f"guest image file {image.rootfs} is not the {image.rootfs_size} bytes its "
+            f"manifest records: run 'make guest-image GUEST_IMAGE_FLAGS=--force'"
+        )
     if verify_hashes:
         for name, expected in sorted(image.files.items()):
             path = image.dir / name

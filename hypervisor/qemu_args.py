@@ -8,9 +8,13 @@ the golden tests in ``tests/unit/test_qemu_args.py`` can pin the whole command l
 Values embedded in a ``key=value,...`` option string go through :func:`escape` (QEMU
 doubles commas). Paths are rendered as given: callers pass absolute paths.
 
-Device naming: ``pc`` and ``q35`` put virtio devices on PCI (``virtio-blk-pci``...);
-``microvm`` has no PCI and uses virtio-mmio (``virtio-blk-device``...), for which QEMU
+Device naming: ``pc`` and ``q35`` put virtio devices on PCI (``virtio-serial-pci``...);
+``microvm`` has no PCI and uses virtio-mmio (``virtio-serial-device``...), for which QEMU
 needs ``-global virtio-mmio.force-legacy=false`` so vhost-user devices work.
+
+The guest's root image is a virtio-pmem device (:class:`RootPmem`, docs/root-device.md): the
+guest maps the image's pages (erofs ``dax=always``) straight from the host's page cache, so
+every VM shares one copy instead of holding its own in its page cache.
 """
 
 from __future__ import annotations
@@ -43,6 +47,9 @@ MAX_FS_TAG = 36
 TCG_TB_SIZE_MIB = 32
 #: Id of the shared memory backend required by vhost-user devices.
 MEMORY_BACKEND_ID = "mem"
+#: A virtio-pmem root image's size must be a multiple of this (bytes): the guest's libnvdimm
+#: maps the device in 2 MiB sections, and the build pads ``root.erofs`` to it.
+PMEM_ALIGN = 2 << 20
 
 
 def escape(value: str | Path) -> str:
@@ -229,17 +236,32 @@ class Smp:
 
 @dataclass(frozen=True)
 class Memory:
-    """``-m SIZE``, plus a shared memfd backend when ``shared`` (required by vhost-user).
+    """``-m SIZE[,slots=N,maxmem=MAX]``, plus a shared memfd backend when ``shared``
+    (required by vhost-user).
 
     With ``shared`` the :class:`Machine` must name :data:`MEMORY_BACKEND_ID` as its
-    ``memory-backend``; :func:`vm_options` does that.
+    ``memory-backend``; :func:`vm_options` does that. ``slots`` memory-device slots with
+    ``maxmem_mib`` (MiB, at least ``size_mib``) make room for memory devices (a virtio-pmem
+    root: its region lies above the guest's RAM, not in it; the guest's RAM stays
+    ``size_mib``).
     """
 
     size_mib: int
     shared: bool = False
+    slots: int = 0
+    maxmem_mib: int | None = None
+
+    def __post_init__(self) -> None:
+        if (self.slots > 0) != (self.maxmem_mib is not None):
+            raise ValueError("memory slots and maxmem_mib go together")
+        if self.maxmem_mib is not None and self.maxmem_mib < self.size_mib:
+            raise ValueError(f"maxmem_mib {self.maxmem_mib} is below size_mib {self.size_mib}")
 
     def argv(self) -> list[str]:
-        args = ["-m", f"{self.size_mib}M"]
+        value = f"{self.size_mib}M"
+        if self.slots:
+            value += f",slots={self.slots},maxmem={self.maxmem_mib}M"
+        args = ["-m", value]
         if self.shared:
             args += [
                 "-object",
@@ -284,21 +306,55 @@ class Append:
 # -- devices -------------------------------------------------------------------------------
 
 
+def pmem_device(bus: Bus) -> str:
+    """QEMU's virtio-pmem device on ``bus`` (on virtio-mmio it is plain ``virtio-pmem``)."""
+    return "virtio-pmem-pci" if bus == "pci" else "virtio-pmem"
+
+
 @dataclass(frozen=True)
-class RootDrive:
-    """A raw image, read-only, on virtio-blk (the guest's ``/dev/vda``)."""
+class RootPmem:
+    """The read-only root image as a virtio-pmem device (the guest's ``/dev/pmem0``).
+
+    QEMU maps the file through a ``memory-backend-file`` with ``readonly=on`` (opened
+    ``O_RDONLY``, mapped ``PROT_READ``: no guest can change it) and ``share=on`` (the pages
+    are the host's page cache, shared by every VM on the image). ``size`` is the file's size
+    in bytes, a multiple of :data:`PMEM_ALIGN`; the machine needs a memory-device slot for it
+    (:func:`root_memory`). QEMU 7.2 leaves a read-only file backend out of a saved VM state,
+    so templates do not copy the image. ValueError for a size that is not positive and aligned.
+    """
 
     path: Path
+    size: int
     bus: Bus = "pci"
     id: str = "root"
 
+    def __post_init__(self) -> None:
+        if self.size <= 0 or self.size % PMEM_ALIGN:
+            raise ValueError(
+                f"root image {self.path}: size {self.size} is not a positive multiple of "
+                f"{PMEM_ALIGN} bytes (virtio-pmem)"
+            )
+
+    @property
+    def memdev(self) -> str:
+        return f"{self.id}-mem"
+
     def argv(self) -> list[str]:
         return [
-            "-drive",
-            f"file={escape(self.path)},if=none,id={self.id},format=raw,readonly=on",
+            "-object",
+            f"memory-backend-file,id={self.memdev},mem-path={escape(self.path)},"
+            f"size={self.size},share=on,readonly=on",
             "-device",
-            f"{virtio_device('virtio-blk', self.bus)},drive={self.id}",
+            f"{pmem_device(self.bus)},memdev={self.memdev},id={self.id}",
         ]
+
+
+def root_memory(memory_mib: int, shared: bool, root_size: int | None) -> Memory:
+    """The ``-m`` of a VM with ``memory_mib`` of RAM and, if ``root_size`` (bytes) is given,
+    one memory-device slot large enough for a virtio-pmem root of that size."""
+    if root_size is None:
+        return Memory(memory_mib, shared=shared)
+    return Memory(memory_mib, shared=shared, slots=1, maxmem_mib=memory_mib + -(-root_size >> 20))
 
 
 #: ``-add-fd`` set number of the console log of a jailed QEMU (``/dev/fdset/N``).
@@ -647,6 +703,8 @@ class VMConfig:
     ``incoming_fd`` makes QEMU load a saved VM state from that (inherited) fd instead of
     booting (``-incoming fd:N``); the command line must then be the saved VM's.
     ``tb_size_mib`` caps TCG's translation buffer (None: QEMU's default, 1 GiB).
+    ``rootfs`` is the read-only root image, attached as virtio-pmem (:class:`RootPmem`);
+    ``rootfs_size`` is its size in bytes (required with it, a multiple of :data:`PMEM_ALIGN`).
     ``channel_fds`` replaces the paths QEMU would open itself (QMP and agent sockets, console
     log, virtio-fs sockets) by fds the caller opened (a jailed QEMU: hypervisor/qemu_jail.py);
     they are inherited (:meth:`pass_fds`). ``host_network``: QEMU needs the host's network
@@ -661,6 +719,7 @@ class VMConfig:
     console_log: Path
     initrd: Path | None = None
     rootfs: Path | None = None
+    rootfs_size: int | None = None
     memory_mib: int = 512
     cpus: int = DEFAULT_CPUS
     accel: Accelerator = "tcg"
@@ -692,6 +751,10 @@ class VMConfig:
             raise ValueError(f"memory_mib {self.memory_mib} is below 64")
         if self.cpus < 1:
             raise ValueError(f"cpus {self.cpus} is below 1")
+        if (self.rootfs is None) != (self.rootfs_size is None):
+            raise ValueError("rootfs and rootfs_size go together")
+        if self.rootfs is not None and self.rootfs_size is not None:
+            RootPmem(self.rootfs, self.rootfs_size)  # its size checks
         if self.tb_size_mib is not None and self.tb_size_mib < 1:
             raise ValueError(f"tb_size_mib {self.tb_size_mib} is below 1")
         if self.agent_socket is not None and self.vsock_cid is not None:
@@ -757,7 +820,7 @@ def vm_options(config: VMConfig, *, paused: bool = True) -> list[QemuOption]:
         Accel(config.accel, config.tb_size_mib),
         Cpu(config.cpu) if config.cpu else Cpu.for_accel(config.accel),
         Smp(config.cpus),
-        Memory(config.memory_mib, shared=shared_memory),
+        root_memory(config.memory_mib, shared_memory, config.rootfs_size),
         NoDefaults(),
         NoUserConfig(),
         DisplayNone(),
@@ -774,8 +837,8 @@ def vm_options(config: VMConfig, *, paused: bool = True) -> list[QemuOption]:
     fds = config.channel_fds
     options.append(ConsoleLog(config.console_log, fd=fds.console if fds else None))
     options.append(QMPSocket(config.qmp_socket, fd=fds.qmp if fds else None))
-    if config.rootfs is not None:
-        options.append(RootDrive(config.rootfs, bus))
+    if config.rootfs is not None and config.rootfs_size is not None:
+        options.append(RootPmem(config.rootfs, config.rootfs_size, bus))
     if config.agent_socket is not None:
         options.append(AgentSerialPort(config.agent_socket, bus, fd=fds.agent if fds else None))
         for index, (name, path) in enumerate(config.output_ports):

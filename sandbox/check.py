@@ -205,7 +205,8 @@ def _image() -> Check:
     return Check(
         "guest image",
         True,
-        f"{image.dir} (kernel {kernel.get('version', '?')}, boot {image.boot})",
+        f"{image.dir} (kernel {kernel.get('version', '?')}, boot {image.boot}, "
+        f"root on virtio-pmem with DAX: {image.rootfs_size >> 20} MiB shared by every VM)",
     )
 
 

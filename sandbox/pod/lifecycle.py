@@ -919,5 +919,8 @@ def kernel_cmdline() -> str:
             # No ACPI interrupt routing: probing each virtio-pci device otherwise interprets
             # the PCI link AML under TCG, ~0.1 s per device (docs/performance.md).
             "acpi=noirq",
+            # The virtio-pmem root lies above 4 GiB: without this the kernel reserves a
+            # 64 MiB bounce buffer no device here needs (docs/root-device.md).
+            "swiotlb=noforce",
         ]
     )

@@ -66,9 +66,10 @@ SAVE_TIMEOUT = 120.0
 #: Seconds the template VM's guest gets to drop its caches and zero its free memory.
 PREPARE_TIMEOUT = 120.0
 #: How a template is made beyond the VM's command line and image (the guest prepared by
-#: ``PrepareTemplate`` before the save since 2): part of :func:`key`, so a state made the
-#: old way is never reused.
-RECIPE = 2
+#: ``PrepareTemplate`` before the save since 2; the root image on virtio-pmem since 3, which
+#: the command line in the key shows too): part of :func:`key`, so a state made the old way
+#: is never reused.
+RECIPE = 3
 #: Placeholder directory for per-VM paths when computing a key (they do not reach the state).
 _KEY_DIR = Path("/pysandbox-template")
 
@@ -140,6 +141,7 @@ def vm_config(
         kernel=image.kernel,
         initrd=image.initrd,
         rootfs=image.rootfs,
+        rootfs_size=image.rootfs_size,
         cmdline=cmdline,
         memory_mib=memory_mib,
         accel=accel,

@@ -94,6 +94,12 @@ def test_qemu_namespaces_are_its_own(shared_pod: Pod) -> None:
     assert proc_status(pid)["NSpid"].split()[-1] == "1"  # the only process of its pid namespace
 
 
+def root_image(argv: list[str]) -> Path:
+    """The guest's root image on QEMU's command line (its virtio-pmem memory backend)."""
+    backend = next(arg for arg in argv if arg.startswith("memory-backend-file,"))
+    return Path(next(o for o in backend.split(",") if o.startswith("mem-path=")).split("=", 1)[1])
+
+
 def _listing(root: Path) -> set[str]:
     """Every path below ``root`` (relative), not descending into ``usr``."""
     found = set()
@@ -116,11 +122,10 @@ def test_qemu_root_holds_only_what_it_needs(shared_pod: Pod) -> None:
             expected.add(link)
             assert os.readlink(root / link) == os.readlink(f"/{link}")
     argv = Path(f"/proc/{qemu_pid(shared_pod)}/cmdline").read_text().split("\0")
-    drive = next(arg for arg in argv if arg.startswith("file="))
     in_use = [
         Path(argv[argv.index("-kernel") + 1]),
         Path(argv[argv.index("-initrd") + 1]),
-        Path(drive.split(",")[0].removeprefix("file=")),
+        root_image(argv),
     ]
     for path in in_use:
         assert path.is_relative_to(shared_pod.record.image), path
@@ -133,6 +138,37 @@ def test_qemu_root_holds_only_what_it_needs(shared_pod: Pod) -> None:
     with pytest.raises(OSError) as info:
         (root / "planted").write_text("x")
     assert info.value.errno == 30  # EROFS
+
+
+def test_qemu_maps_the_root_image_read_only_and_shared(shared_pod: Pod) -> None:
+    """The guest reads its root image straight from the host's page cache: QEMU maps the file
+    shared (one copy for every VM) and read-only, from an fd opened read-only, so neither it
+    nor its guest can change what the other VMs read (docs/root-device.md)."""
+    pid = qemu_pid(shared_pod)
+    argv = Path(f"/proc/{pid}/cmdline").read_text().split("\0")
+    image = root_image(argv)
+    maps = [
+        line.split()
+        for line in Path(f"/proc/{pid}/maps").read_text().splitlines()
+        if line.endswith(str(image))
+    ]
+    assert maps, f"{image} is not mapped"
+    assert {fields[1] for fields in maps} == {"r--s"}, maps
+    mapped = sum(int(end, 16) - int(start, 16) for start, end in (f[0].split("-") for f in maps))
+    assert mapped == image.stat().st_size  # the whole image, nothing more
+    fds = [
+        fd
+        for fd in os.listdir(f"/proc/{pid}/fd")
+        if os.readlink(f"/proc/{pid}/fd/{fd}") == str(image)
+    ]
+    assert fds, f"QEMU holds no fd of {image}"
+    for fd in fds:
+        flags = next(
+            line
+            for line in Path(f"/proc/{pid}/fdinfo/{fd}").read_text().splitlines()
+            if line.startswith("flags:")
+        )
+        assert int(flags.split()[1], 8) & os.O_ACCMODE == os.O_RDONLY, (fd, flags)
 
 
 def test_qemu_uid_cannot_read_host_or_other_pods(shared_pod: Pod, other_pod: Pod) -> None:

@@ -18,6 +18,7 @@ import shutil
 import stat
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -197,7 +198,7 @@ def test_writes_never_reach_an_image_lower_layer_or_the_guest_image(
     # ``run``'s way: the image is the lower layer of an overlay whose upper layer is in guest
     # memory. The container writes over the image, then, holding every capability, mounts
     # the pod's virtio-fs share itself to write to the lower layer directly, and writes its
-    # marker into the first sector of the guest's root disk (the guest image file).
+    # marker into the first sector of the guest's root device (the guest image file).
     guest_image = find_image().rootfs
     image_sum = hashlib.sha256(guest_image.read_bytes()).hexdigest()
     before = tree(rootfs_copy)
@@ -205,7 +206,8 @@ def test_writes_never_reach_an_image_lower_layer_or_the_guest_image(
         "echo guest > /canary && cat /canary; "
         "mkdir -p /share && mount -t virtiofs pod /share && echo mounted; "
         "for lower in /share/*/rootfs; do echo guest > $lower/canary; echo x > $lower/new; done; "
-        "mknod /vda b $(tr : ' ' < /sys/block/vda/dev) && echo pysandbox-was-here > /vda; sync"
+        "mknod /pmem0 b $(tr : ' ' < /sys/block/pmem0/dev) && echo pysandbox-was-here > /pmem0; "
+        "sync"
     )
     result = run_container(pod, attacker(script, rootfs=rootfs_copy), overlay=True)
     assert result.out.startswith("guest\nmounted\n"), (result.out, result.stderr)
@@ -213,6 +215,34 @@ def test_writes_never_reach_an_image_lower_layer_or_the_guest_image(
     assert "write error: Operation not permitted" in result.stderr.decode()  # and the disk
     assert tree(rootfs_copy) == before
     assert hashlib.sha256(guest_image.read_bytes()).hexdigest() == image_sum
+
+
+def test_a_write_to_the_guest_root_device_fails_at_once_and_the_pod_lives_on(
+    pod: Pod, rootfs_copy: Path
+) -> None:
+    # The guest's root is the image file mapped read-only from the host (virtio-pmem). A
+    # container holding every capability makes the device node, tries to make the disk
+    # writable again and writes to it with dd, synchronously: the write must fail at once
+    # (the guest's disk is read-only: a write into the host's read-only mapping hung the
+    # writer instead), the image file stay as it was, and the pod keep serving containers.
+    guest_image = find_image().rootfs
+    image_sum = hashlib.sha256(guest_image.read_bytes()).hexdigest()
+    script = (
+        "mknod /pmem0 b $(tr : ' ' < /sys/block/pmem0/dev) && cat /sys/block/pmem0/ro; "
+        "blockdev --setrw /pmem0; "
+        "dd if=/dev/zero of=/pmem0 bs=4096 count=256 conv=fsync; echo dd=$?"
+    )
+    started = time.monotonic()
+    result = run_container(pod, attacker(script, rootfs=rootfs_copy), timeout=90)
+    elapsed = time.monotonic() - started
+    assert result.out.endswith("dd=1\n") and result.out.startswith("1\n"), (
+        result.out,
+        result.stderr,
+    )
+    assert "Operation not permitted" in result.stderr.decode(), result.stderr
+    assert elapsed < 60, elapsed  # a container's start and exit under TCG, no hang
+    assert hashlib.sha256(guest_image.read_bytes()).hexdigest() == image_sum
+    assert run_container(pod, busybox_spec("echo", "alive")).out == "alive\n"
 
 
 # -- guest root is not host root: device nodes, setuid/setgid files -------------------------
@@ -317,24 +347,30 @@ def test_a_device_node_in_a_share_opens_a_guest_device_never_the_host_one(
     pod: Pod, tmp_path: Path
 ) -> None:
     # The host places a node of its own disk (the one holding tmp_path) on a volume. The
-    # guest reading it gets its own device of that number (as read through a node it makes
-    # in its /dev), and not what the host reads there.
+    # guest opening it gets its own device of that number (as through a node it makes in its
+    # /dev) -- its data, or the same "no such device" when the guest has none of that number
+    # (its root is virtio-pmem, the host's disk may well be virtio-blk) --, never the host's.
     device = os.stat(tmp_path).st_dev
     source = tmp_path / "dev"
     source.mkdir()
     os.mknod(source / "disk", 0o600 | stat.S_IFBLK, device)
     script = (
         f"mknod /dev/own b {os.major(device)} {os.minor(device)}; "
-        "head -c 65536 /v/disk | sha256sum; head -c 65536 /dev/own | sha256sum"
+        "for node in /v/disk /dev/own; do "
+        "if head -c 65536 $node > /data 2> /error; then sha256sum < /data; "
+        "else sed s,$node,NODE, /error; fi; done"
     )
     result = run_container(pod, attacker(script, volume(source, "/v", "ro")))
     assert result.status == 0, result.stderr
-    through_share, own = (line.split()[0] for line in result.out.splitlines())
-    assert through_share == own
-    assert through_share != hashlib.sha256(b"").hexdigest(), result.stderr  # it did read
+    through_share, own = result.out.splitlines()
+    assert through_share == own, (through_share, own)
+    empty = hashlib.sha256(b"").hexdigest()
+    assert through_share.split()[0] != empty, result.out  # it read data, or was refused
+    if "NODE" in through_share:
+        assert through_share == "head: NODE: No such device or address", through_share
     try:
         with open(source / "disk", "rb") as disk:
-            assert through_share != hashlib.sha256(disk.read(65536)).hexdigest()
+            assert through_share.split()[0] != hashlib.sha256(disk.read(65536)).hexdigest()
     except PermissionError:
         pass  # this host may not read its own disk (a sandboxed CI host): nothing to compare
 

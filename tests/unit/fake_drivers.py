@@ -518,7 +518,13 @@ def guest_image(directory: Path) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "manifest.json").write_text(
         json.dumps(
-            {"format": 1, "kernel": {"file": "vmlinux", "boot": "pvh"}, "files": {}},
+            {
+                "format": 1,
+                "kernel": {"file": "vmlinux", "boot": "pvh"},
+                "files": {},
+                "sizes": {"root.erofs": 2 << 20},
+                "root_device": "virtio-pmem",
+            },
         )
     )
     return directory

@@ -16,7 +16,7 @@ from hypervisor.guest_image import find_image, floor_initrd, validate
 FILES = {
     "vmlinux": b"\x7fELF kernel",
     "initramfs.cpio": b"070701 initrd",
-    "root.erofs": b"erofs root",
+    "root.erofs": b"erofs root".ljust(2 << 20, b"\0"),  # padded: the virtio-pmem root
     "floor-initramfs.cpio": b"070701 floor",
 }
 
@@ -30,6 +30,8 @@ def _make(directory: Path, **overrides: Any) -> Path:
         "inputs_hash": "0" * 64,
         "kernel": {"package": "linux-image-x", "version": "1", "file": "vmlinux", "boot": "pvh"},
         "files": {n: hashlib.sha256(d).hexdigest() for n, d in FILES.items()},
+        "sizes": {n: len(d) for n, d in FILES.items()},
+        "root_device": "virtio-pmem",
     }
     manifest.update(overrides)
     (directory / "manifest.json").write_text(json.dumps(manifest))
@@ -51,6 +53,7 @@ def test_find_image_from_argument(tmp_path: Path) -> None:
     assert image.kernel == directory / "vmlinux"
     assert image.initrd == directory / "initramfs.cpio"
     assert image.rootfs == directory / "root.erofs"
+    assert image.rootfs_size == 2 << 20
     assert image.boot == "pvh"
     validate(image, verify_hashes=True)
     assert floor_initrd(image) == directory / "floor-initramfs.cpio"
@@ -94,8 +97,20 @@ def test_missing_manifest(tmp_path: Path) -> None:
         {"kernel": {"file": "vmlinux", "boot": "efi"}},
         {"kernel": None},
         {"files": None},
+        {"root_device": None},
+        {"sizes": {"root.erofs": 10}},
+        {"sizes": None},
     ],
-    ids=["format", "kernel-file", "boot", "no-kernel", "no-files"],
+    ids=[
+        "format",
+        "kernel-file",
+        "boot",
+        "no-kernel",
+        "no-files",
+        "blk-root",
+        "root-unpadded",
+        "no-sizes",
+    ],
 )
 def test_bad_manifest(tmp_path: Path, overrides: dict[str, Any]) -> None:
     with pytest.raises(GuestImageError) as exc:
@@ -132,13 +147,35 @@ def test_file_not_in_manifest(tmp_path: Path) -> None:
 def test_hash_mismatch(tmp_path: Path) -> None:
     directory = _make(tmp_path / "img")
     image = find_image(directory)
-    (directory / "root.erofs").write_bytes(b"tampered")
-    validate(image, verify_hashes=False)  # presence only: passes
+    (directory / "root.erofs").write_bytes(b"tampered".ljust(2 << 20, b"\0"))
+    validate(image, verify_hashes=False)  # presence and size only: passes
     with pytest.raises(GuestImageError) as exc:
         validate(image, verify_hashes=True)
     message = _one_line_lowercase(exc)
     assert "root.erofs is corrupt (sha256 mismatch)" in message
     assert "make guest-image" in message
+
+
+def test_an_image_built_before_the_pmem_root_says_to_rebuild(tmp_path: Path) -> None:
+    manifest = json.loads((_make(tmp_path / "img") / "manifest.json").read_text())
+    del manifest["root_device"]
+    (tmp_path / "img" / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(GuestImageError) as exc:
+        find_image(tmp_path / "img")
+    message = _one_line_lowercase(exc)
+    assert "built before the virtio-pmem root device: run 'make guest-image'" in message
+
+
+def test_root_image_of_another_size_than_recorded(tmp_path: Path) -> None:
+    """QEMU maps the recorded size of the root image: a file cut short would fault the
+    guest, so validate refuses it."""
+    directory = _make(tmp_path / "img")
+    image = find_image(directory)
+    (directory / "root.erofs").write_bytes(b"erofs root")
+    with pytest.raises(GuestImageError) as exc:
+        validate(image, verify_hashes=False)
+    message = _one_line_lowercase(exc)
+    assert f"{directory / 'root.erofs'} is not the {2 << 20} bytes" in message
 
 
 def test_floor_initrd_missing(tmp_path: Path) -> None:

@@ -174,6 +174,7 @@ def config(**overrides: object) -> VMConfig:
         "kernel": Path("/img/vmlinux"),
         "initrd": Path("/img/initrd"),
         "rootfs": Path("/img/root.erofs"),
+        "rootfs_size": 2 << 20,
         "cmdline": "console=ttyS0",
         "qmp_socket": D / "qmp.sock",
         "agent_socket": D / "agent-serial.sock",

@@ -15,7 +15,7 @@ from hypervisor.qemu_args import (
     Machine,
     Memory,
     QMPSocket,
-    RootDrive,
+    RootPmem,
     VirtioFsShare,
     VMConfig,
     VsockDevice,
@@ -42,6 +42,7 @@ def config(**overrides: object) -> VMConfig:
 def test_full_tcg_pc_golden() -> None:
     cfg = config(
         rootfs=Path("/img/root.erofs"),
+        rootfs_size=63 << 21,
         agent_socket=D / "agent.sock",
         shares=(("pod", D / "fs.sock"),),
         pidfile=D / "qemu.pid",
@@ -53,7 +54,7 @@ def test_full_tcg_pc_golden() -> None:
         "-accel", "tcg,thread=multi,tb-size=32",
         "-cpu", "max",
         "-smp", "1",
-        "-m", "512M",
+        "-m", "512M,slots=1,maxmem=638M",
         "-object", "memory-backend-memfd,id=mem,size=512M,share=on",
         "-nodefaults",
         "-no-user-config",
@@ -67,8 +68,10 @@ def test_full_tcg_pc_golden() -> None:
         "-serial", "chardev:console",
         "-chardev", "socket,id=qmp,path=/run/pod/qmp.sock,server=on,wait=off",
         "-mon", "chardev=qmp,mode=control",
-        "-drive", "file=/img/root.erofs,if=none,id=root,format=raw,readonly=on",
-        "-device", "virtio-blk-pci,drive=root",
+        "-object",
+        "memory-backend-file,id=root-mem,mem-path=/img/root.erofs,size=132120576,share=on,"
+        "readonly=on",
+        "-device", "virtio-pmem-pci,memdev=root-mem,id=root",
         "-device", "virtio-serial-pci,id=vser0",
         "-chardev", "socket,id=agent,path=/run/pod/agent.sock,server=on,wait=off",
         "-device", "virtserialport,bus=vser0.0,chardev=agent,name=agent.0",
@@ -106,6 +109,7 @@ def test_microvm_uses_mmio_devices_and_non_legacy_global() -> None:
     cfg = config(
         machine="microvm",
         rootfs=Path("/img/root"),
+        rootfs_size=2 << 20,
         vsock_cid=7,
         shares=(("a", D / "a.sock"), ("b", D / "b.sock")),
     )
@@ -114,7 +118,7 @@ def test_microvm_uses_mmio_devices_and_non_legacy_global() -> None:
     assert argv[argv.index("-global") + 1] == "virtio-mmio.force-legacy=false"
     devices = [argv[i + 1] for i, arg in enumerate(argv) if arg == "-device"]
     assert devices == [
-        "virtio-blk-device,drive=root",
+        "virtio-pmem,memdev=root-mem,id=root",
         "vhost-vsock-device,guest-cid=7",
         "vhost-user-fs-device,chardev=fs0,tag=a,queue-size=1024",
         "vhost-user-fs-device,chardev=fs1,tag=b,queue-size=1024",
@@ -152,13 +156,14 @@ def test_commas_in_paths_are_escaped() -> None:
         (Cpu.for_accel("kvm"), ["-cpu", "host"]),
         (Memory(128), ["-m", "128M"]),
         (VsockDevice(3), ["-device", "vhost-vsock-pci,guest-cid=3"]),
+        (Memory(128, slots=1, maxmem_mib=130), ["-m", "128M,slots=1,maxmem=130M"]),
         (
-            RootDrive(Path("/r"), "mmio"),
+            RootPmem(Path("/r,1"), 4 << 20, "mmio"),
             [
-                "-drive",
-                "file=/r,if=none,id=root,format=raw,readonly=on",
+                "-object",
+                "memory-backend-file,id=root-mem,mem-path=/r,,1,size=4194304,share=on,readonly=on",
                 "-device",
-                "virtio-blk-device,drive=root",
+                "virtio-pmem,memdev=root-mem,id=root",
             ],
         ),
         (
@@ -219,11 +224,36 @@ def test_stderr_log_defaults_next_to_console_log() -> None:
         {"shares": (("", D / "a"),)},
         {"shares": (("x" * 37, D / "a"),)},
         {"tb_size_mib": 0},
+        {"rootfs": Path("/r")},
+        {"rootfs_size": 2 << 20},
+        {"rootfs": Path("/r"), "rootfs_size": (2 << 20) + 4096},
+        {"rootfs": Path("/r"), "rootfs_size": 0},
     ],
 )
 def test_invalid_config_raises_value_error(overrides: dict[str, object]) -> None:
     with pytest.raises(ValueError):
         config(**overrides)
+
+
+def test_root_image_is_a_read_only_shared_pmem_device_with_a_slot_for_it() -> None:
+    """The root image is mapped read-only from the host's page cache (never a writable or
+    private copy), and the machine has one memory-device slot with room for all of it."""
+    argv = build_argv(config(rootfs=Path("/img/root.erofs"), rootfs_size=3 << 21), "qemu")
+    assert argv[argv.index("-m") + 1] == "512M,slots=1,maxmem=518M"
+    backend = next(a for a in argv if a.startswith("memory-backend-file,"))
+    assert backend.split(",") == [
+        "memory-backend-file",
+        "id=root-mem",
+        "mem-path=/img/root.erofs",
+        "size=6291456",
+        "share=on",
+        "readonly=on",
+    ]
+    assert "-drive" not in argv
+    with pytest.raises(ValueError, match="maxmem_mib"):
+        Memory(512, slots=1)
+    with pytest.raises(ValueError, match="below"):
+        Memory(512, slots=1, maxmem_mib=256)
 
 
 def test_nics_tap_and_user_golden() -> None:

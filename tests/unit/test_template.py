@@ -15,6 +15,7 @@ IMAGE = SimpleNamespace(
     kernel=Path("/img/vmlinux"),
     initrd=Path("/img/initramfs.cpio"),
     rootfs=Path("/img/root.erofs"),
+    rootfs_size=64 << 20,
     manifest={"inputs_hash": "abc"},
     dir=Path("/img"),
 )
@@ -51,6 +52,17 @@ def test_key_covers_memory_cmdline_image_and_qemu(tmp_path: Path) -> None:
     assert base != template.key(other, "tcg", 512, "c", qemu)
     qemu.write_bytes(b"xy")
     assert base != template.key(IMAGE, "tcg", 512, "c", qemu)
+
+
+def test_key_covers_the_root_device(tmp_path: Path) -> None:
+    """The machine's root device and its size are part of the key: a state saved with the
+    root on virtio-blk, or with another size of image, is never restored into this one."""
+    qemu = tmp_path / "qemu"
+    qemu.write_bytes(b"x")
+    argv = build_argv(template.vm_config(IMAGE, "tcg", 512, "c", Path("/d")))
+    assert "virtio-pmem-pci,memdev=root-mem,id=root" in argv and "-drive" not in argv
+    bigger = SimpleNamespace(**{**vars(IMAGE), "rootfs_size": 66 << 20})
+    assert template.key(IMAGE, "tcg", 512, "c", qemu) != template.key(bigger, "tcg", 512, "c", qemu)
 
 
 def test_key_covers_how_the_template_is_made(
