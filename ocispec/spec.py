@@ -29,11 +29,14 @@ not exist in the guest).
 
 from __future__ import annotations
 
-from ocispec import capabilities, seccomp
+from ocispec import capabilities
 from ocispec import linux as sc
 from ocispec.capabilities import Capabilities
 from ocispec.errors import SpecError
-from ocispec.seccomp import Filter as SeccompFilter
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from ocispec.seccomp import Filter as SeccompFilter
 
 UINT64_MAX = (1 << 64) - 1
 
@@ -575,13 +578,21 @@ def parse_process(value: object, where: str = "process") -> Process:
         rlimits=parse_rlimits(proc.get("rlimits"), f"{where}.rlimits"),
         no_new_privileges=_bool(proc.get("noNewPrivileges"), f"{where}.noNewPrivileges"),
         oom_score_adj=None if oom is None else _int(oom, f"{where}.oomScoreAdj", -1000, 1000),
-        seccomp=None
-        if profile is None
-        else seccomp.compile(_obj(profile, f"{where}.seccomp"), at=f"{where}.seccomp"),
+        seccomp=None if profile is None else _seccomp(profile, f"{where}.seccomp"),
         console_size=_console_size(proc.get("consoleSize"), f"{where}.consoleSize")
         if terminal
         else None,
     )
+
+
+def _seccomp(profile: object, where: str) -> SeccompFilter:
+    """The filter compiled from the linux.seccomp object ``profile``. Its compiler is
+    imported here, not above: a process without a profile (every ``exec`` the host checks)
+    does not need it, and it is a fifth of this module's import time (the guest's zygote
+    imports it ahead, agent/oci/zygote.py)."""
+    from ocispec import seccomp
+
+    return seccomp.compile(_obj(profile, where), at=where)
 
 
 def _console_size(value: object, where: str) -> tuple[int, int] | None:
@@ -912,7 +923,7 @@ def parse_spec(config: object) -> Spec:
     profile = linux.get("seccomp")
     if profile is not None:
         # A filter belongs to a process: linux.seccomp is applied as the process's.
-        process.seccomp = seccomp.compile(_obj(profile, "linux.seccomp"), at="linux.seccomp")
+        process.seccomp = _seccomp(profile, "linux.seccomp")
     return Spec(
         root_path,
         process,

@@ -68,9 +68,15 @@ def validate_id(value: str, kind: str = "container") -> str:
 
 def pod_dir_name(pod_id: str) -> str:
     """Directory name of a pod: 16 hex digits of sha256(pod id)."""
-    import hashlib  # here, not above: quick verbs that never reach a pod skip OpenSSL
+    # CPython's own sha256 (3.11's _sha256), not hashlib's: hashlib loads OpenSSL, ~3 ms of
+    # every verb that reaches a pod, exec's included. Imported here, not above: quick verbs
+    # skip it.
+    try:
+        from _sha256 import sha256  # type: ignore[import-not-found]
+    except ImportError:  # another interpreter or version (3.12 calls it _sha2)
+        from hashlib import sha256
 
-    return hashlib.sha256(pod_id.encode()).hexdigest()[:16]
+    return str(sha256(pod_id.encode()).hexdigest())[:16]
 
 
 def ensure_dir(path: Path) -> Path:

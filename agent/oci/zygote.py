@@ -39,6 +39,7 @@ import sys
 
 from agent.oci import exec as exec_mod
 from agent.oci import init as init_mod
+from ocispec import seccomp as _seccomp  # noqa: F401 - imported lazily by ocispec.spec
 
 #: The runtimes a request may name, and their entry points (``main(argv) -> status``).
 MODULES = {"agent.oci.init": init_mod, "agent.oci.exec": exec_mod}

@@ -61,6 +61,15 @@ def test_pod_dir_name_is_short_and_stable() -> None:
     assert len(base + state.pod_dir_name(long_id) + "/agent-serial.sock") < 108
 
 
+def test_pod_dir_name_is_the_sha256_earlier_versions_used() -> None:
+    """A pod made by an earlier pysandbox (hashlib's sha256) is found by this one, whichever
+    sha256 implementation it loads."""
+    import hashlib
+
+    for pod_id in ("t1", "f" * 64, "bench-exec-123"):
+        assert state.pod_dir_name(pod_id) == hashlib.sha256(pod_id.encode()).hexdigest()[:16]
+
+
 def test_atomic_write_and_corrupt_read(tmp_path: Path) -> None:
     path = tmp_path / "state.json"
     state.write_json_atomic(path, {"a": 1})
