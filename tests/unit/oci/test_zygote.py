@@ -124,3 +124,90 @@ def test_forked_runtimes_do_not_share_random_state() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, check=True).stdout
     values = out.split()
     assert len(values) == 2 and values[0] != values[1]
+
+
+def _spares(z: Zygote) -> list[int]:
+    """Pids of the zygote's spare runtimes: forks of it (same command line) other than it."""
+    assert z.pid is not None
+    mine = Path(f"/proc/{z.pid}/cmdline").read_bytes()
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == z.pid:
+            continue
+        try:
+            if (entry / "cmdline").read_bytes() == mine:
+                found.append(int(entry.name))
+        except OSError:
+            continue
+    return found
+
+
+def _wait_for_spare(z: Zygote) -> int:
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        spares = _spares(z)
+        if spares:
+            assert len(spares) == 1, spares
+            return spares[0]
+        time.sleep(0.05)
+    raise AssertionError("no spare runtime was forked")
+
+
+def test_no_spare_before_a_first_request(zygote: Zygote) -> None:
+    """A template VM's zygote has served nothing: no spare is saved with it."""
+    time.sleep(0.6)
+    assert _spares(zygote) == []
+
+
+def test_an_idle_zygote_serves_the_next_request_with_a_spare_forked_ahead(
+    zygote: Zygote,
+) -> None:
+    args = ["--bundle-fd", "3", "--sync-fd", "4"]
+    first, _err, _sync = _request(zygote, "agent.oci.init", args, b"not json")
+    spare = _wait_for_spare(zygote)
+    assert spare != first
+    # The spare runs the request exactly as a runtime forked for it: fds 0-4, same reports.
+    pid, _err, sync = _request(zygote, "agent.oci.init", args, b"not json")
+    assert pid == spare
+    assert sync.startswith(b"error INVALID_SPEC "), sync
+    _pid, err, _sync = _request(zygote, "agent.oci.exec", ["--bogus", "1"], b"")
+    fresh = subprocess.run(
+        [sys.executable, "-m", "agent.oci.exec", "--bogus", "1"],
+        capture_output=True,
+        env={"PYTHONPATH": str(REPO)},
+        check=False,
+    )
+    assert err == fresh.stderr.decode()
+
+
+def test_a_killed_spare_is_not_used_and_a_bad_request_leaves_it_waiting(zygote: Zygote) -> None:
+    args = ["--bundle-fd", "3", "--sync-fd", "4"]
+    _request(zygote, "agent.oci.init", args, b"[]")
+    spare = _wait_for_spare(zygote)
+    r, w = os.pipe()
+    try:
+        assert zygote.spawn("os", [], (r, w, w, r, w)) is None
+    finally:
+        os.close(r)
+        os.close(w)
+    assert _spares(zygote) == [spare]
+    os.kill(spare, signal.SIGKILL)
+    time.sleep(0.1)
+    pid, _err, sync = _request(zygote, "agent.oci.init", args, b"[]")
+    assert pid != spare
+    assert sync.startswith(b"error "), sync
+
+
+def test_spares_go_with_the_zygote(zygote: Zygote) -> None:
+    _request(zygote, "agent.oci.init", ["--bundle-fd", "3", "--sync-fd", "4"], b"[]")
+    spare = _wait_for_spare(zygote)
+    assert zygote.pid is not None
+    os.kill(zygote.pid, signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and Path(f"/proc/{spare}").exists():
+        state = Path(f"/proc/{spare}/stat").read_text().split(")")[-1].split()[0]
+        if state == "Z":
+            break
+        time.sleep(0.05)
+    else:
+        assert not Path(f"/proc/{spare}").exists(), "the spare outlived its zygote"
