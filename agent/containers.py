@@ -741,7 +741,7 @@ class ContainerManager:
     @staticmethod
     def _oom_kills(container: Container) -> int:
         """The oom_kill count of the container's cgroup (0 when it cannot be read)."""
-        return cgroup_layout.read_counters(container.cgroup, container.cgroup_v1)["oom_kills"]
+        return cgroup_layout.read_oom_kills(container.cgroup, container.cgroup_v1)
 
     def oom_killed(self, container_id: str, exec_id: str = "") -> bool:
         """Whether the OOM killer struck: for the init process, anywhere in the container

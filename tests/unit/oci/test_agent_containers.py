@@ -281,6 +281,9 @@ def test_v1_counters_come_from_the_v1_files(tmp_path: Path) -> None:
         "pids_current": 3,
         "oom_kills": 2,
     }
+    # What an exec reads before it starts: the same count, from the same file.
+    assert cgroup_layout.read_oom_kills("/nonexistent", pairs) == 2
+    assert cgroup_layout.read_oom_kills("/nonexistent", pairs[:1]) == 0  # no memory hierarchy
     (tmp_path / "memory/c1/memory.limit_in_bytes").write_text("9223372036854771712\n")
     assert cgroup_layout.read_counters("/nonexistent", pairs)["memory_limit_bytes"] == 0
 
