@@ -185,9 +185,9 @@ def guest(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str,
     (tmp_path / "rootfs").mkdir()
     real_spawn = ContainerManager._spawn
 
-    def spawn(self: ContainerManager, module: str, *args: Any) -> Any:
+    def spawn(self: ContainerManager, module: str, *args: Any, **kwargs: Any) -> Any:
         assert module in ("agent.oci.init", "agent.oci.exec")
-        return real_spawn(self, "tests.unit.fake_oci_runtime", *args)
+        return real_spawn(self, "tests.unit.fake_oci_runtime", *args, **kwargs)
 
     monkeypatch.setattr(ContainerManager, "_spawn", spawn)
     reaper = _WatchedReaper()

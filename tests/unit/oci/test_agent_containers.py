@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import subprocess
 import threading
 import time
 from pathlib import Path
@@ -348,4 +349,59 @@ def test_start_kills_an_init_whose_hooks_outlive_the_deadline(
     assert info.value.code == "DEADLINE_EXCEEDED"
     assert killed == [(123, signal.SIGKILL)]
     runtime.close()
+    _release(init, in_r, out_w)
+
+
+class _RuntimeWaitingForStart:
+    """A zygote whose "runtime" (a thread) waits for ``start`` before it reports ready: it
+    gets it only if the agent sends it ahead (an exec), and then plays a runtime that
+    execs (ready with the pid of a real process, its sync socket closed)."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.got: bytes = b""
+        self.thread: threading.Thread | None = None
+
+    def spawn(self, module: str, args: list[str], fds: tuple[int, ...]) -> int:
+        sync = socket.socket(fileno=os.dup(fds[4]))
+
+        def runtime() -> None:
+            with sync:
+                sync.settimeout(5)
+                try:
+                    self.got = sync.recv(64)
+                except TimeoutError:
+                    return  # never got it: the agent times out waiting for ready
+                sync.sendall(f"ready {self.pid}\n".encode())
+
+        self.thread = threading.Thread(target=runtime)
+        self.thread.start()
+        return self.pid
+
+
+def test_an_exec_runs_as_soon_as_it_is_ready(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The agent sends an exec's ``start`` ahead of its ``ready``: the runtime goes on to
+    execve without waiting for the agent to be scheduled between the two."""
+    from agent import containers
+
+    monkeypatch.setattr(containers, "READY_TIMEOUT", 10.0)
+    init, in_r, out_w = _pipes_process()
+    manager = _manager(tmp_path, init)
+    target = subprocess.Popen(["sleep", "30"])
+    try:
+        zygote = _RuntimeWaitingForStart(target.pid)
+        manager._zygote = zygote  # type: ignore[assignment]
+        started = time.monotonic()
+        assert manager.exec("c1", "e1", b'{"args": ["true"]}') == target.pid
+        assert zygote.got == b"start\n"
+        assert time.monotonic() - started < 5
+        assert zygote.thread is not None
+        zygote.thread.join()
+    finally:
+        target.kill()
+        target.wait()
+    proc = manager.process("c1", "e1")
+    proc.release_all()
     _release(init, in_r, out_w)
