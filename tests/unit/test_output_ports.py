@@ -365,3 +365,77 @@ def test_a_failing_or_hostile_port_stream_is_an_agent_error(
                 pass
     finally:
         server.stop(None)
+
+
+# -- the agent's side of ReadStdout with a port ----------------------------------------------
+
+
+class _Context:
+    """What AgentService's stream methods use of a gRPC servicer context."""
+
+    def add_callback(self, callback: object) -> bool:
+        return True
+
+    def abort(self, code: object, details: str) -> None:
+        raise AssertionError(f"aborted: {code} {details}")
+
+
+def _agent_with_a_port(tmp_path: Path, output: bytes) -> tuple[object, int, list[int]]:
+    """An AgentService whose container c1 has one process that wrote ``output`` to its
+    stdout and closed it, and one output port (a FIFO); the FIFO's read end, fds to close."""
+    from agent import pid1
+    from agent.containers import Container, ContainerManager, Process
+    from agent.server import AgentService
+
+    sysfs, dev = tmp_path / "sys", tmp_path / "dev"
+    (sysfs / "class" / "virtio-ports" / "vport0p2").mkdir(parents=True)
+    (sysfs / "class" / "virtio-ports" / "vport0p2" / "name").write_text("stream.0\n")
+    dev.mkdir()
+    os.mkfifo(dev / "vport0p2")
+    port_r = os.open(dev / "vport0p2", os.O_RDONLY | os.O_NONBLOCK)
+    out_r, out_w = os.pipe()
+    os.write(out_w, output)
+    os.close(out_w)
+    manager = ContainerManager(pid1.Reaper(), cgroup_parent=str(tmp_path))
+    proc = Process(123, False, None, out_r, None)
+    container = Container("c1", "/run/pysandbox/c1/rootfs", str(tmp_path / "c1"), proc, None)
+    container.started = True
+    manager._containers["c1"] = container
+    service = AgentService("test", containers=manager)
+    service._output_ports = stream_port.OutputPorts(sysfs, dev)
+    return service, port_r, [port_r]
+
+
+def _port_bytes(fd: int) -> bytes:
+    data = b""
+    while True:
+        try:
+            chunk = os.read(fd, 65536)
+        except BlockingIOError:
+            return data
+        if not chunk:
+            return data
+        data += chunk
+
+
+def test_an_empty_output_ends_without_the_port_and_any_other_goes_through_it(
+    tmp_path: Path,
+) -> None:
+    ref = pb.ProcessRef(container_id="c1", exec_id="", stream_port=1, stream_nonce=NONCE)
+    service, port_r, fds = _agent_with_a_port(tmp_path / "empty", b"")
+    try:
+        # The host sees a call without messages: it frees its lease, as for an agent that
+        # declines the port; nothing at all went to the port.
+        assert list(service.ReadStdout(ref, _Context())) == []  # type: ignore[attr-defined]
+        assert _port_bytes(port_r) == b""
+    finally:
+        for fd in fds:
+            os.close(fd)
+    service, port_r, fds = _agent_with_a_port(tmp_path / "some", b"hello")
+    try:
+        messages = list(service.ReadStdout(ref, _Context()))  # type: ignore[attr-defined]
+        assert [m.on_port for m in messages] == [True] and not messages[0].data
+        assert _parse(iter([_port_bytes(port_r)])) == (b"hello", True)
+    finally:
+        for fd in fds:
+            os.close(fd)
