@@ -56,7 +56,11 @@ where there is one, what to do about it.
 from __future__ import annotations
 
 import enum
-from typing import Any, Self
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (~0.6 MiB)
+
+if TYPE_CHECKING:  # annotations only: the shim imports this module and not typing
+    from typing import Any, Self
 
 #: Exit statuses of ``pysandbox run`` when the container's own status is not the answer
 #: (docker run's convention): pysandbox failed, the command cannot be run, it was not found,

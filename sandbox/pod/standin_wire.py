@@ -52,8 +52,11 @@ import contextlib
 import json
 import os
 import socket
-from pathlib import Path
-from typing import Any
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (~0.6 MiB)
+
+if TYPE_CHECKING:  # annotations only: the shim imports this module, and neither of these
+    from typing import Any
 
 #: The proxy's stand-in socket, in the pod directory next to ``agent.sock``.
 SOCKET_NAME = "shim.sock"
@@ -67,10 +70,10 @@ class WireError(Exception):
     """A packet that is not one of the messages above (too long, not JSON, too many fds)."""
 
 
-def socket_path(agent_address: str) -> Path:
+def socket_path(agent_address: str) -> str:
     """The stand-in socket of the pod whose agent proxy serves ``agent_address``
     (``unix:<pod>/agent.sock``)."""
-    return Path(agent_address.removeprefix("unix:")).with_name(SOCKET_NAME)
+    return os.path.join(os.path.dirname(agent_address.removeprefix("unix:")), SOCKET_NAME)
 
 
 def send(sock: socket.socket, message: dict[str, Any], fds: tuple[int, ...] = ()) -> None:

@@ -21,23 +21,18 @@ from typing import TYPE_CHECKING, Any
 
 from sandbox import store as state
 from sandbox.errors import NotFoundError, SandboxError, StateError
+from sandbox.runtime.record_names import EXIT_FILE, STANDIN_SUFFIX, standin_name
 
 if TYPE_CHECKING:
     from hypervisor.process import ProcessHandle
 
 #: The runtime-spec version of the state documents (``state``, hooks' stdin).
 OCI_VERSION = "1.0.2"
-#: Where the shim (sandbox/runtime/shim.py) records the exit status of a container's init process.
-EXIT_FILE = "exit"
-#: Suffix of the files naming the host stand-in of a running exec: ``<exec id>.standin`` in
-#: the container's directory holds that process's handle (written by the process itself,
-#: removed when it ends; a handle whose process is gone is ignored).
-STANDIN_SUFFIX = ".standin"
 
 
 def standin_file(record_dir: Path, exec_id: str) -> Path:
     """The file naming the host stand-in of exec ``exec_id`` (see :data:`STANDIN_SUFFIX`)."""
-    return record_dir / f"{exec_id}{STANDIN_SUFFIX}"
+    return record_dir / standin_name(exec_id)
 
 
 class Status(enum.StrEnum):

@@ -69,17 +69,18 @@ import socket
 import struct
 import sys
 import termios
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
 
 from sandbox import IMPORT_ROOT
-from sandbox import store as state
 from sandbox.errors import AgentError, ConfigError
 from sandbox.pod import standin_wire as wire
-from sandbox.runtime.record import EXIT_FILE, standin_file
+from sandbox.runtime.record_names import EXIT_FILE, standin_name
 
-if TYPE_CHECKING:
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (~0.6 MiB)
+
+if TYPE_CHECKING:  # the shim imports neither pathlib nor typing: ~1.5 MiB per container
     from collections.abc import Iterator
+    from pathlib import Path
+    from typing import Any
 
     from hypervisor.process import ProcessHandle
     from sandbox.runtime.standin_netns import StandinNetns
@@ -212,7 +213,7 @@ UNPRIVILEGED = ("--inh-caps=-all", "--bounding-set=-all", "--no-new-privs")
 
 
 #: util-linux's flock(1): the watcher of a detached run without ``--timeout``.
-FLOCK = Path("/usr/bin/flock")
+FLOCK = "/usr/bin/flock"
 #: The lock file of a detached run's shim, in the run's directory (module docstring).
 SHIM_LOCK = "shim.lock"
 
@@ -245,7 +246,7 @@ def _spawn_lock_watcher(root: Path, name: str) -> None:
 
     monitor = [sys.executable, "-m", "sandbox.run.monitor", str(root), name]
     subprocess.Popen(
-        [str(FLOCK), "-o", str(root / name / SHIM_LOCK), *monitor],
+        [FLOCK, "-o", str(root / name / SHIM_LOCK), *monitor],
         stdin=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
@@ -297,14 +298,14 @@ class Args:
         for needed in _NEEDED:
             if needed not in values:
                 raise ConfigError(f"pysandbox-shim: {needed} is required")
-        self.root = Path(values["--root"])
+        self.root = values["--root"]
         self.id = values["--id"]
         self.agent = values["--agent"]
         self.exec_id = values.get("--exec-id", "")
         self.ready_fd = int(values["--ready-fd"])
         self.terminal = "--terminal" in flags
         console = values.get("--console-socket")
-        self.console_socket = Path(console) if console else None
+        self.console_socket = console or None
         new_netns = values.get("--new-netns")
         self.new_netns = None if new_netns is None else tuple(new_netns.split(" ", 1))
         timeout = values.get("--timeout")
@@ -326,23 +327,24 @@ _VALUED = (
 )
 
 
-def _send_console(console_socket: Path, master: int) -> None:
+def _send_console(console_socket: str, master: int) -> None:
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-        sock.connect(str(console_socket))
+        sock.connect(console_socket)
         fds = array.array("i", [master])
         sock.sendmsg([b"/dev/ptmx"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds)])
 
 
-def name_standin(root: Path, container_id: str, exec_id: str) -> Path | None:
+def name_standin(root: Path | str, container_id: str, exec_id: str) -> str | None:
     """Record this process as the host stand-in of exec ``exec_id`` (see
     :meth:`ContainerRecord.exec_standins`); the file to remove when it ends, or None when
     it could not be written (``ps`` then just does not list it)."""
     from hypervisor.process import ProcessHandle
 
-    path = standin_file(root / container_id, exec_id)
+    directory = os.path.join(root, container_id)
+    path = os.path.join(directory, standin_name(exec_id))
     # Renamed into place, without fsync (a crash ends the process it names anyway) nor
     # tempfile (its import is a tenth of an attached exec's start-up).
-    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    tmp = os.path.join(directory, f".{standin_name(exec_id)}.{os.getpid()}")
     try:
         data = json.dumps(ProcessHandle.of(os.getpid()).to_json()).encode()
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
@@ -353,15 +355,15 @@ def name_standin(root: Path, container_id: str, exec_id: str) -> Path | None:
         os.replace(tmp, path)
     except (OSError, ProcessLookupError):
         with contextlib.suppress(OSError):
-            tmp.unlink()
+            os.unlink(tmp)
         return None
     return path
 
 
-def drop_standin(path: Path | None) -> None:
+def drop_standin(path: str | None) -> None:
     if path is not None:
         with contextlib.suppress(OSError):
-            path.unlink()
+            os.unlink(path)
 
 
 class _Link:
@@ -383,7 +385,7 @@ class _Link:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
             sock.settimeout(_READY_TIMEOUT)
-            sock.connect(str(wire.socket_path(self._args.agent)))
+            sock.connect(wire.socket_path(self._args.agent))
             message = {
                 "op": "attach",
                 "id": self._args.id,
@@ -571,8 +573,13 @@ def main(argv: list[str] | None = None) -> None:
         except AgentError:
             break
     if not args.exec_id:  # an exec's status is its stand-in's exit status: nothing to keep
+        from pathlib import Path  # only now: an idle shim does without it
+
+        from sandbox import store
+
         with contextlib.suppress(OSError):
-            state.write_json_atomic(args.root / args.id / EXIT_FILE, {"status": status, "oom": oom})
+            exit_file = Path(args.root) / args.id / EXIT_FILE
+            store.write_json_atomic(exit_file, {"status": status, "oom": oom})
     drop_standin(standin)
     os._exit(status)
 
