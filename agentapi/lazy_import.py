@@ -2,7 +2,8 @@
 access. Whoever uses such a module gets it fully loaded; nobody pays for it when nobody uses it.
 
 Used where start-up time counts: the guest agent (guest-image/agent_launcher.py) and the
-``pysandbox`` command line (sandbox/cli/main.py). Why :data:`LAZY_MODULES`:
+``pysandbox`` command line (sandbox/cli/main.py); and where memory does: the per-pod agent
+proxy on the host (sandbox/pod/agent_proxy.py: ~3.5 MiB of its own pages). Why :data:`LAZY_MODULES`:
 ``grpc/__init__.py`` always ends with ``from grpc import aio`` and ``grpc._cython.cygrpc``
 imports ``asyncio`` at load, but synchronous gRPC clients and servers never touch either;
 ``protobuf``'s ``descriptor_pool`` imports the pure-Python message implementation (and through

@@ -177,31 +177,58 @@ def mem_available_mib() -> float:
     return 0.0
 
 
-def footprint(args: argparse.Namespace) -> dict[str, Any]:
-    samples: list[dict[str, float]] = []
-    for index in range(args.runs):
-        name = f"fp-{os.getpid()}-{index}"
-        try:
-            started = start_run(args.root, name, args.image)
-            time.sleep(args.settle)
-            sample: dict[str, float] = {"start_s": started}
-            for pid, what in run_processes(args.root, name).items():
-                parts = pss_parts_kib(pid)
-                sample[what] = sample.get(what, 0.0) + parts.get("Pss", 0) / 1024
-                sample[f"n:{what}"] = sample.get(f"n:{what}", 0) + 1
-                own = (parts.get("Pss_Anon", 0) + parts.get("Pss_Shmem", 0)) / 1024
-                sample[f"own:{what}"] = sample.get(f"own:{what}", 0.0) + own
-                sample["own:total"] = sample.get("own:total", 0.0) + own
-            sample["total"] = sum(v for k, v in sample.items() if ":" not in k and k != "start_s")
-            seconds, _why = exec_seconds(args.root, name, args.exec_limit)
-            sample["exec_true_s"] = -1.0 if seconds is None else seconds
-            samples.append(sample)
-            print(json.dumps({k: round(v, 2) for k, v in sample.items()}), flush=True)
-        finally:
-            remove(args.root, name)
+def one_sample(args: argparse.Namespace, name: str) -> dict[str, float]:
+    """Start run ``name``, let it settle, measure its processes and one exec; remove it."""
+    try:
+        started = start_run(args.root, name, args.image)
+        time.sleep(args.settle)
+        sample: dict[str, float] = {"start_s": started}
+        for pid, what in run_processes(args.root, name).items():
+            parts = pss_parts_kib(pid)
+            sample[what] = sample.get(what, 0.0) + parts.get("Pss", 0) / 1024
+            sample[f"n:{what}"] = sample.get(f"n:{what}", 0) + 1
+            own = (parts.get("Pss_Anon", 0) + parts.get("Pss_Shmem", 0)) / 1024
+            sample[f"own:{what}"] = sample.get(f"own:{what}", 0.0) + own
+            sample["own:total"] = sample.get("own:total", 0.0) + own
+        sample["total"] = sum(v for k, v in sample.items() if ":" not in k and k != "start_s")
+        sample["processes"] = float(sum(v for k, v in sample.items() if k.startswith("n:")))
+        seconds, _why = exec_seconds(args.root, name, args.exec_limit)
+        sample["exec_true_s"] = -1.0 if seconds is None else seconds
+        print(json.dumps({k: round(v, 2) for k, v in sample.items()}), flush=True)
+        return sample
+    finally:
+        remove(args.root, name)
+
+
+def medians(samples: list[dict[str, float]]) -> dict[str, float]:
+    """Median of every key over ``samples`` (a key missing from a sample counts as 0)."""
     keys = sorted({k for s in samples for k in s})
-    medians = {k: round(statistics.median(s.get(k, 0.0) for s in samples), 2) for k in keys}
-    return {"mode": "footprint", "runs": samples, "median": medians}
+    return {k: round(statistics.median(s.get(k, 0.0) for s in samples), 2) for k in keys}
+
+
+def footprint(args: argparse.Namespace) -> dict[str, Any]:
+    samples = [one_sample(args, f"fp-{os.getpid()}-{index}") for index in range(args.runs)]
+    return {"mode": "footprint", "runs": samples, "median": medians(samples)}
+
+
+def footprint_ab(args: argparse.Namespace) -> dict[str, Any]:
+    """``--baseline PYTHON``: each round one run with that interpreter's ``pysandbox`` (another
+    checkout's venv), then one with this one, so that host noise hits both alike."""
+    kinds = {"baseline": Path(args.baseline), "this": Path(sys.executable)}
+    samples: dict[str, list[dict[str, float]]] = {kind: [] for kind in kinds}
+    loads = []
+    for index in range(args.runs):
+        loads.append(Path("/proc/loadavg").read_text().split()[0])
+        for kind, python in kinds.items():
+            PYSANDBOX[:] = [str(python.with_name("pysandbox"))]
+            print(f"round {index + 1} {kind}", flush=True)
+            samples[kind].append(one_sample(args, f"fp-{os.getpid()}-{kind[0]}{index}"))
+    result: dict[str, Any] = {"mode": "footprint-ab", "loadavg_1m": loads}
+    for kind, python in kinds.items():
+        result[kind] = {"python": str(python), "runs": samples[kind]}
+        result[kind]["median"] = medians(samples[kind])
+    result["median"] = {kind: result[kind]["median"] for kind in kinds}
+    return result
 
 
 def density(args: argparse.Namespace) -> dict[str, Any]:
@@ -258,8 +285,12 @@ def main() -> None:
     parser.add_argument("--exec-limit", type=float, default=3.0)
     parser.add_argument("--density", type=int, default=0, help="start up to N runs")
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--baseline", help="another checkout's .venv/bin/python: A/B rounds")
     args = parser.parse_args()
-    result = density(args) if args.density else footprint(args)
+    if args.density:
+        result = density(args)
+    else:
+        result = footprint_ab(args) if args.baseline else footprint(args)
     result["when"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     text = json.dumps(result, indent=1)
     print(json.dumps(result.get("median", result), indent=1))

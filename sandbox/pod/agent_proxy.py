@@ -21,8 +21,11 @@ With ``--forward-fd N`` (a listening socket in the pod's network namespace) it a
 ``kubectl port-forward``: each connection there is relayed to the guest over the same channel
 (:mod:`sandbox.pod.portforward`).
 
-Run as ``python -m sandbox.pod.agent_proxy --serial S --listen L --vm-pid P [--vsock CID]
-[--forward-fd N]``.
+Run as ``python -c PROGRAM --serial S --listen L --vm-pid P [--vsock CID] [--forward-fd N]``
+(:data:`PROGRAM`: :func:`main` with the lazy imports of :mod:`agentapi.lazy_import` installed
+first, so that ``asyncio``, ``grpc.aio`` and protobuf's pure-Python message code, which a
+synchronous relay never uses, cost nothing: ~3.5 MiB of the proxy's own pages), or as
+``python -m sandbox.pod.agent_proxy ...`` (everything imported).
 """
 
 from __future__ import annotations
@@ -52,6 +55,12 @@ from sandbox.errors import AgentError
 from sandbox.pod import console_bound
 
 SERVICE_PREFIX = "/pysandbox.agent.v1.Agent/"
+#: What the proxy's interpreter runs (``-c``; see the module docstring). It names this module,
+#: so the proxy's command line mentions ``sandbox.pod.agent_proxy`` as with ``-m``.
+PROGRAM = (
+    "from agentapi import lazy_import; lazy_import.install(); "
+    "from sandbox.pod.agent_proxy import main; main()"
+)
 _HANDSHAKE_TIMEOUT = 10.0
 _CHUNK = 65536
 
@@ -106,8 +115,9 @@ def spawn(directory: Path, vm_pid: int, forward: socket.socket | None = None) ->
         "--no-new-privs",
         "--",
         sys.executable,
-        "-m",
-        "sandbox.pod.agent_proxy",
+        "-P",  # not the working directory ("/") on sys.path
+        "-c",
+        PROGRAM,
         "--listen",
         str(directory / "agent.sock"),
         "--serial",
