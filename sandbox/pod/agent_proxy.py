@@ -39,7 +39,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent import futures
 from pathlib import Path
 from typing import Any
@@ -245,7 +245,7 @@ def _watch_vm(pid: int, console_log: Path | None) -> None:
         time.sleep(0.5)
 
 
-def _trimmer() -> Any:
+def _trimmer() -> Callable[[int], int] | None:
     """glibc's ``malloc_trim`` (None elsewhere): it returns the free pages inside every
     malloc arena to the kernel, not only the top of the main heap as ``free`` does. The
     proxy's startup (importing grpc and the agent's protobuf stubs) and each relayed call
@@ -254,9 +254,10 @@ def _trimmer() -> Any:
     import ctypes
 
     try:  # the process's own symbols, libc's among them (ctypes.util would cost 0.4 MiB)
-        return ctypes.CDLL(None).malloc_trim
+        trim: Callable[[int], int] = ctypes.CDLL(None).malloc_trim
     except (OSError, AttributeError):
         return None
+    return trim
 
 
 #: How long (seconds) one of grpc's blocking waits sleeps before it looks again (see
