@@ -611,16 +611,12 @@ def _join(d: Path) -> None:
         raise ConfigError(f"host cgroup: cannot join {d}: {exc.strerror or exc}") from None
 
 
-def _leave(placement: Placement, parent: int | None = None) -> None:
-    """Move this process (and ``parent``, a pid, when given) to the root cgroup of each
-    hierarchy of the placement."""
+def _leave(placement: Placement) -> None:
+    """Move this process to the root cgroup of each hierarchy of the placement."""
     for h in host_layout().hierarchies:
         if any(d == str(h.mount) or d.startswith(str(h.mount) + "/") for d in placement.dirs):
             with contextlib.suppress(ConfigError):
                 _join(h.mount)
-            if parent is not None:
-                with contextlib.suppress(OSError):
-                    (h.mount / "cgroup.procs").write_text(str(parent))
 
 
 def pids(placement: Placement) -> set[int]:
@@ -642,11 +638,8 @@ def remove(placement: Placement, wait: float = EMPTY_WAIT) -> None:
     SIGKILL what is still there (only processes inside the pod's own cgroup), then remove the
     directories it created (the leaf, then parents it made that are empty) and stop the
     systemd scope. Idempotent. ConfigError naming a directory that could not be removed."""
-    inside = pids(placement)
-    if os.getpid() in inside:  # e.g. the run's monitor removing its own pod
-        # Its parent leaves with it when it is in the pod too: the run's flock(1) watcher
-        # (sandbox/runtime/shim.py) waits for this process and must not be killed below.
-        _leave(placement, os.getppid() if os.getppid() in inside else None)
+    if os.getpid() in pids(placement):  # e.g. the run's watcher removing its own pod
+        _leave(placement)
     deadline = time.monotonic() + wait
     while pids(placement) and time.monotonic() < deadline:
         time.sleep(0.05)
