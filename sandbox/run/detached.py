@@ -8,9 +8,8 @@ run's name is its container id and its pod id. Only the per-container shim diffe
 ``create``: its stdin is /dev/null and its stdout and stderr are appended to
 ``<root>/<name>/run.log``, which ``logs`` prints.
 
-The run's monitor is its shim's watcher (started with it by ``shim.spawn(monitor=True)``:
-util-linux's ``flock`` waiting for the lock the shim holds, or with ``--timeout``
-:mod:`sandbox.runtime.shim_watch`, a bare interpreter holding a pidfd of the shim):
+The run's monitor is its shim's watcher (:mod:`sandbox.runtime.shim_watch`, a bare
+interpreter holding a pidfd of the shim, started with it by ``shim.spawn(monitor=True)``):
 once the shim has exited (the process ended, ``stop``, ``--timeout``: the watcher kills the
 run then) it powers the VM off and unmounts everything
 (:func:`sandbox.run.monitor.release_after_shim`), keeping the record, the log and the exit
@@ -23,8 +22,7 @@ racing with it.
 
 Files under ``<root>/<name>/``: ``state.json`` (the runtime record, with a ``run`` entry:
 image, command, flags), ``config.json`` (the spec, so ``exec`` works too), ``run.log``,
-``exit`` (written by the shim), ``monitored``, ``shim.lock`` (held by the shim, see
-:mod:`sandbox.runtime.shim`).
+``exit`` (written by the shim), ``monitored``.
 """
 
 from __future__ import annotations

@@ -1,10 +1,10 @@
 """The end of a detached run (:mod:`sandbox.run.detached`): release its VM once its shim is gone.
 
-Used by ``stop``/``rm`` and by the run's monitor, the watcher of its shim (``flock``, or
-``sandbox.runtime.shim_watch`` with ``--timeout``: :mod:`sandbox.runtime.shim`), which runs
-``python -m sandbox.run.monitor ROOT NAME [--kill]`` once the shim is gone
-(:func:`main`). Kept apart from :mod:`sandbox.run.detached` so that the shim needs none of
-``run``'s machinery (images, specs, launching).
+Used by ``stop``/``rm`` and by the run's monitor, the watcher of its shim
+(``sandbox.runtime.shim_watch``), which becomes ``python -m sandbox.run.monitor ROOT NAME
+[--kill]`` once the shim is gone (:func:`main`). Kept apart from
+:mod:`sandbox.run.detached` so that the shim needs none of ``run``'s machinery (images,
+specs, launching).
 """
 
 from __future__ import annotations

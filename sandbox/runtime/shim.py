@@ -40,20 +40,12 @@ The shim runs as root without any capability (``setpriv --inh-caps=-all --boundi
 --no-new-privs``): it needs uid 0 only for root's files and sockets (the pod's ``shim.sock``,
 the container's state directory, the client's console socket); docs/trust-boundaries.md.
 
-A detached run (``monitor``) also gets a watcher, started by :func:`spawn`: it keeps root's
-capabilities, because releasing the run's VM needs them (killing the jailed QEMU, unmounting
-its files). Once the shim is gone it runs ``python -m sandbox.run.monitor``, which releases
-the run (:func:`sandbox.run.monitor.release_after_shim`). Without ``--timeout`` the watcher
-is util-linux's ``flock -o <run>/shim.lock python -m sandbox.run.monitor ROOT NAME`` (a C
-program, ~0.2 MiB PSS instead of ~4 for an interpreter): :func:`spawn` takes that exclusive
-flock(2) before it starts the shim and hands the locked descriptor to it, inherited and
-never closed, so the lock is released exactly when the shim's last descriptor closes — its
-exit, however it ends (SIGKILL included). Nothing else holds that open file: the shim's own
-children are started without inherited descriptors (``close_fds``), and ``-o`` keeps the
-monitor from holding it. With ``--timeout`` the watcher is :mod:`sandbox.runtime.shim_watch`,
-a bare interpreter holding a pidfd of the shim, which becomes the monitor (exec) once the
-shim is gone or, after ``--timeout`` seconds, with ``--kill`` first (the run's processes get
-SIGKILL; the shim then exits 137).
+A detached run (``monitor``) also gets a watcher (:mod:`sandbox.runtime.shim_watch`), a bare
+interpreter started by :func:`spawn` with a pidfd of the shim: it keeps root's capabilities,
+because releasing the run's VM needs them (killing the jailed QEMU, unmounting its files).
+Once the shim is gone it becomes ``python -m sandbox.run.monitor`` (exec), which releases the
+run (:func:`sandbox.run.monitor.release_after_shim`); after ``--timeout`` seconds it does so
+with ``--kill`` first (the run's processes get SIGKILL; the shim then exits 137).
 """
 
 from __future__ import annotations
@@ -78,7 +70,6 @@ from sandbox.runtime.record_names import EXIT_FILE, standin_name
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (~0.6 MiB)
 
 if TYPE_CHECKING:  # the shim imports neither pathlib nor typing: ~1.5 MiB per container
-    from collections.abc import Iterator
     from pathlib import Path
     from typing import Any
 
@@ -133,75 +124,70 @@ def spawn(
     from hypervisor.process import ProcessHandle
     from hypervisor.virtiofsd import SETPRIV
 
-    # A detached run's lock, held by the shim for its whole life (module docstring); this
-    # process's copy is closed once the watcher waits for it.
-    with _watcher_lock(root, container_id, monitor and timeout is None) as held:
-        ready_r, ready_w = os.pipe()
-        # Without capabilities from the start, unless it must make its namespace first.
-        unprivileged = [str(SETPRIV), *UNPRIVILEGED, "--"] if netns is None else []
-        argv = [
-            *unprivileged,
-            sys.executable,
-            "-S",  # no site: the shim needs only the standard library and this package
-            "-m",
-            "sandbox.runtime.shim",
-            "--root",
-            str(root),
-            "--id",
-            container_id,
-            "--agent",
-            pod_address,
-            "--exec-id",
-            exec_id,
-            "--ready-fd",
-            str(ready_w),
-        ]
-        if terminal:
-            argv.append("--terminal")
-        if console_socket is not None:
-            argv += ["--console-socket", str(console_socket)]
-        if output_limit is not None:
-            argv += ["--output-limit", str(int(output_limit))]
-        if netns is not None:
-            argv += netns.argv()
-        try:
-            stdio = subprocess.DEVNULL if terminal else None
-            proc = subprocess.Popen(
-                argv,
-                stdin=stdio,
-                stdout=stdio,
-                stderr=stdio,
-                pass_fds=(ready_w,) if held is None else (ready_w, held),
-                start_new_session=True,
-                cwd="/",
-                env={**os.environ, "PYTHONPATH": IMPORT_ROOT},
-            )
-        finally:
-            os.close(ready_w)
-        with os.fdopen(ready_r, "rb") as ready:
-            # Bounded: a shim that neither reports nor exits must not hold its caller (create,
-            # with SIGTERM held meanwhile) forever. Its own steps time out well within this.
-            if select.select([ready], [], [], SPAWN_TIMEOUT)[0]:
-                line = ready.readline(4096).decode(errors="replace").strip()
-            else:
-                line = f"error the container shim did not report ready within {SPAWN_TIMEOUT:g}s"
-        if line != "ready":
-            with contextlib.suppress(OSError):
-                proc.kill()
-            proc.wait()
-            raise AgentError(line.removeprefix("error ") or "container shim failed to start")
-        handle = ProcessHandle.of(proc.pid)
-        try:
-            if held is not None:
-                _spawn_lock_watcher(root, container_id)
-            elif monitor:
-                _spawn_watcher(root, container_id, os.pidfd_open(proc.pid), timeout)
-        except BaseException:
+    ready_r, ready_w = os.pipe()
+    # Without capabilities from the start, unless it must make its namespace first.
+    unprivileged = [str(SETPRIV), *UNPRIVILEGED, "--"] if netns is None else []
+    argv = [
+        *unprivileged,
+        sys.executable,
+        "-S",  # no site: the shim needs only the standard library and this package
+        "-m",
+        "sandbox.runtime.shim",
+        "--root",
+        str(root),
+        "--id",
+        container_id,
+        "--agent",
+        pod_address,
+        "--exec-id",
+        exec_id,
+        "--ready-fd",
+        str(ready_w),
+    ]
+    if terminal:
+        argv.append("--terminal")
+    if console_socket is not None:
+        argv += ["--console-socket", str(console_socket)]
+    if output_limit is not None:
+        argv += ["--output-limit", str(int(output_limit))]
+    if netns is not None:
+        argv += netns.argv()
+    try:
+        stdio = subprocess.DEVNULL if terminal else None
+        proc = subprocess.Popen(
+            argv,
+            stdin=stdio,
+            stdout=stdio,
+            stderr=stdio,
+            pass_fds=(ready_w,),
+            start_new_session=True,
+            cwd="/",
+            env={**os.environ, "PYTHONPATH": IMPORT_ROOT},
+        )
+    finally:
+        os.close(ready_w)
+    with os.fdopen(ready_r, "rb") as ready:
+        # Bounded: a shim that neither reports nor exits must not hold its caller (create,
+        # with SIGTERM held meanwhile) forever. Its own steps time out well within this.
+        if select.select([ready], [], [], SPAWN_TIMEOUT)[0]:
+            line = ready.readline(4096).decode(errors="replace").strip()
+        else:
+            line = f"error the container shim did not report ready within {SPAWN_TIMEOUT:g}s"
+    if line != "ready":
+        with contextlib.suppress(OSError):
             proc.kill()
-            proc.wait()
-            raise
-        proc.returncode = 0  # we never wait for it: its subreaper does (silences Popen.__del__)
-        return handle
+        proc.wait()
+        raise AgentError(line.removeprefix("error ") or "container shim failed to start")
+    handle = ProcessHandle.of(proc.pid)
+    try:
+        if monitor:
+            _spawn_watcher(root, container_id, os.pidfd_open(proc.pid), timeout)
+    except BaseException:
+        proc.kill()
+        proc.wait()
+        raise
+    proc.returncode = 0  # we never wait for it: its subreaper does (silences Popen.__del__)
+    return handle
 
 
 #: How long spawn waits for a shim's ``ready`` line (seconds): its attach to the pod's proxy
@@ -210,50 +196,6 @@ SPAWN_TIMEOUT = 90.0
 
 #: setpriv options of a shim: no capability in any set, for good.
 UNPRIVILEGED = ("--inh-caps=-all", "--bounding-set=-all", "--no-new-privs")
-
-
-#: util-linux's flock(1): the watcher of a detached run without ``--timeout``.
-FLOCK = "/usr/bin/flock"
-#: The lock file of a detached run's shim, in the run's directory (module docstring).
-SHIM_LOCK = "shim.lock"
-
-
-@contextlib.contextmanager
-def _watcher_lock(root: Path, name: str, wanted: bool) -> Iterator[int | None]:
-    """With ``wanted``, a descriptor of ``<root>/<name>/shim.lock`` holding its exclusive
-    flock for the block, closed after it (close-on-exec: only :func:`spawn`'s ``pass_fds``
-    hands it on); else None. ConfigError if flock(1) is missing (it is checked first: the
-    watcher runs it), OSError if the file cannot be opened or locked (nothing else takes
-    this lock before the shim exists)."""
-    if not wanted:
-        yield None
-        return
-    if not os.access(FLOCK, os.X_OK):
-        raise ConfigError(f"{FLOCK} not found; install it with 'apt-get install util-linux'")
-    fd = os.open(root / name / SHIM_LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        yield fd
-    finally:
-        os.close(fd)
-
-
-def _spawn_lock_watcher(root: Path, name: str) -> None:
-    """Start the watcher of detached run ``name`` without a timeout: ``flock -o`` waits for
-    the lock the shim holds, then runs the monitor (module docstring). OSError if flock
-    cannot be started."""
-    import subprocess
-
-    monitor = [sys.executable, "-m", "sandbox.run.monitor", str(root), name]
-    subprocess.Popen(
-        [FLOCK, "-o", str(root / name / SHIM_LOCK), *monitor],
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-        cwd="/",
-        env={**os.environ, "PYTHONPATH": IMPORT_ROOT},
-    ).returncode = 0  # never waited for here (silences Popen.__del__)
 
 
 def _spawn_watcher(root: Path, name: str, pidfd: int, timeout: float | None) -> None:

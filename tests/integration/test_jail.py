@@ -259,7 +259,7 @@ def test_shims_have_no_capabilities_and_a_runs_watcher_keeps_root(
         watchers = [
             int(line.split(":")[0])
             for line in processes_mentioning(str(root), live_only=True)
-            if "sandbox.run.monitor" in line  # flock(1) waiting for the shim's lock
+            if "sandbox.runtime.shim_watch" in line
         ]
         assert len(watchers) == 1, watchers
         assert int(proc_status(watchers[0])["CapEff"], 16) != 0  # it stops the jailed QEMU
