@@ -15,7 +15,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="'default', a root filesystem directory, an OCI layout or archive, "
         "or an image reference (alpine, localhost:5000/x:1)",
     )
-    parser.add_argument("command", nargs=argparse.REMAINDER, help="command and arguments")
+    parser.add_argument(
+        "command",
+        nargs=argparse.REMAINDER,
+        help="arguments after the image's entrypoint, replacing its Cmd (as docker run)",
+    )
+    parser.add_argument(
+        "--entrypoint",
+        default=None,
+        metavar="PROGRAM",
+        help="run PROGRAM (one word) instead of the image's entrypoint, with COMMAND as its "
+        "arguments and without the image's Cmd; '' clears the entrypoint",
+    )
     parser.add_argument("-e", "--env", action="append", default=[], metavar="K=V")
     parser.add_argument("--env-file", action="append", default=[], type=Path)
     parser.add_argument("-w", "--workdir", default=None)

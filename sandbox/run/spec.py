@@ -204,17 +204,39 @@ def _refuse_pseudo(item: str, guest: str, host: Path, held: HeldSources) -> None
         raise RunError(f"invalid volume {item!r}: mount {guest}: source {why}")
 
 
+def process_args(
+    command: list[str], entrypoint: str | None, image_entrypoint: list[str], image_cmd: list[str]
+) -> list[str]:
+    """``process.args`` of a run, by docker's rules (docker run reference, "ENTRYPOINT";
+    Dockerfile reference, "Understand how CMD and ENTRYPOINT interact"): the entrypoint, then
+    ``command`` (the words after IMAGE, a leading ``--`` dropped) or else the image's ``Cmd``.
+
+    ``entrypoint`` is ``--entrypoint``: None keeps the image's ``Entrypoint``; a string
+    replaces it by that one word (not split) and drops the image's ``Cmd``, as docker and
+    podman do; ``""`` clears it (then only ``command`` runs). RunError when nothing is left."""
+    words = list(command)
+    if words and words[0] == "--":
+        words = words[1:]
+    if entrypoint is None:
+        argv = [*image_entrypoint, *(words or image_cmd)]
+    else:
+        argv = [entrypoint, *words] if entrypoint else words
+    if not argv:
+        raise RunError(
+            "no command to run: give one after IMAGE (the image has no Entrypoint or Cmd)"
+            if entrypoint is None
+            else "no command to run: --entrypoint '' drops the image's Cmd; give one after IMAGE"
+        )
+    return argv
+
+
 def build_spec(args: argparse.Namespace, image: images.Image, held: HeldSources) -> dict[str, Any]:
     """The OCI spec for a run: image defaults, then options, then hardened defaults; validated
     as the guest will (RunError). Options are :func:`check_options`-ed by the caller first.
 
     The image's root filesystem and the volume sources are opened into ``held``: the share
     made after the VM booted mounts these very objects (docs/security.md)."""
-    argv = list(args.command) or [*image.entrypoint, *image.cmd]
-    if argv and argv[0] == "--":
-        argv = argv[1:]
-    if not argv:
-        raise RunError("no command given and the image has none")
+    argv = process_args(args.command, args.entrypoint, image.entrypoint, image.cmd)
     spec = default_spec(argv, rootfs=str(image.rootfs), terminal=args.tty)
     process = spec["process"]
     process["env"] = _env(args, [*image.env, "TERM=xterm"] if args.tty else image.env)

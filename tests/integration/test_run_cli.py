@@ -9,11 +9,13 @@ import json
 import os
 import pty
 import select
+import shutil
 import signal
 import struct
 import subprocess
 import sys
 import tarfile
+import tempfile
 import termios
 import time
 from pathlib import Path
@@ -999,4 +1001,117 @@ def test_runs_of_one_name_under_two_roots_are_independent(
         assert cli(root, "exec", "twin", "true").returncode == 0
     finally:
         assert cli(root, "rm", "-f", "twin").returncode == 0
+    assert _leftovers(root) == [] and _processes_of(root) == []
+
+
+#: The tester's image: ENTRYPOINT ["/bin/sh","-c","echo ep: \"$0\" \"$@\""], CMD ["c1","c2"].
+ENTRYPOINT_IMAGE = {"Entrypoint": ["/bin/sh", "-c", 'echo ep: "$0" "$@"'], "Cmd": ["c1", "c2"]}
+#: (options before IMAGE, command after it, docker's documented exit status and output).
+ENTRYPOINT_CASES = [
+    ([], [], 0, b"ep: c1 c2\n"),  # Entrypoint + Cmd
+    ([], ["x", "y"], 0, b"ep: x y\n"),  # the command replaces Cmd, the Entrypoint stays
+    (["--entrypoint", "/bin/echo"], [], 0, b"\n"),  # Cmd dropped with the Entrypoint
+    (["--entrypoint", "/bin/echo"], ["a", "b"], 0, b"a b\n"),
+    (["--entrypoint", ""], ["echo", "hi"], 0, b"hi\n"),  # cleared
+    (["--entrypoint", "/bin/echo x"], [], 127, b""),  # one word, not split
+    (["--entrypoint", ""], [], 125, b""),  # nothing left to run
+]
+
+
+def _busybox_archive_with(path: Path, config: dict[str, list[str]]) -> Path:
+    """A docker-archive of the busybox default image whose config has ``config`` (and PATH)."""
+    from sandbox.image.store import ensure_default_image
+
+    rootfs = ensure_default_image()
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for item in sorted(rootfs.rglob("*")):
+            info = tar.gettarinfo(str(item), arcname=str(item.relative_to(rootfs)))
+            info.uid = info.gid = 0
+            if info.isreg():
+                with item.open("rb") as data:
+                    tar.addfile(info, data)
+            else:
+                tar.addfile(info)
+    layer = buffer.getvalue()
+    layer_hex = hashlib.sha256(layer).hexdigest()
+    image_config = json.dumps(
+        {
+            "architecture": {"x86_64": "amd64", "aarch64": "arm64"}[os.uname().machine],
+            "os": "linux",
+            "created": "1970-01-01T00:00:00Z",
+            "config": {**config, "Env": ["PATH=/usr/sbin:/usr/bin:/sbin:/bin"]},
+            "rootfs": {"type": "layers", "diff_ids": [f"sha256:{layer_hex}"]},
+        }
+    ).encode()
+    config_hex = hashlib.sha256(image_config).hexdigest()
+    manifest = [
+        {"Config": f"{config_hex}.json", "RepoTags": ["ep:1"], "Layers": [f"{layer_hex}.tar"]}
+    ]
+    members = {
+        f"{config_hex}.json": image_config,
+        f"{layer_hex}.tar": layer,
+        "manifest.json": json.dumps(manifest).encode(),
+    }
+    with tarfile.open(path, "w") as archive:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            archive.addfile(info, io.BytesIO(data))
+    return path
+
+
+def _podman_runc(base: Path, runroot: Path, archive: Path) -> list[str]:
+    """A podman with private storage (``runroot``: at most 50 characters, podman's limit)
+    running runc, with the docker-archive ``archive`` loaded as localhost/ep:1."""
+    base.mkdir()
+    conf = base / "containers.conf"
+    conf.write_text(
+        '[engine]\ncgroup_manager = "cgroupfs"\nevents_logger = "file"\nlock_type = "file"\n'
+    )
+    podman = [
+        "env",
+        f"CONTAINERS_CONF={conf}",
+        "podman",
+        "--root",
+        str(base / "storage"),
+        "--runroot",
+        str(runroot),
+    ]
+    podman += ["--storage-driver", "vfs", "--runtime", "runc"]
+    loaded = subprocess.run([*podman, "load", "-q", "-i", str(archive)], capture_output=True)
+    assert loaded.returncode == 0, loaded.stderr
+    return podman
+
+
+def test_run_keeps_the_image_entrypoint_as_docker_and_podman_do(root: Path, tmp_path: Path) -> None:
+    archive = _busybox_archive_with(tmp_path / "ep.tar", ENTRYPOINT_IMAGE)
+    env = {**os.environ, "PYSANDBOX_IMAGE_STORE": str(tmp_path / "store")}
+    runroot = Path(tempfile.mkdtemp(prefix="pt-ep-"))
+    podman = _podman_runc(tmp_path / "podman", runroot, archive)
+    try:
+        for options, command, status, output in ENTRYPOINT_CASES:
+            ours = run(root, *options, str(archive), *command, env=env)
+            podman_run = [*podman, "run", "--rm", "--net", "none", "--ulimit", "nofile=1024:1024"]
+            podman_run += ["--ulimit", "nproc=1024:1024", *options, "localhost/ep:1", *command]
+            theirs = subprocess.run(
+                podman_run,
+                capture_output=True,
+                timeout=120,
+            )
+            case = (options, command, ours.stderr, theirs.stderr)
+            assert (ours.returncode, ours.stdout) == (status, output), case
+            assert (theirs.returncode, theirs.stdout) == (status, output), case
+            if status == 125:
+                assert ours.stderr.startswith(b"pysandbox: no command to run: "), case
+                assert ours.stderr.count(b"\n") == 1, case
+    finally:
+        subprocess.run([*podman, "system", "reset", "-f"], capture_output=True, timeout=120)
+        shutil.rmtree(runroot, ignore_errors=True)
+    # A detached run is built by the same rule: its log and ps show Entrypoint + command.
+    started = run(root, "-d", "--name", "ep-d", str(archive), "x", "y", env=env)
+    assert started.returncode == 0, started.stderr
+    assert wait_until(lambda: _runs(root)["ep-d"]["status"] == "stopped", 60, interval=0.2)
+    assert (root / "ep-d" / "run.log").read_bytes() == b"ep: x y\n"
+    assert cli(root, "rm", "ep-d").returncode == 0
     assert _leftovers(root) == [] and _processes_of(root) == []

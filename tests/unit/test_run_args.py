@@ -1,0 +1,62 @@
+"""``pysandbox run``'s process.args: docker's ENTRYPOINT/CMD rules, and ``--entrypoint`` as
+parsed from a real command line (options before IMAGE, everything after it is the command)."""
+
+from __future__ import annotations
+
+import pytest
+
+from sandbox.cli.main import build_parser
+from sandbox.errors import RunError
+from sandbox.run.spec import process_args
+
+# An image with ENTRYPOINT ["/bin/sh","-c","echo ep: \"$0\" \"$@\""] and CMD ["c1","c2"].
+EP = ["/bin/sh", "-c", 'echo ep: "$0" "$@"']
+CMD = ["c1", "c2"]
+
+
+def args_of(*argv: str, entrypoint: list[str] = EP, cmd: list[str] = CMD) -> list[str]:
+    parsed = build_parser().parse_args(["run", *argv])
+    assert parsed.image == "img"
+    return process_args(parsed.command, parsed.entrypoint, entrypoint, cmd)
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        (["img"], [*EP, "c1", "c2"]),  # entrypoint + image Cmd
+        (["img", "x", "y"], [*EP, "x", "y"]),  # the command replaces Cmd only
+        (["img", "--", "x"], [*EP, "x"]),
+        (["img", "--"], [*EP, "c1", "c2"]),
+        (["img", "--entrypoint", "z"], [*EP, "--entrypoint", "z"]),  # after IMAGE: the command's
+        (["--entrypoint", "/bin/echo", "img"], ["/bin/echo"]),  # image Cmd dropped
+        (["--entrypoint", "/bin/echo", "img", "a", "b"], ["/bin/echo", "a", "b"]),
+        (["--entrypoint", "/bin/echo x", "img"], ["/bin/echo x"]),  # one word, never split
+        (["--entrypoint=", "img", "echo", "hi"], ["echo", "hi"]),  # cleared
+        (["--entrypoint", "", "img", "echo", "hi"], ["echo", "hi"]),
+    ],
+)
+def test_entrypoint_and_cmd_combine_as_docker_does(argv: list[str], expected: list[str]) -> None:
+    assert args_of(*argv) == expected
+
+
+def test_an_image_without_entrypoint_runs_its_cmd_or_the_command() -> None:
+    assert args_of("img", entrypoint=[]) == ["c1", "c2"]
+    assert args_of("img", "ls", "-l", entrypoint=[]) == ["ls", "-l"]
+    assert args_of("img", cmd=[]) == EP
+
+
+@pytest.mark.parametrize(
+    ("argv", "entrypoint", "cmd", "message"),
+    [
+        (["img"], [], [], "no command to run: give one after IMAGE"),
+        (["img", "--"], [], [], "no command to run: give one after IMAGE"),
+        # podman (and docker) refuse this too: '' clears the entrypoint and drops Cmd
+        (["--entrypoint=", "img"], EP, CMD, "--entrypoint '' drops the image's Cmd"),
+    ],
+)
+def test_nothing_to_run_is_one_clear_error(
+    argv: list[str], entrypoint: list[str], cmd: list[str], message: str
+) -> None:
+    with pytest.raises(RunError, match=message) as raised:
+        args_of(*argv, entrypoint=entrypoint, cmd=cmd)
+    assert "\n" not in str(raised.value)
