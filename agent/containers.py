@@ -658,7 +658,10 @@ class ContainerManager:
             container.starting.add(exec_id)
         try:
             proc = self._start_exec(container, process)
-            container.execs[exec_id] = proc
+            # Under the lock: another exec's _forget_old_execs iterates the dict under it
+            # ("dictionary changed size during iteration" failed a concurrent ExecProcess).
+            with self._lock:
+                container.execs[exec_id] = proc
         finally:
             with self._lock:
                 container.starting.discard(exec_id)
