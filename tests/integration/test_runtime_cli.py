@@ -1000,15 +1000,21 @@ class RuncContainer:
         )
 
 
-@pytest.fixture
-def runc_container(tmp_path: Path) -> Iterator[RuncContainer]:
+def _runc_spec_bundle(bundle: Path) -> tuple[Path, dict[str, Any]]:
+    """``bundle`` made as a runc user makes one: the default image's files as ``rootfs`` and
+    ``runc spec``'s config.json (returned parsed, for the caller to change and write back).
+    Fails the test when runc is missing."""
     if shutil.which("runc") is None:
         pytest.fail("runc is missing: run 'make deps' (Debian's containerd package brings it)")
-    bundle = tmp_path / "runc-bundle"
     bundle.mkdir()
     shutil.copytree(images.ensure_default_image(), bundle / "rootfs", symlinks=True)
     subprocess.run(["runc", "spec"], cwd=bundle, check=True, timeout=30)
-    spec = json.loads((bundle / "config.json").read_text())
+    return bundle, json.loads((bundle / "config.json").read_text())
+
+
+@pytest.fixture
+def runc_container(tmp_path: Path) -> Iterator[RuncContainer]:
+    bundle, spec = _runc_spec_bundle(tmp_path / "runc-bundle")
     spec["process"].update(args=["sleep", "1000"], terminal=False)
     (bundle / "config.json").write_text(json.dumps(spec))
     container = RuncContainer(tmp_path / "runc-state", f"errors-{os.getpid()}")
@@ -1299,13 +1305,7 @@ def test_run_of_a_terminal_bundle_without_console_socket_is_on_the_callers_termi
     """``run --bundle`` of a terminal process (``runc spec``'s default) in the foreground:
     runc takes the pty itself and relays it to its own terminal (a console socket is needed
     only with --detach); it was refused ("--console-socket is required")."""
-    if shutil.which("runc") is None:
-        pytest.fail("runc is missing: run 'make deps' (Debian's containerd package brings it)")
-    bundle = tmp_path / "bundle"
-    bundle.mkdir()
-    shutil.copytree(images.ensure_default_image(), bundle / "rootfs", symlinks=True)
-    subprocess.run(["runc", "spec"], cwd=bundle, check=True, timeout=30)
-    spec = json.loads((bundle / "config.json").read_text())
+    bundle, spec = _runc_spec_bundle(tmp_path / "bundle")
     assert spec["process"]["terminal"] is True  # runc spec's default
     # runc sets its pty's size only after it started the process (its signal handler's first
     # resize): a ``stty size`` at once may read 0x0 (busybox then fails with a stale errno,
@@ -1329,13 +1329,7 @@ def test_a_non_root_process_owns_its_stdio_as_under_runc(runtime: Runtime, tmp_p
     root, so a non-root process can reopen them: ``echo > /dev/stdout``, a log file
     symlinked to /dev/stdout (nginx and many images). Ours were root's pipes (mode 0600):
     "can't create /dev/stdout: Permission denied". Pipes and terminal, against runc."""
-    if shutil.which("runc") is None:
-        pytest.fail("runc is missing: run 'make deps' (Debian's containerd package brings it)")
-    bundle = tmp_path / "bundle"
-    bundle.mkdir()
-    shutil.copytree(images.ensure_default_image(), bundle / "rootfs", symlinks=True)
-    subprocess.run(["runc", "spec"], cwd=bundle, check=True, timeout=30)
-    spec = json.loads((bundle / "config.json").read_text())
+    bundle, spec = _runc_spec_bundle(tmp_path / "bundle")
     spec["process"]["user"] = {"uid": 1000, "gid": 1000}
     show = "stat -L -c '%u %g %a' /proc/self/fd/0 /proc/self/fd/1 /proc/self/fd/2"
     spec["process"]["terminal"] = False
