@@ -19,17 +19,16 @@ the proxy dies while the process runs, the call fails with one line naming what 
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import os
 import signal
 import socket
-import struct
 import termios
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from sandbox import terminal_size
 from sandbox.errors import AgentError, CommandError, FailureReason, PodProcessDied
 from sandbox.pod import record as pod_record
 from sandbox.pod import standin_wire as wire
@@ -204,11 +203,9 @@ def _forward(sock: socket.socket, terminal: bool) -> None:
         return
 
     def resize(*_: object) -> None:
-        with contextlib.suppress(OSError):
-            size = fcntl.ioctl(tty, termios.TIOCGWINSZ, b"\0" * 8)
-            rows, cols = struct.unpack("HHHH", size)[:2]
-            if rows and cols:
-                send({"op": "resize", "rows": rows, "cols": cols})
+        size = terminal_size.of_caller((tty,))
+        if size is not None:
+            send({"op": "resize", "rows": size[0], "cols": size[1]})
 
     signal.signal(signal.SIGWINCH, resize)
     resize()
