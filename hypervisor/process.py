@@ -93,6 +93,17 @@ class ProcessHandle:
         """True while this very process exists and has not exited (zombies count as gone)."""
         return start_time(self.pid) == self.start
 
+    def pidfd(self) -> int:
+        """A pidfd (pidfd_open(2)) of this very process, for the caller to close: it polls
+        readable once the process has exited. ProcessLookupError if it is gone (the pid
+        may have been reused: the start time is checked after the pidfd is open), OSError
+        where pidfds are missing (Linux < 5.3)."""
+        fd = os.pidfd_open(self.pid)
+        if not self.alive():
+            os.close(fd)
+            raise ProcessLookupError(self.pid)
+        return fd
+
     def signal(self, signum: int) -> bool:
         """Send ``signum`` if the process is still this one; True if it was sent."""
         if not self.alive():

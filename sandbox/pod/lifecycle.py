@@ -752,8 +752,13 @@ class Pod:
     def begin_stop(self) -> None:
         """The first half of :meth:`stop`: a running pod becomes ``stopping`` and its agent
         is asked to power the VM off (it syncs the guest's file systems, answers, then
-        powers off). Uses gRPC; never raises for an agent that cannot be reached."""
-        if self.mark_stopping():
+        powers off). Uses gRPC; never raises for an agent that cannot be reached.
+
+        A pod whose virtiofsd is gone (:meth:`observed_status` ``broken``) is not asked: the
+        guest's sync would wait for the share for ever, so :meth:`finish_stop` stops QEMU
+        the hard way at once (it used to wait out the call's 5 s and QEMU's 10 s)."""
+        broken = self.observed_status() is PodStatus.BROKEN
+        if self.mark_stopping() and not broken:
             self.request_power_off()
 
     def mark_stopping(self) -> bool:
@@ -782,8 +787,13 @@ class Pod:
     def finish_stop(self, timeout: float = 10.0) -> None:
         """The second half of :meth:`stop`: wait up to ``timeout`` seconds for QEMU to exit,
         then :meth:`destroy`. No gRPC (safe in a forked child)."""
-        qemu = self.process("qemu")
-        if self.status is PodStatus.STOPPING and qemu is not None and qemu.alive():
+        qemu, virtiofsd = self.process("qemu"), self.process("virtiofsd")
+        if (
+            self.status is PodStatus.STOPPING
+            and qemu is not None
+            and qemu.alive()
+            and (virtiofsd is None or virtiofsd.alive())  # else the guest cannot sync
+        ):
             qemu.wait(timeout)
         self.destroy()
 

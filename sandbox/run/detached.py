@@ -45,14 +45,15 @@ from sandbox.errors import ConfigError, NotFoundError, RunError, SandboxError, S
 from sandbox.image import pull as image_pull
 from sandbox.image import store as images
 from sandbox.pod import host_cgroup
+from sandbox.pod.lifecycle import Pod
+from sandbox.pod.record import PodStatus
 from sandbox.pod.sharing import HeldSources, unshare_container_files
 from sandbox.run.launch import boot_watched, create_in_pod
-from sandbox.run.monitor import MONITORED, load_run, release, run_lock, wait_shim
+from sandbox.run.monitor import LOG_NAME, MONITORED, load_run, release, run_lock, wait_shim
 from sandbox.run.spec import build_spec, check_options, parse_size
 from sandbox.runtime import control, delete, kill, shim, start
 from sandbox.runtime.record import ContainerRecord, Status
 
-LOG_NAME = "run.log"
 DEFAULT_STOP_SECONDS = 10
 
 
@@ -126,7 +127,7 @@ def _create(
             raise
         with host_cgroup.inside(pod.host_cgroup()):
             handle = _spawn_logging_shim(
-                root, name, pod.agent_address, record.dir / LOG_NAME, args.timeout, log_limit
+                root, name, pod, record.dir / LOG_NAME, args.timeout, log_limit
             )
         record.data["shim"] = handle.to_json()
         record.set_status(Status.CREATED)
@@ -146,9 +147,10 @@ def _create(
 
 
 def _spawn_logging_shim(
-    root: Path, name: str, agent: str, log: Path, timeout: float | None, log_limit: int
+    root: Path, name: str, pod: Pod, log: Path, timeout: float | None, log_limit: int
 ) -> ProcessHandle:
-    """``shim.spawn`` (as the run's monitor, see the module docstring) with stdin from
+    """``shim.spawn`` (as the run's monitor, see the module docstring; the watcher also
+    watches ``pod``'s virtiofsd) with stdin from
     /dev/null and stdout+stderr appended to ``log``, which it keeps within ``log_limit``
     bytes (output beyond is dropped: EFBIG, not a kill).
 
@@ -164,7 +166,15 @@ def _spawn_logging_shim(
         os.dup2(null_fd, 0)
         os.dup2(log_fd, 1)
         os.dup2(log_fd, 2)
-        return shim.spawn(root, name, agent, monitor=True, timeout=timeout, output_limit=log_limit)
+        return shim.spawn(
+            root,
+            name,
+            pod.agent_address,
+            monitor=True,
+            timeout=timeout,
+            output_limit=log_limit,
+            pod_process=pod.process("virtiofsd"),
+        )
     finally:
         for fd, copy in zip((0, 1, 2), saved, strict=True):
             os.dup2(copy, fd)
@@ -175,7 +185,9 @@ def _spawn_logging_shim(
 
 def stop(root: Path, name: str, seconds: float = DEFAULT_STOP_SECONDS) -> None:
     """docker's stop: SIGTERM to the run's process, SIGKILL to all of it after ``seconds``;
-    then release the VM (see :func:`_release`). A stopped run is left as it is."""
+    then release the VM (see :func:`_release`). A stopped run is left as it is. When the
+    run's pod lost its virtiofsd, the container's processes cannot end (they wait for their
+    files), so the shim is killed after ``seconds`` instead of waiting for them."""
     record = load_run(root, name)
     if record.status in (Status.CREATED, Status.RUNNING, Status.PAUSED):
         with contextlib.suppress(SandboxError):  # it may be ending meanwhile
@@ -183,13 +195,22 @@ def stop(root: Path, name: str, seconds: float = DEFAULT_STOP_SECONDS) -> None:
                 control.set_paused(root, name, paused=False)
             kill.kill(root, name, signal.SIGTERM)
         if not wait_shim(record, seconds):
-            with contextlib.suppress(SandboxError):
-                kill.kill(root, name, signal.SIGKILL, all_processes=True)
-            if not wait_shim(record, 15.0):
+            if not _pod_broken(root, record):
+                with contextlib.suppress(SandboxError):
+                    kill.kill(root, name, signal.SIGKILL, all_processes=True)
+            if _pod_broken(root, record) or not wait_shim(record, 15.0):
                 handle = record.shim
                 if handle is not None:
                     handle.kill()
     release(root, name)
+
+
+def _pod_broken(root: Path, record: ContainerRecord) -> bool:
+    """Whether the run's pod lost QEMU or virtiofsd (:meth:`Pod.observed_status`)."""
+    try:
+        return Pod.load(root, record.pod_id).observed_status() is PodStatus.BROKEN
+    except SandboxError:
+        return False
 
 
 def remove(root: Path, name: str, force: bool = False) -> None:
@@ -215,7 +236,6 @@ def _remove_orphan_pod(root: Path, name: str) -> bool:
     """Stop pod ``name`` if it belongs to a run whose process is gone (its recorded owner,
     :attr:`sandbox.pod.record.PodRecord.owner`) and has no container record of that name;
     whether it did. Pods of live runs and of runtime containers are left alone."""
-    from sandbox.pod.lifecycle import Pod
     from sandbox.run.launch import CONTAINER_ID
 
     try:

@@ -26,6 +26,8 @@ from sandbox.runtime.record import ContainerRecord
 #: Written in the run's directory once the run has started: from then on its shim's watcher
 #: releases it when the shim is gone.
 MONITORED = "monitored"
+#: The run's output file in its directory (``logs`` reads it; the shim appends to it).
+LOG_NAME = "run.log"
 #: Seconds the watcher of a shim that ended waits for ``run`` to finish starting the run.
 ARM_TIMEOUT = 120.0
 
@@ -96,11 +98,16 @@ def release(root: Path, name: str) -> None:
         pod.stop()
 
 
-def release_after_shim(root: Path, name: str) -> None:
+def release_after_shim(root: Path, name: str, broken: bool = False) -> None:
     """The monitor's work, run by the watcher of run ``name``'s shim once the shim is done:
     wait until the run had started (its ``monitored`` file) — or give up if the run is
     removed meanwhile or :data:`ARM_TIMEOUT` passes — and until the shim is gone, then
-    :func:`release` it."""
+    :func:`release` it.
+
+    ``broken``: the pod lost a process the container needs (its virtiofsd) while the shim
+    runs; the container's processes wait for their files for ever, so the shim cannot end on
+    its own: the cause goes into the run's log (what ``logs`` shows), the shim is killed
+    and the VM released (``ps`` then shows the run exited, with no status)."""
     directory = root / name
     deadline = time.monotonic() + ARM_TIMEOUT
     while not (directory / MONITORED).exists():
@@ -111,26 +118,41 @@ def release_after_shim(root: Path, name: str) -> None:
         record = load_run(root, name)
     except NotFoundError:
         return
+    if broken:
+        _stop_broken(root, record)
     wait_shim(record, 15.0)
     release(root, name)
 
 
+def _stop_broken(root: Path, record: ContainerRecord) -> None:
+    """The ``broken`` case of :func:`release_after_shim`: log why, kill the shim."""
+    with contextlib.suppress(SandboxError, OSError):
+        cause = Pod.load(root, record.pod_id).casualty()
+        if cause is not None:
+            with open(record.dir / LOG_NAME, "a", encoding="utf-8") as log:
+                log.write(f"pysandbox: {cause}: run {record.id} stopped\n")
+    shim = record.shim
+    if shim is not None:
+        shim.kill()
+
+
 def main(argv: list[str]) -> int:
-    """``ROOT NAME [--kill]``: :func:`release_after_shim`; with ``--kill`` (the run's
-    ``--timeout`` passed) first SIGKILL to every process of the run. Exit status 0, or 2
-    for a wrong command line; errors of a run already gone are ignored."""
+    """``ROOT NAME [--kill|--broken]``: :func:`release_after_shim` (``--broken``: its
+    ``broken`` case); with ``--kill`` (the run's ``--timeout`` passed) first SIGKILL to every
+    process of the run. Exit status 0, or 2 for a wrong command line; errors of a run
+    already gone are ignored."""
     import signal
 
-    if len(argv) not in (2, 3) or argv[2:] not in ([], ["--kill"]):
+    if len(argv) not in (2, 3) or argv[2:] not in ([], ["--kill"], ["--broken"]):
         return 2
     root, name = Path(argv[0]), argv[1]
-    if argv[2:]:
+    if argv[2:] == ["--kill"]:
         from sandbox.runtime import kill
 
         with contextlib.suppress(Exception):  # it may be ending meanwhile, or its VM gone
             kill.kill(root, name, signal.SIGKILL, all_processes=True)
     with contextlib.suppress(SandboxError, OSError):
-        release_after_shim(root, name)
+        release_after_shim(root, name, broken=argv[2:] == ["--broken"])
     return 0
 
 

@@ -106,6 +106,7 @@ def spawn(
     timeout: float | None = None,
     output_limit: int | None = None,
     netns: StandinNetns | None = None,
+    pod_process: ProcessHandle | None = None,
 ) -> ProcessHandle:
     """Start a shim inheriting this process's stdio (none of it with a terminal: the pty from
     ``console_socket`` is its stdio then); return it once it reported ready.
@@ -117,8 +118,9 @@ def spawn(
     ``monitor``: the container is detached run ``container_id`` (see the module docstring),
     killed after ``timeout`` seconds when that is set. ``output_limit``: the shim's
     RLIMIT_FSIZE (bytes), so that output files are kept within it (writes beyond are dropped);
-    a limit the shim inherits applies as well. AgentError with the shim's reason if it did not
-    get ready."""
+    a limit the shim inherits applies as well. ``pod_process`` (with ``monitor``): a process
+    of the pod without which the container cannot go on (its virtiofsd): the watcher releases
+    the run when it is gone, too. AgentError with the shim's reason if it did not get ready."""
     import subprocess
 
     from hypervisor.process import ProcessHandle
@@ -181,7 +183,11 @@ def spawn(
     handle = ProcessHandle.of(proc.pid)
     try:
         if monitor:
-            _spawn_watcher(root, container_id, os.pidfd_open(proc.pid), timeout)
+            pidfds = [os.pidfd_open(proc.pid)]
+            if pod_process is not None:
+                with contextlib.suppress(OSError):  # gone already: the watcher cannot tell
+                    pidfds.append(pod_process.pidfd())
+            _spawn_watcher(root, container_id, pidfds, timeout)
     except BaseException:
         proc.kill()
         proc.wait()
@@ -198,12 +204,13 @@ SPAWN_TIMEOUT = 90.0
 UNPRIVILEGED = ("--inh-caps=-all", "--bounding-set=-all", "--no-new-privs")
 
 
-def _spawn_watcher(root: Path, name: str, pidfd: int, timeout: float | None) -> None:
-    """Start the watcher of detached run ``name`` (module docstring), handing it
-    ``pidfd`` (a pidfd of the shim, closed here)."""
+def _spawn_watcher(root: Path, name: str, pidfds: list[int], timeout: float | None) -> None:
+    """Start the watcher of detached run ``name`` (module docstring), handing it ``pidfds``
+    (a pidfd of the shim, then maybe one of a pod process it needs; all closed here)."""
     import subprocess
 
-    argv = [sys.executable, "-S", "-m", "sandbox.runtime.shim_watch", str(pidfd), str(root), name]
+    fds = ",".join(str(fd) for fd in pidfds)
+    argv = [sys.executable, "-S", "-m", "sandbox.runtime.shim_watch", fds, str(root), name]
     if timeout is not None:
         argv.append(repr(float(timeout)))
     try:
@@ -212,13 +219,14 @@ def _spawn_watcher(root: Path, name: str, pidfd: int, timeout: float | None) -> 
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
-            pass_fds=(pidfd,),
+            pass_fds=pidfds,
             start_new_session=True,
             cwd="/",
             env={**os.environ, "PYTHONPATH": IMPORT_ROOT},
         ).returncode = 0  # never waited for here (silences Popen.__del__)
     finally:
-        os.close(pidfd)
+        for fd in pidfds:
+            os.close(fd)
 
 
 class Args:

@@ -185,6 +185,46 @@ def test_virtiofsd_killed_during_create_or_run_d_fails_it_at_once(
     pytest.fail(f"{verb} was done before virtiofsd could be killed, three times")
 
 
+def test_virtiofsd_killed_under_a_detached_run_stops_the_run(root: Path) -> None:
+    """The container's processes cannot go on without their files: the run ends at once,
+    ``ps`` shows it stopped, ``logs`` says why, and nothing of it is left after ``rm``
+    (before: ``ps`` said running for ever, the workload hung on its next file access, and
+    ``stop -t 3`` took 35 s waiting on the guest)."""
+    name = "fsrun"
+    started = subprocess.run(
+        cli(root, "run", "-d", "--name", name, "default", "sh", "-c", "echo up; exec sleep 1000"),
+        capture_output=True,
+        text=True,
+        timeout=150,
+    )
+    assert started.returncode == 0, started.stderr
+
+    def logs() -> str:
+        return subprocess.run(
+            cli(root, "logs", name), capture_output=True, text=True, timeout=60
+        ).stdout
+
+    assert wait_until(lambda: logs() == "up\n", 30), logs()
+    parent = recorded_pid(root, name, "virtiofsd")
+    assert parent is not None and children(parent), "no virtiofsd server process"
+    os.kill(children(parent)[0], signal.SIGKILL)
+
+    def status() -> str:
+        listed = subprocess.run(
+            cli(root, "ps", "-a", "--format", "json"), capture_output=True, text=True, timeout=60
+        )
+        runs = {run["name"]: run["status"] for run in json.loads(listed.stdout or "[]")}
+        return str(runs.get(name))
+
+    assert wait_until(lambda: status() == "stopped", 4 * PROMPT), status()
+    said = logs()
+    assert said.startswith("up\n") and "Traceback" not in said, said
+    assert f"virtiofsd (pid {parent}) of pod {name} died" in said, said
+    removed = subprocess.run(cli(root, "rm", name), capture_output=True, text=True, timeout=60)
+    assert removed.returncode == 0, removed.stderr
+    assert_nothing_left(root, name)
+
+
 def test_agent_proxy_killed_during_run_d_fails_it_at_once(root: Path) -> None:
     """Killed while the pod boots (its agent not yet answering): before, 60 s then "agent
     not healthy within 60s"."""
