@@ -86,64 +86,70 @@ def _create(
     """Create and start the detached run of ``run_detached``; its name."""
     spec = build_spec(args, image, held)
     name = args.name or f"run-{secrets.token_hex(6)}"
-    command = [str(a) for a in spec["process"]["args"]]
-    record: ContainerRecord | None = None
-    try:
-        with signals_held():  # made and known to be: a signal lands after both
-            record = ContainerRecord.new(
-                root,
-                name,
-                {
-                    "bundle": str(root / name),
-                    "pod_id": name,
-                    "owns_pod": True,
-                    "terminal": False,
-                    "annotations": {},
-                    "rootfs": str(image.rootfs),
-                    "run": {
-                        "image": args.image,
-                        "command": command,
-                        "remove": bool(args.rm),
-                        "timeout": args.timeout,
+    # The run's lock for the whole start: ``rm -f``/``stop`` of a run being started wait
+    # for it (they cut the boot at random points before: the client was SIGKILLed with the
+    # pod's cgroup, or failed naming the jail or QEMU instead of the removal).
+    with run_lock(root, name) as lock:
+        command = [str(a) for a in spec["process"]["args"]]
+        record: ContainerRecord | None = None
+        try:
+            with signals_held():  # made and known to be: a signal lands after both
+                record = ContainerRecord.new(
+                    root,
+                    name,
+                    {
+                        "bundle": str(root / name),
+                        "pod_id": name,
+                        "owns_pod": True,
+                        "terminal": False,
+                        "annotations": {},
+                        "rootfs": str(image.rootfs),
+                        "run": {
+                            "image": args.image,
+                            "command": command,
+                            "remove": bool(args.rm),
+                            "timeout": args.timeout,
+                        },
                     },
-                },
-            )
-        state.write_json_atomic(record.dir / "config.json", spec)
-        pod, watch = boot_watched(root, name, name, args, spec, image)
-    except BaseException:
-        # No VM of ours exists: the pod id may even be another run's, so no delete.delete.
-        if record is not None:
-            shutil.rmtree(record.dir, ignore_errors=True)
-        raise
-    try:
-        pod.record.containers = [name]
-        pod.save()
-        try:
-            record.data["guest_pid"] = create_in_pod(
-                pod, name, spec, image, held, workdir_option=bool(args.workdir)
-            )
+                )
+            state.write_json_atomic(record.dir / "config.json", spec)
+            pod, watch = boot_watched(root, name, name, args, spec, image)
         except BaseException:
-            unshare_container_files(pod, name)
+            # No VM of ours exists: the pod id may even be another run's, so no delete.delete.
+            if record is not None:
+                shutil.rmtree(record.dir, ignore_errors=True)
+            lock.discard()  # safe even for another run's name: only a holder unlinks it
             raise
-        with host_cgroup.inside(pod.host_cgroup()):
-            handle = _spawn_logging_shim(
-                root, name, pod, record.dir / LOG_NAME, args.timeout, log_limit
-            )
-        record.data["shim"] = handle.to_json()
-        record.set_status(Status.CREATED)
-        start.start(root, name)
-        (record.dir / MONITORED).touch()
-    except BaseException:
         try:
-            delete.delete(root, name, force=True)
-        except Exception:  # the watcher tears down what is left once we have exited
-            pass
-        else:
-            # Undone in place: nothing is left for the watcher, and nothing of the run
-            # outlives the command (its teardown process lingered a moment after exit).
-            watch.dismiss()
-        raise
-    return name
+            pod.record.containers = [name]
+            pod.save()
+            try:
+                record.data["guest_pid"] = create_in_pod(
+                    pod, name, spec, image, held, workdir_option=bool(args.workdir)
+                )
+            except BaseException:
+                unshare_container_files(pod, name)
+                raise
+            with host_cgroup.inside(pod.host_cgroup()):
+                handle = _spawn_logging_shim(
+                    root, name, pod, record.dir / LOG_NAME, args.timeout, log_limit
+                )
+            record.data["shim"] = handle.to_json()
+            record.set_status(Status.CREATED)
+            start.start(root, name)
+            (record.dir / MONITORED).touch()
+        except BaseException:
+            try:
+                delete.delete(root, name, force=True)
+            except Exception:  # the watcher tears down what is left once we have exited
+                pass
+            else:
+                # Undone in place: nothing is left for the watcher, and nothing of the run
+                # outlives the command (its teardown process lingered a moment after exit).
+                watch.dismiss()
+                lock.discard()
+            raise
+        return name
 
 
 def _spawn_logging_shim(

@@ -388,3 +388,23 @@ def test_a_guest_kernel_crashed_from_a_privileged_container_fails_a_waiting_exec
     )
     assert done.returncode == 0, done.stderr
     assert_nothing_left(root, cid)
+
+
+def test_rm_f_while_run_d_starts_waits_for_the_start_then_removes_it(root: Path) -> None:
+    """``rm -f`` (and ``stop``) of a run that ``run -d`` is still starting waits for the start
+    and then removes the run: ``run -d`` succeeds, ``rm -f`` succeeds, nothing is left.
+    Before, the removal cut the boot wherever it was: the client was SIGKILLed (137, no
+    word), or failed naming the jail ("Connection refused: .../virtiofsd.sock") or QEMU
+    ("vhost_backend_init failed"), and ``rm -f`` sometimes failed ("still mounted")."""
+    for index, moment in enumerate(("pod reserved", "qemu started", "pod running")):
+        name = f"rm{index}"
+        run = spawn(root, "run", "-d", "--name", name, "default", "sleep", "1000")
+        reached = _moments(root, name)[moment]
+        wait_until(lambda r=reached, p=run: r() or p.poll() is not None, 120, interval=0.005)
+        removed = subprocess.run(
+            cli(root, "rm", "-f", name), capture_output=True, text=True, timeout=150
+        )
+        out, err = run.communicate(timeout=150)
+        assert (run.returncode, out, err) == (0, f"{name}\n", ""), moment
+        assert (removed.returncode, removed.stdout, removed.stderr) == (0, f"{name}\n", ""), moment
+        assert_nothing_left(root, name)
