@@ -321,9 +321,8 @@ def bench_run(runs: int, work: Path, oci: str) -> dict[str, Any]:
     bundle = make_bundle(work / "run", ["true"])
     oci_root, run_root = work / "root-run-oci", work / "root-run"
     image = find_image()
-    floor_cfg = floor_config(
-        image, work, accel_mod.detect().chosen, DEFAULT_MEMORY_MIB, kernel_cmdline()
-    )
+    accel = accel_mod.detect().chosen
+    floor_cfg = floor_config(image, work, accel, DEFAULT_MEMORY_MIB, kernel_cmdline(accel))
     qemu = find_qemu()
     counter = iter(range(10**6))
 

@@ -322,8 +322,9 @@ def floor_machine(
             for nic, fd in zip(attached.config.interfaces, attached.tap_fds, strict=True)
         )
         guest = f"floor_net={FLOOR['self']}/24 floor_gw={FLOOR['peer']}"
-        cmdline = f"{lifecycle.kernel_cmdline()} {guest}"
-        base = floor_config(image, workdir, accel_mod.detect().chosen, DEFAULT_MEMORY_MIB, cmdline)
+        accel = accel_mod.detect().chosen
+        cmdline = f"{lifecycle.kernel_cmdline(accel)} {guest}"
+        base = floor_config(image, workdir, accel, DEFAULT_MEMORY_MIB, cmdline)
         config = dataclasses.replace(
             base, name="pysandbox-bench-floor-net", initrd=floor_net_initrd(image), nics=nics
         )

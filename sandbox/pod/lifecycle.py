@@ -223,7 +223,7 @@ class Pod:
             raise StateError(f"pod {self.id} has no VM")
         image = find_image(self.record.image or None)
         accel = cast("Accelerator", self.record.accel)
-        config = self._vm_config(image, accel, self.record.memory_mib, kernel_cmdline())
+        config = self._vm_config(image, accel, self.record.memory_mib, kernel_cmdline(accel))
         return self.drivers.running(config, qemu)
 
     def _set_status(self, status: PodStatus) -> None:
@@ -576,7 +576,7 @@ class Pod:
                 image,
                 accel_name,
                 memory_mib,
-                kernel_cmdline(),
+                kernel_cmdline(accel_name),
                 shares=((SHARE_TAG, self.dir / "virtiofsd.sock"),),
                 nics=nics,
             )
@@ -607,7 +607,7 @@ class Pod:
         from hypervisor.errors import HypervisorError, JailError, LaunchError
         from sandbox.pod import template
 
-        cmdline = kernel_cmdline()
+        cmdline = kernel_cmdline(accel_name)
         try:
             # Open: a template evicted from now on stays readable through this file.
             found = template.acquire(image, accel_name, memory_mib, cmdline, timeout, self.drivers)
@@ -904,8 +904,15 @@ def prune_console_logs(logs: Path, keep: int | None = None, pattern: str = "*-co
             path.unlink()
 
 
-def kernel_cmdline() -> str:
-    """The guest kernel command line (tuned for fast boots under TCG; see host-facts)."""
+def kernel_cmdline(accel: Accelerator = "tcg") -> str:
+    """The guest kernel command line for ``accel`` (tuned for fast boots under TCG; see
+    host-facts).
+
+    ``mitigations=off`` only under TCG: there the guest's code never runs on the host CPU
+    as such (QEMU translates it), so the guest kernel's CPU side-channel mitigations guard
+    nothing and cost time. Under KVM the guest runs natively and its containers could use
+    those side channels against the guest kernel and each other: the kernel's defaults stay
+    (docs/security.md, "CPU side channels")."""
     return " ".join(
         [
             "console=ttyS0",
@@ -920,7 +927,7 @@ def kernel_cmdline() -> str:
             "i8042.nopnp",
             "i8042.dumbkbd",
             "8250.nr_uarts=1",
-            "mitigations=off",
+            *(["mitigations=off"] if accel == "tcg" else []),
             "audit=0",
             # tracer_init_tracefs: no tracefs files; they pin ~10k dentries and inodes,
             # ~9 MiB of slab in every restored pod (docs/performance.md, guest RAM).

@@ -525,3 +525,11 @@ def test_a_call_whose_channel_breaks_as_qemu_dies_names_qemu(fake: FakeDrivers, 
     with pod.client() as client, pytest.raises(PodProcessDied, match=r"^QEMU \(pid"):
         client.create_container("c1", b"{}", "/r")
     pod.destroy()
+
+
+def test_guest_side_channel_mitigations_are_off_only_under_tcg() -> None:
+    from sandbox.pod.lifecycle import kernel_cmdline
+
+    assert "mitigations=off" in kernel_cmdline("tcg").split()
+    assert "mitigations=off" not in kernel_cmdline("kvm").split()
+    assert kernel_cmdline("kvm") != kernel_cmdline("tcg")  # so their templates differ
