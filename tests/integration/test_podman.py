@@ -66,35 +66,20 @@ def podman(
     )
     runtime.write_text(f'#!/bin/sh\n{settings}exec {shlex.quote(RUNTIME)} "$@"\n')
     runtime.chmod(0o755)
-    cmd = [
-        "podman",
-        "--root",
-        str(base / "storage"),
-        "--runroot",
-        str(base / "run"),
-        "--runtime",
-        str(runtime),
-    ]
+    # Its own --tmpdir too: the default, /run/libpod, is shared by every podman of the host
+    # (lock files, exit files, the "alive" mark). Another test run's 'system reset' removed
+    # it under this one, whose podman then took the host for rebooted and reset its running
+    # containers' state ("can only create exec sessions on running containers").
+    private = ["--root", str(base / "storage"), "--runroot", str(base / "run")]
+    private += ["--tmpdir", str(base / "tmp")]
+    cmd = ["podman", *private, "--runtime", str(runtime)]
     tar = base / "busybox.tar"
     with tarfile.open(tar, "w") as archive:
         archive.add(images.ensure_default_image(), arcname=".")
     subprocess.run([*cmd, "import", "-q", str(tar), IMAGE], check=True, capture_output=True)
     yield cmd
     subprocess.run([*cmd, "rm", "-af", "-t", "0"], capture_output=True, timeout=120)
-    subprocess.run(
-        [
-            "podman",
-            "--root",
-            str(base / "storage"),
-            "--runroot",
-            str(base / "run"),
-            "system",
-            "reset",
-            "-f",
-        ],
-        capture_output=True,
-        timeout=120,
-    )
+    subprocess.run(["podman", *private, "system", "reset", "-f"], capture_output=True, timeout=120)
     # podman's overlay driver binds its storage/overlay directory onto itself and keeps that
     # mount after 'system reset': without this, pytest cannot remove its temporary tree.
     for point in hostfs.mounts_below(base):

@@ -1077,6 +1077,8 @@ def _podman_runc(base: Path, runroot: Path, archive: Path) -> list[str]:
         str(base / "storage"),
         "--runroot",
         str(runroot),
+        "--tmpdir",  # not /run/libpod, which every podman of the host shares
+        str(base / "tmp"),
     ]
     podman += ["--storage-driver", "vfs", "--runtime", "runc"]
     loaded = subprocess.run([*podman, "load", "-q", "-i", str(archive)], capture_output=True)
