@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
             for n, (name, image, extra) in enumerate(variants):
                 os.environ["PYSANDBOX_GUEST_IMAGE"] = image
                 cmdline = f"{base_cmdline()} {extra}".strip()
-                pod_module.kernel_cmdline = lambda accel="tcg", c=cmdline: c  # type: ignore[misc]
+                pod_module.kernel_cmdline = lambda accel="tcg", cpus=1, c=cmdline: c  # type: ignore[misc]
                 times, _ = bench.run_pod(root, f"cmp-{os.getpid()}-{i}-{n}", 512, args.timeout)
                 results[name].append(times)
                 print(f"round {i + 1} {name}: spawn->health {times['spawn_to_health']:.3f}s")

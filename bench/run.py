@@ -433,7 +433,7 @@ def main(argv: list[str] | None = None) -> int:
     cmdline = kernel_cmdline(accel)
     if args.cmdline == "manifest":
         cmdline = str(image.manifest.get("kernel", {}).get("cmdline") or cmdline)
-        pod_module.kernel_cmdline = lambda accel="tcg": cmdline
+        pod_module.kernel_cmdline = lambda accel="tcg", cpus=1: cmdline
     os.environ["PYSANDBOX_TEMPLATES"] = "1" if args.boot == "restored" else "0"
     if args.boot == "restored":  # build (or find) the template before anything is timed
         template.ensure(image, accel, args.memory_mib, cmdline, args.timeout)

@@ -19,6 +19,7 @@ every VM shares one copy instead of holding its own in its page cache.
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,9 +37,17 @@ MACHINES: tuple[MachineType, ...] = ("pc", "q35", "microvm")
 #: no fork/exec, no scheduler/affinity changes.
 SANDBOX_POLICY = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
 
-#: Maximum length of a virtio-fs tag (bytes), fixed by the virtio spec.
 #: vCPUs of a pod VM: the guest's CPUs are numbered 0..DEFAULT_CPUS-1 (cpuset lists).
 DEFAULT_CPUS = 1
+
+
+def host_cpus() -> int:
+    """The CPUs this process may run on (``sched_getaffinity``): the most vCPUs a VM gets
+    (under TCG each vCPU is a host thread; more would only contend with each other)."""
+    return len(os.sched_getaffinity(0))
+
+
+#: Maximum length of a virtio-fs tag (bytes), fixed by the virtio spec.
 MAX_FS_TAG = 36
 #: TCG translation buffer (MiB) of pod VMs. QEMU 7.2's default reserves 1 GiB and an idle
 #: restored pod had touched ~60 MiB of it (PSS); 32 MiB bounds that at no measured cost to

@@ -223,7 +223,9 @@ class Pod:
             raise StateError(f"pod {self.id} has no VM")
         image = find_image(self.record.image or None)
         accel = cast("Accelerator", self.record.accel)
-        config = self._vm_config(image, accel, self.record.memory_mib, kernel_cmdline(accel))
+        config = self._vm_config(
+            image, accel, self.record.memory_mib, kernel_cmdline(accel, self.record.cpus)
+        )
         return self.drivers.running(config, qemu)
 
     def _set_status(self, status: PodStatus) -> None:
@@ -320,6 +322,7 @@ class Pod:
         pod_id: str,
         *,
         memory_mib: int = DEFAULT_MEMORY_MIB,
+        cpus: int = 1,
         timeout: float | None = None,
         netns: Path | None = None,
         user_network: bool = False,
@@ -350,6 +353,8 @@ class Pod:
         since a host change is then seen only when the guest revalidates the file's
         attributes, up to 1 s later (docs/file-semantics.md, "Cached shares").
         ``owner`` is recorded from the first save on (:attr:`PodRecord.owner`).
+        ``cpus``: the VM's vCPUs (``-smp``), 1 up to the host's online CPUs (each vCPU is a
+        host thread under TCG; a VM of more would only contend with itself).
 
         Raises StateError if the pod exists, ConfigError for a missing or invalid guest image
         or bad settings, AgentError/AgentTimeout if the agent is not reached (the error names
@@ -370,6 +375,10 @@ class Pod:
             network.check_netns(netns)
         if not 128 <= memory_mib <= 65536:
             raise ConfigError(f"pod memory {memory_mib} MiB is outside 128..65536")
+        from hypervisor.qemu_args import host_cpus
+
+        if not 1 <= cpus <= host_cpus():
+            raise ConfigError(f"pod vCPUs {cpus} is outside 1..{host_cpus()} (the host's CPUs)")
         try:
             image = find_image()
         except GuestImageError as exc:
@@ -387,6 +396,7 @@ class Pod:
                 created=time.time(),
                 accel=chosen.chosen,
                 memory_mib=memory_mib,
+                cpus=cpus,
                 image=str(image.dir),
                 privileged_files=privileged_files,
                 remote_locks=remote_locks,
@@ -559,6 +569,7 @@ class Pod:
             cmdline,
             self.dir,
             name=f"pysandbox-{state.pod_dir_name(self.id)}",
+            cpus=self.record.cpus,
             **devices,
         )
 
@@ -576,7 +587,7 @@ class Pod:
                 image,
                 accel_name,
                 memory_mib,
-                kernel_cmdline(accel_name),
+                kernel_cmdline(accel_name, self.record.cpus),
                 shares=((SHARE_TAG, self.dir / "virtiofsd.sock"),),
                 nics=nics,
             )
@@ -607,10 +618,12 @@ class Pod:
         from hypervisor.errors import HypervisorError, JailError, LaunchError
         from sandbox.pod import template
 
-        cmdline = kernel_cmdline(accel_name)
+        cmdline = kernel_cmdline(accel_name, self.record.cpus)
         try:
             # Open: a template evicted from now on stays readable through this file.
-            found = template.acquire(image, accel_name, memory_mib, cmdline, timeout, self.drivers)
+            found = template.acquire(
+                image, accel_name, memory_mib, cmdline, timeout, self.drivers, cpus=self.record.cpus
+            )
         except TemplateError as exc:
             self.note(f"no template, cold boot: {exc}")
             return False
@@ -904,9 +917,9 @@ def prune_console_logs(logs: Path, keep: int | None = None, pattern: str = "*-co
             path.unlink()
 
 
-def kernel_cmdline(accel: Accelerator = "tcg") -> str:
-    """The guest kernel command line for ``accel`` (tuned for fast boots under TCG; see
-    host-facts).
+def kernel_cmdline(accel: Accelerator = "tcg", cpus: int = 1) -> str:
+    """The guest kernel command line for ``accel`` and ``cpus`` vCPUs (tuned for fast boots
+    under TCG; see host-facts).
 
     ``mitigations=off`` only under TCG: there the guest's code never runs on the host CPU
     as such (QEMU translates it), so the guest kernel's CPU side-channel mitigations guard
@@ -934,8 +947,10 @@ def kernel_cmdline(accel: Accelerator = "tcg") -> str:
             "initcall_blacklist=init_kprobe_trace,crypto_kdf108_init,"
             "load_system_certificate_list,tracer_init_tracefs",
             # No ACPI interrupt routing: probing each virtio-pci device otherwise interprets
-            # the PCI link AML under TCG, ~0.1 s per device (docs/performance.md).
-            "acpi=noirq",
+            # the PCI link AML under TCG, ~0.1 s per device (docs/performance.md). It also
+            # leaves the kernel one CPU (it takes no SMP configuration from the MADT then):
+            # a VM of several vCPUs keeps ACPI routing and pays that time.
+            *(["acpi=noirq"] if cpus == 1 else []),
             # The virtio-pmem root lies above 4 GiB: without this the kernel reserves a
             # 64 MiB bounce buffer no device here needs (docs/root-device.md).
             "swiotlb=noforce",

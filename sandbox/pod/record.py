@@ -84,6 +84,8 @@ class PodRecord:
     created: float = 0.0
     accel: str = ""
     memory_mib: int = 0
+    #: vCPUs of the VM (``-smp``); a pod.json without it is a 1-vCPU pod.
+    cpus: int = 1
     image: str = ""
     processes: dict[str, ProcessHandle] = field(default_factory=dict)
     network: dict[str, Any] | None = None
@@ -137,6 +139,8 @@ class PodRecord:
             "processes": {name: ref.to_json() for name, ref in self.processes.items()},
             "containers": list(self.containers),
         }
+        if self.cpus != 1:  # absent means one vCPU: a pod.json of before reads back as is
+            data["cpus"] = self.cpus
         if self.privileged_files:  # absent means false: a first-version pod.json reads back as is
             data["privileged_files"] = True
         if self.remote_locks:  # likewise
@@ -184,6 +188,9 @@ class PodRecord:
         memory_mib = data.pop("memory_mib", 0)
         if isinstance(memory_mib, bool) or not isinstance(memory_mib, int):
             raise corrupt("memory_mib is not an integer")
+        cpus = data.pop("cpus", 1)
+        if isinstance(cpus, bool) or not isinstance(cpus, int) or cpus < 1:
+            raise corrupt("cpus is not a positive integer")
         accel, image = data.pop("accel", ""), data.pop("image", "")
         if not isinstance(accel, str) or not isinstance(image, str):
             raise corrupt("accel and image must be strings")
@@ -227,6 +234,7 @@ class PodRecord:
             created=float(created),
             accel=accel,
             memory_mib=memory_mib,
+            cpus=cpus,
             image=image,
             processes=processes,
             network=network,

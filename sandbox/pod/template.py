@@ -43,7 +43,7 @@ from typing import TYPE_CHECKING, Any
 
 from agentapi import stream_wire
 from hypervisor.process import ProcessHandle
-from hypervisor.qemu_args import Accelerator, NicConfig, VMConfig, build_argv
+from hypervisor.qemu_args import DEFAULT_CPUS, Accelerator, NicConfig, VMConfig, build_argv
 from sandbox.errors import AgentError, ConfigError, TemplateError
 from sandbox.pod import host_cgroup
 
@@ -128,11 +128,12 @@ def vm_config(
     shares: tuple[tuple[str, Path], ...] = (),
     nics: tuple[NicConfig, ...] = (),
     host_network: bool = False,
+    cpus: int = DEFAULT_CPUS,
 ) -> VMConfig:
     """The machine of a pod VM (paths in ``directory``): of a template and every pod
     restored from it (no ``shares`` or ``nics``: they are hot-plugged), and of a pod booted
     cold (with them on the command line). ``host_network``: a user-mode NIC will be
-    hot-plugged (a jailed QEMU then keeps the host's network namespace).
+    hot-plugged (a jailed QEMU then keeps the host's network namespace). ``cpus``: vCPUs.
 
     One function serves all of them so that their machines cannot differ.
     """
@@ -144,6 +145,7 @@ def vm_config(
         rootfs_size=image.rootfs_size,
         cmdline=cmdline,
         memory_mib=memory_mib,
+        cpus=cpus,
         accel=accel,
         qmp_socket=directory / "qmp.sock",
         agent_socket=directory / "agent-serial.sock",
@@ -161,14 +163,22 @@ def vm_config(
     )
 
 
-def key(image: Any, accel: Accelerator, memory_mib: int, cmdline: str, qemu: Path) -> str:
-    """Hex digest naming the template for these inputs.
+def key(
+    image: Any,
+    accel: Accelerator,
+    memory_mib: int,
+    cmdline: str,
+    qemu: Path,
+    *,
+    cpus: int = DEFAULT_CPUS,
+) -> str:
+    """Hex digest naming the template for these inputs (``cpus``: the VM's vCPUs).
 
     Covers the QEMU command line (per-VM paths replaced by one placeholder), the QEMU binary
     (path, size, mtime), the guest image (its manifest, which records every input's hash)
     and how the template is made (:data:`RECIPE`).
     """
-    config = vm_config(image, accel, memory_mib, cmdline, _KEY_DIR)
+    config = vm_config(image, accel, memory_mib, cmdline, _KEY_DIR, cpus=cpus)
     stat = qemu.stat()
     digest = hashlib.sha256()
     for part in (
@@ -216,11 +226,13 @@ def ensure(
     cmdline: str,
     timeout: float,
     drivers: Drivers | None = None,
+    *,
+    cpus: int = DEFAULT_CPUS,
 ) -> Path:
     """The state file of the template for these inputs, built first if there is none (see
     :func:`acquire`; for a caller that only wants it to exist: a restore must use
     :func:`acquire`, whose open file eviction cannot take away)."""
-    found = acquire(image, accel, memory_mib, cmdline, timeout, drivers)
+    found = acquire(image, accel, memory_mib, cmdline, timeout, drivers, cpus=cpus)
     found.close()
     return found.state_file
 
@@ -232,9 +244,12 @@ def acquire(
     cmdline: str,
     timeout: float,
     drivers: Drivers | None = None,
+    *,
+    cpus: int = DEFAULT_CPUS,
 ) -> Template:
-    """The template for these inputs, open (:class:`Template`), built first if there is
-    none; then the templates are collected (:func:`collect`), this one kept.
+    """The template for these inputs (``cpus``: the VM's vCPUs), open (:class:`Template`),
+    built first if there is none; then the templates are collected (:func:`collect`), this
+    one kept.
 
     The template VM and its agent proxy come from ``drivers`` (default: those of
     :func:`sandbox.pod.drivers.current`). TemplateError if building fails (nothing it
@@ -247,7 +262,7 @@ def acquire(
 
     budget = max_bytes()
     qemu = find_qemu()
-    name = key(image, accel, memory_mib, cmdline, qemu)
+    name = key(image, accel, memory_mib, cmdline, qemu, cpus=cpus)
     base = template_dir()
     try:
         base.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -266,6 +281,7 @@ def acquire(
                         base,
                         final,
                         drivers or current(),
+                        cpus,
                     )
             fd = os.open(state_file, os.O_RDONLY | os.O_CLOEXEC)
             found = os.stat(final)
@@ -295,6 +311,7 @@ def _build(
     base: Path,
     final: Path,
     drivers: Drivers,
+    cpus: int,
 ) -> None:
     from hypervisor.errors import HypervisorError, JailError
     from sandbox.pod.agent_client import AgentClient
@@ -303,7 +320,7 @@ def _build(
     # the state is written next to its final place and renamed there once complete.
     work = Path(tempfile.mkdtemp(prefix="psb-template-", dir="/tmp"))
     staging = Path(tempfile.mkdtemp(prefix=f".build-{final.name[:12]}-", dir=base))
-    vm = drivers.hypervisor(vm_config(image, accel, memory_mib, cmdline, work))
+    vm = drivers.hypervisor(vm_config(image, accel, memory_mib, cmdline, work, cpus=cpus))
     proxy: ProcessHandle | None = None
     try:
         vm.start()
@@ -326,7 +343,12 @@ def _build(
             os.fsync(fd)
         finally:
             os.close(fd)
-        meta = {"created": time.time(), "memory_mib": memory_mib, "image": str(image.dir)}
+        meta = {
+            "created": time.time(),
+            "memory_mib": memory_mib,
+            "cpus": cpus,
+            "image": str(image.dir),
+        }
         (staging / META_FILE).write_text(json.dumps(meta) + "\n")
         os.rename(staging, final)
     except JailError:

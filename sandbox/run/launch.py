@@ -25,7 +25,7 @@ from sandbox.pod.agent_client import ContainerClient
 from sandbox.pod.lifecycle import Pod
 from sandbox.pod.record import PodStatus
 from sandbox.pod.sharing import HeldSources, is_bind, share_container_files
-from sandbox.run.spec import vm_memory_mib
+from sandbox.run.spec import vm_cpus, vm_memory_mib
 
 #: The container id of a foreground run inside its pod.
 CONTAINER_ID = "main"
@@ -59,6 +59,7 @@ def boot_pod(
         root,
         pod_id,
         memory_mib=vm_memory_mib(None if memory is None else memory["limit"]),
+        cpus=vm_cpus(spec["linux"]["resources"].get("cpu")),
         user_network=args.network == "user",
         hostname=str(spec.get("hostname") or ""),
         privileged_files=args.privileged_files,

@@ -40,7 +40,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default="64m",
         help="with -d: the most the run's log keeps (default 64m); later output is dropped",
     )
-    parser.add_argument("--cpus", type=float, default=None, help="CPU limit, e.g. 0.5")
+    parser.add_argument(
+        "--cpus",
+        type=float,
+        default=None,
+        help="CPU limit, e.g. 0.5 (the VM gets that many vCPUs, rounded up; at most the host's)",
+    )
     parser.add_argument(
         "--pids-limit", type=int, default=1024, help="process limit (default 1024; -1: unlimited)"
     )

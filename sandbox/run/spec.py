@@ -15,6 +15,7 @@ import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from hypervisor.qemu_args import host_cpus
 from ocispec.document import MAX_DOCUMENT_BYTES
 from ocispec.errors import SpecError
 from ocispec.spec import MAX_HOSTNAME, MIN_MEMORY_LIMIT, parse_spec
@@ -53,9 +54,13 @@ def check_options(args: argparse.Namespace) -> None:
             raise RunError(f"{flag} is a runc flag: it needs --bundle DIR (an OCI bundle)")
     if args.memory is not None:
         _check_memory(args.memory)
-    if args.cpus is not None and not MIN_CPUS <= args.cpus <= 64:
-        # cpu.max's quota is at least 1 ms per 100 ms period (the kernel refuses less).
-        raise RunError(f"invalid --cpus {args.cpus:g}: must be in [{MIN_CPUS:g}, 64]")
+    if args.cpus is not None and not MIN_CPUS <= args.cpus <= host_cpus():
+        # cpu.max's quota is at least 1 ms per 100 ms period (the kernel refuses less); the
+        # VM gets ceil(--cpus) vCPUs, at most the host's CPUs (docker refuses more too).
+        raise RunError(
+            f"invalid --cpus {args.cpus:g}: must be in [{MIN_CPUS:g}, {host_cpus()}] "
+            f"(this host has {host_cpus()} CPUs)"
+        )
     if args.pids_limit < -1:
         raise RunError(f"invalid --pids-limit {args.pids_limit}: a number, or -1 for unlimited")
     if args.pids_limit == 1:
@@ -67,6 +72,16 @@ def check_options(args: argparse.Namespace) -> None:
         )
     if args.timeout is not None and not 0 < args.timeout < float("inf"):
         raise RunError(f"invalid --timeout {args.timeout:g}: must be a positive number of seconds")
+
+
+def vm_cpus(cpu: dict[str, Any] | None) -> int:
+    """The vCPUs of a run's VM for the spec's ``linux.resources.cpu``: enough for its
+    quota (``ceil(quota / period)``; 1 without one), at most the host's CPUs. The quota
+    itself still applies in the guest (``cpu.max``), as ``docker run --cpus`` gives it."""
+    quota, period = (cpu or {}).get("quota"), (cpu or {}).get("period") or 100000
+    if not isinstance(quota, int) or quota <= 0 or not isinstance(period, int) or period <= 0:
+        return 1
+    return max(1, min(host_cpus(), -(-quota // period)))
 
 
 def vm_memory_mib(limit: int | None) -> int:

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pytest
 
+from hypervisor.qemu_args import host_cpus
 from sandbox.run.launch import default_cgroup
 from tests.integration.pods import PodFactory
 from tests.processes import alive, processes_mentioning, wait_until
@@ -305,7 +306,14 @@ def test_the_smallest_memory_limit_runs_a_process(root: Path) -> None:
         (["--memory", "4096", "default", "true"], b"invalid --memory 4096: below the minimum"),
         (["--memory", "100000g", "default", "true"], b"this host has available (MemAvailable"),
         (["--cpus", "nan", "default", "true"], b"invalid --cpus nan"),
-        (["--cpus", "0.001", "default", "true"], b"invalid --cpus 0.001: must be in [0.01, 64]"),
+        (
+            ["--cpus", "0.001", "default", "true"],
+            f"invalid --cpus 0.001: must be in [0.01, {host_cpus()}]".encode(),
+        ),
+        (
+            ["--cpus", str(host_cpus() + 1), "default", "true"],
+            f"(this host has {host_cpus()} CPUs)".encode(),
+        ),
         (["-v", "/tmp:/proc/x", "default", "true"], b"/proc/x is in /proc"),
         (
             ["-v", "/proc:/hostproc", "default", "true"],
@@ -415,6 +423,19 @@ def test_cpus_hostname_and_death_by_signal(root: Path) -> None:
     )
     assert done.returncode == 128 + signal.SIGSEGV, done.stderr
     assert done.stdout.decode().splitlines() == ["50000 100000", "box-1"]
+    assert _torn_down(root)
+
+
+def test_cpus_gives_the_vm_that_many_vcpus(root: Path) -> None:
+    """``--cpus N`` is a quota, as docker's, and the VM has ceil(N) vCPUs to use it on (it
+    had one whatever N was, so ``--cpus 2`` could never use more than one CPU). The largest N
+    is the host's CPU count, as docker allows."""
+    cpus = host_cpus()
+    done = run(
+        root, "--cpus", str(cpus), "default", "sh", "-c", "nproc; cat /sys/fs/cgroup/cpu.max"
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.decode().split("\n")[:2] == [str(cpus), f"{cpus * 100000} 100000"]
     assert _torn_down(root)
 
 

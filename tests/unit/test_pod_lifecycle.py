@@ -533,3 +533,12 @@ def test_guest_side_channel_mitigations_are_off_only_under_tcg() -> None:
     assert "mitigations=off" in kernel_cmdline("tcg").split()
     assert "mitigations=off" not in kernel_cmdline("kvm").split()
     assert kernel_cmdline("kvm") != kernel_cmdline("tcg")  # so their templates differ
+
+
+def test_a_vm_of_several_vcpus_keeps_acpi_interrupt_routing() -> None:
+    """With acpi=noirq the guest kernel takes no SMP configuration from the MADT and runs on
+    one CPU whatever -smp says (seen: "smpboot: Allowing 1 CPUs" under -smp 2)."""
+    from sandbox.pod.lifecycle import kernel_cmdline
+
+    assert "acpi=noirq" in kernel_cmdline("tcg", 1).split()
+    assert "acpi=noirq" not in kernel_cmdline("tcg", 2).split()

@@ -158,6 +158,8 @@ def test_malformed_process_entries_are_dropped(tmp_path: Path) -> None:
         ("network", "user", "network is not an object"),
         ("host_cgroup", "/kubepods/x", "host_cgroup is not an object"),
         ("memory_mib", "512", "memory_mib is not an integer"),
+        ("cpus", 0, "cpus is not a positive integer"),
+        ("cpus", True, "cpus is not a positive integer"),
         ("created", True, "created is not a number"),
         ("boot", "warm", "unknown boot kind 'warm'"),
         ("id", None, "no pod id"),
@@ -195,3 +197,11 @@ def test_save_is_atomic_private_and_never_recreates_a_pod(tmp_path: Path) -> Non
     with pytest.raises(FileNotFoundError):
         pod_record.save(tmp_path, record)
     assert not path.parent.exists()
+
+
+def test_vcpus_round_trip_and_default_to_one(tmp_path: Path) -> None:
+    write(tmp_path, "pod-a", FIRST_VERSION)
+    assert pod_record.load(tmp_path, "pod-a").cpus == 1
+    write(tmp_path, "pod-b", {**FIRST_VERSION, "id": "pod-b", "cpus": 2})
+    record = pod_record.load(tmp_path, "pod-b")
+    assert record.cpus == 2 and record.to_json()["cpus"] == 2

@@ -104,3 +104,24 @@ def test_only_runs_whose_files_only_the_guest_changes_are_cached(
 ) -> None:
     image = launch.images.Image("x", Path("/store/x/rootfs"), stored=stored)
     assert launch.cacheable({"mounts": mounts}, image) is expected
+
+
+@pytest.mark.parametrize(
+    ("cpu", "vcpus"),
+    [
+        (None, 1),
+        ({}, 1),
+        ({"quota": 50000, "period": 100000}, 1),
+        ({"quota": 100000, "period": 100000}, 1),
+        ({"quota": 100001, "period": 100000}, 2),
+        ({"quota": 150000}, 2),
+        ({"quota": -1, "period": 100000}, 1),
+        ({"quota": 10**9, "period": 100000}, "host"),
+    ],
+)
+def test_a_run_vm_has_enough_vcpus_for_its_cpu_quota(cpu: Any, vcpus: int | str) -> None:
+    from hypervisor.qemu_args import host_cpus
+    from sandbox.run.spec import vm_cpus
+
+    expected = host_cpus() if vcpus == "host" else vcpus
+    assert vm_cpus(cpu) == min(expected, host_cpus())

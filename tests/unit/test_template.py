@@ -48,6 +48,8 @@ def test_key_covers_memory_cmdline_image_and_qemu(tmp_path: Path) -> None:
     assert base == template.key(IMAGE, "tcg", 512, "c", qemu)
     assert base != template.key(IMAGE, "tcg", 1024, "c", qemu)
     assert base != template.key(IMAGE, "tcg", 512, "c acpi=off", qemu)
+    assert base == template.key(IMAGE, "tcg", 512, "c", qemu, cpus=1)
+    assert base != template.key(IMAGE, "tcg", 512, "c", qemu, cpus=2)
     other = SimpleNamespace(**{**vars(IMAGE), "manifest": {"inputs_hash": "def"}})
     assert base != template.key(other, "tcg", 512, "c", qemu)
     qemu.write_bytes(b"xy")
