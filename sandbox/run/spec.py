@@ -152,7 +152,10 @@ def _env(args: argparse.Namespace, base: list[str]) -> list[str]:
             lines = env_file.read_text().splitlines()
         except OSError as exc:
             raise RunError(f"cannot read env file {env_file}: {exc.strerror}") from exc
-        entries += [line for line in lines if line.strip() and not line.startswith("#")]
+        # docker's reading (its opts/file.go): leading blanks dropped, then blank lines and
+        # "#" comments skipped; the rest is NAME=VALUE (value as is) or NAME alone.
+        lines = [line.lstrip() for line in lines]
+        entries += [line for line in lines if line and not line.startswith("#")]
     entries += args.env
     for item in entries:
         key, sep, value = item.partition("=")
@@ -291,7 +294,8 @@ def build_spec(args: argparse.Namespace, image: images.Image, held: HeldSources)
     if size > MAX_DOCUMENT_BYTES:  # what the guest takes: refused before a VM boots
         raise RunError(
             f"the container's spec is {size} bytes, over the {MAX_DOCUMENT_BYTES} a sandbox "
-            "takes: pass less environment (-e/--env-file) or fewer volumes"
+            "takes: pass shorter or fewer arguments, less environment (-e/--env-file) or "
+            "fewer volumes"
         )
     return spec
 

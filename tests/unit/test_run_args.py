@@ -3,6 +3,9 @@ parsed from a real command line (options before IMAGE, everything after it is th
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import pytest
 
 from sandbox.cli.main import build_parser
@@ -60,3 +63,18 @@ def test_nothing_to_run_is_one_clear_error(
     with pytest.raises(RunError, match=message) as raised:
         args_of(*argv, entrypoint=entrypoint, cmd=cmd)
     assert "\n" not in str(raised.value)
+
+
+def test_env_file_lines_are_read_as_docker_reads_them(tmp_path: Path) -> None:
+    """docker (opts/file.go): leading blanks dropped, blank lines and comments skipped, the
+    value kept as written (inner and trailing blanks too), a bare NAME taken from the
+    caller's environment."""
+    from sandbox.run.spec import _env
+
+    env_file = tmp_path / "env"
+    env_file.write_text(
+        "  A=1\n\t# indented comment\n   \nB=two words \nC==x\nHOME\nUNSET_PSB_VAR\n"
+    )
+    args = build_parser().parse_args(["run", "--env-file", str(env_file), "default", "true"])
+    got = _env(args, ["PATH=/bin"])
+    assert got == ["PATH=/bin", "A=1", "B=two words ", "C==x", f"HOME={os.environ['HOME']}"]
