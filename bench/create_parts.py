@@ -62,6 +62,10 @@ def _without_namespaces(*types: str) -> Callable[[Spec], None]:
         ]
         if "uts" in types:
             spec.pop("hostname", None)  # a hostname needs a UTS namespace of its own
+        if "network" in types:  # net.* sysctls need a network namespace of their own
+            sysctl = spec["linux"].get("sysctl") or {}
+            for key in [k for k in sysctl if k.startswith("net.")]:
+                del sysctl[key]
 
     return change
 
