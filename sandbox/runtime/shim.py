@@ -40,12 +40,17 @@ The shim runs as root without any capability (``setpriv --inh-caps=-all --boundi
 --no-new-privs``): it needs uid 0 only for root's files and sockets (the pod's ``shim.sock``,
 the container's state directory, the client's console socket); docs/trust-boundaries.md.
 
-A detached run (``monitor``) also gets a watcher (:mod:`sandbox.runtime.shim_watch`), a bare
-interpreter started by :func:`spawn` with a pidfd of the shim: it keeps root's capabilities,
-because releasing the run's VM needs them (killing the jailed QEMU, unmounting its files).
-Once the shim is gone it becomes ``python -m sandbox.run.monitor`` (exec), which releases the
-run (:func:`sandbox.run.monitor.release_after_shim`); after ``--timeout`` seconds it does so
-with ``--kill`` first (the run's processes get SIGKILL; the shim then exits 137).
+A detached run (``monitor``) also gets a watcher (:mod:`sandbox.runtime.shim_watch`), a
+``/bin/sh`` started by :func:`spawn` reading a pipe whose only write end the shim inherits
+(``--held-fd``): end-of-file there means the shim is gone, SIGKILL included. The watcher keeps
+root's capabilities, because releasing the run's VM needs them (killing the jailed QEMU,
+unmounting its files). Once the shim is gone it becomes ``python -m sandbox.run.monitor``
+(exec), which releases the run (:func:`sandbox.run.monitor.release_after_shim`); after
+``--timeout`` seconds it does so with ``--kill`` first (the run's processes get SIGKILL; the
+shim then exits 137). The shim also gets a pidfd of a pod process its container cannot do
+without (``--pod-fd``: the pod's virtiofsd); when that process is gone, the container's
+processes wait for their files for ever, so the shim writes ``broken`` into that pipe and the
+watcher runs the monitor with ``--broken`` (which logs the cause and kills the shim).
 """
 
 from __future__ import annotations
@@ -127,6 +132,14 @@ def spawn(
     from hypervisor.virtiofsd import SETPRIV
 
     ready_r, ready_w = os.pipe()
+    # A detached run's watcher reads this pipe: the shim alone holds the write end (inherited;
+    # its own children close it), so it reads end-of-file when the shim is gone.
+    held_r, held_w = os.pipe() if monitor else (-1, -1)
+    pod_fd = -1
+    if monitor and pod_process is not None:
+        with contextlib.suppress(OSError):  # gone already: the shim cannot tell
+            pod_fd = pod_process.pidfd()
+    passed = [fd for fd in (ready_w, held_w, pod_fd) if fd >= 0]
     # Without capabilities from the start, unless it must make its namespace first.
     unprivileged = [str(SETPRIV), *UNPRIVILEGED, "--"] if netns is None else []
     argv = [
@@ -154,6 +167,10 @@ def spawn(
         argv += ["--output-limit", str(int(output_limit))]
     if netns is not None:
         argv += netns.argv()
+    if held_w >= 0:
+        argv += ["--held-fd", str(held_w)]
+    if pod_fd >= 0:
+        argv += ["--pod-fd", str(pod_fd)]
     try:
         stdio = subprocess.DEVNULL if terminal else None
         proc = subprocess.Popen(
@@ -161,13 +178,18 @@ def spawn(
             stdin=stdio,
             stdout=stdio,
             stderr=stdio,
-            pass_fds=(ready_w,),
+            pass_fds=passed,
             start_new_session=True,
             cwd="/",
             env={**os.environ, "PYTHONPATH": IMPORT_ROOT},
         )
+    except BaseException:
+        if held_r >= 0:
+            os.close(held_r)
+        raise
     finally:
-        os.close(ready_w)
+        for fd in passed:
+            os.close(fd)
     with os.fdopen(ready_r, "rb") as ready:
         # Bounded: a shim that neither reports nor exits must not hold its caller (create,
         # with SIGTERM held meanwhile) forever. Its own steps time out well within this.
@@ -176,18 +198,16 @@ def spawn(
         else:
             line = f"error the container shim did not report ready within {SPAWN_TIMEOUT:g}s"
     if line != "ready":
+        if held_r >= 0:
+            os.close(held_r)
         with contextlib.suppress(OSError):
             proc.kill()
         proc.wait()
         raise AgentError(line.removeprefix("error ") or "container shim failed to start")
     handle = ProcessHandle.of(proc.pid)
     try:
-        if monitor:
-            pidfds = [os.pidfd_open(proc.pid)]
-            if pod_process is not None:
-                with contextlib.suppress(OSError):  # gone already: the watcher cannot tell
-                    pidfds.append(pod_process.pidfd())
-            _spawn_watcher(root, container_id, pidfds, timeout)
+        if held_r >= 0:
+            _spawn_watcher(root, container_id, held_r, timeout)
     except BaseException:
         proc.kill()
         proc.wait()
@@ -204,29 +224,25 @@ SPAWN_TIMEOUT = 90.0
 UNPRIVILEGED = ("--inh-caps=-all", "--bounding-set=-all", "--no-new-privs")
 
 
-def _spawn_watcher(root: Path, name: str, pidfds: list[int], timeout: float | None) -> None:
-    """Start the watcher of detached run ``name`` (module docstring), handing it ``pidfds``
-    (a pidfd of the shim, then maybe one of a pod process it needs; all closed here)."""
+def _spawn_watcher(root: Path, name: str, held_r: int, timeout: float | None) -> None:
+    """Start the watcher of detached run ``name`` (module docstring) with ``held_r``, the read
+    end of the pipe the shim holds the write end of, as its stdin (closed here)."""
     import subprocess
 
-    fds = ",".join(str(fd) for fd in pidfds)
-    argv = [sys.executable, "-S", "-m", "sandbox.runtime.shim_watch", fds, str(root), name]
-    if timeout is not None:
-        argv.append(repr(float(timeout)))
+    from sandbox.runtime import shim_watch
+
     try:
         subprocess.Popen(
-            argv,
-            stdin=subprocess.DEVNULL,
+            shim_watch.argv(sys.executable, str(root), name, timeout),
+            stdin=held_r,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
-            pass_fds=pidfds,
             start_new_session=True,
             cwd="/",
             env={**os.environ, "PYTHONPATH": IMPORT_ROOT},
         ).returncode = 0  # never waited for here (silences Popen.__del__)
     finally:
-        for fd in pidfds:
-            os.close(fd)
+        os.close(held_r)
 
 
 class Args:
@@ -262,6 +278,8 @@ class Args:
         self.timeout = float(timeout) if timeout else None
         limit = values.get("--output-limit")
         self.output_limit = int(limit) if limit else None
+        self.held_fd = int(values.get("--held-fd") or -1)
+        self.pod_fd = int(values.get("--pod-fd") or -1)
 
 
 _NEEDED = ("--root", "--id", "--agent", "--ready-fd")
@@ -274,6 +292,8 @@ _VALUED = (
     "--console-socket",
     "--timeout",
     "--output-limit",
+    "--held-fd",
+    "--pod-fd",
 )
 
 
@@ -371,9 +391,16 @@ class _Link:
             self._pending.append(message)
 
     def receive(self) -> dict[str, Any] | None:
-        """The proxy's next message; None once the proxy is gone."""
+        """The proxy's next message; None once the proxy is gone. Meanwhile, when the pod
+        process of ``--pod-fd`` is gone, tells the run's watcher so (``broken`` on
+        ``--held-fd``, once; module docstring) and goes on waiting."""
         if self._sock is None:
             return None
+        while self._args.pod_fd >= 0:
+            readable = select.select([self._sock, self._args.pod_fd], [], [])[0]
+            if self._sock in readable:
+                break
+            _pod_process_gone(self._args)
         try:
             message, fds = wire.receive(self._sock)
         except (OSError, wire.WireError):
@@ -385,6 +412,16 @@ class _Link:
         if self._sock is not None:
             self._sock.close()
             self._sock = None
+
+
+def _pod_process_gone(args: Args) -> None:
+    """The pod process the container needs has exited: ``broken`` to the watcher (whose
+    monitor kills this shim and releases the VM); stop watching the pidfd."""
+    with contextlib.suppress(OSError):
+        os.write(args.held_fd, b"broken\n")
+    with contextlib.suppress(OSError):
+        os.close(args.pod_fd)
+    args.pod_fd = -1
 
 
 def _revive(args: Args) -> bool:

@@ -1,41 +1,51 @@
-"""The watcher of a detached run's shim (see :mod:`sandbox.runtime.shim`).
+"""The watcher of a detached run's shim (see :mod:`sandbox.runtime.shim`): a ``/bin/sh``.
 
-``python -S -m sandbox.runtime.shim_watch PIDFD[,PODFD] ROOT NAME [TIMEOUT]``, started by
-:func:`sandbox.runtime.shim.spawn` with ``PIDFD``, a pidfd of the shim, and maybe ``PODFD``, one
-of a pod process the container cannot do without (its virtiofsd): it waits until the shim is
-gone (``TIMEOUT`` seconds at most), then becomes ``python -m sandbox.run.monitor ROOT NAME``
-(with ``--kill`` if the timeout passed, ``--broken`` if the pod process went first: the
-container's processes then wait for their files for ever, so the shim would never end on its
-own), which releases the run's VM. It keeps root's
-capabilities (the shim has none): releasing a run kills its jailed QEMU and unmounts its
-files. Until then it is a bare interpreter: it imports nothing but ``os``, ``select`` and
-``sys`` (the package's ``__init__`` included), so that a run costs little memory for it.
+:func:`sandbox.runtime.shim.spawn` makes a pipe before it starts the shim of a detached run;
+the shim inherits the write end (and never writes to it, nor hands it to a child: its
+subprocesses close every fd they are not given), and :func:`argv` is started with the read
+end as its stdin. The pipe reads end-of-file once the shim is gone — on its exit and on its
+SIGKILL alike, since the kernel closes a dead process's fds — which is what the watcher waits
+for (``TIMEOUT`` seconds at most, through coreutils' ``timeout`` and ``head``); it then becomes
+(exec) ``python -m sandbox.run.monitor ROOT NAME``, which releases the run's VM: with
+``--kill`` if the timeout passed, with ``--broken`` if the shim wrote the line ``broken`` first
+(the pod lost a process the container needs, its virtiofsd: the container's processes then
+wait for their files for ever, so the shim would never end on its own). It keeps root's
+capabilities (the shim has none): releasing a run kills its jailed QEMU and unmounts its files.
+
+Until then it is a shell waiting in ``read``: ~0.3 MiB PSS, where the Python interpreter that
+waited on a pidfd of the shim before was ~4 MiB (docs/performance.md, "Lean host processes,
+part 3"). Its command line names :data:`LABEL` (the shell's ``$0``), by which tests and
+``bench/footprint.py`` find it.
 """
 
-import os
-import select
-import sys
+from __future__ import annotations
+
+#: ``$0`` of the watcher's shell: what its command line shows.
+LABEL = "sandbox.runtime.shim_watch"
+
+#: ``sh -c SCRIPT LABEL PYTHON ROOT NAME [TIMEOUT]``: stdin is the pipe's read end. ``read``
+#: (a builtin: no second process) returns at the first line or at end-of-file; ``timeout``
+#: exits 124 when it had to stop ``head``, which ends there too.
+SCRIPT = """\
+py=$1 root=$2 name=$3 limit=$4 line=
+set --
+if [ -n "$limit" ]; then
+  line=$(timeout "$limit" head -n 1)
+  [ "$?" -ne 124 ] || set -- --kill
+else
+  read -r line || :
+fi
+[ "$line" != broken ] || set -- --broken
+exec "$py" -m sandbox.run.monitor "$root" "$name" "$@" </dev/null
+"""
+
+#: The shell (dash on Debian): POSIX ``read``, ``set``, ``exec``.
+SHELL = "/bin/sh"
 
 
-def main(argv: list[str]) -> None:
-    """See the module docstring; exit status 2 for a wrong command line."""
-    if len(argv) not in (3, 4):
-        sys.exit(2)
-    pidfds, root, name = [int(fd) for fd in argv[0].split(",")], argv[1], argv[2]
-    timeout = float(argv[3]) if len(argv) == 4 else None
-    poller = select.poll()
-    for fd in pidfds:
-        poller.register(fd, select.POLLIN)
-    ready = {fd for fd, _ in poller.poll(None if timeout is None else int(timeout * 1000) + 1)}
-    for fd in pidfds:
-        os.close(fd)
-    monitor = [sys.executable, "-m", "sandbox.run.monitor", root, name]
-    if not ready:
-        monitor.append("--kill")
-    elif pidfds[0] not in ready:
-        monitor.append("--broken")
-    os.execv(sys.executable, monitor)
-
-
-if __name__ == "__main__":
-    main(sys.argv[1:])
+def argv(python: str, root: str, name: str, timeout: float | None) -> list[str]:
+    """The watcher's command line: ``python`` (the interpreter the monitor runs with), the
+    run's state ``root`` and ``name``, ``timeout`` in seconds (None: wait for the shim only).
+    """
+    extra = [] if timeout is None else [repr(float(timeout))]
+    return [SHELL, "-c", SCRIPT, LABEL, python, root, name, *extra]
