@@ -1,0 +1,88 @@
+"""The watcher of a detached run's shim (sandbox.runtime.shim_watch): a /bin/sh that waits for
+end-of-file on a pipe whose write end only the shim holds, then becomes the monitor.
+
+A stand-in "python" records the command line the watcher execs into; a ``sleep`` holding the
+write end stands for the shim."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+from sandbox.runtime import shim_watch
+
+
+def _fake_python(tmp_path: Path) -> tuple[Path, Path]:
+    out = tmp_path / "monitor-argv"
+    python = tmp_path / "python"
+    python.write_text(f'#!/bin/sh\nprintf "%s\\n" "$@" > {out}\n')
+    python.chmod(0o755)
+    return python, out
+
+
+def _start(
+    tmp_path: Path, timeout: float | None
+) -> tuple[subprocess.Popen[bytes], subprocess.Popen[bytes], Path]:
+    """(the watcher, the stand-in shim holding the write end, the monitor's argv file)."""
+    python, out = _fake_python(tmp_path)
+    held_r, held_w = os.pipe()
+    holder = subprocess.Popen(["sleep", "60"], pass_fds=(held_w,))
+    os.close(held_w)
+    try:
+        watcher = subprocess.Popen(
+            shim_watch.argv(str(python), "/run/x", "r1", timeout), stdin=held_r
+        )
+    finally:
+        os.close(held_r)
+    return watcher, holder, out
+
+
+def _wait(proc: subprocess.Popen[bytes]) -> int:
+    return proc.wait(timeout=10)
+
+
+def test_the_watcher_waits_while_the_shim_lives_and_runs_the_monitor_once_it_is_killed(
+    tmp_path: Path,
+) -> None:
+    watcher, holder, out = _start(tmp_path, None)
+    try:
+        time.sleep(0.5)
+        assert watcher.poll() is None and not out.exists()  # the shim still runs
+        assert shim_watch.LABEL in Path(f"/proc/{watcher.pid}/cmdline").read_text()
+        os.kill(holder.pid, signal.SIGKILL)  # SIGKILL of the shim closes its fds too
+        holder.wait()
+        assert _wait(watcher) == 0
+        assert out.read_text().split("\n")[:-1] == ["-m", "sandbox.run.monitor", "/run/x", "r1"]
+    finally:
+        holder.kill()
+        watcher.kill()
+
+
+def test_the_watcher_kills_the_run_after_its_timeout(tmp_path: Path) -> None:
+    began = time.monotonic()
+    watcher, holder, out = _start(tmp_path, 1.0)
+    try:
+        assert _wait(watcher) == 0
+        assert 0.9 <= time.monotonic() - began < 9
+        assert holder.poll() is None  # the monitor, not the watcher, kills the run
+        argv = out.read_text().split("\n")[:-1]
+        assert argv == ["-m", "sandbox.run.monitor", "/run/x", "r1", "--kill"]
+    finally:
+        holder.kill()
+        holder.wait()
+        watcher.kill()
+
+
+def test_a_shim_that_ends_before_the_timeout_is_not_killed(tmp_path: Path) -> None:
+    watcher, holder, out = _start(tmp_path, 30.0)
+    try:
+        holder.terminate()
+        holder.wait()
+        assert _wait(watcher) == 0
+        assert out.read_text().split("\n")[:-1] == ["-m", "sandbox.run.monitor", "/run/x", "r1"]
+    finally:
+        holder.kill()
+        watcher.kill()
