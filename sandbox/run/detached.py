@@ -8,8 +8,8 @@ run's name is its container id and its pod id. Only the per-container shim diffe
 ``create``: its stdin is /dev/null and its stdout and stderr are appended to
 ``<root>/<name>/run.log``, which ``logs`` prints.
 
-The run's monitor is its shim's watcher (:mod:`sandbox.runtime.shim_watch`, a bare
-interpreter holding a pidfd of the shim, started with it by ``shim.spawn(monitor=True)``):
+The run's monitor is its shim's watcher (:mod:`sandbox.runtime.shim_watch`, a ``/bin/sh``
+reading a pipe only the shim holds the write end of, started by ``shim.spawn(monitor=True)``):
 once the shim has exited (the process ended, ``stop``, ``--timeout``: the watcher kills the
 run then) it powers the VM off and unmounts everything
 (:func:`sandbox.run.monitor.release_after_shim`), keeping the record, the log and the exit
