@@ -397,8 +397,8 @@ class _Link:
         if self._sock is None:
             return None
         while self._args.pod_fd >= 0:
-            readable = select.select([self._sock, self._args.pod_fd], [], [])[0]
-            if self._sock in readable:
+            sock = self._sock.fileno()
+            if sock in select.select([sock, self._args.pod_fd], [], [])[0]:
                 break
             _pod_process_gone(self._args)
         try:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -24,12 +25,15 @@ def _fake_python(tmp_path: Path) -> tuple[Path, Path]:
 
 
 def _start(
-    tmp_path: Path, timeout: float | None
+    tmp_path: Path, timeout: float | None, say: str = ""
 ) -> tuple[subprocess.Popen[bytes], subprocess.Popen[bytes], Path]:
-    """(the watcher, the stand-in shim holding the write end, the monitor's argv file)."""
+    """(the watcher, the stand-in shim holding the write end — which first writes ``say``
+    there, if set —, the monitor's argv file)."""
     python, out = _fake_python(tmp_path)
     held_r, held_w = os.pipe()
-    holder = subprocess.Popen(["sleep", "60"], pass_fds=(held_w,))
+    code = f"import os, time; os.write({held_w}, {say.encode()!r} + b'\\n'); time.sleep(60)"
+    stand_in = [sys.executable, "-c", code] if say else ["sleep", "60"]
+    holder = subprocess.Popen(stand_in, pass_fds=(held_w,))
     os.close(held_w)
     try:
         watcher = subprocess.Popen(
@@ -86,3 +90,19 @@ def test_a_shim_that_ends_before_the_timeout_is_not_killed(tmp_path: Path) -> No
     finally:
         holder.kill()
         watcher.kill()
+
+
+def test_a_shim_that_says_its_pod_is_broken_gets_the_monitor_with_broken(tmp_path: Path) -> None:
+    """The shim writes ``broken`` when the pod's virtiofsd is gone: it is still alive, and the
+    monitor (--broken) kills it and releases the VM."""
+    for timeout in (None, 30.0):
+        watcher, holder, out = _start(tmp_path, timeout, say="broken")
+        try:
+            assert _wait(watcher) == 0
+            assert holder.poll() is None
+            argv = out.read_text().split("\n")[:-1]
+            assert argv == ["-m", "sandbox.run.monitor", "/run/x", "r1", "--broken"], timeout
+        finally:
+            holder.kill()
+            holder.wait()
+            watcher.kill()
