@@ -124,8 +124,8 @@ def spawn(
     killed after ``timeout`` seconds when that is set. ``output_limit``: the shim's
     RLIMIT_FSIZE (bytes), so that output files are kept within it (writes beyond are dropped);
     a limit the shim inherits applies as well. ``pod_process`` (with ``monitor``): a process
-    of the pod without which the container cannot go on (its virtiofsd): the watcher releases
-    the run when it is gone, too. AgentError with the shim's reason if it did not get ready."""
+    of the pod without which the container cannot go on (its virtiofsd): the shim polls a
+    pidfd of it and has the watcher release the run when it is gone, too. AgentError with the shim's reason if it did not get ready."""
     import subprocess
 
     from hypervisor.process import ProcessHandle
