@@ -3,7 +3,7 @@
 ``footprint`` mode (default): ``--runs`` times, start ``pysandbox run -d NAME IMAGE sleep 300``,
 wait ``--settle`` seconds, read ``Pss:`` of every host process that belongs to the run from
 ``/proc/PID/smaps_rollup`` (QEMU, virtiofsd, the agent proxy, the shim and its watcher —
-``sandbox.runtime.shim_watch`` or ``flock … sandbox.run.monitor`` —, the detached monitor if
+``/bin/sh`` named ``sandbox.runtime.shim_watch``, or the monitor it became —, the detached monitor if
 any), remove the run. The processes are found from the pod and container records (pids in
 ``<root>/p/*/pod.json`` and ``<root>/<name>/state.json``), their descendants, and any
 ``sandbox.run.detached`` monitor naming the run. Prints the median per role and of the total
@@ -96,7 +96,7 @@ def role(pid: int, parent_role: str | None) -> str:
     if "sandbox.run.detached" in text:
         return "monitor"
     if "sandbox.runtime.shim_watch" in text or "sandbox.run.monitor" in text:
-        return "shim-watcher"  # the monitor: flock(1) waiting for it (or the monitor running)
+        return "shim-watcher"  # the /bin/sh watcher (or the monitor it became)
     if "sandbox.runtime.shim" in text:
         return "shim-watcher" if parent_role == "shim" else "shim"
     return f"other:{os.path.basename(argv[0]) if argv else pid}"
@@ -117,7 +117,7 @@ def run_processes(root: Path, name: str) -> dict[int, str]:
             argv = _cmdline(int(entry.name))
             if "sandbox.run.detached" in argv and name in argv and str(root) in argv:
                 roots.append(int(entry.name))
-            # A detached run's watcher (not the shim's child): the pidfd one or flock(1).
+            # A detached run's watcher (not the shim's child): its $0 names shim_watch.
             watcher = "sandbox.runtime.shim_watch" in argv or "sandbox.run.monitor" in argv
             if watcher and name in argv and str(root) in argv:
                 roots.append(int(entry.name))
