@@ -3,8 +3,8 @@
 ``footprint`` mode (default): ``--runs`` times, start ``pysandbox run -d NAME IMAGE sleep 300``,
 wait ``--settle`` seconds, read ``Pss:`` of every host process that belongs to the run from
 ``/proc/PID/smaps_rollup`` (QEMU, virtiofsd, the agent proxy, the shim and its watcher —
-``/bin/sh`` named ``sandbox.runtime.shim_watch``, or the monitor it became —, the detached monitor if
-any), remove the run. The processes are found from the pod and container records (pids in
+a ``/bin/sh`` named ``sandbox.runtime.shim_watch``, or the monitor it became —, the detached
+monitor if any), remove the run. The processes are found from the pod and container records (pids in
 ``<root>/p/*/pod.json`` and ``<root>/<name>/state.json``), their descendants, and any
 ``sandbox.run.detached`` monitor naming the run. Prints the median per role and of the total
 (MiB), the same for the process's own pages only (``own:ROLE``: ``Pss_Anon`` +
