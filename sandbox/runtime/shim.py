@@ -125,7 +125,8 @@ def spawn(
     RLIMIT_FSIZE (bytes), so that output files are kept within it (writes beyond are dropped);
     a limit the shim inherits applies as well. ``pod_process`` (with ``monitor``): a process
     of the pod without which the container cannot go on (its virtiofsd): the shim polls a
-    pidfd of it and has the watcher release the run when it is gone, too. AgentError with the shim's reason if it did not get ready."""
+    pidfd of it and has the watcher release the run when it is gone, too. AgentError with the
+    shim's reason if it did not get ready."""
     import subprocess
 
     from hypervisor.process import ProcessHandle
