@@ -685,12 +685,24 @@ def parse_devices(value: object, where: str) -> tuple[Device, ...]:
                 "c" if kind == "u" else kind,
                 major,
                 minor,
-                _int(entry.get("fileMode"), f"{at}.fileMode", 0, 0o7777, 0o666),
+                _device_mode(entry.get("fileMode"), f"{at}.fileMode"),
                 _uint32(entry.get("uid"), f"{at}.uid", 0),
                 _uint32(entry.get("gid"), f"{at}.gid", 0),
             )
         )
     return tuple(result)
+
+
+#: The file-type bits of a mode (``S_IFMT``).
+_S_IFMT = 0o170000
+
+
+def _device_mode(value: object, where: str) -> int:
+    """A device's ``fileMode``: its permission bits (default 0666). A whole ``st_mode``,
+    file-type bits included, is taken too, as runc takes it (it clears ``S_IFMT``:
+    libcontainer/specconv): podman writes ``--device`` and ``--privileged`` devices so
+    (8576 = 020600 for a 0600 character device)."""
+    return _int(value, where, 0, _S_IFMT | 0o7777, 0o666) & 0o7777
 
 
 def parse_sysctls(value: object, where: str, private: set[str]) -> tuple[tuple[str, str], ...]:

@@ -97,6 +97,18 @@ def test_run_echo_and_exit_code(podman: list[str]) -> None:
     assert pm(podman, "run", "--rm", IMAGE, "sh", "-c", "exit 3").returncode == 3
 
 
+def test_device_and_privileged_as_podman_writes_them(podman: list[str]) -> None:
+    """podman writes a device's whole st_mode as its fileMode (020600 for /dev/fuse), as runc
+    takes it; --privileged lists every host device so. Both were refused ("fileMode: 8576 is
+    out of range")."""
+    done = pm(podman, "run", "--rm", "--device", "/dev/fuse", IMAGE, "ls", "-l", "/dev/fuse")
+    assert done.returncode == 0, done.stderr
+    mode, _links, _owner, _group, major, minor = done.stdout.split()[:6]
+    assert (mode, major, minor) == ("crw-------", "10,", "229"), done.stdout
+    privileged = pm(podman, "run", "--rm", "--privileged", IMAGE, "sh", "-c", "echo ok")
+    assert (privileged.returncode, privileged.stdout) == (0, "ok\n"), privileged.stderr
+
+
 def test_env_workdir_user_readonly(podman: list[str]) -> None:
     done = pm(
         podman,

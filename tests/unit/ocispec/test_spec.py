@@ -377,3 +377,20 @@ def test_console_size_only_with_a_terminal_and_within_a_winsize() -> None:
     ):
         with pytest.raises(SpecError, match=message):
             spec_mod.parse_process({**base, "terminal": True, "consoleSize": bad})
+
+
+def test_a_device_mode_with_its_file_type_bits_is_taken_as_runc_takes_it() -> None:
+    """podman writes a whole st_mode (``--device /dev/fuse``: 8576 = 020600); runc clears the
+    type bits. Permission bits alone, or the default, are as before; more is refused."""
+    devices = [
+        {"path": "/dev/fuse", "type": "c", "major": 10, "minor": 229, "fileMode": 0o20600},
+        {"path": "/dev/sda", "type": "b", "major": 8, "minor": 0, "fileMode": 0o60660},
+        {"path": "/dev/x", "type": "c", "major": 1, "minor": 3, "fileMode": 0o640},
+        {"path": "/dev/y", "type": "c", "major": 1, "minor": 5},
+    ]
+    parsed = parse(linux__devices=devices).devices
+    assert [d.mode for d in parsed] == [0o600, 0o660, 0o640, 0o666]
+    too_big = [{"path": "/dev/x", "type": "c", "major": 1, "minor": 3, "fileMode": 0o1000000}]
+    assert error_of(linux__devices=too_big) == (
+        "linux.devices[0].fileMode: 262144 is out of range [0, 65535]"
+    )
