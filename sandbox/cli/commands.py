@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -293,19 +294,31 @@ def cmd_logs(args: argparse.Namespace) -> int:
 def cmd_stop(args: argparse.Namespace) -> int:
     from sandbox.run import detached
 
-    for name in args.names:
-        detached.stop(_root(args), name, args.time)
-        print(name)
-    return 0
+    return _each_name(args.names, lambda name: detached.stop(_root(args), name, args.time))
 
 
 def cmd_rm(args: argparse.Namespace) -> int:
     from sandbox.run import detached
 
-    for name in args.names:
-        detached.remove(_root(args), name, args.force)
-        print(name)
-    return 0
+    return _each_name(args.names, lambda name: detached.remove(_root(args), name, args.force))
+
+
+def _each_name(names: list[str], act: Callable[[str], None]) -> int:
+    """docker's way with several names (``stop``, ``rm``): each is acted on, its name printed
+    once done; one that fails gets its error line and the rest still go; the status is that
+    of the last failure (0 if none)."""
+    from sandbox.errors import describe
+
+    status = 0
+    for name in names:
+        try:
+            act(name)
+        except SandboxError as exc:
+            message, status = describe(exc)
+            print(f"pysandbox: {message}", file=sys.stderr, flush=True)
+            continue
+        print(name, flush=True)
+    return status
 
 
 def cmd_pull(args: argparse.Namespace) -> int:

@@ -891,7 +891,11 @@ def test_detached_runs_ps_logs_stop_rm(root: Path) -> None:
     image = Path(json.loads((root / "web" / "state.json").read_text())["rootfs"])
     assert image.is_dir() and not (image / "written").exists()
 
-    assert cli(root, "rm", "web", "short").returncode == 0
+    # Several names, one unknown: each of the others is still removed (docker's way), status 1.
+    several = cli(root, "rm", "web", "nope", "short")
+    assert (several.returncode, several.stdout) == (1, b"web\nshort\n"), several.stderr
+    assert several.stderr == b"pysandbox: no such run: nope\n"
+    assert _runs(root) == {}
     busy = run(root, "-d", "--name", "busy", "default", "sleep", "1000")
     assert busy.returncode == 0, busy.stderr
     forced = cli(root, "rm", "-f", "busy")
