@@ -146,15 +146,30 @@ def _resize(client: ContainerClient) -> None:
         client.resize(CONTAINER_ID, "", rows, cols)
 
 
+#: The signals a foreground run passes on to its container (docker's sig-proxy passes every
+#: catchable one): SIGQUIT (a thread dump), SIGUSR1/SIGUSR2 (reopen logs...) used to kill
+#: this process and so the sandbox. SIGALRM is not among them: it paces this process's own
+#: deferred termination (sandbox.cli.termination).
+FORWARDED = (
+    signal.SIGINT,
+    signal.SIGTERM,
+    signal.SIGHUP,
+    signal.SIGQUIT,
+    signal.SIGUSR1,
+    signal.SIGUSR2,
+)
+
+
 def _forward_signals(
     client: ContainerClient, terminal: bool
 ) -> contextlib.AbstractContextManager[None]:
-    """Forward SIGINT/SIGTERM/SIGHUP to the container (and window size changes), except one
-    this process ignores: it was started with it ignored (a shell's background job ignores
-    SIGINT, ``nohup`` SIGHUP), so its container is not to get it either."""
+    """Forward :data:`FORWARDED` to the container (and window size changes), as docker's
+    sig-proxy does, except one this process ignores: it was started with it ignored (a
+    shell's background job ignores SIGINT, ``nohup`` SIGHUP), so its container is not to get
+    it either."""
     actions: dict[int, Callable[[int], None]] = {
         signum: lambda signum: _signal_quietly(client, signum)
-        for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+        for signum in FORWARDED
         if signal.getsignal(signum) != signal.SIG_IGN
     }
     if terminal:

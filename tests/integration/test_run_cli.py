@@ -439,8 +439,15 @@ def test_cpus_gives_the_vm_that_many_vcpus(root: Path) -> None:
     assert _torn_down(root)
 
 
-def test_sigint_is_forwarded_and_exit_status_is_130(root: Path) -> None:
-    script = 'trap "echo got INT; exit 130" INT; echo ready; while :; do sleep 0.2; done'
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGQUIT, signal.SIGUSR1])
+def test_a_signal_is_forwarded_and_the_status_is_the_containers(
+    root: Path, signum: signal.Signals
+) -> None:
+    """As docker's sig-proxy: SIGQUIT (a thread dump) and SIGUSR1 (reopen logs...) reach the
+    container's trap too; they used to kill the client, and with it the sandbox."""
+    name = signum.name.removeprefix("SIG")
+    code = 128 + signum
+    script = f'trap "echo got {name}; exit {code}" {name}; echo ready; while :; do sleep 0.2; done'
     argv = [sys.executable, "-m", "sandbox", "--root", str(root), "run", "default", "sh", "-c"]
     proc = subprocess.Popen(
         [*argv, script],
@@ -451,13 +458,13 @@ def test_sigint_is_forwarded_and_exit_status_is_130(root: Path) -> None:
     try:
         assert proc.stdout is not None
         assert proc.stdout.readline() == b"ready\n"
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(signum)
         out, err = proc.communicate(timeout=60)
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-    assert (proc.returncode, out, err) == (130, b"got INT\n", b"")
+    assert (proc.returncode, out, err) == (code, f"got {name}\n".encode(), b"")
     assert _torn_down(root)
 
 
