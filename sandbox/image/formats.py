@@ -259,6 +259,8 @@ class ImageConfig:
     env: list[str] = field(default_factory=list)
     cwd: str = "/"
     user: str = ""
+    #: ``StopSignal`` as written ("SIGINT", "QUIT", "3"), "" for none (docker's STOPSIGNAL).
+    stop_signal: str = ""
 
 
 @dataclass(frozen=True)
@@ -591,12 +593,14 @@ def parse_config(config: dict[str, Any], platform: tuple[str, str] | None = None
 
     cwd = section.get("WorkingDir") or "/"
     user = section.get("User") or ""
-    if not isinstance(cwd, str) or not isinstance(user, str):
-        raise ImageError("config: WorkingDir and User must be strings")
+    stop_signal = section.get("StopSignal") or ""
+    if not all(isinstance(value, str) for value in (cwd, user, stop_signal)):
+        raise ImageError("config: WorkingDir, User and StopSignal must be strings")
     return ImageConfig(
         entrypoint=strings("Entrypoint"),
         cmd=strings("Cmd"),
         env=strings("Env"),
         cwd=cwd if cwd.startswith("/") else "/" + cwd,
         user=user,
+        stop_signal=stop_signal,
     )

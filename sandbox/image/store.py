@@ -65,6 +65,8 @@ class Image:
     env: list[str] = field(default_factory=lambda: list(DEFAULT_ENV))
     cwd: str = "/"
     user: str = ""
+    #: The image's STOPSIGNAL as written ("" for none): what ``stop`` sends first.
+    stop_signal: str = ""
     #: A store entry (unpacked by us, never changed while a run uses it: ``rmi`` refuses),
     #: not a directory of the user's used in place.
     stored: bool = False
@@ -187,6 +189,7 @@ def image_from(name: str, entry: Path, config: image_formats.ImageConfig) -> Ima
         env=env,
         cwd=config.cwd,
         user=config.user,
+        stop_signal=config.stop_signal,
         stored=True,
     )
 

@@ -70,8 +70,9 @@ def run_detached(args: argparse.Namespace, root: Path) -> int:
     if log_limit < 4096:
         raise RunError(f"invalid --log-max-size {args.log_max_size!r}: at least 4k")
     image = image_pull.resolve_image(args)
+    stop_signal = parse_stop_signal(image.stop_signal)  # a bad one refused before a boot
     with HeldSources() as held:  # the sources as checked, until they are shared
-        name = _create(args, root, image, log_limit, held)
+        name = _create(args, root, image, log_limit, held, stop_signal)
     print(name, flush=True)
     return 0
 
@@ -82,6 +83,7 @@ def _create(
     image: images.Image,
     log_limit: int,
     held: HeldSources,
+    stop_signal: int,
 ) -> str:
     """Create and start the detached run of ``run_detached``; its name."""
     spec = build_spec(args, image, held)
@@ -109,6 +111,7 @@ def _create(
                             "command": command,
                             "remove": bool(args.rm),
                             "timeout": args.timeout,
+                            "stop_signal": stop_signal,
                         },
                     },
                 )
@@ -189,8 +192,29 @@ def _spawn_logging_shim(
         os.close(null_fd)
 
 
+def parse_stop_signal(text: str) -> int:
+    """The signal ``stop`` sends first, from an image's STOPSIGNAL as docker reads it: a
+    number or a name, with or without ``SIG``, any case ("SIGQUIT", "quit", "3");
+    SIGTERM when the image names none. RunError for one that names no signal."""
+    if not text:
+        return int(signal.SIGTERM)
+    word = text.strip().upper()
+    try:
+        number = (
+            int(word)
+            if word.isdigit()
+            else int(signal.Signals[word if word.startswith("SIG") else f"SIG{word}"])
+        )
+    except KeyError:
+        number = 0
+    if not 0 < number < signal.NSIG:
+        raise RunError(f"invalid STOPSIGNAL {text[:40]!r} in the image: name a signal (SIGQUIT, 3)")
+    return number
+
+
 def stop(root: Path, name: str, seconds: float = DEFAULT_STOP_SECONDS) -> None:
-    """docker's stop: SIGTERM to the run's process, SIGKILL to all of it after ``seconds``;
+    """docker's stop: the image's STOPSIGNAL (SIGTERM if it has none) to the run's process,
+    SIGKILL to all of it after ``seconds``;
     then release the VM (see :func:`_release`). A stopped run is left as it is. When the
     run's pod lost its virtiofsd, the container's processes cannot end (they wait for their
     files), so the shim is killed after ``seconds`` instead of waiting for them."""
@@ -199,7 +223,7 @@ def stop(root: Path, name: str, seconds: float = DEFAULT_STOP_SECONDS) -> None:
         with contextlib.suppress(SandboxError):  # it may be ending meanwhile
             if record.status is Status.PAUSED:
                 control.set_paused(root, name, paused=False)
-            kill.kill(root, name, signal.SIGTERM)
+            kill.kill(root, name, record.data["run"].get("stop_signal") or signal.SIGTERM)
         if not wait_shim(record, seconds):
             if not _pod_broken(root, record):
                 with contextlib.suppress(SandboxError):

@@ -19,6 +19,7 @@ import tempfile
 import termios
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -1050,7 +1051,7 @@ ENTRYPOINT_CASES = [
 ]
 
 
-def _busybox_archive_with(path: Path, config: dict[str, list[str]]) -> Path:
+def _busybox_archive_with(path: Path, config: dict[str, Any]) -> Path:
     """A docker-archive of the busybox default image whose config has ``config`` (and PATH)."""
     from sandbox.image.store import ensure_default_image
 
@@ -1149,3 +1150,21 @@ def test_run_keeps_the_image_entrypoint_as_docker_and_podman_do(root: Path, tmp_
     assert (root / "ep-d" / "run.log").read_bytes() == b"ep: x y\n"
     assert cli(root, "rm", "ep-d").returncode == 0
     assert _leftovers(root) == [] and _processes_of(root) == []
+
+
+def test_stop_sends_the_images_stopsignal_first(root: Path, tmp_path: Path) -> None:
+    """docker's (and podman's) stop sends the image's STOPSIGNAL, then SIGKILL after the grace
+    time: an image made for SIGINT (or nginx's SIGQUIT) shuts down gracefully. It got SIGTERM."""
+    script = 'trap "echo INT; exit 2" INT; trap "echo TERM; exit 3" TERM; echo up; '
+    script += "while :; do sleep 0.2; done"
+    config = {"Entrypoint": ["/bin/sh", "-c", script], "StopSignal": "SIGINT"}
+    archive = _busybox_archive_with(tmp_path / "stop.tar", config)
+    env = {**os.environ, "PYSANDBOX_IMAGE_STORE": str(tmp_path / "store")}
+    started = run(root, "-d", "--name", "graceful", str(archive), env=env)
+    assert started.returncode == 0, started.stderr
+    assert wait_until(lambda: cli(root, "logs", "graceful").stdout == b"up\n", 60, interval=0.2)
+    stopped = cli(root, "stop", "-t", "20", "graceful")
+    assert (stopped.returncode, stopped.stdout) == (0, b"graceful\n"), stopped.stderr
+    assert cli(root, "logs", "graceful").stdout == b"up\nINT\n"
+    assert _runs(root)["graceful"]["exit_code"] == 2
+    assert cli(root, "rm", "graceful").returncode == 0

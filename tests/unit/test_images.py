@@ -236,6 +236,7 @@ def test_oci_layout_directory_unpacks_with_its_config(tmp_path: Path, store: Pat
         Env=["A=1"],
         WorkingDir="/work",
         User="nobody",
+        StopSignal="SIGQUIT",
     )
     layout = oci_layout(tmp_path / "layout", [base], config)
 
@@ -248,7 +249,7 @@ def test_oci_layout_directory_unpacks_with_its_config(tmp_path: Path, store: Pat
     assert image.entrypoint == ["/bin/tool"]
     assert image.cmd == ["--flag"]
     assert image.env == [images.DEFAULT_PATH, "A=1"]
-    assert (image.cwd, image.user) == ("/work", "nobody")
+    assert (image.cwd, image.user, image.stop_signal) == ("/work", "nobody", "SIGQUIT")
     rootfs = image.rootfs
     assert (rootfs / "bin" / "tool").read_bytes() == b"#!/bin/sh\necho hi\n"
     assert stat.S_IMODE((rootfs / "bin" / "tool").stat().st_mode) == 0o4755  # setuid kept

@@ -78,3 +78,21 @@ def test_env_file_lines_are_read_as_docker_reads_them(tmp_path: Path) -> None:
     args = build_parser().parse_args(["run", "--env-file", str(env_file), "default", "true"])
     got = _env(args, ["PATH=/bin"])
     assert got == ["PATH=/bin", "A=1", "B=two words ", "C==x", f"HOME={os.environ['HOME']}"]
+
+
+@pytest.mark.parametrize(
+    ("text", "number"),
+    [("", 15), ("SIGINT", 2), ("quit", 3), ("SIGUSR1", 10), ("9", 9), (" SIGWINCH ", 28)],
+)
+def test_stop_signal_read_as_docker_reads_it(text: str, number: int) -> None:
+    from sandbox.run.detached import parse_stop_signal
+
+    assert parse_stop_signal(text) == number
+
+
+@pytest.mark.parametrize("text", ["SIGNOPE", "0", "99", "-1"])
+def test_a_bad_stop_signal_is_one_clear_error(text: str) -> None:
+    from sandbox.run.detached import parse_stop_signal
+
+    with pytest.raises(RunError, match=r"invalid STOPSIGNAL .* in the image: name a signal"):
+        parse_stop_signal(text)
