@@ -19,6 +19,7 @@ from pathlib import Path
 from sandbox import store as state
 from sandbox.errors import NotFoundError, SandboxError
 from sandbox.pod.lifecycle import Pod
+from sandbox.pod.record import PodStatus
 from sandbox.pod.sharing import unshare_container_files
 from sandbox.runtime import delete
 from sandbox.runtime.record import ContainerRecord
@@ -125,9 +126,17 @@ def release_after_shim(root: Path, name: str, broken: bool = False) -> None:
 
 
 def _stop_broken(root: Path, record: ContainerRecord) -> None:
-    """The ``broken`` case of :func:`release_after_shim`: log why, kill the shim."""
+    """The ``broken`` case of :func:`release_after_shim`: log why, kill the shim. Not for a
+    pod already being stopped or removed (``stop``, ``rm -f``: its destroy ends virtiofsd
+    after QEMU): nothing died there, and whoever stops it ends the shim."""
+    try:
+        pod = Pod.load(root, record.pod_id)
+    except (SandboxError, OSError):
+        return
+    if pod.status is not PodStatus.RUNNING:
+        return
     with contextlib.suppress(SandboxError, OSError):
-        cause = Pod.load(root, record.pod_id).casualty()
+        cause = pod.casualty()
         if cause is not None:
             with open(record.dir / LOG_NAME, "a", encoding="utf-8") as log:
                 log.write(f"pysandbox: {cause}: run {record.id} stopped\n")
