@@ -32,6 +32,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-w", "--workdir", default=None)
     parser.add_argument("-u", "--user", default=None, metavar="UID[:GID]")
     parser.add_argument("-v", "--volume", action="append", default=[], metavar="HOST:GUEST[:ro]")
+    parser.add_argument(
+        "--tmpfs",
+        action="append",
+        default=[],
+        metavar="PATH[:OPTIONS]",
+        help="a tmpfs at PATH (docker's: rw,nosuid,nodev,noexec unless OPTIONS say otherwise,"
+        " e.g. /tmp:exec,size=64m,mode=1777)",
+    )
     parser.add_argument("-i", "--interactive", action="store_true", help="keep stdin open")
     parser.add_argument("-t", "--tty", action="store_true", help="allocate a terminal")
     parser.add_argument("--memory", default=None, help="memory limit, e.g. 256m")

@@ -208,6 +208,45 @@ def _volumes(args: argparse.Namespace, held: HeldSources) -> list[dict[str, Any]
     return mounts
 
 
+#: ``--tmpfs`` options taken as they are (flags) or with a value (``size=``, ``mode=``...).
+_TMPFS_FLAGS = frozenset({"ro", "rw", "exec", "noexec", "suid", "nosuid", "dev", "nodev"})
+_TMPFS_VALUES = re.compile(
+    r"^(size=\d+[kmgKMG%]?|nr_inodes=\d+[kmgKMG]?|mode=[0-7]{3,4}|[ug]id=\d+)$"
+)
+#: docker's options for a ``--tmpfs`` mount before the user's (moby: daemon/oci_linux.go).
+_TMPFS_DEFAULTS = ("rw", "nosuid", "nodev", "noexec")
+
+
+def _tmpfs_mounts(items: list[str]) -> list[dict[str, Any]]:
+    """The spec's mounts for ``--tmpfs PATH[:OPTIONS]`` (docker's flag): docker's defaults
+    first, then OPTIONS (comma-separated; a later flag wins: ``exec`` after ``noexec``).
+    RunError naming the item for a relative or /proc path, or an option tmpfs does not
+    take here."""
+    mounts = []
+    for item in items:
+        path, _, given = item.partition(":")
+        if not path.startswith("/") or os.path.normpath(path) in ("/", "//"):
+            raise RunError(f"invalid --tmpfs {item!r}: PATH must be absolute and not /")
+        if _below(path, "/proc"):
+            raise RunError(f"invalid --tmpfs {item!r}: {path} is in /proc; mount it elsewhere")
+        options = [o for o in given.split(",") if o] if given else []
+        bad = [o for o in options if o not in _TMPFS_FLAGS and not _TMPFS_VALUES.match(o)]
+        if bad:
+            raise RunError(
+                f"invalid --tmpfs {item!r}: option {bad[0]!r} is not one of ro, rw, exec, "
+                "noexec, suid, nosuid, dev, nodev, size=, nr_inodes=, mode=, uid=, gid="
+            )
+        mounts.append(
+            {
+                "destination": path,
+                "type": "tmpfs",
+                "source": "tmpfs",
+                "options": [*_TMPFS_DEFAULTS, *options],
+            }
+        )
+    return mounts
+
+
 def _refuse_pseudo(item: str, guest: str, host: Path, held: HeldSources) -> None:
     """RunError if the held volume source ``host`` is on a host pseudo filesystem (/proc,
     /sys...: hostfs.refuse_pseudo): virtio-fs would share it half-working."""
@@ -266,6 +305,7 @@ def build_spec(args: argparse.Namespace, image: images.Image, held: HeldSources)
     spec["root"]["readonly"] = args.read_only
     spec["hostname"] = args.name or "pysandbox"
     spec["mounts"] += _volumes(args, held)
+    spec["mounts"] += _tmpfs_mounts(args.tmpfs)
     try:
         held.hold(image.rootfs)
     except OSError as exc:

@@ -332,6 +332,9 @@ def test_the_smallest_memory_limit_runs_a_process(root: Path) -> None:
         ),
         (["--pids-limit", "-2", "default", "true"], b"invalid --pids-limit -2"),
         (["--memory", "1.5x", "default", "true"], b"invalid size '1.5x'"),
+        (["--tmpfs", "tmp", "default", "true"], b"invalid --tmpfs 'tmp': PATH must be absolute"),
+        (["--tmpfs", "/proc/x", "default", "true"], b"/proc/x is in /proc"),
+        (["--tmpfs", "/t:sizee=1", "default", "true"], b"option 'sizee=1' is not one of"),
     ],
 )
 def test_bad_input_one_line_error_nothing_left(
@@ -1168,3 +1171,35 @@ def test_stop_sends_the_images_stopsignal_first(root: Path, tmp_path: Path) -> N
     assert cli(root, "logs", "graceful").stdout == b"up\nINT\n"
     assert _runs(root)["graceful"]["exit_code"] == 2
     assert cli(root, "rm", "graceful").returncode == 0
+
+
+def test_tmpfs_gives_a_read_only_run_its_scratch_space(root: Path) -> None:
+    """docker's --tmpfs: rw,nosuid,nodev,noexec unless the options say otherwise; the way
+    to writable /tmp and /run under --read-only (there was no such flag)."""
+    script = (
+        'grep -E " /(tmp|run) " /proc/mounts | cut -d" " -f2,4; echo x > /tmp/f && cat /tmp/f; '
+        "touch /etc/f 2>/dev/null || echo ro-root; cp /bin/busybox /tmp/true; "
+        "/tmp/true 2>/dev/null || echo noexec; cp /bin/busybox /run/true && /run/true && echo exec"
+    )
+    done = run(
+        root,
+        "--read-only",
+        "--tmpfs",
+        "/tmp",
+        "--tmpfs",
+        "/run:exec,size=4m,mode=1770",
+        "default",
+        "sh",
+        "-c",
+        script,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.decode().splitlines() == [
+        "/tmp rw,nosuid,nodev,noexec,relatime,inode64",
+        "/run rw,nosuid,nodev,relatime,size=4096k,mode=1770,inode64",
+        "x",
+        "ro-root",
+        "noexec",
+        "exec",
+    ]
+    assert _torn_down(root)
