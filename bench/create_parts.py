@@ -114,7 +114,7 @@ def measure(pod: Pod, rounds: int) -> dict[str, dict[str, list[float]]]:
                 count += 1
                 container_id = f"part{count}"
                 with HeldSources() as held:
-                    spec = build_spec(args, image, held)
+                    spec = build_spec(args, image, held, container_id)
                     change(spec)
                     rootfs, guest_spec = share_container_files(
                         pod,

@@ -125,7 +125,7 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
 
     from sandbox.run.options import add_arguments as add_run_arguments
 
-    run = verbs.add_parser("run", help="run a command in a container in a fresh VM")
+    run = verbs.add_parser("run", help="run a command in a container in a fresh VM", add_help=False)
     add_run_arguments(run)
     from sandbox.run.options import add_detached_verbs
 
@@ -268,6 +268,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     if isinstance(parser, _Parser):
         parser.usage_status_125 = verb == "run"
     args = parser.parse_args(argv)
+    if not _log_opens(args):
+        sys.exit(125 if verb == "run" else 1)
     if args.no_jail:  # the environment reaches every process that may start a VM
         os.environ["PYSANDBOX_JAIL"] = "off"
     try:
@@ -285,6 +287,27 @@ def main(argv: Sequence[str] | None = None) -> None:
     if as_program and (verb == "run" or (verb == "exec" and not args.detach)):
         _exit_now(code)
     sys.exit(code)
+
+
+def _log_opens(args: argparse.Namespace) -> bool:
+    """Whether the ``--log`` file (if any) can be opened for appending, created if missing;
+    if not, say so in one line on stderr. runc refuses to run then too (``open FILE: no such
+    file or directory``, exit 1): errors that go nowhere are not to be lost silently."""
+    log: Path | None = getattr(args, "log", None)
+    if log is None:
+        return True
+    try:
+        with open(log, "a", encoding="utf-8"):
+            pass
+    except OSError as exc:
+        reason = exc.strerror or type(exc).__name__
+        print(
+            f"pysandbox: cannot open the --log file {log}: {reason}; give a file in an "
+            "existing, writable directory",
+            file=sys.stderr,
+        )
+        return False
+    return True
 
 
 def _reopen_closed_stdio() -> None:

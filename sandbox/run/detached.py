@@ -31,7 +31,6 @@ import argparse
 import contextlib
 import json
 import os
-import secrets
 import shutil
 import signal
 import sys
@@ -50,7 +49,7 @@ from sandbox.pod.record import PodStatus
 from sandbox.pod.sharing import HeldSources, unshare_container_files
 from sandbox.run.launch import boot_watched, create_in_pod
 from sandbox.run.monitor import LOG_NAME, MONITORED, load_run, release, run_lock, wait_shim
-from sandbox.run.spec import build_spec, check_options, parse_size
+from sandbox.run.spec import build_spec, check_options, parse_size, run_name
 from sandbox.runtime import control, delete, kill, shim, start
 from sandbox.runtime.record import ContainerRecord, Status
 
@@ -86,8 +85,8 @@ def _create(
     stop_signal: int,
 ) -> str:
     """Create and start the detached run of ``run_detached``; its name."""
-    spec = build_spec(args, image, held)
-    name = args.name or f"run-{secrets.token_hex(6)}"
+    name = run_name(args)
+    spec = build_spec(args, image, held, name)
     # The run's lock for the whole start: ``rm -f``/``stop`` of a run being started wait
     # for it (they cut the boot at random points before: the client was SIGKILLed with the
     # pod's cgroup, or failed naming the jail or QEMU instead of the removal).

@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
-import secrets
 import signal
 import sys
 import termios
@@ -29,7 +28,7 @@ from sandbox.pod.lifecycle import Pod
 from sandbox.pod.sharing import HeldSources, unshare_container_files
 from sandbox.pod.stdio import StdioRelay
 from sandbox.run.launch import CONTAINER_ID, boot_watched, create_with
-from sandbox.run.spec import build_spec, check_options
+from sandbox.run.spec import build_spec, check_options, run_name
 from sandbox.signal_forward import forwarding
 
 
@@ -62,8 +61,8 @@ def run(args: argparse.Namespace, root: Path) -> int:
     check_options(args)
     image = image_pull.resolve_image(args)
     with HeldSources() as held:  # the sources as checked, until they are shared
-        spec = build_spec(args, image, held)
-        pod_id = args.name or f"run-{secrets.token_hex(6)}"
+        pod_id = run_name(args)
+        spec = build_spec(args, image, held, pod_id)
         pod, watch = boot_watched(root, pod_id, CONTAINER_ID, args, spec, image)
         try:
             status = _run_in_pod(args, pod, spec, image, held)

@@ -25,6 +25,7 @@ from sandbox.pod.agent_client import ContainerClient
 from sandbox.pod.lifecycle import Pod
 from sandbox.pod.record import PodStatus
 from sandbox.pod.sharing import HeldSources, is_bind, share_container_files
+from sandbox.run import etc_files
 from sandbox.run.spec import vm_cpus, vm_memory_mib
 
 #: The container id of a foreground run inside its pod.
@@ -207,13 +208,20 @@ def create_with(
     """:func:`create_in_pod` through ``client``. With ``start`` the container is also
     started and its stdin closed in the same call when the agent can (protocol 1.8), else
     with StartContainer and CloseStdin after it (stdin: the foreground run of a
-    non-interactive ``pysandbox run``; a terminal gets its ^D). Errors as create_in_pod's;
+    non-interactive ``pysandbox run``; a terminal gets its ^D). The container gets its own
+    /etc/hosts, /etc/hostname and (with a network) /etc/resolv.conf (:mod:`etc_files`,
+    named after the spec's hostname and the pod id). Errors as create_in_pod's;
     a working directory that cannot be entered is named as the user gave it
     (``workdir_option``: by ``-w``, else by the image)."""
     guest_rootfs, guest_spec = share_container_files(
         pod, container_id, spec, image.rootfs.parent, rootfs_readonly=True, held=held
     )
-    guest_spec["mounts"] += _network_file_mounts(pod)
+    user_network = (pod.record.network or {}).get("mode") == "user"
+    files = etc_files.contents(str(spec.get("hostname") or ""), pod.id, user_network)
+    try:
+        guest_spec["mounts"] += etc_files.write(client, container_id, files)
+    except AgentError as exc:
+        raise RunError(f"writing the container's /etc files: {exc.detail}", EXIT_RUNTIME) from exc
     payload = json.dumps(guest_spec).encode()
     try:
         if not start:
@@ -239,21 +247,3 @@ def create_with(
     if terminal or not started:
         client.close_stdin(container_id)
     return pid
-
-
-def _network_file_mounts(pod: Pod) -> list[dict[str, Any]]:
-    """Bind mounts of the resolv.conf and hosts the agent wrote (guest paths: added to the
-    spec after its host paths were rewritten)."""
-    files = pod.record.guest_files()
-    mounts = []
-    for destination, key in (("/etc/resolv.conf", "resolv_conf"), ("/etc/hosts", "hosts")):
-        if files.get(key):
-            mounts.append(
-                {
-                    "destination": destination,
-                    "type": "bind",
-                    "source": files[key],
-                    "options": ["rbind", "ro", "nosuid", "nodev", "noexec"],
-                }
-            )
-    return mounts

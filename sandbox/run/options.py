@@ -9,7 +9,9 @@ from typing import Any
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The options of ``pysandbox run``."""
+    """The options of ``pysandbox run``. ``-h`` is docker's ``--hostname``: the parser is
+    made with ``add_help=False`` and gets ``--help`` alone."""
+    parser.add_argument("--help", action="help", help="show this help message and exit")
     parser.add_argument(
         "image",
         help="'default', a root filesystem directory, an OCI layout or archive, "
@@ -59,6 +61,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--timeout", type=float, default=None, help="kill after N seconds")
     parser.add_argument("--name", default=None)
+    parser.add_argument(
+        "--hostname",
+        "-h",
+        default=None,
+        help="the container's hostname (default: --name, else the run's 12 hex digits)",
+    )
     parser.add_argument("--read-only", action="store_true", help="read-only root filesystem")
     parser.add_argument(
         "--privileged-files",

@@ -12,6 +12,7 @@ import argparse
 import json
 import os
 import re
+import secrets
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -20,7 +21,7 @@ from ocispec.document import MAX_DOCUMENT_BYTES
 from ocispec.errors import SpecError
 from ocispec.spec import MAX_HOSTNAME, MIN_MEMORY_LIMIT, parse_spec
 from sandbox import store as state
-from sandbox.errors import ConfigError, RunError
+from sandbox.errors import EXIT_NOT_FOUND, ConfigError, RunError
 from sandbox.image import store as images
 from sandbox.run.default_spec import RUN_SYSCTLS, default_spec
 
@@ -29,6 +30,11 @@ if TYPE_CHECKING:
 
 _SIZE_RE = re.compile(r"^(\d+(?:\.\d+)?)([kmg]?)(?:i?b)?$", re.IGNORECASE)
 _ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+#: A hostname ``--hostname`` takes: letters, digits, ``-``, ``_`` and ``.``, a letter or digit
+#: first (it goes into /etc/hosts and /etc/hostname as one word).
+_HOSTNAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+#: The prefix of a run's generated name; the hex digits after it are its default hostname.
+RUN_PREFIX = "run-"
 
 #: A run's VM memory beyond the container's limit (guest kernel, agent, runtime), MiB.
 VM_OVERHEAD_MIB = 256
@@ -49,6 +55,13 @@ def check_options(args: argparse.Namespace) -> None:
                 f"invalid --name {args.name[:40]!r}...: it is also the hostname, which holds at "
                 f"most {MAX_HOSTNAME} characters"
             )
+    if args.hostname and not (
+        _HOSTNAME_RE.match(args.hostname) and len(args.hostname) <= MAX_HOSTNAME
+    ):
+        raise RunError(
+            f"invalid --hostname {args.hostname[:40]!r}: use at most {MAX_HOSTNAME} letters, "
+            "digits, '-', '_' or '.', starting with a letter or digit"
+        )
     for flag, value in (("--pid-file", args.pid_file), ("--console-socket", args.console_socket)):
         if value is not None:
             raise RunError(f"{flag} is a runc flag: it needs --bundle DIR (an OCI bundle)")
@@ -82,6 +95,22 @@ def vm_cpus(cpu: dict[str, Any] | None) -> int:
     if not isinstance(quota, int) or quota <= 0 or not isinstance(period, int) or period <= 0:
         return 1
     return max(1, min(host_cpus(), -(-quota // period)))
+
+
+def run_name(args: argparse.Namespace) -> str:
+    """The name of a run: ``--name``, else ``run-`` and 12 random hex digits (docker's short
+    container id)."""
+    return str(args.name) if args.name else f"{RUN_PREFIX}{secrets.token_hex(6)}"
+
+
+def hostname(args: argparse.Namespace, name: str) -> str:
+    """The container's hostname (``hostname``, /etc/hostname, $HOSTNAME): ``--hostname``,
+    else ``--name``, else the 12 hex digits of the generated name (docker's default, the
+    short container id; docker keeps that id for a named container too: a named run has no
+    other id, and its name was its hostname before /etc/hostname was written)."""
+    if args.hostname:
+        return str(args.hostname)
+    return name if args.name else name.removeprefix(RUN_PREFIX)
 
 
 def vm_memory_mib(limit: int | None) -> int:
@@ -270,7 +299,9 @@ def process_args(
 
     ``entrypoint`` is ``--entrypoint``: None keeps the image's ``Entrypoint``; a string
     replaces it by that one word (not split) and drops the image's ``Cmd``, as docker and
-    podman do; ``""`` clears it (then only ``command`` runs). RunError when nothing is left."""
+    podman do; ``""`` clears it (then only ``command`` runs). RunError when nothing is left;
+    when the program is ``""`` (``run IMAGE ''``), RunError with exit status 127 and the
+    words docker and podman (runc) use for a program not found, before any VM boots."""
     words = list(command)
     if words and words[0] == "--":
         words = words[1:]
@@ -284,26 +315,34 @@ def process_args(
             if entrypoint is None
             else "no command to run: --entrypoint '' drops the image's Cmd; give one after IMAGE"
         )
+    if not argv[0]:
+        raise RunError('exec: "": executable file not found in $PATH', EXIT_NOT_FOUND)
     return argv
 
 
-def build_spec(args: argparse.Namespace, image: images.Image, held: HeldSources) -> dict[str, Any]:
-    """The OCI spec for a run: image defaults, then options, then hardened defaults; validated
-    as the guest will (RunError). Options are :func:`check_options`-ed by the caller first.
+def build_spec(
+    args: argparse.Namespace, image: images.Image, held: HeldSources, name: str
+) -> dict[str, Any]:
+    """The OCI spec for run ``name`` (:func:`run_name`): image defaults, then options, then
+    hardened defaults; validated as the guest will (RunError). Options are
+    :func:`check_options`-ed by the caller first. The hostname is :func:`hostname`'s, also in
+    ``HOSTNAME`` unless the image or ``-e`` sets it (docker's order).
 
     The image's root filesystem and the volume sources are opened into ``held``: the share
     made after the VM booted mounts these very objects (docs/security.md)."""
     argv = process_args(args.command, args.entrypoint, image.entrypoint, image.cmd)
     spec = default_spec(argv, rootfs=str(image.rootfs), terminal=args.tty)
     process = spec["process"]
-    process["env"] = _env(args, [*image.env, "TERM=xterm"] if args.tty else image.env)
+    host = hostname(args, name)
+    base_env = [f"HOSTNAME={host}", *image.env, *(["TERM=xterm"] if args.tty else [])]
+    process["env"] = _env(args, base_env)
     process["cwd"] = args.workdir or image.cwd
     if not process["cwd"].startswith("/"):
         raise RunError(f"invalid working directory {process['cwd']!r}: must be absolute")
     if args.user or image.user:
         process["user"] = _user(image.rootfs, args.user or image.user)
     spec["root"]["readonly"] = args.read_only
-    spec["hostname"] = args.name or "pysandbox"
+    spec["hostname"] = host
     spec["mounts"] += _volumes(args, held)
     spec["mounts"] += _tmpfs_mounts(args.tmpfs)
     try:

@@ -342,6 +342,7 @@ class FakeGuest(pb_grpc.AgentServicer):
         self.gone = False
         self.containers: dict[str, int] = {}
         self.specs: dict[str, bytes] = {}  # container id -> the config.json it was sent
+        self.files: dict[str, bytes] = {}  # guest path -> what WriteFile wrote there
 
     def power_off(self) -> None:
         self.gone = True
@@ -388,6 +389,13 @@ class FakeGuest(pb_grpc.AgentServicer):
     ) -> pb.VersionResponse:
         self._enter("Version", context)
         return pb.VersionResponse(agent_version="fake", protocol_version=PROTOCOL_VERSION)
+
+    def WriteFile(
+        self, request: pb.WriteFileRequest, context: grpc.ServicerContext
+    ) -> pb.WriteFileResponse:
+        self._enter("WriteFile", context)
+        self.files[request.path] = request.data
+        return pb.WriteFileResponse()
 
     def ConfigureNetwork(
         self, request: pb.ConfigureNetworkRequest, context: grpc.ServicerContext

@@ -4,13 +4,14 @@ parsed from a real command line (options before IMAGE, everything after it is th
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import pytest
 
 from sandbox.cli.main import build_parser
 from sandbox.errors import RunError
-from sandbox.run.spec import process_args
+from sandbox.run.spec import check_options, hostname, process_args, run_name
 
 # An image with ENTRYPOINT ["/bin/sh","-c","echo ep: \"$0\" \"$@\""] and CMD ["c1","c2"].
 EP = ["/bin/sh", "-c", 'echo ep: "$0" "$@"']
@@ -96,3 +97,48 @@ def test_a_bad_stop_signal_is_one_clear_error(text: str) -> None:
 
     with pytest.raises(RunError, match=r"invalid STOPSIGNAL .* in the image: name a signal"):
         parse_stop_signal(text)
+
+
+@pytest.mark.parametrize(
+    "argv", [["img", ""], ["--entrypoint", "", "img", ""], ["--entrypoint=", "img", "", "x"]]
+)
+def test_an_empty_program_is_not_found_127_as_in_docker(argv: list[str]) -> None:
+    """``docker run IMAGE ''`` (and podman with runc): exit 127, runc's 'executable file not
+    found', not a refusal of the spec (125)."""
+    with pytest.raises(RunError) as raised:
+        args_of(*argv, entrypoint=[])
+    assert raised.value.exit_code == 127
+    assert str(raised.value) == 'exec: "": executable file not found in $PATH'
+
+
+@pytest.mark.parametrize(
+    ("argv", "generated", "expected"),
+    [
+        (["img"], "run-0123456789ab", "0123456789ab"),  # docker's: the short id
+        (["--name", "web", "img"], "web", "web"),
+        (["--name", "web", "--hostname", "h1", "img"], "web", "h1"),
+        (["-h", "h2", "img"], "run-0123456789ab", "h2"),  # docker's -h
+    ],
+)
+def test_hostname_is_the_short_id_the_name_or_hostname(
+    argv: list[str], generated: str, expected: str
+) -> None:
+    parsed = build_parser().parse_args(["run", *argv])
+    assert hostname(parsed, generated) == expected
+
+
+def test_run_name_is_run_and_twelve_hex_digits_unless_named() -> None:
+    name = run_name(build_parser().parse_args(["run", "img"]))
+    assert re.fullmatch(r"run-[0-9a-f]{12}", name), name
+    assert run_name(build_parser().parse_args(["run", "--name", "x", "img"])) == "x"
+
+
+@pytest.mark.parametrize("bad", ["a b", "-x", "a\nb", "x" * 65, "a/b", ""])
+def test_a_bad_hostname_is_refused_in_one_line(bad: str) -> None:
+    parsed = build_parser().parse_args(["run", f"--hostname={bad}", "img"])
+    if bad == "":
+        check_options(parsed)  # '' is docker's default: none given
+        return
+    with pytest.raises(RunError, match=r"^invalid --hostname ") as raised:
+        check_options(parsed)
+    assert "\n" not in str(raised.value)

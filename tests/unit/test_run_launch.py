@@ -10,6 +10,7 @@ never waits on stdin.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -23,7 +24,15 @@ from tests.unit.fake_drivers import FakeDrivers
 
 
 def _spec(terminal: bool = False) -> dict[str, Any]:
-    return {"root": {"path": "rootfs"}, "process": {"args": ["true"], "terminal": terminal}}
+    return {
+        "root": {"path": "rootfs"},
+        "hostname": "0123456789ab",
+        "process": {"args": ["true"], "terminal": terminal},
+    }
+
+
+#: The container's /etc/hosts and /etc/hostname written into the guest before its creation.
+ETC_FILES = ["WriteFile", "WriteFile"]
 
 
 def _create(
@@ -33,6 +42,7 @@ def _create(
     *,
     start: bool,
     terminal: bool = False,
+    user_network: bool = False,
 ) -> list[str]:
     """Boot a fake pod, create the run's container; the agent calls the creation made."""
     monkeypatch.setattr(
@@ -40,7 +50,7 @@ def _create(
         "share_container_files",
         lambda *_args, **_kwargs: ("/run/pysandbox/shared/main/rootfs", {"mounts": []}),
     )
-    pod = Pod.boot(root, "r1")
+    pod = Pod.boot(root, "r1", user_network=user_network)
     since = len(fake.events)
     image: Any = SimpleNamespace(rootfs=root / "image" / "rootfs")
     try:
@@ -57,7 +67,7 @@ def _create(
 def test_create_start_and_eof_are_one_call(
     fake: FakeDrivers, root: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    assert _create(fake, root, monkeypatch, start=True) == ["CreateContainer"]
+    assert _create(fake, root, monkeypatch, start=True) == [*ETC_FILES, "CreateContainer"]
     assert fake.creates == [("main", True, True)]
 
 
@@ -66,7 +76,7 @@ def test_an_older_agent_is_started_and_given_eof_as_before(
 ) -> None:
     fake.agent_minor = 7
     calls = _create(fake, root, monkeypatch, start=True)
-    assert calls == ["CreateContainer", "StartContainer", "CloseStdin"]
+    assert calls == [*ETC_FILES, "CreateContainer", "StartContainer", "CloseStdin"]
 
 
 def test_a_terminal_gets_its_eof_from_close_stdin(
@@ -75,15 +85,64 @@ def test_a_terminal_gets_its_eof_from_close_stdin(
     """A terminal's EOF is a ^D written to it (CloseStdin), not a closed pipe: the agent
     leaves it open at create, and the host sends it once the program runs."""
     calls = _create(fake, root, monkeypatch, start=True, terminal=True)
-    assert calls == ["CreateContainer", "CloseStdin"]
+    assert calls == [*ETC_FILES, "CreateContainer", "CloseStdin"]
 
 
 def test_without_start_only_the_container_is_created(
     fake: FakeDrivers, root: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """``-i`` and ``-d`` runs: started later (after the stdin relay), stdin left open."""
-    assert _create(fake, root, monkeypatch, start=False) == ["CreateContainer"]
+    assert _create(fake, root, monkeypatch, start=False) == [*ETC_FILES, "CreateContainer"]
     assert fake.creates == [("main", False, False)]
+
+
+LOOPBACK = (
+    "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\nfe00::0\tip6-localnet\n"
+    "ff00::0\tip6-mcastprefix\nff02::1\tip6-allnodes\nff02::2\tip6-allrouters\n"
+)
+
+
+@pytest.mark.parametrize(
+    ("user_network", "files"),
+    [
+        (
+            False,
+            {
+                "/etc/hosts": f"{LOOPBACK}127.0.0.1\t0123456789ab r1\n",
+                "/etc/hostname": "0123456789ab\n",
+            },
+        ),
+        (
+            True,
+            {
+                "/etc/hosts": f"{LOOPBACK}10.0.2.15\t0123456789ab r1\n",
+                "/etc/hostname": "0123456789ab\n",
+                "/etc/resolv.conf": "nameserver 10.0.2.3\n",
+            },
+        ),
+    ],
+)
+def test_the_container_gets_docker_s_etc_files_read_write(
+    fake: FakeDrivers,
+    root: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    user_network: bool,
+    files: dict[str, str],
+) -> None:
+    """/etc/hosts (localhost, the hostname and the run's name), /etc/hostname and, with a
+    network, /etc/resolv.conf: files of the container's own in guest memory, bind-mounted
+    read-write over the image's, as docker and podman mount theirs."""
+    calls = _create(fake, root, monkeypatch, start=True, user_network=user_network)
+    assert calls == [*(["WriteFile"] * len(files)), "CreateContainer"]
+    guest = fake.vms[-1].guest
+    spec = json.loads(guest.specs["main"])
+    mounts = {m["destination"]: m for m in spec["mounts"]}
+    assert sorted(mounts) == sorted(files)
+    for destination, content in files.items():
+        mount = mounts[destination]
+        assert mount["type"] == "bind" and "rw" in mount["options"], mount
+        assert mount["source"].startswith("/run/pysandbox/etc-main-"), mount
+        assert guest.files[mount["source"]] == content.encode()
 
 
 @pytest.mark.parametrize(

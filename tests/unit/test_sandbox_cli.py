@@ -151,3 +151,27 @@ def test_update_memory_refuses_what_runc_refuses(tmp_path: Path) -> None:
     assert done.stderr.strip().splitlines() == [
         "pysandbox: invalid --memory 'lots': give bytes, or a number with k, m or g (e.g. 100m)"
     ]
+
+
+@pytest.mark.parametrize(("verb", "status"), [(["list"], 1), (["run", "default", "true"], 125)])
+def test_a_log_file_that_cannot_be_opened_is_one_error_as_runc_s(
+    tmp_path: Path, verb: list[str], status: int
+) -> None:
+    """runc refuses to run when its --log cannot be opened (``open FILE: no such file or
+    directory``, exit 1): errors are not silently lost. ``run`` exits 125, docker's status for
+    its own failures; nothing is created (no VM boots: the flag is checked first)."""
+    log = tmp_path / "missing" / "x.log"
+    runc = subprocess.run(
+        ["runc", "--root", str(tmp_path / "runc"), "--log", str(log), "list"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert runc.returncode == 1 and "no such file or directory" in runc.stderr
+    done = cli("--root", str(tmp_path / "root"), "--log", str(log), *verb)
+    assert (done.returncode, done.stdout) == (status, "")
+    assert done.stderr == (
+        f"pysandbox: cannot open the --log file {log}: No such file or directory; give a file "
+        "in an existing, writable directory\n"
+    )
+    assert not log.parent.exists() and not (tmp_path / "root").exists()
