@@ -1,0 +1,210 @@
+"""``pysandbox run``'s /etc/hosts, /etc/hostname, /etc/resolv.conf and hostname, side by side
+with podman running runc on the host (the same busybox image, ``--network none``).
+
+What a user relies on: ``localhost`` and the container's own hostname resolve (a server on
+loopback is reachable by name), ``hostname``, ``uname -n``, /etc/hostname and ``$HOSTNAME``
+agree, the three files are root's, mode 0644, bind mounts that root in the container may
+change, and a change stays in that container (the next one, and the host, never see it).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from sandbox.image import store as images
+from tests.integration.pods import PodFactory
+from tests.processes import processes_mentioning, wait_until
+
+ROOT = Path(__file__).resolve().parents[2]
+IMAGE = "localhost/etc-files:1"
+
+#: Prints what a user would check, in words that do not depend on the runtime: the hostname
+#: is shown as "H" (podman's is its container id, ours the run's).
+SCRIPT = r"""
+h=$(hostname)
+echo "hostname: $(echo "$h" | grep -qE '^[0-9a-f]{12}$' && echo 12-hex || echo "$h")"
+[ "$(uname -n)" = "$h" ] && echo "uname -n: H"
+[ "$(cat /etc/hostname)" = "$h" ] && echo "/etc/hostname: H"
+[ "$HOSTNAME" = "$h" ] && echo "HOSTNAME: H" || echo "HOSTNAME: $HOSTNAME"
+for f in /etc/hosts /etc/hostname /etc/resolv.conf; do
+  if [ -e $f ]; then
+    echo "$f: $(stat -c '%u:%g %a' $f), mounts: $(grep -c " $f " /proc/self/mountinfo)"
+  else
+    echo "$f: missing"
+  fi
+done
+mkdir -p /tmp/www && echo served > /tmp/www/i && httpd -p 8080 -h /tmp/www
+echo "http://localhost: $(wget -q -O- http://localhost:8080/i 2>&1)"
+echo "http://H: $(wget -q -O- "http://$h:8080/i" 2>&1)"
+echo "written before: $(grep -c 'written-by' /etc/hosts)"
+echo '10.9.9.9 written-by-the-container' >> /etc/hosts && echo "hosts written"
+echo "/etc/hosts: $(grep -c 'written-by' /etc/hosts) written line"
+"""
+
+#: What both runtimes show without a network, for each options case (podman 4.3 writes no
+#: resolv.conf then; the image has none).
+EXPECTED = {
+    (): "hostname: 12-hex",
+    ("--hostname", "myhost"): "hostname: myhost",
+    ("-e", "HOSTNAME=set-by-me"): "hostname: 12-hex",
+}
+COMMON = [
+    "uname -n: H",
+    "/etc/hostname: H",
+    "HOSTNAME: H",
+    "/etc/hosts: 0:0 644, mounts: 1",
+    "/etc/hostname: 0:0 644, mounts: 1",
+    "/etc/resolv.conf: missing",
+    "http://localhost: served",
+    "http://H: served",
+    "written before: 0",
+    "hosts written",
+    "/etc/hosts: 1 written line",
+]
+
+
+def _expected(options: tuple[str, ...]) -> list[str]:
+    lines = [EXPECTED[options], *COMMON]
+    if options == ("-e", "HOSTNAME=set-by-me"):  # -e wins over the default, as in docker
+        lines[lines.index("HOSTNAME: H")] = "HOSTNAME: set-by-me"
+    return lines
+
+
+def run(
+    root: Path, *args: str, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "sandbox", "--root", str(root), *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+        env=env,
+    )
+
+
+@pytest.fixture(scope="module")
+def root(module_pods: PodFactory) -> Path:
+    return module_pods.new_root("etc")
+
+
+@pytest.fixture(scope="module")
+def podman(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[str]]:
+    """podman with private storage (vfs) and config, running runc, with the default busybox
+    image imported as :data:`IMAGE`."""
+    if shutil.which("podman") is None or shutil.which("runc") is None:
+        pytest.fail("podman or runc is missing: run 'make deps'")
+    base = tmp_path_factory.mktemp("podman-etc")
+    runroot = Path(tempfile.mkdtemp(prefix="pt-etc-"))  # podman's limit: 50 characters
+    conf = base / "containers.conf"
+    conf.write_text(
+        '[containers]\ndefault_ulimits = ["nofile=1024:1024", "nproc=1024:1024"]\n'
+        '[engine]\ncgroup_manager = "cgroupfs"\nevents_logger = "file"\nlock_type = "file"\n'
+    )
+    cmd = ["env", f"CONTAINERS_CONF={conf}", "podman", "--root", str(base / "storage")]
+    cmd += ["--runroot", str(runroot), "--storage-driver", "vfs", "--runtime", "runc"]
+    tar = base / "busybox.tar"
+    with tarfile.open(tar, "w") as archive:
+        archive.add(images.ensure_default_image(), arcname=".")
+    imported = subprocess.run([*cmd, "import", "-q", str(tar), IMAGE], capture_output=True)
+    assert imported.returncode == 0, imported.stderr
+    try:
+        yield cmd
+    finally:
+        subprocess.run([*cmd, "system", "reset", "-f"], capture_output=True, timeout=120)
+        shutil.rmtree(runroot, ignore_errors=True)
+
+
+def _digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest() if path.exists() else "absent"
+
+
+@pytest.mark.parametrize("options", list(EXPECTED), ids=["default", "hostname", "env"])
+def test_etc_files_and_hostname_as_podman_with_runc_gives_them(
+    root: Path, podman: list[str], options: tuple[str, ...]
+) -> None:
+    image_hosts = images.ensure_default_image() / "etc" / "hosts"
+    before = (_digest(Path("/etc/hosts")), _digest(image_hosts))
+    theirs = subprocess.run(
+        [*podman, "run", "--rm", "--net", "none", *options, IMAGE, "sh", "-c", SCRIPT],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    ours = run(root, "run", *options, "default", "sh", "-c", SCRIPT)
+    assert (theirs.returncode, theirs.stdout.splitlines()) == (0, _expected(options)), theirs
+    assert (ours.returncode, ours.stdout.splitlines()) == (0, _expected(options)), ours.stderr
+    # The container's write reached neither the host's /etc/hosts nor the image.
+    assert (_digest(Path("/etc/hosts")), _digest(image_hosts)) == before
+
+
+def test_network_user_files_are_the_containers_own_and_writable(root: Path) -> None:
+    """With a network the container also gets /etc/resolv.conf (QEMU's DNS forwarder) and its
+    address names the hostname, as docker's bridge network gives it; all three are
+    writable by root, even on a read-only root filesystem (docker's --read-only too)."""
+    script = (
+        "cat /etc/hosts /etc/hostname /etc/resolv.conf; "
+        "for f in /etc/hosts /etc/hostname /etc/resolv.conf; do echo x >> $f || exit 9; done; "
+        "touch /etc/other 2>/dev/null || echo read-only root"
+    )
+    done = run(root, "run", "--network", "user", "--read-only", "--name", "etc-user", "-h")
+    assert done.returncode == 125 and "expected one argument" in done.stderr  # -h is hostname
+    done = run(
+        root,
+        "run",
+        "--network",
+        "user",
+        "--read-only",
+        "--name",
+        "etc-user",
+        "default",
+        "sh",
+        "-c",
+        script,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == [
+        "127.0.0.1\tlocalhost",
+        "::1\tlocalhost ip6-localhost ip6-loopback",
+        "fe00::0\tip6-localnet",
+        "ff00::0\tip6-mcastprefix",
+        "ff02::1\tip6-allnodes",
+        "ff02::2\tip6-allrouters",
+        "10.0.2.15\tetc-user",
+        "etc-user",
+        "nameserver 10.0.2.3",
+        "read-only root",
+    ]
+
+
+def test_exec_into_a_detached_run_sees_its_hostname_and_its_changes(root: Path) -> None:
+    """``exec`` is in the same container: the same hostname and $HOSTNAME, and what an
+    earlier process wrote to /etc/hosts; a second run has its own, unchanged files."""
+    started = run(root, "run", "-d", "default", "sleep", "1000")
+    assert started.returncode == 0, started.stderr
+    name = started.stdout.strip()
+    try:
+        wrote = run(root, "exec", name, "sh", "-c", "echo '10.1.1.1 db' >> /etc/hosts")
+        assert wrote.returncode == 0, wrote.stderr
+        seen = run(root, "exec", name, "sh", "-c", "hostname; echo $HOSTNAME; tail -1 /etc/hosts")
+        assert seen.stdout.splitlines() == [
+            name.removeprefix("run-"),
+            name.removeprefix("run-"),
+            "10.1.1.1 db",
+        ], seen.stderr
+        other = run(root, "run", "default", "grep", "-c", "db", "/etc/hosts")
+        assert (other.returncode, other.stdout) == (1, "0\n"), other.stderr
+    finally:
+        assert run(root, "rm", "-f", name).returncode == 0
+    assert wait_until(lambda: processes_mentioning(str(root), live_only=True) == [], 30)
+    assert not (root / name).exists() and os.path.exists(root)
