@@ -326,6 +326,8 @@ def test_the_smallest_memory_limit_runs_a_process(root: Path) -> None:
         ),
         (["--name", "n" * 65, "default", "true"], b"it is also the hostname"),
         (["--name", "n" * 1000, "default", "true"], b"at most 200 characters"),
+        (["--hostname", "a b", "default", "true"], b"invalid --hostname 'a b': use at most 64"),
+        (["-h", "h" * 65, "default", "true"], b"invalid --hostname 'hhhh"),
         (
             ["--pids-limit", "1", "default", "true"],
             b"invalid --pids-limit 1: too low to start the process",

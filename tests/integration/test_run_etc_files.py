@@ -211,3 +211,19 @@ def test_exec_into_a_detached_run_sees_its_hostname_and_its_changes(root: Path) 
         assert run(root, "rm", "-f", name).returncode == 0
     assert wait_until(lambda: processes_mentioning(str(root), live_only=True) == [], 30)
     assert not (root / name).exists() and os.path.exists(root)
+
+
+def test_an_empty_program_exits_127_as_with_podman_and_runc(
+    root: Path, podman: list[str], tmp_path: Path
+) -> None:
+    """``run IMAGE ''``: 127 and runc's words, refused before a VM boots (no guest image
+    needed)."""
+    theirs = subprocess.run(
+        [*podman, "run", "--rm", "--net", "none", IMAGE, ""], capture_output=True, text=True
+    )
+    assert theirs.returncode == 127 and 'exec: "": executable file not found' in theirs.stderr
+    ours = run(
+        root, "run", "default", "", env={**os.environ, "PYSANDBOX_GUEST_IMAGE": str(tmp_path)}
+    )
+    assert (ours.returncode, ours.stdout) == (127, "")
+    assert ours.stderr == 'pysandbox: exec: "": executable file not found in $PATH\n'
