@@ -20,6 +20,7 @@ is the program's, signals sent to it reach the program, and its wait status is t
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 from agent.oci import cgroups, rootfs
@@ -196,6 +197,13 @@ def create_container(
         pty = proc_steps.attach_terminal(sys, sync, process.console_size)
         if not dev_is_bind:
             rootfs.bind_console(sys, "", pty)
+    # 16b. The working directory, made if missing (mkdir -p, mode 0755, as root: runc's
+    #      prepareRootfs does so after pivot_root, so the path resolves inside the container;
+    #      before the root turns read-only). docker's and runc's ``-w`` to a new directory.
+    #      What cannot be made (a read-only share, a file in the way) is left for chdir
+    #      (step 23) to report: its message names the cwd as the spec gave it.
+    with contextlib.suppress(OSError):
+        rootfs.mkdir_all(sys, os.path.normpath(process.cwd))
     # 17. An explicit rootfsPropagation (e.g. shared) applies to the new / as well.
     if spec.rootfs_propagation is not None:
         try:

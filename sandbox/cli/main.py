@@ -199,8 +199,14 @@ def _lifecycle_verbs(verbs: Any, only: str | None = None) -> None:
         )
         exec_.add_argument("--console-socket", type=Path)
         exec_.add_argument("--env", "-e", action="append", default=[])
-        exec_.add_argument("--cwd")
-        exec_.add_argument("--user", "-u")
+        exec_.add_argument(
+            "--cwd", "--workdir", "-w", dest="cwd", help="working directory (docker's -w)"
+        )
+        exec_.add_argument(
+            "--user",
+            "-u",
+            help="UID[:GID], or USER[:GROUP] by name from the container's /etc/passwd",
+        )
         exec_.add_argument("--preserve-fds", type=int, default=0)
         exec_.add_argument("id")
         exec_.add_argument("command", nargs=argparse.REMAINDER)

@@ -392,12 +392,26 @@ def resolve_user(rootfs: Path, user: str) -> tuple[int, int]:
     uid the image does not list (as runc does). ``""`` is (0, 0). ConfigError for an unknown
     name, a malformed spec or an id outside 0..2**32-2.
     """
+
+    def read(path: str) -> bytes | None:
+        return read_in_root(rootfs, path, image_formats.MAX_JSON)
+
+    return resolve_user_with(read, user, str(rootfs))
+
+
+def resolve_user_with(
+    read: Callable[[str], bytes | None], user: str, where: str, owner: str = "the image"
+) -> tuple[int, int]:
+    """:func:`resolve_user` with the passwd and group files read by ``read`` (a path relative
+    to the root, ``etc/passwd``: its bytes, None when there is none; ImageError or OSError
+    when it cannot be read). ``where`` prefixes those paths in messages (``ROOTFS/etc/passwd``,
+    ``NAME:/etc/passwd``), ``owner`` names what defines the users ("the image")."""
     if not user:
         return 0, 0
     user_part, has_group, group_part = user.partition(":")
     if not user_part or (has_group and not group_part):
         raise ConfigError(f"invalid user {user!r}: use USER, USER:GROUP, UID or UID:GID")
-    passwd = _id_file(rootfs, "etc/passwd", user)
+    passwd = _id_file(read, where, "etc/passwd", user)
     uid: int | None = None
     gid = 0
     if user_part.isdigit():
@@ -410,26 +424,26 @@ def resolve_user(rootfs: Path, user: str) -> tuple[int, int]:
         for fields in passwd:
             if len(fields) >= 4 and fields[0] == user_part:
                 if not (fields[2].isdigit() and fields[3].isdigit()):
-                    raise ConfigError(f"{rootfs}/etc/passwd: malformed entry for {user_part!r}")
+                    raise ConfigError(f"{where}/etc/passwd: malformed entry for {user_part!r}")
                 uid, gid = _id(fields[2], user), _id(fields[3], user)
                 break
         if uid is None:
             raise ConfigError(
-                f"unknown user {user_part!r}: not in {rootfs}/etc/passwd; "
-                "use a numeric UID[:GID] or a user the image defines"
+                f"unknown user {user_part!r}: not in {where}/etc/passwd; "
+                f"use a numeric UID[:GID] or a user {owner} defines"
             )
     if has_group:
         if group_part.isdigit():
             gid = _id(group_part, user)
         else:
-            for fields in _id_file(rootfs, "etc/group", user):
+            for fields in _id_file(read, where, "etc/group", user):
                 if len(fields) >= 3 and fields[0] == group_part and fields[2].isdigit():
                     gid = _id(fields[2], user)
                     break
             else:
                 raise ConfigError(
-                    f"unknown group {group_part!r}: not in {rootfs}/etc/group; "
-                    "use a numeric GID or a group the image defines"
+                    f"unknown group {group_part!r}: not in {where}/etc/group; "
+                    f"use a numeric GID or a group {owner} defines"
                 )
     return uid, gid
 
@@ -441,14 +455,16 @@ def _id(text: str, spec: str) -> int:
     return value
 
 
-def _id_file(rootfs: Path, path: str, spec: str) -> list[list[str]]:
-    """Lines of a passwd/group file of the image, split on ':'; [] when it has none."""
+def _id_file(
+    read: Callable[[str], bytes | None], where: str, path: str, spec: str
+) -> list[list[str]]:
+    """Lines of a passwd/group file, split on ':'; [] when there is none."""
     try:
-        data = read_in_root(rootfs, path, image_formats.MAX_JSON)
+        data = read(path)
     except ImageError as exc:
-        raise ConfigError(f"user {spec!r}: cannot read {rootfs}/{path}: {exc}") from None
+        raise ConfigError(f"user {spec!r}: cannot read {where}/{path}: {exc}") from None
     except OSError as exc:
-        raise ConfigError(f"user {spec!r}: cannot read {rootfs}/{path}: {exc.strerror}") from None
+        raise ConfigError(f"user {spec!r}: cannot read {where}/{path}: {exc.strerror}") from None
     if data is None:
         return []
     return [line.split(":") for line in data.decode("utf-8", "replace").splitlines()]

@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import errno
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from sandbox.errors import CommandError, ConfigError, StateError
+from agentapi.limits import MAX_READ_BYTES
+from sandbox.errors import AgentError, CommandError, ConfigError, StateError
 from sandbox.runtime.bundle import guest_document, read_config
 from sandbox.runtime.record import ContainerRecord
+
+#: Where the guest's agent mounts the root of a container created on an overlay (``run``'s):
+#: ``<this>/<container id>/rootfs`` (agent.containers.OVERLAY_ROOT).
+GUEST_OVERLAY = "/run/pysandbox-overlay"
 
 
 def process_for(
@@ -23,8 +30,9 @@ def process_for(
 ) -> dict[str, Any]:
     """The OCI ``process`` for ``runc exec``: ``--process FILE`` as given, or ``command``
     with the container's env, cwd, user, capabilities, noNewPrivileges and rlimits, then
-    ``--env``/``--cwd``/``--user UID[:GID]``/``--tty`` (with ``--tty`` in a container of
-    ``pysandbox run``, TERM=xterm when the env has no TERM, as docker exec -t). NotFoundError
+    ``--env``/``--cwd``/``--user``/``--tty`` (with ``--tty`` in a container of
+    ``pysandbox run``, TERM=xterm when the env has no TERM, as docker exec -t). ``--user`` is
+    runc's UID[:GID], or docker's USER[:GROUP] with names (:func:`_user`). NotFoundError
     for an unknown id (checked first, as runc), ConfigError for unusable input.
     """
     from ocispec.document import MAX_DOCUMENT_BYTES, decode
@@ -67,13 +75,49 @@ def process_for(
         if cwd:
             process["cwd"] = cwd
         if user:
-            uid, _, gid = user.partition(":")
-            if not uid.isdigit() or (gid and not gid.isdigit()):
-                raise ConfigError(f"invalid --user {user!r}: use UID[:GID]")
-            process["user"] = {"uid": int(uid), "gid": int(gid or 0)}
+            process["user"] = _user(root, record, container_id, user)
     if tty:
         process["terminal"] = True
     return process
+
+
+def _user(root: Path, record: ContainerRecord, container_id: str, user: str) -> dict[str, int]:
+    """``process.user`` for ``exec --user``: numeric ``UID[:GID]`` as runc takes it (gid 0
+    when none is given); with a name, ``USER[:GROUP]`` resolved as docker exec resolves it,
+    in the container's own /etc/passwd and /etc/group (:func:`images.resolve_user_with`):
+    for a container of ``pysandbox run``, read through the guest's agent in its root as the
+    container sees it (what the container changed there counts); otherwise in its rootfs on
+    the host. ConfigError for an unknown name or a malformed user."""
+    uid, _, gid = user.partition(":")
+    if uid.isdigit() and (not gid or gid.isdigit()):
+        return {"uid": int(uid), "gid": int(gid or 0)}
+    from sandbox.image import store as images
+
+    if "run" in record.data:
+        read = _guest_reader(root, record.pod_id, f"{GUEST_OVERLAY}/{container_id}/rootfs")
+        ids = images.resolve_user_with(read, user, f"{container_id}:", "the container")
+    else:
+        ids = images.resolve_user(Path(str(record.data.get("rootfs", ""))), user)
+    return {"uid": ids[0], "gid": ids[1]}
+
+
+def _guest_reader(root: Path, pod_id: str, guest_root: str) -> Callable[[str], bytes | None]:
+    """A reader of files below ``guest_root`` in pod ``pod_id``'s guest (ReadFile, at most
+    :data:`MAX_READ_BYTES`): a missing file is None, another failure OSError."""
+    from sandbox.runtime.pods import load_pod
+
+    pod = load_pod(root, pod_id)
+
+    def read(path: str) -> bytes | None:
+        try:
+            with pod.client() as client:
+                return client.read_file(f"{guest_root}/{path}", MAX_READ_BYTES)
+        except AgentError as exc:
+            if exc.code == "NOT_FOUND":
+                return None
+            raise OSError(errno.EIO, exc.detail) from None
+
+    return read
 
 
 def exec_process(

@@ -1000,3 +1000,20 @@ def test_exec_into_a_vanished_container_is_an_error() -> None:
     assert system.calls == [
         ("write", SYNC, b"error SETUP_FAILED container process 99 does not exist\n")
     ]
+
+
+def test_a_missing_working_directory_is_made_after_pivot_root_as_runc_does() -> None:
+    """runc's prepareRootfs makes process.cwd (mkdir -p, 0755, as root) once inside the new
+    root and before it turns read-only: ``docker run -w /new/dir`` starts there. An existing
+    one is left alone (test_typical_container_in_order: no mkdir of /work)."""
+    spec = typical_spec()
+    spec["process"]["cwd"] = "/new/../new/dir"
+    system = fake()
+    run_init(system, spec)
+    calls = system.calls
+    made = [c for c in calls if c[0] == "mkdir" and str(c[1]).startswith("/new")]
+    assert made == [("mkdir", "/new", "0o755"), ("mkdir", "/new/dir", "0o755")]
+    pivot = calls.index(("pivot_root", ".", "."))
+    read_only = calls.index(("mount", None, "/", None, "ro|remount|bind", ""))
+    assert pivot < calls.index(made[0]) < calls.index(made[1]) < read_only
+    assert calls.index(("chdir", "/new/../new/dir")) > read_only

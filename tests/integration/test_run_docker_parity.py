@@ -1,10 +1,12 @@
-"""``pysandbox run``'s /etc/hosts, /etc/hostname, /etc/resolv.conf and hostname, side by side
-with podman running runc on the host (the same busybox image, ``--network none``).
+"""``pysandbox run`` and ``exec`` where a docker user has habits, side by side with podman
+running runc on the host (the same busybox image, ``--network none``).
 
 What a user relies on: ``localhost`` and the container's own hostname resolve (a server on
 loopback is reachable by name), ``hostname``, ``uname -n``, /etc/hostname and ``$HOSTNAME``
-agree, the three files are root's, mode 0644, bind mounts that root in the container may
-change, and a change stays in that container (the next one, and the host, never see it).
+agree, /etc/hosts, /etc/hostname (and /etc/resolv.conf with a network) are root's, mode
+0644, bind mounts that root in the container may change, and a change stays in that
+container (the next one, and the host, never see it); ``exec -u NAME`` finds the user in the
+container's /etc/passwd as it is now, ``exec -w DIR`` starts there.
 """
 
 from __future__ import annotations
@@ -227,3 +229,59 @@ def test_an_empty_program_exits_127_as_with_podman_and_runc(
     )
     assert (ours.returncode, ours.stdout) == (127, "")
     assert ours.stderr == 'pysandbox: exec: "": executable file not found in $PATH\n'
+
+
+def _both(podman: list[str], root: Path, name: str, *args: str) -> tuple[str, str]:
+    """``exec ARGS`` (options, then the command) in podman's container ``name`` and in our
+    run ``name``: both stdouts, each command checked to exit 0."""
+    split = next(i for i, a in enumerate(args) if a == "--")
+    options, command = list(args[:split]), list(args[split + 1 :])
+    theirs = subprocess.run(
+        [*podman, "exec", *options, name, *command], capture_output=True, text=True
+    )
+    ours = run(root, "exec", *options, name, *command)
+    assert theirs.returncode == 0, theirs.stderr
+    assert ours.returncode == 0, ours.stderr
+    return theirs.stdout, ours.stdout
+
+
+#: A user and a group the container adds to its own /etc/passwd and /etc/group.
+ADD_USER = "echo app:x:1234:4321::/:/bin/sh >> /etc/passwd && echo grp:x:777: >> /etc/group"
+
+
+def test_exec_user_by_name_and_workdir_as_podman_with_runc(root: Path, podman: list[str]) -> None:
+    """docker's ``exec -u NAME[:GROUP]`` and ``exec -w DIR``: the names as the container's
+    /etc/passwd and /etc/group have them now (an entry the container added counts)."""
+    name = "exec-habits"
+    started = subprocess.run(
+        [*podman, "run", "-d", "--name", name, "--net", "none", IMAGE, "sleep", "1000"],
+        capture_output=True,
+        text=True,
+    )
+    assert started.returncode == 0, started.stderr
+    ours = run(root, "run", "-d", "--name", name, "default", "sleep", "1000")
+    assert ours.returncode == 0, ours.stderr
+    try:
+        for args, expected in (
+            (("-u", "nobody", "--", "sh", "-c", "id -u; id -g"), "65534\n65534\n"),
+            (("-u", "nobody:root", "--", "sh", "-c", "id -u; id -g"), "65534\n0\n"),
+            (("-w", "/etc", "--", "pwd"), "/etc\n"),
+            (("--workdir", "/root", "-u", "nobody", "--", "pwd"), "/root\n"),
+            (("--", "sh", "-c", ADD_USER), ""),
+            (("-u", "app", "--", "sh", "-c", "id -u; id -g"), "1234\n4321\n"),
+            (("-u", "app:grp", "--", "sh", "-c", "id -u; id -g"), "1234\n777\n"),
+        ):
+            assert _both(podman, root, name, *args) == (expected, expected), args
+        unknown = run(root, "exec", "-u", "ghost", name, "true")
+        assert (unknown.returncode, unknown.stdout) == (1, "")
+        assert unknown.stderr == (
+            f"pysandbox: unknown user 'ghost': not in {name}:/etc/passwd; use a numeric "
+            "UID[:GID] or a user the container defines\n"
+        )
+        theirs = subprocess.run(
+            [*podman, "exec", "-u", "ghost", name, "true"], capture_output=True, text=True
+        )
+        assert theirs.returncode != 0 and "ghost" in theirs.stderr
+    finally:
+        subprocess.run([*podman, "rm", "-f", "-t", "0", name], capture_output=True, timeout=120)
+        assert run(root, "rm", "-f", name).returncode == 0
