@@ -370,10 +370,11 @@ def test_docker_habits_and_errors_a_user_can_act_on(root: Path) -> None:
         "/sys/fs/cgroup/pids.max",
     )
     assert (done.returncode, done.stdout.split()) == (0, [b"1610612736", b"max"]), done.stderr
-    missing = run(root, "-w", "/nonexist", "default", "true")
+    # (A missing -w is made, as docker and runc do: test_run_docker_parity.)
+    missing = run(root, "-w", "/etc/passwd/x", "default", "true")
     assert missing.returncode == 125 and missing.stdout == b""
     assert missing.stderr == (
-        b"pysandbox: -w /nonexist: cannot enter it in the container (No such file or "
+        b"pysandbox: -w /etc/passwd/x: cannot enter it in the container (Not a "
         b"directory); give a directory that exists in the image or a volume\n"
     )
     assert _torn_down(root)

@@ -12,6 +12,7 @@ container's /etc/passwd as it is now, ``exec -w DIR`` starts there.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import subprocess
@@ -285,3 +286,39 @@ def test_exec_user_by_name_and_workdir_as_podman_with_runc(root: Path, podman: l
     finally:
         subprocess.run([*podman, "rm", "-f", "-t", "0", name], capture_output=True, timeout=120)
         assert run(root, "rm", "-f", name).returncode == 0
+
+
+def test_run_w_makes_a_missing_directory_as_runc_does(root: Path, tmp_path: Path) -> None:
+    """``docker run -w /new/dir`` starts there: runc makes a missing cwd (mkdir -p, root's,
+    0755) inside the container, before a read-only root turns read-only; so do we."""
+    script = "pwd; stat -c '%u:%g %a' /new /new/dir; touch /new/dir/f 2>/dev/null || echo ro"
+    bundle = tmp_path / "bundle"
+    shutil.copytree(images.ensure_default_image(), bundle / "rootfs", symlinks=True)
+    subprocess.run(["runc", "spec"], cwd=bundle, check=True)
+    config = json.loads((bundle / "config.json").read_text())
+    config["process"].update(
+        terminal=False, args=["sh", "-c", script], cwd="/new/dir", user={"uid": 1000, "gid": 1000}
+    )
+    (bundle / "config.json").write_text(json.dumps(config))  # runc spec: root read-only
+    theirs = subprocess.run(
+        ["runc", "--root", str(tmp_path / "runc"), "run", "--bundle", str(bundle), "cwd-made"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    ours = run(
+        root,
+        "run",
+        "--read-only",
+        "-u",
+        "1000:1000",
+        "-w",
+        "/new/dir",
+        "default",
+        "sh",
+        "-c",
+        script,
+    )
+    expected = ["/new/dir", "0:0 755", "0:0 755", "ro"]
+    assert (theirs.returncode, theirs.stdout.splitlines()) == (0, expected), theirs.stderr
+    assert (ours.returncode, ours.stdout.splitlines()) == (0, expected), ours.stderr
