@@ -40,7 +40,14 @@ from typing import Any
 
 from hypervisor.process import ProcessHandle, signals_held
 from sandbox import store as state
-from sandbox.errors import ConfigError, NotFoundError, RunError, SandboxError, StateError
+from sandbox.errors import (
+    EXIT_TIMEOUT,
+    ConfigError,
+    NotFoundError,
+    RunError,
+    SandboxError,
+    StateError,
+)
 from sandbox.image import pull as image_pull
 from sandbox.image import store as images
 from sandbox.pod import host_cgroup
@@ -48,7 +55,15 @@ from sandbox.pod.lifecycle import Pod
 from sandbox.pod.record import PodStatus
 from sandbox.pod.sharing import HeldSources, unshare_container_files
 from sandbox.run.launch import boot_watched, create_in_pod
-from sandbox.run.monitor import LOG_NAME, MONITORED, load_run, release, run_lock, wait_shim
+from sandbox.run.monitor import (
+    LOG_NAME,
+    MONITORED,
+    TIMED_OUT,
+    load_run,
+    release,
+    run_lock,
+    wait_shim,
+)
 from sandbox.run.spec import build_spec, check_options, parse_size, run_name
 from sandbox.runtime import control, delete, kill, shim, start
 from sandbox.runtime.record import ContainerRecord, Status
@@ -291,11 +306,13 @@ def list_runs(root: Path, all_runs: bool) -> list[dict[str, Any]]:
         if not all_runs and status is Status.STOPPED:
             continue
         code = record.exit_status() if status is Status.STOPPED else None
+        timed_out = code is not None and (record.dir / TIMED_OUT).exists()
         runs.append(
             {
                 "name": record.id,
                 "status": status.value,
-                "exit_code": code,
+                "exit_code": EXIT_TIMEOUT if timed_out else code,
+                "timed_out": timed_out,
                 "image": str(info.get("image", "")),
                 "command": [str(a) for a in info.get("command") or []],
                 "created": str(record.data.get("created", "")),
@@ -318,6 +335,8 @@ def render_runs(runs: list[dict[str, Any]]) -> str:
         if status == Status.STOPPED.value:
             code = item["exit_code"]
             status = "exited" if code is None else f"exited ({code})"
+            if item["timed_out"]:
+                status = f"timed out ({code})"
         command = " ".join(item["command"])
         if len(command) > 40:
             command = command[:37] + "..."

@@ -29,6 +29,10 @@ from sandbox.runtime.record import ContainerRecord
 MONITORED = "monitored"
 #: The run's output file in its directory (``logs`` reads it; the shim appends to it).
 LOG_NAME = "run.log"
+#: Written in the run's directory by its monitor when the run's ``--timeout`` passed, before
+#: it kills the run: ``ps`` then reports exit status 124, as a foreground ``run --timeout``
+#: exits (and timeout(1)), not the 137 of the SIGKILL that ended it.
+TIMED_OUT = "timed-out"
 #: Seconds the watcher of a shim that ended waits for ``run`` to finish starting the run.
 ARM_TIMEOUT = 120.0
 
@@ -147,9 +151,9 @@ def _stop_broken(root: Path, record: ContainerRecord) -> None:
 
 def main(argv: list[str]) -> int:
     """``ROOT NAME [--kill|--broken]``: :func:`release_after_shim` (``--broken``: its
-    ``broken`` case); with ``--kill`` (the run's ``--timeout`` passed) first SIGKILL to every
-    process of the run. Exit status 0, or 2 for a wrong command line; errors of a run
-    already gone are ignored."""
+    ``broken`` case); with ``--kill`` (the run's ``--timeout`` passed) first
+    :data:`TIMED_OUT` in its directory and SIGKILL to every process of the run. Exit status
+    0, or 2 for a wrong command line; errors of a run already gone are ignored."""
     import signal
 
     if len(argv) not in (2, 3) or argv[2:] not in ([], ["--kill"], ["--broken"]):
@@ -157,6 +161,9 @@ def main(argv: list[str]) -> int:
     root, name = Path(argv[0]), argv[1]
     if argv[2:] == ["--kill"]:
         from sandbox.runtime import kill
+
+        with contextlib.suppress(OSError):  # a run removed meanwhile: nothing to report
+            (root / name / TIMED_OUT).touch(exist_ok=True)
 
         with contextlib.suppress(Exception):  # it may be ending meanwhile, or its VM gone
             kill.kill(root, name, signal.SIGKILL, all_processes=True)

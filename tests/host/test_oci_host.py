@@ -745,10 +745,22 @@ def test_bad_spec_fails_before_anything(rootfs: Path, runtimes: list[Runtime]) -
     assert runtime.runtime_status == 1
 
 
-def test_missing_cwd_is_a_create_error(rootfs: Path, runtimes: list[Runtime]) -> None:
-    runtime = create(runtimes, make_spec(rootfs, ["true"], cwd="/nonexistent"))
+def test_a_missing_cwd_is_made_as_runc_does(rootfs: Path, runtimes: list[Runtime]) -> None:
+    """runc makes a missing process.cwd (mkdir -p, root's, 0755) inside the container, for
+    another user and on a read-only root too (``docker run -w /new``); a cwd that cannot be
+    a directory still fails create, with the chdir reason."""
+    top = f"made-{uuid.uuid4().hex[:8]}"
+    spec = sh(rootfs, "pwd; stat -c '%u:%g %a' . ..", cwd=f"/{top}/sub")
+    spec["process"]["user"] = {"uid": 1000, "gid": 1000}
+    spec["root"]["readonly"] = True
+    try:
+        result = run(runtimes, spec)
+        assert (result.code, result.stdout) == (0, f"/{top}/sub\n0:0 755\n0:0 755\n")
+    finally:
+        shutil.rmtree(rootfs / top, ignore_errors=True)
+    runtime = create(runtimes, make_spec(rootfs, ["true"], cwd="/etc/passwd/x"))
     assert runtime.reply.startswith(
-        "error SETUP_FAILED chdir to cwd (/nonexistent) set in config.json"
+        "error SETUP_FAILED chdir to cwd (/etc/passwd/x) set in config.json"
     )
     assert runtime.runtime_status == 1
 

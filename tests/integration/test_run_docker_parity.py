@@ -322,3 +322,31 @@ def test_run_w_makes_a_missing_directory_as_runc_does(root: Path, tmp_path: Path
     expected = ["/new/dir", "0:0 755", "0:0 755", "ro"]
     assert (theirs.returncode, theirs.stdout.splitlines()) == (0, expected), theirs.stderr
     assert (ours.returncode, ours.stdout.splitlines()) == (0, expected), ours.stderr
+
+
+def test_a_detached_run_killed_by_its_timeout_shows_124_in_ps(root: Path) -> None:
+    """A foreground ``run --timeout`` exits 124 (as timeout(1)); a detached one killed by its
+    ``--timeout`` is shown so (``timed out (124)``), not as the 137 of a ``kill -9``; one that
+    ends by itself before keeps its own status."""
+    late = run(root, "run", "-d", "--name", "tmo-late", "--timeout", "2", "default", "sleep", "60")
+    early = run(root, "run", "-d", "--name", "tmo-early", "--timeout", "60", "default", "true")
+    assert late.returncode == 0 and early.returncode == 0, (late.stderr, early.stderr)
+
+    def runs() -> dict[str, dict[str, object]]:
+        listed = json.loads(run(root, "ps", "-a", "--format", "json").stdout)
+        return {str(item["name"]): item for item in listed}
+
+    try:
+        assert wait_until(
+            lambda: all(runs()[n]["status"] == "stopped" for n in ("tmo-late", "tmo-early")),
+            120,
+            interval=0.5,
+        ), runs()
+        listed = runs()
+        assert (listed["tmo-late"]["exit_code"], listed["tmo-late"]["timed_out"]) == (124, True)
+        assert (listed["tmo-early"]["exit_code"], listed["tmo-early"]["timed_out"]) == (0, False)
+        table = run(root, "ps", "-a").stdout.splitlines()
+        assert any(line.startswith("tmo-late ") and "timed out (124)" in line for line in table)
+        assert any(line.startswith("tmo-early ") and "exited (0)" in line for line in table)
+    finally:
+        assert run(root, "rm", "-f", "tmo-late", "tmo-early").returncode == 0
