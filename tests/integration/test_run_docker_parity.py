@@ -116,7 +116,8 @@ def podman(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[str]]:
         '[engine]\ncgroup_manager = "cgroupfs"\nevents_logger = "file"\nlock_type = "file"\n'
     )
     cmd = ["env", f"CONTAINERS_CONF={conf}", "podman", "--root", str(base / "storage")]
-    cmd += ["--runroot", str(runroot), "--storage-driver", "vfs", "--runtime", "runc"]
+    cmd += ["--runroot", str(runroot), "--tmpdir", str(base / "tmp")]  # not the shared /run/libpod
+    cmd += ["--storage-driver", "vfs", "--runtime", "runc"]
     tar = base / "busybox.tar"
     with tarfile.open(tar, "w") as archive:
         archive.add(images.ensure_default_image(), arcname=".")
