@@ -184,3 +184,12 @@ def test_a_run_vm_has_enough_vcpus_for_its_cpu_quota(cpu: Any, vcpus: int | str)
 
     expected = host_cpus() if vcpus == "host" else vcpus
     assert vm_cpus(cpu) == min(expected, host_cpus())
+
+
+def test_exec_reads_a_run_containers_users_where_the_agent_mounts_its_root() -> None:
+    """``exec -u NAME`` into a run reads /etc/passwd below the agent's overlay of that
+    container (sandbox.runtime.exec): the host's path must be the agent's."""
+    from agent.containers import OVERLAY_ROOT
+    from sandbox.runtime.exec import GUEST_OVERLAY
+
+    assert GUEST_OVERLAY == OVERLAY_ROOT
