@@ -199,7 +199,7 @@ def test_exec_into_a_detached_run_sees_its_hostname_and_its_changes(root: Path) 
     assert started.returncode == 0, started.stderr
     name = started.stdout.strip()
     try:
-        wrote = run(root, "exec", name, "sh", "-c", "echo '10.1.1.1 db' >> /etc/hosts")
+        wrote = run(root, "exec", name, "sh", "-c", "echo '10.1.1.1 written-by-exec' >> /etc/hosts")
         assert wrote.returncode == 0, wrote.stderr
         seen = run(
             root, "exec", name, "sh", "-c", "hostname; env | grep ^HOSTNAME=; tail -1 /etc/hosts"
@@ -207,9 +207,9 @@ def test_exec_into_a_detached_run_sees_its_hostname_and_its_changes(root: Path) 
         assert seen.stdout.splitlines() == [
             name.removeprefix("run-"),
             f"HOSTNAME={name.removeprefix('run-')}",
-            "10.1.1.1 db",
+            "10.1.1.1 written-by-exec",
         ], seen.stderr
-        other = run(root, "run", "default", "grep", "-c", "db", "/etc/hosts")
+        other = run(root, "run", "default", "grep", "-c", "written-by-exec", "/etc/hosts")
         assert (other.returncode, other.stdout) == (1, "0\n"), other.stderr
     finally:
         assert run(root, "rm", "-f", name).returncode == 0
