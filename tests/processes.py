@@ -6,6 +6,7 @@ The one copy of these helpers for every test module (unit, host and VM tests).
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -107,3 +108,13 @@ def assert_capless(pid: int) -> None:
     for caps in ("CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"):
         assert int(fields[caps], 16) == 0, (pid, caps, fields[caps])
     assert fields["NoNewPrivs"] == "1", fields["NoNewPrivs"]
+
+
+def default_signals() -> None:
+    """A ``preexec_fn`` (or a forked child's first step): SIGINT, SIGQUIT and SIGHUP at their
+    defaults, as a command typed at an interactive shell has them. A test suite started as a
+    background job (``nohup ... &``: INT and QUIT ignored, and HUP) hands them on ignored,
+    and ``pysandbox run`` keeps a signal ignored at its start ignored, as any program does:
+    a test of their forwarding starts its run with this."""
+    for signum in (signal.SIGINT, signal.SIGQUIT, signal.SIGHUP):
+        signal.signal(signum, signal.SIG_DFL)

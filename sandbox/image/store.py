@@ -399,6 +399,45 @@ def resolve_user(rootfs: Path, user: str) -> tuple[int, int]:
     return resolve_user_with(read, user, str(rootfs))
 
 
+def supplementary_gids(rootfs: Path, user: str) -> list[int]:
+    """The supplementary groups of a ``USER[:GROUP]`` spec in the image (``""``: root), as
+    docker gives them (moby/sys/user ``GetExecUser``): without GROUP, the gid of every
+    ``/etc/group`` entry that lists the user's name among its members, in file order, each
+    once; with GROUP none ("only in the implicit form"). The name is the passwd entry's for a
+    numeric uid (none, so no groups, for a uid the image does not list). Files read as
+    :func:`resolve_user` reads them; ConfigError as it raises."""
+
+    def read(path: str) -> bytes | None:
+        return read_in_root(rootfs, path, image_formats.MAX_JSON)
+
+    return supplementary_gids_with(read, user, str(rootfs))
+
+
+def supplementary_gids_with(
+    read: Callable[[str], bytes | None], user: str, where: str
+) -> list[int]:
+    """:func:`supplementary_gids` with the files read by ``read`` (as
+    :func:`resolve_user_with`'s)."""
+    user_part, has_group, _ = user.partition(":")
+    if has_group:
+        return []
+    user_part = user_part or "0"
+    passwd = _id_file(read, where, "etc/passwd", user)
+    if user_part.isdigit():
+        name = next((f[0] for f in passwd if len(f) >= 3 and f[2] == user_part), None)
+    else:
+        name = user_part if any(f and f[0] == user_part for f in passwd) else None
+    if not name:
+        return []
+    gids: list[int] = []
+    for fields in _id_file(read, where, "etc/group", user):
+        if len(fields) >= 4 and fields[2].isdigit() and name in fields[3].split(","):
+            gid = _id(fields[2], user)
+            if gid not in gids:
+                gids.append(gid)
+    return gids
+
+
 def resolve_user_with(
     read: Callable[[str], bytes | None], user: str, where: str, owner: str = "the image"
 ) -> tuple[int, int]:

@@ -199,12 +199,20 @@ def _env(args: argparse.Namespace, base: list[str]) -> list[str]:
 
 
 def _user(rootfs: Path, spec_user: str) -> dict[str, Any]:
-    """The spec's ``process.user`` for ``-u``/the image's ``User``: names resolved in the image."""
+    """The spec's ``process.user`` for ``-u``/the image's ``User`` (``""``: root): names
+    resolved in the image, with the supplementary groups docker gives
+    (:func:`images.supplementary_gids`)."""
     try:
         uid, gid = images.resolve_user(rootfs, spec_user)
+        groups = images.supplementary_gids(rootfs, spec_user)
     except ConfigError as exc:
+        if not spec_user:  # root by default: an unreadable group file costs only the groups
+            return {"uid": 0, "gid": 0}
         raise RunError(str(exc)) from None
-    return {"uid": uid, "gid": gid}
+    user: dict[str, Any] = {"uid": uid, "gid": gid}
+    if groups:
+        user["additionalGids"] = groups
+    return user
 
 
 def _volumes(args: argparse.Namespace, held: HeldSources) -> list[dict[str, Any]]:
@@ -339,8 +347,7 @@ def build_spec(
     process["cwd"] = args.workdir or image.cwd
     if not process["cwd"].startswith("/"):
         raise RunError(f"invalid working directory {process['cwd']!r}: must be absolute")
-    if args.user or image.user:
-        process["user"] = _user(image.rootfs, args.user or image.user)
+    process["user"] = _user(image.rootfs, args.user or image.user)
     spec["root"]["readonly"] = args.read_only
     spec["hostname"] = host
     spec["mounts"] += _volumes(args, held)

@@ -81,7 +81,7 @@ def process_for(
     return process
 
 
-def _user(root: Path, record: ContainerRecord, container_id: str, user: str) -> dict[str, int]:
+def _user(root: Path, record: ContainerRecord, container_id: str, user: str) -> dict[str, Any]:
     """``process.user`` for ``exec --user``: numeric ``UID[:GID]`` as runc takes it (gid 0
     when none is given); with a name, ``USER[:GROUP]`` resolved as docker exec resolves it,
     in the container's own /etc/passwd and /etc/group (:func:`images.resolve_user_with`):
@@ -93,12 +93,19 @@ def _user(root: Path, record: ContainerRecord, container_id: str, user: str) -> 
         return {"uid": int(uid), "gid": int(gid or 0)}
     from sandbox.image import store as images
 
+    # With the supplementary groups docker exec gives a user named so (its /etc/group).
     if "run" in record.data:
         read = _guest_reader(root, record.pod_id, f"{GUEST_OVERLAY}/{container_id}/rootfs")
         ids = images.resolve_user_with(read, user, f"{container_id}:", "the container")
+        groups = images.supplementary_gids_with(read, user, f"{container_id}:")
     else:
-        ids = images.resolve_user(Path(str(record.data.get("rootfs", ""))), user)
-    return {"uid": ids[0], "gid": ids[1]}
+        rootfs = Path(str(record.data.get("rootfs", "")))
+        ids = images.resolve_user(rootfs, user)
+        groups = images.supplementary_gids(rootfs, user)
+    result: dict[str, Any] = {"uid": ids[0], "gid": ids[1]}
+    if groups:
+        result["additionalGids"] = groups
+    return result
 
 
 def _guest_reader(root: Path, pod_id: str, guest_root: str) -> Callable[[str], bytes | None]:

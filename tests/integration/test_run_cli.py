@@ -26,7 +26,7 @@ import pytest
 from hypervisor.qemu_args import host_cpus
 from sandbox.run.launch import default_cgroup
 from tests.integration.pods import PodFactory
-from tests.processes import alive, processes_mentioning, wait_until
+from tests.processes import alive, default_signals, processes_mentioning, wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -461,6 +461,7 @@ def test_a_signal_is_forwarded_and_the_status_is_the_containers(
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         cwd=ROOT,
+        preexec_fn=default_signals,
     )
     try:
         assert proc.stdout is not None
@@ -602,6 +603,7 @@ def _run_on_a_pty(
     pid, master = pty.fork()
     if pid == 0:
         try:
+            default_signals()  # a terminal's command: Ctrl-C is SIGINT to it
             if size is not None:
                 _set_size(0, *size)
             os.chdir(ROOT)
@@ -1207,4 +1209,34 @@ def test_tmpfs_gives_a_read_only_run_its_scratch_space(root: Path) -> None:
         "noexec",
         "exec",
     ]
+    assert _torn_down(root)
+
+
+def test_a_user_gets_the_supplementary_groups_of_the_images_group_file(
+    root: Path, tmp_path: Path
+) -> None:
+    """docker's rule (moby/sys/user): a user named without a group gets every group of the
+    image's /etc/group that lists it (root too); with an explicit group, none. A directory
+    shared with a group was "Permission denied" (the groups were ignored)."""
+    from sandbox.image.store import ensure_default_image
+
+    rootfs = tmp_path / "rootfs"
+    shutil.copytree(ensure_default_image(), rootfs, symlinks=True)
+    (rootfs / "etc" / "passwd").write_text(
+        "root:x:0:0:root:/root:/bin/sh\nalice:x:1001:1001::/:/bin/sh\n"
+    )
+    (rootfs / "etc" / "group").write_text(
+        "root:x:0:\nwheel:x:10:root,alice\nstaff:x:50:alice\nalice:x:1001:\n"
+    )
+    (rootfs / "shared").mkdir(mode=0o770)
+    os.chown(rootfs / "shared", 0, 50)
+    script = "id -G; ls /shared >/dev/null 2>&1 && echo /shared || echo denied"
+    for user, expected in (
+        ("alice", "1001 10 50\n/shared\n"),
+        ("", "0 10\n/shared\n"),
+        ("alice:alice", "1001\ndenied\n"),
+    ):
+        options = ["-u", user] if user else []
+        done = run(root, *options, str(rootfs), "sh", "-c", script)
+        assert (done.returncode, done.stdout.decode()) == (0, expected), (user, done.stderr)
     assert _torn_down(root)

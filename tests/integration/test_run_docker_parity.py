@@ -248,7 +248,13 @@ def _both(podman: list[str], root: Path, name: str, *args: str) -> tuple[str, st
 
 
 #: A user and a group the container adds to its own /etc/passwd and /etc/group.
-ADD_USER = "echo app:x:1234:4321::/:/bin/sh >> /etc/passwd && echo grp:x:777: >> /etc/group"
+ADD_USER = (
+    "echo app:x:1234:4321::/:/bin/sh >> /etc/passwd && echo grp:x:777: >> /etc/group && "
+    "echo sup:x:888:nobody,app >> /etc/group"
+)
+#: The groups of a process, each once, sorted (podman also lists the primary group among the
+#: supplementary ones, docker does not: the set is what both give).
+GROUPS = "id -G | tr ' ' '\\n' | sort -un | tr '\\n' ' '"
 
 
 def test_exec_user_by_name_and_workdir_as_podman_with_runc(root: Path, podman: list[str]) -> None:
@@ -272,6 +278,9 @@ def test_exec_user_by_name_and_workdir_as_podman_with_runc(root: Path, podman: l
             (("--", "sh", "-c", ADD_USER), ""),
             (("-u", "app", "--", "sh", "-c", "id -u; id -g"), "1234\n4321\n"),
             (("-u", "app:grp", "--", "sh", "-c", "id -u; id -g"), "1234\n777\n"),
+            # A user named without a group gets the groups that list it (docker's rule).
+            (("-u", "app", "--", "sh", "-c", GROUPS), "888 4321 "),
+            (("-u", "app:grp", "--", "sh", "-c", GROUPS), "777 "),
         ):
             assert _both(podman, root, name, *args) == (expected, expected), args
         unknown = run(root, "exec", "-u", "ghost", name, "true")

@@ -898,6 +898,27 @@ def test_resolve_user(user_root: Path, spec: str, ids: tuple[int, int]) -> None:
     assert images.resolve_user(user_root, spec) == ids
 
 
+@pytest.mark.parametrize(
+    ("spec", "gids"),
+    [
+        ("", [10]),  # root, a member of wheel
+        ("root", [10]),
+        ("app", [10, 50]),  # in file order, each once
+        ("1000", [10, 50]),  # the name of uid 1000 in passwd
+        ("4242", []),  # a uid the image does not list has no name
+        ("app:staff", []),  # an explicit group: no supplementary ones (docker's rule)
+        ("app:7", []),
+    ],
+)
+def test_supplementary_groups_as_docker_gives_them(
+    user_root: Path, spec: str, gids: list[int]
+) -> None:
+    (user_root / "etc" / "group").write_text(
+        "root:x:0:\nwheel:x:10:root,app\napp:x:1001:\nstaff:x:50:app\nstaff2:x:50:app\n"
+    )
+    assert images.supplementary_gids(user_root, spec) == gids
+
+
 def test_resolve_user_errors(user_root: Path) -> None:
     with pytest.raises(ConfigError, match=r"unknown user 'nobody': not in .*/etc/passwd"):
         images.resolve_user(user_root, "nobody")
