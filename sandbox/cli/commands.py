@@ -280,14 +280,18 @@ def cmd_run_ps(args: argparse.Namespace) -> int:
     from sandbox.run import detached
 
     runs = detached.list_runs(_root(args), args.all)
-    print(detached.dumps_runs(runs) if args.format == "json" else detached.render_runs(runs))
+    if args.quiet:  # docker ps -q: one name a line (a run's name is its id)
+        for run in runs:
+            print(run["name"])
+    else:
+        print(detached.dumps_runs(runs) if args.format == "json" else detached.render_runs(runs))
     return 0
 
 
 def cmd_logs(args: argparse.Namespace) -> int:
     from sandbox.run import detached
 
-    detached.print_logs(_root(args), args.name, args.follow)
+    detached.print_logs(_root(args), args.name, args.follow, args.tail)
     return 0
 
 

@@ -151,6 +151,7 @@ def _runtime_verbs(verbs: Any) -> None:
     ps = verbs.add_parser("ps", help="list a container's processes (without ID: detached runs)")
     ps.add_argument("--format", "-f", choices=["table", "json"], default="table")
     ps.add_argument("--all", "-a", action="store_true", help="without ID: stopped runs too")
+    ps.add_argument("--quiet", "-q", action="store_true", help="without ID: the names only")
     ps.add_argument("id", nargs="?", default=None)
     listing = verbs.add_parser("list", help="list containers")
     listing.add_argument("--format", "-f", choices=["table", "json"], default="table")

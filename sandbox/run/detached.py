@@ -36,7 +36,7 @@ import signal
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from hypervisor.process import ProcessHandle, signals_held
 from sandbox import store as state
@@ -345,8 +345,9 @@ def render_runs(runs: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def print_logs(root: Path, name: str, follow: bool = False) -> None:
-    """Copy the run's log to stdout; with ``follow``, keep copying until the run stopped."""
+def print_logs(root: Path, name: str, follow: bool = False, tail: int | None = None) -> None:
+    """Copy the run's log to stdout (only its last ``tail`` lines when given, as docker's
+    ``logs --tail``); with ``follow``, keep copying until the run stopped."""
     record = load_run(root, name)
     out = sys.stdout.buffer
     try:
@@ -354,6 +355,8 @@ def print_logs(root: Path, name: str, follow: bool = False) -> None:
     except FileNotFoundError:
         return
     with log:
+        if tail is not None:
+            log.seek(_tail_offset(log, tail))
         while True:
             # Checked before draining: once stopped, everything is in the file.
             last = not follow or record.status is Status.STOPPED
@@ -363,3 +366,29 @@ def print_logs(root: Path, name: str, follow: bool = False) -> None:
             if last:
                 return
             time.sleep(0.2)
+
+
+def _tail_offset(log: BinaryIO, lines: int, block: int = 1 << 16) -> int:
+    """Where the last ``lines`` lines of ``log`` begin (a last line without its newline
+    counts), read backwards ``block`` bytes at a time; the file's end for 0."""
+    end = log.seek(0, os.SEEK_END)
+    if lines == 0:
+        return end
+    position, seen = end, 0
+    skip_last = True  # the newline that ends the last line does not start another
+    while position > 0:
+        size = min(block, position)
+        position -= size
+        log.seek(position)
+        chunk = log.read(size)
+        index = len(chunk)
+        while (index := chunk.rfind(b"\n", 0, index)) >= 0:
+            if skip_last and position + index == end - 1:
+                skip_last = False
+                continue
+            skip_last = False
+            seen += 1
+            if seen == lines:
+                return position + index + 1
+        skip_last = False
+    return 0

@@ -105,10 +105,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--console-socket", type=Path, default=None)
 
 
+def _line_count(text: str) -> int | None:
+    """``logs --tail``'s value: a count of lines, or docker's ``all``."""
+    if text == "all":
+        return None
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"invalid --tail {text!r}: a number of lines, or all")
+    return int(text)
+
+
 def add_detached_verbs(verbs: Any) -> None:
     """``logs``, ``stop`` and ``rm`` for detached runs (``ps`` without an id lists them)."""
     logs = verbs.add_parser("logs", help="print a detached run's stdout and stderr")
     logs.add_argument("--follow", "-f", action="store_true", help="until the run stops")
+    logs.add_argument(
+        "--tail", "-n", type=_line_count, default=None, metavar="N", help="the last N lines only"
+    )
     logs.add_argument("name")
     stop = verbs.add_parser("stop", help="stop detached runs: SIGTERM, SIGKILL after --time")
     stop.add_argument("--time", "-t", type=float, default=10.0, help="seconds (default 10)")

@@ -871,6 +871,11 @@ def test_detached_runs_ps_logs_stop_rm(root: Path) -> None:
     assert wait_until(lambda: b"ready" in cli(root, "logs", "web").stdout, 60, interval=0.2)
     logged = cli(root, "logs", "web").stdout.decode().splitlines()
     assert sorted(logged) == ["err", "layer", "out", "ready"], logged
+    tailed = cli(root, "logs", "--tail", "2", "web")  # docker's: the last lines only
+    assert tailed.stdout.decode().splitlines() == logged[-2:], tailed.stderr
+    names = cli(root, "ps", "-a", "-q")  # docker ps -q: the names, one a line
+    listed = set(names.stdout.decode().split())  # "once" (--rm) may be gone already
+    assert {"short", "web"} <= listed <= {"short", "web", "once"}, names.stderr
     processes = cli(root, "ps", "web")  # runc's ps with an id keeps working: the guest's table
     assert processes.returncode == 0, processes.stderr
     rows = [line.split(None, 4) for line in processes.stdout.decode().splitlines()]

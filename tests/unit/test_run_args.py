@@ -142,3 +142,29 @@ def test_a_bad_hostname_is_refused_in_one_line(bad: str) -> None:
     with pytest.raises(RunError, match=r"^invalid --hostname ") as raised:
         check_options(parsed)
     assert "\n" not in str(raised.value)
+
+
+@pytest.mark.parametrize(
+    ("data", "lines", "expected"),
+    [
+        (b"a\nb\nc\n", 1, b"c\n"),
+        (b"a\nb\nc\n", 2, b"b\nc\n"),
+        (b"a\nb\nc\n", 9, b"a\nb\nc\n"),
+        (b"a\nb\nc\n", 0, b""),
+        (b"a\nb\nc", 1, b"c"),  # a last line without its newline counts
+        (b"a\nb\nc", 2, b"b\nc"),
+        (b"", 3, b""),
+        (b"\n\n", 1, b"\n"),
+    ],
+)
+def test_logs_tail_takes_the_last_lines(
+    tmp_path: Path, data: bytes, lines: int, expected: bytes
+) -> None:
+    from sandbox.run.detached import _tail_offset
+
+    path = tmp_path / "log"
+    path.write_bytes(data)
+    for block in (1, 2, 65536):  # lines across block edges too
+        with path.open("rb") as log:
+            log.seek(_tail_offset(log, lines, block))
+            assert log.read() == expected, block
