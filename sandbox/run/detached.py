@@ -239,10 +239,11 @@ def stop(root: Path, name: str, seconds: float = DEFAULT_STOP_SECONDS) -> None:
                 control.set_paused(root, name, paused=False)
             kill.kill(root, name, record.data["run"].get("stop_signal") or signal.SIGTERM)
         if not wait_shim(record, seconds):
-            if not _pod_broken(root, record):
+            broken = _pod_broken(root, record)
+            if not broken:
                 with contextlib.suppress(SandboxError):
                     kill.kill(root, name, signal.SIGKILL, all_processes=True)
-            if _pod_broken(root, record) or not wait_shim(record, 15.0):
+            if broken or not wait_shim(record, 15.0):
                 handle = record.shim
                 if handle is not None:
                     handle.kill()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import functools
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -95,7 +96,10 @@ def _user(root: Path, record: ContainerRecord, container_id: str, user: str) -> 
 
     # With the supplementary groups docker exec gives a user named so (its /etc/group).
     if "run" in record.data:
-        read = _guest_reader(root, record.pod_id, f"{GUEST_OVERLAY}/{container_id}/rootfs")
+        # Cached: the user and its groups read the same two files, each an RPC to the guest.
+        read = functools.cache(
+            _guest_reader(root, record.pod_id, f"{GUEST_OVERLAY}/{container_id}/rootfs")
+        )
         ids = images.resolve_user_with(read, user, f"{container_id}:", "the container")
         groups = images.supplementary_gids_with(read, user, f"{container_id}:")
     else:

@@ -16,7 +16,6 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 import tarfile
 import tempfile
 from collections.abc import Iterator
@@ -26,9 +25,9 @@ import pytest
 
 from sandbox.image import store as images
 from tests.integration.pods import PodFactory
+from tests.integration.test_network import pysandbox as run
 from tests.processes import processes_mentioning, wait_until
 
-ROOT = Path(__file__).resolve().parents[2]
 IMAGE = "localhost/etc-files:1"
 
 #: Prints what a user would check, in words that do not depend on the runtime: the hostname
@@ -82,19 +81,6 @@ def _expected(options: tuple[str, ...]) -> list[str]:
     if options == ("-e", "HOSTNAME=set-by-me"):  # -e wins over the default, as in docker
         lines[lines.index("HOSTNAME: H")] = "HOSTNAME: set-by-me"
     return lines
-
-
-def run(
-    root: Path, *args: str, env: dict[str, str] | None = None
-) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "sandbox", "--root", str(root), *args],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=ROOT,
-        env=env,
-    )
 
 
 @pytest.fixture(scope="module")
