@@ -183,6 +183,8 @@ class AgentService(pb_grpc.AgentServicer):
         try:
             restore.reseed(request.entropy)
             restore.set_clock(request.realtime_ns)
+            if request.hostname:  # protocol 1.11
+                restore.set_hostname(request.hostname)
         except ValueError as exc:
             _abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         except OSError as exc:

@@ -118,8 +118,8 @@ _CLOSE_RANGE_CLOEXEC = 1 << 2
 
 #: Raw syscall numbers glibc has no wrapper for, per ``os.uname().machine``.
 _RAW_SYSCALLS = {
-    "x86_64": {"pivot_root": 155, "seccomp": 317},
-    "aarch64": {"pivot_root": 41, "seccomp": 277},
+    "x86_64": {"pivot_root": 155, "rt_sigaction": 13, "seccomp": 317},
+    "aarch64": {"pivot_root": 41, "rt_sigaction": 134, "seccomp": 277},
 }
 
 
@@ -366,7 +366,9 @@ class Syscalls(abc.ABC):
 
     @abc.abstractmethod
     def reset_signals(self) -> None:
-        """Default dispositions and an empty mask (Python ignores SIGPIPE and SIGXFSZ)."""
+        """Default dispositions for every signal and an empty mask, as a process under runc
+        starts (Python ignores SIGPIPE and SIGXFSZ; glibc's internal 32 and 33 need the raw
+        call)."""
 
     @abc.abstractmethod
     def execve(self, path: str, argv: list[str], env: list[str]) -> NoReturn: ...
@@ -758,6 +760,12 @@ class LinuxSyscalls(Syscalls):
         for signum in range(1, 65):
             if signum not in (9, 19, 32, 33):  # SIGKILL, SIGSTOP, glibc-reserved
                 self._libc.signal(signum, ctypes.c_void_p(0))  # SIG_DFL
+        # glibc refuses its two internal signals (SIGCANCEL, SIGSETXID) to sigaction(), yet the
+        # guest's processes inherit them ignored, and an ignored disposition survives execve:
+        # the kernel's call, with a zeroed struct sigaction (SIG_DFL, no flags, empty mask).
+        default = ctypes.create_string_buffer(32)
+        for signum in (32, 33):
+            self._rawcall("rt_sigaction", ctypes.c_int(signum), default, None, ctypes.c_size_t(8))
         empty = ctypes.create_string_buffer(128)
         self._libc.sigprocmask(2, empty, None)  # SIG_SETMASK
 

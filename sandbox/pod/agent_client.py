@@ -285,15 +285,17 @@ class AgentClient:
         realtime_ns: int,
         timeout: float | None = None,
         share: tuple[str, str] | None = None,
+        hostname: str = "",
     ) -> bool:
         """Tell a guest restored from a template VM to reseed its CRNG and set its clock;
         with ``share`` (tag, guest path) also mount that share (protocol 1.8). Returns whether
         the share was mounted: False from an older agent, which ignores it (the caller then
-        calls :meth:`mount_share`).
+        calls :meth:`mount_share`). A ``hostname`` names the guest (protocol 1.11; an older
+        agent ignores it).
 
         ``timeout`` (default: the client's): as the first call of a restored VM it also waits
         for the agent to answer at all, as :meth:`wait_healthy` would."""
-        request = pb.RestoredRequest(entropy=entropy, realtime_ns=realtime_ns)
+        request = pb.RestoredRequest(entropy=entropy, realtime_ns=realtime_ns, hostname=hostname)
         if share is not None:
             request.share.CopyFrom(pb.MountShareRequest(tag=share[0], path=share[1]))
         reply = self._call("Restored", request, timeout)

@@ -339,8 +339,9 @@ class Pod:
         are carried into the guest (tap + tc redirect, one virtio-net NIC each) and the agent
         gives the guest their MACs, addresses and routes; with ``user_network`` the guest gets
         QEMU user-mode networking (outbound NAT, 10.0.2.15/24). Neither: loopback only.
-        ``hostname`` is the guest's (root UTS namespace) and, with user networking, goes into
-        the hosts file written for containers.
+        ``hostname`` is the guest's (root UTS namespace; default the host's, which a container
+        under runc with a UTS namespace and no spec hostname sees) and, with user networking,
+        goes into the hosts file written for containers.
         Unless ``privileged_files``, files the guest creates through the share are powerless
         on the host: no device nodes, setuid/setgid bits or file capabilities (EPERM in the
         guest; docs/security.md). With it, the guest's root acts as the host's root on
@@ -537,7 +538,11 @@ class Pod:
                 # the agent (the boot's timeout; cut short if QEMU, virtiofsd or the proxy
                 # dies: the client's watch), and its answer proves the agent serves.
                 mounted = agent.restored(
-                    secrets.token_bytes(64), time.time_ns(), timeout, (SHARE_TAG, GUEST_SHARE)
+                    secrets.token_bytes(64),
+                    time.time_ns(),
+                    timeout,
+                    (SHARE_TAG, GUEST_SHARE),
+                    hostname or socket.gethostname(),
                 )
             else:
                 agent.wait_healthy(timeout, alive=qemu.alive)

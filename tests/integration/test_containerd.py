@@ -12,6 +12,7 @@ import itertools
 import os
 import select
 import shlex
+import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -83,6 +84,20 @@ def test_run_echo_and_exit_codes(containerd: Containerd) -> None:
     )
     assert (done.returncode, done.stdout) == (3, "out\n"), done.stderr
     assert_nothing_left(containerd, cid)
+
+
+def test_without_a_spec_hostname_the_container_sees_the_hosts_as_with_runc(
+    containerd: Containerd,
+) -> None:
+    """ctr's spec has a UTS namespace and no ``hostname``: under runc the container's name is
+    the host's (a new UTS namespace starts as a copy); ours is the same, not the guest
+    kernel's "(none)" (programs resolve their own hostname and choke on that)."""
+    seen = {}
+    for name, flags in (("runc", []), ("pysandbox", containerd.runtime_flags())):
+        cid = _cid(f"hostname-{name}")
+        done = containerd.ctr("run", "--rm", *flags, IMAGE, cid, "hostname")
+        seen[name] = (done.returncode, done.stdout, done.stderr)
+    assert seen["pysandbox"] == seen["runc"] == (0, f"{socket.gethostname()}\n", ""), seen
 
 
 def test_image_defaults_reach_the_container(containerd: Containerd) -> None:

@@ -243,9 +243,29 @@ ADD_USER = (
 GROUPS = "id -G | tr ' ' '\\n' | sort -un | tr '\\n' ' '"
 
 
+#: A process starts with no signal blocked or ignored under runc (``/proc/PID/status``).
+SIGNALS_AT_START = "SigBlk:\t0000000000000000\nSigIgn:\t0000000000000000\n"
+
+
+def test_run_starts_its_process_with_no_signal_blocked_or_ignored(
+    root: Path, podman: list[str]
+) -> None:
+    """A program that checks its signal dispositions (or relies on a default one, e.g. a
+    real-time signal's) finds what it finds under runc: nothing blocked, nothing ignored —
+    glibc's internal signals 32 and 33 included."""
+    status = ["grep", "^Sig[BI]", "/proc/self/status"]
+    theirs = subprocess.run(
+        [*podman, "run", "--rm", "--net", "none", IMAGE, *status], capture_output=True, text=True
+    )
+    ours = run(root, "run", "default", *status)
+    assert (theirs.returncode, theirs.stdout) == (0, SIGNALS_AT_START), theirs.stderr
+    assert (ours.returncode, ours.stdout) == (0, SIGNALS_AT_START), ours.stderr
+
+
 def test_exec_user_by_name_and_workdir_as_podman_with_runc(root: Path, podman: list[str]) -> None:
     """docker's ``exec -u NAME[:GROUP]`` and ``exec -w DIR``: the names as the container's
-    /etc/passwd and /etc/group have them now (an entry the container added counts)."""
+    /etc/passwd and /etc/group have them now (an entry the container added counts); and an
+    exec's process starts with no signal blocked or ignored."""
     name = "exec-habits"
     started = subprocess.run(
         [*podman, "run", "-d", "--name", name, "--net", "none", IMAGE, "sleep", "1000"],
@@ -267,6 +287,7 @@ def test_exec_user_by_name_and_workdir_as_podman_with_runc(root: Path, podman: l
             # A user named without a group gets the groups that list it (docker's rule).
             (("-u", "app", "--", "sh", "-c", GROUPS), "888 4321 "),
             (("-u", "app:grp", "--", "sh", "-c", GROUPS), "777 "),
+            (("--", "grep", "^Sig[BI]", "/proc/self/status"), SIGNALS_AT_START),
         ):
             assert _both(podman, root, name, *args) == (expected, expected), args
         unknown = run(root, "exec", "-u", "ghost", name, "true")

@@ -94,3 +94,9 @@ def test_agent_rejects_bad_entropy_sizes(size: int) -> None:
 def test_agent_rejects_an_implausible_clock() -> None:
     with pytest.raises(ValueError, match="before 2020"):
         restore.set_clock(0)
+
+
+@pytest.mark.parametrize("name", ["", "x" * 65, "é" * 33, "a\0b"])
+def test_agent_rejects_a_hostname_sethostname_would_not_take(name: str) -> None:
+    with pytest.raises(ValueError, match="invalid hostname"):
+        restore.set_hostname(name)
