@@ -302,7 +302,7 @@ def _execve(sys: Syscalls, executable: str, argv: list[str], env: list[str]) -> 
         sys.execve(executable, argv, env)
     except OSError as exc:
         # Too late for the sync socket (the agent is no longer reading): say it on stderr.
-        message = f"pysandbox: exec {executable}: {exc.strerror}\n"
+        message = f"pysandbox: exec {executable}: {os.strerror(exc.errno or 0)}\n"
         try:  # noqa: SIM105 - contextlib is one more import at start
             sys.write(2, message.encode())
         except OSError:

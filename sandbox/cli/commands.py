@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from sandbox import store as state
+from sandbox import text_table
 from sandbox.cli import log, termination
 from sandbox.errors import ConfigError, SandboxError
 
@@ -19,8 +20,20 @@ if TYPE_CHECKING:
 
 
 def _root(args: argparse.Namespace) -> Path:
+    """The state root (``--root``), made (0700) if missing; ConfigError naming it when it
+    cannot be a directory (runc: ``mkdir ROOT: not a directory``)."""
     root: Path = args.root or state.DEFAULT_ROOT
-    return state.ensure_dir(root)
+    try:
+        return state.ensure_dir(root)
+    except OSError as exc:
+        from sandbox.errors import ConfigError
+
+        exists_as_file = isinstance(exc, FileExistsError) and not root.is_dir()
+        reason = "it is not a directory" if exists_as_file else exc.strerror or str(exc)
+        raise ConfigError(
+            f"cannot use {root} as the state root (--root): {reason}; give a directory "
+            "(made if missing)"
+        ) from None
 
 
 def cmd_check(args: argparse.Namespace) -> int:
@@ -345,12 +358,13 @@ def cmd_images(args: argparse.Namespace) -> int:
         for row in rows:
             print(row.name)
     else:
-        print(f"{'NAME':<40} {'DIGEST':<19} {'ID':<19} {'SIZE':>9}  CREATED")
-        for row in rows:
-            print(
-                f"{row.name:<40} {row.digest[:19]:<19} {row.id[:19]:<19} "
-                f"{human_size(row.size):>9}  {row.created[:19]}"
-            )
+        table = [["NAME", "DIGEST", "ID", "SIZE", "CREATED"]]
+        table += [
+            [row.name, row.digest[:19], row.id[:19], human_size(row.size), row.created[:19]]
+            for row in rows
+        ]
+        for line in text_table.render(table, right={3}):
+            print(line)
     return 0
 
 
@@ -376,12 +390,13 @@ def cmd_list(args: argparse.Namespace) -> int:
         for item in states:
             print(item["id"])
     else:
-        print(f"{'ID':<24} {'PID':<8} {'STATUS':<10} {'BUNDLE':<40} CREATED")
-        for item in states:
-            print(
-                f"{item['id']:<24} {item['pid']:<8} {item['status']:<10} "
-                f"{item['bundle']:<40} {item['created']}"
-            )
+        table = [["ID", "PID", "STATUS", "BUNDLE", "CREATED"]]
+        table += [
+            [item["id"], str(item["pid"]), item["status"], item["bundle"], item["created"]]
+            for item in states
+        ]
+        for line in text_table.render(table):
+            print(line)
     return 0
 
 

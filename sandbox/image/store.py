@@ -383,34 +383,36 @@ def human_size(size: int) -> str:
     return f"{size} B"
 
 
-def resolve_user(rootfs: Path, user: str) -> tuple[int, int]:
+def resolve_user(rootfs: Path, user: str, where: str | None = None) -> tuple[int, int]:
     """(uid, gid) for a ``USER[:GROUP]`` spec (image ``User`` or ``--user``), docker-style.
 
     USER and GROUP are numbers or names. Names are looked up in the image's ``/etc/passwd``
     and ``/etc/group``, read with symlinks resolved inside ``rootfs`` only (nothing outside
     it is opened). Without GROUP the gid is the user's passwd entry's, or 0 for a numeric
     uid the image does not list (as runc does). ``""`` is (0, 0). ConfigError for an unknown
-    name, a malformed spec or an id outside 0..2**32-2.
+    name, a malformed spec or an id outside 0..2**32-2; its message names the files as
+    ``{where}/etc/passwd`` (default: ``rootfs``'s path; ``"IMAGE:"`` for a stored image,
+    whose path in the store means nothing to its user).
     """
 
     def read(path: str) -> bytes | None:
         return read_in_root(rootfs, path, image_formats.MAX_JSON)
 
-    return resolve_user_with(read, user, str(rootfs))
+    return resolve_user_with(read, user, str(rootfs) if where is None else where)
 
 
-def supplementary_gids(rootfs: Path, user: str) -> list[int]:
+def supplementary_gids(rootfs: Path, user: str, where: str | None = None) -> list[int]:
     """The supplementary groups of a ``USER[:GROUP]`` spec in the image (``""``: root), as
     docker gives them (moby/sys/user ``GetExecUser``): without GROUP, the gid of every
     ``/etc/group`` entry that lists the user's name among its members, in file order, each
     once; with GROUP none ("only in the implicit form"). The name is the passwd entry's for a
     numeric uid (none, so no groups, for a uid the image does not list). Files read as
-    :func:`resolve_user` reads them; ConfigError as it raises."""
+    :func:`resolve_user` reads them; ConfigError as it raises (``where`` as its)."""
 
     def read(path: str) -> bytes | None:
         return read_in_root(rootfs, path, image_formats.MAX_JSON)
 
-    return supplementary_gids_with(read, user, str(rootfs))
+    return supplementary_gids_with(read, user, str(rootfs) if where is None else where)
 
 
 def supplementary_gids_with(

@@ -40,6 +40,7 @@ from typing import Any, BinaryIO
 
 from hypervisor.process import ProcessHandle, signals_held
 from sandbox import store as state
+from sandbox import text_table
 from sandbox.errors import (
     EXIT_TIMEOUT,
     ConfigError,
@@ -330,7 +331,7 @@ def dumps_runs(runs: list[dict[str, Any]]) -> str:
 
 def render_runs(runs: list[dict[str, Any]]) -> str:
     """The ``ps`` table of :func:`list_runs`."""
-    lines = [f"{'NAME':<24} {'STATUS':<14} {'CREATED':<20} {'IMAGE':<16} COMMAND"]
+    rows = [["NAME", "STATUS", "CREATED", "IMAGE", "COMMAND"]]
     for item in runs:
         status = item["status"]
         if status == Status.STOPPED.value:
@@ -342,8 +343,8 @@ def render_runs(runs: list[dict[str, Any]]) -> str:
         if len(command) > 40:
             command = command[:37] + "..."
         created = item["created"][:19].replace("T", " ")
-        lines.append(f"{item['name']:<24} {status:<14} {created:<20} {item['image']:<16} {command}")
-    return "\n".join(lines)
+        rows.append([item["name"], status, created, item["image"], command])
+    return "\n".join(text_table.render(rows))
 
 
 def print_logs(root: Path, name: str, follow: bool = False, tail: int | None = None) -> None:

@@ -198,13 +198,15 @@ def _env(args: argparse.Namespace, base: list[str]) -> list[str]:
     return [f"{k}={v}" for k, v in merged.items()]
 
 
-def _user(rootfs: Path, spec_user: str) -> dict[str, Any]:
+def _user(image: images.Image, spec_user: str) -> dict[str, Any]:
     """The spec's ``process.user`` for ``-u``/the image's ``User`` (``""``: root): names
     resolved in the image, with the supplementary groups docker gives
-    (:func:`images.supplementary_gids`)."""
+    (:func:`images.supplementary_gids`). Messages name a stored image's files by the image's
+    name (``default:/etc/passwd``), a root filesystem directory's by its path."""
+    where = f"{image.name}:" if image.stored else str(image.rootfs)
     try:
-        uid, gid = images.resolve_user(rootfs, spec_user)
-        groups = images.supplementary_gids(rootfs, spec_user)
+        uid, gid = images.resolve_user(image.rootfs, spec_user, where)
+        groups = images.supplementary_gids(image.rootfs, spec_user, where)
     except ConfigError as exc:
         if not spec_user:  # root by default: an unreadable group file costs only the groups
             return {"uid": 0, "gid": 0}
@@ -347,7 +349,7 @@ def build_spec(
     process["cwd"] = args.workdir or image.cwd
     if not process["cwd"].startswith("/"):
         raise RunError(f"invalid working directory {process['cwd']!r}: must be absolute")
-    process["user"] = _user(image.rootfs, args.user or image.user)
+    process["user"] = _user(image, args.user or image.user)
     spec["root"]["readonly"] = args.read_only
     spec["hostname"] = host
     spec["mounts"] += _volumes(args, held)

@@ -734,6 +734,24 @@ def test_not_executable_is_a_create_error_with_126(rootfs: Path, runtimes: list[
     assert runtime.runtime_status == 126
 
 
+def test_a_script_whose_interpreter_is_missing_fails_at_execve_with_127(
+    rootfs: Path, runtimes: list[Runtime]
+) -> None:
+    """The file exists and is executable, so create finds it; execve then fails (ENOENT for
+    the ``#!`` interpreter): status 127 and one line naming the program, as runc's ``exec
+    /x: no such file or directory``."""
+    name = f"interp-{uuid.uuid4().hex[:8]}"
+    script = rootfs / "data" / name
+    script.write_text("#!/nonexistent/interpreter\necho never\n")
+    script.chmod(0o755)
+    try:
+        result = run(runtimes, make_spec(rootfs, [f"/data/{name}"]))
+        assert (result.code, result.stdout) == (127, "")
+        assert result.stderr == f"pysandbox: exec /data/{name}: No such file or directory\n"
+    finally:
+        script.unlink()
+
+
 def test_bad_spec_fails_before_anything(rootfs: Path, runtimes: list[Runtime]) -> None:
     spec = make_spec(rootfs, ["true"])
     spec["linux"]["namespaces"].append({"type": "bogus"})

@@ -180,3 +180,36 @@ def test_a_volume_over_the_containers_root_is_refused(
     code, err = run_cli(argv, capsys)
     assert code == 125 and "the container's / cannot be a volume" in err, err
     assert_refused(argv, code, err, root, drivers)
+
+
+@pytest.mark.parametrize("verb", [["list"], ["ps"], ["state", "x"], ["run", "default", "true"]])
+def test_a_state_root_that_cannot_be_a_directory_is_named(
+    fake: tuple[FakeDrivers, Path], capsys: pytest.CaptureFixture[str], verb: list[str]
+) -> None:
+    """Found by a tester: ``--root /etc/passwd`` said only "File exists: /etc/passwd"."""
+    drivers, base = fake
+    blocker = base / f"file{next(_roots)}"
+    blocker.write_text("not a directory\n")
+    for root, reason in ((blocker, "it is not a directory"), (blocker / "x", "Not a directory")):
+        code, err = run_cli(["--root", str(root), *verb], capsys)
+        assert err == (
+            f"pysandbox: cannot use {root} as the state root (--root): {reason}; give a "
+            "directory (made if missing)\n"
+        )
+        assert code != 0 and drivers.events == []
+    assert blocker.read_text() == "not a directory\n"
+
+
+def test_an_unknown_user_names_the_image_not_its_path_in_the_store(
+    fake: tuple[FakeDrivers, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Found by a tester: ``run -u bogus default`` named the store's directory of the image."""
+    drivers, base = fake
+    root = new_root(base)
+    argv = ["--root", str(root), "run", "-u", "bogus", "default", "true"]
+    code, err = run_cli(argv, capsys)
+    assert err == (
+        "pysandbox: unknown user 'bogus': not in default:/etc/passwd; use a numeric "
+        "UID[:GID] or a user the image defines\n"
+    )
+    assert_refused(argv, code, err, root, drivers)
