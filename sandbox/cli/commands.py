@@ -254,8 +254,30 @@ def cmd_kill(args: argparse.Namespace) -> int:
 def cmd_delete(args: argparse.Namespace) -> int:
     from sandbox.runtime import delete
 
-    delete.delete(_root(args), args.id, args.force, warn=log.warner(args))
+    root = _root(args)
+    if not _is_run(root, args.id):
+        delete.delete(root, args.id, args.force, warn=log.warner(args))
+        return 0
+    # A detached run's container deleted with runc's verb (kill, then delete): under the
+    # run's lock, which goes with it, as with rm.
+    from sandbox.run.monitor import run_lock
+
+    with run_lock(root, args.id) as lock:
+        delete.delete(root, args.id, args.force, warn=log.warner(args))
+        lock.discard()
     return 0
+
+
+def _is_run(root: Path, container_id: str) -> bool:
+    """Whether ``container_id`` names a detached run's container (False for any other id,
+    valid or not: the runtime's delete reports those)."""
+    from sandbox.errors import SandboxError
+    from sandbox.runtime.record import ContainerRecord
+
+    try:
+        return isinstance(ContainerRecord.load(root, container_id).data.get("run"), dict)
+    except (SandboxError, OSError):
+        return False
 
 
 def cmd_exec(args: argparse.Namespace) -> int:

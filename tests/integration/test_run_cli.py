@@ -923,12 +923,20 @@ def test_detached_runs_ps_logs_stop_rm(root: Path) -> None:
     assert busy.returncode == 0, busy.stderr
     forced = cli(root, "rm", "-f", "busy")
     assert (forced.returncode, forced.stdout) == (0, b"busy\n"), forced.stderr
+    # runc's verbs on a run: kill, then delete once it stopped; nothing of it is left.
+    killed = run(root, "-d", "--name", "killed", "default", "sleep", "1000")
+    assert killed.returncode == 0, killed.stderr
+    assert cli(root, "kill", "killed", "KILL").returncode == 0
+    assert wait_until(lambda: _runs(root)["killed"]["status"] == "stopped", 60, interval=0.2)
+    deleted = cli(root, "delete", "killed")
+    assert (deleted.returncode, deleted.stderr) == (0, b"")
     missing = run(root, "-d", "--name", "bad", "default", "no-such-command")
     assert missing.returncode == 127 and missing.stdout == b"", missing.stderr
     assert missing.stderr.count(b"\n") == 1 and b"executable file not found" in missing.stderr
     assert _runs(root) == {}
-    assert not any((root / n).exists() for n in ("web", "short", "once", "busy", "bad"))
+    assert not any((root / n).exists() for n in ("web", "short", "once", "busy", "killed", "bad"))
     assert _leftovers(root) == [] and _processes_of(root) == []
+    assert sorted(p.name for p in (root / "locks").glob("run-*")) == []  # each went with its run
 
 
 def test_detached_log_is_capped_and_the_run_goes_on(root: Path) -> None:
