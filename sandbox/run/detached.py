@@ -65,7 +65,7 @@ from sandbox.run.monitor import (
     run_lock,
     wait_shim,
 )
-from sandbox.run.spec import build_spec, check_options, parse_size, run_name
+from sandbox.run.spec import build_spec, check_name_free, check_options, parse_size, run_name
 from sandbox.runtime import control, delete, kill, shim, start
 from sandbox.runtime.record import ContainerRecord, Status
 
@@ -107,6 +107,7 @@ def _create(
     # for it (they cut the boot at random points before: the client was SIGKILLed with the
     # pod's cgroup, or failed naming the jail or QEMU instead of the removal).
     with run_lock(root, name) as lock:
+        check_name_free(root, name)
         command = [str(a) for a in spec["process"]["args"]]
         record: ContainerRecord | None = None
         try:

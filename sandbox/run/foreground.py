@@ -28,7 +28,7 @@ from sandbox.pod.lifecycle import Pod
 from sandbox.pod.sharing import HeldSources, unshare_container_files
 from sandbox.pod.stdio import StdioRelay
 from sandbox.run.launch import CONTAINER_ID, boot_watched, create_with
-from sandbox.run.spec import build_spec, check_options, run_name
+from sandbox.run.spec import build_spec, check_name_free, check_options, run_name
 from sandbox.signal_forward import forwarding
 
 
@@ -62,6 +62,7 @@ def run(args: argparse.Namespace, root: Path) -> int:
     image = image_pull.resolve_image(args)
     with HeldSources() as held:  # the sources as checked, until they are shared
         pod_id = run_name(args)
+        check_name_free(root, pod_id)
         spec = build_spec(args, image, held, pod_id)
         pod, watch = boot_watched(root, pod_id, CONTAINER_ID, args, spec, image)
         try:

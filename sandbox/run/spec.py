@@ -21,7 +21,7 @@ from ocispec.document import MAX_DOCUMENT_BYTES
 from ocispec.errors import SpecError
 from ocispec.spec import MAX_HOSTNAME, MIN_MEMORY_LIMIT, parse_spec
 from sandbox import store as state
-from sandbox.errors import EXIT_NOT_FOUND, ConfigError, RunError
+from sandbox.errors import EXIT_NOT_FOUND, ConfigError, NotFoundError, RunError
 from sandbox.image import store as images
 from sandbox.run.default_spec import RUN_SYSCTLS, default_spec
 
@@ -101,6 +101,25 @@ def run_name(args: argparse.Namespace) -> str:
     """The name of a run: ``--name``, else ``run-`` and 12 random hex digits (docker's short
     container id)."""
     return str(args.name) if args.name else f"{RUN_PREFIX}{secrets.token_hex(6)}"
+
+
+def check_name_free(root: Path, name: str) -> None:
+    """RunError (docker's "name is already in use", status 125) when a run or a runtime
+    container of ``root`` is named ``name``, naming the command that removes it: its VM is
+    that run's, so the message must not point at ``pod stop``."""
+    from sandbox.runtime.record import ContainerRecord
+
+    try:
+        record = ContainerRecord.load(root, name)
+    except (NotFoundError, ConfigError, OSError):
+        return
+    if isinstance(record.data.get("run"), dict):
+        remove = f"remove it first (pysandbox rm -f {name})"
+    else:
+        remove = f"delete it first (pysandbox delete --force {name})"
+    raise RunError(
+        f'the name "{name}" is already in use by a container: {remove} or choose another --name'
+    )
 
 
 def hostname(args: argparse.Namespace, name: str) -> str:

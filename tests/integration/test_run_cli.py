@@ -921,6 +921,15 @@ def test_detached_runs_ps_logs_stop_rm(root: Path) -> None:
     assert _runs(root) == {}
     busy = run(root, "-d", "--name", "busy", "default", "sleep", "1000")
     assert busy.returncode == 0, busy.stderr
+    for mode in ([], ["-d"]):  # its name is taken: refused before a boot, the run untouched
+        taken = run(root, *mode, "--name", "busy", "default", "true")
+        assert (taken.returncode, taken.stdout, taken.stderr) == (
+            125,
+            b"",
+            b'pysandbox: the name "busy" is already in use by a container: remove it first '
+            b"(pysandbox rm -f busy) or choose another --name\n",
+        )
+    assert _runs(root)["busy"]["status"] == "running"
     forced = cli(root, "rm", "-f", "busy")
     assert (forced.returncode, forced.stdout) == (0, b"busy\n"), forced.stderr
     # runc's verbs on a run: kill, then delete once it stopped; nothing of it is left.
