@@ -47,6 +47,28 @@ def cmd_check(args: argparse.Namespace) -> int:
     return 0 if report.ok else 1
 
 
+def cmd_pool(args: argparse.Namespace) -> int:
+    """``pool ls``: the VMs waiting for a run (id, status, seconds waited, vCPUs, MiB);
+    ``pool drain``: remove them (their ids)."""
+    import time
+
+    from sandbox.run import pool
+
+    root = _root(args)
+    if args.pool_verb == "drain":
+        for pod_id in pool.drain(root):
+            print(pod_id)
+        return 0
+    table = [["POD", "STATUS", "WAITING", "CPUS", "MEMORY"]]
+    for pod in pool.waiting(root):
+        waited = f"{time.time() - pod.record.created:.0f}s"
+        memory = f"{pod.record.memory_mib} MiB"
+        table.append([pod.id, str(pod.observed_status()), waited, str(pod.record.cpus), memory])
+    for line in text_table.render(table):
+        print(line)
+    return 0
+
+
 def cmd_pod(args: argparse.Namespace) -> int:
     from sandbox.pod.lifecycle import DEFAULT_MEMORY_MIB, Pod
 
@@ -490,6 +512,7 @@ def cmd_spec(args: argparse.Namespace) -> int:
 HANDLERS: dict[str, Callable[[argparse.Namespace], int]] = {
     "check": cmd_check,
     "pod": cmd_pod,
+    "pool": cmd_pool,
     "run": cmd_run,
     "create": cmd_create,
     "start": cmd_start,

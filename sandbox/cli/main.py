@@ -122,6 +122,11 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     stop = pod_verbs.add_parser("stop", help="stop a pod VM and remove everything it started")
     stop.add_argument("pod_id")
     pod_verbs.add_parser("list", help="list pod VMs")
+    pool = verbs.add_parser("pool", help="VMs kept ready for run (PYSANDBOX_POOL=N)")
+    pool_verbs = pool.add_subparsers(dest="pool_verb", metavar="ACTION", parser_class=_Parser)
+    pool_verbs.required = True
+    pool_verbs.add_parser("ls", help="list the VMs waiting for a run")
+    pool_verbs.add_parser("drain", help="remove every VM waiting for a run")
 
     from sandbox.run.options import add_arguments as add_run_arguments
 

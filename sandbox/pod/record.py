@@ -104,6 +104,9 @@ class PodRecord:
     #: handed the run over to its monitor): its watcher tears the pod down once it is gone
     #: (:mod:`sandbox.run.owner_watch`). None: the pod lives until stopped.
     owner: ProcessHandle | None = None
+    #: While the pod waits in the warm pool of ``run`` (:mod:`sandbox.run.pool`): the key of
+    #: the runs it can serve; None once a run took it (or for any other pod).
+    pool: str | None = None
     #: Keys of the file this version does not know, written back unchanged.
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -155,6 +158,8 @@ class PodRecord:
             data["owner"] = self.owner.to_json()
         if self.boot is not None:
             data["boot"] = self.boot.value
+        if self.pool is not None:
+            data["pool"] = self.pool
         return data
 
     @classmethod
@@ -228,6 +233,9 @@ class PodRecord:
         if host_cgroup is not None and not isinstance(host_cgroup, dict):
             raise corrupt("host_cgroup is not an object")
         owner = ProcessHandle.from_json(data.pop("owner", None))
+        pool = data.pop("pool", None)
+        if pool is not None and not isinstance(pool, str):
+            raise corrupt("pool is not a string")
         return cls(
             id=pod_id,
             status=status,
@@ -245,6 +253,7 @@ class PodRecord:
             cached_files=cached_files,
             host_cgroup=host_cgroup,
             owner=owner,
+            pool=pool,
             extra=data,
         )
 

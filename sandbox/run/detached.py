@@ -55,7 +55,8 @@ from sandbox.pod import host_cgroup
 from sandbox.pod.lifecycle import Pod
 from sandbox.pod.record import PodStatus
 from sandbox.pod.sharing import HeldSources, unshare_container_files
-from sandbox.run.launch import boot_watched, create_in_pod
+from sandbox.run import pool
+from sandbox.run.launch import boot_watched, create_in_pod, run_kind
 from sandbox.run.monitor import (
     LOG_NAME,
     MONITORED,
@@ -132,7 +133,11 @@ def _create(
                     },
                 )
             state.write_json_atomic(record.dir / "config.json", spec)
-            pod, watch = boot_watched(root, name, name, args, spec, image)
+            kind = run_kind(args, spec, image)
+            pod, watch = boot_watched(root, name, name, args, spec, image, kind)
+            if pod.id != name:  # a VM of the warm pool: the record names its pod
+                record.data["pod_id"] = pod.id
+                record.save()
         except BaseException:
             # No VM of ours exists: the pod id may even be another run's, so no delete.delete.
             if record is not None:
@@ -168,6 +173,7 @@ def _create(
                 watch.dismiss()
                 lock.discard()
             raise
+        pool.refill(root, kind)
         return name
 
 

@@ -27,7 +27,8 @@ from sandbox.pod.agent_client import ContainerClient
 from sandbox.pod.lifecycle import Pod
 from sandbox.pod.sharing import HeldSources, unshare_container_files
 from sandbox.pod.stdio import StdioRelay
-from sandbox.run.launch import CONTAINER_ID, boot_watched, create_with
+from sandbox.run import pool
+from sandbox.run.launch import CONTAINER_ID, boot_watched, create_with, run_kind
 from sandbox.run.spec import build_spec, check_name_free, check_options, run_name
 from sandbox.signal_forward import forwarding
 
@@ -64,7 +65,10 @@ def run(args: argparse.Namespace, root: Path) -> int:
         pod_id = run_name(args)
         check_name_free(root, pod_id)
         spec = build_spec(args, image, held, pod_id)
-        pod, watch = boot_watched(root, pod_id, CONTAINER_ID, args, spec, image)
+        kind = run_kind(args, spec, image)  # the pool's settings checked before a boot
+        if args.name:  # its pod goes by its name, which that reserves: no pooled VM
+            kind = None
+        pod, watch = boot_watched(root, pod_id, CONTAINER_ID, args, spec, image, kind)
         try:
             status = _run_in_pod(args, pod, spec, image, held)
         except BaseException:
@@ -72,6 +76,7 @@ def run(args: argparse.Namespace, root: Path) -> int:
             watch.dismiss()
             raise
     pod.mark_stopping()
+    pool.refill(root, kind)
     sys.stdout.flush()
     sys.stderr.flush()
     return status

@@ -11,7 +11,9 @@ import contextlib
 import hashlib
 import json
 import os
+import secrets
 import signal
+import socket
 import subprocess
 import time
 from pathlib import Path
@@ -25,7 +27,7 @@ from sandbox.pod.agent_client import ContainerClient
 from sandbox.pod.lifecycle import Pod
 from sandbox.pod.record import PodStatus
 from sandbox.pod.sharing import HeldSources, is_bind, share_container_files
-from sandbox.run import etc_files
+from sandbox.run import etc_files, pool
 from sandbox.run.spec import vm_cpus, vm_memory_mib
 
 #: The container id of a foreground run inside its pod.
@@ -97,6 +99,26 @@ class OwnerWatch:
             os.waitpid(self._process.pid, 0)
 
 
+def run_kind(
+    args: argparse.Namespace, spec: dict[str, Any], image: images.Image
+) -> pool.Kind | None:
+    """The kind of VM this run boots (:mod:`sandbox.run.pool`), as :func:`boot_pod` boots
+    it; None when the pool is off or cannot serve it (a network, a spec cgroupsPath)."""
+    count = pool.wanted()
+    pool.idle_seconds()  # both settings are checked before a boot, the pool on or off
+    if not count or args.network != "none" or spec["linux"].get("cgroupsPath"):
+        return None
+    resources = spec["linux"]["resources"]
+    memory = resources.get("memory")
+    return pool.kind_for(
+        vm_memory_mib(None if memory is None else memory["limit"]),
+        vm_cpus(resources.get("cpu")),
+        bool(args.privileged_files),
+        cacheable(spec, image),
+        host_cgroup.container_limits(resources),
+    )
+
+
 def boot_watched(
     root: Path,
     pod_id: str,
@@ -104,10 +126,16 @@ def boot_watched(
     args: argparse.Namespace,
     spec: dict[str, Any],
     image: images.Image,
+    kind: pool.Kind | None = None,
 ) -> tuple[Pod, OwnerWatch]:
-    """:func:`watch_owner`, then :func:`boot_pod` with this process as the pod's owner; a
-    boot that fails (and so rolled itself back) dismisses the watcher. RunError if the
-    watcher cannot be started; the boot's errors as they are."""
+    """A pod of ``kind`` from the warm pool if one waits (:func:`claim_watched`: its id is
+    then the pool's, not ``pod_id``); else :func:`watch_owner`, then :func:`boot_pod` with
+    this process as the pod's owner; a boot that fails (and so rolled itself back) dismisses
+    the watcher. RunError if the watcher cannot be started; the boot's errors as they are."""
+    if kind is not None:
+        claimed = claim_watched(root, kind, container_id, str(spec.get("hostname") or ""))
+        if claimed is not None:
+            return claimed
     try:
         watch = watch_owner(root, pod_id, container_id)
     except OSError as exc:
@@ -117,6 +145,34 @@ def boot_watched(
     except BaseException:
         watch.dismiss()  # the boot rolled itself back: nothing is left to tear down
         raise
+
+
+def claim_watched(
+    root: Path, kind: pool.Kind, container_id: str, hostname: str
+) -> tuple[Pod, OwnerWatch] | None:
+    """Take a waiting pod of ``kind`` (:func:`pool.claim`), start the watcher of this
+    process for it and tell its guest it is restored once more (fresh host entropy, the
+    time, ``hostname`` or the host's); None when none waits. On a failure the pod is
+    removed and RunError (the watcher) or the agent's error is raised."""
+    owner = ProcessHandle.of(os.getpid())
+    pod = pool.claim(root, kind, owner)
+    if pod is None:
+        return None
+    try:
+        watch = watch_owner(root, pod.id, container_id)
+    except OSError as exc:
+        pod.destroy()
+        raise RunError(f"cannot start the watcher of this run: {exc.strerror}") from None
+    try:
+        with pod.client() as agent:
+            agent.restored(
+                secrets.token_bytes(64), time.time_ns(), hostname=hostname or socket.gethostname()
+            )
+    except BaseException:
+        pod.destroy()
+        watch.dismiss()
+        raise
+    return pod, watch
 
 
 def watch_owner(root: Path, pod_id: str, container_id: str) -> OwnerWatch:

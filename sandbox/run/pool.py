@@ -1,0 +1,286 @@
+"""The warm pool of ``pysandbox run``: VMs restored ahead, each taken by one run.
+
+Opt-in: with ``PYSANDBOX_POOL=N`` (1..:data:`MAX_READY`) a run that ended (foreground) or
+started (``-d``) leaves a filler behind (:mod:`sandbox.run.pool_fill`): a process at the
+host's idle CPU priority (``SCHED_IDLE``: it runs only when nothing else wants the CPU)
+that restores one more pod like the run's from the template VM, until ``N`` such pods wait,
+and marks it waiting (:attr:`sandbox.pod.record.PodRecord.pool`: the :class:`Kind` key).
+The next run of that kind takes one instead of restoring its own: it becomes the pod's
+owner, puts the pod's processes back at the normal priority, and sends the guest
+``Restored`` once more (fresh host entropy for its CRNG, the time, the run's hostname),
+then shares its image and creates its container as usual. Each pod serves one run and goes
+with it: nothing is shared between runs that a guest could write (docs/warm-pool.md).
+
+A waiting pod's owner is its filler, which became a ``/bin/sh`` timer: after
+``PYSANDBOX_POOL_IDLE`` seconds (default :data:`DEFAULT_IDLE`) unclaimed the pod is removed;
+a run that takes the pod ends the timer first. ``pysandbox pool drain`` removes every
+waiting pod of a root, ``pysandbox pool ls`` lists them.
+
+Only runs whose VM a pooled pod can be are served: no network (``--network none``), no
+``cgroupsPath`` of the spec's own, no ``--name`` for a foreground run (its pod goes by that
+name). The key covers the VM's memory, vCPUs, file privileges and caching, the container's
+host limits, the guest image (its manifest's mtime) and the environment that shapes a boot
+(jail, accelerator, templates, QEMU, virtiofsd).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import os
+import signal
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from hypervisor.process import ProcessHandle
+from sandbox.errors import ConfigError, SandboxError
+
+if TYPE_CHECKING:
+    from sandbox.pod.lifecycle import Pod
+
+POOL_ENV = "PYSANDBOX_POOL"
+IDLE_ENV = "PYSANDBOX_POOL_IDLE"
+#: Seconds an unclaimed pod waits before its timer removes it.
+DEFAULT_IDLE = 600.0
+MAX_IDLE = 86400.0
+#: At most this many pods of one kind wait (each idle one costs ~150 MiB and a little CPU).
+MAX_READY = 8
+#: Pod ids of the pool: this prefix and 12 hex digits.
+PREFIX = "pool-"
+#: What shapes a boot besides the arguments of ``Pod.boot``: part of the key.
+_BOOT_ENV = (
+    "PYSANDBOX_ACCEL",
+    "PYSANDBOX_BOOT_TIMEOUT",
+    "PYSANDBOX_GUEST_IMAGE",
+    "PYSANDBOX_JAIL",
+    "PYSANDBOX_JAIL_IDS",
+    "PYSANDBOX_JAIL_USER",
+    "PYSANDBOX_LOCKS",
+    "PYSANDBOX_QEMU",
+    "PYSANDBOX_TEMPLATES",
+    "PYSANDBOX_TEMPLATE_DIR",
+    "PYSANDBOX_TEMPLATE_MAX_MIB",
+    "PYSANDBOX_VIRTIOFSD",
+)
+
+
+def wanted() -> int:
+    """How many pods of a kind to keep waiting (``PYSANDBOX_POOL``; unset or empty: 0, no
+    pool). ConfigError for anything but an integer 0..MAX_READY."""
+    raw = os.environ.get(POOL_ENV, "").strip()
+    if not raw:
+        return 0
+    if not raw.isdigit() or int(raw) > MAX_READY:
+        raise ConfigError(
+            f"{POOL_ENV}={raw[:40]!r}: give how many VMs to keep ready for runs, 0..{MAX_READY}"
+        )
+    return int(raw)
+
+
+def idle_seconds() -> float:
+    """``PYSANDBOX_POOL_IDLE`` (default :data:`DEFAULT_IDLE`); ConfigError unless a number of
+    seconds in (0, MAX_IDLE]."""
+    raw = os.environ.get(IDLE_ENV, "").strip()
+    if not raw:
+        return DEFAULT_IDLE
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not 0 < value <= MAX_IDLE:
+        raise ConfigError(
+            f"{IDLE_ENV}={raw[:40]!r}: give the seconds an unused ready VM is kept, "
+            f"up to {MAX_IDLE:.0f}"
+        )
+    return value
+
+
+@dataclasses.dataclass(frozen=True)
+class Kind:
+    """What a pod of the pool must match to serve a run (see the module docstring)."""
+
+    memory_mib: int
+    cpus: int
+    privileged_files: bool
+    cached_files: bool
+    #: :func:`sandbox.pod.host_cgroup.container_limits` of the run's container.
+    limits: dict[str, int | None]
+    #: The guest image's manifest: path and mtime (a rebuilt image makes a new kind).
+    image: str
+    environment: dict[str, str]
+
+    def key(self) -> str:
+        """A digest of every field (16 hex digits)."""
+        text = json.dumps(dataclasses.asdict(self), sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, data: Any) -> Kind:
+        """ConfigError for a document that is not a :meth:`to_json` of this version."""
+        try:
+            kind = cls(**data)
+        except TypeError as exc:
+            raise ConfigError(f"not a pool kind: {exc}") from None
+        if not isinstance(kind.limits, dict) or not isinstance(kind.environment, dict):
+            raise ConfigError("not a pool kind: limits and environment are objects")
+        return kind
+
+
+def kind_for(
+    memory_mib: int,
+    cpus: int,
+    privileged_files: bool,
+    cached_files: bool,
+    limits: dict[str, int | None],
+) -> Kind | None:
+    """The kind of a run's VM as ``boot_pod`` would boot it; None when the guest image
+    cannot be found (the boot reports it)."""
+    from hypervisor.errors import GuestImageError
+    from hypervisor.guest_image import find_image
+
+    try:
+        manifest = find_image().dir / "manifest.json"
+        image = f"{manifest}:{manifest.stat().st_mtime_ns}"
+    except (GuestImageError, OSError):
+        return None
+    environment = {name: os.environ[name] for name in _BOOT_ENV if name in os.environ}
+    return Kind(memory_mib, cpus, privileged_files, cached_files, dict(limits), image, environment)
+
+
+def claim(root: Path, kind: Kind, owner: ProcessHandle) -> Pod | None:
+    """Take a waiting pod of ``kind``, or None when there is none (or the pool is off). The
+    pod is ``owner``'s from now on (its record says so before anything else happens), its
+    timer is ended, its processes run at the normal priority again. A waiting pod found
+    dead is removed on the way."""
+    from sandbox.pod import record as pod_record
+    from sandbox.pod.lifecycle import Pod
+    from sandbox.pod.record import PodStatus
+
+    key = kind.key()
+    for found in pod_record.all_records(root):
+        if found.pool != key or found.status is not PodStatus.RUNNING:
+            continue
+        with pod_record.lock(root, found.id):
+            try:
+                pod = Pod.load(root, found.id)
+            except SandboxError:
+                continue
+            if pod.record.pool != key:
+                continue  # another run's now
+            timer = pod.record.owner
+            pod.record.pool = None
+            pod.record.owner = owner
+            pod.save()
+        _end_timer(timer)
+        if pod.observed_status() is not PodStatus.RUNNING:
+            with contextlib.suppress(SandboxError):
+                pod.destroy()
+            continue
+        _normal_priority(pod)
+        return pod
+    return None
+
+
+def _normal_priority(pod: Pod) -> None:
+    """Every thread of the pod's host processes back to SCHED_OTHER (the filler started them
+    at SCHED_IDLE)."""
+    from sandbox.pod import host_cgroup
+
+    placement = pod.host_cgroup()
+    pids = host_cgroup.pids(placement) if placement is not None else set()
+    pids |= {ref.pid for ref in pod.record.processes.values() if ref.alive()}
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            for tid in os.listdir(f"/proc/{pid}/task"):
+                with contextlib.suppress(OSError):
+                    os.sched_setscheduler(int(tid), os.SCHED_OTHER, os.sched_param(0))
+
+
+def waiting(root: Path, key: str | None = None) -> list[Pod]:
+    """The pods waiting in ``root``'s pool (of kind ``key`` only, when given)."""
+    from sandbox.pod.lifecycle import Pod
+
+    return [p for p in Pod.list(root) if p.record.pool is not None and key in (None, p.record.pool)]
+
+
+def refill(root: Path, kind: Kind | None) -> None:
+    """Start a filler for ``kind`` when the pool is on and fewer than :func:`wanted` pods of
+    it wait or are on their way (quietly nothing otherwise: a run never fails for its
+    pool). The filler runs detached, at SCHED_IDLE, its output in ``ROOT/logs/pool.log``."""
+    if kind is None:
+        return
+    try:
+        count = wanted()
+        idle = idle_seconds()
+    except ConfigError:
+        return
+    if count == 0:
+        return
+    with contextlib.suppress(SandboxError, OSError):
+        if len(waiting(root, kind.key())) >= count:
+            return
+        from sandbox import IMPORT_ROOT
+        from sandbox import store as state
+
+        logs = state.ensure_dir(root / "logs")
+        log_fd = os.open(logs / "pool.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        null_fd = os.open(os.devnull, os.O_RDONLY)
+        try:
+            argv = [sys.executable, "-m", "sandbox.run.pool_fill", "fill", str(root), str(idle)]
+            argv.append(json.dumps(kind.to_json()))
+            os.posix_spawn(
+                sys.executable,
+                argv,
+                {**os.environ, "PYTHONPATH": IMPORT_ROOT},
+                file_actions=[
+                    (os.POSIX_SPAWN_DUP2, null_fd, 0),
+                    (os.POSIX_SPAWN_DUP2, log_fd, 1),
+                    (os.POSIX_SPAWN_DUP2, log_fd, 2),
+                ],
+                setsid=True,
+            )  # (posix_spawn cannot set SCHED_IDLE: the filler sets it first thing)
+        finally:
+            os.close(log_fd)
+            os.close(null_fd)
+
+
+def expire(root: Path, pod_id: str, key: str) -> bool:
+    """Remove pod ``pod_id`` if it still waits as ``key``; whether it did."""
+    from sandbox.pod import record as pod_record
+    from sandbox.pod.lifecycle import Pod
+
+    with pod_record.lock(root, pod_id) as lock:
+        try:
+            pod = Pod.load(root, pod_id)
+        except SandboxError:
+            return False
+        if pod.record.pool != key:
+            return False
+        pod.destroy()
+        lock.discard()
+        return True
+
+
+def drain(root: Path) -> list[str]:
+    """Remove every waiting pod of ``root`` (and end its timer); their ids."""
+    removed = []
+    for pod in waiting(root):
+        timer = pod.record.owner
+        if pod.record.pool is not None and expire(root, pod.id, pod.record.pool):
+            removed.append(pod.id)
+            _end_timer(timer)
+    return removed
+
+
+def _end_timer(timer: ProcessHandle | None) -> None:
+    """SIGKILL a waiting pod's timer and its ``sleep`` (the filler made itself a process
+    group leader: ``setsid``), if it is still that process."""
+    if timer is not None and timer.alive():
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(timer.pid, signal.SIGKILL)

@@ -1,0 +1,127 @@
+"""``run``'s warm pool (``PYSANDBOX_POOL=N``, sandbox/run/pool.py), as its user sees it.
+
+What a user relies on: with the pool on, a run leaves a VM ready for the next run of its
+kind (``pool ls``), which that run takes (it is gone from the list, another is restored for
+the one after); each run still gets a VM of its own with its own randomness and hostname;
+a waiting VM costs only idle CPU (SCHED_IDLE) and goes after ``PYSANDBOX_POOL_IDLE``
+seconds or on ``pool drain``, leaving no process, mount or pod behind; a bad setting is one
+line before any boot.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.integration.pods import PodFactory
+from tests.processes import processes_mentioning, wait_until
+
+REPO = Path(__file__).resolve().parents[2]
+SCHED_IDLE = 5
+
+
+def pysandbox(root: Path, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "sandbox", "--root", str(root), *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=REPO,
+        env={**os.environ, "PYSANDBOX_POOL": "1", **env},
+    )
+
+
+def waiting(root: Path) -> list[str]:
+    """The ids ``pool ls`` lists as running."""
+    listing = pysandbox(root, "pool", "ls")
+    assert listing.returncode == 0, listing.stderr
+    return [line.split()[0] for line in listing.stdout.splitlines()[1:] if " running " in line]
+
+
+def policy(pid: int) -> int:
+    """The scheduling policy of ``pid`` (``/proc/PID/stat`` field 41)."""
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    return int(stat.rpartition(")")[2].split()[38])
+
+
+def qemu_of(root: Path, pod_id: str) -> int:
+    for path in (root / "p").glob("*/pod.json"):
+        record = json.loads(path.read_text())
+        if record["id"] == pod_id:
+            return int(record["processes"]["qemu"]["pid"])
+    raise AssertionError(f"no pod {pod_id}")
+
+
+def nothing_left(root: Path) -> bool:
+    with open("/proc/self/mountinfo", encoding="utf-8") as mountinfo:
+        mounts = [line for line in mountinfo if str(root) in line]
+    pods = list((root / "p").glob("*")) if (root / "p").exists() else []
+    return mounts == [] and pods == [] and processes_mentioning(str(root), live_only=True) == []
+
+
+@pytest.fixture
+def root(module_pods: PodFactory) -> Iterator[Path]:
+    root = module_pods.new_root("pool")
+    try:
+        yield root
+    finally:
+        pysandbox(root, "pool", "drain")
+
+
+def test_a_run_takes_the_vm_the_previous_one_left_ready(root: Path) -> None:
+    script = "head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \\n'; echo; hostname"
+    first = pysandbox(root, "run", "default", "sh", "-c", script)
+    assert first.returncode == 0, first.stderr
+    assert wait_until(lambda: len(waiting(root)) == 1, 120), "no VM was made ready"
+    (ready,) = waiting(root)
+    assert policy(qemu_of(root, ready)) == SCHED_IDLE  # it waits on idle CPU only
+    second = pysandbox(root, "run", "default", "sh", "-c", script)
+    assert second.returncode == 0, second.stderr
+    assert ready not in waiting(root)  # taken: a VM serves one run
+    random1, hostname1 = first.stdout.split()
+    random2, hostname2 = second.stdout.split()
+    assert random1 != random2 and hostname1 != hostname2 and len(hostname2) == 12
+    # A detached run takes the next one: it runs at the normal priority, and goes with rm.
+    assert wait_until(lambda: len(waiting(root)) == 1, 120)
+    (ready,) = waiting(root)
+    started = pysandbox(root, "run", "-d", "--name", "d", "default", "sleep", "1000")
+    assert started.returncode == 0, started.stderr
+    state = json.loads((root / "d" / "state.json").read_text())
+    assert state["pod_id"] == ready and policy(qemu_of(root, ready)) == 0
+    exec_ = pysandbox(root, "exec", "d", "hostname")
+    assert (exec_.returncode, exec_.stdout) == (0, "d\n"), exec_.stderr
+    assert pysandbox(root, "rm", "-f", "d").returncode == 0
+    assert wait_until(lambda: len(waiting(root)) == 1, 120)
+    drained = pysandbox(root, "pool", "drain")
+    assert drained.returncode == 0 and len(drained.stdout.split()) == 1, drained
+    assert wait_until(lambda: nothing_left(root), 30)
+
+
+def test_an_unused_vm_goes_after_its_idle_time(root: Path) -> None:
+    done = pysandbox(root, "run", "default", "true", PYSANDBOX_POOL_IDLE="3")
+    assert done.returncode == 0, done.stderr
+    assert wait_until(lambda: len(waiting(root)) == 1, 120)
+    assert wait_until(lambda: nothing_left(root), 60), processes_mentioning(str(root))
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "words"),
+    [
+        ("PYSANDBOX_POOL", "lots", "PYSANDBOX_POOL='lots': give how many VMs"),
+        ("PYSANDBOX_POOL", "99", "PYSANDBOX_POOL='99': give how many VMs"),
+        ("PYSANDBOX_POOL_IDLE", "-1", "PYSANDBOX_POOL_IDLE='-1': give the seconds"),
+    ],
+)
+def test_a_bad_setting_is_one_line_before_any_boot(
+    root: Path, name: str, value: str, words: str
+) -> None:
+    done = pysandbox(root, "run", "default", "true", **{name: value})
+    assert done.returncode == 125 and done.stdout == ""
+    assert done.stderr.startswith(f"pysandbox: {words}") and done.stderr.count("\n") == 1
+    assert nothing_left(root)
