@@ -38,6 +38,7 @@ PROBES: tuple[tuple[str, str, str], ...] = (
     ("sandbox.run.foreground", "image_pull.resolve_image", "resolve image"),
     ("sandbox.run.foreground", "build_spec", "build spec"),
     ("sandbox.run.foreground", "boot_watched", "boot pod"),
+    ("sandbox.run.launch", "claim_watched", "boot: warm pool claim"),
     ("sandbox.run.launch", "watch_owner", "boot: owner watcher start"),
     ("sandbox.pod.template", "ensure", "boot: find template"),
     ("sandbox.pod.template", "acquire", "boot: template acquire"),

@@ -11,9 +11,7 @@ import contextlib
 import hashlib
 import json
 import os
-import secrets
 import signal
-import socket
 import subprocess
 import time
 from pathlib import Path
@@ -133,7 +131,7 @@ def boot_watched(
     this process as the pod's owner; a boot that fails (and so rolled itself back) dismisses
     the watcher. RunError if the watcher cannot be started; the boot's errors as they are."""
     if kind is not None:
-        claimed = claim_watched(root, kind, container_id, str(spec.get("hostname") or ""))
+        claimed = claim_watched(root, kind, container_id)
         if claimed is not None:
             return claimed
     try:
@@ -148,12 +146,13 @@ def boot_watched(
 
 
 def claim_watched(
-    root: Path, kind: pool.Kind, container_id: str, hostname: str
+    root: Path, kind: pool.Kind, container_id: str
 ) -> tuple[Pod, OwnerWatch] | None:
-    """Take a waiting pod of ``kind`` (:func:`pool.claim`), start the watcher of this
-    process for it and tell its guest it is restored once more (fresh host entropy, the
-    time, ``hostname`` or the host's); None when none waits. On a failure the pod is
-    removed and RunError (the watcher) or the agent's error is raised."""
+    """Take a waiting pod of ``kind`` (:func:`pool.claim`) and start the watcher of this
+    process for it; None when none waits. RunError (the pod removed) if the watcher cannot
+    be started. The guest needs no new ``Restored``: its own restore gave it fresh host
+    entropy and the time, its clock has run since, and it serves this run only; the
+    container has a UTS namespace and hostname of its own (docs/warm-pool.md)."""
     owner = ProcessHandle.of(os.getpid())
     pod = pool.claim(root, kind, owner)
     if pod is None:
@@ -163,15 +162,6 @@ def claim_watched(
     except OSError as exc:
         pod.destroy()
         raise RunError(f"cannot start the watcher of this run: {exc.strerror}") from None
-    try:
-        with pod.client() as agent:
-            agent.restored(
-                secrets.token_bytes(64), time.time_ns(), hostname=hostname or socket.gethostname()
-            )
-    except BaseException:
-        pod.destroy()
-        watch.dismiss()
-        raise
     return pod, watch
 
 

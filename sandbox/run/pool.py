@@ -6,10 +6,10 @@ host's idle CPU priority (``SCHED_IDLE``: it runs only when nothing else wants t
 that restores one more pod like the run's from the template VM, until ``N`` such pods wait,
 and marks it waiting (:attr:`sandbox.pod.record.PodRecord.pool`: the :class:`Kind` key).
 The next run of that kind takes one instead of restoring its own: it becomes the pod's
-owner, puts the pod's processes back at the normal priority, and sends the guest
-``Restored`` once more (fresh host entropy for its CRNG, the time, the run's hostname),
-then shares its image and creates its container as usual. Each pod serves one run and goes
-with it: nothing is shared between runs that a guest could write (docs/warm-pool.md).
+owner, puts the pod's processes back at the normal priority, then shares its image and
+creates its container as usual. Each pod was restored on its own (its own host entropy for
+its CRNG, the time), serves one run and goes with it: nothing is shared between runs that a
+guest could write (docs/warm-pool.md).
 
 A waiting pod's owner is its filler, which became a ``/bin/sh`` timer: after
 ``PYSANDBOX_POOL_IDLE`` seconds (default :data:`DEFAULT_IDLE`) unclaimed the pod is removed;
