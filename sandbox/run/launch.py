@@ -145,9 +145,7 @@ def boot_watched(
         raise
 
 
-def claim_watched(
-    root: Path, kind: pool.Kind, container_id: str
-) -> tuple[Pod, OwnerWatch] | None:
+def claim_watched(root: Path, kind: pool.Kind, container_id: str) -> tuple[Pod, OwnerWatch] | None:
     """Take a waiting pod of ``kind`` (:func:`pool.claim`) and start the watcher of this
     process for it; None when none waits. RunError (the pod removed) if the watcher cannot
     be started. The guest needs no new ``Restored``: its own restore gave it fresh host
