@@ -25,6 +25,7 @@ from sandbox.errors import ConfigError
 from sandbox.image import store as images
 from sandbox.pod import network
 from sandbox.pod.lifecycle import Pod
+from tests.integration.cli import pysandbox
 from tests.integration.helpers import Result, busybox_spec, run_container
 from tests.integration.netns_topology import Topology, finish, topology
 from tests.integration.pods import PodFactory
@@ -209,17 +210,6 @@ def test_two_pods_on_one_bridge(pod_factory: PodFactory, monkeypatch: pytest.Mon
 
 
 # -- errors and cleanup ------------------------------------------------------------------------
-
-
-def pysandbox(root: Path, *args: str, **kwargs: Any) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "sandbox", "--root", str(root), *args],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=ROOT,
-        **kwargs,
-    )
 
 
 def create(root: Path, bundle: Path, cid: str, logs: Path) -> subprocess.CompletedProcess[str]:

@@ -13,28 +13,21 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from tests.integration import cli
 from tests.integration.pods import PodFactory
 from tests.processes import processes_mentioning, wait_until
 
-REPO = Path(__file__).resolve().parents[2]
 SCHED_IDLE = 5
 
 
 def pysandbox(root: Path, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "sandbox", "--root", str(root), *args],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=REPO,
-        env={**os.environ, "PYSANDBOX_POOL": "1", **env},
-    )
+    """The command with the pool on (and ``env`` set)."""
+    return cli.pysandbox(root, *args, env={**os.environ, "PYSANDBOX_POOL": "1", **env})
 
 
 def waiting(root: Path) -> list[str]:

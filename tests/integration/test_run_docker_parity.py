@@ -24,8 +24,8 @@ from pathlib import Path
 import pytest
 
 from sandbox.image import store as images
+from tests.integration.cli import pysandbox as run
 from tests.integration.pods import PodFactory
-from tests.integration.test_network import pysandbox as run
 from tests.processes import processes_mentioning, wait_until
 
 IMAGE = "localhost/etc-files:1"
