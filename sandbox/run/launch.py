@@ -101,16 +101,17 @@ def run_kind(
     args: argparse.Namespace, spec: dict[str, Any], image: images.Image
 ) -> pool.Kind | None:
     """The kind of VM this run boots (:mod:`sandbox.run.pool`), as :func:`boot_pod` boots
-    it; None when the pool is off or cannot serve it (a network, a spec cgroupsPath)."""
+    it; None when the pool is off or cannot serve it (a spec cgroupsPath)."""
     count = pool.wanted()
     pool.idle_seconds()  # both settings are checked before a boot, the pool on or off
-    if not count or args.network != "none" or spec["linux"].get("cgroupsPath"):
+    if not count or spec["linux"].get("cgroupsPath"):
         return None
     resources = spec["linux"]["resources"]
     memory = resources.get("memory")
     return pool.kind_for(
         vm_memory_mib(None if memory is None else memory["limit"]),
         vm_cpus(resources.get("cpu")),
+        args.network == "user",
         bool(args.privileged_files),
         cacheable(spec, image),
         host_cgroup.container_limits(resources),

@@ -16,11 +16,11 @@ A waiting pod's owner is its filler, which became a ``/bin/sh`` timer: after
 a run that takes the pod ends the timer first. ``pysandbox pool drain`` removes every
 waiting pod of a root, ``pysandbox pool ls`` lists them.
 
-Only runs whose VM a pooled pod can be are served: no network (``--network none``), no
-``cgroupsPath`` of the spec's own, no ``--name`` for a foreground run (its pod goes by that
-name). The key covers the VM's memory, vCPUs, file privileges and caching, the container's
-host limits, the guest image (its manifest's mtime) and the environment that shapes a boot
-(jail, accelerator, templates, QEMU, virtiofsd).
+Only runs whose VM a pooled pod can be are served: no ``cgroupsPath`` of the spec's own, no
+``--name`` for a foreground run (its pod goes by that name). The key covers the VM's memory,
+vCPUs, network (none or user), file privileges and caching, the container's host limits, the
+guest image (its manifest's mtime) and the environment that shapes a boot (jail,
+accelerator, templates, QEMU, virtiofsd).
 """
 
 from __future__ import annotations
@@ -104,6 +104,9 @@ class Kind:
 
     memory_mib: int
     cpus: int
+    #: ``--network user``: QEMU's user networking, configured in the guest at its boot as
+    #: for every such run (the container shares the guest's network namespace).
+    user_network: bool
     privileged_files: bool
     cached_files: bool
     #: :func:`sandbox.pod.host_cgroup.container_limits` of the run's container.
@@ -135,6 +138,7 @@ class Kind:
 def kind_for(
     memory_mib: int,
     cpus: int,
+    user_network: bool,
     privileged_files: bool,
     cached_files: bool,
     limits: dict[str, int | None],
@@ -150,7 +154,16 @@ def kind_for(
     except (GuestImageError, OSError):
         return None
     environment = {name: os.environ[name] for name in _BOOT_ENV if name in os.environ}
-    return Kind(memory_mib, cpus, privileged_files, cached_files, dict(limits), image, environment)
+    return Kind(
+        memory_mib,
+        cpus,
+        user_network,
+        privileged_files,
+        cached_files,
+        dict(limits),
+        image,
+        environment,
+    )
 
 
 def claim(root: Path, kind: Kind, owner: ProcessHandle) -> Pod | None:

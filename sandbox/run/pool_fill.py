@@ -42,6 +42,7 @@ def fill(root: Path, kind: pool.Kind) -> Pod:
         pod_id,
         memory_mib=kind.memory_mib,
         cpus=kind.cpus,
+        user_network=kind.user_network,
         privileged_files=kind.privileged_files,
         cgroup=(req, placement),
         cached_files=kind.cached_files,

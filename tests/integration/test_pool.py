@@ -96,6 +96,23 @@ def test_a_run_takes_the_vm_the_previous_one_left_ready(root: Path) -> None:
     assert wait_until(lambda: nothing_left(root), 30)
 
 
+def test_runs_with_user_networking_have_a_pool_of_their_own(root: Path) -> None:
+    """``--network user`` is another kind (a VM with QEMU's NIC): a plain run does not take
+    its VM; the next run with it does, and has its network and its own /etc files."""
+    script = "ip -4 -o addr show eth0 | grep -o '10.0.2.15/24'; cat /etc/resolv.conf; hostname"
+    first = pysandbox(root, "run", "--network", "user", "default", "sh", "-c", script)
+    assert first.returncode == 0, first.stderr
+    assert wait_until(lambda: len(waiting(root)) == 1, 120)
+    (ready,) = waiting(root)
+    plain = pysandbox(root, "run", "default", "true")
+    assert plain.returncode == 0 and ready in waiting(root)  # not its kind
+    second = pysandbox(root, "run", "--network", "user", "-h", "web", "default", "sh", "-c", script)
+    assert second.returncode == 0, second.stderr
+    assert ready not in waiting(root)
+    assert second.stdout == "10.0.2.15/24\nnameserver 10.0.2.3\nweb\n"
+    assert first.stdout.splitlines()[:2] == second.stdout.splitlines()[:2]
+
+
 def test_an_unused_vm_goes_after_its_idle_time(root: Path) -> None:
     done = pysandbox(root, "run", "default", "true", PYSANDBOX_POOL_IDLE="3")
     assert done.returncode == 0, done.stderr

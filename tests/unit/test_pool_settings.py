@@ -41,11 +41,12 @@ def test_idle_time_default_and_value(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_every_field_of_a_kind_is_in_its_key() -> None:
-    kind = pool.Kind(512, 1, False, True, {"pids": 1024}, "/g/manifest.json:1", {"A": "b"})
+    kind = pool.Kind(512, 1, False, False, True, {"pids": 1024}, "/g/manifest.json:1", {"A": "b"})
     assert pool.Kind.from_json(kind.to_json()) == kind
     changed = [
         dataclasses.replace(kind, memory_mib=640),
         dataclasses.replace(kind, cpus=2),
+        dataclasses.replace(kind, user_network=True),
         dataclasses.replace(kind, privileged_files=True),
         dataclasses.replace(kind, cached_files=False),
         dataclasses.replace(kind, limits={"pids": 1023}),
