@@ -11,9 +11,10 @@ creates its container as usual. Each pod was restored on its own (its own host e
 its CRNG, the time), serves one run and goes with it: nothing is shared between runs that a
 guest could write (docs/warm-pool.md).
 
-A waiting pod's owner is its filler, which became a ``/bin/sh`` timer: after
-``PYSANDBOX_POOL_IDLE`` seconds (default :data:`DEFAULT_IDLE`) unclaimed the pod is removed;
-a run that takes the pod ends the timer first. ``pysandbox pool drain`` removes every
+A waiting pod's owner is its filler, which became its timer (``sleep``), watched by a run's
+owner watcher: when the timer ends, after ``PYSANDBOX_POOL_IDLE`` seconds (default
+:data:`DEFAULT_IDLE`) or killed, the pod goes unless a run took it first (and ended the
+timer after making itself the owner). ``pysandbox pool drain`` removes every
 waiting pod of a root, ``pysandbox pool ls`` lists them.
 
 Only runs whose VM a pooled pod can be are served: no ``cgroupsPath`` of the spec's own, no
@@ -292,8 +293,7 @@ def drain(root: Path) -> list[str]:
 
 
 def _end_timer(timer: ProcessHandle | None) -> None:
-    """SIGKILL a waiting pod's timer and its ``sleep`` (the filler made itself a process
-    group leader: ``setsid``), if it is still that process."""
-    if timer is not None and timer.alive():
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(timer.pid, signal.SIGKILL)
+    """SIGKILL a waiting pod's timer (the filler, become ``sleep``) if it is still that
+    process: its owner watcher then finds the pod gone or another's and does nothing."""
+    if timer is not None:
+        timer.signal(signal.SIGKILL)

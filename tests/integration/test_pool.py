@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -113,10 +114,18 @@ def test_runs_with_user_networking_have_a_pool_of_their_own(root: Path) -> None:
     assert first.stdout.splitlines()[:2] == second.stdout.splitlines()[:2]
 
 
-def test_an_unused_vm_goes_after_its_idle_time(root: Path) -> None:
+def test_an_unused_vm_goes_after_its_idle_time_or_when_its_timer_is_killed(root: Path) -> None:
     done = pysandbox(root, "run", "default", "true", PYSANDBOX_POOL_IDLE="3")
     assert done.returncode == 0, done.stderr
     assert wait_until(lambda: len(waiting(root)) == 1, 120)
+    assert wait_until(lambda: nothing_left(root), 60), processes_mentioning(str(root))
+    done = pysandbox(root, "run", "default", "true")
+    assert done.returncode == 0, done.stderr
+    assert wait_until(lambda: len(waiting(root)) == 1, 120)
+    (pod,) = [json.loads(p.read_text()) for p in (root / "p").glob("*/pod.json")]
+    timer = int(pod["owner"]["pid"])
+    assert Path(f"/proc/{timer}/comm").read_text() == "sleep\n"
+    os.kill(timer, signal.SIGKILL)  # e.g. the OOM killer: the VM must not outlive it
     assert wait_until(lambda: nothing_left(root), 60), processes_mentioning(str(root))
 
 
