@@ -51,6 +51,8 @@ MAX_IDLE = 86400.0
 MAX_READY = 8
 #: Pod ids of the pool: this prefix and 12 hex digits.
 PREFIX = "pool-"
+#: ``ROOT/pool-fillers/PID-START``: the fillers started (and so the timers), for ``drain``.
+FILLERS = "pool-fillers"
 #: What shapes a boot besides the arguments of ``Pod.boot``: part of the key.
 _BOOT_ENV = (
     "PYSANDBOX_ACCEL",
@@ -248,7 +250,7 @@ def refill(root: Path, kind: Kind | None) -> None:
         try:
             argv = [sys.executable, "-m", "sandbox.run.pool_fill", "fill", str(root), str(idle)]
             argv.append(json.dumps(kind.to_json()))
-            os.posix_spawn(
+            pid = os.posix_spawn(
                 sys.executable,
                 argv,
                 {**os.environ, "PYTHONPATH": IMPORT_ROOT},
@@ -262,6 +264,15 @@ def refill(root: Path, kind: Kind | None) -> None:
         finally:
             os.close(log_fd)
             os.close(null_fd)
+        fillers = state.ensure_dir(root / FILLERS)
+        for entry in os.listdir(fillers):  # those of fillers and timers gone since
+            handle = _filler(entry)
+            if handle is None or not handle.alive():
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(fillers / entry)
+        with contextlib.suppress(ProcessLookupError):
+            filler = ProcessHandle.of(pid)
+            (fillers / f"{filler.pid}-{filler.start}").touch()
 
 
 def expire(root: Path, pod_id: str, key: str) -> bool:
@@ -282,14 +293,27 @@ def expire(root: Path, pod_id: str, key: str) -> bool:
 
 
 def drain(root: Path) -> list[str]:
-    """Remove every waiting pod of ``root`` (and end its timer); their ids."""
+    """Remove every waiting pod of ``root`` (and end its timer), then end the fillers still
+    restoring one (their owner watchers tear those pods down); the waiting pods' ids."""
     removed = []
     for pod in waiting(root):
         timer = pod.record.owner
         if pod.record.pool is not None and expire(root, pod.id, pod.record.pool):
             removed.append(pod.id)
             _end_timer(timer)
+    fillers = root / FILLERS
+    with contextlib.suppress(FileNotFoundError):
+        for entry in os.listdir(fillers):
+            _end_timer(_filler(entry))  # one whose pod a run took: no harm
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(fillers / entry)
     return removed
+
+
+def _filler(entry: str) -> ProcessHandle | None:
+    """The process a ``PID-START`` entry of :data:`FILLERS` names; None for another name."""
+    pid, _, start = entry.partition("-")
+    return ProcessHandle(int(pid), int(start)) if pid.isdigit() and start.isdigit() else None
 
 
 def _end_timer(timer: ProcessHandle | None) -> None:
