@@ -51,7 +51,8 @@ MAX_IDLE = 86400.0
 MAX_READY = 8
 #: Pod ids of the pool: this prefix and 12 hex digits.
 PREFIX = "pool-"
-#: ``ROOT/pool-fillers/PID-START``: the fillers started (and so the timers), for ``drain``.
+#: ``ROOT/pool-fillers/PID-START-KEY``: the fillers started (and so the timers): counted by
+#: ``refill`` while they restore, ended by ``drain``.
 FILLERS = "pool-fillers"
 #: What shapes a boot besides the arguments of ``Pod.boot``: part of the key.
 _BOOT_ENV = (
@@ -195,8 +196,9 @@ def claim(root: Path, kind: Kind, owner: ProcessHandle) -> Pod | None:
             pod.save()
         _end_timer(timer)
         if pod.observed_status() is not PodStatus.RUNNING:
-            with contextlib.suppress(SandboxError):
+            with contextlib.suppress(SandboxError), pod_record.lock(root, pod.id) as lock:
                 pod.destroy()
+                lock.discard()
             continue
         _normal_priority(pod)
         return pod
@@ -239,10 +241,21 @@ def refill(root: Path, kind: Kind | None) -> None:
     if count == 0:
         return
     with contextlib.suppress(SandboxError, OSError):
-        if len(waiting(root, kind.key())) >= count:
-            return
         from sandbox import IMPORT_ROOT
         from sandbox import store as state
+
+        key = kind.key()
+        fillers = state.ensure_dir(root / FILLERS)
+        filling = 0
+        for entry in os.listdir(fillers):
+            handle = _filler(entry)
+            if handle is None or not handle.alive():  # a filler or timer gone since
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(fillers / entry)
+            elif entry.endswith(f"-{key}") and not _is_timer(handle):
+                filling += 1
+        if len(waiting(root, key)) + filling >= count:
+            return
 
         logs = state.ensure_dir(root / "logs")
         log_fd = os.open(logs / "pool.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
@@ -264,15 +277,9 @@ def refill(root: Path, kind: Kind | None) -> None:
         finally:
             os.close(log_fd)
             os.close(null_fd)
-        fillers = state.ensure_dir(root / FILLERS)
-        for entry in os.listdir(fillers):  # those of fillers and timers gone since
-            handle = _filler(entry)
-            if handle is None or not handle.alive():
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(fillers / entry)
         with contextlib.suppress(ProcessLookupError):
             filler = ProcessHandle.of(pid)
-            (fillers / f"{filler.pid}-{filler.start}").touch()
+            (fillers / f"{filler.pid}-{filler.start}-{key}").touch()
 
 
 def expire(root: Path, pod_id: str, key: str) -> bool:
@@ -311,9 +318,21 @@ def drain(root: Path) -> list[str]:
 
 
 def _filler(entry: str) -> ProcessHandle | None:
-    """The process a ``PID-START`` entry of :data:`FILLERS` names; None for another name."""
-    pid, _, start = entry.partition("-")
+    """The process a ``PID-START-KEY`` entry of :data:`FILLERS` names; None for another
+    name."""
+    pid, _, rest = entry.partition("-")
+    start = rest.partition("-")[0]
     return ProcessHandle(int(pid), int(start)) if pid.isdigit() and start.isdigit() else None
+
+
+def _is_timer(filler: ProcessHandle) -> bool:
+    """Whether a filler has become its pod's timer (``sleep``): its pod waits (or was
+    taken), so it no longer counts as one on its way."""
+    try:
+        with open(f"/proc/{filler.pid}/comm", encoding="utf-8") as comm:
+            return comm.read().strip() == "sleep"
+    except OSError:
+        return True
 
 
 def _end_timer(timer: ProcessHandle | None) -> None:
