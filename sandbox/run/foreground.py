@@ -75,6 +75,12 @@ def run(args: argparse.Namespace, root: Path) -> int:
             _teardown(pod)
             watch.dismiss()
             raise
+    # The container has ended: its host files (the image, -v volumes) are unmounted before
+    # this command returns, so that nothing below --root reaches a host directory once it has
+    # (an 'rm -rf ROOT' right after followed a read-write volume's bind and emptied the
+    # volume; breaker4). The VM's power-off stays off the command's path.
+    with contextlib.suppress(SandboxError):
+        unshare_container_files(pod, CONTAINER_ID)
     pod.mark_stopping()
     pool.refill(root, kind)
     sys.stdout.flush()

@@ -52,6 +52,7 @@ def tear_down_orphan(root: Path, pod_id: str, container_id: str, owner: ProcessH
         pod = Pod.load(root, pod_id)
     except NotFoundError:
         pod = None
+        _remove_unrecorded(root, pod_id)
     if pod is not None and pod.record.owner == owner:
         if pod.status is PodStatus.RUNNING:
             pod.mark_stopping()  # the run was killed before it could
@@ -61,6 +62,32 @@ def tear_down_orphan(root: Path, pod_id: str, container_id: str, owner: ProcessH
         pod.finish_stop()
     if record is not None:
         shutil.rmtree(record.dir, ignore_errors=True)
+
+
+def _remove_unrecorded(root: Path, pod_id: str) -> None:
+    """A pod whose record is gone: usually removed already (nothing is found then); or its
+    ``--root`` was deleted while the VM was still being torn down (``rm -rf ROOT`` right after
+    a foreground run returned; breaker4). Whatever of it is left is ended from the places a
+    run's pod always has: its host cgroup (``pysandbox/POD-ROOTHASH`` below this process's
+    cgroup, the run's: every process of the pod runs in it; SIGKILLed, the directory
+    removed) and its share's mount point (detached); then its empty directories go."""
+    from sandbox.errors import SandboxError
+    from sandbox.pod import host_cgroup, hostfs
+    from sandbox.pod import record as pod_record
+    from sandbox.run.launch import default_cgroup
+
+    directory = pod_record.directory(root, pod_id)
+    if (directory / pod_record.RECORD_FILE).exists():
+        return  # a new pod of that name (it records itself before it makes its cgroup)
+    with contextlib.suppress(SandboxError, OSError):
+        req = host_cgroup.request(default_cgroup(root, pod_id), False, pod_id)
+        placement = host_cgroup.plan(req)
+        placement.created = list(placement.dirs)  # the leaves: their parents are shared
+        host_cgroup.remove(placement, wait=0)
+    with contextlib.suppress(OSError):
+        hostfs.unmount_tree(directory)
+        if not hostfs.mounts_below(directory):
+            shutil.rmtree(directory, ignore_errors=True)
 
 
 def _owner(text: str) -> ProcessHandle | None:

@@ -413,3 +413,39 @@ def test_rm_f_while_run_d_starts_waits_for_the_start_then_removes_it(root: Path)
     time.sleep(2)
     kept = sorted(p.name for p in (root / "logs").glob("*")) if (root / "logs").exists() else []
     assert kept == []
+
+
+def test_the_root_deleted_right_after_a_foreground_run_keeps_its_volume_and_leaks_nothing(
+    pod_factory: PodFactory, tmp_path: Path
+) -> None:
+    """A CI script's ``pysandbox --root $(mktemp -d) run -v DIR:/data ...; rm -rf $root``:
+    the VM is torn down after the run returned (off its path), but the volume's bind is gone
+    by then — ``rm -rf`` emptied the volume on the host through it (breaker4) — and the
+    teardown, finding the pod's record deleted, still ends the VM's processes, mounts and
+    host cgroup."""
+    volume = tmp_path / "precious"
+    volume.mkdir()
+    for i in range(3):
+        (volume / f"f{i}").write_text(f"{i}\n")
+    root = pod_factory.new_root("gone")
+    name = "vanishing"
+    done = subprocess.run(
+        [*cli(root, "run", "--name", name, "-v", f"{volume}:/data"), "default", "ls", "/data"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert (done.returncode, done.stdout) == (0, "f0\nf1\nf2\n"), done.stderr
+    subprocess.run(["rm", "-rf", str(root)], capture_output=True, timeout=60)
+    assert sorted(p.name for p in volume.iterdir()) == ["f0", "f1", "f2"]
+    assert all((volume / f"f{i}").read_text() == f"{i}\n" for i in range(3))
+    pod_dir = root / "p" / state.pod_dir_name(name)
+    assert wait_until(lambda: not processes_mentioning(str(pod_dir), live_only=True), 30), (
+        processes_mentioning(str(pod_dir), live_only=True)
+    )
+    assert wait_until(lambda: mounts_below(root) == [], 10) and not pod_dir.exists()
+    digest = hashlib.sha256(str(root.resolve()).encode()).hexdigest()[:8]
+    assert wait_until(
+        lambda: not any(f"{name}-{digest}" in names for _, names, _ in os.walk("/sys/fs/cgroup")),
+        10,
+    )
