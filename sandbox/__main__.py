@@ -1,5 +1,5 @@
 """``python -m sandbox`` is the ``pysandbox`` command."""
 
-from sandbox.cli.main import main
+from sandbox.cli.entry import main
 
 main()
