@@ -66,6 +66,27 @@ def validate_id(value: str, kind: str = "container") -> str:
     return value
 
 
+#: The longest name of a unix socket in a pod directory (the agent proxy's upstream).
+LONGEST_POD_SOCKET = "agent-serial.sock"
+#: A unix socket's path holds at most 107 bytes (``sun_path`` is 108, NUL included).
+MAX_SOCKET_PATH = 107
+
+
+def check_socket_room(root: Path) -> None:
+    """ConfigError when the sockets of a pod below ``root`` would not fit in a unix socket
+    path (:data:`MAX_SOCKET_PATH`): checked before anything starts, so that a long ``--root``
+    is named as the cause rather than a daemon failing later."""
+    longest = root.resolve() / "p" / ("0" * 16) / LONGEST_POD_SOCKET
+    size = len(os.fsencode(str(longest)))
+    if size > MAX_SOCKET_PATH:
+        room = MAX_SOCKET_PATH - (size - len(os.fsencode(str(root.resolve()))))
+        raise ConfigError(
+            f"--root {str(root)[:60]}... is too long for the unix sockets of a pod below it "
+            f"({size} bytes, the limit is {MAX_SOCKET_PATH}): give a state root of at most "
+            f"{room} bytes"
+        )
+
+
 def pod_dir_name(pod_id: str) -> str:
     """Directory name of a pod: 16 hex digits of sha256(pod id)."""
     # CPython's own sha256 (3.11's _sha256), not hashlib's: hashlib loads OpenSSL, ~3 ms of

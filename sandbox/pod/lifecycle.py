@@ -369,6 +369,7 @@ class Pod:
         from sandbox.pod import network, template
 
         state.validate_id(pod_id, "pod")
+        state.check_socket_room(root)
         _check_jail()
         if netns is not None and user_network:
             raise ConfigError("a pod gets either a network namespace or user networking, not both")

@@ -213,3 +213,17 @@ def test_an_unknown_user_names_the_image_not_its_path_in_the_store(
         "UID[:GID] or a user the image defines\n"
     )
     assert_refused(argv, code, err, root, drivers)
+
+
+def test_a_root_too_long_for_the_pods_sockets_is_refused_before_any_vm(
+    fake: tuple[FakeDrivers, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Found by a tester: virtiofsd failed ("Socket path too long") naming a log the rollback
+    had already removed."""
+    drivers, base = fake
+    root = base / ("L" * 100)
+    argv = ["--root", str(root), "run", "default", "true"]
+    code, err = run_cli(argv, capsys)
+    assert code == 125 and err.startswith(f"pysandbox: --root {str(root)[:60]}... is too long")
+    assert "the limit is 107): give a state root of at most " in err
+    assert_refused(argv, code, err, root, drivers)
