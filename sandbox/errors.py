@@ -56,6 +56,7 @@ where there is one, what to do about it.
 from __future__ import annotations
 
 import enum
+import errno
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (~0.6 MiB)
 
@@ -243,5 +244,9 @@ def describe(exc: BaseException) -> tuple[str, int]:
     if module.startswith("hypervisor"):
         return str(exc), 1
     if isinstance(exc, OSError):
-        return f"{exc.strerror or exc}{f': {exc.filename}' if exc.filename else ''}", 1
+        where = f": {exc.filename}" if exc.filename else ""
+        hint = ""
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            hint = "; free space there (or give --root on another file system)"
+        return f"{exc.strerror or exc}{where}{hint}", 1
     return f"internal error: {type(exc).__name__}: {exc} (rerun with --debug for details)", 1

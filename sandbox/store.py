@@ -117,9 +117,11 @@ def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        if isinstance(exc, OSError) and exc.filename is None:  # a write: name the file
+            raise OSError(exc.errno, exc.strerror, str(path)) from exc
         raise
 
 
