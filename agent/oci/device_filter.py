@@ -35,7 +35,6 @@ comparisons are 32-bit (``BPF_JMP32``), so every major and minor number is compa
 
 from __future__ import annotations
 
-import os
 import struct
 
 from agent.oci.errors import SetupError
@@ -141,11 +140,7 @@ def apply(sys: Syscalls, cgroup: Cgroup, policy: Policy) -> None:
     except OSError as exc:
         raise SetupError(_load_failure(exc)) from exc
     try:
-        cgroup_fd = sys.open(cgroup.path, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            sys.attach_device_program(cgroup_fd, program_fd)
-        finally:
-            sys.close(cgroup_fd)
+        sys.attach_device_program(cgroup.path, program_fd)
     except OSError as exc:
         raise SetupError.from_os(
             f"device cgroup: attaching the device filter to {cgroup.path}", exc

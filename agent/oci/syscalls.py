@@ -380,8 +380,8 @@ class Syscalls(abc.ABC):
         refuses it, with the verifier's last log line in the message when it gave one."""
 
     @abc.abstractmethod
-    def attach_device_program(self, cgroup_fd: int, program_fd: int) -> None:
-        """bpf(BPF_PROG_ATTACH) of a device program to the cgroup2 directory ``cgroup_fd``,
+    def attach_device_program(self, cgroup: str, program_fd: int) -> None:
+        """bpf(BPF_PROG_ATTACH) of a device program to the cgroup2 directory ``cgroup``,
         type ``BPF_CGROUP_DEVICE`` with ``BPF_F_ALLOW_MULTI`` (as runc: a nested runtime may
         attach programs of its own below, all of which must allow an access)."""
 
@@ -808,11 +808,18 @@ class LinuxSyscalls(Syscalls):
         detail = f" ({lines[-1].strip()[:200]})" if lines else ""
         raise OSError(err, f"bpf(BPF_PROG_LOAD): {os.strerror(err)}{detail}")
 
-    def attach_device_program(self, cgroup_fd: int, program_fd: int) -> None:
-        attr = struct.pack(
-            "<IIIII", cgroup_fd, program_fd, _BPF_CGROUP_DEVICE, _BPF_F_ALLOW_MULTI, 0
-        )
-        self._check(self._bpf(_BPF_PROG_ATTACH, attr), "bpf(BPF_PROG_ATTACH)")
+    def attach_device_program(self, cgroup: str, program_fd: int) -> None:
+        try:
+            cgroup_fd = os.open(cgroup, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError as exc:
+            raise self._wrap(exc, f"open {cgroup}") from exc
+        try:
+            attr = struct.pack(
+                "<IIIII", cgroup_fd, program_fd, _BPF_CGROUP_DEVICE, _BPF_F_ALLOW_MULTI, 0
+            )
+            self._check(self._bpf(_BPF_PROG_ATTACH, attr), "bpf(BPF_PROG_ATTACH)")
+        finally:
+            os.close(cgroup_fd)
 
     def cloexec_from(self, fd: int) -> None:
         close_range = getattr(self._libc, "close_range", None)
@@ -949,6 +956,10 @@ class FakeExit(BaseException):
         self.code = code
 
 
+#: The descriptor :meth:`RecordingSyscalls.load_device_program` hands out.
+DEVICE_PROGRAM_FD = 99
+
+
 class RecordingSyscalls(Syscalls):
     """A fake that records side effects as tuples and keeps a tiny in-memory file system.
 
@@ -984,6 +995,8 @@ class RecordingSyscalls(Syscalls):
         self.hook_results: list[tuple[int | None, bytes, bytes]] = []
         self.pid = pid
         self._next_fd = 10
+        #: The instructions of every device program loaded, in order.
+        self.device_programs: list[bytes] = []
 
     def _record(self, *call: object) -> None:
         self.calls.append(call)
@@ -1152,10 +1165,11 @@ class RecordingSyscalls(Syscalls):
 
     def load_device_program(self, insns: bytes, license: str) -> int:
         self._record("load_device_program", len(insns) // 8)
-        return self._fd()
+        self.device_programs.append(insns)
+        return DEVICE_PROGRAM_FD  # not from the counter: the fds tests know stay the same
 
-    def attach_device_program(self, cgroup_fd: int, program_fd: int) -> None:
-        self._record("attach_device_program", cgroup_fd, program_fd)
+    def attach_device_program(self, cgroup: str, program_fd: int) -> None:
+        self._record("attach_device_program", cgroup, program_fd)
 
     def cloexec_from(self, fd: int) -> None:
         self._record("cloexec_from", fd)
