@@ -207,3 +207,28 @@ def test_v1_layout_without_the_devices_hierarchy_is_refused() -> None:
         b'error SETUP_FAILED device cgroup: controller "devices" is not mounted in the '
         b"guest's cgroup v1 layout\n"
     )
+
+
+def test_a_preloaded_program_is_attached_not_loaded_again(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The zygote preloads runc's default policy: a container with that policy attaches
+    the preloaded program (and keeps it open for the next); another policy loads its own."""
+    monkeypatch.setattr(device_filter, "_loaded", {})
+    loader = sc.RecordingSyscalls()
+    device_filter.preload(loader, POLICIES["runc default"])
+    assert loader.names() == ["load_device_program"]
+    assert device_filter.preloaded_fds() == [sc.DEVICE_PROGRAM_FD]
+    system = fake()
+    with pytest.raises(sc.FakeExec):
+        init.run(system, json.dumps(typical_spec()).encode(), SYNC, CGROUP)
+    assert "load_device_program" not in system.names()
+    assert ("attach_device_program", CGROUP, sc.DEVICE_PROGRAM_FD) in system.calls
+    assert ("close", sc.DEVICE_PROGRAM_FD) not in system.calls
+    spec = typical_spec()
+    spec["linux"]["resources"]["devices"] = [
+        {"allow": False, "access": "rwm"},
+        {"allow": True, "type": "c", "major": 10, "minor": 229, "access": "r"},
+    ]
+    other = fake()
+    with pytest.raises(sc.FakeExec):
+        init.run(other, json.dumps(spec).encode(), SYNC, CGROUP)
+    assert other.device_programs == [device_filter.program(POLICIES["fuse read-only"])]
