@@ -35,6 +35,7 @@ comparisons are 32-bit (``BPF_JMP32``), so every major and minor number is compa
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import struct
 
@@ -142,7 +143,7 @@ def apply(sys: Syscalls, cgroup: Cgroup, policy: Policy) -> None:
         try:
             program_fd = sys.load_device_program(program(policy), LICENSE)
         except OSError as exc:
-            raise SetupError(_load_failure(exc)) from exc
+            raise SetupError(_load_failure(exc, policy)) from exc
     try:
         sys.attach_device_program(cgroup.path, program_fd)
     except OSError as exc:
@@ -193,14 +194,22 @@ def preloaded_fds() -> list[int]:
     return sorted(_loaded.values())
 
 
-def _load_failure(exc: OSError) -> str:
-    if exc.errno == 38:  # ENOSYS
+def _load_failure(exc: OSError, policy: Policy) -> str:
+    """The one line naming why the kernel refused the program (ENOSYS: no bpf(2); EINVAL:
+    a kernel without cgroup device programs, or the verifier's reason, which the wrapper
+    appends; E2BIG: too many rules)."""
+    if exc.errno == errno.ENOSYS:
         return (
             "device cgroup: the guest kernel has no bpf(2) (CONFIG_BPF_SYSCALL), which the "
             "device filter of cgroup v2 needs; use a kernel with it, or the cgroup v1 layout "
             "(org.pysandbox.cgroup=v1)"
         )
+    hint = ""
+    if exc.errno == errno.EINVAL:
+        hint = " (a kernel without CONFIG_CGROUP_BPF does not know device programs)"
+    elif exc.errno == errno.E2BIG:
+        hint = f" ({len(policy.exceptions)} device rules are too many for one program)"
     return (
         f"device cgroup: the guest kernel refused the device filter program: "
-        f"{exc.strerror or exc} (it needs CONFIG_CGROUP_BPF)"
+        f"{exc.strerror or exc}{hint}"
     )

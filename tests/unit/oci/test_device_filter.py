@@ -169,7 +169,8 @@ def test_the_programs_rules_are_the_specs() -> None:
         (
             "load_device_program",
             b"error SETUP_FAILED device cgroup: the guest kernel refused the device filter "
-            b"program: load_device_program: Invalid argument (it needs CONFIG_CGROUP_BPF)\n",
+            b"program: load_device_program: Invalid argument (a kernel without "
+            b"CONFIG_CGROUP_BPF does not know device programs)\n",
         ),
         (
             "attach_device_program",
