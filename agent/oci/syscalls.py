@@ -129,9 +129,6 @@ _BPF_PROG_ATTACH = 8
 _BPF_PROG_TYPE_CGROUP_DEVICE = 15
 _BPF_CGROUP_DEVICE = 6
 _BPF_F_ALLOW_MULTI = 2
-#: Bytes of union bpf_attr passed: up to and including expected_attach_type of PROG_LOAD
-#: (the kernel takes a shorter union as zero-filled).
-_BPF_ATTR_SIZE = 72
 #: Verifier log kept when a program is refused (only then is it asked for).
 _BPF_LOG_SIZE = 16 * 1024
 
@@ -768,6 +765,8 @@ class LinuxSyscalls(Syscalls):
         self._check(result, "seccomp(SECCOMP_SET_MODE_FILTER)")
 
     def _bpf(self, command: int, attr: bytes) -> int:
+        """bpf(2) with ``attr`` as the start of union bpf_attr (the kernel takes a shorter
+        union as zero-filled)."""
         buffer = ctypes.create_string_buffer(attr, len(attr))
         return self._rawcall("bpf", ctypes.c_int(command), buffer, ctypes.c_uint(len(attr)))
 
