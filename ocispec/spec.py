@@ -29,7 +29,7 @@ not exist in the guest).
 
 from __future__ import annotations
 
-from ocispec import capabilities
+from ocispec import capabilities, device_rules
 from ocispec import linux as sc
 from ocispec.capabilities import Capabilities
 from ocispec.errors import SpecError
@@ -312,9 +312,11 @@ class Resources:
     ``unified``: True when ``linux.resources.unified`` was given: it has no v1 form.
     ``cpus`` and ``mems``: the highest CPU and memory node numbers that ``cpu.cpus`` and
     ``cpu.mems`` name (None when unset), for the host to compare with what the VM has.
+    ``devices``: the device cgroup rules (``devices``), in order; they become the
+    container's :attr:`Spec.device_policy` (``update`` ignores them, as ``runc update`` does).
     """
 
-    __slots__ = ("cpus", "files", "mems", "unified", "v1_files")
+    __slots__ = ("cpus", "devices", "files", "mems", "unified", "v1_files")
 
     def __init__(
         self,
@@ -323,10 +325,12 @@ class Resources:
         unified: bool = False,
         cpus: int | None = None,
         mems: int | None = None,
+        devices: tuple[device_rules.Rule, ...] = (),
     ) -> None:
         self.files = files
         self.v1_files = v1_files if v1_files is not None else []
         self.unified = unified
+        self.devices = devices
         self.cpus = cpus
         self.mems = mems
 
@@ -345,10 +349,13 @@ class Hook:
 
 class Spec:
     """A whole config.json. ``root_path`` is as written (relative to the bundle or absolute);
-    ``hooks`` maps a hook point of :data:`HOOK_NAMES` to its hooks (points not given absent)."""
+    ``hooks`` maps a hook point of :data:`HOOK_NAMES` to its hooks (points not given absent);
+    ``device_policy`` is what the container may do with devices: ``linux.resources.devices``
+    then runc's default rules (:func:`ocispec.device_rules.policy`)."""
 
     __slots__ = (
         "annotations",
+        "device_policy",
         "devices",
         "domainname",
         "gid_mappings",
@@ -405,6 +412,7 @@ class Spec:
         self.rootfs_propagation = rootfs_propagation
         self.annotations = annotations or {}
         self.hooks = hooks or {}
+        self.device_policy = device_rules.policy(resources.devices if resources else ())
 
     def namespace(self, type: str) -> Namespace | None:
         for entry in self.namespaces:
@@ -831,7 +839,40 @@ def parse_resources(value: object, where: str) -> Resources | None:
         if not dot or not controller or not rest or "/" in key or controller == "cgroup":
             raise SpecError(f'{where}.unified: invalid cgroup file name "{key}"')
         files.append((key, setting))
-    return Resources(files, v1, unified=bool(unified), cpus=highest["cpus"], mems=highest["mems"])
+    return Resources(
+        files,
+        v1,
+        unified=bool(unified),
+        cpus=highest["cpus"],
+        mems=highest["mems"],
+        devices=parse_device_rules(res.get("devices"), f"{where}.devices"),
+    )
+
+
+def parse_device_rules(value: object, where: str) -> tuple[device_rules.Rule, ...]:
+    """``linux.resources.devices``: ``allow`` (default false), ``type`` "a" (default), "b" or
+    "c", ``major``/``minor`` (absent or -1: every number), ``access`` letters of "rwm" (runc
+    refuses an empty one: ``device access at 0 field cannot be empty``)."""
+    rules = []
+    for i, item in enumerate(_list(value, where)):
+        at = f"{where}[{i}]"
+        entry = _obj(item, at)
+        kind = _str(entry.get("type"), f"{at}.type", "a") or "a"
+        if kind not in ("a", "b", "c"):
+            raise SpecError(f'{at}.type: invalid cgroup device type "{kind}" (want a, b or c)')
+        numbers = [
+            _int(entry.get(name), f"{at}.{name}", -1, 0xFFFFFFFF, -1) for name in ("major", "minor")
+        ]
+        access = _str(entry.get("access"), f"{at}.access")
+        if not access:
+            raise SpecError(f'{at}.access: device access cannot be empty (want letters of "rwm")')
+        if any(letter not in device_rules.ACCESS for letter in access):
+            raise SpecError(
+                f'{at}.access: unknown device access "{access}" (want letters of "rwm")'
+            )
+        allow = _bool(entry.get("allow"), f"{at}.allow")
+        rules.append(device_rules.Rule(allow, kind, numbers[0], numbers[1], access, at))
+    return tuple(rules)
 
 
 def _cpuset_highest(text: str, where: str) -> int:

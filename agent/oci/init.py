@@ -23,7 +23,7 @@ from __future__ import annotations
 import contextlib
 import os
 
-from agent.oci import cgroups, rootfs
+from agent.oci import cgroups, device_filter, rootfs
 from agent.oci import hooks as hooks_mod
 from agent.oci import process as proc_steps
 from agent.oci import syscalls as sc
@@ -91,12 +91,14 @@ def create_container(
         _write(sys, "/proc/self/oom_score_adj", str(process.oom_score_adj), "oom_score_adj")
     # 2. cgroup before any namespace: the path is in the agent's view of the hierarchy (a
     #    cgroup namespace would hide it) and so the container starts inside its limits.
-    #    Limits are written before joining, so it is never inside without them.
+    #    Limits and the device filter (the spec's device rules and runc's defaults) are set
+    #    before joining, so it is never inside without them.
     own = cgroups.locate(sys, cgroup, cgroup_v1) if cgroup is not None else None
     if own is not None:
         cgroups.create(sys, own)
         if spec.resources is not None:
             cgroups.set_limits(sys, own, spec.resources)
+        device_filter.apply(sys, own, spec.device_policy)
         cgroups.join(sys, own)
     # 3. Join namespaces given by path, user namespace first: the others are owned by it and
     #    setns into them needs its capabilities (the order of runc's nsexec).

@@ -22,6 +22,7 @@ from __future__ import annotations
 import abc
 import ctypes
 import os
+import struct
 import time
 
 from ocispec.linux import (
@@ -118,9 +119,18 @@ _CLOSE_RANGE_CLOEXEC = 1 << 2
 
 #: Raw syscall numbers glibc has no wrapper for, per ``os.uname().machine``.
 _RAW_SYSCALLS = {
-    "x86_64": {"pivot_root": 155, "rt_sigaction": 13, "seccomp": 317},
-    "aarch64": {"pivot_root": 41, "rt_sigaction": 134, "seccomp": 277},
+    "x86_64": {"pivot_root": 155, "rt_sigaction": 13, "seccomp": 317, "bpf": 321},
+    "aarch64": {"pivot_root": 41, "rt_sigaction": 134, "seccomp": 277, "bpf": 280},
 }
+
+#: bpf(2) commands, program and attach types, flags (linux/bpf.h).
+_BPF_PROG_LOAD = 5
+_BPF_PROG_ATTACH = 8
+_BPF_PROG_TYPE_CGROUP_DEVICE = 15
+_BPF_CGROUP_DEVICE = 6
+_BPF_F_ALLOW_MULTI = 2
+#: Verifier log kept when a program is refused (only then is it asked for).
+_BPF_LOG_SIZE = 16 * 1024
 
 
 def mount_flags_str(flags: int) -> str:
@@ -358,6 +368,19 @@ class Syscalls(abc.ABC):
     @abc.abstractmethod
     def seccomp_load(self, program: bytes, flags: int) -> None:
         """Install a classic BPF program (``struct sock_filter`` array) as a seccomp filter."""
+
+    # -- device cgroup (cgroup v2) ---------------------------------------------------------
+    @abc.abstractmethod
+    def load_device_program(self, insns: bytes, license: str) -> int:
+        """bpf(BPF_PROG_LOAD) of a ``BPF_PROG_TYPE_CGROUP_DEVICE`` program (``insns``: struct
+        bpf_insn, 8 bytes each); its descriptor (close-on-exec). OSError when the kernel
+        refuses it, with the verifier's last log line in the message when it gave one."""
+
+    @abc.abstractmethod
+    def attach_device_program(self, cgroup: str, program_fd: int) -> None:
+        """bpf(BPF_PROG_ATTACH) of a device program to the cgroup2 directory ``cgroup``,
+        type ``BPF_CGROUP_DEVICE`` with ``BPF_F_ALLOW_MULTI`` (as runc: a nested runtime may
+        attach programs of its own below, all of which must allow an access)."""
 
     # -- the end --------------------------------------------------------------------------
     @abc.abstractmethod
@@ -741,6 +764,62 @@ class LinuxSyscalls(Syscalls):
         )
         self._check(result, "seccomp(SECCOMP_SET_MODE_FILTER)")
 
+    def _bpf(self, command: int, attr: bytes) -> int:
+        """bpf(2) with ``attr`` as the start of union bpf_attr (the kernel takes a shorter
+        union as zero-filled)."""
+        buffer = ctypes.create_string_buffer(attr, len(attr))
+        return self._rawcall("bpf", ctypes.c_int(command), buffer, ctypes.c_uint(len(attr)))
+
+    def _prog_load_attr(
+        self,
+        code: ctypes.Array[ctypes.c_char],
+        license: ctypes.Array[ctypes.c_char],
+        log: ctypes.Array[ctypes.c_char] | None,
+    ) -> bytes:
+        return struct.pack(
+            "<IIQQIIQII16sII",
+            _BPF_PROG_TYPE_CGROUP_DEVICE,
+            len(code) // 8,
+            ctypes.addressof(code),
+            ctypes.addressof(license),
+            1 if log is not None else 0,
+            len(log) if log is not None else 0,
+            ctypes.addressof(log) if log is not None else 0,
+            0,
+            0,
+            b"pysandbox_dev",
+            0,
+            0,
+        )
+
+    def load_device_program(self, insns: bytes, license: str) -> int:
+        code = ctypes.create_string_buffer(insns, len(insns))
+        text = ctypes.create_string_buffer(license.encode())
+        fd = self._bpf(_BPF_PROG_LOAD, self._prog_load_attr(code, text, None))
+        if fd >= 0:
+            return fd
+        err = ctypes.get_errno()
+        # Ask again with the verifier's log, only now: logging costs on every load.
+        log = ctypes.create_string_buffer(_BPF_LOG_SIZE)
+        if self._bpf(_BPF_PROG_LOAD, self._prog_load_attr(code, text, log)) >= 0:
+            raise OSError(err, f"bpf(BPF_PROG_LOAD): {os.strerror(err)}")  # not again: odd
+        lines = [line for line in log.value.decode(errors="replace").splitlines() if line.strip()]
+        detail = f" ({lines[-1].strip()[:200]})" if lines else ""
+        raise OSError(err, f"bpf(BPF_PROG_LOAD): {os.strerror(err)}{detail}")
+
+    def attach_device_program(self, cgroup: str, program_fd: int) -> None:
+        try:
+            cgroup_fd = os.open(cgroup, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError as exc:
+            raise self._wrap(exc, f"open {cgroup}") from exc
+        try:
+            attr = struct.pack(
+                "<IIIII", cgroup_fd, program_fd, _BPF_CGROUP_DEVICE, _BPF_F_ALLOW_MULTI, 0
+            )
+            self._check(self._bpf(_BPF_PROG_ATTACH, attr), "bpf(BPF_PROG_ATTACH)")
+        finally:
+            os.close(cgroup_fd)
+
     def cloexec_from(self, fd: int) -> None:
         close_range = getattr(self._libc, "close_range", None)
         if close_range is not None and (
@@ -876,6 +955,10 @@ class FakeExit(BaseException):
         self.code = code
 
 
+#: The descriptor :meth:`RecordingSyscalls.load_device_program` hands out.
+DEVICE_PROGRAM_FD = 99
+
+
 class RecordingSyscalls(Syscalls):
     """A fake that records side effects as tuples and keeps a tiny in-memory file system.
 
@@ -911,6 +994,8 @@ class RecordingSyscalls(Syscalls):
         self.hook_results: list[tuple[int | None, bytes, bytes]] = []
         self.pid = pid
         self._next_fd = 10
+        #: The instructions of every device program loaded, in order.
+        self.device_programs: list[bytes] = []
 
     def _record(self, *call: object) -> None:
         self.calls.append(call)
@@ -1076,6 +1161,14 @@ class RecordingSyscalls(Syscalls):
 
     def seccomp_load(self, program: bytes, flags: int) -> None:
         self._record("seccomp_load", len(program) // 8, flags)
+
+    def load_device_program(self, insns: bytes, license: str) -> int:
+        self._record("load_device_program", len(insns) // 8)
+        self.device_programs.append(insns)
+        return DEVICE_PROGRAM_FD  # not from the counter: the fds tests know stay the same
+
+    def attach_device_program(self, cgroup: str, program_fd: int) -> None:
+        self._record("attach_device_program", cgroup, program_fd)
 
     def cloexec_from(self, fd: int) -> None:
         self._record("cloexec_from", fd)

@@ -51,8 +51,10 @@ import socket
 import sys
 from collections.abc import Callable
 
+from agent.oci import device_filter, syscalls
 from agent.oci import exec as exec_mod
 from agent.oci import init as init_mod
+from ocispec import device_rules
 from ocispec import seccomp as _seccomp  # noqa: F401 - imported lazily by ocispec.spec
 
 #: The runtimes a request may name, and their entry points (``main(argv) -> status``).
@@ -81,7 +83,11 @@ def _runtime(module_name: str, args: list[str], fds: list[int], keep: tuple[int,
         high = [fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 100) for fd in fds]
         for target, fd in enumerate(high):
             os.dup2(fd, target, inheritable=True)
-        os.closerange(FDS_PER_REQUEST, 65536)
+        start = FDS_PER_REQUEST
+        for kept in device_filter.preloaded_fds():  # close-on-exec: never in a container
+            os.closerange(start, kept)
+            start = kept + 1
+        os.closerange(start, 65536)
         module = MODULES[module_name]
         sys.argv = [str(module.__file__), *args]
         code = module.main(args)
@@ -212,6 +218,9 @@ def serve(sock: socket.socket) -> None:
     # Everything imported so far is frozen out of the collector's reach: a collection in a
     # forked runtime would write the header of every tracked object, i.e. copy (COW) most of
     # this process's heap page by page -- under TCG the dearest part of a fork.
+    # The device filter most containers get, loaded once here (in the template VM) rather
+    # than in every runtime (agent.oci.device_filter.preload).
+    device_filter.preload(syscalls.LinuxSyscalls(), device_rules.policy(()))
     gc.collect()
     gc.freeze()
     sock.send(b"ready")

@@ -928,6 +928,61 @@ def test_cgroup_is_created_and_joined(
     assert "0::/\n" in result.stdout
 
 
+#: Opens the node it made of /dev/loop-control (10:237, on every host with the loop driver),
+#: then runc's default devices. busybox sh reports a failed redirection on stderr.
+DEVICE_SCRIPT = (
+    "mknod /tmp/lc c 10 237 && echo made; (: < /tmp/lc) && echo opened; "
+    "echo x > /dev/null && head -c 3 /dev/zero | wc -c && head -c 3 /dev/urandom | wc -c"
+)
+
+
+def test_device_cgroup_denies_opening_a_made_node_unless_a_rule_allows_it(
+    rootfs: Path, cgroup_dir: Path, runtimes: list[Runtime]
+) -> None:
+    """The device filter (BPF on cgroup2, loaded and attached by the runtime on this host's
+    kernel): with CAP_MKNOD a container makes a node of a host device but cannot open it
+    (EPERM, as under runc), nor can an exec joining its cgroup; runc's default devices
+    work; a spec rule allowing the device opens it; a privileged spec (allow all) too."""
+    caps = [*DEFAULT_CAPS, "CAP_MKNOD"]
+    process = {"capabilities": {k: caps for k in ("bounding", "effective", "permitted")}}
+    spec = sh(rootfs, f"{DEVICE_SCRIPT}; echo end; sleep 100", **process)
+    spec["linux"]["resources"] = {"devices": [{"allow": False, "access": "rwm"}]}
+    init = create(runtimes, spec, cgroup=str(cgroup_dir))
+    assert init.reply.startswith("ready "), init.reply
+    init.start()
+    init.read_until(b"end\n")
+    exec_process = make_spec(rootfs, ["sh", "-c", "(: < /tmp/lc) && echo opened"], **process)
+    exec_rt = _spawn(
+        runtimes,
+        "agent.oci.exec",
+        exec_process["process"],
+        ["--target-pid", str(init.pid), "--process-fd", "{payload}", "--cgroup", str(cgroup_dir)],
+    )
+    assert exec_rt.reply.startswith("ready "), exec_rt.reply
+    exec_rt.start()
+    denied = exec_rt.wait()
+    assert (denied.code, denied.stdout) == (1, ""), denied
+    assert "Operation not permitted" in denied.stderr, denied
+    os.kill(init.pid, signal.SIGKILL)
+    first = init.wait()
+    assert first.stdout.splitlines() == ["made", "3", "3", "end"], first
+    assert "Operation not permitted" in first.stderr, first
+
+    allow_one = {"allow": True, "type": "c", "major": 10, "minor": 237, "access": "r"}
+    for i, rules in enumerate(
+        ([{"allow": False, "access": "rwm"}, allow_one], [{"allow": True, "access": "rwm"}])
+    ):
+        spec = sh(rootfs, DEVICE_SCRIPT, **process)
+        spec["linux"]["resources"] = {"devices": rules}
+        other = cgroup_dir.parent / f"{cgroup_dir.name}-{i}"
+        try:
+            allowed = run(runtimes, spec, cgroup=str(other))
+        finally:
+            with contextlib.suppress(OSError):
+                other.rmdir()
+        assert allowed.stdout.splitlines() == ["made", "opened", "3", "3"], (rules, allowed)
+
+
 # cgroup limits need cgroup v2 controllers, which these hosts lack: they are tested in the
 # VM (tests/integration/test_containers.py::test_cgroup_limits_written).
 

@@ -44,6 +44,12 @@ UPDATE = {
     "cpu": {"shares": 256, "quota": 25000, "period": 100000},
 }
 JOIN = "io.kubernetes.cri.container-type", "io.kubernetes.cri.sandbox-id"
+#: Device access from an exec (docs/cgroups.md, "Devices"): a node of a disk made and read,
+#: then the v1 device cgroup's list when there is one.
+DEVICES = (
+    "mknod /dev/disk b 259 0 && head -c1 /dev/disk > /dev/null 2>&1; echo disk=$?; "
+    "cat /sys/fs/cgroup/devices/devices.list 2>/dev/null; true"
+)
 
 
 def bundle(base: Path, name: str, cgroupns: bool, annotations: dict[str, str]) -> Path:
@@ -142,6 +148,9 @@ def test_limits_seen_inside_as_runc_shows_them_before_and_after_update(
     runc, pysandbox = clis
     runc.create("ref", bundle(tmp_path, "runc", cgroupns=False, annotations={}))
     runc_before, runc_after = runc.readings("ref", tmp_path)
+    # An exec's device access: a node of a disk is made (CAP_MKNOD) but does not open.
+    runc_devices = runc.ok("exec", "ref", "sh", "-c", DEVICES)
+    assert runc_devices.startswith("disk=1\n"), runc_devices
     # runc: the spec's limits, in the files of the host's layout.
     assert runc_before["version"] == host_layout()
     assert runc_before["direct"] == runc_before["memory"] == str(64 << 20)
@@ -150,6 +159,7 @@ def test_limits_seen_inside_as_runc_shows_them_before_and_after_update(
     # pysandbox, default layout (v2): a spec without a cgroup namespace...
     pysandbox.create("v2", bundle(tmp_path, "v2", cgroupns=False, annotations={}))
     v2_before, v2_after = pysandbox.readings("v2", tmp_path)
+    assert pysandbox.ok("exec", "v2", "sh", "-c", DEVICES) == "disk=1\n"
     if runc_before["version"] == "v1":
         assert_v2_shows_runcs_limits(v2_before, runc_before, 512)
         assert_v2_shows_runcs_limits(v2_after, runc_after, 256)
@@ -173,6 +183,11 @@ def test_limits_seen_inside_as_runc_shows_them_before_and_after_update(
     v1 = bundle(tmp_path, "v1", cgroupns=False, annotations={"org.pysandbox.cgroup": "v1"})
     pysandbox.create("v1", v1)
     v1_before, v1_after = pysandbox.readings("v1", tmp_path)
+    # The v1 layout's device cgroup is runc's, line for line (on a v1 host runc shows it).
+    v1_devices = pysandbox.ok("exec", "v1", "sh", "-c", DEVICES)
+    assert v1_devices.startswith("disk=1\n"), v1_devices
+    if runc_before["version"] == "v1":
+        assert v1_devices == runc_devices
     if runc_before["version"] == "v1":
         assert (v1_before, v1_after) == (runc_before, runc_after)
     else:

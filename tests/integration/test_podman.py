@@ -100,13 +100,22 @@ def test_run_echo_and_exit_code(podman: list[str]) -> None:
 def test_device_and_privileged_as_podman_writes_them(podman: list[str]) -> None:
     """podman writes a device's whole st_mode as its fileMode (020600 for /dev/fuse), as runc
     takes it; --privileged lists every host device so. Both were refused ("fileMode: 8576 is
-    out of range")."""
-    done = pm(podman, "run", "--rm", "--device", "/dev/fuse", IMAGE, "ls", "-l", "/dev/fuse")
+    out of range"). The device opens (podman adds a device cgroup rule for it; --privileged
+    allows every device); a node made without --device does not open (docs/cgroups.md)."""
+    script = "ls -l /dev/fuse && (exec 3<>/dev/fuse) && echo opened"
+    done = pm(podman, "run", "--rm", "--device", "/dev/fuse", IMAGE, "sh", "-c", script)
     assert done.returncode == 0, done.stderr
     mode, _links, _owner, _group, major, minor = done.stdout.split()[:6]
     assert (mode, major, minor) == ("crw-------", "10,", "229"), done.stdout
-    privileged = pm(podman, "run", "--rm", "--privileged", IMAGE, "sh", "-c", "echo ok")
-    assert (privileged.returncode, privileged.stdout) == (0, "ok\n"), privileged.stderr
+    assert done.stdout.endswith("\nopened\n"), done.stdout  # its device rule lets it open
+    # Without --device the node can be made (CAP_MKNOD) but not opened, as with runc.
+    made = "mknod /dev/fu c 10 229 && (exec 3<>/dev/fu); echo $?"
+    denied = pm(podman, "run", "--rm", IMAGE, "sh", "-c", made)
+    assert (denied.returncode, denied.stdout) == (0, "1\n"), denied.stderr
+    assert "Operation not permitted" in denied.stderr, denied.stderr
+    script = "echo ok; (exec 3<>/dev/fuse) && echo opened"
+    privileged = pm(podman, "run", "--rm", "--privileged", IMAGE, "sh", "-c", script)
+    assert (privileged.returncode, privileged.stdout) == (0, "ok\nopened\n"), privileged.stderr
 
 
 def test_env_workdir_user_readonly(podman: list[str]) -> None:

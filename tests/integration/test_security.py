@@ -525,3 +525,85 @@ def test_a_guest_flooding_its_serial_console_cannot_fill_the_host(pod: Pod) -> N
     log = pod.console_log.read_bytes()
     assert console_bound.MARKER in log
     assert len(log) < console_bound.LIMIT_BYTES + console_bound.KEEP_BYTES + (8 << 20), len(log)
+
+
+# -- breaker3 #4: a container opening the guest's devices through nodes it made -------------
+
+#: Run alike by runc on the host and in a pod: nodes made in /dev (a tmpfs in both) of the
+#: guest's root disk (259:0, /dev/pmem0) and of /dev/fuse (10:229), opened; then runc's
+#: default devices. ``(exec 3<>NODE)`` opens read-write in a subshell (a failed redirection
+#: of a special builtin would end the shell).
+DEVICE_SCRIPT = (
+    "mknod /dev/disk b 259 0 && head -c1 /dev/disk > /dev/null; echo disk=$?; "
+    "mknod /dev/fu c 10 229 && (exec 3<>/dev/fu); echo fuse=$?; "
+    "echo x > /dev/null; echo null=$?; head -c1 /dev/zero | wc -c; "
+    "head -c1 /dev/urandom | wc -c; (exec 3<>/dev/ptmx); echo ptmx=$?"
+)
+#: Every virtio-serial port of the pod (the agent's and the output ports carrying other
+#: containers' stdout/stderr to the host, docs/stream-ports.md): made and written to.
+PORTS_SCRIPT = (
+    "for port in /sys/class/virtio-ports/*; do name=$(cat $port/name); "
+    "mknod /dev/port c $(tr : ' ' < $port/dev) && (echo injected > /dev/port); "
+    'echo "$name=$?"; rm /dev/port; done'
+)
+DENY_ALL = {"allow": False, "access": "rwm"}
+ALLOW_FUSE = {"allow": True, "type": "c", "major": 10, "minor": 229, "access": "rw"}
+
+
+def _under_runc(spec: dict[str, Any], rootfs: Path, bundle: Path) -> tuple[str, str]:
+    """(stdout, stderr) of ``spec`` run by runc on the host, on ``rootfs``."""
+    if shutil.which("runc") is None:
+        pytest.fail("runc is missing: run 'make deps' (Debian's containerd package brings it)")
+    spec = json.loads(json.dumps(spec))
+    spec["root"]["path"] = str(rootfs)
+    bundle.mkdir()
+    (bundle / "config.json").write_text(json.dumps(spec))
+    state = bundle / "state"
+    try:
+        done = subprocess.run(
+            ["runc", "--root", str(state), "run", "-b", str(bundle), f"dev-{bundle.name}"],
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+    finally:
+        subprocess.run(["runc", "--root", str(state), "delete", "-f", f"dev-{bundle.name}"])
+    return done.stdout, done.stderr
+
+
+def test_devices_a_container_makes_cannot_be_opened_as_under_runc(
+    pod: Pod, rootfs_copy: Path, tmp_path: Path
+) -> None:
+    """With docker's default capabilities (CAP_MKNOD among them) a container may make any
+    device node, but opening one is refused (EPERM) unless a device rule allows it: the
+    guest's root disk, /dev/fuse, every virtio-serial port of its pod (it could otherwise
+    write into another container's output). runc's default devices stay usable. The same
+    under runc, whose device cgroup does the same; a rule allowing /dev/fuse opens it in
+    both."""
+    for name, rules in (("default", [DENY_ALL]), ("fuse", [DENY_ALL, ALLOW_FUSE])):
+        spec = busybox_spec("sh", "-c", DEVICE_SCRIPT)
+        spec["linux"]["resources"]["devices"] = rules
+        ours = run_container(pod, spec)
+        runc = _under_runc(spec, rootfs_copy, tmp_path / name)
+        assert (ours.out, ours.stderr.decode()) == runc, (name, runc)
+        fuse = "0" if name == "fuse" else "1"
+        assert ours.out == f"disk=1\nfuse={fuse}\nnull=0\n1\n1\nptmx=0\n", ours.stderr
+        refused = ours.stderr.decode().splitlines()
+        assert refused[0] == "head: /dev/disk: Operation not permitted", refused
+        assert len(refused) == (1 if name == "fuse" else 2), refused
+    ports = run_container(pod, busybox_spec("sh", "-c", PORTS_SCRIPT))
+    lines = ports.out.splitlines()
+    assert "agent.0=1" in lines and len(lines) >= 2, (ports.out, ports.stderr)
+    assert all(line.endswith("=1") for line in lines), ports.out
+    assert ports.stderr.decode().count("Operation not permitted") == len(lines), ports.stderr
+
+
+def test_a_privileged_container_opens_every_device(pod: Pod) -> None:
+    """A spec allowing every device (podman --privileged, CRI privileged) keeps full access:
+    the guest's root disk reads, /dev/fuse opens, as with runc."""
+    spec = busybox_spec("sh", "-c", DEVICE_SCRIPT)
+    spec["linux"]["resources"]["devices"] = [DENY_ALL, {"allow": True, "access": "rwm"}]
+    done = run_container(pod, spec)
+    assert done.out == "disk=0\nfuse=0\nnull=0\n1\n1\nptmx=0\n", done.stderr
+    assert done.stderr == b""

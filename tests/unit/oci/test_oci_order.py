@@ -151,6 +151,10 @@ def test_typical_container_in_order() -> None:
         ("mkdir", CGROUP, "0o755"),
         ("write_file", f"{CGROUP}/memory.max", "67108864"),
         ("write_file", f"{CGROUP}/pids.max", "10"),
+        # The device filter (runc's default rules: the spec has none) before joining.
+        ("load_device_program", 64),
+        ("attach_device_program", CGROUP, sc.DEVICE_PROGRAM_FD),
+        ("close", sc.DEVICE_PROGRAM_FD),
         ("write_file", f"{CGROUP}/cgroup.procs", "0"),
         ("unshare", new_namespaces),
         ("loopback_up",),  # a new network namespace gets lo up, as with runc
@@ -577,7 +581,7 @@ def fake_v1() -> sc.RecordingSyscalls:
     """:func:`fake` with the guest's v1 layout: hierarchies under /run/cgroup-v1."""
     system = fake()
     system.fs["/run/cgroup-v1"] = "dir"
-    for name in ("cpu,cpuacct", "cpuset", "memory", "pids"):
+    for name in ("cpu,cpuacct", "cpuset", "devices", "memory", "pids"):
         system.fs[f"/run/cgroup-v1/{name}"] = "dir"
         system.fs[f"/run/cgroup-v1/{name}/pysandbox"] = "dir"
     return system
@@ -595,12 +599,14 @@ def test_v1_layout_limits_in_v1_files_and_a_v1_view() -> None:
     with pytest.raises(sc.FakeExec):
         init.run(system, json.dumps(spec).encode(), SYNC, CGROUP, "/run/cgroup-v1")
     v1 = "/run/cgroup-v1/{}/pysandbox/c1"
-    cpu, cpuset, memory, pids = (v1.format(n) for n in ("cpu,cpuacct", "cpuset", "memory", "pids"))
+    names = ("cpu,cpuacct", "cpuset", "devices", "memory", "pids")
+    cpu, cpuset, devices, memory, pids = (v1.format(n) for n in names)
     unshare = next(i for i, c in enumerate(system.calls) if c[0] == "unshare")
     assert system.calls[1:unshare] == [
         ("mkdir", CGROUP, "0o755"),
         ("mkdir", cpu, "0o755"),
         ("mkdir", cpuset, "0o755"),
+        ("mkdir", devices, "0o755"),
         ("mkdir", memory, "0o755"),
         ("mkdir", pids, "0o755"),
         ("write_file", f"{memory}/memory.limit_in_bytes", "67108864"),
@@ -609,9 +615,23 @@ def test_v1_layout_limits_in_v1_files_and_a_v1_view() -> None:
         ("write_file", f"{cpu}/cpu.cfs_period_us", "100000"),
         ("write_file", f"{cpu}/cpu.cfs_quota_us", "50000"),
         ("write_file", f"{cpuset}/cpuset.cpus", "0"),
+        # runc's device rules, as runc writes them on a v1 host (deny all, then allows).
+        ("write_file", f"{devices}/devices.deny", "a *:* rwm"),
+        ("write_file", f"{devices}/devices.allow", "b *:* m"),
+        ("write_file", f"{devices}/devices.allow", "c *:* m"),
+        ("write_file", f"{devices}/devices.allow", "c 1:3 rwm"),
+        ("write_file", f"{devices}/devices.allow", "c 1:5 rwm"),
+        ("write_file", f"{devices}/devices.allow", "c 1:7 rwm"),
+        ("write_file", f"{devices}/devices.allow", "c 1:8 rwm"),
+        ("write_file", f"{devices}/devices.allow", "c 1:9 rwm"),
+        ("write_file", f"{devices}/devices.allow", "c 5:0 rwm"),
+        ("write_file", f"{devices}/devices.allow", "c 5:2 rwm"),
+        ("write_file", f"{devices}/devices.allow", "c 10:200 rwm"),
+        ("write_file", f"{devices}/devices.allow", "c 136:* rwm"),
         ("write_file", f"{CGROUP}/cgroup.procs", "0"),
         ("write_file", f"{cpu}/cgroup.procs", "0"),
         ("write_file", f"{cpuset}/cgroup.procs", "0"),
+        ("write_file", f"{devices}/cgroup.procs", "0"),
         ("write_file", f"{memory}/cgroup.procs", "0"),
         ("write_file", f"{pids}/cgroup.procs", "0"),
     ]
@@ -619,13 +639,15 @@ def test_v1_layout_limits_in_v1_files_and_a_v1_view() -> None:
     flags = "ro|nosuid|nodev|noexec|relatime"
     tmpfs = ("mount", "tmpfs", "/r/sys/fs/cgroup", "tmpfs", flags[3:], "mode=755")
     first = system.calls.index(tmpfs)
-    assert system.calls[first + 1 : first + 12] == [
+    assert system.calls[first + 1 : first + 14] == [
         ("mkdir", "/r/sys/fs/cgroup/cpu,cpuacct", "0o555"),
         ("mount", "cgroup", "/r/sys/fs/cgroup/cpu,cpuacct", "cgroup", flags, "cpu,cpuacct"),
         ("symlink", "cpu,cpuacct", "/r/sys/fs/cgroup/cpu"),
         ("symlink", "cpu,cpuacct", "/r/sys/fs/cgroup/cpuacct"),
         ("mkdir", "/r/sys/fs/cgroup/cpuset", "0o555"),
         ("mount", "cgroup", "/r/sys/fs/cgroup/cpuset", "cgroup", flags, "cpuset"),
+        ("mkdir", "/r/sys/fs/cgroup/devices", "0o555"),
+        ("mount", "cgroup", "/r/sys/fs/cgroup/devices", "cgroup", flags, "devices"),
         ("mkdir", "/r/sys/fs/cgroup/memory", "0o555"),
         ("mount", "cgroup", "/r/sys/fs/cgroup/memory", "cgroup", flags, "memory"),
         ("mkdir", "/r/sys/fs/cgroup/pids", "0o555"),
@@ -751,7 +773,7 @@ def test_namespaces_given_by_path_are_joined_user_first_before_unsharing() -> No
     ]
     system = fake(reads={13: b"4242", SYNC: b"start\n"})
     run_init(system, spec)
-    start = system.names().index("write_file", 3)  # after oom + cgroup setup
+    start = system.calls.index(("write_file", f"{CGROUP}/cgroup.procs", "0"))  # cgroup joined
     joined = [c for c in system.calls[start:] if c[0] in ("open", "setns", "close", "unshare")][:7]
     assert joined == [
         ("open", "/proc/77/ns/user"),

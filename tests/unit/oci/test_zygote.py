@@ -17,6 +17,7 @@ import pytest
 
 from agent import pid1
 from agent.zygote import Zygote
+from tests.processes import wait_until
 
 REPO = Path(__file__).resolve().parents[3]
 
@@ -211,3 +212,45 @@ def test_spares_go_with_the_zygote(zygote: Zygote) -> None:
         time.sleep(0.05)
     else:
         assert not Path(f"/proc/{spare}").exists(), "the spare outlived its zygote"
+
+
+def _fds(pid: int) -> dict[int, str]:
+    folder = Path(f"/proc/{pid}/fd")
+    return {int(entry.name): os.readlink(entry) for entry in folder.iterdir()}
+
+
+def test_the_default_device_program_is_loaded_once_and_every_runtime_holds_it(
+    zygote: Zygote,
+) -> None:
+    """The zygote loads the device filter of runc's default rules at start (as root, with
+    this host's kernel), above the fds a runtime is handed; a forked runtime keeps it (and
+    nothing else beyond 0-4) to attach it to its container's cgroup."""
+    if os.geteuid() != 0:
+        pytest.fail("loading a BPF program needs root: run the tests as root, as CI does")
+    assert zygote.pid is not None
+    programs = [fd for fd, target in _fds(zygote.pid).items() if target == "anon_inode:bpf-prog"]
+    assert len(programs) == 1 and programs[0] >= 64, _fds(zygote.pid)
+    # A runtime reading its spec from a pipe that stays open waits in that read: look at it.
+    pay_r, pay_w = os.pipe()
+    ours, theirs = socket.socketpair()
+    null = os.open("/dev/null", os.O_RDWR)
+    fds = (null, null, null, pay_r, theirs.fileno())
+    try:
+        pid = zygote.spawn("agent.oci.init", ["--bundle-fd", "3", "--sync-fd", "4"], fds)
+        assert pid is not None
+        try:
+            # Until it has moved the request's fds into place and closed the rest.
+            wanted = [0, 1, 2, 3, 4, programs[0]]
+            assert wait_until(lambda: sorted(_fds(pid)) == wanted, 10), _fds(pid)
+            assert _fds(pid)[programs[0]] == "anon_inode:bpf-prog"
+        finally:
+            os.close(pay_w)
+            pay_w = -1
+            ours.settimeout(30)
+            assert ours.recv(4096).startswith(b"error INVALID_SPEC ")
+    finally:
+        for fd in (null, pay_r, pay_w):
+            if fd >= 0:
+                os.close(fd)
+        ours.close()
+        theirs.close()

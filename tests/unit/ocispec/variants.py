@@ -358,6 +358,25 @@ INVALID: tuple[Variant, ...] = (
         _set("linux.resources.unified", {"cgroup.procs": "1"}),
     ),
     Variant(
+        "device rule without access",
+        "linux.resources.devices[0].access",
+        "device access cannot be empty",
+        _set("linux.resources.devices", [{"allow": True, "type": "c"}]),
+    ),
+    Variant(
+        "device rule punching a hole in a wildcard",
+        "linux.resources.devices[2]",
+        "deny c 4:1 w cannot be applied after the exception c 4:* rw",
+        _set(
+            "linux.resources.devices",
+            [
+                {"allow": False, "access": "rwm"},
+                {"allow": True, "type": "c", "major": 4, "access": "rw"},
+                {"allow": False, "type": "c", "major": 4, "minor": 1, "access": "w"},
+            ],
+        ),
+    ),
+    Variant(
         "seccomp unknown action",
         "linux.seccomp.defaultAction",
         'unknown action "SCMP_ACT_BOGUS"',
