@@ -193,10 +193,26 @@ def test_a_killed_spare_is_not_used_and_a_bad_request_leaves_it_waiting(zygote: 
         os.close(w)
     assert _spares(zygote) == [spare]
     os.kill(spare, signal.SIGKILL)
-    time.sleep(0.1)
+    # Gone once it has exited (its socket closed): a zombie, or reaped. A fixed pause was
+    # not always enough on a loaded host (the request then went to the dying spare).
+    assert _wait_gone(spare), "the killed spare did not exit"
     pid, _err, sync = _request(zygote, "agent.oci.init", args, b"[]")
     assert pid != spare
     assert sync.startswith(b"error "), sync
+
+
+def _wait_gone(pid: int, timeout: float = 10.0) -> bool:
+    """Whether ``pid`` exited (a zombie or reaped) within ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0]
+        except OSError:
+            return True
+        if state == "Z":
+            return True
+        time.sleep(0.01)
+    return False
 
 
 def test_spares_go_with_the_zygote(zygote: Zygote) -> None:
