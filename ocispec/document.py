@@ -22,7 +22,11 @@ def decode(raw: bytes, what: str = "config.json") -> dict[str, object]:
     UTF-8, integers too long to convert and any value other than an object are refused.
     """
     if len(raw) > MAX_DOCUMENT_BYTES:
-        raise SpecError(f"{what}: {len(raw)} bytes is more than the limit of {MAX_DOCUMENT_BYTES}")
+        # (Readers stop at one byte over the limit: the size read is not the document's.)
+        raise SpecError(
+            f"{what} is larger than the limit of {MAX_DOCUMENT_BYTES} bytes (1 MiB); "
+            "keep it smaller (large data belongs in files, not the spec)"
+        )
     try:
         value = json.loads(raw)
     except RecursionError:
