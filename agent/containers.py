@@ -391,9 +391,16 @@ class ContainerManager:
         return proc
 
     def _spawn(
-        self, module: str, args: list[str], payload: bytes, terminal: bool, start: bool = False
+        self,
+        module: str,
+        args: list[str],
+        payload: bytes,
+        terminal: bool,
+        start: bool = False,
+        stdin_null: bool = False,
     ) -> tuple[Process, socket.socket]:
         """Run the in-guest runtime and wait for its ``ready`` line; return the process.
+        ``stdin_null``: its stdin is /dev/null, with no pipe for the agent to write to.
 
         ``start``: send ``start`` at once, ahead of ``ready`` (it waits in the socket), so
         that the runtime goes on to execve as soon as it has reported ready, without waiting
@@ -418,7 +425,10 @@ class ContainerManager:
             child_fds = [null]
             stdin_w, stdout_r, stderr_r = None, None, None
         else:
-            in_r, stdin_w = _set_cloexec_pipe()
+            if stdin_null:
+                in_r, stdin_w = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC), None
+            else:
+                in_r, stdin_w = _set_cloexec_pipe()
             stdout_r, out_w = _set_cloexec_pipe(_OUTPUT_PIPE_BYTES)
             stderr_r, err_w = _set_cloexec_pipe(_OUTPUT_PIPE_BYTES)
             stdio = (in_r, out_w, err_w)
@@ -462,7 +472,7 @@ class ContainerManager:
             console = None
         _close(console)  # one nobody asked for
         if pid is not None:
-            assert stdin_w is not None and stdout_r is not None
+            assert stdout_r is not None and (stdin_w is not None or stdin_null)
             ours.settimeout(None)
             proc = Process(pid, terminal, stdin_w, stdout_r, None if terminal else stderr_r)
             if pid != runtime_pid:
@@ -519,10 +529,12 @@ class ContainerManager:
         overlay: bool = False,
         *,
         close_stdin: bool = False,
+        stdin_null: bool = False,
     ) -> int:
         """Create the container (CreateContainer); its init's pid. ``close_stdin``: the
         init's stdin pipe is closed at once (EOF, as after :meth:`close_stdin`); a terminal's
-        stdin is left open (its ^D is CloseStdin's)."""
+        stdin is left open (its ^D is CloseStdin's). ``stdin_null``: the init's stdin is
+        /dev/null instead of a pipe (no terminal: ignored with one)."""
         if len(spec_bytes) > MAX_SPEC_BYTES:
             raise ContainerError("INVALID_ARGUMENT", "oci spec larger than 1 MiB", "INVALID_SPEC")
         try:
@@ -575,6 +587,7 @@ class ContainerManager:
                 ],
                 json.dumps(spec).encode(),
                 terminal,
+                stdin_null=stdin_null,
             )
         except BaseException:
             # The runtime may have created (and joined) the cgroup before it failed.

@@ -233,6 +233,7 @@ class AgentService(pb_grpc.AgentServicer):
                 request.rootfs,
                 request.overlay,
                 close_stdin=request.close_stdin,
+                stdin_null=request.stdin_null,
             )
             if request.start:  # protocol 1.8: StartContainer in the same call
                 manager.start(request.container_id, _start_timeout(context))

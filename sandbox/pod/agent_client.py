@@ -393,14 +393,24 @@ class ContainerClient(AgentClient):
     """The container RPCs of the agent, with the same deadline and error rules."""
 
     def create_container(
-        self, container_id: str, spec: bytes, rootfs: str, overlay: bool = False
+        self,
+        container_id: str,
+        spec: bytes,
+        rootfs: str,
+        overlay: bool = False,
+        stdin_null: bool = False,
     ) -> int:
         """CreateContainer: set up ``container_id`` from config.json bytes ``spec`` on guest
         directory ``rootfs`` (through a throwaway overlay when ``overlay``); its init's guest pid,
-        blocked before execve until :meth:`start_container`. AgentError with the in-guest
-        runtime's message on failure (nothing is left behind in the guest)."""
+        blocked before execve until :meth:`start_container`. ``stdin_null``: its stdin is
+        /dev/null, not a pipe (protocol 1.12; nothing will be relayed to it). AgentError with
+        the in-guest runtime's message on failure (nothing is left behind in the guest)."""
         request = pb.CreateContainerRequest(
-            container_id=container_id, oci_spec=spec, rootfs=rootfs, overlay=overlay
+            container_id=container_id,
+            oci_spec=spec,
+            rootfs=rootfs,
+            overlay=overlay,
+            stdin_null=stdin_null,
         )
         reply = self._call("CreateContainer", request, timeout=120.0)
         return _pid(reply.pid, f"container {container_id}")
@@ -409,9 +419,10 @@ class ContainerClient(AgentClient):
         self, container_id: str, spec: bytes, rootfs: str, overlay: bool = False
     ) -> tuple[int, bool]:
         """CreateContainer with start and close_stdin (protocol 1.8): the container created,
-        its program exec'd and its stdin at EOF (a pipe; a terminal's stdin stays open) in one
-        round trip. Returns (guest pid, started); started is False from an agent before 1.8,
-        which only created it: the caller then calls :meth:`start_container` and
+        its program exec'd and its stdin /dev/null (1.12; at EOF from an older agent, a pipe;
+        a terminal's stdin stays open) in one round trip. Returns (guest pid, started);
+        started is False from an agent before 1.8, which only created it: the caller then
+        calls :meth:`start_container` and
         :meth:`close_stdin`. Errors as :meth:`create_container` (and :meth:`start_container`:
         the container is then stopped)."""
         request = pb.CreateContainerRequest(
@@ -421,6 +432,7 @@ class ContainerClient(AgentClient):
             overlay=overlay,
             start=True,
             close_stdin=True,
+            stdin_null=True,
         )
         reply = self._call("CreateContainer", request, timeout=120.0)
         return _pid(reply.pid, f"container {container_id}"), bool(reply.started)

@@ -229,13 +229,21 @@ def create_in_pod(
     read-only on the host, whatever the guest does.) The sources are
     those ``build_spec`` opened into ``held``.
 
+    Its stdin is /dev/null (a detached run relays nothing to it, as docker's without -i).
     Any failure raises RunError with the agent's message: docker's 127/126 when the command
     is not found / cannot be run (the agent's CommandError), 125 otherwise. The caller undoes
     the share on failure (``unshare_container_files``).
     """
     with pod.client() as client:
         return create_with(
-            client, pod, container_id, spec, image, held, workdir_option=workdir_option
+            client,
+            pod,
+            container_id,
+            spec,
+            image,
+            held,
+            stdin_null=True,  # a detached run's: nothing is ever relayed to it
+            workdir_option=workdir_option,
         )
 
 
@@ -248,6 +256,7 @@ def create_with(
     held: HeldSources,
     *,
     start: bool = False,
+    stdin_null: bool = False,
     workdir_option: bool = False,
 ) -> int:
     """:func:`create_in_pod` through ``client``. With ``start`` the container is also
@@ -270,7 +279,9 @@ def create_with(
     payload = json.dumps(guest_spec).encode()
     try:
         if not start:
-            return client.create_container(container_id, payload, guest_rootfs, overlay=True)
+            return client.create_container(
+                container_id, payload, guest_rootfs, overlay=True, stdin_null=stdin_null
+            )
         pid, started = client.create_and_start(container_id, payload, guest_rootfs, overlay=True)
     except CommandError as exc:
         raise RunError(exc.detail, exc.exit_code) from exc

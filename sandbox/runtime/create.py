@@ -11,6 +11,7 @@ started, then the prestart, createRuntime and createContainer hooks run on the h
 from __future__ import annotations
 
 import os
+import stat
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -150,6 +151,7 @@ def create(
                 bundles.guest_document(guest_spec, "config.json"),
                 rootfs,
                 overlay=spec.root_readonly,
+                stdin_null=_stdin_is_null(),
             )
         # A SIGTERM now is handled once the shim is recorded.
         with host_cgroup.inside(pod.host_cgroup()), signals_held():
@@ -238,3 +240,15 @@ def write_pid_file(path: Path, pid: int) -> None:
     tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}")
     tmp.write_text(str(pid))
     os.replace(tmp, path)
+
+
+def _stdin_is_null() -> bool:
+    """Whether this process's stdin (which the container's host stand-in inherits and
+    relays) is /dev/null, or closed: the container's is then /dev/null too, as runc passes
+    its own on (podman without -i, conmon's /dev/null), not an empty pipe."""
+    try:
+        ours = os.fstat(0)
+    except OSError:
+        return True
+    null = os.stat(os.devnull)
+    return stat.S_ISCHR(ours.st_mode) and ours.st_rdev == null.st_rdev

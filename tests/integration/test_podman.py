@@ -97,6 +97,22 @@ def test_run_echo_and_exit_code(podman: list[str]) -> None:
     assert pm(podman, "run", "--rm", IMAGE, "sh", "-c", "exit 3").returncode == 3
 
 
+def test_stdin_is_dev_null_without_i_and_a_pipe_with_it_as_under_runc(podman: list[str]) -> None:
+    """conmon gives the runtime /dev/null as stdin without -i: runc passes it on, so does
+    the stand-in (the container's stdin was an empty pipe; breaker4)."""
+    probe = ["sh", "-c", "readlink /proc/self/fd/0 | sed 's/:.*//'; cat"]
+    done = pm(podman, "run", "--rm", IMAGE, *probe)
+    assert (done.returncode, done.stdout) == (0, "/dev/null\n"), done.stderr
+    piped = subprocess.run(
+        [*podman, "run", "--rm", "-i", IMAGE, *probe],
+        input="relayed\n",
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert (piped.returncode, piped.stdout) == (0, "pipe\nrelayed\n"), piped.stderr
+
+
 def test_device_and_privileged_as_podman_writes_them(podman: list[str]) -> None:
     """podman writes a device's whole st_mode as its fileMode (020600 for /dev/fuse), as runc
     takes it; --privileged lists every host device so. Both were refused ("fileMode: 8576 is

@@ -262,6 +262,29 @@ def test_run_starts_its_process_with_no_signal_blocked_or_ignored(
     assert (ours.returncode, ours.stdout) == (0, SIGNALS_AT_START), ours.stderr
 
 
+def test_without_i_stdin_is_dev_null_as_podman_with_runc_gives_it(
+    root: Path, podman: list[str]
+) -> None:
+    """``run`` without ``-i`` (foreground and ``-d``): the container's stdin is /dev/null,
+    not an empty pipe (a program that checks for piped input behaves as under runc);
+    with ``-i`` it is a pipe carrying ours (breaker4)."""
+    probe = ["sh", "-c", "readlink /proc/self/fd/0 | sed 's/:.*//'; cat"]
+    theirs = subprocess.run(
+        [*podman, "run", "--rm", "--net", "none", IMAGE, *probe], capture_output=True, text=True
+    )
+    assert (theirs.returncode, theirs.stdout) == (0, "/dev/null\n"), theirs.stderr
+    ours = run(root, "run", "default", *probe, input="ignored\n")
+    assert (ours.returncode, ours.stdout) == (0, "/dev/null\n"), ours.stderr
+    piped = run(root, "run", "-i", "default", *probe, input="relayed\n")
+    assert (piped.returncode, piped.stdout) == (0, "pipe\nrelayed\n"), piped.stderr
+    started = run(root, "run", "-d", "--name", "stdin-d", "default", *probe)
+    assert started.returncode == 0, started.stderr
+    try:
+        assert wait_until(lambda: run(root, "logs", "stdin-d").stdout == "/dev/null\n", 30)
+    finally:
+        assert run(root, "rm", "-f", "stdin-d").returncode == 0
+
+
 def test_exec_user_by_name_and_workdir_as_podman_with_runc(root: Path, podman: list[str]) -> None:
     """docker's ``exec -u NAME[:GROUP]`` and ``exec -w DIR``: the names as the container's
     /etc/passwd and /etc/group have them now (an entry the container added counts); and an
