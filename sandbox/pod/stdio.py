@@ -11,8 +11,10 @@ import signal
 import stat
 import threading
 import time
+from typing import TYPE_CHECKING
 
-from sandbox.pod.agent_client import ContainerClient
+if TYPE_CHECKING:
+    from sandbox.pod.agent_client import ContainerClient
 
 
 class StdioRelay:

@@ -22,10 +22,12 @@ own /etc/hosts first, which a VM-isolated run does not show):
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sandbox.pod import network
-from sandbox.pod.agent_client import ContainerClient
+
+if TYPE_CHECKING:  # grpc: imported while the pod boots (run.foreground)
+    from sandbox.pod.agent_client import ContainerClient
 
 #: The guest directory holding the files (agent.pid1.SHARE_ROOT: a tmpfs directory made at
 #: boot, mode 0711), as ``etc-<container id>-<file>``.

@@ -15,18 +15,20 @@ import signal
 import subprocess
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from hypervisor.process import ProcessHandle
 from sandbox.errors import EXIT_RUNTIME, AgentError, CommandError, RunError, SandboxError
 from sandbox.image import store as images
 from sandbox.pod import host_cgroup
-from sandbox.pod.agent_client import ContainerClient
 from sandbox.pod.lifecycle import Pod
 from sandbox.pod.record import PodStatus
 from sandbox.pod.sharing import HeldSources, is_bind, share_container_files
 from sandbox.run import etc_files, pool
 from sandbox.run.spec import vm_cpus, vm_memory_mib
+
+if TYPE_CHECKING:  # grpc: imported while the pod boots (run.foreground)
+    from sandbox.pod.agent_client import ContainerClient
 
 #: The container id of a foreground run inside its pod.
 CONTAINER_ID = "main"
