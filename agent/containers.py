@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from agent import cgroup_layout, pid1, proctable, share_view
+from agent.netns_ahead import NetnsAhead
 from agentapi.limits import MAX_READ_BYTES
 from ocispec.document import MAX_DOCUMENT_BYTES
 
@@ -369,6 +370,8 @@ class ContainerManager:
         #: Ids removed in this guest (bounded): the share may still show their old entries.
         self._removed: dict[str, None] = {}
         self._lock = threading.Lock()
+        #: A network namespace made once the VM was restored (:mod:`agent.netns_ahead`).
+        self.netns_ahead = NetnsAhead()
 
     # -- helpers -----------------------------------------------------------------------------
 
@@ -574,21 +577,26 @@ class ContainerManager:
             spec.setdefault("root", {})["path"] = rootfs
             process = spec.get("process") or {}
             terminal = bool(process.get("terminal", False)) if isinstance(process, dict) else False
-            proc, control = self._spawn(
-                "agent.oci.init",
-                [
-                    "--bundle-fd",
-                    "3",
-                    "--sync-fd",
-                    "4",
-                    "--cgroup",
-                    cgroup,
-                    *self._layout.runtime_args(),
-                ],
-                json.dumps(spec).encode(),
-                terminal,
-                stdin_null=stdin_null,
-            )
+            netns = self.netns_ahead.take_for(spec)
+            try:
+                proc, control = self._spawn(
+                    "agent.oci.init",
+                    [
+                        "--bundle-fd",
+                        "3",
+                        "--sync-fd",
+                        "4",
+                        "--cgroup",
+                        cgroup,
+                        *self._layout.runtime_args(),
+                    ],
+                    json.dumps(spec).encode(),
+                    terminal,
+                    stdin_null=stdin_null,
+                )
+            finally:
+                if netns is not None:  # joined (the runtime is ready) or never to be
+                    os.close(netns)
         except BaseException:
             # The runtime may have created (and joined) the cgroup before it failed.
             _remove_cgroup(cgroup, self._layout.v1_dirs(cgroup))

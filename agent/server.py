@@ -189,10 +189,13 @@ class AgentService(pb_grpc.AgentServicer):
             _abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         except OSError as exc:
             _abort(context, grpc.StatusCode.FAILED_PRECONDITION, f"restoring: {exc}")
+        mounted = False
         if request.HasField("share"):  # protocol 1.8
             self._mount_share(request.share, context)
-            return pb.RestoredResponse(share_mounted=True)
-        return pb.RestoredResponse()
+            mounted = True
+        if self._containers is not None:  # the CRNG is this VM's own now
+            self._containers.netns_ahead.start()
+        return pb.RestoredResponse(share_mounted=mounted)
 
     def PrepareTemplate(
         self, request: pb.PrepareTemplateRequest, context: grpc.ServicerContext

@@ -22,6 +22,7 @@ own /etc/hosts first, which a VM-isolated run does not show):
 
 from __future__ import annotations
 
+import threading
 from typing import TYPE_CHECKING, Any
 
 from sandbox.pod import network
@@ -66,11 +67,33 @@ def write(
 ) -> list[dict[str, Any]]:
     """Write ``files`` (:func:`contents`) into the guest through ``client``; the spec
     mounts that bind them into container ``container_id`` (guest paths: add them after the
-    spec's host paths were rewritten). AgentError as the agent's WriteFile fails."""
+    spec's host paths were rewritten). AgentError as the agent's WriteFile fails (the
+    first file's, in ``files``' order, when several do).
+
+    The files are written at once, one call each from a thread of its own (the channel
+    carries them side by side): one round trip to the guest instead of one per file."""
+    sources = {
+        destination: f"{GUEST_DIR}/etc-{container_id}-{destination.rpartition('/')[2]}"
+        for destination in files
+    }
+    failures: dict[str, BaseException] = {}
+
+    def write_one(destination: str) -> None:
+        try:
+            client.write_file(sources[destination], files[destination])
+        except BaseException as exc:  # raised in the caller's thread below
+            failures[destination] = exc
+
+    threads = [threading.Thread(target=write_one, args=(d,), daemon=True) for d in files]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for destination in files:
+        if destination in failures:
+            raise failures[destination]
     mounts = []
-    for destination, data in files.items():
-        source = f"{GUEST_DIR}/etc-{container_id}-{destination.rpartition('/')[2]}"
-        client.write_file(source, data)
+    for destination, source in sources.items():
         mounts.append(
             {
                 "destination": destination,
