@@ -69,6 +69,7 @@ def boot_pod(
         cgroup=(req, placement),
         cached_files=cacheable(spec, image),
         owner=owner,
+        keep_client=True,  # the run's container is created next, through it
     )
 
 
