@@ -281,8 +281,22 @@ def remove(root: Path, name: str, force: bool = False) -> None:
             raise
         if not force and record.status is not Status.STOPPED:
             raise StateError(f"run {name} is {record.status}: stop it first or use rm -f")
+        watcher = _watcher(record)
         delete.delete(root, name, force=True)
         lock.discard()
+    # Its watcher, become its monitor, was waiting for this lock: it finds the run gone and
+    # exits; rm returns after it, so nothing of the run outlives the command.
+    if watcher is not None:
+        watcher.wait(10.0)
+
+
+def _watcher(record: ContainerRecord) -> ProcessHandle | None:
+    """The run's watcher as :func:`shim.spawn` recorded it (None if it did not)."""
+    try:
+        pid, _, start = (record.dir / shim.WATCHER_FILE).read_text().strip().partition(":")
+    except OSError:
+        return None
+    return ProcessHandle(int(pid), int(start)) if pid.isdigit() and start.isdigit() else None
 
 
 def _remove_orphan_pod(root: Path, name: str) -> bool:

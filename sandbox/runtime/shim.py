@@ -217,6 +217,9 @@ def spawn(
     return handle
 
 
+#: In a detached run's record directory: ``PID:START`` of its watcher (then its monitor).
+WATCHER_FILE = "watcher"
+
 #: How long spawn waits for a shim's ``ready`` line (seconds): its attach to the pod's proxy
 #: (:data:`_READY_TIMEOUT`) and its network namespace, with room for a loaded host.
 SPAWN_TIMEOUT = 90.0
@@ -230,10 +233,11 @@ def _spawn_watcher(root: Path, name: str, held_r: int, timeout: float | None) ->
     end of the pipe the shim holds the write end of, as its stdin (closed here)."""
     import subprocess
 
+    from hypervisor.process import ProcessHandle
     from sandbox.runtime import shim_watch
 
     try:
-        subprocess.Popen(
+        watcher = subprocess.Popen(
             shim_watch.argv(sys.executable, str(root), name, timeout),
             stdin=held_r,
             stdout=subprocess.DEVNULL,
@@ -241,9 +245,15 @@ def _spawn_watcher(root: Path, name: str, held_r: int, timeout: float | None) ->
             start_new_session=True,
             cwd="/",
             env={**os.environ, "PYTHONPATH": IMPORT_ROOT},
-        ).returncode = 0  # never waited for here (silences Popen.__del__)
+        )
+        watcher.returncode = 0  # never waited for here (silences Popen.__del__)
     finally:
         os.close(held_r)
+    # Recorded so that ``rm`` can wait for it: it becomes the run's monitor, which blocks on
+    # the run lock the removal holds and exits once it finds the run gone.
+    with contextlib.suppress(ProcessLookupError, OSError):
+        handle = ProcessHandle.of(watcher.pid)
+        (root / name / WATCHER_FILE).write_text(f"{handle.pid}:{handle.start}\n")
 
 
 class Args:
