@@ -52,7 +52,6 @@ from sandbox.pod import drivers as pod_drivers
 from sandbox.pod import host_cgroup as cgroups
 from sandbox.pod import hostfs
 from sandbox.pod import record as pod_record
-from sandbox.pod.agent_client import ContainerClient
 from sandbox.pod.drivers import Drivers
 from sandbox.pod.record import BootKind, PodRecord, PodStatus
 
@@ -61,6 +60,7 @@ if TYPE_CHECKING:  # imported where used: verbs that only talk to an agent skip 
     from hypervisor.qemu_args import Accelerator, NicConfig, VMConfig
     from hypervisor.virtiofsd import LockMode
     from sandbox.pod import network
+    from sandbox.pod.agent_client import ContainerClient
 
 #: Guest path of the pod's virtio-fs share (container rootfs live below it).
 GUEST_SHARE = "/run/pysandbox/shared"
@@ -252,6 +252,8 @@ class Pod:
         If the proxy died (killed, crashed) while the VM of a running pod runs, a new one is
         started first; it resynchronises the serial channel, so the agent is reachable again.
         """
+        from sandbox.pod.agent_client import ContainerClient  # grpc: see run.foreground
+
         if self.status is PodStatus.RUNNING:
             self._ensure_proxy()
         kept, self._kept_client = self._kept_client, None
@@ -822,6 +824,8 @@ class Pod:
         reached (:meth:`finish_stop` then stops QEMU the hard way)."""
         if self.status is not PodStatus.STOPPING:
             return
+        from sandbox.pod.agent_client import ContainerClient
+
         # No proxy restart here: stop may run under the pod lock; a dead proxy just means
         # the hard stop.
         with (
