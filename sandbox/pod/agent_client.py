@@ -9,8 +9,6 @@ cannot be run), and checks the shape of what came back before handing it on.
 
 from __future__ import annotations
 
-import os
-import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -19,15 +17,14 @@ from typing import TYPE_CHECKING, Any, Self
 
 import grpc
 
-from agentapi import failure
 from agentapi.channel import new_nonce
 from agentapi.limits import DEFAULT_RPC_TIMEOUT, GRPC_OPTIONS, MAX_READ_BYTES
 from agentapi.proto import agent_pb2 as pb
 from agentapi.proto import agent_pb2_grpc as pb_grpc
-from agentapi.stream_wire import StreamError
 from agentapi.version import PROTOCOL_VERSION, protocol_major
-from sandbox.errors import AgentError, AgentTimeout, CommandError, FailureReason, PodProcessDied
+from sandbox.errors import AgentError, AgentTimeout, PodProcessDied
 from sandbox.pod import output_port
+from sandbox.pod.agent_errors import call_error, guest_pid, port_stream
 
 if TYPE_CHECKING:
     from sandbox.pod.network import NetworkConfig
@@ -74,15 +71,7 @@ class GuestProcess:
 #: Longest command text accepted per process (the agent sends at most 4096 bytes of it).
 MAX_COMMAND_CHARS = 4200
 
-#: Largest pid a Linux guest can hand out (PID_MAX_LIMIT on 64-bit).
-_PID_MAX = 4 * 1024 * 1024
-
-
-def _pid(value: int, what: str) -> int:
-    """``value`` as a guest pid; AgentError unless 1 <= value <= PID_MAX_LIMIT."""
-    if not 0 < value <= _PID_MAX:
-        raise AgentError(f"agent reported an impossible pid {value} for {what}")
-    return int(value)
+_pid = guest_pid
 
 
 def _bounded(text: str, name: str, limit: int = 256) -> str:
@@ -94,37 +83,13 @@ def _bounded(text: str, name: str, limit: int = 256) -> str:
 def _rpc_error(
     exc: grpc.RpcError, rpc: str, request: Any, pod_id: str, waited: float | None = None
 ) -> AgentError:
-    """The AgentError for a failed call ``rpc`` of ``request``: status code, message and
-    Failure reason from the status; the ids from the request (ours, not the guest's).
-
-    DEADLINE_EXCEEDED is an AgentTimeout (naming ``waited``), a reason that the program cannot
-    run a CommandError.
-    """
+    """The AgentError for a failed call ``rpc`` of ``request`` (:func:`call_error`)."""
     call = exc if isinstance(exc, grpc.Call) else None
     code = call.code() if call is not None else None
     details = call.details() if call is not None else str(exc)
-    fields: dict[str, Any] = {
-        "rpc": rpc,
-        "code": code.name if code is not None else "",
-        "pod_id": pod_id,
-        "container_id": str(getattr(request, "container_id", "")),
-        "exec_id": str(getattr(request, "exec_id", "")),
-    }
-    if code == grpc.StatusCode.DEADLINE_EXCEEDED and waited is not None:
-        return AgentTimeout(f"agent did not answer {rpc} within {waited:g}s", **fields)
-    detail = _bounded_detail(details or str(code))
-    reason = FailureReason.named(failure.reason_of(call.trailing_metadata() if call else None))
-    message = f"agent {rpc} failed: {detail}"
-    if reason.command_status is not None:
-        return CommandError(message, reason=reason, detail=detail, **fields)
-    return AgentError(message, reason=reason, detail=detail, **fields)
-
-
-def _bounded_detail(text: str, limit: int = 4096) -> str:
-    """The agent's message as one printable line of at most ``limit`` characters: runs of
-    white space become one space, anything else unprintable (terminal escapes...) "?"."""
-    line = "".join(c if c.isprintable() else "?" for c in " ".join(text.split()))
-    return line if len(line) <= limit else line[:limit] + "…"
+    trailing = call.trailing_metadata() if call is not None else None
+    name = code.name if code is not None else ""
+    return call_error(rpc, name, details or str(code), trailing, request, pod_id, waited)
 
 
 #: Seconds between two looks at the pod's processes while a call is under way.
@@ -532,7 +497,7 @@ class ContainerClient(AgentClient):
                 for chunk in call:
                     if port is not None:
                         if chunk.on_port:
-                            yield from _port_stream(call, port, nonce, which)
+                            yield from port_stream(call, port, nonce, which)
                             return
                         port.close()  # the agent streams in messages: free the port now
                         port = None
@@ -631,38 +596,3 @@ class ContainerClient(AgentClient):
             if not 0 <= value < 2**63:
                 raise AgentError(f"agent reported an impossible {name} {value}")
         return stats
-
-
-def _port_stream(
-    call: Iterator[Any], port: output_port.PortLease, nonce: str, which: str
-) -> Iterator[bytes]:
-    """The stream's bytes from ``port`` while a thread waits for the end of ``call`` (which
-    carries no more messages; it ends after the agent wrote the end frame, or fails)."""
-    outcome: list[BaseException] = []
-    ended = os.eventfd(0, os.EFD_CLOEXEC)
-
-    def finish() -> None:
-        try:
-            for _extra in call:
-                outcome.append(AgentError(f"agent sent {which} messages after choosing a port"))
-                break
-        except BaseException as exc:
-            outcome.append(exc)
-        os.eventfd_write(ended, 1)
-
-    waiter = threading.Thread(target=finish, daemon=True)
-    waiter.start()
-    try:
-        yield from output_port.read_frames(
-            port.sock, nonce, ended, lambda: outcome[0] if outcome else None
-        )
-        waiter.join(output_port.TAIL_TIMEOUT)  # the call ends right after the end frame
-    except StreamError as exc:
-        raise AgentError(f"{which} of the process: {exc}") from exc
-    finally:
-        cancel = getattr(call, "cancel", None)
-        if waiter.is_alive() and cancel is not None:
-            cancel()  # the reader stopped early (or failed): end the agent's side too
-        waiter.join(5.0)
-        if not waiter.is_alive():  # else it may still signal: leave it the fd
-            os.close(ended)

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import os
 import signal
 import socket
@@ -39,22 +40,17 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
-from concurrent import futures
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
-import grpc
-
-from agentapi import failure
-from agentapi.channel import VSOCK_PORT, HandshakeError, host_handshake
-from agentapi.limits import GRPC_OPTIONS
+from agentapi.channel import VSOCK_PORT, host_handshake
 from hypervisor.process import ProcessHandle, pid_alive
 from sandbox import IMPORT_ROOT
 from sandbox.errors import AgentError
 from sandbox.pod import console_bound
+from sandbox.pod.grpc_relay import Relay
+from sandbox.pod.h2_loop import Loop
 
-SERVICE_PREFIX = "/pysandbox.agent.v1.Agent/"
 #: What the proxy's interpreter runs (``-c``; see the module docstring). It names this module,
 #: so the proxy's command line mentions ``sandbox.pod.agent_proxy`` as with ``-m``.
 PROGRAM = (
@@ -62,7 +58,6 @@ PROGRAM = (
     "from sandbox.pod.agent_proxy import main; main()"
 )
 _HANDSHAKE_TIMEOUT = 10.0
-_CHUNK = 65536
 
 
 def start(directory: Path, vm_pid: int, forward: socket.socket | None = None) -> int:
@@ -144,81 +139,55 @@ def spawn(directory: Path, vm_pid: int, forward: socket.socket | None = None) ->
     return Starting(proc, directory)
 
 
-class _Forwarder(grpc.GenericRpcHandler):  # type: ignore[type-arg]
-    """Forwards every Agent method to ``channel`` as a raw-bytes stream-stream call."""
-
-    def __init__(self, channel: grpc.Channel) -> None:
-        self._channel = channel
-
-    def service(
-        self, handler_call_details: grpc.HandlerCallDetails
-    ) -> grpc.RpcMethodHandler[bytes, bytes] | None:
-        method: str = handler_call_details.method
-        if not method.startswith(SERVICE_PREFIX):
-            return None
-        multicallable = self._channel.stream_stream(method, None, None)
-
-        def forward(requests: Iterator[bytes], context: grpc.ServicerContext) -> Iterator[bytes]:
-            remaining = context.time_remaining()
-            # Without a client deadline gRPC reports an enormous remaining time; pass none on.
-            timeout = remaining if remaining is not None and remaining < 1e6 else None
-            call: Any = multicallable(requests, timeout=timeout, wait_for_ready=True)
-            context.add_callback(call.cancel)
-            try:
-                yield from call
-            except grpc.RpcError as exc:
-                if exc.code() != grpc.StatusCode.CANCELLED or context.is_active():
-                    context.set_trailing_metadata(failure.forwarded(exc.trailing_metadata()))
-                    context.abort(exc.code(), exc.details() or "agent call failed")
-
-        return grpc.stream_stream_rpc_method_handler(forward)
-
-
-def _pump(source: socket.socket, sink: socket.socket) -> None:
+def connect_serial(path: Path) -> tuple[socket.socket, bytes]:
+    """A new connection to the agent through QEMU's chardev socket ``path``, after the
+    channel handshake (:func:`agentapi.channel.host_handshake`); and the bytes that followed
+    the handshake. OSError or HandshakeError when it cannot."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     try:
-        while data := source.recv(_CHUNK):
-            sink.sendall(data)
-    except OSError:
-        pass
-    finally:
-        for sock in (source, sink):
-            with contextlib.suppress(OSError):
-                sock.shutdown(socket.SHUT_RDWR)
+        sock.settimeout(_HANDSHAKE_TIMEOUT)
+        sock.connect(str(path))
+        leftover = host_handshake(sock, _HANDSHAKE_TIMEOUT, _resent)
+    except BaseException:
+        sock.close()
+        raise
+    return sock, leftover
 
 
-class SerialRelay:
-    """Relays connections on ``listen_path`` to the QEMU chardev socket, one at a time."""
+def connect_vsock(cid: int) -> tuple[socket.socket, bytes]:
+    """A new connection to the agent's vsock port in guest ``cid`` (no handshake: each
+    vsock connection is a stream of its own)."""
+    sock = socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    try:
+        sock.settimeout(_HANDSHAKE_TIMEOUT)
+        sock.connect((cid, VSOCK_PORT))
+    except BaseException:
+        sock.close()
+        raise
+    return sock, b""
 
-    def __init__(self, listen_path: Path, serial_path: Path) -> None:
-        self._serial_path = serial_path
-        self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        with contextlib.suppress(FileNotFoundError):
-            listen_path.unlink()
-        self._listener.bind(str(listen_path))
-        os.chmod(listen_path, 0o600)
-        self._listener.listen(4)
 
-    def serve_forever(self) -> None:
-        while True:
-            client, _ = self._listener.accept()
-            try:
-                upstream = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-                upstream.settimeout(_HANDSHAKE_TIMEOUT)
-                upstream.connect(str(self._serial_path))
-                leftover = host_handshake(upstream, _HANDSHAKE_TIMEOUT, _resent)
-                if leftover:
-                    client.sendall(leftover)
-            except (OSError, HandshakeError) as exc:
-                print(f"agent-proxy: channel handshake failed: {exc}", file=sys.stderr, flush=True)
-                client.close()
-                time.sleep(0.2)
-                continue
-            back = threading.Thread(target=_pump, args=(upstream, client), daemon=True)
-            back.start()
-            _pump(client, upstream)
-            back.join()
-            client.close()
-            upstream.close()
+def listen_unix(path: Path) -> socket.socket:
+    """A listening stream socket at ``path`` (mode 0600, replacing a stale one)."""
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()
+    listener.bind(str(path))
+    os.chmod(path, 0o600)
+    listener.listen(64)
+    return listener
+
+
+def start_relay(
+    listener: socket.socket, connect: Callable[[], tuple[socket.socket, bytes]]
+) -> Relay:
+    """A :class:`~sandbox.pod.grpc_relay.Relay` serving ``listener``, its loop running in a
+    thread of its own (also what tests run in-process)."""
+    loop = Loop()
+    relay = Relay(loop, connect)
+    relay.serve(listener)
+    loop.start()
+    return relay
 
 
 def _resent(waited: float) -> None:
@@ -260,32 +229,8 @@ def _trimmer() -> Callable[[int], int] | None:
     return trim
 
 
-#: How long (seconds) one of grpc's blocking waits sleeps before it looks again (see
-#: :func:`_quiet_blocking_waits`).
-BLOCKING_WAIT_SLICE = 30.0
-
-
-def _quiet_blocking_waits() -> None:
-    """Let a thread blocked in a gRPC call sleep until it is woken, not wake 10 times a second.
-
-    grpcio's synchronous API waits on a condition in slices of
-    ``grpc._common.MAXIMUM_WAIT_TIMEOUT`` (0.1 s) so that a signal handler of the main thread
-    runs within 0.1 s; the condition is notified on every state change, so the slice only
-    bounds that latency. Here every relayed call that lasts — a container's stdout, its Wait,
-    a stand-in's stream — holds a thread for the container's life: N threads x 10 wake-ups a
-    second on an idle pod. The proxy's only signal, SIGTERM, is taken by ``sigwait`` in the
-    main thread, not by a handler, so a long slice delays nothing. The attribute is private:
-    when a grpcio release drops it, nothing changes but the wake-ups (bench/idle_cpu.py).
-    """
-    import grpc._common as grpc_common
-
-    if isinstance(getattr(grpc_common, "MAXIMUM_WAIT_TIMEOUT", None), float):
-        grpc_common.MAXIMUM_WAIT_TIMEOUT = BLOCKING_WAIT_SLICE
-
-
 def main(argv: list[str] | None = None) -> None:
     """Run the proxy daemon; see the module docstring."""
-    _quiet_blocking_waits()
     parser = argparse.ArgumentParser(prog="pysandbox-agent-proxy")
     parser.add_argument("--listen", type=Path, required=True)
     parser.add_argument("--serial", type=Path, help="QEMU chardev socket of the agent port")
@@ -298,43 +243,33 @@ def main(argv: list[str] | None = None) -> None:
     # the main thread's sigwait: the proxy exits at once whichever thread it was sent to.
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
     threading.Thread(target=_watch_vm, args=(args.vm_pid, args.console_log), daemon=True).start()
+    connect: Callable[[], tuple[socket.socket, bytes]]
     if args.vsock_cid is not None:
-        upstream = f"vsock:{args.vsock_cid}:{VSOCK_PORT}"
+        connect = functools.partial(connect_vsock, args.vsock_cid)
     else:
-        relay_path = args.listen.with_name("agent-relay.sock")
-        relay = SerialRelay(relay_path, args.serial)
-        threading.Thread(target=relay.serve_forever, daemon=True).start()
-        upstream = f"unix:{relay_path}"
-    channel = grpc.insecure_channel(upstream, options=GRPC_OPTIONS)
+        connect = functools.partial(connect_serial, args.serial)
+    relay = start_relay(listen_unix(args.listen), connect)
+    from sandbox.pod import standin_service
+    from sandbox.pod.standin_wire import SOCKET_NAME
+
+    # The stand-in socket listens before "ready" (a shim may connect at once); it is served
+    # once the agent's messages (protobuf) are loaded, off the path of the pod's start.
+    standins = standin_service.listen(args.listen.with_name(SOCKET_NAME))
+    print("agent-proxy: ready", flush=True)
+    from sandbox.pod.proxy_client import ProxyClient
+
     if args.forward_fd is not None:
         from sandbox.pod.portforward import Forwarder
 
-        listener = socket.socket(fileno=args.forward_fd)
-        forwarder = Forwarder(listener, channel)
+        forwarder = Forwarder(socket.socket(fileno=args.forward_fd), relay)
         threading.Thread(target=forwarder.serve_forever, daemon=True).start()
-    server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=64, thread_name_prefix="proxy"),
-        handlers=[_Forwarder(channel)],
-        options=GRPC_OPTIONS,
-    )
-    with contextlib.suppress(FileNotFoundError):
-        args.listen.unlink()
-    server.add_insecure_port(f"unix:{args.listen}")
-    server.start()
-    os.chmod(args.listen, 0o600)
-    from sandbox.pod import standin_service
-    from sandbox.pod.agent_client import ContainerClient
-    from sandbox.pod.standin_wire import SOCKET_NAME
-
-    standins = standin_service.listen(args.listen.with_name(SOCKET_NAME))
-    # No second hop through agent.sock; output through the pod's output ports when free.
-    client = ContainerClient(upstream, channel=channel, output_ports=args.listen.parent)
+    # Output through the pod's output ports when free.
+    client = ProxyClient(relay, output_ports=args.listen.parent)
     threading.Thread(
         target=standin_service.serve,
         args=(standins, client, lambda: pid_alive(args.vm_pid)),
         daemon=True,
     ).start()
-    print("agent-proxy: ready", flush=True)
     signal.sigwait({signal.SIGTERM})
     os._exit(0)
 

@@ -26,11 +26,11 @@ import socket
 import struct
 import sys
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 from sandbox.errors import NetworkError
+from sandbox.pod.grpc_relay import Call, CallError, Relay
 from sandbox.pod.redirect import LISTEN_PORT
 
 SO_ORIGINAL_DST = 80  # linux/netfilter_ipv4.h
@@ -91,25 +91,19 @@ def _reset(conn: socket.socket) -> None:
 
 class Forwarder:
     """Accepts on the pod namespace's listener and relays each connection to the guest over
-    ``channel`` (the agent proxy's own channel to the agent) to the port ``port_of`` names
-    (the one the client dialled; tests give another)."""
+    ``relay`` (the agent proxy's own connection to the agent:
+    :class:`~sandbox.pod.grpc_relay.Relay`) to the port ``port_of`` names (the one the
+    client dialled; tests give another)."""
 
     def __init__(
         self,
         listener: socket.socket,
-        channel: Any,
+        relay: Relay,
         port_of: Callable[[socket.socket], int] = original_port,
     ) -> None:
-        from agentapi.proto import agent_pb2 as pb
-
-        self._pb = pb
         self._listener = listener
+        self._relay = relay
         self._port_of = port_of
-        self._call = channel.stream_stream(
-            METHOD,
-            request_serializer=pb.PortForwardRequest.SerializeToString,
-            response_deserializer=pb.PortForwardResponse.FromString,
-        )
         self._slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
 
     def serve_forever(self) -> None:
@@ -123,42 +117,54 @@ class Forwarder:
                 _log(f"more than {MAX_CONNECTIONS} connections at a time: one refused")
                 _reset(conn)
                 continue
-            threading.Thread(target=self._relay, args=(conn,), daemon=True).start()
+            threading.Thread(target=self._relay_one, args=(conn,), daemon=True).start()
 
-    def _requests(self, conn: socket.socket, port: int) -> Iterator[Any]:
-        yield self._pb.PortForwardRequest(port=port)
+    @staticmethod
+    def _send(conn: socket.socket, call: Call, port: int) -> None:
+        """The connection's bytes to the call (the port first); the end of its input
+        ends the request side, as a client closing for writing does the guest side."""
+        from agentapi.proto import agent_pb2 as pb
+
+        if not call.send(pb.PortForwardRequest(port=port).SerializeToString()):
+            return
         while True:
             try:
                 data = conn.recv(CHUNK)
             except OSError:
-                return
+                break
             if not data:
-                return  # the client closed for writing: so does the guest side
-            yield self._pb.PortForwardRequest(data=data)
+                break
+            if not call.send(pb.PortForwardRequest(data=data).SerializeToString()):
+                return
+        call.done_sending()
 
-    def _relay(self, conn: socket.socket) -> None:
-        import grpc
+    def _relay_one(self, conn: socket.socket) -> None:
+        from agentapi.proto import agent_pb2 as pb
 
         port = 0
+        call: Call | None = None
         try:
             port = self._port_of(conn)
-            call = self._call(self._requests(conn, port), timeout=MAX_SECONDS, wait_for_ready=True)
+            call = self._relay.call(METHOD, MAX_SECONDS)
+            threading.Thread(target=self._send, args=(conn, call, port), daemon=True).start()
             timer = threading.Timer(CONNECT_TIMEOUT, call.cancel)
             timer.start()
             try:
-                first = next(call)
+                first = call.receive()
             finally:
                 timer.cancel()
-            if not first.connected:
+            if first is None or not pb.PortForwardResponse.FromString(first).connected:
                 raise ValueError("the agent's first reply is not 'connected'")
             for reply in call:
-                conn.sendall(reply.data)
+                conn.sendall(pb.PortForwardResponse.FromString(reply).data)
             _finish(conn)
-        except (grpc.RpcError, OSError, ValueError, StopIteration) as exc:
-            detail = exc.details() if isinstance(exc, grpc.RpcError) else str(exc)
+        except (CallError, OSError, ValueError) as exc:  # DecodeError is a ValueError
+            detail = exc.details if isinstance(exc, CallError) else str(exc)
             _log(f"connection to port {port} ended: {detail}")
             _reset(conn)
         finally:
+            if call is not None:
+                call.cancel()
             self._slots.release()
 
 

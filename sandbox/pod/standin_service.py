@@ -6,8 +6,8 @@ forwards the shim's signals and terminal sizes, waits for the process and sends 
 status; if the shim dies first it kills the process. An attached ``pysandbox exec`` is served
 the same way after the proxy started its process (``exec``: ExecProcess first), so that the
 command line needs no gRPC. Each connection is served by a thread of its own; the calls go
-over the proxy's own channel to the agent (a :class:`~sandbox.pod.agent_client.ContainerClient`
-sharing it, so every call keeps that client's deadlines).
+over the proxy's own connection to the agent (a :class:`~sandbox.pod.proxy_client.ProxyClient`
+sharing it, with the deadlines of :class:`~sandbox.pod.agent_client.ContainerClient`).
 """
 
 from __future__ import annotations
@@ -21,13 +21,15 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ocispec.document import MAX_DOCUMENT_BYTES
 from sandbox.errors import AgentError
 from sandbox.pod import standin_wire as wire
-from sandbox.pod.agent_client import ContainerClient
 from sandbox.pod.stdio import StdioRelay
+
+if TYPE_CHECKING:
+    from sandbox.pod.proxy_client import ProxyClient
 
 #: Seconds the output relay may take, after the process exited, to deliver what it wrote.
 DRAIN_TIMEOUT = 5.0
@@ -49,7 +51,7 @@ def listen(path: Path) -> socket.socket:
     return listener
 
 
-def serve(listener: socket.socket, client: ContainerClient, vm_alive: Callable[[], bool]) -> None:
+def serve(listener: socket.socket, client: ProxyClient, vm_alive: Callable[[], bool]) -> None:
     """Serve every shim that connects to ``listener``, forever (a thread each), through
     ``client`` (shared by all). ``vm_alive`` says whether the pod's QEMU still runs."""
     while True:
@@ -115,7 +117,7 @@ def _read_document(fd: int) -> bytes:
     return b"".join(chunks)
 
 
-def _serve_one(conn: socket.socket, client: ContainerClient, vm_alive: Callable[[], bool]) -> None:
+def _serve_one(conn: socket.socket, client: ProxyClient, vm_alive: Callable[[], bool]) -> None:
     fds: list[int] = []
     try:
         conn.settimeout(ATTACH_TIMEOUT)
@@ -148,7 +150,7 @@ class _Standin:
     def __init__(
         self,
         conn: socket.socket,
-        client: ContainerClient,
+        client: ProxyClient,
         attach: _Attach,
         vm_alive: Callable[[], bool],
     ) -> None:

@@ -11,10 +11,20 @@ import signal
 import stat
 import threading
 import time
-from typing import TYPE_CHECKING
+from collections.abc import Iterable
+from typing import Protocol
 
-if TYPE_CHECKING:
-    from sandbox.pod.agent_client import ContainerClient
+
+class StdioClient(Protocol):
+    """The agent calls a :class:`StdioRelay` makes (those of
+    :class:`~sandbox.pod.agent_client.ContainerClient`, or of the agent proxy's own
+    :class:`~sandbox.pod.proxy_client.ProxyClient`)."""
+
+    def read_stream(self, container_id: str, exec_id: str, which: str) -> Iterable[bytes]: ...
+    def close_output(self, container_id: str, exec_id: str, which: str) -> bool: ...
+    def signal(self, container_id: str, exec_id: str, signum: int, all: bool = False) -> None: ...
+    def write_stdin(self, container_id: str, exec_id: str, data: bytes) -> None: ...
+    def close_stdin(self, container_id: str, exec_id: str = "") -> None: ...
 
 
 class StdioRelay:
@@ -32,7 +42,7 @@ class StdioRelay:
 
     def __init__(
         self,
-        client: ContainerClient,
+        client: StdioClient,
         container_id: str,
         exec_id: str,
         stdin: int | None,

@@ -7,12 +7,13 @@ host's error, never guessed from the message.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
-from concurrent import futures
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +29,7 @@ from agentapi.proto import agent_pb2 as pb
 from agentapi.proto import agent_pb2_grpc as pb_grpc
 from sandbox.errors import AgentError, AgentTimeout, CommandError, FailureReason
 from sandbox.pod.agent_client import ContainerClient
-from sandbox.pod.agent_proxy import _Forwarder
+from sandbox.pod.agent_proxy import listen_unix, start_relay
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -175,6 +176,12 @@ class _WatchedReaper(pid1.Reaper):
         super().watch(pid, callback)
 
 
+def _connect_unix(path: Path) -> tuple[socket.socket, bytes]:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.connect(str(path))
+    return sock, b""
+
+
 @pytest.fixture
 def guest(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, str]]:
     """The real agent service and container manager, whose in-guest runtime is
@@ -199,14 +206,11 @@ def guest(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str,
     direct = f"unix:{tmp_path / 'agent.sock'}"
     server.add_insecure_port(direct)
     server.start()
-    upstream = grpc.insecure_channel(direct)
-    proxy = grpc.server(futures.ThreadPoolExecutor(max_workers=4), handlers=[_Forwarder(upstream)])
+    listener = listen_unix(tmp_path / "proxy.sock")
+    relay = start_relay(listener, functools.partial(_connect_unix, tmp_path / "agent.sock"))
     proxied = f"unix:{tmp_path / 'proxy.sock'}"
-    proxy.add_insecure_port(proxied)
-    proxy.start()
     yield {"direct": direct, "proxy": proxied, "rootfs": str(tmp_path / "rootfs")}
-    proxy.stop(0)
-    upstream.close()
+    relay.loop.stop()
     server.stop(0)
     for pid in reaper.watched:
         os.waitpid(pid, 0)

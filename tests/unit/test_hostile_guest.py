@@ -8,17 +8,20 @@ line of bounded length; nothing else escapes, and the proxy keeps serving afterw
 
 The fake agent is a raw gRPC server (bytes in, bytes out) that plays whatever behaviour the
 example drew; the client reaches it directly and through the real proxy forwarder
-(:class:`sandbox.pod.agent_proxy._Forwarder`), in this process. ``PYSANDBOX_HYPOTHESIS=large``
+(:class:`sandbox.pod.grpc_relay.Relay`), in this process. ``PYSANDBOX_HYPOTHESIS=large``
 (``make campaign``) draws many more examples.
 """
 
 from __future__ import annotations
 
+import functools
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent import futures
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -31,7 +34,8 @@ from agentapi.limits import GRPC_OPTIONS, MAX_MESSAGE_BYTES, MAX_READ_BYTES
 from agentapi.proto import agent_pb2 as pb
 from sandbox.errors import AgentError
 from sandbox.pod.agent_client import GUEST_NETWORK_DIR, MAX_COMMAND_CHARS, ContainerClient
-from sandbox.pod.agent_proxy import SERVICE_PREFIX, _Forwarder
+from sandbox.pod.agent_proxy import listen_unix, start_relay
+from sandbox.pod.grpc_relay import SERVICE_PREFIX
 from sandbox.pod.network import NetworkConfig
 
 SERVICE = SERVICE_PREFIX.strip("/").rstrip("/")
@@ -98,6 +102,12 @@ class Guest:
     proxied: ContainerClient
 
 
+def _connect_unix(path: Path) -> tuple[socket.socket, bytes]:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.connect(str(path))
+    return sock, b""
+
+
 @pytest.fixture(scope="module")
 def guest(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Guest]:
     tmp = tmp_path_factory.mktemp("hostile")
@@ -106,22 +116,16 @@ def guest(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Guest]:
     server.add_generic_rpc_handlers((agent.handler(),))
     server.add_insecure_port(f"unix:{tmp / 'agent.sock'}")
     server.start()
-    upstream = grpc.insecure_channel(f"unix:{tmp / 'agent.sock'}", options=GRPC_OPTIONS)
-    proxy = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=16),
-        handlers=[_Forwarder(upstream)],
-        options=GRPC_OPTIONS,
+    relay = start_relay(
+        listen_unix(tmp / "proxy.sock"), functools.partial(_connect_unix, tmp / "agent.sock")
     )
-    proxy.add_insecure_port(f"unix:{tmp / 'proxy.sock'}")
-    proxy.start()
     direct = ContainerClient(f"unix:{tmp / 'agent.sock'}", timeout=DEADLINE, pod_id="hostile")
     proxied = ContainerClient(f"unix:{tmp / 'proxy.sock'}", timeout=DEADLINE, pod_id="hostile")
     yield Guest(agent, direct, proxied)
     agent.release.set()
     for each in (direct, proxied):
         each.close()
-    upstream.close()
-    proxy.stop(0).wait()
+    relay.loop.stop()
     server.stop(0).wait()
 
 
