@@ -132,6 +132,21 @@ def _unquote(value: bytes) -> str:
     return unquote_to_bytes(value).decode(errors="replace")
 
 
+def _metadatum(key: bytes, value: bytes) -> tuple[str, bytes]:
+    """A metadata entry as grpcio gives it: a ``-bin`` key's value base64-decoded (b"" when
+    that fails)."""
+    name = key.decode(errors="replace")
+    if name.endswith("-bin"):
+        import base64
+        import binascii
+
+        try:
+            value = base64.b64decode(value + b"=" * (-len(value) % 4), validate=True)
+        except (binascii.Error, ValueError):
+            value = b""
+    return name, value
+
+
 def status_trailers(code: int, message: str, trailers_only: bool) -> Headers:
     """The trailers of a call that ends with ``code`` here; with the response headers too
     when nothing was sent yet (a "trailers-only" response)."""
@@ -648,6 +663,7 @@ class Call(_Stream):
         self._ended = False  # status known (OK or not)
         self._backlog = 0
         self._buffer = bytearray()
+        self._acked = 0
         self.method = method
         headers: Headers = [
             (b":method", b"POST"),
@@ -711,8 +727,7 @@ class Call(_Stream):
                 self._cond.wait()
             if self._messages:
                 message, credit = self._messages.popleft()
-                if credit:
-                    self._relay.loop.call_soon(lambda: self.relay.ack_up(self, credit))
+                self._relay.loop.call_soon(lambda: self._took(credit))
                 return message
             if self._status is not None:
                 raise self._status
@@ -727,6 +742,14 @@ class Call(_Stream):
         self._relay.loop.call_soon(lambda: self._complete(CallError(CANCELLED, "Cancelled", [])))
 
     # -- the loop's side ------------------------------------------------------------------
+
+    def _took(self, credit: int) -> None:
+        """The caller took a message of ``credit`` unacknowledged bytes."""
+        self.relay.ack_up(self, credit)
+        with self._cond:
+            caught_up = not self._messages
+        if caught_up and not self._ended:
+            self._catch_up()
 
     def sent_up(self, credit: int) -> None:
         with self._cond:
@@ -758,13 +781,14 @@ class Call(_Stream):
         if self._ended:
             self.relay.ack_up(self, credit)
             return
-        # Bytes of a message not complete yet are acknowledged at once (the size limit
-        # bounds them); those of a complete message when the caller takes it. The buffer
-        # holds the (acknowledged) start of the next message.
+        # A complete message's bytes are acknowledged when the caller takes it; those of
+        # the message not complete yet only while the caller has taken all before it (the
+        # size limit bounds them), so that a large message can arrive through the window.
+        # The buffer holds the start of that message, its first _acked bytes acknowledged.
         buffer = self._buffer
-        acked = len(buffer)
         buffer += data
-        now = credit - len(data)  # padding
+        if credit > len(data):  # padding
+            self.relay.ack_up(self, credit - len(data))
         ready: list[tuple[bytes, int]] = []
         while len(buffer) >= 5:
             if buffer[0] != 0:
@@ -777,24 +801,30 @@ class Call(_Stream):
                 return
             if len(buffer) < 5 + size:
                 break
-            own = min(acked, 5 + size)
-            acked -= own
+            own = min(self._acked, 5 + size)
+            self._acked -= own
             ready.append((bytes(buffer[5 : 5 + size]), 5 + size - own))
             del buffer[: 5 + size]
-        now += len(buffer) - acked
-        if now:
-            self.relay.ack_up(self, now)
-        if ready:
-            with self._cond:
-                self._messages.extend(ready)
+        with self._cond:
+            self._messages.extend(ready)
+            caught_up = not self._messages
+            if ready:
                 self._cond.notify_all()
+        if caught_up:
+            self._catch_up()
+
+    def _catch_up(self) -> None:
+        """Acknowledge what arrived of the next message (the caller took all before it)."""
+        if len(self._buffer) > self._acked:
+            self.relay.ack_up(self, len(self._buffer) - self._acked)
+            self._acked = len(self._buffer)
 
     def on_trailers(self, headers: Headers) -> None:
         fields = dict(headers)
         raw = fields.get(b"grpc-status", b"")
         code = int(raw) if raw.isdigit() and len(raw) < 4 else UNKNOWN_CODE
         message = _unquote(fields.get(b"grpc-message", b""))
-        metadata = [(k.decode(errors="replace"), v) for k, v in headers if not k.startswith(b":")]
+        metadata = [_metadatum(k, v) for k, v in headers if not k.startswith(b":")]
         if code == OK and not self._buffer:
             self._complete(None)
         elif code == OK:

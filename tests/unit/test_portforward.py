@@ -22,6 +22,8 @@ from agent.server import AgentService, make_server
 from agentapi.limits import GRPC_OPTIONS
 from agentapi.proto import agent_pb2 as pb
 from agentapi.proto import agent_pb2_grpc as pb_grpc
+from sandbox.pod.grpc_relay import Relay
+from sandbox.pod.h2_loop import Loop
 from sandbox.pod.portforward import Forwarder
 
 
@@ -36,6 +38,21 @@ def agent(tmp_path: Path) -> Iterator[grpc.Channel]:
     yield channel
     channel.close()
     server.stop(0).wait()
+
+
+@pytest.fixture
+def relay(agent: grpc.Channel, tmp_path: Path) -> Iterator[Relay]:
+    """The agent proxy's own connection to that agent (what its Forwarder calls through)."""
+
+    def connect() -> tuple[socket.socket, bytes]:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.connect(str(tmp_path / "agent.sock"))
+        return sock, b""
+
+    loop = Loop()
+    loop.start()
+    yield Relay(loop, connect)
+    loop.stop()
 
 
 @pytest.fixture
@@ -110,15 +127,15 @@ def test_agent_bounds_connections() -> None:
         pass
 
 
-def _forwarder(channel: grpc.Channel, target: int) -> tuple[int, socket.socket]:
+def _forwarder(relay: Relay, target: int) -> tuple[int, socket.socket]:
     listener = socket.create_server(("127.0.0.1", 0))
-    forwarder = Forwarder(listener, channel, port_of=lambda _conn: target)
+    forwarder = Forwarder(listener, relay, port_of=lambda _conn: target)
     threading.Thread(target=forwarder.serve_forever, daemon=True).start()
     return listener.getsockname()[1], listener
 
 
-def test_host_forwarder_end_to_end(agent: grpc.Channel, upper_server: int) -> None:
-    port, listener = _forwarder(agent, upper_server)
+def test_host_forwarder_end_to_end(relay: Relay, upper_server: int) -> None:
+    port, listener = _forwarder(relay, upper_server)
     try:
         for _ in range(3):  # one connection after the other, as kubectl opens them
             with socket.create_connection(("127.0.0.1", port), timeout=30) as client:
@@ -132,8 +149,8 @@ def test_host_forwarder_end_to_end(agent: grpc.Channel, upper_server: int) -> No
         listener.close()
 
 
-def test_host_forwarder_resets_a_connection_to_a_closed_port(agent: grpc.Channel) -> None:
-    port, listener = _forwarder(agent, _free_port())
+def test_host_forwarder_resets_a_connection_to_a_closed_port(relay: Relay) -> None:
+    port, listener = _forwarder(relay, _free_port())
     try:
         with socket.create_connection(("127.0.0.1", port), timeout=30) as client:
             client.settimeout(30)
