@@ -7,41 +7,42 @@ call, unary or streaming, as opaque bytes (a generic gRPC proxy: it needs no kno
 messages, so it never lags the proto). A failed call is answered with the agent's status code,
 message and Failure reason (:mod:`agentapi.failure`), the one trailing metadata entry passed on.
 
-Upstream it relays a private unix socket to QEMU's chardev socket, running the channel
-handshake (:mod:`agentapi.channel`) on every new connection. The daemon exits when the VM's QEMU
-process (``--vm-pid``) is gone, so it never outlives its pod.
+It is an HTTP/2 relay (:mod:`sandbox.pod.grpc_relay`, on the ``h2`` library; no grpcio): each
+call's stream is relayed as is onto one HTTP/2 connection to the agent, made through QEMU's
+chardev socket with the channel handshake (:mod:`agentapi.channel`) every time it is made
+anew, or on vsock. The daemon exits when the VM's QEMU process (``--vm-pid``) is gone, so it
+never outlives its pod.
 
 It also serves the containers' host stand-ins (:mod:`sandbox.runtime.shim`, and attached
 ``pysandbox exec`` calls: :mod:`sandbox.runtime.exec_attach`) on ``<pod>/shim.sock``: it
 starts an attached exec's process, relays their stdio, forwards their signals and waits for
 their processes (:mod:`sandbox.pod.standin_service`), so that they need no gRPC. Those calls
-go over the proxy's own channel to the agent.
+are the relay's own (:mod:`sandbox.pod.proxy_client`), on the same connection to the agent.
 
 With ``--forward-fd N`` (a listening socket in the pod's network namespace) it also serves
-``kubectl port-forward``: each connection there is relayed to the guest over the same channel
-(:mod:`sandbox.pod.portforward`).
+``kubectl port-forward``: each connection there is relayed to the guest over the same
+connection (:mod:`sandbox.pod.portforward`).
 
-Run as ``python -c PROGRAM --serial S --listen L --vm-pid P [--vsock CID] [--forward-fd N]``
-(:data:`PROGRAM`: :func:`main` with the lazy imports of :mod:`agentapi.lazy_import` installed
-first, so that ``asyncio``, ``grpc.aio`` and protobuf's pure-Python message code, which a
-synchronous relay never uses, cost nothing: ~3.5 MiB of the proxy's own pages), or as
+Run as ``python -c PROGRAM --listen L (--serial S | --vsock-cid CID) --vm-pid P
+[--console-log F] [--forward-fd N]`` (:data:`PROGRAM`: :func:`main` with the lazy imports of
+:data:`LAZY_MODULES` installed first: modules that the proxy's imports import but never use,
+~1.6 MiB of its own pages, docs/performance.md "Lean host processes, part 4"), or as
 ``python -m sandbox.pod.agent_proxy ...`` (everything imported).
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import functools
 import os
 import signal
 import socket
-import subprocess
 import sys
 import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from agentapi.channel import VSOCK_PORT, host_handshake
 from hypervisor.process import ProcessHandle, pid_alive
@@ -51,10 +52,14 @@ from sandbox.pod import console_bound
 from sandbox.pod.grpc_relay import Relay
 from sandbox.pod.h2_loop import Loop
 
+if TYPE_CHECKING:
+    import subprocess
+
 #: What the proxy's interpreter runs (``-c``; see the module docstring). It names this module,
 #: so the proxy's command line mentions ``sandbox.pod.agent_proxy`` as with ``-m``.
 PROGRAM = (
-    "from agentapi import lazy_import; lazy_import.install(); "
+    "from agentapi import lazy_import; "
+    "lazy_import.install(lazy_import.PROXY_LAZY_MODULES); "
     "from sandbox.pod.agent_proxy import main; main()"
 )
 _HANDSHAKE_TIMEOUT = 10.0
@@ -99,6 +104,8 @@ def spawn(directory: Path, vm_pid: int, forward: socket.socket | None = None) ->
     forwarding (the caller keeps and closes its own copy). AgentError if it does not report
     ready.
     """
+    import subprocess
+
     from hypervisor.virtiofsd import SETPRIV
 
     # It relays bytes between sockets root owns (pod directory 0700, sockets 0600): it needs
@@ -231,14 +238,7 @@ def _trimmer() -> Callable[[int], int] | None:
 
 def main(argv: list[str] | None = None) -> None:
     """Run the proxy daemon; see the module docstring."""
-    parser = argparse.ArgumentParser(prog="pysandbox-agent-proxy")
-    parser.add_argument("--listen", type=Path, required=True)
-    parser.add_argument("--serial", type=Path, help="QEMU chardev socket of the agent port")
-    parser.add_argument("--vsock-cid", type=int, help="guest CID when the agent is on vsock")
-    parser.add_argument("--vm-pid", type=int, required=True)
-    parser.add_argument("--forward-fd", type=int, help="port-forward listener (pod netns)")
-    parser.add_argument("--console-log", type=Path, help="the VM's serial console log to bound")
-    args = parser.parse_args(argv)
+    args = _arguments(sys.argv[1:] if argv is None else argv)
     # SIGTERM is blocked in every thread (those started below inherit the mask) and taken by
     # the main thread's sigwait: the proxy exits at once whichever thread it was sent to.
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
@@ -247,6 +247,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.vsock_cid is not None:
         connect = functools.partial(connect_vsock, args.vsock_cid)
     else:
+        assert args.serial is not None  # _arguments: one of the two
         connect = functools.partial(connect_serial, args.serial)
     relay = start_relay(listen_unix(args.listen), connect)
     from sandbox.pod import standin_service
@@ -272,6 +273,37 @@ def main(argv: list[str] | None = None) -> None:
     ).start()
     signal.sigwait({signal.SIGTERM})
     os._exit(0)
+
+
+class _Arguments:
+    listen: Path
+    serial: Path | None = None
+    vsock_cid: int | None = None
+    vm_pid: int
+    forward_fd: int | None = None
+    console_log: Path | None = None
+
+
+def _arguments(argv: list[str]) -> _Arguments:
+    """The options of the module docstring (argparse would cost 0.4 MiB for this internal
+    command line); SystemExit 2 naming what is wrong."""
+    args = _Arguments()
+    kinds = {"--listen": Path, "--serial": Path, "--console-log": Path, "--vsock-cid": int}
+    kinds.update({"--vm-pid": int, "--forward-fd": int})
+    if len(argv) % 2:
+        sys.exit(f"pysandbox-agent-proxy: option without a value: {argv[-1]}")
+    for option, value in zip(argv[::2], argv[1::2], strict=True):
+        kind = kinds.get(option)
+        if kind is None:
+            sys.exit(f"pysandbox-agent-proxy: unknown option {option}")
+        try:
+            setattr(args, option[2:].replace("-", "_"), kind(value))
+        except ValueError:
+            sys.exit(f"pysandbox-agent-proxy: {option} takes a number, not {value!r}")
+    missing = [o for o in ("--listen", "--vm-pid") if not hasattr(args, o[2:].replace("-", "_"))]
+    if missing or (args.serial is None) == (args.vsock_cid is None):
+        sys.exit("pysandbox-agent-proxy: needs --listen, --vm-pid and --serial or --vsock-cid")
+    return args
 
 
 if __name__ == "__main__":
