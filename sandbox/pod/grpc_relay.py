@@ -41,193 +41,40 @@ import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import h2.config
-import h2.connection
 import h2.errors
 import h2.events
 import h2.exceptions
 import h2.settings
 
 from agentapi import failure
-from agentapi.limits import MAX_MESSAGE_BYTES
-from sandbox.pod.h2_loop import H2Socket, Loop, Timer
+from sandbox.pod.grpc_call import Call, CallError
+from sandbox.pod.grpc_stream import (
+    DEADLINE_EXCEEDED,
+    INTERNAL,
+    SERVICE_PREFIX,
+    STREAM_WINDOW,
+    UNAVAILABLE,
+    UNIMPLEMENTED,
+    Headers,
+    Stream,
+    h2_connection,
+    parse_timeout,
+    status_trailers,
+    still_open,
+)
+from sandbox.pod.h2_loop import H2Socket, Loop
 
-SERVICE_PREFIX = "/pysandbox.agent.v1.Agent/"
-#: HTTP/2 stream window each side is given (bytes held per call and direction at most).
-STREAM_WINDOW = 256 * 1024
-#: Connection window: large, so that one stalled call never stops the others (the stream
-#: windows bound what is held).
-CONNECTION_WINDOW = 1 << 30
-#: Largest header block accepted (grpcio's ``grpc.max_metadata_size`` of agentapi/limits.py).
-MAX_HEADER_LIST_BYTES = 16 * 1024
+__all__ = ["SERVICE_PREFIX", "STREAM_WINDOW", "Call", "CallError", "Relay"]
+
 #: Seconds between two connection attempts while calls wait for one.
 RETRY_PAUSE = 0.2
-#: Bytes a :class:`Call`'s sender may have queued before :meth:`Call.send` blocks.
-SEND_BACKLOG = 256 * 1024
-
-# gRPC status codes (grpc/doc/statuscodes.md).
-OK, CANCELLED, UNKNOWN_CODE, DEADLINE_EXCEEDED, RESOURCE_EXHAUSTED = 0, 1, 2, 4, 8
-UNIMPLEMENTED, INTERNAL, UNAVAILABLE = 12, 13, 14
-CODE_NAMES = (
-    "OK",
-    "CANCELLED",
-    "UNKNOWN",
-    "INVALID_ARGUMENT",
-    "DEADLINE_EXCEEDED",
-    "NOT_FOUND",
-    "ALREADY_EXISTS",
-    "PERMISSION_DENIED",
-    "RESOURCE_EXHAUSTED",
-    "FAILED_PRECONDITION",
-    "ABORTED",
-    "OUT_OF_RANGE",
-    "UNIMPLEMENTED",
-    "INTERNAL",
-    "UNAVAILABLE",
-    "DATA_LOSS",
-    "UNAUTHENTICATED",
-)
 
 _RESPONSE_HEADERS = frozenset({b":status", b"content-type"})
 _TRAILERS = frozenset({b"grpc-status", b"grpc-message", failure.METADATA_KEY.encode()})
-_TIMEOUT_UNITS = {b"H": 3600.0, b"M": 60.0, b"S": 1.0, b"m": 1e-3, b"u": 1e-6, b"n": 1e-9}
-
-Headers = list[tuple[bytes, bytes]]
-
-
-def parse_timeout(value: bytes) -> float | None:
-    """Seconds of a ``grpc-timeout`` value (1 to 8 digits and a unit); None if malformed."""
-    digits, unit = value[:-1], value[-1:]
-    if not digits.isdigit() or len(digits) > 8 or unit not in _TIMEOUT_UNITS:
-        return None
-    return int(digits) * _TIMEOUT_UNITS[unit]
-
-
-def format_timeout(seconds: float) -> bytes:
-    """A ``grpc-timeout`` value for ``seconds`` (rounded up to the unit, at least 1 ns)."""
-    for unit, scale in ((b"n", 1e-9), (b"u", 1e-6), (b"m", 1e-3), (b"S", 1.0), (b"M", 60.0)):
-        count = -int(-max(seconds, 0.0) // scale)
-        if count < 100_000_000:
-            return str(max(count, 1)).encode() + unit
-    return str(min(-int(-seconds // 3600), 99_999_999)).encode() + b"H"
-
-
-def _quote(message: str) -> bytes:
-    """``grpc-message`` percent-encoding (of everything outside printable ASCII, and %)."""
-    out = bytearray()
-    for byte in message.encode():
-        if 0x20 <= byte <= 0x7E and byte != 0x25:
-            out.append(byte)
-        else:
-            out += b"%%%02X" % byte
-    return bytes(out)
-
-
-def _unquote(value: bytes) -> str:
-    from urllib.parse import unquote_to_bytes
-
-    return unquote_to_bytes(value).decode(errors="replace")
-
-
-def _metadatum(key: bytes, value: bytes) -> tuple[str, bytes]:
-    """A metadata entry as grpcio gives it: a ``-bin`` key's value base64-decoded (b"" when
-    that fails)."""
-    name = key.decode(errors="replace")
-    if name.endswith("-bin"):
-        import base64
-        import binascii
-
-        try:
-            value = base64.b64decode(value + b"=" * (-len(value) % 4), validate=True)
-        except (binascii.Error, ValueError):
-            value = b""
-    return name, value
-
-
-def status_trailers(code: int, message: str, trailers_only: bool) -> Headers:
-    """The trailers of a call that ends with ``code`` here; with the response headers too
-    when nothing was sent yet (a "trailers-only" response)."""
-    headers: Headers = []
-    if trailers_only:
-        headers += [(b":status", b"200"), (b"content-type", b"application/grpc")]
-    return [*headers, (b"grpc-status", str(code).encode()), (b"grpc-message", _quote(message))]
-
-
-#: gRPC status of a call reset with an HTTP/2 error code (as grpcio maps them).
-_RESET_CODES: dict[int, int] = {
-    h2.errors.ErrorCodes.CANCEL: CANCELLED,
-    h2.errors.ErrorCodes.REFUSED_STREAM: UNAVAILABLE,
-    h2.errors.ErrorCodes.ENHANCE_YOUR_CALM: RESOURCE_EXHAUSTED,
-}
-
-
-def _h2_connection(config: h2.config.H2Configuration, settings: dict[Any, int]) -> Any:
-    """A new h2 connection with the relay's windows and header limit, its preface queued."""
-    conn = h2.connection.H2Connection(config)
-    conn.initiate_connection()
-    conn.update_settings(
-        {
-            h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: STREAM_WINDOW,
-            h2.settings.SettingCodes.MAX_HEADER_LIST_SIZE: MAX_HEADER_LIST_BYTES,
-            **settings,
-        }
-    )
-    conn.increment_flow_control_window(CONNECTION_WINDOW)
-    return conn
-
-
-def _still_open(conn: Any, stream_id: int) -> bool:
-    """Whether HTTP/2 stream ``stream_id`` of ``conn`` is not closed yet."""
-    stream = conn.streams.get(stream_id)
-    return stream is not None and not stream.closed
-
-
-class _Stream:
-    """One call on the upstream connection: what goes up (request data, queued until the
-    window takes it) and the handlers of what comes down. Loop thread only."""
-
-    def __init__(self, relay: Relay, headers: Headers, deadline: float | None) -> None:
-        self.relay = relay
-        self.headers = headers
-        self.deadline = deadline
-        self.usid: int | None = None
-        self.up: deque[list[Any]] = deque()  # [data, credit] not yet sent up
-        self.up_end = False  # the request side ends after what is queued
-        self.up_done = False  # END_STREAM (or a reset) sent up
-        self.finished = False
-        self.timer: Timer | None = None
-        if deadline is not None:
-            self.timer = relay.loop.call_at(deadline, self.expired)
-
-    def request_headers(self) -> Headers:
-        if self.deadline is None:
-            return self.headers
-        timeout = format_timeout(self.deadline - time.monotonic())
-        return [(k, timeout if k == b"grpc-timeout" else v) for k, v in self.headers]
-
-    # what the relay calls (overridden)
-    def sent_up(self, credit: int) -> None:
-        """``credit`` bytes of request data went up."""
-
-    def on_response(self, headers: Headers, ended: bool) -> None: ...
-    def on_data(self, data: bytes, credit: int) -> None: ...
-    def on_trailers(self, headers: Headers) -> None: ...
-    def on_end(self) -> None: ...
-    def on_reset(self, error_code: int) -> None: ...
-    def on_lost(self, message: str) -> None: ...
-    def expired(self) -> None: ...
-
-    def finish(self) -> None:
-        """Forget the call (its upstream stream is reset if still open)."""
-        if self.finished:
-            return
-        self.finished = True
-        if self.timer is not None:
-            self.timer.cancel()
-        self.relay.forget(self)
 
 
 class Relay:
@@ -244,12 +91,12 @@ class Relay:
         self._connect = connect
         self._up: H2Socket | None = None
         self._connecting = False
-        self._pending: deque[_Stream] = deque()
-        self._streams: dict[int, _Stream] = {}
+        self._pending: deque[Stream] = deque()
+        self._streams: dict[int, Stream] = {}
 
     # -- the upstream connection ----------------------------------------------------------
 
-    def open(self, stream: _Stream) -> None:
+    def open(self, stream: Stream) -> None:
         """Send ``stream`` up as soon as the connection takes it."""
         self._pending.append(stream)
         self._open_pending()
@@ -290,7 +137,7 @@ class Relay:
     def _connected(self, sock: socket.socket, leftover: bytes) -> None:
         self._connecting = False
         config = h2.config.H2Configuration(client_side=True, header_encoding=None)
-        conn = _h2_connection(config, {h2.settings.SettingCodes.ENABLE_PUSH: 0})
+        conn = h2_connection(config, {h2.settings.SettingCodes.ENABLE_PUSH: 0})
         up: H2Socket
 
         def closed() -> None:
@@ -354,39 +201,41 @@ class Relay:
                 stream.on_reset(event.error_code)
         up.touch()
 
-    def flush_up(self, stream: _Stream) -> None:
+    def flush_up(self, stream: Stream) -> None:
         """Send what ``stream`` has queued as far as windows and the connection allow."""
         up, usid = self._up, stream.usid
         if up is None or usid is None or stream.up_done:
             return
         conn = up.conn
-        while stream.up and up.room():
-            entry = stream.up[0]
-            data: bytes = entry[0]
-            size = min(
-                len(data), conn.local_flow_control_window(usid), conn.max_outbound_frame_size
-            )
-            if size <= 0 and data:
-                break
-            conn.send_data(usid, data[:size])
-            if size < len(data):
-                entry[0] = data[size:]
-                continue
-            stream.up.popleft()
-            stream.sent_up(entry[1])
-        if stream.up_end and not stream.up:
-            conn.end_stream(usid)
+        try:
+            while stream.up and up.room():
+                entry = stream.up[0]
+                data: bytes = entry[0]
+                window = conn.local_flow_control_window(usid)
+                size = min(len(data), window, conn.max_outbound_frame_size)
+                if size <= 0 and data:
+                    break
+                conn.send_data(usid, data[:size])
+                if size < len(data):
+                    entry[0] = data[size:]
+                    continue
+                stream.up.popleft()
+                stream.sent_up(entry[1])
+            if stream.up_end and not stream.up:
+                conn.end_stream(usid)
+                stream.up_done = True
+        except h2.exceptions.StreamClosedError:  # the agent is done with the call
             stream.up_done = True
         up.touch()
 
-    def ack_up(self, stream: _Stream, size: int) -> None:
+    def ack_up(self, stream: Stream, size: int) -> None:
         """``size`` bytes of response data of ``stream`` were handed on: reopen the window."""
         up, usid = self._up, stream.usid
         if up is not None and usid is not None and size:
             up.conn.acknowledge_received_data(size, usid)
             up.touch()
 
-    def forget(self, stream: _Stream) -> None:
+    def forget(self, stream: Stream) -> None:
         """Drop ``stream`` (pending or open; an open one is reset upstream unless done)."""
         if stream in self._pending:
             self._pending.remove(stream)
@@ -397,7 +246,7 @@ class Relay:
         stream.usid = None
         up = self._up
         if up is not None:
-            if _still_open(up.conn, usid):
+            if still_open(up.conn, usid):
                 up.conn.reset_stream(usid, h2.errors.ErrorCodes.CANCEL)
             up.touch()
         self._open_pending()  # a stream slot may have freed
@@ -451,7 +300,7 @@ class _Downstream:
         self.relay = relay
         self.calls: dict[int, _Relayed] = {}
         config = h2.config.H2Configuration(client_side=False, header_encoding=None)
-        conn = _h2_connection(config, {h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: 1000})
+        conn = h2_connection(config, {h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: 1000})
         self.h2sock = H2Socket(relay.loop, sock, conn, self._events, self._closed, self._drained)
         self.h2sock.touch()
 
@@ -513,7 +362,7 @@ class _Downstream:
         self.relay.open(call)
 
 
-class _Relayed(_Stream):
+class _Relayed(Stream):
     """A client's call relayed upstream: what comes down is queued for the client's
     stream and sent as its window allows; request data is acknowledged to the client
     once sent up."""
@@ -567,8 +416,8 @@ class _Relayed(_Stream):
 
     def _fail(self, code: int, message: str) -> None:
         """End the call with ``code`` (what was queued for the client is dropped)."""
-        if self.finished:
-            return
+        if self.finished or (self.queue and self.queue[-1][0] in ("trailers", "end")):
+            return  # done, or the agent's whole answer is on its way to the client
         # Keep response headers already queued: they may not have been sent yet.
         self.queue = deque(e for e in self.queue if e[0] == "headers")
         self._end(status_trailers(code, message, not self.headers_queued))
@@ -627,7 +476,7 @@ class _Relayed(_Stream):
         RST_STREAM NO_ERROR after a complete response); forget the call."""
         self.down_done = True
         conn = self.down.h2sock.conn
-        if _still_open(conn, self.dsid):
+        if still_open(conn, self.dsid):
             conn.reset_stream(self.dsid, h2.errors.ErrorCodes.NO_ERROR)
         self.finish()
 
@@ -635,215 +484,3 @@ class _Relayed(_Stream):
         if not self.finished:
             self.down.calls.pop(self.dsid, None)
         super().finish()
-
-
-class CallError(Exception):
-    """A call of the relay's own ended with a non-OK status: ``code`` (int), ``details``,
-    ``trailers`` (the trailing metadata, (key, bytes) pairs)."""
-
-    def __init__(self, code: int, details: str, trailers: list[tuple[str, bytes]]) -> None:
-        super().__init__(details)
-        self.code = code
-        self.details = details
-        self.trailers = trailers
-
-    @property
-    def code_name(self) -> str:
-        return CODE_NAMES[self.code] if 0 <= self.code < len(CODE_NAMES) else "UNKNOWN"
-
-
-class Call(_Stream):
-    """A gRPC call of the relay's own (:meth:`Relay.call`); its methods but the handlers
-    may be used from any one thread (and :meth:`cancel` from any)."""
-
-    def __init__(self, relay: Relay, method: str, timeout: float | None) -> None:
-        self._cond = threading.Condition()
-        self._messages: deque[tuple[bytes, int]] = deque()  # message, its unacked credit
-        self._status: CallError | None = None
-        self._ended = False  # status known (OK or not)
-        self._backlog = 0
-        self._buffer = bytearray()
-        self._acked = 0
-        self.method = method
-        headers: Headers = [
-            (b":method", b"POST"),
-            (b":scheme", b"http"),
-            (b":path", method.encode()),
-            (b":authority", b"localhost"),
-            (b"te", b"trailers"),
-            (b"content-type", b"application/grpc"),
-        ]
-        deadline = None
-        if timeout is not None:
-            deadline = time.monotonic() + timeout
-            headers.append((b"grpc-timeout", format_timeout(timeout)))
-        self._init = (relay, headers, deadline)
-        self._relay = relay
-        relay.loop.call_soon(self._start)
-
-    def _start(self) -> None:
-        relay, headers, deadline = self._init
-        _Stream.__init__(self, relay, headers, deadline)
-        if deadline is not None and deadline <= time.monotonic():
-            self.expired()
-            return
-        relay.open(self)
-
-    # -- the caller's side ------------------------------------------------------------------
-
-    def send(self, message: bytes) -> bool:
-        """Queue one request message, waiting while :data:`SEND_BACKLOG` bytes are queued;
-        False (nothing sent) once the call ended."""
-        frame = b"\0" + len(message).to_bytes(4, "big") + message
-        with self._cond:
-            while self._backlog > SEND_BACKLOG and not self._ended:
-                self._cond.wait()
-            if self._ended:
-                return False
-            self._backlog += len(frame)
-        self._relay.loop.call_soon(lambda: self._queue(frame))
-        return True
-
-    def _queue(self, frame: bytes) -> None:
-        if self.finished or self.up_end:
-            return
-        self.up.append([frame, len(frame)])
-        self.relay.flush_up(self)
-
-    def done_sending(self) -> None:
-        """No more request messages."""
-        self._relay.loop.call_soon(self._close_sending)
-
-    def _close_sending(self) -> None:
-        if not self.finished:
-            self.up_end = True
-            self.relay.flush_up(self)
-
-    def receive(self) -> bytes | None:
-        """The next response message; None once the call ended with OK; CallError when it
-        failed (also after messages were received)."""
-        with self._cond:
-            while not self._messages and not self._ended:
-                self._cond.wait()
-            if self._messages:
-                message, credit = self._messages.popleft()
-                self._relay.loop.call_soon(lambda: self._took(credit))
-                return message
-            if self._status is not None:
-                raise self._status
-            return None
-
-    def __iter__(self) -> Iterator[bytes]:
-        while (message := self.receive()) is not None:
-            yield message
-
-    def cancel(self) -> None:
-        """End the call with CANCELLED (reset upstream); any thread."""
-        self._relay.loop.call_soon(lambda: self._complete(CallError(CANCELLED, "Cancelled", [])))
-
-    # -- the loop's side ------------------------------------------------------------------
-
-    def _took(self, credit: int) -> None:
-        """The caller took a message of ``credit`` unacknowledged bytes."""
-        self.relay.ack_up(self, credit)
-        with self._cond:
-            caught_up = not self._messages
-        if caught_up and not self._ended:
-            self._catch_up()
-
-    def sent_up(self, credit: int) -> None:
-        with self._cond:
-            self._backlog -= credit
-            self._cond.notify_all()
-
-    def _complete(self, status: CallError | None) -> None:
-        """The call's outcome (None: OK); it is forgotten (reset upstream unless done)."""
-        with self._cond:
-            if not self._ended:
-                self._ended = True
-                self._status = status
-                self._buffer.clear()
-            self._cond.notify_all()
-        if hasattr(self, "finished"):
-            self.finish()
-
-    def on_response(self, headers: Headers, ended: bool) -> None:
-        fields = dict(headers)
-        if fields.get(b":status") != b"200":
-            status = fields.get(b":status", b"?").decode(errors="replace")
-            self._complete(
-                CallError(UNAVAILABLE if status == "503" else INTERNAL, f"HTTP status {status}", [])
-            )
-        elif ended:
-            self.on_trailers(headers)
-
-    def on_data(self, data: bytes, credit: int) -> None:
-        if self._ended:
-            self.relay.ack_up(self, credit)
-            return
-        # A complete message's bytes are acknowledged when the caller takes it; those of
-        # the message not complete yet only while the caller has taken all before it (the
-        # size limit bounds them), so that a large message can arrive through the window.
-        # The buffer holds the start of that message, its first _acked bytes acknowledged.
-        buffer = self._buffer
-        buffer += data
-        if credit > len(data):  # padding
-            self.relay.ack_up(self, credit - len(data))
-        ready: list[tuple[bytes, int]] = []
-        while len(buffer) >= 5:
-            if buffer[0] != 0:
-                self._complete(CallError(INTERNAL, "compressed message without encoding", []))
-                return
-            size = int.from_bytes(buffer[1:5], "big")
-            if size > MAX_MESSAGE_BYTES:
-                message = f"Received message larger than max ({size} vs. {MAX_MESSAGE_BYTES})"
-                self._complete(CallError(RESOURCE_EXHAUSTED, message, []))
-                return
-            if len(buffer) < 5 + size:
-                break
-            own = min(self._acked, 5 + size)
-            self._acked -= own
-            ready.append((bytes(buffer[5 : 5 + size]), 5 + size - own))
-            del buffer[: 5 + size]
-        with self._cond:
-            self._messages.extend(ready)
-            caught_up = not self._messages
-            if ready:
-                self._cond.notify_all()
-        if caught_up:
-            self._catch_up()
-
-    def _catch_up(self) -> None:
-        """Acknowledge what arrived of the next message (the caller took all before it)."""
-        if len(self._buffer) > self._acked:
-            self.relay.ack_up(self, len(self._buffer) - self._acked)
-            self._acked = len(self._buffer)
-
-    def on_trailers(self, headers: Headers) -> None:
-        fields = dict(headers)
-        raw = fields.get(b"grpc-status", b"")
-        code = int(raw) if raw.isdigit() and len(raw) < 4 else UNKNOWN_CODE
-        message = _unquote(fields.get(b"grpc-message", b""))
-        metadata = [_metadatum(k, v) for k, v in headers if not k.startswith(b":")]
-        if code == OK and not self._buffer:
-            self._complete(None)
-        elif code == OK:
-            self._complete(CallError(INTERNAL, "the stream ended inside a message", metadata))
-        else:
-            self._complete(CallError(code, message, metadata))
-
-    def on_end(self) -> None:
-        self._complete(CallError(INTERNAL, "the call ended without a status", []))
-
-    def on_reset(self, error_code: int) -> None:
-        code = _RESET_CODES.get(error_code, INTERNAL)
-        self._complete(
-            CallError(code, f"stream reset by the agent (HTTP/2 error {error_code})", [])
-        )
-
-    def on_lost(self, message: str) -> None:
-        self._complete(CallError(UNAVAILABLE, message, []))
-
-    def expired(self) -> None:
-        self.timer = None
-        self._complete(CallError(DEADLINE_EXCEEDED, "Deadline Exceeded", []))

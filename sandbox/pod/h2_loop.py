@@ -67,9 +67,11 @@ class Loop:
     def call_soon(self, callback: Callable[[], None]) -> None:
         """Run ``callback`` in the loop thread (any thread may call this)."""
         with self._lock:
+            if self._wake_w < 0:
+                return  # stopped
             self._soon.append(callback)
-        with contextlib.suppress(BlockingIOError):
-            os.write(self._wake_w, b"\0")
+            with contextlib.suppress(BlockingIOError):
+                os.write(self._wake_w, b"\0")
 
     def call_at(self, when: float, callback: Callable[[], None]) -> Timer:
         """Run ``callback`` at monotonic time ``when`` (loop thread only)."""
@@ -123,8 +125,10 @@ class Loop:
             if isinstance(key.fileobj, socket.socket):
                 key.fileobj.close()
         self.selector.close()
-        os.close(self._wake_r)
-        os.close(self._wake_w)
+        with self._lock:
+            os.close(self._wake_r)
+            os.close(self._wake_w)
+            self._wake_w = -1
 
     @staticmethod
     def _guarded(callback: Callable[..., None], *args: Any) -> None:

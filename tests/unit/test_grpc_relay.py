@@ -6,6 +6,7 @@ deadlines, cancellation both ways, upstream death), and what the relay holds sta
 
 from __future__ import annotations
 
+import select
 import socket
 import threading
 import time
@@ -169,7 +170,7 @@ def test_the_deadline_passes_on_and_expires(setup: Setup) -> None:
             _method(channel, "Slow")(b"", timeout=0.5)
     assert failed.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED  # type: ignore[attr-defined]
     first, second = setup.upstream.remaining
-    assert first is not None and 5 < first <= 7
+    assert first is not None and 5 < first <= 7.05  # grpcio rounds to its timer ticks
     assert second is not None and 0 < second <= 0.52  # grpcio rounds to its timer ticks
     assert setup.upstream.cancelled.wait(5)
 
@@ -273,14 +274,12 @@ class FloodingAgent:
         config = h2.config.H2Configuration(client_side=False, header_encoding=None)
         conn = h2.connection.H2Connection(config)
         conn.initiate_connection()
-        sock.settimeout(0.02)
         message = b"\0" + (65536).to_bytes(4, "big") + b"m" * 65536
         pending: dict[int, bytearray] = {}
         while not self.stopped:
-            try:
+            data = None
+            if select.select([sock], [], [], 0.02)[0]:
                 data = sock.recv(65536)
-            except TimeoutError:
-                data = None
             if data == b"":
                 break
             for event in conn.receive_data(data) if data else ():
@@ -302,7 +301,10 @@ class FloodingAgent:
                 if not buffer:
                     conn.send_headers(sid, [(b"grpc-status", b"0")], end_stream=True)
                     del pending[sid]
-            sock.sendall(conn.data_to_send())
+            try:
+                sock.sendall(conn.data_to_send())
+            except OSError:  # the relay is gone
+                break
         sock.close()
 
 
