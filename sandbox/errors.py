@@ -24,12 +24,15 @@
      └── RunError                a failure of ``pysandbox run``: .exit_code 125 (pysandbox
                                  failed), 126/127 (the command), 124 (--timeout)
 
-Three exceptions stay inside the module that raises them and are translated where it is
+Four exceptions stay inside the module that raises them and are translated where it is
 called, so they never reach the CLI: ``sandbox.image.skopeo.SkopeoError`` (a skopeo call
 failed: ``.kind``, ``.detail``) becomes a PullError in ``sandbox.image.explain``,
 ``sandbox.image.reference.ReferenceError`` (a ValueError: not a valid reference) a PullError in
-``sandbox.image.pull``, and ``sandbox.pod.standin_wire.WireError`` (a malformed message
-between a shim and its agent proxy) an AgentError in the shim or a logged line in the proxy.
+``sandbox.image.pull``, ``sandbox.pod.standin_wire.WireError`` (a malformed message
+between a shim and its agent proxy) an AgentError in the shim or a logged line in the proxy,
+and ``sandbox.pod.grpc_call.CallError`` (a failed gRPC call of the agent proxy's own:
+``.code``, ``.details``, ``.trailers``) an AgentError in ``sandbox.pod.proxy_client`` or a
+logged line of port-forward.
 
 How failures of the other layers reach the CLI:
 
