@@ -361,3 +361,33 @@ def test_the_relays_own_call_reports_status_and_deadline(setup: Setup) -> None:
         relay.unary(f"/{SERVICE}/Slow", b"", 0.5)
     assert slow.value.code_name == "DEADLINE_EXCEEDED"
     assert setup.upstream.cancelled.wait(5)
+
+
+def test_the_proxy_process_loads_no_grpcio(tmp_path: Path) -> None:
+    """The point of the relay: the proxy as spawn() starts it (after "ready" it loads what
+    serves the stand-ins) maps no grpcio library; protobuf's is there for the stand-ins."""
+    import os
+    import subprocess
+    import sys
+
+    from sandbox import IMPORT_ROOT
+    from sandbox.pod.agent_proxy import PROGRAM
+
+    argv = [sys.executable, "-P", "-c", PROGRAM, "--listen", str(tmp_path / "agent.sock")]
+    argv += ["--serial", str(tmp_path / "none"), "--vm-pid", str(os.getpid())]
+    env = {**os.environ, "PYTHONPATH": IMPORT_ROOT}
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, cwd="/", env=env)
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline().strip() == b"agent-proxy: ready"
+        assert (tmp_path / "shim.sock").exists()
+        deadline = time.monotonic() + 20
+        maps = ""
+        while "_upb" not in maps and time.monotonic() < deadline:  # protobuf: the stand-ins
+            time.sleep(0.1)
+            maps = Path(f"/proc/{proc.pid}/maps").read_text()
+        assert "_upb" in maps
+        assert "/grpc/" not in maps and "cygrpc" not in maps
+    finally:
+        proc.kill()
+        proc.wait()
