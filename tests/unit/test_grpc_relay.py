@@ -263,6 +263,7 @@ class FloodingAgent:
         self.listener.listen(1)
         self.sent = 0
         self.stopped = False
+        self.reset_code: int | None = None  # reset every call with this HTTP/2 error code
         threading.Thread(target=self.serve, daemon=True).start()
 
     def serve(self) -> None:
@@ -283,7 +284,9 @@ class FloodingAgent:
             if data == b"":
                 break
             for event in conn.receive_data(data) if data else ():
-                if isinstance(event, h2.events.RequestReceived):
+                if isinstance(event, h2.events.RequestReceived) and self.reset_code is not None:
+                    conn.reset_stream(event.stream_id, self.reset_code)
+                elif isinstance(event, h2.events.RequestReceived):
                     headers = [(b":status", b"200"), (b"content-type", b"application/grpc")]
                     conn.send_headers(event.stream_id, headers)
                     pending[event.stream_id] = bytearray(message * self.COUNT)
@@ -347,6 +350,22 @@ def test_what_the_guest_sends_a_client_that_does_not_read_is_bounded(
         time.sleep(1.5)
         assert agent.sent < 8 * 1024 * 1024, agent.sent
         assert sum(1 for _ in call) == FloodingAgent.COUNT - 1
+
+
+def test_the_agents_reset_reaches_the_client(flooding: tuple[FloodingAgent, Relay, str]) -> None:
+    agent, relay, address = flooding
+    agent.reset_code = 8  # CANCEL
+    with grpc.insecure_channel(address, options=GRPC_OPTIONS) as channel:
+        with pytest.raises(grpc.RpcError) as failed:
+            _method(channel, "Echo")(b"x", timeout=10)
+        assert failed.value.code() == grpc.StatusCode.CANCELLED  # type: ignore[attr-defined]
+        agent.reset_code = 11  # ENHANCE_YOUR_CALM
+        with pytest.raises(grpc.RpcError) as calm:
+            _method(channel, "Echo")(b"x", timeout=10)
+        assert calm.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED  # type: ignore[attr-defined]
+    with pytest.raises(CallError) as own:
+        relay.unary(f"/{SERVICE}/Echo", b"x", 10)
+    assert own.value.code_name == "RESOURCE_EXHAUSTED"
 
 
 def test_the_relays_own_call_reports_status_and_deadline(setup: Setup) -> None:
