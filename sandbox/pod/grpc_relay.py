@@ -180,6 +180,7 @@ class Relay:
                 if stream is None:
                     up.conn.acknowledge_received_data(event.flow_controlled_length, sid)
                 else:
+                    stream.unacked += event.flow_controlled_length
                     stream.on_data(event.data, event.flow_controlled_length)
             elif isinstance(event, (E.WindowUpdated, E.RemoteSettingsChanged)):
                 targets = [stream] if stream is not None else list(self._streams.values())
@@ -196,7 +197,7 @@ class Relay:
                 stream.on_end()
             elif isinstance(event, E.StreamReset):
                 self._streams.pop(sid, None)
-                stream.usid = None
+                self._release(up, stream, sid)
                 stream.up_done = True
                 stream.on_reset(event.error_code)
         up.touch()
@@ -232,8 +233,20 @@ class Relay:
         """``size`` bytes of response data of ``stream`` were handed on: reopen the window."""
         up, usid = self._up, stream.usid
         if up is not None and usid is not None and size:
+            stream.unacked -= size
             up.conn.acknowledge_received_data(size, usid)
             up.touch()
+
+    @staticmethod
+    def _release(up: H2Socket, stream: Stream, usid: int) -> None:
+        """``stream`` (closed) is done with ``up``: what it received and did not hand on is
+        given back to the connection's window (else each such call would shrink it for
+        good); later acknowledgements of the call are no-ops."""
+        if stream.unacked > 0:
+            up.conn.acknowledge_received_data(stream.unacked, usid)
+            up.touch()
+        stream.unacked = 0
+        stream.usid = None
 
     def forget(self, stream: Stream) -> None:
         """Drop ``stream`` (pending or open; an open one is reset upstream unless done)."""
@@ -248,6 +261,7 @@ class Relay:
         if up is not None:
             if still_open(up.conn, usid):
                 up.conn.reset_stream(usid, h2.errors.ErrorCodes.CANCEL)
+            self._release(up, stream, usid)
             up.touch()
         self._open_pending()  # a stream slot may have freed
 
@@ -483,4 +497,10 @@ class _Relayed(Stream):
     def finish(self) -> None:
         if not self.finished:
             self.down.calls.pop(self.dsid, None)
+            # Request data never sent up goes back to the client connection's window.
+            held = sum(entry[1] for entry in self.up)
+            self.up.clear()
+            if held:
+                self.down.h2sock.conn.acknowledge_received_data(held, self.dsid)
+                self.down.h2sock.touch()
         super().finish()

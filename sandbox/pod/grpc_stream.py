@@ -163,6 +163,7 @@ class Stream:
         self.headers = headers
         self.deadline = deadline
         self.usid: int | None = None
+        self.unacked = 0  # response bytes received and not acknowledged yet
         self.up: deque[list[Any]] = deque()  # [data, credit] not yet sent up
         self.up_end = False  # the request side ends after what is queued
         self.up_done = False  # END_STREAM (or a reset) sent up

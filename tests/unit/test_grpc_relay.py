@@ -20,6 +20,7 @@ import pytest
 
 from agentapi import failure
 from agentapi.limits import GRPC_OPTIONS, MAX_MESSAGE_BYTES
+from sandbox.pod import grpc_stream
 from sandbox.pod.agent_proxy import listen_unix, start_relay
 from sandbox.pod.grpc_relay import STREAM_WINDOW, CallError, Relay
 
@@ -350,6 +351,26 @@ def test_what_the_guest_sends_a_client_that_does_not_read_is_bounded(
         time.sleep(1.5)
         assert agent.sent < 8 * 1024 * 1024, agent.sent
         assert sum(1 for _ in call) == FloodingAgent.COUNT - 1
+
+
+def test_calls_dropped_holding_data_give_the_connection_window_back(
+    flooding: tuple[FloodingAgent, Relay, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A call cancelled with response data not handed on yet: that data's share of the
+    connection's window is given back, or a long-lived pod's connection would stall."""
+    _, relay, _ = flooding
+    monkeypatch.setattr(grpc_stream, "CONNECTION_WINDOW", 2 * STREAM_WINDOW)  # 3 windows
+    for _ in range(8):
+        call = relay.call(f"/{SERVICE}/Flood", 10)
+        call.send(b"")
+        call.done_sending()
+        assert call.receive() is not None
+        time.sleep(0.2)  # the agent fills the stream's window
+        call.cancel()
+    call = relay.call(f"/{SERVICE}/Flood", 20)
+    call.send(b"")
+    call.done_sending()
+    assert sum(len(m) for m in call) == 65536 * FloodingAgent.COUNT
 
 
 def test_the_agents_reset_reaches_the_client(flooding: tuple[FloodingAgent, Relay, str]) -> None:
