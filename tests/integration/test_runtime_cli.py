@@ -39,7 +39,6 @@ import pytest
 
 from sandbox import store as state
 from sandbox.image import store as images
-from sandbox.pod import record as pod_record
 from sandbox.pod.hostfs import mounts_below
 from sandbox.run.default_spec import default_spec
 from tests.integration.pods import PodFactory
@@ -405,9 +404,19 @@ def test_attached_exec_runs_without_grpc_in_the_calling_process(life: Life) -> N
         maps = Path(f"/proc/{pid}/maps").read_text().splitlines()
         return sorted({line.split()[-1] for line in maps if "grpc" in line or "protobuf" in line})
 
-    # The check sees them where they are: in the pod's agent proxy.
-    proxy = pod_record.load(life.runtime.root, life.cid).processes["proxy"]
-    assert any("cygrpc" in lib for lib in heavy(proxy.pid)), heavy(proxy.pid)
+    # The check sees them where they are: in a process that imported grpcio (the pod's
+    # agent proxy no longer does either: tests/unit/test_grpc_relay.py).
+    importer = subprocess.Popen(
+        [sys.executable, "-c", "import grpc, sys; print(1, flush=True); sys.stdin.read()"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+    )
+    try:
+        assert importer.stdout is not None and importer.stdout.readline() == b"1\n"
+        assert any("cygrpc" in lib for lib in heavy(importer.pid)), heavy(importer.pid)
+    finally:
+        importer.kill()
+        importer.wait()
     attached = _attached(life, "echo ready; exec sleep 1234")
     try:
         assert heavy(attached.pid) == []
