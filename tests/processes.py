@@ -5,6 +5,7 @@ The one copy of these helpers for every test module (unit, host and VM tests).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -108,6 +109,19 @@ def assert_capless(pid: int) -> None:
     for caps in ("CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"):
         assert int(fields[caps], 16) == 0, (pid, caps, fields[caps])
     assert fields["NoNewPrivs"] == "1", fields["NoNewPrivs"]
+
+
+def pristine_signals() -> None:
+    """A ``preexec_fn``: every signal at its default disposition and none blocked, as a
+    command started from a fresh login shell has them. This test process may have changed
+    some (a suite run as a background job ignores INT/QUIT/HUP; code run in-process by
+    earlier tests may have ignored or blocked others), and ignored signals and the mask
+    survive execve: a comparison with what runc's container starts with needs this."""
+    for signum in signal.valid_signals():
+        if signum not in (signal.SIGKILL, signal.SIGSTOP):
+            with contextlib.suppress(OSError, ValueError):
+                signal.signal(signum, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_SETMASK, [])
 
 
 def default_signals() -> None:

@@ -26,7 +26,7 @@ import pytest
 from sandbox.image import store as images
 from tests.integration.cli import pysandbox as run
 from tests.integration.pods import PodFactory
-from tests.processes import default_signals, processes_mentioning, wait_until
+from tests.processes import pristine_signals, processes_mentioning, wait_until
 
 IMAGE = "localhost/etc-files:1"
 
@@ -228,7 +228,7 @@ def _both(podman: list[str], root: Path, name: str, *args: str) -> tuple[str, st
         [*podman, "exec", *options, name, *command],
         capture_output=True,
         text=True,
-        preexec_fn=default_signals,  # as from a shell's prompt (see the signal test)
+        preexec_fn=pristine_signals,  # as from a fresh shell (see the signal test)
     )
     ours = run(root, "exec", *options, name, *command)
     assert theirs.returncode == 0, theirs.stderr
@@ -257,13 +257,14 @@ def test_run_starts_its_process_with_no_signal_blocked_or_ignored(
     real-time signal's) finds what it finds under runc: nothing blocked, nothing ignored —
     glibc's internal signals 32 and 33 included."""
     status = ["grep", "^Sig[BI]", "/proc/self/status"]
-    # (podman's container inherits what its caller ignores: a suite run as a background job
-    # ignores INT, QUIT and HUP; the comparison is with podman run from a shell's prompt.)
+    # (podman's container inherits what its caller ignores or blocks: a suite run as a
+    # background job ignores INT, QUIT and HUP, code earlier tests ran in this process may
+    # have changed others; the comparison is with podman run from a fresh shell.)
     theirs = subprocess.run(
         [*podman, "run", "--rm", "--net", "none", IMAGE, *status],
         capture_output=True,
         text=True,
-        preexec_fn=default_signals,
+        preexec_fn=pristine_signals,
     )
     ours = run(root, "run", "default", *status)
     assert (theirs.returncode, theirs.stdout) == (0, SIGNALS_AT_START), theirs.stderr
