@@ -202,6 +202,8 @@ def _run_bundle_with(
         console_socket,
         log.warner(args),
         systemd_cgroup=args.systemd_cgroup,
+        # runc run in the foreground relays its stdin through pipes it makes; -d passes it on
+        stdin_null=None if args.detach else False,
     )
     try:
         if console is not None:

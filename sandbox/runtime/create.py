@@ -38,8 +38,14 @@ def create(
     console_socket: Path | None = None,
     warn: Callable[[str], None] | None = None,
     systemd_cgroup: bool = False,
+    stdin_null: bool | None = None,
 ) -> ContainerRecord:
     """Create a container (booting or joining its pod VM); leave it ``created``.
+
+    The container's stdin is /dev/null when ``stdin_null``; by default (None) when this
+    process's own is (runc's ``create`` passes its stdio on: podman's conmon gives
+    /dev/null without -i), else the pipe its host stand-in relays this stdin to (runc's
+    foreground ``run`` makes pipes whatever its stdin is: its caller passes False).
 
     The bundle is judged before anything is created, booted or joined, and so is what a VM
     cannot give it (:mod:`sandbox.runtime.vm_limits`): host namespaces are refused; a mount
@@ -151,7 +157,7 @@ def create(
                 bundles.guest_document(guest_spec, "config.json"),
                 rootfs,
                 overlay=spec.root_readonly,
-                stdin_null=_stdin_is_null(),
+                stdin_null=_stdin_is_null() if stdin_null is None else stdin_null,
             )
         # A SIGTERM now is handled once the shim is recorded.
         with host_cgroup.inside(pod.host_cgroup()), signals_held():
