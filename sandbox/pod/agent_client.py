@@ -24,7 +24,7 @@ from agentapi.proto import agent_pb2_grpc as pb_grpc
 from agentapi.version import PROTOCOL_VERSION, protocol_major
 from sandbox.errors import AgentError, AgentTimeout, PodProcessDied
 from sandbox.pod import output_port
-from sandbox.pod.agent_errors import call_error, guest_pid, port_stream
+from sandbox.pod.agent_errors import call_error, chunk_data, guest_pid
 
 if TYPE_CHECKING:
     from sandbox.pod.network import NetworkConfig
@@ -494,17 +494,7 @@ class ContainerClient(AgentClient):
                 ref.stream_port, ref.stream_nonce = port.index + 1, nonce
             try:
                 call = method(ref, wait_for_ready=True)
-                for chunk in call:
-                    if port is not None:
-                        if chunk.on_port:
-                            yield from port_stream(call, port, nonce, which)
-                            return
-                        port.close()  # the agent streams in messages: free the port now
-                        port = None
-                    data = bytes(chunk.data)
-                    if len(data) > MAX_READ_BYTES:
-                        raise AgentError(f"agent sent an oversized {which} chunk")
-                    yield data
+                yield from chunk_data(call, port, nonce, which)
             except grpc.RpcError as exc:
                 if isinstance(exc, grpc.Call) and exc.code() == grpc.StatusCode.CANCELLED:
                     return

@@ -10,6 +10,7 @@ from collections.abc import Iterable, Iterator
 from typing import Any
 
 from agentapi import failure
+from agentapi.limits import MAX_READ_BYTES
 from agentapi.stream_wire import StreamError
 from sandbox.errors import AgentError, AgentTimeout, CommandError, FailureReason
 from sandbox.pod import output_port
@@ -99,3 +100,23 @@ def port_stream(
         waiter.join(5.0)
         if not waiter.is_alive():  # else it may still signal: leave it the fd
             os.close(ended)
+
+
+def chunk_data(
+    chunks: Iterable[Any], port: output_port.PortLease | None, nonce: str, which: str
+) -> Iterator[bytes]:
+    """The bytes of a ReadStdout/ReadStderr call's ``chunks`` (``pb.Chunk`` messages): from
+    ``port`` once the agent says the stream is on it (:func:`port_stream`; ``chunks`` is then
+    that call), else from the messages, each at most MAX_READ_BYTES (AgentError for a larger
+    one). A port the agent does not use is closed at its first message."""
+    for chunk in chunks:
+        if port is not None:
+            if chunk.on_port:
+                yield from port_stream(chunks, port, nonce, which)
+                return
+            port.close()  # the agent streams in messages: free the port now
+            port = None
+        data = bytes(chunk.data)
+        if len(data) > MAX_READ_BYTES:
+            raise AgentError(f"agent sent an oversized {which} chunk")
+        yield data

@@ -32,7 +32,6 @@ Run as ``python -c PROGRAM --listen L (--serial S | --vsock-cid CID) --vm-pid P
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import os
 import signal
@@ -174,17 +173,6 @@ def connect_vsock(cid: int) -> tuple[socket.socket, bytes]:
     return sock, b""
 
 
-def listen_unix(path: Path) -> socket.socket:
-    """A listening stream socket at ``path`` (mode 0600, replacing a stale one)."""
-    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-    with contextlib.suppress(FileNotFoundError):
-        path.unlink()
-    listener.bind(str(path))
-    os.chmod(path, 0o600)
-    listener.listen(64)
-    return listener
-
-
 def start_relay(
     listener: socket.socket, connect: Callable[[], tuple[socket.socket, bytes]]
 ) -> Relay:
@@ -249,8 +237,9 @@ def main(argv: list[str] | None = None) -> None:
     else:
         assert args.serial is not None  # _arguments: one of the two
         connect = functools.partial(connect_serial, args.serial)
-    relay = start_relay(listen_unix(args.listen), connect)
     from sandbox.pod import standin_service
+
+    relay = start_relay(standin_service.listen(args.listen, socket.SOCK_STREAM), connect)
     from sandbox.pod.standin_wire import SOCKET_NAME
 
     # The stand-in socket listens before "ready" (a shim may connect at once); it is served

@@ -16,11 +16,11 @@ from pathlib import Path
 from typing import Any
 
 from agentapi.channel import new_nonce
-from agentapi.limits import DEFAULT_RPC_TIMEOUT, MAX_READ_BYTES
+from agentapi.limits import DEFAULT_RPC_TIMEOUT
 from agentapi.proto import agent_pb2 as pb
 from sandbox.errors import AgentError, AgentTimeout
 from sandbox.pod import output_port
-from sandbox.pod.agent_errors import call_error, guest_pid, port_stream
+from sandbox.pod.agent_errors import call_error, chunk_data, guest_pid
 from sandbox.pod.grpc_relay import SERVICE_PREFIX, Call, CallError, Relay
 
 #: Deadline of one WaitProcess call; waits longer than this are retried.
@@ -153,17 +153,7 @@ class ProxyClient:
                 call.send(ref.SerializeToString())
                 call.done_sending()
                 messages = _Messages(call, pb.Chunk)
-                for chunk in messages:
-                    if port is not None:
-                        if chunk.on_port:
-                            yield from port_stream(messages, port, nonce, which)
-                            return
-                        port.close()  # the agent streams in messages: free the port now
-                        port = None
-                    data = bytes(chunk.data)
-                    if len(data) > MAX_READ_BYTES:
-                        raise AgentError(f"agent sent an oversized {which} chunk")
-                    yield data
+                yield from chunk_data(messages, port, nonce, which)
             except CallError as exc:
                 if exc.code_name == "CANCELLED":
                     return

@@ -40,9 +40,10 @@ _RETRY_PAUSE = 0.2
 _MAX_RETRIES = 300
 
 
-def listen(path: Path) -> socket.socket:
-    """The stand-in socket bound to ``path`` (mode 0600, replacing a stale one), listening."""
-    listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+def listen(path: Path, kind: int = socket.SOCK_SEQPACKET) -> socket.socket:
+    """A unix socket of ``kind`` (default: the stand-ins' SOCK_SEQPACKET) bound to ``path``
+    (mode 0600, replacing a stale one), listening, close-on-exec."""
+    listener = socket.socket(socket.AF_UNIX, kind | socket.SOCK_CLOEXEC)
     with contextlib.suppress(FileNotFoundError):
         path.unlink()
     listener.bind(str(path))

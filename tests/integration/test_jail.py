@@ -13,7 +13,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -22,6 +21,7 @@ import pytest
 from hypervisor import jail_ids
 from hypervisor.virtiofsd import DEFAULT_MAX_FDS, fd_limit
 from sandbox.pod.lifecycle import Pod
+from tests.integration.cli import pysandbox
 from tests.integration.pods import PodFactory
 from tests.processes import assert_capless, proc_status, processes_mentioning
 
@@ -283,15 +283,7 @@ def test_shims_have_no_capabilities_and_a_runs_watcher_keeps_root(
 
 
 def _cli(root: Path, *args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "sandbox", "--root", str(root), *args],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=REPO,
-        env={**os.environ, **env},
-        check=False,
-    )
+    return pysandbox(root, *args, env={**os.environ, **env})
 
 
 def _leftovers(root: Path) -> list[str]:

@@ -29,7 +29,8 @@ from agentapi.proto import agent_pb2 as pb
 from agentapi.proto import agent_pb2_grpc as pb_grpc
 from sandbox.errors import AgentError, AgentTimeout, CommandError, FailureReason
 from sandbox.pod.agent_client import ContainerClient
-from sandbox.pod.agent_proxy import listen_unix, start_relay
+from sandbox.pod.agent_proxy import start_relay
+from sandbox.pod.standin_service import listen
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -206,7 +207,7 @@ def guest(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str,
     direct = f"unix:{tmp_path / 'agent.sock'}"
     server.add_insecure_port(direct)
     server.start()
-    listener = listen_unix(tmp_path / "proxy.sock")
+    listener = listen(tmp_path / "proxy.sock", socket.SOCK_STREAM)
     relay = start_relay(listener, functools.partial(_connect_unix, tmp_path / "agent.sock"))
     proxied = f"unix:{tmp_path / 'proxy.sock'}"
     yield {"direct": direct, "proxy": proxied, "rootfs": str(tmp_path / "rootfs")}

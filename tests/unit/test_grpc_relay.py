@@ -21,8 +21,9 @@ import pytest
 from agentapi import failure
 from agentapi.limits import GRPC_OPTIONS, MAX_MESSAGE_BYTES
 from sandbox.pod import grpc_stream
-from sandbox.pod.agent_proxy import listen_unix, start_relay
+from sandbox.pod.agent_proxy import start_relay
 from sandbox.pod.grpc_relay import STREAM_WINDOW, CallError, Relay
+from sandbox.pod.standin_service import listen
 
 SERVICE = "pysandbox.agent.v1.Agent"
 
@@ -90,7 +91,7 @@ class Setup:
         self.upstream = Upstream(tmp / "agent.sock", agent_options)
         self.connections: list[socket.socket] = []
         self.connect_failures = 0
-        self.listener = listen_unix(tmp / "proxy.sock")
+        self.listener = listen(tmp / "proxy.sock", socket.SOCK_STREAM)
         self.relay: Relay = start_relay(self.listener, self.connect)
         self.address = f"unix:{tmp / 'proxy.sock'}"
 
@@ -321,7 +322,7 @@ def flooding(tmp_path: Path) -> Iterator[tuple[FloodingAgent, Relay, str]]:
         sock.connect(str(tmp_path / "agent.sock"))
         return sock, b""
 
-    relay = start_relay(listen_unix(tmp_path / "proxy.sock"), connect)
+    relay = start_relay(listen(tmp_path / "proxy.sock", socket.SOCK_STREAM), connect)
     yield agent, relay, f"unix:{tmp_path / 'proxy.sock'}"
     agent.stopped = True
     relay.loop.stop()

@@ -34,9 +34,10 @@ from agentapi.limits import GRPC_OPTIONS, MAX_MESSAGE_BYTES, MAX_READ_BYTES
 from agentapi.proto import agent_pb2 as pb
 from sandbox.errors import AgentError
 from sandbox.pod.agent_client import GUEST_NETWORK_DIR, MAX_COMMAND_CHARS, ContainerClient
-from sandbox.pod.agent_proxy import listen_unix, start_relay
+from sandbox.pod.agent_proxy import start_relay
 from sandbox.pod.grpc_relay import SERVICE_PREFIX
 from sandbox.pod.network import NetworkConfig
+from sandbox.pod.standin_service import listen
 
 SERVICE = SERVICE_PREFIX.strip("/").rstrip("/")
 #: The client's deadline here; a "slow" agent answers after it.
@@ -117,7 +118,8 @@ def guest(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Guest]:
     server.add_insecure_port(f"unix:{tmp / 'agent.sock'}")
     server.start()
     relay = start_relay(
-        listen_unix(tmp / "proxy.sock"), functools.partial(_connect_unix, tmp / "agent.sock")
+        listen(tmp / "proxy.sock", socket.SOCK_STREAM),
+        functools.partial(_connect_unix, tmp / "agent.sock"),
     )
     direct = ContainerClient(f"unix:{tmp / 'agent.sock'}", timeout=DEADLINE, pod_id="hostile")
     proxied = ContainerClient(f"unix:{tmp / 'proxy.sock'}", timeout=DEADLINE, pod_id="hostile")
