@@ -20,9 +20,15 @@ from __future__ import annotations
 import sys
 import threading
 import types
-from importlib.abc import Loader
 from importlib.machinery import ModuleSpec, PathFinder
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from importlib.abc import Loader
+else:
+    # importlib.abc imports importlib.resources, pathlib, tempfile, ... (~16 ms, ~1 MiB of a
+    # small process): the import system needs only create_module and exec_module.
+    Loader = object
 
 #: Modules imported lazily once :func:`install` ran (see the module docstring).
 LAZY_MODULES = frozenset(
