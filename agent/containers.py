@@ -31,7 +31,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from agent import cgroup_layout, pid1, proctable, share_view
+from agent import cgroup_layout, pid1, pod_tmpfs, proctable, share_view
 from agent.netns_ahead import NetnsAhead
 from agentapi.limits import MAX_READ_BYTES
 from ocispec.document import MAX_DOCUMENT_BYTES
@@ -552,6 +552,12 @@ class ContainerManager:
             raise ContainerError(
                 "INVALID_ARGUMENT", f"malformed oci spec: {exc}", "INVALID_SPEC"
             ) from exc
+        try:
+            pod_tmpfs.materialize(spec)
+        except ValueError as exc:
+            raise ContainerError("INVALID_ARGUMENT", str(exc), "INVALID_SPEC") from exc
+        except OSError as exc:
+            raise ContainerError("INTERNAL", f"pod tmpfs: {exc}") from exc
         rootfs = os.path.normpath(rootfs)
         share_view.refresh(
             share_view.host_paths(rootfs, spec, pid1.SHARE_ROOT), container_id in self._removed

@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from sandbox.errors import ConfigError
-from sandbox.pod import guest_cgroup, hostfs
+from sandbox.pod import guest_cgroup, hostfs, pod_shm
 from sandbox.pod.lifecycle import GUEST_SHARE, Pod
 
 _BIND_TYPES = {"bind", "rbind"}
@@ -151,6 +151,11 @@ def share_container_files(
                 if not source.is_absolute():
                     source = bundle / source
                 source_fd = _open_source(source, "bind mount source", fds, held)
+                guest_tmpfs = pod_shm.guest_mount(mount, source_fd)
+                if guest_tmpfs is not None:  # an engine's /dev/shm: a tmpfs in the guest
+                    mount.clear()
+                    mount.update(guest_tmpfs)
+                    continue
                 options = mount.get("options") or []
                 readonly = "ro" in options
                 from_host = any(o in _FROM_HOST for o in options if isinstance(o, str))

@@ -230,6 +230,24 @@ def test_pod_with_containers_in_one_vm(cri: Cri) -> None:
         done = _exec(cri, ids["app"], "sh", "-c", "echo out-$CONTAINER; echo err >&2; exit 2")
         assert (done.stdout, done.stderr, done.exit_code) == (b"out-app\n", b"err\n", 2)
 
+        # /dev/shm is the pod's: containerd's sandbox shm (a host tmpfs named shm, 64 MiB)
+        # is one tmpfs in the guest for all the pod's containers, as under runc the host
+        # one is: what the app container writes there, the sandbox container reads.
+        shm = _exec(
+            cri, ids["app"], "sh", "-c", "echo from-app > /dev/shm/f; stat -f -c %T /dev/shm"
+        )
+        assert (shm.stdout, shm.exit_code) == (b"tmpfs\n", 0), shm
+        mounts = _exec(cri, ids["app"], "grep", " /dev/shm ", "/proc/mounts").stdout.decode()
+        assert mounts.startswith("shm /dev/shm tmpfs rw,nosuid,nodev,noexec,relatime,size=65536k")
+        cat = ["exec", pod_id, "cat", "/dev/shm/f"]
+        read = subprocess.run(
+            [containerd_env.RUNTIME, "--root", str(cri.runtime_root), *cat],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert (read.returncode, read.stdout) == (0, "from-app\n"), read.stderr
+
         # Same guest kernel (boot id) in every container; still one VM for the whole pod.
         app_boot = _exec(cri, ids["app"], "cat", "/proc/sys/kernel/random/boot_id").stdout
         log_dir = Path(config.log_directory)

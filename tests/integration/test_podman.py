@@ -438,6 +438,40 @@ def _run_with_userns(podman: list[str], volume: Path) -> tuple[list[str], dict[s
     return [" ".join(line.split()) for line in done.stdout.splitlines()], owners
 
 
+#: runc fails on this host setting podman's default RLIMIT_NPROC/NOFILE (above the host's hard
+#: limits): the comparisons with runc pass limits it can set (:func:`_run_with_userns`).
+RUNC_SETTABLE_LIMITS = ["--ulimit", "nofile=1024:1024", "--ulimit", "nproc=1024:1024"]
+SHM_PROBE = (
+    "grep ' /dev/shm ' /proc/mounts | sed 's/,inode64//'; stat -f -c '%T %b %S' /dev/shm; "
+    "stat -c '%a %U' /dev/shm; echo data > /dev/shm/f && cat /dev/shm/f"
+)
+
+
+@pytest.mark.parametrize("size", [None, "1g"])
+def test_dev_shm_is_the_tmpfs_runc_gives(podman: list[str], size: str | None) -> None:
+    """podman's /dev/shm (a host tmpfs named ``shm`` of --shm-size, bound in) is a tmpfs of
+    that size, mode and flags in the guest: the same /proc/mounts line, statfs type and size
+    as under runc (it was a virtio-fs share: type fuse, the share's df). (The guest kernel
+    adds ``inode64`` to every tmpfs's options; the host's does not: left out.)"""
+    args = ["run", "--rm", "--network", "none", *RUNC_SETTABLE_LIMITS]
+    args += ["--shm-size", size] if size else []
+    done = pm(podman, *args, IMAGE, "sh", "-c", SHM_PROBE)
+    assert done.returncode == 0, done.stderr
+    wanted_kib = 1048576 if size else 64000
+    assert done.stdout.splitlines() == [
+        f"shm /dev/shm tmpfs rw,nosuid,nodev,noexec,relatime,size={wanted_kib}k 0 0",
+        f"tmpfs {wanted_kib // 4} 4096",
+        "1777 root",
+        "data",
+    ]
+    if shutil.which("runc") is None:
+        return
+    runc = list(podman)
+    runc[runc.index("--runtime") + 1] = "runc"
+    theirs = pm(runc, *args, IMAGE, "sh", "-c", SHM_PROBE)
+    assert (theirs.returncode, theirs.stdout) == (0, done.stdout), theirs.stderr
+
+
 def test_user_namespace_ids_and_volume_owners_match_runc(podman: list[str], tmp_path: Path) -> None:
     """podman --uidmap: the ids seen inside and the host owners of files written to a volume
     are runc's (container uid N is host uid 100000+N)."""
