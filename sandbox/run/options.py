@@ -46,6 +46,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-t", "--tty", action="store_true", help="allocate a terminal")
     parser.add_argument("--memory", default=None, help="memory limit, e.g. 256m")
     parser.add_argument(
+        "--memory-swap",
+        default=None,
+        help="memory and swap together (docker's; default twice --memory, -1 unlimited swap)",
+    )
+    parser.add_argument(
         "--log-max-size",
         default="64m",
         help="with -d: the most the run's log keeps (default 64m); later output is dropped",

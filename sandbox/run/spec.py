@@ -67,6 +67,7 @@ def check_options(args: argparse.Namespace) -> None:
             raise RunError(f"{flag} is a runc flag: it needs --bundle DIR (an OCI bundle)")
     if args.memory is not None:
         _check_memory(args.memory)
+    memory_swap(args)
     if args.cpus is not None and not MIN_CPUS <= args.cpus <= host_cpus():
         # cpu.max's quota is at least 1 ms per 100 ms period (the kernel refuses less); the
         # VM gets ceil(--cpus) vCPUs, at most the host's CPUs (docker refuses more too).
@@ -151,6 +152,30 @@ def host_memory_mib() -> tuple[int, int]:
             if key in ("MemAvailable", "MemTotal"):
                 found[key] = int(rest.split()[0]) // 1024  # kB
     return found["MemAvailable"], found["MemTotal"]
+
+
+def memory_swap(args: argparse.Namespace) -> int | None:
+    """The spec's ``linux.resources.memory.swap`` (memory and swap together, bytes; -1
+    unlimited) of ``--memory`` and ``--memory-swap``, as docker sets it (docker-run(1),
+    "--memory-swap"): twice --memory when only --memory is given; None without --memory.
+    RunError for a --memory-swap without --memory or below it."""
+    given = getattr(args, "memory_swap", None)
+    if args.memory is None:
+        if given is not None:
+            raise RunError(f"invalid --memory-swap {given}: it needs --memory (docker's rule)")
+        return None
+    limit = parse_size(args.memory)
+    if given is None:
+        return 2 * limit
+    if given.strip() == "-1":
+        return -1
+    total = parse_size(given)
+    if total < limit:
+        raise RunError(
+            f"invalid --memory-swap {given}: below --memory {args.memory}; it is memory and "
+            "swap together (-1: unlimited swap)"
+        )
+    return total
 
 
 def _check_memory(text: str) -> None:
@@ -379,7 +404,7 @@ def build_spec(
         raise RunError(f"cannot open the image root {image.rootfs}: {exc.strerror}") from None
     resources: dict[str, Any] = spec["linux"]["resources"]
     if args.memory is not None:
-        resources["memory"] = {"limit": parse_size(args.memory)}
+        resources["memory"] = {"limit": parse_size(args.memory), "swap": memory_swap(args)}
     if args.cpus is not None:
         resources["cpu"] = {"period": 100000, "quota": int(args.cpus * 100000)}
     if args.pids_limit > 0:  # docker's 0 and -1: unlimited

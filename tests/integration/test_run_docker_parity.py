@@ -399,3 +399,42 @@ def test_a_detached_run_killed_by_its_timeout_shows_124_in_ps(root: Path) -> Non
         assert any(line.startswith("tmo-early ") and "exited (0)" in line for line in table)
     finally:
         assert run(root, "rm", "-f", "tmo-late", "tmo-early").returncode == 0
+
+
+#: The memory limit and memory+swap total a program reads from its cgroup, on either layout
+#: (runc on this v1 host: memory.memsw; the guest's v2: memory.max + memory.swap.max).
+MEMORY_PROBE = r"""
+if [ -f /sys/fs/cgroup/memory.max ]; then
+  m=$(cat /sys/fs/cgroup/memory.max); s=$(cat /sys/fs/cgroup/memory.swap.max)
+  if [ "$s" = max ]; then t=max; else t=$((m + s)); fi
+else
+  m=$(cat /sys/fs/cgroup/memory/memory.limit_in_bytes)
+  t=$(cat /sys/fs/cgroup/memory/memory.memsw.limit_in_bytes)
+  [ ${#t} -ge 19 ] && t=max
+fi
+echo "$m $t"
+"""
+
+
+@pytest.mark.parametrize(
+    ("flags", "expected"),
+    [
+        (["--memory", "64m"], "67108864 134217728"),  # docker's default: swap as much again
+        (["--memory", "64m", "--memory-swap", "100m"], "67108864 104857600"),
+        (["--memory", "64m", "--memory-swap", "-1"], "67108864 max"),
+    ],
+)
+def test_memory_and_swap_limits_as_podman_with_runc_sets_them(
+    root: Path, podman: list[str], flags: list[str], expected: str
+) -> None:
+    """``--memory`` alone lets the container use as much swap again (memory+swap twice the
+    limit, docker-run(1)); ``--memory-swap`` sets the total, -1 lifts it (breaker4: swap was
+    left unlimited)."""
+    theirs = subprocess.run(
+        [*podman, "run", "--rm", "--net", "none", *flags, IMAGE, "sh", "-c", MEMORY_PROBE],
+        capture_output=True,
+        text=True,
+    )
+    assert (theirs.returncode, theirs.stdout) == (0, expected + "\n"), theirs.stderr
+    ours = run(root, "run", *flags, "default", "sh", "-c", MEMORY_PROBE)
+    assert (ours.returncode, ours.stdout) == (0, expected + "\n"), ours.stderr

@@ -168,3 +168,36 @@ def test_logs_tail_takes_the_last_lines(
         with path.open("rb") as log:
             log.seek(_tail_offset(log, lines, block))
             assert log.read() == expected, block
+
+
+@pytest.mark.parametrize(
+    ("flags", "swap"),
+    [
+        ([], None),
+        (["--memory", "64m"], 128 * 2**20),  # docker: twice --memory
+        (["--memory", "64m", "--memory-swap", "100m"], 100 * 2**20),
+        (["--memory", "64m", "--memory-swap", "64m"], 64 * 2**20),  # no swap
+        (["--memory", "64m", "--memory-swap", "-1"], -1),  # unlimited swap
+    ],
+)
+def test_memory_swap_is_memory_and_swap_together_as_docker_sets_it(
+    flags: list[str], swap: int | None
+) -> None:
+    from sandbox.run.spec import memory_swap
+
+    args = build_parser().parse_args(["run", *flags, "default", "true"])
+    assert memory_swap(args) == swap
+
+
+@pytest.mark.parametrize(
+    ("flags", "says"),
+    [
+        (["--memory-swap", "1g"], "invalid --memory-swap 1g: it needs --memory"),
+        (["--memory", "64m", "--memory-swap", "32m"], "invalid --memory-swap 32m: below --memory"),
+        (["--memory", "64m", "--memory-swap", "lots"], "invalid size 'lots'"),
+    ],
+)
+def test_a_bad_memory_swap_is_one_clear_error(flags: list[str], says: str) -> None:
+    args = build_parser().parse_args(["run", *flags, "default", "true"])
+    with pytest.raises(RunError, match=re.escape(says)):
+        check_options(args)
