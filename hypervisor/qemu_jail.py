@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from hypervisor import jail_ids
-from hypervisor.errors import JailError
+from hypervisor.errors import JailError, VirtiofsdError
 from hypervisor.jail import Bind, JailSpec, default_binds
 from hypervisor.jail_ids import Identity, Settings
 from hypervisor.process import remove_quietly
@@ -117,7 +117,8 @@ def connect_share(path: Path) -> int:
 
 def prepare(config: VMConfig, binary: Path, settings: Settings) -> JailedLaunch:
     """Lease an id and open what QEMU needs (module docstring). JailError if no id is free
-    or a file cannot be opened; nothing is left behind then."""
+    or a file cannot be opened, VirtiofsdError if a share's virtiofsd does not answer on its
+    socket; nothing is left behind then."""
     owner = config.qmp_socket.parent
     identity = jail_ids.allocate(settings, owner)
     groups: tuple[int, ...] = ()
@@ -146,8 +147,16 @@ def prepare(config: VMConfig, binary: Path, settings: Settings) -> JailedLaunch:
             outputs.append(_listen(path))
             launch.opened.append(outputs[-1])
         shares = []
-        for _tag, path in config.shares:
-            shares.append(_connect(path))
+        for tag, path in config.shares:
+            try:
+                shares.append(_connect(path))
+            except OSError as exc:
+                # Not the jail's settings: the share's virtiofsd went away since it started.
+                launch.abandon()
+                raise VirtiofsdError(
+                    f"virtiofsd of share {tag} of vm {config.name} does not answer on {path} "
+                    f"({exc.strerror or exc}): it exited or was killed"
+                ) from exc
             launch.opened.append(shares[-1])
     except OSError as exc:
         launch.abandon()

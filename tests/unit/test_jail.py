@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from hypervisor import jail, jail_ids, qemu_jail
-from hypervisor.errors import JailError
+from hypervisor.errors import JailError, VirtiofsdError
 from hypervisor.jail_ids import Identity, Settings
 from hypervisor.qemu_args import ChannelFds, VirtioFsShare, VMConfig, build_argv
 
@@ -268,7 +268,9 @@ def test_prepare_opens_everything_as_fds(leases: Path, tmp_path: Path) -> None:
 
 
 def test_prepare_failure_leaves_nothing(leases: Path, tmp_path: Path) -> None:
-    """No virtiofsd listens: JailError naming the socket; sockets and lease are gone."""
+    """No virtiofsd listens (it died after starting): VirtiofsdError naming the share and
+    its socket, not a jail error (it said "cannot prepare the jail", breaker4); sockets and
+    lease are gone."""
     vm = config(
         qmp_socket=tmp_path / "qmp.sock",
         agent_socket=tmp_path / "agent-serial.sock",
@@ -276,7 +278,7 @@ def test_prepare_failure_leaves_nothing(leases: Path, tmp_path: Path) -> None:
         shares=(("pod", tmp_path / "virtiofsd.sock"),),
     )
     settings = Settings(enabled=True, ids=(FIRST, FIRST))
-    with pytest.raises(JailError, match=r"virtiofsd\.sock"):
+    with pytest.raises(VirtiofsdError, match=r"virtiofsd of share pod .* on \S*virtiofsd\.sock"):
         qemu_jail.prepare(vm, Path("/usr/bin/qemu-system-x86_64"), settings)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["console.log", "ids"]
     assert jail_ids.in_use(settings) == 0
