@@ -401,9 +401,11 @@ class ContainerManager:
         terminal: bool,
         start: bool = False,
         stdin_null: bool = False,
+        stderr_to_stdout: bool = False,
     ) -> tuple[Process, socket.socket]:
         """Run the in-guest runtime and wait for its ``ready`` line; return the process.
         ``stdin_null``: its stdin is /dev/null, with no pipe for the agent to write to.
+        ``stderr_to_stdout``: fds 1 and 2 are one pipe (no stderr stream).
 
         ``start``: send ``start`` at once, ahead of ``ready`` (it waits in the socket), so
         that the runtime goes on to execve as soon as it has reported ready, without waiting
@@ -433,9 +435,13 @@ class ContainerManager:
             else:
                 in_r, stdin_w = _set_cloexec_pipe()
             stdout_r, out_w = _set_cloexec_pipe(_OUTPUT_PIPE_BYTES)
-            stderr_r, err_w = _set_cloexec_pipe(_OUTPUT_PIPE_BYTES)
+            if stderr_to_stdout:
+                stderr_r, err_w = None, out_w
+                child_fds = [in_r, out_w]
+            else:
+                stderr_r, err_w = _set_cloexec_pipe(_OUTPUT_PIPE_BYTES)
+                child_fds = [in_r, out_w, err_w]
             stdio = (in_r, out_w, err_w)
-            child_fds = [in_r, out_w, err_w]
         actions = [
             (os.POSIX_SPAWN_DUP2, stdio[0], 0),
             (os.POSIX_SPAWN_DUP2, stdio[1], 1),
@@ -533,11 +539,14 @@ class ContainerManager:
         *,
         close_stdin: bool = False,
         stdin_null: bool = False,
+        stderr_to_stdout: bool = False,
     ) -> int:
         """Create the container (CreateContainer); its init's pid. ``close_stdin``: the
         init's stdin pipe is closed at once (EOF, as after :meth:`close_stdin`); a terminal's
         stdin is left open (its ^D is CloseStdin's). ``stdin_null``: the init's stdin is
-        /dev/null instead of a pipe (no terminal: ignored with one)."""
+        /dev/null instead of a pipe (no terminal: ignored with one). ``stderr_to_stdout``:
+        its stderr is its stdout pipe, and its stderr stream is empty (ignored with a
+        terminal)."""
         if len(spec_bytes) > MAX_SPEC_BYTES:
             raise ContainerError("INVALID_ARGUMENT", "oci spec larger than 1 MiB", "INVALID_SPEC")
         try:
@@ -599,6 +608,7 @@ class ContainerManager:
                     json.dumps(spec).encode(),
                     terminal,
                     stdin_null=stdin_null,
+                    stderr_to_stdout=stderr_to_stdout,
                 )
             finally:
                 if netns is not None:  # joined (the runtime is ready) or never to be

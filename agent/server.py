@@ -237,6 +237,7 @@ class AgentService(pb_grpc.AgentServicer):
                 request.overlay,
                 close_stdin=request.close_stdin,
                 stdin_null=request.stdin_null,
+                stderr_to_stdout=request.stderr_to_stdout,
             )
             if request.start:  # protocol 1.8: StartContainer in the same call
                 manager.start(request.container_id, _start_timeout(context))

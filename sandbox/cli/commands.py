@@ -204,6 +204,7 @@ def _run_bundle_with(
         systemd_cgroup=args.systemd_cgroup,
         # runc run in the foreground relays its stdin through pipes it makes; -d passes it on
         stdin_null=None if args.detach else False,
+        stderr_to_stdout=None if args.detach else False,  # as for stdin
     )
     try:
         if console is not None:

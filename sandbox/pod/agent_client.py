@@ -364,28 +364,38 @@ class ContainerClient(AgentClient):
         rootfs: str,
         overlay: bool = False,
         stdin_null: bool = False,
+        stderr_to_stdout: bool = False,
     ) -> int:
         """CreateContainer: set up ``container_id`` from config.json bytes ``spec`` on guest
         directory ``rootfs`` (through a throwaway overlay when ``overlay``); its init's guest pid,
         blocked before execve until :meth:`start_container`. ``stdin_null``: its stdin is
-        /dev/null, not a pipe (protocol 1.12; nothing will be relayed to it). AgentError with
-        the in-guest runtime's message on failure (nothing is left behind in the guest)."""
+        /dev/null, not a pipe (protocol 1.12; nothing will be relayed to it).
+        ``stderr_to_stdout``: its stderr is its stdout pipe (1.15; an older agent keeps two
+        streams). AgentError with the in-guest runtime's message on failure (nothing is left
+        behind in the guest)."""
         request = pb.CreateContainerRequest(
             container_id=container_id,
             oci_spec=spec,
             rootfs=rootfs,
             overlay=overlay,
             stdin_null=stdin_null,
+            stderr_to_stdout=stderr_to_stdout,
         )
         reply = self._call("CreateContainer", request, timeout=120.0)
         return _pid(reply.pid, f"container {container_id}")
 
     def create_and_start(
-        self, container_id: str, spec: bytes, rootfs: str, overlay: bool = False
+        self,
+        container_id: str,
+        spec: bytes,
+        rootfs: str,
+        overlay: bool = False,
+        stderr_to_stdout: bool = False,
     ) -> tuple[int, bool]:
         """CreateContainer with start and close_stdin (protocol 1.8): the container created,
         its program exec'd and its stdin /dev/null (1.12; at EOF from an older agent, a pipe;
-        a terminal's stdin stays open) in one round trip. Returns (guest pid, started);
+        a terminal's stdin stays open) in one round trip; ``stderr_to_stdout`` as
+        :meth:`create_container`. Returns (guest pid, started);
         started is False from an agent before 1.8, which only created it: the caller then
         calls :meth:`start_container` and
         :meth:`close_stdin`. Errors as :meth:`create_container` (and :meth:`start_container`:
@@ -398,6 +408,7 @@ class ContainerClient(AgentClient):
             start=True,
             close_stdin=True,
             stdin_null=True,
+            stderr_to_stdout=stderr_to_stdout,
         )
         reply = self._call("CreateContainer", request, timeout=120.0)
         return _pid(reply.pid, f"container {container_id}"), bool(reply.started)

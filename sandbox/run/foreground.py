@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from sandbox import terminal_size
+from sandbox import same_file, terminal_size
 from sandbox.errors import EXIT_TIMEOUT, AgentError, SandboxError
 from sandbox.image import pull as image_pull
 from sandbox.image import store as images
@@ -136,6 +136,10 @@ def _run_in_pod(
             image,
             held,
             start=one_call,
+            # One pipe for both streams when ours are one file (``2>&1``), as runc's process
+            # would inherit it: the order written is the order seen.
+            stderr_to_stdout=not args.tty
+            and same_file.one_description(sys.stdout.fileno(), sys.stderr.fileno()),
             workdir_option=bool(args.workdir),
         )
         stdin = sys.stdin.fileno() if args.interactive else None

@@ -260,16 +260,18 @@ def create_with(
     *,
     start: bool = False,
     stdin_null: bool = False,
+    stderr_to_stdout: bool = False,
     workdir_option: bool = False,
 ) -> int:
     """:func:`create_in_pod` through ``client``. With ``start`` the container is also
     started and its stdin closed in the same call when the agent can (protocol 1.8), else
     with StartContainer and CloseStdin after it (stdin: the foreground run of a
-    non-interactive ``pysandbox run``; a terminal gets its ^D). The container gets its own
-    /etc/hosts, /etc/hostname and (with a network) /etc/resolv.conf (:mod:`etc_files`,
-    named after the spec's hostname and the pod id). Errors as create_in_pod's;
-    a working directory that cannot be entered is named as the user gave it
-    (``workdir_option``: by ``-w``, else by the image)."""
+    non-interactive ``pysandbox run``; a terminal gets its ^D). ``stderr_to_stdout``: the
+    process's stderr is its stdout pipe (the caller's two are one file, ``2>&1``). The
+    container gets its own /etc/hosts, /etc/hostname and (with a network) /etc/resolv.conf
+    (:mod:`etc_files`, named after the spec's hostname and the pod id). Errors as
+    create_in_pod's; a working directory that cannot be entered is named as the user gave
+    it (``workdir_option``: by ``-w``, else by the image)."""
     guest_rootfs, guest_spec = share_container_files(
         pod, container_id, spec, image.rootfs.parent, rootfs_readonly=True, held=held
     )
@@ -283,9 +285,16 @@ def create_with(
     try:
         if not start:
             return client.create_container(
-                container_id, payload, guest_rootfs, overlay=True, stdin_null=stdin_null
+                container_id,
+                payload,
+                guest_rootfs,
+                overlay=True,
+                stdin_null=stdin_null,
+                stderr_to_stdout=stderr_to_stdout,
             )
-        pid, started = client.create_and_start(container_id, payload, guest_rootfs, overlay=True)
+        pid, started = client.create_and_start(
+            container_id, payload, guest_rootfs, overlay=True, stderr_to_stdout=stderr_to_stdout
+        )
     except CommandError as exc:
         raise RunError(exc.detail, exc.exit_code) from exc
     except AgentError as exc:

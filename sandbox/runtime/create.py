@@ -16,6 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from sandbox import same_file
 from sandbox import store as state
 from sandbox.errors import ConfigError, NotFoundError, StateError
 from sandbox.pod import host_cgroup
@@ -39,6 +40,7 @@ def create(
     warn: Callable[[str], None] | None = None,
     systemd_cgroup: bool = False,
     stdin_null: bool | None = None,
+    stderr_to_stdout: bool | None = None,
 ) -> ContainerRecord:
     """Create a container (booting or joining its pod VM); leave it ``created``.
 
@@ -46,6 +48,9 @@ def create(
     process's own is (runc's ``create`` passes its stdio on: podman's conmon gives
     /dev/null without -i), else the pipe its host stand-in relays this stdin to (runc's
     foreground ``run`` makes pipes whatever its stdin is: its caller passes False).
+    Likewise its stdout and stderr are one pipe when this process's are one open file
+    (``2>&1``: runc's process inherits the one file) unless ``stderr_to_stdout`` is False
+    (runc's foreground ``run`` makes two pipes whatever they are).
 
     The bundle is judged before anything is created, booted or joined, and so is what a VM
     cannot give it (:mod:`sandbox.runtime.vm_limits`): host namespaces are refused; a mount
@@ -158,6 +163,7 @@ def create(
                 rootfs,
                 overlay=spec.root_readonly,
                 stdin_null=_stdin_is_null() if stdin_null is None else stdin_null,
+                stderr_to_stdout=not terminal and _one_output(stderr_to_stdout),
             )
         # A SIGTERM now is handled once the shim is recorded.
         with host_cgroup.inside(pod.host_cgroup()), signals_held():
@@ -246,6 +252,13 @@ def write_pid_file(path: Path, pid: int) -> None:
     tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}")
     tmp.write_text(str(pid))
     os.replace(tmp, path)
+
+
+def _one_output(wanted: bool | None) -> bool:
+    """Whether the process gets one pipe for stdout and stderr: ``wanted``, or by default
+    (None) when this process's are one open file (``2>&1``), which runc's create passes on
+    to its process (both streams then land in the order written)."""
+    return same_file.one_description(1, 2) if wanted is None else wanted
 
 
 def _stdin_is_null() -> bool:

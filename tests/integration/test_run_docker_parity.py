@@ -16,6 +16,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 import tarfile
 import tempfile
 from collections.abc import Iterator
@@ -24,6 +25,7 @@ from pathlib import Path
 import pytest
 
 from sandbox.image import store as images
+from tests.integration.cli import REPO
 from tests.integration.cli import pysandbox as run
 from tests.integration.pods import PodFactory
 from tests.processes import pristine_signals, processes_mentioning, wait_until
@@ -438,3 +440,35 @@ def test_memory_and_swap_limits_as_podman_with_runc_sets_them(
     assert (theirs.returncode, theirs.stdout) == (0, expected + "\n"), theirs.stderr
     ours = run(root, "run", *flags, "default", "sh", "-c", MEMORY_PROBE)
     assert (ours.returncode, ours.stdout) == (0, expected + "\n"), ours.stderr
+
+
+#: Alternating lines on stdout and stderr, then what the two fds are.
+INTERLEAVED = (
+    "i=0; while [ $i -lt 50 ]; do echo out$i; echo err$i >&2; i=$((i+1)); done; "
+    '[ "$(readlink /proc/$$/fd/1)" = "$(readlink /proc/$$/fd/2)" ] && echo one-pipe '
+    "|| echo two-pipes"
+)
+
+
+def test_stdout_and_stderr_into_one_file_keep_their_order(root: Path, tmp_path: Path) -> None:
+    """``run ... >log 2>&1``: under runc the process inherits the caller's one open file as
+    fds 1 and 2, so its lines land in the order written. Here it gets one pipe for both
+    (they came over two streams, in whatever order the relay read them); with stdout and
+    stderr apart, two pipes and two streams as before."""
+    expected = [f"{kind}{i}" for i in range(50) for kind in ("out", "err")]
+    log = tmp_path / "log"
+    probe = ["sh", "-c", INTERLEAVED]
+    with log.open("w") as out:
+        done = subprocess.run(
+            [sys.executable, "-m", "sandbox", "--root", str(root), "run", "default", *probe],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            timeout=300,
+            cwd=REPO,
+        )
+    assert done.returncode == 0
+    assert log.read_text().splitlines() == [*expected, "one-pipe"]
+    apart = run(root, "run", "default", "sh", "-c", INTERLEAVED)
+    assert apart.returncode == 0, apart.stderr
+    assert apart.stdout.splitlines() == [f"out{i}" for i in range(50)] + ["two-pipes"]
+    assert apart.stderr.splitlines() == [f"err{i}" for i in range(50)]

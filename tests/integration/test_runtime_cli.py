@@ -1367,3 +1367,48 @@ def test_a_non_root_process_owns_its_stdio_as_under_runc(runtime: Runtime, tmp_p
         expected_tty
     )
     assert_nothing_left(runtime, name)
+
+
+def test_create_into_one_file_keeps_the_order_of_stdout_and_stderr(
+    runtime: Runtime, tmp_path: Path
+) -> None:
+    """``create`` with stdout and stderr one open file (``>log 2>&1``): runc's process
+    inherits it as fds 1 and 2, so its lines land in the order written and both fds are the
+    same file. Ours get one pipe for both (they came as two streams, in the relay's order),
+    against runc. (runc's foreground ``run`` makes two pipes whatever its stdio: not this.)"""
+    bundle, spec = _runc_spec_bundle(tmp_path / "bundle")
+    spec["process"]["terminal"] = False
+    spec["process"]["args"] = [
+        "sh",
+        "-c",
+        "i=0; while [ $i -lt 40 ]; do echo out$i; echo err$i >&2; i=$((i+1)); done; "
+        '[ "$(readlink /proc/$$/fd/1)" = "$(readlink /proc/$$/fd/2)" ] && echo one || echo two',
+    ]
+    (bundle / "config.json").write_text(json.dumps(spec))
+    name = f"order-{os.getpid()}"
+
+    def outcome(argv: list[str], log: Path) -> str:
+        with log.open("w") as out:
+            created = subprocess.run(
+                [*argv, "create", "--bundle", str(bundle), name],
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=out,
+                timeout=150,
+            )
+        assert created.returncode == 0, log.read_text()
+        subprocess.run([*argv, "start", name], check=True, timeout=60)
+
+        def stopped() -> bool:
+            state = subprocess.run([*argv, "state", name], capture_output=True, text=True)
+            return json.loads(state.stdout)["status"] == "stopped"
+
+        assert wait_until(stopped, 60)
+        subprocess.run([*argv, "delete", name], check=True, timeout=60)
+        return log.read_text()
+
+    expected = outcome(["runc", "--root", str(tmp_path / "runc-state")], tmp_path / "runc.log")
+    lines = [f"{kind}{i}" for i in range(40) for kind in ("out", "err")]
+    assert expected == "\n".join([*lines, "one"]) + "\n", expected
+    assert outcome(runtime.argv(), tmp_path / "ours.log") == expected
+    assert_nothing_left(runtime, name)
