@@ -221,10 +221,23 @@ def _normal_priority(pod: Pod) -> None:
 
 
 def waiting(root: Path, key: str | None = None) -> list[Pod]:
-    """The pods waiting in ``root``'s pool (of kind ``key`` only, when given)."""
+    """The pods waiting in ``root``'s pool (of kind ``key`` only, when given). One whose timer
+    is gone while it still waits is removed instead: its owner watcher, which tears it down
+    when the timer ends, is gone too (killed: nothing else would ever remove the VM)."""
     from sandbox.pod.lifecycle import Pod
 
-    return [p for p in Pod.list(root) if p.record.pool is not None and key in (None, p.record.pool)]
+    found = []
+    for pod in Pod.list(root):
+        pool_key = pod.record.pool
+        if pool_key is None or key not in (None, pool_key):
+            continue
+        timer = pod.record.owner
+        if timer is not None and not timer.alive():
+            with contextlib.suppress(SandboxError, OSError):
+                expire(root, pod.id, pool_key)
+            continue
+        found.append(pod)
+    return found
 
 
 def refill(root: Path, kind: Kind | None) -> None:

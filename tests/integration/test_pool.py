@@ -127,6 +127,18 @@ def test_an_unused_vm_goes_after_its_idle_time_or_when_its_timer_is_killed(root:
     assert Path(f"/proc/{timer}/comm").read_text() == "sleep\n"
     os.kill(timer, signal.SIGKILL)  # e.g. the OOM killer: the VM must not outlive it
     assert wait_until(lambda: nothing_left(root), 60), processes_mentioning(str(root))
+    # Its owner watcher killed too (breaker5): the next look at the pool removes the VM.
+    done = pysandbox(root, "run", "default", "true")
+    assert done.returncode == 0, done.stderr
+    assert wait_until(lambda: len(waiting(root)) == 1, 120)
+    (pod,) = [json.loads(p.read_text()) for p in (root / "p").glob("*/pod.json")]
+    watchers = [p for p in processes_mentioning(pod["id"]) if "owner_watch" in p]
+    assert len(watchers) == 1, watchers
+    os.kill(int(watchers[0].split(":")[0]), signal.SIGKILL)
+    os.kill(int(pod["owner"]["pid"]), signal.SIGKILL)
+    assert wait_until(lambda: waiting(root) == [] and nothing_left(root), 60), processes_mentioning(
+        str(root)
+    )
 
 
 @pytest.mark.parametrize(
