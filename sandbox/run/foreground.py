@@ -75,7 +75,7 @@ def run(args: argparse.Namespace, root: Path) -> int:
             kind = None
         pod, watch = boot_watched(root, pod_id, CONTAINER_ID, args, spec, image, kind)
         try:
-            status = _run_in_pod(args, pod, spec, image, held)
+            status = _run_in_pod(args, pod, spec, image, held, pod_id)
         except BaseException:
             _teardown(pod)
             watch.dismiss()
@@ -116,6 +116,7 @@ def _run_in_pod(
     spec: dict[str, Any],
     image: images.Image,
     held: HeldSources,
+    name: str,
 ) -> int:
     terminal = args.tty and sys.stdin.isatty()
     if terminal:
@@ -136,6 +137,7 @@ def _run_in_pod(
             image,
             held,
             start=one_call,
+            run_name=name,
             # One pipe for both streams when ours are one file (``2>&1``), as runc's process
             # would inherit it: the order written is the order seen.
             stderr_to_stdout=not args.tty

@@ -247,6 +247,7 @@ def create_in_pod(
             held,
             stdin_null=True,  # a detached run's: nothing is ever relayed to it
             workdir_option=workdir_option,
+            run_name=container_id,  # a detached run's container goes by the run's name
         )
 
 
@@ -262,6 +263,7 @@ def create_with(
     stdin_null: bool = False,
     stderr_to_stdout: bool = False,
     workdir_option: bool = False,
+    run_name: str | None = None,
 ) -> int:
     """:func:`create_in_pod` through ``client``. With ``start`` the container is also
     started and its stdin closed in the same call when the agent can (protocol 1.8), else
@@ -269,14 +271,16 @@ def create_with(
     non-interactive ``pysandbox run``; a terminal gets its ^D). ``stderr_to_stdout``: the
     process's stderr is its stdout pipe (the caller's two are one file, ``2>&1``). The
     container gets its own /etc/hosts, /etc/hostname and (with a network) /etc/resolv.conf
-    (:mod:`etc_files`, named after the spec's hostname and the pod id). Errors as
+    (:mod:`etc_files`, named after the spec's hostname and ``run_name``, by default the pod
+    id: a pooled VM's id is not the run's). Errors as
     create_in_pod's; a working directory that cannot be entered is named as the user gave
     it (``workdir_option``: by ``-w``, else by the image)."""
     guest_rootfs, guest_spec = share_container_files(
         pod, container_id, spec, image.rootfs.parent, rootfs_readonly=True, held=held
     )
     user_network = (pod.record.network or {}).get("mode") == "user"
-    files = etc_files.contents(str(spec.get("hostname") or ""), pod.id, user_network)
+    name = run_name or pod.id
+    files = etc_files.contents(str(spec.get("hostname") or ""), name, user_network)
     try:
         guest_spec["mounts"] += etc_files.write(client, container_id, files)
     except AgentError as exc:

@@ -69,7 +69,10 @@ def root(module_pods: PodFactory) -> Iterator[Path]:
 
 
 def test_a_run_takes_the_vm_the_previous_one_left_ready(root: Path) -> None:
-    script = "head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \\n'; echo; hostname"
+    script = (
+        "head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \\n'; echo; hostname; "
+        "tail -n 1 /etc/hosts"
+    )
     first = pysandbox(root, "run", "default", "sh", "-c", script)
     assert first.returncode == 0, first.stderr
     assert wait_until(lambda: len(waiting(root)) == 1, 120), "no VM was made ready"
@@ -78,9 +81,12 @@ def test_a_run_takes_the_vm_the_previous_one_left_ready(root: Path) -> None:
     second = pysandbox(root, "run", "default", "sh", "-c", script)
     assert second.returncode == 0, second.stderr
     assert ready not in waiting(root)  # taken: a VM serves one run
-    random1, hostname1 = first.stdout.split()
-    random2, hostname2 = second.stdout.split()
+    random1, hostname1, hosts1 = first.stdout.splitlines()
+    random2, hostname2, hosts2 = second.stdout.splitlines()
     assert random1 != random2 and hostname1 != hostname2 and len(hostname2) == 12
+    # /etc/hosts names the run as a cold one's does, not the pooled VM (breaker5).
+    assert hosts1 == f"127.0.0.1\t{hostname1} run-{hostname1}"
+    assert hosts2 == f"127.0.0.1\t{hostname2} run-{hostname2}"
     # A detached run takes the next one: it runs at the normal priority, and goes with rm.
     assert wait_until(lambda: len(waiting(root)) == 1, 120)
     (ready,) = waiting(root)
