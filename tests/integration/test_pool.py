@@ -70,8 +70,7 @@ def root(module_pods: PodFactory) -> Iterator[Path]:
 
 def test_a_run_takes_the_vm_the_previous_one_left_ready(root: Path) -> None:
     script = (
-        "head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \\n'; echo; hostname; "
-        "tail -n 1 /etc/hosts"
+        "head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \\n'; echo; hostname; tail -n 1 /etc/hosts"
     )
     first = pysandbox(root, "run", "default", "sh", "-c", script)
     assert first.returncode == 0, first.stderr
