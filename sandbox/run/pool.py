@@ -241,9 +241,10 @@ def waiting(root: Path, key: str | None = None) -> list[Pod]:
 
 
 def refill(root: Path, kind: Kind | None) -> None:
-    """Start a filler for ``kind`` when the pool is on and fewer than :func:`wanted` pods of
-    it wait or are on their way (quietly nothing otherwise: a run never fails for its
-    pool). The filler runs detached, at SCHED_IDLE, its output in ``ROOT/logs/pool.log``."""
+    """Start fillers for ``kind`` when the pool is on, as many as :func:`wanted` VMs of it
+    lack (those waiting and those on their way count); quietly nothing otherwise (a run
+    never fails for its pool). Each filler runs detached, at SCHED_IDLE, its output in
+    ``ROOT/logs/pool.log``."""
     if kind is None:
         return
     try:
@@ -254,7 +255,6 @@ def refill(root: Path, kind: Kind | None) -> None:
     if count == 0:
         return
     with contextlib.suppress(SandboxError, OSError):
-        from sandbox import IMPORT_ROOT
         from sandbox import store as state
 
         key = kind.key()
@@ -267,32 +267,39 @@ def refill(root: Path, kind: Kind | None) -> None:
                     os.unlink(fillers / entry)
             elif entry.endswith(f"-{key}") and not _is_timer(handle):
                 filling += 1
-        if len(waiting(root, key)) + filling >= count:
-            return
+        for _ in range(count - len(waiting(root, key)) - filling):
+            _spawn_filler(root, kind, idle)
 
-        logs = state.ensure_dir(root / "logs")
-        log_fd = os.open(logs / "pool.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-        null_fd = os.open(os.devnull, os.O_RDONLY)
-        try:
-            argv = [sys.executable, "-m", "sandbox.run.pool_fill", "fill", str(root), str(idle)]
-            argv.append(json.dumps(kind.to_json()))
-            pid = os.posix_spawn(
-                sys.executable,
-                argv,
-                {**os.environ, "PYTHONPATH": IMPORT_ROOT},
-                file_actions=[
-                    (os.POSIX_SPAWN_DUP2, null_fd, 0),
-                    (os.POSIX_SPAWN_DUP2, log_fd, 1),
-                    (os.POSIX_SPAWN_DUP2, log_fd, 2),
-                ],
-                setsid=True,
-            )  # (posix_spawn cannot set SCHED_IDLE: the filler sets it first thing)
-        finally:
-            os.close(log_fd)
-            os.close(null_fd)
-        with contextlib.suppress(ProcessLookupError):
-            filler = ProcessHandle.of(pid)
-            (fillers / f"{filler.pid}-{filler.start}-{key}").touch()
+
+def _spawn_filler(root: Path, kind: Kind, idle: float) -> None:
+    """Start one filler of ``kind`` (:mod:`sandbox.run.pool_fill`) and record it in
+    :data:`FILLERS`; OSError if it cannot be started."""
+    from sandbox import IMPORT_ROOT
+    from sandbox import store as state
+
+    logs = state.ensure_dir(root / "logs")
+    log_fd = os.open(logs / "pool.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    null_fd = os.open(os.devnull, os.O_RDONLY)
+    try:
+        argv = [sys.executable, "-m", "sandbox.run.pool_fill", "fill", str(root), str(idle)]
+        argv.append(json.dumps(kind.to_json()))
+        pid = os.posix_spawn(
+            sys.executable,
+            argv,
+            {**os.environ, "PYTHONPATH": IMPORT_ROOT},
+            file_actions=[
+                (os.POSIX_SPAWN_DUP2, null_fd, 0),
+                (os.POSIX_SPAWN_DUP2, log_fd, 1),
+                (os.POSIX_SPAWN_DUP2, log_fd, 2),
+            ],
+            setsid=True,
+        )  # (posix_spawn cannot set SCHED_IDLE: the filler sets it first thing)
+    finally:
+        os.close(log_fd)
+        os.close(null_fd)
+    with contextlib.suppress(ProcessLookupError):
+        filler = ProcessHandle.of(pid)
+        (root / FILLERS / f"{filler.pid}-{filler.start}-{kind.key()}").touch()
 
 
 def expire(root: Path, pod_id: str, key: str) -> bool:

@@ -14,6 +14,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -100,6 +101,23 @@ def test_a_run_takes_the_vm_the_previous_one_left_ready(root: Path) -> None:
     drained = pysandbox(root, "pool", "drain")
     assert drained.returncode == 0 and len(drained.stdout.split()) == 1, drained
     assert wait_until(lambda: nothing_left(root), 30)
+
+
+def test_one_run_leaves_n_vms_ready_for_a_burst(root: Path) -> None:
+    """``PYSANDBOX_POOL=2``: after one run two VMs of its kind wait (a pool of N, not one VM
+    more per run that ended; breaker5), and two runs at once both take one."""
+    done = pysandbox(root, "run", "default", "true", PYSANDBOX_POOL="2")
+    assert done.returncode == 0, done.stderr
+    assert wait_until(lambda: len(waiting(root)) == 2, 180), waiting(root)
+    ready = set(waiting(root))
+    env = {**os.environ, "PYSANDBOX_POOL": "2"}
+    argv = [sys.executable, "-m", "sandbox", "--root", str(root), "run", "default", "true"]
+    burst = [subprocess.Popen(argv, cwd=cli.REPO, env=env) for _ in range(2)]
+    assert [p.wait(300) for p in burst] == [0, 0]
+    assert not ready & set(waiting(root))  # both taken
+    drained = pysandbox(root, "pool", "drain")
+    assert drained.returncode == 0, drained.stderr
+    assert wait_until(lambda: nothing_left(root), 60), processes_mentioning(str(root))
 
 
 def test_runs_with_user_networking_have_a_pool_of_their_own(root: Path) -> None:
