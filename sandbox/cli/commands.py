@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -127,8 +128,13 @@ def _stop_pod(root: Path, pod_id: str) -> None:
         except NotFoundError:
             lock.discard()
             raise
+        # A waiting pool VM's owner is its timer (``sleep``): it goes too, and so its watcher
+        # (they stayed for the rest of the idle time; a run's own process is left alone).
+        timer = pod.record.owner if pod.record.pool is not None else None
         pod.stop()
         lock.discard()
+    if timer is not None:
+        timer.signal(signal.SIGKILL)
 
 
 def cmd_run(args: argparse.Namespace) -> int:

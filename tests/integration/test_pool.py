@@ -115,6 +115,23 @@ def test_one_run_leaves_n_vms_ready_for_a_burst(root: Path) -> None:
     burst = [subprocess.Popen(argv, cwd=cli.REPO, env=env) for _ in range(2)]
     assert [p.wait(300) for p in burst] == [0, 0]
     assert not ready & set(waiting(root))  # both taken
+    # `pod stop` of a waiting VM ends its timer and watcher too (they stayed; breaker5).
+    assert wait_until(lambda: len(waiting(root)) == 2, 180), waiting(root)
+    victim = waiting(root)[0]
+    (record,) = [
+        json.loads(p.read_text())
+        for p in (root / "p").glob("*/pod.json")
+        if json.loads(p.read_text())["id"] == victim
+    ]
+    timer = int(record["owner"]["pid"])
+    stopped = pysandbox(root, "pod", "stop", victim)
+    assert stopped.returncode == 0, stopped.stderr
+    assert wait_until(lambda: processes_mentioning(victim, live_only=True) == [], 30), (
+        processes_mentioning(victim)
+    )
+    assert not Path(f"/proc/{timer}").exists() or "sleep" not in Path(
+        f"/proc/{timer}/cmdline"
+    ).read_text(errors="replace")
     drained = pysandbox(root, "pool", "drain")
     assert drained.returncode == 0, drained.stderr
     assert wait_until(lambda: nothing_left(root), 60), processes_mentioning(str(root))
