@@ -141,8 +141,9 @@ PROPAGATION = {
     "runbindable": sc.MS_UNBINDABLE | sc.MS_REC,
 }
 
-#: Options runc accepts that change nothing here.
-_IGNORED_OPTIONS = frozenset({"tmpcopyup", "notmpcopyup"})
+#: runc's extension options: a tmpfs that starts with the content of the directory it
+#: covers (runc's and crun's ``tmpcopyup``; ``notmpcopyup`` undoes it).
+_COPY_UP_OPTIONS = {"tmpcopyup": True, "notmpcopyup": False}
 _UNSUPPORTED_OPTIONS = frozenset({"idmap", "ridmap"})
 
 #: sysctl prefix -> namespace that must be private for the container to set it (as runc).
@@ -196,9 +197,20 @@ class IdMapping:
 
 
 class Mount:
-    """One entry of ``mounts`` with its options split into flags, propagation and data."""
+    """One entry of ``mounts`` with its options split into flags, propagation and data.
+    ``copy_up``: a tmpfs with runc's ``tmpcopyup`` extension (it starts with the content of
+    the directory it is mounted over)."""
 
-    __slots__ = ("bind", "data", "destination", "flags", "propagation", "source", "type")
+    __slots__ = (
+        "bind",
+        "copy_up",
+        "data",
+        "destination",
+        "flags",
+        "propagation",
+        "source",
+        "type",
+    )
 
     def __init__(
         self,
@@ -209,7 +221,9 @@ class Mount:
         propagation: tuple[int, ...],
         data: str,
         bind: bool,
+        copy_up: bool = False,
     ) -> None:
+        self.copy_up = copy_up
         self.destination = destination
         self.type = type
         self.source = source
@@ -623,15 +637,18 @@ def parse_mount(value: object, where: str) -> Mount:
     flags = 0
     propagation: list[int] = []
     data: list[str] = []
+    copy_up = False
     for j, option in enumerate(_strings(entry.get("options"), f"{where}.options")):
-        if option in MOUNT_OPTIONS:
+        if option in _COPY_UP_OPTIONS:
+            copy_up = _COPY_UP_OPTIONS[option]
+        elif option in MOUNT_OPTIONS:
             clear, flag = MOUNT_OPTIONS[option]
             flags = flags & ~flag if clear else flags | flag
         elif option in PROPAGATION:
             propagation.append(PROPAGATION[option])
         elif option in _UNSUPPORTED_OPTIONS:
             raise SpecError(f'{where}.options[{j}]: mount option "{option}" is not supported')
-        elif option not in _IGNORED_OPTIONS:
+        else:
             data.append(option)
     bind = fstype == "bind" or bool(flags & sc.MS_BIND)
     if bind:
@@ -641,7 +658,10 @@ def parse_mount(value: object, where: str) -> Mount:
             raise SpecError(f"{where}.source: required for a bind mount")
     elif not fstype:
         raise SpecError(f"{where}.type: required for a mount that is not a bind mount")
-    return Mount(destination, fstype, source, flags, tuple(propagation), ",".join(data), bind)
+    copy_up = copy_up and fstype == "tmpfs" and not bind  # runc: tmpfs only
+    return Mount(
+        destination, fstype, source, flags, tuple(propagation), ",".join(data), bind, copy_up
+    )
 
 
 def parse_namespaces(value: object, where: str) -> tuple[Namespace, ...]:

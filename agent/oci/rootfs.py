@@ -192,6 +192,18 @@ def mount_entry(sys: Syscalls, root: str, mount: Mount, cgroup: Cgroup | None = 
         elif mount.type in ("cgroup", "cgroup2") and cgroup is not None:
             mkdir_all(sys, target)
             cgroup_view(sys, cgroup, target, mount.flags)
+        elif mount.copy_up:
+            mkdir_all(sys, target)
+            # The directory the tmpfs will hide, held open: its content is copied in after.
+            covered = sys.open(target, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            try:
+                writable = mount.flags & ~linux.MS_RDONLY
+                sys.mount(mount.source or "tmpfs", target, "tmpfs", writable, mount.data or None)
+                sys.copy_up(covered, target)
+            finally:
+                sys.close(covered)
+            if mount.flags & linux.MS_RDONLY:  # read-only once filled
+                sys.mount(None, target, None, linux.MS_REMOUNT | mount.flags, mount.data or None)
         else:
             mkdir_all(sys, target)
             fstype = "cgroup2" if mount.type in ("cgroup", "cgroup2") else mount.type

@@ -266,6 +266,10 @@ class Syscalls(abc.ABC):
     def symlink(self, target: str, path: str) -> None: ...
 
     @abc.abstractmethod
+    def copy_up(self, source_fd: int, target: str) -> None:
+        """Copy directory ``source_fd``'s content into ``target`` (agent.oci.copy_up)."""
+
+    @abc.abstractmethod
     def unlink(self, path: str) -> None: ...
 
     @abc.abstractmethod
@@ -572,6 +576,14 @@ class LinuxSyscalls(Syscalls):
             os.symlink(target, path)
         except OSError as exc:
             raise self._wrap(exc, f"symlink {path} -> {target}") from exc
+
+    def copy_up(self, source_fd: int, target: str) -> None:
+        from agent.oci import copy_up
+
+        try:
+            copy_up.copy_tree(source_fd, target)
+        except OSError as exc:
+            raise self._wrap(exc, f"copying the image's content into the tmpfs {target}") from exc
 
     def unlink(self, path: str) -> None:
         try:
@@ -1062,6 +1074,9 @@ class RecordingSyscalls(Syscalls):
     def symlink(self, target: str, path: str) -> None:
         self._record("symlink", target, path)
         self.fs[path] = f"link:{target}"
+
+    def copy_up(self, source_fd: int, target: str) -> None:
+        self._record("copy_up", source_fd, target)
 
     def unlink(self, path: str) -> None:
         self._record("unlink", path)

@@ -472,6 +472,26 @@ def test_dev_shm_is_the_tmpfs_runc_gives(podman: list[str], size: str | None) ->
     assert (theirs.returncode, theirs.stdout) == (0, done.stdout), theirs.stderr
 
 
+def test_a_tmpfs_starts_with_the_images_content_as_under_runc(podman: list[str]) -> None:
+    """podman's ``--tmpfs`` asks for runc's ``tmpcopyup``: the tmpfs starts with what the
+    image has in that directory, its root with the directory's mode (it was empty: a
+    ``--tmpfs /etc`` lost /etc/passwd)."""
+    probe = (
+        "head -2 /etc/passwd; stat -c '%a %U' /etc /etc/passwd; ls /etc | wc -l; "
+        "grep ' /etc ' /proc/mounts | sed 's/,inode64//'"
+    )
+    args = ["run", "--rm", "--network", "none", *RUNC_SETTABLE_LIMITS, "--tmpfs", "/etc:mode=700"]
+    done = pm(podman, *args, IMAGE, "sh", "-c", probe)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines()[0] == "root:x:0:0:root:/root:/bin/sh"
+    if shutil.which("runc") is None:
+        return
+    runc = list(podman)
+    runc[runc.index("--runtime") + 1] = "runc"
+    theirs = pm(runc, *args, IMAGE, "sh", "-c", probe)
+    assert (theirs.returncode, theirs.stdout) == (0, done.stdout), theirs.stderr
+
+
 def test_user_namespace_ids_and_volume_owners_match_runc(podman: list[str], tmp_path: Path) -> None:
     """podman --uidmap: the ids seen inside and the host owners of files written to a volume
     are runc's (container uid N is host uid 100000+N)."""

@@ -1039,3 +1039,26 @@ def test_a_missing_working_directory_is_made_after_pivot_root_as_runc_does() -> 
     read_only = calls.index(("mount", None, "/", None, "ro|remount|bind", ""))
     assert pivot < calls.index(made[0]) < calls.index(made[1]) < read_only
     assert calls.index(("chdir", "/new/../new/dir")) > read_only
+
+
+@pytest.mark.parametrize("readonly", [False, True])
+def test_a_tmpcopyup_tmpfs_is_filled_from_the_directory_it_covers(readonly: bool) -> None:
+    """runc's ``tmpcopyup`` (podman's --tmpfs default): the directory is opened before the
+    tmpfs hides it, its content copied in, and only then is the tmpfs made read-only."""
+    spec = typical_spec()
+    options = ["tmpcopyup", "nosuid", "size=1m", *(["ro"] if readonly else [])]
+    spec["mounts"].append(
+        {"destination": "/work", "type": "tmpfs", "source": "tmpfs", "options": options}
+    )
+    system = fake()
+    run_init(system, spec)
+    calls = system.calls
+    opened = calls.index(("open", "/r/work"))
+    mounted = calls.index(("mount", "tmpfs", "/r/work", "tmpfs", "nosuid", "size=1m"))
+    (copied,) = [i for i, c in enumerate(calls) if c[0] == "copy_up" and c[2] == "/r/work"]
+    covered_fd = calls[copied][1]
+    closed = calls.index(("close", covered_fd), copied)
+    assert opened < mounted < copied < closed
+    remounts = [c for c in calls if c[:3] == ("mount", None, "/r/work")]
+    expected = [("mount", None, "/r/work", None, "ro|nosuid|remount", "size=1m")]
+    assert remounts == (expected if readonly else [])

@@ -394,3 +394,20 @@ def test_a_device_mode_with_its_file_type_bits_is_taken_as_runc_takes_it() -> No
     assert error_of(linux__devices=too_big) == (
         "linux.devices[0].fileMode: 262144 is out of range [0, 65535]"
     )
+
+
+@pytest.mark.parametrize(
+    ("entry", "copy_up"),
+    [
+        ({"type": "tmpfs", "options": ["tmpcopyup", "size=1m"]}, True),
+        ({"type": "tmpfs", "options": ["tmpcopyup", "notmpcopyup"]}, False),
+        ({"type": "tmpfs", "options": ["size=1m"]}, False),
+        ({"type": "bind", "source": "/x", "options": ["rbind", "tmpcopyup"]}, False),  # runc
+    ],
+)
+def test_tmpcopyup_is_kept_for_a_tmpfs_and_never_passed_to_mount(
+    entry: dict[str, object], copy_up: bool
+) -> None:
+    mount = spec_mod.parse_mount({"destination": "/d", "source": "tmpfs", **entry}, "mounts[0]")
+    assert mount.copy_up is copy_up
+    assert "copyup" not in mount.data
