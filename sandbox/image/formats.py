@@ -261,6 +261,12 @@ class ImageConfig:
     user: str = ""
     #: ``StopSignal`` as written ("SIGINT", "QUIT", "3"), "" for none (docker's STOPSIGNAL).
     stop_signal: str = ""
+    #: ``Volumes``' paths (docker's VOLUME), absolute and normalised, sorted.
+    volumes: tuple[str, ...] = ()
+
+
+#: More VOLUME paths than this in one image config is refused (each is a mount in the guest).
+MAX_VOLUMES = 128
 
 
 @dataclass(frozen=True)
@@ -596,6 +602,11 @@ def parse_config(config: dict[str, Any], platform: tuple[str, str] | None = None
     stop_signal = section.get("StopSignal") or ""
     if not all(isinstance(value, str) for value in (cwd, user, stop_signal)):
         raise ImageError("config: WorkingDir, User and StopSignal must be strings")
+    volumes = section.get("Volumes") or {}
+    if not isinstance(volumes, dict):
+        raise ImageError("config: Volumes is not a JSON object")
+    if len(volumes) > MAX_VOLUMES:
+        raise ImageError(f"config: {len(volumes)} Volumes, more than {MAX_VOLUMES}")
     return ImageConfig(
         entrypoint=strings("Entrypoint"),
         cmd=strings("Cmd"),
@@ -603,4 +614,5 @@ def parse_config(config: dict[str, Any], platform: tuple[str, str] | None = None
         cwd=cwd if cwd.startswith("/") else "/" + cwd,
         user=user,
         stop_signal=stop_signal,
+        volumes=tuple(sorted({posixpath.normpath("/" + path.lstrip("/")) for path in volumes})),
     )

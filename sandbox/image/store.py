@@ -67,6 +67,9 @@ class Image:
     user: str = ""
     #: The image's STOPSIGNAL as written ("" for none): what ``stop`` sends first.
     stop_signal: str = ""
+    #: The image's VOLUME paths (absolute, normalised): ``run`` mounts a writable directory
+    #: at each, seeded from the image, as docker's anonymous volumes.
+    volumes: tuple[str, ...] = ()
     #: A store entry (unpacked by us, never changed while a run uses it: ``rmi`` refuses),
     #: not a directory of the user's used in place.
     stored: bool = False
@@ -190,6 +193,7 @@ def image_from(name: str, entry: Path, config: image_formats.ImageConfig) -> Ima
         cwd=config.cwd,
         user=config.user,
         stop_signal=config.stop_signal,
+        volumes=config.volumes,
         stored=True,
     )
 

@@ -300,6 +300,27 @@ _TMPFS_VALUES = re.compile(
 _TMPFS_DEFAULTS = ("rw", "nosuid", "nodev", "noexec")
 
 
+def _image_volumes(image: images.Image, user_mounts: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """A writable directory at each of the image's VOLUME paths that no ``-v``/``--tmpfs``
+    takes: a tmpfs in the guest that starts with the image's content there (runc's
+    ``tmpcopyup``), as docker mounts an anonymous volume seeded from the image; it goes with
+    the run's VM (docker's go with ``--rm``). Writable under ``--read-only`` too, as docker's.
+    RunError for a VOLUME at / or in /proc (a hostile image)."""
+    taken = {os.path.normpath(str(m["destination"])) for m in user_mounts}
+    mounts = []
+    for path in image.volumes:
+        if path == "/" or _below(path, "/proc"):
+            raise RunError(
+                f"image {image.name}: its VOLUME {path} cannot be mounted: it is / or in /proc"
+            )
+        if path not in taken:
+            options = ["rw", "tmpcopyup"]  # as a docker volume: no nosuid, nodev, noexec
+            mounts.append(
+                {"destination": path, "type": "tmpfs", "source": "tmpfs", "options": options}
+            )
+    return mounts
+
+
 def _tmpfs_mounts(items: list[str]) -> list[dict[str, Any]]:
     """The spec's mounts for ``--tmpfs PATH[:OPTIONS]`` (docker's flag): docker's defaults
     first, then OPTIONS (comma-separated; a later flag wins: ``exec`` after ``noexec``).
@@ -396,8 +417,9 @@ def build_spec(
     process["user"] = _user(image, args.user or image.user)
     spec["root"]["readonly"] = args.read_only
     spec["hostname"] = host
-    spec["mounts"] += _volumes(args, held)
-    spec["mounts"] += _tmpfs_mounts(args.tmpfs)
+    user_mounts = _volumes(args, held) + _tmpfs_mounts(args.tmpfs)
+    spec["mounts"] += _image_volumes(image, user_mounts)  # before: a -v below one stays seen
+    spec["mounts"] += user_mounts
     try:
         held.hold(image.rootfs)
     except OSError as exc:

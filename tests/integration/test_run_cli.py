@@ -1184,6 +1184,38 @@ def test_run_keeps_the_image_entrypoint_as_docker_and_podman_do(root: Path, tmp_
     assert _leftovers(root) == [] and _processes_of(root) == []
 
 
+def test_image_volumes_are_writable_and_seeded_as_docker_and_podman_mount_them(
+    root: Path, tmp_path: Path
+) -> None:
+    """An image's VOLUME paths: docker and podman mount an anonymous volume at each, seeded
+    with the image's content there, writable even with --read-only (a database image's data
+    directory; breaker5). They were left as plain image directories: missing ones missing,
+    read-only with --read-only. Here a tmpfs seeded from the image, side by side with podman."""
+    archive = _busybox_archive_with(
+        tmp_path / "vol.tar", {"Volumes": {"/etc": {}, "/data": {}}, "Cmd": ["sh"]}
+    )
+    env = {**os.environ, "PYSANDBOX_IMAGE_STORE": str(tmp_path / "store")}
+    probe = (
+        "head -1 /etc/passwd; echo w > /data/x && cat /data/x; echo e > /etc/new && cat /etc/new;"
+        " stat -c '%a %U' /data; touch /elsewhere 2>/dev/null || echo read-only elsewhere"
+    )
+    ours = run(root, "--read-only", str(archive), "sh", "-c", probe, env=env)
+    expected = b"root:x:0:0:root:/root:/bin/sh\nw\ne\n755 root\nread-only elsewhere\n"
+    assert (ours.returncode, ours.stdout) == (0, expected), ours.stderr
+    runroot = Path(tempfile.mkdtemp(prefix="pt-vol-"))
+    podman = _podman_runc(tmp_path / "podman", runroot, archive)
+    try:
+        podman_run = [*podman, "run", "--rm", "--net", "none", "--ulimit", "nofile=1024:1024"]
+        podman_run += ["--ulimit", "nproc=1024:1024", "--read-only", "--read-only-tmpfs=false"]
+        theirs = subprocess.run(
+            [*podman_run, "localhost/ep:1", "sh", "-c", probe], capture_output=True, timeout=120
+        )
+        assert (theirs.returncode, theirs.stdout) == (0, expected), theirs.stderr
+    finally:
+        subprocess.run([*podman, "system", "reset", "-f"], capture_output=True, timeout=120)
+        shutil.rmtree(runroot, ignore_errors=True)
+
+
 def test_stop_sends_the_images_stopsignal_first(root: Path, tmp_path: Path) -> None:
     """docker's (and podman's) stop sends the image's STOPSIGNAL, then SIGKILL after the grace
     time: an image made for SIGINT (or nginx's SIGQUIT) shuts down gracefully. It got SIGTERM."""
