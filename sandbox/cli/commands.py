@@ -428,7 +428,7 @@ def cmd_rmi(args: argparse.Namespace) -> int:
     catalog = Catalog()
     for target in args.targets:
         name = None if target.startswith("sha256:") else parse_reference(target).name
-        for line in catalog.remove(target, name):
+        for line in catalog.remove(target, name, force=args.force):
             print(line)
     return 0
 

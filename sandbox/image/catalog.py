@@ -217,17 +217,25 @@ class Catalog:
             if key in data["images"]:
                 data["names"][name] = {"id": key, "digest": digest}
 
-    def remove(self, what: str, name: str | None = None) -> list[str]:
+    def remove(self, what: str, name: str | None = None, force: bool = False) -> list[str]:
         """Remove the name ``name`` (``what`` normalised by the caller, when it is a valid
-        reference) if it is recorded, else the image ``what`` names by digest, id or id
+        reference) if it is recorded, else the names ``REPO@DIGEST`` stands for (the names of
+        REPO pulled as that digest), else the image ``what`` names by digest, id or id
         prefix of 6+ hex digits, with every name of it; then images left without a name and
         blobs no image lists. Returns lines for the user. NotFoundError when nothing
-        matches, StateError when a running container uses the image (nothing is changed
-        then)."""
+        matches, StateError when a running container uses the image, ConfigError when an id
+        or digest names an image of several tags and not ``force`` (podman and docker refuse
+        that too); nothing is changed then."""
         with self.locked(exclusive=True), self._editing() as data:
             names, keys = self._matches(data, what, name)
             if not names and not keys:
                 raise NotFoundError(f"image {what} is not in the store (see 'pysandbox images')")
+            tags = sorted(n for n in names if "@" not in n)  # digest names are not tags
+            if keys and len(tags) > 1 and not force:
+                raise ConfigError(
+                    f"image {what} has {len(tags)} names ({', '.join(tags)}): remove them by "
+                    "name, or give -f to remove the image with all of them"
+                )
             remaining = {
                 str(entry.get("id"))
                 for name, entry in data["names"].items()
@@ -256,6 +264,17 @@ class Catalog:
         """The recorded name ``name``; else image ids and registry digests ``what`` names."""
         if name is not None and name in data["names"]:
             return {name}, set()
+        repo, at, digest = (name or "").partition("@")
+        if at:  # REPO@DIGEST of an image pulled by tag: the names of REPO with that digest
+            pulled = {
+                n
+                for n, entry in data["names"].items()
+                if isinstance(entry, dict)
+                and entry.get("digest") == digest
+                and n.rpartition(":")[0] == repo
+            }
+            if pulled:
+                return pulled, set()
         match = _HEX_PREFIX.fullmatch(what)
         if match is None:
             return set(), set()

@@ -62,3 +62,9 @@ def add_image_verbs(verbs: Any) -> None:
     listing.add_argument("--quiet", "-q", action="store_true", help="names only")
     rmi = verbs.add_parser("rmi", help="remove pulled images (by name, digest or id)")
     rmi.add_argument("targets", nargs="+", metavar="REF|DIGEST")
+    rmi.add_argument(
+        "-f",
+        "--force",
+        action="store_true",
+        help="by id or digest: remove the image with all its names (as podman rmi -f)",
+    )

@@ -158,3 +158,21 @@ def test_rmi_waits_for_the_teardown_of_a_finished_run(
     with pytest.raises(StateError, match="is used by a running container"):
         catalog.remove("r/done:1", "r/done:1")
     assert time.monotonic() - began < 5
+
+
+def test_an_id_of_several_tags_needs_force_and_repo_at_digest_names_the_pulled_tag(
+    store: Path,
+) -> None:
+    """As podman and docker: ``rmi ID`` of an image with two tags is refused without -f
+    (it removed both names silently); ``rmi REPO@DIGEST`` names the image pulled by a tag
+    of REPO with that digest, as ``run`` finds it (it was "not in the store"; breaker5)."""
+    key, digest = _digest("manifest"), _digest("index")
+    _image(store, key, [key])
+    catalog = Catalog()
+    catalog.record("h/bb:1", "h/bb", digest, key, "linux/amd64", [key], "")
+    catalog.record("h/team/bb:oci", "h/team/bb", digest, key, "linux/amd64", [key], "")
+    with pytest.raises(ConfigError, match=r"has 2 names \(h/bb:1, h/team/bb:oci\).* -f"):
+        catalog.remove(key[:13])
+    assert sorted(row.name for row in catalog.rows()) == ["h/bb:1", "h/team/bb:oci"]
+    assert catalog.remove(f"h/bb@{digest}", f"h/bb@{digest}") == ["untagged h/bb:1"]
+    assert catalog.remove(key[:13], force=True) == ["untagged h/team/bb:oci", f"deleted {key}"]
