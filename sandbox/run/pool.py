@@ -118,6 +118,10 @@ class Kind:
     #: The guest image's manifest: path and mtime (a rebuilt image makes a new kind).
     image: str
     environment: dict[str, str]
+    #: The host cgroups of the run's process (``/proc/self/cgroup``): a pod's host cgroup
+    #: is made below them, so only a run in the same ones may take it (another job's run
+    #: would have its VM charged to, and killed with, the filler's job; breaker5).
+    cgroup: str = ""
 
     def key(self) -> str:
         """A digest of every field (16 hex digits)."""
@@ -158,6 +162,11 @@ def kind_for(
     except (GuestImageError, OSError):
         return None
     environment = {name: os.environ[name] for name in _BOOT_ENV if name in os.environ}
+    try:
+        with open("/proc/self/cgroup", encoding="utf-8") as own:
+            cgroup = own.read()
+    except OSError:
+        return None
     return Kind(
         memory_mib,
         cpus,
@@ -167,6 +176,7 @@ def kind_for(
         dict(limits),
         image,
         environment,
+        cgroup,
     )
 
 

@@ -137,6 +137,52 @@ def test_one_run_leaves_n_vms_ready_for_a_burst(root: Path) -> None:
     assert wait_until(lambda: nothing_left(root), 60), processes_mentioning(str(root))
 
 
+def _memory_cgroup() -> Path:
+    """This process's memory cgroup directory (v1 memory hierarchy, or v2)."""
+    for line in Path("/proc/self/cgroup").read_text().splitlines():
+        _, controllers, path = line.split(":", 2)
+        if "memory" in controllers.split(","):
+            return Path("/sys/fs/cgroup/memory") / path.lstrip("/")
+        if controllers == "" and not Path("/sys/fs/cgroup/memory").is_dir():
+            return Path("/sys/fs/cgroup") / path.lstrip("/")
+    raise AssertionError("no memory cgroup")
+
+
+def test_a_run_in_another_cgroup_does_not_take_the_vm(root: Path) -> None:
+    """A waiting VM lives below the cgroup of the run whose filler made it: a run of another
+    job (another cgroup) boots its own instead of taking it, so its VM is neither charged to
+    nor killed with the other job's cgroup (breaker5: it was)."""
+    done = pysandbox(root, "run", "default", "true")
+    assert done.returncode == 0, done.stderr
+    assert wait_until(lambda: len(waiting(root)) == 1, 120)
+    (ready,) = waiting(root)
+    job = _memory_cgroup() / f"psb-other-job-{os.getpid()}"
+    job.mkdir()
+    try:
+        script = f'echo $$ > {job}/cgroup.procs && exec "$@"'
+        argv = ["sh", "-c", script, "sh", sys.executable, "-m", "sandbox", "--root", str(root)]
+        env = {**os.environ, "PYSANDBOX_POOL": "1"}
+        other = subprocess.run(
+            [*argv, "run", "default", "sh", "-c", "cat /proc/self/cgroup >/dev/null; echo ran"],
+            cwd=cli.REPO,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert (other.returncode, other.stdout) == (0, "ran\n"), other.stderr
+        assert ready in waiting(root)  # not taken by the other job's run
+        pysandbox(root, "pool", "drain")
+        assert wait_until(lambda: nothing_left(root), 60), processes_mentioning(str(root))
+    finally:
+        pysandbox(root, "pool", "drain")
+        wait_until(lambda: not (job / "cgroup.procs").read_text().strip(), 60)
+        for below in sorted(job.rglob("*/"), reverse=True):
+            if below.is_dir():
+                below.rmdir()
+        job.rmdir()
+
+
 def test_runs_with_user_networking_have_a_pool_of_their_own(root: Path) -> None:
     """``--network user`` is another kind (a VM with QEMU's NIC): a plain run does not take
     its VM; the next run with it does, and has its network and its own /etc files."""
