@@ -377,10 +377,12 @@ class ServicerContext:
         ready: list[bytes] = []
         while len(buffer) >= 5:
             if buffer[0] != 0:
+                self._conn.ack(self, credit)
                 self.fail(StatusCode.INTERNAL, "compressed message without grpc-encoding")
                 return
             size = int.from_bytes(buffer[1:5], "big")
             if size > MAX_MESSAGE_BYTES:
+                self._conn.ack(self, credit)
                 self.fail(
                     StatusCode.RESOURCE_EXHAUSTED,
                     f"Received message larger than max ({size} vs. {MAX_MESSAGE_BYTES})",

@@ -179,9 +179,10 @@ def test_a_client_that_disappears_cancels_its_calls(tmp_path: Path) -> None:
     try:
         channel = grpc.insecure_channel(address)
         stub = pb_grpc.AgentStub(channel)  # type: ignore[no-untyped-call]
-        stub.WaitProcess.future(pb.ProcessRef(container_id="c1"), timeout=30)
+        call = stub.WaitProcess.future(pb.ProcessRef(container_id="c1"), timeout=30)
         assert servicer.entered.acquire(timeout=5)
         channel.close()
+        assert call.done()
         _wait_for(lambda: sorted(servicer.ended) == ["callback", "inactive"])
         assert not server.pipes  # the connection is gone
     finally:
@@ -309,7 +310,14 @@ class _Host:
         self.listener.listen(1)
         self.address = f"unix:{path}"
         self.stop = threading.Event()
-        threading.Thread(target=self._bridge, daemon=True).start()
+        self.thread = threading.Thread(target=self._bridge, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        """Disconnect: the bridge stops reading the pty (the next host's turn)."""
+        self.stop.set()
+        self.thread.join(5)
+        self.listener.close()
 
     def _bridge(self) -> None:
         import select
@@ -318,22 +326,22 @@ class _Host:
         nonce = os.urandom(16).hex()
         os.write(self.master, b"stale bytes of an old session" + sync_line(nonce))
         expected, window = ack_line(nonce), b""
-        while expected not in window:
-            select.select([self.master], [], [], 1.0)
-            with contextlib.suppress(BlockingIOError):
-                window += os.read(self.master, 65536)
-        rest = window[window.index(expected) + len(expected) :]
-        conn.sendall(rest)
-        while not self.stop.is_set():
-            ready, _, _ = select.select([self.master, conn], [], [], 0.05)
-            if self.master in ready:
-                conn.sendall(os.read(self.master, 65536))
-            if conn in ready:
-                data = conn.recv(65536)
-                if not data:
-                    break
-                os.write(self.master, data)
-        conn.close()
+        with contextlib.suppress(OSError), conn:
+            while expected not in window and not self.stop.is_set():
+                select.select([self.master], [], [], 0.05)
+                with contextlib.suppress(BlockingIOError):
+                    window += os.read(self.master, 65536)
+            conn.sendall(window[window.index(expected) + len(expected) :])
+            while not self.stop.is_set():
+                ready, _, _ = select.select([self.master, conn], [], [], 0.05)
+                if self.master in ready:
+                    with contextlib.suppress(BlockingIOError):
+                        conn.sendall(os.read(self.master, 65536))
+                if conn in ready:
+                    data = conn.recv(65536)
+                    if not data:
+                        break
+                    os.write(self.master, data)
 
 
 def test_the_serial_port_serves_sessions_one_after_another(tmp_path: Path) -> None:
@@ -350,15 +358,17 @@ def test_the_serial_port_serves_sessions_one_after_another(tmp_path: Path) -> No
         with grpc.insecure_channel(first.address) as channel:
             stub = pb_grpc.AgentStub(channel)  # type: ignore[no-untyped-call]
             assert stub.Health(pb.HealthRequest(), timeout=10).uptime_seconds == 1.5
-            stub.WaitProcess.future(pb.ProcessRef(), timeout=30)
+            call = stub.WaitProcess.future(pb.ProcessRef(), timeout=30)
             assert servicer.entered.acquire(timeout=5)
-            first.stop.set()
+            first.close()
             # The host reconnects: its SYNC ends the session, and the call with it.
             second = _Host(master, tmp_path / "second.sock")
             with grpc.insecure_channel(second.address) as again:
                 stub = pb_grpc.AgentStub(again)  # type: ignore[no-untyped-call]
                 assert stub.Health(pb.HealthRequest(), timeout=10).uptime_seconds == 1.5
+                second.close()
             _wait_for(lambda: sorted(servicer.ended) == ["callback", "inactive"])
+            call.cancel()
     finally:
         server.stop(0)
         os.close(master)
