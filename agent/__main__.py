@@ -1,8 +1,8 @@
 """Agent entry point: ``python3 -m agent`` as PID 1 in the guest (or, for tests, on a host).
 
-As PID 1 it mounts what the guest needs, reaps orphans, serves gRPC on a guest-local unix
-socket and exposes it to the host over the virtio-serial port ``agent.0`` when present,
-otherwise over vsock. ``--listen unix:PATH`` serves only that address (tests on the host).
+As PID 1 it mounts what the guest needs, reaps orphans, and serves gRPC
+(agent/grpc_server.py) to the host on the virtio-serial port ``agent.0`` when present,
+otherwise on vsock. ``--listen unix:PATH`` serves only that address (tests on the host).
 If anything fatal happens as PID 1 the VM is powered off so the host sees QEMU exit.
 """
 
@@ -12,7 +12,6 @@ import os
 import sys
 import threading
 
-LOCAL_SOCKET = "/run/pysandbox-agent.sock"
 #: How long the agent waits at boot for the runtime zygote's imports before it reports ready.
 ZYGOTE_BOOT_TIMEOUT = 20.0
 
@@ -25,8 +24,8 @@ if TYPE_CHECKING:
 def _serve_in_guest() -> None:
     from agent import kmod, pid1
     from agent.containers import ContainerManager
+    from agent.grpc_server import find_serial_port
     from agent.network import NetworkManager
-    from agent.serial_relay import SerialRelay, find_serial_port
     from agent.server import AgentService, make_server
     from agentapi.channel import VSOCK_PORT
 
@@ -44,23 +43,22 @@ def _serve_in_guest() -> None:
             transport=transport,
             containers=ContainerManager(reaper, zygote=zygote),
             network=NetworkManager(reaper, load_nic_driver=_load_virtio_net),
-        ),
-        max_workers=64,
+        )
     )
     # Ready only with the zygote's imports done: a template VM is saved once the agent
     # answers, and a zygote caught mid-import would finish them in every restored VM.
     if zygote is not None and not zygote.wait_ready(ZYGOTE_BOOT_TIMEOUT):
         print("pysandbox-agent: runtime zygote not ready; spawning runtimes", flush=True)
+    # The server speaks HTTP/2 on the port itself (after the channel handshake), or on
+    # vsock: its I/O loop is this thread's from here on.
     if port is not None:
-        server.add_insecure_port(f"unix:{LOCAL_SOCKET}")
-        server.start()
+        server.serve_serial(port)
         print(f"pysandbox-agent: ready on {port}", flush=True)
-        SerialRelay(port, LOCAL_SOCKET).serve_forever()
     else:
         server.add_insecure_port(f"vsock:4294967295:{VSOCK_PORT}")  # VMADDR_CID_ANY
-        server.start()
         print(f"pysandbox-agent: ready on vsock port {VSOCK_PORT}", flush=True)
-        server.wait_for_termination()
+    server.watch_stalls()
+    server.serve_forever()
 
 
 def _start_zygote(reaper: pid1.Reaper) -> Zygote | None:
@@ -102,9 +100,8 @@ def _serve_on(address: str) -> None:
 
     server = make_server(AgentService(transport="unix", power_off=lambda: os._exit(0)))
     server.add_insecure_port(address)
-    server.start()
     print(f"pysandbox-agent: ready on {address}", flush=True)
-    server.wait_for_termination()
+    server.serve_forever()
 
 
 def main(argv: list[str] | None = None) -> None:

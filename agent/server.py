@@ -16,19 +16,18 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
-from concurrent import futures
 from typing import NoReturn
 
-import grpc
-
+# The server without grpcio (agent/grpc_server.py), by the names its servicers use of grpcio:
+# grpc.StatusCode, grpc.ServicerContext.
+from agent import grpc_server as grpc
 from agent import pid1, restore, stream_port  # restore: imported before a template is saved
 from agent.containers import START_TIMEOUT, ContainerError, ContainerManager, Signal
 from agent.network import NetworkError, NetworkManager
 from agent.oci import syscalls
 from agentapi import failure
-from agentapi.limits import GRPC_OPTIONS, MAX_MESSAGE_BYTES, MAX_READ_BYTES
+from agentapi.limits import MAX_MESSAGE_BYTES, MAX_READ_BYTES
 from agentapi.proto import agent_pb2 as pb
-from agentapi.proto import agent_pb2_grpc as pb_grpc
 from agentapi.stream_wire import PORT_COUNT, valid_nonce
 from agentapi.version import AGENT_VERSION, PROTOCOL_VERSION
 from ocispec import linux
@@ -48,8 +47,9 @@ SHARE_WAIT = 10.0
 SHARE_POLL = 0.01
 
 
-class AgentService(pb_grpc.AgentServicer):
-    """Implements the Agent service of agent.proto.
+class AgentService:
+    """Implements the Agent service of agent.proto (each method as grpcio's servicers:
+    ``(request, context)``, served by :class:`agent.grpc_server.Server`).
 
     ``transport`` is reported in GuestDetails; ``power_off`` is called (from a helper thread,
     after the Shutdown reply has been sent) to stop the VM; ``share_root`` is the only guest
@@ -556,13 +556,8 @@ def _container_errors(context: grpc.ServicerContext) -> Iterator[None]:
         _abort(context, grpc.StatusCode.INTERNAL, str(exc))
 
 
-def make_server(service: AgentService, max_workers: int = 16) -> grpc.Server:
-    """A gRPC server carrying ``service``, with the shared size limits; ports not yet bound."""
-    server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="rpc"),
-        options=GRPC_OPTIONS,
-        maximum_concurrent_rpcs=256,
-    )
-    pb_grpc.add_AgentServicer_to_server(service, server)  # type: ignore[no-untyped-call]
+def make_server(service: AgentService) -> grpc.Server:
+    """A gRPC server carrying ``service``, with the shared size limits
+    (:mod:`agentapi.limits`); no transport yet."""
     assert MAX_MESSAGE_BYTES > MAX_READ_BYTES
-    return server
+    return grpc.Server(service)

@@ -3,8 +3,8 @@ access. Whoever uses such a module gets it fully loaded; nobody pays for it when
 
 Used where start-up time counts: the guest agent (guest-image/agent_launcher.py) and the
 ``pysandbox`` command line (sandbox/cli/main.py); and where memory does: the per-pod agent
-proxy on the host (sandbox/pod/agent_proxy.py, :data:`PROXY_LAZY_MODULES`: ~1.6 MiB of its
-own pages). Why :data:`LAZY_MODULES`:
+proxy on the host (sandbox/pod/agent_proxy.py: ~1.6 MiB of its own pages) and the guest
+agent (both :data:`PROXY_LAZY_MODULES`). Why :data:`LAZY_MODULES`:
 ``grpc/__init__.py`` always ends with ``from grpc import aio`` and ``grpc._cython.cygrpc``
 imports ``asyncio`` at load, but synchronous gRPC clients and servers never touch either;
 ``protobuf``'s ``descriptor_pool`` imports the pure-Python message implementation (and through
@@ -40,7 +40,8 @@ LAZY_MODULES = frozenset(
     }
 )
 
-#: What the per-pod agent proxy imports lazily (sandbox/pod/agent_proxy.py): protobuf's two
+#: What the per-pod agent proxy (sandbox/pod/agent_proxy.py) and the guest agent
+#: (guest-image/agent_launcher.py), both serving gRPC with h2, import lazily: protobuf's two
 #: modules as above, and ``inspect``, which ``dataclasses`` imports (for h2's event classes)
 #: but uses only for a class without a docstring (~0.8 MiB of the proxy's own pages).
 PROXY_LAZY_MODULES = frozenset(

@@ -1,7 +1,10 @@
 """Bounds shared by host and guest: message sizes and timeouts of the agent channel.
 
-Both ends configure gRPC with these so that neither side can be made to buffer without
-limit by the other. The guest is untrusted, so the host applies them to every call.
+Both ends apply these so that neither side can be made to buffer without limit by the
+other: the host's grpcio channels through :data:`GRPC_OPTIONS`, the guest agent's server
+(agent/grpc_server.py) and the host's proxy (sandbox/pod/grpc_call.py) by checking each
+message's 5-byte header against :data:`MAX_MESSAGE_BYTES`. The guest is untrusted, so the
+host applies them to every call.
 """
 
 #: Largest gRPC message either side accepts or sends.
@@ -17,7 +20,7 @@ DEFAULT_RPC_TIMEOUT = 10.0
 #: in count but only this many are buffered at once).
 SYNC_WINDOW_BYTES = 256
 
-#: gRPC options applied to every agent channel and server.
+#: grpcio options of every host-side agent channel (and of grpcio servers in the tests).
 GRPC_OPTIONS: list[tuple[str, int]] = [
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),

@@ -8,7 +8,8 @@ monitor if any), remove the run. The processes are found from the pod and contai
 ``<root>/p/*/pod.json`` and ``<root>/<name>/state.json``), their descendants, and any
 ``sandbox.run.detached`` monitor naming the run. Prints the median per role and of the total
 (MiB), the same for the process's own pages only (``own:ROLE``: ``Pss_Anon`` +
-``Pss_Shmem``, i.e. without the shared file pages of binaries and libraries), and ``exec
+``Pss_Shmem``, i.e. without the shared file pages of binaries and libraries), QEMU's by
+mapping (``qemu:ram``, ``qemu:erofs``..., :func:`qemu_maps_kib`), and ``exec
 true`` latency.
 
 ``density`` mode (``--density N``): start up to N runs one after another (stops at the first
@@ -34,6 +35,8 @@ from pathlib import Path
 from typing import Any
 
 PYSANDBOX = [str(Path(sys.executable).with_name("pysandbox"))]
+#: Environment changes of the variant being measured (``--baseline``'s image and templates).
+ENV: dict[str, str] = {}
 
 
 def pss_kib(pid: int) -> int:
@@ -59,6 +62,40 @@ def pss_parts_kib(pid: int) -> dict[str, int]:
                 parts[key] = int(line.split()[1])
     except OSError:
         pass
+    return parts
+
+
+def qemu_maps_kib(pid: int) -> dict[str, int]:
+    """QEMU's ``Pss`` in KiB by mapping: ``ram`` (the guest's RAM: a memfd), ``erofs`` (the
+    guest image's root, mapped by DAX: every page the guest touches of it), ``bin`` (the
+    qemu binary), ``heap``, ``anon`` (other anonymous mappings: the TCG buffer, threads'
+    stacks), ``lib`` (shared libraries), ``other``."""
+    parts: dict[str, int] = {}
+    kind = "other"
+    try:
+        lines = Path(f"/proc/{pid}/smaps").read_text().splitlines()
+    except OSError:
+        return parts
+    for line in lines:
+        fields = line.split()
+        if fields and "-" in fields[0] and not fields[0].endswith(":"):
+            name = " ".join(fields[5:])
+            if name.startswith("/memfd:"):
+                kind = "ram"
+            elif name.endswith("root.erofs"):
+                kind = "erofs"
+            elif "qemu-system" in name:
+                kind = "bin"
+            elif name == "[heap]":
+                kind = "heap"
+            elif not name or name.startswith("[stack"):
+                kind = "anon"
+            elif ".so" in name:
+                kind = "lib"
+            else:
+                kind = "other"
+        elif fields and fields[0] == "Pss:":
+            parts[kind] = parts.get(kind, 0) + int(fields[1])
     return parts
 
 
@@ -142,6 +179,7 @@ def cli(root: Path, *args: str, timeout: float = 120.0) -> subprocess.CompletedP
         capture_output=True,
         text=True,
         timeout=timeout,
+        env={**os.environ, **ENV},
     )
 
 
@@ -187,6 +225,9 @@ def one_sample(args: argparse.Namespace, name: str) -> dict[str, float]:
             parts = pss_parts_kib(pid)
             sample[what] = sample.get(what, 0.0) + parts.get("Pss", 0) / 1024
             sample[f"n:{what}"] = sample.get(f"n:{what}", 0) + 1
+            if what == "qemu":
+                for kind, kib in qemu_maps_kib(pid).items():
+                    sample[f"qemu:{kind}"] = sample.get(f"qemu:{kind}", 0.0) + kib / 1024
             own = (parts.get("Pss_Anon", 0) + parts.get("Pss_Shmem", 0)) / 1024
             sample[f"own:{what}"] = sample.get(f"own:{what}", 0.0) + own
             sample["own:total"] = sample.get("own:total", 0.0) + own
@@ -212,20 +253,31 @@ def footprint(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def footprint_ab(args: argparse.Namespace) -> dict[str, Any]:
-    """``--baseline PYTHON``: each round one run with that interpreter's ``pysandbox`` (another
-    checkout's venv), then one with this one, so that host noise hits both alike."""
-    kinds = {"baseline": Path(args.baseline), "this": Path(sys.executable)}
+    """``--baseline PYTHON[,GUEST_IMAGE,TEMPLATE_DIR]``: each round one run with that
+    interpreter's ``pysandbox`` (another checkout's venv; with that guest image and template
+    directory when given, else the environment's), then one with this one, so that host
+    noise hits both alike."""
+    python, *dirs = args.baseline.split(",")
+    kinds = {"baseline": Path(python), "this": Path(sys.executable)}
+    envs: dict[str, dict[str, str]] = {"baseline": {}, "this": {}}
+    if dirs:
+        image, templates = (*dirs, "")[:2]
+        envs["baseline"]["PYSANDBOX_GUEST_IMAGE"] = image
+        if templates:
+            envs["baseline"]["PYSANDBOX_TEMPLATE_DIR"] = templates
     samples: dict[str, list[dict[str, float]]] = {kind: [] for kind in kinds}
     loads = []
     for index in range(args.runs):
         loads.append(Path("/proc/loadavg").read_text().split()[0])
         for kind, python in kinds.items():
             PYSANDBOX[:] = [str(python.with_name("pysandbox"))]
+            ENV.clear()
+            ENV.update(envs[kind])
             print(f"round {index + 1} {kind}", flush=True)
             samples[kind].append(one_sample(args, f"fp-{os.getpid()}-{kind[0]}{index}"))
     result: dict[str, Any] = {"mode": "footprint-ab", "loadavg_1m": loads}
     for kind, python in kinds.items():
-        result[kind] = {"python": str(python), "runs": samples[kind]}
+        result[kind] = {"python": str(python), "env": envs[kind], "runs": samples[kind]}
         result[kind]["median"] = medians(samples[kind])
     result["median"] = {kind: result[kind]["median"] for kind in kinds}
     return result
@@ -285,7 +337,10 @@ def main() -> None:
     parser.add_argument("--exec-limit", type=float, default=3.0)
     parser.add_argument("--density", type=int, default=0, help="start up to N runs")
     parser.add_argument("--json", type=Path)
-    parser.add_argument("--baseline", help="another checkout's .venv/bin/python: A/B rounds")
+    parser.add_argument(
+        "--baseline",
+        help="another checkout's .venv/bin/python[,GUEST_IMAGE,TEMPLATE_DIR]: A/B rounds",
+    )
     args = parser.parse_args()
     if args.density:
         result = density(args)

@@ -8,16 +8,16 @@ which behaves as ``python3.11 -u -m agent`` (same ``agent.__main__.main``) excep
 
 * ``-S`` skips ``site`` (the image has no site-packages, ``.pth`` files or sitecustomize;
   ``PYTHONPATH`` still applies) and ``-c`` skips ``runpy``;
-* the modules in ``agentapi.lazy_import.LAZY_MODULES`` are imported lazily: the import
+* the modules in ``agentapi.lazy_import.PROXY_LAZY_MODULES`` (those of a process serving
+  gRPC with h2, as the host's per-pod proxy does) are imported lazily: the import
   statement binds a module object at once, the module's code runs on the first attribute
   access. Whoever uses such a module gets it fully loaded; only nobody pays for it at boot
   when nobody uses it.
 
-Why these modules (measured under TCG, see docs/performance.md): ``grpc/__init__.py``
-always ends with ``from grpc import aio``, and ``grpc._cython.cygrpc`` imports ``asyncio``
-at load, but the agent's synchronous server never touches either; ``protobuf``'s
+Why these modules (measured under TCG, see docs/performance.md): ``protobuf``'s
 ``descriptor_pool`` imports the pure-Python message implementation (and through it
-``text_format``) even when the ``upb`` C implementation is in use.
+``text_format``) even when the ``upb`` C implementation is in use; ``dataclasses`` imports
+``inspect`` (for h2's event classes) but uses it only for a class without a docstring.
 
 The lazy loader is in ``agentapi/lazy_import.py`` (shared with the host's command line);
 children the agent spawns are unaffected.
@@ -29,7 +29,7 @@ from agentapi import lazy_import
 
 
 def main() -> None:
-    lazy_import.install()
+    lazy_import.install(lazy_import.PROXY_LAZY_MODULES)
     from agent.__main__ import main as agent_main
 
     agent_main([])

@@ -7,7 +7,7 @@ Run with the project venv's python from the repository root (``make guest-image`
 Contract:
 
 * Inputs (package and module lists, the build scripts, the kernel ABI package that
-  ``linux-image-<flavour>`` currently resolves to, the agent sources, the host venv's grpcio and
+  ``linux-image-<flavour>`` currently resolves to, the agent sources, the host venv's h2 and
   protobuf versions) are hashed; if ``<out>/manifest.json`` records the same hash and every file
   it lists exists, nothing is done (exit 0). ``--force`` rebuilds anyway.
 * Everything is built in a temporary directory next to ``<out>`` and renamed into place at the
@@ -58,7 +58,9 @@ EROFS_UUID = "5c4f0b1e-7e57-4d1a-9a1e-0123456789ab"
 ROOT_ALIGN = 2 << 20
 #: How the root image is attached, recorded in the manifest (hypervisor.guest_image).
 ROOT_DEVICE = "virtio-pmem"
-PYTHON_PACKAGES = ("grpcio", "protobuf")
+#: The agent's gRPC server is h2 (pure Python, with hpack and hyperframe) and protobuf's
+#: messages (agent/grpc_server.py): no grpcio in the guest.
+PYTHON_PACKAGES = ("h2", "protobuf")
 PY_VERSION = "3.11"
 #: Stdlib parts never used by the agent (saves ~25 MB and compile time).
 STDLIB_TRIM = (
@@ -624,17 +626,22 @@ GUEST_PACKAGES = ("agent", "agentapi", "ocispec")
 
 def copy_agent(dest: Path) -> None:
     """Copy the guest packages (:data:`GUEST_PACKAGES`) into ``dest``/<package>."""
-    for generated in ("agent_pb2.py", "agent_pb2_grpc.py"):
-        if not (REPO / "agentapi/proto" / generated).exists():
-            raise BuildError(f"agentapi/proto/{generated} missing: run 'make proto'")
+    if not (REPO / "agentapi/proto/agent_pb2.py").exists():
+        raise BuildError("agentapi/proto/agent_pb2.py missing: run 'make proto'")
     for package in GUEST_PACKAGES:
         _copy_package(REPO / package, dest / package)
+
+
+#: Host-only files of the guest packages: grpcio's stubs (the guest has no grpcio).
+HOST_ONLY = frozenset({"agent_pb2_grpc.py", "agent_pb2_grpc.pyi"})
 
 
 def _copy_package(src: Path, dest: Path) -> None:
     for path in sorted(src.rglob("*")):
         rel = path.relative_to(src)
         if "__pycache__" in rel.parts or path.suffix in (".pyc", ".pyo"):
+            continue
+        if path.name in HOST_ONLY:
             continue
         target = dest / rel
         if path.is_dir():

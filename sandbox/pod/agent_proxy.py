@@ -44,12 +44,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from agentapi.channel import VSOCK_PORT, host_handshake
+from agentapi.h2_loop import Loop
 from hypervisor.process import ProcessHandle, pid_alive
 from sandbox import IMPORT_ROOT
 from sandbox.errors import AgentError
 from sandbox.pod import console_bound
 from sandbox.pod.grpc_relay import Relay
-from sandbox.pod.h2_loop import Loop
 
 if TYPE_CHECKING:
     import subprocess

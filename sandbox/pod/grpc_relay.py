@@ -24,7 +24,7 @@ What a client sees, as from the grpcio proxy this replaces:
 Flow control bounds what is held here: data of one direction is acknowledged (its HTTP/2
 window reopened) only once it was handed on to the other side's connection, so each call
 holds at most :data:`STREAM_WINDOW` bytes per direction; and nothing more is handed to a
-connection whose unwritten output is over :data:`~sandbox.pod.h2_loop.OUT_LIMIT`. Message
+connection whose unwritten output is over :data:`~agentapi.h2_loop.OUT_LIMIT`. Message
 sizes (:data:`agentapi.limits.MAX_MESSAGE_BYTES`) are the endpoints' to enforce on relayed
 calls (both are grpcio with those limits); the relay's own calls (:class:`Call`) enforce them.
 
@@ -51,6 +51,7 @@ import h2.exceptions
 import h2.settings
 
 from agentapi import failure
+from agentapi.h2_loop import H2Socket, Loop
 from sandbox.pod.grpc_call import Call, CallError
 from sandbox.pod.grpc_stream import (
     DEADLINE_EXCEEDED,
@@ -66,7 +67,6 @@ from sandbox.pod.grpc_stream import (
     status_trailers,
     still_open,
 )
-from sandbox.pod.h2_loop import H2Socket, Loop
 
 __all__ = ["SERVICE_PREFIX", "STREAM_WINDOW", "Call", "CallError", "Relay"]
 

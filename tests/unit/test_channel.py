@@ -1,4 +1,5 @@
-"""The serial channel handshake, the guest relay and the host proxy, without a VM.
+"""The serial channel handshake, the guest agent's server on the port and the host proxy,
+without a VM.
 
 A pty stands in for the virtio-serial port and a unix socket server for QEMU's chardev.
 """
@@ -19,7 +20,6 @@ from pathlib import Path
 
 import pytest
 
-from agent.serial_relay import SerialRelay
 from agent.server import AgentService, make_server
 from agentapi.channel import HandshakeError, SyncScanner, ack_line, host_handshake, sync_line
 from sandbox.pod.agent_client import AgentClient
@@ -130,16 +130,14 @@ class FakeQemuChardev:
 
 @pytest.fixture
 def fake_guest(tmp_path: Path) -> Iterator[Path]:
-    """Start an in-process agent behind a serial relay on a pty; yield the chardev path."""
+    """Start an in-process agent serving a pty as its serial port; yield the chardev path."""
     master, slave = os.openpty()
     tty.setraw(slave)
     tty.setraw(master)
     port_path = Path(os.ttyname(slave))
-    local = str(tmp_path / "agent-local.sock")
     server = make_server(AgentService(transport="serial", power_off=lambda: None))
-    server.add_insecure_port(f"unix:{local}")
+    server.serve_serial(port_path)
     server.start()
-    threading.Thread(target=SerialRelay(port_path, local).serve_forever, daemon=True).start()
     chardev = tmp_path / "agent-serial.sock"
     FakeQemuChardev(chardev, master)
     yield chardev

@@ -19,11 +19,11 @@ import pytest
 
 from agent import portforward as guest_side
 from agent.server import AgentService, make_server
+from agentapi.h2_loop import Loop
 from agentapi.limits import GRPC_OPTIONS
 from agentapi.proto import agent_pb2 as pb
 from agentapi.proto import agent_pb2_grpc as pb_grpc
 from sandbox.pod.grpc_relay import Relay
-from sandbox.pod.h2_loop import Loop
 from sandbox.pod.portforward import Forwarder
 
 

@@ -1,4 +1,5 @@
-"""A small single-threaded event loop for the agent proxy's HTTP/2 connections.
+"""A small single-threaded event loop for HTTP/2 connections: the host's per-pod agent proxy
+(sandbox/pod/grpc_relay.py) and the guest agent's gRPC server (agent/grpc_server.py).
 
 One thread (:meth:`Loop.run`) owns every socket and every ``h2`` connection object; other
 threads hand it work with :meth:`Loop.call_soon` (thread-safe, it wakes the loop through a
@@ -11,11 +12,11 @@ kernel, and h2's answers to it, PINGs or SETTINGS ACKs, are not produced).
 Only the loop thread may touch an :class:`H2Socket` or its ``conn``; after doing so it calls
 :meth:`H2Socket.touch`, and the loop writes what is due once the current event is handled.
 
-Why not asyncio: the proxy runs once per pod and its resident size is what it is measured
-by (issue 12); asyncio's import (with grpc.aio and protobuf's pure-Python messages, the
-proxy's lazy imports avoided ~3.5 MiB of own pages, agentapi/lazy_import.py) would be most
-of what this replaces; this loop is ``selectors`` (what asyncio itself runs on), timers and
-a wake-up pipe.
+Why not asyncio: the proxy runs once per pod and the agent in every guest, and their
+resident size is what they are measured by (issue 12); asyncio's import (with grpc.aio and
+protobuf's pure-Python messages, the proxy's lazy imports avoided ~3.5 MiB of own pages,
+agentapi/lazy_import.py) would be most of what this replaces; this loop is ``selectors``
+(what asyncio itself runs on), timers and a wake-up pipe.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 #: Bytes an :class:`H2Socket` may hold unwritten before it stops reading its peer (and
 #: the relay stops moving more data into it: :meth:`H2Socket.room`).
@@ -54,11 +55,18 @@ class Timer:
         self.cancelled = True
 
 
-class Loop:
-    """The proxy's event loop: sockets (each with a callback taking the ready mask), timers,
-    and callbacks from other threads."""
+class Writer(Protocol):
+    """What :meth:`Loop.mark` takes: something with output to write once an event is handled."""
 
-    def __init__(self) -> None:
+    def write_out(self) -> None: ...
+
+
+class Loop:
+    """An event loop: file descriptors (each with a callback taking the ready mask), timers,
+    and callbacks from other threads. ``name`` prefixes its lines on stderr."""
+
+    def __init__(self, name: str = "agent-proxy") -> None:
+        self.name = name
         self.selector = selectors.DefaultSelector()
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self.selector.register(self._wake_r, selectors.EVENT_READ, self._drain_wake)
@@ -66,7 +74,7 @@ class Loop:
         self._lock = threading.Lock()
         self._timers: list[tuple[float, int, Timer]] = []
         self._seq = itertools.count()
-        self._dirty: dict[H2Socket, None] = {}
+        self._dirty: dict[Writer, None] = {}
         self._stopped = False
         self.thread: threading.Thread | None = None
 
@@ -84,6 +92,14 @@ class Loop:
         timer = Timer(when, callback)
         heapq.heappush(self._timers, (when, next(self._seq), timer))
         return timer
+
+    def mark(self, writer: Writer) -> None:
+        """Call ``writer.write_out()`` once the current event is handled (loop thread only)."""
+        self._dirty[writer] = None
+
+    def unmark(self, writer: Writer) -> None:
+        """Undo :meth:`mark` (a closed writer; loop thread only)."""
+        self._dirty.pop(writer, None)
 
     def _drain_wake(self, _mask: int) -> None:
         with contextlib.suppress(BlockingIOError):
@@ -136,14 +152,13 @@ class Loop:
             os.close(self._wake_w)
             self._wake_w = -1
 
-    @staticmethod
-    def _guarded(callback: Callable[..., None], *args: Any) -> None:
+    def _guarded(self, callback: Callable[..., None], *args: Any) -> None:
         try:
             callback(*args)
         except Exception as exc:  # a bug here must not stop every call of the pod
             import traceback
 
-            print(f"agent-proxy: internal error: {exc!r}", file=sys.stderr, flush=True)
+            print(f"{self.name}: internal error: {exc!r}", file=sys.stderr, flush=True)
             traceback.print_exc(file=sys.stderr)
 
     def _flush_dirty(self) -> None:
@@ -190,7 +205,7 @@ class H2Socket:
     def touch(self) -> None:
         """h2 may have something to send: write it once the current event is handled."""
         if not self.closed:
-            self.loop._dirty[self] = None
+            self.loop.mark(self)
 
     def feed(self, data: bytes) -> None:
         """Hand ``data`` (read by someone else: a handshake's leftover) to h2."""
@@ -217,7 +232,7 @@ class H2Socket:
         try:
             events = self.conn.receive_data(data)
         except h2.exceptions.ProtocolError as exc:
-            print(f"agent-proxy: HTTP/2 protocol error: {exc}", file=sys.stderr, flush=True)
+            print(f"{self.loop.name}: HTTP/2 protocol error: {exc}", file=sys.stderr, flush=True)
             with contextlib.suppress(Exception):
                 self.conn.close_connection()
                 self.outbuf += self.conn.data_to_send()
@@ -261,7 +276,7 @@ class H2Socket:
         if self.closed:
             return
         self.closed = True
-        self.loop._dirty.pop(self, None)
+        self.loop.unmark(self)
         with contextlib.suppress(KeyError, ValueError):
             self.loop.selector.unregister(self.sock)
         self.sock.close()
