@@ -155,6 +155,35 @@ def libc() -> ctypes.CDLL:
     return _libc
 
 
+#: The C functions the runtimes call through ctypes. ctypes looks a name up (dlsym) and builds
+#: its function object on first use, then keeps it on the CDLL: :func:`preload_libc`, in the
+#: zygote, does that once for every runtime it forks.
+RUNTIME_FUNCTIONS = (
+    "capset",
+    "close_range",
+    "ioctl",
+    "mount",
+    "prctl",
+    "sethostname",
+    "setdomainname",
+    "setns",
+    "setrlimit",
+    "sigprocmask",
+    "signal",
+    "syscall",
+    "umount2",
+    "unshare",
+)
+
+
+def preload_libc() -> None:
+    """Resolve :data:`RUNTIME_FUNCTIONS` in :func:`libc` now (those this libc lacks are left
+    to the callers' own fallbacks)."""
+    lib = libc()
+    for name in RUNTIME_FUNCTIONS:
+        getattr(lib, name, None)
+
+
 def check(result: int, what: str) -> None:
     """OSError(errno, ``<what>: <errno text>``) when a libc call returned -1."""
     if result == -1:

@@ -221,6 +221,10 @@ def serve(sock: socket.socket) -> None:
     # The device filter most containers get, loaded once here (in the template VM) rather
     # than in every runtime (agent.oci.device_filter.preload).
     device_filter.preload(syscalls.LinuxSyscalls(), device_rules.policy(()))
+    # What every exec runtime would otherwise look up anew: libc's functions, our namespaces,
+    # the kernel's last capability (constants of this process and kernel).
+    syscalls.preload_libc()
+    exec_mod.preload(syscalls.LinuxSyscalls())
     gc.collect()
     gc.freeze()
     sock.send(b"ready")
