@@ -1053,6 +1053,32 @@ def runc_container(tmp_path: Path) -> Iterator[RuncContainer]:
     )
 
 
+@pytest.mark.parametrize("given", ["devnull", "closed", "data"])
+def test_an_attached_execs_stdin_is_a_pipe_at_eof_as_runc_execs(
+    life: Life, runc_container: RuncContainer, given: str
+) -> None:
+    """runc exec (attached, no terminal) gives its process a pipe it copies its own stdin
+    into, whatever that is (/dev/null, closed, data): ours too. With /dev/null the pipe's EOF
+    comes with ExecProcess itself (protocol 1.13, no CloseStdin call)."""
+    script = "[ -p /proc/self/fd/0 ] && echo pipe || echo other; cat; echo eof"
+    runc_argv = ["runc", "--root", str(runc_container.root), "exec", runc_container.cid]
+    seen = []
+    for argv in (runc_argv, life.runtime.argv("exec", life.cid)):
+        feed: dict[str, Any] = (
+            {"input": b"in\n"} if given == "data" else {"stdin": subprocess.DEVNULL}
+        )
+        done = subprocess.run(
+            [*argv, "sh", "-c", script],
+            capture_output=True,
+            timeout=60,
+            preexec_fn=(lambda: os.close(0)) if given == "closed" else None,
+            **feed,
+        )
+        seen.append((done.returncode, done.stdout, done.stderr))
+    expected = b"pipe\nin\neof\n" if given == "data" else b"pipe\neof\n"
+    assert seen[1] == seen[0] == (0, expected, b"")
+
+
 def _runc_reason(stderr: str) -> str:
     """The reason in runc exec's error line (``... unable to start container process: R``)."""
     message = json.loads(stderr.strip().split(" msg=", 1)[1])  # a quoted string
