@@ -669,8 +669,12 @@ class ContainerManager:
         if reply:
             raise _runtime_failure(reply)
 
-    def exec(self, container_id: str, exec_id: str, process_json: bytes) -> int:
-        """Run one more process in the running container; its pid (see ExecProcess)."""
+    def exec(
+        self, container_id: str, exec_id: str, process_json: bytes, *, close_stdin: bool = False
+    ) -> tuple[int, bool]:
+        """Run one more process in the running container (see ExecProcess): its pid, and
+        whether its stdin was closed. ``close_stdin``: its stdin pipe is closed at once (EOF,
+        as after :meth:`close_stdin`); a terminal's is left open."""
         container = self.get(container_id)
         if container.status != "running":
             raise ContainerError(
@@ -695,6 +699,9 @@ class ContainerManager:
             container.starting.add(exec_id)
         try:
             proc = self._start_exec(container, process)
+            stdin_closed = close_stdin and not proc.terminal
+            if stdin_closed:
+                proc.release("stdin")
             # Under the lock: another exec's _forget_old_execs iterates the dict under it
             # ("dictionary changed size during iteration" failed a concurrent ExecProcess).
             with self._lock:
@@ -703,7 +710,7 @@ class ContainerManager:
             with self._lock:
                 container.starting.discard(exec_id)
         self._forget_old_execs(container)
-        return proc.pid
+        return proc.pid, stdin_closed
 
     def _forget_old_execs(self, container: Container) -> None:
         """Drop the oldest collected execs beyond :data:`MAX_COLLECTED_EXECS`."""

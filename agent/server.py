@@ -255,10 +255,13 @@ class AgentService:
     ) -> pb.ProcessResponse:
         self._check_id(context, request.container_id, request.exec_id)
         with _container_errors(context):
-            pid = self._manager(context).exec(
-                request.container_id, request.exec_id, request.process
+            pid, stdin_closed = self._manager(context).exec(
+                request.container_id,
+                request.exec_id,
+                request.process,
+                close_stdin=request.close_stdin,
             )
-        return pb.ProcessResponse(pid=pid)
+        return pb.ProcessResponse(pid=pid, stdin_closed=stdin_closed)
 
     def SignalProcess(
         self, request: pb.SignalProcessRequest, context: grpc.ServicerContext

@@ -16,6 +16,8 @@ PROTOCOL_VERSION = "1.15"  # 1.1: ConfigureNetwork; 1.2: Failure reasons in trai
 # 1.10: CloseOutput (the host's reader of a process's output is gone)
 # 1.11: Restored.hostname (the guest's own, as the host's is for runc's containers)
 # 1.12: CreateContainer.stdin_null (the init's stdin is /dev/null, as runc gives it)
+# 1.13: ExecProcess.close_stdin (EOF on the exec's stdin pipe in the same call),
+#       ProcessResponse.stdin_closed
 # 1.15: CreateContainer.stderr_to_stdout (one pipe for both, as runc under `2>&1`)
 
 

@@ -14,7 +14,6 @@ import signal
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -58,15 +57,42 @@ def reap(pid: int) -> int | None:
     return None
 
 
-@dataclass(frozen=True)
 class ProcessHandle:
     """A process we started (or re-attached to): ``pid`` + ``start`` time.
 
     All methods work from any process, child or not; none raises if the process is gone.
+    Immutable, equal and hashed by both fields. (A plain class, not a frozen dataclass: every
+    verb that finds a pod imports this module, and dataclasses cost ``exec`` ~8 ms.)
     """
 
+    __slots__ = ("pid", "start")
     pid: int
     start: int
+
+    def __init__(self, pid: int, start: int) -> None:
+        object.__setattr__(self, "pid", pid)
+        object.__setattr__(self, "start", start)
+
+    def __setattr__(self, name: str, value: object) -> None:
+        raise AttributeError(f"cannot assign to field {name!r}")
+
+    def __delattr__(self, name: str) -> None:
+        raise AttributeError(f"cannot delete field {name!r}")
+
+    def __eq__(self, other: object) -> bool:
+        if other.__class__ is not self.__class__:
+            return NotImplemented
+        assert isinstance(other, ProcessHandle)
+        return (self.pid, self.start) == (other.pid, other.start)
+
+    def __hash__(self) -> int:
+        return hash((self.pid, self.start))
+
+    def __repr__(self) -> str:
+        return f"ProcessHandle(pid={self.pid!r}, start={self.start!r})"
+
+    def __reduce__(self) -> tuple[type[ProcessHandle], tuple[int, int]]:
+        return ProcessHandle, (self.pid, self.start)  # copy and pickle through __init__
 
     @classmethod
     def of(cls, pid: int) -> ProcessHandle:

@@ -36,6 +36,8 @@ from ocispec.errors import SpecError
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from ocispec.seccomp import Filter as SeccompFilter
 
 UINT64_MAX = (1 << 64) - 1
@@ -577,8 +579,16 @@ def parse_rlimits(value: object, where: str) -> tuple[Rlimit, ...]:
     return tuple(result)
 
 
-def parse_process(value: object, where: str = "process") -> Process:
-    """An OCI ``process`` object; ``seccomp`` (an OCI linux.seccomp object) is an extension."""
+def parse_process(
+    value: object,
+    where: str = "process",
+    compile_seccomp: Callable[[object, str], SeccompFilter] | None = None,
+) -> Process:
+    """An OCI ``process`` object; ``seccomp`` (an OCI linux.seccomp object) is an extension.
+
+    ``compile_seccomp(profile, where)``, when given, compiles that profile instead of
+    :func:`ocispec.seccomp.compile` (the guest's exec runtime passes one that keeps compiled
+    programs, ``agent.oci.seccomp_cache``); it must raise the same SpecError for a bad one."""
     if value is None:
         raise SpecError(f"{where}: missing")
     proc = _obj(value, where)
@@ -600,14 +610,16 @@ def parse_process(value: object, where: str = "process") -> Process:
         rlimits=parse_rlimits(proc.get("rlimits"), f"{where}.rlimits"),
         no_new_privileges=_bool(proc.get("noNewPrivileges"), f"{where}.noNewPrivileges"),
         oom_score_adj=None if oom is None else _int(oom, f"{where}.oomScoreAdj", -1000, 1000),
-        seccomp=None if profile is None else _seccomp(profile, f"{where}.seccomp"),
+        seccomp=None
+        if profile is None
+        else (compile_seccomp or seccomp_filter)(profile, f"{where}.seccomp"),
         console_size=_console_size(proc.get("consoleSize"), f"{where}.consoleSize")
         if terminal
         else None,
     )
 
 
-def _seccomp(profile: object, where: str) -> SeccompFilter:
+def seccomp_filter(profile: object, where: str) -> SeccompFilter:
     """The filter compiled from the linux.seccomp object ``profile``. Its compiler is
     imported here, not above: a process without a profile (every ``exec`` the host checks)
     does not need it, and it is a fifth of this module's import time (the guest's zygote
@@ -996,7 +1008,7 @@ def parse_spec(config: object) -> Spec:
     profile = linux.get("seccomp")
     if profile is not None:
         # A filter belongs to a process: linux.seccomp is applied as the process's.
-        process.seccomp = _seccomp(profile, "linux.seccomp")
+        process.seccomp = seccomp_filter(profile, "linux.seccomp")
     return Spec(
         root_path,
         process,

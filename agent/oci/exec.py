@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import os
 
-from agent.oci import cgroups
+from agent.oci import cgroups, seccomp_cache
 from agent.oci import init as init_mod
 from agent.oci import process as proc_steps
 from agent.oci import syscalls as sc
@@ -26,7 +26,10 @@ from ocispec import spec as spec_mod
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from agent.oci.syscalls import Syscalls
+    from ocispec.seccomp import Filter as SeccompFilter
     from ocispec.spec import Process
 
 USAGE = (
@@ -46,6 +49,33 @@ NAMESPACES = (
     ("time", 0x80),
     ("mnt", linux.CLONE_NEWNS),
 )
+
+#: Our own namespaces (``/proc/self/ns/<name>`` link texts, None where the kernel has no such
+#: type), read once by :func:`preload` in the zygote: every runtime it forks is in the same
+#: ones when it compares them with the container's (joining the cgroup changes none).
+_own_namespaces: dict[str, str | None] | None = None
+
+
+def preload(sys: Syscalls) -> None:
+    """Read once, in the zygote, what every exec runtime it forks would read the same: our
+    namespaces (see :data:`_own_namespaces`) and the kernel's last capability."""
+    global _own_namespaces
+    _own_namespaces = {name: _link(sys, f"/proc/self/ns/{name}") for name, _flag in NAMESPACES}
+    init_mod.preload_last_cap(sys)
+
+
+def _link(sys: Syscalls, path: str) -> str | None:
+    """readlink(path); None when it cannot be read (a namespace type the kernel lacks)."""
+    try:
+        return sys.readlink(path)
+    except OSError:
+        return None
+
+
+def _own_namespace(sys: Syscalls, name: str) -> str | None:
+    if _own_namespaces is not None:
+        return _own_namespaces[name]
+    return _link(sys, f"/proc/self/ns/{name}")
 
 
 def exec_process(
@@ -78,9 +108,10 @@ def exec_process(
     try:
         for name, flag in NAMESPACES:
             theirs = f"/proc/{target}/ns/{name}"
-            if sys.kind(theirs) is None:
+            link = _link(sys, theirs)
+            if link is None:
                 continue  # kernel without this namespace type
-            if sys.readlink(theirs) == sys.readlink(f"/proc/self/ns/{name}"):
+            if link == _own_namespace(sys, name):
                 continue  # shared with us: setns into our own user namespace is EINVAL
             opened.append((sys.open(theirs, os.O_RDONLY), flag))
         root_fd = sys.open(f"/proc/{target}/root", os.O_DIRECTORY | os.O_RDONLY)
@@ -138,10 +169,16 @@ def run(
     sync_fd: int,
     cgroup: str | None,
     cgroup_v1: str | None = None,
+    compile_seccomp: Callable[[object, str], SeccompFilter] | None = None,
 ) -> int:
+    """Parse ``payload`` and run it (:func:`exec_process`); every failure becomes one
+    ``error`` line and an exit code. ``compile_seccomp``: see
+    :func:`ocispec.spec.parse_process` (:func:`main` passes :mod:`agent.oci.seccomp_cache`'s)."""
     sync = proc_steps.Sync(sys, sync_fd)
     try:
-        process = spec_mod.parse_process(document.decode(payload, "process json"))
+        process = spec_mod.parse_process(
+            document.decode(payload, "process json"), compile_seccomp=compile_seccomp
+        )
         return exec_process(sys, process, target, sync, cgroup, cgroup_v1)
     except Exception as exc:
         return init_mod.fail(sys, sync, exc)
@@ -174,6 +211,7 @@ def main(argv: list[str]) -> int:
         sync_fd,
         args.get("cgroup") or None,
         args.get("cgroup-v1") or None,
+        seccomp_cache.compiled,
     )
 
 

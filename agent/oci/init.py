@@ -47,8 +47,22 @@ USAGE = (
 JOIN_ORDER = ("user", "ipc", "uts", "network", "pid", "cgroup", "time", "mount")
 
 
+#: The kernel's last capability, when :func:`preload_last_cap` read it (in the zygote).
+_known_last_cap: int | None = None
+
+
+def preload_last_cap(sys: Syscalls) -> None:
+    """Read :func:`last_cap` once, for every runtime forked from this process afterwards: it
+    is the running kernel's constant (a VM restored from a template runs the template's)."""
+    global _known_last_cap
+    _known_last_cap = None
+    _known_last_cap = last_cap(sys)
+
+
 def last_cap(sys: Syscalls) -> int:
     """The highest capability number this kernel knows."""
+    if _known_last_cap is not None:
+        return _known_last_cap
     try:
         return int(sys.read_text("/proc/sys/kernel/cap_last_cap").strip())
     except (OSError, ValueError):

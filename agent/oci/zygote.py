@@ -221,6 +221,12 @@ def serve(sock: socket.socket) -> None:
     # The device filter most containers get, loaded once here (in the template VM) rather
     # than in every runtime (agent.oci.device_filter.preload).
     device_filter.preload(syscalls.LinuxSyscalls(), device_rules.policy(()))
+    # What every runtime would otherwise look up anew: libc's functions, the signals not at
+    # their default action, our namespaces, the kernel's last capability (constants of this
+    # process and kernel: no runtime changes a disposition before it resets them).
+    syscalls.preload_libc()
+    syscalls.preload_signals()
+    exec_mod.preload(syscalls.LinuxSyscalls())
     gc.collect()
     gc.freeze()
     sock.send(b"ready")

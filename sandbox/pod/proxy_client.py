@@ -73,9 +73,20 @@ class ProxyClient:
     def exec_process(self, container_id: str, exec_id: str, process: bytes) -> int:
         """ExecProcess: run OCI ``process`` JSON in the running container as ``exec_id``;
         the exec's guest pid."""
-        request = pb.ExecProcessRequest(container_id=container_id, exec_id=exec_id, process=process)
+        return self.start_exec(container_id, exec_id, process)[0]
+
+    def start_exec(
+        self, container_id: str, exec_id: str, process: bytes, close_stdin: bool = False
+    ) -> tuple[int, bool]:
+        """ExecProcess, and with ``close_stdin`` its stdin closed in the same call (protocol
+        1.13): (the exec's guest pid, whether its stdin was closed). False from an agent
+        before 1.13 or for a terminal: the caller closes it (:meth:`close_stdin`) as before."""
+        request = pb.ExecProcessRequest(
+            container_id=container_id, exec_id=exec_id, process=process, close_stdin=close_stdin
+        )
         reply = self._call("ExecProcess", request, pb.ProcessResponse, timeout=120.0)
-        return guest_pid(reply.pid, f"exec {exec_id} of container {container_id}")
+        pid = guest_pid(reply.pid, f"exec {exec_id} of container {container_id}")
+        return pid, bool(reply.stdin_closed)
 
     def signal(self, container_id: str, exec_id: str, signum: int, all: bool = False) -> None:
         """SignalProcess: ``signum`` to one process (or, with ``all``, every process)."""

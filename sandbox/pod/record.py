@@ -31,7 +31,6 @@ import contextlib
 import enum
 import math
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -69,7 +68,6 @@ class BootKind(enum.StrEnum):
     RESTORED = "restored"
 
 
-@dataclass
 class PodRecord:
     """One pod as stored in its ``pod.json``.
 
@@ -77,38 +75,95 @@ class PodRecord:
     it. ``network`` is owned by :mod:`sandbox.pod.network` (its ``attach`` fills it in
     before creating anything; ``detach`` reads it); ``None`` when the pod has no network
     but loopback. ``boot`` is set once the pod runs. ``created`` is seconds since the epoch.
+
+    A plain class, not a dataclass: every verb that finds a pod (``exec`` above all) loads
+    one, and importing dataclasses (with inspect) cost those processes ~8 ms. Equality
+    compares every field, as a dataclass's did.
     """
 
-    id: str
-    status: PodStatus = PodStatus.BOOTING
-    created: float = 0.0
-    accel: str = ""
-    memory_mib: int = 0
-    #: vCPUs of the VM (``-smp``); a pod.json without it is a 1-vCPU pod.
-    cpus: int = 1
-    image: str = ""
-    processes: dict[str, ProcessHandle] = field(default_factory=dict)
-    network: dict[str, Any] | None = None
-    boot: BootKind | None = None
-    containers: list[str] = field(default_factory=list)
-    #: Whether the guest's files may carry privileges on the host (docs/security.md).
-    privileged_files: bool = False
-    #: Whether file locks are held on the host files (docs/file-semantics.md).
-    remote_locks: bool = False
-    #: Whether the guest keeps file data cached across opens (immutable shares only:
-    #: :meth:`sandbox.pod.lifecycle.Pod.boot`, docs/file-semantics.md).
-    cached_files: bool = False
-    #: The pod's host cgroup (:meth:`sandbox.pod.host_cgroup.Placement.to_json`), or None.
-    host_cgroup: dict[str, Any] | None = None
-    #: The process whose end ends the pod (a foreground ``run``, a ``run -d`` until it has
-    #: handed the run over to its monitor): its watcher tears the pod down once it is gone
-    #: (:mod:`sandbox.run.owner_watch`). None: the pod lives until stopped.
-    owner: ProcessHandle | None = None
-    #: While the pod waits in the warm pool of ``run`` (:mod:`sandbox.run.pool`): the key of
-    #: the runs it can serve; None once a run took it (or for any other pod).
-    pool: str | None = None
-    #: Keys of the file this version does not know, written back unchanged.
-    extra: dict[str, Any] = field(default_factory=dict)
+    __slots__ = _FIELDS = (
+        "id",
+        "status",
+        "created",
+        "accel",
+        "memory_mib",
+        "cpus",
+        "image",
+        "processes",
+        "network",
+        "boot",
+        "containers",
+        "privileged_files",
+        "remote_locks",
+        "cached_files",
+        "host_cgroup",
+        "owner",
+        "pool",
+        "extra",
+    )
+
+    def __init__(
+        self,
+        id: str,
+        status: PodStatus = PodStatus.BOOTING,
+        created: float = 0.0,
+        accel: str = "",
+        memory_mib: int = 0,
+        cpus: int = 1,
+        image: str = "",
+        processes: dict[str, ProcessHandle] | None = None,
+        network: dict[str, Any] | None = None,
+        boot: BootKind | None = None,
+        containers: list[str] | None = None,
+        privileged_files: bool = False,
+        remote_locks: bool = False,
+        cached_files: bool = False,
+        host_cgroup: dict[str, Any] | None = None,
+        owner: ProcessHandle | None = None,
+        pool: str | None = None,
+        extra: dict[str, Any] | None = None,
+    ) -> None:
+        self.id = id
+        self.status = status
+        self.created = created
+        self.accel = accel
+        self.memory_mib = memory_mib
+        #: vCPUs of the VM (``-smp``); a pod.json without it is a 1-vCPU pod.
+        self.cpus = cpus
+        self.image = image
+        self.processes: dict[str, ProcessHandle] = {} if processes is None else processes
+        self.network = network
+        self.boot = boot
+        self.containers: list[str] = [] if containers is None else containers
+        #: Whether the guest's files may carry privileges on the host (docs/security.md).
+        self.privileged_files = privileged_files
+        #: Whether file locks are held on the host files (docs/file-semantics.md).
+        self.remote_locks = remote_locks
+        #: Whether the guest keeps file data cached across opens (immutable shares only:
+        #: :meth:`sandbox.pod.lifecycle.Pod.boot`, docs/file-semantics.md).
+        self.cached_files = cached_files
+        #: The pod's host cgroup (:meth:`sandbox.pod.host_cgroup.Placement.to_json`), or None.
+        self.host_cgroup = host_cgroup
+        #: The process whose end ends the pod (a foreground ``run``, a ``run -d`` until it has
+        #: handed the run over to its monitor): its watcher tears the pod down once it is gone
+        #: (:mod:`sandbox.run.owner_watch`). None: the pod lives until stopped.
+        self.owner = owner
+        #: While the pod waits in the warm pool of ``run`` (:mod:`sandbox.run.pool`): the key
+        #: of the runs it can serve; None once a run took it (or for any other pod).
+        self.pool = pool
+        #: Keys of the file this version does not know, written back unchanged.
+        self.extra: dict[str, Any] = {} if extra is None else extra
+
+    def __eq__(self, other: object) -> bool:
+        if other.__class__ is not self.__class__:
+            return NotImplemented
+        return all(getattr(self, name) == getattr(other, name) for name in self._FIELDS)
+
+    __hash__ = None  # type: ignore[assignment]  # mutable, as the dataclass was
+
+    def __repr__(self) -> str:
+        fields = ", ".join(f"{name}={getattr(self, name)!r}" for name in self._FIELDS)
+        return f"PodRecord({fields})"
 
     def can_go_to(self, status: PodStatus) -> bool:
         return status in TRANSITIONS[self.status]

@@ -16,6 +16,7 @@ import contextlib
 import os
 import signal
 import socket
+import stat
 import sys
 import threading
 import time
@@ -102,6 +103,19 @@ class _Attach:
             self.stdin = None  # what it had read is gone with the proxy that read it
 
 
+def _is_dev_null(fd: int) -> bool:
+    """Whether ``fd`` is /dev/null (the character device 1:3), which only ever reads EOF."""
+    try:
+        found = os.fstat(fd)
+    except OSError:
+        return False
+    return stat.S_ISCHR(found.st_mode) and found.st_rdev == _DEV_NULL
+
+
+#: st_rdev of /dev/null (1:3 on every Linux).
+_DEV_NULL = os.makedev(1, 3)
+
+
 def _read_document(fd: int) -> bytes:
     """The process document in ``fd`` (from offset 0); WireError when larger than the
     agent takes or unreadable."""
@@ -170,13 +184,21 @@ class _Standin:
 
     def run(self) -> None:
         a = self._attach
+        stdin = a.stdin
         if a.document is not None:
-            self._client.exec_process(a.container_id, a.exec_id, a.document)
+            # The caller's stdin is /dev/null: its EOF goes with ExecProcess (one call less);
+            # the process still gets a pipe, at EOF, as from runc exec.
+            nothing_in = not a.terminal and stdin is not None and _is_dev_null(stdin)
+            _pid, closed = self._client.start_exec(
+                a.container_id, a.exec_id, a.document, close_stdin=nothing_in
+            )
+            if closed:
+                stdin = None
         relay = StdioRelay(
             self._client,
             a.container_id,
             a.exec_id,
-            a.stdin,
+            stdin,
             a.stdout,
             a.stderr,
             a.terminal,

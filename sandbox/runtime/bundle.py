@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -50,18 +49,21 @@ PRIVILEGED_FILES_KEY = "org.pysandbox.privileged-files"
 GUEST_MEMORY_NODES = 1
 
 
-@dataclass(frozen=True)
 class Bundle:
     """A bundle whose config.json passed :func:`load`.
 
     ``config`` is the decoded config.json as written: the host rewrites a copy of it into
     guest terms (``sandbox.pod.sharing``) and sends that. ``spec`` is its typed, validated
-    view; host decisions are made from it.
+    view; host decisions are made from it. Not to be changed once made. (A plain class, not a
+    dataclass: ``exec`` imports this module, and dataclasses cost it ~8 ms of start-up.)
     """
 
-    path: Path
-    config: dict[str, Any]
-    spec: Spec
+    __slots__ = ("config", "path", "spec")
+
+    def __init__(self, path: Path, config: dict[str, Any], spec: Spec) -> None:
+        self.path = path
+        self.config = config
+        self.spec = spec
 
     @property
     def config_path(self) -> Path:

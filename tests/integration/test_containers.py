@@ -310,9 +310,23 @@ def test_exec_gets_the_containers_seccomp_profile(shared_pod: Pod) -> None:
     }
     with live_container(shared_pod, spec) as box:
         box.stdout.wait_for(b"ready\n")
-        result = box.exec("e1", "sh", "-c", "grep Seccomp: /proc/self/status; mkdir /tmp/d 2>&1")
-        assert "Seccomp:\t2" in result.out and "Permission denied" in result.out
-        assert result.status == 1
+        # The second exec reads the program the first compiled (agent.oci.seccomp_cache).
+        for exec_id in ("e1", "e2"):
+            result = box.exec(
+                exec_id, "sh", "-c", "grep Seccomp: /proc/self/status; mkdir /tmp/d 2>&1"
+            )
+            assert "Seccomp:\t2" in result.out and "Permission denied" in result.out
+            assert result.status == 1
+    # Another profile in the same guest is its own program, not the one kept above.
+    spec["linux"]["seccomp"]["syscalls"][0]["names"] = ["chmod", "fchmodat", "fchmodat2"]
+    with live_container(shared_pod, spec) as box:
+        box.stdout.wait_for(b"ready\n")
+        script = "mkdir /tmp/d && echo made; chmod 700 /tmp/d 2>&1"
+        for exec_id in ("e1", "e2"):
+            result = box.exec(exec_id, "sh", "-c", script)
+            assert "made" in result.out and "Permission denied" in result.out
+            assert result.status == 1
+            box.exec(f"{exec_id}-rm", "rmdir", "/tmp/d")
 
 
 def test_signal_one_exec_then_kill_all_ends_the_container(shared_pod: Pod) -> None:

@@ -42,7 +42,7 @@ from sandbox.image import store as images
 from sandbox.pod.hostfs import mounts_below
 from sandbox.run.default_spec import default_spec
 from tests.integration.pods import PodFactory
-from tests.processes import alive, processes_mentioning, wait_until
+from tests.processes import alive, pristine_signals, processes_mentioning, wait_until
 
 pytestmark = pytest.mark.vm
 
@@ -1051,6 +1051,53 @@ def runc_container(tmp_path: Path) -> Iterator[RuncContainer]:
         timeout=60,
         check=False,
     )
+
+
+def test_an_exec_starts_with_no_signal_blocked_or_ignored_as_runc_execs(
+    life: Life, runc_container: RuncContainer
+) -> None:
+    """An exec's process finds what runc exec's finds: nothing blocked, nothing ignored
+    (glibc's 32 and 33 included), after the zygote noted which actions its runtimes reset."""
+    status = ["grep", "^Sig[BI]", "/proc/self/status"]
+    runc = subprocess.run(
+        ["runc", "--root", str(runc_container.root), "exec", runc_container.cid, *status],
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        preexec_fn=pristine_signals,  # as from a fresh shell: runc passes its own on
+    )
+    expected = "SigBlk:\t0000000000000000\nSigIgn:\t0000000000000000\n"
+    assert (runc.returncode, runc.stdout) == (0, expected), runc.stderr
+    for _ in range(2):  # the second through the spare runtime forked after the first
+        ours = life.runtime("exec", life.cid, *status)
+        assert (ours.returncode, ours.stdout) == (0, expected), ours.stderr
+
+
+@pytest.mark.parametrize("given", ["devnull", "closed", "data"])
+def test_an_attached_execs_stdin_is_a_pipe_at_eof_as_runc_execs(
+    life: Life, runc_container: RuncContainer, given: str
+) -> None:
+    """runc exec (attached, no terminal) gives its process a pipe it copies its own stdin
+    into, whatever that is (/dev/null, closed, data): ours too. With /dev/null the pipe's EOF
+    comes with ExecProcess itself (protocol 1.13, no CloseStdin call)."""
+    script = "[ -p /proc/self/fd/0 ] && echo pipe || echo other; cat; echo eof"
+    runc_argv = ["runc", "--root", str(runc_container.root), "exec", runc_container.cid]
+    seen = []
+    for argv in (runc_argv, life.runtime.argv("exec", life.cid)):
+        feed: dict[str, Any] = (
+            {"input": b"in\n"} if given == "data" else {"stdin": subprocess.DEVNULL}
+        )
+        done = subprocess.run(
+            [*argv, "sh", "-c", script],
+            capture_output=True,
+            timeout=60,
+            preexec_fn=(lambda: os.close(0)) if given == "closed" else None,
+            **feed,
+        )
+        seen.append((done.returncode, done.stdout, done.stderr))
+    expected = b"pipe\nin\neof\n" if given == "data" else b"pipe\neof\n"
+    assert seen[1] == seen[0] == (0, expected, b"")
 
 
 def _runc_reason(stderr: str) -> str:

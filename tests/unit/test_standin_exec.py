@@ -27,8 +27,13 @@ class FakeAgent:
     """The calls the stand-in service makes, recorded; the process exits with ``status``
     once ``exited`` is set."""
 
-    def __init__(self, refuse: AgentError | None = None, kill_ends: bool = True) -> None:
+    def __init__(
+        self, refuse: AgentError | None = None, kill_ends: bool = True, closes_stdin: bool = True
+    ) -> None:
         self.refuse = refuse
+        #: Whether it honours ExecProcess.close_stdin (protocol 1.13; an older agent: False).
+        self.closes_stdin = closes_stdin
+        self.close_stdin_asked: bool | None = None
         self.kill_ends = kill_ends  # False: a guest that does not answer (its share is gone)
         self.exited = threading.Event()
         self.status = 3
@@ -40,6 +45,12 @@ class FakeAgent:
         if self.refuse is not None:
             raise self.refuse
         return 42
+
+    def start_exec(
+        self, container_id: str, exec_id: str, process: bytes, close_stdin: bool = False
+    ) -> tuple[int, bool]:
+        self.close_stdin_asked = close_stdin
+        return self.exec_process(container_id, exec_id, process), close_stdin and self.closes_stdin
 
     def read_stream(self, container_id: str, exec_id: str, which: str) -> Iterator[bytes]:
         yield f"{which} of {exec_id}\n".encode()
@@ -67,7 +78,9 @@ class FakeAgent:
 class Exec:
     """One ``exec`` sent to a stand-in service thread: the caller's end and its pipes."""
 
-    def __init__(self, agent: FakeAgent, document: bytes = b'{"args": ["x"]}') -> None:
+    def __init__(
+        self, agent: FakeAgent, document: bytes = b'{"args": ["x"]}', null_stdin: bool = False
+    ) -> None:
         self.sock, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         self.server = threading.Thread(
             target=standin_service._serve_one, args=(theirs, agent, lambda: True), daemon=True
@@ -76,6 +89,9 @@ class Exec:
         memfd = os.memfd_create("doc")
         os.write(memfd, document)
         stdin_r, self.stdin = os.pipe()
+        if null_stdin:  # the caller's stdin is /dev/null (ours: the pipe's write end, unused)
+            os.close(stdin_r)
+            stdin_r = os.open(os.devnull, os.O_RDONLY)
         self.out, out_w = os.pipe()
         self.err, err_w = os.pipe()
         message = {"op": "exec", "id": "c1", "exec_id": "e1", "terminal": False}
@@ -221,3 +237,40 @@ def test_a_proxy_older_than_attached_exec_is_named_with_what_to_do() -> None:
     assert type(error) is AgentError and error.exit_code == 1
     assert "older pysandbox" in str(error) and "exec --detach" in str(error)
     assert "\n" not in str(error)
+
+
+@pytest.mark.parametrize("closes_stdin", [True, False], ids=["agent-1.13", "older-agent"])
+def test_a_dev_null_stdin_is_closed_by_execprocess_itself(closes_stdin: bool) -> None:
+    """The caller's stdin is /dev/null: ExecProcess closes the process's stdin in the same
+    call (no CloseStdin after it); an agent before 1.13 does not, and the relay closes it at
+    /dev/null's EOF as before."""
+    agent = FakeAgent(closes_stdin=closes_stdin)
+    call = Exec(agent, null_stdin=True)
+    try:
+        assert call.link.receive(10) == {"op": "attached"}
+        assert agent.close_stdin_asked is True
+        if not closes_stdin:
+            assert _eventually(lambda: ("close_stdin",) in agent.calls)
+        agent.exited.set()
+        assert exec_attach._exit_status(call.link) == 3
+        assert (("close_stdin",) in agent.calls) is not closes_stdin
+        assert bytes(agent.stdin) == b""
+    finally:
+        call.close()
+
+
+def test_a_piped_stdin_is_relayed_then_closed() -> None:
+    agent = FakeAgent()
+    call = Exec(agent)
+    try:
+        assert call.link.receive(10) == {"op": "attached"}
+        assert agent.close_stdin_asked is False
+        os.write(call.stdin, b"in")
+        os.close(call.stdin)
+        call.stdin = os.open(os.devnull, os.O_RDONLY)  # (closed again by close())
+        assert _eventually(lambda: ("close_stdin",) in agent.calls)
+        assert bytes(agent.stdin) == b"in"
+        agent.exited.set()
+        assert exec_attach._exit_status(call.link) == 3
+    finally:
+        call.close()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import stat
 import subprocess
 import threading
 import time
@@ -394,7 +395,7 @@ def test_an_exec_runs_as_soon_as_it_is_ready(
         zygote = _RuntimeWaitingForStart(target.pid)
         manager._zygote = zygote  # type: ignore[assignment]
         started = time.monotonic()
-        assert manager.exec("c1", "e1", b'{"args": ["true"]}') == target.pid
+        assert manager.exec("c1", "e1", b'{"args": ["true"]}') == (target.pid, False)
         assert zygote.got == b"start\n"
         assert time.monotonic() - started < 5
         assert zygote.thread is not None
@@ -404,4 +405,86 @@ def test_an_exec_runs_as_soon_as_it_is_ready(
         target.wait()
     proc = manager.process("c1", "e1")
     proc.release_all()
+    _release(init, in_r, out_w)
+
+
+class _RuntimeKeepingStdin(_RuntimeWaitingForStart):
+    """As its parent, and it keeps a copy of the stdin it was given (the pipe's read end)."""
+
+    def spawn(self, module: str, args: list[str], fds: tuple[int, ...]) -> int:
+        self.stdin = os.dup(fds[0])
+        return super().spawn(module, args, fds)
+
+
+@pytest.mark.parametrize("close_stdin", [True, False])
+def test_exec_process_closes_the_stdin_pipe_when_asked(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, close_stdin: bool
+) -> None:
+    """ExecProcess.close_stdin (protocol 1.13): the exec's stdin is still a pipe (as runc
+    exec's), at EOF as soon as the call returns; without it the agent keeps the write end."""
+    from agent import containers
+
+    monkeypatch.setattr(containers, "READY_TIMEOUT", 10.0)
+    init, in_r, out_w = _pipes_process()
+    manager = _manager(tmp_path, init)
+    target = subprocess.Popen(["sleep", "30"])
+    zygote = _RuntimeKeepingStdin(target.pid)
+    try:
+        manager._zygote = zygote  # type: ignore[assignment]
+        got = manager.exec("c1", "e1", b'{"args": ["cat"]}', close_stdin=close_stdin)
+        assert got == (target.pid, close_stdin)
+        assert stat.S_ISFIFO(os.fstat(zygote.stdin).st_mode)
+        proc = manager.process("c1", "e1")
+        assert (proc.stdin is None) is close_stdin
+        if close_stdin:
+            assert os.read(zygote.stdin, 1) == b""  # EOF: no writer left
+        assert zygote.thread is not None
+        zygote.thread.join()
+    finally:
+        target.kill()
+        target.wait()
+        os.close(zygote.stdin)
+    manager.process("c1", "e1").release_all()
+    _release(init, in_r, out_w)
+
+
+def test_a_terminal_execs_stdin_is_not_closed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With a terminal, close_stdin does nothing (its ^D is CloseStdin's) and says so."""
+    from agent import containers
+
+    monkeypatch.setattr(containers, "READY_TIMEOUT", 10.0)
+    init, in_r, out_w = _pipes_process()
+    manager = _manager(tmp_path, init)
+    pty_master, pty_peer = os.openpty()
+
+    class WithTerminal(_RuntimeWaitingForStart):
+        def spawn(self, module: str, args: list[str], fds: tuple[int, ...]) -> int:
+            sync = socket.socket(fileno=os.dup(fds[4]))
+
+            def runtime() -> None:
+                with sync:
+                    sync.recv(64)
+                    socket.send_fds(sync, [f"ready {self.pid}\n".encode()], [pty_master])
+
+            self.thread = threading.Thread(target=runtime)
+            self.thread.start()
+            return self.pid
+
+    target = subprocess.Popen(["sleep", "30"])
+    zygote = WithTerminal(target.pid)
+    try:
+        manager._zygote = zygote  # type: ignore[assignment]
+        doc = b'{"args": ["sh"], "terminal": true}'
+        assert manager.exec("c1", "e1", doc, close_stdin=True) == (target.pid, False)
+        assert manager.process("c1", "e1").stdin is not None
+        assert zygote.thread is not None
+        zygote.thread.join()
+    finally:
+        target.kill()
+        target.wait()
+        os.close(pty_master)
+        os.close(pty_peer)
+    manager.process("c1", "e1").release_all()
     _release(init, in_r, out_w)

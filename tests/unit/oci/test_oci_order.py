@@ -1062,3 +1062,34 @@ def test_a_tmpcopyup_tmpfs_is_filled_from_the_directory_it_covers(readonly: bool
     remounts = [c for c in calls if c[:3] == ("mount", None, "/r/work")]
     expected = [("mount", None, "/r/work", None, "ro|nosuid|remount", "size=1m")]
     assert remounts == (expected if readonly else [])
+
+
+def test_exec_after_the_zygotes_preload_compares_with_the_namespaces_read_then(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """agent.oci.exec.preload (run in the zygote) reads our namespaces and the last
+    capability once; a runtime forked afterwards joins what differs from those."""
+    monkeypatch.setattr(exec_mod, "_own_namespaces", None)
+    monkeypatch.setattr(init, "_known_last_cap", None)
+    zygote = exec_fake()
+    exec_mod.preload(zygote)
+    runtime = exec_fake(reads={18: b"4243", SYNC: b"start\n"})
+    # What the runtime would read itself now no longer matters: the preloaded values decide.
+    runtime.fs["/proc/self/ns/net"] = runtime.fs["/proc/99/ns/net"]
+    runtime.texts["/proc/sys/kernel/cap_last_cap"] = "35\n"
+    with pytest.raises(sc.FakeExec):
+        exec_mod.run(runtime, json.dumps(typical_spec()["process"]).encode(), 99, SYNC, None)
+    opened = [call[1] for call in runtime.calls if call[0] == "open"]
+    assert opened[:7] == [
+        f"/proc/99/ns/{n}" for n in ("ipc", "uts", "net", "pid", "cgroup", "mnt")
+    ] + ["/proc/99/root"]
+    assert init.last_cap(runtime) == 40
+
+
+def test_exec_without_preload_reads_its_own_namespaces() -> None:
+    system = exec_fake(reads={18: b"4243", SYNC: b"start\n"})
+    system.fs["/proc/self/ns/net"] = system.fs["/proc/99/ns/net"]  # shared: not joined
+    with pytest.raises(sc.FakeExec):
+        exec_mod.run(system, json.dumps(typical_spec()["process"]).encode(), 99, SYNC, None)
+    opened = [call[1] for call in system.calls if call[0] == "open"]
+    assert "/proc/99/ns/net" not in opened and "/proc/99/ns/uts" in opened
