@@ -80,7 +80,7 @@ class JailSpec:
     identity: Identity
     binds: tuple[Bind, ...]
     host_network: bool = False
-    #: RLIMIT_NOFILE of the jailed program (soft = hard).
+    #: RLIMIT_NOFILE of the jailed program (soft = hard), at most the caller's hard limit.
     max_fds: int = 4096
     extra_symlinks: tuple[str, ...] = field(default=USR_LINKS)
 
@@ -199,7 +199,11 @@ class _Plan:
         # Runs inside the jail: nothing may be imported here (the host's files are gone).
         identity = self.spec.identity
         resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-        resource.setrlimit(resource.RLIMIT_NOFILE, (self.spec.max_fds, self.spec.max_fds))
+        # Never above the caller's hard limit: raising it takes CAP_SYS_RESOURCE, which root
+        # in a container may lack (a run under `ulimit -n 512` could not start its VM).
+        _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        fds = self.spec.max_fds if hard == resource.RLIM_INFINITY else min(self.spec.max_fds, hard)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (fds, fds))
         os.setgroups(list(identity.groups))
         os.setresgid(identity.gid, identity.gid, identity.gid)
         for cap in range(self.last_cap + 1):

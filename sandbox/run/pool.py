@@ -118,10 +118,13 @@ class Kind:
     #: The guest image's manifest: path and mtime (a rebuilt image makes a new kind).
     image: str
     environment: dict[str, str]
-    #: The host cgroups of the run's process (``/proc/self/cgroup``): a pod's host cgroup
-    #: is made below them, so only a run in the same ones may take it (another job's run
-    #: would have its VM charged to, and killed with, the filler's job; breaker5).
-    cgroup: str = ""
+    #: What the VM's host processes inherit from the run that spawned the filler
+    #: (:func:`caller_context`): only a run in the same context may take it (breaker5: a run
+    #: of another job was charged to, and killed with, the filler's job's cgroup; one in an
+    #: isolated network namespace reached the host's network through the filler's user-mode
+    #: networking; one in another mount namespace saw an empty root; rlimits and CPU
+    #: affinity came from the filler's run).
+    context: str = ""
 
     def key(self) -> str:
         """A digest of every field (16 hex digits)."""
@@ -163,8 +166,7 @@ def kind_for(
         return None
     environment = {name: os.environ[name] for name in _BOOT_ENV if name in os.environ}
     try:
-        with open("/proc/self/cgroup", encoding="utf-8") as own:
-            cgroup = own.read()
+        context = caller_context()
     except OSError:
         return None
     return Kind(
@@ -176,8 +178,28 @@ def kind_for(
         dict(limits),
         image,
         environment,
-        cgroup,
+        context,
     )
+
+
+def caller_context() -> str:
+    """A digest (16 hex digits) of what a process this one spawns inherits and a pod's host
+    processes keep: its host cgroups (the pod's is made below them), its network, mount,
+    user, pid, ipc and uts namespaces (virtiofsd's view of the files a run shares, QEMU's
+    user-mode network), its credentials, resource limits and CPU affinity. OSError if
+    /proc cannot be read."""
+    import resource
+
+    with open("/proc/self/cgroup", encoding="utf-8") as own:
+        parts = [own.read()]
+    parts += [
+        os.readlink(f"/proc/self/ns/{ns}") for ns in ("net", "mnt", "user", "pid", "ipc", "uts")
+    ]
+    parts.append(repr((os.geteuid(), os.getegid(), sorted(os.getgroups()))))
+    limits = [name for name in dir(resource) if name.startswith("RLIMIT_")]
+    parts += [f"{name}={resource.getrlimit(getattr(resource, name))}" for name in sorted(limits)]
+    parts.append(repr(sorted(os.sched_getaffinity(0))))
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
 
 
 def claim(root: Path, kind: Kind, owner: ProcessHandle) -> Pod | None:

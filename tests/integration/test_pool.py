@@ -183,6 +183,30 @@ def test_a_run_in_another_cgroup_does_not_take_the_vm(root: Path) -> None:
         job.rmdir()
 
 
+def test_a_run_with_other_limits_or_namespaces_does_not_take_the_vm(root: Path) -> None:
+    """The VM's host processes keep the rlimits and namespaces of the run whose filler made
+    them: a run with another fd limit, or in another mount namespace, boots its own (it took
+    the VM: virtiofsd ran out of fds at the filler's limit, or saw the filler's mounts and
+    gave the run an empty root; breaker5)."""
+    done = pysandbox(root, "run", "default", "true")
+    assert done.returncode == 0, done.stderr
+    assert wait_until(lambda: len(waiting(root)) == 1, 120)
+    (ready,) = waiting(root)
+    env = {**os.environ, "PYSANDBOX_POOL": "1"}
+    base = [sys.executable, "-m", "sandbox", "--root", str(root), "run", "default", "echo", "ran"]
+    for wrapper in (
+        ["sh", "-c", 'ulimit -n 512 && exec "$@"', "sh"],
+        ["unshare", "-m", "--propagation", "unchanged"],
+    ):
+        other = subprocess.run(
+            [*wrapper, *base], cwd=cli.REPO, env=env, capture_output=True, text=True, timeout=300
+        )
+        assert (other.returncode, other.stdout) == (0, "ran\n"), (wrapper, other.stderr)
+        assert ready in waiting(root), wrapper  # not taken
+    pysandbox(root, "pool", "drain")
+    assert wait_until(lambda: nothing_left(root), 60), processes_mentioning(str(root))
+
+
 def test_runs_with_user_networking_have_a_pool_of_their_own(root: Path) -> None:
     """``--network user`` is another kind (a VM with QEMU's NIC): a plain run does not take
     its VM; the next run with it does, and has its network and its own /etc files."""
