@@ -46,6 +46,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-t", "--tty", action="store_true", help="allocate a terminal")
     parser.add_argument("--memory", default=None, help="memory limit, e.g. 256m")
     parser.add_argument(
+        "--ulimit",
+        action="append",
+        default=[],
+        metavar="NAME=SOFT[:HARD]",
+        help="a resource limit (docker's: nofile=1024:4096, nproc=100, core=-1 unlimited)",
+    )
+    parser.add_argument(
         "--memory-swap",
         default=None,
         help="memory and swap together (docker's; default twice --memory, -1 unlimited swap)",

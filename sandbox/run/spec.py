@@ -68,6 +68,7 @@ def check_options(args: argparse.Namespace) -> None:
     if args.memory is not None:
         _check_memory(args.memory)
     memory_swap(args)
+    ulimits(getattr(args, "ulimit", []))
     if args.cpus is not None and not MIN_CPUS <= args.cpus <= host_cpus():
         # cpu.max's quota is at least 1 ms per 100 ms period (the kernel refuses less); the
         # VM gets ceil(--cpus) vCPUs, at most the host's CPUs (docker refuses more too).
@@ -152,6 +153,35 @@ def host_memory_mib() -> tuple[int, int]:
             if key in ("MemAvailable", "MemTotal"):
                 found[key] = int(rest.split()[0]) // 1024  # kB
     return found["MemAvailable"], found["MemTotal"]
+
+
+def ulimits(items: list[str]) -> dict[str, tuple[int, int]]:
+    """``--ulimit NAME=SOFT[:HARD]`` (docker-run(1)): ``RLIMIT_<NAME>`` -> (soft, hard); HARD
+    defaults to SOFT, -1 is unlimited; a later one of a name wins. RunError naming the item
+    for an unknown name, a malformed number or a soft limit above the hard one."""
+    from ocispec.spec import RLIMITS
+
+    unlimited = (1 << 64) - 1  # RLIM_INFINITY as the OCI spec's uint64
+    found: dict[str, tuple[int, int]] = {}
+    for item in items:
+        name, _, value = item.partition("=")
+        key = f"RLIMIT_{name.strip().upper()}"
+        soft_text, _, hard_text = value.partition(":")
+        try:
+            soft, hard = (
+                unlimited if text.strip() == "-1" else int(text)
+                for text in (soft_text, hard_text or soft_text)
+            )
+        except ValueError:
+            soft = hard = -1
+        if key not in RLIMITS or min(soft, hard) < 0 or soft > hard or not value:
+            names = ", ".join(sorted(k[7:].lower() for k in RLIMITS))
+            raise RunError(
+                f"invalid --ulimit {item!r}: give NAME=SOFT[:HARD] with SOFT <= HARD (numbers, "
+                f"-1 unlimited), NAME one of {names}"
+            )
+        found[key] = (soft, hard)
+    return found
 
 
 def memory_swap(args: argparse.Namespace) -> int | None:
@@ -424,6 +454,12 @@ def build_spec(
         held.hold(image.rootfs)
     except OSError as exc:
         raise RunError(f"cannot open the image root {image.rootfs}: {exc.strerror}") from None
+    given = ulimits(getattr(args, "ulimit", []))
+    if given:
+        kept = [r for r in spec["process"]["rlimits"] if r["type"] not in given]
+        spec["process"]["rlimits"] = kept + [
+            {"type": name, "soft": soft, "hard": hard} for name, (soft, hard) in given.items()
+        ]
     resources: dict[str, Any] = spec["linux"]["resources"]
     if args.memory is not None:
         resources["memory"] = {"limit": parse_size(args.memory), "swap": memory_swap(args)}

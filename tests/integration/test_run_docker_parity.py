@@ -472,3 +472,24 @@ def test_stdout_and_stderr_into_one_file_keep_their_order(root: Path, tmp_path: 
     assert apart.returncode == 0, apart.stderr
     assert apart.stdout.splitlines() == [f"out{i}" for i in range(50)] + ["two-pipes"]
     assert apart.stderr.splitlines() == [f"err{i}" for i in range(50)]
+
+
+def test_ulimits_as_podman_with_runc_sets_them(root: Path, podman: list[str]) -> None:
+    """``--ulimit NAME=SOFT[:HARD]`` as docker and podman take it (-1 unlimited); without one
+    the fd limit is docker's (>= 25) 1024 soft, 524288 hard, so a program may raise its own
+    (the hard limit was 1024: Go, Java, nginx stopped there; breaker5)."""
+    probe = ["sh", "-c", 'echo "$(ulimit -Sn):$(ulimit -Hn) $(ulimit -Sc):$(ulimit -Hc)"']
+    flags = ["--ulimit", "nofile=100:200", "--ulimit", "core=-1"]
+    # A --ulimit replaces containers.conf's defaults: podman's own NPROC is above this
+    # host's hard limit, which runc may not raise.
+    settable = ["--ulimit", "nproc=1024:1024"]
+    theirs = subprocess.run(
+        [*podman, "run", "--rm", "--net", "none", *settable, *flags, IMAGE, *probe],
+        capture_output=True,
+        text=True,
+    )
+    assert (theirs.returncode, theirs.stdout) == (0, "100:200 unlimited:unlimited\n"), theirs.stderr
+    ours = run(root, "run", *flags, "default", *probe)
+    assert (ours.returncode, ours.stdout) == (0, theirs.stdout), ours.stderr
+    default = run(root, "run", "-u", "1000", "default", "sh", "-c", "ulimit -n 4096 && ulimit -n")
+    assert (default.returncode, default.stdout) == (0, "4096\n"), default.stderr

@@ -201,3 +201,22 @@ def test_a_bad_memory_swap_is_one_clear_error(flags: list[str], says: str) -> No
     args = build_parser().parse_args(["run", *flags, "default", "true"])
     with pytest.raises(RunError, match=re.escape(says)):
         check_options(args)
+
+
+def test_ulimits_are_read_as_docker_reads_them() -> None:
+    from sandbox.run.spec import ulimits
+
+    assert ulimits(["nofile=1024:4096", "core=-1", "nproc=5", "nofile=10"]) == {
+        "RLIMIT_NOFILE": (10, 10),  # a later one wins; HARD defaults to SOFT
+        "RLIMIT_CORE": ((1 << 64) - 1, (1 << 64) - 1),
+        "RLIMIT_NPROC": (5, 5),
+    }
+
+
+@pytest.mark.parametrize(
+    "item", ["bogus=1", "nofile", "nofile=", "nofile=x", "nofile=9:3", "core=-2"]
+)
+def test_a_bad_ulimit_is_one_clear_error(item: str) -> None:
+    args = build_parser().parse_args(["run", "--ulimit", item, "default", "true"])
+    with pytest.raises(RunError, match=r"^invalid --ulimit .* NAME=SOFT\[:HARD\]"):
+        check_options(args)
