@@ -91,11 +91,13 @@ def test_without_a_spec_hostname_the_container_sees_the_hosts_as_with_runc(
 ) -> None:
     """ctr's spec has a UTS namespace and no ``hostname``: under runc the container's name is
     the host's (a new UTS namespace starts as a copy); ours is the same, not the guest
-    kernel's "(none)" (programs resolve their own hostname and choke on that)."""
+    kernel's "(none)" (programs resolve their own hostname and choke on that). (The short
+    sleep: ctr once lost the output of runc's container, which had exited at once.)"""
     seen = {}
     for name, flags in (("runc", []), ("pysandbox", containerd.runtime_flags())):
         cid = _cid(f"hostname-{name}")
-        done = containerd.ctr("run", "--rm", *flags, IMAGE, cid, "hostname")
+        probe = ["sh", "-c", "sleep 0.2; hostname"]
+        done = containerd.ctr("run", "--rm", *flags, IMAGE, cid, *probe)
         seen[name] = (done.returncode, done.stdout, done.stderr)
     assert seen["pysandbox"] == seen["runc"] == (0, f"{socket.gethostname()}\n", ""), seen
 
