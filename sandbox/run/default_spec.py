@@ -165,9 +165,7 @@ def default_spec(
                 "inheritable": [],
                 "ambient": [],
             },
-            # docker's (>= 25) default: soft 1024, hard 524288, so that a program may raise
-            # its own (Go, Java, nginx do); hard 1024 stopped them there (breaker5).
-            "rlimits": [{"type": "RLIMIT_NOFILE", "hard": 524288, "soft": 1024}],
+            "rlimits": [{"type": "RLIMIT_NOFILE", "hard": 1024, "soft": 1024}],
             "noNewPrivileges": True,
         },
         "root": {"path": rootfs, "readonly": True},

@@ -155,6 +155,10 @@ def host_memory_mib() -> tuple[int, int]:
     return found["MemAvailable"], found["MemTotal"]
 
 
+#: A run's rlimits unless ``--ulimit`` says otherwise (docker's, since 25).
+RUN_RLIMITS = {"RLIMIT_NOFILE": (1024, 524288)}
+
+
 def ulimits(items: list[str]) -> dict[str, tuple[int, int]]:
     """``--ulimit NAME=SOFT[:HARD]`` (docker-run(1)): ``RLIMIT_<NAME>`` -> (soft, hard); HARD
     defaults to SOFT, -1 is unlimited; a later one of a name wins. RunError naming the item
@@ -454,12 +458,13 @@ def build_spec(
         held.hold(image.rootfs)
     except OSError as exc:
         raise RunError(f"cannot open the image root {image.rootfs}: {exc.strerror}") from None
-    given = ulimits(getattr(args, "ulimit", []))
-    if given:
-        kept = [r for r in spec["process"]["rlimits"] if r["type"] not in given]
-        spec["process"]["rlimits"] = kept + [
-            {"type": name, "soft": soft, "hard": hard} for name, (soft, hard) in given.items()
-        ]
+    # docker's (>= 25) default fd limit, soft 1024 and hard 524288, so that a program may
+    # raise its own (Go, Java, nginx do; a hard 1024 stopped them: breaker5); --ulimit wins.
+    given = {**RUN_RLIMITS, **ulimits(getattr(args, "ulimit", []))}
+    kept = [r for r in spec["process"]["rlimits"] if r["type"] not in given]
+    spec["process"]["rlimits"] = kept + [
+        {"type": name, "soft": soft, "hard": hard} for name, (soft, hard) in given.items()
+    ]
     resources: dict[str, Any] = spec["linux"]["resources"]
     if args.memory is not None:
         resources["memory"] = {"limit": parse_size(args.memory), "swap": memory_swap(args)}
