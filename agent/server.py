@@ -21,7 +21,7 @@ from typing import NoReturn
 
 import grpc
 
-from agent import pid1, restore, stream_port  # restore: imported before a template is saved
+from agent import cgroup_layout, pid1, restore, stream_port  # restore: before a template is saved
 from agent.containers import START_TIMEOUT, ContainerError, ContainerManager, Signal
 from agent.network import NetworkError, NetworkManager
 from agent.oci import syscalls
@@ -180,6 +180,12 @@ class AgentService(pb_grpc.AgentServicer):
     def Restored(
         self, request: pb.RestoredRequest, context: grpc.ServicerContext
     ) -> pb.RestoredResponse:
+        if request.cgroup_layout not in ("", *cgroup_layout.VERSIONS):
+            _abort(
+                context,
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"unknown cgroup layout {request.cgroup_layout[:16]!r}",
+            )
         try:
             restore.reseed(request.entropy)
             restore.set_clock(request.realtime_ns)
@@ -195,6 +201,7 @@ class AgentService(pb_grpc.AgentServicer):
             mounted = True
         if self._containers is not None:  # the CRNG is this VM's own now
             self._containers.netns_ahead.start()
+            self._containers.prepare_ahead(request.cgroup_layout)  # protocol 1.14
         return pb.RestoredResponse(share_mounted=mounted)
 
     def PrepareTemplate(

@@ -4,7 +4,7 @@ The host refuses an agent whose protocol MAJOR differs from :data:`PROTOCOL_VERS
 """
 
 AGENT_VERSION = "0.1.0"
-PROTOCOL_VERSION = "1.12"  # 1.1: ConfigureNetwork; 1.2: Failure reasons in trailing metadata;
+PROTOCOL_VERSION = "1.14"  # 1.1: ConfigureNetwork; 1.2: Failure reasons in trailing metadata;
 # 1.3: ListProcesses carries the process table; output streams end once the process exited;
 # 1.4: StartContainer runs startContainer hooks (Failure reason HOOK_FAILED)
 # 1.5: PortForward
@@ -16,6 +16,7 @@ PROTOCOL_VERSION = "1.12"  # 1.1: ConfigureNetwork; 1.2: Failure reasons in trai
 # 1.10: CloseOutput (the host's reader of a process's output is gone)
 # 1.11: Restored.hostname (the guest's own, as the host's is for runc's containers)
 # 1.12: CreateContainer.stdin_null (the init's stdin is /dev/null, as runc gives it)
+# 1.14: Restored.cgroup_layout (the containers' cgroup layout set up ahead)
 
 
 def protocol_major(version: str) -> int:

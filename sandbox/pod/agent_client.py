@@ -251,16 +251,23 @@ class AgentClient:
         timeout: float | None = None,
         share: tuple[str, str] | None = None,
         hostname: str = "",
+        cgroup_layout: str = "",
     ) -> bool:
         """Tell a guest restored from a template VM to reseed its CRNG and set its clock;
         with ``share`` (tag, guest path) also mount that share (protocol 1.8). Returns whether
         the share was mounted: False from an older agent, which ignores it (the caller then
         calls :meth:`mount_share`). A ``hostname`` names the guest (protocol 1.11; an older
-        agent ignores it).
+        agent ignores it). A ``cgroup_layout`` ("v1", "v2") is set up by the guest in its
+        idle time, ahead of the first container (protocol 1.14; an older agent ignores it).
 
         ``timeout`` (default: the client's): as the first call of a restored VM it also waits
         for the agent to answer at all, as :meth:`wait_healthy` would."""
-        request = pb.RestoredRequest(entropy=entropy, realtime_ns=realtime_ns, hostname=hostname)
+        request = pb.RestoredRequest(
+            entropy=entropy,
+            realtime_ns=realtime_ns,
+            hostname=hostname,
+            cgroup_layout=cgroup_layout,
+        )
         if share is not None:
             request.share.CopyFrom(pb.MountShareRequest(tag=share[0], path=share[1]))
         reply = self._call("Restored", request, timeout)

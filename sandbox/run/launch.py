@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 from hypervisor.process import ProcessHandle
 from sandbox.errors import EXIT_RUNTIME, AgentError, CommandError, RunError, SandboxError
 from sandbox.image import store as images
-from sandbox.pod import host_cgroup
+from sandbox.pod import guest_cgroup, host_cgroup
 from sandbox.pod.lifecycle import Pod
 from sandbox.pod.record import PodStatus
 from sandbox.pod.sharing import HeldSources, is_bind, share_container_files
@@ -70,6 +70,7 @@ def boot_pod(
         cached_files=cacheable(spec, image),
         owner=owner,
         keep_client=True,  # the run's container is created next, through it
+        cgroup_layout=guest_cgroup.layout_for(spec),  # set up in the guest ahead
     )
 
 
@@ -118,6 +119,7 @@ def run_kind(
         bool(args.privileged_files),
         cacheable(spec, image),
         host_cgroup.container_limits(resources),
+        guest_cgroup.layout_for(spec),
     )
 
 

@@ -118,6 +118,9 @@ class Kind:
     #: The guest image's manifest: path and mtime (a rebuilt image makes a new kind).
     image: str
     environment: dict[str, str]
+    #: The containers' cgroup layout (:func:`sandbox.pod.guest_cgroup.layout_for`), set up
+    #: in the guest ahead (a VM has one; a container asking for the other is refused).
+    cgroup_layout: str = "v2"
 
     def key(self) -> str:
         """A digest of every field (16 hex digits)."""
@@ -146,6 +149,7 @@ def kind_for(
     privileged_files: bool,
     cached_files: bool,
     limits: dict[str, int | None],
+    cgroup_layout: str = "v2",
 ) -> Kind | None:
     """The kind of a run's VM as ``boot_pod`` would boot it; None when the guest image
     cannot be found (the boot reports it)."""
@@ -167,6 +171,7 @@ def kind_for(
         dict(limits),
         image,
         environment,
+        cgroup_layout,
     )
 
 
