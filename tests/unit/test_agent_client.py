@@ -362,8 +362,7 @@ def test_a_malformed_failure_field_is_no_reason(reasons: ContainerClient, case: 
 
 def test_restored_refuses_a_cgroup_layout_it_does_not_know(guest: dict[str, str]) -> None:
     """Checked before anything is done (no reseed, no clock set: this is the host's)."""
-    with ContainerClient(guest["direct"], timeout=10) as client:
-        with pytest.raises(AgentError) as info:
-            client.restored(b"x" * 32, 0, cgroup_layout="v3")
+    with ContainerClient(guest["direct"], timeout=10) as client, pytest.raises(AgentError) as info:
+        client.restored(b"x" * 32, 0, cgroup_layout="v3")
     assert info.value.code == "INVALID_ARGUMENT"
     assert "unknown cgroup layout 'v3'" in info.value.detail
