@@ -35,7 +35,7 @@ if str(REPO) not in sys.path:
 #: that *calls* them (``from x import f`` binds a name there); methods on their class.
 PROBES: tuple[tuple[str, str, str], ...] = (
     ("sandbox.run.foreground", "run", "run"),
-    ("sandbox.run.foreground", "image_pull.resolve_image", "resolve image"),
+    ("sandbox.run.foreground", "_resolve_image", "resolve image"),
     ("sandbox.run.foreground", "build_spec", "build spec"),
     ("sandbox.run.foreground", "boot_watched", "boot pod"),
     ("sandbox.run.launch", "claim_watched", "boot: warm pool claim"),
