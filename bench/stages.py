@@ -56,7 +56,9 @@ PROBES: tuple[tuple[str, str, str], ...] = (
     ("sandbox.pod.agent_client", "AgentClient.wait_healthy", "boot: agent healthy"),
     ("sandbox.pod.agent_client", "AgentClient.restored", "boot: Restored"),
     ("sandbox.pod.agent_client", "AgentClient.mount_share", "boot: MountShare"),
+    ("sandbox.pod.lifecycle", "Pod.client", "agent client"),
     ("sandbox.run.launch", "share_container_files", "share container files"),
+    ("sandbox.run.launch", "etc_files.write", "container /etc files"),
     ("sandbox.pod.agent_client", "ContainerClient.create_container", "CreateContainer"),
     (
         "sandbox.pod.agent_client",
