@@ -16,7 +16,8 @@ PROTOCOL_VERSION = "1.14"  # 1.1: ConfigureNetwork; 1.2: Failure reasons in trai
 # 1.10: CloseOutput (the host's reader of a process's output is gone)
 # 1.11: Restored.hostname (the guest's own, as the host's is for runc's containers)
 # 1.12: CreateContainer.stdin_null (the init's stdin is /dev/null, as runc gives it)
-# 1.14: Restored.cgroup_layout (the containers' cgroup layout set up ahead)
+# 1.14: Restored.cgroup_layout (the containers' cgroup layout set up ahead),
+#       RestoredResponse.protocol_version, CreateContainer.files (written first)
 
 
 def protocol_major(version: str) -> int:

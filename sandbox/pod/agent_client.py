@@ -252,11 +252,12 @@ class AgentClient:
         share: tuple[str, str] | None = None,
         hostname: str = "",
         cgroup_layout: str = "",
-    ) -> bool:
+    ) -> tuple[bool, str]:
         """Tell a guest restored from a template VM to reseed its CRNG and set its clock;
         with ``share`` (tag, guest path) also mount that share (protocol 1.8). Returns whether
         the share was mounted: False from an older agent, which ignores it (the caller then
-        calls :meth:`mount_share`). A ``hostname`` names the guest (protocol 1.11; an older
+        calls :meth:`mount_share`), and the agent's protocol version (1.14 on; "" from an
+        older agent). A ``hostname`` names the guest (protocol 1.11; an older
         agent ignores it). A ``cgroup_layout`` ("v1", "v2") is set up by the guest in its
         idle time, ahead of the first container (protocol 1.14; an older agent ignores it).
 
@@ -271,7 +272,10 @@ class AgentClient:
         if share is not None:
             request.share.CopyFrom(pb.MountShareRequest(tag=share[0], path=share[1]))
         reply = self._call("Restored", request, timeout)
-        return share is not None and bool(reply.share_mounted)
+        protocol = reply.protocol_version
+        if protocol and _minor(protocol) < 0:
+            raise AgentError(f"agent sent a malformed protocol version {protocol[:16]!r}")
+        return share is not None and bool(reply.share_mounted), protocol
 
     def prepare_template(self, timeout: float) -> tuple[int, int, int] | None:
         """Ask a template VM's guest to drop its caches and zero its free memory before it
@@ -348,6 +352,10 @@ class AgentClient:
         return files
 
 
+def _write_requests(files: dict[str, bytes] | None) -> list[Any]:
+    return [pb.WriteFileRequest(path=path, data=data) for path, data in (files or {}).items()]
+
+
 def _minor(version: str) -> int:
     """The MINOR of a "MAJOR.MINOR" protocol version (-1 when malformed)."""
     minor = version.partition(".")[2]
@@ -371,11 +379,14 @@ class ContainerClient(AgentClient):
         rootfs: str,
         overlay: bool = False,
         stdin_null: bool = False,
+        files: dict[str, bytes] | None = None,
     ) -> int:
         """CreateContainer: set up ``container_id`` from config.json bytes ``spec`` on guest
         directory ``rootfs`` (through a throwaway overlay when ``overlay``); its init's guest pid,
         blocked before execve until :meth:`start_container`. ``stdin_null``: its stdin is
-        /dev/null, not a pipe (protocol 1.12; nothing will be relayed to it). AgentError with
+        /dev/null, not a pipe (protocol 1.12; nothing will be relayed to it). ``files``
+        (guest path: content) are written first, as :meth:`write_file` would (protocol 1.14:
+        see :meth:`require_protocol`; an older agent ignores them). AgentError with
         the in-guest runtime's message on failure (nothing is left behind in the guest)."""
         request = pb.CreateContainerRequest(
             container_id=container_id,
@@ -383,20 +394,27 @@ class ContainerClient(AgentClient):
             rootfs=rootfs,
             overlay=overlay,
             stdin_null=stdin_null,
+            files=_write_requests(files),
         )
         reply = self._call("CreateContainer", request, timeout=120.0)
         return _pid(reply.pid, f"container {container_id}")
 
     def create_and_start(
-        self, container_id: str, spec: bytes, rootfs: str, overlay: bool = False
+        self,
+        container_id: str,
+        spec: bytes,
+        rootfs: str,
+        overlay: bool = False,
+        files: dict[str, bytes] | None = None,
     ) -> tuple[int, bool]:
         """CreateContainer with start and close_stdin (protocol 1.8): the container created,
         its program exec'd and its stdin /dev/null (1.12; at EOF from an older agent, a pipe;
         a terminal's stdin stays open) in one round trip. Returns (guest pid, started);
         started is False from an agent before 1.8, which only created it: the caller then
         calls :meth:`start_container` and
-        :meth:`close_stdin`. Errors as :meth:`create_container` (and :meth:`start_container`:
-        the container is then stopped)."""
+        :meth:`close_stdin`. ``files`` as :meth:`create_container`'s. Errors as
+        :meth:`create_container` (and :meth:`start_container`: the container is then
+        stopped)."""
         request = pb.CreateContainerRequest(
             container_id=container_id,
             oci_spec=spec,
@@ -405,6 +423,7 @@ class ContainerClient(AgentClient):
             start=True,
             close_stdin=True,
             stdin_null=True,
+            files=_write_requests(files),
         )
         reply = self._call("CreateContainer", request, timeout=120.0)
         return _pid(reply.pid, f"container {container_id}"), bool(reply.started)

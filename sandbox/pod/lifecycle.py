@@ -567,7 +567,7 @@ class Pod:
                 # then the share, in one call. No Health before: this first call waits for
                 # the agent (the boot's timeout; cut short if QEMU, virtiofsd or the proxy
                 # dies: the client's watch), and its answer proves the agent serves.
-                mounted = agent.restored(
+                mounted, protocol = agent.restored(
                     secrets.token_bytes(64),
                     time.time_ns(),
                     timeout,
@@ -575,6 +575,7 @@ class Pod:
                     hostname or socket.gethostname(),
                     cgroup_layout,
                 )
+                self.record.agent_protocol = protocol or None
             else:
                 agent.wait_healthy(timeout, alive=qemu.alive)
             if not mounted:  # cold boot, or an agent before protocol 1.8

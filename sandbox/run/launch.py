@@ -220,6 +220,12 @@ def _wait_for_teardown(root: Path, pod_id: str, timeout: float = TEARDOWN_WAIT) 
         time.sleep(0.05)
 
 
+def _protocol_minor(version: str | None) -> int:
+    """The MINOR of the pod's recorded agent protocol (-1: not recorded, or malformed)."""
+    minor = (version or "").partition(".")[2]
+    return int(minor) if minor.isdigit() and len(minor) < 6 else -1
+
+
 def create_in_pod(
     pod: Pod,
     container_id: str,
@@ -269,7 +275,9 @@ def create_with(
     with StartContainer and CloseStdin after it (stdin: the foreground run of a
     non-interactive ``pysandbox run``; a terminal gets its ^D). The container gets its own
     /etc/hosts, /etc/hostname and (with a network) /etc/resolv.conf (:mod:`etc_files`,
-    named after the spec's hostname and the pod id). Errors as create_in_pod's;
+    named after the spec's hostname and the pod id), written by the CreateContainer call
+    itself when the pod's agent said it can (protocol 1.14, recorded at its ``Restored``),
+    else by WriteFile calls before it. Errors as create_in_pod's;
     a working directory that cannot be entered is named as the user gave it
     (``workdir_option``: by ``-w``, else by the image)."""
     guest_rootfs, guest_spec = share_container_files(
@@ -277,17 +285,32 @@ def create_with(
     )
     user_network = (pod.record.network or {}).get("mode") == "user"
     files = etc_files.contents(str(spec.get("hostname") or ""), pod.id, user_network)
-    try:
-        guest_spec["mounts"] += etc_files.write(client, container_id, files)
-    except AgentError as exc:
-        raise RunError(f"writing the container's /etc files: {exc.detail}", EXIT_RUNTIME) from exc
+    written: dict[str, bytes] | None = None  # the files, when CreateContainer writes them
+    if _protocol_minor(pod.record.agent_protocol) >= 14:  # in the same round trip
+        sources = etc_files.guest_sources(container_id, files)
+        written = {sources[destination]: data for destination, data in files.items()}
+        guest_spec["mounts"] += etc_files.mounts(sources)
+    else:
+        try:
+            guest_spec["mounts"] += etc_files.write(client, container_id, files)
+        except AgentError as exc:
+            raise RunError(
+                f"writing the container's /etc files: {exc.detail}", EXIT_RUNTIME
+            ) from exc
     payload = json.dumps(guest_spec).encode()
     try:
         if not start:
             return client.create_container(
-                container_id, payload, guest_rootfs, overlay=True, stdin_null=stdin_null
+                container_id,
+                payload,
+                guest_rootfs,
+                overlay=True,
+                stdin_null=stdin_null,
+                files=written,
             )
-        pid, started = client.create_and_start(container_id, payload, guest_rootfs, overlay=True)
+        pid, started = client.create_and_start(
+            container_id, payload, guest_rootfs, overlay=True, files=written
+        )
     except CommandError as exc:
         raise RunError(exc.detail, exc.exit_code) from exc
     except AgentError as exc:
