@@ -209,6 +209,8 @@ class Container:
     starting: set[str] = field(default_factory=set)  # exec ids being spawned
     #: (hierarchy, directory) of its v1 cgroups (v1 layout only)
     cgroup_v1: list[tuple[str, str]] = field(default_factory=list)
+    #: fds of its init's namespaces, held until it is removed (:func:`hold_namespaces`)
+    namespaces: list[int] = field(default_factory=list)
 
     @property
     def status(self) -> str:
@@ -346,6 +348,22 @@ def runtime_env() -> dict[str, str]:
     }
 
 
+#: The namespaces of a container's init the agent holds until RemoveContainer: those whose
+#: teardown costs the guest most when the last process leaves (the mount tree's unmounts and
+#: RCU grace periods, the network namespace's pernet exits).
+HELD_NAMESPACES = ("mnt", "net", "ipc", "uts", "cgroup")
+
+
+def hold_namespaces(pid: int) -> list[int]:
+    """fds of the namespaces :data:`HELD_NAMESPACES` of process ``pid`` (those that can be
+    opened: a process that is gone gives none)."""
+    held = []
+    for name in HELD_NAMESPACES:
+        with contextlib.suppress(OSError):
+            held.append(os.open(f"/proc/{pid}/ns/{name}", os.O_RDONLY | os.O_CLOEXEC))
+    return held
+
+
 def _close(fd: int | None) -> None:
     if fd is not None:
         with contextlib.suppress(OSError):
@@ -372,6 +390,26 @@ class ContainerManager:
         self._lock = threading.Lock()
         #: A network namespace made once the VM was restored (:mod:`agent.netns_ahead`).
         self.netns_ahead = NetnsAhead()
+
+    def prepare_ahead(self, layout: str) -> None:
+        """Once the VM was restored (its CRNG its own), in a thread at nice 19, i.e. in time
+        the guest would otherwise idle: set the containers' cgroup ``layout`` up ("v1" or
+        "v2", as the first container would: :meth:`cgroup_layout.Layout.choose`; "" leaves
+        it to that container) and have the zygote fork its spare runtime
+        (:meth:`agent.zygote.Zygote.spare_ahead`). Either one that fails is left to the
+        first container, as without this call. For a VM of the warm pool both are done long
+        before its container comes; in a run's own VM, what is not done when its
+        CreateContainer arrives is waited for (the layout) or done as before."""
+
+        def ahead() -> None:
+            os.setpriority(os.PRIO_PROCESS, 0, 19)  # 0: this thread (Linux nice is per thread)
+            if layout:
+                with contextlib.suppress(OSError, ValueError):
+                    self._layout.choose(layout)
+            if self._zygote is not None:
+                self._zygote.spare_ahead()
+
+        threading.Thread(target=ahead, name="containers-ahead", daemon=True).start()
 
     # -- helpers -----------------------------------------------------------------------------
 
@@ -622,6 +660,7 @@ class ContainerManager:
             raise
         if close_stdin and not terminal:
             proc.release("stdin")
+        held = hold_namespaces(proc.pid)
         linux = spec.get("linux")
         seccomp = linux.get("seccomp") if isinstance(linux, dict) else None
         with self._lock:
@@ -633,6 +672,7 @@ class ContainerManager:
                 control,
                 seccomp=seccomp,
                 cgroup_v1=self._layout.v1_dirs(cgroup),
+                namespaces=held,
             )
         return proc.pid
 
@@ -1010,6 +1050,9 @@ class ContainerManager:
             proc.release_all()
         if container.control is not None:
             container.control.close()
+        for fd in container.namespaces:
+            _close(fd)
+        container.namespaces.clear()
         _remove_cgroup(container.cgroup, container.cgroup_v1)
         self._drop_overlay(container_id)
         with self._lock:

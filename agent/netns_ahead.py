@@ -10,9 +10,10 @@ joins it instead of making it on its path.
 Never in the template VM: a new namespace draws random values (its hash seeds, for port and
 hash-table randomisation), which every VM restored from the template would then share. It is
 made after ``Restored`` reseeded the CRNG, so each VM's is its own, as one the runtime made
-would be. It is given to one container only (the agent drops its reference once that
-container's runtime has joined it), so when that container's init exits the namespace goes as
-it would have; any further container makes its own.
+would be. It is given to one container only (this module drops its reference once that
+container's runtime has joined it), so it goes with that container, as one it made would
+(:func:`agent.containers.hold_namespaces`: at RemoveContainer); any further container makes
+its own.
 
 The namespace is what the runtime would have made: new, empty, owned by the guest's initial
 user namespace, loopback up (runc's "loopback only", agent/oci/init.py step 5b). Only a spec

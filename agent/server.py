@@ -20,8 +20,8 @@ from typing import NoReturn
 
 # The server without grpcio (agent/grpc_server.py), by the names its servicers use of grpcio:
 # grpc.StatusCode, grpc.ServicerContext.
+from agent import cgroup_layout, pid1, restore, stream_port  # restore: before a template is saved
 from agent import grpc_server as grpc
-from agent import pid1, restore, stream_port  # restore: imported before a template is saved
 from agent.containers import START_TIMEOUT, ContainerError, ContainerManager, Signal
 from agent.network import NetworkError, NetworkManager
 from agent.oci import syscalls
@@ -156,14 +156,7 @@ class AgentService:
     def WriteFile(
         self, request: pb.WriteFileRequest, context: grpc.ServicerContext
     ) -> pb.WriteFileResponse:
-        if not os.path.isabs(request.path):
-            _abort(context, grpc.StatusCode.INVALID_ARGUMENT, "path must be absolute")
-        try:
-            fd = os.open(request.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
-            with os.fdopen(fd, "wb") as handle:
-                handle.write(request.data)
-        except OSError as exc:
-            _abort(context, grpc.StatusCode.FAILED_PRECONDITION, f"writing {request.path}: {exc}")
+        _write_file(request, context)
         return pb.WriteFileResponse()
 
     def Shutdown(
@@ -180,6 +173,12 @@ class AgentService:
     def Restored(
         self, request: pb.RestoredRequest, context: grpc.ServicerContext
     ) -> pb.RestoredResponse:
+        if request.cgroup_layout not in ("", *cgroup_layout.VERSIONS):
+            _abort(
+                context,
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"unknown cgroup layout {request.cgroup_layout[:16]!r}",
+            )
         try:
             restore.reseed(request.entropy)
             restore.set_clock(request.realtime_ns)
@@ -195,7 +194,8 @@ class AgentService:
             mounted = True
         if self._containers is not None:  # the CRNG is this VM's own now
             self._containers.netns_ahead.start()
-        return pb.RestoredResponse(share_mounted=mounted)
+            self._containers.prepare_ahead(request.cgroup_layout)  # protocol 1.14
+        return pb.RestoredResponse(share_mounted=mounted, protocol_version=PROTOCOL_VERSION)
 
     def PrepareTemplate(
         self, request: pb.PrepareTemplateRequest, context: grpc.ServicerContext
@@ -229,6 +229,8 @@ class AgentService:
     ) -> pb.CreateContainerResponse:
         self._check_id(context, request.container_id)
         manager = self._manager(context)
+        for file in request.files:  # protocol 1.14: the files its spec binds, first
+            _write_file(file, context)
         with _container_errors(context):
             pid = manager.create(
                 request.container_id,
@@ -510,6 +512,19 @@ class AgentService:
             yield pb.PortForwardResponse(connected=True)
             for data in portforward.drain(sock):
                 yield pb.PortForwardResponse(data=data)
+
+
+def _write_file(request: pb.WriteFileRequest, context: grpc.ServicerContext) -> None:
+    """WriteFile's work (created or truncated, mode 0644); INVALID_ARGUMENT for a relative
+    path, FAILED_PRECONDITION naming the path when it cannot be written."""
+    if not os.path.isabs(request.path):
+        _abort(context, grpc.StatusCode.INVALID_ARGUMENT, "path must be absolute")
+    try:
+        fd = os.open(request.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(request.data)
+    except OSError as exc:
+        _abort(context, grpc.StatusCode.FAILED_PRECONDITION, f"writing {request.path}: {exc}")
 
 
 def _wait_limit(context: grpc.ServicerContext, longest: float) -> float:

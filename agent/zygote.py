@@ -24,6 +24,8 @@ from agent import pid1
 REQUEST_TIMEOUT = 10.0
 #: How long a spawn waits for a zygote that is still importing (e.g. just restored).
 READY_TIMEOUT = 30.0
+#: The request for a spare runtime ahead (:meth:`Zygote.spare_ahead`; no fds attached).
+SPARE_AHEAD = b"spare-ahead"
 
 
 class Zygote:
@@ -107,6 +109,25 @@ class Zygote:
             if not reply:
                 self._give_up()
             return None
+
+    def spare_ahead(self) -> bool:
+        """Ask the zygote to fork its spare runtime once it idles (:mod:`agent.oci.zygote`,
+        "A spare runtime"), ahead of the first request, which it otherwise waits for. Only
+        once the VM's CRNG is its own (after ``Restored``). Whether the zygote took it."""
+        with self._lock:
+            if not self._wait_ready_locked(READY_TIMEOUT):
+                return False
+            assert self._sock is not None
+            try:
+                self._sock.settimeout(REQUEST_TIMEOUT)
+                self._sock.send(SPARE_AHEAD)
+                reply = self._sock.recv(256)
+            except OSError:
+                self._give_up()
+                return False
+            if not reply:
+                self._give_up()
+            return reply == b"ok"
 
     def _give_up(self) -> None:
         """Stop using the zygote: kill it (the reaper collects it), close our end."""

@@ -18,6 +18,8 @@ PROTOCOL_VERSION = "1.15"  # 1.1: ConfigureNetwork; 1.2: Failure reasons in trai
 # 1.12: CreateContainer.stdin_null (the init's stdin is /dev/null, as runc gives it)
 # 1.13: ExecProcess.close_stdin (EOF on the exec's stdin pipe in the same call),
 #       ProcessResponse.stdin_closed
+# 1.14: Restored.cgroup_layout (the containers' cgroup layout set up ahead),
+#       RestoredResponse.protocol_version, CreateContainer.files (written first)
 # 1.15: CreateContainer.stderr_to_stdout (one pipe for both, as runc under `2>&1`)
 
 

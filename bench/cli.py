@@ -337,23 +337,49 @@ def bench_run(runs: int, work: Path, oci: str) -> dict[str, Any]:
     pool_root, pool_env = work / "root-run-pool", {**_env(), "PYSANDBOX_POOL": "1"}
     pool_run = [*PYSANDBOX, "--root", str(pool_root), "run", str(bundle / "rootfs"), "true"]
 
-    def pooled() -> float:
+    def pool_ready(argv: list[str], root: Path, env: dict[str, str]) -> None:
         deadline = time.monotonic() + 120
         while (
             "running"
             not in subprocess.run(
-                [*PYSANDBOX, "--root", str(pool_root), "pool", "ls"],
+                [*argv, "--root", str(root), "pool", "ls"],
                 capture_output=True,
                 text=True,
-                env=pool_env,
+                env=env,
             ).stdout
         ):
             if time.monotonic() > deadline:
                 raise RuntimeError("no VM of the pool was ready within 120 s")
             time.sleep(0.2)
+
+    def pooled() -> float:
+        pool_ready(PYSANDBOX, pool_root, pool_env)
         return timed(pool_run, env=pool_env)
 
+    pool_stage_runs: list[list[tuple[str, float]]] = []
+
+    def pooled_traced() -> float:
+        pool_ready(PYSANDBOX, pool_root, pool_env)
+        seconds, stages = traced(
+            ["--root", str(pool_root), "run", str(bundle / "rootfs"), "true"], work, pool_env
+        )
+        pool_stage_runs.append(stages)
+        return seconds
+
+    # The baseline's pool on a root of its own (its code, image and templates).
+    base_pool_root = work / "root-run-pool-baseline"
+
+    def baseline_pooled(b: Baseline) -> float:
+        env = {**b.env, "PYSANDBOX_POOL": "1"}
+        pool_ready(b.argv, base_pool_root, env)
+        argv = [*b.argv, "--root", str(base_pool_root), "run", str(bundle / "rootfs"), "true"]
+        return timed(argv, env=env)
+
     timed(pool_run, env=pool_env)  # the first run of its kind starts the pool's filler
+    if BASELINE is not None:
+        base_env = {**BASELINE.env, "PYSANDBOX_POOL": "1"}
+        base_argv = [*BASELINE.argv, "--root", str(base_pool_root)]
+        timed([*base_argv, "run", str(bundle / "rootfs"), "true"], env=base_env)
     stage_runs: list[list[tuple[str, float]]] = []
 
     def traced_run() -> float:
@@ -373,17 +399,29 @@ def bench_run(runs: int, work: Path, oci: str) -> dict[str, Any]:
             ),
             "pysandbox (traced)": traced_run,
             "pysandbox (warm pool)": pooled,
+            "pysandbox (warm pool, traced)": pooled_traced,
             **_baseline_kind(
                 lambda b: timed(
                     [*b.argv, "--root", str(run_root), "run", str(bundle / "rootfs"), "true"],
                     env=b.env,
                 )
             ),
+            **(
+                {"baseline (warm pool)": lambda: baseline_pooled(BASELINE)}
+                if BASELINE is not None
+                else {}
+            ),
         },
     )
     subprocess.run(
         [*PYSANDBOX, "--root", str(pool_root), "pool", "drain"], capture_output=True, env=pool_env
     )
+    if BASELINE is not None:
+        subprocess.run(
+            [*BASELINE.argv, "--root", str(base_pool_root), "pool", "drain"],
+            capture_output=True,
+            env={**BASELINE.env, "PYSANDBOX_POOL": "1"},
+        )
     stats = {name: summary(values) for name, values in raw.items()}
     ours = stats["pysandbox"]["median"]
     return {
@@ -395,19 +433,37 @@ def bench_run(runs: int, work: Path, oci: str) -> dict[str, Any]:
         ),
         "ratio_to_reference": round(ours / stats["oci"]["median"], 2),
         **_baseline_ratios(stats, "floor", "oci"),
+        **(
+            {
+                "baseline_warm_pool_ratio_to_floor": round(
+                    stats["baseline (warm pool)"]["median"] / stats["floor"]["median"], 2
+                ),
+                "warm_pool_ratio_to_baseline": round(
+                    stats["pysandbox (warm pool)"]["median"]
+                    / stats["baseline (warm pool)"]["median"],
+                    3,
+                ),
+            }
+            if "baseline (warm pool)" in stats
+            else {}
+        ),
         "stages_median_seconds": median_stages(stage_runs),
+        "warm_pool_stages_median_seconds": median_stages(pool_stage_runs),
     }
 
 
-def traced(argv: list[str], work: Path) -> tuple[float, list[tuple[str, float]]]:
-    """Wall seconds of ``pysandbox ARGV`` run under bench/stages.py, and its stages."""
+def traced(
+    argv: list[str], work: Path, env: dict[str, str] | None = None
+) -> tuple[float, list[tuple[str, float]]]:
+    """Wall seconds of ``pysandbox ARGV`` run under bench/stages.py (environment ``env``,
+    default ours), and its stages."""
     out = work / "stages.json"
     t0 = time.monotonic()
     done = subprocess.run(
         [sys.executable, str(REPO / "bench" / "stages.py"), str(out), *argv],
         capture_output=True,
         timeout=TIMEOUT,
-        env={**_env(), "PYSANDBOX_BENCH_T0": repr(t0)},
+        env={**(env or _env()), "PYSANDBOX_BENCH_T0": repr(t0)},
     )
     exited = time.monotonic()
     if done.returncode != 0:
@@ -645,8 +701,18 @@ def report(result: dict[str, Any], oci: str) -> None:
                 f"  baseline ratio to floor: {run['baseline_ratio_to']['floor']:.2f}x;"
                 f" ours / baseline: {run['ratio_to_baseline']:.3f}"
             )
+        if "baseline (warm pool)" in run["seconds"]:
+            print(_row("baseline: warm pool", run["seconds"]["baseline (warm pool)"]))
+            print(
+                f"  baseline warm pool ratio to floor: "
+                f"{run['baseline_warm_pool_ratio_to_floor']:.2f}x;"
+                f" ours / baseline: {run['warm_pool_ratio_to_baseline']:.3f}"
+            )
         print("  stages (median seconds, traced runs):")
         for name, seconds in run["stages_median_seconds"]:
+            print(f"    {name:<44} {seconds:8.3f}")
+        print("  stages of a warm-pool run (median seconds, traced runs):")
+        for name, seconds in run.get("warm_pool_stages_median_seconds", []):
             print(f"    {name:<44} {seconds:8.3f}")
     exec_ = result.get("exec_true")
     if exec_:

@@ -35,7 +35,7 @@ if str(REPO) not in sys.path:
 #: that *calls* them (``from x import f`` binds a name there); methods on their class.
 PROBES: tuple[tuple[str, str, str], ...] = (
     ("sandbox.run.foreground", "run", "run"),
-    ("sandbox.run.foreground", "image_pull.resolve_image", "resolve image"),
+    ("sandbox.run.foreground", "_resolve_image", "resolve image"),
     ("sandbox.run.foreground", "build_spec", "build spec"),
     ("sandbox.run.foreground", "boot_watched", "boot pod"),
     ("sandbox.run.launch", "claim_watched", "boot: warm pool claim"),
@@ -56,7 +56,9 @@ PROBES: tuple[tuple[str, str, str], ...] = (
     ("sandbox.pod.agent_client", "AgentClient.wait_healthy", "boot: agent healthy"),
     ("sandbox.pod.agent_client", "AgentClient.restored", "boot: Restored"),
     ("sandbox.pod.agent_client", "AgentClient.mount_share", "boot: MountShare"),
+    ("sandbox.pod.lifecycle", "Pod.client", "agent client"),
     ("sandbox.run.launch", "share_container_files", "share container files"),
+    ("sandbox.run.launch", "etc_files.write", "container /etc files"),
     ("sandbox.pod.agent_client", "ContainerClient.create_container", "CreateContainer"),
     (
         "sandbox.pod.agent_client",

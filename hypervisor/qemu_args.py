@@ -25,6 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Protocol
 
+from hypervisor.guest_image import PMEM_ALIGN
+
 Accelerator = Literal["tcg", "kvm"]
 MachineType = Literal["pc", "q35", "microvm"]
 Bus = Literal["pci", "mmio"]
@@ -56,9 +58,6 @@ MAX_FS_TAG = 36
 TCG_TB_SIZE_MIB = 32
 #: Id of the shared memory backend required by vhost-user devices.
 MEMORY_BACKEND_ID = "mem"
-#: A virtio-pmem root image's size must be a multiple of this (bytes): the guest's libnvdimm
-#: maps the device in 2 MiB sections, and the build pads ``root.erofs`` to it.
-PMEM_ALIGN = 2 << 20
 
 
 def escape(value: str | Path) -> str:

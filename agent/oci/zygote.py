@@ -68,6 +68,8 @@ SOCKET_FD = 3
 #: once: while requests come in quick succession, its forks would compete for the guest's
 #: CPU with the runtimes just started.
 SPARE_AFTER = 0.2
+#: The agent's message: fork the spare at the next idle moment, before any request.
+SPARE_AHEAD = b"spare-ahead"
 
 
 def _runtime(module_name: str, args: list[str], fds: list[int], keep: tuple[int, ...]) -> None:
@@ -243,6 +245,10 @@ def serve(sock: socket.socket) -> None:
             continue
         if not message and not fds:
             return
+        if message == SPARE_AHEAD and not fds:
+            served = True
+            sock.send(b"ok")
+            continue
         served = True
         try:
             reply = None

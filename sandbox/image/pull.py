@@ -134,9 +134,9 @@ def resolve_image(args: argparse.Namespace) -> images.Image:
     ``sandbox.image.store.resolve``, anything else pulled according to ``--pull`` (missing:
     only when the store lacks it; always: check the registry; never: the store only)."""
     name: str = args.image
-    quiet = bool(getattr(args, "quiet", False))
-    if images.is_local(name) or name.startswith(("/", "./", "../", "~")):
-        return images.resolve(name, progress=not quiet)  # a missing path: "not found"
+    local = images.resolve_local(name, bool(getattr(args, "quiet", False)))
+    if local is not None:
+        return local
     options = options_from(args)
     pulled = pull(name, options, getattr(args, "pull", None) or "missing")
     return stored_image(pulled)

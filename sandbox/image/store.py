@@ -120,6 +120,15 @@ def is_local(name: str) -> bool:
     return name == DEFAULT_IMAGE or _split_ref(name)[0] is not None
 
 
+def resolve_local(name: str, quiet: bool = False) -> Image | None:
+    """The image of ``pysandbox run NAME`` when NAME is local (:func:`is_local`, or written as
+    a path: a missing one is "not found"): :func:`resolve`; None for a name to pull from a
+    registry (:func:`sandbox.image.pull.resolve_image`)."""
+    if not (is_local(name) or name.startswith(("/", "./", "../", "~"))):
+        return None
+    return resolve(name, progress=not quiet)
+
+
 def _split_ref(name: str) -> tuple[Path | None, str | None]:
     """``name`` as a path, or ``PATH:REF`` when ``name`` itself does not exist."""
     if os.path.lexists(name):

@@ -251,20 +251,31 @@ class AgentClient:
         timeout: float | None = None,
         share: tuple[str, str] | None = None,
         hostname: str = "",
-    ) -> bool:
+        cgroup_layout: str = "",
+    ) -> tuple[bool, str]:
         """Tell a guest restored from a template VM to reseed its CRNG and set its clock;
         with ``share`` (tag, guest path) also mount that share (protocol 1.8). Returns whether
         the share was mounted: False from an older agent, which ignores it (the caller then
-        calls :meth:`mount_share`). A ``hostname`` names the guest (protocol 1.11; an older
-        agent ignores it).
+        calls :meth:`mount_share`), and the agent's protocol version (1.14 on; "" from an
+        older agent). A ``hostname`` names the guest (protocol 1.11; an older
+        agent ignores it). A ``cgroup_layout`` ("v1", "v2") is set up by the guest in its
+        idle time, ahead of the first container (protocol 1.14; an older agent ignores it).
 
         ``timeout`` (default: the client's): as the first call of a restored VM it also waits
         for the agent to answer at all, as :meth:`wait_healthy` would."""
-        request = pb.RestoredRequest(entropy=entropy, realtime_ns=realtime_ns, hostname=hostname)
+        request = pb.RestoredRequest(
+            entropy=entropy,
+            realtime_ns=realtime_ns,
+            hostname=hostname,
+            cgroup_layout=cgroup_layout,
+        )
         if share is not None:
             request.share.CopyFrom(pb.MountShareRequest(tag=share[0], path=share[1]))
         reply = self._call("Restored", request, timeout)
-        return share is not None and bool(reply.share_mounted)
+        protocol = reply.protocol_version
+        if protocol and _minor(protocol) < 0:
+            raise AgentError(f"agent sent a malformed protocol version {protocol[:16]!r}")
+        return share is not None and bool(reply.share_mounted), protocol
 
     def prepare_template(self, timeout: float) -> tuple[int, int, int] | None:
         """Ask a template VM's guest to drop its caches and zero its free memory before it
@@ -341,6 +352,10 @@ class AgentClient:
         return files
 
 
+def _write_requests(files: dict[str, bytes] | None) -> list[Any]:
+    return [pb.WriteFileRequest(path=path, data=data) for path, data in (files or {}).items()]
+
+
 def _minor(version: str) -> int:
     """The MINOR of a "MAJOR.MINOR" protocol version (-1 when malformed)."""
     minor = version.partition(".")[2]
@@ -365,14 +380,16 @@ class ContainerClient(AgentClient):
         overlay: bool = False,
         stdin_null: bool = False,
         stderr_to_stdout: bool = False,
+        files: dict[str, bytes] | None = None,
     ) -> int:
         """CreateContainer: set up ``container_id`` from config.json bytes ``spec`` on guest
         directory ``rootfs`` (through a throwaway overlay when ``overlay``); its init's guest pid,
         blocked before execve until :meth:`start_container`. ``stdin_null``: its stdin is
-        /dev/null, not a pipe (protocol 1.12; nothing will be relayed to it).
-        ``stderr_to_stdout``: its stderr is its stdout pipe (1.15; an older agent keeps two
-        streams). AgentError with the in-guest runtime's message on failure (nothing is left
-        behind in the guest)."""
+        /dev/null, not a pipe (protocol 1.12; nothing will be relayed to it). ``files``
+        (guest path: content) are written first, as :meth:`write_file` would (protocol 1.14:
+        see :meth:`require_protocol`; an older agent ignores them). ``stderr_to_stdout``: its
+        stderr is its stdout pipe (1.15; an older agent keeps two streams). AgentError with
+        the in-guest runtime's message on failure (nothing is left behind in the guest)."""
         request = pb.CreateContainerRequest(
             container_id=container_id,
             oci_spec=spec,
@@ -380,6 +397,7 @@ class ContainerClient(AgentClient):
             overlay=overlay,
             stdin_null=stdin_null,
             stderr_to_stdout=stderr_to_stdout,
+            files=_write_requests(files),
         )
         reply = self._call("CreateContainer", request, timeout=120.0)
         return _pid(reply.pid, f"container {container_id}")
@@ -391,6 +409,7 @@ class ContainerClient(AgentClient):
         rootfs: str,
         overlay: bool = False,
         stderr_to_stdout: bool = False,
+        files: dict[str, bytes] | None = None,
     ) -> tuple[int, bool]:
         """CreateContainer with start and close_stdin (protocol 1.8): the container created,
         its program exec'd and its stdin /dev/null (1.12; at EOF from an older agent, a pipe;
@@ -398,8 +417,9 @@ class ContainerClient(AgentClient):
         :meth:`create_container`. Returns (guest pid, started);
         started is False from an agent before 1.8, which only created it: the caller then
         calls :meth:`start_container` and
-        :meth:`close_stdin`. Errors as :meth:`create_container` (and :meth:`start_container`:
-        the container is then stopped)."""
+        :meth:`close_stdin`. ``files`` as :meth:`create_container`'s. Errors as
+        :meth:`create_container` (and :meth:`start_container`: the container is then
+        stopped)."""
         request = pb.CreateContainerRequest(
             container_id=container_id,
             oci_spec=spec,
@@ -409,6 +429,7 @@ class ContainerClient(AgentClient):
             close_stdin=True,
             stdin_null=True,
             stderr_to_stdout=stderr_to_stdout,
+            files=_write_requests(files),
         )
         reply = self._call("CreateContainer", request, timeout=120.0)
         return _pid(reply.pid, f"container {container_id}"), bool(reply.started)

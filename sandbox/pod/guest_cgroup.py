@@ -56,3 +56,15 @@ def resolve(spec: dict[str, Any]) -> None:
         **(annotations or {}),
         ANNOTATION: host_layout() if value == "host" else value,
     }
+
+
+def layout_for(spec: dict[str, Any]) -> str:
+    """The layout a new VM's containers get for ``spec``, as :func:`resolve` names it: "v1"
+    or "v2" (v2 when it names none); "" when the annotation or variable is not valid (its
+    error is :func:`resolve`'s, when the container's files are shared)."""
+    copy = {"annotations": spec.get("annotations")} if "annotations" in spec else {}
+    try:
+        resolve(copy)
+    except ConfigError:
+        return ""
+    return str((copy.get("annotations") or {}).get(ANNOTATION) or "v2")

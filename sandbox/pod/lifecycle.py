@@ -344,6 +344,7 @@ class Pod:
         cached_files: bool = False,
         owner: ProcessHandle | None = None,
         keep_client: bool = False,
+        cgroup_layout: str = "",
     ) -> Pod:
         """Boot a new pod VM and return once its agent is healthy and the share mounted.
 
@@ -371,7 +372,11 @@ class Pod:
         ``keep_client``: the boot's client of the agent (its channel connected) is what the
         first :meth:`client` call without a timeout returns, instead of a new one (a new
         channel's first call costs a connection to the proxy: ~20 ms on a run's path). For a
-        caller that makes that call next, in this process (a run).
+        caller that makes that call next, in this process (a run). ``cgroup_layout`` ("v1",
+        "v2"; "" none): the layout the pod's containers will ask for (their spec's
+        annotation, :mod:`sandbox.pod.guest_cgroup`), which a restored guest sets up in its
+        idle time after the boot, ahead of the first container (protocol 1.14); a container
+        asking for the other one is then refused, as in a VM whose first container chose.
 
         Raises StateError if the pod exists, ConfigError for a missing or invalid guest image
         or bad settings, AgentError/AgentTimeout if the agent is not reached (the error names
@@ -450,6 +455,7 @@ class Pod:
                     user_network=user_network,
                     hostname=hostname,
                     keep_client=keep_client,
+                    cgroup_layout=cgroup_layout,
                 )
             if placement is not None:
                 # Only now: restoring a template reads (so allocates) all guest RAM for a
@@ -492,6 +498,7 @@ class Pod:
         user_network: bool = False,
         hostname: str = "",
         keep_client: bool = False,
+        cgroup_layout: str = "",
     ) -> None:
         """The boot steps, in order; each is recorded before or the moment it exists, so
         that :meth:`destroy` undoes exactly what was done, whichever step fails."""
@@ -560,13 +567,15 @@ class Pod:
                 # then the share, in one call. No Health before: this first call waits for
                 # the agent (the boot's timeout; cut short if QEMU, virtiofsd or the proxy
                 # dies: the client's watch), and its answer proves the agent serves.
-                mounted = agent.restored(
+                mounted, protocol = agent.restored(
                     secrets.token_bytes(64),
                     time.time_ns(),
                     timeout,
                     (SHARE_TAG, GUEST_SHARE),
                     hostname or socket.gethostname(),
+                    cgroup_layout,
                 )
+                self.record.agent_protocol = protocol or None
             else:
                 agent.wait_healthy(timeout, alive=qemu.alive)
             if not mounted:  # cold boot, or an agent before protocol 1.8

@@ -99,6 +99,7 @@ class PodRecord:
         "host_cgroup",
         "owner",
         "pool",
+        "agent_protocol",
         "extra",
     )
 
@@ -121,6 +122,7 @@ class PodRecord:
         host_cgroup: dict[str, Any] | None = None,
         owner: ProcessHandle | None = None,
         pool: str | None = None,
+        agent_protocol: str | None = None,
         extra: dict[str, Any] | None = None,
     ) -> None:
         self.id = id
@@ -151,6 +153,9 @@ class PodRecord:
         #: While the pod waits in the warm pool of ``run`` (:mod:`sandbox.run.pool`): the key
         #: of the runs it can serve; None once a run took it (or for any other pod).
         self.pool = pool
+        #: The agent's protocol version as its ``Restored`` answered (1.14 on; None: not told,
+        #: i.e. an older agent or a cold boot): what the pod's calls may use.
+        self.agent_protocol = agent_protocol
         #: Keys of the file this version does not know, written back unchanged.
         self.extra: dict[str, Any] = {} if extra is None else extra
 
@@ -215,6 +220,8 @@ class PodRecord:
             data["boot"] = self.boot.value
         if self.pool is not None:
             data["pool"] = self.pool
+        if self.agent_protocol is not None:
+            data["agent_protocol"] = self.agent_protocol
         return data
 
     @classmethod
@@ -291,6 +298,9 @@ class PodRecord:
         pool = data.pop("pool", None)
         if pool is not None and not isinstance(pool, str):
             raise corrupt("pool is not a string")
+        agent_protocol = data.pop("agent_protocol", None)
+        if agent_protocol is not None and not isinstance(agent_protocol, str):
+            raise corrupt("agent_protocol is not a string")
         return cls(
             id=pod_id,
             status=status,
@@ -309,6 +319,7 @@ class PodRecord:
             host_cgroup=host_cgroup,
             owner=owner,
             pool=pool,
+            agent_protocol=agent_protocol,
             extra=data,
         )
 

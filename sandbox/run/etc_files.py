@@ -72,10 +72,7 @@ def write(
 
     The files are written at once, one call each from a thread of its own (the channel
     carries them side by side): one round trip to the guest instead of one per file."""
-    sources = {
-        destination: f"{GUEST_DIR}/etc-{container_id}-{destination.rpartition('/')[2]}"
-        for destination in files
-    }
+    sources = guest_sources(container_id, files)
     failures: dict[str, BaseException] = {}
 
     def write_one(destination: str) -> None:
@@ -92,14 +89,25 @@ def write(
     for destination in files:
         if destination in failures:
             raise failures[destination]
-    mounts = []
-    for destination, source in sources.items():
-        mounts.append(
-            {
-                "destination": destination,
-                "type": "bind",
-                "source": source,
-                "options": list(MOUNT_OPTIONS),
-            }
-        )
-    return mounts
+    return mounts(sources)
+
+
+def guest_sources(container_id: str, files: dict[str, bytes]) -> dict[str, str]:
+    """The guest path each of ``files`` (:func:`contents`) is written to, by destination."""
+    return {
+        destination: f"{GUEST_DIR}/etc-{container_id}-{destination.rpartition('/')[2]}"
+        for destination in files
+    }
+
+
+def mounts(sources: dict[str, str]) -> list[dict[str, Any]]:
+    """The spec mounts that bind :func:`guest_sources` into the container."""
+    return [
+        {
+            "destination": destination,
+            "type": "bind",
+            "source": source,
+            "options": list(MOUNT_OPTIONS),
+        }
+        for destination, source in sources.items()
+    ]

@@ -23,7 +23,6 @@ from typing import TYPE_CHECKING, Any
 
 from sandbox import same_file, terminal_size
 from sandbox.errors import EXIT_TIMEOUT, AgentError, SandboxError
-from sandbox.image import pull as image_pull
 from sandbox.image import store as images
 from sandbox.pod.lifecycle import Pod
 from sandbox.pod.sharing import HeldSources, unshare_container_files
@@ -65,7 +64,7 @@ def run(args: argparse.Namespace, root: Path) -> int:
     """
     check_options(args)
     _import_agent_client_meanwhile()
-    image = image_pull.resolve_image(args)
+    image = _resolve_image(args)
     with HeldSources() as held:  # the sources as checked, until they are shared
         pod_id = run_name(args)
         check_name_free(root, pod_id)
@@ -91,6 +90,17 @@ def run(args: argparse.Namespace, root: Path) -> int:
     sys.stdout.flush()
     sys.stderr.flush()
     return status
+
+
+def _resolve_image(args: argparse.Namespace) -> images.Image:
+    """:func:`sandbox.image.pull.resolve_image`, whose modules (registries, skopeo, the pull
+    display: ~20 ms of imports) are imported only for an image that may have to be pulled."""
+    local = images.resolve_local(args.image, bool(getattr(args, "quiet", False)))
+    if local is not None:
+        return local
+    from sandbox.image import pull as image_pull
+
+    return image_pull.resolve_image(args)
 
 
 def _import_agent_client_meanwhile() -> None:

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 from hypervisor.process import ProcessHandle
 from sandbox.errors import EXIT_RUNTIME, AgentError, CommandError, RunError, SandboxError
 from sandbox.image import store as images
-from sandbox.pod import host_cgroup
+from sandbox.pod import guest_cgroup, host_cgroup
 from sandbox.pod.lifecycle import Pod
 from sandbox.pod.record import PodStatus
 from sandbox.pod.sharing import HeldSources, is_bind, share_container_files
@@ -70,6 +70,7 @@ def boot_pod(
         cached_files=cacheable(spec, image),
         owner=owner,
         keep_client=True,  # the run's container is created next, through it
+        cgroup_layout=guest_cgroup.layout_for(spec),  # set up in the guest ahead
     )
 
 
@@ -118,6 +119,7 @@ def run_kind(
         bool(args.privileged_files),
         cacheable(spec, image),
         host_cgroup.container_limits(resources),
+        guest_cgroup.layout_for(spec),
     )
 
 
@@ -218,6 +220,12 @@ def _wait_for_teardown(root: Path, pod_id: str, timeout: float = TEARDOWN_WAIT) 
         time.sleep(0.05)
 
 
+def _protocol_minor(version: str | None) -> int:
+    """The MINOR of the pod's recorded agent protocol (-1: not recorded, or malformed)."""
+    minor = (version or "").partition(".")[2]
+    return int(minor) if minor.isdigit() and len(minor) < 6 else -1
+
+
 def create_in_pod(
     pod: Pod,
     container_id: str,
@@ -272,19 +280,29 @@ def create_with(
     process's stderr is its stdout pipe (the caller's two are one file, ``2>&1``). The
     container gets its own /etc/hosts, /etc/hostname and (with a network) /etc/resolv.conf
     (:mod:`etc_files`, named after the spec's hostname and ``run_name``, by default the pod
-    id: a pooled VM's id is not the run's). Errors as
-    create_in_pod's; a working directory that cannot be entered is named as the user gave
-    it (``workdir_option``: by ``-w``, else by the image)."""
+    id: a pooled VM's id is not the run's), written by the CreateContainer call itself when
+    the pod's agent said it can (protocol 1.14, recorded at its ``Restored``), else by
+    WriteFile calls before it. Errors as create_in_pod's; a working directory that cannot be
+    entered is named as the user gave it (``workdir_option``: by ``-w``, else by the
+    image)."""
     guest_rootfs, guest_spec = share_container_files(
         pod, container_id, spec, image.rootfs.parent, rootfs_readonly=True, held=held
     )
     user_network = (pod.record.network or {}).get("mode") == "user"
     name = run_name or pod.id
     files = etc_files.contents(str(spec.get("hostname") or ""), name, user_network)
-    try:
-        guest_spec["mounts"] += etc_files.write(client, container_id, files)
-    except AgentError as exc:
-        raise RunError(f"writing the container's /etc files: {exc.detail}", EXIT_RUNTIME) from exc
+    written: dict[str, bytes] | None = None  # the files, when CreateContainer writes them
+    if _protocol_minor(pod.record.agent_protocol) >= 14:  # in the same round trip
+        sources = etc_files.guest_sources(container_id, files)
+        written = {sources[destination]: data for destination, data in files.items()}
+        guest_spec["mounts"] += etc_files.mounts(sources)
+    else:
+        try:
+            guest_spec["mounts"] += etc_files.write(client, container_id, files)
+        except AgentError as exc:
+            raise RunError(
+                f"writing the container's /etc files: {exc.detail}", EXIT_RUNTIME
+            ) from exc
     payload = json.dumps(guest_spec).encode()
     try:
         if not start:
@@ -295,9 +313,15 @@ def create_with(
                 overlay=True,
                 stdin_null=stdin_null,
                 stderr_to_stdout=stderr_to_stdout,
+                files=written,
             )
         pid, started = client.create_and_start(
-            container_id, payload, guest_rootfs, overlay=True, stderr_to_stdout=stderr_to_stdout
+            container_id,
+            payload,
+            guest_rootfs,
+            overlay=True,
+            stderr_to_stdout=stderr_to_stdout,
+            files=written,
         )
     except CommandError as exc:
         raise RunError(exc.detail, exc.exit_code) from exc

@@ -118,6 +118,9 @@ class Kind:
     #: The guest image's manifest: path and mtime (a rebuilt image makes a new kind).
     image: str
     environment: dict[str, str]
+    #: The containers' cgroup layout (:func:`sandbox.pod.guest_cgroup.layout_for`), set up
+    #: in the guest ahead (a VM has one; a container asking for the other is refused).
+    cgroup_layout: str = "v2"
     #: What the VM's host processes inherit from the run that spawned the filler
     #: (:func:`caller_context`): only a run in the same context may take it (breaker5: a run
     #: of another job was charged to, and killed with, the filler's job's cgroup; one in an
@@ -153,6 +156,7 @@ def kind_for(
     privileged_files: bool,
     cached_files: bool,
     limits: dict[str, int | None],
+    cgroup_layout: str = "v2",
 ) -> Kind | None:
     """The kind of a run's VM as ``boot_pod`` would boot it; None when the guest image
     cannot be found (the boot reports it)."""
@@ -178,6 +182,7 @@ def kind_for(
         dict(limits),
         image,
         environment,
+        cgroup_layout,
         context,
     )
 

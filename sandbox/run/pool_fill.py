@@ -51,6 +51,7 @@ def fill(root: Path, kind: pool.Kind) -> Pod:
             cgroup=(req, placement),
             cached_files=kind.cached_files,
             owner=watch.owner,
+            cgroup_layout=kind.cgroup_layout,
         )
     except BaseException:
         watch.dismiss()

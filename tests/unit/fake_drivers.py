@@ -424,6 +424,8 @@ class FakeGuest(pb_grpc.AgentServicer):
         self.specs[request.container_id] = request.oci_spec
         self.containers[request.container_id] = pid = 100 + len(self.containers)
         self.drivers.creates.append((request.container_id, request.start, request.close_stdin))
+        if self.drivers.agent_minor >= 14:  # the files its spec binds, written first
+            self.files.update({f.path: f.data for f in request.files})
         started = request.start and self.drivers.agent_minor >= 8
         return pb.CreateContainerResponse(pid=pid, started=started)
 

@@ -358,3 +358,25 @@ def test_a_malformed_failure_field_is_no_reason(reasons: ContainerClient, case: 
     assert type(caught.value) is AgentError
     assert caught.value.reason is FailureReason.UNSPECIFIED
     assert caught.value.code == "FAILED_PRECONDITION"
+
+
+def test_restored_refuses_a_cgroup_layout_it_does_not_know(guest: dict[str, str]) -> None:
+    """Checked before anything is done (no reseed, no clock set: this is the host's)."""
+    with ContainerClient(guest["direct"], timeout=10) as client, pytest.raises(AgentError) as info:
+        client.restored(b"x" * 32, 0, cgroup_layout="v3")
+    assert info.value.code == "INVALID_ARGUMENT"
+    assert "unknown cgroup layout 'v3'" in info.value.detail
+
+
+def test_create_container_writes_its_files_first(guest: dict[str, str], tmp_path: Path) -> None:
+    """Protocol 1.14: written as WriteFile would, before anything is set up (here the
+    runtime fails; the file is there all the same), a relative path refused."""
+    target = tmp_path / "etc-c2-hostname"
+    spec = json.dumps({"process": {"args": ["x"]}, "sync_line": "error SETUP_FAILED x"}).encode()
+    with ContainerClient(guest["direct"], timeout=30.0) as client:
+        with pytest.raises(AgentError):
+            client.create_container("c2", spec, guest["rootfs"], files={str(target): b"h\n"})
+        assert target.read_bytes() == b"h\n"
+        with pytest.raises(AgentError) as info:
+            client.create_container("c3", spec, guest["rootfs"], files={"rel/x": b""})
+    assert info.value.code == "INVALID_ARGUMENT"

@@ -52,3 +52,17 @@ def test_a_bad_value_names_where_it_came_from(monkeypatch: pytest.MonkeyPatch) -
         guest_cgroup.resolve({})
     with pytest.raises(ConfigError, match=r'annotation org\.pysandbox\.cgroup: "2" is not one'):
         guest_cgroup.resolve({"annotations": {KEY: "2"}})
+
+
+def test_the_layout_a_new_vm_prepares_is_the_one_resolve_names(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delenv("PYSANDBOX_CGROUP", raising=False)
+    spec: dict[str, Any] = {"annotations": {"a": "b"}}
+    assert guest_cgroup.layout_for(spec) == "v2"
+    assert spec == {"annotations": {"a": "b"}}  # unchanged
+    assert guest_cgroup.layout_for({"annotations": {KEY: "v1"}}) == "v1"
+    monkeypatch.setenv("PYSANDBOX_CGROUP", "v1")
+    assert guest_cgroup.layout_for({}) == "v1"
+    monkeypatch.setenv("PYSANDBOX_CGROUP", "v3")  # refused later, when the files are shared
+    assert guest_cgroup.layout_for({}) == ""

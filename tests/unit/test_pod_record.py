@@ -205,3 +205,12 @@ def test_vcpus_round_trip_and_default_to_one(tmp_path: Path) -> None:
     write(tmp_path, "pod-b", {**FIRST_VERSION, "id": "pod-b", "cpus": 2})
     record = pod_record.load(tmp_path, "pod-b")
     assert record.cpus == 2 and record.to_json()["cpus"] == 2
+
+
+def test_the_agent_protocol_round_trips_and_is_absent_when_not_told(tmp_path: Path) -> None:
+    write(tmp_path, "pod-a", {**FIRST_VERSION, "agent_protocol": "1.14"})
+    record = pod_record.load(tmp_path, "pod-a")
+    assert record.agent_protocol == "1.14" and record.extra == {}
+    assert record.to_json() == {**FIRST_VERSION, "agent_protocol": "1.14"}
+    write(tmp_path, "pod-b", {**FIRST_VERSION, "id": "pod-b"})
+    assert pod_record.load(tmp_path, "pod-b").agent_protocol is None

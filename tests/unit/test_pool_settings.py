@@ -52,6 +52,7 @@ def test_every_field_of_a_kind_is_in_its_key() -> None:
         dataclasses.replace(kind, limits={"pids": 1023}),
         dataclasses.replace(kind, image="/g/manifest.json:2"),
         dataclasses.replace(kind, environment={"A": "c"}),
+        dataclasses.replace(kind, cgroup_layout="v1"),
     ]
     keys = {kind.key(), *(k.key() for k in changed)}
     assert len(keys) == 1 + len(changed)

@@ -43,14 +43,17 @@ def _create(
     start: bool,
     terminal: bool = False,
     user_network: bool = False,
+    agent_protocol: str | None = None,
 ) -> list[str]:
-    """Boot a fake pod, create the run's container; the agent calls the creation made."""
+    """Boot a fake pod, create the run's container; the agent calls the creation made.
+    ``agent_protocol``: what a restored pod's agent told (recorded)."""
     monkeypatch.setattr(
         launch,
         "share_container_files",
         lambda *_args, **_kwargs: ("/run/pysandbox/shared/main/rootfs", {"mounts": []}),
     )
     pod = Pod.boot(root, "r1", user_network=user_network)
+    pod.record.agent_protocol = agent_protocol
     since = len(fake.events)
     image: Any = SimpleNamespace(rootfs=root / "image" / "rootfs")
     try:
@@ -193,3 +196,20 @@ def test_exec_reads_a_run_containers_users_where_the_agent_mounts_its_root() -> 
     from sandbox.runtime.exec import GUEST_OVERLAY
 
     assert GUEST_OVERLAY == OVERLAY_ROOT
+
+
+def test_an_agent_of_1_14_writes_the_etc_files_with_the_create(
+    fake: FakeDrivers, root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One round trip instead of two: the pod's agent said at its Restored that it can."""
+    fake.agent_minor = 14
+    calls = _create(fake, root, monkeypatch, start=True, agent_protocol="1.14")
+    assert calls == ["CreateContainer"]
+    guest = fake.vms[-1].guest
+    mounts = {m["destination"]: m for m in json.loads(guest.specs["main"])["mounts"]}
+    assert sorted(mounts) == ["/etc/hostname", "/etc/hosts"]
+    assert guest.files[mounts["/etc/hostname"]["source"]] == b"0123456789ab\n"
+    assert _create(fake, root, monkeypatch, start=True, agent_protocol="1.12") == [
+        *ETC_FILES,
+        "CreateContainer",
+    ]

@@ -488,3 +488,53 @@ def test_a_terminal_execs_stdin_is_not_closed(
         os.close(pty_peer)
     manager.process("c1", "e1").release_all()
     _release(init, in_r, out_w)
+
+
+def test_namespaces_of_the_init_are_held_until_the_container_is_removed(tmp_path: Path) -> None:
+    """The init's exit does not dismantle its namespaces (their mounts, network): the agent
+    holds them until RemoveContainer, off the path of the exit status."""
+    from agent.containers import HELD_NAMESPACES, hold_namespaces
+
+    child = subprocess.Popen(["sleep", "30"])
+    try:
+        held = hold_namespaces(child.pid)
+        assert len(held) == len(HELD_NAMESPACES)
+        for fd, name in zip(held, HELD_NAMESPACES, strict=True):
+            assert os.readlink(f"/proc/self/fd/{fd}") == os.readlink(f"/proc/{child.pid}/ns/{name}")
+    finally:
+        child.kill()
+        child.wait()
+    assert hold_namespaces(child.pid) == []  # gone: nothing to hold
+    proc, in_r, out_w = _pipes_process()
+    manager = _manager(tmp_path, proc)
+    manager.get("c1").namespaces = held
+    proc.on_exit(0)
+    manager.remove("c1")
+    for fd in held:
+        with pytest.raises(OSError):
+            os.fstat(fd)
+    os.close(in_r)
+    os.close(out_w)
+
+
+def test_the_layout_is_set_up_ahead_when_the_restored_vm_says_which() -> None:
+    from agent import cgroup_layout
+
+    chosen = threading.Event()
+    calls: list[str] = []
+
+    def setup(version: str, parent: str) -> None:
+        calls.append(version)
+        chosen.set()
+
+    manager = ContainerManager(pid1.Reaper(), layout=cgroup_layout.Layout("/x/pysandbox", setup))
+    manager.prepare_ahead("v1")
+    assert chosen.wait(10)
+    manager._layout.choose(None)  # the first container, without a preference: v1, set up once
+    assert calls == ["v1"]
+    with pytest.raises(ValueError, match="use cgroup v1"):
+        manager._layout.choose("v2")
+    untouched = ContainerManager(pid1.Reaper(), layout=cgroup_layout.Layout("/x", setup))
+    untouched.prepare_ahead("")
+    time.sleep(0.2)
+    assert untouched._layout.version is None and calls == ["v1"]

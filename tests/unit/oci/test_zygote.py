@@ -160,6 +160,19 @@ def test_no_spare_before_a_first_request(zygote: Zygote) -> None:
     assert _spares(zygote) == []
 
 
+def test_a_spare_is_forked_ahead_of_the_first_request_when_the_agent_asks(
+    zygote: Zygote,
+) -> None:
+    """After ``Restored`` (the CRNG the VM's own) the agent asks for the spare at once, so a
+    VM of the warm pool has it before its first container."""
+    assert zygote.spare_ahead()
+    spare = _wait_for_spare(zygote)
+    args = ["--bundle-fd", "3", "--sync-fd", "4"]
+    pid, _err, sync = _request(zygote, "agent.oci.init", args, b"not json")
+    assert pid == spare
+    assert sync.startswith(b"error INVALID_SPEC "), sync
+
+
 def test_an_idle_zygote_serves_the_next_request_with_a_spare_forked_ahead(
     zygote: Zygote,
 ) -> None:
