@@ -24,7 +24,7 @@ from agentapi.proto import agent_pb2_grpc as pb_grpc
 from agentapi.version import PROTOCOL_VERSION, protocol_major
 from sandbox.errors import AgentError, AgentTimeout, PodProcessDied
 from sandbox.pod import output_port
-from sandbox.pod.agent_errors import call_error, chunk_data, guest_pid
+from sandbox.pod.agent_errors import call_error, chunk_data, guest_pid, wait_exit
 
 if TYPE_CHECKING:
     from sandbox.pod.network import NetworkConfig
@@ -365,9 +365,6 @@ def _minor(version: str) -> int:
 #: What ContainerStatus may report (agent.proto).
 _CONTAINER_STATUSES = ("created", "running", "paused", "stopped")
 
-#: Deadline of one WaitProcess call; waits longer than this are retried.
-WAIT_SLICE_SECONDS = 30.0
-
 
 class ContainerClient(AgentClient):
     """The container RPCs of the agent, with the same deadline and error rules."""
@@ -467,22 +464,8 @@ class ContainerClient(AgentClient):
 
         ``timeout`` None waits forever (in slices, so a dead channel is still noticed).
         """
-        deadline = None if timeout is None else time.monotonic() + timeout
         ref = pb.ProcessRef(container_id=container_id, exec_id=exec_id)
-        while True:
-            slice_ = WAIT_SLICE_SECONDS
-            if deadline is not None:
-                slice_ = min(slice_, max(deadline - time.monotonic(), 0.01))
-            try:
-                reply = self._call("WaitProcess", ref, timeout=slice_)
-            except AgentTimeout:
-                if deadline is not None and time.monotonic() >= deadline:
-                    raise
-                continue
-            status, sig = int(reply.status), int(reply.signal)
-            if not 0 <= status <= 255 or not 0 <= sig <= 64:
-                raise AgentError(f"agent reported an impossible exit status {status}/{sig}")
-            return status, sig, bool(reply.oom_killed)
+        return wait_exit(lambda seconds: self._call("WaitProcess", ref, timeout=seconds), timeout)
 
     def write_stdin(self, container_id: str, exec_id: str, data: bytes) -> None:
         """WriteStdin: all of ``data`` (at most 1 MiB); AgentError once stdin is closed or

@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Iterable, Iterator
+import time
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from agentapi import failure
@@ -17,6 +18,8 @@ from sandbox.pod import output_port
 
 #: Largest pid a Linux guest can hand out (PID_MAX_LIMIT on 64-bit).
 PID_MAX = 4 * 1024 * 1024
+#: Deadline of one WaitProcess call; waits longer than this are retried.
+WAIT_SLICE_SECONDS = 30.0
 
 
 def guest_pid(value: int, what: str) -> int:
@@ -24,6 +27,29 @@ def guest_pid(value: int, what: str) -> int:
     if not 0 < value <= PID_MAX:
         raise AgentError(f"agent reported an impossible pid {value} for {what}")
     return int(value)
+
+
+def wait_exit(call: Callable[[float], Any], timeout: float | None) -> tuple[int, int, bool]:
+    """WaitProcess until the process exits: ``call(seconds)`` makes one call with that
+    deadline and returns its WaitProcessResponse (AgentTimeout when it expired); the calls
+    are sliced (:data:`WAIT_SLICE_SECONDS`) so that a dead channel is still noticed while
+    ``timeout`` (None: for ever) lasts. Returns (status, signal, oom_killed); AgentTimeout
+    once ``timeout`` passed, AgentError for an impossible status."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while True:
+        slice_ = WAIT_SLICE_SECONDS
+        if deadline is not None:
+            slice_ = min(slice_, max(deadline - time.monotonic(), 0.01))
+        try:
+            reply = call(slice_)
+        except AgentTimeout:
+            if deadline is not None and time.monotonic() >= deadline:
+                raise
+            continue
+        status, sig = int(reply.status), int(reply.signal)
+        if not 0 <= status <= 255 or not 0 <= sig <= 64:
+            raise AgentError(f"agent reported an impossible exit status {status}/{sig}")
+        return status, sig, bool(reply.oom_killed)
 
 
 def bounded_detail(text: str, limit: int = 4096) -> str:

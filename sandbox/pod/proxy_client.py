@@ -10,7 +10,6 @@ same errors (:mod:`sandbox.pod.agent_errors`), over the proxy's own upstream con
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -18,13 +17,12 @@ from typing import Any
 from agentapi.channel import new_nonce
 from agentapi.limits import DEFAULT_RPC_TIMEOUT
 from agentapi.proto import agent_pb2 as pb
-from sandbox.errors import AgentError, AgentTimeout
+from sandbox.errors import AgentError
 from sandbox.pod import output_port
-from sandbox.pod.agent_errors import call_error, chunk_data, guest_pid
+from sandbox.pod.agent_errors import call_error, chunk_data, guest_pid, wait_exit
 from sandbox.pod.grpc_relay import SERVICE_PREFIX, Call, CallError, Relay
 
 #: Deadline of one WaitProcess call; waits longer than this are retried.
-WAIT_SLICE_SECONDS = 30.0
 
 
 class _Messages:
@@ -100,22 +98,11 @@ class ProxyClient:
     ) -> tuple[int, int, bool]:
         """Block until the process exits: (status, signal, oom_killed); ``timeout`` None
         waits forever (in slices, so a dead channel is still noticed)."""
-        deadline = None if timeout is None else time.monotonic() + timeout
         ref = pb.ProcessRef(container_id=container_id, exec_id=exec_id)
-        while True:
-            slice_ = WAIT_SLICE_SECONDS
-            if deadline is not None:
-                slice_ = min(slice_, max(deadline - time.monotonic(), 0.01))
-            try:
-                reply = self._call("WaitProcess", ref, pb.WaitProcessResponse, timeout=slice_)
-            except AgentTimeout:
-                if deadline is not None and time.monotonic() >= deadline:
-                    raise
-                continue
-            status, sig = int(reply.status), int(reply.signal)
-            if not 0 <= status <= 255 or not 0 <= sig <= 64:
-                raise AgentError(f"agent reported an impossible exit status {status}/{sig}")
-            return status, sig, bool(reply.oom_killed)
+        return wait_exit(
+            lambda seconds: self._call("WaitProcess", ref, pb.WaitProcessResponse, timeout=seconds),
+            timeout,
+        )
 
     def write_stdin(self, container_id: str, exec_id: str, data: bytes) -> None:
         """WriteStdin: all of ``data``; AgentError once stdin is closed or the process exited."""
