@@ -91,6 +91,15 @@ def pm(podman: list[str], *args: str, timeout: float = 180) -> subprocess.Comple
     return subprocess.run([*podman, *args], capture_output=True, text=True, timeout=timeout)
 
 
+def runc_podman(podman: list[str]) -> list[str]:
+    """The same podman command running runc instead: the reference of the comparisons."""
+    if shutil.which("runc") is None:
+        pytest.fail("runc is missing: run 'make deps' (scripts/install-host-packages.sh)")
+    runc = list(podman)
+    runc[runc.index("--runtime") + 1] = "runc"
+    return runc
+
+
 def test_run_echo_and_exit_code(podman: list[str]) -> None:
     done = pm(podman, "run", "--rm", IMAGE, "echo", "hi")
     assert (done.returncode, done.stdout) == (0, "hi\n"), done.stderr
@@ -464,10 +473,7 @@ def test_dev_shm_is_the_tmpfs_runc_gives(podman: list[str], size: str | None) ->
         "1777 root",
         "data",
     ]
-    if shutil.which("runc") is None:
-        return
-    runc = list(podman)
-    runc[runc.index("--runtime") + 1] = "runc"
+    runc = runc_podman(podman)
     theirs = pm(runc, *args, IMAGE, "sh", "-c", SHM_PROBE)
     assert (theirs.returncode, theirs.stdout) == (0, done.stdout), theirs.stderr
 
@@ -484,10 +490,7 @@ def test_a_tmpfs_starts_with_the_images_content_as_under_runc(podman: list[str])
     done = pm(podman, *args, IMAGE, "sh", "-c", probe)
     assert done.returncode == 0, done.stderr
     assert done.stdout.splitlines()[0] == "root:x:0:0:root:/root:/bin/sh"
-    if shutil.which("runc") is None:
-        return
-    runc = list(podman)
-    runc[runc.index("--runtime") + 1] = "runc"
+    runc = runc_podman(podman)
     theirs = pm(runc, *args, IMAGE, "sh", "-c", probe)
     assert (theirs.returncode, theirs.stdout) == (0, done.stdout), theirs.stderr
 
@@ -507,10 +510,7 @@ def test_user_namespace_ids_and_volume_owners_match_runc(podman: list[str], tmp_
         "written",
     ]
     assert owners == {"by-root": "100000:100000", "dir": "101000:101000"}
-    if shutil.which("runc") is None:
-        return
-    runc = list(podman)
-    runc[runc.index("--runtime") + 1] = "runc"
+    runc = runc_podman(podman)
     assert _run_with_userns(runc, tmp_path / "runc") == (lines, owners)
 
 
@@ -669,8 +669,7 @@ def test_user_namespace_with_the_default_bridge_network(podman: list[str]) -> No
     routes, reaches the host's bridge address; the host's network namespace is never the one
     configured (nothing of the container's lands there beyond what runc's adds: the host end
     of the veth and CNI's iptables rules), and nothing is left after ``podman rm -f``."""
-    runc = list(podman)
-    runc[runc.index("--runtime") + 1] = "runc"
+    runc = runc_podman(podman)
     host_netns = netns_identity("self")
     before = _host_net()
     try:
