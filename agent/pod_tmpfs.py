@@ -14,10 +14,12 @@ import threading
 from typing import Any
 
 from agentapi import pod_tmpfs
+from ocispec import linux
+from ocispec.spec import MOUNT_OPTIONS
 
-#: mount(2) flags of the options a pod tmpfs takes from the spec (the others are refused).
-_FLAGS = {"nosuid": 0x2, "nodev": 0x4, "noexec": 0x8, "ro": 0x1}
-_NEUTRAL = frozenset({"rw", "suid", "dev", "exec"})
+#: The flag options a pod tmpfs takes from the spec, read as every mount's (MOUNT_OPTIONS: a
+#: later one wins); any other option is refused.
+_FLAG_OPTIONS = frozenset({"ro", "rw", "nosuid", "suid", "nodev", "dev", "noexec", "exec"})
 _lock = threading.Lock()
 
 
@@ -30,11 +32,10 @@ def _options(options: list[Any]) -> tuple[list[str], int, str]:
         if not isinstance(option, str):
             raise ValueError(f"invalid pod tmpfs option {option!r}")
         name, _, value = option.partition("=")
-        if option in _FLAGS:
+        if option in _FLAG_OPTIONS:
             flags.append(option)
-            bits |= _FLAGS[option]
-        elif option in _NEUTRAL:
-            flags.append(option)
+            clear, flag = MOUNT_OPTIONS[option]
+            bits = bits & ~flag if clear else bits | flag
         elif name in ("size", "mode") and value.isdigit() and len(value) <= 20:
             data.append(option)
         else:
@@ -60,7 +61,7 @@ def materialize(spec: dict[str, Any], guest_dir: str = pod_tmpfs.GUEST_DIR) -> N
         with _lock:
             if not os.path.ismount(path):
                 os.makedirs(path, mode=0o700, exist_ok=True)
-                syscalls.mount(pod_tmpfs.FS_NAME, path, "tmpfs", bits & ~_FLAGS["ro"], data)
+                syscalls.mount(pod_tmpfs.FS_NAME, path, "tmpfs", bits & ~linux.MS_RDONLY, data)
         mount["type"] = "bind"
         mount["source"] = path
         mount["options"] = ["rbind", "rprivate", *flags]
