@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from ocispec.document import MAX_DOCUMENT_BYTES
 from ocispec.errors import SpecError
-from ocispec.spec import MAX_HOSTNAME, MIN_MEMORY_LIMIT, parse_spec
+from ocispec.spec import MAX_HOSTNAME, MIN_MEMORY_LIMIT, RLIMITS, UINT64_MAX, parse_spec
 from sandbox import store as state
 from sandbox.errors import EXIT_NOT_FOUND, ConfigError, NotFoundError, RunError
 from sandbox.image import store as images
@@ -170,9 +170,6 @@ def ulimits(items: list[str]) -> dict[str, tuple[int, int]]:
     """``--ulimit NAME=SOFT[:HARD]`` (docker-run(1)): ``RLIMIT_<NAME>`` -> (soft, hard); HARD
     defaults to SOFT, -1 is unlimited; a later one of a name wins. RunError naming the item
     for an unknown name, a malformed number or a soft limit above the hard one."""
-    from ocispec.spec import RLIMITS
-
-    unlimited = (1 << 64) - 1  # RLIM_INFINITY as the OCI spec's uint64
     found: dict[str, tuple[int, int]] = {}
     for item in items:
         name, _, value = item.partition("=")
@@ -180,7 +177,7 @@ def ulimits(items: list[str]) -> dict[str, tuple[int, int]]:
         soft_text, _, hard_text = value.partition(":")
         try:
             soft, hard = (
-                unlimited if text.strip() == "-1" else int(text)
+                UINT64_MAX if text.strip() == "-1" else int(text)  # RLIM_INFINITY
                 for text in (soft_text, hard_text or soft_text)
             )
         except ValueError:
