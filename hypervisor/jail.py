@@ -100,6 +100,14 @@ def default_binds(program: Path) -> list[Bind]:
     return binds
 
 
+def fd_limit(wanted: int) -> int:
+    """``wanted``, or this process's hard RLIMIT_NOFILE if lower (raising it needs
+    CAP_SYS_RESOURCE, which root in a container may lack): the RLIMIT_NOFILE a confined
+    program (QEMU here, virtiofsd) is given."""
+    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+
+
 def _last_cap() -> int:
     try:
         return int(Path("/proc/sys/kernel/cap_last_cap").read_text())
@@ -114,6 +122,7 @@ class _Plan:
         self.spec = spec
         self.report_fd = report_fd
         self.last_cap = _last_cap()
+        self.max_fds = fd_limit(spec.max_fds)
         self.pivot_nr = _SYS_PIVOT_ROOT_BY_MACHINE.get(platform.machine(), _SYS_PIVOT_ROOT)
         self.root = str(ROOT_MOUNTPOINT).encode()
         self.links = [
@@ -199,11 +208,9 @@ class _Plan:
         # Runs inside the jail: nothing may be imported here (the host's files are gone).
         identity = self.spec.identity
         resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-        # Never above the caller's hard limit: raising it takes CAP_SYS_RESOURCE, which root
-        # in a container may lack (a run under `ulimit -n 512` could not start its VM).
-        _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-        fds = self.spec.max_fds if hard == resource.RLIM_INFINITY else min(self.spec.max_fds, hard)
-        resource.setrlimit(resource.RLIMIT_NOFILE, (fds, fds))
+        # Never above the caller's hard limit (fd_limit: a run under `ulimit -n 512` could not
+        # start its VM).
+        resource.setrlimit(resource.RLIMIT_NOFILE, (self.max_fds, self.max_fds))
         os.setgroups(list(identity.groups))
         os.setresgid(identity.gid, identity.gid, identity.gid)
         for cap in range(self.last_cap + 1):

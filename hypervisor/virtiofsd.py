@@ -51,6 +51,7 @@ from typing import Literal
 
 from hypervisor import fs_privileges
 from hypervisor.errors import VirtiofsdError
+from hypervisor.jail import fd_limit
 from hypervisor.process import (
     ProcessHandle,
     SpawnedProcess,
@@ -367,13 +368,6 @@ class Virtiofsd(SpawnedProcess):
         finally:
             if self._owns_files and not self.alive():
                 remove_quietly(self.socket_path, pid_file_for(self.socket_path))
-
-
-def fd_limit(wanted: int) -> int:
-    """``wanted``, or this process's hard RLIMIT_NOFILE if lower (raising it needs
-    CAP_SYS_RESOURCE, which root in a container may lack)."""
-    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    return wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
 
 
 class _Preexec:
